@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each does its own set-up
+# (a .venv in the repo with pinned dependencies, the build) and is safe to re-run.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.deps-stamp
+# torch 2.13.0 is the CPU wheel on this machine's disk (FACTS.md); the rest are pinned for
+# repeatable runs.
+DEPS    := torch==2.13.0 numpy==2.4.6 pytest==9.2.0 scikit-learn==1.9.1 matplotlib==3.11.2 \
+           pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+SO_STAMP := $(VENV)/.build-stamp
+CMAKE_BUILD := build/cmake
+
+.PHONY: all venv build test pytest cmake-test demo bench clean
+
+all: build
+
+$(STAMP): Makefile
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(DEPS)
+	touch $@
+
+venv: $(STAMP)
+
+# --no-build-isolation: build against the torch in .venv (FACTS.md: isolation pulls another torch).
+$(SO_STAMP): $(STAMP) $(SOURCES)
+	$(VPY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+build: $(SO_STAMP)
+
+test: pytest cmake-test
+
+pytest: build
+	$(VPY) -m pytest -q tests
+
+cmake-test: $(STAMP)
+	$(VPY) tools/cmake_test.py $(CMAKE_BUILD)
+
+demo: build
+	$(VPY) -m momentum_cuda.demo
+
+bench: build
+	$(VPY) benchmarks/bench_step.py
+
+clean:
+	rm -rf build $(VENV) momentum_cuda/*.so *.egg-info

@@ -1,0 +1,184 @@
+// momentum_cpu.cpp — the C++ CPU kernel.
+//
+// Inputs    : spans of (param, buf, grad) with equal dtype T and numel, contiguous, not overlapping
+//             (checked by the torch-facing file, csrc/momentum_ops.cpp, before any call here).
+// Invariant : every element goes through sgd_math() (sgd_math.h) exactly once, in opmath, with the
+//             flags as a compile-time constant so the loop body is straight-line and vectorizes.
+// Speed     : one pass reading p, buf, g and writing p, buf; all spans share one parallel region.
+//             The AVX2 clone is compiled with target("avx2,fma,f16c") and picked at run time, so
+//             the library still runs on CPUs without AVX2. Bitwise equality with torch needs a real
+//             fma instruction and no contraction of a*b+c (-ffp-contract=off): FACTS.md.
+#include "momentum_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "momentum_cuda/sgd_math.h"
+
+namespace momentum_cuda {
+namespace {
+
+/// Storage type T <-> opmath: load widens, store narrows (round to nearest even), Round is the
+/// narrow-and-widen applied after each torch op.
+template <class T>
+struct Storage {  // float, double
+  using opmath = T;
+  using Round = RoundNone;
+  static MC_HD T load(T x) { return x; }
+  static MC_HD T store(T x) { return x; }
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using opmath = float;
+  using Round = RoundBF16;
+  static MC_HD float load(c10::BFloat16 x) { return mc_bf16_bits_to_float(x.x); }
+  static MC_HD c10::BFloat16 store(float x) {
+    return c10::BFloat16(mc_float_to_bf16_bits(x), c10::BFloat16::from_bits());
+  }
+};
+struct RoundHalf {
+  MC_HD float operator()(float x) const { return static_cast<float>(c10::Half(x)); }
+};
+template <>
+struct Storage<c10::Half> {
+  using opmath = float;
+  using Round = RoundHalf;
+  static MC_HD float load(c10::Half x) { return static_cast<float>(x); }
+  static MC_HD c10::Half store(float x) { return c10::Half(x); }
+};
+
+template <class T>
+constexpr bool kNarrow = !std::is_same_v<T, float> && !std::is_same_v<T, double>;
+
+template <class T>
+using Scalars = StepScalars<typename Storage<T>::opmath>;
+
+template <class T, uint32_t F, class Add>
+MC_HD void span_loop(const Span& sp, int64_t begin, int64_t end, const Scalars<T>& s) {
+  using St = Storage<T>;
+  using O = typename St::opmath;
+  T* __restrict p = static_cast<T*>(sp.param);
+  T* __restrict b = static_cast<T*>(sp.buf);
+  const T* __restrict g = static_cast<const T*>(sp.grad);
+  for (int64_t i = begin; i < end; ++i) {
+    O pi = St::load(p[i]);
+    O bi = ((F & kMomentum) && !(F & kFirstStep)) ? St::load(b[i]) : O(0);
+    sgd_math(pi, bi, St::load(g[i]), s, F, typename St::Round{}, Add{});
+    p[i] = St::store(pi);
+    if (F & kMomentum) b[i] = St::store(bi);
+  }
+}
+
+template <class T, uint32_t F, class Add>
+__attribute__((target("avx2,fma,f16c"))) void span_loop_avx2(const Span& sp, int64_t begin,
+                                                              int64_t end, const Scalars<T>& s) {
+  span_loop<T, F, Add>(sp, begin, end, s);
+}
+
+template <class T, uint32_t F, class Add>
+void span_loop_default(const Span& sp, int64_t begin, int64_t end, const Scalars<T>& s) {
+  span_loop<T, F, Add>(sp, begin, end, s);
+}
+
+template <class T>
+using LoopFn = void (*)(const Span&, int64_t, int64_t, const Scalars<T>&);
+
+/// Maps the run-time flag set to the loop compiled for it (invalid sets were rejected before).
+template <class T, class Add, uint32_t F = 0>
+LoopFn<T> pick_loop(uint32_t flags, CpuIsa isa) {
+  if constexpr (F > kAllFlags) {
+    return nullptr;
+  } else {
+    if constexpr (flags_valid(F)) {
+      if (flags == F) {
+        return isa == CpuIsa::kAvx2 ? &span_loop_avx2<T, F, Add> : &span_loop_default<T, F, Add>;
+      }
+    }
+    return pick_loop<T, Add, F + 1>(flags, isa);
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+
+constexpr int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Our own split of the work: below 32768 elements one thread is faster (ATen's grain size).
+constexpr int64_t kGrainSize = 32768;
+
+// torch's for-loop SGD on a bf16/fp16 tensor of n elements (torch 2.13, measured on AVX2,
+// AVX-512 and DEFAULT capabilities; tests/test_torch_numerics.py pins it): TensorIterator runs
+// at::parallel_for(0, n, 32768) (one chunk if n <= 32768 or one thread, else
+// min(threads, ceil(n/32768)) chunks of ceil(n/chunks)); inside a chunk, blocks of 32 elements
+// go through the vectorized add (alpha narrowed to bf16/fp16, one fp32 rounding), and the last
+// (chunk length % 32) elements through c10's scalar arithmetic, which narrows the product first.
+constexpr int64_t kTorchGrain = 32768;
+constexpr int64_t kTorchVecBlock = 32;
+
+std::atomic<CpuIsa> g_isa{cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kDefault};
+
+}  // namespace
+
+CpuIsa cpu_isa() { return g_isa.load(); }
+bool cpu_isa_available(CpuIsa isa) { return isa == CpuIsa::kDefault || cpu_has_avx2(); }
+void set_cpu_isa(CpuIsa isa) { g_isa.store(isa); }
+
+template <class T>
+void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& h) {
+  using O = typename Storage<T>::opmath;
+  const CpuIsa isa = cpu_isa();
+  const LoopFn<T> body = pick_loop<T, AddFma>(h.flags, isa);
+  const LoopFn<T> tail = kNarrow<T> ? pick_loop<T, AddNarrowedProduct>(h.flags, isa) : body;
+  if (body == nullptr || tail == nullptr || n_spans <= 0) return;
+  const auto alpha = [](double v) -> O {  // bf16/fp16: torch narrows an add's alpha first
+    return static_cast<O>(kNarrow<T> ? static_cast<float>(T(static_cast<float>(v))) : v);
+  };
+  const Scalars<T> s = make_scalars<O>(h.lr, h.momentum, h.dampening, h.weight_decay, alpha);
+  const int64_t torch_threads = at::get_num_threads();
+
+  // Runs elements [lo, hi) of span sp, each through the arithmetic torch uses at its position.
+  const auto run = [&](const Span& sp, int64_t lo, int64_t hi) {
+    if (!kNarrow<T>) return body(sp, lo, hi, s);
+    const int64_t n = sp.numel;
+    const int64_t chunks =
+        (n <= kTorchGrain || torch_threads <= 1) ? 1 : std::min(torch_threads, divup(n, kTorchGrain));
+    const int64_t cs = divup(n, chunks);
+    for (int64_t c0 = (lo / cs) * cs; c0 < hi; c0 += cs) {
+      const int64_t c1 = std::min(n, c0 + cs);
+      const int64_t t0 = c1 - (c1 - c0) % kTorchVecBlock;
+      if (std::max(lo, c0) < std::min(hi, t0)) body(sp, std::max(lo, c0), std::min(hi, t0), s);
+      if (std::max(lo, t0) < std::min(hi, c1)) tail(sp, std::max(lo, t0), std::min(hi, c1), s);
+    }
+  };
+
+  // Prefix sums over the spans, so one parallel_for splits the concatenated range evenly no
+  // matter how the elements are spread over tensors (2000 small tensors cost one region).
+  std::vector<int64_t> start(n_spans + 1, 0);
+  for (int64_t k = 0; k < n_spans; ++k) start[k + 1] = start[k] + spans[k].numel;
+  const int64_t total = start[n_spans];
+  if (total == 0) return;
+  at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
+    int64_t k = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (; k < n_spans && start[k] < end; ++k) {
+      const int64_t lo = std::max(begin, start[k]) - start[k];
+      const int64_t hi = std::min(end, start[k + 1]) - start[k];
+      if (hi > lo) run(spans[k], lo, hi);
+    }
+  });
+}
+
+template void sgd_step_cpu<float>(const Span*, int64_t, const StepHyper&);
+template void sgd_step_cpu<double>(const Span*, int64_t, const StepHyper&);
+template void sgd_step_cpu<c10::BFloat16>(const Span*, int64_t, const StepHyper&);
+template void sgd_step_cpu<c10::Half>(const Span*, int64_t, const StepHyper&);
+
+}  // namespace momentum_cuda

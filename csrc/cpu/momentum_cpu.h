@@ -1,0 +1,36 @@
+// momentum_cpu.h — the CPU kernel's interface: plain pointers and scalars, no ATen types.
+#pragma once
+
+#include <cstdint>
+
+namespace momentum_cuda {
+
+/// One contiguous run of elements: param and buf are updated in place, grad is read.
+/// buf may be null when the step has no kMomentum flag.
+struct Span {
+  void* param;
+  void* buf;
+  const void* grad;
+  int64_t numel;
+};
+
+/// The hyper-parameters as the user gave them (Python doubles) plus the StepFlags set.
+struct StepHyper {
+  double lr, momentum, dampening, weight_decay;
+  uint32_t flags;
+};
+
+enum class CpuIsa { kDefault, kAvx2 };
+
+/// Runs the update over every span, all spans in one parallel region (at::parallel_for over
+/// the concatenated element range). T: float, double, c10::BFloat16 or c10::Half.
+template <class T>
+void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& hyper);
+
+/// The instruction set the kernel uses: AVX2+FMA+F16C when the CPU has them (checked at run
+/// time), else portable code. Tests force kDefault to check that path bitwise too.
+CpuIsa cpu_isa();
+bool cpu_isa_available(CpuIsa isa);
+void set_cpu_isa(CpuIsa isa);
+
+}  // namespace momentum_cuda

@@ -1,0 +1,204 @@
+// sgd_math.h — the momentum update, written once for every C++ and CUDA path.
+//
+// Inputs : one element (or one SIMD pack) of the parameter p, momentum buffer buf and
+//          gradient g, already widened to the opmath type (fp32 for fp32/bf16/fp16, fp64 for fp64);
+//          StepScalars already rounded to the opmath type on the host.
+// Output : p and buf updated in place (still in opmath; the caller narrows to storage).
+// Contract: exactly the bits of torch.optim.SGD's for-loop path (_single_tensor_sgd), which runs
+//          one ATen op per line below, each computing in opmath and rounding to the storage dtype:
+//            g   = -g                                   (maximize)
+//            g   = g.add(p, alpha=wd)        -> fma(p, wd, g)
+//            buf = g.clone()                            (first step)
+//            buf = buf.mul_(m).add_(g, 1-d)  -> fma(g, 1-d, buf*m)
+//            g   = g.add(buf, alpha=m)       -> fma(buf, m, g)          (nesterov)
+//            p   = p.add_(g, alpha=-lr)      -> fma(g, -lr, p)
+//          add(x, y, alpha=a) is exactly fma(y, a, x) in torch (../shared/FACTS.md, measured on
+//          CPU). The EMA form v = b*v + (1-b)*g is this formula with d = b, v starting at zero and
+//          no first-step clone.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MC_HD __host__ __device__ __forceinline__
+#else
+#define MC_HD inline __attribute__((always_inline))
+#endif
+
+namespace momentum_cuda {
+
+/// Bits of StepFlags select which of torch's optional ops run. They mirror torch's Python
+/// conditions (`weight_decay != 0`, `momentum != 0`, buffer is None), tested on the doubles.
+enum StepFlags : uint32_t {
+  kMaximize = 1u << 0,     ///< g = -g
+  kWeightDecay = 1u << 1,  ///< g = fma(p, wd, g)
+  kMomentum = 1u << 2,     ///< buffer update; without it buf is neither read nor written
+  kNesterov = 1u << 3,     ///< g = fma(buf, m, g); needs kMomentum
+  kFirstStep = 1u << 4,    ///< buf = g (torch clones the gradient on step 1); needs kMomentum
+};
+constexpr uint32_t kAllFlags = 31u;
+
+/// True for flag sets the formula accepts (nesterov / first step only with momentum).
+constexpr bool flags_valid(uint32_t f) {
+  return f <= kAllFlags && ((f & kMomentum) || !(f & (kNesterov | kFirstStep)));
+}
+
+/// Hyper-parameters after the host rounded each one once, as torch does with a Python double
+/// scalar: float(1 - dampening) is NOT 1.0f - float(dampening). `momentum_mul` scales the buffer
+/// (buf.mul_(m)); the others are `alpha`s of add ops, which torch's CPU kernels for bf16/fp16
+/// round to the storage dtype first (measured, torch 2.13: see csrc/cpu/momentum_cpu.cpp).
+template <class S>
+struct StepScalars {
+  S neg_lr;               ///< alpha of p.add_(g, alpha=-lr)
+  S weight_decay;         ///< alpha of g.add(p, alpha=wd)
+  S momentum_mul;         ///< factor of buf.mul_(m)
+  S momentum_add;         ///< alpha of g.add(buf, alpha=m) (nesterov)
+  S one_minus_dampening;  ///< alpha of buf.add_(g, alpha=1-d)
+};
+
+/// Rounds the user's doubles the way torch evaluates them; `alpha` narrows an add op's alpha
+/// (a plain cast to S, or through the storage dtype on CPU for bf16/fp16).
+template <class S, class AlphaCast>
+MC_HD StepScalars<S> make_scalars(double lr, double momentum, double dampening,
+                                  double weight_decay, AlphaCast alpha) {
+  return StepScalars<S>{alpha(-lr), alpha(weight_decay), static_cast<S>(momentum),
+                        alpha(momentum), alpha(1.0 - dampening)};
+}
+
+// ---- scalar opmath operations (float, double) --------------------------------------------
+// Every multiply-add is written as an explicit single-rounding fma, and every multiply as a
+// correctly rounded multiply, so no compiler contraction can change the bits. On CUDA,
+// MC_CUDA_ADD_IS_FMA=0 switches to mul-then-add, should a GPU show that torch's add_ with
+// alpha does not contract (to be confirmed on a GPU; FACTS.md).
+#ifndef MC_CUDA_ADD_IS_FMA
+#define MC_CUDA_ADD_IS_FMA 1
+#endif
+
+MC_HD float mc_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+#if MC_CUDA_ADD_IS_FMA
+  return __fmaf_rn(a, b, c);
+#else
+  return __fadd_rn(__fmul_rn(a, b), c);
+#endif
+#else
+  return std::fma(a, b, c);
+#endif
+}
+MC_HD double mc_fma(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+#if MC_CUDA_ADD_IS_FMA
+  return __fma_rn(a, b, c);
+#else
+  return __dadd_rn(__dmul_rn(a, b), c);
+#endif
+#else
+  return std::fma(a, b, c);
+#endif
+}
+MC_HD float mc_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+MC_HD float mc_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+MC_HD double mc_add(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+MC_HD double mc_mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+/// torch's add(x, y, alpha=a) in its vectorized kernels (and on CUDA): one rounding in opmath,
+/// then narrowed by `round`.
+struct AddFma {
+  template <class V, class S, class Round>
+  MC_HD V operator()(V x, V y, S a, Round round) const {
+    return round(mc_fma(y, a, x));
+  }
+};
+/// torch's add(x, y, alpha=a) in the scalar tail of its CPU kernels for bf16/fp16, where c10's
+/// BFloat16/Half arithmetic narrows the product before the sum: round(x + round(a * y)).
+struct AddNarrowedProduct {
+  template <class V, class S, class Round>
+  MC_HD V operator()(V x, V y, S a, Round round) const {
+    return round(mc_add(x, round(mc_mul(y, a))));
+  }
+};
+
+/// The update itself. V is the opmath value, S its scalar, `flags` a StepFlags set (a
+/// compile-time constant on the CPU, so the branches fold away), Round narrows a V to storage
+/// precision and widens it back (identity for fp32/64), Add is AddFma or AddNarrowedProduct.
+template <class V, class S, class Round, class Add = AddFma>
+MC_HD void sgd_math(V& p, V& buf, V g, const StepScalars<S>& s, uint32_t flags, Round round,
+                    Add add = Add{}) {
+  if (flags & kMaximize) g = -g;
+  if (flags & kWeightDecay) g = add(g, p, s.weight_decay, round);
+  if (flags & kMomentum) {
+    if (flags & kFirstStep) {
+      buf = g;
+    } else {
+      buf = add(round(mc_mul(buf, s.momentum_mul)), g, s.one_minus_dampening, round);
+    }
+    g = (flags & kNesterov) ? add(g, buf, s.momentum_add, round) : buf;
+  }
+  p = add(p, g, s.neg_lr, round);
+}
+
+// ---- storage <-> opmath ------------------------------------------------------------------
+MC_HD uint32_t mc_float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+MC_HD float mc_bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+/// fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0, as c10::BFloat16 does.
+MC_HD uint16_t mc_float_to_bf16_bits(float f) {
+  const uint32_t u = mc_float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+MC_HD float mc_bf16_bits_to_float(uint16_t b) { return mc_bits_float(uint32_t(b) << 16); }
+
+/// Round to bf16 and widen again: what torch's storage in bf16 does between two ops.
+struct RoundBF16 {
+  MC_HD float operator()(float x) const { return mc_bf16_bits_to_float(mc_float_to_bf16_bits(x)); }
+};
+/// fp32 and fp64 storage: no rounding between ops beyond the op's own.
+struct RoundNone {
+  template <class V>
+  MC_HD V operator()(V x) const { return x; }
+};
+
+}  // namespace momentum_cuda

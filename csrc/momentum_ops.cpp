@@ -1,0 +1,247 @@
+// momentum_ops.cpp — the one torch-facing file: argument checks, dtype dispatch, pybind11.
+//
+// Every entry point validates ALL of its tensors and scalars before it touches any memory, so a
+// bad call raises a clear error (naming the argument and the value) and changes nothing. The
+// kernels behind it (csrc/cpu/) take plain pointers and scalars only.
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "cpu/momentum_cpu.h"
+#include "momentum_cuda/sgd_math.h"
+
+namespace momentum_cuda {
+namespace {
+
+std::string describe(const at::Tensor& t) {
+  std::string s = std::string(c10::toString(t.scalar_type())) + " " + t.device().str() +
+                  " tensor of shape " + c10::str(t.sizes());
+  return s;
+}
+
+void check_scalar(const char* name, double v) {
+  TORCH_CHECK(std::isfinite(v), name, " must be a finite number, got ", v);
+}
+
+/// Checks one (param, grad, buf) triple of a step on `device_type`; `i` names it in messages.
+void check_triple(const std::string& where, const at::Tensor& p, const at::Tensor& g,
+                  const at::Tensor* b, c10::DeviceType device_type,
+                  std::optional<at::ScalarType>& dtype, std::optional<at::Device>& device) {
+  const std::string pn = "params" + where, gn = "grads" + where, bn = "momentum_buffers" + where;
+  TORCH_CHECK(p.defined(), pn, " is undefined (None)");
+  TORCH_CHECK(g.defined(), gn, " is undefined (None)");
+  TORCH_CHECK(p.layout() == at::kStrided, pn, " must be a dense (strided) tensor, got layout ",
+              p.layout());
+  TORCH_CHECK(g.layout() == at::kStrided, gn, " must be a dense (strided) tensor, got layout ",
+              g.layout(), " (sparse gradients are not supported)");
+  TORCH_CHECK(p.device().type() == device_type, pn, " must be on a ", device_type,
+              " device for this entry point, got ", describe(p));
+  const auto st = p.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              pn, " must be float32, float64, bfloat16 or float16, got ", describe(p));
+  if (!dtype) dtype = st;
+  if (!device) device = p.device();
+  TORCH_CHECK(st == *dtype, pn, " has dtype ", st, " but params[0] has dtype ", *dtype,
+              "; one call takes one dtype");
+  TORCH_CHECK(p.device() == *device, pn, " is on ", p.device(), " but params[0] is on ", *device);
+  // Dense and non-overlapping (contiguous, channels_last, ...): its numel elements fill one
+  // block of memory, which the kernel walks in memory order, as TensorIterator does.
+  TORCH_CHECK(p.is_non_overlapping_and_dense(), pn,
+              " must be dense and non-overlapping, got strides ", c10::str(p.strides()),
+              " for shape ", c10::str(p.sizes()));
+
+  auto check_like = [&](const at::Tensor& t, const std::string& n) {
+    TORCH_CHECK(t.layout() == at::kStrided, n, " must be a dense (strided) tensor");
+    TORCH_CHECK(t.device() == p.device(), n, " is on ", t.device(), " but ", pn, " is on ",
+                p.device());
+    TORCH_CHECK(t.scalar_type() == st, n, " has dtype ", t.scalar_type(), " but ", pn,
+                " has dtype ", st);
+    TORCH_CHECK(t.sizes() == p.sizes(), n, " has shape ", c10::str(t.sizes()), " but ", pn,
+                " has shape ", c10::str(p.sizes()));
+    TORCH_CHECK(t.strides() == p.strides(), n, " has strides ", c10::str(t.strides()), " but ",
+                pn, " has strides ", c10::str(p.strides()), " (the memory layouts must match)");
+    const auto ov = at::get_overlap_status(t, p);
+    TORCH_CHECK(ov == at::MemOverlapStatus::No, n, " overlaps ", pn, " in memory");
+  };
+  check_like(g, gn);
+  if (b != nullptr) {
+    TORCH_CHECK(b->defined(), bn, " is undefined (None) but momentum != 0");
+    check_like(*b, bn);
+    TORCH_CHECK(at::get_overlap_status(*b, g) == at::MemOverlapStatus::No, bn, " overlaps ", gn,
+                " in memory");
+  }
+}
+
+/// The shared body of every step entry point for one device type.
+void sgd_step_list(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                   const std::vector<at::Tensor>& bufs, double lr, double momentum,
+                   double dampening, double weight_decay, bool nesterov, bool maximize,
+                   bool first_step, c10::DeviceType device_type,
+                   const at::Tensor& segments = at::Tensor()) {
+  check_scalar("lr", lr);
+  check_scalar("momentum", momentum);
+  check_scalar("dampening", dampening);
+  check_scalar("weight_decay", weight_decay);
+  const uint32_t flags = (maximize ? kMaximize : 0u) | (weight_decay != 0 ? kWeightDecay : 0u) |
+                         (momentum != 0 ? kMomentum : 0u) | (nesterov ? kNesterov : 0u) |
+                         (first_step ? kFirstStep : 0u);
+  TORCH_CHECK(!nesterov || momentum != 0, "nesterov=True needs momentum != 0, got momentum=",
+              momentum);
+  TORCH_CHECK(!first_step || momentum != 0,
+              "first_step=True (buffer = gradient) needs momentum != 0, got momentum=", momentum);
+  TORCH_CHECK(flags_valid(flags), "invalid flag set ", flags);
+  TORCH_CHECK(grads.size() == params.size(), "grads has ", grads.size(), " tensors but params has ",
+              params.size());
+  const bool need_buf = momentum != 0;
+  TORCH_CHECK(!need_buf || bufs.size() == params.size(), "momentum_buffers has ", bufs.size(),
+              " tensors but params has ", params.size(), " (momentum=", momentum, " needs one each)");
+
+  std::optional<at::ScalarType> dtype;
+  std::optional<at::Device> device;
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_triple("[" + std::to_string(i) + "]", params[i], grads[i],
+                 need_buf ? &bufs[i] : nullptr, device_type, dtype, device);
+  }
+  if (params.empty()) return;
+
+  // Each tensor is one span; a flat step (segments given) makes one span per segment.
+  std::vector<Span> spans;
+  const auto add_span = [&](size_t i, int64_t offset, int64_t numel) {
+    if (numel == 0) return;
+    const int64_t bytes = offset * static_cast<int64_t>(params[i].element_size());
+    const auto at = [bytes](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + bytes; };
+    spans.push_back(Span{at(params[i]), need_buf ? at(bufs[i]) : nullptr, at(grads[i]), numel});
+  };
+  if (segments.defined()) {
+    const int64_t* seg = segments.data_ptr<int64_t>();
+    spans.reserve(segments.size(0));
+    for (int64_t j = 0; j < segments.size(0); ++j) add_span(0, seg[2 * j], seg[2 * j + 1]);
+  } else {
+    spans.reserve(params.size());
+    for (size_t i = 0; i < params.size(); ++i) add_span(i, 0, params[i].numel());
+  }
+  const StepHyper hyper{lr, momentum, dampening, weight_decay, flags};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, *dtype, "momentum_cuda_sgd_step", [&] {
+    if (device_type == c10::DeviceType::CPU) {
+      sgd_step_cpu<scalar_t>(spans.data(), static_cast<int64_t>(spans.size()), hyper);
+    }
+  });
+}
+
+/// Flat step: params, grads and buffers of many tensors live in three 1-D buffers at the same
+/// offsets; `segments` ([k, 2] int64: offset, numel) lists the tensors, in increasing offset order.
+/// One call, one parallel region. Each segment keeps its own identity because torch's bf16/fp16
+/// arithmetic depends on an element's position inside its tensor (csrc/cpu/momentum_cpu.cpp).
+void sgd_step_flat(const at::Tensor& param, const at::Tensor& grad,
+                   const std::optional<at::Tensor>& buf, const at::Tensor& segments, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov,
+                   bool maximize, bool first_step, c10::DeviceType device_type) {
+  const bool need_buf = momentum != 0;
+  TORCH_CHECK(!need_buf || (buf.has_value() && buf->defined()),
+              "momentum_buffer is None but momentum=", momentum, " needs one");
+  for (const auto& [t, n] : {std::pair<const at::Tensor*, const char*>{&param, "param"},
+                             {&grad, "grad"}, {need_buf ? &*buf : &param, "momentum_buffer"}}) {
+    TORCH_CHECK(t->defined(), n, " is undefined (None)");
+    TORCH_CHECK(t->dim() == 1 && t->is_contiguous(), n,
+                " of a flat step must be a contiguous 1-D tensor, got ", describe(*t),
+                " with strides ", c10::str(t->strides()));
+  }
+  TORCH_CHECK(segments.defined() && segments.device().is_cpu() &&
+                  segments.scalar_type() == at::kLong && segments.dim() == 2 &&
+                  segments.size(1) == 2 && segments.is_contiguous(),
+              "segments must be a contiguous CPU int64 tensor of shape [k, 2], got ",
+              segments.defined() ? describe(segments) : std::string("None"));
+  const int64_t k = segments.size(0);
+  const int64_t* seg = segments.data_ptr<int64_t>();
+  int64_t end = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK(seg[2 * i] >= end && seg[2 * i + 1] >= 0 &&
+                    seg[2 * i] + seg[2 * i + 1] <= param.numel(),
+                "segments[", i, "] = (", seg[2 * i], ", ", seg[2 * i + 1],
+                ") must lie inside the flat buffer of ", param.numel(),
+                " elements, after the previous segment (which ends at ", end, ")");
+    end = seg[2 * i] + seg[2 * i + 1];
+  }
+  // The triple check on the whole buffers covers dtype, device, sizes and overlap.
+  sgd_step_list({param}, {grad}, need_buf ? std::vector<at::Tensor>{*buf} : std::vector<at::Tensor>{},
+                lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, device_type,
+                segments);
+}
+
+void cpu_sgd_step_list_(const std::vector<at::Tensor>& params,
+                        const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& bufs,
+                        double lr, double momentum, double dampening, double weight_decay,
+                        bool nesterov, bool maximize, bool first_step) {
+  sgd_step_list(params, grads, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                first_step, c10::DeviceType::CPU);
+}
+
+void cpu_sgd_step_flat_(const at::Tensor& param, const at::Tensor& grad,
+                        const std::optional<at::Tensor>& buf, const at::Tensor& segments,
+                        double lr, double momentum, double dampening, double weight_decay,
+                        bool nesterov, bool maximize, bool first_step) {
+  sgd_step_flat(param, grad, buf, segments, lr, momentum, dampening, weight_decay, nesterov,
+                maximize, first_step, c10::DeviceType::CPU);
+}
+
+void cpu_sgd_step_(const at::Tensor& param, const at::Tensor& grad,
+                   const std::optional<at::Tensor>& buf, double lr, double momentum,
+                   double dampening, double weight_decay, bool nesterov, bool maximize,
+                   bool first_step) {
+  std::vector<at::Tensor> bufs;
+  if (buf.has_value() && buf->defined()) bufs.push_back(*buf);
+  sgd_step_list({param}, {grad}, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                first_step, c10::DeviceType::CPU);
+}
+
+std::string isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "default"; }
+
+}  // namespace
+}  // namespace momentum_cuda
+
+PYBIND11_MODULE(_C, m) {
+  namespace mc = momentum_cuda;
+  namespace py = pybind11;
+  m.doc() = "momentum_cuda kernels. Each step entry point updates params and momentum_buffers "
+            "in place with torch.optim.SGD's for-loop arithmetic.";
+  const char* step_doc =
+      "Step over one (param, grad, momentum_buffer) triple of dense tensors with equal strides. "
+      "momentum_buffer may be None when momentum == 0. first_step: buffer = gradient (torch's "
+      "step 1).";
+  m.def("cpu_sgd_step_", &mc::cpu_sgd_step_, step_doc, py::arg("param"), py::arg("grad"),
+        py::arg("momentum_buffer"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"));
+  m.def("cpu_sgd_step_flat_", &mc::cpu_sgd_step_flat_,
+        "Flat step over the tensors listed in segments ([k, 2] int64: offset, numel) of three "
+        "contiguous 1-D buffers: one call, one parallel region.",
+        py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("segments"),
+        py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
+        py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"));
+  m.def("cpu_sgd_step_list_", &mc::cpu_sgd_step_list_,
+        "Per-tensor step over lists of separate tensors, one parallel region for all of them.",
+        py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"),
+        py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+        py::arg("maximize"), py::arg("first_step"));
+  m.def("cpu_isa", [] { return mc::isa_name(mc::cpu_isa()); },
+        "The instruction set the CPU kernel uses now: 'avx2' or 'default'.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        const mc::CpuIsa isa = name == "avx2" ? mc::CpuIsa::kAvx2 : mc::CpuIsa::kDefault;
+        TORCH_CHECK(name == "avx2" || name == "default",
+                    "isa must be 'avx2' or 'default', got '", name, "'");
+        TORCH_CHECK(mc::cpu_isa_available(isa), "isa='", name, "' is not supported by this CPU");
+        const std::string old = mc::isa_name(mc::cpu_isa());
+        mc::set_cpu_isa(isa);
+        return old;
+      },
+      "Forces the CPU kernel's instruction set (for tests); returns the previous one.",
+      py::arg("isa"));
+  m.attr("built_with_cuda") = false;
+}

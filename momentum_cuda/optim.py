@@ -1,0 +1,349 @@
+"""momentum_cuda.SGD (a drop-in for torch.optim.SGD) and momentum_cuda.Momentum (the EMA form).
+
+Both run the same kernel (sgd_math.h); Momentum is SGD's arithmetic with dampening = momentum, no
+step-1 clone and the buffer starting at zero (momentum_cuda.reference has it in plain PyTorch).
+
+Flat layout (flat=True, the default): on construction the parameters of each (param group,
+device, dtype) that require grad are moved into one buffer and become views of it; gradients and
+momentum buffers get matching flat buffers at the same offsets, and a step is ONE kernel call
+over the whole span. Each parameter starts at a multiple of ALIGN_BYTES (64 bytes: a cache line,
+the widest CPU vector (AVX-512) and a multiple of the 16 bytes a CUDA vector load needs); the
+padding between parameters stays zero and is never passed to a kernel.
+
+Correctness never depends on the layout surviving: before every step each parameter is checked
+(its data still at its flat offset, its .grad still the flat view, its buffer still the flat
+view); any that is not goes through the per-tensor path, with the same arithmetic.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim import Optimizer
+
+from ._backends import resolve_backend, step_fn
+
+log = logging.getLogger("momentum_cuda")
+
+ALIGN_BYTES = 64
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _to_float(x, name: str) -> float:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
+        return float(x.item())
+    return float(x)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Dense and non-overlapping (contiguous, channels_last, ...): its numel elements fill one
+    block of memory. The same test as ATen's is_non_overlapping_and_dense."""
+    if t.layout != torch.strided:
+        return False
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class _Bucket:
+    """The flat buffers of one (param group, device, dtype)."""
+
+    params: list
+    offsets: list
+    flat_param: torch.Tensor
+    flat_grad: torch.Tensor
+    grad_views: list
+    segments: torch.Tensor  # [k, 2] int64 (offset, numel) on CPU
+    ptrs: list  # data_ptr() each parameter must still have
+    backend: str
+    flat_buf: torch.Tensor | None = None
+    buf_views: list = field(default_factory=list)
+
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return flat.as_strided(p.shape, p.stride(), self.offsets[i])
+
+    def ensure_buf(self) -> None:
+        if self.flat_buf is None:
+            self.flat_buf = torch.zeros_like(self.flat_param)
+            self.buf_views = [self.view(self.flat_buf, i) for i in range(len(self.params))]
+
+
+class _FusedMomentum(Optimizer):
+    """Shared machinery of SGD and Momentum: flat layout, backend choice, step, state_dict."""
+
+    _ema = False  # Momentum: v starts at zero, dampening = momentum, no step-1 clone
+
+    def __init__(self, params, defaults, *, backend: str | None, flat: bool):
+        self._requested_backend = backend
+        self._flat = bool(flat)
+        self._buckets: list[list[_Bucket]] = []  # per param group
+        self._backend_by_device: dict[torch.device, str] = {}
+        self.last_step: list[dict] = []
+        super().__init__(params, defaults)
+        for group in self.param_groups:  # fail now, not at the first step
+            for p in group["params"]:
+                self._backend_for(p.device)
+
+    # ---- backend ---------------------------------------------------------------------------
+    def _backend_for(self, device: torch.device) -> str:
+        name = self._backend_by_device.get(device)
+        if name is None:
+            name = resolve_backend(self._requested_backend, device)
+            self._backend_by_device[device] = name
+            log.info("momentum_cuda: backend %r runs on %s", name, device)
+        return name
+
+    @property
+    def backend(self) -> str | None:
+        """The backend that runs the steps (one name if all parameters share it; else a
+        comma-separated list; None before any parameter)."""
+        names = sorted(set(self._backend_by_device.values()))
+        return ",".join(names) if names else None
+
+    # ---- flat layout -----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._buckets.append(self._make_buckets(group["params"]) if self._flat else [])
+
+    @torch.no_grad()
+    def _make_buckets(self, params) -> list[_Bucket]:
+        by_key: dict = {}
+        for p in params:
+            # Frozen, sparse, non-dense or non-float parameters stay where they are and, if
+            # they ever get a gradient, take the per-tensor path.
+            if p.requires_grad and p.dtype in _DTYPES and _dense(p):
+                by_key.setdefault((p.device, p.dtype), []).append(p)
+        buckets = []
+        for (device, dtype), ps in by_key.items():
+            align = max(1, ALIGN_BYTES // ps[0].element_size())
+            offsets, total = [], 0
+            for p in ps:
+                offsets.append(total)
+                total += -(-p.numel() // align) * align
+            flat_param = torch.zeros(total, dtype=dtype, device=device)
+            flat_grad = torch.zeros(total, dtype=dtype, device=device)
+            b = _Bucket(params=ps, offsets=offsets, flat_param=flat_param, flat_grad=flat_grad,
+                        grad_views=[], backend=self._backend_for(device),
+                        segments=torch.tensor([[o, p.numel()] for o, p in zip(offsets, ps)],
+                                              dtype=torch.int64).reshape(-1, 2), ptrs=[])
+            for i, p in enumerate(ps):
+                view = b.view(flat_param, i)
+                view.copy_(p)
+                p.data = view
+                gview = b.view(flat_grad, i)
+                if p.grad is not None:
+                    gview.copy_(p.grad)
+                p.grad = gview
+                b.grad_views.append(gview)
+                b.ptrs.append(p.data_ptr())
+            buckets.append(b)
+        return buckets
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """flat=True: zeroes each flat gradient buffer in one pass and re-attaches any gradient
+        that is no longer its flat view (torch's set_to_none=False: a parameter that gets no
+        gradient in the next backward has a zero gradient, not None). set_to_none=True sets
+        every gradient to None as torch does (the next step then takes the per-tensor path).
+        flat=False: torch's behaviour (default set_to_none=True)."""
+        if not self._flat or set_to_none:
+            return super().zero_grad(set_to_none=True if set_to_none is None else set_to_none)
+        in_bucket = set()
+        for buckets in self._buckets:
+            for b in buckets:
+                b.flat_grad.zero_()
+                for p, gview in zip(b.params, b.grad_views):
+                    in_bucket.add(p)
+                    if p.grad is not gview:
+                        p.grad = gview
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in in_bucket and p.grad is not None:
+                    p.grad = None
+
+    # ---- state_dict: torch.optim.SGD's format, buffers copied into the flat layout -----------
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for buckets in self._buckets:
+                for b in buckets:
+                    for i, p in enumerate(b.params):
+                        buf = self.state[p].get("momentum_buffer") if p in self.state else None
+                        if buf is None:
+                            continue
+                        b.ensure_buf()
+                        if buf is not b.buf_views[i]:
+                            b.buf_views[i].copy_(buf)
+                            self.state[p]["momentum_buffer"] = b.buf_views[i]
+
+    # ---- step ------------------------------------------------------------------------------
+    def _hyper(self, group) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step; returns closure()'s loss if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_step = []
+        for group, buckets in zip(self.param_groups, self._buckets):
+            h = self._hyper(group)
+            use_buf = h["momentum"] != 0
+            loose = []  # (param, grad) for the per-tensor path
+            in_bucket = set()
+            for b in buckets:
+                runs = []  # [first index, end index, first_step]
+                for i, p in enumerate(b.params):
+                    in_bucket.add(p)
+                    g = p.grad
+                    if g is None:
+                        continue
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    first = use_buf and buf is None and not self._ema
+                    ok = g is b.grad_views[i] and p.data_ptr() == b.ptrs[i]
+                    if ok and use_buf:
+                        if buf is None:
+                            b.ensure_buf()
+                            state["momentum_buffer"] = buf = b.buf_views[i]
+                        ok = buf is b.buf_views[i]
+                    if not ok:
+                        loose.append((p, g))
+                    elif runs and runs[-1][1] == i and runs[-1][2] == first:
+                        runs[-1][1] = i + 1
+                    else:
+                        runs.append([i, i + 1, first])
+                flat_step = step_fn(b.backend)[0]
+                for i0, i1, first in runs:
+                    flat_step(b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
+                              b.segments[i0:i1], first_step=first, **h)
+                    self._report(b.backend, "flat", b.flat_param, i1 - i0,
+                                 sum(p.numel() for p in b.params[i0:i1]))
+            for p in group["params"]:
+                if p not in in_bucket and p.grad is not None:
+                    loose.append((p, p.grad))
+            if loose:
+                self._step_tensors(loose, h)
+        return loss
+
+    def _step_tensors(self, pairs, h) -> None:
+        """The per-tensor path: one list call per (device, dtype, first step)."""
+        use_buf = h["momentum"] != 0
+        calls: dict = {}
+        for p, g in pairs:
+            if g.is_sparse:
+                raise RuntimeError("momentum_cuda does not support sparse gradients "
+                                   f"(parameter of shape {tuple(p.shape)})")
+            if not _dense(p):
+                raise RuntimeError("momentum_cuda needs dense, non-overlapping parameters; got "
+                                   f"shape {tuple(p.shape)} with strides {p.stride()}")
+            if g.stride() != p.stride() and g.shape == p.shape:
+                g = torch.empty_like(p).copy_(g)  # same memory layout as the parameter
+            state = self.state[p]
+            buf = state.get("momentum_buffer") if use_buf else None
+            first = use_buf and buf is None and not self._ema
+            if use_buf and buf is None:
+                buf = torch.zeros_like(p) if self._ema else torch.empty_like(p)
+                state["momentum_buffer"] = buf
+            key = (p.device, p.dtype, first)
+            ps, gs, bs = calls.setdefault(key, ([], [], []))
+            ps.append(p)
+            gs.append(g)
+            if use_buf:
+                bs.append(buf)
+        for (device, dtype, first), (ps, gs, bs) in calls.items():
+            backend = self._backend_for(device)
+            step_fn(backend)[1](ps, gs, bs, first_step=first, **h)
+            self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
+
+    def _report(self, backend, path, t, tensors, numel) -> None:
+        self.last_step.append(dict(backend=backend, path=path, device=str(t.device),
+                                   dtype=t.dtype, tensors=tensors, numel=numel))
+
+
+class SGD(_FusedMomentum):
+    """Drop-in for torch.optim.SGD: same signature, defaults, state_dict format and bits as
+    torch.optim.SGD(foreach=False) on the same device and dtype.
+
+    Extra keyword arguments: backend ("cpu", "cuda", "triton" or None: the fastest that can run
+    on the parameters' device) and flat (see the module docstring). foreach and fused are
+    accepted for compatibility and have no effect (every step is fused); differentiable=True is
+    not supported.
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
+                 *, maximize=False, foreach=None, differentiable=False, fused=None,
+                 backend: str | None = None, flat: bool = True):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if differentiable:
+            raise NotImplementedError("momentum_cuda.SGD does not support differentiable=True")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=False, fused=fused)
+        super().__init__(params, defaults, backend=backend, flat=flat)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    def _hyper(self, group) -> dict:
+        return dict(lr=_to_float(group["lr"], "lr"), momentum=float(group["momentum"]),
+                    dampening=float(group["dampening"]),
+                    weight_decay=_to_float(group["weight_decay"], "weight_decay"),
+                    nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+
+
+class Momentum(_FusedMomentum):
+    """Momentum in the EMA form: v = momentum * v + (1 - momentum) * g ; p = p - lr * v, with v
+    starting at zero (momentum_cuda.reference.MomentumReference gives the same bits in plain
+    PyTorch). weight_decay adds weight_decay * p to the gradient first, maximize negates it.
+    The buffer is stored as state[p]["momentum_buffer"]."""
+
+    _ema = True
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0, *, maximize=False,
+                 backend: str | None = None, flat: bool = True):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        self._check_momentum(momentum)
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, flat=flat)
+
+    @staticmethod
+    def _check_momentum(momentum) -> None:
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"Invalid momentum value: {momentum} (the EMA form needs "
+                             "0 < momentum < 1; for momentum=0 use SGD)")
+
+    def _hyper(self, group) -> dict:
+        m = float(group["momentum"])
+        self._check_momentum(m)  # a scheduler may have changed it
+        return dict(lr=_to_float(group["lr"], "lr"), momentum=m, dampening=m,
+                    weight_decay=_to_float(group["weight_decay"], "weight_decay"),
+                    nesterov=False, maximize=bool(group["maximize"]))

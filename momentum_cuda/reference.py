@@ -1,0 +1,59 @@
+"""The numeric contract in plain PyTorch, kept in the package so anyone can read it.
+
+`MomentumReference` is the EMA form of momentum, one torch op per line:
+
+    g = -g                               (maximize)
+    g = g + weight_decay * p             (weight_decay != 0)
+    v = momentum * v + (1 - momentum) * g,   v starting at zero
+    p = p - lr * v
+
+written exactly as torch.optim.SGD's for-loop writes its ops (mul_ then add_ with alpha), so
+momentum_cuda.Momentum must reproduce its bits on every backend. torch.optim.SGD(foreach=False)
+itself is the reference for momentum_cuda.SGD.
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+
+def momentum_reference_step(params, grads, bufs, *, lr: float, momentum: float,
+                            weight_decay: float = 0.0, maximize: bool = False) -> None:
+    """One EMA-momentum step over lists of tensors, in place (bufs start as zeros)."""
+    for p, g, v in zip(params, grads, bufs):
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        v.mul_(momentum).add_(g, alpha=1 - momentum)
+        p.add_(v, alpha=-lr)
+
+
+class MomentumReference(Optimizer):
+    """Plain-PyTorch EMA momentum: the bits momentum_cuda.Momentum must give."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 *, maximize: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      maximize=maximize))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                bufs.append(state["momentum_buffer"])
+            momentum_reference_step(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
+                                    weight_decay=group["weight_decay"], maximize=group["maximize"])
+        return loss
