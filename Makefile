@@ -18,7 +18,6 @@ all: build
 
 $(STAMP): Makefile
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(DEPS)
 	touch $@
 

@@ -62,6 +62,7 @@ class _Bucket:
     grad_views: list
     segments: torch.Tensor  # [k, 2] int64 (offset, numel) on CPU
     ptrs: list  # data_ptr() each parameter must still have
+    numel_before: list  # numel_before[i]: elements of params[:i], for reports
     backend: str
     flat_buf: torch.Tensor | None = None
     buf_views: list = field(default_factory=list)
@@ -134,7 +135,8 @@ class _FusedMomentum(Optimizer):
             b = _Bucket(params=ps, offsets=offsets, flat_param=flat_param, flat_grad=flat_grad,
                         grad_views=[], backend=self._backend_for(device),
                         segments=torch.tensor([[o, p.numel()] for o, p in zip(offsets, ps)],
-                                              dtype=torch.int64).reshape(-1, 2), ptrs=[])
+                                              dtype=torch.int64).reshape(-1, 2), ptrs=[],
+                        numel_before=[0])
             for i, p in enumerate(ps):
                 view = b.view(flat_param, i)
                 view.copy_(p)
@@ -145,6 +147,7 @@ class _FusedMomentum(Optimizer):
                 p.grad = gview
                 b.grad_views.append(gview)
                 b.ptrs.append(p.data_ptr())
+                b.numel_before.append(b.numel_before[-1] + p.numel())
             buckets.append(b)
         return buckets
 
@@ -228,7 +231,7 @@ class _FusedMomentum(Optimizer):
                     flat_step(b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                               b.segments[i0:i1], first_step=first, **h)
                     self._report(b.backend, "flat", b.flat_param, i1 - i0,
-                                 sum(p.numel() for p in b.params[i0:i1]))
+                                 b.numel_before[i1] - b.numel_before[i0])
             for p in group["params"]:
                 if p not in in_bucket and p.grad is not None:
                     loose.append((p, p.grad))
