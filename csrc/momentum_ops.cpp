@@ -3,7 +3,9 @@
 // Every entry point validates ALL of its tensors and scalars before it touches any memory, so a
 // bad call raises a clear error (naming the argument and the value) and changes nothing. The
 // kernels behind it (csrc/cpu/) take plain pointers and scalars only.
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -78,6 +80,37 @@ void check_triple(const std::string& where, const at::Tensor& p, const at::Tenso
   }
 }
 
+/// No two tensors of a call may share memory: torch updates them one after the other, the
+/// kernel all at once. Each tensor is dense, so it is the byte range [data, data + nbytes).
+/// (A flat call is one triple, already checked; its segments are checked to be disjoint.)
+void check_no_cross_overlap(const std::vector<at::Tensor>& params,
+                            const std::vector<at::Tensor>& grads,
+                            const std::vector<at::Tensor>* bufs, bool flat) {
+  if (flat || params.size() < 2) return;
+  struct Range {
+    uintptr_t lo, hi;
+    const char* list;
+    size_t i;
+  };
+  std::vector<Range> r;
+  r.reserve(params.size() * 3);
+  const auto add = [&](const at::Tensor& t, const char* list, size_t i) {
+    if (t.numel() == 0) return;
+    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+    r.push_back({lo, lo + static_cast<uintptr_t>(t.nbytes()), list, i});
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    add(params[i], "params", i);
+    add(grads[i], "grads", i);
+    if (bufs != nullptr) add((*bufs)[i], "momentum_buffers", i);
+  }
+  std::sort(r.begin(), r.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+  for (size_t k = 1; k < r.size(); ++k) {
+    TORCH_CHECK(r[k].lo >= r[k - 1].hi, r[k - 1].list, "[", r[k - 1].i, "] and ", r[k].list, "[",
+                r[k].i, "] share memory; every tensor of a step must be distinct");
+  }
+}
+
 /// The shared body of every step entry point for one device type.
 void sgd_step_list(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                    const std::vector<at::Tensor>& bufs, double lr, double momentum,
@@ -109,6 +142,7 @@ void sgd_step_list(const std::vector<at::Tensor>& params, const std::vector<at::
                  need_buf ? &bufs[i] : nullptr, device_type, dtype, device);
   }
   if (params.empty()) return;
+  check_no_cross_overlap(params, grads, need_buf ? &bufs : nullptr, segments.defined());
 
   // Each tensor is one span; a flat step (segments given) makes one span per segment.
   std::vector<Span> spans;

@@ -105,6 +105,7 @@ LoopFn<T> pick_loop(uint32_t flags, CpuIsa isa) {
 }
 
 bool cpu_has_avx2() {
+  __builtin_cpu_init();  // needed when called during static initialization (GCC manual)
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           __builtin_cpu_supports("f16c");
   return has;
@@ -143,7 +144,8 @@ void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& h) {
     return static_cast<O>(kNarrow<T> ? static_cast<float>(T(static_cast<float>(v))) : v);
   };
   const Scalars<T> s = make_scalars<O>(h.lr, h.momentum, h.dampening, h.weight_decay, alpha);
-  const int64_t torch_threads = at::get_num_threads();
+  // Inside a parallel region torch's own ops run serially: one chunk.
+  const int64_t torch_threads = at::in_parallel_region() ? 1 : at::get_num_threads();
 
   // Runs elements [lo, hi) of span sp, each through the arithmetic torch uses at its position.
   const auto run = [&](const Span& sp, int64_t lo, int64_t hi) {
