@@ -35,7 +35,11 @@ void check_scalar(const char* name, double v) {
 void check_triple(const std::string& where, const at::Tensor& p, const at::Tensor& g,
                   const at::Tensor* b, c10::DeviceType device_type,
                   std::optional<at::ScalarType>& dtype, std::optional<at::Device>& device) {
-  const std::string pn = "params" + where, gn = "grads" + where, bn = "momentum_buffers" + where;
+  // List entries name items "params[i]"; single-tensor and flat entries their own arguments.
+  const bool single = where.empty();
+  const std::string pn = (single ? "param" : "params") + where,
+                    gn = (single ? "grad" : "grads") + where,
+                    bn = (single ? "momentum_buffer" : "momentum_buffers") + where;
   TORCH_CHECK(p.defined(), pn, " is undefined (None)");
   TORCH_CHECK(g.defined(), gn, " is undefined (None)");
   TORCH_CHECK(p.layout() == at::kStrided, pn, " must be a dense (strided) tensor, got layout ",
@@ -106,8 +110,8 @@ void check_no_cross_overlap(const std::vector<at::Tensor>& params,
   }
   std::sort(r.begin(), r.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
   for (size_t k = 1; k < r.size(); ++k) {
-    TORCH_CHECK(r[k].lo >= r[k - 1].hi, r[k - 1].list, "[", r[k - 1].i, "] and ", r[k].list, "[",
-                r[k].i, "] share memory; every tensor of a step must be distinct");
+    TORCH_CHECK(r[k].lo >= r[k - 1].hi, r[k].list, "[", r[k].i, "] overlaps ", r[k - 1].list, "[",
+                r[k - 1].i, "] in memory; every tensor of a step must be distinct");
   }
 }
 
@@ -115,7 +119,7 @@ void check_no_cross_overlap(const std::vector<at::Tensor>& params,
 void sgd_step_list(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                    const std::vector<at::Tensor>& bufs, double lr, double momentum,
                    double dampening, double weight_decay, bool nesterov, bool maximize,
-                   bool first_step, c10::DeviceType device_type,
+                   bool first_step, c10::DeviceType device_type, bool single,
                    const at::Tensor& segments = at::Tensor()) {
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
@@ -138,7 +142,7 @@ void sgd_step_list(const std::vector<at::Tensor>& params, const std::vector<at::
   std::optional<at::ScalarType> dtype;
   std::optional<at::Device> device;
   for (size_t i = 0; i < params.size(); ++i) {
-    check_triple("[" + std::to_string(i) + "]", params[i], grads[i],
+    check_triple(single ? std::string() : "[" + std::to_string(i) + "]", params[i], grads[i],
                  need_buf ? &bufs[i] : nullptr, device_type, dtype, device);
   }
   if (params.empty()) return;
@@ -182,6 +186,8 @@ void sgd_step_flat(const at::Tensor& param, const at::Tensor& grad,
   for (const auto& [t, n] : {std::pair<const at::Tensor*, const char*>{&param, "param"},
                              {&grad, "grad"}, {need_buf ? &*buf : &param, "momentum_buffer"}}) {
     TORCH_CHECK(t->defined(), n, " is undefined (None)");
+    TORCH_CHECK(t->layout() == at::kStrided, n, " must be a dense (strided) tensor, got layout ",
+                t->layout());
     TORCH_CHECK(t->dim() == 1 && t->is_contiguous(), n,
                 " of a flat step must be a contiguous 1-D tensor, got ", describe(*t),
                 " with strides ", c10::str(t->strides()));
@@ -195,8 +201,9 @@ void sgd_step_flat(const at::Tensor& param, const at::Tensor& grad,
   const int64_t* seg = segments.data_ptr<int64_t>();
   int64_t end = 0;
   for (int64_t i = 0; i < k; ++i) {
-    TORCH_CHECK(seg[2 * i] >= end && seg[2 * i + 1] >= 0 &&
-                    seg[2 * i] + seg[2 * i + 1] <= param.numel(),
+    // Written so that no sum can overflow int64.
+    TORCH_CHECK(seg[2 * i] >= end && seg[2 * i] <= param.numel() && seg[2 * i + 1] >= 0 &&
+                    seg[2 * i + 1] <= param.numel() - seg[2 * i],
                 "segments[", i, "] = (", seg[2 * i], ", ", seg[2 * i + 1],
                 ") must lie inside the flat buffer of ", param.numel(),
                 " elements, after the previous segment (which ends at ", end, ")");
@@ -205,7 +212,7 @@ void sgd_step_flat(const at::Tensor& param, const at::Tensor& grad,
   // The triple check on the whole buffers covers dtype, device, sizes and overlap.
   sgd_step_list({param}, {grad}, need_buf ? std::vector<at::Tensor>{*buf} : std::vector<at::Tensor>{},
                 lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, device_type,
-                segments);
+                /*single=*/true, segments);
 }
 
 void cpu_sgd_step_list_(const std::vector<at::Tensor>& params,
@@ -213,7 +220,7 @@ void cpu_sgd_step_list_(const std::vector<at::Tensor>& params,
                         double lr, double momentum, double dampening, double weight_decay,
                         bool nesterov, bool maximize, bool first_step) {
   sgd_step_list(params, grads, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                first_step, c10::DeviceType::CPU);
+                first_step, c10::DeviceType::CPU, /*single=*/false);
 }
 
 void cpu_sgd_step_flat_(const at::Tensor& param, const at::Tensor& grad,
@@ -231,7 +238,7 @@ void cpu_sgd_step_(const at::Tensor& param, const at::Tensor& grad,
   std::vector<at::Tensor> bufs;
   if (buf.has_value() && buf->defined()) bufs.push_back(*buf);
   sgd_step_list({param}, {grad}, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                first_step, c10::DeviceType::CPU);
+                first_step, c10::DeviceType::CPU, /*single=*/true);
 }
 
 std::string isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "default"; }

@@ -17,6 +17,7 @@ view); any that is not goes through the per-tensor path, with the same arithmeti
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -193,73 +194,105 @@ class _FusedMomentum(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step; returns closure()'s loss if a closure is given."""
+        """One optimizer step; returns closure()'s loss if a closure is given.
+
+        Every group is planned (hyper-parameters and tensors validated) before any memory is
+        written, so a bad input raises with nothing updated."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans = [self._plan(group, buckets)
+                 for group, buckets in zip(self.param_groups, self._buckets)]
         self.last_step = []
-        for group, buckets in zip(self.param_groups, self._buckets):
-            h = self._hyper(group)
-            use_buf = h["momentum"] != 0
-            loose = []  # (param, grad) for the per-tensor path
-            in_bucket = set()
-            for b in buckets:
-                runs = []  # [first index, end index, first_step]
-                for i, p in enumerate(b.params):
-                    in_bucket.add(p)
-                    g = p.grad
-                    if g is None:
-                        continue
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    first = use_buf and buf is None and not self._ema
-                    ok = g is b.grad_views[i] and p.data_ptr() == b.ptrs[i]
-                    if ok and use_buf:
-                        if buf is None:
-                            b.ensure_buf()
-                            state["momentum_buffer"] = buf = b.buf_views[i]
-                        ok = buf is b.buf_views[i]
-                    if not ok:
-                        loose.append((p, g))
-                    elif runs and runs[-1][1] == i and runs[-1][2] == first:
-                        runs[-1][1] = i + 1
-                    else:
-                        runs.append([i, i + 1, first])
-                flat_step = step_fn(b.backend)[0]
-                for i0, i1, first in runs:
-                    flat_step(b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
-                              b.segments[i0:i1], first_step=first, **h)
-                    self._report(b.backend, "flat", b.flat_param, i1 - i0,
-                                 b.numel_before[i1] - b.numel_before[i0])
-            for p in group["params"]:
-                if p not in in_bucket and p.grad is not None:
-                    loose.append((p, p.grad))
-            if loose:
-                self._step_tensors(loose, h)
+        for h, runs, loose in plans:
+            self._step_flat(runs, h)
+            self._step_tensors(loose, h)
         return loss
+
+    def _plan(self, group, buckets):
+        """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
+        input, changes nothing."""
+        h = self._hyper(group)
+        for name in ("lr", "momentum", "dampening", "weight_decay"):
+            if not math.isfinite(h[name]):
+                raise ValueError(f"{name} must be a finite number, got {h[name]}")
+        use_buf = h["momentum"] != 0
+        runs = []  # [bucket, first index, end index, first_step]
+        loose = []
+        in_bucket = set()
+        for b in buckets:
+            for i, p in enumerate(b.params):
+                in_bucket.add(p)
+                g = p.grad
+                if g is None:
+                    continue
+                buf = self._buffer(p) if use_buf else None
+                first = use_buf and buf is None and not self._ema
+                ok = g is b.grad_views[i] and p.data_ptr() == b.ptrs[i] and (
+                    buf is None or (b.flat_buf is not None and buf is b.buf_views[i]))
+                if not ok:
+                    loose.append((p, g))
+                elif runs and runs[-1][0] is b and runs[-1][2] == i and runs[-1][3] == first:
+                    runs[-1][2] = i + 1
+                else:
+                    runs.append([b, i, i + 1, first])
+        for p in group["params"]:
+            if p not in in_bucket and p.grad is not None:
+                loose.append((p, p.grad))
+        for p, g in loose:
+            self._check_loose(p, g, self._buffer(p) if use_buf else None)
+        return h, runs, loose
+
+    def _buffer(self, p):
+        state = self.state.get(p)  # .get: planning must not create state entries
+        return None if state is None else state.get("momentum_buffer")
+
+    @staticmethod
+    def _check_loose(p, g, buf) -> None:
+        """What the per-tensor kernels need, checked before any kernel runs."""
+        what = f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"momentum_cuda does not support sparse gradients: {what}")
+        if p.dtype not in _DTYPES:
+            raise RuntimeError(f"momentum_cuda supports {_DTYPES}, got a {what}")
+        if not _dense(p):
+            raise RuntimeError(f"momentum_cuda needs dense, non-overlapping parameters; got a "
+                               f"{what} with strides {p.stride()}")
+        for name, t in (("gradient", g), ("momentum_buffer", buf)):
+            if t is not None and (t.shape != p.shape or t.dtype != p.dtype
+                                  or t.device != p.device):
+                raise RuntimeError(f"the {name} of a {what} is a tensor of shape "
+                                   f"{tuple(t.shape)} ({t.dtype}, {t.device})")
+        if buf is not None and buf.stride() != p.stride():
+            raise RuntimeError(f"the momentum_buffer of a {what} has strides {buf.stride()}, "
+                               f"the parameter {p.stride()}")
+
+    def _step_flat(self, runs, h) -> None:
+        """One kernel call per run of consecutive flat parameters."""
+        use_buf = h["momentum"] != 0
+        for b, i0, i1, first in runs:
+            if use_buf:
+                b.ensure_buf()
+                for i in range(i0, i1):
+                    self.state[b.params[i]].setdefault("momentum_buffer", b.buf_views[i])
+            step_fn(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
+                                  b.segments[i0:i1], first_step=first, **h)
+            self._report(b.backend, "flat", b.flat_param, i1 - i0,
+                         b.numel_before[i1] - b.numel_before[i0])
 
     def _step_tensors(self, pairs, h) -> None:
         """The per-tensor path: one list call per (device, dtype, first step)."""
         use_buf = h["momentum"] != 0
         calls: dict = {}
         for p, g in pairs:
-            if g.is_sparse:
-                raise RuntimeError("momentum_cuda does not support sparse gradients "
-                                   f"(parameter of shape {tuple(p.shape)})")
-            if not _dense(p):
-                raise RuntimeError("momentum_cuda needs dense, non-overlapping parameters; got "
-                                   f"shape {tuple(p.shape)} with strides {p.stride()}")
-            if g.stride() != p.stride() and g.shape == p.shape:
-                g = torch.empty_like(p).copy_(g)  # same memory layout as the parameter
-            state = self.state[p]
-            buf = state.get("momentum_buffer") if use_buf else None
+            if g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)  # the parameter's memory layout
+            buf = self._buffer(p) if use_buf else None
             first = use_buf and buf is None and not self._ema
             if use_buf and buf is None:
                 buf = torch.zeros_like(p) if self._ema else torch.empty_like(p)
-                state["momentum_buffer"] = buf
-            key = (p.device, p.dtype, first)
-            ps, gs, bs = calls.setdefault(key, ([], [], []))
+            ps, gs, bs = calls.setdefault((p.device, p.dtype, first), ([], [], []))
             ps.append(p)
             gs.append(g)
             if use_buf:
@@ -267,6 +300,8 @@ class _FusedMomentum(Optimizer):
         for (device, dtype, first), (ps, gs, bs) in calls.items():
             backend = self._backend_for(device)
             step_fn(backend)[1](ps, gs, bs, first_step=first, **h)
+            for p, buf in zip(ps, bs):  # new buffers enter the state once the kernel ran
+                self.state[p].setdefault("momentum_buffer", buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
 
     def _report(self, backend, path, t, tensors, numel) -> None:

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -122,8 +123,17 @@ constexpr int64_t kGrainSize = 32768;
 // min(threads, ceil(n/32768)) chunks of ceil(n/chunks)); inside a chunk, blocks of 32 elements
 // go through the vectorized add (alpha narrowed to bf16/fp16, one fp32 rounding), and the last
 // (chunk length % 32) elements through c10's scalar arithmetic, which narrows the product first.
+// With ATEN_CPU_CAPABILITY=default (a CPU without AVX2), torch's kernels are built without FMA:
+// add(x, y, alpha=a) is round(x + round(a*y)) for every element and dtype (measured, torch 2.13;
+// tests/test_torch_numerics.py).
 constexpr int64_t kTorchGrain = 32768;
 constexpr int64_t kTorchVecBlock = 32;
+
+/// Whether torch's CPU kernels run with FMA (capability AVX2, AVX512, ...) or without (DEFAULT).
+bool torch_uses_fma() {
+  static const bool fma = at::get_cpu_capability() != "DEFAULT";
+  return fma;
+}
 
 std::atomic<CpuIsa> g_isa{cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kDefault};
 
@@ -137,8 +147,9 @@ template <class T>
 void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& h) {
   using O = typename Storage<T>::opmath;
   const CpuIsa isa = cpu_isa();
-  const LoopFn<T> body = pick_loop<T, AddFma>(h.flags, isa);
-  const LoopFn<T> tail = kNarrow<T> ? pick_loop<T, AddNarrowedProduct>(h.flags, isa) : body;
+  const LoopFn<T> narrowed = pick_loop<T, AddNarrowedProduct>(h.flags, isa);
+  const LoopFn<T> body = torch_uses_fma() ? pick_loop<T, AddFma>(h.flags, isa) : narrowed;
+  const LoopFn<T> tail = kNarrow<T> ? narrowed : body;
   if (body == nullptr || tail == nullptr || n_spans <= 0) return;
   const auto alpha = [](double v) -> O {  // bf16/fp16: torch narrows an add's alpha first
     return static_cast<O>(kNarrow<T> ? static_cast<float>(T(static_cast<float>(v))) : v);

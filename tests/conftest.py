@@ -1,0 +1,222 @@
+"""Shared helpers of the Python test-suite.
+
+The reference for momentum_cuda.SGD is torch.optim.SGD(foreach=False) (torch's for-loop,
+_single_tensor_sgd); for momentum_cuda.Momentum it is momentum_cuda.reference.MomentumReference.
+Every bitwise claim below is checked with torch.equal, never with a tolerance.
+
+Typical use:
+
+    ours, ref = twin_params(make_values(SIZES, torch.bfloat16, seed=1))
+    opt = momentum_cuda.SGD(ours, lr=0.1, momentum=0.9)
+    topt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=False)
+    run_steps(opt, ours, topt, ref, steps=10, seed=2)   # fresh random grads, checks every step
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import momentum_cuda
+from momentum_cuda import _C
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+DTYPE_IDS = ("fp32", "fp64", "bf16", "fp16")
+# Small odd sizes (0 and 1 included) plus a 2-D shape; 2**20 + 3 is used by a few tests only.
+SIZES = (0, 1, 3, 97, (97, 33))
+BIG = 2**20 + 3
+STEPS = 10
+
+
+def _shape(s):
+    return (s,) if isinstance(s, int) else tuple(s)
+
+
+# ---- hyper-parameter grid ------------------------------------------------------------------
+def sgd_hyper_grid():
+    """Every valid torch.optim.SGD combination of momentum 0/0.9, dampening 0/0.3, nesterov,
+    weight_decay 0/1e-2 and maximize (nesterov needs momentum and no dampening)."""
+    out = []
+    for momentum, dampening, nesterov, wd, maximize in itertools.product(
+            (0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 1e-2), (False, True)):
+        if nesterov and (momentum == 0 or dampening != 0):
+            continue
+        out.append(dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=wd, maximize=maximize))
+    return out
+
+
+def hyper_id(h: dict) -> str:
+    return (f"m{h['momentum']}-d{h['dampening']}-{'nest' if h['nesterov'] else 'plain'}"
+            f"-wd{h['weight_decay']}-{'max' if h['maximize'] else 'min'}")
+
+
+# ---- tensors ---------------------------------------------------------------------------------
+def randn(shape, dtype, gen, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """Fresh standard-normal values (never all zeros), drawn in fp32 and rounded to dtype."""
+    t = torch.randn(_shape(shape), generator=gen, dtype=torch.float32).to(dtype)
+    if memory_format is not torch.contiguous_format:
+        t = t.contiguous(memory_format=memory_format)
+    return t
+
+
+def make_values(sizes, dtype, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [randn(s, dtype, gen) for s in sizes]
+
+
+def twin_params(values, requires_grad=True):
+    """Two lists of leaf tensors with identical values (ours, reference). requires_grad may be a
+    list of flags (False: a frozen parameter)."""
+    flags = requires_grad if isinstance(requires_grad, (list, tuple)) else [requires_grad] * len(values)
+    a = [v.detach().clone().requires_grad_(f) for v, f in zip(values, flags)]
+    b = [v.detach().clone().requires_grad_(f) for v, f in zip(values, flags)]
+    return a, b
+
+
+def fresh_grads(params, gen) -> list[torch.Tensor]:
+    """One fresh random gradient per parameter, in the parameter's dtype and memory layout."""
+    out = []
+    for p in params:
+        g = randn(p.shape, p.dtype, gen)
+        out.append(torch.empty_like(p).copy_(g))  # preserve_format: the parameter's strides
+    return out
+
+
+def set_grad(p: torch.Tensor, g: torch.Tensor, mode: str) -> None:
+    """mode "copy": write into the existing .grad in place (keeps momentum_cuda's flat views,
+    as backward() does); "assign": p.grad = g.clone() (a new tensor)."""
+    if mode == "copy" and p.grad is not None:
+        p.grad.copy_(g)
+    else:
+        p.grad = g.clone()
+
+
+def write_grads(opt, params, grads):
+    """The usual loop: opt.zero_grad(), then each gradient written in place (as backward()
+    accumulates into an existing .grad) or, where there is none, assigned."""
+    opt.zero_grad()
+    for p, g in zip(params, grads):
+        set_grad(p, g, "copy")
+
+
+def momentum_buffer(opt, p):
+    st = opt.state.get(p)
+    return None if st is None else st.get("momentum_buffer")
+
+
+def assert_same(ours, ref, opt=None, topt=None, what=""):
+    """Parameters (and, given the optimizers, momentum buffers) bitwise equal."""
+    assert len(ours) == len(ref)
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        assert p.dtype == q.dtype and p.shape == q.shape, f"{what} param {i}"
+        assert torch.equal(p, q), (
+            f"{what} param {i} ({p.dtype}, shape {tuple(p.shape)}) differs: "
+            f"max |diff| {(p.double() - q.double()).abs().max().item() if p.numel() else 0}")
+        if opt is not None:
+            a, b = momentum_buffer(opt, p), momentum_buffer(topt, q)
+            assert (a is None) == (b is None), (
+                f"{what} momentum buffer of param {i}: ours {'absent' if a is None else 'present'},"
+                f" reference {'absent' if b is None else 'present'}")
+            if a is not None:
+                assert a.dtype == b.dtype and a.shape == b.shape
+                assert torch.equal(a, b), (
+                    f"{what} momentum buffer {i} differs: max |diff| "
+                    f"{(a.double() - b.double()).abs().max().item()}")
+
+
+def run_steps(opt, ours, topt, ref, *, steps=STEPS, seed=0, mode="copy", skip=(),
+              expect_path=None, check_grads=True, before_step=None):
+    """`steps` steps of both optimizers with identical fresh random gradients; parameters and
+    momentum buffers are compared after every step. Each step is the usual loop: opt.zero_grad()
+    (mode "copy": momentum_cuda's flat zero_grad attaches the gradient views), gradients written
+    in place as backward() does, opt.step(). Parameters whose index is in `skip`, or that do not
+    require grad, get no gradient (grad None). expect_path: "flat" / "per-tensor" checks every
+    entry of opt.last_step. before_step(step) runs before each step."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        if mode == "copy":
+            opt.zero_grad()
+        live = [i for i, p in enumerate(ours) if p.requires_grad and i not in skip]
+        grads = fresh_grads([ours[i] for i in live], gen)
+        for i, p in enumerate(ours):
+            if i not in live:
+                p.grad = None
+                ref[i].grad = None
+        for i, g in zip(live, grads):
+            set_grad(ours[i], g, mode)
+            ref[i].grad = g.clone()
+        opt.step()
+        topt.step()
+        assert_same(ours, ref, opt, topt, what=f"step {step + 1}:")
+        if check_grads:  # the step must not write into the gradients
+            for i, g in zip(live, grads):
+                assert torch.equal(ours[i].grad, g), f"step {step + 1}: grad {i} was modified"
+        if expect_path is not None:
+            paths = {e["path"] for e in opt.last_step}
+            assert paths <= {expect_path}, f"step {step + 1}: paths {opt.last_step}"
+    return gen
+
+
+# ---- flat-layout inspection ------------------------------------------------------------------
+def storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def byte_offset(t: torch.Tensor) -> int:
+    return t.storage_offset() * t.element_size()
+
+
+def whole_storage(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor over t's entire storage (to look at the padding between views)."""
+    n = t.untyped_storage().nbytes() // t.element_size()
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+
+
+def flat_paths(opt) -> list[str]:
+    return [e["path"] for e in opt.last_step]
+
+
+# ---- instruction sets ------------------------------------------------------------------------
+_DEFAULT_ISA = _C.cpu_isa()
+
+
+@pytest.fixture(params=["default", "avx2"])
+def isa(request):
+    """Runs the test with the CPU kernel forced to each instruction set it can use here
+    ("avx2" is skipped on a CPU without AVX2+FMA+F16C), restoring the previous one after."""
+    name = request.param
+    if name == "avx2" and _DEFAULT_ISA != "avx2":
+        pytest.skip("this CPU has no AVX2+FMA+F16C")
+    prev = _C.set_cpu_isa(name)
+    try:
+        assert _C.cpu_isa() == name
+        yield name
+    finally:
+        _C.set_cpu_isa(prev)
+
+
+@pytest.fixture
+def num_threads():
+    """Sets torch's intra-op thread count for a test (torch's bf16/fp16 bits depend on it),
+    restoring it after: use as num_threads(n)."""
+    prev = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """No test may leak an ISA or thread-count change into the next one."""
+    isa, threads = _C.cpu_isa(), torch.get_num_threads()
+    yield
+    assert _C.cpu_isa() == isa, "a test changed the CPU ISA without restoring it"
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        pytest.fail("a test changed torch's thread count without restoring it")
+
+
+__all__ = ["momentum_cuda"]
