@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,7 @@ class _FusedMomentum(Optimizer):
         self._requested_backend = backend
         self._flat = bool(flat)
         self._buckets: list[list[_Bucket]] = []  # per param group
+        self._outside: list[list] = []  # per param group: parameters in no bucket
         self._backend_by_device: dict[torch.device, str] = {}
         self.last_step: list[dict] = []
         super().__init__(params, defaults)
@@ -114,7 +116,10 @@ class _FusedMomentum(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._buckets.append(self._make_buckets(group["params"]) if self._flat else [])
+        buckets = self._make_buckets(group["params"]) if self._flat else []
+        bucketed = {id(p) for b in buckets for p in b.params}
+        self._buckets.append(buckets)
+        self._outside.append([p for p in group["params"] if id(p) not in bucketed])
 
     @torch.no_grad()
     def _make_buckets(self, params) -> list[_Bucket]:
@@ -202,15 +207,15 @@ class _FusedMomentum(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(group, buckets)
-                 for group, buckets in zip(self.param_groups, self._buckets)]
+        plans = [self._plan(*gbo)
+                 for gbo in zip(self.param_groups, self._buckets, self._outside)]
         self.last_step = []
         for h, runs, loose in plans:
             self._step_flat(runs, h)
             self._step_tensors(loose, h)
         return loss
 
-    def _plan(self, group, buckets):
+    def _plan(self, group, buckets, outside):
         """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
         input, changes nothing."""
         h = self._hyper(group)
@@ -219,11 +224,13 @@ class _FusedMomentum(Optimizer):
                 raise ValueError(f"{name} must be a finite number, got {h[name]}")
         use_buf = h["momentum"] != 0
         runs = []  # [bucket, first index, end index, first_step]
-        loose = []
-        in_bucket = set()
+        loose = [(p, p.grad) for p in outside if p.grad is not None]
         for b in buckets:
+            run = self._whole_bucket_run(b, use_buf)
+            if run is not None:
+                runs.append(run)
+                continue
             for i, p in enumerate(b.params):
-                in_bucket.add(p)
                 g = p.grad
                 if g is None:
                     continue
@@ -237,12 +244,30 @@ class _FusedMomentum(Optimizer):
                     runs[-1][2] = i + 1
                 else:
                     runs.append([b, i, i + 1, first])
-        for p in group["params"]:
-            if p not in in_bucket and p.grad is not None:
-                loose.append((p, p.grad))
         for p, g in loose:
             self._check_loose(p, g, self._buffer(p) if use_buf else None)
         return h, runs, loose
+
+    def _whole_bucket_run(self, b, use_buf):
+        """The common case, checked in bulk: every parameter of the bucket is intact, has its
+        flat gradient, and all buffers are flat views (or none exists yet). Returns its one
+        run, or None to let the per-parameter classification decide."""
+        if not all(map(operator.is_, [p.grad for p in b.params], b.grad_views)):
+            return None
+        if [p.data_ptr() for p in b.params] != b.ptrs:
+            return None
+        first = False
+        if use_buf:
+            sget = self.state.get  # inlined _buffer(): this runs for every parameter, every step
+            bufs = [None if (st := sget(p)) is None else st.get("momentum_buffer")
+                    for p in b.params]
+            if b.flat_buf is not None and all(map(operator.is_, bufs, b.buf_views)):
+                first = False
+            elif all(x is None for x in bufs):
+                first = not self._ema
+            else:
+                return None
+        return [b, 0, len(b.params), first]
 
     def _buffer(self, p):
         state = self.state.get(p)  # .get: planning must not create state entries
