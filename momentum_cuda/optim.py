@@ -19,12 +19,16 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch.optim import Optimizer
 
+from torch.optim.sgd import sgd as _torch_sgd
+
 from ._backends import resolve_backend, step_fn
+from .reference import momentum_reference_step
 
 log = logging.getLogger("momentum_cuda")
 
@@ -38,6 +42,10 @@ def _to_float(x, name: str) -> float:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
         return float(x.item())
     return float(x)
+
+
+def _bump(tensors) -> None:
+    torch.autograd.graph.increment_version(tensors)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -61,13 +69,20 @@ class _Bucket:
     offsets: list
     flat_param: torch.Tensor
     flat_grad: torch.Tensor
-    grad_views: list
+    grad_views: list  # own tensors over flat_grad (set_, not views): each has its own version
     segments: torch.Tensor  # [k, 2] int64 (offset, numel) on CPU
     ptrs: list  # data_ptr() each parameter must still have
     numel_before: list  # numel_before[i]: elements of params[:i], for reports
     backend: str
     flat_buf: torch.Tensor | None = None
     buf_views: list = field(default_factory=list)
+    # grad_seen[i]: grad_views[i]._version when the gradient was last zeroed; a gradient whose
+    # version has not moved since received nothing and counts as None. -1: present regardless.
+    grad_seen: list = field(default_factory=list)
+
+    def present(self, i: int) -> bool:
+        """Whether params[i] has a gradient this step (its .grad is its flat tensor)."""
+        return self.grad_seen[i] == -1 or self.grad_views[i]._version != self.grad_seen[i]
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -89,6 +104,8 @@ class _FusedMomentum(Optimizer):
         self._flat = bool(flat)
         self._buckets: list[list[_Bucket]] = []  # per param group
         self._outside: list[list] = []  # per param group: parameters in no bucket
+        self._slot: dict[int, tuple] = {}  # id(param) -> (bucket, index)
+        self._warned_torch_ops = False
         self._backend_by_device: dict[torch.device, str] = {}
         self.last_step: list[dict] = []
         super().__init__(params, defaults)
@@ -147,11 +164,17 @@ class _FusedMomentum(Optimizer):
                 view = b.view(flat_param, i)
                 view.copy_(p)
                 p.data = view
-                gview = b.view(flat_grad, i)
-                if p.grad is not None:
+                # Not an autograd view: its own version counter tells whether backward (or
+                # anyone) wrote into it since zero_grad().
+                gview = torch.empty(0, dtype=dtype, device=device).set_(
+                    flat_grad.untyped_storage(), offsets[i], p.shape, p.stride())
+                had_grad = p.grad is not None
+                if had_grad:
                     gview.copy_(p.grad)
                 p.grad = gview
                 b.grad_views.append(gview)
+                b.grad_seen.append(-1 if had_grad else gview._version)
+                self._slot[id(p)] = (b, i)
                 b.ptrs.append(p.data_ptr())
                 b.numel_before.append(b.numel_before[-1] + p.numel())
             buckets.append(b)
@@ -159,23 +182,32 @@ class _FusedMomentum(Optimizer):
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         """flat=True: zeroes each flat gradient buffer in one pass and re-attaches any gradient
-        that is no longer its flat view (torch's set_to_none=False: a parameter that gets no
-        gradient in the next backward has a zero gradient, not None). set_to_none=True sets
-        every gradient to None as torch does (the next step then takes the per-tensor path).
-        flat=False: torch's behaviour (default set_to_none=True)."""
+        that is no longer its flat tensor, keeping torch's semantics without giving up the
+        layout: by default (torch's set_to_none=True) a parameter whose gradient nobody writes
+        before the next step counts as having none and is skipped, as torch skips a None grad;
+        with set_to_none=False a gradient that existed stays present (zero) and is applied.
+        (Presence is read from each gradient tensor's version counter.) set_to_none=True given
+        explicitly sets every .grad to None, as torch does; the next step then takes the
+        per-tensor path. flat=False: exactly torch's zero_grad."""
         if not self._flat or set_to_none:
             return super().zero_grad(set_to_none=True if set_to_none is None else set_to_none)
-        in_bucket = set()
+        keep = set_to_none is False
         for buckets in self._buckets:
             for b in buckets:
+                present = [p.grad is not None and (p.grad is not b.grad_views[i] or b.present(i))
+                           for i, p in enumerate(b.params)]
                 b.flat_grad.zero_()
-                for p, gview in zip(b.params, b.grad_views):
-                    in_bucket.add(p)
-                    if p.grad is not gview:
-                        p.grad = gview
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p not in in_bucket and p.grad is not None:
+                for i, p in enumerate(b.params):
+                    if p.grad is not b.grad_views[i]:
+                        p.grad = b.grad_views[i]
+                    b.grad_seen[i] = -1 if keep and present[i] else b.grad_views[i]._version
+        for outside in self._outside:
+            for p in outside:
+                if p.grad is None:
+                    continue
+                if keep:
+                    p.grad.detach_().requires_grad_(False).zero_()
+                else:
                     p.grad = None
 
     # ---- state_dict: torch.optim.SGD's format, buffers copied into the flat layout -----------
@@ -232,7 +264,7 @@ class _FusedMomentum(Optimizer):
                 continue
             for i, p in enumerate(b.params):
                 g = p.grad
-                if g is None:
+                if g is None or (g is b.grad_views[i] and not b.present(i)):
                     continue
                 buf = self._buffer(p) if use_buf else None
                 first = use_buf and buf is None and not self._ema
@@ -254,6 +286,8 @@ class _FusedMomentum(Optimizer):
         run, or None to let the per-parameter classification decide."""
         if not all(map(operator.is_, [p.grad for p in b.params], b.grad_views)):
             return None
+        if not all(map(operator.ne, [g._version for g in b.grad_views], b.grad_seen)):
+            return None  # some parameter got no gradient: classify one by one
         if [p.data_ptr() for p in b.params] != b.ptrs:
             return None
         first = False
@@ -289,9 +323,6 @@ class _FusedMomentum(Optimizer):
                                   or t.device != p.device):
                 raise RuntimeError(f"the {name} of a {what} is a tensor of shape "
                                    f"{tuple(t.shape)} ({t.dtype}, {t.device})")
-        if buf is not None and buf.stride() != p.stride():
-            raise RuntimeError(f"the momentum_buffer of a {what} has strides {buf.stride()}, "
-                               f"the parameter {p.stride()}")
 
     def _step_flat(self, runs, h) -> None:
         """One kernel call per run of consecutive flat parameters."""
@@ -303,20 +334,42 @@ class _FusedMomentum(Optimizer):
                     self.state[b.params[i]].setdefault("momentum_buffer", b.buf_views[i])
             step_fn(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                   b.segments[i0:i1], first_step=first, **h)
+            # The kernel wrote through raw pointers: tell autograd, as torch's in-place ops do
+            # (a parameter saved for backward and then stepped must raise, not silently differ).
+            _bump(b.params[i0:i1])
+            if use_buf:
+                _bump(b.flat_buf)  # the buffer views share its version counter
             self._report(b.backend, "flat", b.flat_param, i1 - i0,
                          b.numel_before[i1] - b.numel_before[i0])
+
+    def _new_buffer(self, p):
+        """A momentum buffer for p's first step: its flat view while p is still in place."""
+        b, i = self._slot.get(id(p), (None, 0))
+        if b is not None and p.data_ptr() == b.ptrs[i]:
+            b.ensure_buf()
+            buf = b.buf_views[i]
+            return buf.zero_() if self._ema else buf
+        return torch.zeros_like(p) if self._ema else torch.empty_like(p)
 
     def _step_tensors(self, pairs, h) -> None:
         """The per-tensor path: one list call per (device, dtype, first step)."""
         use_buf = h["momentum"] != 0
         calls: dict = {}
+        torch_ops = []
         for p, g in pairs:
-            if g.stride() != p.stride():
-                g = torch.empty_like(p).copy_(g)  # the parameter's memory layout
             buf = self._buffer(p) if use_buf else None
+            if (buf is not None and buf.stride() != p.stride()) or (
+                    g.stride() != p.stride() and p.dtype in (torch.bfloat16, torch.float16)):
+                # torch's own bits here depend on how TensorIterator loops over operands of
+                # different layouts (bf16/fp16: no vectorized body), which the kernel does not
+                # model: run torch's ops for this tensor, and say so.
+                torch_ops.append((p, g, buf))
+                continue
+            if g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)  # fp32/fp64: the layout does not change bits
             first = use_buf and buf is None and not self._ema
             if use_buf and buf is None:
-                buf = torch.zeros_like(p) if self._ema else torch.empty_like(p)
+                buf = self._new_buffer(p)
             ps, gs, bs = calls.setdefault((p.device, p.dtype, first), ([], [], []))
             ps.append(p)
             gs.append(g)
@@ -325,9 +378,33 @@ class _FusedMomentum(Optimizer):
         for (device, dtype, first), (ps, gs, bs) in calls.items():
             backend = self._backend_for(device)
             step_fn(backend)[1](ps, gs, bs, first_step=first, **h)
+            _bump(ps + bs)
             for p, buf in zip(ps, bs):  # new buffers enter the state once the kernel ran
                 self.state[p].setdefault("momentum_buffer", buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
+        if torch_ops:
+            self._step_torch_ops(torch_ops, h)
+
+    def _step_torch_ops(self, items, h) -> None:
+        """torch's own for-loop ops, for the layouts the kernel does not model (reported in
+        last_step as path 'torch-ops', with a warning the first time)."""
+        if not self._warned_torch_ops:
+            self._warned_torch_ops = True
+            warnings.warn("momentum_cuda: a bf16/fp16 gradient or a momentum buffer has another "
+                          "memory layout than its parameter; stepping it with torch's own ops "
+                          "to keep torch's bits (slower). See opt.last_step.", stacklevel=3)
+        ps, gs, bs = (list(x) for x in zip(*items))
+        use_buf = h["momentum"] != 0
+        if self._ema:
+            bs = [torch.zeros_like(p) if b is None else b for p, b in zip(ps, bs)]
+            momentum_reference_step(ps, gs, bs, lr=h["lr"], momentum=h["momentum"],
+                                    weight_decay=h["weight_decay"], maximize=h["maximize"])
+        else:
+            _torch_sgd(ps, gs, bs, foreach=False, **h)
+        if use_buf:
+            for p, buf in zip(ps, bs):
+                self.state[p]["momentum_buffer"] = buf
+        self._report("torch", "torch-ops", ps[0], len(ps), sum(p.numel() for p in ps))
 
     def _report(self, backend, path, t, tensors, numel) -> None:
         self.last_step.append(dict(backend=backend, path=path, device=str(t.device),

@@ -18,7 +18,6 @@ import itertools
 import pytest
 import torch
 
-import momentum_cuda
 from momentum_cuda import _C
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -69,7 +68,8 @@ def make_values(sizes, dtype, seed: int) -> list[torch.Tensor]:
 def twin_params(values, requires_grad=True):
     """Two lists of leaf tensors with identical values (ours, reference). requires_grad may be a
     list of flags (False: a frozen parameter)."""
-    flags = requires_grad if isinstance(requires_grad, (list, tuple)) else [requires_grad] * len(values)
+    flags = (requires_grad if isinstance(requires_grad, (list, tuple))
+             else [requires_grad] * len(values))
     a = [v.detach().clone().requires_grad_(f) for v, f in zip(values, flags)]
     b = [v.detach().clone().requires_grad_(f) for v, f in zip(values, flags)]
     return a, b
@@ -84,21 +84,28 @@ def fresh_grads(params, gen) -> list[torch.Tensor]:
     return out
 
 
+def backward_grads(params, grads) -> None:
+    """Delivers exactly `grads` through autograd, as a training loop does: sum(p * g) has the
+    gradient g (times an exact 1), which backward() accumulates into each p.grad (in place into
+    an existing .grad, e.g. momentum_cuda's flat views; a new tensor where .grad is None)."""
+    terms = [(p * g).sum().double() for p, g in zip(params, grads)]
+    if terms:
+        torch.stack(terms).sum().backward()
+
+
 def set_grad(p: torch.Tensor, g: torch.Tensor, mode: str) -> None:
-    """mode "copy": write into the existing .grad in place (keeps momentum_cuda's flat views,
-    as backward() does); "assign": p.grad = g.clone() (a new tensor)."""
+    """mode "copy": write into the existing .grad in place (keeps momentum_cuda's flat views);
+    "assign": p.grad = g.clone() (a new tensor)."""
     if mode == "copy" and p.grad is not None:
         p.grad.copy_(g)
     else:
         p.grad = g.clone()
 
 
-def write_grads(opt, params, grads):
-    """The usual loop: opt.zero_grad(), then each gradient written in place (as backward()
-    accumulates into an existing .grad) or, where there is none, assigned."""
+def write_grads(opt, params, grads) -> None:
+    """The usual loop's first half: opt.zero_grad(), then backward() delivering `grads`."""
     opt.zero_grad()
-    for p, g in zip(params, grads):
-        set_grad(p, g, "copy")
+    backward_grads(params, grads)
 
 
 def momentum_buffer(opt, p):
@@ -126,35 +133,41 @@ def assert_same(ours, ref, opt=None, topt=None, what=""):
                     f"{(a.double() - b.double()).abs().max().item()}")
 
 
-def run_steps(opt, ours, topt, ref, *, steps=STEPS, seed=0, mode="copy", skip=(),
+def run_steps(opt, ours, topt, ref, *, steps=STEPS, seed=0, mode="backward", skip=(),
               expect_path=None, check_grads=True, before_step=None):
     """`steps` steps of both optimizers with identical fresh random gradients; parameters and
-    momentum buffers are compared after every step. Each step is the usual loop: opt.zero_grad()
-    (mode "copy": momentum_cuda's flat zero_grad attaches the gradient views), gradients written
-    in place as backward() does, opt.step(). Parameters whose index is in `skip`, or that do not
-    require grad, get no gradient (grad None). expect_path: "flat" / "per-tensor" checks every
-    entry of opt.last_step. before_step(step) runs before each step."""
+    momentum buffers are compared after every step. The reference gets p.grad = g.clone().
+    Ours, by mode: "backward" (default): the usual loop, opt.zero_grad() then backward()
+    delivering the gradients (momentum_cuda's flat zero_grad attaches the gradient views and
+    backward accumulates into them); "copy": written in place into the existing .grad;
+    "assign": p.grad = g.clone(). Parameters whose index is in `skip`, or that do not require
+    grad, get no gradient (grad None). expect_path: "flat" / "per-tensor" checks every entry of
+    opt.last_step. before_step(step) runs before each step."""
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         if before_step is not None:
             before_step(step)
-        if mode == "copy":
-            opt.zero_grad()
         live = [i for i, p in enumerate(ours) if p.requires_grad and i not in skip]
         grads = fresh_grads([ours[i] for i in live], gen)
+        if mode == "backward":
+            opt.zero_grad()
         for i, p in enumerate(ours):
             if i not in live:
                 p.grad = None
                 ref[i].grad = None
+        if mode == "backward":
+            backward_grads([ours[i] for i in live], grads)
+        else:
+            for i, g in zip(live, grads):
+                set_grad(ours[i], g, mode)
         for i, g in zip(live, grads):
-            set_grad(ours[i], g, mode)
             ref[i].grad = g.clone()
         opt.step()
         topt.step()
         assert_same(ours, ref, opt, topt, what=f"step {step + 1}:")
-        if check_grads:  # the step must not write into the gradients
+        if check_grads:  # the gradients are the ones meant, and the step did not write them
             for i, g in zip(live, grads):
-                assert torch.equal(ours[i].grad, g), f"step {step + 1}: grad {i} was modified"
+                assert torch.equal(ours[i].grad, g), f"step {step + 1}: grad {i} differs"
         if expect_path is not None:
             paths = {e["path"] for e in opt.last_step}
             assert paths <= {expect_path}, f"step {step + 1}: paths {opt.last_step}"
@@ -218,5 +231,3 @@ def _restore_global_state():
         torch.set_num_threads(threads)
         pytest.fail("a test changed torch's thread count without restoring it")
 
-
-__all__ = ["momentum_cuda"]
