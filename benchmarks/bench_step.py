@@ -94,7 +94,7 @@ def _git(*args) -> str | None:
 
 def machine_info(device: torch.device) -> dict:
     cpu = _cpuinfo()
-    status = _git("status", "--porcelain")
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")  # results files are not code
     info = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
