@@ -129,6 +129,9 @@ class _FusedMomentum(Optimizer):
         names = sorted(set(self._backend_by_device.values()))
         return ",".join(names) if names else None
 
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}backend: {self.backend}\nflat: {self._flat}\n)"
+
     # ---- flat layout -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

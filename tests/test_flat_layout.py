@@ -499,3 +499,32 @@ def test_step_bumps_versions_like_torch():
         opt.step()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grads_as_views_of_another_bucket(dtype):
+    """What DDP does with gradient_as_bucket_view=True: every .grad becomes a view of DDP's own
+    flat bucket (other offsets, reversed order). The step must keep torch's bits through the
+    per-tensor path; after opt.zero_grad() the flat path returns."""
+    ours, ref = twin_params(make_values([97, (9, 7), 3, 33, 1], dtype, seed=551))
+    opt, topt = _pair(ours, ref)
+    gen = torch.Generator().manual_seed(552)
+    for step in range(STEPS):
+        grads = fresh_grads(ours, gen)
+        ddp = step < 5
+        if ddp:  # a bucket in reverse parameter order, as DDP builds them
+            bucket = torch.empty(sum(g.numel() for g in grads) + 7, dtype=dtype)
+            off = 7  # DDP offsets need not be aligned
+            for p, g in reversed(list(zip(ours, grads))):
+                p.grad = bucket[off:off + g.numel()].view_as(g)
+                p.grad.copy_(g)
+                off += g.numel()
+        else:
+            if step == 5:
+                opt.zero_grad()
+            for p, g in zip(ours, grads):
+                p.grad.copy_(g)
+        for q, g in zip(ref, grads):
+            q.grad = g.clone()
+        _step_both(opt, topt, ours, ref, what=f"step {step + 1}:")
+        assert set(flat_paths(opt)) == ({"per-tensor"} if ddp else {"flat"}), opt.last_step
