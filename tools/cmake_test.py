@@ -83,7 +83,12 @@ def main():
     pybind11_dir = subprocess.check_output(
         [sys.executable, "-m", "pybind11", "--cmakedir"], text=True).strip()
     # Ninja from PATH or next to this interpreter (the pip wheel), else CMake's default.
-    ninja = shutil.which("ninja") or shutil.which("ninja", path=os.path.dirname(sys.executable))
+    # The venv's own cmake and ninja first (pinned in the Makefile): a fresh machine has neither.
+    venv_bin = os.path.dirname(sys.executable)
+    cmake = shutil.which("cmake", path=venv_bin) or shutil.which("cmake")
+    if cmake is None:
+        sys.exit("cmake_test: no cmake found (make installs it into .venv)")
+    ninja = shutil.which("ninja", path=venv_bin) or shutil.which("ninja")
     generator = "Ninja" if ninja else "Unix Makefiles"
     print(f"cmake_test: python {sys.executable}, torch {torch.__version__}\n"
           f"  torch cmake: {prefix}\n  pybind11 cmake: {pybind11_dir}\n"
@@ -96,7 +101,7 @@ def main():
         shutil.rmtree(os.path.join(build, "CMakeFiles"), ignore_errors=True)
 
     t_start = time.monotonic()
-    configure = ["cmake", "-S", ROOT, "-B", build, "-G", generator,
+    configure = [cmake, "-S", ROOT, "-B", build, "-G", generator,
                  "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_PREFIX_PATH={prefix}",
                  f"-Dpybind11_DIR={pybind11_dir}",
@@ -104,8 +109,9 @@ def main():
     if ninja and generator == "Ninja":
         configure.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
     t_conf = run(configure)
-    t_build = run(["cmake", "--build", build, "--parallel", "2"])
-    t_test = run(["ctest", "--output-on-failure"], cwd=build)
+    t_build = run([cmake, "--build", build, "--parallel", "2"])
+    ctest = os.path.join(os.path.dirname(cmake), "ctest")  # the ctest of the same cmake
+    t_test = run([ctest, "--output-on-failure"], cwd=build)
     t_imp = run([sys.executable, "-c", IMPORT_CHECK, build],
                 show=f"{sys.executable} -c <import _C from {build}, call cpu_isa(), 2 steps vs torch>")
     print(f"cmake_test: OK (configure {t_conf:.1f} s, build {t_build:.1f} s, ctest {t_test:.1f} s, "
