@@ -1,0 +1,22 @@
+// sgd_cuda.h — the CUDA launchers' interface: plain pointers, scalars and a stream; no ATen.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "cpu/momentum_cpu.h"  // Span, StepHyper
+
+namespace momentum_cuda {
+
+/// Flat step over one span (numel may exceed 2^31). T: float, double, cuda::bf16_t, cuda::fp16_t.
+/// Returns the launch's error (cudaSuccess when nothing was launched).
+template <class T>
+cudaError_t sgd_step_cuda_flat(const Span& span, const StepHyper& hyper, cudaStream_t stream);
+
+/// Per-tensor step over many spans: as many multi-tensor launches as the argument space needs.
+template <class T>
+cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyper& hyper,
+                               cudaStream_t stream);
+
+}  // namespace momentum_cuda

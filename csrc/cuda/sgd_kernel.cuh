@@ -1,0 +1,235 @@
+// sgd_kernel.cuh — the CUDA kernels: a flat one and a multi-tensor one.
+//
+// Inputs    : plain structs of pointers and scalars (never ATen types). param and buf are updated
+//             in place, grad is read; all three of a span have the same dtype T and numel and do
+//             not overlap (csrc/momentum_ops.cpp checks before any launch).
+// Invariant : every element goes through sgd_math() (sgd_math.h) exactly once, in opmath, with
+//             scalars rounded once on the host. On CUDA torch's add_ computes in opmath with an
+//             opmath alpha (also for bf16/fp16), so there is no CPU-style "tail" arithmetic here.
+// Speed     : one pass reading p, buf, g and writing p, buf, with 16-byte vector accesses (uint4)
+//             where the three pointers share their alignment; a scalar head and tail otherwise.
+//             int64 indexing throughout: spans of more than 2^31 elements work.
+// Host      : this header is also compiled by g++ through tests/cuda/host_shim.h, which runs the
+//             same kernels serially on the CPU (the GPU-less evidence of tests/test_cuda_host.py).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "momentum_cuda/sgd_math.h"
+
+namespace momentum_cuda {
+namespace cuda {
+
+/// Storage types with the size and layout of torch's (at::BFloat16, at::Half are bit-compatible).
+struct bf16_t {
+  uint16_t x;
+};
+struct fp16_t {
+  uint16_t x;
+};
+
+/// Storage type T <-> opmath: widen on load, narrow (round to nearest even) on store, and the
+/// narrow-and-widen applied after each torch op.
+template <class T>
+struct Storage {  // float, double
+  using opmath = T;
+  using Round = RoundNone;
+  static MC_HD T load(T x) { return x; }
+  static MC_HD T store(T x) { return x; }
+};
+template <>
+struct Storage<bf16_t> {
+  using opmath = float;
+  using Round = RoundBF16;
+  static MC_HD float load(bf16_t x) { return mc_bf16_bits_to_float(x.x); }
+  static MC_HD bf16_t store(float x) { return bf16_t{mc_float_to_bf16_bits(x)}; }
+};
+struct RoundHalf {
+  MC_HD float operator()(float x) const { return __half2float(__float2half_rn(x)); }
+};
+template <>
+struct Storage<fp16_t> {
+  using opmath = float;
+  using Round = RoundHalf;
+  static MC_HD float load(fp16_t x) { return __half2float(__ushort_as_half(x.x)); }
+  static MC_HD fp16_t store(float x) { return fp16_t{__half_as_ushort(__float2half_rn(x))}; }
+};
+
+template <class T>
+using CudaScalars = StepScalars<typename Storage<T>::opmath>;
+
+/// One contiguous span of a flat step.
+template <class T>
+struct FlatArgs {
+  T* param;
+  T* buf;  ///< null without kMomentum
+  const T* grad;
+  int64_t numel;
+  CudaScalars<T> s;
+  uint32_t flags;
+};
+
+/// Updates element i of a span: the scalar path (head, tail, unaligned spans).
+template <class T>
+MC_HD void update_one(T* p, T* b, const T* g, int64_t i, const CudaScalars<T>& s,
+                      uint32_t flags) {
+  using St = Storage<T>;
+  using O = typename St::opmath;
+  O pi = St::load(p[i]);
+  O bi = ((flags & kMomentum) && !(flags & kFirstStep)) ? St::load(b[i]) : O(0);
+  sgd_math(pi, bi, St::load(g[i]), s, flags, typename St::Round{});
+  p[i] = St::store(pi);
+  if (flags & kMomentum) b[i] = St::store(bi);
+}
+
+/// 16 bytes of T: what one uint4 load brings.
+template <class T>
+struct alignas(16) Pack {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
+};
+
+/// Updates the kN elements at i (16-byte aligned in p, b and g) with 128-bit loads and stores.
+template <class T>
+MC_HD void update_pack(T* p, T* b, const T* g, int64_t i, const CudaScalars<T>& s,
+                       uint32_t flags) {
+  using St = Storage<T>;
+  using O = typename St::opmath;
+  constexpr int kN = Pack<T>::kN;
+  Pack<T> pp = *reinterpret_cast<const Pack<T>*>(p + i);
+  const Pack<T> gg = *reinterpret_cast<const Pack<T>*>(g + i);
+  Pack<T> bb;
+  const bool read_buf = (flags & kMomentum) && !(flags & kFirstStep);
+  if (read_buf) bb = *reinterpret_cast<const Pack<T>*>(b + i);
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    O pj = St::load(pp.v[j]);
+    O bj = read_buf ? St::load(bb.v[j]) : O(0);
+    sgd_math(pj, bj, St::load(gg.v[j]), s, flags, typename St::Round{});
+    pp.v[j] = St::store(pj);
+    bb.v[j] = St::store(bj);
+  }
+  *reinterpret_cast<Pack<T>*>(p + i) = pp;
+  if (flags & kMomentum) *reinterpret_cast<Pack<T>*>(b + i) = bb;
+}
+
+/// Elements before the first 16-byte boundary, or -1 if p, b and g are misaligned differently
+/// (then the whole span takes the scalar path).
+template <class T>
+MC_HD int64_t aligned_head(const T* p, const T* b, const T* g, uint32_t flags, int64_t n) {
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(p) % 16;
+  if (reinterpret_cast<uintptr_t>(g) % 16 != mis) return -1;
+  if ((flags & kMomentum) && reinterpret_cast<uintptr_t>(b) % 16 != mis) return -1;
+  if (mis % sizeof(T) != 0) return -1;
+  const int64_t head = static_cast<int64_t>((16 - mis) % 16 / sizeof(T));
+  return head < n ? head : n;
+}
+
+/// The grid-stride walk over elements [0, n) of one span, by `nthreads` workers of which this
+/// is `tid`: scalar head, 16-byte packs, scalar tail. Shared by both kernels.
+template <class T>
+MC_HD void update_span(T* p, T* b, const T* g, int64_t n, const CudaScalars<T>& s,
+                       uint32_t flags, int64_t tid, int64_t nthreads) {
+  constexpr int kN = Pack<T>::kN;
+  const int64_t head = aligned_head(p, b, g, flags, n);
+  if (head < 0) {
+    for (int64_t i = tid; i < n; i += nthreads) update_one(p, b, g, i, s, flags);
+    return;
+  }
+  for (int64_t i = tid; i < head; i += nthreads) update_one(p, b, g, i, s, flags);
+  const int64_t packs = (n - head) / kN;
+  for (int64_t k = tid; k < packs; k += nthreads) update_pack(p, b, g, head + k * kN, s, flags);
+  for (int64_t i = head + packs * kN + tid; i < n; i += nthreads) update_one(p, b, g, i, s, flags);
+}
+
+/// Flat kernel: one span, any grid.
+template <class T>
+__global__ void sgd_flat_kernel(FlatArgs<T> a) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  update_span(a.param, a.buf, a.grad, a.numel, a.s, a.flags, tid, nthreads);
+}
+
+/// Multi-tensor metadata passed by value as the kernel's argument: up to kTensors spans, and for
+/// each block the span and the chunk it works on. Hopper-era toolkits (CUDA >= 12.1, sm_70+)
+/// accept 32 KB of kernel arguments; older ones 4 KB (ListLimits4K).
+template <class T, int kTensors, int kBlocks>
+struct ListArgs {
+  T* param[kTensors];
+  T* buf[kTensors];
+  const T* grad[kTensors];
+  int64_t numel[kTensors];
+  uint16_t block_tensor[kBlocks];
+  int32_t block_chunk[kBlocks];
+  CudaScalars<T> s;
+  uint32_t flags;
+};
+
+constexpr int64_t kChunk = 65536;  ///< elements per block and launch, as torch's multi_tensor_apply
+struct ListLimits4K {
+  static constexpr int kTensors = 36, kBlocks = 320;
+};
+struct ListLimits32K {
+  static constexpr int kTensors = 320, kBlocks = 2048;
+};
+
+/// Multi-tensor kernel: block k updates chunk block_chunk[k] of span block_tensor[k].
+template <class T, int kTensors, int kBlocks>
+__global__ void sgd_list_kernel(ListArgs<T, kTensors, kBlocks> a) {
+  const int t = a.block_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(a.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t left = a.numel[t] - start;
+  const int64_t n = left < kChunk ? left : kChunk;
+  T* b = a.buf[t] == nullptr ? nullptr : a.buf[t] + start;
+  update_span(a.param[t] + start, b, a.grad[t] + start, n, a.s, a.flags,
+              static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
+}
+
+/// Packs spans into ListArgs and calls launch(args, blocks) for each full batch: the planning
+/// half of a multi-tensor step, shared by the CUDA launcher and the host emulation. Empty spans
+/// are skipped; a span longer than one batch is split over several launches.
+template <class T, class Limits, class Launch>
+void plan_list(T* const* params, T* const* bufs, const T* const* grads, const int64_t* numels,
+               int64_t n_spans, const CudaScalars<T>& s, uint32_t flags, Launch&& launch) {
+  using Args = ListArgs<T, Limits::kTensors, Limits::kBlocks>;
+  Args a{};
+  a.s = s;
+  a.flags = flags;
+  int tensors = 0, blocks = 0;
+  for (int64_t k = 0; k < n_spans; ++k) {
+    if (numels[k] == 0) continue;
+    a.param[tensors] = params[k];
+    a.buf[tensors] = bufs == nullptr ? nullptr : bufs[k];
+    a.grad[tensors] = grads[k];
+    a.numel[tensors] = numels[k];
+    const int64_t chunks = (numels[k] + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      a.block_tensor[blocks] = static_cast<uint16_t>(tensors);
+      a.block_chunk[blocks] = static_cast<int32_t>(c);
+      ++blocks;
+      const bool blocks_full = blocks == Limits::kBlocks;
+      const bool last_chunk = c == chunks - 1;
+      if (blocks_full || (last_chunk && tensors + 1 == Limits::kTensors)) {
+        launch(a, blocks);
+        blocks = 0;
+        if (last_chunk) {
+          tensors = -1;  // this span is done; start the next batch empty
+        } else {         // the same span goes on in the next batch, as its entry 0
+          a.param[0] = a.param[tensors];
+          a.buf[0] = a.buf[tensors];
+          a.grad[0] = a.grad[tensors];
+          a.numel[0] = a.numel[tensors];
+          tensors = 0;
+        }
+      }
+    }
+    ++tensors;
+  }
+  if (blocks > 0) launch(a, blocks);
+}
+
+}  // namespace cuda
+}  // namespace momentum_cuda
