@@ -59,10 +59,11 @@ struct StepScalars {
 };
 
 /// Rounds the user's doubles the way torch evaluates them; `alpha` narrows an add op's alpha
-/// (a plain cast to S, or through the storage dtype on CPU for bf16/fp16).
+/// (a plain cast to S, or through the storage dtype on CPU for bf16/fp16). Host only: kernels
+/// receive the rounded values.
 template <class S, class AlphaCast>
-inline StepScalars<S> make_scalars(  // host only: the device receives the rounded valuesdouble lr, double momentum, double dampening,
-                                  double weight_decay, AlphaCast alpha) {
+inline StepScalars<S> make_scalars(double lr, double momentum, double dampening,
+                                   double weight_decay, AlphaCast alpha) {
   return StepScalars<S>{alpha(-lr), alpha(weight_decay), static_cast<S>(momentum),
                         alpha(momentum), alpha(1.0 - dampening)};
 }
