@@ -7,12 +7,19 @@ STAMP   := $(VENV)/.deps-stamp
 # torch 2.13.0 is the CPU wheel on this machine's disk (FACTS.md); the rest are pinned for
 # repeatable runs.
 DEPS    := torch==2.13.0 numpy==2.4.6 pytest==9.2.0 scikit-learn==1.9.1 matplotlib==3.11.2 \
-           pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2 cmake==3.31.10
+           pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2 cmake==3.31.10 \
+           nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 SO_STAMP := $(VENV)/.build-stamp
 CMAKE_BUILD := build/cmake
+# A CUDA build of torch (the cu13 wheel on this machine's disk, FACTS.md) to build the full
+# extension against: CUDA compiles and links here, nothing runs.
+CUDA_VENV  := .venv-cuda
+CUDA_STAMP := $(CUDA_VENV)/.deps-stamp
+CUDA_DEPS  := torch==2.14.1 numpy==2.4.6 pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 \
+              ninja==1.13.2
 
-.PHONY: all venv build test pytest cmake-test demo bench clean
+.PHONY: all venv build test pytest cmake-test cuda-ext-check demo bench clean
 
 all: build
 
@@ -30,13 +37,21 @@ $(SO_STAMP): $(STAMP) $(SOURCES)
 
 build: $(SO_STAMP)
 
-test: pytest cmake-test
+test: pytest cmake-test cuda-ext-check
 
 pytest: build
 	$(VPY) -m pytest -q tests
 
 cmake-test: $(STAMP)
 	$(VPY) tools/cmake_test.py $(CMAKE_BUILD)
+
+$(CUDA_STAMP): Makefile
+	$(PY) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_DEPS)
+	touch $@
+
+cuda-ext-check: $(CUDA_STAMP)
+	$(CUDA_VENV)/bin/python tools/cuda_ext_check.py
 
 demo: build
 	$(VPY) -m momentum_cuda.demo
@@ -45,4 +60,4 @@ bench: build
 	$(VPY) benchmarks/bench_step.py
 
 clean:
-	rm -rf build $(VENV) momentum_cuda/*.so *.egg-info
+	rm -rf build $(VENV) $(CUDA_VENV) momentum_cuda/*.so *.egg-info

@@ -1,31 +1,62 @@
-"""Builds momentum_cuda._C: the C++ CPU kernel always; the CUDA kernel when torch is a CUDA build
-and nvcc is found (csrc/cuda/, a later issue). Install with
-`pip install --no-build-isolation -e .` (FACTS.md: an isolated build pulls another torch)."""
+"""Builds momentum_cuda._C: the C++ CPU kernel always; the CUDA kernel too when torch is a CUDA
+build and nvcc is found. Install with `pip install --no-build-isolation -e .` (FACTS.md: an
+isolated build pulls another torch). MOMENTUM_CUDA_NO_CUDA=1 forces a CPU-only build."""
 import glob
 import os
+import shutil
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -ffp-contract=off: no a*b+c contraction; every fma is written explicitly (sgd_math.h).
 # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to torch's own copy.
 # -g0: Python's own CFLAGS bring -g, which costs compile time (FACTS.md: 57 s vs 41 s a file).
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-std=c++17", "-g0"]
+# -std=c++20: torch 2.14's headers need it (std::strong_ordering); 2.13's accept it.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-std=c++20", "-g0"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "-Xptxas=-warn-spills,-warn-lmem-usage"]
 
-sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-print("momentum_cuda: building the CPU kernel (CUDA kernel: not part of this version)")
+
+def cuda_toolkit():
+    """The toolkit root when this torch can take a CUDA extension, else (None, reason)."""
+    if os.environ.get("MOMENTUM_CUDA_NO_CUDA") == "1":
+        return None, "MOMENTUM_CUDA_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU build"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None, "nvcc not found"
+    # The nvcc on PATH may be a wrapper script; torch guesses a wrong root from it (FACTS.md).
+    has_headers = lambda r: os.path.exists(os.path.join(r, "include", "cuda_runtime_api.h"))
+    root = os.environ.get("CUDA_HOME") or os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if not has_headers(root):
+        cands = [r for r in sorted(glob.glob("/usr/local/cuda*")) if has_headers(r)]
+        if not cands:
+            return None, f"no CUDA toolkit with headers found (nvcc at {nvcc}); set CUDA_HOME"
+        root = cands[-1]
+    return root, None
+
+
+root, why_not = cuda_toolkit()
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "csrc", "include")]
+kwargs = dict(extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
+if root is None:
+    print(f"momentum_cuda: building the CPU kernel only ({why_not})")
+    Extension = cpp_extension.CppExtension
+else:
+    print(f"momentum_cuda: building the CPU and CUDA kernels (toolkit {root})")
+    os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = root
+    # Unset, torch's arch detection needs a GPU and fails without one (FACTS.md).
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    kwargs["extra_compile_args"] = {"cxx": CXX_FLAGS + ["-DMOMENTUM_CUDA_WITH_CUDA"],
+                                    "nvcc": NVCC_FLAGS}
+    Extension = cpp_extension.CUDAExtension
 
 setup(
     name="momentum_cuda",
-    ext_modules=[
-        CppExtension(
-            "momentum_cuda._C",
-            sources,
-            include_dirs=[os.path.join(HERE, "csrc"), os.path.join(HERE, "csrc", "include")],
-            extra_compile_args=CXX_FLAGS,
-            extra_link_args=["-fopenmp"],
-        )
-    ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[Extension("momentum_cuda._C", sources, include_dirs=include_dirs, **kwargs)],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -18,8 +18,45 @@
 #include "cpu/momentum_cpu.h"
 #include "momentum_cuda/sgd_math.h"
 
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/sgd_cuda.h"
+#endif
+
 namespace momentum_cuda {
 namespace {
+
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+/// ATen scalar type -> the CUDA kernels' storage type (bit-compatible).
+template <class T>
+struct KernelType {
+  using type = T;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = cuda::bf16_t;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = cuda::fp16_t;
+};
+
+/// Launches on the tensors' device and current stream; a launch error raises.
+template <class T>
+void launch_cuda(const std::vector<Span>& spans, bool one_span, const StepHyper& hyper,
+                 at::Device device) {
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  using K = typename KernelType<T>::type;
+  const cudaError_t err = one_span
+      ? sgd_step_cuda_flat<K>(spans[0], hyper, stream)
+      : sgd_step_cuda_list<K>(spans.data(), static_cast<int64_t>(spans.size()), hyper, stream);
+  TORCH_CHECK(err == cudaSuccess, "momentum_cuda: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+#endif
 
 std::string describe(const at::Tensor& t) {
   std::string s = std::string(c10::toString(t.scalar_type())) + " " + t.device().str() +
@@ -168,6 +205,14 @@ void sgd_step_list(const std::vector<at::Tensor>& params, const std::vector<at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, *dtype, "momentum_cuda_sgd_step", [&] {
     if (device_type == c10::DeviceType::CPU) {
       sgd_step_cpu<scalar_t>(spans.data(), static_cast<int64_t>(spans.size()), hyper);
+    } else {
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+      if (spans.empty()) return;
+      // One span: the flat kernel. Several: the multi-tensor kernel, exact to the segments.
+      // (The optimizer passes one segment covering a whole run, padding included: it owns the
+      // padding, which is zero in param, grad and buffer and stays zero.)
+      launch_cuda<scalar_t>(spans, spans.size() == 1, hyper, *device);
+#endif
     }
   });
 }
@@ -241,6 +286,25 @@ void cpu_sgd_step_(const at::Tensor& param, const at::Tensor& grad,
                 first_step, c10::DeviceType::CPU, /*single=*/true);
 }
 
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+void cuda_sgd_step_flat_(const at::Tensor& param, const at::Tensor& grad,
+                         const std::optional<at::Tensor>& buf, const at::Tensor& segments,
+                         double lr, double momentum, double dampening, double weight_decay,
+                         bool nesterov, bool maximize, bool first_step) {
+  sgd_step_flat(param, grad, buf, segments, lr, momentum, dampening, weight_decay, nesterov,
+                maximize, first_step, c10::DeviceType::CUDA);
+}
+
+void cuda_sgd_step_list_(const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& bufs, double lr, double momentum,
+                         double dampening, double weight_decay, bool nesterov, bool maximize,
+                         bool first_step) {
+  sgd_step_list(params, grads, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                first_step, c10::DeviceType::CUDA, /*single=*/false);
+}
+#endif
+
 std::string isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "default"; }
 
 }  // namespace
@@ -284,5 +348,19 @@ PYBIND11_MODULE(_C, m) {
       },
       "Forces the CPU kernel's instruction set (for tests); returns the previous one.",
       py::arg("isa"));
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+  m.def("cuda_sgd_step_flat_", &mc::cuda_sgd_step_flat_,
+        "cpu_sgd_step_flat_ on CUDA tensors: one kernel launch over the segments' span.",
+        py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("segments"),
+        py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
+        py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"));
+  m.def("cuda_sgd_step_list_", &mc::cuda_sgd_step_list_,
+        "cpu_sgd_step_list_ on CUDA tensors: multi-tensor launches.", py::arg("params"),
+        py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
+        py::arg("first_step"));
+  m.attr("built_with_cuda") = true;
+#else
   m.attr("built_with_cuda") = false;
+#endif
 }

@@ -28,9 +28,9 @@ def backend_status(name: str) -> tuple[bool, str]:
         if _C is None:
             return False, _C_ERROR
         if not getattr(_C, "built_with_cuda", False):
-            return False, ("momentum_cuda._C was built without its CUDA kernel (the CUDA backend "
-                           "has not landed yet)")
-        return True, "CUDA kernel"
+            return False, ("momentum_cuda._C was built without its CUDA kernel (torch is a CPU "
+                           "build, nvcc was not found, or MOMENTUM_CUDA_NO_CUDA=1)")
+        return True, "CUDA kernel" + ("" if torch.cuda.is_available() else " (no GPU visible)")
     if name == "triton":
         return False, "the Triton backend has not landed yet"
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
@@ -73,4 +73,6 @@ def step_fn(backend: str):
     """(flat step, list step) kernels of a backend."""
     if backend == "cpu":
         return _C.cpu_sgd_step_flat_, _C.cpu_sgd_step_list_
+    if backend == "cuda" and getattr(_C, "built_with_cuda", False):
+        return _C.cuda_sgd_step_flat_, _C.cuda_sgd_step_list_
     raise RuntimeError(f"backend {backend!r} has no kernels in this build")

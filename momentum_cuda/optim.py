@@ -84,6 +84,12 @@ class _Bucket:
         """Whether params[i] has a gradient this step (its .grad is its flat tensor)."""
         return self.grad_seen[i] == -1 or self.grad_views[i]._version != self.grad_seen[i]
 
+    def cover(self, i0: int, i1: int) -> torch.Tensor:
+        """One segment from params[i0] to the end of params[i1 - 1], padding included: what a
+        GPU runs in one flat launch (the padding is zero everywhere and stays zero)."""
+        end = self.offsets[i1 - 1] + self.params[i1 - 1].numel()
+        return torch.tensor([[self.offsets[i0], end - self.offsets[i0]]], dtype=torch.int64)
+
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
         return flat.as_strided(p.shape, p.stride(), self.offsets[i])
@@ -335,8 +341,11 @@ class _FusedMomentum(Optimizer):
                 b.ensure_buf()
                 for i in range(i0, i1):
                     self.state[b.params[i]].setdefault("momentum_buffer", b.buf_views[i])
+            # CPU: exact segments (torch's bf16 arithmetic depends on positions inside each
+            # tensor); GPU: one covering span, one launch.
+            segs = b.segments[i0:i1] if b.backend == "cpu" else b.cover(i0, i1)
             step_fn(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
-                                  b.segments[i0:i1], first_step=first, **h)
+                                  segs, first_step=first, **h)
             # The kernel wrote through raw pointers: tell autograd, as torch's in-place ops do
             # (a parameter saved for backward and then stepped must raise, not silently differ).
             _bump(b.params[i0:i1])

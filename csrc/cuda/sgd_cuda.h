@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "cpu/momentum_cpu.h"  // Span, StepHyper
+#include "storage_types.h"
 
 namespace momentum_cuda {
 

@@ -19,17 +19,10 @@
 #include <cuda_fp16.h>
 
 #include "momentum_cuda/sgd_math.h"
+#include "storage_types.h"
 
 namespace momentum_cuda {
 namespace cuda {
-
-/// Storage types with the size and layout of torch's (at::BFloat16, at::Half are bit-compatible).
-struct bf16_t {
-  uint16_t x;
-};
-struct fp16_t {
-  uint16_t x;
-};
 
 /// Storage type T <-> opmath: widen on load, narrow (round to nearest even) on store, and the
 /// narrow-and-widen applied after each torch op.

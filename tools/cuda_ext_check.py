@@ -1,0 +1,86 @@
+"""Evidence step 4 of the CUDA backend, without a GPU: build the full extension (CPU + CUDA
+kernels) against a CUDA build of torch, import it on this GPU-less machine, and check that the
+CUDA entry points exist and reject CPU tensors with a clear error.
+
+Usage: python tools/cuda_ext_check.py  (run with the interpreter of a CUDA build of torch;
+`make cuda-ext-check` makes .venv-cuda with torch 2.14.1 cu13 for it). Exits non-zero on failure.
+"""
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "build", "cuda-ext")
+
+
+def fail(msg: str) -> None:
+    sys.exit(f"cuda_ext_check: FAILED: {msg}")
+
+
+def main() -> int:
+    print(f"cuda_ext_check: torch {torch.__version__} (CUDA {torch.version.cuda}), "
+          f"GPU visible: {torch.cuda.is_available()}")
+    if torch.version.cuda is None:
+        fail("this interpreter's torch is a CPU build; run it with a CUDA build of torch")
+    t0 = time.time()
+    # --build-lib: never overwrite the package's own _C (built against the CPU torch).
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", OUT,
+                        "--build-temp", OUT + "-tmp"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout[-6000:], r.stderr[-6000:])
+        fail("the build failed")
+    if "building the CPU and CUDA kernels" not in r.stdout:
+        print(r.stdout[-3000:])
+        fail("setup.py did not build the CUDA kernel")
+    print(f"  built in {time.time() - t0:.1f} s")
+
+    so = glob.glob(os.path.join(OUT, "momentum_cuda", "_C*.so"))
+    if len(so) != 1:
+        fail(f"expected one built module under {OUT}, found {so}")
+    spec = importlib.util.spec_from_file_location("momentum_cuda._C", so[0])
+    C = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(C)
+    print(f"  imported {so[0]}")
+    if C.built_with_cuda is not True:
+        fail("built_with_cuda is not True")
+    for name in ("cuda_sgd_step_flat_", "cuda_sgd_step_list_", "cpu_sgd_step_flat_"):
+        if not hasattr(C, name):
+            fail(f"missing entry point {name}")
+
+    p, g, b = torch.randn(10), torch.randn(10), torch.randn(10)
+    before = p.clone()
+    try:
+        C.cuda_sgd_step_flat_(p, g, b, torch.tensor([[0, 10]]), lr=0.1, momentum=0.9,
+                              dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                              first_step=False)
+        fail("the CUDA entry point accepted CPU tensors")
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        if "param must be on a cuda device" not in msg:
+            fail(f"unclear error for CPU tensors: {msg!r}")
+        print(f"  CUDA op on CPU tensors: {msg!r}")
+    if not torch.equal(p, before):
+        fail("the rejected call changed the parameter")
+
+    # The CPU kernel of this build against this torch's for-loop SGD (fp32, 3 steps).
+    q = before.clone().requires_grad_()
+    opt = torch.optim.SGD([q], lr=0.1, momentum=0.9, foreach=False)
+    for step in range(3):
+        q.grad = g.clone()
+        opt.step()
+        C.cpu_sgd_step_(p, g, b, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                        nesterov=False, maximize=False, first_step=step == 0)
+    if not torch.equal(p, q.detach()):
+        fail("the CPU kernel of the CUDA build differs from this torch's SGD")
+    print("  CPU kernel of this build == torch.optim.SGD(foreach=False), fp32, 3 steps")
+    print("cuda_ext_check: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
