@@ -19,7 +19,7 @@ CUDA_STAMP := $(CUDA_VENV)/.deps-stamp
 CUDA_DEPS  := torch==2.14.1 numpy==2.4.6 pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 \
               ninja==1.13.2
 
-.PHONY: all venv build test pytest cmake-test cuda-ext-check demo bench clean
+.PHONY: all venv build test pytest cmake-test cuda-ext-check gpu-check demo bench clean
 
 all: build
 
@@ -52,6 +52,10 @@ $(CUDA_STAMP): Makefile
 
 cuda-ext-check: $(CUDA_STAMP)
 	$(CUDA_VENV)/bin/python tools/cuda_ext_check.py
+
+# On a machine with a GPU (its python3 has a CUDA torch, nvcc, compute-sanitizer; no downloads).
+gpu-check:
+	bash tools/gpu_check.sh
 
 demo: build
 	$(VPY) -m momentum_cuda.demo

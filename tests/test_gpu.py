@@ -1,0 +1,86 @@
+"""GPU tests: momentum_cuda on CUDA tensors, bitwise against torch.optim.SGD(foreach=False) on the
+same GPU and dtype. They skip where no GPU is visible or the CUDA kernel is not built (this
+machine, CI); `make gpu-check` runs them on a GPU. The kernels themselves run here too, through
+the host emulation of tests/test_cuda_host.py."""
+import itertools
+
+import pytest
+import torch
+
+import momentum_cuda
+from momentum_cuda import _C
+from momentum_cuda.reference import MomentumReference
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and getattr(_C, "built_with_cuda", False)),
+    reason="needs a visible GPU and momentum_cuda built with its CUDA kernel")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+HYPER = [dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
+         for m, d, wd, n, mx in itertools.product((0.0, 0.9), (0.0, 0.3), (0.0, 1e-2),
+                                                  (False, True), (False, True))
+         if not (n and (m == 0 or d != 0)) and not (m == 0 and d != 0)]
+SIZES = [[0, 1, 3, 97], [2**20 + 3], [(97, 33), 5, (64, 3, 3, 3)]]
+STEPS = 10
+
+
+def _twins(sizes, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    vals = [torch.randn(s if isinstance(s, tuple) else (s,), generator=g).to(dtype).cuda()
+            for s in sizes]
+    return ([torch.nn.Parameter(v.clone()) for v in vals],
+            [torch.nn.Parameter(v.clone()) for v in vals])
+
+
+def _run(ours, ref, opt, topt, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for step in range(STEPS):
+        grads = [torch.randn(p.shape, generator=g).to(dtype).cuda() for p in ours]
+        for p, q, gr in zip(ours, ref, grads):
+            if p.grad is not None:
+                p.grad.copy_(gr)
+            else:
+                p.grad = gr.clone()
+            q.grad = gr.clone()
+        opt.step()
+        topt.step()
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            assert torch.equal(p, q), f"step {step + 1} param {i} ({dtype}) differs"
+            if "momentum_buffer" in topt.state[q]:
+                assert torch.equal(opt.state[p]["momentum_buffer"],
+                                   topt.state[q]["momentum_buffer"])
+    assert {e["backend"] for e in opt.last_step} == {"cuda"}
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("sizes", SIZES, ids=["small", "2^20+3", "shapes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hyper", HYPER, ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()))
+def test_sgd_bitwise_vs_torch_forloop(hyper, dtype, sizes, flat):
+    ours, ref = _twins(sizes, dtype, seed=1)
+    opt = momentum_cuda.SGD(ours, lr=0.05, backend="cuda", flat=flat, **hyper)
+    topt = torch.optim.SGD(ref, lr=0.05, foreach=False, **hyper)
+    _run(ours, ref, opt, topt, dtype, seed=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_sgd_bitwise_vs_torch_foreach(dtype):
+    """fp32/fp64: torch's foreach path gives the for-loop's bits, so ours too."""
+    ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=3)
+    h = dict(momentum=0.9, weight_decay=1e-2, nesterov=True)
+    _run(ours, ref, momentum_cuda.SGD(ours, lr=0.05, **h),
+         torch.optim.SGD(ref, lr=0.05, foreach=True, **h), dtype, seed=4)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_momentum_bitwise_vs_reference(dtype, flat):
+    ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=5)
+    h = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
+    _run(ours, ref, momentum_cuda.Momentum(ours, flat=flat, **h), MomentumReference(ref, **h),
+         dtype, seed=6)
+
+
+def test_default_backend_on_cuda_is_cuda():
+    p = torch.nn.Parameter(torch.randn(5, device="cuda"))
+    assert momentum_cuda.SGD([p], lr=0.1).backend == "cuda"
