@@ -35,6 +35,9 @@ for tool in memcheck racecheck; do
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 
+step "device-to-device copy bandwidth (the flat step should reach >= 90 % of it)"
+$PY tools/gpu_bandwidth.py 2>&1 | tee -a "$out" || status=1
+
 step "step benchmark (100 M fp32 params; 8 and 2000 tensors)"
 $PY benchmarks/bench_step.py --device cuda --numel 100000000 --tensors 8 2000 2>&1 | tail -30 | tee -a "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -60,7 +60,11 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
     numels[k] = spans[k].numel;
   }
   cudaError_t err = cudaSuccess;
-  using L = cuda::ListLimits32K;  // CUDA >= 12.1 on sm_70+ (this build: sm_80, sm_90)
+#if CUDART_VERSION >= 12010
+  using L = cuda::ListLimits32K;  // 32 KB of kernel arguments: CUDA >= 12.1 on sm_70+
+#else
+  using L = cuda::ListLimits4K;  // older toolkits: the classic 4 KB
+#endif
   cuda::plan_list<T, L>(params.data(), (h.flags & kMomentum) ? bufs.data() : nullptr,
                         grads.data(), numels.data(), n_spans, scalars<T>(h), h.flags,
                         [&](const cuda::ListArgs<T, L::kTensors, L::kBlocks>& a, int blocks) {
