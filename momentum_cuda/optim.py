@@ -8,7 +8,8 @@ device, dtype) that require grad are moved into one buffer and become views of i
 momentum buffers get matching flat buffers at the same offsets, and a step is ONE kernel call
 over the whole span. Each parameter starts at a multiple of ALIGN_BYTES (64 bytes: a cache line,
 the widest CPU vector (AVX-512) and a multiple of the 16 bytes a CUDA vector load needs); the
-padding between parameters stays zero and is never passed to a kernel.
+padding between parameters is zero in all three buffers and stays zero (the CPU kernel skips it,
+the CUDA flat launch runs over it).
 
 Correctness never depends on the layout surviving: before every step each parameter is checked
 (its data still at its flat offset, its .grad still the flat view, its buffer still the flat

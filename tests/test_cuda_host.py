@@ -1,0 +1,192 @@
+"""The CUDA kernels (csrc/cuda/sgd_kernel.cuh) run on the host, without a GPU.
+
+tests/cuda/host_shim.h lets g++ compile the SAME kernel header as host code (threadIdx & co. as
+thread_local, CUDA's own vector_types.h, a serial grid runner with forward / reverse / shuffled
+thread orders), and tests/cuda/host_kernel_test.cpp checks the flat and multi-tensor kernels bit
+for bit against a naive per-element reference written in the test (every dtype, sizes 0..1025 and
+2**20 + 3, element offsets 0..7, all 20 flag sets, several grids, plan_list with ListLimits4K,
+ListLimits32K and tiny limits, canaries around every span).
+
+Three builds of the driver:
+  * plain      g++ -O1 -ffp-contract=off, every case;
+  * sanitized  the same under ASan + UBSan (no recovery), fewer cases (--quick);
+  * planted    patched copies of the REAL sgd_kernel.cuh (exact lines replaced) that must FAIL:
+               a wrong grid stride, a tail past the end, a head that leaves the vector loads
+               misaligned, an unchecked grad alignment, a lost span in plan_list's batching.
+               A line that is no longer in the header fails the test (update the plant).
+
+What this cannot see: performance, coalescing, the GPU memory model, nvcc's own code generation
+(tests/test_cuda_build.py and a GPU do that). Needs only g++ and the CUDA headers (no nvcc run,
+no GPU); skipped when the headers are missing.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL = ROOT / "csrc" / "cuda" / "sgd_kernel.cuh"
+DRIVER = ROOT / "tests" / "cuda" / "host_kernel_test.cpp"
+
+
+def _cuda_include() -> Path | None:
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH")
+                  if os.environ.get(v)]
+    candidates += [Path("/usr/local/cuda-13.0/include"), Path("/usr/local/cuda/include")]
+    for inc in candidates:
+        if all((inc / h).is_file() for h in ("cuda_bf16.h", "cuda_fp16.h", "vector_types.h")):
+            return inc
+    return None
+
+
+CUDA_INC = _cuda_include()
+pytestmark = pytest.mark.skipif(CUDA_INC is None,
+                                reason="CUDA headers (cuda_bf16.h, vector_types.h) not found")
+
+CXX = shutil.which("g++") or "g++"  # a missing g++ is a failure, not a skip
+BASE_FLAGS = ["-std=c++17", "-O1", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+RUN_ENV = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+
+# name -> (exact line of sgd_kernel.cuh, its replacement, a regex the failing output must match)
+PLANTS = {
+    # every block walks with the stride of one block: elements updated several times
+    "grid_stride": (
+        "  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;",
+        "  const int64_t nthreads = static_cast<int64_t>(blockDim.x);",
+        r"MISMATCH"),
+    # the scalar tail runs one element past the span
+    "tail_past_end": (
+        "  for (int64_t i = head + packs * kN + tid; i < n; i += nthreads) "
+        "update_one(p, b, g, i, s, flags);",
+        "  for (int64_t i = head + packs * kN + tid; i <= n; i += nthreads) "
+        "update_one(p, b, g, i, s, flags);",
+        r"AddressSanitizer: heap-buffer-overflow|canary"),
+    # the head is computed wrong: the 16-byte packs start at a misaligned address
+    "head_misaligned": (
+        "  const int64_t head = static_cast<int64_t>((16 - mis) % 16 / sizeof(T));",
+        "  const int64_t head = static_cast<int64_t>(mis / sizeof(T));",
+        r"misaligned address"),
+    # grad's alignment is not compared with param's: misaligned pack loads of grad
+    "grad_alignment_unchecked": (
+        "  if (reinterpret_cast<uintptr_t>(g) % 16 != mis) return -1;",
+        "",
+        r"misaligned address"),
+    # plan_list: a span continued in the next batch keeps the previous batch's param pointer
+    "list_continuation": (
+        "          a.param[0] = a.param[tensors];",
+        "",
+        r"MISMATCH|AddressSanitizer"),
+}
+
+
+def _include_flags(first: Path | None = None) -> list[str]:
+    dirs = ([first] if first else []) + [ROOT / "tests" / "cuda", ROOT / "csrc" / "cuda",
+                                         ROOT / "csrc", ROOT / "csrc" / "include", CUDA_INC]
+    return [f"-I{d}" for d in dirs]
+
+
+def _compile(out: Path, extra: list[str], first_include: Path | None = None) -> tuple[Path, float]:
+    cmd = [CXX, *BASE_FLAGS, *extra, *_include_flags(first_include), str(DRIVER), "-o", str(out)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"compile failed ({' '.join(cmd)}):\n{proc.stderr[-6000:]}")
+    return out, time.monotonic() - t0
+
+
+def _plant(tmp: Path, name: str) -> Path:
+    """A copy of the real sgd_kernel.cuh with one bug planted; returns its folder."""
+    old, new, _ = PLANTS[name]
+    src = KERNEL.read_text()
+    n = src.count(old + "\n")
+    assert n == 1, (f"planted bug {name!r}: the line {old!r} occurs {n} times in {KERNEL} "
+                    "(expected exactly once): the kernel changed, update PLANTS")
+    folder = tmp / name
+    folder.mkdir()
+    patched = src.replace(old + "\n", new + "\n")
+    assert patched != src
+    patched += f'\n#define HKT_PLANTED_BUG "{name}"\n'
+    (folder / "sgd_kernel.cuh").write_text(patched)
+    return folder
+
+
+def _plant_and_compile(tmp: Path, name: str):
+    folder = _plant(tmp, name)
+    return _compile(folder / "host_kernel_test", [*SANITIZE, "-DHKT_DTYPES=1"], first_include=folder)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Starts every build at once (as many in parallel as there are cores); each test waits only
+    for the build it runs."""
+    tmp = tmp_path_factory.mktemp("cuda_host")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    futures = {
+        "plain": pool.submit(_compile, tmp / "plain", []),
+        "sanitized": pool.submit(_compile, tmp / "sanitized", [*SANITIZE, "-DHKT_DTYPES=7"]),
+    }
+    for name in PLANTS:
+        futures[name] = pool.submit(_plant_and_compile, tmp, name)
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600,
+                          env=RUN_ENV)
+
+
+def _cases(out: str) -> int:
+    m = re.search(r"cases checked: (\d+)", out)
+    assert m, f"no case count in the output:\n{out[-3000:]}"
+    return int(m.group(1))
+
+
+def _summary(proc, build_s, run_s) -> str:
+    return (f"build {build_s:.1f} s, run {run_s:.1f} s, rc={proc.returncode}\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def test_host_kernels_bitwise(builds):
+    exe, build_s = builds["plain"].result()
+    t0 = time.monotonic()
+    proc = _run(exe)
+    info = _summary(proc, build_s, time.monotonic() - t0)
+    assert proc.returncode == 0, info
+    assert "mismatches: 0" in proc.stdout, info
+    assert _cases(proc.stdout) >= 25000, info  # a silently shrunk suite fails too
+    print(info)
+
+
+def test_host_kernels_sanitized(builds):
+    exe, build_s = builds["sanitized"].result()
+    t0 = time.monotonic()
+    proc = _run(exe, "--quick")
+    info = _summary(proc, build_s, time.monotonic() - t0)
+    assert proc.returncode == 0, info
+    assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, info
+    assert "mismatches: 0" in proc.stdout, info
+    assert _cases(proc.stdout) >= 5000, info
+    print(info)
+
+
+@pytest.mark.parametrize("name", list(PLANTS))
+def test_planted_bug_is_caught(builds, name):
+    exe, build_s = builds[name].result()  # raises if the line to replace is gone
+    t0 = time.monotonic()
+    proc = _run(exe, "--quick", "--fail-fast")
+    info = _summary(proc, build_s, time.monotonic() - t0)
+    assert f"planted bug: {name}" in proc.stdout, "the patched header was not the one compiled\n" + info
+    assert proc.returncode != 0, f"planted bug {name!r} was NOT caught\n" + info
+    assert re.search(PLANTS[name][2], proc.stdout + proc.stderr), (
+        f"planted bug {name!r} failed, but not in the expected way\n" + info)
+    print(info)
