@@ -48,13 +48,16 @@ def find_nvcc() -> str | None:
 
 def find_cuobjdump() -> str | None:
     """$CUOBJDUMP, or the binary of the nvidia-cuda-cuobjdump wheel (site-packages/nvidia/*/bin),
-    or cuobjdump on PATH. cuobjdump -sass also needs nvdisasm: see sass()."""
+    or the one the triton wheel ships (with nvdisasm beside it: a GPU machine that cannot
+    download has triton), or cuobjdump on PATH. cuobjdump -sass also needs nvdisasm: see sass()."""
     if os.environ.get("CUOBJDUMP"):
         return os.environ["CUOBJDUMP"]
-    for d in sys.path:
-        hits = sorted(glob.glob(os.path.join(d, "nvidia", "*", "bin", "cuobjdump")))
-        if hits:
-            return hits[-1]
+    for pattern in (("nvidia", "*", "bin", "cuobjdump"),
+                    ("triton", "backends", "nvidia", "bin", "cuobjdump")):
+        for d in sys.path:
+            hits = sorted(glob.glob(os.path.join(d, *pattern)))
+            if hits:
+                return hits[-1]
     return shutil.which("cuobjdump")
 
 
