@@ -25,15 +25,9 @@
 namespace momentum_cuda {
 namespace {
 
-/// Storage type T <-> opmath: load widens, store narrows (round to nearest even), Round is the
-/// narrow-and-widen applied after each torch op.
+/// Storage type T <-> opmath (sgd_math.h's StorageSame for fp32/fp64; bf16/fp16 below).
 template <class T>
-struct Storage {  // float, double
-  using opmath = T;
-  using Round = RoundNone;
-  static MC_HD T load(T x) { return x; }
-  static MC_HD T store(T x) { return x; }
-};
+struct Storage : StorageSame<T> {};
 template <>
 struct Storage<c10::BFloat16> {
   using opmath = float;

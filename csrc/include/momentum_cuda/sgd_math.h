@@ -202,4 +202,15 @@ struct RoundNone {
   MC_HD V operator()(V x) const { return x; }
 };
 
+/// Storage of fp32/fp64: opmath is the storage type itself. Each backend's Storage<T> (load
+/// widens, store narrows, Round narrows and widens between ops) starts from this and adds its own
+/// bf16/fp16 conversions (c10's on the CPU, CUDA's on the GPU).
+template <class T>
+struct StorageSame {
+  using opmath = T;
+  using Round = RoundNone;
+  static MC_HD T load(T x) { return x; }
+  static MC_HD T store(T x) { return x; }
+};
+
 }  // namespace momentum_cuda
