@@ -8,6 +8,7 @@ Usage: python tools/cuda_ext_check.py  (run with the interpreter of a CUDA build
 import glob
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,13 @@ def main() -> int:
           f"GPU visible: {torch.cuda.is_available()}")
     if torch.version.cuda is None:
         fail("this interpreter's torch is a CPU build; run it with a CUDA build of torch")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        # The project's machines and CI have nvcc; elsewhere say so instead of failing, but
+        # never in CI, where a missing toolkit must not pass unnoticed.
+        if os.environ.get("CI"):
+            fail("nvcc not found (CI must build the CUDA kernel)")
+        print("cuda_ext_check: SKIPPED: nvcc not found (install a CUDA toolkit to run it)")
+        return 0
     t0 = time.time()
     # --build-lib: never overwrite the package's own _C (built against the CPU torch).
     r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", OUT,
