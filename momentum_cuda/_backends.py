@@ -32,7 +32,10 @@ def backend_status(name: str) -> tuple[bool, str]:
                            "build, nvcc was not found, or MOMENTUM_CUDA_NO_CUDA=1)")
         return True, "CUDA kernel" + ("" if torch.cuda.is_available() else " (no GPU visible)")
     if name == "triton":
-        return False, "the Triton backend has not landed yet"
+        from . import triton_kernels as tk  # imports triton only when asked about it
+        if not tk.TRITON_AVAILABLE:
+            return False, tk.TRITON_UNAVAILABLE_REASON
+        return True, "Triton kernel" + ("" if torch.cuda.is_available() else " (no GPU visible)")
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
@@ -75,4 +78,7 @@ def step_fn(backend: str):
         return _C.cpu_sgd_step_flat_, _C.cpu_sgd_step_list_
     if backend == "cuda" and getattr(_C, "built_with_cuda", False):
         return _C.cuda_sgd_step_flat_, _C.cuda_sgd_step_list_
+    if backend == "triton":
+        from . import triton_kernels as tk
+        return tk.triton_sgd_step_flat_, tk.triton_sgd_step_list_
     raise RuntimeError(f"backend {backend!r} has no kernels in this build")

@@ -277,7 +277,7 @@ class _FusedMomentum(Optimizer):
                 if g is None or (g is b.grad_views[i] and not b.present(i)):
                     continue
                 buf = self._buffer(p) if use_buf else None
-                first = use_buf and buf is None and not self._ema
+                first = bool(use_buf and buf is None and not self._ema)
                 ok = g is b.grad_views[i] and p.data_ptr() == b.ptrs[i] and (
                     buf is None or (b.flat_buf is not None and buf is b.buf_views[i]))
                 if not ok:
@@ -343,7 +343,7 @@ class _FusedMomentum(Optimizer):
                 for i in range(i0, i1):
                     self.state[b.params[i]].setdefault("momentum_buffer", b.buf_views[i])
             # CPU: exact segments (torch's bf16 arithmetic depends on positions inside each
-            # tensor); GPU: one covering span, one launch.
+            # tensor); GPU (cuda, triton): one covering span, one launch.
             segs = b.segments[i0:i1] if b.backend == "cpu" else b.cover(i0, i1)
             step_fn(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                   segs, first_step=first, **h)
@@ -380,7 +380,7 @@ class _FusedMomentum(Optimizer):
                 continue
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)  # fp32/fp64: the layout does not change bits
-            first = use_buf and buf is None and not self._ema
+            first = bool(use_buf and buf is None and not self._ema)
             if use_buf and buf is None:
                 buf = self._new_buffer(p)
             ps, gs, bs = calls.setdefault((p.device, p.dtype, first), ([], [], []))

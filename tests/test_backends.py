@@ -43,8 +43,10 @@ def test_available_backends_this_build():
     assert av["cuda"][0] is bool(getattr(_C, "built_with_cuda", False))
     if not av["cuda"][0]:
         assert "CUDA" in av["cuda"][1] and "without" in av["cuda"][1]
-    assert av["triton"][0] is False  # not landed in this build
-    assert "Triton" in av["triton"][1]
+    # triton is built exactly when triton imports; its reason says why not
+    from momentum_cuda import triton_kernels as tk
+    assert av["triton"][0] is tk.TRITON_AVAILABLE
+    assert "Triton" in av["triton"][1] or not tk.TRITON_AVAILABLE
 
 
 def test_backend_status_unknown_name():
@@ -189,7 +191,12 @@ def test_resolve_backend_direct():
     # a cuda device (no GPU needed to name one): the cpu backend refuses it
     with pytest.raises(RuntimeError, match="does not run on cuda"):
         resolve_backend("cpu", torch.device("cuda", 0))
-    if not momentum_cuda.available_backends()["cuda"][0]:
+    av = momentum_cuda.available_backends()
+    if av["cuda"][0] or av["triton"][0]:
+        # backend=None on a GPU: the CUDA kernel if built, else Triton
+        assert resolve_backend(None, torch.device("cuda", 0)) == (
+            "cuda" if av["cuda"][0] else "triton")
+    else:
         # backend=None on a GPU with neither GPU backend built: raises, giving each reason
         with pytest.raises(RuntimeError) as e:
             resolve_backend(None, torch.device("cuda", 0))

@@ -27,8 +27,9 @@ Notes found while writing this (triton 3.9.0):
   is what runs for n % 16 == 0; other n get a separately compiled scalar variant.
 * The PTX entry gets two extra trailing ``.u64`` params (global / profile scratch).
 
-Command line:  python tools/triton_aot_check.py   (compiles the real flat kernel if
-``momentum_cuda.triton_kernels`` imports, else a stand-in, and prints the evidence).
+Command line:  python tools/triton_aot_check.py   (compiles the real flat kernel of
+``momentum_cuda.triton_kernels`` for fp32/bf16 x sm_80/sm_90 and prints the evidence;
+exit status 1 if a check fails).
 """
 from __future__ import annotations
 
@@ -208,26 +209,49 @@ def ptx_instructions(ptx: str) -> list:
 
 
 def _param_regs(instrs, param_name: str) -> set:
-    """Registers holding ``param_name`` (its ld.param plus mov copies)."""
+    """Registers holding ``param_name``: its ld.param plus mov copies and exact-narrowing
+    cvt (the real kernel passes fp64 scalars and narrows them with cvt.rn.f32.f64)."""
     regs = {d for _, op, d, s, _ in instrs if op.startswith("ld.param") and s and s[0] == f"[{param_name}]"}
     changed = True
     while changed:
         changed = False
         for _, op, d, s, _ in instrs:
-            if op.startswith("mov.") and len(s) == 1 and s[0] in regs and d not in regs:
+            if op.startswith(("mov.", "cvt.")) and len(s) == 1 and s[0] in regs and d not in regs:
                 regs.add(d)
                 changed = True
     return regs
 
 
+_FLOAT_ARITH = re.compile(r"^(add|sub|mul|fma|div|neg|abs|min|max|sqrt|rcp)\.[\w.]*f(16|32|64)(x2)?$")
+
+
+def _value_closure(instrs, start: str) -> set:
+    """Registers that carry ``start``'s value through non-floating-point ops (the integer
+    bf16/fp16 rounding: bfe/add.s32/and.b32, moves, selp value operands). Stops at float
+    arithmetic and does not follow predicates (setp -> selp is NaN selection, not data)."""
+    reached = {start}
+    changed = True
+    while changed:
+        changed = False
+        for _, op, d, s, _ in instrs:
+            if d in reached or _FLOAT_ARITH.match(op) or op.startswith(("setp", "st.", "ld.")):
+                continue
+            srcs = s[:2] if op.startswith("selp") else s
+            if any(r in reached for r in srcs):
+                reached.add(d)
+                changed = True
+    return reached
+
+
 def check_fma_contract(res: AotResult, momentum_param: int | str, lr_param: int | str | None = None
                        ) -> tuple[bool, dict]:
-    """``buf*momentum`` must be a separate ``mul.rn.f32`` whose result is the addend (third
-    operand) of a ``fma.rn.f32`` -- i.e. ``fma(g, 1-d, buf*m)`` -- and never a contracted FMA.
+    """``buf*momentum`` must be a separate ``mul.rn.f32`` whose result (possibly after the
+    integer bf16/fp16 rounding) is the addend (third operand) of a ``fma.rn.f32`` -- i.e.
+    ``fma(g, 1-d, r(buf*m))`` -- never a contracted FMA and never a plain add.
 
     ``momentum_param`` / ``lr_param``: PTX param index (see :func:`param_index`) or full name.
-    Optional ``lr_param``: every such FMA result must then be a multiplicand of an
-    ``fma.rn.f32`` that also takes (-)lr, i.e. ``p = fma(buf, -lr, p)``.
+    With ``lr_param`` (the param holding -lr, or lr negated in-kernel) each of those FMA results
+    (after rounding) must be a multiplicand of an ``fma.rn.f32`` with -lr: ``p = fma(buf, -lr, p)``.
     """
     instrs = ptx_instructions(res.ptx)
     pname = momentum_param if isinstance(momentum_param, str) else f"{res.name}_param_{momentum_param}"
@@ -254,11 +278,12 @@ def check_fma_contract(res: AotResult, momentum_param: int | str, lr_param: int 
     bufs = []
     for i, op, d, s, t in muls:
         if op != "mul.rn.f32":
-            info["problems"].append(f"mul by momentum is not mul.rn.f32: {t}")
-        us = uses.get(d, [])
+            info["problems"].append(f"mul by momentum is not mul.rn.f32 (contractible): {t}")
+        carried = _value_closure(instrs, d)
+        us = [u for r in carried for u in uses.get(r, []) if _FLOAT_ARITH.match(u[1])]
         good = [u for u in us if u[1] == "fma.rn.f32" and u[2] == 2 and u[0] > i]
         if not good or len(good) != len(us):
-            info["problems"].append(f"{t} is not (only) the addend of an fma.rn.f32; uses: "
+            info["problems"].append(f"{t} is not (only) the addend of an fma.rn.f32; float uses: "
                                     f"{[u[4] for u in us]}")
         for u in good:
             info["pairs"].append((t, u[4]))
@@ -266,18 +291,19 @@ def check_fma_contract(res: AotResult, momentum_param: int | str, lr_param: int 
     if lr_param is not None:
         lname = lr_param if isinstance(lr_param, str) else f"{res.name}_param_{lr_param}"
         lregs = _param_regs(instrs, lname)
-        # -lr may be formed by neg.f32 (or sub 0, lr)
+        # -lr may be formed in-kernel by neg.f32 (or sub 0, lr)
         lregs |= {d for _, op, d, s, _ in instrs if op.startswith(("neg.", "sub.")) and
                   any(r in lregs for r in s)}
         info["lr_fmas"] = []
         for b in bufs:
-            hit = [u for u in uses.get(b, []) if u[1] == "fma.rn.f32" and u[2] in (0, 1)
-                   and any(r in lregs for r in defs[u[3]][2][:2])]
+            carried = _value_closure(instrs, b)
+            hit = [u for r in carried for u in uses.get(r, []) if u[1] == "fma.rn.f32"
+                   and u[2] in (0, 1) and any(x in lregs for x in defs[u[3]][2][:2])]
             if hit:
                 info["lr_fmas"].append(hit[0][4])
         if len(info["lr_fmas"]) != len(bufs):
-            info["lr_note"] = (f"{len(info['lr_fmas'])}/{len(bufs)} buf values feed "
-                               "fma.rn.f32(buf, -lr, p) directly (bf16 rounding may sit between)")
+            info["problems"].append(f"only {len(info['lr_fmas'])}/{len(bufs)} buf values feed "
+                                    "fma.rn.f32(buf, -lr, p)")
     if info["pairs"]:
         info["snippet"] = list(info["pairs"][0])
     return not info["problems"], info
@@ -310,30 +336,63 @@ def evidence(res: AotResult, momentum_param, lr_param=None) -> dict:
             "sass_mem_example": vio["sass_lines"][:2],
             "fma_ok": fok, "fma_problems": fma["problems"], "mul_fma_example": fma["snippet"],
             "n_mul_by_momentum": fma.get("n_mul_by_momentum"), "n_fma_f32": fma.get("n_fma_f32"),
-            "lr_fma_example": (fma.get("lr_fmas") or [None])[0], "lr_note": fma.get("lr_note"),
+            "lr_fma_example": (fma.get("lr_fmas") or [None])[0],
             "sass_mul_kept": sok, "sass_arith": sas}
+
+
+# --------------------------------------------------------------------------- real kernel
+REAL_FLAT_KERNEL = "_sgd_flat_kernel"
+REAL_MOMENTUM_ARG = "m_mul"   # buf * m_mul (nesterov uses the separate m_add)
+REAL_LR_ARG = "neg_lr"
+
+
+def real_flat_spec(tk, dt: str, **flags) -> dict:
+    """(fn, signature, constexprs) for momentum_cuda.triton_kernels._sgd_flat_kernel with the
+    scalar types and constexprs its _launch uses; ``dt`` is "fp32" or "bf16". Default flags:
+    momentum on, not the first step, no nesterov / weight decay / maximize."""
+    import triton.language as tl
+
+    fn = getattr(tk, REAL_FLAT_KERNEL)
+    sig = {}
+    for name in fn.arg_names:
+        if name.endswith("_ptr"):
+            sig[name] = f"*{dt}"
+        elif name == "n":
+            sig[name] = "i32"
+        else:
+            sig[name] = "fp64"
+    ce = dict(MAXIMIZE=False, WEIGHT_DECAY=False, MOMENTUM=True, NESTEROV=False,
+              FIRST_STEP=False, KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dt], OPMATH=tl.float32,
+              BLOCK=getattr(tk, "BLOCK_SIZE", 1024))
+    ce.update(flags)
+    for k in ce:
+        sig[k] = "constexpr"
+    return {"fn": fn, "signature": sig, "constexprs": ce,
+            "momentum": param_index(fn, sig, REAL_MOMENTUM_ARG),
+            "lr": param_index(fn, sig, REAL_LR_ARG),
+            "num_warps": getattr(tk, "NUM_WARPS", 4)}
+
+
+def check_real(tk, dt: str, arch: int, **flags) -> dict:
+    spec = real_flat_spec(tk, dt, **flags)
+    res = compile_aot(spec["fn"], spec["signature"], spec["constexprs"], arch,
+                      divisible=("n",), num_warps=spec["num_warps"])
+    return evidence(res, spec["momentum"], spec["lr"])
 
 
 def _main() -> int:
     import json
 
-    try:
-        from momentum_cuda import triton_kernels as tk  # noqa: F401
-    except Exception as e:  # pragma: no cover - informative only
-        print(f"momentum_cuda.triton_kernels not importable ({type(e).__name__}: {e})")
-        tk = None
-    if tk is not None and hasattr(tk, "aot_flat_spec"):
-        specs = tk.aot_flat_spec()
-    else:
-        print("(no real-kernel spec: use tests/test_triton_aot.py for the stand-in)")
-        return 0
-    for spec in specs:
+    from momentum_cuda import triton_kernels as tk
+
+    ok = True
+    for dt in ("fp32", "bf16"):
         for arch in (80, 90):
-            res = compile_aot(spec["fn"], spec["signature"], spec["constexprs"], arch,
-                              divisible=spec.get("divisible", ()))
-            print(json.dumps({spec.get("label", ""): evidence(res, spec["momentum"], spec.get("lr"))},
-                             indent=1, default=str))
-    return 0
+            e = check_real(tk, dt, arch)
+            ok &= e["vector_io_ok"] and e["fma_ok"] and e["sass_mul_kept"]
+            print(json.dumps({f"{dt} sm_{arch}": e}, indent=1, default=str))
+    print("ALL OK" if ok else "FAILED")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,384 @@
+"""The Triton backend: the momentum update of sgd_math.h as Triton kernels.
+
+Contract (the CUDA one, csrc/cuda/sgd_kernel.cuh): bit for bit torch.optim.SGD(foreach=False) on a
+GPU, where every torch op computes in opmath (fp32 for fp32/bf16/fp16, fp64 for fp64) with an
+opmath alpha (NOT narrowed to bf16/fp16) and rounds its result to the storage dtype, round to
+nearest even. The formula, in the order of sgd_math.h, with r() = that rounding:
+    g   = -g                                  (maximize)
+    g   = r(fma(p, wd, g))                    (weight_decay != 0)
+    buf = g                                   (first step: torch clones the gradient)
+    buf = r(fma(g, 1-d, r(buf * m)))          (later steps)
+    g   = r(fma(buf, m, g)) if nesterov else buf
+    p   = r(fma(g, -lr, p))
+Scalars are the user's doubles rounded ONCE on the host to opmath (float(1 - d), not
+1.0f - float(d)); they reach the kernel as fp64 arguments holding those exact values and are
+narrowed (exactly) to opmath inside. The kernels are compiled with enable_fp_fusion=False, and
+every multiply-add is an explicit tl.fma, so no contraction can change the bits.
+
+r() for bf16 and fp16 is integer bit arithmetic (round to nearest even), not a cast: Triton's
+interpreter (TRITON_INTERPRET=1) TRUNCATES fp32 -> bf16 casts, while compiled GPU code rounds to
+nearest even; with explicit rounding the later store cast is exact in both.
+
+Block size: BLOCK_SIZE = 1024 elements per program, num_warps = 4 (128 threads, 8 elements per
+thread: two 16-byte accesses per tensor per thread for fp32, one for bf16/fp16, four 8-byte for
+fp64). The update is memory bound (read p, g, buf; write p, buf); 1024 keeps enough bytes in
+flight per SM without register pressure, and a 1024-element tail costs at most one masked program.
+Offsets are int64 (pid is widened before the multiply): spans longer than 2^31 elements work.
+
+Entry points (same signatures as the C++ ones in momentum_cuda._C):
+    triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
+                          weight_decay, nesterov, maximize, first_step)
+    triton_sgd_step_list_(params, grads, momentum_buffers, *, ...)
+Both validate everything before the first launch; a bad call raises ValueError/TypeError naming
+the argument and changes nothing. The list path launches the flat kernel once per tensor (no
+pointer-table kernel yet).
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE = True
+    TRITON_UNAVAILABLE_REASON = ""
+except ImportError as e:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    TRITON_AVAILABLE = False
+    TRITON_UNAVAILABLE_REASON = f"triton did not import ({e}); pip install triton"
+
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Storage kinds: how r() rounds an opmath value.
+_KIND_NONE, _KIND_BF16, _KIND_FP16 = 0, 1, 2
+_KIND = {torch.float32: _KIND_NONE, torch.float64: _KIND_NONE,
+         torch.bfloat16: _KIND_BF16, torch.float16: _KIND_FP16}
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's CPU interpreter (decided when this module was imported:
+    @triton.jit reads TRITON_INTERPRET at decoration time)."""
+    return _INTERPRETED
+
+
+def _to_f32(x: float) -> float:
+    """A Python double rounded once to fp32 (round to nearest even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _round_storage(x, KIND: tl.constexpr):
+        """r(): round an opmath value to the storage dtype (nearest even) and widen it back."""
+        if KIND == 1:  # bf16: keep the top 16 bits of the fp32, rounded; NaN -> 0x7FC0 (c10)
+            u = x.to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, r)
+            return r.to(tl.float32, bitcast=True)
+        elif KIND == 2:  # fp16: 11 significant bits, subnormals below 2^-14, inf above 65504
+            u = x.to(tl.uint32, bitcast=True)
+            s = u & 0x80000000
+            a = u & 0x7FFFFFFF
+            # normal fp16 range: round away the low 13 mantissa bits (nearest even)
+            rn = (a + 0xFFF + ((a >> 13) & 1)) & 0xFFFFE000
+            rn = tl.where(rn > 0x477FE000, 0x7F800000, rn)  # beyond 65504: inf
+            # fp16 subnormals (|x| < 2^-14): quantum 2^-24 = ulp of fp32 in [0.5, 1), so
+            # (|x| + 0.5) - 0.5 rounds |x| to a multiple of 2^-24, nearest even, both ops exact
+            # but the first
+            ax = a.to(tl.float32, bitcast=True)
+            sub = ((ax + 0.5) - 0.5).to(tl.uint32, bitcast=True)
+            r = tl.where(a < 0x38800000, sub, rn)
+            r = tl.where(a > 0x7F800000, 0x7FC00000, r)  # NaN stays NaN
+            return (r | s).to(tl.float32, bitcast=True)
+        else:
+            return x
+
+    @triton.jit
+    def _sgd_math(p, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d,
+                  MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+                  NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, KIND: tl.constexpr):
+        """sgd_math.h, once: p, buf, g in opmath; scalars already opmath."""
+        if MAXIMIZE:
+            g = -g
+        if WEIGHT_DECAY:
+            g = _round_storage(tl.fma(p, wd, g), KIND)
+        if MOMENTUM:
+            if FIRST_STEP:
+                buf = g
+            else:
+                buf = _round_storage(tl.fma(g, one_minus_d, _round_storage(buf * m_mul, KIND)),
+                                     KIND)
+            if NESTEROV:
+                g = _round_storage(tl.fma(buf, m_add, g), KIND)
+            else:
+                g = buf
+        p = _round_storage(tl.fma(g, neg_lr, p), KIND)
+        return p, buf
+
+    @triton.jit
+    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n,
+                         neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
+                         one_minus_d: "fp64",
+                         MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                         MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                         FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """One contiguous span of n elements; program k updates [k*BLOCK, (k+1)*BLOCK)."""
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        # The fp64 arguments hold values already rounded to opmath: this narrowing is exact.
+        s_neg_lr = tl.full((), neg_lr, OPMATH)
+        s_wd = tl.full((), wd, OPMATH)
+        s_m_mul = tl.full((), m_mul, OPMATH)
+        s_m_add = tl.full((), m_add, OPMATH)
+        s_omd = tl.full((), one_minus_d, OPMATH)
+        p = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
+        g = tl.load(g_ptr + offs, mask=mask).to(OPMATH)
+        if MOMENTUM and not FIRST_STEP:
+            buf = tl.load(b_ptr + offs, mask=mask).to(OPMATH)
+        else:
+            buf = tl.zeros([BLOCK], OPMATH)
+        p, buf = _sgd_math(p, buf, g, s_neg_lr, s_wd, s_m_mul, s_m_add, s_omd,
+                           MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND)
+        # p and buf are exactly representable in storage: these casts do not round.
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        if MOMENTUM:
+            tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _round_storage_kernel(x_ptr, y_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        """y = r(x) for fp32 x: lets tests compare r() with torch's RNE casts."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(y_ptr + offs, _round_storage(tl.load(x_ptr + offs, mask=m), KIND), mask=m)
+
+    @triton.jit
+    def _cast_fp16_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        """y = fp32(fp16(x)) by plain casts: lets tests see whether a backend's cast is RNE."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=m).to(tl.float16).to(tl.float32),
+                 mask=m)
+
+    _INTERPRETED = type(_sgd_flat_kernel).__name__ == "InterpretedFunction"
+else:
+    _INTERPRETED = False
+
+
+# ---- validation ------------------------------------------------------------------------------
+def _describe(t: torch.Tensor) -> str:
+    return f"{t.dtype} {t.device} tensor of shape {tuple(t.shape)}"
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Dense and non-overlapping (ATen's is_non_overlapping_and_dense)."""
+    if t.layout != torch.strided:
+        return False
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    lo = t.data_ptr()
+    return lo, lo + t.numel() * t.element_size()
+
+
+def _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+    vals = {}
+    for name, v in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
+                    ("weight_decay", weight_decay)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
+        v = float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v}")
+        vals[name] = v
+    for name, v in (("nesterov", nesterov), ("maximize", maximize), ("first_step", first_step)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    if nesterov and vals["momentum"] == 0:
+        raise ValueError(f"nesterov=True needs momentum != 0, got momentum={momentum}")
+    if first_step and vals["momentum"] == 0:
+        raise ValueError("first_step=True (buffer = gradient) needs momentum != 0, got "
+                         f"momentum={momentum}")
+    return vals
+
+
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(TRITON_UNAVAILABLE_REASON)
+    if t.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"{name} must be on a CUDA device for the Triton backend (or run with "
+                         f"TRITON_INTERPRET=1), got {_describe(t)}")
+
+
+def _check_triple(where: str, p, g, b, dev_dtype: list) -> None:
+    single = where == ""
+    pn = ("param" if single else "params") + where
+    gn = ("grad" if single else "grads") + where
+    bn = ("momentum_buffer" if single else "momentum_buffers") + where
+    for t, n in ((p, pn), (g, gn)):
+        if t is None:
+            raise ValueError(f"{n} is undefined (None)")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{n} must be a tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{n} must be a dense (strided) tensor, got layout {t.layout}")
+    _check_device(p, pn)
+    if p.dtype not in _DTYPES:
+        raise ValueError(f"{pn} must be float32, float64, bfloat16 or float16, got {_describe(p)}")
+    if not dev_dtype:
+        dev_dtype.extend((p.device, p.dtype))
+    if p.dtype != dev_dtype[1]:
+        raise ValueError(f"{pn} has dtype {p.dtype} but params[0] has dtype {dev_dtype[1]}; "
+                         "one call takes one dtype")
+    if p.device != dev_dtype[0]:
+        raise ValueError(f"{pn} is on {p.device} but params[0] is on {dev_dtype[0]}")
+    if not _dense(p):
+        raise ValueError(f"{pn} must be dense and non-overlapping, got strides {p.stride()} "
+                         f"for shape {tuple(p.shape)}")
+    others = [(g, gn)]
+    if b is not None:
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{bn} must be a tensor, got {type(b).__name__}")
+        others.append((b, bn))
+    for t, n in others:
+        if t.layout != torch.strided:
+            raise ValueError(f"{n} must be a dense (strided) tensor")
+        if t.device != p.device:
+            raise ValueError(f"{n} is on {t.device} but {pn} is on {p.device}")
+        if t.dtype != p.dtype:
+            raise ValueError(f"{n} has dtype {t.dtype} but {pn} has dtype {p.dtype}")
+        if t.shape != p.shape:
+            raise ValueError(f"{n} has shape {tuple(t.shape)} but {pn} has shape {tuple(p.shape)}")
+        if t.stride() != p.stride():
+            raise ValueError(f"{n} has strides {t.stride()} but {pn} has strides {p.stride()} "
+                             "(the memory layouts must match)")
+
+
+def _check_no_overlap(named) -> None:
+    """named: (tensor, name) of dense tensors; no two may share a byte."""
+    ranges = sorted((*_byte_range(t), n) for t, n in named if t.numel() > 0)
+    for (lo0, hi0, n0), (lo1, hi1, n1) in zip(ranges, ranges[1:]):
+        if lo1 < hi0:
+            raise ValueError(f"{n1} overlaps {n0} in memory; every tensor of a step must be "
+                             "distinct")
+
+
+def _scalars(vals, dtype):
+    """(neg_lr, wd, m_mul, m_add, one_minus_d) as Python floats holding opmath values: each
+    user double rounded once (fp32 for fp32/bf16/fp16; alpha NOT narrowed to bf16/fp16)."""
+    rnd = (lambda x: x) if dtype == torch.float64 else _to_f32
+    lr, m, d, wd = vals["lr"], vals["momentum"], vals["dampening"], vals["weight_decay"]
+    return rnd(-lr), rnd(wd), rnd(m), rnd(m), rnd(1.0 - d)
+
+
+def _launch(p, g, b, n, sc, vals, nesterov, maximize, first_step) -> None:
+    if n == 0:
+        return
+    dtype = p.dtype
+    momentum = vals["momentum"] != 0
+    grid = (triton.cdiv(n, BLOCK_SIZE),)
+    _sgd_flat_kernel[grid](
+        p, g, b if momentum else p, n, *sc,
+        MAXIMIZE=maximize, WEIGHT_DECAY=vals["weight_decay"] != 0, MOMENTUM=momentum,
+        NESTEROV=nesterov, FIRST_STEP=first_step, KIND=_KIND[dtype],
+        OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
+        BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+# ---- entry points ----------------------------------------------------------------------------
+def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
+                          weight_decay, nesterov, maximize, first_step) -> None:
+    """Flat step over the spans listed in segments ([k, 2] int64 CPU: offset, numel, increasing
+    and disjoint) of three contiguous 1-D buffers; one launch per non-empty segment."""
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    need_buf = vals["momentum"] != 0
+    if need_buf and momentum_buffer is None:
+        raise ValueError(f"momentum_buffer is None but momentum={momentum} needs one")
+    for t, n in ((param, "param"), (grad, "grad"),
+                 (momentum_buffer if need_buf else param, "momentum_buffer")):
+        if t is None:
+            raise ValueError(f"{n} is undefined (None)")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{n} must be a tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{n} must be a dense (strided) tensor, got layout {t.layout}")
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{n} of a flat step must be a contiguous 1-D tensor, got "
+                             f"{_describe(t)} with strides {t.stride()}")
+    if not (isinstance(segments, torch.Tensor) and segments.device.type == "cpu"
+            and segments.dtype == torch.int64 and segments.dim() == 2
+            and segments.shape[1] == 2 and segments.is_contiguous()):
+        raise ValueError("segments must be a contiguous CPU int64 tensor of shape [k, 2], got "
+                         + (_describe(segments) if isinstance(segments, torch.Tensor)
+                            else repr(segments)))
+    b = momentum_buffer if need_buf else None
+    _check_triple("", param, grad, b, [])
+    named = [(param, "param"), (grad, "grad")] + ([(b, "momentum_buffer")] if need_buf else [])
+    _check_no_overlap(named)
+    total = param.numel()
+    spans, end = [], 0
+    for i, (off, cnt) in enumerate(segments.tolist()):
+        if not (off >= end and off <= total and 0 <= cnt <= total - off):
+            raise ValueError(f"segments[{i}] = ({off}, {cnt}) must lie inside the flat buffer of "
+                             f"{total} elements, after the previous segment (which ends at {end})")
+        end = off + cnt
+        if cnt:
+            spans.append((off, cnt))
+    sc = _scalars(vals, param.dtype)
+    for off, cnt in spans:
+        _launch(param[off:off + cnt], grad[off:off + cnt],
+                b[off:off + cnt] if need_buf else None, cnt, sc, vals, nesterov, maximize,
+                first_step)
+
+
+def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, dampening,
+                          weight_decay, nesterov, maximize, first_step) -> None:
+    """Per-tensor step over lists of dense tensors (one dtype, one device; each triple with
+    equal shapes and strides; momentum_buffers empty/None when momentum == 0). One flat-kernel
+    launch per non-empty tensor, in memory order of each tensor (dense: any layout)."""
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    params, grads = list(params), list(grads)
+    bufs = list(momentum_buffers) if momentum_buffers is not None else []
+    if len(grads) != len(params):
+        raise ValueError(f"grads has {len(grads)} tensors but params has {len(params)}")
+    need_buf = vals["momentum"] != 0
+    if need_buf and len(bufs) != len(params):
+        raise ValueError(f"momentum_buffers has {len(bufs)} tensors but params has "
+                         f"{len(params)} (momentum={momentum} needs one each)")
+    dev_dtype: list = []
+    named = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        b = bufs[i] if need_buf else None
+        if need_buf and b is None:
+            raise ValueError(f"momentum_buffers[{i}] is undefined (None) but momentum != 0")
+        _check_triple(f"[{i}]", p, g, b, dev_dtype)
+        named += [(p, f"params[{i}]"), (g, f"grads[{i}]")]
+        if need_buf:
+            named.append((b, f"momentum_buffers[{i}]"))
+    if not params:
+        return
+    _check_no_overlap(named)
+    sc = _scalars(vals, params[0].dtype)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        # Dense with equal strides: the same memory order in all three, so a flat walk over
+        # the underlying block (as_strided to 1-D from the lowest address) is exact.
+        n = p.numel()
+        if n == 0:
+            continue
+        flat = [t.as_strided((n,), (1,)) for t in ((p, g, bufs[i]) if need_buf else (p, g))]
+        _launch(flat[0], flat[1], flat[2] if need_buf else None, n, sc, vals, nesterov,
+                maximize, first_step)

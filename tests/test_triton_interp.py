@@ -1,0 +1,431 @@
+"""The Triton backend under Triton's CPU interpreter (TRITON_INTERPRET=1), without a GPU.
+
+@triton.jit reads TRITON_INTERPRET when a kernel is DECORATED, so the interpreter must be on before
+momentum_cuda.triton_kernels is imported, and other test files of the same pytest process may
+import triton for the GPU. The checks therefore run in ONE child Python process with the variable
+set (this file, run as a script); each pytest test below asserts one check's outcome.
+
+References:
+- fp32 / fp64: torch.optim.SGD(foreach=False) on CPU, bit for bit (torch's CPU add with alpha is an
+  fma with the alpha rounded once, in the order of sgd_math.h).
+- bf16 / fp16: the CUDA contract written independently in plain torch: every op in fp32 with an
+  fp32 alpha (not narrowed), rounded to the storage dtype with .to() (round to nearest even on
+  CPU). torch's own CPU bf16 path narrows alphas, so it is NOT the reference here.
+Planted bugs (1 - d computed in fp32; no explicit bf16 rounding) must make the comparison fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# ----------------------------------------------------------------------------------------------
+# Child side: runs with TRITON_INTERPRET=1 (only ever called from _child_main).
+# ----------------------------------------------------------------------------------------------
+SIZES = (0, 1, 3, 97, 1025)
+STEPS = 3
+
+
+def _combos():
+    """Small hyper-parameter grid: every flag on and off (nesterov needs dampening 0)."""
+    out = []
+    for momentum in (0.0, 0.9):
+        for dampening in ((0.0,) if momentum == 0 else (0.0, 0.1)):
+            for wd in (0.0, 0.01):
+                for nesterov in ((False, True) if momentum and dampening == 0 else (False,)):
+                    for maximize in (False, True):
+                        out.append(dict(lr=0.1, momentum=momentum, dampening=dampening,
+                                        weight_decay=wd, nesterov=nesterov, maximize=maximize))
+    return out
+
+
+def _make(dtype, seed, sizes=SIZES):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    grads = [[torch.randn(n, generator=g).to(dtype) for n in sizes] for _ in range(STEPS)]
+    return ps, grads
+
+
+def _torch_sgd(ps, grads, h):
+    """torch.optim.SGD(foreach=False): params after STEPS steps."""
+    ps = [p.clone().requires_grad_(True) for p in ps]
+    opt = torch.optim.SGD(ps, foreach=False, **h)
+    for step in range(STEPS):
+        for p, g in zip(ps, grads[step]):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+def _contract_step(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                   first_step):
+    """The CUDA contract in plain torch: fp32 ops (fma add with fp32 alpha), RNE to storage."""
+    dt = p.dtype
+    r = (lambda t: t) if dt in (torch.float32, torch.float64) else (lambda t: t.to(dt).float())
+    op = torch.float64 if dt == torch.float64 else torch.float32
+    P, G = p.to(op), g.to(op)
+    B = None if buf is None else buf.to(op)
+    if maximize:
+        G = -G
+    if weight_decay != 0:
+        G = r(G.add(P, alpha=weight_decay))
+    if momentum != 0:
+        if first_step:
+            B = G.clone()
+        else:
+            B = r(r(B.mul(momentum)).add(G, alpha=1 - dampening))
+        G = r(G.add(B, alpha=momentum)) if nesterov else B
+    P = r(P.add(G, alpha=-lr))
+    p.copy_(P.to(dt))
+    if momentum != 0:
+        buf.copy_(B.to(dt))
+
+
+def _run_flat(tk, ps, grads, h, offsets, fn=None, contract=False):
+    """Kernel's flat path (or `contract`'s reference) over a flat buffer with the given offsets
+    (odd gaps: unaligned spans); returns params after STEPS steps and the untouched padding."""
+    dtype = ps[0].dtype
+    total = offsets[-1] + ps[-1].numel() + 5
+    fp = torch.full((total,), 7.0, dtype=dtype)  # padding 7: must stay 7
+    fg = torch.full((total,), 3.0, dtype=dtype)
+    fb = torch.full((total,), 5.0, dtype=dtype) if h["momentum"] else None
+    segs = torch.tensor([[o, p.numel()] for o, p in zip(offsets, ps)],
+                        dtype=torch.int64).reshape(-1, 2)
+    for o, p in zip(offsets, ps):
+        fp[o:o + p.numel()] = p
+    for step in range(STEPS):
+        for o, g in zip(offsets, grads[step]):
+            fg[o:o + g.numel()] = g
+        kw = dict(h, first_step=bool(h["momentum"]) and step == 0)
+        if contract:
+            for o, p in zip(offsets, ps):
+                sl = slice(o, o + p.numel())
+                _contract_step(fp[sl], fg[sl], None if fb is None else fb[sl], **kw)
+        else:
+            (fn or tk.triton_sgd_step_flat_)(fp, fg, fb, segs, **kw)
+    mask = torch.ones(total, dtype=torch.bool)
+    for o, p in zip(offsets, ps):
+        mask[o:o + p.numel()] = False
+    pad_ok = bool((fp[mask] == 7).all()) and (fb is None or bool((fb[mask] == 5).all()))
+    return [fp[o:o + p.numel()].clone() for o, p in zip(offsets, ps)], pad_ok
+
+
+def _run_list(tk, ps, grads, h, layouts=False):
+    ps = [p.clone() for p in ps]
+    if layouts:  # non-contiguous but dense params (transposed 2-D)
+        ps = [p.reshape(-1, 1).t().contiguous().t() if p.numel() else p for p in ps]
+    bufs = [torch.empty_like(p) for p in ps] if h["momentum"] else []
+    for step in range(STEPS):
+        kw = dict(h, first_step=bool(h["momentum"]) and step == 0)
+        gs = [torch.empty_like(p).copy_(g.reshape(p.shape)) for p, g in zip(ps, grads[step])]
+        tk.triton_sgd_step_list_(ps, gs, bufs, **kw)
+    return [p.reshape(-1) for p in ps]
+
+
+def _same(a_list, b_list):
+    return all(a.dtype == b.dtype and torch.equal(a.view(torch.int8 if a.element_size() == 1 else
+                                                         {2: torch.int16, 4: torch.int32,
+                                                          8: torch.int64}[a.element_size()]),
+                                                  b.view({2: torch.int16, 4: torch.int32, 8:
+                                                          torch.int64}[b.element_size()]))
+               for a, b in zip(a_list, b_list))
+
+
+OFFSETS = [1, 4, 9, 107, 1133]  # after sizes 0,1,3,97: odd gaps, no 16-byte alignment
+
+
+def check_fp32_flat_vs_torch_sgd(tk):
+    for i, h in enumerate(_combos()):
+        ps, grads = _make(torch.float32, i)
+        got, pad_ok = _run_flat(tk, ps, grads, h, OFFSETS)
+        assert pad_ok, f"padding changed for {h}"
+        assert _same(got, _torch_sgd(ps, grads, h)), f"fp32 flat differs from torch SGD for {h}"
+
+
+def check_fp64_flat_vs_torch_sgd(tk):
+    for i, h in enumerate(_combos()[::3]):
+        ps, grads = _make(torch.float64, 100 + i)
+        got, pad_ok = _run_flat(tk, ps, grads, h, OFFSETS)
+        assert pad_ok
+        assert _same(got, _torch_sgd(ps, grads, h)), f"fp64 flat differs from torch SGD for {h}"
+
+
+def check_fp32_list_vs_torch_sgd(tk):
+    for i, h in enumerate(_combos()[1::2]):
+        ps, grads = _make(torch.float32, 200 + i)
+        ref = _torch_sgd(ps, grads, h)
+        assert _same(_run_list(tk, ps, grads, h), ref), f"fp32 list differs for {h}"
+        assert _same(_run_list(tk, ps, grads, h, layouts=True), ref), \
+            f"fp32 list (transposed layouts) differs for {h}"
+
+
+def check_contract_reference_is_torch_for_fp32(tk):
+    # The plain-torch contract, with identity rounding, reproduces torch SGD: it is a faithful
+    # transcription of the formula.
+    for i, h in enumerate(_combos()):
+        ps, grads = _make(torch.float32, 300 + i)
+        got, _ = _run_flat(tk, ps, grads, h, OFFSETS, contract=True)
+        assert _same(got, _torch_sgd(ps, grads, h)), f"contract reference != torch for {h}"
+
+
+def _check_half(tk, dtype, seed0):
+    for i, h in enumerate(_combos()):
+        ps, grads = _make(dtype, seed0 + i)
+        got, pad_ok = _run_flat(tk, ps, grads, h, OFFSETS)
+        assert pad_ok
+        ref, _ = _run_flat(tk, ps, grads, h, OFFSETS, contract=True)
+        assert _same(got, ref), f"{dtype} flat differs from the CUDA contract for {h}"
+    h = _combos()[-1]
+    ps, grads = _make(dtype, seed0 + 99)
+    ref, _ = _run_flat(tk, ps, grads, h, OFFSETS, contract=True)
+    assert _same(_run_list(tk, ps, grads, h), ref), f"{dtype} list differs"
+
+
+def check_bf16_vs_contract(tk):
+    _check_half(tk, torch.bfloat16, 400)
+
+
+def check_fp16_vs_contract(tk):
+    _check_half(tk, torch.float16, 500)
+
+
+def _hard_inputs():
+    """fp32 inputs where rounding is hard: ties, neighbours, subnormals, overflow, inf, NaN."""
+    gen = torch.Generator().manual_seed(7)
+    bits = [torch.randint(-2**31, 2**31, (20000,), generator=gen, dtype=torch.int64)]
+    # exact ties and neighbours for bf16 (16 dropped bits) and fp16 normal (13 dropped bits)
+    base = torch.randint(0, 2**31, (3000,), generator=gen, dtype=torch.int64)
+    for drop in (16, 13):
+        t = (base >> drop << drop) + (1 << (drop - 1))
+        bits += [t, t - 1, t + 1, t | (1 << 31)]
+    # fp16 range edges: subnormals, 2^-14 boundary, 65504/65520, tiny, huge
+    for f in (2.0 ** -25, 2.0 ** -24, 3 * 2.0 ** -25, 1.5 * 2.0 ** -24, 2.0 ** -14,
+              2.0 ** -14 - 2.0 ** -25, 65504.0, 65519.0, 65520.0, 65536.0, 1e-30, 3e38, 0.0):
+        v = torch.tensor([f, -f], dtype=torch.float32).view(torch.int32).to(torch.int64)
+        bits += [v, v - 1, v + 1]
+    sub = torch.randint(0, 0x38800000, (5000,), generator=gen, dtype=torch.int64)
+    bits += [sub]
+    bits += [torch.tensor([0x7F800000, 0xFF800000 - 2**32, 0x7FC00000, 0x7F800001, 0x7F7FFFFF],
+                          dtype=torch.int64)]
+    return torch.cat(bits).to(torch.int32).view(torch.float32)
+
+
+def check_round_storage_bits(tk):
+    """r() on hard fp32 inputs (ties, subnormals, overflow, inf, NaN) equals torch's RNE .to()."""
+    k = tk._round_storage_kernel
+    triton = tk.triton
+
+    x = _hard_inputs()
+    for kind, dt in ((1, torch.bfloat16), (2, torch.float16)):
+        y = torch.empty_like(x)
+        k[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), KIND=kind, BLOCK=1024)
+        ref = x.to(dt).float()
+        nan = ref.isnan()
+        assert torch.equal(y.isnan(), nan), f"{dt}: NaN handling differs"
+        assert torch.equal(y[~nan].view(torch.int32), ref[~nan].view(torch.int32)), \
+            f"{dt}: r() differs from torch's RNE on {(y[~nan] != ref[~nan]).sum()} inputs"
+
+
+def _planted_one_minus_d(tk):
+    """A variant whose host computes 1 - d as float32(1) - float32(d)."""
+    orig = tk._scalars
+
+    def bad(vals, dtype):
+        s = list(orig(vals, dtype))
+        s[4] = tk._to_f32(1.0 - tk._to_f32(vals["dampening"]))
+        return tuple(s)
+    return orig, bad
+
+
+def check_planted_one_minus_d_fails(tk):
+    h = dict(lr=0.1, momentum=0.9, dampening=0.9, weight_decay=0.0, nesterov=False,
+             maximize=False)
+    ps, grads = _make(torch.float32, 600)
+    ref = _torch_sgd(ps, grads, h)
+    good, _ = _run_flat(tk, ps, grads, h, OFFSETS)
+    assert _same(good, ref), "the real kernel must match here"
+    orig, bad = _planted_one_minus_d(tk)
+    tk._scalars = bad
+    try:
+        planted, _ = _run_flat(tk, ps, grads, h, OFFSETS)
+    finally:
+        tk._scalars = orig
+    assert not _same(planted, ref), "planted bug (fp32 1-d) went unnoticed"
+
+
+def _flat_with_kind(tk, kind):
+    """The flat entry point with r() forced to `kind` (0: no explicit rounding, cast only)."""
+    def fn(p, g, b, segs, **kw):
+        vals = tk._check_scalars(kw["lr"], kw["momentum"], kw["dampening"], kw["weight_decay"],
+                                 kw["nesterov"], kw["maximize"], kw["first_step"])
+        sc = tk._scalars(vals, p.dtype)
+        for off, cnt in segs.tolist():
+            if cnt == 0:
+                continue
+            sl = slice(off, off + cnt)
+            tk._sgd_flat_kernel[(tk.triton.cdiv(cnt, tk.BLOCK_SIZE),)](
+                p[sl], g[sl], b[sl] if b is not None else p[sl], cnt, *sc,
+                MAXIMIZE=kw["maximize"], WEIGHT_DECAY=kw["weight_decay"] != 0,
+                MOMENTUM=kw["momentum"] != 0, NESTEROV=kw["nesterov"],
+                FIRST_STEP=kw["first_step"], KIND=kind, OPMATH=tk.tl.float32,
+                BLOCK=tk.BLOCK_SIZE, num_warps=tk.NUM_WARPS, enable_fp_fusion=False)
+    return fn
+
+
+def check_planted_no_bf16_rounding_fails(tk):
+    h = _combos()[-1]
+    ps, grads = _make(torch.bfloat16, 700)
+    ref, _ = _run_flat(tk, ps, grads, h, OFFSETS, contract=True)
+    planted, _ = _run_flat(tk, ps, grads, h, OFFSETS, fn=_flat_with_kind(tk, 0))
+    assert not _same(planted, ref), "bf16 without explicit rounding went unnoticed"
+
+
+def check_planted_no_fp16_rounding_fails(tk):
+    h = _combos()[-1]
+    ps, grads = _make(torch.float16, 800)
+    ref, _ = _run_flat(tk, ps, grads, h, OFFSETS, contract=True)
+    planted, _ = _run_flat(tk, ps, grads, h, OFFSETS, fn=_flat_with_kind(tk, 0))
+    assert not _same(planted, ref), "fp16 without rounding between ops went unnoticed"
+
+
+def check_interpreter_fp16_cast_is_rne(tk):
+    """Informational: the interpreter's plain fp32 -> fp16 cast rounds to nearest even (numpy
+    astype), unlike its bf16 cast; the kernel does not rely on it (r() uses bits)."""
+    x = _hard_inputs()
+    y = torch.empty_like(x)
+    tk._cast_fp16_kernel[(tk.triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    ref = x.to(torch.float16).float()
+    nan = ref.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan].view(torch.int32), ref[~nan].view(torch.int32)), \
+        "the interpreter's fp16 cast does not round to nearest even"
+
+
+def _raises(fn, exc, text):
+    try:
+        fn()
+    except exc as e:
+        assert text in str(e), f"message {str(e)!r} lacks {text!r}"
+        return
+    raise AssertionError(f"no {exc.__name__} ({text})")
+
+
+def check_validation_errors(tk):
+    h = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+             maximize=False, first_step=False)
+    p, g, b = torch.ones(8), torch.ones(8), torch.ones(8)
+    seg = torch.tensor([[0, 8]])
+    flat = tk.triton_sgd_step_flat_
+    lst = tk.triton_sgd_step_list_
+    _raises(lambda: flat(p, g, None, seg, **h), ValueError, "momentum_buffer is None")
+    _raises(lambda: flat(p, g, b, seg, **dict(h, lr=float("nan"))), ValueError,
+            "lr must be a finite number")
+    _raises(lambda: flat(p, g, b, seg, **dict(h, momentum=0.0, nesterov=True)), ValueError,
+            "nesterov=True needs momentum")
+    _raises(lambda: flat(p, g, b, seg, **dict(h, momentum=0.0, first_step=True)), ValueError,
+            "first_step=True")
+    _raises(lambda: flat(p, g.double(), b, seg, **h), ValueError, "grad has dtype")
+    _raises(lambda: flat(p, g[:4], b, seg, **h), ValueError, "grad has shape")
+    _raises(lambda: flat(p, p, b, seg, **h), ValueError, "overlaps")
+    _raises(lambda: flat(p, g, b, torch.tensor([[4, 8]]), **h), ValueError, "segments[0]")
+    _raises(lambda: flat(p, g, b, torch.tensor([[0, 8]], dtype=torch.int32), **h), ValueError,
+            "segments must be")
+    _raises(lambda: flat(p.int(), g.int(), b.int(), seg, **h), ValueError, "param must be float32")
+    _raises(lambda: flat(torch.ones(2, 4), g, b, seg, **h), ValueError, "contiguous 1-D")
+    _raises(lambda: lst([p, torch.ones(3)], [g], [b], **h), ValueError, "grads has 1 tensors")
+    _raises(lambda: lst([p], [g], [], **h), ValueError, "momentum_buffers has 0")
+    _raises(lambda: lst([p, p], [g, torch.ones(8)], [b, torch.ones(8)], **h), ValueError,
+            "overlaps")
+    _raises(lambda: lst([p, torch.ones(8).half()], [g, g.half()], [b, b.half()], **h), ValueError,
+            "params[1] has dtype")
+    _raises(lambda: lst([torch.ones(4, 4)], [torch.ones(4, 4)], [torch.ones(4, 4).t()], **h),
+            ValueError, "momentum_buffers[0] has strides")
+    _raises(lambda: lst([torch.ones(8)[::2]], [torch.ones(4)], [torch.ones(4)], **h), ValueError,
+            "params[0] must be dense")
+    # nothing changed by any failed call
+    assert bool((p == 1).all() and (g == 1).all() and (b == 1).all())
+
+
+CHECKS = [name for name in list(globals()) if name.startswith("check_")]
+
+
+def _child_main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    sys.path.insert(0, ROOT)
+    from momentum_cuda import triton_kernels as tk
+    assert tk.interpreting(), "kernels are not interpreted"
+    torch.set_num_threads(1)
+    out = {}
+    for name in CHECKS:
+        t0 = time.perf_counter()
+        try:
+            globals()[name](tk)
+            err = None
+        except Exception:  # reported to the parent
+            err = traceback.format_exc()
+        out[name] = {"error": err, "seconds": round(time.perf_counter() - t0, 2)}
+    print("@@RESULT@@" + json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent side: pytest.
+# ----------------------------------------------------------------------------------------------
+def _have(mod):
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not (_have("triton") and _have("numpy")),
+                                reason="triton and numpy are needed for the interpreter")
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    code = ("import sys; sys.path.insert(0, %r); import test_triton_interp as t; t._child_main()"
+            % HERE)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    assert proc.returncode == 0 and marker, (
+        f"interpreter child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+        f"{proc.stderr[-4000:]}")
+    return json.loads(marker[-1][len("@@RESULT@@"):])
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_interpreter(interp_results, name):
+    res = interp_results[name]
+    assert res["error"] is None, res["error"]
+
+
+def test_import_without_interpreter_rejects_cpu_tensors():
+    """In this (non-interpreted) process the module imports, and CPU tensors are refused
+    with a clear error before any launch."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process interprets")
+    from momentum_cuda import triton_kernels as tk
+    assert tk.TRITON_AVAILABLE and not tk.interpreting()
+    p = torch.ones(4)
+    with pytest.raises(ValueError, match="CUDA device"):
+        tk.triton_sgd_step_list_([p], [p.clone()], [], lr=0.1, momentum=0.0, dampening=0.0,
+                                 weight_decay=0.0, nesterov=False, maximize=False,
+                                 first_step=False)
+    assert bool((p == 1).all())
+
+
+if __name__ == "__main__":
+    _child_main()
