@@ -23,7 +23,7 @@ step "build (setup.py build_ext --inplace)"
 $PY setup.py build_ext --inplace 2>&1 | tail -3 | tee -a "$out" || status=1
 
 step "GPU tests (tests/test_gpu.py) and the CUDA evidence suite"
-$PY -m pytest -q tests/test_gpu.py tests/test_cuda_host.py tests/test_cuda_build.py 2>&1 | tail -15 | tee -a "$out"
+$PY -m pytest -q tests/test_gpu.py tests/test_cuda_host.py tests/test_cuda_build.py tests/test_triton_aot.py 2>&1 | tail -15 | tee -a "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "torch's CUDA add_: FMA or mul-then-add? (which hypothesis holds)"
