@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
 from ._backends import resolve_backend, step_fn
+from ._util import is_dense as _dense
 from .reference import momentum_reference_step
 
 log = logging.getLogger("momentum_cuda")
@@ -49,17 +50,6 @@ def _bump(tensors) -> None:
     torch.autograd.graph.increment_version(tensors)
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Dense and non-overlapping (contiguous, channels_last, ...): its numel elements fill one
-    block of memory. The same test as ATen's is_non_overlapping_and_dense."""
-    if t.layout != torch.strided:
-        return False
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 @dataclass

@@ -40,6 +40,8 @@ import struct
 
 import torch
 
+from ._util import is_dense as _dense
+
 try:
     import triton
     import triton.language as tl
@@ -176,18 +178,6 @@ else:
 # ---- validation ------------------------------------------------------------------------------
 def _describe(t: torch.Tensor) -> str:
     return f"{t.dtype} {t.device} tensor of shape {tuple(t.shape)}"
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Dense and non-overlapping (ATen's is_non_overlapping_and_dense)."""
-    if t.layout != torch.strided:
-        return False
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
