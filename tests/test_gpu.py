@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import momentum_cuda
-from momentum_cuda import _C
 from momentum_cuda.reference import MomentumReference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a visible GPU")

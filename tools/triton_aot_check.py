@@ -39,7 +39,7 @@ import re
 import subprocess
 import tempfile
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 DIV16 = [["tt.divisibility", 16]]
 
