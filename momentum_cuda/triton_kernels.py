@@ -214,18 +214,23 @@ def _check_device(t: torch.Tensor, name: str) -> None:
                          f"TRITON_INTERPRET=1), got {_describe(t)}")
 
 
+def _check_tensor(t, n: str) -> None:
+    """t is a dense (strided) tensor; n names it in the error."""
+    if t is None:
+        raise ValueError(f"{n} is undefined (None)")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{n} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{n} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def _check_triple(where: str, p, g, b, dev_dtype: list) -> None:
     single = where == ""
     pn = ("param" if single else "params") + where
     gn = ("grad" if single else "grads") + where
     bn = ("momentum_buffer" if single else "momentum_buffers") + where
     for t, n in ((p, pn), (g, gn)):
-        if t is None:
-            raise ValueError(f"{n} is undefined (None)")
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{n} must be a tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise ValueError(f"{n} must be a dense (strided) tensor, got layout {t.layout}")
+        _check_tensor(t, n)
     _check_device(p, pn)
     if p.dtype not in _DTYPES:
         raise ValueError(f"{pn} must be float32, float64, bfloat16 or float16, got {_describe(p)}")
@@ -300,12 +305,7 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
         raise ValueError(f"momentum_buffer is None but momentum={momentum} needs one")
     for t, n in ((param, "param"), (grad, "grad"),
                  (momentum_buffer if need_buf else param, "momentum_buffer")):
-        if t is None:
-            raise ValueError(f"{n} is undefined (None)")
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{n} must be a tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise ValueError(f"{n} must be a dense (strided) tensor, got layout {t.layout}")
+        _check_tensor(t, n)
         if t.dim() != 1 or not t.is_contiguous():
             raise ValueError(f"{n} of a flat step must be a contiguous 1-D tensor, got "
                              f"{_describe(t)} with strides {t.stride()}")
