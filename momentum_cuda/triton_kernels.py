@@ -30,11 +30,26 @@ Entry points (same signatures as the C++ ones in momentum_cuda._C):
                           weight_decay, nesterov, maximize, first_step)
     triton_sgd_step_list_(params, grads, momentum_buffers, *, ...)
 Both validate everything before the first launch; a bad call raises ValueError/TypeError naming
-the argument and changes nothing. The list path launches the flat kernel once per tensor (no
-pointer-table kernel yet).
+the argument and changes nothing.
+
+Kernels: both call ONE _sgd_block (load, _sgd_math, store), so the formula exists once.
+- _sgd_flat_kernel: one contiguous span per launch; the flat path launches it once per non-empty
+  segment.
+- _sgd_list_kernel: the list path, ONE launch for all tensors of a step. The host builds an
+  int64 pointer table (_list_table): per tensor [address of p, of g, of buf, numel], then a block
+  map with one row per program [tensor index, first element of its block], so program k updates
+  one BLOCK of one tensor; the table reaches the device in one host-to-device copy (pinned,
+  non_blocking). The kernel casts the addresses to typed pointers (int64 -> tl.pointer_type(DTYPE),
+  accepted by the interpreter and by compiled code). Those pointers carry no alignment
+  guarantee, so compiled list-kernel accesses are scalar, not 128-bit like the flat kernel's
+  (which the Triton JIT specialises on 16-byte-aligned pointers and counts divisible by 16).
+  Empty tensors get no row and no program. A dense tensor with any strides is walked from
+  data_ptr() over numel elements in memory order (p, g and buf have equal strides). The launch is
+  split only past CUDA's grid limit of 2^31 - 1 programs (2^41 elements).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 
@@ -61,6 +76,8 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _KIND_NONE, _KIND_BF16, _KIND_FP16 = 0, 1, 2
 _KIND = {torch.float32: _KIND_NONE, torch.float64: _KIND_NONE,
          torch.bfloat16: _KIND_BF16, torch.float16: _KIND_FP16}
+_TL_DTYPE = ({torch.float32: tl.float32, torch.float64: tl.float64,
+              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if tl is not None else {})
 
 
 def interpreting() -> bool:
@@ -125,17 +142,12 @@ if TRITON_AVAILABLE:
         return p, buf
 
     @triton.jit
-    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n,
-                         neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
-                         one_minus_d: "fp64",
-                         MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                         MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                         FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
-                         BLOCK: tl.constexpr):
-        """One contiguous span of n elements; program k updates [k*BLOCK, (k+1)*BLOCK)."""
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
+    def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, neg_lr, wd, m_mul, m_add, one_minus_d,
+                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, KIND: tl.constexpr,
+                   OPMATH: tl.constexpr, BLOCK: tl.constexpr):
+        """Load, update (_sgd_math) and store the elements offs[mask] of one span; shared by
+        the flat and the list kernel."""
         # The fp64 arguments hold values already rounded to opmath: this narrowing is exact.
         s_neg_lr = tl.full((), neg_lr, OPMATH)
         s_wd = tl.full((), wd, OPMATH)
@@ -154,6 +166,48 @@ if TRITON_AVAILABLE:
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
         if MOMENTUM:
             tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n,
+                         neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
+                         one_minus_d: "fp64",
+                         MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                         MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                         FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """One contiguous span of n elements; program k updates [k*BLOCK, (k+1)*BLOCK)."""
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, neg_lr, wd, m_mul, m_add, one_minus_d,
+                   MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, BLOCK)
+
+    @triton.jit
+    def _sgd_list_kernel(rows_ptr, blocks_ptr,
+                         neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
+                         one_minus_d: "fp64",
+                         MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                         MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                         FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
+                         DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        """Many tensors in one launch, through an int64 pointer table (built by _list_table):
+            rows_ptr:   one row per tensor t: [address of p, address of g, address of buf
+                        (0 when MOMENTUM is off: never dereferenced), numel]
+            blocks_ptr: one row per program k: [tensor index t, first element of its block]
+        Program k updates elements [start, start + BLOCK) of tensor t, masked by its numel.
+        The addresses are cast to typed pointers (DTYPE) here: int64 -> pointer, which the
+        interpreter and compiled code both accept. Nothing tells the compiler those pointers
+        are 16-byte aligned, so the accesses are scalar (not 128-bit) in compiled code."""
+        blk = blocks_ptr + 2 * tl.program_id(0).to(tl.int64)
+        t = tl.load(blk)
+        start = tl.load(blk + 1)
+        row = rows_ptr + 4 * t
+        p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+        b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
+        n = tl.load(row + 3)
+        offs = start + tl.arange(0, BLOCK)  # int64 (start is loaded as int64)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, neg_lr, wd, m_mul, m_add, one_minus_d,
+                   MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, BLOCK)
 
     @triton.jit
     def _round_storage_kernel(x_ptr, y_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
@@ -280,18 +334,58 @@ def _scalars(vals, dtype):
     return rnd(-lr), rnd(wd), rnd(m), rnd(m), rnd(1.0 - d)
 
 
+def _flags(dtype, vals, nesterov, maximize, first_step) -> dict:
+    """The constexpr arguments shared by both kernels."""
+    return dict(MAXIMIZE=maximize, WEIGHT_DECAY=vals["weight_decay"] != 0,
+                MOMENTUM=vals["momentum"] != 0, NESTEROV=nesterov, FIRST_STEP=first_step,
+                KIND=_KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
+                BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the CURRENT device's current stream: make it the tensors' device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _launch(p, g, b, n, sc, vals, nesterov, maximize, first_step) -> None:
     if n == 0:
         return
-    dtype = p.dtype
     momentum = vals["momentum"] != 0
     grid = (triton.cdiv(n, BLOCK_SIZE),)
-    _sgd_flat_kernel[grid](
-        p, g, b if momentum else p, n, *sc,
-        MAXIMIZE=maximize, WEIGHT_DECAY=vals["weight_decay"] != 0, MOMENTUM=momentum,
-        NESTEROV=nesterov, FIRST_STEP=first_step, KIND=_KIND[dtype],
-        OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
-        BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    _sgd_flat_kernel[grid](p, g, b if momentum else p, n, *sc,
+                           **_flags(p.dtype, vals, nesterov, maximize, first_step))
+
+
+# Most programs in one launch: CUDA's grid.x limit. Reaching it takes 2^41 elements, beyond any
+# GPU's memory today, but the list path splits its launch there rather than fail.
+_MAX_PROGRAMS = 2**31 - 1
+
+
+def _list_table(addrs, numels, device):
+    """The pointer table of the list kernel, as ONE int64 tensor moved to `device` in one
+    host-to-device copy: rows (4 per tensor: p, g, buf addresses and numel), then the block map
+    (2 per program: tensor index, first element of the block). Every numel must be > 0.
+    Returns (rows, blocks, n_programs): rows and blocks are views of that one device tensor."""
+    nt = len(numels)
+    numel = torch.tensor(numels, dtype=torch.int64)
+    nblocks = (numel + (BLOCK_SIZE - 1)) // BLOCK_SIZE
+    n_programs = int(nblocks.sum())
+    tensor_of = torch.repeat_interleave(torch.arange(nt, dtype=torch.int64), nblocks)
+    first_program = torch.cumsum(nblocks, 0) - nblocks
+    start = (torch.arange(n_programs, dtype=torch.int64) - first_program[tensor_of]) * BLOCK_SIZE
+    rows = torch.cat([torch.tensor(addrs, dtype=torch.int64).reshape(nt, 3),
+                      numel.reshape(nt, 1)], 1)
+    host = torch.cat([rows.reshape(-1), torch.stack([tensor_of, start], 1).reshape(-1)])
+    if device.type == "cuda":
+        # Pinned + non_blocking: the copy is queued on the current stream (before the kernel)
+        # without making the host wait for the GPU; torch's caching host allocator keeps the
+        # pinned block alive until the copy has run.
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:  # the interpreter: the table stays on the CPU
+        table = host.to(device)
+    return table[:4 * nt], table[4 * nt:], n_programs
 
 
 # ---- entry points ----------------------------------------------------------------------------
@@ -329,17 +423,20 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
         if cnt:
             spans.append((off, cnt))
     sc = _scalars(vals, param.dtype)
-    for off, cnt in spans:
-        _launch(param[off:off + cnt], grad[off:off + cnt],
-                b[off:off + cnt] if need_buf else None, cnt, sc, vals, nesterov, maximize,
-                first_step)
+    with _device_guard(param.device):
+        for off, cnt in spans:
+            _launch(param[off:off + cnt], grad[off:off + cnt],
+                    b[off:off + cnt] if need_buf else None, cnt, sc, vals, nesterov, maximize,
+                    first_step)
 
 
 def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, dampening,
                           weight_decay, nesterov, maximize, first_step) -> None:
     """Per-tensor step over lists of dense tensors (one dtype, one device; each triple with
-    equal shapes and strides; momentum_buffers empty/None when momentum == 0). One flat-kernel
-    launch per non-empty tensor, in memory order of each tensor (dense: any layout)."""
+    equal shapes and strides; momentum_buffers empty/None when momentum == 0). ONE launch of the
+    list kernel for all non-empty tensors (split only past CUDA's grid limit, _MAX_PROGRAMS),
+    through a pointer table copied to the device in one transfer; each tensor is walked in
+    memory order (dense: any layout)."""
     vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
@@ -362,13 +459,23 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
     if not params:
         return
     _check_no_overlap(named)
-    sc = _scalars(vals, params[0].dtype)
+    # Dense with equal strides: p, g and buf hold their elements in the same memory order, from
+    # data_ptr() (the lowest address: strides are never negative) over numel elements, so
+    # element j of the walk is the same element of all three whatever the layout.
+    addrs, numels = [], []
     for i, (p, g) in enumerate(zip(params, grads)):
-        # Dense with equal strides: the same memory order in all three, so a flat walk over
-        # the underlying block (as_strided to 1-D from the lowest address) is exact.
-        n = p.numel()
-        if n == 0:
+        if p.numel() == 0:
             continue
-        flat = [t.as_strided((n,), (1,)) for t in ((p, g, bufs[i]) if need_buf else (p, g))]
-        _launch(flat[0], flat[1], flat[2] if need_buf else None, n, sc, vals, nesterov,
-                maximize, first_step)
+        addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0))
+        numels.append(p.numel())
+    if not numels:
+        return
+    dtype, device = params[0].dtype, params[0].device
+    sc = _scalars(vals, dtype)
+    flags = _flags(dtype, vals, nesterov, maximize, first_step)
+    tl_dtype = _TL_DTYPE[dtype]
+    with _device_guard(device):
+        rows, blocks, n_programs = _list_table(addrs, numels, device)
+        for first in range(0, n_programs, _MAX_PROGRAMS):
+            count = min(_MAX_PROGRAMS, n_programs - first)
+            _sgd_list_kernel[(count,)](rows, blocks[2 * first:], *sc, DTYPE=tl_dtype, **flags)
