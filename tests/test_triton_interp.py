@@ -12,6 +12,12 @@ References:
   fp32 alpha (not narrowed), rounded to the storage dtype with .to() (round to nearest even on
   CPU). torch's own CPU bf16 path narrows alphas, so it is NOT the reference here.
 Planted bugs (1 - d computed in fp32; no explicit bf16 rounding) must make the comparison fail.
+
+The list path (one launch of the pointer-table kernel per step) is checked on >= 100 tensors of
+odd sizes (0, 1, 3, 97, several blocks) including transposed 2-D and permuted 3-D layouts, every
+flag combination, three steps; every list call asserts exactly ONE launch of the list kernel
+(kernel objects replaced by counting proxies) and none of the flat kernel. Planted table bugs
+(block start off by one, the neighbour tensor's block, numel - 1) must make it fail.
 """
 from __future__ import annotations
 
@@ -119,16 +125,99 @@ def _run_flat(tk, ps, grads, h, offsets, fn=None, contract=False):
     return [fp[o:o + p.numel()].clone() for o, p in zip(offsets, ps)], pad_ok
 
 
-def _run_list(tk, ps, grads, h, layouts=False):
+class _Launches:
+    """Counts launches of the Triton kernels: replaces the module's kernel objects (which the
+    entry points look up at call time) by proxies recording each grid."""
+
+    class _Proxy:
+        def __init__(self, kernel, log):
+            self._kernel, self._log = kernel, log
+
+        def __getitem__(self, grid):
+            self._log.append(tuple(grid))
+            return self._kernel[grid]
+
+        def __getattr__(self, name):
+            return getattr(self._kernel, name)
+
+    def __init__(self, tk):
+        self.tk, self.list, self.flat = tk, [], []
+
+    def __enter__(self):
+        self._orig = self.tk._sgd_list_kernel, self.tk._sgd_flat_kernel
+        self.tk._sgd_list_kernel = self._Proxy(self._orig[0], self.list)
+        self.tk._sgd_flat_kernel = self._Proxy(self._orig[1], self.flat)
+        return self
+
+    def __exit__(self, *exc):
+        self.tk._sgd_list_kernel, self.tk._sgd_flat_kernel = self._orig
+
+
+def _programs(ps, block):
+    return sum(-(-p.numel() // block) for p in ps)
+
+
+def _run_list(tk, ps, grads, h, bufs_none=False):
+    """The list entry point for STEPS steps on clones of ps (their layouts kept: clone and
+    empty_like preserve the strides of dense tensors). Every step must be exactly ONE launch
+    of the list kernel over all blocks, none of the flat kernel (none at all if all empty)."""
     ps = [p.clone() for p in ps]
-    if layouts:  # non-contiguous but dense params (transposed 2-D)
-        ps = [p.reshape(-1, 1).t().contiguous().t() if p.numel() else p for p in ps]
-    bufs = [torch.empty_like(p) for p in ps] if h["momentum"] else []
+    bufs = [torch.empty_like(p) for p in ps] if h["momentum"] else (None if bufs_none else [])
+    n_prog = _programs(ps, tk.BLOCK_SIZE)
     for step in range(STEPS):
         kw = dict(h, first_step=bool(h["momentum"]) and step == 0)
-        gs = [torch.empty_like(p).copy_(g.reshape(p.shape)) for p, g in zip(ps, grads[step])]
-        tk.triton_sgd_step_list_(ps, gs, bufs, **kw)
-    return [p.reshape(-1) for p in ps]
+        gs = [torch.empty_like(p).copy_(g) for p, g in zip(ps, grads[step])]
+        with _Launches(tk) as launches:
+            tk.triton_sgd_step_list_(ps, gs, bufs, **kw)
+        assert launches.flat == [], f"the list path launched the flat kernel: {launches.flat}"
+        assert launches.list == ([(n_prog,)] if n_prog else []), \
+            f"list launches {launches.list}, expected one of {n_prog} programs"
+    return ps
+
+
+def _run_list_contract(ps, grads, h):
+    """The CUDA contract reference, tensor by tensor, on clones of ps (layouts kept)."""
+    ps = [p.clone() for p in ps]
+    bufs = [torch.zeros_like(p) for p in ps] if h["momentum"] else [None] * len(ps)
+    for step in range(STEPS):
+        kw = dict(h, first_step=bool(h["momentum"]) and step == 0)
+        for p, g, b in zip(ps, grads[step], bufs):
+            _contract_step(p, g, b, **kw)
+    return ps
+
+
+# The list tests' tensors: 1-D odd sizes (0, 1, 3, 97, several blocks), transposed 2-D and
+# permuted 3-D (dense, NOT contiguous: the kernel walks them in memory order), an empty 2-D.
+# (shape, perm): allocated with shape [shape[i] for i in perm], then permuted back to shape.
+# Not here: empty tensors with a 0 before the last dimension (torch.ones(2, 0, 5), or
+# torch.empty(4, 0).t()): momentum_cuda._util.is_dense rejects them although ATen counts them
+# dense (is_contiguous() is True for every empty tensor), so the entry points raise "must be
+# dense" for them.
+LIST_SHAPES = ([((n,), None) for n in (0, 1, 3, 97, 1025, 2049, 0, 5, 1, 7, 3)]
+               + [((((i * 37) % 151) | 1,), None) for i in range(80)]
+               + [(s, (1, 0)) for s in ((3, 5), (7, 11), (13, 1), (1, 13), (31, 33), (9, 9),
+                                        (2, 97), (97, 3), (33, 35), (5, 3), (11, 7))]
+               + [((0, 4), None)]
+               + [(s, (2, 0, 1)) for s in ((2, 3, 5), (3, 1, 7), (5, 4, 3), (1, 1, 1),
+                                           (7, 5, 3))])
+# bf16/fp16 list checks (slower in the interpreter): the first 1-D sizes and every 2-D/3-D one.
+HALF_LIST_SHAPES = LIST_SHAPES[:11] + [s for s in LIST_SHAPES if len(s[0]) > 1]
+
+
+def _make_list(dtype, seed, shapes=LIST_SHAPES):
+    g = torch.Generator().manual_seed(seed)
+
+    def one(shape, perm):
+        if perm is None:
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            inv = sorted(range(len(perm)), key=perm.__getitem__)
+            t = torch.empty([shape[i] for i in perm], dtype=dtype).permute(inv)
+        assert tuple(t.shape) == tuple(shape)
+        return t.copy_(torch.randn(shape, generator=g).to(dtype))
+    ps = [one(*s) for s in shapes]
+    grads = [[one(*s) for s in shapes] for _ in range(STEPS)]
+    return ps, grads
 
 
 def _same(a_list, b_list):
@@ -159,13 +248,130 @@ def check_fp64_flat_vs_torch_sgd(tk):
         assert _same(got, _torch_sgd(ps, grads, h)), f"fp64 flat differs from torch SGD for {h}"
 
 
+def check_list_shapes_are_what_they_claim(tk):
+    ps, _ = _make_list(torch.float32, 0)
+    assert len(ps) >= 100
+    sizes = {p.numel() for p in ps}
+    assert {0, 1, 3, 97}.issubset(sizes) and max(sizes) > 2 * tk.BLOCK_SIZE
+    nc = [p for p in ps if not p.is_contiguous()]
+    assert len(nc) >= 10, len(nc)
+    assert all(tk._dense(p) for p in ps)
+
+
 def check_fp32_list_vs_torch_sgd(tk):
-    for i, h in enumerate(_combos()[1::2]):
-        ps, grads = _make(torch.float32, 200 + i)
-        ref = _torch_sgd(ps, grads, h)
-        assert _same(_run_list(tk, ps, grads, h), ref), f"fp32 list differs for {h}"
-        assert _same(_run_list(tk, ps, grads, h, layouts=True), ref), \
-            f"fp32 list (transposed layouts) differs for {h}"
+    ps, grads = _make_list(torch.float32, 200)
+    for h in _combos():
+        assert _same(_run_list(tk, ps, grads, h), _torch_sgd(ps, grads, h)), \
+            f"fp32 list differs from torch SGD for {h}"
+
+
+def check_fp64_list_vs_torch_sgd(tk):
+    ps, grads = _make_list(torch.float64, 210)
+    for h in _combos()[::3]:
+        assert _same(_run_list(tk, ps, grads, h), _torch_sgd(ps, grads, h)), \
+            f"fp64 list differs from torch SGD for {h}"
+
+
+def check_list_momentum0_buffers_none(tk):
+    ps, grads = _make_list(torch.float32, 220)
+    for h in [h for h in _combos() if h["momentum"] == 0 and h["weight_decay"]]:
+        assert _same(_run_list(tk, ps, grads, h, bufs_none=True), _torch_sgd(ps, grads, h))
+
+
+def check_list_empty_tensors_no_launch(tk):
+    ps = [torch.ones(0), torch.ones(0, 3), torch.ones(0, 2, 5)]
+    grads = [[torch.ones_like(p) for p in ps]] * STEPS
+    h = _combos()[-1]
+    _run_list(tk, ps, grads, h)  # asserts: no launch at all
+    with _Launches(tk) as launches:
+        tk.triton_sgd_step_list_([], [], [], **dict(h, first_step=False))
+    assert launches.list == [] and launches.flat == []
+
+
+def check_list_table_layout(tk):
+    """_list_table: rows [p, g, buf, numel] per tensor, then the block map [tensor, start] per
+    program, views of ONE int64 tensor (a single host-to-device copy on a GPU)."""
+    B = tk.BLOCK_SIZE
+    rows, blocks, n = tk._list_table([(10, 20, 30), (40, 50, 0), (70, 80, 90)],
+                                     [3, B + 1, 2 * B], torch.device("cpu"))
+    assert n == 5
+    assert rows.tolist() == [10, 20, 30, 3, 40, 50, 0, B + 1, 70, 80, 90, 2 * B]
+    assert blocks.tolist() == [0, 0, 1, 0, 1, B, 2, 0, 2, B]
+    assert rows.dtype == blocks.dtype == torch.int64
+    assert rows.untyped_storage().data_ptr() == blocks.untyped_storage().data_ptr()
+    assert blocks.data_ptr() == rows.data_ptr() + 8 * rows.numel()
+    # the entry point builds one table per step
+    calls = []
+    orig = tk._list_table
+
+    def spy(*a):
+        calls.append(a)
+        return orig(*a)
+    tk._list_table = spy
+    try:
+        ps, grads = _make_list(torch.float32, 230, LIST_SHAPES[:20])
+        _run_list(tk, ps, grads, _combos()[-1])
+    finally:
+        tk._list_table = orig
+    assert len(calls) == STEPS, len(calls)
+
+
+def check_list_split_past_grid_limit(tk):
+    """Past _MAX_PROGRAMS (CUDA's grid limit) the launch is split; here the limit is lowered to
+    7 programs: ceil(programs / 7) launches, same bits."""
+    ps, grads = _make_list(torch.float32, 240, LIST_SHAPES[:30])
+    h = _combos()[-1]
+    ref = _torch_sgd(ps, grads, h)
+    n_prog = _programs(ps, tk.BLOCK_SIZE)
+    orig = tk._MAX_PROGRAMS
+    tk._MAX_PROGRAMS = 7
+    try:
+        ps2 = [p.clone() for p in ps]
+        bufs = [torch.empty_like(p) for p in ps2]
+        for step in range(STEPS):
+            with _Launches(tk) as launches:
+                tk.triton_sgd_step_list_(ps2, [g.clone() for g in grads[step]], bufs,
+                                         **dict(h, first_step=step == 0))
+            want = [(7,)] * (n_prog // 7) + ([(n_prog % 7,)] if n_prog % 7 else [])
+            assert launches.list == want, (launches.list, n_prog)
+    finally:
+        tk._MAX_PROGRAMS = orig
+    assert _same(ps2, ref)
+
+
+def _planted_table(tk, how):
+    """_list_table with a planted bug. All of them stay inside the tensors' memory (a wrong
+    numel LARGER than the tensor would write past it: not planted, it could crash the child)."""
+    orig = tk._list_table
+
+    def bad(addrs, numels, device):
+        rows, blocks, n = orig(addrs, numels, device)
+        rows, blocks = rows.clone().reshape(-1, 4), blocks.clone().reshape(-1, 2)
+        if how == "block start off by one":
+            blocks[:, 1] += 1
+        elif how == "neighbour tensor":
+            blocks[:, 0] = (blocks[:, 0] + 1) % rows.shape[0]
+        elif how == "numel - 1":
+            rows[:, 3] -= 1
+        else:
+            raise AssertionError(how)
+        return rows.reshape(-1), blocks.reshape(-1), n
+    return orig, bad
+
+
+def check_planted_list_table_bugs_fail(tk):
+    ps, grads = _make_list(torch.float32, 250)
+    h = _combos()[-1]
+    ref = _torch_sgd(ps, grads, h)
+    assert _same(_run_list(tk, ps, grads, h), ref), "the real kernel must match here"
+    for how in ("block start off by one", "neighbour tensor", "numel - 1"):
+        orig, bad = _planted_table(tk, how)
+        tk._list_table = bad
+        try:
+            planted = _run_list(tk, ps, grads, h)
+        finally:
+            tk._list_table = orig
+        assert not _same(planted, ref), f"planted list bug ({how}) went unnoticed"
 
 
 def check_contract_reference_is_torch_for_fp32(tk):
@@ -184,10 +390,10 @@ def _check_half(tk, dtype, seed0):
         assert pad_ok
         ref, _ = _run_flat(tk, ps, grads, h, OFFSETS, contract=True)
         assert _same(got, ref), f"{dtype} flat differs from the CUDA contract for {h}"
-    h = _combos()[-1]
-    ps, grads = _make(dtype, seed0 + 99)
-    ref, _ = _run_flat(tk, ps, grads, h, OFFSETS, contract=True)
-    assert _same(_run_list(tk, ps, grads, h), ref), f"{dtype} list differs"
+    ps, grads = _make_list(dtype, seed0 + 99, HALF_LIST_SHAPES)
+    for h in _combos():
+        assert _same(_run_list(tk, ps, grads, h), _run_list_contract(ps, grads, h)), \
+            f"{dtype} list differs from the CUDA contract for {h}"
 
 
 def check_bf16_vs_contract(tk):
@@ -351,6 +557,9 @@ def check_validation_errors(tk):
             ValueError, "momentum_buffers[0] has strides")
     _raises(lambda: lst([torch.ones(8)[::2]], [torch.ones(4)], [torch.ones(4)], **h), ValueError,
             "params[0] must be dense")
+    # a bad tensor after good ones: nothing launched, the good ones unchanged
+    _raises(lambda: lst([p, torch.ones(8)[::2]], [g, torch.ones(4)], [b, torch.ones(4)], **h),
+            ValueError, "params[1] must be dense")
     # nothing changed by any failed call
     assert bool((p == 1).all() and (g == 1).all() and (b == 1).all())
 
