@@ -38,14 +38,16 @@ struct Storage<c10::BFloat16> {
   }
 };
 struct RoundHalf {
-  MC_HD float operator()(float x) const { return static_cast<float>(c10::Half(x)); }
+  MC_HD float operator()(float x) const { return mc_fp16_bits_to_float(mc_float_to_fp16_bits(x)); }
 };
 template <>
 struct Storage<c10::Half> {
   using opmath = float;
   using Round = RoundHalf;
-  static MC_HD float load(c10::Half x) { return static_cast<float>(x); }
-  static MC_HD c10::Half store(float x) { return c10::Half(x); }
+  static MC_HD float load(c10::Half x) { return mc_fp16_bits_to_float(x.x); }
+  static MC_HD c10::Half store(float x) {
+    return c10::Half(mc_float_to_fp16_bits(x), c10::Half::from_bits());
+  }
 };
 
 template <class T>
