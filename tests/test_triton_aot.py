@@ -4,7 +4,9 @@ Compiles for sm_80 and sm_90 with triton.compile(ASTSource, GPUTarget) and check
 SASS (tools/triton_aot_check.py): 128-bit global loads/stores, and the FMA contract
 buf = fma(g, 1-d, buf*m) with buf*m a separate mul.rn.f32 (enable_fp_fusion=False).
 A stand-in kernel plus planted bad variants prove the checks can fail; the real flat kernel of
-momentum_cuda.triton_kernels is checked when that module imports.
+momentum_cuda.triton_kernels is checked when that module imports, and so is its list
+(pointer-table) kernel: the FMA contract, and element-wide (not 128-bit) accesses, since its
+pointers come from an int64 table with no alignment guarantee.
 """
 from __future__ import annotations
 
@@ -218,3 +220,45 @@ def test_real_flat_kernel_unaligned_count_is_scalar(dt):
     res = aot.compile_aot(spec["fn"], spec["signature"], spec["constexprs"], 90, divisible=(),
                           num_warps=spec["num_warps"], with_sass=False)
     assert not aot.memory_ops(res.ptx, "")["ptx_ld"].get(128)
+
+
+# ---------------------------------------------------------------- the list (pointer-table) kernel
+@pytest.mark.parametrize("flags", list(REAL_FLAGS), ids=list(REAL_FLAGS))
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_real_list_kernel(dt, arch, flags):
+    """The list kernel compiles for sm_80/sm_90 with its int64 -> pointer casts, keeps the FMA
+    contract (mul.rn by the momentum feeding the addend of fma.rn, buf feeding fma.rn with -lr)
+    and fusion off. Its element pointers are table entries with no alignment guarantee, so 128-bit
+    accesses are NOT expected: data accesses are one element wide; the table reads are 64-bit."""
+    tk = _real()
+    if not hasattr(tk, aot.REAL_LIST_KERNEL):
+        pytest.skip("momentum_cuda.triton_kernels has no list kernel")
+    spec = aot.real_list_spec(tk, dt, **REAL_FLAGS[flags])
+    res = aot.compile_aot(spec["fn"], spec["signature"], spec["constexprs"], arch,
+                          num_warps=spec["num_warps"])
+    assert res.enable_fp_fusion is False
+    nesterov = spec["constexprs"]["NESTEROV"]
+    ok, fma = aot.check_fma_contract(res, spec["momentum"], None if nesterov else spec["lr"])
+    assert ok, fma["problems"]
+    per_thread = spec["constexprs"]["BLOCK"] // (32 * spec["num_warps"])
+    assert fma["n_mul_by_momentum"] == per_thread and len(fma["pairs"]) == per_thread
+    if not nesterov:
+        assert len(fma["lr_fmas"]) == per_thread
+    assert aot.check_sass_mul_kept(res, per_thread)[0]
+    ops = aot.memory_ops(res.ptx, res.sass)
+    w = {"fp32": 32, "bf16": 16}[dt]
+    # per thread: p, g, buf loads and p, buf stores of 8 elements each; 6 table entries
+    # (block map: tensor index, start; row: p, g, buf addresses, numel)
+    for key in ("ptx_ld", "sass_LDG"):
+        assert ops[key] == {64: 6, w: 3 * per_thread}, (key, ops[key])
+    for key in ("ptx_st", "sass_STG"):
+        assert ops[key] == {w: 2 * per_thread}, (key, ops[key])
+    assert any("ld.global.b64" in x for x in ops["ptx_ld_lines"])
+
+
+def test_sass_width_parser():
+    """U16 / U8 SASS accesses count as 16 / 8 bits (not as the 32-bit default)."""
+    ops = aot.memory_ops("", "  LDG.E.U16 R1, desc[UR4][R2.64] ;\n  STG.E.U8 [R2], R1 ;\n"
+                             "  LDG.E.128 R4, [R2] ;\n  LDG.E R5, [R2] ;\n")
+    assert ops["sass_LDG"] == {16: 1, 128: 1, 32: 1} and ops["sass_STG"] == {8: 1}

@@ -27,7 +27,11 @@ Notes found while writing this (triton 3.9.0):
   is what runs for n % 16 == 0; other n get a separately compiled scalar variant.
 * The PTX entry gets two extra trailing ``.u64`` params (global / profile scratch).
 
-Command line:  python tools/triton_aot_check.py   (compiles the real flat kernel of
+The list (pointer-table) kernel is checked for the same FMA contract; it is not expected to
+have 128-bit accesses: its element pointers are int64 table entries cast to pointers in-kernel,
+with no alignment guarantee the compiler could use (see :func:`list_evidence`).
+
+Command line:  python tools/triton_aot_check.py   (compiles the real flat and list kernels of
 ``momentum_cuda.triton_kernels`` for fp32/bf16 x sm_80/sm_90 and prints the evidence;
 exit status 1 if a check fails).
 """
@@ -169,8 +173,9 @@ def memory_ops(ptx: str, sass: str) -> dict:
         m = _SASS_MEM.search(line)
         if m:
             mods = m.group(2).split(".")
-            w = next((int(x) for x in mods if x in ("64", "128", "U16", "U8", "16", "8")
-                      and x.isdigit()), 32)
+            # LDG.E.128 / LDG.E.64 / LDG.E.U16 / LDG.E.S8 ...; no width suffix: 32 bits
+            w = next((int(x.lstrip("US")) for x in mods
+                      if x in ("64", "128", "U16", "S16", "U8", "S8", "16", "8")), 32)
             key = "sass_" + m.group(1)
             out[key][w] = out[key].get(w, 0) + 1
             out["sass_lines"].append(re.sub(r"/\*\s*[0-9a-fx]+\s*\*/", "", line).strip())
@@ -380,6 +385,55 @@ def check_real(tk, dt: str, arch: int, **flags) -> dict:
     return evidence(res, spec["momentum"], spec["lr"])
 
 
+REAL_LIST_KERNEL = "_sgd_list_kernel"
+
+
+def real_list_spec(tk, dt: str, **flags) -> dict:
+    """(fn, signature, constexprs) for momentum_cuda.triton_kernels._sgd_list_kernel, the
+    pointer-table kernel: two int64 table pointers (rows, block map), the fp64 scalars, and the
+    element type as the DTYPE constexpr (the table's addresses are cast to it in-kernel)."""
+    import triton.language as tl
+
+    fn = getattr(tk, REAL_LIST_KERNEL)
+    sig = {n: ("*i64" if n.endswith("_ptr") else "fp64") for n in fn.arg_names}
+    ce = dict(MAXIMIZE=False, WEIGHT_DECAY=False, MOMENTUM=True, NESTEROV=False,
+              FIRST_STEP=False, KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dt], OPMATH=tl.float32,
+              DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dt],
+              BLOCK=getattr(tk, "BLOCK_SIZE", 1024))
+    ce.update(flags)
+    for k in ce:
+        sig[k] = "constexpr"
+    return {"fn": fn, "signature": sig, "constexprs": ce,
+            "momentum": param_index(fn, sig, REAL_MOMENTUM_ARG),
+            "lr": param_index(fn, sig, REAL_LR_ARG),
+            "num_warps": getattr(tk, "NUM_WARPS", 4)}
+
+
+def list_evidence(res: AotResult, momentum_param, lr_param=None) -> dict:
+    """The list kernel's evidence: the FMA contract as for the flat kernel, and its memory
+    accesses. The element pointers come from the int64 table (int -> pointer casts) and carry
+    no alignment guarantee, so 128-bit accesses are NOT expected: the data accesses are one
+    element wide (32-bit fp32, 16-bit bf16), plus 64-bit loads of the table entries."""
+    fok, fma = check_fma_contract(res, momentum_param, lr_param)
+    sok, sas = check_sass_mul_kept(res, fma.get("n_mul_by_momentum", 0))
+    ops = memory_ops(res.ptx, res.sass)
+    return {"arch": f"sm_{res.arch}", "enable_fp_fusion": res.enable_fp_fusion,
+            "compile_s": round(res.compile_s, 3),
+            "memory_widths": {k: ops[k] for k in ("ptx_ld", "ptx_st", "sass_LDG", "sass_STG")},
+            "ptx_load_example": ops["ptx_ld_lines"][:3],
+            "fma_ok": fok, "fma_problems": fma["problems"], "mul_fma_example": fma["snippet"],
+            "n_mul_by_momentum": fma.get("n_mul_by_momentum"), "n_fma_f32": fma.get("n_fma_f32"),
+            "lr_fma_example": (fma.get("lr_fmas") or [None])[0],
+            "sass_mul_kept": sok, "sass_arith": sas}
+
+
+def check_real_list(tk, dt: str, arch: int, **flags) -> dict:
+    spec = real_list_spec(tk, dt, **flags)
+    res = compile_aot(spec["fn"], spec["signature"], spec["constexprs"], arch,
+                      num_warps=spec["num_warps"])
+    return list_evidence(res, spec["momentum"], spec["lr"])
+
+
 def _main() -> int:
     import json
 
@@ -391,6 +445,11 @@ def _main() -> int:
             e = check_real(tk, dt, arch)
             ok &= e["vector_io_ok"] and e["fma_ok"] and e["sass_mul_kept"]
             print(json.dumps({f"{dt} sm_{arch}": e}, indent=1, default=str))
+    for dt in ("fp32", "bf16"):
+        for arch in (80, 90):
+            e = check_real_list(tk, dt, arch)
+            ok &= e["fma_ok"] and e["sass_mul_kept"] and e["enable_fp_fusion"] is False
+            print(json.dumps({f"list kernel {dt} sm_{arch}": e}, indent=1, default=str))
     print("ALL OK" if ok else "FAILED")
     return 0 if ok else 1
 
