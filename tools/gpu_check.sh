@@ -38,8 +38,12 @@ done
 step "device-to-device copy bandwidth (the flat step should reach >= 90 % of it)"
 $PY tools/gpu_bandwidth.py 2>&1 | tee -a "$out" || status=1
 
-step "step benchmark (100 M fp32 params; 8 and 2000 tensors)"
-$PY benchmarks/bench_step.py --device cuda --numel 100000000 --tensors 8 2000 2>&1 | tail -30 | tee -a "$out"
+step "step benchmark: every implementation, 4 layouts, fp32 and bf16, 1M-100M params (CUDA events, CUDA graphs up to 10M)"
+$PY -m momentum_cuda bench --device cuda --params 1M 10M 100M --out benchmarks/results 2>&1 | tail -80 | tee -a "$out"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "step benchmark at 1B params (few large tensors; fewer implementations, to fit in memory)"
+$PY -m momentum_cuda bench --device cuda --params 1B --layouts few-large --impls mc-flat-cuda torch-foreach torch-fused --out benchmarks/results 2>&1 | tail -30 | tee -a "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "result: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
