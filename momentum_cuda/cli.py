@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("--json", action="store_true", help="print it as JSON")
     p_info.set_defaults(func=_info)
     p_demo = sub.add_parser("demo", help="bitwise check vs torch, plain SGD vs momentum, a plot, "
-                            "then bench --quick", description=demo.__doc__.split("\n", 1)[0])
+                            "then bench --quick", description=demo.DESCRIPTION)
     demo.add_arguments(p_demo)
     p_demo.set_defaults(func=_demo)
     return parser

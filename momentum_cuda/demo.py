@@ -44,6 +44,9 @@ DEFAULT_EPOCHS = 10
 BATCH = 32
 SEED = 0
 PNG_NAME = "demo-loss.png"
+DESCRIPTION = ("Train a small MLP on scikit-learn's digits with torch.optim.SGD and "
+               "momentum_cuda.SGD side by side (bitwise check every epoch), compare plain SGD with momentum, plot "
+               f"the losses to <out>/{PNG_NAME}, then run `momentum-cuda bench --quick`.")
 # (a): the hyper-parameters where torch's for-loop does the most work (nesterov + weight decay).
 HYPER = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 # (b): plain SGD's learning rate a and the momentum b (see the module doc for the EMA form's lr).
@@ -215,7 +218,8 @@ def compare(k: int | None, k_ref: int | None) -> tuple[bool, str]:
         return True, f"faster: {steps} ({k_ref / k:.1f}x fewer)"
     if k >= CLEAR_RATIO * k_ref:
         return False, f"slower: {steps} ({k / k_ref:.1f}x more)"
-    return False, f"about as fast: {steps} (within {CLEAR_RATIO:g}x: no clear difference in one run)"
+    return False, (f"about as fast: {steps} (within {CLEAR_RATIO:g}x: no clear difference in "
+                   "one run)")
 
 
 def convergence_report(curves: dict, reach: dict, spe: int) -> list[str]:
@@ -247,8 +251,8 @@ def part_b(data, test, epochs: int) -> tuple[dict, dict]:
         HEAVY: lambda ps: momentum_cuda.SGD(ps, lr=LR, momentum=b),
         CONTROL: lambda ps: momentum_cuda.SGD(ps, lr=LR / (1 - b))})
     spe = steps_per_epoch(len(data[0]))
-    print(f"\n== (b) plain SGD vs momentum: same MLP initialisation, same batches, {epochs} epochs; "
-          f"loss on the full training set ({len(data[0])} images) after every step")
+    print(f"\n== (b) plain SGD vs momentum: same MLP initialisation, same batches, {epochs} "
+          f"epochs; loss on the full training set ({len(data[0])} images) after every step")
     print(f"   EMA form lr = a/(1-b) = {LR:g}/(1-{b:g}) takes heavy-ball SGD's steps (lr a): the "
           f"two differ by rounding only")
     short = {PLAIN: "plain", EMA: "EMA", HEAVY: "SGD+mom", CONTROL: "control"}
@@ -397,8 +401,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m momentum_cuda.demo [options]`: the same as `momentum-cuda demo [options]`."""
-    parser = argparse.ArgumentParser(prog="python -m momentum_cuda.demo",
-                                     description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(prog="python -m momentum_cuda.demo", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
