@@ -46,7 +46,8 @@ SEED = 0
 PNG_NAME = "demo-loss.png"
 DESCRIPTION = ("Train a small MLP on scikit-learn's digits with torch.optim.SGD and "
                "momentum_cuda.SGD side by side (bitwise check every epoch), compare plain SGD "
-               f"with momentum, plot the losses to <out>/{PNG_NAME}, then run `momentum-cuda bench --quick`.")
+               f"with momentum, plot the losses to <out>/{PNG_NAME}, then run "
+               "`momentum-cuda bench --quick`.")
 # (a): the hyper-parameters where torch's for-loop does the most work (nesterov + weight decay).
 HYPER = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 # (b): plain SGD's learning rate a and the momentum b (see the module doc for the EMA form's lr).
