@@ -560,14 +560,14 @@ def csv_rows(doc: dict):
 
 
 def plot(doc: dict, path: Path, labels: dict) -> None:
-    """GB/s against total size, one panel per (dtype, layout), one line per implementation,
-    the bandwidth probe dashed."""
+    """GB/s (log) against total size, one panel per (dtype, layout), one line per
+    implementation (dotted: its CUDA-graph replay), the bandwidth probe dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cases = doc["cases"]
-    dtypes = sorted({c["dtype"] for c in cases})
+    dtypes = [d for d in DTYPES if any(c["dtype"] == d for c in cases)]
     layouts = [lay for lay in LAYOUTS if any(c["layout"] == lay for c in cases)]
     fig, axes = plt.subplots(len(dtypes), len(layouts), squeeze=False,
                              figsize=(4.2 * len(layouts), 3.6 * len(dtypes) + 0.9))
@@ -592,6 +592,7 @@ def plot(doc: dict, path: Path, labels: dict) -> None:
                 ax.plot(x, [c["bandwidth_probe"]["gbps"] for c in cs], "k--", marker="x",
                         label="memory bandwidth (in-place a.add_(b))")
             ax.set_xscale("log")
+            ax.set_yscale("log")  # launch-bound and bandwidth-bound cases differ by 100x
             ax.set_title(f"{layout}, {dtype}", fontsize=10)
             ax.set_xlabel("total parameters")
             ax.set_ylabel("effective GB/s (5 accesses/param)")
