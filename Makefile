@@ -57,11 +57,14 @@ cuda-ext-check: $(CUDA_STAMP)
 gpu-check:
 	bash tools/gpu_check.sh
 
+# The demo (training side by side, convergence, loss PNG) and then `bench --quick`; files go
+# to ./momentum-cuda-out (git-ignored).
 demo: build
-	$(VPY) -m momentum_cuda.demo
+	$(VPY) -m momentum_cuda demo
 
+# The full benchmark on this machine's CPU (or its GPU); results are meant to be committed.
 bench: build
-	$(VPY) benchmarks/bench_step.py
+	$(VPY) -m momentum_cuda bench --out benchmarks/results
 
 clean:
 	rm -rf build $(VENV) $(CUDA_VENV) momentum_cuda/*.so *.egg-info

@@ -12,11 +12,17 @@ def _run(args):
                           timeout=600)
 
 
-def test_bench_quick_checks_bits_and_runs():
-    r = _run(["benchmarks/bench_step.py", "--quick", "--no-json"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "bitwise check: momentum_cuda flat and per-tensor == torch for-loop" in r.stdout
-    assert "flat = 1 kernel call" in r.stdout
+def test_bench_entry_points_run_and_check_bits(tmp_path):
+    """`make bench`'s command and the old script path both reach momentum_cuda.bench.main (its
+    behaviour is tested in tests/test_bench.py); a tiny case, files written."""
+    tiny = ["--quick", "--params", "3000", "--layouts", "few-large", "--dtypes", "float32",
+            "--rounds", "2"]
+    for entry in (["-m", "momentum_cuda", "bench"], ["benchmarks/bench_step.py"]):
+        out = tmp_path / entry[-1].replace("/", "_")
+        r = _run([*entry, *tiny, "--out", str(out)])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "momentum_cuda flat (cpu)" in r.stdout and "== for-loop" in r.stdout
+        assert sorted(p.suffix for p in out.iterdir()) == [".csv", ".json", ".png"]
 
 
 def test_demo_is_bitwise_equal_every_epoch(tmp_path):
