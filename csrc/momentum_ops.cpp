@@ -305,7 +305,9 @@ void cuda_sgd_step_list_(const std::vector<at::Tensor>& params,
 }
 #endif
 
-std::string isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "default"; }
+std::string isa_name(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "default";
+}
 
 }  // namespace
 }  // namespace momentum_cuda
@@ -334,13 +336,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
         py::arg("maximize"), py::arg("first_step"));
   m.def("cpu_isa", [] { return mc::isa_name(mc::cpu_isa()); },
-        "The instruction set the CPU kernel uses now: 'avx2' or 'default'.");
+        "The instruction set the CPU kernel uses now: 'avx512' (bf16/fp16 only; fp32/fp64 run "
+        "the avx2 code), 'avx2' or 'default'.");
   m.def(
       "set_cpu_isa",
       [](const std::string& name) {
-        const mc::CpuIsa isa = name == "avx2" ? mc::CpuIsa::kAvx2 : mc::CpuIsa::kDefault;
-        TORCH_CHECK(name == "avx2" || name == "default",
-                    "isa must be 'avx2' or 'default', got '", name, "'");
+        TORCH_CHECK(name == "avx512" || name == "avx2" || name == "default",
+                    "isa must be 'avx512', 'avx2' or 'default', got '", name, "'");
+        const mc::CpuIsa isa = name == "avx512" ? mc::CpuIsa::kAvx512
+                               : name == "avx2" ? mc::CpuIsa::kAvx2
+                                                : mc::CpuIsa::kDefault;
         TORCH_CHECK(mc::cpu_isa_available(isa), "isa='", name, "' is not supported by this CPU");
         const std::string old = mc::isa_name(mc::cpu_isa());
         mc::set_cpu_isa(isa);

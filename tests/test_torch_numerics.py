@@ -397,7 +397,7 @@ def probe() -> dict:
         grads = [_randn(5000, gen, dtype) for _ in range(3)]
         ref = _torch_sgd_steps(p0, grads, **h)
         ok = {}
-        for isa in ("default", "avx2"):
+        for isa in ("default", "avx2", "avx512"):
             try:
                 prev = _C.set_cpu_isa(isa)
             except RuntimeError:

@@ -79,6 +79,12 @@ __attribute__((target("avx2,fma,f16c"))) void span_loop_avx2(const Span& sp, int
 }
 
 template <class T, uint32_t F, class Add>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void span_loop_avx512(
+    const Span& sp, int64_t begin, int64_t end, const Scalars<T>& s) {
+  span_loop<T, F, Add>(sp, begin, end, s);
+}
+
+template <class T, uint32_t F, class Add>
 void span_loop_default(const Span& sp, int64_t begin, int64_t end, const Scalars<T>& s) {
   span_loop<T, F, Add>(sp, begin, end, s);
 }
@@ -94,7 +100,10 @@ LoopFn<T> pick_loop(uint32_t flags, CpuIsa isa) {
   } else {
     if constexpr (flags_valid(F)) {
       if (flags == F) {
-        return isa == CpuIsa::kAvx2 ? &span_loop_avx2<T, F, Add> : &span_loop_default<T, F, Add>;
+        if constexpr (kNarrow<T>) {
+          if (isa == CpuIsa::kAvx512) return &span_loop_avx512<T, F, Add>;
+        }
+        return isa != CpuIsa::kDefault ? &span_loop_avx2<T, F, Add> : &span_loop_default<T, F, Add>;
       }
     }
     return pick_loop<T, Add, F + 1>(flags, isa);
@@ -105,6 +114,13 @@ bool cpu_has_avx2() {
   __builtin_cpu_init();  // needed when called during static initialization (GCC manual)
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           __builtin_cpu_supports("f16c");
+  return has;
+}
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return has;
 }
 
@@ -131,12 +147,16 @@ bool torch_uses_fma() {
   return fma;
 }
 
-std::atomic<CpuIsa> g_isa{cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kDefault};
+std::atomic<CpuIsa> g_isa{cpu_has_avx512() ? CpuIsa::kAvx512
+                          : cpu_has_avx2() ? CpuIsa::kAvx2
+                                           : CpuIsa::kDefault};
 
 }  // namespace
 
 CpuIsa cpu_isa() { return g_isa.load(); }
-bool cpu_isa_available(CpuIsa isa) { return isa == CpuIsa::kDefault || cpu_has_avx2(); }
+bool cpu_isa_available(CpuIsa isa) {
+  return isa == CpuIsa::kDefault || (isa == CpuIsa::kAvx2 ? cpu_has_avx2() : cpu_has_avx512());
+}
 void set_cpu_isa(CpuIsa isa) { g_isa.store(isa); }
 
 template <class T>

@@ -81,10 +81,13 @@ std::string flag_name(uint32_t f) {
   if (f & kFirst) s += "first|";
   return s.empty() ? "none" : s.substr(0, s.size() - 1);
 }
-const char* isa_name(mc::CpuIsa i) { return i == mc::CpuIsa::kAvx2 ? "avx2" : "default"; }
+const char* isa_name(mc::CpuIsa i) {
+  return i == mc::CpuIsa::kAvx512 ? "avx512" : i == mc::CpuIsa::kAvx2 ? "avx2" : "default";
+}
 std::vector<mc::CpuIsa> isas() {
   std::vector<mc::CpuIsa> v{mc::CpuIsa::kDefault};
   if (mc::cpu_isa_available(mc::CpuIsa::kAvx2)) v.push_back(mc::CpuIsa::kAvx2);
+  if (mc::cpu_isa_available(mc::CpuIsa::kAvx512)) v.push_back(mc::CpuIsa::kAvx512);
   return v;
 }
 template <class T>
@@ -302,7 +305,8 @@ void group_spans() {
   std::printf("spans: %d cases of 100 spans (threads 1,2 x ISAs x flags x fp32/fp64)\n", cases);
 }
 
-/// bf16/fp16: the default-ISA kernel and the AVX2 kernel give the same bits.
+/// bf16/fp16: the default-ISA kernel, the AVX2 kernel and (where the CPU has it) the AVX-512
+/// kernel give the same bits.
 template <class T>
 int narrow_isa_pair(const Layout& L, uint32_t base, const Hyper& hy, int threads, uint64_t seed) {
   at::set_num_threads(threads);
@@ -312,7 +316,7 @@ int narrow_isa_pair(const Layout& L, uint32_t base, const Hyper& hy, int threads
   fill(db, r);
   const std::vector<T> p0 = dp;
   const std::vector<T> b0 = db;
-  std::vector<T> ap = dp, ab = db;
+  std::vector<T> ap = dp, ab = db, xp = dp, xb = db;
   for (int step = 0; step < 3; ++step) {
     fill(g, r);
     const mc::StepHyper h = step_hyper(hy, step_flags(base, step));
@@ -323,6 +327,12 @@ int narrow_isa_pair(const Layout& L, uint32_t base, const Hyper& hy, int threads
     std::string first;
     int64_t d = count_diff(dp, ap, "param", &first);
     if (d == 0) d = count_diff(db, ab, "buf", &first);
+    if (mc::cpu_isa_available(mc::CpuIsa::kAvx512)) {  // the AVX-512 clone: same bits again
+      mc::set_cpu_isa(mc::CpuIsa::kAvx512);
+      kernel_step(xp, xb, g, L, h);
+      if (d == 0) d = count_diff(dp, xp, "param (avx512)", &first);
+      if (d == 0) d = count_diff(db, xb, "buf (avx512)", &first);
+    }
     if (d == 0 && step == 0 && (h.flags & kFirst) && !(h.flags & kWd)) {
       // Position-independent and exact: the first step copies the (negated) gradient into
       // buf in every span element and touches nothing between spans.
@@ -335,7 +345,7 @@ int narrow_isa_pair(const Layout& L, uint32_t base, const Hyper& hy, int threads
     CHECK(d == 0, std::string(type_name<T>()) + " " + L.desc + " flags=" + flag_name(h.flags) +
                       " threads=" + std::to_string(threads) + " step=" + std::to_string(step) +
                       ": " + std::to_string(d) + " elements differ, first " + first +
-                      " (default vs avx2, or vs buf = g on the first step)");
+                      " (default vs avx2 vs avx512, or vs buf = g on the first step)");
     if (d != 0) return 1;
   }
   // Not a no-op (a single bf16 element may legitimately not move: lr*g below half an ulp).
