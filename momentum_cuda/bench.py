@@ -563,6 +563,7 @@ def plot(doc: dict, path: Path, labels: dict) -> None:
     """GB/s (log) against total size, one panel per (dtype, layout), one line per
     implementation (dotted: its CUDA-graph replay), the bandwidth probe dashed."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -593,6 +594,10 @@ def plot(doc: dict, path: Path, labels: dict) -> None:
                         label="memory bandwidth (in-place a.add_(b))")
             ax.set_xscale("log")
             ax.set_yscale("log")  # launch-bound and bandwidth-bound cases differ by 100x
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_title(f"{layout}, {dtype}", fontsize=10)
             ax.set_xlabel("total parameters")
             ax.set_ylabel("effective GB/s (5 accesses/param)")
