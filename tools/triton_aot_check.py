@@ -351,12 +351,27 @@ REAL_MOMENTUM_ARG = "m_mul"   # buf * m_mul (nesterov uses the separate m_add)
 REAL_LR_ARG = "neg_lr"
 
 
-def real_flat_spec(tk, dt: str, **flags) -> dict:
-    """(fn, signature, constexprs) for momentum_cuda.triton_kernels._sgd_flat_kernel with the
-    scalar types and constexprs its _launch uses; ``dt`` is "fp32" or "bf16". Default flags:
-    momentum on, not the first step, no nesterov / weight decay / maximize."""
+def _real_spec(tk, fn, sig: dict, dt: str, flags: dict, **extra_constexprs) -> dict:
+    """The part both real kernels share: the constexprs _launch passes (default flags: momentum
+    on, not the first step, no nesterov / weight decay / maximize), their signature entries, and
+    where the momentum and lr scalars sit."""
     import triton.language as tl
 
+    ce = dict(MAXIMIZE=False, WEIGHT_DECAY=False, MOMENTUM=True, NESTEROV=False,
+              FIRST_STEP=False, KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dt], OPMATH=tl.float32,
+              **extra_constexprs, BLOCK=getattr(tk, "BLOCK_SIZE", 1024))
+    ce.update(flags)
+    for k in ce:
+        sig[k] = "constexpr"
+    return {"fn": fn, "signature": sig, "constexprs": ce,
+            "momentum": param_index(fn, sig, REAL_MOMENTUM_ARG),
+            "lr": param_index(fn, sig, REAL_LR_ARG),
+            "num_warps": getattr(tk, "NUM_WARPS", 4)}
+
+
+def real_flat_spec(tk, dt: str, **flags) -> dict:
+    """(fn, signature, constexprs) for momentum_cuda.triton_kernels._sgd_flat_kernel with the
+    scalar types and constexprs its _launch uses; ``dt`` is "fp32" or "bf16"."""
     fn = getattr(tk, REAL_FLAT_KERNEL)
     sig = {}
     for name in fn.arg_names:
@@ -366,16 +381,7 @@ def real_flat_spec(tk, dt: str, **flags) -> dict:
             sig[name] = "i32"
         else:
             sig[name] = "fp64"
-    ce = dict(MAXIMIZE=False, WEIGHT_DECAY=False, MOMENTUM=True, NESTEROV=False,
-              FIRST_STEP=False, KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dt], OPMATH=tl.float32,
-              BLOCK=getattr(tk, "BLOCK_SIZE", 1024))
-    ce.update(flags)
-    for k in ce:
-        sig[k] = "constexpr"
-    return {"fn": fn, "signature": sig, "constexprs": ce,
-            "momentum": param_index(fn, sig, REAL_MOMENTUM_ARG),
-            "lr": param_index(fn, sig, REAL_LR_ARG),
-            "num_warps": getattr(tk, "NUM_WARPS", 4)}
+    return _real_spec(tk, fn, sig, dt, flags)
 
 
 def check_real(tk, dt: str, arch: int, **flags) -> dict:
@@ -396,17 +402,8 @@ def real_list_spec(tk, dt: str, **flags) -> dict:
 
     fn = getattr(tk, REAL_LIST_KERNEL)
     sig = {n: ("*i64" if n.endswith("_ptr") else "fp64") for n in fn.arg_names}
-    ce = dict(MAXIMIZE=False, WEIGHT_DECAY=False, MOMENTUM=True, NESTEROV=False,
-              FIRST_STEP=False, KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dt], OPMATH=tl.float32,
-              DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dt],
-              BLOCK=getattr(tk, "BLOCK_SIZE", 1024))
-    ce.update(flags)
-    for k in ce:
-        sig[k] = "constexpr"
-    return {"fn": fn, "signature": sig, "constexprs": ce,
-            "momentum": param_index(fn, sig, REAL_MOMENTUM_ARG),
-            "lr": param_index(fn, sig, REAL_LR_ARG),
-            "num_warps": getattr(tk, "NUM_WARPS", 4)}
+    return _real_spec(tk, fn, sig, dt, flags,
+                      DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dt])
 
 
 def list_evidence(res: AotResult, momentum_param, lr_param=None) -> dict:

@@ -21,16 +21,11 @@ using mc_test::hex;
 
 namespace {
 
-float f_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 uint16_t c10_bits(float f) { return c10::BFloat16(f).x; }
 
 /// Compares one pattern; returns true when equal.
 bool same(uint32_t u) {
-  const float f = f_of(u);
+  const float f = mc::mc_bits_float(u);
   return mc::mc_float_to_bf16_bits(f) == c10_bits(f);
 }
 
@@ -88,12 +83,12 @@ void group_specials() {
       {0xffffffffu, 0x7fc0, "all-ones NaN (would wrap to 0 if unchecked)"},
   };
   for (const Case& c : cases) {
-    const uint16_t ours = mc::mc_float_to_bf16_bits(f_of(c.in));
+    const uint16_t ours = mc::mc_float_to_bf16_bits(mc::mc_bits_float(c.in));
     CHECK(ours == c.want, std::string(c.what) + ": " + hex(c.in) + " -> " + hex(ours) +
                               ", expected " + hex(c.want));
-    CHECK(c10_bits(f_of(c.in)) == c.want, std::string("c10 disagrees with the stated answer: ") +
-                                              c.what + ": " + hex(c.in) + " -> " +
-                                              hex(c10_bits(f_of(c.in))));
+    const uint16_t theirs = c10_bits(mc::mc_bits_float(c.in));
+    CHECK(theirs == c.want, std::string("c10 disagrees with the stated answer: ") + c.what +
+                                ": " + hex(c.in) + " -> " + hex(theirs));
   }
   std::printf("specials: %zu hand-written cases\n", sizeof cases / sizeof cases[0]);
 }
@@ -107,8 +102,9 @@ void group_sample() {
   const auto one = [&](uint32_t u) {
     ++n;
     if (!same(u) && bad++ < 10) {
-      CHECK(false, "float " + hex(u) + " -> " + hex(mc::mc_float_to_bf16_bits(f_of(u))) +
-                       ", c10 gives " + hex(c10_bits(f_of(u))));
+      const float f = mc::mc_bits_float(u);
+      CHECK(false, "float " + hex(u) + " -> " + hex(mc::mc_float_to_bf16_bits(f)) +
+                       ", c10 gives " + hex(c10_bits(f)));
     }
   };
   for (uint32_t hi = 0; hi < 65536; ++hi) {

@@ -22,11 +22,6 @@ using mc_test::hex;
 
 namespace {
 
-float f_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 uint16_t c10_bits(float f) { return c10::Half(f).x; }
 
 void group_round_trip() {
@@ -49,7 +44,7 @@ void group_exhaustive() {
   int64_t bad = 0;
   uint32_t u = 0;
   do {
-    const float f = f_of(u);
+    const float f = mc::mc_bits_float(u);
     const uint16_t ours = mc::mc_float_to_fp16_bits(f);
     if (ours != c10_bits(f) && bad++ < 10) {
       CHECK(false, "float " + hex(u) + " -> " + hex(ours) + ", c10 gives " + hex(c10_bits(f)));
@@ -89,11 +84,12 @@ void group_specials() {
       {0x7f800001u, 0x7e00, "signalling NaN with a low payload stays NaN"},
   };
   for (const Case& c : cases) {
-    const uint16_t ours = mc::mc_float_to_fp16_bits(f_of(c.in));
+    const uint16_t ours = mc::mc_float_to_fp16_bits(mc::mc_bits_float(c.in));
     CHECK(ours == c.want, std::string(c.what) + ": " + hex(c.in) + " -> " + hex(ours) +
                               ", expected " + hex(c.want));
-    CHECK(c10_bits(f_of(c.in)) == c.want, std::string("c10 disagrees with the stated answer: ") +
-                                              c.what + ": " + hex(c10_bits(f_of(c.in))));
+    const uint16_t theirs = c10_bits(mc::mc_bits_float(c.in));
+    CHECK(theirs == c.want,
+          std::string("c10 disagrees with the stated answer: ") + c.what + ": " + hex(theirs));
   }
   std::printf("specials: %zu hand-written cases\n", sizeof cases / sizeof cases[0]);
 }
