@@ -1,8 +1,11 @@
 """GPU tests: momentum_cuda on CUDA tensors (CUDA and Triton backends), bitwise against
-torch.optim.SGD(foreach=False) on the same GPU and dtype. They skip where no GPU is visible or the CUDA kernel is not built (this
-machine, CI); `make gpu-check` runs them on a GPU. The kernels themselves run here too, through
-the host emulation of tests/test_cuda_host.py."""
+torch.optim.SGD(foreach=False) on the same GPU and dtype, and every step's backend and path
+asserted (a silent fallback to torch's own ops fails). They skip where no GPU is visible or a
+backend is not built (this machine, CI), except under MOMENTUM_CUDA_REQUIRE_GPU=1, which the GPU
+check (tools/gpu_check.py) sets: there a skip would hide a broken build, so it fails instead.
+The kernels themselves run here too, through the host emulation of tests/test_cuda_host.py."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -10,11 +13,28 @@ import torch
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a visible GPU")
+REQUIRE_GPU = os.environ.get("MOMENTUM_CUDA_REQUIRE_GPU") == "1"
+
+
+def _missing(what: bool, reason: str):
+    """A skip mark where `what` is missing, or a failing one under MOMENTUM_CUDA_REQUIRE_GPU=1."""
+    if REQUIRE_GPU and what:
+        return pytest.mark.usefixtures("_fail_missing")
+    return pytest.mark.skipif(what, reason=reason)
+
+
+@pytest.fixture
+def _fail_missing(request):
+    pytest.fail(f"MOMENTUM_CUDA_REQUIRE_GPU=1 but {request.node.name} cannot run here: "
+                f"GPU visible: {torch.cuda.is_available()}; backends: "
+                f"{momentum_cuda.available_backends()}")
+
+
+pytestmark = _missing(not torch.cuda.is_available(), "needs a visible GPU")
 # Each GPU backend that this install has; a missing one is a skip that says why.
-BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
-    not momentum_cuda.available_backends()[name][0],
-    reason=momentum_cuda.available_backends()[name][1])) for name in ("cuda", "triton")]
+BACKENDS = [pytest.param(name, marks=_missing(not momentum_cuda.available_backends()[name][0],
+                                              momentum_cuda.available_backends()[name][1]))
+            for name in ("cuda", "triton")]
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 HYPER = [dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
@@ -33,7 +53,7 @@ def _twins(sizes, dtype, seed):
             [torch.nn.Parameter(v.clone()) for v in vals])
 
 
-def _run(ours, ref, opt, topt, dtype, seed, backend="cuda"):
+def _run(ours, ref, opt, topt, dtype, seed, backend, flat):
     g = torch.Generator(device="cpu").manual_seed(seed)
     for step in range(STEPS):
         grads = [torch.randn(p.shape, generator=g).to(dtype).cuda() for p in ours]
@@ -45,12 +65,14 @@ def _run(ours, ref, opt, topt, dtype, seed, backend="cuda"):
             q.grad = gr.clone()
         opt.step()
         topt.step()
+        got = [(e["backend"], e["path"]) for e in opt.last_step]
+        assert got == [(backend, "flat" if flat else "per-tensor")], \
+            f"step {step + 1}: calls {opt.last_step}"
         for i, (p, q) in enumerate(zip(ours, ref)):
             assert torch.equal(p, q), f"step {step + 1} param {i} ({dtype}) differs"
             if "momentum_buffer" in topt.state[q]:
                 assert torch.equal(opt.state[p]["momentum_buffer"],
                                    topt.state[q]["momentum_buffer"])
-    assert {e["backend"] for e in opt.last_step} <= {backend, "torch"}
 
 
 @pytest.mark.parametrize("flat", [True, False])
@@ -62,7 +84,7 @@ def test_sgd_bitwise_vs_torch_forloop(backend, hyper, dtype, sizes, flat):
     ours, ref = _twins(sizes, dtype, seed=1)
     opt = momentum_cuda.SGD(ours, lr=0.05, backend=backend, flat=flat, **hyper)
     topt = torch.optim.SGD(ref, lr=0.05, foreach=False, **hyper)
-    _run(ours, ref, opt, topt, dtype, seed=2, backend=backend)
+    _run(ours, ref, opt, topt, dtype, seed=2, backend=backend, flat=flat)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -70,8 +92,9 @@ def test_sgd_bitwise_vs_torch_foreach(dtype):
     """fp32/fp64: torch's foreach path gives the for-loop's bits, so ours too."""
     ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=3)
     h = dict(momentum=0.9, weight_decay=1e-2, nesterov=True)
-    _run(ours, ref, momentum_cuda.SGD(ours, lr=0.05, **h),
-         torch.optim.SGD(ref, lr=0.05, foreach=True, **h), dtype, seed=4)
+    opt = momentum_cuda.SGD(ours, lr=0.05, **h)
+    _run(ours, ref, opt, torch.optim.SGD(ref, lr=0.05, foreach=True, **h), dtype, seed=4,
+         backend=opt.backend, flat=True)
 
 
 @pytest.mark.parametrize("flat", [True, False])
@@ -81,7 +104,7 @@ def test_momentum_bitwise_vs_reference(backend, dtype, flat):
     ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=5)
     h = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
     _run(ours, ref, momentum_cuda.Momentum(ours, flat=flat, backend=backend, **h),
-         MomentumReference(ref, **h), dtype, seed=6, backend=backend)
+         MomentumReference(ref, **h), dtype, seed=6, backend=backend, flat=flat)
 
 
 def test_default_backend_on_cuda():

@@ -1,10 +1,15 @@
-"""Evidence step 4 of the CUDA backend, without a GPU: build the full extension (CPU + CUDA
-kernels) against a CUDA build of torch, import it on this GPU-less machine, and check that the
-CUDA entry points exist and reject CPU tensors with a clear error.
+"""The full extension (CPU + CUDA kernels) built against a CUDA build of torch: it imports (on a
+machine without a GPU too), has the CUDA entry points, rejects CPU tensors with a clear error and
+changes nothing, and its CPU kernel gives this torch's SGD bits.
 
-Usage: python tools/cuda_ext_check.py  (run with the interpreter of a CUDA build of torch;
-`make cuda-ext-check` makes .venv-cuda with torch 2.14.1 cu13 for it). Exits non-zero on failure.
+    python tools/cuda_ext_check.py              # builds into build/cuda-ext, then checks it
+    python tools/cuda_ext_check.py --installed  # checks momentum_cuda._C as built in place
+
+Run it with the interpreter of a CUDA build of torch. The GPU check's build stage
+(tools/gpu_check.py, dry in `make test` with torch 2.11 cu130) uses --installed after
+`setup.py build_ext --inplace`. Exits non-zero on failure.
 """
+import argparse
 import glob
 import importlib.util
 import os
@@ -23,11 +28,20 @@ def fail(msg: str) -> None:
     sys.exit(f"cuda_ext_check: FAILED: {msg}")
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--installed", action="store_true",
+                    help="check momentum_cuda._C as built in place instead of building")
+    args = ap.parse_args(argv)
     print(f"cuda_ext_check: torch {torch.__version__} (CUDA {torch.version.cuda}), "
           f"GPU visible: {torch.cuda.is_available()}")
     if torch.version.cuda is None:
         fail("this interpreter's torch is a CPU build; run it with a CUDA build of torch")
+    if args.installed:
+        sys.path.insert(0, ROOT)
+        from momentum_cuda import _C as C
+        print(f"  checking {C.__file__}")
+        return check(C)
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         # The project's machines and CI have nvcc; elsewhere say so instead of failing, but
         # never in CI, where a missing toolkit must not pass unnoticed.
@@ -54,6 +68,10 @@ def main() -> int:
     C = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(C)
     print(f"  imported {so[0]}")
+    return check(C)
+
+
+def check(C) -> int:
     if C.built_with_cuda is not True:
         fail("built_with_cuda is not True")
     for name in ("cuda_sgd_step_flat_", "cuda_sgd_step_list_", "cpu_sgd_step_flat_"):

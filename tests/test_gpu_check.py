@@ -1,0 +1,193 @@
+"""tools/gpu_check.py's plumbing, with stand-in stages (the real stages run in `make
+gpu-check-dry`, part of `make test`): stage timeouts kill whole process groups and keep the
+output so far, the deadline skips what no longer fits, a failed required stage stops the run,
+the summary is rewritten after every stage (a run killed mid-stage leaves it), the file plan is
+enforced, and the sanitizer's output is judged right."""
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+gc = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_check"] = gc  # dataclasses look their module up there
+_spec.loader.exec_module(gc)
+
+
+def _py(code: str) -> list:
+    return [sys.executable, "-c", code]
+
+
+def _stage(name, budget, body, required=False):
+    return gc.Stage(name, budget, budget, body, required=required)
+
+
+def _ok(ctx):
+    r = ctx.run(_py("print('hello from a stage')"))
+    return (gc.PASS if r.rc == 0 else gc.FAIL), "said hello"
+
+
+def _fail(ctx):
+    ctx.run(_py("import sys; print('broken'); sys.exit(3)"))
+    return gc.FAIL, "exit 3"
+
+
+def _hang(ctx):
+    # A grandchild in the same process group must die with its parent.
+    ctx.run(_py("import subprocess, sys, time; print('partial output', flush=True); "
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                "time.sleep(60)"))
+    return gc.PASS, "should not pass"
+
+
+def _run(monkeypatch, tmp_path, stages, *args):
+    monkeypatch.setattr(gc, "STAGES", tuple(stages))
+    rc = gc.main(["--out", str(tmp_path), *args])
+    return rc, (tmp_path / "summary.txt").read_text(), (tmp_path / "check.log").read_text()
+
+
+def test_all_pass(monkeypatch, tmp_path, capsys):
+    rc, summary, log = _run(monkeypatch, tmp_path, [_stage("a", 10, _ok), _stage("b", 10, _ok)])
+    assert rc == 0
+    assert "[PASS   ] a" in summary and "[PASS   ] b" in summary
+    assert summary.rstrip().endswith("RESULT: PASS")
+    assert log.splitlines().count("hello from a stage") == 2
+    assert "RESULT: PASS" in capsys.readouterr().out  # printed last
+
+
+def test_timeout_kills_the_group_and_keeps_the_output(monkeypatch, tmp_path):
+    t0 = time.monotonic()
+    rc, summary, log = _run(monkeypatch, tmp_path,
+                            [_stage("slow", 2, _hang), _stage("after", 10, _ok)])
+    assert time.monotonic() - t0 < 30
+    assert rc == 1
+    assert "[TIMEOUT] slow" in summary and "[PASS   ] after" in summary
+    assert "partial output" in log and "killed at the stage's timeout" in log
+    out = subprocess.run(["pgrep", "-f", "time.sleep(60)"], capture_output=True, text=True)
+    assert out.stdout.strip() == "", "a process of the killed stage survived"
+
+
+def test_deadline_skips_what_no_longer_fits(monkeypatch, tmp_path):
+    def slow_ok(ctx):
+        time.sleep(3)
+        return gc.PASS, "slept"
+    rc, summary, _ = _run(monkeypatch, tmp_path,
+                          [_stage("first", 100, slow_ok), _stage("second", 100, _ok)],
+                          "--deadline-s", str(gc.RESERVE_S + gc.MIN_STAGE_S + 2))
+    assert "[PASS   ] first" in summary
+    assert "[SKIP   ] second" in summary and "before the deadline" in summary
+    assert rc == 0  # a stage the deadline left out is not a failure
+
+
+def test_required_failure_stops_the_run(monkeypatch, tmp_path):
+    rc, summary, log = _run(monkeypatch, tmp_path, [
+        _stage("must", 10, _fail, required=True), _stage("next", 10, _ok)])
+    assert rc == 1
+    assert "[FAIL   ] must" in summary and "not run: must failed" in summary
+    assert "broken" in log and "hello" not in log
+    assert "RESULT: FAIL (must)" in summary
+
+
+def test_a_raising_stage_is_a_failure_with_its_traceback(monkeypatch, tmp_path):
+    def boom(ctx):
+        raise KeyError("gpu_name")
+    rc, summary, log = _run(monkeypatch, tmp_path, [_stage("boom", 10, boom), _stage("b", 10, _ok)])
+    assert rc == 1 and "[FAIL   ] boom" in summary and "KeyError" in summary
+    assert "Traceback" in log and "[PASS   ] b" in summary
+
+
+def test_unexpected_files_fail_the_file_plan(monkeypatch, tmp_path):
+    def litter(ctx):
+        for i in range(3):
+            (ctx.out / f"extra-{i}.txt").write_text("x")
+        return gc.PASS, "wrote 3 files outside the plan"
+    rc, summary, _ = _run(monkeypatch, tmp_path, [_stage("litter", 10, litter)])
+    assert rc == 1 and "[FAIL   ] files" in summary and "unexpected file extra-0.txt" in summary
+
+
+def test_file_plan_fits_what_a_rented_machine_returns():
+    assert len(gc.FILES) <= gc.MAX_FILES == 8
+    assert all(n.replace("-", "").replace(".", "").replace("_", "").isalnum() for n in gc.FILES)
+
+
+def test_killed_run_leaves_the_summary_of_finished_stages(tmp_path):
+    """SIGKILL (what a command limit does) during stage 2: stage 1's verdict and stage 2's
+    output so far are on disk."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("gc_", {str(ROOT / 'tools' / 'gpu_check.py')!r})
+        gc = importlib.util.module_from_spec(spec); sys.modules["gc_"] = gc
+        spec.loader.exec_module(gc)
+        def ok(ctx):
+            return gc.PASS, "first done"
+        def long(ctx):
+            ctx.run([sys.executable, "-c", "import time; print('stage two running', flush=True); time.sleep(60)"])
+            return gc.PASS, "never"
+        gc.STAGES = (gc.Stage("one", 10, 10, ok), gc.Stage("two", 100, 100, long))
+        sys.exit(gc.main(["--out", {str(tmp_path / 'out')!r}]))
+    """))
+    p = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    log = tmp_path / "out" / "check.log"
+    for _ in range(200):
+        if log.exists() and "stage two running" in log.read_text():
+            break
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert "[PASS   ] one" in (tmp_path / "out" / "summary.txt").read_text()
+    assert "stage two running" in log.read_text()
+
+
+SAN_CLEAN = """========= COMPUTE-SANITIZER
+gpu_smoke: every kernel path ran
+========= ERROR SUMMARY: 0 errors
+"""
+SAN_API_ONLY = """========= COMPUTE-SANITIZER
+========= Program hit cudaErrorPeerAccessUnsupported (error 217) due to "peer access is not supported between these two devices" on CUDA API call to cudaDeviceCanAccessPeer.
+=========     Saved host backtrace up to driver entry point at error
+gpu_smoke: every kernel path ran
+========= ERROR SUMMARY: 1 error
+"""
+SAN_MEMORY = """========= COMPUTE-SANITIZER
+========= Invalid __global__ read of size 4 bytes
+=========     at momentum_cuda::cuda::sgd_flat_kernel<float>(...)+0x1a0
+=========     Address 0x7f0000001000 is out of bounds
+========= Program hit cudaErrorPeerAccessUnsupported (error 217) on CUDA API call to cudaDeviceCanAccessPeer.
+gpu_smoke: every kernel path ran
+========= ERROR SUMMARY: 2 errors
+"""
+
+
+@pytest.mark.parametrize("out, rc, verdict", [
+    (SAN_CLEAN, 0, gc.PASS), (SAN_API_ONLY, 0, gc.PASS), (SAN_MEMORY, 0, gc.FAIL),
+    (SAN_CLEAN.replace("gpu_smoke: every kernel path ran\n", ""), 1, gc.FAIL),
+    ("Python crashed before the sanitizer summary", 1, gc.FAIL)])
+def test_sanitizer_verdict(out, rc, verdict):
+    assert gc.sanitizer_verdict(out, rc)[0] == verdict
+
+
+def test_stage_plan():
+    names = [s.name for s in gc.STAGES]
+    assert names == ["preflight", "build", "probe", "tests-cuda", "tests-triton",
+                     "bench-headline", "memcheck", "bench-rest"]
+    assert [s.name for s in gc.STAGES if s.required] == ["preflight", "build"]
+    fixed = [s.budget for s in gc.STAGES if s.budget is not None]
+    assert sum(fixed) <= gc.DEADLINE_S <= 540  # 9 minutes, under the 10-minute command limit
+    assert sum(s.dry_budget for s in gc.STAGES if s.dry_budget is not None) <= gc.DRY_DEADLINE_S
+    assert gc.STAGES[-1].budget is None  # the rest of the benchmark gets what is left
+
+
+def test_summary_stays_short(tmp_path):
+    ctx = gc.Ctx(tmp_path, True, gc.Log(tmp_path / "check.log"))
+    results = [dict(stage=f"s{i}", verdict=gc.PASS, seconds=1, budget=1, detail="x" * 300)
+               for i in range(40)]
+    text = gc.write_summary(tmp_path, ["header"], results, ctx)
+    assert len(text) <= gc.SUMMARY_MAX and "cut" in text

@@ -1,0 +1,543 @@
+#!/usr/bin/env python3
+"""The GPU check: one command on a GPU machine, in stages, under one deadline, its evidence
+written as it goes.
+
+    bash tools/gpu_check.sh              # on a GPU machine (python3 with a CUDA torch, nvcc)
+    bash tools/gpu_check.sh --dry        # anywhere: each GPU stage in its dry form (make test)
+    options: --deadline-s S (default 540), --out DIR, --stages NAME[,NAME...]
+
+Evidence: under $OUT when it is set (a rented GPU machine returns only that folder), else
+benchmarks/results/gpu-<UTC date and time>/. At most 8 files (FILES below): check.log (every
+stage's output, appended line by line as it runs) and summary.txt (a verdict line per stage,
+rewritten after each stage, at most ~4,000 characters, printed last), plus the benchmark's JSON,
+CSV and plot, each rewritten after every benchmark case. A run cut at any point leaves everything
+that finished before the cut, and the cut stage's output up to it.
+
+Stages, in the order of what they prove. Each runs under its own timeout, min(budget, time left
+before the deadline); the first two stop the run if they fail (nothing after them would mean
+anything). Budgets are for the GPU machine (16 cores, H200) and sum to the default deadline of
+540 s, 60 s under the 10-minute command limit; a stage that finishes early leaves its time to
+the last stage, the rest of the benchmark.
+
+  stage          budget  GPU form                                 dry form (no GPU)
+  preflight        20 s  versions, Python.h, nvcc, sanitizer, GPU  the same, GPU not required
+  build           120 s  build_ext --inplace for the visible GPU's  the same for sm_90 (2 cores)
+                         arch only; the CUDA kernel must be built
+                         and a GPU visible, else FAIL and stop
+  probe            20 s  torch's CUDA add_ rounding (fma? alpha)   the same comparison on CPU
+  tests-cuda       60 s  tests/test_gpu.py, cuda backend, bitwise  collection (count > 0)
+  tests-triton    120 s  tests/test_gpu.py, triton backend, one    collection, and Triton's real
+                         process per dtype (JIT compilations)      JIT on a stand-in driver
+  bench-headline  120 s  few-large and gpt2 at 100M and 1B, fp32   the same command at 100K on
+                         and bf16: flat CUDA and Triton, torch      the CPU
+                         for-loop, foreach, fused; copy bandwidth
+  memcheck         80 s  compute-sanitizer memcheck on exact-size  tools/gpu_smoke.py on the CPU
+                         tensors, caching allocator off
+  bench-rest     (rest)  every layout and implementation, 10M,     tiny, on the CPU
+                         1M, 100M, while time is left
+
+Why the budgets fit (measured on the 2-core machines the dry run runs on; the GPU machine has 8x
+the cores): the build compiles three translation units (about 40 s each on one core here, run in
+parallel by ninja there); tests/test_gpu.py's Triton calls make about 240 JIT compilations
+(tests/test_triton_jit.py counts them; about 60 s on 2 cores here), split over four processes;
+the GPU tests move a few MB per test; the headline benchmark's 8 cases each run 30 rounds of
+steps of at most ~20 GB (about 5 ms each at H200 bandwidth) plus its bitwise check; memcheck
+slows kernels 10-100x on tensors of at most 2^20 elements.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ("summary.txt", "check.log", "bench-headline.json", "bench-headline.csv",
+         "bench-headline.png", "bench-rest.json", "bench-rest.csv")
+MAX_FILES = 8  # what a rented machine returns from $OUT
+SUMMARY_MAX = 4000  # characters; the command's output keeps its last 12,000
+RESERVE_S = 10  # kept back from the deadline for the summary
+MIN_STAGE_S = 5  # a stage given less than this is skipped, not started
+DTYPE_IDS = ("torch.float32", "torch.float64", "torch.bfloat16", "torch.float16")
+HEADLINE_IMPLS = ("mc-flat-cuda", "mc-flat-triton", "torch-forloop", "torch-foreach",
+                  "torch-fused")
+PASS, FAIL, TIMEOUT, SKIP = "PASS", "FAIL", "TIMEOUT", "SKIP"
+
+
+class Log:
+    """check.log: lines appended and flushed as they come, from several threads."""
+
+    def __init__(self, path: Path):
+        self.f = path.open("a", buffering=1)
+        self.lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self.lock:
+            self.f.write(line if line.endswith("\n") else line + "\n")
+            self.f.flush()
+
+
+@dataclasses.dataclass
+class Proc:
+    rc: int | None  # None: killed at the stage's timeout
+    out: str
+
+
+class Ctx:
+    """What a stage needs: the interpreter, the mode, the log, its own end time."""
+
+    def __init__(self, out: Path, dry: bool, log: Log):
+        self.out, self.dry, self.log = out, dry, log
+        self.py = sys.executable
+        self.facts: dict = {}  # preflight's findings, for later stages and the summary
+        self.end = 0.0  # monotonic time at which the running stage is killed
+        self.timed_out = False
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def env(self, **extra) -> dict:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def run(self, cmd: list, env: dict | None = None, label: str = "") -> Proc:
+        return self.run_many([(label, cmd)], env)[0]
+
+    def run_many(self, jobs: list, env: dict | None = None) -> list[Proc]:
+        """Runs the (label, cmd) jobs at once in the repo root, each line of their output into
+        check.log as it comes (prefixed by the label); kills every process group that is still
+        running at the stage's end."""
+        procs, outs, threads = [], [], []
+        for label, cmd in jobs:
+            self.log.write(f"$ {' '.join(map(str, cmd))}")
+            p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 errors="replace", start_new_session=True)
+            lines: list[str] = []
+            prefix = f"[{label}] " if label and len(jobs) > 1 else ""
+
+            def pump(p=p, lines=lines, prefix=prefix):
+                for line in p.stdout:
+                    lines.append(line)
+                    self.log.write(prefix + line)
+
+            t = threading.Thread(target=pump, daemon=True)
+            t.start()
+            procs.append(p)
+            outs.append(lines)
+            threads.append(t)
+        rcs = []
+        for p in procs:
+            try:
+                rcs.append(p.wait(timeout=max(0.0, self.left())))
+            except subprocess.TimeoutExpired:
+                rcs.append(None)
+        if any(rc is None for rc in rcs):
+            self.timed_out = True
+            for p in procs:
+                _kill(p)
+            self.log.write(f"-- killed at the stage's timeout")
+        for t in threads:
+            t.join(timeout=5)
+        return [Proc(rc, "".join(lines)) for rc, lines in zip(rcs, outs)]
+
+
+def _kill(p: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(text: str, n: int = 2, width: int = 160) -> str:
+    """The last n lines, each cut to `width` characters: verdict details stay one short line."""
+    return " | ".join(line[:width] for line in text.rstrip().splitlines()[-n:])
+
+
+def _pytest_counts(out: str) -> dict:
+    """{'passed': n, 'failed': n, ...} from pytest's closing line."""
+    return {k: int(v) for v, k in re.findall(
+        r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", out)}
+
+
+# ---- stages ---------------------------------------------------------------------------------
+def preflight(ctx: Ctx) -> tuple[str, str]:
+    code = ("import json, sys, torch\n"
+            "try:\n import triton; tv = triton.__version__\n"
+            "except Exception as e: tv = f'not importable: {e}'\n"
+            "gpu = torch.cuda.is_available()\n"
+            "d = dict(python=sys.version.split()[0], torch=torch.__version__,\n"
+            "         torch_cuda=torch.version.cuda, triton=tv, gpu=gpu, cpus=__import__('os')"
+            ".cpu_count())\n"
+            "if gpu:\n"
+            " p = torch.cuda.get_device_properties(0)\n"
+            " d.update(gpu_name=p.name, capability=f'{p.major}.{p.minor}', sms=p.multi_processor_count,\n"
+            "          memory_gib=round(p.total_memory / 2**30, 1), gpus=torch.cuda.device_count())\n"
+            "print('FACTS ' + json.dumps(d))\n")
+    r = ctx.run([ctx.py, "-c", code])
+    m = re.search(r"^FACTS (.*)$", r.out, re.M)
+    if r.rc != 0 or not m:
+        return FAIL, f"torch does not import: {_tail(r.out, 3)}"
+    f = ctx.facts
+    f.update(json.loads(m.group(1)))
+    inc = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    f["python_h"] = inc.is_file()
+    nvcc = _find_tool("nvcc")
+    f["nvcc"] = _version_line([nvcc, "--version"]) if nvcc else None
+    san = _find_tool("compute-sanitizer")
+    f["sanitizer"] = san
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        f["driver"] = _version_line([smi, "--query-gpu=driver_version", "--format=csv,noheader"])
+    f["arch"] = f.get("capability", "9.0")  # dry: the H200's
+    ctx.log.write("facts: " + json.dumps(f))
+    problems = []
+    if not f["python_h"]:
+        problems.append(f"no Python.h at {inc}")
+    if not nvcc:
+        problems.append("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda*)")
+    if f["torch_cuda"] is None:
+        problems.append(f"torch {f['torch']} is a CPU build")
+    if not ctx.dry and not f["gpu"]:
+        problems.append("torch sees no GPU")
+    what = (f"python {f['python']}, torch {f['torch']}, triton {f['triton']}, "
+            f"{f.get('gpu_name', 'no GPU')}" + (f" (sm_{f['arch'].replace('.', '')}, "
+                                                 f"{f.get('sms')} SMs)" if f["gpu"] else "")
+            + f", sanitizer {'found' if san else 'MISSING'}")
+    return (FAIL, "; ".join(problems) + f" | {what}") if problems else (PASS, what)
+
+
+def _find_tool(name: str) -> str | None:
+    cands = [shutil.which(name)]
+    cands += [os.path.join(os.environ[v], "bin", name) for v in ("CUDA_HOME", "CUDA_PATH")
+              if os.environ.get(v)]
+    cands += sorted(str(p) for p in Path("/usr/local").glob(f"cuda*/bin/{name}"))
+    return next((c for c in cands if c and os.access(c, os.X_OK)), None)
+
+
+def _version_line(cmd: list) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (r.stdout.strip().splitlines() or ["?"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"? ({e})"
+
+
+def build(ctx: Ctx) -> tuple[str, str]:
+    arch = ctx.facts.get("arch", "9.0")
+    env = ctx.env(TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=os.cpu_count() or 2)
+    t0 = time.monotonic()
+    r = ctx.run([ctx.py, "setup.py", "build_ext", "--inplace"], env=env)
+    took = time.monotonic() - t0
+    if r.rc != 0:
+        return FAIL, f"build failed (exit {r.rc}) after {took:.0f} s: {_tail(r.out, 2)}"
+    if "building the CPU and CUDA kernels" not in r.out:
+        return FAIL, "setup.py built the CPU kernel only (see check.log for why)"
+    r = ctx.run([ctx.py, "tools/cuda_ext_check.py", "--installed"])
+    if r.rc != 0:
+        return FAIL, f"the built module fails its checks: {_tail(r.out, 2)}"
+    gpu = "" if ctx.dry else ", GPU visible"
+    return PASS, f"CPU and CUDA kernels built for sm_{arch.replace('.', '')} in {took:.0f} s{gpu}"
+
+
+def probe(ctx: Ctx) -> tuple[str, str]:
+    r = ctx.run([ctx.py, "tools/gpu_rounding_probe.py", "--device", "cpu" if ctx.dry else "cuda"])
+    m = re.search(r"^gpu_rounding_probe \((\w+)\): (.*)$", r.out, re.M)
+    if not m:
+        return FAIL, f"no verdict (exit {r.rc}): {_tail(r.out, 2)}"
+    if ctx.dry:  # the CPU narrows bf16/fp16 alphas: the verdict itself is not the point here
+        return PASS, f"dry: ran on the CPU and printed its verdict ({m.group(2)[:40]}...)"
+    return (PASS if r.rc == 0 else FAIL), m.group(2)
+
+
+def _pytest(ctx: Ctx, kexpr: str, jobs: list[str] | None = None) -> tuple[str, str]:
+    """tests/test_gpu.py selected by -k; on the GPU several processes (one per extra -k term)."""
+    base = [ctx.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    if ctx.dry:
+        r = ctx.run(base + ["--collect-only", "-k", kexpr])
+        n = re.search(r"(\d+)(?:/\d+)? tests? collected", r.out)
+        n = int(n.group(1)) if n else 0
+        if r.rc != 0 or n == 0:
+            return FAIL, f"collection failed or empty (exit {r.rc}): {_tail(r.out, 2)}"
+        return PASS, f"dry: {n} tests collected"
+    env = ctx.env(MOMENTUM_CUDA_REQUIRE_GPU=1)
+    parts = [(j, base + ["-k", f"{kexpr} and {j}"]) for j in jobs] if jobs else [
+        ("", base + ["-k", kexpr])]
+    procs = ctx.run_many(parts, env)
+    counts: dict = {}
+    for p in procs:
+        for k, v in _pytest_counts(p.out).items():
+            counts[k] = counts.get(k, 0) + v
+    what = ", ".join(f"{v} {k}" for k, v in counts.items()) or "no pytest summary"
+    if ctx.timed_out:
+        return TIMEOUT, what
+    ok = all(p.rc == 0 for p in procs) and counts.get("passed", 0) > 0 and not counts.get(
+        "skipped")
+    return (PASS if ok else FAIL), what
+
+
+def tests_cuda(ctx: Ctx) -> tuple[str, str]:
+    return _pytest(ctx, "not triton")
+
+
+def tests_triton(ctx: Ctx) -> tuple[str, str]:
+    verdict, what = _pytest(ctx, "triton", jobs=list(DTYPE_IDS))
+    if not ctx.dry or verdict != PASS:
+        return verdict, what
+    # Dry: Triton's real binder, specialization and compiler for every call of the stage.
+    r = ctx.run([ctx.py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                 "tests/test_triton_jit.py"])
+    m = re.search(r"(\d+) (?:JIT )?compilations?[^\n]*", r.out)
+    if r.rc != 0:
+        return FAIL, f"{what}; tests/test_triton_jit.py failed: {_tail(r.out, 2)}"
+    return PASS, f"{what}; stand-in JIT: {m.group(0) if m else 'passed'}"
+
+
+def _bench(ctx: Ctx, name: str, gpu_args: list, dry_args: list) -> tuple[str, str]:
+    margin = 15  # the bench stops starting cases before the kill, and writes its files
+    budget = max(1, int(ctx.left() - margin))
+    args = dry_args if ctx.dry else gpu_args
+    r = ctx.run([ctx.py, "-m", "momentum_cuda", "bench", *args, "--out", ctx.out, "--name", name,
+                 "--budget-s", budget])
+    doc = _load(ctx.out / f"{name}.json")
+    if doc is None:
+        return (TIMEOUT if ctx.timed_out else FAIL), f"no {name}.json (exit {r.rc})"
+    cases, skipped = doc.get("cases", []), doc.get("skipped", [])
+    bad = [c for c in cases if not all(c.get("bitwise_vs_forloop", {}).get(i, True)
+                                       for i in c.get("results", {}) if i.startswith("mc-"))]
+    what = f"{len(cases)} cases, {len(skipped)} skipped" + (
+        f", {len(bad)} with a bitwise mismatch" if bad else "")
+    if ctx.timed_out:
+        return TIMEOUT, what
+    return (PASS if r.rc == 0 and cases else FAIL), what
+
+
+def bench_headline(ctx: Ctx) -> tuple[str, str]:
+    bw = ctx.run([ctx.py, "tools/gpu_bandwidth.py", "--device", "cpu" if ctx.dry else "cuda"]
+                 + (["--numel", "1000000"] if ctx.dry else []))
+    m = re.search(r"^BANDWIDTH (.*)$", bw.out, re.M)
+    if m:
+        ctx.facts["copy"] = json.loads(m.group(1))
+    gpu = ["--device", "cuda", "--params", "100M", "1B", "--layouts", "few-large", "gpt2",
+           "--dtypes", "float32", "bfloat16", "--impls", *HEADLINE_IMPLS,
+           "--formats", "json", "csv", "png"]
+    dry = ["--device", "cpu", "--params", "100K", "--layouts", "few-large", "gpt2", "--dtypes",
+           "float32", "bfloat16", "--impls", "mc-flat-cpu", "torch-forloop", "torch-foreach",
+           "torch-fused", "--rounds", "3", "--warmup", "1", "--formats", "json", "csv", "png"]
+    verdict, what = _bench(ctx, "bench-headline", gpu, dry)
+    if "copy" not in ctx.facts:
+        return FAIL, f"{what}; the copy bandwidth probe failed: {_tail(bw.out, 2)}"
+    return verdict, f"{what}; copy {ctx.facts['copy']['gbps']:.0f} GB/s"
+
+
+def memcheck(ctx: Ctx) -> tuple[str, str]:
+    smoke = [ctx.py, "tools/gpu_smoke.py"]
+    if ctx.dry:
+        r = ctx.run(smoke + ["--device", "cpu"])
+        san = ctx.facts.get("sanitizer")
+        ok = r.rc == 0 and "every kernel path ran" in r.out
+        return (PASS if ok else FAIL), (f"dry: smoke ran on the CPU kernel; compute-sanitizer "
+                                        f"{'at ' + san if san else 'not installed here'}")
+    san = ctx.facts.get("sanitizer")
+    if not san:
+        return SKIP, "compute-sanitizer not found"
+    # API errors are reported, not fatal: torch itself triggers and handles some (e.g. probing
+    # peer access); memory errors are what this stage is for.
+    r = ctx.run([san, "--tool", "memcheck", "--report-api-errors", "all", "--leak-check", "no",
+                 *smoke], env=ctx.env(PYTORCH_NO_CUDA_MEMORY_CACHING=1))
+    if ctx.timed_out:
+        return TIMEOUT, "killed at the stage's timeout"
+    return sanitizer_verdict(r.out, r.rc)
+
+
+def sanitizer_verdict(out: str, rc: int | None) -> tuple[str, str]:
+    """PASS when the program ran to its end and every error memcheck counted is an API error."""
+    total = re.search(r"ERROR SUMMARY: (\d+) error", out)
+    api = len(re.findall(r"^=+ Program hit \w+", out, re.M))
+    if total is None:
+        return FAIL, f"no compute-sanitizer summary (exit {rc})"
+    memory = int(total.group(1)) - api
+    ran = "every kernel path ran" in out and rc == 0
+    what = f"{memory} memory errors, {api} API errors (reported, not fatal)"
+    return (PASS if ran and memory == 0 else FAIL), what + ("" if ran else f"; smoke exit {rc}")
+
+
+def bench_rest(ctx: Ctx) -> tuple[str, str]:
+    gpu = ["--device", "cuda", "--params", "10M", "1M", "100M", "--layouts", "many-small",
+           "resnet50", "few-large", "gpt2", "--formats", "json", "csv"]
+    dry = ["--device", "cpu", "--params", "100K", "--layouts", "many-small", "--dtypes",
+           "float32", "--rounds", "3", "--warmup", "1", "--formats", "json", "csv"]
+    return _bench(ctx, "bench-rest", gpu, dry)
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    budget: float | None  # seconds on the GPU machine; None: whatever is left
+    dry_budget: float | None  # seconds of the dry form on a 2-core machine
+    fn: object
+    required: bool = False
+
+
+STAGES = (Stage("preflight", 20, 30, preflight, required=True),
+          Stage("build", 120, 420, build, required=True),
+          Stage("probe", 20, 30, probe),
+          Stage("tests-cuda", 60, 60, tests_cuda),
+          Stage("tests-triton", 120, 240, tests_triton),
+          Stage("bench-headline", 120, 120, bench_headline),
+          Stage("memcheck", 80, 60, memcheck),
+          Stage("bench-rest", None, None, bench_rest))
+DEADLINE_S, DRY_DEADLINE_S = 540, 1200
+
+
+# ---- the run --------------------------------------------------------------------------------
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def headline_table(out: Path, copy: dict | None) -> list[str]:
+    """The headline benchmark, one line per (case, implementation), from its JSON."""
+    doc = _load(out / "bench-headline.json")
+    if not doc or not doc.get("cases"):
+        return []
+    lines = ["", "headline (median ms | GB/s | share of the add_ probe's GB/s"
+             + (" | of copy" if copy else "") + " | x foreach | x fused):"]
+    for c in doc["cases"]:
+        probe_gbps = c.get("bandwidth_probe", {}).get("gbps")
+        lines.append(f"  {c['layout']} {c['numel']:,} {c['dtype']}"
+                     + (f" (add_ probe {probe_gbps:.0f} GB/s)" if probe_gbps else ""))
+        for impl, r in c.get("results", {}).items():
+            eq = c.get("bitwise_vs_forloop", {}).get(impl)
+            mark = "" if eq is not False or not impl.startswith("mc-") else "  BITWISE MISMATCH"
+            share = r.get("bw_share")
+            of_copy = (f" {r['gbps'] / copy['gbps']:5.0%} |" if copy and r.get("gbps") else "")
+            lines.append(f"    {impl:15} {r.get('median_ms', float('nan')):9.3f} | "
+                         f"{r.get('gbps', 0):6.0f} | {share if share is not None else 0:5.0%} |"
+                         f"{of_copy} {r.get('vs_foreach', float('nan')):5.2f} | "
+                         f"{r.get('vs_fused', float('nan')):5.2f}{mark}")
+    return lines
+
+
+def write_summary(out: Path, header: list[str], results: list, ctx: Ctx) -> str:
+    lines = list(header)
+    for r in results:
+        budget = "rest" if r["budget"] is None else f"{r['budget']:.0f}"
+        lines.append(f"[{r['verdict']:7}] {r['stage']:14} {r['seconds']:5.0f} s / {budget:>4} s"
+                     f"  {r['detail']}")
+    lines += headline_table(out, ctx.facts.get("copy"))
+    text = "\n".join(lines)
+    if len(text) > SUMMARY_MAX:
+        text = text[:SUMMARY_MAX - 40] + "\n... (cut; the rest is in check.log)"
+    (out / "summary.txt").write_text(text + "\n")
+    return text
+
+
+def check_out(out: Path) -> list[str]:
+    """What a rented machine would fail to return, or what breaks the file plan."""
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    problems = [f"unexpected file {f}" for f in files if f not in FILES]
+    if len(files) > MAX_FILES:
+        problems.append(f"{len(files)} files > {MAX_FILES}")
+    if "summary.txt" not in files:
+        problems.append("no summary.txt")
+    return problems
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dry", action="store_true", help="no GPU: each stage's dry form")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help=f"default {DEADLINE_S} s; dry {DRY_DEADLINE_S} s")
+    ap.add_argument("--out", type=Path, default=None, help="default: $OUT, else "
+                    "benchmarks/results/gpu-<date>")
+    ap.add_argument("--stages", default=None, help="comma-separated subset, in the fixed order")
+    args = ap.parse_args(argv)
+    if args.deadline_s is None:
+        args.deadline_s = DRY_DEADLINE_S if args.dry else DEADLINE_S
+    t0 = time.monotonic()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else
+                       ROOT / "benchmarks" / "results" / f"gpu-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p for p in out.iterdir() if p.name in FILES]
+    for p in stale:  # a rerun into the same folder starts clean
+        p.unlink()
+    log = Log(out / "check.log")
+    ctx = Ctx(out, args.dry, log)
+    wanted = set(args.stages.split(",")) if args.stages else None
+    unknown = (wanted or set()) - {s.name for s in STAGES}
+    if unknown:
+        ap.error(f"--stages: unknown {sorted(unknown)}; stages: {[s.name for s in STAGES]}")
+    commit = _version_line(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"])
+    header = [f"momentum_cuda GPU check{' (DRY RUN, no GPU)' if args.dry else ''} "
+              f"{stamp} UTC, commit {commit}, deadline {args.deadline_s:.0f} s"]
+    log.write(header[0])
+    results, stopped = [], None
+    for st in STAGES:
+        if wanted is not None and st.name not in wanted:
+            continue
+        left = args.deadline_s - (time.monotonic() - t0) - RESERVE_S
+        budget = st.dry_budget if args.dry else st.budget
+        timeout = left if budget is None else min(budget, left)
+        s0 = time.monotonic()
+        if stopped:
+            verdict, detail = SKIP, f"not run: {stopped} failed"
+        elif left < MIN_STAGE_S:
+            verdict, detail = SKIP, f"not run: {max(0, left):.0f} s left before the deadline"
+        else:
+            print(f"== {st.name} (timeout {timeout:.0f} s)", flush=True)
+            log.write(f"\n== {st.name}: budget {budget or 'rest'} s, timeout {timeout:.0f} s")
+            ctx.end, ctx.timed_out = s0 + timeout, False
+            try:
+                verdict, detail = st.fn(ctx)
+            except Exception:  # noqa: BLE001 - a broken stage is a FAIL with its traceback
+                log.write(traceback.format_exc())
+                verdict, detail = FAIL, "the stage raised: " + traceback.format_exc(
+                    ).strip().splitlines()[-1]
+            if ctx.timed_out and verdict in (PASS, FAIL):
+                verdict = TIMEOUT
+            if verdict != PASS and st.required:
+                stopped = st.name
+        results.append(dict(stage=st.name, verdict=verdict, seconds=time.monotonic() - s0,
+                            budget=budget, detail=detail))
+        log.write(f"-- {st.name}: {verdict} {detail}")
+        print(f"   {verdict}: {detail}", flush=True)
+        write_summary(out, header, results, ctx)
+    total = time.monotonic() - t0
+    header.append(f"total {total:.0f} s of {args.deadline_s:.0f} s; files in {out}")
+    text = write_summary(out, header, results, ctx)
+    problems = check_out(out)
+    if problems:
+        results.append(dict(stage="files", verdict=FAIL, seconds=0, budget=0,
+                            detail="; ".join(problems)))
+        text = write_summary(out, header, results, ctx)
+    failed = [r["stage"] for r in results if r["verdict"] in (FAIL, TIMEOUT)]
+    verdict = f"RESULT: {'FAIL (' + ', '.join(failed) + ')' if failed else 'PASS'}"
+    (out / "summary.txt").write_text(text + "\n" + verdict + "\n")
+    print("\n" + text + "\n" + verdict, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
