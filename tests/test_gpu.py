@@ -17,17 +17,21 @@ REQUIRE_GPU = os.environ.get("MOMENTUM_CUDA_REQUIRE_GPU") == "1"
 
 
 def _missing(what: bool, reason: str):
-    """A skip mark where `what` is missing, or a failing one under MOMENTUM_CUDA_REQUIRE_GPU=1."""
-    if REQUIRE_GPU and what:
-        return pytest.mark.usefixtures("_fail_missing")
-    return pytest.mark.skipif(what, reason=reason)
+    """Skip where `what` is missing, except under MOMENTUM_CUDA_REQUIRE_GPU=1 (_require fails)."""
+    return pytest.mark.skipif(what and not REQUIRE_GPU, reason=reason)
 
 
-@pytest.fixture
-def _fail_missing(request):
-    pytest.fail(f"MOMENTUM_CUDA_REQUIRE_GPU=1 but {request.node.name} cannot run here: "
-                f"GPU visible: {torch.cuda.is_available()}; backends: "
-                f"{momentum_cuda.available_backends()}")
+@pytest.fixture(autouse=True)
+def _require(request):
+    if not REQUIRE_GPU:
+        return
+    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get(
+        "backend")
+    ok = torch.cuda.is_available() and (
+        backend is None or momentum_cuda.available_backends()[backend][0])
+    if not ok:
+        pytest.fail(f"MOMENTUM_CUDA_REQUIRE_GPU=1 but this test cannot run here: GPU visible: "
+                    f"{torch.cuda.is_available()}; backends: {momentum_cuda.available_backends()}")
 
 
 pytestmark = _missing(not torch.cuda.is_available(), "needs a visible GPU")
