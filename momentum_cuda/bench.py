@@ -4,24 +4,38 @@
     momentum-cuda bench --quick                  # 1 M params, 5 rounds: about a minute on 2 cores
     momentum-cuda bench --device cuda --params 10M 100M 1B --dtypes float32
     momentum-cuda bench --layouts resnet50 gpt2 --impls mc-flat-cpu torch-fused
+    momentum-cuda bench --out DIR --name bench-headline --formats json csv --budget-s 170
 
 Implementations: momentum_cuda flat and per-tensor on every backend that runs on the device
 (cpu; cuda and triton on a GPU), torch.optim.SGD's for-loop, foreach and fused steps, and Apex
 FusedSGD when it is installed. Layouts (each scaled to the total size, sizes kept in proportion):
 few-large (8 tensors), many-small (2000 tensors), resnet50 (ResNet-50's 161 parameter tensors) and
-gpt2 (GPT-2 small's 148), built from shapes, no download.
+gpt2 (GPT-2 small's 148), built from shapes, no download. An --impls name that exists but cannot
+run on this device is reported and left out (exit status 1 at the end); an unknown one stops.
+
+Order of the cases: the first value given to each of --params, --layouts and --dtypes is the most
+important. Cases run sorted by the sum of their values' positions in those three lists (ties:
+the earlier --params value, then --layouts), so every value given is reached early and a time
+budget (--budget-s) cuts the combinations of the later values first.
 
 Method, the same for every implementation:
-  * Correctness before timing: on copies of one random data set (gradients never zero), every
-    momentum_cuda implementation takes 2 steps next to torch's for-loop, and every parameter and
-    momentum buffer must be torch.equal; a flat optimizer must make one kernel call per step. Any
-    difference fails the run (exit 1). torch foreach/fused and Apex are compared too, and whether
-    they agree with the for-loop is reported, not enforced (torch does not promise it).
+  * Data: per case, the initial parameters and two sets of gradients (never zero) are drawn ONCE,
+    on the device itself (a torch.Generator of that device, directly in the case's dtype); every
+    implementation steps its own clones of that one set.
+  * Correctness before timing: each implementation takes 2 steps next to torch's for-loop, and
+    every parameter and momentum buffer must be torch.equal; a flat optimizer must make one
+    kernel call per step. A momentum_cuda implementation that differs or fails is recorded in
+    the case (which one; the first differing parameter and element, the max |diff|) and is not
+    timed in that case; the other implementations and cases go on and the exit status is 1 at
+    the end. torch foreach/fused and Apex are compared too, and whether they agree with the
+    for-loop is reported, not enforced (torch does not promise it).
   * Timing: fresh optimizers, warm-up steps, then R rounds; each round times one opt.step() of
     every implementation (synchronized before each step) in an order rotated by one each round.
     CPU: time.perf_counter; GPU: CUDA events. Median and p10-p90 per implementation, and per-round
     paired ratios. On a GPU, each implementation is also captured in a CUDA graph (one replay =
-    one step) for cases up to --graph-max params, where launch overhead matters.
+    one step) for cases up to --graph-max params, where launch overhead matters. After timing,
+    every momentum_cuda optimizer and every graph replay must still equal the for-loop bitwise
+    (all took the same number of steps), or it is recorded as above and its times dropped.
   * Bandwidth in the same run: an in-place torch `a.add_(b)` over the same number of elements
     (reads a and b, writes a) is timed in the same rounds; "BW share" is an implementation's
     effective GB/s (5 element reads+writes per parameter: read p, g, buf; write p, buf) over that.
@@ -29,7 +43,10 @@ Method, the same for every implementation:
     CPU: aten ops seen by a TorchDispatchMode plus momentum_cuda's own kernel calls, and the bytes
     of fresh tensors those ops return; GPU: CUDA kernels in the profiler and the bytes the caching
     allocator handed out.
-Results: a table on stdout, and <out>/bench-<device>-<date>.{json,csv,png}.
+Results: a line per case as it finishes, a table at the end, and <out>/<name>.json and .csv,
+rewritten after every case (atomically: a run killed at any point leaves valid files holding
+every finished case, with "complete": false), and <name>.png at the end. <name> defaults to
+bench-<device>-<date>.
 """
 from __future__ import annotations
 
@@ -57,12 +74,22 @@ REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 LAYOUTS = ("few-large", "many-small", "resnet50", "gpt2")
+FORMATS = ("json", "csv", "png")
+SCHEMA = "momentum-cuda-bench/2"
 NOISY_CORES = 0.1  # CPU used by other processes while timing above which a case is flagged
 BW_PROBE = "bandwidth-probe"  # the in-place a.add_(b) timed in the same rounds
+GRAPH_WARMUP = 3  # eager steps before a CUDA-graph capture (torch's docs warm up 3 iterations)
+CHUNK = 1 << 24  # elements per piece where a whole-size temporary would cost a tensor set
+REFERENCE = "torch-forloop"
 
 
 class BenchFailure(RuntimeError):
     """An implementation gave other bits than torch's for-loop, or could not run."""
+
+
+def _now() -> float:
+    """Seconds on a monotonic clock (the time budget's; a test replaces it)."""
+    return time.monotonic()
 
 
 # ---- layouts ------------------------------------------------------------------------------
@@ -132,10 +159,18 @@ class Impl:
     flat: bool = False
 
 
+BACKENDS = ("cpu", "cuda", "triton")
+TORCH_STEPS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True),
+               "fused": dict(fused=True)}
+# Every implementation name on any device (those that cannot run here are reported, not unknown).
+KNOWN = tuple([f"mc-{kind}-{b}" for b in BACKENDS for kind in ("flat", "list")]
+              + [f"torch-{n}" for n in TORCH_STEPS] + ["apex-fused-sgd"])
+
+
 def implementations(device: torch.device) -> tuple[list[Impl], dict[str, str]]:
     """(the implementations that run on `device`, {name: why not} for the others)."""
     impls, missing = [], {}
-    for backend in ("cpu", "cuda", "triton"):
+    for backend in BACKENDS:
         try:
             resolve_backend(backend, device)
         except RuntimeError as e:
@@ -147,8 +182,7 @@ def implementations(device: torch.device) -> tuple[list[Impl], dict[str, str]]:
                               f"momentum_cuda {kind} ({backend})",
                               lambda ps, h, b=backend, f=flat: momentum_cuda.SGD(
                                   ps, backend=b, flat=f, **h), ours=True, flat=flat))
-    for name, kw in (("forloop", dict(foreach=False)), ("foreach", dict(foreach=True)),
-                     ("fused", dict(fused=True))):
+    for name, kw in TORCH_STEPS.items():
         impls.append(Impl(f"torch-{name}", f"torch {name.replace('forloop', 'for-loop')}",
                           lambda ps, h, kw=kw: torch.optim.SGD(ps, **h, **kw), ours=False))
     try:
@@ -163,24 +197,68 @@ def implementations(device: torch.device) -> tuple[list[Impl], dict[str, str]]:
     return impls, missing
 
 
-def random_tensors(sizes, dtype, device, gen, nonzero=False) -> list[torch.Tensor]:
-    flat = torch.randn(sum(sizes), generator=gen, dtype=torch.float32)
-    flat = flat.to(device=device, dtype=dtype)
-    if nonzero:  # includes fp32 values that round to 0 in a narrower dtype
-        flat[flat == 0] = 1.0
-    return [t.clone() for t in flat.split(sizes)]
+def select(impls, missing, wanted) -> tuple[list[Impl], dict[str, str]]:
+    """(the implementations to run, {asked-for name: why it cannot run on this device}). The
+    reference, torch-forloop, always runs. An unknown name stops the run (exit 1)."""
+    if wanted is None:
+        return impls, {}
+    have = {i.name for i in impls}
+    unknown = [w for w in wanted if w not in have and w not in KNOWN]
+    if unknown:
+        raise SystemExit(f"momentum-cuda bench: --impls {' '.join(unknown)}: no such "
+                         f"implementation (names: {' '.join(sorted(have | set(KNOWN)))}; "
+                         f"available here: {' '.join(sorted(have))})")
+    unavailable = {w: missing.get(re.sub(r"^mc-(flat|list)-", "mc-*-", w),
+                                  "not available on this device")
+                   for w in dict.fromkeys(wanted) if w not in have}
+    return [i for i in impls if i.name in wanted or i.name == REFERENCE], unavailable
 
 
-def build(impl: Impl, init, grads, hyper):
-    """(optimizer, params) over fresh copies of init, with .grad set once (never zero)."""
+# ---- data ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CaseData:
+    """One case's data as flat 1-D tensors on the device; `split` gives a view per parameter."""
+    sizes: list
+    init: torch.Tensor
+    grads: torch.Tensor
+    grads2: torch.Tensor  # the check's second step; then the bandwidth probe's `a`
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(flat.split(self.sizes))
+
+
+def case_seed(seed: int, layout: str, total: int) -> int:
+    return seed + total % 9973 + LAYOUTS.index(layout) * 7
+
+
+def case_data(sizes, dtype, device, seed) -> CaseData:
+    """The initial parameters, the gradients and the second step's gradients of a case, drawn
+    once on `device` by a generator of that device, directly in `dtype`: no host-side draw and
+    no fp32 copy (at 1 B parameters the host would draw 3 G samples)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = sum(sizes)
+
+    def draw(nonzero: bool) -> torch.Tensor:
+        flat = torch.randn(total, generator=gen, dtype=dtype, device=device)
+        if nonzero:  # a zero gradient would hide a kernel that ignores the gradient
+            for piece in flat.split(CHUNK):  # the mask in pieces: no whole-size temporary
+                piece.masked_fill_(piece == 0, 1.0)
+        return flat
+
+    return CaseData(list(sizes), draw(False), draw(True), draw(True))
+
+
+def build(impl: Impl, data: CaseData, hyper):
+    """(optimizer, params) over fresh clones of the case's data, .grad set once."""
     params = []
-    for x, g in zip(init, grads):
+    for x, g in zip(data.split(data.init), data.split(data.grads)):
         p = x.clone().requires_grad_(True)
         p.grad = g.clone()
         params.append(p)
     return impl.make(params, hyper), params
 
 
+# ---- correctness --------------------------------------------------------------------------
 def _check_flat(impl: Impl, opt, numel: int) -> None:
     calls = opt.last_step
     if impl.flat and (len(calls) != 1 or calls[0]["path"] != "flat"
@@ -189,65 +267,114 @@ def _check_flat(impl: Impl, opt, numel: int) -> None:
                            f"elements; last_step = {calls}")
 
 
-def differences(opt, params, ref_opt, ref_params, momentum: float) -> list[str]:
-    """Where (opt, params) and the reference differ bitwise (parameters and momentum buffers)."""
-    bad = []
-    for i, (p, q) in enumerate(zip(params, ref_params)):
-        if not torch.equal(p, q):
-            bad.append(f"param {i}: max |diff| {(p.double() - q.double()).abs().max().item():.3g}")
-        if momentum != 0:
-            b = opt.state[p].get("momentum_buffer")
-            r = ref_opt.state[q].get("momentum_buffer")
-            if b is None or r is None or not torch.equal(b, r):
-                bad.append(f"momentum buffer {i} differs")
-        if len(bad) >= 4:
-            break
-    return bad
+def _pieces(t: torch.Tensor):
+    return t.reshape(-1).split(CHUNK)
 
 
-def bitwise_check(impls: list[Impl], init, grads, grads2, hyper) -> tuple[dict, dict]:
-    """2 steps of every implementation next to torch's for-loop, on copies. Returns
-    ({name: equal to the for-loop}, {name: error}) for those that could not run; raises
-    BenchFailure when a momentum_cuda implementation differs or fails."""
-    ref = next(i for i in impls if i.name == "torch-forloop")
-    made, errors = {}, {}
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return max((x.double() - y.double()).abs().max().item()
+               for x, y in zip(_pieces(a), _pieces(b)))
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float, float]:
+    """(index, value in a, value in b) of the first element where a and b differ."""
+    for k, (x, y) in enumerate(zip(_pieces(a), _pieces(b))):
+        ne = x != y
+        if ne.any():
+            j = int(ne.nonzero()[0, 0])
+            return k * CHUNK + j, x[j].item(), y[j].item()
+    return -1, float("nan"), float("nan")
+
+
+def _buffers(opt, params, momentum: float) -> list:
+    if momentum == 0:
+        return []
+    return [opt.state.get(p, {}).get("momentum_buffer") for p in params]
+
+
+def differences(opt, params, ref_opt, ref_params, momentum: float) -> dict | None:
+    """None when every parameter and momentum buffer is bitwise equal to the reference's; else,
+    per kind ("param", "momentum_buffer"): how many differ, the first one (its index, its first
+    differing element and both values there) and the max |diff| over all that differ."""
+    out = {}
+    for what, ours, ref in (("param", params, ref_params),
+                            ("momentum_buffer", _buffers(opt, params, momentum),
+                             _buffers(ref_opt, ref_params, momentum))):
+        unmatched, differ = [], []
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            if a is None or b is None or a.shape != b.shape:
+                unmatched.append(i)
+            elif not torch.equal(a, b):
+                differ.append(i)
+        if not unmatched and not differ:
+            continue
+        entry = {"differing": len(unmatched) + len(differ), "of": len(ref)}
+        if differ:
+            j, value, expected = _first_difference(ours[differ[0]], ref[differ[0]])
+            entry.update(first=differ[0], first_element=j, value=value, reference=expected,
+                         max_abs_diff=max(_max_abs_diff(ours[i], ref[i]) for i in differ))
+        if unmatched:
+            entry["missing_or_misshapen"] = unmatched[:20]
+        out[what] = entry
+    return out or None
+
+
+def describe(diff: dict) -> str:
+    """One line for a differences() result."""
+    parts = []
+    for what, e in diff.items():
+        s = f"{e['differing']} of {e['of']} {what}s differ"
+        if "first" in e:
+            s += (f"; first: {what} {e['first']}, element {e['first_element']} "
+                  f"({e['value']:.9g}, for-loop {e['reference']:.9g}); max |diff| "
+                  f"{e['max_abs_diff']:.3g}")
+        if "missing_or_misshapen" in e:
+            s += f"; missing or misshapen: {e['missing_or_misshapen']}"
+        parts.append(s)
+    return " | ".join(parts)
+
+
+def _two_steps(impl: Impl, data: CaseData, hyper):
+    numel = sum(data.sizes)
+    opt, params = build(impl, data, hyper)
+    opt.step()
+    if impl.ours:
+        _check_flat(impl, opt, numel)
+    with torch.no_grad():
+        for p, g in zip(params, data.split(data.grads2)):
+            p.grad.copy_(g)
+    opt.step()
+    if impl.ours:
+        _check_flat(impl, opt, numel)
+    return opt, params
+
+
+def bitwise_check(impls: list[Impl], data: CaseData, hyper) -> tuple[dict, dict, dict]:
+    """2 steps of each implementation on its own clones, one implementation at a time next to
+    the for-loop (only those two alive: memory). Returns ({name: equal to the for-loop},
+    {name: error} for those that could not run, {name: how it differs} for momentum_cuda
+    implementations that differ). Raises BenchFailure when the for-loop itself fails."""
+    ref = next(i for i in impls if i.name == REFERENCE)
+    try:
+        ref_opt, ref_params = _two_steps(ref, data, hyper)
+    except Exception as e:  # noqa: BLE001 - nothing to check against: the case cannot run
+        raise BenchFailure(f"{ref.label}, the reference, failed: {type(e).__name__}: {e}") from e
+    equal, errors, mismatches = {ref.name: True}, {}, {}
     for impl in impls:
+        if impl is ref:
+            continue
         try:
-            made[impl.name] = build(impl, init, grads, hyper)
+            opt, params = _two_steps(impl, data, hyper)
         except Exception as e:  # noqa: BLE001 - torch impls may not support a dtype/device
-            if impl.ours:
-                raise BenchFailure(f"{impl.label} could not be built: {e}") from e
             errors[impl.name] = f"{type(e).__name__}: {e}"
-    numel = sum(t.numel() for t in init)
-    for step in (1, 2):
-        for impl in impls:
-            if impl.name not in made:
-                continue
-            opt, params = made[impl.name]
-            if step == 2:
-                with torch.no_grad():
-                    for p, g in zip(params, grads2):
-                        p.grad.copy_(g)
-            try:
-                opt.step()
-            except Exception as e:  # noqa: BLE001
-                if impl.ours:
-                    raise BenchFailure(f"{impl.label} failed: {e}") from e
-                errors[impl.name] = f"{type(e).__name__}: {e}"
-                del made[impl.name]
-                continue
-            if impl.ours:
-                _check_flat(impl, opt, numel)
-    equal = {}
-    for impl in impls:
-        if impl.name in made and impl is not ref:
-            bad = differences(*made[impl.name], *made[ref.name], hyper["momentum"])
-            if bad and impl.ours:
-                raise BenchFailure(f"{impl.label} is NOT bitwise equal to torch for-loop after "
-                                   f"2 steps: " + "; ".join(bad))
-            equal[impl.name] = not bad
-    equal[ref.name] = True
-    return equal, errors
+            continue
+        diff = differences(opt, params, ref_opt, ref_params, hyper["momentum"])
+        equal[impl.name] = diff is None
+        if diff is not None and impl.ours:
+            mismatches[impl.name] = {"phase": "check", "steps": 2, "summary": describe(diff),
+                                     **diff}
+        del opt, params
+    return equal, errors, mismatches
 
 
 # ---- measuring one step -------------------------------------------------------------------
@@ -274,21 +401,34 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def step_cost(impl: Impl, init, grads, hyper, device) -> dict:
+def count_device_events(events) -> dict:
+    """CUDA kernels, and memory copies/sets apart, among the profiler's events."""
+    kernels = copies = 0
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        if "memcpy" in name or "memset" in name:
+            copies += 1
+        else:
+            kernels += 1
+    return {"kernels": kernels, "memcpy_memset": copies}
+
+
+def step_cost(impl: Impl, data: CaseData, hyper, device) -> dict:
     """Kernels and allocated bytes of one steady-state step (the second), untimed."""
-    opt, _ = build(impl, init, grads, hyper)
+    opt, _ = build(impl, data, hyper)
     opt.step()
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             opt.step()
             torch.cuda.synchronize(device)
         after = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
-        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                      and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
-        return {"kernels": kernels, "alloc_bytes": after - before, "kernels_counted": "cuda"}
+        return {**count_device_events(prof.events()), "alloc_bytes": after - before,
+                "kernels_counted": "cuda"}
     counter = _OpCounter()
     with counter:
         opt.step()
@@ -366,17 +506,28 @@ class Clock:
         return (time.perf_counter() - t0) * 1e3
 
 
-def cuda_graph_step(opt, device):
-    """A CUDA graph of one opt.step() (after a warm-up step on a side stream, as torch's docs
-    ask); returns graph.replay. Raises if the step cannot be captured."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        opt.step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+def use_graphs(device: torch.device, total: int, args) -> bool:
+    """Whether a case also times CUDA-graph replays: on a GPU, up to --graph-max params."""
+    return device.type == "cuda" and total <= args.graph_max
+
+
+def cuda_graph_step(opt, device, warmup: int = GRAPH_WARMUP):
+    """A CUDA graph of one opt.step(); returns graph.replay. First `warmup` eager steps on a side
+    stream, as torch's docs ask before a capture: they allocate the momentum buffers and load
+    every kernel a later step runs (Triton compiles the first step and the later ones
+    separately), so the captured step allocates and compiles nothing. Raises if the step cannot
+    be captured."""
+    with torch.cuda.device(device):  # torch.cuda.graph captures on the current device
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                opt.step()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
     return graph.replay
 
 
@@ -418,55 +569,25 @@ def paired(times: dict, name: str, base: str) -> dict:
 
 
 # ---- one case -----------------------------------------------------------------------------
-def run_case(layout, total, dtype, impls, hyper, args, device, clock) -> dict:
-    seed = args.seed + total % 9973 + LAYOUTS.index(layout) * 7
+def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=None) -> dict:
+    """One case, all of it; `deadline` (a _now() time, the time budget's end): past it, no more
+    waiting for an idle CPU and no retry of a noisy timing."""
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seed = case_seed(args.seed, layout, total)
     sizes = layout_sizes(layout, total, seed)
-    gen = torch.Generator().manual_seed(seed)
-    init = random_tensors(sizes, dtype, device, gen)
-    grads = random_tensors(sizes, dtype, device, gen, nonzero=True)
-    grads2 = random_tensors(sizes, dtype, device, gen, nonzero=True)
-    esize = init[0].element_size()
+    data = case_data(sizes, dtype, device, seed)
+    esize = data.init.element_size()
     case = {"layout": layout, "numel": total, "tensors": len(sizes), "sizes_min": min(sizes),
             "sizes_max": max(sizes), "dtype": str(dtype).replace("torch.", ""),
-            "bytes_per_param": 5 * esize}
-    equal, errors = bitwise_check(impls, init, grads, grads2, hyper)
-    del grads2
-    runnable = [i for i in impls if i.name not in errors]
-    case["bitwise_vs_forloop"], case["errors"] = equal, errors
-
-    discarded = []
-    for attempt in range(args.retries + 1):
-        if args.wait_idle > 0 and device.type == "cpu":
-            wait_for_idle(args.wait_idle)
-        made = {i.name: build(i, init, grads, hyper) for i in runnable}
-        steps = {name: opt.step for name, (opt, _) in made.items()}
-        bw_a, bw_b = init[0].new_empty(total), grads[0].new_empty(total)
-        bw_a.copy_(torch.cat(init)), bw_b.copy_(torch.cat(grads))
-        steps[BW_PROBE] = lambda: bw_a.add_(bw_b, alpha=-1e-3)
-        if device.type == "cuda" and total <= args.graph_max:
-            graph_made = {i.name: build(i, init, grads, hyper) for i in runnable}
-            for name, (opt, _) in graph_made.items():
-                try:
-                    steps[name + "+graph"] = cuda_graph_step(opt, device)
-                except Exception as e:  # noqa: BLE001 - report what cannot be captured
-                    case["errors"][name + "+graph"] = f"not capturable: {type(e).__name__}: {e}"
-        times, busy = timed_rounds(steps, args.warmup, args.rounds, clock)
-        if not is_noisy(busy) or attempt == args.retries or device.type != "cpu":
-            break
-        discarded.append({"contention": busy,
-                          "median_ms": {k: float(np.median(v)) for k, v in times.items()}})
-        del made, steps
-    # Every implementation took warmup + rounds steps (after the 2 checked above, on their own
-    # copies): momentum_cuda must still be bitwise equal to the for-loop.
-    ref = made.get("torch-forloop")
-    for impl in runnable:
-        if impl.ours and ref is not None:
-            bad = differences(*made[impl.name], *ref, hyper["momentum"])
-            if bad:
-                raise BenchFailure(f"{impl.label} drifted from torch for-loop while timing: "
-                                   + "; ".join(bad))
-    del made, steps, init, grads, bw_a, bw_b
-    gc.collect()
+            "bytes_per_param": 5 * esize, "data_seed": seed}
+    equal, errors, mismatches = bitwise_check(impls, data, hyper)
+    case.update(bitwise_vs_forloop=equal, errors=errors, mismatches=mismatches)
+    runnable = [i for i in impls if i.name not in errors and i.name not in mismatches]
+    graphs = use_graphs(device, total, args)
+    times, busy, discarded = _timed_and_checked(case, runnable, data, hyper, args, device, clock,
+                                                graphs, deadline)
 
     bw_ms = float(np.median(times[BW_PROBE]))
     case["bandwidth_probe"] = {"op": "a.add_(b, alpha)", "bytes_per_element": 3 * esize,
@@ -484,59 +605,152 @@ def run_case(layout, total, dtype, impls, hyper, args, device, clock) -> dict:
                 r["vs_" + base.split("-")[1]] = results[base]["median_ms"] / r["median_ms"]
                 r["paired_vs_" + base.split("-")[1]] = paired(times, name, base)
     for impl in runnable:
-        results[impl.name].update(step_cost(impl, *_regen(sizes, dtype, device, seed), hyper,
-                                            device))
+        if impl.name in results:
+            try:
+                results[impl.name].update(step_cost(impl, data, hyper, device))
+            except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the times
+                results[impl.name]["cost_error"] = f"{type(e).__name__}: {e}"
     case.update(results=results, contention=busy, discarded_noisy_attempts=discarded,
-                steps_timed=args.warmup + args.rounds)
+                steps_per_optimizer=(GRAPH_WARMUP if graphs else 0) + args.warmup + args.rounds,
+                seconds=time.perf_counter() - t0)
+    if device.type == "cuda":
+        case["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return case
 
 
-def _regen(sizes, dtype, device, seed):
-    """The case's init and grads again (freed while timing, to keep the peak memory down)."""
-    gen = torch.Generator().manual_seed(seed)
-    init = random_tensors(sizes, dtype, device, gen)
-    return init, random_tensors(sizes, dtype, device, gen, nonzero=True)
+def _timed_and_checked(case, runnable, data, hyper, args, device, clock, graphs, deadline):
+    """Times the runnable implementations (and their graph replays) and the bandwidth probe,
+    then checks momentum_cuda's optimizers against the for-loop again; a mismatch is recorded
+    in the case and its times dropped. Returns (times, CPU contention, discarded attempts); the
+    optimizers die with this call."""
+    pre = GRAPH_WARMUP if graphs else 0  # eager steps of every optimizer before timing
+    discarded = []
+    for attempt in range(args.retries + 1):
+        left = float("inf") if deadline is None else deadline - _now()
+        if args.wait_idle > 0 and device.type == "cpu" and left > 0:
+            wait_for_idle(min(args.wait_idle, left))
+        made = {i.name: build(i, data, hyper) for i in runnable}
+        for opt, _ in made.values():  # as many steps as a graph copy's warm-up: comparable
+            for _ in range(pre):
+                opt.step()
+        steps = {name: opt.step for name, (opt, _) in made.items()}
+        # grads2 is no longer needed: it is the probe's `a` (written), grads its `b` (read).
+        bw_a, bw_b = data.grads2, data.grads
+        steps[BW_PROBE] = lambda: bw_a.add_(bw_b, alpha=-1e-3)
+        graph_made = {}
+        for impl in runnable if graphs else ():
+            graph_made[impl.name] = build(impl, data, hyper)
+            try:
+                steps[impl.name + "+graph"] = cuda_graph_step(graph_made[impl.name][0], device,
+                                                              pre)
+            except Exception as e:  # noqa: BLE001 - report what cannot be captured
+                case["errors"][impl.name + "+graph"] = f"not capturable: {type(e).__name__}: {e}"
+                del graph_made[impl.name]
+                clock.sync()  # a capture that broke the device fails here, not in a later case
+        times, busy = timed_rounds(steps, args.warmup, args.rounds, clock)
+        if not is_noisy(busy) or attempt == args.retries or device.type != "cpu":
+            break
+        if deadline is not None and _now() >= deadline:
+            case["retry_skipped"] = "time budget"  # noisy, and no time left to time it again
+            break
+        discarded.append({"contention": busy,
+                          "median_ms": {k: float(np.median(v)) for k, v in times.items()}})
+    clock.sync()
+    ref_opt, ref_params = made[REFERENCE]
+    ours = {i.name for i in runnable if i.ours}
+    checked = [(n, m) for n, m in made.items() if n in ours]
+    checked += [(n + "+graph", m) for n, m in graph_made.items()]
+    for name, (opt, params) in checked:
+        base = name.removesuffix("+graph")
+        diff = differences(opt, params, ref_opt, ref_params, hyper["momentum"])
+        if name != base or diff is not None:
+            case["bitwise_vs_forloop"][name] = diff is None
+        if diff is not None and base in ours:
+            case["mismatches"][name] = {
+                "phase": "cuda-graph replay" if name != base else "after timing",
+                "steps": pre + args.warmup + args.rounds, "summary": describe(diff), **diff}
+            times.pop(name, None)  # the time of wrong arithmetic is not a result
+    return times, busy, discarded
 
 
 # ---- report -------------------------------------------------------------------------------
-COLUMNS = ("implementation", "median ms", "p10-p90 ms", "GB/s", "BW share", "vs foreach",
-           "vs fused", "kernels", "alloc MB", "== for-loop")
+def count_text(n: int) -> str:
+    """1000000 -> '1M', 1500 -> '1.5k', 1234567 -> '1,234,567'."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= scale and (n * 10) % scale == 0:
+            return f"{n / scale:g}{unit}"
+    return f"{n:,}"
 
 
-def table_rows(case: dict, labels: dict) -> list[list[str]]:
-    rows = []
+def case_name(c: dict) -> str:
+    return f"{c['layout']} {count_text(c['numel'])} {c['dtype']}"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def case_line(case: dict) -> str:
+    """The one line printed when a case is done."""
+    parts = [f"{case['seconds']:.1f} s", f"probe {case['bandwidth_probe']['gbps']:.1f} GB/s"]
+    parts.append(", ".join(f"{name} {_ms(r['median_ms'])} ms {100 * r['bw_share']:.0f}%"
+                           for name, r in case["results"].items()))
+    if case["mismatches"]:
+        parts.append("BITWISE MISMATCH (not timed): " + ", ".join(case["mismatches"]))
+    if case["errors"]:
+        parts.append("could not run: " + ", ".join(case["errors"]))
+    return " | ".join(parts)
+
+
+COLUMNS = ("case", "implementation", "median ms", "p10-p90 ms", "GB/s", "BW share",
+           "vs foreach", "vs fused", "kernels", "alloc MB", "== for-loop")
+
+
+def table_rows(case: dict) -> list[list[str]]:
+    bw = case["bandwidth_probe"]
+    rows = [[case_name(case), "bandwidth probe", _ms(bw["median_ms"]),
+             f"{_ms(bw['p10_ms'])}-{_ms(bw['p90_ms'])}", f"{bw['gbps']:.1f}", "100%"]
+            + ["-"] * 5]
     for name, r in case["results"].items():
-        base = name.removesuffix("+graph")
-        eq = case["bitwise_vs_forloop"].get(base)
+        eq = case["bitwise_vs_forloop"].get(name)
         vs = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
-        rows.append([labels.get(base, base) + (" +graph" if name != base else ""),
-                     f"{r['median_ms']:.3f}", f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}",
+        rows.append(["", name, _ms(r["median_ms"]), f"{_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}",
                      f"{r['gbps']:.1f}", f"{100 * r['bw_share']:.0f}%", vs("vs_foreach"),
                      vs("vs_fused"), str(r.get("kernels", "-")),
                      f"{r['alloc_bytes'] / 1e6:.1f}" if "alloc_bytes" in r else "-",
-                     "-" if name != base else ("yes" if eq else "NO")])
+                     "-" if eq is None else ("yes" if eq else "NO")])
     return rows
 
 
-def print_case(case: dict, labels: dict, out=sys.stdout) -> None:
-    rows = table_rows(case, labels)
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    bw = case["bandwidth_probe"]
-    print(f"\n== {case['layout']}: {case['numel']:,} {case['dtype']} params in {case['tensors']} "
-          f"tensors ({case['sizes_min']:,}..{case['sizes_max']:,}); bandwidth probe "
-          f"{bw['gbps']:.1f} GB/s", file=out)
-    print(fmt(COLUMNS), file=out)
-    print("-" * len(fmt(COLUMNS)), file=out)
-    for row in rows:
-        print(fmt(row), file=out)
-    for name, err in case["errors"].items():
-        print(f"  {labels.get(name, name)}: not timed ({err})", file=out)
-    busy = case["contention"]
-    if is_noisy(busy):
-        print(f"  WARNING: other processes used {busy['other_processes_cores']:.2f} cores while "
-              f"timing: these numbers are not clean", file=out)
+def print_summary(doc: dict, out=None) -> None:
+    """The final table (a row per case and implementation, the probe first) and what did not
+    run or failed."""
+    out = out or sys.stdout
+    rows = [row for case in doc["cases"] for row in table_rows(case)]
+    if rows:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+        fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                      for i, (c, w) in enumerate(zip(cells, widths)))
+        print("\n" + fmt(COLUMNS), file=out)
+        print("-" * len(fmt(COLUMNS)), file=out)
+        for row in rows:
+            print(fmt(row), file=out)
+    for case in doc["cases"]:
+        for name, err in case["errors"].items():
+            print(f"  {case_name(case)}: {name} not timed ({err})", file=out)
+        busy = case["contention"]
+        if is_noisy(busy):
+            print(f"  {case_name(case)}: WARNING: other processes used "
+                  f"{busy['other_processes_cores']:.2f} cores while timing: these numbers are "
+                  "not clean", file=out)
+    for s in doc["skipped"]:
+        print(f"  skipped: {case_name(s)} ({s['why']})", file=out)
+    kernels = ("CUDA kernels" if doc["machine"]["device"].startswith("cuda")
+               else "aten ops + momentum_cuda kernel calls")
+    print("\n(mc-: momentum_cuda; GB/s: 5 element reads+writes per parameter (the probe: 3); BW "
+          "share: of the in-place a.add_(b) probe timed in the same rounds; vs X: X's median / "
+          f"this median, > 1 is faster; kernels: {kernels} per step; alloc: bytes allocated by "
+          "one step)", file=out)
 
 
 CSV_FIELDS = ("device", "dtype", "layout", "numel", "tensors", "implementation", "cuda_graph",
@@ -555,8 +769,43 @@ def csv_rows(doc: dict):
                    **{k: r.get(k, "") for k in ("median_ms", "p10_ms", "p90_ms", "iqr_ms",
                                                 "gbps", "bw_share", "vs_foreach", "vs_fused",
                                                 "kernels", "alloc_bytes")},
-                   "bitwise_vs_forloop": case["bitwise_vs_forloop"].get(base, ""),
+                   "bitwise_vs_forloop": case["bitwise_vs_forloop"].get(name, ""),
                    "bandwidth_probe_gbps": case["bandwidth_probe"]["gbps"]}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename onto path: a reader, or a run killed while writing, sees the old
+    file or the new one, never part of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_files(doc: dict, base: Path, formats, labels: dict, png: bool) -> list[Path]:
+    """The JSON and CSV (as asked), and the PNG when `png` (the run's end) and cases exist."""
+    written = []
+    if "json" in formats:
+        path = base.with_name(base.name + ".json")
+        _atomic_write(path, lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
+        written.append(path)
+    if "csv" in formats:
+        def write_csv(p: Path) -> None:
+            with p.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+                w.writeheader()
+                w.writerows(csv_rows(doc))
+        path = base.with_name(base.name + ".csv")
+        _atomic_write(path, write_csv)
+        written.append(path)
+    if png and "png" in formats and doc["cases"]:
+        path = base.with_name(base.name + ".png")
+        _atomic_write(path, lambda p: plot(doc, p, labels))
+        written.append(path)
+    return written
 
 
 def plot(doc: dict, path: Path, labels: dict) -> None:
@@ -610,7 +859,7 @@ def plot(doc: dict, path: Path, labels: dict) -> None:
     fig.legend(handles, lab, loc="lower center", ncol=min(4, len(lab)), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(lab) + 3) // 4), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # path may be a temporary name
     plt.close(fig)
 
 
@@ -645,24 +894,6 @@ def host_kind(device: torch.device) -> str:
     return device.type
 
 
-class Progress:
-    """A progress bar on stderr (a line per case where stderr is not a terminal)."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def show(self, what: str) -> None:
-        n = 24 * self.done // max(1, self.total)
-        line = (f"[{'#' * n}{'.' * (24 - n)}] {self.done}/{self.total} cases, "
-                f"{time.perf_counter() - self.t0:5.0f} s  {what}")
-        print(("\r" + line.ljust(100)) if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
-
 
 # ---- main ---------------------------------------------------------------------------------
 def parse_count(text: str) -> int:
@@ -686,13 +917,15 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None,
                     help="cpu or cuda[:N] (default: cuda when a GPU is visible, else cpu)")
     ap.add_argument("--params", type=parse_count, nargs="+", default=None, metavar="N",
-                    help="total parameter counts, one case each (default: CPU 1M 10M 100M; GPU "
-                         "1M 10M 100M 1B)")
-    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
-    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
+                    help="total parameter counts, most important first (default: CPU 1M 10M "
+                         "100M; GPU 1M 10M 100M 1B)")
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                    help="most important first (default: all, in this order)")
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"],
+                    help="most important first (default: float32 bfloat16)")
     ap.add_argument("--impls", nargs="+", default=None, metavar="NAME",
                     help="only these implementations (torch-forloop, the reference, is always "
-                         "run); names as printed, e.g. mc-flat-cpu torch-fused")
+                         f"run); any of: {' '.join(KNOWN)}")
     ap.add_argument("--rounds", type=int, default=30, help="timed rounds (>= 20 unless --quick)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -712,8 +945,18 @@ def parse_args(argv=None):
                          "(default 2; 0 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="1M params, 5 rounds, 1 warm-up step (under 2 minutes on 2 cores)")
+    ap.add_argument("--budget-s", type=float, default=None, metavar="S",
+                    help="start no case once S seconds have passed since the start (a case "
+                         "already running finishes, without waiting for an idle CPU or "
+                         "retrying); the cases not started are listed as skipped, 'time budget'")
     ap.add_argument("--out", type=Path, default=Path("momentum-cuda-out"),
-                    help="folder for the JSON, CSV and PNG (default ./momentum-cuda-out)")
+                    help="folder for the result files (default ./momentum-cuda-out)")
+    ap.add_argument("--name", default=None, metavar="STEM",
+                    help="file name stem: <out>/<STEM>.json etc. (default "
+                         "bench-<device>-[quick-]<date>)")
+    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                    help="files to write (default: json csv png; json and csv after every case, "
+                         "png at the end)")
     ap.add_argument("--no-files", action="store_true", help="print only")
     args = ap.parse_args(argv)
     if args.device is None:
@@ -739,39 +982,63 @@ def parse_args(argv=None):
                  "use --quick for a smoke run")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.budget_s is not None and not args.budget_s > 0:
+        ap.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", args.name):
+        ap.error(f"--name must be a file name stem (letters, digits, '.', '_', '-'; no folder), "
+                 f"got {args.name!r}")
+    for opt in ("params", "layouts", "dtypes", "formats"):  # a repeated value: one case, once
+        setattr(args, opt, list(dict.fromkeys(getattr(args, opt))))
     return args, device
 
 
-def select(impls, missing, wanted) -> list[Impl]:
-    if wanted is None:
-        return impls
-    known = {i.name for i in impls}
-    unknown = [w for w in wanted if w not in known]
-    if unknown:
-        why = "; ".join(f"{k}: {v}" for k, v in missing.items())
-        raise SystemExit(f"momentum-cuda bench: --impls {' '.join(unknown)}: not available here "
-                         f"(available: {' '.join(sorted(known))}; missing: {why})")
-    return [i for i in impls if i.name in wanted or i.name == "torch-forloop"]
+def case_order(params, layouts, dtypes) -> list[tuple[int, str, str]]:
+    """(total, layout, dtype) of every case, most important first: by the sum of the three
+    values' positions in their lists (ties: earlier params, then layouts), so the first value of
+    each list comes first and every value is reached early."""
+    keyed = [((ip + il + id_, ip, il, id_), (total, layout, dtype))
+             for ip, total in enumerate(params) for il, layout in enumerate(layouts)
+             for id_, dtype in enumerate(dtypes)]
+    return [case for _, case in sorted(keyed)]
 
 
-def fits(total, dtype, n_impls, device) -> tuple[bool, str]:
-    """Whether a case's buffers fit in memory: p, g, buf per implementation, plus at most 4 more
-    (params, grads and the second step's grads while checking; params, grads and the bandwidth
-    probe's two buffers while timing)."""
-    need = total * torch.tensor([], dtype=dtype).element_size() * (3 * n_impls + 4)
+def peak_sets(n_optimizers: int) -> int:
+    """The most whole-size tensor sets (a case's `total` elements of its dtype each) alive at
+    once in a case. Checking: the data (init, grads, grads2), the for-loop's p, g, buf and the
+    implementation under test's p, g, buf, plus one while a step makes temporaries (nesterov or
+    weight decay: the for-loop one tensor's worth, foreach a whole set) or while a flat optimizer
+    is made (the clones of p and g live until its flat buffers are filled): 10. Timing: the data
+    (grads2 becomes the bandwidth probe's `a`), p, g, buf per optimizer (a CUDA-graph copy is one
+    more) and the same one extra. The kernel and allocation count afterwards holds the data and
+    one optimizer: less."""
+    return max(3 + 3 + 3 + 1, 3 + 3 * n_optimizers + 1)
+
+
+def fits(total, dtype, n_optimizers, device) -> tuple[bool, int, str]:
+    """(whether the case's peak fits in 85 % of the free memory, the peak in bytes, why)."""
+    need = total * torch.tensor([], dtype=dtype).element_size() * peak_sets(n_optimizers)
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached by earlier cases are free for this one
         free, _ = torch.cuda.mem_get_info(device)
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return need < 0.85 * free, f"needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+    return need < 0.85 * free, need, (f"needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
+                                      "free")
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
+    start = _now()
     args, device = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     impls, missing = implementations(device)
-    impls = select(impls, missing, args.impls)
+    impls, unavailable = select(impls, missing, args.impls)
     labels = {i.name: i.label for i in impls}
     hyper = dict(lr=args.lr, momentum=args.momentum, dampening=args.dampening,
                  weight_decay=args.weight_decay, nesterov=args.nesterov)
@@ -782,54 +1049,102 @@ def main(argv=None) -> int:
           f" | {machine.get('gpu') or machine['cpu']['model']} | {torch.get_num_threads()} threads "
           f"| {args.rounds} rounds after {args.warmup} warm-up, order rotated each round")
     print("timed: " + ", ".join(i.label for i in impls))
-    for name, why in missing.items():
-        print(f"not timed: {name}: {why}")
+    for name, why in unavailable.items():
+        print(f"ASKED FOR BUT NOT AVAILABLE on {device}: {name}: {why}")
+    if args.impls is None:
+        for name, why in missing.items():
+            print(f"not timed: {name}: {why}")
     print(f"hyper-parameters: {hyper}")
 
-    cases, skipped, error = [], [], None
-    todo = [(dt_, lay, n) for dt_ in args.dtypes for lay in args.layouts for n in args.params]
-    progress = Progress(len(todo))
-    try:
-        for dtype_name, layout, total in todo:
-            progress.show(f"{layout} {total:,} {dtype_name}")
-            graphs = device.type == "cuda" and total <= args.graph_max  # a second set each
-            ok, why = fits(total, DTYPES[dtype_name], len(impls) * (2 if graphs else 1), device)
-            if not ok:
-                skipped.append({"layout": layout, "numel": total, "dtype": dtype_name,
-                                "why": why})
-                print(f"\n== {layout}: {total:,} {dtype_name} params: SKIPPED ({why})")
-            else:
-                cases.append(run_case(layout, total, DTYPES[dtype_name], impls, hyper, args,
-                                      device, clock))
-                print_case(cases[-1], labels)
-            progress.done += 1
-    except BenchFailure as e:
-        error = str(e)
-    progress.close()
-    if error:
-        print(f"\nFAILED: {error}", file=sys.stderr)
-    print("\n(GB/s: 5 element reads+writes per parameter; BW share: of the in-place a.add_(b) "
-          "probe timed in the same rounds; vs X: X's median / this median, > 1 is faster; "
-          f"kernels: {'CUDA kernels' if device.type == 'cuda' else 'aten ops + momentum_cuda kernel calls'}"
-          " per step; alloc: bytes allocated by one step)")
+    todo = case_order(args.params, args.layouts, args.dtypes)
+    base = None
     if not args.no_files:
         args.out.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = args.out / f"bench-{host_kind(device)}-{'quick-' if args.quick else ''}{stamp}"
-        machine["loadavg_at_end"] = list(os.getloadavg())
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        doc = {"schema": "momentum-cuda-bench/1", "machine": machine, "config": config,
-               "hyper": hyper, "implementations": labels, "not_available": missing,
-               "cases": cases, "skipped": skipped, "error": error}
-        base.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-        with base.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            w.writerows(csv_rows(doc))
-        if cases:
-            plot(doc, base.with_suffix(".png"), labels)
-        print(f"wrote {base}.json, .csv" + (", .png" if cases else ""))
-    return 1 if error else 0
+        base = args.out / (args.name or
+                           f"bench-{host_kind(device)}-{'quick-' if args.quick else ''}{stamp}")
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    cases, skipped, failures = [], [], []
+    doc = {"schema": SCHEMA, "complete": False, "stopped_early": None, "elapsed_s": 0.0,
+           "machine": machine, "config": config, "hyper": hyper, "implementations": labels,
+           "not_available": missing, "asked_for_not_available": unavailable,
+           "case_order": "most important first: by the sum of the positions of the case's "
+                         "values in --params, --layouts, --dtypes (ties: params, then layouts)",
+           "planned": [{"layout": lay, "numel": n, "dtype": d} for n, lay, d in todo],
+           "cases": cases, "skipped": skipped, "failures": failures, "error": None}
+
+    def save(final: bool = False) -> list[Path]:
+        doc["elapsed_s"] = round(_now() - start, 3)
+        doc["error"] = "; ".join(f"{f['case']}: {f['implementation']}: {f['detail']}"
+                                 for f in failures) or None
+        if final:
+            machine["loadavg_at_end"] = list(os.getloadavg())
+        return [] if base is None else write_files(doc, base, args.formats, labels, png=final)
+
+    save()
+    budget = f"; time budget {args.budget_s:g} s" if args.budget_s else ""
+    print(f"{len(todo)} cases, most important first{budget}", flush=True)
+    for k, (total, layout, dtype_name) in enumerate(todo, 1):
+        key = {"layout": layout, "numel": total, "dtype": dtype_name}
+        elapsed = _now() - start
+        if args.budget_s is not None and elapsed >= args.budget_s:
+            skipped.extend({"layout": lay, "numel": n, "dtype": d, "why": "time budget"}
+                           for n, lay, d in todo[k - 1:])
+            doc["stopped_early"] = (f"time budget: {args.budget_s:g} s had passed after "
+                                    f"{len(cases)} cases")
+            print(f"time budget: {elapsed:.0f} s of {args.budget_s:g} s passed; not starting "
+                  f"the {len(todo) - k + 1} cases left", flush=True)
+            break
+        print(f"[{k}/{len(todo)} {elapsed:4.0f} s] {case_name(key)}: ", end="", flush=True)
+        graphs = use_graphs(device, total, args)
+        ok, need, why = fits(total, DTYPES[dtype_name], len(impls) * (2 if graphs else 1),
+                             device)
+        if not ok:
+            skipped.append({**key, "why": why})
+            print(f"SKIPPED ({why})", flush=True)
+            save()
+            continue
+        try:
+            case = run_case(layout, total, DTYPES[dtype_name], impls, hyper, args, device,
+                            clock, None if args.budget_s is None else start + args.budget_s)
+        except KeyboardInterrupt:
+            doc["stopped_early"] = f"interrupted (KeyboardInterrupt) during {case_name(key)}"
+            print("INTERRUPTED", flush=True)
+            break
+        except Exception as e:  # noqa: BLE001 - recorded; the other cases still run
+            failures.append({"case": case_name(key), **key, "implementation": None,
+                             "kind": "case error", "detail": f"{type(e).__name__}: {e}"})
+            print(f"FAILED: {type(e).__name__}: {e}", flush=True)
+        else:
+            case["estimated_peak_bytes"] = need
+            cases.append(case)
+            for name, m in case["mismatches"].items():
+                failures.append({"case": case_name(key), **key, "implementation": name,
+                                 "kind": "bitwise mismatch", "detail": f"{m['phase']}: "
+                                 f"{m['summary']}"})
+            ours = {i.name for i in impls if i.ours}
+            for name, err in case["errors"].items():
+                if name in ours:
+                    failures.append({"case": case_name(key), **key, "implementation": name,
+                                     "kind": "error", "detail": err})
+            print(case_line(case), flush=True)
+        _release(device)
+        save()
+    interrupted = bool(doc["stopped_early"]) and doc["stopped_early"].startswith("interrupted")
+    doc["complete"] = not interrupted  # every planned case ran, failed or is listed as skipped
+    written = save(final=True)
+    print_summary(doc)
+    for f in failures:
+        print(f"FAILED: {f['case']}: {f['implementation'] or 'the case'}: {f['kind']}: "
+              f"{f['detail']}", file=sys.stderr)
+    for name, why in unavailable.items():
+        print(f"NOT RUN: {name} was asked for but is not available on {device}: {why}",
+              file=sys.stderr)
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written))
+    if interrupted:
+        return 130
+    return 1 if failures or unavailable else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""`momentum-cuda bench` (momentum_cuda/bench.py): layouts, argument handling, the result files'
-schema, and that it refuses to time an implementation whose bits differ from torch's for-loop.
-Nothing here is a speed claim: timings are the bench's output, never asserted by a test."""
+"""`momentum-cuda bench` (momentum_cuda/bench.py): layouts, argument handling, case order, the
+result files (schema, rewritten after every case), data drawn once per case, bitwise mismatches
+recorded while the run goes on, the time budget, and the GPU-only pieces that can be driven on
+the CPU. Nothing here is a speed claim: timings are the bench's output, never asserted by a test."""
 import csv
+import io
 import json
 import struct
+import types
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from momentum_cuda import bench
 
 TINY = ["--quick", "--params", "3000", "--layouts", "few-large", "resnet50", "--rounds", "2",
         "--warmup", "1"]
+# Two cases (few-large, then resnet50), momentum_cuda flat and the for-loop only, no plot: fast.
+FAST = TINY + ["--dtypes", "float32", "--impls", "mc-flat-cpu", "--formats", "json", "csv"]
 
 
 # ---- layouts ------------------------------------------------------------------------------
@@ -67,6 +72,9 @@ def test_parse_count_rejects(text):
     (["--layouts", "vgg"], "invalid choice: 'vgg'"),
     (["--params", "many"], "not a parameter count: 'many'"),
     (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--quick", "--name", "out/run"], "--name must be a file name stem"),
+    (["--quick", "--formats", "pdf"], "invalid choice: 'pdf'"),
+    (["--quick", "--budget-s", "0"], "--budget-s must be > 0, got 0.0"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -82,10 +90,26 @@ def test_cuda_device_without_gpu_is_a_clear_error(capsys):
     assert "torch sees no GPU here" in capsys.readouterr().err
 
 
-def test_unknown_implementation_names_what_is_available(tmp_path):
-    with pytest.raises(SystemExit, match=r"--impls mc-flat-tpu: not available here \(available: "
-                                         r".*mc-flat-cpu"):
+def test_unknown_implementation_stops_naming_what_exists(tmp_path):
+    with pytest.raises(SystemExit, match=r"--impls mc-flat-tpu: no such implementation \(names: "
+                                         r".*mc-flat-cuda.*; available here: .*mc-flat-cpu"):
         bench.main(TINY + ["--impls", "mc-flat-tpu", "--no-files"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_implementation_that_cannot_run_here_is_reported_and_the_run_goes_on(tmp_path, capsys):
+    """The GPU check's --impls on a CPU machine: mc-flat-cuda is named with the reason, the rest
+    runs, and the exit status says that something asked for did not run."""
+    code = bench.main(FAST + ["--impls", "mc-flat-cuda", "mc-flat-cpu", "--layouts", "few-large",
+                              "--out", str(tmp_path), "--name", "run"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "ASKED FOR BUT NOT AVAILABLE on cpu: mc-flat-cuda: backend='cuda' cannot run" in out
+    assert "NOT RUN: mc-flat-cuda was asked for but is not available on cpu" in err
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert "cannot run on device cpu" in doc["asked_for_not_available"]["mc-flat-cuda"]
+    assert doc["failures"] == [] and len(doc["cases"]) == 1
+    assert set(doc["cases"][0]["results"]) == {"mc-flat-cpu", "torch-forloop"}
 
 
 def test_quick_defaults():
@@ -93,6 +117,51 @@ def test_quick_defaults():
     assert (args.params, args.rounds, args.warmup, args.wait_idle, args.retries) == (
         [10**6], 5, 1, 0.0, 0)
     assert args.layouts == list(bench.LAYOUTS) and args.dtypes == ["float32", "bfloat16"]
+    assert (args.formats, args.name, args.budget_s) == (["json", "csv", "png"], None, None)
+
+
+def test_gpu_check_command_lines_parse():
+    """The two commands the GPU check runs (with --device cpu: no GPU here)."""
+    common = ["--device", "cpu", "--dtypes", "float32", "bfloat16", "--impls", "mc-flat-cuda",
+              "mc-flat-triton", "torch-forloop", "torch-foreach", "torch-fused", "--out", "o",
+              "--formats", "json", "csv"]
+    args, _ = bench.parse_args(common + ["--params", "100M", "1B", "--layouts", "few-large",
+                                         "gpt2", "--name", "bench-headline", "--budget-s", "170"])
+    assert (args.params, args.layouts, args.name, args.budget_s, args.formats) == (
+        [10**8, 10**9], ["few-large", "gpt2"], "bench-headline", 170.0, ["json", "csv"])
+    args, _ = bench.parse_args(common + ["--params", "1M", "10M", "100M", "--layouts",
+                                         "many-small", "resnet50", "--name", "bench-rest",
+                                         "--budget-s", "212"])
+    assert (args.params, args.name, args.budget_s) == ([10**6, 10**7, 10**8], "bench-rest", 212)
+
+
+def test_case_order_puts_the_first_value_of_each_option_first():
+    M100, B1 = 10**8, 10**9
+    order = bench.case_order([M100, B1], ["few-large", "gpt2"], ["float32", "bfloat16"])
+    assert order == [(M100, "few-large", "float32"),  # every first value
+                     (M100, "few-large", "bfloat16"),  # one later value, ...
+                     (M100, "gpt2", "float32"),
+                     (B1, "few-large", "float32"),
+                     (M100, "gpt2", "bfloat16"),  # two later values, ...
+                     (B1, "few-large", "bfloat16"),
+                     (B1, "gpt2", "float32"),
+                     (B1, "gpt2", "bfloat16")]  # every last value
+    # The user's order decides: reversed lists, reversed priorities.
+    assert bench.case_order([B1, M100], ["gpt2"], ["bfloat16", "float32"])[0] == (
+        B1, "gpt2", "bfloat16")
+
+
+def test_memory_estimate_counts_the_tensor_sets_alive_at_the_peak(monkeypatch):
+    # checking: data 3 + for-loop 3 + the one under test 3 + 1; timing: data 3 + 3 per
+    # optimizer + 1
+    assert [bench.peak_sets(n) for n in (1, 2, 3, 5, 10)] == [10, 10, 13, 19, 34]
+    # The GPU check's headline at 1 B fp32: 5 optimizers, 19 sets of 4 GB.
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (140e9, 150e9))
+    ok, need, why = bench.fits(10**9, torch.float32, 5, torch.device("cuda"))
+    assert (ok, need) == (True, 76 * 10**9) and why == "needs about 76.0 GB, 140.0 GB free"
+    ok, need, _ = bench.fits(10**9, torch.float32, 10, torch.device("cuda"))
+    assert (ok, need) == (False, 136 * 10**9)  # over 85 % of what is free
 
 
 # ---- a run and its files -------------------------------------------------------------------
@@ -107,7 +176,7 @@ def run(tmp_path_factory):
 def test_run_succeeds_and_writes_json_csv_png(run):
     code, files = run
     assert code == 0
-    assert set(files) == {".json", ".csv", ".png"}
+    assert set(files) == {".json", ".csv", ".png"}  # and no temporary left
     png = files[".png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
@@ -116,7 +185,9 @@ def test_run_succeeds_and_writes_json_csv_png(run):
 
 def test_json_schema(run):
     doc = json.loads(run[1][".json"].read_text())
-    assert doc["schema"] == "momentum-cuda-bench/1" and doc["error"] is None
+    assert doc["schema"] == "momentum-cuda-bench/2" and doc["error"] is None
+    assert doc["complete"] is True and doc["stopped_early"] is None and doc["failures"] == []
+    assert doc["skipped"] == [] and len(doc["planned"]) == 4
     m = doc["machine"]
     for key in ("date", "device", "commit", "cpu", "torch", "triton", "backends", "momentum_cuda"):
         assert key in m, key
@@ -124,16 +195,18 @@ def test_json_schema(run):
     assert m["cpu"]["model"]
     assert len(doc["cases"]) == 4  # 2 layouts x 2 dtypes x 1 size
     for case in doc["cases"]:
-        assert case["numel"] == 3000
+        assert case["numel"] == 3000 and case["seconds"] > 0
+        assert case["estimated_peak_bytes"] == 3000 * case["bytes_per_param"] // 5 * 19
         assert case["bandwidth_probe"]["gbps"] > 0
         res = case["results"]
         assert {"mc-flat-cpu", "mc-list-cpu", "torch-forloop", "torch-foreach"} <= set(res)
         for r in res.values():
             assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
             assert len(r["times_ms"]) == 2 and r["gbps"] > 0
-        # momentum_cuda was checked bitwise (it would have failed the run otherwise)
+            assert r["bw_share"] == pytest.approx(r["gbps"] / case["bandwidth_probe"]["gbps"])
         assert case["bitwise_vs_forloop"]["mc-flat-cpu"] is True
         assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True
+        assert case["mismatches"] == {}
 
 
 def test_step_costs_are_counted(run):
@@ -153,43 +226,360 @@ def test_csv_has_one_row_per_case_and_implementation(run):
     assert list(rows[0]) == list(bench.CSV_FIELDS)
     assert len(rows) == sum(len(c["results"]) for c in doc["cases"])
     assert {r["layout"] for r in rows} == {"few-large", "resnet50"}
+    assert all(float(r["bandwidth_probe_gbps"]) > 0 and float(r["bw_share"]) > 0 for r in rows)
+
+
+def _csv(text) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text.decode() if isinstance(text, bytes) else text)))
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: no `except Exception` stops it."""
+
+
+def test_files_are_valid_after_every_case_when_killed(monkeypatch, tmp_path):
+    """What a kill leaves: the files as they are when a case starts (read from inside the run)."""
+    real, seen = bench.run_case, []
+
+    def run_case(*a, **kw):
+        seen.append({p.name: p.read_bytes() for p in tmp_path.iterdir()})
+        if len(seen) == 2:
+            raise Killed
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    with pytest.raises(Killed):
+        bench.main(FAST + ["--out", str(tmp_path), "--name", "run"])
+    first, second = seen
+    assert sorted(first) == sorted(second) == ["run.csv", "run.json"]  # no png, no temporaries
+    doc = json.loads(first["run.json"])
+    assert doc["complete"] is False and doc["cases"] == [] and len(doc["planned"]) == 2
+    assert _csv(first["run.csv"]) == []
+    doc = json.loads(second["run.json"])
+    assert doc["complete"] is False and [c["layout"] for c in doc["cases"]] == ["few-large"]
+    assert doc["cases"][0]["bandwidth_probe"]["gbps"] > 0
+    assert [r["implementation"] for r in _csv(second["run.csv"])] == ["mc-flat-cpu",
+                                                                      "torch-forloop"]
+    # The kill came during case 2: the folder holds exactly what case 1 left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.json"]
+    assert (tmp_path / "run.json").read_bytes() == second["run.json"]
+
+
+def test_an_interrupted_run_says_so(monkeypatch, tmp_path):
+    real = bench.run_case
+    calls = []
+
+    def run_case(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    assert bench.main(FAST + ["--out", str(tmp_path), "--name", "run"]) == 130
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert doc["complete"] is False and len(doc["cases"]) == 1
+    assert doc["stopped_early"] == "interrupted (KeyboardInterrupt) during resnet50 3k float32"
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+
+    def half_then_fail(p):
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        bench._atomic_write(path, half_then_fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"] and path.read_text() == "old"
+
+
+def test_a_case_that_raises_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path, capsys):
+    real = bench.run_case
+
+    def run_case(layout, *a, **kw):
+        if layout == "few-large":
+            raise RuntimeError("planted: CUDA out of memory")
+        return real(layout, *a, **kw)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    assert bench.main(FAST + ["--out", str(tmp_path), "--name", "run"]) == 1
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert doc["complete"] is True and [c["layout"] for c in doc["cases"]] == ["resnet50"]
+    assert [(f["layout"], f["kind"], f["detail"]) for f in doc["failures"]] == [
+        ("few-large", "case error", "RuntimeError: planted: CUDA out of memory")]
+    assert "FAILED: few-large 3k float32: the case: case error" in capsys.readouterr().err
+
+
+def test_time_budget_stops_starting_cases(monkeypatch, tmp_path, capsys):
+    clock = [0.0]
+    monkeypatch.setattr(bench, "_now", lambda: clock[0])
+    real = bench.run_case
+
+    def run_case(*a, **kw):
+        clock[0] += 100.0  # every case "takes" 100 s
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    code = bench.main(FAST + ["--dtypes", "float32", "bfloat16", "--budget-s", "150", "--out",
+                              str(tmp_path), "--name", "run"])
+    assert code == 0  # a budget cut is not a failure: the files say what was left out
+    doc = json.loads((tmp_path / "run.json").read_text())
+    # Cases 1 and 2 start at 0 s and 100 s; at 200 s the budget of 150 s has passed.
+    done = [(c["layout"], c["dtype"]) for c in doc["cases"]]
+    assert done == [("few-large", "float32"), ("few-large", "bfloat16")]
+    assert [(s["layout"], s["dtype"], s["why"]) for s in doc["skipped"]] == [
+        ("resnet50", "float32", "time budget"), ("resnet50", "bfloat16", "time budget")]
+    assert doc["complete"] is True and doc["stopped_early"].startswith("time budget: 150 s")
+    assert len(_csv((tmp_path / "run.csv").read_text())) == 4  # 2 cases x 2 implementations
+    assert "time budget: 200 s of 150 s passed; not starting the 2 cases left" in \
+        capsys.readouterr().out
+
+
+def test_past_the_budget_a_case_neither_waits_for_an_idle_cpu_nor_retries(monkeypatch,
+                                                                          tmp_path):
+    clock, waits = [0.0], []
+    monkeypatch.setattr(bench, "_now", lambda: clock[0])
+    monkeypatch.setattr(bench, "is_noisy", lambda busy: True)  # every timing looks disturbed
+    monkeypatch.setattr(bench, "wait_for_idle", lambda s: waits.append(s))
+    real = bench.run_case
+
+    def run_case(*a, **kw):
+        clock[0] += 10.0 if a[0] == "few-large" else 200.0  # the budget ends during case 2
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    assert bench.main(FAST + ["--wait-idle", "30", "--retries", "2", "--budget-s", "100",
+                              "--out", str(tmp_path), "--name", "run"]) == 0
+    first, second = json.loads((tmp_path / "run.json").read_text())["cases"]
+    # Case 1, with 90 s left: waits of at most 30 s before each of its 3 attempts.
+    assert len(first["discarded_noisy_attempts"]) == 2 and "retry_skipped" not in first
+    assert waits == [30.0, 30.0, 30.0]
+    # Case 2, started in time but past the budget now: one attempt, no wait.
+    assert second["discarded_noisy_attempts"] == [] and second["retry_skipped"] == "time budget"
+
+
+def test_name_and_formats(tmp_path):
+    assert bench.main(FAST + ["--layouts", "few-large", "--out", str(tmp_path), "--name",
+                              "bench-headline", "--formats", "json"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["bench-headline.json"]
+
+
+def test_one_progress_line_per_case_and_a_final_table(tmp_path, capsys):
+    assert bench.main(FAST + ["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert [ln.split(":")[0] for ln in lines] == ["[1/2    0 s] few-large 3k float32",
+                                                  f"{lines[1].split(' s]')[0]} s] resnet50 3k "
+                                                  "float32"]
+    assert all(" | probe " in ln and "mc-flat-cpu" in ln and "%" in ln for ln in lines)
+    table = out[out.index("implementation"):]
+    assert "bandwidth probe" in table and "BW share" in table and "== for-loop" in table
+
+
+# ---- data ---------------------------------------------------------------------------------
+def test_data_is_drawn_once_per_case_on_the_device(monkeypatch, tmp_path):
+    real, draws = torch.randn, []
+
+    def randn(*a, **kw):
+        draws.append((kw.get("generator"), kw.get("device")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "randn", randn)
+    assert bench.main(FAST + ["--impls", "mc-flat-cpu", "mc-list-cpu", "torch-foreach", "--out",
+                              str(tmp_path)]) == 0
+    # init, grads, grads2 per case: 2 cases, whatever the number of implementations (4)
+    assert len(draws) == 3 * 2
+    assert all(g is not None and g.device == torch.device(d) == torch.device("cpu")
+               for g, d in draws)
+
+
+def test_gradients_are_never_zero(monkeypatch):
+    monkeypatch.setattr(torch, "randn",
+                        lambda n, **kw: torch.zeros(n, dtype=kw["dtype"], device=kw["device"]))
+    data = bench.case_data([3, 5], torch.bfloat16, torch.device("cpu"), 0)
+    assert (data.init == 0).all() and (data.grads == 1).all() and (data.grads2 == 1).all()
+    assert [t.numel() for t in data.split(data.grads)] == [3, 5]
 
 
 # ---- correctness before timing -------------------------------------------------------------
-def test_bench_fails_loudly_when_bits_differ(monkeypatch, tmp_path, capsys):
-    """A momentum_cuda implementation with lr 2^-20 off (a few fp32 ulps) must stop the run,
-    exit 1."""
+def _plant(monkeypatch, impl):
     real = bench.implementations
 
-    def with_a_wrong_one(device):
+    def with_it(device):
         impls, missing = real(device)
-        impls.append(bench.Impl("mc-wrong", "momentum_cuda (planted bug: lr off by 2^-20)",
-                                lambda ps, h: momentum_cuda.SGD(
-                                    ps, **{**h, "lr": h["lr"] * (1 + 2**-20)}),
-                                ours=True, flat=True))
-        return impls, missing
+        return impls + [impl], missing
 
-    monkeypatch.setattr(bench, "implementations", with_a_wrong_one)
-    code = bench.main(TINY + ["--dtypes", "float32", "--out", str(tmp_path)])
-    err = capsys.readouterr().err
+    monkeypatch.setattr(bench, "implementations", with_it)
+
+
+def test_bitwise_mismatch_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path, capsys):
+    """A momentum_cuda implementation with lr 2^-20 off (a few fp32 ulps): recorded in every
+    case (where and how much), not timed, the other implementations and cases run, exit 1."""
+    _plant(monkeypatch, bench.Impl("mc-wrong", "momentum_cuda (planted bug: lr off by 2^-20)",
+                                   lambda ps, h: momentum_cuda.SGD(
+                                       ps, **{**h, "lr": h["lr"] * (1 + 2**-20)}),
+                                   ours=True, flat=True))
+    code = bench.main(FAST + ["--impls", "mc-flat-cpu", "mc-wrong", "--out", str(tmp_path),
+                              "--name", "run"])
+    out, err = capsys.readouterr()
     assert code == 1
-    assert "FAILED: momentum_cuda (planted bug: lr off by 2^-20) is NOT bitwise equal to torch " \
-           "for-loop" in err
-    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert "NOT bitwise equal" in doc["error"] and doc["cases"] == []
+    assert "FAILED: few-large 3k float32: mc-wrong: bitwise mismatch: check: " in err
+    assert "BITWISE MISMATCH (not timed): mc-wrong" in out
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert [c["layout"] for c in doc["cases"]] == ["few-large", "resnet50"]
+    assert [(f["layout"], f["implementation"]) for f in doc["failures"]] == [
+        ("few-large", "mc-wrong"), ("resnet50", "mc-wrong")]
+    for case in doc["cases"]:
+        assert set(case["results"]) == {"mc-flat-cpu", "torch-forloop"}  # mc-wrong not timed
+        assert case["bitwise_vs_forloop"]["mc-wrong"] is False
+        m = case["mismatches"]["mc-wrong"]
+        assert (m["phase"], m["steps"]) == ("check", 2)
+        assert "momentum_buffer" not in m  # lr does not enter the buffer
+        p = m["param"]
+        assert 1 <= p["differing"] <= p["of"] == case["tensors"]
+        assert 0 <= p["first"] < case["tensors"] and p["value"] != p["reference"]
+        assert 0 < abs(p["value"] - p["reference"]) <= p["max_abs_diff"] < 1e-5
+        assert f"first: param {p['first']}, element {p['first_element']}" in m["summary"]
+    assert {r["implementation"] for r in _csv((tmp_path / "run.csv").read_text())} == {
+        "mc-flat-cpu", "torch-forloop"}
 
 
-def test_bench_fails_when_flat_is_not_one_call(monkeypatch, tmp_path, capsys):
+def test_flat_that_is_not_one_call_is_recorded(monkeypatch, tmp_path, capsys):
     """A 'flat' implementation that takes the per-tensor path is caught by the call check."""
-    real = bench.implementations
-
-    def mislabelled(device):
-        impls, missing = real(device)
-        impls.append(bench.Impl("mc-fake-flat", "momentum_cuda fake flat",
-                                lambda ps, h: momentum_cuda.SGD(ps, flat=False, **h),
-                                ours=True, flat=True))
-        return impls, missing
-
-    monkeypatch.setattr(bench, "implementations", mislabelled)
-    assert bench.main(TINY + ["--dtypes", "float32", "--no-files"]) == 1
+    _plant(monkeypatch, bench.Impl("mc-fake-flat", "momentum_cuda fake flat",
+                                   lambda ps, h: momentum_cuda.SGD(ps, flat=False, **h),
+                                   ours=True, flat=True))
+    assert bench.main(FAST + ["--impls", "mc-fake-flat", "--layouts", "few-large", "--out",
+                              str(tmp_path), "--name", "run"]) == 1
     assert "did not make exactly one flat kernel call" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert [f["kind"] for f in doc["failures"]] == ["error"]
+    assert set(doc["cases"][0]["results"]) == {"torch-forloop"}
+
+
+def test_differences_reports_the_first_differing_element():
+    a = [torch.zeros(4), torch.arange(6.0)]
+    b = [torch.zeros(4), torch.arange(6.0)]
+    b[1][3] += 0.5
+    b[1][5] -= 2.0
+    opt = types.SimpleNamespace(state={})
+    d = bench.differences(opt, a, opt, b, momentum=0)
+    assert d == {"param": {"differing": 1, "of": 2, "first": 1, "first_element": 3,
+                           "value": 3.0, "reference": 3.5, "max_abs_diff": 2.0}}
+    assert bench.differences(opt, a, opt, a, momentum=0) is None
+
+
+# ---- the GPU-only pieces, driven on the CPU ------------------------------------------------
+def test_device_kernel_count_leaves_out_copies_and_host_events():
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [types.SimpleNamespace(device_type=t, name=n) for t, n in (
+        (cuda, "_sgd_flat_kernel"), (cuda, "Memcpy HtoD (Pinned -> Device)"),
+        (cuda, "Memset (Device)"), (cpu, "cudaLaunchKernel"), (cpu, "aten::add_"),
+        (cuda, "void at::native::vectorized_elementwise_kernel<4, ...>"))]
+    assert bench.count_device_events(events) == {"kernels": 2, "memcpy_memset": 2}
+
+
+def test_cuda_graph_capture_comes_after_warm_up_steps_on_a_side_stream(monkeypatch):
+    """Fakes of torch.cuda's stream and graph objects, a real optimizer: the steps before the
+    capture run on a side stream that the current stream then waits for, and the first of
+    them (which allocates the momentum buffers) is not the captured one."""
+    log, active = [], ["current"]
+
+    class Stream:
+        def __init__(self, device=None, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    class Use:  # torch.cuda.stream(s) / torch.cuda.graph(g): a stream is current inside
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            active.append(self.name)
+            log.append(f"enter {self.name}")
+
+        def __exit__(self, *exc):
+            active.pop()
+            log.append(f"exit {self.name}")
+
+    current = Stream(name="current")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: Use(s.name))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: Use("device"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(
+        replay=lambda: log.append("replay")))
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: Use("capture"))
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    real_step = opt.step
+
+    def step():
+        log.append(f"step on {active[-1]}, buffer {'yes' if opt.state[p] else 'no'}")
+        real_step()
+
+    opt.step = step
+    replay = bench.cuda_graph_step(opt, torch.device("cuda"), warmup=3)
+    replay()
+    assert log == ["enter device", "side waits for current", "enter side",
+                   "step on side, buffer no", "step on side, buffer yes",
+                   "step on side, buffer yes", "exit side", "current waits for side",
+                   "enter capture", "step on capture, buffer yes", "exit capture",
+                   "exit device", "replay"]
+
+
+def _eager_graphs(monkeypatch, extra_steps_for=None):
+    """Graph timing on the CPU: use_graphs says yes and a "capture" is the warm-up steps, its
+    "replay" an eager step (one more step for `extra_steps_for` optimizers: a broken graph)."""
+    monkeypatch.setattr(bench, "use_graphs", lambda device, total, args: True)
+
+    def capture(opt, device, warmup):
+        for _ in range(warmup + (1 if isinstance(opt, extra_steps_for or ()) else 0)):
+            opt.step()
+        return opt.step
+
+    monkeypatch.setattr(bench, "cuda_graph_step", capture)
+
+
+def test_graph_replays_are_timed_and_checked_like_the_steps(monkeypatch, tmp_path):
+    _eager_graphs(monkeypatch)
+    assert bench.main(FAST + ["--layouts", "few-large", "--out", str(tmp_path), "--name",
+                              "run"]) == 0
+    case = json.loads((tmp_path / "run.json").read_text())["cases"][0]
+    assert set(case["results"]) == {"mc-flat-cpu", "torch-forloop", "mc-flat-cpu+graph",
+                                    "torch-forloop+graph"}
+    assert case["bitwise_vs_forloop"] == {"torch-forloop": True, "mc-flat-cpu": True,
+                                          "mc-flat-cpu+graph": True, "torch-forloop+graph": True}
+    assert case["steps_per_optimizer"] == bench.GRAPH_WARMUP + 1 + 2
+    assert case["estimated_peak_bytes"] == 3000 * 4 * (3 + 3 * 4 + 1)  # graph copies
+
+
+def test_graph_replay_that_differs_is_recorded(monkeypatch, tmp_path):
+    _eager_graphs(monkeypatch, extra_steps_for=momentum_cuda.SGD)
+    assert bench.main(FAST + ["--layouts", "few-large", "--out", str(tmp_path), "--name",
+                              "run"]) == 1
+    case = json.loads((tmp_path / "run.json").read_text())["cases"][0]
+    assert "mc-flat-cpu+graph" not in case["results"] and "mc-flat-cpu" in case["results"]
+    m = case["mismatches"]["mc-flat-cpu+graph"]
+    assert m["phase"] == "cuda-graph replay" and m["param"]["differing"] == case["tensors"]
+    assert m["momentum_buffer"]["differing"] == case["tensors"]
+
+
+def test_a_step_that_cannot_be_captured_is_reported_not_fatal(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "use_graphs", lambda device, total, args: True)
+
+    def capture(opt, device, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bench, "cuda_graph_step", capture)
+    assert bench.main(FAST + ["--layouts", "few-large", "--out", str(tmp_path), "--name",
+                              "run"]) == 0
+    case = json.loads((tmp_path / "run.json").read_text())["cases"][0]
+    assert case["errors"]["mc-flat-cpu+graph"] == ("not capturable: RuntimeError: operation not "
+                                                   "permitted when stream is capturing")
+    assert set(case["results"]) == {"mc-flat-cpu", "torch-forloop"}
