@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.deps-stamp
 DEPS    := torch==2.13.0 numpy==2.4.6 pytest==9.2.0 scikit-learn==1.9.1 matplotlib==3.11.2 \
            pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2 cmake==3.31.10 \
            nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51 triton==3.9.0
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.json') setup.py
 SO_STAMP := $(VENV)/.build-stamp
 CMAKE_BUILD := build/cmake
 # The GPU machine's versions (Python 3.12, torch 2.11.0+cu130, triton 3.6.0, which torch pins):

@@ -1,7 +1,10 @@
 """Builds momentum_cuda._C: the C++ CPU kernel always; the CUDA kernel too when torch is a CUDA
-build and nvcc is found. Install with `pip install --no-build-isolation -e .` (FACTS.md: an
-isolated build pulls another torch). MOMENTUM_CUDA_NO_CUDA=1 forces a CPU-only build."""
+build and nvcc is found. Install with `pip install --no-build-isolation -e .` (an isolated build
+pulls another torch: docs/numerics.md). MOMENTUM_CUDA_NO_CUDA=1 forces a CPU-only build.
+The compiler flags and the CUDA arch list come from csrc/build_flags.json (why each one is there
+is written next to it)."""
 import glob
+import json
 import os
 import shutil
 
@@ -10,12 +13,11 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# -ffp-contract=off: no a*b+c contraction; every fma is written explicitly (sgd_math.h).
-# -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to torch's own copy.
-# -g0: Python's own CFLAGS bring -g, which costs compile time (FACTS.md: 57 s vs 41 s a file).
-# -std=c++20: torch 2.14's headers need it (std::strong_ordering); 2.13's accept it.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-std=c++20", "-g0"]
-NVCC_FLAGS = ["-O3", "-std=c++20", "-Xptxas=-warn-spills,-warn-lmem-usage"]
+with open(os.path.join(HERE, "csrc", "build_flags.json")) as f:
+    FLAGS = json.load(f)
+CXX_FLAGS = FLAGS["cxx"]
+NVCC_FLAGS = FLAGS["nvcc"]
+CUDA_ARCH_LIST = ";".join(FLAGS["cuda_archs"])  # TORCH_CUDA_ARCH_LIST's notation: "8.0;9.0"
 
 
 def cuda_toolkit():
@@ -27,7 +29,8 @@ def cuda_toolkit():
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None, "nvcc not found"
-    # The nvcc on PATH may be a wrapper script; torch guesses a wrong root from it (FACTS.md).
+    # The nvcc on PATH may be a wrapper script; torch guesses a wrong root from it
+    # (docs/numerics.md).
     has_headers = lambda r: os.path.exists(os.path.join(r, "include", "cuda_runtime_api.h"))
     root = os.environ.get("CUDA_HOME") or os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
     if not has_headers(root):
@@ -46,10 +49,12 @@ if root is None:
     print(f"momentum_cuda: building the CPU kernel only ({why_not})")
     Extension = cpp_extension.CppExtension
 else:
-    print(f"momentum_cuda: building the CPU and CUDA kernels (toolkit {root})")
     os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = root
-    # Unset, torch's arch detection needs a GPU and fails without one (FACTS.md).
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # Unset, torch's arch detection needs a GPU and fails without one (docs/numerics.md).
+    # A TORCH_CUDA_ARCH_LIST already in the environment wins; the line below says which.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
+    print(f"momentum_cuda: building the CPU and CUDA kernels (toolkit {root}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     kwargs["extra_compile_args"] = {"cxx": CXX_FLAGS + ["-DMOMENTUM_CUDA_WITH_CUDA"],
                                     "nvcc": NVCC_FLAGS}

@@ -53,7 +53,8 @@ void launch_cuda(const std::vector<Span>& spans, bool one_span, const StepHyper&
   const cudaError_t err = one_span
       ? sgd_step_cuda_flat<K>(spans[0], hyper, stream)
       : sgd_step_cuda_list<K>(spans.data(), static_cast<int64_t>(spans.size()), hyper, stream);
-  TORCH_CHECK(err == cudaSuccess, "momentum_cuda: CUDA kernel launch failed: ",
+  TORCH_CHECK(err == cudaSuccess,
+              "momentum_cuda: CUDA launch failed (occupancy query or kernel): ",
               cudaGetErrorString(err));
 }
 #endif

@@ -1,8 +1,9 @@
 """tools/cuda_check.py, the GPU-less machine-code evidence of issue 4 (steps 1 and 2).
 
-The project's kernels are compiled once per session (tools/cuda_check.py run as a script, sm_80
-and sm_90 in one nvcc call) and must pass: spill gate, 128-bit global loads and stores in every
-flat kernel, no local memory. Planted bad kernels show the checks FAIL when they should:
+The project's kernels are compiled once per session (tools/cuda_check.py run as a script, every
+arch of csrc/build_flags.json in one nvcc call, with the nvcc flags the extension ships with) and
+must pass: spill gate, 128-bit global loads and stores in every flat kernel, no local memory.
+Planted bad kernels show the checks FAIL when they should:
   (a) scalar-only flat kernels -> "no 128-bit global load (LDG.E.128)";
   (b) an indexed local array and a register-starved kernel -> the spill gate stops nvcc, and
       without the gate the SASS check still sees the LDL/STL.
@@ -106,6 +107,26 @@ def test_project_passes(project):
         for k in FLAT:
             assert any(line.startswith(f"{arch:6} {k:36}") and line.split()[2].isdigit()
                        for line in r.stdout.splitlines()), f"no register count for {arch} {k}"
+
+
+def test_project_compiled_with_shipped_flags(project):
+    """The evidence is about the code that ships: ptxas.log's first line is nvcc's command, which
+    must carry csrc/build_flags.json's nvcc flags in order, its archs, and the gate."""
+    cmd = project["log"].splitlines()[0].split()
+    flags = list(cc.NVCC_FLAGS)
+    assert any(cmd[i:i + len(flags)] == flags for i in range(len(cmd))), (flags, cmd)
+    for a in cc.ARCHS:
+        assert f"arch=compute_{a},code=sm_{a}" in cmd, cmd
+    assert cmd[-len(cc.GATE):] == list(cc.GATE), cmd
+
+
+def test_blocks_per_sm_units():
+    """The register-limited occupancy printed next to each kernel (256-thread blocks)."""
+    assert [cc.blocks_per_sm(r) for r in (16, 32, 33, 40, 41, 48, 64, 128, 255)] == \
+        [8, 8, 6, 6, 5, 5, 4, 2, 1]
+    assert cc.blocks_per_sm(32, threads=128) == 16 and cc.blocks_per_sm(16, threads=32) == 32
+    kernel = open(os.path.join(ROOT, "csrc", "cuda", "sgd_kernel.cuh")).read()
+    assert f"constexpr int kThreads = {cc.THREADS};" in kernel, "cuda_check.THREADS != kThreads"
 
 
 def test_project_no_stack_or_spills(project):

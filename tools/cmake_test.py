@@ -4,21 +4,29 @@
     python tools/cmake_test.py [BUILD_DIR]
 
 1. cmake configure (Release; Ninja when found), pointing CMake at THIS interpreter's torch
-   (torch.utils.cmake_prefix_path), pybind11 (python -m pybind11 --cmakedir) and Python.
-2. cmake --build with 2 jobs (the module _C and the C++ tests, all inside BUILD_DIR).
+   (torch.utils.cmake_prefix_path), pybind11 (python -m pybind11 --cmakedir) and Python, then
+   checks the configured compile_commands.json: every C++ source is compiled with the "cxx" flags
+   of csrc/build_flags.json, and, where nvcc is on PATH (CMake then finds it too), every
+   csrc/cuda/*.cu with its "nvcc" flags for each of its "cuda_archs".
+2. cmake --build with 2 jobs (the module _C, the CUDA kernels' objects when nvcc is there, the
+   C++ tests; all inside BUILD_DIR).
 3. ctest --output-on-failure (tests/cpp/).
 4. Imports the CMake-built _C from BUILD_DIR in a fresh interpreter (never the package's
    momentum_cuda/_C*.so), calls cpu_isa(), and runs two steps of cpu_sgd_step_ against
    torch.optim.SGD (for-loop) bit for bit, to show the module loads and works.
 Exits non-zero on the first failure. Prints each command and how long it took.
 """
+import glob
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS_FILE = os.path.join(ROOT, "csrc", "build_flags.json")
 
 IMPORT_CHECK = r"""
 import os, sys
@@ -60,6 +68,42 @@ def run(cmd, show=None, **kw):
         print(f"cmake_test: FAILED: {' '.join(cmd)} exited with {rc}", flush=True)
         sys.exit(rc if 0 < rc < 256 else 1)
     return dt
+
+
+def has_run(cmd, flags):
+    """True if `flags` occur in `cmd` as one contiguous run, in order."""
+    return any(cmd[i:i + len(flags)] == flags for i in range(len(cmd) - len(flags) + 1))
+
+
+def flag_problems(build, want_cuda):
+    """What compile_commands.json shows against csrc/build_flags.json: [] when every project
+    source is compiled with the shared flags (and the .cu sources are there when want_cuda)."""
+    with open(FLAGS_FILE) as f:
+        flags = json.load(f)
+    with open(os.path.join(build, "compile_commands.json")) as f:
+        commands = {os.path.realpath(c["file"]): shlex.split(c["command"]) for c in json.load(f)}
+    def files(*patterns):
+        return [os.path.join(ROOT, p) for pattern in patterns
+                for p in sorted(glob.glob(pattern, root_dir=ROOT))]
+
+    sources = files("csrc/*.cpp", "csrc/cpu/*.cpp", "tests/cpp/*.cpp")
+    cuda_sources = files("csrc/cuda/*.cu")
+    problems = []
+    for src in sources + (cuda_sources if want_cuda else []):
+        cmd = commands.get(os.path.realpath(src))
+        rel = os.path.relpath(src, ROOT)
+        if cmd is None:
+            problems.append(f"{rel}: not compiled by the CMake build")
+            continue
+        shared = flags["nvcc"] if src.endswith(".cu") else flags["cxx"]
+        if not has_run(cmd, shared):
+            problems.append(f"{rel}: compiled without {shared}: {' '.join(cmd)}")
+        if src.endswith(".cu"):
+            for arch in flags["cuda_archs"]:
+                a = arch.replace(".", "")
+                if f"--generate-code=arch=compute_{a},code=[sm_{a}]" not in cmd:
+                    problems.append(f"{rel}: not compiled for sm_{a}: {' '.join(cmd)}")
+    return problems
 
 
 def cache_generator(build):
@@ -105,10 +149,19 @@ def main():
                  "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_PREFIX_PATH={prefix}",
                  f"-Dpybind11_DIR={pybind11_dir}",
-                 f"-DPython_EXECUTABLE={sys.executable}"]
+                 f"-DPython_EXECUTABLE={sys.executable}",
+                 "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"]
     if ninja and generator == "Ninja":
         configure.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
     t_conf = run(configure)
+    want_cuda = shutil.which("nvcc") is not None
+    problems = flag_problems(build, want_cuda)
+    if problems:
+        print("cmake_test: FAILED: the CMake build does not use csrc/build_flags.json:\n  "
+              + "\n  ".join(problems), flush=True)
+        sys.exit(1)
+    print(f"  compile commands carry csrc/build_flags.json's flags "
+          f"({'C++ and CUDA' if want_cuda else 'C++; no nvcc on PATH, so no CUDA'})", flush=True)
     t_build = run([cmake, "--build", build, "--parallel", "2"])
     ctest = os.path.join(os.path.dirname(cmake), "ctest")  # the ctest of the same cmake
     t_test = run([ctest, "--output-on-failure"], cwd=build)

@@ -3,9 +3,11 @@
 
     python tools/cuda_check.py [--keep DIR] [--source FILE]
 
-1. Compiles csrc/cuda/sgd_cuda.cu with nvcc for sm_80 and sm_90 in ONE call (device code only,
-   -fatbin) under the spill gate `-Xptxas -v,-warn-spills,-warn-lmem-usage,-Werror`: any register
-   spill or any local memory fails the build. Prints each kernel's register count (ptxas -v).
+1. Compiles csrc/cuda/sgd_cuda.cu with nvcc for every arch of csrc/build_flags.json in ONE call
+   (device code only, -fatbin), with the nvcc flags the extension ships with (the same file),
+   plus the spill gate `-Xptxas -v,-warn-spills,-warn-lmem-usage,-Werror`: any register spill or
+   any local memory fails the build. Prints each kernel's register count (ptxas -v) and the
+   blocks per SM its registers allow.
 2. Disassembles the fatbin with cuobjdump -sass (PyPI wheels nvidia-cuda-cuobjdump and
    nvidia-cuda-nvdisasm; the local toolkit has neither) and, for each dtype's flat kernel
    sgd_flat_kernel<float|double|bf16_t|fp16_t> and each arch, requires 128-bit global loads and
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import json
 import os
 import re
 import shutil
@@ -30,9 +33,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "csrc", "cuda", "sgd_cuda.cu")
 INCLUDES = (os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include"))
-ARCHS = ("80", "90")
-# -v: register counts; the warnings, made errors, are the spill gate.
-GATE = ("-Xptxas", "-v,-warn-spills,-warn-lmem-usage,-Werror")
+FLAGS_FILE = os.path.join(ROOT, "csrc", "build_flags.json")
+with open(FLAGS_FILE) as _f:
+    _FLAGS = json.load(_f)
+# What setup.py and CMake give nvcc for the .cu files. setup.py's nvcc also gets torch's own
+# -D__CUDA_NO_HALF*_OPERATORS__/_CONVERSIONS__ and --expt-relaxed-constexpr: the kernels use
+# nothing they switch off (the SASS is byte-identical with and without them, nvcc 13.0).
+NVCC_FLAGS = tuple(_FLAGS["nvcc"])
+ARCHS = tuple(a.replace(".", "") for a in _FLAGS["cuda_archs"])  # "8.0" -> "80"
+# Added to the shipped flags, and only here: -v for the register counts; the warnings made
+# errors are the spill gate (named here too, so the gate does not rest on the shipped flags
+# keeping them). gate=False (to look at bad SASS) keeps only -v.
+GATE = ("-Xptxas=-v,-warn-spills,-warn-lmem-usage,-Werror",)
+NO_GATE = ("-Xptxas=-v",)
+THREADS = 256  # threads a block of both kernels (kThreads in csrc/cuda/sgd_kernel.cuh)
 FLAT_DTYPES = ("float", "double", "bf16_t", "fp16_t")  # as demangle() names them
 
 
@@ -71,17 +85,24 @@ class Build:
         return self.returncode == 0
 
 
-def compile_cu(src: str, out: str, archs=ARCHS, includes=INCLUDES, gate=True, nvcc=None) -> Build:
+def nvcc_command(nvcc: str, src: str, out: str, archs=ARCHS, includes=INCLUDES,
+                 gate=True) -> list[str]:
     """nvcc -fatbin (device code only; host code is not this check's business) for every arch
-    in one call. gate=False keeps -v and the warnings but not -Werror (to look at bad SASS)."""
+    in one call, with the shipped nvcc flags and the gate (or only -v with gate=False)."""
+    cmd = [nvcc, *NVCC_FLAGS, "-fatbin", src, "-o", out]
+    for a in archs:  # code=sm_XX only, as torch's TORCH_CUDA_ARCH_LIST gives (no PTX)
+        cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    cmd += [f"-I{i}" for i in includes]
+    return cmd + list(GATE if gate else NO_GATE)
+
+
+def compile_cu(src: str, out: str, archs=ARCHS, includes=INCLUDES, gate=True, nvcc=None) -> Build:
+    """Runs nvcc_command(); gate=False keeps -v and the shipped warnings but not -Werror (to look
+    at bad SASS)."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (set NVCC or CUDA_HOME)")
-    cmd = [nvcc, "-std=c++17", "-O3", "-fatbin", src, "-o", out]
-    for a in archs:
-        cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    cmd += [f"-I{i}" for i in includes]
-    cmd += list(GATE) if gate else ["-Xptxas", "-v,-warn-spills,-warn-lmem-usage"]
+    cmd = nvcc_command(nvcc, src, out, archs, includes, gate)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     return Build(cmd, r.returncode, r.stdout + r.stderr, out, time.perf_counter() - t0)
@@ -105,6 +126,16 @@ def ptxas_info(log: str) -> dict:
         if m and cur:
             info[cur]["registers"] = int(m.group(1))
     return info
+
+
+def blocks_per_sm(registers: int, threads: int = THREADS) -> int:
+    """Blocks of `threads` an SM of sm_80/sm_90 holds at once, as limited by `registers` a thread
+    (65536 registers an SM, allocated per warp in units of 256; at most 64 warps and 32 blocks).
+    What the occupancy API should report on the GPU for a kernel without shared memory."""
+    per_warp = -(-registers * 32 // 256) * 256
+    warps = 65536 // per_warp if per_warp else 64
+    warps_per_block = -(-threads // 32)
+    return min(min(warps, 64) // warps_per_block, 32)
 
 
 # ---- step 2: SASS -----------------------------------------------------------------------------
@@ -189,12 +220,14 @@ def check(source=SOURCE, workdir=None) -> list[str]:
     names = demangle({fn for _, fn in set(info) | set(ops)})
 
     failures = []
-    print(f"{'arch':6} {'kernel':36} {'regs':>4} {'stack':>5}  global/local memory instructions")
+    print(f"{'arch':6} {'kernel':36} {'regs':>4} {'stack':>5} {'blk/SM':>6}  "
+          f"global/local memory instructions")
     for arch, fn in sorted(ops, key=lambda k: (k[0], names[k[1]])):
         i = info.get((arch, fn), {})
         name = names[fn]
-        print(f"{arch:6} {name:36} {i.get('registers', '?'):>4} {i.get('stack', '?'):>5}  "
-              f"{summary(memory_ops(ops[(arch, fn)]))}")
+        bps = blocks_per_sm(i["registers"]) if "registers" in i else "?"
+        print(f"{arch:6} {name:36} {i.get('registers', '?'):>4} {i.get('stack', '?'):>5} "
+              f"{bps:>6}  {summary(memory_ops(ops[(arch, fn)]))}")
         if i.get("stack", 0) or i.get("spill_stores", 0) or i.get("spill_loads", 0):
             failures.append(f"{arch} {name}: ptxas reports stack/spills {i}")
     for arch in ARCHS:  # the requirement: every flat kernel, every arch

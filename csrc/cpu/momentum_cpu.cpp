@@ -7,7 +7,7 @@
 // Speed     : one pass reading p, buf, g and writing p, buf; all spans share one parallel region.
 //             The AVX2 clone is compiled with target("avx2,fma,f16c") and picked at run time, so
 //             the library still runs on CPUs without AVX2. Bitwise equality with torch needs a real
-//             fma instruction and no contraction of a*b+c (-ffp-contract=off): FACTS.md.
+//             fma instruction and no contraction of a*b+c (-ffp-contract=off): docs/numerics.md.
 #include "momentum_cpu.h"
 
 #include <algorithm>

@@ -2,10 +2,14 @@
 //
 // Inputs : spans validated by csrc/momentum_ops.cpp (device, dtype, sizes, overlap), the
 //          current stream and device already set by the caller.
-// Grid   : the flat kernel runs 256 threads a block and at most 4 blocks per SM-worth of work
-//          (grid-stride beyond that); the multi-tensor kernel one block per 65536-element chunk.
+// Grid   : the flat kernel runs kThreads a block, as many blocks as the work needs up to what
+//          fits on the GPU at once (flat_grid: the occupancy API's blocks per SM for this kernel
+//          times the SMs, queried once per device and dtype), grid-stride beyond that; the
+//          multi-tensor kernel one block per 65536-element chunk.
 #include "sgd_cuda.h"
 
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "sgd_kernel.cuh"
@@ -13,7 +17,7 @@
 namespace momentum_cuda {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda::kThreads;
 
 template <class T>
 using Opmath = typename cuda::Storage<T>::opmath;
@@ -25,11 +29,44 @@ cuda::CudaScalars<T> scalars(const StepHyper& h) {
                                  [](double v) { return static_cast<Opmath<T>>(v); });
 }
 
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 1;
-  return sms > 0 ? sms : 1;
+/// What flat_grid needs about the current device for sgd_flat_kernel<T>.
+struct FlatOccupancy {
+  int blocks_per_sm;
+  int sms;
+};
+
+/// The current device's FlatOccupancy for T, queried once per device (the step calls this every
+/// time). A failed query is returned, not cached, and no grid is guessed; the runtime's last
+/// error is cleared so that the next launch's cudaGetLastError() does not report it again.
+template <class T>
+cudaError_t flat_occupancy(FlatOccupancy* out) {
+  const auto failed = [](cudaError_t e) {
+    (void)cudaGetLastError();
+    return e;
+  };
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return failed(err);
+  static std::mutex mu;
+  static std::map<int, FlatOccupancy> cache;  // device -> occupancy, for this T
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(dev);
+  if (it != cache.end()) {
+    *out = it->second;
+    return cudaSuccess;
+  }
+  FlatOccupancy o{0, 0};
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o.blocks_per_sm,
+                                                      cuda::sgd_flat_kernel<T>, kThreads, 0);
+  if (err != cudaSuccess) return failed(err);
+  err = cudaDeviceGetAttribute(&o.sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return failed(err);
+  // 0 blocks per SM: one block of kThreads does not fit (registers), and a launch would fail
+  // with this error anyway.
+  if (o.blocks_per_sm < 1 || o.sms < 1) return cudaErrorLaunchOutOfResources;
+  cache.emplace(dev, o);
+  *out = o;
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -39,10 +76,11 @@ cudaError_t sgd_step_cuda_flat(const Span& span, const StepHyper& h, cudaStream_
   if (span.numel == 0) return cudaSuccess;
   const cuda::FlatArgs<T> a{static_cast<T*>(span.param), static_cast<T*>(span.buf),
                             static_cast<const T*>(span.grad), span.numel, scalars<T>(h), h.flags};
-  const int64_t per_block = static_cast<int64_t>(kThreads) * cuda::Pack<T>::kN;
-  const int64_t want = (span.numel + per_block - 1) / per_block;
-  const int64_t cap = static_cast<int64_t>(sm_count()) * 8;  // enough blocks to fill the GPU
-  const unsigned blocks = static_cast<unsigned>(want < cap ? want : cap);
+  FlatOccupancy occ;
+  const cudaError_t err = flat_occupancy<T>(&occ);
+  if (err != cudaSuccess) return err;
+  const auto blocks =
+      static_cast<unsigned>(cuda::flat_grid<T>(span.numel, occ.blocks_per_sm, occ.sms));
   cuda::sgd_flat_kernel<T><<<blocks, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

@@ -11,7 +11,8 @@
 namespace momentum_cuda {
 
 /// Flat step over one span (numel may exceed 2^31). T: float, double, cuda::bf16_t, cuda::fp16_t.
-/// Returns the launch's error (cudaSuccess when nothing was launched).
+/// Returns the error of the occupancy query (first call per device) or of the launch
+/// (cudaSuccess when nothing was launched).
 template <class T>
 cudaError_t sgd_step_cuda_flat(const Span& span, const StepHyper& hyper, cudaStream_t stream);
 

@@ -132,6 +132,22 @@ MC_HD void update_span(T* p, T* b, const T* g, int64_t n, const CudaScalars<T>& 
   for (int64_t i = head + packs * kN + tid; i < n; i += nthreads) update_one(p, b, g, i, s, flags);
 }
 
+/// Threads a block of either kernel.
+constexpr int kThreads = 256;
+
+/// Blocks of a flat launch over `numel` elements: one 16-byte pack per thread until the GPU is
+/// full, never more than `blocks_per_sm * sms` (what can be resident at once: one wave, the
+/// grid-stride loop does the rest, so no tail wave runs on part of the machine) nor more than the
+/// work needs. 0 for an empty span. `blocks_per_sm` comes from the occupancy API and `sms` from
+/// the device (sgd_cuda.cu); both are at least 1. int64 throughout: spans of 2^31+ elements.
+template <class T>
+inline int64_t flat_grid(int64_t numel, int blocks_per_sm, int sms) {
+  constexpr int64_t per_block = int64_t{kThreads} * Pack<T>::kN;
+  const int64_t want = numel / per_block + (numel % per_block != 0);  // no overflow near 2^63
+  const int64_t resident = int64_t{blocks_per_sm} * sms;
+  return want < resident ? want : resident;
+}
+
 /// Flat kernel: one span, any grid.
 template <class T>
 __global__ void sgd_flat_kernel(FlatArgs<T> a) {

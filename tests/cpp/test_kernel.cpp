@@ -15,7 +15,7 @@
 //   mutation    the reference with a planted bug must DISAGREE with the kernel (the suite can
 //               fail), and the unmodified reference must agree on the same inputs.
 //
-// The reference is torch.optim.SGD's for-loop path for fp32/fp64 (../../shared/FACTS.md):
+// The reference is torch.optim.SGD's for-loop path for fp32/fp64 (docs/numerics.md):
 //   g = -g (maximize); g = fma(p, wd, g) (wd != 0); buf = g on the first step, else
 //   buf = fma(g, 1-d, buf*m); g = fma(buf, m, g) if nesterov else buf; p = fma(g, -lr, p),
 // each scalar a Python double rounded once to T: float(1.0 - d), never 1.0f - float(d).

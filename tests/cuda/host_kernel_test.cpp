@@ -13,9 +13,10 @@
 // (equal and different misalignments), several grids and thread orders, all 20 valid flag sets,
 // several steps, every dtype; the multi-tensor kernel through plan_list with ListLimits4K,
 // ListLimits32K and tiny limits (many launches, spans split over launches). Memory around every
-// span is filled with canaries and checked after each step.
+// span is filled with canaries and checked after each step. The launcher's own grid
+// (cuda::flat_grid) is checked by flat_grid_test.cpp.
 //
-// Build: g++ -O1 -std=c++17 -ffp-contract=off -I csrc/cuda -I csrc -I csrc/include
+// Build: g++ <csrc/build_flags.json's "cxx"> -O1 -I csrc/cuda -I csrc -I csrc/include
 //        -I <cuda>/include -I tests/cuda tests/cuda/host_kernel_test.cpp
 //        [-DHKT_DTYPES=mask: 1 fp32, 2 fp64, 4 bf16, 8 fp16; default all]
 //        (tests/test_cuda_host.py does this, also under ASan+UBSan and with planted bugs)
@@ -305,16 +306,13 @@ const char* grid_name(int k) {
 
 template <class T>
 void grid_for(int kind, int64_t n, dim3& grid, dim3& block) {
-  constexpr int64_t kN = cuda::Pack<T>::kN;
   int64_t blocks = 1, threads = 256;
   switch (kind) {
     case kOneBlock: blocks = 1; threads = 256; break;
-    case kLauncher: {  // as sgd_cuda.cu: 256 threads, one pack per thread, at most 8 blocks/SM
-      const int64_t want = (n + 256 * kN - 1) / (256 * kN);
-      blocks = std::min<int64_t>(want, 132 * 8);
-      threads = 256;
+    case kLauncher:  // sgd_cuda.cu's grid on an H200 (132 SMs, 6 blocks an SM by registers)
+      blocks = cuda::flat_grid<T>(n, 6, 132);
+      threads = cuda::kThreads;
       break;
-    }
     case kManyBlocks: blocks = std::min<int64_t>(n / 8 + 2, 4096); threads = 32; break;
     case kOversubscribed: blocks = n / 128 + 2; threads = 256; break;  // threads > n + 256
     case kSmallStride: blocks = 3; threads = 96; break;

@@ -12,9 +12,9 @@
 //            buf = buf.mul_(m).add_(g, 1-d)  -> fma(g, 1-d, buf*m)
 //            g   = g.add(buf, alpha=m)       -> fma(buf, m, g)          (nesterov)
 //            p   = p.add_(g, alpha=-lr)      -> fma(g, -lr, p)
-//          add(x, y, alpha=a) is exactly fma(y, a, x) in torch (../shared/FACTS.md, measured on
-//          CPU). The EMA form v = b*v + (1-b)*g is this formula with d = b, v starting at zero and
-//          no first-step clone.
+//          add(x, y, alpha=a) is exactly fma(y, a, x) in torch on the CPU (pinned by
+//          tests/test_torch_numerics.py; docs/numerics.md). The EMA form v = b*v + (1-b)*g is
+//          this formula with d = b, v starting at zero and no first-step clone.
 #pragma once
 
 #include <cmath>
@@ -72,7 +72,7 @@ inline StepScalars<S> make_scalars(double lr, double momentum, double dampening,
 // Every multiply-add is written as an explicit single-rounding fma, and every multiply as a
 // correctly rounded multiply, so no compiler contraction can change the bits. On CUDA,
 // MC_CUDA_ADD_IS_FMA=0 switches to mul-then-add, should a GPU show that torch's add_ with
-// alpha does not contract (to be confirmed on a GPU; FACTS.md).
+// alpha does not contract (tools/gpu_rounding_probe.py tells, on a GPU; docs/numerics.md).
 #ifndef MC_CUDA_ADD_IS_FMA
 #define MC_CUDA_ADD_IS_FMA 1
 #endif
