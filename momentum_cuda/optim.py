@@ -14,6 +14,18 @@ the CUDA flat launch runs over it).
 Correctness never depends on the layout surviving: before every step each parameter is checked
 (its data still at its flat offset, its .grad still the flat view, its buffer still the flat
 view); any that is not goes through the per-tensor path, with the same arithmetic.
+
+What the kernels do not model runs torch's own for-loop ops, reported in opt.last_step:
+complex parameters and sparse gradients (path "torch-ops": torch.optim.SGD steps complex
+parameters in complex arithmetic, not through view_as_real, and sparse gradients with sparse
+ops), and every step of an SGD built with differentiable=True (path "torch-differentiable",
+under grad mode, as torch runs it; such an optimizer has no flat layout). A flat parameter
+carries a gradient pre-hook that notices a sparse gradient before autograd would accumulate it
+into the dense flat gradient: if the flat gradient counts as None, the hook sets .grad to None
+so that autograd stores the sparse gradient itself, as it does for torch.
+
+copy.deepcopy, pickle and torch.save of an optimizer give one with its own flat buffers over
+the copied parameters (__setstate__ rebuilds the layout); it steps on with the same bits.
 """
 from __future__ import annotations
 
@@ -21,6 +33,7 @@ import logging
 import math
 import operator
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +63,43 @@ def _bump(tensors) -> None:
     torch.autograd.graph.increment_version(tensors)
 
 
+def _strided(t) -> bool:
+    return t is None or t.layout == torch.strided
+
+
+def _sparse_grad_hook(bucket_ref, i):
+    """A pre-accumulation hook for bucket.params[i]: a sparse gradient arriving while the
+    parameter's flat gradient counts as None would be added into that dense tensor by autograd
+    (other bits than torch, whose .grad is None there and which stores the sparse gradient).
+    Setting .grad to None first makes autograd store it, exactly as for torch. A present flat
+    gradient is left alone: torch's dense .grad takes the same in-place sum."""
+    @torch.utils.hooks.unserializable_hook  # the copy of a pickled parameter gets its own
+    def hook(grad):
+        b = bucket_ref()
+        if b is not None and grad.layout != torch.strided:
+            p = b.params[i]
+            if p.grad is b.grad_views[i] and not b.present(i):
+                p.grad = None
+    return hook
+
+
+def _remove_hooks(handles) -> None:
+    for h in handles:
+        h.remove()
+
+
+_TORCH_OPS_WARNINGS = {
+    "layout": "momentum_cuda: a bf16/fp16 gradient or a momentum buffer has another memory "
+              "layout than its parameter; stepping it with torch's own ops to keep torch's "
+              "bits (slower). See opt.last_step.",
+    "complex": "momentum_cuda: complex parameters are stepped with torch's own ops (torch.optim."
+               "SGD updates them in complex arithmetic, which the kernels do not model). See "
+               "opt.last_step.",
+    "sparse": "momentum_cuda: sparse gradients (or momentum buffers) are stepped with torch's "
+              "own sparse ops, as torch.optim.SGD does. See opt.last_step.",
+}
+
+
 
 
 @dataclass
@@ -70,6 +120,7 @@ class _Bucket:
     # grad_seen[i]: grad_views[i]._version when the gradient was last zeroed; a gradient whose
     # version has not moved since received nothing and counts as None. -1: present regardless.
     grad_seen: list = field(default_factory=list)
+    hooks: list = field(default_factory=list)  # the sparse-gradient hooks' handles
 
     def present(self, i: int) -> bool:
         """Whether params[i] has a gradient this step (its .grad is its flat tensor)."""
@@ -97,18 +148,63 @@ class _FusedMomentum(Optimizer):
     _ema = False  # Momentum: v starts at zero, dampening = momentum, no step-1 clone
 
     def __init__(self, params, defaults, *, backend: str | None, flat: bool):
+        self._reset_layout(backend, flat)
+        super().__init__(params, defaults)
+        self._check_backends()
+
+    def _reset_layout(self, backend, flat) -> None:
         self._requested_backend = backend
         self._flat = bool(flat)
         self._buckets: list[list[_Bucket]] = []  # per param group
         self._outside: list[list] = []  # per param group: parameters in no bucket
         self._slot: dict[int, tuple] = {}  # id(param) -> (bucket, index)
-        self._warned_torch_ops = False
+        self._warned_torch_ops: set[str] = set()
         self._backend_by_device: dict[torch.device, str] = {}
         self.last_step: list[dict] = []
-        super().__init__(params, defaults)
+
+    def _check_backends(self) -> None:
         for group in self.param_groups:  # fail now, not at the first step
             for p in group["params"]:
                 self._backend_for(p.device)
+
+    @property
+    def _differentiable(self) -> bool:
+        # torch decides grad mode for the whole step from defaults, not per group
+        # (torch.optim.optimizer._use_grad_for_differentiable)
+        return bool(self.defaults.get("differentiable", False))
+
+    # ---- copy, pickle, torch.save ----------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """torch's three keys plus what __setstate__ needs to rebuild the layout. Flat
+        gradients that count as None are listed: the copy of such a gradient (deepcopy copies
+        a plain tensor's .grad) must be None there, as in a copy of torch's optimizer."""
+        state = super().__getstate__()
+        state["_requested_backend"] = self._requested_backend
+        state["_flat"] = self._flat
+        state["_absent_grads"] = [
+            (gi, pi) for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if p.grad is not None and self._live_grad(p) is None]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """The copy gets its own flat buffers over its (copied) parameters, and momentum
+        buffers that are views of them: nothing is shared with the original."""
+        backend = state.pop("_requested_backend", None)
+        flat = state.pop("_flat", True)
+        absent = state.pop("_absent_grads", ())
+        super().__setstate__(state)
+        self._fill_group_defaults()
+        self._reset_layout(backend, flat)
+        self._check_backends()
+        for gi, pi in absent:
+            self.param_groups[gi]["params"][pi].grad = None
+        for group in self.param_groups:
+            self._layout_group(group)
+        self._adopt_buffers()
+
+    def _fill_group_defaults(self) -> None:
+        """Keys an older pickle's param groups may lack (SGD fills torch's)."""
 
     # ---- backend ---------------------------------------------------------------------------
     def _backend_for(self, device: torch.device) -> str:
@@ -132,18 +228,33 @@ class _FusedMomentum(Optimizer):
     # ---- flat layout -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        buckets = self._make_buckets(group["params"]) if self._flat else []
+        self._layout_group(self.param_groups[-1])
+
+    def _layout_group(self, group) -> None:
+        # differentiable=True: the step runs torch's ops under grad mode; a kernel writing a
+        # flat buffer would be invisible to autograd, so there is no layout to keep.
+        flat = self._flat and not self._differentiable
+        buckets = self._make_buckets(group["params"]) if flat else []
         bucketed = {id(p) for b in buckets for p in b.params}
         self._buckets.append(buckets)
         self._outside.append([p for p in group["params"] if id(p) not in bucketed])
+
+    def _live_grad(self, p):
+        """p's gradient as torch would see it: None for a flat gradient nothing wrote into."""
+        g = p.grad
+        if g is None:
+            return None
+        b, i = self._slot.get(id(p), (None, 0))
+        if b is not None and g is b.grad_views[i] and not b.present(i):
+            return None
+        return g
 
     @torch.no_grad()
     def _make_buckets(self, params) -> list[_Bucket]:
         by_key: dict = {}
         for p in params:
-            # Frozen, sparse, non-dense or non-float parameters stay where they are and, if
-            # they ever get a gradient, take the per-tensor path.
+            # Frozen, sparse, non-dense, complex or non-float parameters stay where they are
+            # and, if they ever get a gradient, take the per-tensor (or torch-ops) path.
             if p.requires_grad and p.dtype in _DTYPES and _dense(p):
                 by_key.setdefault((p.device, p.dtype), []).append(p)
         buckets = []
@@ -177,6 +288,8 @@ class _FusedMomentum(Optimizer):
                 self._slot[id(p)] = (b, i)
                 b.ptrs.append(p.data_ptr())
                 b.numel_before.append(b.numel_before[-1] + p.numel())
+                b.hooks.append(p.register_hook(_sparse_grad_hook(weakref.ref(b), i)))
+            weakref.finalize(b, _remove_hooks, b.hooks)  # no dead hooks left on the parameters
             buckets.append(b)
         return buckets
 
@@ -188,7 +301,9 @@ class _FusedMomentum(Optimizer):
         with set_to_none=False a gradient that existed stays present (zero) and is applied.
         (Presence is read from each gradient tensor's version counter.) set_to_none=True given
         explicitly sets every .grad to None, as torch does; the next step then takes the
-        per-tensor path. flat=False: exactly torch's zero_grad."""
+        per-tensor path. A sparse gradient with set_to_none=False is zeroed in place and stays
+        sparse, as torch does (a flat view would make the next backward densify it).
+        flat=False: exactly torch's zero_grad."""
         if not self._flat or set_to_none:
             return super().zero_grad(set_to_none=True if set_to_none is None else set_to_none)
         keep = set_to_none is False
@@ -198,6 +313,9 @@ class _FusedMomentum(Optimizer):
                            for i, p in enumerate(b.params)]
                 b.flat_grad.zero_()
                 for i, p in enumerate(b.params):
+                    if keep and p.grad is not None and p.grad.layout != torch.strided:
+                        p.grad.detach_().requires_grad_(False).zero_()
+                        continue
                     if p.grad is not b.grad_views[i]:
                         p.grad = b.grad_views[i]
                     b.grad_seen[i] = -1 if keep and present[i] else b.grad_views[i]._version
@@ -213,23 +331,28 @@ class _FusedMomentum(Optimizer):
     # ---- state_dict: torch.optim.SGD's format, buffers copied into the flat layout -----------
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        with torch.no_grad():
-            for buckets in self._buckets:
-                for b in buckets:
-                    for i, p in enumerate(b.params):
-                        buf = self.state[p].get("momentum_buffer") if p in self.state else None
-                        if buf is None:
-                            continue
-                        b.ensure_buf()
-                        if buf is not b.buf_views[i]:
-                            b.buf_views[i].copy_(buf)
-                            self.state[p]["momentum_buffer"] = b.buf_views[i]
+        self._adopt_buffers()
+
+    @torch.no_grad()
+    def _adopt_buffers(self) -> None:
+        """Momentum buffers of flat parameters are copied into the flat buffer and replaced by
+        their views. A sparse buffer (torch's, after sparse-gradient steps) stays as it is:
+        torch goes on with sparse ops on it."""
+        for buckets in self._buckets:
+            for b in buckets:
+                for i, p in enumerate(b.params):
+                    buf = self._buffer(p)
+                    if buf is None or not _strided(buf):
+                        continue
+                    b.ensure_buf()
+                    if buf is not b.buf_views[i]:
+                        b.buf_views[i].copy_(buf)
+                        self.state[p]["momentum_buffer"] = b.buf_views[i]
 
     # ---- step ------------------------------------------------------------------------------
     def _hyper(self, group) -> dict:
         raise NotImplementedError
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; returns closure()'s loss if a closure is given.
 
@@ -239,13 +362,67 @@ class _FusedMomentum(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(*gbo)
-                 for gbo in zip(self.param_groups, self._buckets, self._outside)]
-        self.last_step = []
-        for h, runs, loose in plans:
-            self._step_flat(runs, h)
-            self._step_tensors(loose, h)
+        if self._differentiable:
+            with torch.enable_grad():
+                self._step_differentiable()
+            return loss
+        with torch.no_grad():
+            plans = [self._plan(*gbo)
+                     for gbo in zip(self.param_groups, self._buckets, self._outside)]
+            self.last_step = []
+            for h, runs, loose in plans:
+                self._step_flat(runs, h)
+                self._step_tensors(loose, h)
         return loss
+
+    def _step_differentiable(self) -> None:
+        """torch.optim.SGD(differentiable=True)'s step: torch's for-loop under grad mode, with
+        the group's own lr / weight_decay objects (a tensor that requires grad gets its
+        gradient). Reported as path "torch-differentiable"."""
+        plans = []
+        for group in self.param_groups:
+            h = self._hyper(group)  # validates, as the kernel path does
+            use_buf = h["momentum"] != 0
+            ps, gs, bs = [], [], []
+            for p in group["params"]:
+                g = self._live_grad(p)
+                if g is None:
+                    continue
+                buf = self._buffer(p) if use_buf else None
+                self._check_torch_path(p, g, buf, h)
+                if p.is_leaf and p.requires_grad:
+                    raise RuntimeError(
+                        f"differentiable=True updates the parameters in place under grad mode, "
+                        f"which torch refuses for a leaf that requires grad (\"a leaf Variable "
+                        f"that requires grad is being used in an in-place operation.\"): the "
+                        f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device}) is one; "
+                        f"optimize non-leaf tensors (e.g. p.clone())")
+                ps.append(p)
+                gs.append(g)
+                bs.append(buf)
+            plans.append((group, use_buf, ps, gs, bs))
+        self.last_step = []
+        for group, use_buf, ps, gs, bs in plans:
+            if not ps:
+                continue
+            _torch_sgd(ps, gs, bs, has_sparse_grad=any(not _strided(g) for g in gs),
+                       foreach=False, weight_decay=group["weight_decay"],
+                       momentum=group["momentum"], lr=group["lr"],
+                       dampening=group["dampening"], nesterov=group["nesterov"],
+                       maximize=group["maximize"])
+            if use_buf:
+                for p, buf in zip(ps, bs):
+                    self.state[p]["momentum_buffer"] = buf
+            for idx in self._by_device_dtype(ps).values():
+                self._report("torch", "torch-differentiable", ps[idx[0]], len(idx),
+                             sum(ps[j].numel() for j in idx))
+
+    @staticmethod
+    def _by_device_dtype(ps) -> dict:
+        out: dict = {}
+        for j, p in enumerate(ps):
+            out.setdefault((p.device, p.dtype), []).append(j)
+        return out
 
     def _plan(self, group, buckets, outside):
         """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
@@ -277,7 +454,7 @@ class _FusedMomentum(Optimizer):
                 else:
                     runs.append([b, i, i + 1, first])
         for p, g in loose:
-            self._check_loose(p, g, self._buffer(p) if use_buf else None)
+            self._check_loose(p, g, self._buffer(p) if use_buf else None, h)
         return h, runs, loose
 
     def _whole_bucket_run(self, b, use_buf):
@@ -308,21 +485,59 @@ class _FusedMomentum(Optimizer):
         return None if state is None else state.get("momentum_buffer")
 
     @staticmethod
-    def _check_loose(p, g, buf) -> None:
-        """What the per-tensor kernels need, checked before any kernel runs."""
+    def _torch_reason(p, g, buf) -> str | None:
+        """Why (p, g, buf) must be stepped with torch's own ops, or None for the kernels."""
+        if p.is_complex():
+            return "complex"
+        if not (_strided(g) and _strided(buf)):
+            return "sparse"
+        if (buf is not None and buf.stride() != p.stride()) or (
+                g.stride() != p.stride() and p.dtype in (torch.bfloat16, torch.float16)):
+            # torch's own bits here depend on how TensorIterator loops over operands of
+            # different layouts (bf16/fp16: no vectorized body), which the kernel does not model
+            return "layout"
+        return None
+
+    @classmethod
+    def _check_loose(cls, p, g, buf, h) -> None:
+        """What the per-tensor kernels (or torch's ops) need, checked before any runs."""
         what = f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
-        if g.is_sparse or g.layout != torch.strided:
-            raise RuntimeError(f"momentum_cuda does not support sparse gradients: {what}")
-        if p.dtype not in _DTYPES:
-            raise RuntimeError(f"momentum_cuda supports {_DTYPES}, got a {what}")
-        if not _dense(p):
-            raise RuntimeError(f"momentum_cuda needs dense, non-overlapping parameters; got a "
-                               f"{what} with strides {p.stride()}")
+        if p.layout != torch.strided:
+            raise RuntimeError(f"momentum_cuda needs strided parameters; got a {p.layout} {what}")
         for name, t in (("gradient", g), ("momentum_buffer", buf)):
             if t is not None and (t.shape != p.shape or t.dtype != p.dtype
                                   or t.device != p.device):
                 raise RuntimeError(f"the {name} of a {what} is a tensor of shape "
                                    f"{tuple(t.shape)} ({t.dtype}, {t.device})")
+        if cls._torch_reason(p, g, buf) in ("complex", "sparse"):
+            cls._check_torch_path(p, g, buf, h)
+            return
+        if p.dtype not in _DTYPES:
+            raise RuntimeError(f"momentum_cuda supports {_DTYPES} and complex, got a {what}")
+        if not _dense(p):
+            raise RuntimeError(f"momentum_cuda needs dense, non-overlapping parameters; got a "
+                               f"{what} with strides {p.stride()}")
+
+    @staticmethod
+    def _check_torch_path(p, g, buf, h) -> None:
+        """The cases where torch's for-loop raises part-way through a step (after updating
+        the parameters before this one): raised here, before anything is written."""
+        what = f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
+        if not _strided(g) and h["weight_decay"] != 0:
+            raise RuntimeError(
+                f"weight_decay={h['weight_decay']} cannot be used with the sparse gradient "
+                f"({g.layout}) of a {what}: torch.optim.SGD fails there too (add(sparse, "
+                f"dense) is not supported); use weight_decay=0 for this parameter's group")
+        if not _strided(g) and h["nesterov"] and buf is not None and _strided(buf):
+            raise RuntimeError(
+                f"nesterov=True cannot be used with the sparse gradient ({g.layout}) of a {what} "
+                f"whose momentum_buffer is dense (from steps with dense gradients): torch.optim."
+                f"SGD fails there too (add(sparse, dense) is not supported)")
+        if _strided(g) and not _strided(buf):
+            raise RuntimeError(
+                f"the momentum_buffer of a {what} is sparse ({buf.layout}, from steps with "
+                f"sparse gradients) and its gradient is dense: torch.optim.SGD fails there "
+                f"too (add(sparse, dense) is not supported)")
 
     def _step_flat(self, runs, h) -> None:
         """One kernel call per run of consecutive flat parameters."""
@@ -359,14 +574,13 @@ class _FusedMomentum(Optimizer):
         use_buf = h["momentum"] != 0
         calls: dict = {}
         torch_ops = []
+        reasons = set()
         for p, g in pairs:
             buf = self._buffer(p) if use_buf else None
-            if (buf is not None and buf.stride() != p.stride()) or (
-                    g.stride() != p.stride() and p.dtype in (torch.bfloat16, torch.float16)):
-                # torch's own bits here depend on how TensorIterator loops over operands of
-                # different layouts (bf16/fp16: no vectorized body), which the kernel does not
-                # model: run torch's ops for this tensor, and say so.
+            reason = self._torch_reason(p, g, buf)
+            if reason is not None:
                 torch_ops.append((p, g, buf))
+                reasons.add(reason)
                 continue
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)  # fp32/fp64: the layout does not change bits
@@ -386,28 +600,48 @@ class _FusedMomentum(Optimizer):
                 self.state[p].setdefault("momentum_buffer", buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
         if torch_ops:
-            self._step_torch_ops(torch_ops, h)
+            self._step_torch_ops(torch_ops, h, reasons)
 
-    def _step_torch_ops(self, items, h) -> None:
-        """torch's own for-loop ops, for the layouts the kernel does not model (reported in
-        last_step as path 'torch-ops', with a warning the first time)."""
-        if not self._warned_torch_ops:
-            self._warned_torch_ops = True
-            warnings.warn("momentum_cuda: a bf16/fp16 gradient or a momentum buffer has another "
-                          "memory layout than its parameter; stepping it with torch's own ops "
-                          "to keep torch's bits (slower). See opt.last_step.", stacklevel=3)
+    def _step_torch_ops(self, items, h, reasons) -> None:
+        """torch's own for-loop ops, for what the kernel does not model: complex parameters,
+        sparse gradients, mixed bf16/fp16 layouts (reported in last_step as path 'torch-ops',
+        one entry per device and dtype, with a warning the first time for each reason)."""
+        for reason in sorted(reasons - self._warned_torch_ops):
+            self._warned_torch_ops.add(reason)
+            warnings.warn(_TORCH_OPS_WARNINGS[reason], stacklevel=5)
         ps, gs, bs = (list(x) for x in zip(*items))
+        params = list(ps)
         use_buf = h["momentum"] != 0
         if self._ema:
             bs = [torch.zeros_like(p) if b is None else b for p, b in zip(ps, bs)]
+        kept = list(bs)  # the buffer objects the state keeps
+        # torch 2.13's CPU dense.add_(sparse) adds the dense tensor's storage offset twice when
+        # the sparse tensor has no dense dimensions, writing elsewhere (out of bounds too), and
+        # a flat view has an offset: such steps run on offset-0 clones, copied back after (on
+        # every device: a copy is cheap next to a sparse step).
+        back = []
+        for k, g in enumerate(gs):
+            if _strided(g) and _strided(bs[k]):
+                continue
+            for ts in (ps, bs):
+                t = ts[k]
+                if t is not None and _strided(t) and t.storage_offset():
+                    ts[k] = t.clone()
+                    back.append((t, ts[k]))
+        if self._ema:
             momentum_reference_step(ps, gs, bs, lr=h["lr"], momentum=h["momentum"],
                                     weight_decay=h["weight_decay"], maximize=h["maximize"])
         else:
-            _torch_sgd(ps, gs, bs, foreach=False, **h)
+            _torch_sgd(ps, gs, bs, foreach=False,
+                       has_sparse_grad=any(not _strided(g) for g in gs), **h)
+        for dst, src in back:
+            dst.copy_(src)
         if use_buf:
-            for p, buf in zip(ps, bs):
-                self.state[p]["momentum_buffer"] = buf
-        self._report("torch", "torch-ops", ps[0], len(ps), sum(p.numel() for p in ps))
+            for p, old, new in zip(params, kept, bs):
+                self.state[p]["momentum_buffer"] = new if old is None else old
+        for idx in self._by_device_dtype(params).values():
+            self._report("torch", "torch-ops", params[idx[0]], len(idx),
+                         sum(params[j].numel() for j in idx))
 
     def _report(self, backend, path, t, tensors, numel) -> None:
         self.last_step.append(dict(backend=backend, path=path, device=str(t.device),
@@ -420,8 +654,9 @@ class SGD(_FusedMomentum):
 
     Extra keyword arguments: backend ("cpu", "cuda", "triton" or None: the fastest that can run
     on the parameters' device) and flat (see the module docstring). foreach and fused are
-    accepted for compatibility and have no effect (every step is fused); differentiable=True is
-    not supported.
+    accepted for compatibility and have no effect (every step is fused). differentiable=True
+    runs torch's own for-loop under grad mode, as torch.optim.SGD(differentiable=True) does
+    (path "torch-differentiable" in last_step; no flat layout, no kernel).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
@@ -437,15 +672,14 @@ class SGD(_FusedMomentum):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if differentiable:
-            raise NotImplementedError("momentum_cuda.SGD does not support differentiable=True")
+        if fused and differentiable:  # torch's check, made before the layout is built
+            raise RuntimeError("`fused` does not support `differentiable`")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
-                        differentiable=False, fused=fused)
+                        differentiable=bool(differentiable), fused=fused)
         super().__init__(params, defaults, backend=backend, flat=flat)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
+    def _fill_group_defaults(self) -> None:
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)

@@ -495,10 +495,19 @@ def test_sgd_constructor_errors_match_torch(kw, gen):
     assert all(p.grad is None for p in ps)  # nothing was attached before the check
 
 
-def test_sgd_differentiable_rejected(gen):
+def test_sgd_differentiable_leaf_rejected_at_step(gen):
+    """differentiable=True runs torch's own step (tests/test_conformance.py compares it with
+    torch). torch's in-place update refuses a leaf that requires grad part way through its
+    step; momentum_cuda refuses it before touching anything."""
     ps = _params(gen)
-    with pytest.raises(NotImplementedError, match="differentiable"):
-        momentum_cuda.SGD(ps, lr=0.1, differentiable=True)
+    opt = momentum_cuda.SGD(ps, lr=0.1, momentum=0.9, differentiable=True)
+    for p in ps:
+        p.grad = rnd(N, gen)
+    snap = snapshot(ps)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        opt.step()
+    assert_unchanged(snap, "params after a failed step")
+    assert len(opt.state) == 0
 
 
 @pytest.mark.parametrize("m", [0.0, 1.0, -0.1, 1.5, math.nan, math.inf])
@@ -538,15 +547,17 @@ def _torch_twin(ps, **kw):
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
-def test_sparse_grad_at_step(flat, gen):
+def test_sparse_grad_with_weight_decay_at_step(flat, gen):
     """dampening=0.1, so a buffer that starts at zero (or garbage) instead of the gradient gives
-    other bits than torch. params[0], params[1] have dense gradients (written in place: with flat=True they stay the
-    flat views, as after backward()); params[2] has a sparse one. step() raises, and neither a
-    parameter nor the optimizer state changes; once the gradient is dense the next step
-    matches torch's first step."""
+    other bits than torch. params[0], params[1] have dense gradients (written in place: with
+    flat=True they stay the flat views, as after backward()); params[2] has a sparse one, which
+    torch.optim.SGD cannot combine with weight_decay (it fails after updating params[0] and
+    params[1]). step() raises, and neither a parameter nor the optimizer state changes; once
+    the gradient is dense the next step matches torch's first step."""
     ps = _params(gen)
-    twin, topt = _torch_twin(ps, lr=0.1, momentum=0.9, dampening=0.1)
-    opt = momentum_cuda.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, flat=flat)
+    twin, topt = _torch_twin(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    opt = momentum_cuda.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01,
+                            flat=flat)
     grads = [rnd(N, gen) for _ in ps]
     for p, g in zip(ps[:2], grads):
         if p.grad is not None:
@@ -555,7 +566,7 @@ def test_sparse_grad_at_step(flat, gen):
             p.grad = g.clone()
     ps[2].grad = grads[2].to_sparse()
     snap = snapshot(ps)
-    with pytest.raises(RuntimeError, match="sparse"):
+    with pytest.raises(RuntimeError, match="weight_decay=0.01 .*sparse"):
         opt.step()
     assert_unchanged(snap, "params after a failed step")
     leaked = _state_keys(opt, ps)
