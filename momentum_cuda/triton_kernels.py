@@ -52,8 +52,10 @@ Kernels: both call ONE _sgd_block (load, _sgd_math, store), so the formula exist
   per tensor + 16 per program (about 0.4 MB per step for 25 M parameters), rebuilt every step;
   each program reads 48 bytes of table for 20 KB of fp32 data.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` in this module: postponed, the kernels' "fp64"
+# annotations reach Triton as the text '"fp64"' (quotes included), which it does not read as a
+# type, and the scalars compile as fp32 parameters. tests/test_triton_jit.py checks the JIT's
+# compiled signatures.
 import contextlib
 import math
 import struct

@@ -1,0 +1,344 @@
+"""Triton's real JIT on every Triton launch of tests/test_gpu.py, without a GPU.
+
+tests/test_triton_interp.py runs the Triton kernels in Triton's interpreter, which ignores
+argument types, and tests/test_triton_aot.py compiles them from signatures written by hand;
+neither sees the kernel that Triton's JIT builds for a real call. Here the stand-in driver of
+tests/triton_stub_driver.py lets the JIT run on CPU tensors: binder, specialization, caches and
+compiler (TTIR, PTX, cubin for sm_90) run as on a GPU; only the launch does nothing.
+
+The replay: every parametrized case of tests/test_gpu.py whose `backend` is "triton" (read from
+the test functions' parametrize marks), run by test_gpu's own test functions and _run with
+.cuda() as the identity, so momentum_cuda.SGD / Momentum call the real entry points of
+momentum_cuda/triton_kernels.py (validation, scalar rounding, flags, pointer table). Two seams
+in momentum_cuda only: the entry points' CUDA-device check accepts CPU tensors, and the "triton"
+backend may be chosen for CPU tensors; the pointer table then stays on the CPU (its branch for
+non-CUDA devices: no pinned copy). No kernel runs, so the reference optimizers' steps are no-ops
+too: test_gpu's bitwise comparisons then compare unchanged tensors; its backend and path
+assertions still check every step. Each case runs REPLAY_STEPS steps, not test_gpu.STEPS: from
+step 2 on, every step launches the same kernels with the same specializations (same parameters,
+flags and sizes; buffers exist), so later steps compile nothing, and their gradient work on
+2^20-element tensors would nearly double the runtime.
+
+For every launch and the kernel compiled for it:
+- the constexpr flags and the scalar values are the ones the call asks for (scalars rounded once
+  to opmath: fp32 for fp32/bf16/fp16, unchanged for fp64);
+- the five scalars are fp64 kernel parameters for every dtype (binder signature, TTIR, PTX
+  `.param .f64`): an fp32 parameter would round the fp64 dtype's scalars to fp32;
+- pointers carry the tensors' element type (flat kernel: its arguments; list kernel: the int64
+  table arguments and the int_to_ptr casts);
+- num_warps 4, fp fusion off, target sm_90, and a cubin was made.
+Compilations are counted with a fresh TRITON_CACHE_DIR (each one compiles, none loads) and must
+equal the number of distinct specializations among the launches, by Triton's rules (_spec_key).
+The count and compile time are printed ("N JIT compilations in T s ..."): they size the Triton
+stage of the GPU check (tools/gpu_check.py).
+"""
+import itertools
+import re
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+import test_gpu  # noqa: E402  (tests/ is on sys.path under pytest, as for every test file)
+import triton_stub_driver  # noqa: E402
+from momentum_cuda import _backends  # noqa: E402
+from momentum_cuda import triton_kernels as tk  # noqa: E402
+from momentum_cuda.reference import MomentumReference  # noqa: E402
+
+ARCH = 90
+REPLAY_STEPS = 2  # step 1 (FIRST_STEP where momentum is on) and one later step
+SCALARS = ("neg_lr", "wd", "m_mul", "m_add", "one_minus_d")
+# tensor dtype -> (Triton signature name, MLIR element type, Triton language dtype)
+ELEM = {torch.float32: ("fp32", "f32", tl.float32), torch.float64: ("fp64", "f64", tl.float64),
+        torch.bfloat16: ("bf16", "bf16", tl.bfloat16), torch.float16: ("fp16", "f16", tl.float16)}
+# the storage kinds of momentum_cuda/triton_kernels.py: how r() rounds
+KIND = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1, torch.float16: 2}
+SHORT = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
+         torch.float16: "fp16"}
+
+
+def _triton_cases():
+    """(test function, kwargs) for every parametrized case of tests/test_gpu.py that runs the
+    Triton backend, in the order pytest would run them."""
+    param_set = type(pytest.param(None))
+    cases = []
+    for name, fn in vars(test_gpu).items():
+        if not name.startswith("test_") or not callable(fn):
+            continue
+        grid = []
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name != "parametrize":
+                continue
+            names, values = mark.args[0], mark.args[1]
+            names = ([n.strip() for n in names.split(",")] if isinstance(names, str)
+                     else list(names))
+            rows = [tuple(v.values) if isinstance(v, param_set)
+                    else ((v,) if len(names) == 1 else tuple(v)) for v in values]
+            grid.append((names, rows))
+        if not any("backend" in names for names, _ in grid):
+            continue
+        for combo in itertools.product(*(rows for _, rows in grid)):
+            kw = {}
+            for (names, _), row in zip(grid, combo):
+                kw.update(zip(names, row))
+            if kw["backend"] == "triton":
+                cases.append((fn, kw))
+    return cases
+
+
+def _opmath(x: float, dtype) -> float:
+    """x rounded once to the opmath of dtype (round to nearest even), as a Python float."""
+    if dtype == torch.float64:
+        return float(x)
+    return torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item()
+
+
+def _expected(entry):
+    """The constexpr flags and scalars an entry-point call asks for, from its own arguments."""
+    kw, dtype = entry["kwargs"], entry["dtype"]
+    m, d = float(kw["momentum"]), float(kw["dampening"])
+    flags = dict(MAXIMIZE=kw["maximize"], WEIGHT_DECAY=float(kw["weight_decay"]) != 0,
+                 MOMENTUM=m != 0, NESTEROV=kw["nesterov"], FIRST_STEP=kw["first_step"],
+                 KIND=KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
+                 BLOCK=1024)
+    if entry["kind"] == "list":
+        flags["DTYPE"] = ELEM[dtype][2]
+    scalars = dict(neg_lr=_opmath(-float(kw["lr"]), dtype),
+                   wd=_opmath(kw["weight_decay"], dtype), m_mul=_opmath(m, dtype),
+                   m_add=_opmath(m, dtype), one_minus_d=_opmath(1.0 - d, dtype))
+    return flags, scalars
+
+
+def _spec_key(kernel, bound):
+    """What Triton's JIT keys a compiled kernel on: each tensor's dtype and whether its address
+    is a multiple of 16; each int's range (i32 or i64), whether it is 1 (made a constant) and
+    whether it is a multiple of 16; every constexpr and option value; floats only by type."""
+    constexprs = {kernel.arg_names[i] for i in kernel.constexprs}
+    key = [kernel.__name__]
+    for name, v in sorted(bound.items()):
+        if isinstance(v, torch.Tensor):
+            key.append((name, v.dtype, v.data_ptr() % 16 == 0))
+        elif type(v) is int and name not in constexprs:
+            key.append((name, "1" if v == 1 else
+                        ("i32" if -2**31 <= v < 2**31 else "i64", v % 16 == 0)))
+        elif type(v) is float:
+            key.append((name, "float"))
+        else:
+            key.append((name, str(v)))
+    return tuple(key)
+
+
+class _Recorder:
+    """Wraps the Triton entry points and the two kernels' run(): each launch is recorded with
+    the entry call it belongs to and the CompiledKernel that JITFunction.run returned."""
+
+    def __init__(self):
+        self.entry = None
+        self.launches = []
+        self.compiled = {}  # id -> (CompiledKernel, tensor dtype of its first launch)
+        self.compile_s = 0.0
+
+    def wrap_entry(self, fn, kind):
+        def entry(tensors, *args, **kwargs):
+            if kind == "flat":
+                dtype = tensors.dtype
+            else:
+                tensors = list(tensors)
+                dtype = tensors[0].dtype if tensors else None
+            self.entry = dict(kind=kind, kwargs=kwargs, dtype=dtype)
+            try:
+                return fn(tensors, *args, **kwargs)
+            finally:
+                self.entry = None
+        return entry
+
+    def wrap_run(self, kernel):
+        real_run = kernel.run
+
+        def run(*args, grid, warmup, **kwargs):
+            t0 = time.perf_counter()
+            ck = real_run(*args, grid=grid, warmup=warmup, **kwargs)
+            if id(ck) not in self.compiled:
+                self.compile_s += time.perf_counter() - t0
+                self.compiled[id(ck)] = (ck, self.entry and self.entry["dtype"])
+            bound = dict(zip(kernel.arg_names, args), **kwargs)
+            self.launches.append(dict(entry=self.entry, kernel=kernel, bound=bound, ck=ck))
+            return ck
+        return run
+
+
+def _entry_params(ptx: str, name: str) -> list:
+    """The PTX types of the .entry's parameters, in order (pointers as 'u64.ptr')."""
+    m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
+    assert m, f"no .entry {name} in the PTX"
+    return [t + (".ptr" if ptr else "") for t, ptr in
+            re.findall(r"\.param\s+\.(\w+)(\s+\.ptr)?", m.group(1))]
+
+
+def _check_compiled(ck, name, dtype, problems):
+    """The compiled kernel: fp64 scalars, element types, options, target, a cubin."""
+    sig = dict(ck.src.signature)
+    names = list(sig)
+    elem, mlir, _ = ELEM[dtype]
+    what = f"{name} {SHORT[dtype]}"
+    for s in SCALARS:
+        if sig[s] != "fp64":
+            problems.append(f"signature: {what}: scalar {s} is {sig[s]}, not fp64")
+    ptrs = ("p_ptr", "g_ptr", "b_ptr") if name == "_sgd_flat_kernel" else ("rows_ptr",
+                                                                              "blocks_ptr")
+    want_ptr = f"*{elem}" if name == "_sgd_flat_kernel" else "*i64"
+    for p in ptrs:
+        if sig[p] != want_ptr:
+            problems.append(f"signature: {what}: {p} is {sig[p]}, not {want_ptr}")
+    ttir = ck.asm["ttir"]
+    head = re.search(r"tt\.func public @" + name + r"\((.*?)\) attributes", ttir, re.S)
+    args = dict(re.findall(r"%(\w+): (!tt\.ptr<\w+>|\w+)", head.group(1))) if head else {}
+    for s in SCALARS:
+        if args.get(s) != "f64":
+            problems.append(f"ttir: {what}: %{s} is {args.get(s)}, not f64")
+    want_ir = f"!tt.ptr<{mlir}>" if name == "_sgd_flat_kernel" else "!tt.ptr<i64>"
+    for p in ptrs:
+        if args.get(p) != want_ir:
+            problems.append(f"ttir: {what}: %{p} is {args.get(p)}, not {want_ir}")
+    if name == "_sgd_list_kernel":
+        casts = set(re.findall(r"tt\.int_to_ptr [^:\n]*: i64 -> !tt\.ptr<(\w+)>", ttir))
+        if casts != {mlir}:
+            problems.append(f"ttir: {what}: int_to_ptr casts to {casts}, not {{{mlir}}}")
+    # PTX parameters: the non-constexpr arguments in order (then Triton's scratch pointers).
+    params = _entry_params(ck.asm["ptx"], name)
+    runtime = [n for n in names if sig[n] != "constexpr"]
+    for arg, want in [(s, "f64") for s in SCALARS] + [(p, "u64.ptr") for p in ptrs]:
+        i = runtime.index(arg)
+        got = params[i] if i < len(params) else None
+        if got != want:
+            problems.append(f"ptx: {what}: {arg} is .param .{got}, not .param .{want}")
+    md = ck.metadata
+    if (md.num_warps, md.enable_fp_fusion, md.target.arch) != (4, False, ARCH):
+        problems.append(f"options: {what}: num_warps {md.num_warps}, enable_fp_fusion "
+                        f"{md.enable_fp_fusion}, arch {md.target.arch}")
+    if not ck.asm.get("cubin"):
+        problems.append(f"cubin: {what}: no cubin")
+
+
+@pytest.fixture
+def jit_without_gpu(tmp_path, monkeypatch):
+    """The stand-in driver, a fresh TRITON_CACHE_DIR, and the two seams of the replay; all
+    undone after the test."""
+    if tk.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are interpreted, no JIT")
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    real_check = tk._check_device
+
+    def check_device(t, name):  # CPU tensors stand in for CUDA ones; anything else is checked
+        if t.device.type != "cpu":
+            real_check(t, name)
+
+    monkeypatch.setattr(tk, "_check_device", check_device)
+    monkeypatch.setitem(_backends._PREFERENCE, "cpu", ("cpu", "triton"))
+    with triton_stub_driver.stub_driver([tk._sgd_flat_kernel, tk._sgd_list_kernel], ARCH):
+        yield cache
+
+
+def test_stub_driver_restores_triton():
+    """stub_driver leaves Triton's driver and the kernels' in-memory caches as it found them."""
+    if tk.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are interpreted, no JIT")
+    drv = triton_stub_driver._DRIVER_CONFIG
+    before = drv._active
+    caches = tk._sgd_flat_kernel.device_caches
+    with triton_stub_driver.stub_driver([tk._sgd_flat_kernel]) as stub:
+        assert drv.active is stub and isinstance(stub, triton_stub_driver.StubDriver)
+        assert tk._sgd_flat_kernel.device_caches is not caches
+        assert len(tk._sgd_flat_kernel.device_caches) == 0
+    assert drv._active is before
+    assert tk._sgd_flat_kernel.device_caches is caches
+
+
+def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
+    """Every Triton launch of tests/test_gpu.py, compiled by the JIT and checked (module doc).
+    The count, with test_gpu's grid today: its 16 HYPER rows make 20 flag sets (MAXIMIZE,
+    WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP; step 1 and later steps differ where momentum
+    is on); per dtype the list kernel compiles once per flag set, the flat kernel twice (its
+    span length n is a multiple of 16 for the "shapes" sizes, not for the others): 4 dtypes x
+    (20 + 40) = 240. The Momentum cases reuse flag sets and length classes already there."""
+    cache = jit_without_gpu
+    cases = _triton_cases()
+    assert cases, "tests/test_gpu.py has no case with backend='triton' to replay"
+    assert test_gpu.STEPS >= REPLAY_STEPS
+    monkeypatch.setattr(test_gpu, "STEPS", REPLAY_STEPS)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+    monkeypatch.setattr(MomentumReference, "step", lambda self, closure=None: None)
+    rec = _Recorder()
+    monkeypatch.setattr(tk, "triton_sgd_step_flat_",
+                        rec.wrap_entry(tk.triton_sgd_step_flat_, "flat"))
+    monkeypatch.setattr(tk, "triton_sgd_step_list_",
+                        rec.wrap_entry(tk.triton_sgd_step_list_, "list"))
+    kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel)
+    t0 = time.perf_counter()
+    try:
+        for k in kernels:  # an instance attribute: deleting it brings back JITFunction.run
+            k.run = rec.wrap_run(k)
+        for fn, kw in cases:
+            fn(**kw)
+    finally:
+        for k in kernels:
+            vars(k).pop("run", None)
+    wall = time.perf_counter() - t0
+
+    problems = []
+    keys = set()
+    checked = set()
+    for launch in rec.launches:
+        entry, kernel, bound, ck = launch["entry"], launch["kernel"], launch["bound"], launch["ck"]
+        if entry is None:
+            problems.append(f"launch: {kernel.__name__} launched outside an entry point")
+            continue
+        name, dtype = kernel.__name__, entry["dtype"]
+        keys.add(_spec_key(kernel, bound))
+        flags, scalars = _expected(entry)
+        got = {k: bound[k] for k in flags}
+        if got != flags:
+            problems.append(f"flags: {name} {SHORT[dtype]}: launched with {got}, the call "
+                            f"asks for {flags}")
+        got = {s: bound[s] for s in SCALARS}
+        if got != scalars or not all(type(v) is float for v in got.values()):
+            problems.append(f"scalars: {name} {SHORT[dtype]}: {got}, expected {scalars}")
+        names = list(ck.src.signature)
+        consts = {names[path[0]]: v for path, v in ck.src.constants.items()}
+        if {k: consts.get(k) for k in flags} != flags:
+            problems.append(f"constexprs: {name} {SHORT[dtype]}: compiled with "
+                            f"{ {k: consts.get(k) for k in flags} }, launched with {flags}")
+        if id(ck) not in checked:
+            checked.add(id(ck))
+            _check_compiled(ck, name, dtype, problems)
+
+    n = len(rec.compiled)
+    in_memory = sum(len(dc[0]) for k in kernels for dc in k.device_caches.values())
+    cubins = len(list(cache.rglob("*.cubin")))
+    per_kernel = Counter(ck.src.fn.__name__ for ck, _ in rec.compiled.values())
+    by_dtype = Counter(SHORT.get(dtype) for _, dtype in rec.compiled.values())
+    print(f"\n{n} JIT compilations in {rec.compile_s:.1f} s (triton {triton.__version__}, "
+          f"sm_{ARCH}; {len(rec.launches)} launches from {len(cases)} tests/test_gpu.py cases "
+          f"in {wall:.1f} s; " + ", ".join(f"{k} {v}" for k, v in sorted(per_kernel.items()))
+          + "; per dtype: " + ", ".join(f"{d} {by_dtype[d]}" for d in SHORT.values()) + ")")
+
+    if problems:
+        kinds = Counter(p.split(":")[0] for p in problems)
+        first = {}  # the first problem of each check, kernel and dtype
+        for p in problems:
+            first.setdefault(":".join(p.split(":")[:2]), p)
+        pytest.fail(f"{len(problems)} problems ({dict(kinds)}) over {len(rec.launches)} launches "
+                    f"and {n} compiled kernels; the first of each check, kernel and dtype:\n  "
+                    + "\n  ".join(first.values()))
+    assert rec.launches, "the replay launched no Triton kernel"
+    # Each distinct specialization compiles once, and nothing else makes Triton compile again.
+    assert n == len(keys), (f"{n} compilations, but the launches hold {len(keys)} distinct "
+                            "specializations")
+    assert in_memory == n, f"{in_memory} kernels in the JIT's in-memory caches, {n} compiled"
+    assert cubins == n, f"{cubins} cubins in the fresh TRITON_CACHE_DIR, {n} compilations"
