@@ -191,11 +191,16 @@ def _summary(proc, build_s, run_s) -> str:
             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
-def test_host_kernels_bitwise(builds):
-    exe, build_s = builds["plain"].result()
+def _built_run(builds, name: str, *args):
+    """Runs build `name` (waiting for it) with args: (process, a report for failures)."""
+    exe, build_s = builds[name].result()
     t0 = time.monotonic()
-    proc = _run(exe)
-    info = _summary(proc, build_s, time.monotonic() - t0)
+    proc = _run(exe, *args)
+    return proc, _summary(proc, build_s, time.monotonic() - t0)
+
+
+def test_host_kernels_bitwise(builds):
+    proc, info = _built_run(builds, "plain")
     assert proc.returncode == 0, info
     assert "mismatches: 0" in proc.stdout, info
     assert _cases(proc.stdout) >= 25000, info  # a silently shrunk suite fails too
@@ -203,10 +208,7 @@ def test_host_kernels_bitwise(builds):
 
 
 def test_host_kernels_sanitized(builds):
-    exe, build_s = builds["sanitized"].result()
-    t0 = time.monotonic()
-    proc = _run(exe, "--quick")
-    info = _summary(proc, build_s, time.monotonic() - t0)
+    proc, info = _built_run(builds, "sanitized", "--quick")
     assert proc.returncode == 0, info
     assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, info
     assert "mismatches: 0" in proc.stdout, info
@@ -216,10 +218,7 @@ def test_host_kernels_sanitized(builds):
 
 def test_flat_grid(builds):
     """The launcher's grid size (cuda::flat_grid) against its definition, under ASan + UBSan."""
-    exe, build_s = builds["grid"].result()
-    t0 = time.monotonic()
-    proc = _run(exe)
-    info = _summary(proc, build_s, time.monotonic() - t0)
+    proc, info = _built_run(builds, "grid")
     assert proc.returncode == 0, info
     assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, info
     m = re.search(r"flat_grid checks: (\d+), mismatches: 0$", proc.stdout, re.M)
