@@ -8,8 +8,16 @@ device, dtype) that require grad are moved into one buffer and become views of i
 momentum buffers get matching flat buffers at the same offsets, and a step is ONE kernel call
 over the whole span. Each parameter starts at a multiple of ALIGN_BYTES (64 bytes: a cache line,
 the widest CPU vector (AVX-512) and a multiple of the 16 bytes a CUDA vector load needs); the
-padding between parameters is zero in all three buffers and stays zero (the CPU kernel skips it,
-the CUDA flat launch runs over it).
+padding between parameters holds zeros: the CPU kernel skips it; a CUDA/Triton flat launch runs
+over it and keeps it +0.0 in the parameter and momentum buffers (see _Bucket.covers_padding).
+
+Gradients: p.grad is None exactly when torch's would be. zero_grad() (set_to_none=True) fills
+each flat gradient buffer with -0.0 and sets every .grad to None, as torch does. A flat
+parameter's gradient accumulator carries a pre-hook: when backward brings a dense gradient to a
+parameter whose .grad is None and which is still in place, the hook sets .grad to the parameter's
+flat view (holding -0.0) and autograd adds the gradient into it. -0.0 + g is g bit for bit (for
+g = -0.0 too), so the view holds exactly the tensor torch would store. A sparse gradient, or a
+parameter moved out of its buffer, is left to autograd, which stores its own tensor.
 
 Correctness never depends on the layout surviving: before every step each parameter is checked
 (its data still at its flat offset, its .grad still the flat view, its buffer still the flat
@@ -19,10 +27,7 @@ What the kernels do not model runs torch's own for-loop ops, reported in opt.las
 complex parameters and sparse gradients (path "torch-ops": torch.optim.SGD steps complex
 parameters in complex arithmetic, not through view_as_real, and sparse gradients with sparse
 ops), and every step of an SGD built with differentiable=True (path "torch-differentiable",
-under grad mode, as torch runs it; such an optimizer has no flat layout). A flat parameter
-carries a gradient pre-hook that notices a sparse gradient before autograd would accumulate it
-into the dense flat gradient: if the flat gradient counts as None, the hook sets .grad to None
-so that autograd stores the sparse gradient itself, as it does for torch.
+under grad mode, as torch runs it; such an optimizer has no flat layout).
 
 copy.deepcopy, pickle and torch.save of an optimizer give one with its own flat buffers over
 the copied parameters (__setstate__ rebuilds the layout); it steps on with the same bits.
@@ -67,20 +72,37 @@ def _strided(t) -> bool:
     return t is None or t.layout == torch.strided
 
 
-def _sparse_grad_hook(bucket_ref, i):
-    """A pre-accumulation hook for bucket.params[i]: a sparse gradient arriving while the
-    parameter's flat gradient counts as None would be added into that dense tensor by autograd
-    (other bits than torch, whose .grad is None there and which stores the sparse gradient).
-    Setting .grad to None first makes autograd store it, exactly as for torch. A present flat
-    gradient is left alone: torch's dense .grad takes the same in-place sum."""
-    @torch.utils.hooks.unserializable_hook  # the copy of a pickled parameter gets its own
-    def hook(grad):
+def _grad_hook(bucket_ref, i):
+    """A pre-hook on the gradient accumulator (AccumulateGrad) of bucket.params[i]. It runs
+    only when backward stores a gradient into .grad (torch.autograd.grad does not run it), before
+    autograd reads .grad. A dense gradient for a parameter whose .grad is None and that is still
+    in place gets the flat view, holding -0.0, as its .grad: autograd then adds the gradient into
+    it, which gives torch's bits. Under create_graph (grad mode on) autograd would replace the
+    view with a new tensor anyway, and a sparse gradient must stay sparse: both are left alone."""
+    def hook(grad_outputs):
         b = bucket_ref()
-        if b is not None and grad.layout != torch.strided:
-            p = b.params[i]
-            if p.grad is b.grad_views[i] and not b.present(i):
-                p.grad = None
+        if b is None or torch.is_grad_enabled():
+            return None
+        g = grad_outputs[0]
+        p = b.params[i]
+        if p.grad is not None or g is None or g.layout != torch.strided or not b.intact(i):
+            return None
+        view = b.grad_views[i]
+        if not b.neg_zero[i]:
+            view.fill_(-0.0)
+        b.neg_zero[i] = False
+        p.grad = view
+        return None
     return hook
+
+
+def _padding(offsets, params, total, device) -> torch.Tensor:
+    """The indices of the padding elements of a bucket (after each parameter up to the next)."""
+    ends = torch.tensor([o + p.numel() for o, p in zip(offsets, params)], dtype=torch.int64)
+    lens = torch.tensor(offsets[1:] + [total], dtype=torch.int64) - ends
+    first = torch.cumsum(lens, 0) - lens  # where each parameter's padding starts in the result
+    idx = torch.repeat_interleave(ends - first, lens) + torch.arange(int(lens.sum()))
+    return idx.to(device)
 
 
 def _remove_hooks(handles) -> None:
@@ -100,8 +122,6 @@ _TORCH_OPS_WARNINGS = {
 }
 
 
-
-
 @dataclass
 class _Bucket:
     """The flat buffers of one (param group, device, dtype)."""
@@ -110,25 +130,50 @@ class _Bucket:
     offsets: list
     flat_param: torch.Tensor
     flat_grad: torch.Tensor
-    grad_views: list  # own tensors over flat_grad (set_, not views): each has its own version
+    grad_views: list  # tensors over flat_grad, one per parameter (set_, not autograd views)
     segments: torch.Tensor  # [k, 2] int64 (offset, numel) on CPU
     ptrs: list  # data_ptr() each parameter must still have
     numel_before: list  # numel_before[i]: elements of params[:i], for reports
     backend: str
     flat_buf: torch.Tensor | None = None
     buf_views: list = field(default_factory=list)
-    # grad_seen[i]: grad_views[i]._version when the gradient was last zeroed; a gradient whose
-    # version has not moved since received nothing and counts as None. -1: present regardless.
-    grad_seen: list = field(default_factory=list)
-    hooks: list = field(default_factory=list)  # the sparse-gradient hooks' handles
+    # neg_zero[i]: grad_views[i] holds -0.0 (filled since it was last attached), so the hook
+    # can attach it without filling it first.
+    neg_zero: list = field(default_factory=list)
+    # A GPU step is one launch over a covering span, padding included (the CPU kernel runs the
+    # exact segments). The gradient padding is -0.0 after zero_grad(), +0.0 after
+    # zero_grad(set_to_none=False). Any step keeps the parameter padding +0.0 (fma(+-0, -lr, +0)
+    # is +0.0) and so does a momentum update of +0.0 buffer padding (fma(+-0, 1-d, +0 * m) is
+    # +0.0); but a first step copies the gradient (buf = g, negated by maximize), which leaves
+    # -0.0 for some flag set whatever the gradient padding's sign: so the buffer padding is
+    # reset after a covering first step.
+    covers_padding: bool = False
+    pad_index: torch.Tensor | None = None  # the padding elements, on the buffers' device
+    accs: list = field(default_factory=list)  # the gradient accumulators the hooks sit on
+    hooks: list = field(default_factory=list)  # the hooks' handles
 
-    def present(self, i: int) -> bool:
-        """Whether params[i] has a gradient this step (its .grad is its flat tensor)."""
-        return self.grad_seen[i] == -1 or self.grad_views[i]._version != self.grad_seen[i]
+    def intact(self, i: int) -> bool:
+        """params[i] is still the view of flat_param the layout made (its gradient view fits)."""
+        p, v = self.params[i], self.grad_views[i]
+        return (p.data_ptr() == self.ptrs[i] and p.dtype == v.dtype and p.device == v.device
+                and p.shape == v.shape and p.stride() == v.stride())
+
+    def fill_neg_zero(self) -> None:
+        """Every gradient view to -0.0, in one pass over the whole buffer."""
+        self.flat_grad.fill_(-0.0)
+        self.neg_zero = [True] * len(self.params)
+
+    def reset_buf_padding(self) -> None:
+        """The momentum buffer's padding back to +0.0 (after a covering first step)."""
+        if self.pad_index is None:
+            self.pad_index = _padding(self.offsets, self.params, self.flat_param.numel(),
+                                      self.flat_param.device)
+        if self.pad_index.numel():
+            self.flat_buf.index_fill_(0, self.pad_index, 0.0)
 
     def cover(self, i0: int, i1: int) -> torch.Tensor:
         """One segment from params[i0] to the end of params[i1 - 1], padding included: what a
-        GPU runs in one flat launch (the padding is zero everywhere and stays zero)."""
+        GPU runs in one flat launch (the padding holds zeros: see covers_padding)."""
         end = self.offsets[i1 - 1] + self.params[i1 - 1].numel()
         return torch.tensor([[self.offsets[i0], end - self.offsets[i0]]], dtype=torch.int64)
 
@@ -175,23 +220,20 @@ class _FusedMomentum(Optimizer):
 
     # ---- copy, pickle, torch.save ----------------------------------------------------------
     def __getstate__(self) -> dict:
-        """torch's three keys plus what __setstate__ needs to rebuild the layout. Flat
-        gradients that count as None are listed: the copy of such a gradient (deepcopy copies
-        a plain tensor's .grad) must be None there, as in a copy of torch's optimizer."""
+        """torch's three keys plus what __setstate__ needs to rebuild the layout."""
         state = super().__getstate__()
         state["_requested_backend"] = self._requested_backend
         state["_flat"] = self._flat
-        state["_absent_grads"] = [
-            (gi, pi) for gi, group in enumerate(self.param_groups)
-            for pi, p in enumerate(group["params"])
-            if p.grad is not None and self._live_grad(p) is None]
         return state
 
     def __setstate__(self, state: dict) -> None:
         """The copy gets its own flat buffers over its (copied) parameters, and momentum
-        buffers that are views of them: nothing is shared with the original."""
+        buffers that are views of them: nothing is shared with the original. A copied .grad
+        (deepcopy copies a plain tensor's .grad) is copied into the new flat gradient buffer;
+        a None one stays None."""
         backend = state.pop("_requested_backend", None)
         flat = state.pop("_flat", True)
+        # a pickle may list flat gradients that were zero tensors standing for None
         absent = state.pop("_absent_grads", ())
         super().__setstate__(state)
         self._fill_group_defaults()
@@ -239,16 +281,6 @@ class _FusedMomentum(Optimizer):
         self._buckets.append(buckets)
         self._outside.append([p for p in group["params"] if id(p) not in bucketed])
 
-    def _live_grad(self, p):
-        """p's gradient as torch would see it: None for a flat gradient nothing wrote into."""
-        g = p.grad
-        if g is None:
-            return None
-        b, i = self._slot.get(id(p), (None, 0))
-        if b is not None and g is b.grad_views[i] and not b.present(i):
-            return None
-        return g
-
     @torch.no_grad()
     def _make_buckets(self, params) -> list[_Bucket]:
         by_key: dict = {}
@@ -265,68 +297,69 @@ class _FusedMomentum(Optimizer):
                 offsets.append(total)
                 total += -(-p.numel() // align) * align
             flat_param = torch.zeros(total, dtype=dtype, device=device)
-            flat_grad = torch.zeros(total, dtype=dtype, device=device)
+            flat_grad = torch.empty(total, dtype=dtype, device=device)
             b = _Bucket(params=ps, offsets=offsets, flat_param=flat_param, flat_grad=flat_grad,
                         grad_views=[], backend=self._backend_for(device),
                         segments=torch.tensor([[o, p.numel()] for o, p in zip(offsets, ps)],
                                               dtype=torch.int64).reshape(-1, 2), ptrs=[],
-                        numel_before=[0])
+                        numel_before=[0], covers_padding=self._backend_for(device) != "cpu")
+            b.fill_neg_zero()
+            hook_ref = weakref.ref(b)
             for i, p in enumerate(ps):
                 view = b.view(flat_param, i)
                 view.copy_(p)
                 p.data = view
-                # Not an autograd view: its own version counter tells whether backward (or
-                # anyone) wrote into it since zero_grad().
                 gview = torch.empty(0, dtype=dtype, device=device).set_(
                     flat_grad.untyped_storage(), offsets[i], p.shape, p.stride())
-                had_grad = p.grad is not None
-                if had_grad:
-                    gview.copy_(p.grad)
-                p.grad = gview
+                g = p.grad
+                if g is not None and g.layout == torch.strided:
+                    # A gradient that exists goes on in the flat buffer (same values); a sparse
+                    # one stays as it is (torch's step keeps it sparse).
+                    gview.copy_(g)
+                    p.grad = gview
+                    b.neg_zero[i] = False
                 b.grad_views.append(gview)
-                b.grad_seen.append(-1 if had_grad else gview._version)
                 self._slot[id(p)] = (b, i)
                 b.ptrs.append(p.data_ptr())
                 b.numel_before.append(b.numel_before[-1] + p.numel())
-                b.hooks.append(p.register_hook(_sparse_grad_hook(weakref.ref(b), i)))
+                if p.is_leaf:  # only a leaf's .grad is stored by its gradient accumulator
+                    # the hook lives on the accumulator only while something holds it
+                    acc = torch.autograd.graph.get_gradient_edge(p).node
+                    b.accs.append(acc)
+                    b.hooks.append(acc.register_prehook(_grad_hook(hook_ref, i)))
             weakref.finalize(b, _remove_hooks, b.hooks)  # no dead hooks left on the parameters
             buckets.append(b)
         return buckets
 
-    def zero_grad(self, set_to_none: bool | None = None) -> None:
-        """flat=True: zeroes each flat gradient buffer in one pass and re-attaches any gradient
-        that is no longer its flat tensor, keeping torch's semantics without giving up the
-        layout: by default (torch's set_to_none=True) a parameter whose gradient nobody writes
-        before the next step counts as having none and is skipped, as torch skips a None grad;
-        with set_to_none=False a gradient that existed stays present (zero) and is applied.
-        (Presence is read from each gradient tensor's version counter.) set_to_none=True given
-        explicitly sets every .grad to None, as torch does; the next step then takes the
-        per-tensor path. A sparse gradient with set_to_none=False is zeroed in place and stays
-        sparse, as torch does (a flat view would make the next backward densify it).
-        flat=False: exactly torch's zero_grad."""
-        if not self._flat or set_to_none:
-            return super().zero_grad(set_to_none=True if set_to_none is None else set_to_none)
-        keep = set_to_none is False
-        for buckets in self._buckets:
-            for b in buckets:
-                present = [p.grad is not None and (p.grad is not b.grad_views[i] or b.present(i))
-                           for i, p in enumerate(b.params)]
-                b.flat_grad.zero_()
-                for i, p in enumerate(b.params):
-                    if keep and p.grad is not None and p.grad.layout != torch.strided:
-                        p.grad.detach_().requires_grad_(False).zero_()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad: set_to_none=True (the default) sets every .grad to None (flat
+        gradients are refilled with -0.0 in one pass per buffer; backward attaches them again,
+        see the module docstring); set_to_none=False zeroes every existing .grad in place (the
+        flat ones in one pass per buffer) and leaves None ones None."""
+        if set_to_none:
+            for buckets in self._buckets:
+                for b in buckets:
+                    b.fill_neg_zero()
+            return super().zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buckets in self._buckets:
+                for b in buckets:
+                    b.flat_grad.zero_()
+                    b.neg_zero = [False] * len(b.params)
+            slot = self._slot
+            for group in self.param_groups:
+                for p in group["params"]:
+                    g = p.grad
+                    if g is None:
                         continue
-                    if p.grad is not b.grad_views[i]:
-                        p.grad = b.grad_views[i]
-                    b.grad_seen[i] = -1 if keep and present[i] else b.grad_views[i]._version
-        for outside in self._outside:
-            for p in outside:
-                if p.grad is None:
-                    continue
-                if keep:
-                    p.grad.detach_().requires_grad_(False).zero_()
-                else:
-                    p.grad = None
+                    b, i = slot.get(id(p), (None, 0))
+                    if b is not None and g is b.grad_views[i]:
+                        continue  # zeroed with its buffer
+                    if g.grad_fn is not None:  # as torch's zero_grad does
+                        g.detach_()
+                    else:
+                        g.requires_grad_(False)
+                    g.zero_()
 
     # ---- state_dict: torch.optim.SGD's format, buffers copied into the flat layout -----------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -385,7 +418,7 @@ class _FusedMomentum(Optimizer):
             use_buf = h["momentum"] != 0
             ps, gs, bs = [], [], []
             for p in group["params"]:
-                g = self._live_grad(p)
+                g = p.grad
                 if g is None:
                     continue
                 buf = self._buffer(p) if use_buf else None
@@ -441,7 +474,7 @@ class _FusedMomentum(Optimizer):
                 continue
             for i, p in enumerate(b.params):
                 g = p.grad
-                if g is None or (g is b.grad_views[i] and not b.present(i)):
+                if g is None:
                     continue
                 buf = self._buffer(p) if use_buf else None
                 first = bool(use_buf and buf is None and not self._ema)
@@ -462,9 +495,7 @@ class _FusedMomentum(Optimizer):
         flat gradient, and all buffers are flat views (or none exists yet). Returns its one
         run, or None to let the per-parameter classification decide."""
         if not all(map(operator.is_, [p.grad for p in b.params], b.grad_views)):
-            return None
-        if not all(map(operator.ne, [g._version for g in b.grad_views], b.grad_seen)):
-            return None  # some parameter got no gradient: classify one by one
+            return None  # some parameter has no gradient, or another tensor: one by one
         if [p.data_ptr() for p in b.params] != b.ptrs:
             return None
         first = False
@@ -549,9 +580,11 @@ class _FusedMomentum(Optimizer):
                     self.state[b.params[i]].setdefault("momentum_buffer", b.buf_views[i])
             # CPU: exact segments (torch's bf16 arithmetic depends on positions inside each
             # tensor); GPU (cuda, triton): one covering span, one launch.
-            segs = b.segments[i0:i1] if b.backend == "cpu" else b.cover(i0, i1)
+            segs = b.cover(i0, i1) if b.covers_padding else b.segments[i0:i1]
             step_fn(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                   segs, first_step=first, **h)
+            if first and b.covers_padding:
+                b.reset_buf_padding()
             # The kernel wrote through raw pointers: tell autograd, as torch's in-place ops do
             # (a parameter saved for backward and then stepped must raise, not silently differ).
             _bump(b.params[i0:i1])

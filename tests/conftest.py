@@ -87,7 +87,8 @@ def fresh_grads(params, gen) -> list[torch.Tensor]:
 def backward_grads(params, grads) -> None:
     """Delivers exactly `grads` through autograd, as a training loop does: sum(p * g) has the
     gradient g (times an exact 1), which backward() accumulates into each p.grad (in place into
-    an existing .grad, e.g. momentum_cuda's flat views; a new tensor where .grad is None)."""
+    an existing .grad; where .grad is None, into momentum_cuda's flat view, which its hook
+    attaches, or a new tensor)."""
     terms = [(p * g).sum().double() for p, g in zip(params, grads)]
     if terms:
         torch.stack(terms).sum().backward()
@@ -138,8 +139,8 @@ def run_steps(opt, ours, topt, ref, *, steps=STEPS, seed=0, mode="backward", ski
     """`steps` steps of both optimizers with identical fresh random gradients; parameters and
     momentum buffers are compared after every step. The reference gets p.grad = g.clone().
     Ours, by mode: "backward" (default): the usual loop, opt.zero_grad() then backward()
-    delivering the gradients (momentum_cuda's flat zero_grad attaches the gradient views and
-    backward accumulates into them); "copy": written in place into the existing .grad;
+    delivering the gradients (momentum_cuda's flat zero_grad sets every .grad to None, as
+    torch's does, and backward attaches each parameter's flat view and accumulates into it); "copy": written in place into the existing .grad;
     "assign": p.grad = g.clone(). Parameters whose index is in `skip`, or that do not require
     grad, get no gradient (grad None). expect_path: "flat" / "per-tensor" checks every entry of
     opt.last_step. before_step(step) runs before each step."""

@@ -85,8 +85,8 @@ def test_last_step_flat_path(cls):
     ps = _params(3)
     opt = _make(cls, ps)
     gen = torch.Generator().manual_seed(4)
-    for p in ps:
-        p.grad.copy_(torch.randn(p.shape, generator=gen))  # stays the flat view
+    for p in ps:  # backward attaches each flat view and accumulates into it
+        (p * torch.randn(p.shape, generator=gen)).sum().backward()
     opt.step()
     assert opt.last_step == [dict(backend="cpu", path="flat", device="cpu", dtype=torch.float32,
                                   tensors=len(ps), numel=sum(p.numel() for p in ps))]
@@ -98,7 +98,7 @@ def test_last_step_per_dtype_and_reset():
           for dt in (torch.float32, torch.bfloat16, torch.float64)]
     opt = momentum_cuda.SGD(ps, lr=0.1, momentum=0.9)
     for p in ps:
-        p.grad.copy_(torch.randn(9, generator=gen).to(p.dtype))
+        p.grad = torch.randn(9, generator=gen).to(p.dtype)
     opt.step()
     assert sorted(str(e["dtype"]) for e in opt.last_step) == sorted(
         str(p.dtype) for p in ps)

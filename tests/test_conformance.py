@@ -91,21 +91,13 @@ def same_state_dict(a: dict, b: dict, what: str) -> None:
             same(sa[key], sb[key], f"{what}: state[{i}][{key}]")
 
 
-def grad_of(opt, p):
-    """p's gradient as a step sees it. With flat=True, zero_grad() leaves each .grad attached
-    as a view of the flat gradient buffer that counts as None until backward writes into it
-    (README, "Flat layout"); everywhere else this is p.grad."""
-    live = getattr(opt, "_live_grad", None)
-    return p.grad if live is None else live(p)
-
-
 def conform(ours, ref, opt, topt, what: str) -> None:
     """Parameters, momentum buffers, gradients (None where torch's is None) and state_dict."""
     assert len(ours) == len(ref)
     for i, (p, q) in enumerate(zip(ours, ref)):
         same(p, q, f"{what} param {i}")
         same(momentum_buffer(opt, p), momentum_buffer(topt, q), f"{what} momentum buffer {i}")
-        same(grad_of(opt, p), q.grad, f"{what} grad {i}")
+        same(p.grad, q.grad, f"{what} grad {i}")
     same_state_dict(opt.state_dict(), topt.state_dict(), f"{what} state_dict")
 
 
@@ -168,8 +160,8 @@ def test_deepcopy_optimizer_alone(flat, dk, hk, before):
     """copy.deepcopy(opt) copies the parameters too: the copy has its own flat buffers over
     them, buffers that are views of the copy's flat buffer (never shared with the original), and
     steps on like torch's deep-copied optimizer; the original is not disturbed. Plain tensors as
-    parameters: deepcopy copies their .grad, so a flat gradient that counts as None must come
-    out None, as torch's does."""
+    parameters: deepcopy copies their .grad (the copy's flat gradient takes the values), and a
+    None one stays None, as torch's does."""
     ours, ref = twins(REAL[dk], seed=11)
     opt, topt = make_sgd((ours, ref), flat, HYPERS[hk])
     gen = torch.Generator().manual_seed(12)
@@ -699,17 +691,31 @@ def test_dense_then_sparse_gradients(flat):
             conform(ours, ref, opt, topt, f"{hk} sparse step {step + 1}:")
 
 
-def test_sparse_hooks_go_with_the_optimizer():
-    """The gradient hooks of the flat layout are removed once the optimizer is gone (no dead
-    hooks pile up on a model that gets a new optimizer every epoch)."""
+def _accumulator_hooks(p) -> int:
+    """How many pre-hooks p's gradient accumulator has (read through a probe hook's handle)."""
+    node = torch.autograd.graph.get_gradient_edge(p).node  # held: its hook dict lives with it
+    handle = node.register_prehook(lambda g: None)
+    n = len(handle.hooks_dict_ref()) - 1
+    handle.remove()
+    return n
+
+
+def test_grad_hooks_go_with_the_optimizer():
+    """The gradient hooks of the flat layout (on each parameter's gradient accumulator) are
+    removed once the optimizer is gone (no dead hooks pile up on a model that gets a new
+    optimizer every epoch); backward then stores its own tensors, as without an optimizer."""
     net = _EmbNet(torch.float32)
-    opt = momentum_cuda.SGD(net.parameters(), lr=0.05)
-    assert all(len(p._backward_hooks) == 1 for p in net.parameters())
-    opt2 = momentum_cuda.SGD(net.parameters(), lr=0.05)
-    assert all(len(p._backward_hooks) == 2 for p in net.parameters())
+    ps = list(net.parameters())
+    opt = momentum_cuda.SGD(ps, lr=0.05)
+    assert [_accumulator_hooks(p) for p in ps] == [1] * len(ps)
+    opt2 = momentum_cuda.SGD(ps, lr=0.05)
+    assert [_accumulator_hooks(p) for p in ps] == [2] * len(ps)
+    assert all(p._backward_hooks is None or len(p._backward_hooks) == 0 for p in ps)
     del opt, opt2
     gc.collect()
-    assert all(len(p._backward_hooks) == 0 for p in net.parameters())
+    assert [_accumulator_hooks(p) for p in ps] == [0] * len(ps)
+    net(torch.tensor([1, 2])).sum().backward()
+    assert net.lin.weight.grad.storage_offset() == 0  # not a view of a dead flat buffer
 
 
 def test_torch_ops_warn_once_per_reason():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import momentum_cuda
-from conftest import (DTYPE_IDS, DTYPES, STEPS, assert_same, byte_offset, flat_paths,
-                      fresh_grads, make_values, momentum_buffer, run_steps, storage_ptr,
-                      twin_params, whole_storage)
+from conftest import (DTYPE_IDS, DTYPES, STEPS, assert_same, backward_grads, byte_offset,
+                      flat_paths, fresh_grads, make_values, momentum_buffer, run_steps,
+                      storage_ptr, twin_params, whole_storage)
 
 ALIGN = momentum_cuda.ALIGN_BYTES
 H = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2)
@@ -23,15 +23,21 @@ def _pair(ours, ref, **h):
     return (momentum_cuda.SGD(ours, **h), torch.optim.SGD(ref, foreach=False, **h))
 
 
-def _grads_both(ours, ref, gen, mode="copy"):
+def _grads_both(ours, ref, gen):
+    """Fresh gradients: written in place into an existing .grad; where .grad is None, delivered
+    by backward() (which attaches the flat view, as in a training loop). torch's get clones."""
     grads = fresh_grads(ours, gen)
+    missing = [k for k, p in enumerate(ours) if p.grad is None]
+    backward_grads([ours[k] for k in missing], [grads[k] for k in missing])
     for p, q, g in zip(ours, ref, grads):
-        if mode == "copy" and p.grad is not None:
+        if p.grad is not None:
             p.grad.copy_(g)
-        else:
-            p.grad = g.clone()
         q.grad = g.clone()
     return grads
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _step_both(opt, topt, ours, ref, what=""):
@@ -68,14 +74,16 @@ def test_params_grads_buffers_are_views_of_one_buffer(dtype):
     ours, ref = twin_params(values)
     ids = [id(p) for p in ours]
     opt, topt = _pair(ours, ref)
-    opt.zero_grad()  # the usual loop starts with it: the flat gradient views are attached
+    opt.zero_grad()
     # the Parameter objects stay the same, their values and shapes too
     assert [id(p) for p in ours] == ids
     for p, v in zip(ours, values):
         assert torch.equal(p, v) and p.is_contiguous()
     _check_views(ours)
+    assert all(p.grad is None for p in ours)  # torch's zero_grad() leaves None too
+    backward_grads(ours, fresh_grads(ours, torch.Generator().manual_seed(303)))
     grads = [p.grad for p in ours]
-    assert all(g is not None for g in grads)
+    assert all(g is not None for g in grads)  # backward attached the flat views
     _check_views(grads)
     assert storage_ptr(grads[0]) != storage_ptr(ours[0])
     for p, g in zip(ours, grads):  # same offsets in the gradient buffer
@@ -89,10 +97,16 @@ def test_params_grads_buffers_are_views_of_one_buffer(dtype):
     # still the same views after the steps (nothing was re-allocated)
     assert all(p.grad is g for p, g in zip(ours, grads))
     _check_views(ours)
-    # the padding between parameters is never written: it is still zero in all three buffers
-    for ts in (ours, grads, bufs):
+    # the padding between parameters is never written by the CPU kernel: +0.0 (bit pattern 0)
+    # in the parameter and momentum buffers; zero_grad() fills the whole gradient buffer with
+    # -0.0, padding included, in one pass (tests/test_presence.py: why the padding's signs are
+    # harmless on a GPU too)
+    for ts in (ours, bufs):
         whole, covered = _covered_mask(ts)
-        assert not whole[~covered].any()
+        assert not _bits(whole[~covered]).any()
+    opt.zero_grad()
+    whole = whole_storage(grads[0])
+    assert torch.equal(_bits(whole), _bits(torch.full_like(whole, -0.0)))
     assert flat_paths(opt) == ["flat"]
     assert opt.last_step[0]["tensors"] == len(sizes)
 
@@ -129,16 +143,13 @@ def test_one_buffer_per_group_and_dtype():
 def test_user_replaces_grad(dtype):
     ours, ref = twin_params(make_values([97, (9, 7), 3, 33], dtype, seed=331))
     opt, topt = _pair(ours, ref)
-    opt.zero_grad()  # attaches the flat gradient views
     gen = torch.Generator().manual_seed(332)
     for step in range(STEPS):
+        if step == 6:
+            opt.zero_grad()  # every .grad None: backward below attaches the views again
         grads = _grads_both(ours, ref, gen)
         if 3 <= step < 6:
             ours[1].grad = grads[1].clone()  # a new tensor: no longer the flat view
-        if step == 6:
-            opt.zero_grad()  # re-attaches the view (then the copy_ below fills it)
-            for p, g in zip(ours, grads):
-                p.grad.copy_(g)
         _step_both(opt, topt, ours, ref, what=f"step {step + 1}:")
         per = [e for e in opt.last_step if e["path"] == "per-tensor"]
         if 3 <= step < 6:
@@ -150,39 +161,42 @@ def test_user_replaces_grad(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_grad_set_to_none_skips_param(dtype):
-    """p.grad = None: the parameter is skipped, like torch (no decay, no momentum). When a
-    gradient comes back it is a new tensor (per-tensor path) until opt.zero_grad()."""
+    """p.grad = None: the parameter is skipped, like torch (no decay, no momentum). When
+    backward brings a gradient again it gets the flat view back (flat path); one assigned by
+    the user (p.grad = g) is a new tensor (per-tensor path) while it stays."""
     ours, ref = twin_params(make_values([97, 5, (7, 3)], dtype, seed=341))
     opt, topt = _pair(ours, ref)
-    opt.zero_grad()  # attaches the flat gradient views
     gen = torch.Generator().manual_seed(342)
-    attached = True  # ours[1].grad is the flat view
     for step in range(STEPS):
         if step == 6:
             opt.zero_grad()
-            attached = True
-        _grads_both(ours, ref, gen)
+        if step == 3:
+            ours[1].grad = None  # then assigned: not the view
+            grads = _grads_both(ours, ref, gen)
+            ours[1].grad = grads[1].clone()
+        else:
+            _grads_both(ours, ref, gen)
         skipped = step % 3 == 1
         if skipped:
             ours[1].grad = None
             ref[1].grad = None
-            attached = False
         before = ours[1].detach().clone()
         _step_both(opt, topt, ours, ref, what=f"step {step + 1}:")
         paths = flat_paths(opt)
         if skipped:
             assert torch.equal(ours[1], before)
             assert sum(e["tensors"] for e in opt.last_step) == 2 and set(paths) == {"flat"}
-        elif attached:
-            assert paths == ["flat"], f"step {step + 1}: {opt.last_step}"
-        else:
+        elif step == 3:
             assert sorted(paths) == ["flat", "flat", "per-tensor"], f"step {step + 1}: {paths}"
+        else:
+            assert paths == ["flat"], f"step {step + 1}: {opt.last_step}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_model_zero_grad_then_backward(dtype):
-    """model.zero_grad() (set_to_none) replaces the flat gradient views with new tensors made by
-    backward(); opt.zero_grad() brings the flat path back. Switched back and forth."""
+    """model.zero_grad() (set_to_none, without filling the flat buffer) and opt.zero_grad(),
+    switched back and forth: backward attaches the flat views after either (the hook fills a
+    view with -0.0 first where zero_grad did not), so every step is one flat call."""
     torch.manual_seed(351)
     model = torch.nn.Sequential(torch.nn.Linear(11, 23), torch.nn.Tanh(),
                                 torch.nn.Linear(23, 5)).to(dtype)
@@ -202,13 +216,12 @@ def test_model_zero_grad_then_backward(dtype):
         tmodel(x).float().square().mean().backward()
         _step_both(opt, topt, list(model.parameters()), list(tmodel.parameters()),
                    what=f"step {step + 1}:")
-        assert flat_paths(opt) == (["per-tensor"] if use_model else ["flat"]), (
-            f"step {step + 1}: {opt.last_step}")
+        assert flat_paths(opt) == ["flat"], f"step {step + 1}: {opt.last_step}"
 
 
 def _first_step_break(kind, dtype, seed):
-    """Steps 1-2 with model.zero_grad() (backward makes new gradients: per-tensor path, so the
-    momentum buffers are created outside the flat buffer), then opt.zero_grad() (flat views)."""
+    """Steps 1-2 with the gradients replaced by new tensors after backward (per-tensor path),
+    then the usual loop (flat views)."""
     from momentum_cuda.reference import MomentumReference
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(),
@@ -223,10 +236,13 @@ def _first_step_break(kind, dtype, seed):
     gen = torch.Generator().manual_seed(seed + 1)
     for step in range(8):
         x = torch.randn(5, 6, generator=gen).to(dtype)
-        (model.zero_grad if step < 2 else opt.zero_grad)()
+        opt.zero_grad()
         tmodel.zero_grad()
         model(x).float().square().mean().backward()
         tmodel(x).float().square().mean().backward()
+        if step < 2:
+            for p in model.parameters():
+                p.grad = p.grad.clone()
         _step_both(opt, topt, list(model.parameters()), list(tmodel.parameters()),
                    what=f"step {step + 1}:")
         if step < 2:
@@ -244,8 +260,8 @@ def test_model_zero_grad_on_the_first_step(kind, dtype):
 
 @pytest.mark.parametrize("kind", ["SGD", "Momentum"])
 def test_flat_path_returns_after_first_step_break(kind):
-    """README: after opt.zero_grad() the views re-attach and a step is one flat kernel call
-    again, also when the layout was broken on the very first step."""
+    """README: after opt.zero_grad() backward attaches the views again and a step is one flat
+    kernel call, also when the layout was broken on the very first step."""
     opt = _first_step_break(kind, torch.float32, seed=365)
     assert flat_paths(opt) == ["flat"], opt.last_step
 
@@ -254,7 +270,6 @@ def test_flat_path_returns_after_first_step_break(kind):
 def test_param_data_replaced(dtype):
     ours, ref = twin_params(make_values([97, (5, 9), 3], dtype, seed=371))
     opt, topt = _pair(ours, ref)
-    opt.zero_grad()  # attaches the flat gradient views
     gen = torch.Generator().manual_seed(372)
     for step in range(STEPS):
         if step == 4:
@@ -275,7 +290,6 @@ def test_param_data_replaced(dtype):
 def test_momentum_buffer_replaced_by_user(dtype):
     ours, ref = twin_params(make_values([97, (5, 9), 3], dtype, seed=381))
     opt, topt = _pair(ours, ref)
-    opt.zero_grad()  # attaches the flat gradient views
     gen = torch.Generator().manual_seed(382)
     for step in range(STEPS):
         _grads_both(ours, ref, gen)
@@ -298,7 +312,6 @@ def test_non_contiguous_grad(dtype):
     """A transposed gradient for a 2-D parameter (p.grad strides differ from p's)."""
     ours, ref = twin_params(make_values([(97, 33), 5], dtype, seed=391))
     opt, topt = _pair(ours, ref)
-    opt.zero_grad()  # attaches the flat gradient views
     gen = torch.Generator().manual_seed(392)
     warns = pytest.warns(UserWarning, match="torch's own ops") if dtype in (
         torch.bfloat16, torch.float16) else contextlib.nullcontext()
@@ -332,7 +345,7 @@ def test_channels_last_conv_weight(dtype):
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     opt = momentum_cuda.SGD(model.parameters(), **H)
     topt = torch.optim.SGD(tmodel.parameters(), foreach=False, **H)
-    opt.zero_grad()
+    model(torch.randn(1, 3, 9, 9).to(dtype)).float().sum().backward()  # attaches the views
     for m in (model[0], model[2]):  # still channels_last, now as views of the flat buffer
         assert m.weight.is_contiguous(memory_format=torch.channels_last)
         assert not m.weight.is_contiguous()
@@ -405,9 +418,9 @@ def test_unused_param_zero_grad_false_is_torch_set_to_none_false(momentum):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_unused_param_default_zero_grad_is_torch_default(momentum):
-    """opt.zero_grad() (flat, default) has torch's default semantics (set_to_none=True): head_b,
-    used in step 1 only, counts as having no gradient and is skipped, as torch skips a None
-    grad; and the step stays on the flat path (presence is read from version counters)."""
+    """opt.zero_grad() (flat, default) is torch's default (set_to_none=True): head_b, used in
+    step 1 only, has .grad None afterwards and is skipped, as torch skips it; and the step stays
+    on the flat path (backward attaches the views of the parameters it reaches)."""
     def check(use_b, before, model):
         if not use_b:
             assert torch.equal(model.head_b.weight, before)
@@ -416,8 +429,9 @@ def test_unused_param_default_zero_grad_is_torch_default(momentum):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_unused_param_set_to_none_is_skipped_like_torch_default(momentum):
-    """opt.zero_grad(set_to_none=True): a parameter without a gradient is skipped, like
-    torch.optim.SGD with its default zero_grad()."""
+    """opt.zero_grad(set_to_none=True), given explicitly, is the default: a parameter without a
+    gradient is skipped, like torch.optim.SGD with its default zero_grad(), and the others stay
+    on the flat path."""
     torch.manual_seed(431)
     model = _TwoHeads()
     tmodel = copy.deepcopy(model)
@@ -438,15 +452,15 @@ def test_unused_param_set_to_none_is_skipped_like_torch_default(momentum):
                    what=f"step {step + 1}:")
         if not use_b:
             assert torch.equal(model.head_b.weight, before)
-        assert flat_paths(opt) == ["per-tensor"]
+        assert set(flat_paths(opt)) == {"flat"}, opt.last_step
 
 
 @pytest.mark.parametrize("loop", ["step-then-zero_grad", "zero_grad-then-step"])
 def test_never_used_param_like_torch_set_to_none_false(loop):
     """A parameter that never gets a gradient. torch never touches it: its .grad stays None
     (zero_grad(set_to_none=False) only zeroes gradients that exist), so neither weight decay
-    nor momentum applies. README: opt.zero_grad() "is torch's zero_grad(set_to_none=False)",
-    and the loop `backward(); step(); zero_grad()` runs its first step before any zero_grad().
+    nor momentum applies; the same with torch's default zero_grad(), which opt.zero_grad() is.
+    The loop `backward(); step(); zero_grad()` runs its first step before any zero_grad().
     Both loops must leave the never-used parameter exactly where it was, as torch does."""
     torch.manual_seed(441)
     model = _TwoHeads()
@@ -521,9 +535,11 @@ def test_grads_as_views_of_another_bucket(dtype):
                 off += g.numel()
         else:
             if step == 5:
-                opt.zero_grad()
-            for p, g in zip(ours, grads):
-                p.grad.copy_(g)
+                opt.zero_grad()  # .grad None: backward attaches the flat views again
+                backward_grads(ours, grads)
+            else:
+                for p, g in zip(ours, grads):
+                    p.grad.copy_(g)
         for q, g in zip(ref, grads):
             q.grad = g.clone()
         _step_both(opt, topt, ours, ref, what=f"step {step + 1}:")
