@@ -119,6 +119,9 @@ _TORCH_OPS_WARNINGS = {
                "opt.last_step.",
     "sparse": "momentum_cuda: sparse gradients (or momentum buffers) are stepped with torch's "
               "own sparse ops, as torch.optim.SGD does. See opt.last_step.",
+    "dtype": "momentum_cuda: a momentum buffer has another dtype than its parameter (e.g. after "
+             "model.to(dtype) or model.half()); stepping it with torch's own ops, which mix the "
+             "dtypes as torch.optim.SGD does (slower). See opt.last_step.",
 }
 
 
@@ -522,6 +525,8 @@ class _FusedMomentum(Optimizer):
             return "complex"
         if not (_strided(g) and _strided(buf)):
             return "sparse"
+        if buf is not None and buf.dtype != p.dtype:
+            return "dtype"  # torch's in-place ops cast between them; the kernels take one dtype
         if (buf is not None and buf.stride() != p.stride()) or (
                 g.stride() != p.stride() and p.dtype in (torch.bfloat16, torch.float16)):
             # torch's own bits here depend on how TensorIterator loops over operands of
@@ -536,8 +541,10 @@ class _FusedMomentum(Optimizer):
         if p.layout != torch.strided:
             raise RuntimeError(f"momentum_cuda needs strided parameters; got a {p.layout} {what}")
         for name, t in (("gradient", g), ("momentum_buffer", buf)):
-            if t is not None and (t.shape != p.shape or t.dtype != p.dtype
-                                  or t.device != p.device):
+            # A buffer of another dtype is torch's case too (model.to(dtype) after steps):
+            # torch's in-place ops cast, and so does the torch-ops path.
+            if t is not None and (t.shape != p.shape or t.device != p.device or (
+                    t.dtype != p.dtype and name == "gradient")):
                 raise RuntimeError(f"the {name} of a {what} is a tensor of shape "
                                    f"{tuple(t.shape)} ({t.dtype}, {t.device})")
         if cls._torch_reason(p, g, buf) in ("complex", "sparse"):
