@@ -125,6 +125,22 @@ _TORCH_OPS_WARNINGS = {
 }
 
 
+def _ids(group) -> tuple:
+    return tuple(map(id, group["params"]))
+
+
+@dataclass
+class _GroupLayout:
+    """What the flat layout made of one param group. `group` is held, so its id cannot be
+    reused while the layout exists; `ids` are its parameters' ids when it was made (the
+    buckets hold the parameters, so these ids cannot be reused either)."""
+
+    group: dict
+    ids: tuple
+    buckets: list
+    outside: list
+
+
 @dataclass
 class _Bucket:
     """The flat buffers of one (param group, device, dtype)."""
@@ -203,8 +219,9 @@ class _FusedMomentum(Optimizer):
     def _reset_layout(self, backend, flat) -> None:
         self._requested_backend = backend
         self._flat = bool(flat)
-        self._buckets: list[list[_Bucket]] = []  # per param group
-        self._outside: list[list] = []  # per param group: parameters in no bucket
+        # id(param group) -> its layout, kept with the group's identity rather than its
+        # position, so deleting or reordering param_groups cannot pair a group with another's
+        self._layouts: dict[int, _GroupLayout] = {}
         self._slot: dict[int, tuple] = {}  # id(param) -> (bucket, index)
         self._warned_torch_ops: set[str] = set()
         self._backend_by_device: dict[torch.device, str] = {}
@@ -233,7 +250,19 @@ class _FusedMomentum(Optimizer):
         """The copy gets its own flat buffers over its (copied) parameters, and momentum
         buffers that are views of them: nothing is shared with the original. A copied .grad
         (deepcopy copies a plain tensor's .grad) is copied into the new flat gradient buffer;
-        a None one stays None."""
+        a None one stays None. torch's load_state_dict also calls this, on a live optimizer,
+        with new param group dicts over the same parameters: the layout is kept and handed
+        to them."""
+        if "_layouts" in self.__dict__:  # load_state_dict
+            old = [self._layouts.get(id(g)) for g in self.param_groups]
+            super().__setstate__(state)
+            self._fill_group_defaults()
+            self._layouts = {}
+            for lay, group in zip(old, self.param_groups):
+                if lay is not None and lay.ids == _ids(group):
+                    lay.group = group
+                    self._layouts[id(group)] = lay
+            return
         backend = state.pop("_requested_backend", None)
         flat = state.pop("_flat", True)
         # a pickle may list flat gradients that were zero tensors standing for None
@@ -246,7 +275,7 @@ class _FusedMomentum(Optimizer):
             self.param_groups[gi]["params"][pi].grad = None
         for group in self.param_groups:
             self._layout_group(group)
-        self._adopt_buffers()
+        self._adopt_buffers(self._group_layouts())
 
     def _fill_group_defaults(self) -> None:
         """Keys an older pickle's param groups may lack (SGD fills torch's)."""
@@ -275,14 +304,35 @@ class _FusedMomentum(Optimizer):
         super().add_param_group(param_group)
         self._layout_group(self.param_groups[-1])
 
-    def _layout_group(self, group) -> None:
+    def _layout_group(self, group) -> _GroupLayout:
         # differentiable=True: the step runs torch's ops under grad mode; a kernel writing a
         # flat buffer would be invisible to autograd, so there is no layout to keep.
         flat = self._flat and not self._differentiable
         buckets = self._make_buckets(group["params"]) if flat else []
         bucketed = {id(p) for b in buckets for p in b.params}
-        self._buckets.append(buckets)
-        self._outside.append([p for p in group["params"] if id(p) not in bucketed])
+        lay = _GroupLayout(group, _ids(group), buckets,
+                           [p for p in group["params"] if id(p) not in bucketed])
+        self._layouts[id(group)] = lay
+        return lay
+
+    def _group_layouts(self) -> list:
+        """(group, layout) for every current param group. A group not seen before (added by
+        hand to param_groups) or whose parameter list changed is laid out now (its parameters
+        move into new flat buffers, their gradients and momentum buffers with them); layouts of
+        groups no longer in param_groups are dropped, so their parameters are not touched."""
+        out, relaid = [], False
+        for g in self.param_groups:
+            lay = self._layouts.get(id(g))
+            if lay is None or lay.group is not g or lay.ids != _ids(g):
+                lay = self._layout_group(g)
+                relaid = True
+            out.append((g, lay))
+        if len(self._layouts) != len(out):
+            keep = {id(g) for g, _ in out}
+            self._layouts = {k: v for k, v in self._layouts.items() if k in keep}
+        if relaid:
+            self._adopt_buffers(out)
+        return out
 
     @torch.no_grad()
     def _make_buckets(self, params) -> list[_Bucket]:
@@ -339,14 +389,15 @@ class _FusedMomentum(Optimizer):
         gradients are refilled with -0.0 in one pass per buffer; backward attaches them again,
         see the module docstring); set_to_none=False zeroes every existing .grad in place (the
         flat ones in one pass per buffer) and leaves None ones None."""
+        layouts = self._group_layouts()
         if set_to_none:
-            for buckets in self._buckets:
-                for b in buckets:
+            for _, lay in layouts:
+                for b in lay.buckets:
                     b.fill_neg_zero()
             return super().zero_grad(set_to_none=True)
         with torch.no_grad():
-            for buckets in self._buckets:
-                for b in buckets:
+            for _, lay in layouts:
+                for b in lay.buckets:
                     b.flat_grad.zero_()
                     b.neg_zero = [False] * len(b.params)
             slot = self._slot
@@ -367,15 +418,15 @@ class _FusedMomentum(Optimizer):
     # ---- state_dict: torch.optim.SGD's format, buffers copied into the flat layout -----------
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self._adopt_buffers()
+        self._adopt_buffers(self._group_layouts())
 
     @torch.no_grad()
-    def _adopt_buffers(self) -> None:
+    def _adopt_buffers(self, layouts) -> None:
         """Momentum buffers of flat parameters are copied into the flat buffer and replaced by
         their views. A sparse buffer (torch's, after sparse-gradient steps) stays as it is:
         torch goes on with sparse ops on it."""
-        for buckets in self._buckets:
-            for b in buckets:
+        for _, lay in layouts:
+            for b in lay.buckets:
                 for i, p in enumerate(b.params):
                     buf = self._buffer(p)
                     if buf is None or not _strided(buf):
@@ -403,8 +454,8 @@ class _FusedMomentum(Optimizer):
                 self._step_differentiable()
             return loss
         with torch.no_grad():
-            plans = [self._plan(*gbo)
-                     for gbo in zip(self.param_groups, self._buckets, self._outside)]
+            plans = [self._plan(g, lay.buckets, lay.outside)
+                     for g, lay in self._group_layouts()]
             self.last_step = []
             for h, runs, loose in plans:
                 self._step_flat(runs, h)

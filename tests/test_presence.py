@@ -429,7 +429,7 @@ def test_covering_steps_keep_padding_positive_zero(dtype, hk, zero, reset, monke
     ref = [v.clone().requires_grad_() for v in values]
     opt = momentum_cuda.SGD(ours, lr=0.05, foreach=False, **h)
     topt = torch.optim.SGD(ref, lr=0.05, foreach=False, **h)
-    (bucket,) = opt._buckets[0]
+    (bucket,) = opt._layouts[id(opt.param_groups[0])].buckets
     bucket.covers_padding = True
     gen = torch.Generator().manual_seed(192)
     clean = True
