@@ -265,17 +265,11 @@ class _FusedMomentum(Optimizer):
             return
         backend = state.pop("_requested_backend", None)
         flat = state.pop("_flat", True)
-        # a pickle may list flat gradients that were zero tensors standing for None
-        absent = state.pop("_absent_grads", ())
         super().__setstate__(state)
         self._fill_group_defaults()
         self._reset_layout(backend, flat)
         self._check_backends()
-        for gi, pi in absent:
-            self.param_groups[gi]["params"][pi].grad = None
-        for group in self.param_groups:
-            self._layout_group(group)
-        self._adopt_buffers(self._group_layouts())
+        self._group_layouts()  # lays out every group and adopts its momentum buffers
 
     def _fill_group_defaults(self) -> None:
         """Keys an older pickle's param groups may lack (SGD fills torch's)."""
@@ -424,12 +418,15 @@ class _FusedMomentum(Optimizer):
     def _adopt_buffers(self, layouts) -> None:
         """Momentum buffers of flat parameters are copied into the flat buffer and replaced by
         their views. A sparse buffer (torch's, after sparse-gradient steps) stays as it is:
-        torch goes on with sparse ops on it."""
+        torch goes on with sparse ops on it; so does one of another dtype or layout."""
         for _, lay in layouts:
             for b in lay.buckets:
                 for i, p in enumerate(b.params):
                     buf = self._buffer(p)
-                    if buf is None or not _strided(buf):
+                    # a buffer of another dtype or layout (model.to after steps) stays as
+                    # torch keeps it: copying would convert it and change the bits
+                    if (buf is None or not _strided(buf) or buf.dtype != p.dtype
+                            or buf.stride() != p.stride()):
                         continue
                     b.ensure_buf()
                     if buf is not b.buf_views[i]:

@@ -35,13 +35,16 @@ def _train(model, twin, opt, topt, steps, gen):
             assert torch.equal(p, q), name
             assert (p.grad is None) == (q.grad is None), name
             b, c = opt.state[p].get("momentum_buffer"), topt.state[q].get("momentum_buffer")
-            assert b.dtype == c.dtype and torch.equal(b, c), name
+            assert (b is None) == (c is None), name
+            assert b is None or (b.dtype == c.dtype and torch.equal(b, c)), name
     sd, tsd = opt.state_dict(), topt.state_dict()
     # foreach is the one key that differs by construction (the twin is built foreach=False)
     strip = lambda groups: [{k: v for k, v in g.items() if k != "foreach"} for g in groups]
     assert strip(sd["param_groups"]) == strip(tsd["param_groups"])
-    for k in tsd["state"]:
-        assert torch.equal(sd["state"][k]["momentum_buffer"], tsd["state"][k]["momentum_buffer"])
+    assert sd["state"].keys() == tsd["state"].keys()
+    for k, st in tsd["state"].items():
+        assert sd["state"][k].keys() == st.keys(), k
+        assert all(torch.equal(sd["state"][k][n], v) for n, v in st.items()), k
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
@@ -78,3 +81,22 @@ def test_buffer_on_another_device_still_raises_before_writing():
     with pytest.raises(RuntimeError, match="momentum_buffer"):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_group_laid_out_again_after_model_double(flat):
+    """model.double() after steps, then a parameter added to the group by hand: the group is
+    laid out again in fp64, and the fp32 momentum buffers must stay fp32, as torch keeps them."""
+    model = _model(0)
+    twin = copy.deepcopy(model)
+    opt = momentum_cuda.SGD(model.parameters(), flat=flat, **H)
+    topt = torch.optim.SGD(twin.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(2)
+    _train(model, twin, opt, topt, 2, gen)
+    model.double()
+    twin.double()
+    for m, o in ((model, opt), (twin, topt)):
+        m.extra = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        o.param_groups[0]["params"].append(m.extra)
+    with pytest.warns(UserWarning, match="torch's own ops"):
+        _train(model, twin, opt, topt, 2, gen)
