@@ -19,9 +19,19 @@ flat view (holding -0.0) and autograd adds the gradient into it. -0.0 + g is g b
 g = -0.0 too), so the view holds exactly the tensor torch would store. A sparse gradient, or a
 parameter moved out of its buffer, is left to autograd, which stores its own tensor.
 
+Which parameters move: only those whose storage nothing else can see (_private): every tensor
+holding it is one of the optimizer's parameters (or a momentum_cuda flat buffer), they do not
+overlap, and it is not shared memory. A parameter that is a view of a tensor the training code
+keeps stays in it, so that tensor follows every step as with torch; parameters that overlap are
+stepped with torch's own ops, one after the other, as torch's for-loop does.
+
 Correctness never depends on the layout surviving: before every step each parameter is checked
-(its data still at its flat offset, its .grad still the flat view, its buffer still the flat
-view); any that is not goes through the per-tensor path, with the same arithmetic.
+(its data still at its flat offset, its .grad still the flat view and its memory, its buffer
+still the flat view); any that is not goes through the per-tensor path, with the same
+arithmetic. When a parameter that could be laid out is off the flat path (model.to() or
+p.data = ... moved it; it was frozen, on meta or lazy when its group was laid out) the step
+lays the group out again first: values, gradients and momentum buffers are copied over, and a
+buffer of another dtype or layout than its parameter stays as torch keeps it.
 
 What the kernels do not model runs torch's own for-loop ops, reported in opt.last_step:
 complex parameters and sparse gradients (path "torch-ops": torch.optim.SGD steps complex
@@ -42,6 +52,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from torch.optim.sgd import sgd as _torch_sgd
@@ -88,12 +99,108 @@ def _grad_hook(bucket_ref, i):
         if p.grad is not None or g is None or g.layout != torch.strided or not b.intact(i):
             return None
         view = b.grad_views[i]
+        if view.data_ptr() != b.gptrs[i]:
+            # someone set .grad.data (e.g. Module._apply): that tensor is theirs now
+            view = b.grad_views[i] = b.new_grad_view(i)
+            b.neg_zero[i] = False
         if not b.neg_zero[i]:
             view.fill_(-0.0)
         b.neg_zero[i] = False
         p.grad = view
         return None
     return hook
+
+
+def _layable(p) -> bool:
+    """p could sit in a flat buffer, its storage aside (see _private): a dense float parameter
+    that requires grad, materialised (not on meta, not a lazy module's uninitialised one)."""
+    return (p.requires_grad and p.dtype in _DTYPES and p.device.type != "meta"
+            and not is_lazy(p) and _dense(p))
+
+
+def _storage_key(t) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+# Flat parameter buffers of live buckets (of every optimizer), by storage address: each holds
+# one reference to its storage, which _private counts as momentum_cuda's own.
+_FLAT_STORAGES: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _use_count(t) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_HAS_USE_COUNT = hasattr(torch._C, "_storage_Use_Count")
+# What _use_count reports for a storage that one tensor holds (calibrated, not assumed)
+_USE_COUNT_ONE = _use_count(torch.empty(1)) if _HAS_USE_COUNT else 1
+
+
+def _private(params, everyone) -> set:
+    """The ids of the params (layable ones) that may move into a flat buffer without anyone
+    noticing: every tensor that holds their storage is one of `everyone` (all the optimizer's
+    parameters) or a momentum_cuda flat buffer, no two of those overlap, and the storage is
+    not shared memory (model.share_memory(): it must stay there). A parameter that is a view
+    of a tensor the user holds, or that overlaps another, stays where it is: moving it would
+    end the aliasing torch keeps."""
+    mine: dict = {}
+    for q in everyone:
+        if (q.layout == torch.strided and q.device.type != "meta" and not is_lazy(q)
+                and q.untyped_storage().nbytes()):
+            mine.setdefault(_storage_key(q), []).append(q)
+    # an empty storage has no bytes to share (and every such storage has address 0)
+    out = {id(p) for p in params if not p.untyped_storage().nbytes()}
+    for key, ps in _by([p for p in params if id(p) not in out], _storage_key).items():
+        holders = mine.get(key, ps)
+        if ps[0].device.type == "cpu" and ps[0].is_shared():  # (a CUDA storage is always)
+            continue
+        if _HAS_USE_COUNT:
+            refs = _use_count(ps[0]) - _USE_COUNT_ONE + 1  # tensors holding the storage
+            ok = refs == len(holders) + (key in _FLAT_STORAGES)
+        else:  # no reference count: only a storage that is exactly one parameter's
+            ok = len(holders) == 1 and ps[0].storage_offset() == 0 and (
+                ps[0].untyped_storage().nbytes() == ps[0].numel() * ps[0].element_size())
+        if ok and _disjoint(holders):
+            out.update(map(id, ps))
+    return out
+
+
+def _by(items, key) -> dict:
+    out: dict = {}
+    for x in items:
+        out.setdefault(key(x), []).append(x)
+    return out
+
+
+def _disjoint(ts) -> bool:
+    """No two of the tensors (dense ones, on one storage) share a byte."""
+    if len(ts) == 1:
+        return True
+    spans = []
+    for t in ts:
+        if not _dense(t):
+            return False
+        start = t.storage_offset() * t.element_size()
+        spans.append((start, start + t.numel() * t.element_size()))
+    spans.sort()
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def _overlapping(ts) -> bool:
+    """Some two of the tensors share memory (compared by address ranges, per device)."""
+    if len(ts) < 2:
+        return False
+    spans = []
+    for t in ts:
+        if t.layout != torch.strided or not t.numel():
+            continue
+        n = t.numel() if t.is_contiguous() else 1 + sum(
+            (k - 1) * st for k, st in zip(t.shape, t.stride()))
+        d = t.device
+        spans.append((d.type, -1 if d.index is None else d.index, t.data_ptr(),
+                       t.data_ptr() + n * t.element_size()))
+    spans.sort()
+    return any(a[:2] == b[:2] and a[3] > b[2] for a, b in zip(spans, spans[1:]))
 
 
 def _padding(offsets, params, total, device) -> torch.Tensor:
@@ -119,6 +226,11 @@ _TORCH_OPS_WARNINGS = {
                "opt.last_step.",
     "sparse": "momentum_cuda: sparse gradients (or momentum buffers) are stepped with torch's "
               "own sparse ops, as torch.optim.SGD does. See opt.last_step.",
+    "alias": "momentum_cuda: parameters of a param group overlap in memory; stepping the group "
+             "with torch's own ops, one parameter after the other as torch.optim.SGD does "
+             "(slower). See opt.last_step.",
+    "meta": "momentum_cuda: parameters on the meta device are stepped with torch's own ops. "
+            "See opt.last_step.",
     "dtype": "momentum_cuda: a momentum buffer has another dtype than its parameter (e.g. after "
              "model.to(dtype) or model.half()); stepping it with torch's own ops, which mix the "
              "dtypes as torch.optim.SGD does (slower). See opt.last_step.",
@@ -139,6 +251,10 @@ class _GroupLayout:
     ids: tuple
     buckets: list
     outside: list
+    # id -> data_ptr() of parameters that could be laid out but must stay where they are
+    # (_private); step() lays the group out again when any other parameter outside the
+    # buckets could be, or when a bucketed one has moved (model.to(), p.data = ...).
+    stuck: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -150,9 +266,11 @@ class _Bucket:
     flat_param: torch.Tensor
     flat_grad: torch.Tensor
     grad_views: list  # tensors over flat_grad, one per parameter (set_, not autograd views)
+    gptrs: list  # data_ptr() of each gradient view (a .grad.data = ... replaces it)
     segments: torch.Tensor  # [k, 2] int64 (offset, numel) on CPU
     ptrs: list  # data_ptr() each parameter must still have
     numel_before: list  # numel_before[i]: elements of params[:i], for reports
+    meta: list  # (shape, stride) of each parameter when laid out
     backend: str
     flat_buf: torch.Tensor | None = None
     buf_views: list = field(default_factory=list)
@@ -173,9 +291,16 @@ class _Bucket:
 
     def intact(self, i: int) -> bool:
         """params[i] is still the view of flat_param the layout made (its gradient view fits)."""
-        p, v = self.params[i], self.grad_views[i]
+        p, v = self.params[i], self.flat_grad
         return (p.data_ptr() == self.ptrs[i] and p.dtype == v.dtype and p.device == v.device
-                and p.shape == v.shape and p.stride() == v.stride())
+                and (p.shape, p.stride()) == self.meta[i])
+
+    def new_grad_view(self, i: int) -> torch.Tensor:
+        """A tensor over params[i]'s place in flat_grad (set_, so that autograd sees a plain
+        tensor, not a view whose base it would track)."""
+        p = self.params[i]
+        return torch.empty(0, dtype=self.flat_grad.dtype, device=self.flat_grad.device).set_(
+            self.flat_grad.untyped_storage(), self.offsets[i], p.shape, p.stride())
 
     def fill_neg_zero(self) -> None:
         """Every gradient view to -0.0, in one pass over the whole buffer."""
@@ -211,10 +336,17 @@ class _FusedMomentum(Optimizer):
 
     _ema = False  # Momentum: v starts at zero, dampening = momentum, no step-1 clone
 
+    _constructing = False
+
     def __init__(self, params, defaults, *, backend: str | None, flat: bool):
         self._reset_layout(backend, flat)
+        # All groups are laid out together: whether a parameter may move depends on which
+        # other parameters share its storage (_private), across groups.
+        self._constructing = True
         super().__init__(params, defaults)
+        self._constructing = False
         self._check_backends()
+        self._group_layouts()
 
     def _reset_layout(self, backend, flat) -> None:
         self._requested_backend = backend
@@ -227,10 +359,19 @@ class _FusedMomentum(Optimizer):
         self._backend_by_device: dict[torch.device, str] = {}
         self.last_step: list[dict] = []
 
-    def _check_backends(self) -> None:
-        for group in self.param_groups:  # fail now, not at the first step
+    def _check_backends(self, groups=None) -> None:
+        for group in self.param_groups if groups is None else groups:  # now, not at a step
             for p in group["params"]:
-                self._backend_for(p.device)
+                # meta parameters (deferred initialisation) are stepped with torch's ops,
+                # unless a backend was asked for: then they raise, as any device it cannot run on
+                if p.device.type != "meta" or self._requested_backend is not None:
+                    self._backend_for(p.device)
+
+    @property
+    def _lays_out(self) -> bool:
+        # differentiable=True: the step runs torch's ops under grad mode; a kernel writing a
+        # flat buffer would be invisible to autograd, so there is no layout to keep.
+        return self._flat and not self._differentiable
 
     @property
     def _differentiable(self) -> bool:
@@ -248,7 +389,8 @@ class _FusedMomentum(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         """The copy gets its own flat buffers over its (copied) parameters, and momentum
-        buffers that are views of them: nothing is shared with the original. A copied .grad
+        buffers that are views of them, at its first zero_grad() or step(): nothing is shared
+        with the original. A copied .grad
         (deepcopy copies a plain tensor's .grad) is copied into the new flat gradient buffer;
         a None one stays None. torch's load_state_dict also calls this, on a live optimizer,
         with new param group dicts over the same parameters: the layout is kept and handed
@@ -269,7 +411,9 @@ class _FusedMomentum(Optimizer):
         self._fill_group_defaults()
         self._reset_layout(backend, flat)
         self._check_backends()
-        self._group_layouts()  # lays out every group and adopts its momentum buffers
+        # No layout yet: while pickle or deepcopy runs, its memo holds more references to
+        # the parameters' storages than the finished copy will (see _private); the first
+        # zero_grad() or step() lays every group out and adopts its momentum buffers.
 
     def _fill_group_defaults(self) -> None:
         """Keys an older pickle's param groups may lack (SGD fills torch's)."""
@@ -296,16 +440,24 @@ class _FusedMomentum(Optimizer):
     # ---- flat layout -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._layout_group(self.param_groups[-1])
+        if not self._constructing:  # __init__ lays out all its groups at once
+            try:
+                self._check_backends(self.param_groups[-1:])
+            except Exception:
+                self.param_groups.pop()  # a group no step could run is not kept
+                raise
+            self._group_layouts()
 
     def _layout_group(self, group) -> _GroupLayout:
-        # differentiable=True: the step runs torch's ops under grad mode; a kernel writing a
-        # flat buffer would be invisible to autograd, so there is no layout to keep.
-        flat = self._flat and not self._differentiable
-        buckets = self._make_buckets(group["params"]) if flat else []
+        old = self._layouts.get(id(group))
+        for b in old.buckets if old is not None else ():
+            for p in b.params:
+                if self._slot.get(id(p), (None,))[0] is b:
+                    del self._slot[id(p)]
+        buckets, stuck = self._make_buckets(group["params"]) if self._lays_out else ([], {})
         bucketed = {id(p) for b in buckets for p in b.params}
         lay = _GroupLayout(group, _ids(group), buckets,
-                           [p for p in group["params"] if id(p) not in bucketed])
+                           [p for p in group["params"] if id(p) not in bucketed], stuck)
         self._layouts[id(group)] = lay
         return lay
 
@@ -329,13 +481,16 @@ class _FusedMomentum(Optimizer):
         return out
 
     @torch.no_grad()
-    def _make_buckets(self, params) -> list[_Bucket]:
-        by_key: dict = {}
-        for p in params:
-            # Frozen, sparse, non-dense, complex or non-float parameters stay where they are
-            # and, if they ever get a gradient, take the per-tensor (or torch-ops) path.
-            if p.requires_grad and p.dtype in _DTYPES and _dense(p):
-                by_key.setdefault((p.device, p.dtype), []).append(p)
+    def _make_buckets(self, params) -> tuple[list[_Bucket], dict]:
+        """The buckets of one group's parameters, and `stuck`: id -> data_ptr() of those that
+        could sit in a flat buffer but must stay where they are (see _private)."""
+        # Frozen, sparse, non-dense, complex, non-float, meta or lazy parameters stay where
+        # they are and, if they ever get a gradient, take the per-tensor (or torch-ops) path;
+        # once one could be laid out (unfrozen, materialised), step() lays the group out again.
+        cands = [p for p in params if _layable(p)]
+        private = _private(cands, [q for g in self.param_groups for q in g["params"]])
+        stuck = {id(p): p.data_ptr() for p in cands if id(p) not in private}
+        by_key = _by([p for p in cands if id(p) in private], lambda p: (p.device, p.dtype))
         buckets = []
         for (device, dtype), ps in by_key.items():
             align = max(1, ALIGN_BYTES // ps[0].element_size())
@@ -345,8 +500,10 @@ class _FusedMomentum(Optimizer):
                 total += -(-p.numel() // align) * align
             flat_param = torch.zeros(total, dtype=dtype, device=device)
             flat_grad = torch.empty(total, dtype=dtype, device=device)
+            if total:
+                _FLAT_STORAGES[_storage_key(flat_param)] = flat_param
             b = _Bucket(params=ps, offsets=offsets, flat_param=flat_param, flat_grad=flat_grad,
-                        grad_views=[], backend=self._backend_for(device),
+                        grad_views=[], gptrs=[], meta=[], backend=self._backend_for(device),
                         segments=torch.tensor([[o, p.numel()] for o, p in zip(offsets, ps)],
                                               dtype=torch.int64).reshape(-1, 2), ptrs=[],
                         numel_before=[0], covers_padding=self._backend_for(device) != "cpu")
@@ -355,17 +512,20 @@ class _FusedMomentum(Optimizer):
             for i, p in enumerate(ps):
                 view = b.view(flat_param, i)
                 view.copy_(p)
+                b.meta.append((p.shape, p.stride()))
                 p.data = view
-                gview = torch.empty(0, dtype=dtype, device=device).set_(
-                    flat_grad.untyped_storage(), offsets[i], p.shape, p.stride())
+                gview = b.new_grad_view(i)
                 g = p.grad
-                if g is not None and g.layout == torch.strided:
+                if g is not None and g.layout == torch.strided and (
+                        g.stride() == p.stride() or dtype in (torch.float32, torch.float64)):
                     # A gradient that exists goes on in the flat buffer (same values); a sparse
-                    # one stays as it is (torch's step keeps it sparse).
+                    # one stays as it is (torch's step keeps it sparse), and so does a bf16/fp16
+                    # one in another memory layout (torch's bits depend on it: _torch_reason).
                     gview.copy_(g)
                     p.grad = gview
                     b.neg_zero[i] = False
                 b.grad_views.append(gview)
+                b.gptrs.append(gview.data_ptr())
                 self._slot[id(p)] = (b, i)
                 b.ptrs.append(p.data_ptr())
                 b.numel_before.append(b.numel_before[-1] + p.numel())
@@ -376,7 +536,7 @@ class _FusedMomentum(Optimizer):
                     b.hooks.append(acc.register_prehook(_grad_hook(hook_ref, i)))
             weakref.finalize(b, _remove_hooks, b.hooks)  # no dead hooks left on the parameters
             buckets.append(b)
-        return buckets
+        return buckets, stuck
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad: set_to_none=True (the default) sets every .grad to None (flat
@@ -401,7 +561,7 @@ class _FusedMomentum(Optimizer):
                     if g is None:
                         continue
                     b, i = slot.get(id(p), (None, 0))
-                    if b is not None and g is b.grad_views[i]:
+                    if b is not None and g is b.grad_views[i] and g.data_ptr() == b.gptrs[i]:
                         continue  # zeroed with its buffer
                     if g.grad_fn is not None:  # as torch's zero_grad does
                         g.detach_()
@@ -451,12 +611,18 @@ class _FusedMomentum(Optimizer):
                 self._step_differentiable()
             return loss
         with torch.no_grad():
-            plans = [self._plan(g, lay.buckets, lay.outside)
-                     for g, lay in self._group_layouts()]
+            plans = []
+            for g, lay in self._group_layouts():
+                plan = self._plan(g, lay)
+                if plan is None:  # a parameter can go (back) into the flat layout
+                    lay = self._layout_group(g)
+                    self._adopt_buffers([(g, lay)])
+                    plan = self._plan(g, lay, relayout=False)
+                plans.append(plan)
             self.last_step = []
-            for h, runs, loose in plans:
+            for h, runs, loose, alias in plans:
                 self._step_flat(runs, h)
-                self._step_tensors(loose, h)
+                self._step_tensors(loose, h, alias)
         return loss
 
     def _step_differentiable(self) -> None:
@@ -508,17 +674,22 @@ class _FusedMomentum(Optimizer):
             out.setdefault((p.device, p.dtype), []).append(j)
         return out
 
-    def _plan(self, group, buckets, outside):
+    def _plan(self, group, lay, relayout=None):
         """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
-        input, changes nothing."""
+        input, changes nothing. None (if `relayout`) when the group should be laid out again:
+        a parameter with a gradient is off the flat path and could be on it (it moved, e.g.
+        model.to(); it was frozen, meta or lazy when the group was laid out)."""
         h = self._hyper(group)
         for name in ("lr", "momentum", "dampening", "weight_decay"):
             if not math.isfinite(h[name]):
                 raise ValueError(f"{name} must be a finite number, got {h[name]}")
         use_buf = h["momentum"] != 0
         runs = []  # [bucket, first index, end index, first_step]
-        loose = [(p, p.grad) for p in outside if p.grad is not None]
-        for b in buckets:
+        loose = [(p, p.grad) for p in lay.outside if p.grad is not None]
+        relayout = self._lays_out if relayout is None else relayout
+        if relayout and any(self._could_move(lay, p) for p, _ in loose):
+            return None
+        for b in lay.buckets:
             run = self._whole_bucket_run(b, use_buf)
             if run is not None:
                 runs.append(run)
@@ -529,25 +700,43 @@ class _FusedMomentum(Optimizer):
                     continue
                 buf = self._buffer(p) if use_buf else None
                 first = bool(use_buf and buf is None and not self._ema)
-                ok = g is b.grad_views[i] and p.data_ptr() == b.ptrs[i] and (
+                moved = p.data_ptr() != b.ptrs[i]
+                ok = g is b.grad_views[i] and not moved and g.data_ptr() == b.gptrs[i] and (
                     buf is None or (b.flat_buf is not None and buf is b.buf_views[i]))
                 if not ok:
+                    if relayout and moved and self._could_move(lay, p):
+                        return None
                     loose.append((p, g))
                 elif runs and runs[-1][0] is b and runs[-1][2] == i and runs[-1][3] == first:
                     runs[-1][2] = i + 1
                 else:
                     runs.append([b, i, i + 1, first])
+        alias = bool(loose) and _overlapping([p for p in group["params"] if p.grad is not None])
+        if alias:
+            # torch's for-loop steps overlapping parameters one after the other, each reading
+            # what the one before wrote: so does the whole group here (torch's own ops)
+            runs, loose = [], [(p, p.grad) for p in group["params"] if p.grad is not None]
         for p, g in loose:
+            if p.device.type == "meta" and self._requested_backend is not None:
+                self._backend_for(p.device)  # raises: see _check_backends
             self._check_loose(p, g, self._buffer(p) if use_buf else None, h)
-        return h, runs, loose
+        return h, runs, loose, alias
+
+    @staticmethod
+    def _could_move(lay, p) -> bool:
+        """p is outside the flat layout (or moved out of it) but could be laid out, and it
+        is not known to be stuck where it is now."""
+        return lay.stuck.get(id(p)) != p.data_ptr() and _layable(p)
 
     def _whole_bucket_run(self, b, use_buf):
         """The common case, checked in bulk: every parameter of the bucket is intact, has its
         flat gradient, and all buffers are flat views (or none exists yet). Returns its one
         run, or None to let the per-parameter classification decide."""
-        if not all(map(operator.is_, [p.grad for p in b.params], b.grad_views)):
+        grads = [p.grad for p in b.params]
+        if not all(map(operator.is_, grads, b.grad_views)):
             return None  # some parameter has no gradient, or another tensor: one by one
-        if [p.data_ptr() for p in b.params] != b.ptrs:
+        if [p.data_ptr() for p in b.params] != b.ptrs or [
+                g.data_ptr() for g in grads] != b.gptrs:
             return None
         first = False
         if use_buf:
@@ -571,6 +760,8 @@ class _FusedMomentum(Optimizer):
         """Why (p, g, buf) must be stepped with torch's own ops, or None for the kernels."""
         if p.is_complex():
             return "complex"
+        if p.device.type == "meta":
+            return "meta"
         if not (_strided(g) and _strided(buf)):
             return "sparse"
         if buf is not None and buf.dtype != p.dtype:
@@ -657,15 +848,16 @@ class _FusedMomentum(Optimizer):
             return buf.zero_() if self._ema else buf
         return torch.zeros_like(p) if self._ema else torch.empty_like(p)
 
-    def _step_tensors(self, pairs, h) -> None:
-        """The per-tensor path: one list call per (device, dtype, first step)."""
+    def _step_tensors(self, pairs, h, alias=False) -> None:
+        """The per-tensor path: one list call per (device, dtype, first step); torch's own
+        ops for what the kernels do not model, and for every parameter if some overlap."""
         use_buf = h["momentum"] != 0
         calls: dict = {}
         torch_ops = []
         reasons = set()
         for p, g in pairs:
             buf = self._buffer(p) if use_buf else None
-            reason = self._torch_reason(p, g, buf)
+            reason = "alias" if alias else self._torch_reason(p, g, buf)
             if reason is not None:
                 torch_ops.append((p, g, buf))
                 reasons.add(reason)

@@ -166,18 +166,29 @@ def test_cpu_backend_on_meta_raises(cls, flat):
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=CLASS_IDS)
-def test_default_backend_on_meta_raises(cls):
+def test_default_backend_on_meta_builds(cls):
+    """Deferred initialisation: with no backend asked for, an optimizer over meta parameters
+    is built, as torch's is (its steps run torch's meta ops: tests/test_relayout.py)."""
     ps = [torch.nn.Parameter(torch.empty(5, device="meta"))]
-    with pytest.raises(RuntimeError, match="no momentum_cuda backend can run on device meta"):
-        _make(cls, ps)
+    assert _make(cls, ps).backend is None
+
+
+def test_requested_backend_raises_for_parameters_moved_to_meta():
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = momentum_cuda.SGD([p], lr=0.1, backend="cpu")
+    torch.utils.swap_tensors(p, torch.nn.Parameter(torch.empty(5, device="meta")))
+    p.grad = torch.empty(5, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        opt.step()
 
 
 def test_mixed_devices_raise():
+    """A backend asked for must run on every parameter's device."""
     gen = torch.Generator().manual_seed(10)
     ps = [torch.nn.Parameter(torch.randn(5, generator=gen)),
           torch.nn.Parameter(torch.empty(5, device="meta"))]
     with pytest.raises(RuntimeError, match="meta"):
-        momentum_cuda.SGD(ps, lr=0.1)
+        momentum_cuda.SGD(ps, lr=0.1, backend="cpu")
 
 
 def test_resolve_backend_direct():

@@ -1,0 +1,315 @@
+"""The flat layout follows the parameters: what training code does to them after the optimizer
+exists (moves them, replaces their data, unfreezes them, materialises them, makes them views of
+a tensor it keeps) is either laid out again or left where it is, never stepped wrongly.
+
+Every case runs a twin model stepped by torch.optim.SGD(foreach=False) and compares, after
+every step, parameters (and the tensors they alias), gradient presence and values, momentum
+buffers and the state_dict bit for bit; and it checks which path ran (flat after a relayout;
+per-tensor or torch-ops where the parameter must stay where it is)."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import momentum_cuda
+
+H = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
+FLAT = pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+
+
+def _same_opt(opt, topt, what):
+    for group, tgroup in zip(opt.param_groups, topt.param_groups):
+        for p, q in zip(group["params"], tgroup["params"]):
+            assert p.dtype == q.dtype and p.shape == q.shape and p.stride() == q.stride(), what
+            assert torch.equal(p.detach(), q.detach()), what
+            assert (p.grad is None) == (q.grad is None), what
+            assert p.grad is None or torch.equal(p.grad, q.grad), what
+            b = opt.state[p].get("momentum_buffer") if p in opt.state else None
+            c = topt.state[q].get("momentum_buffer") if q in topt.state else None
+            assert (b is None) == (c is None), what
+            assert b is None or (b.dtype == c.dtype and torch.equal(b, c)), what
+    sd, tsd = opt.state_dict(), topt.state_dict()
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "foreach"} for g in groups]
+    assert strip(sd["param_groups"]) == strip(tsd["param_groups"]), what
+    assert sd["state"].keys() == tsd["state"].keys(), what
+    for k, st in tsd["state"].items():
+        assert all(torch.equal(sd["state"][k][n], v) for n, v in st.items()), what
+
+
+def _paths(opt):
+    return {e["path"] for e in opt.last_step}
+
+
+def _mlp(seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def _step_both(models, opts, x, zero=True, set_to_none=True):
+    for m, o in zip(models, opts):
+        if zero:
+            o.zero_grad(set_to_none=set_to_none)
+        m(x).square().sum().backward()
+        o.step()
+
+
+@FLAT
+@pytest.mark.parametrize("change", ["double", "half", "bfloat16"])
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["none", "zero"])
+def test_model_to_dtype_before_any_step_is_laid_out_again(flat, change, set_to_none):
+    """model.to(dtype) between construction and the first step: no momentum buffer exists,
+    so the group is laid out again in the new dtype and the steps are flat; zero_grad keeps
+    zeroing (set_to_none=False was the case that kept stale gradients)."""
+    m = _mlp(0)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, generator=gen)
+    _step_both((m, t), (opt, topt), x, set_to_none=set_to_none)  # grads exist (fp32)
+    opt.state.clear()  # no buffer: the case where nothing keeps the old dtype
+    topt.state.clear()
+    for mm in (m, t):
+        getattr(mm, change)()
+    dtype = m[0].weight.dtype
+    for step in range(3):
+        x = torch.randn(3, 4, generator=gen).to(dtype)
+        _step_both((m, t), (opt, topt), x, set_to_none=set_to_none)
+        _same_opt(opt, topt, f"step {step}")
+        assert _paths(opt) == ({"flat"} if flat else {"per-tensor"}), opt.last_step
+
+
+@FLAT
+def test_zero_grad_false_after_model_double_with_buffers(flat):
+    """model.double() after steps (fp32 buffers stay, torch-ops path), then
+    zero_grad(set_to_none=False) every step: the converted gradients must be zeroed."""
+    m = _mlp(2)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(5):
+        if step == 2:
+            m.double()
+            t.double()
+        x = torch.randn(3, 4, generator=gen).to(m[0].weight.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the torch-ops notice
+            _step_both((m, t), (opt, topt), x, set_to_none=False)
+        _same_opt(opt, topt, f"step {step}")
+
+
+def test_grad_data_replaced_is_not_stepped_from_the_flat_buffer():
+    """p.grad.data = other tensor (what Module._apply does to a gradient): the gradient object
+    is still the flat view, but its memory is elsewhere; the step reads the new values, and
+    after zero_grad backward gets a fresh flat view (the replaced tensor is left alone)."""
+    m = _mlp(4)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(5)
+    _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+    new = torch.randn(m[2].weight.shape, generator=gen)
+    held = m[2].weight.grad
+    m[2].weight.grad.data = new.clone()
+    t[2].weight.grad.data = new.clone()
+    for o in (opt, topt):
+        o.step()
+    _same_opt(opt, topt, "after the replaced gradient")
+    assert "per-tensor" in _paths(opt)
+    before = held.clone()
+    for step in range(2):
+        _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+        _same_opt(opt, topt, f"step {step}")
+        assert _paths(opt) == {"flat"}, opt.last_step
+    assert torch.equal(held, before)  # the user's tensor was not written
+
+
+@FLAT
+@pytest.mark.parametrize("overlap", [False, True], ids=["disjoint", "overlapping"])
+def test_parameters_that_view_a_tensor_the_user_keeps(flat, overlap):
+    """Parameters made as views of one bigger tensor that the training code keeps (and reads):
+    they stay in it (never moved into a flat buffer), so the bigger tensor follows every step,
+    as with torch. Overlapping views are stepped one after the other with torch's own ops."""
+    bigs, opts, ps = [], [], []
+    for kind in ("ours", "torch"):
+        torch.manual_seed(6)
+        big = torch.randn(40)
+        a = nn.Parameter(big[:17])
+        b = nn.Parameter(big[11:31] if overlap else big[17:37])
+        c = nn.Parameter(torch.randn(7))  # its own storage: laid out as usual
+        if kind == "ours":
+            o = momentum_cuda.SGD([a, b, c], flat=flat, **H)
+        else:
+            o = torch.optim.SGD([a, b, c], foreach=False, **H)
+        bigs.append(big)
+        opts.append(o)
+        ps.append((a, b, c))
+    gen = torch.Generator().manual_seed(7)
+    for step in range(4):
+        w = torch.randn(3, generator=gen)
+        for (a, b, c), o in zip(ps, opts):
+            o.zero_grad()
+            (a.sin().sum() * w[0] + (b * w[1]).cos().sum() + (c * w[2]).square().sum()).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for o in opts:
+                o.step()
+        _same_opt(opts[0], opts[1], f"step {step}")
+        assert torch.equal(bigs[0], bigs[1]), step
+        a, b, c = ps[0]
+        assert a.data_ptr() == bigs[0].data_ptr(), "the view was moved"
+        if overlap:
+            assert _paths(opts[0]) == {"torch-ops"}, opts[0].last_step
+        else:
+            assert "torch-ops" not in _paths(opts[0])
+            assert ("flat" in _paths(opts[0])) == flat, opts[0].last_step
+
+
+def test_parameter_made_from_a_tensor_the_user_keeps():
+    """nn.Parameter(t) shares t's storage; while t is alive the parameter is not moved (t would
+    stop seeing the steps); once t is dropped a new optimizer lays it out."""
+    t = torch.randn(9)
+    p = nn.Parameter(t)
+    opt = momentum_cuda.SGD([p], lr=0.1)
+    p.grad = torch.randn(9)
+    ref = t.clone().add_(p.grad, alpha=-0.1)  # torch.optim.SGD's update
+    opt.step()
+    assert torch.equal(t, ref) and p.data_ptr() == t.data_ptr()
+    assert _paths(opt) == {"per-tensor"}
+    del t, opt
+    opt = momentum_cuda.SGD([p], lr=0.1)
+    opt.zero_grad()
+    (p * torch.randn(9)).sum().backward()  # into the flat gradient buffer
+    opt.step()
+    assert _paths(opt) == {"flat"}
+
+
+def test_second_optimizer_over_a_laid_out_model():
+    """A new optimizer over parameters another (still alive) momentum_cuda optimizer laid out,
+    with another split into param groups: it lays them out in its own buffers; both go on
+    with torch's bits (each checks its layout before stepping)."""
+    m = _mlp(8)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(9)
+    _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+    split = lambda mm: [{"params": [mm[0].weight, mm[2].weight]},
+                        {"params": [mm[0].bias, mm[2].bias], "weight_decay": 0.0}]
+    opt2 = momentum_cuda.SGD(split(m), **H)
+    topt2 = torch.optim.SGD(split(t), foreach=False, **H)
+    for step in range(3):
+        _step_both((m, t), (opt2, topt2), torch.randn(3, 4, generator=gen))
+        _same_opt(opt2, topt2, f"second optimizer, step {step}")
+        assert _paths(opt2) == {"flat"}, opt2.last_step
+    _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+    _same_opt(opt, topt, "first optimizer again")
+    assert _paths(opt) == {"flat"}, opt.last_step  # laid out again in its own buffers
+
+
+@FLAT
+def test_unfrozen_after_construction(flat):
+    """Fine-tuning: the backbone is frozen when the optimizer is built and unfrozen later; its
+    parameters then get gradients and are laid out (flat) from that step on."""
+    m = _mlp(10)
+    t = copy.deepcopy(m)
+    for mm in (m, t):
+        mm[0].requires_grad_(False)
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(5):
+        if step == 2:
+            for mm in (m, t):
+                mm[0].requires_grad_(True)
+        _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+        _same_opt(opt, topt, f"step {step}")
+        assert _paths(opt) == ({"flat"} if flat else {"per-tensor"}), opt.last_step
+    if flat:
+        key = lambda p: p.untyped_storage().data_ptr()
+        assert key(m[0].weight) == key(m[2].weight)
+
+
+@FLAT
+def test_lazy_module_materialised_after_construction(flat):
+    """nn.LazyLinear: the optimizer is built on uninitialised parameters (torch allows it);
+    the first forward materialises them and the first step lays them out."""
+    torch.manual_seed(12)
+    m = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 2))
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
+    gen = torch.Generator().manual_seed(13)
+    x0 = torch.randn(3, 4, generator=gen)
+    m(x0)  # materialise, then copy the materialised model for torch
+    t = copy.deepcopy(m)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    for step in range(3):
+        _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+        _same_opt(opt, topt, f"step {step}")
+        assert _paths(opt) == ({"flat"} if flat else {"per-tensor"}), opt.last_step
+
+
+@FLAT
+@pytest.mark.parametrize("swap", [False, True], ids=["replace", "swap"])
+def test_meta_parameters_then_to_empty(flat, swap):
+    """An optimizer built on meta parameters (construction works, as torch's does), then
+    model.to_empty(): by default Module._apply gives the module new Parameter objects (the
+    optimizer's stay on meta, for torch too); with swap_module_params_on_conversion it swaps
+    the data into the same objects, which are then laid out at the first step."""
+    prev = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        models, opts = [], []
+        for kind in ("ours", "torch"):
+            with torch.device("meta"):
+                m = _mlp(14)
+            o = (momentum_cuda.SGD(m.parameters(), flat=flat, **H) if kind == "ours"
+                 else torch.optim.SGD(m.parameters(), foreach=False, **H))
+            m.to_empty(device="cpu")
+            torch.manual_seed(15)
+            for p in m.parameters():
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape))
+            models.append(m)
+            opts.append(o)
+        gen = torch.Generator().manual_seed(16)
+        for step in range(3):
+            _step_both(models, opts, torch.randn(3, 4, generator=gen))
+            for p, q in zip(models[0].parameters(), models[1].parameters()):
+                assert torch.equal(p, q), step
+            if swap:
+                _same_opt(*opts, f"step {step}")
+                assert _paths(opts[0]) == ({"flat"} if flat else {"per-tensor"})
+            else:
+                assert opts[0].last_step == []  # its parameters are the meta ones: no grads
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(prev)
+
+
+def test_meta_parameters_step_with_torch_ops():
+    """Gradients on meta parameters: torch steps them (meta ops); so does momentum_cuda."""
+    p = nn.Parameter(torch.empty(5, device="meta"))
+    opt = momentum_cuda.SGD([p], **H)
+    p.grad = torch.empty(5, device="meta")
+    with pytest.warns(UserWarning, match="meta"):
+        opt.step()
+    assert _paths(opt) == {"torch-ops"}
+    assert opt.state[p]["momentum_buffer"].device.type == "meta"
+
+
+def test_shared_memory_parameters_stay_shared():
+    """model.share_memory() before the optimizer (Hogwild): the parameters must stay in shared
+    memory, where other processes see them; they are not moved into a private flat buffer."""
+    m = _mlp(17)
+    m.share_memory()
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(18)
+    for step in range(2):
+        _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+        _same_opt(opt, topt, f"step {step}")
+        assert all(p.is_shared() for p in m.parameters())
+        assert _paths(opt) == {"per-tensor"}
