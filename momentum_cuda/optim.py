@@ -229,6 +229,8 @@ _TORCH_OPS_WARNINGS = {
     "alias": "momentum_cuda: parameters of a param group overlap in memory; stepping the group "
              "with torch's own ops, one parameter after the other as torch.optim.SGD does "
              "(slower). See opt.last_step.",
+    "strided": "momentum_cuda: parameters that are not dense in memory (e.g. a strided slice) "
+               "are stepped with torch's own ops (slower). See opt.last_step.",
     "meta": "momentum_cuda: parameters on the meta device are stepped with torch's own ops. "
             "See opt.last_step.",
     "dtype": "momentum_cuda: a momentum buffer has another dtype than its parameter (e.g. after "
@@ -764,6 +766,8 @@ class _FusedMomentum(Optimizer):
             return "meta"
         if not (_strided(g) and _strided(buf)):
             return "sparse"
+        if not p.is_contiguous() and not _dense(p):
+            return "strided"
         if buf is not None and buf.dtype != p.dtype:
             return "dtype"  # torch's in-place ops cast between them; the kernels take one dtype
         if (buf is not None and buf.stride() != p.stride()) or (
@@ -786,14 +790,11 @@ class _FusedMomentum(Optimizer):
                     t.dtype != p.dtype and name == "gradient")):
                 raise RuntimeError(f"the {name} of a {what} is a tensor of shape "
                                    f"{tuple(t.shape)} ({t.dtype}, {t.device})")
-        if cls._torch_reason(p, g, buf) in ("complex", "sparse"):
+        if cls._torch_reason(p, g, buf) in ("complex", "sparse", "meta", "strided"):
             cls._check_torch_path(p, g, buf, h)
             return
         if p.dtype not in _DTYPES:
             raise RuntimeError(f"momentum_cuda supports {_DTYPES} and complex, got a {what}")
-        if not _dense(p):
-            raise RuntimeError(f"momentum_cuda needs dense, non-overlapping parameters; got a "
-                               f"{what} with strides {p.stride()}")
 
     @staticmethod
     def _check_torch_path(p, g, buf, h) -> None:

@@ -313,3 +313,30 @@ def test_shared_memory_parameters_stay_shared():
         _same_opt(opt, topt, f"step {step}")
         assert all(p.is_shared() for p in m.parameters())
         assert _paths(opt) == {"per-tensor"}
+
+
+@FLAT
+def test_strided_parameters_step_with_torch_ops(flat):
+    """A parameter that is not dense in memory (a strided slice): torch's for-loop steps it,
+    so does momentum_cuda, with torch's own ops (it was an error)."""
+    opts, ps = [], []
+    for kind in ("ours", "torch"):
+        torch.manual_seed(19)
+        a = nn.Parameter(torch.randn(6, 10)[:, ::3])
+        b = nn.Parameter(torch.randn(5))
+        o = (momentum_cuda.SGD([a, b], flat=flat, **H) if kind == "ours"
+             else torch.optim.SGD([a, b], foreach=False, **H))
+        opts.append(o)
+        ps.append((a, b))
+    assert not ps[0][0].is_contiguous()
+    gen = torch.Generator().manual_seed(20)
+    for step in range(3):
+        w = torch.randn(2, generator=gen)
+        for (a, b), o in zip(ps, opts):
+            o.zero_grad()
+            ((a * w[0]).sin().sum() + (b * w[1]).cos().sum()).backward()
+        with pytest.warns(UserWarning, match="not dense") if step == 0 else warnings.catch_warnings():
+            for o in opts:
+                o.step()
+        _same_opt(opts[0], opts[1], f"step {step}")
+        assert "torch-ops" in _paths(opts[0]), opts[0].last_step
