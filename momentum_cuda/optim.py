@@ -753,6 +753,14 @@ class _FusedMomentum(Optimizer):
                 return None
         return [b, 0, len(b.params), first]
 
+    def _keep_buffer(self, p, buf) -> None:
+        """buf becomes p's momentum buffer unless it has one. Not setdefault: an entry may hold
+        None (older torch saved momentum_buffer=None; setting None resets momentum), which
+        torch replaces with the new buffer."""
+        st = self.state[p]
+        if st.get("momentum_buffer") is None:
+            st["momentum_buffer"] = buf
+
     def _buffer(self, p):
         state = self.state.get(p)  # .get: planning must not create state entries
         return None if state is None else state.get("momentum_buffer")
@@ -824,7 +832,7 @@ class _FusedMomentum(Optimizer):
             if use_buf:
                 b.ensure_buf()
                 for i in range(i0, i1):
-                    self.state[b.params[i]].setdefault("momentum_buffer", b.buf_views[i])
+                    self._keep_buffer(b.params[i], b.buf_views[i])
             # CPU: exact segments (torch's bf16 arithmetic depends on positions inside each
             # tensor); GPU (cuda, triton): one covering span, one launch.
             segs = b.cover(i0, i1) if b.covers_padding else b.segments[i0:i1]
@@ -878,7 +886,7 @@ class _FusedMomentum(Optimizer):
             step_fn(backend)[1](ps, gs, bs, first_step=first, **h)
             _bump(ps + bs)
             for p, buf in zip(ps, bs):  # new buffers enter the state once the kernel ran
-                self.state[p].setdefault("momentum_buffer", buf)
+                self._keep_buffer(p, buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
         if torch_ops:
             self._step_torch_ops(torch_ops, h, reasons)
@@ -953,8 +961,10 @@ class SGD(_FusedMomentum):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if fused and differentiable:  # torch's check, made before the layout is built
+        if fused and differentiable:  # torch's checks, made before the layout is built
             raise RuntimeError("`fused` does not support `differentiable`")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=bool(differentiable), fused=fused)
@@ -966,7 +976,7 @@ class SGD(_FusedMomentum):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
+            group.setdefault("fused", False)  # torch.optim.SGD.__setstate__'s default
 
     def _hyper(self, group) -> dict:
         return dict(lr=_to_float(group["lr"], "lr"), momentum=float(group["momentum"]),
