@@ -340,3 +340,33 @@ def test_strided_parameters_step_with_torch_ops(flat):
                 o.step()
         _same_opt(opts[0], opts[1], f"step {step}")
         assert "torch-ops" in _paths(opts[0]), opts[0].last_step
+
+
+@FLAT
+def test_optimizer_in_backward(flat):
+    """torchtune's optimizer-in-backward: one optimizer per parameter, stepped and zeroed by a
+    post-accumulate-grad hook while backward runs; model.zero_grad() (HF Trainer) between."""
+    m = _mlp(21)
+    t = copy.deepcopy(m)
+
+    def setup(model, make):
+        opts = {p: make([p]) for p in model.parameters()}
+
+        def hook(p):
+            opts[p].step()
+            opts[p].zero_grad()
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(hook)
+        return opts
+    ours = setup(m, lambda ps: momentum_cuda.SGD(ps, flat=flat, **H))
+    ref = setup(t, lambda ps: torch.optim.SGD(ps, foreach=False, **H))
+    gen = torch.Generator().manual_seed(22)
+    for step in range(4):
+        x = torch.randn(3, 4, generator=gen)
+        for mm in (m, t):
+            mm.zero_grad()
+            mm(x).square().sum().backward()
+        for p, q in zip(m.parameters(), t.parameters()):
+            _same_opt(ours[p], ref[q], f"step {step}")
+        assert {e["path"] for o in ours.values() for e in o.last_step} == (
+            {"flat"} if flat else {"per-tensor"})
