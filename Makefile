@@ -7,7 +7,8 @@ STAMP   := $(VENV)/.deps-stamp
 # torch 2.13.0: a CPU build (the tests run on it); the rest are pinned for repeatable runs.
 DEPS    := torch==2.13.0 numpy==2.4.6 pytest==9.2.0 scikit-learn==1.9.1 matplotlib==3.11.2 \
            pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2 cmake==3.31.10 \
-           nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51 triton==3.9.0
+           nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51 triton==3.9.0 \
+           hypothesis==6.155.2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.json') setup.py
 SO_STAMP := $(VENV)/.build-stamp
 CMAKE_BUILD := build/cmake
@@ -22,7 +23,7 @@ GPU_STAMP  := $(GPU_VENV)/.deps-stamp
 GPU_DEPS   := torch==2.11.0 numpy==2.4.6 pytest==9.2.0 pybind11==3.1.0 setuptools==81.0.0 \
               wheel==0.48.0 ninja==1.13.2 matplotlib==3.11.2
 
-.PHONY: all venv build test pytest cmake-test gpu-check gpu-check-dry demo bench clean
+.PHONY: all venv build test test-long pytest cmake-test gpu-check gpu-check-dry demo bench clean
 
 all: build
 
@@ -45,6 +46,11 @@ test: pytest cmake-test gpu-check-dry
 
 pytest: build
 	$(VPY) -m pytest -q tests
+
+# The randomized operation sequences of tests/test_sequences.py, 10,000 of them instead of the
+# default run's 1,000.
+test-long: build
+	MOMENTUM_CUDA_SEQUENCES=10000 $(VPY) -m pytest -q tests/test_sequences.py
 
 cmake-test: $(STAMP)
 	$(VPY) tools/cmake_test.py $(CMAKE_BUILD)

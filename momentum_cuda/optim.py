@@ -586,9 +586,10 @@ class _FusedMomentum(Optimizer):
                 for i, p in enumerate(b.params):
                     buf = self._buffer(p)
                     # a buffer of another dtype or layout (model.to after steps) stays as
-                    # torch keeps it: copying would convert it and change the bits
+                    # torch keeps it: copying would convert it and change the bits; so does
+                    # the buffer of a parameter that left this bucket (the step lays it out)
                     if (buf is None or not _strided(buf) or buf.dtype != p.dtype
-                            or buf.stride() != p.stride()):
+                            or buf.stride() != p.stride() or not b.intact(i)):
                         continue
                     b.ensure_buf()
                     if buf is not b.buf_views[i]:
@@ -785,8 +786,7 @@ class _FusedMomentum(Optimizer):
             return "layout"
         return None
 
-    @classmethod
-    def _check_loose(cls, p, g, buf, h) -> None:
+    def _check_loose(self, p, g, buf, h) -> None:
         """What the per-tensor kernels (or torch's ops) need, checked before any runs."""
         what = f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
         if p.layout != torch.strided:
@@ -798,8 +798,11 @@ class _FusedMomentum(Optimizer):
                     t.dtype != p.dtype and name == "gradient")):
                 raise RuntimeError(f"the {name} of a {what} is a tensor of shape "
                                    f"{tuple(t.shape)} ({t.dtype}, {t.device})")
-        if cls._torch_reason(p, g, buf) in ("complex", "sparse", "meta", "strided"):
-            cls._check_torch_path(p, g, buf, h)
+        reason = self._torch_reason(p, g, buf)
+        if reason in ("complex", "sparse", "meta", "strided"):
+            self._check_torch_path(p, g, buf, h)
+            if reason == "sparse":
+                self._rehearse_sparse(p, g, buf, h)
             return
         if p.dtype not in _DTYPES:
             raise RuntimeError(f"momentum_cuda supports {_DTYPES} and complex, got a {what}")
@@ -917,12 +920,7 @@ class _FusedMomentum(Optimizer):
                 if t is not None and _strided(t) and t.storage_offset():
                     ts[k] = t.clone()
                     back.append((t, ts[k]))
-        if self._ema:
-            momentum_reference_step(ps, gs, bs, lr=h["lr"], momentum=h["momentum"],
-                                    weight_decay=h["weight_decay"], maximize=h["maximize"])
-        else:
-            _torch_sgd(ps, gs, bs, foreach=False,
-                       has_sparse_grad=any(not _strided(g) for g in gs), **h)
+        self._torch_step(ps, gs, bs, h)
         for dst, src in back:
             dst.copy_(src)
         if use_buf:
@@ -931,6 +929,38 @@ class _FusedMomentum(Optimizer):
         for idx in self._by_device_dtype(params).values():
             self._report("torch", "torch-ops", params[idx[0]], len(idx),
                          sum(params[j].numel() for j in idx))
+
+    def _torch_step(self, ps, gs, bs, h) -> None:
+        """torch's for-loop (momentum_cuda.reference's for Momentum) over the lists."""
+        if self._ema:
+            momentum_reference_step(ps, gs, bs, lr=h["lr"], momentum=h["momentum"],
+                                    weight_decay=h["weight_decay"], maximize=h["maximize"])
+        else:
+            _torch_sgd(ps, gs, bs, foreach=False,
+                       has_sparse_grad=any(not _strided(g) for g in gs), **h)
+
+    def _rehearse_sparse(self, p, g, buf, h) -> None:
+        """torch's sparse ops lack some dtypes (fp16 sparse + sparse: "cadd_sparse" not
+        implemented for 'Half'), so torch's own step can fail part-way through. The same step
+        runs first on one-row stand-ins of p, g and buf (same dtypes, layouts, dimensions):
+        what would fail raises here, before anything is written."""
+        k = g.sparse_dim() if g.is_sparse else buf.sparse_dim()
+        shape = (1,) * k + tuple(p.shape[k:])
+
+        def stand_in(t, dtype=None):
+            if t is None or not t.is_sparse:
+                return torch.zeros(shape, dtype=dtype or t.dtype, device=p.device)
+            idx = torch.zeros(t.sparse_dim(), 1, dtype=torch.int64, device=p.device)
+            vals = torch.ones((1,) + shape[t.sparse_dim():], dtype=t.dtype, device=p.device)
+            out = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=False)
+            return out.coalesce() if t.is_coalesced() else out
+        tb = stand_in(buf, p.dtype) if buf is not None or self._ema else None
+        try:
+            self._torch_step([stand_in(p)], [stand_in(g)], [tb], h)
+        except Exception as e:
+            raise type(e)(f"torch.optim.SGD's own step fails on the sparse gradient of a "
+                          f"parameter of shape {tuple(p.shape)} ({p.dtype}); raised before "
+                          f"anything was written: {e}") from e
 
     def _report(self, backend, path, t, tensors, numel) -> None:
         self.last_step.append(dict(backend=backend, path=path, device=str(t.device),
@@ -993,7 +1023,7 @@ class Momentum(_FusedMomentum):
 
     _ema = True
 
-    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0, *, maximize=False,
+    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False,
                  backend: str | None = None, flat: bool = True):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")

@@ -590,6 +590,40 @@ def test_sparse_with_weight_decay_raises_before_touching(flat):
 
 
 @FLAT
+@pytest.mark.parametrize("hk", ["momentum", "nesterov"])
+def test_sparse_op_torch_lacks_raises_before_touching(flat, hk):
+    """fp16 sparse gradients with momentum: torch's step fails part-way ("cadd_sparse" not
+    implemented for 'Half': sparse + sparse, after updating the parameters before it);
+    momentum_cuda runs the same step on tiny stand-ins first and raises torch's error type
+    before anything is written."""
+    net = _EmbNet(torch.float16)
+    tnet = copy.deepcopy(net)
+    order = lambda n: [n.lin.weight, n.lin.bias, n.emb.weight]  # noqa: E731
+    opt = momentum_cuda.SGD(order(net), lr=0.05, flat=flat, **SPARSE_HYPERS[hk])
+    topt = torch.optim.SGD(order(tnet), lr=0.05, foreach=False, **SPARSE_HYPERS[hk])
+    gen = torch.Generator().manual_seed(65)
+    for step in range(2):  # momentum: the first step works (buf = clone), the second fails
+        idx, w = _emb_backward(net, gen, torch.float16)
+        for n, o in ((net, opt), (tnet, topt)):
+            o.zero_grad()
+            (n(idx) * w).sum().float().backward()
+        tbefore = tnet.lin.weight.detach().clone()
+        try:
+            topt.step()
+        except NotImplementedError as e:
+            assert "cadd_sparse" in str(e) and not torch.equal(tbefore, tnet.lin.weight)
+            break
+        opt.step()
+        assert torch.equal(net.emb.weight, tnet.emb.weight)
+    else:
+        pytest.fail("torch's step did not fail")
+    snap = _snapshot(opt, order(net))
+    with pytest.raises(NotImplementedError, match="before anything was written.*cadd_sparse"):
+        opt.step()
+    _assert_untouched(opt, order(net), snap)
+
+
+@FLAT
 def test_sparse_buffer_with_dense_gradient_raises_before_touching(flat):
     """After a sparse step with momentum the buffer is sparse (torch's too); a dense gradient
     then fails in torch; momentum_cuda raises before touching anything."""

@@ -370,3 +370,23 @@ def test_optimizer_in_backward(flat):
             _same_opt(ours[p], ref[q], f"step {step}")
         assert {e["path"] for o in ours.values() for e in o.last_step} == (
             {"flat"} if flat else {"per-tensor"})
+
+
+def test_load_state_dict_after_model_to_dtype():
+    """model.half() after a step, then load_state_dict before the next step: torch casts the
+    loaded buffers to the parameters' new dtype; they must not be copied back into the old
+    (bf16) flat buffer."""
+    m = _mlp(23, torch.bfloat16)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(24)
+    _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen).bfloat16())
+    for mm, o in ((m, opt), (t, topt)):
+        mm.half()
+        o.load_state_dict(copy.deepcopy(o.state_dict()))
+    _same_opt(opt, topt, "after the load")
+    for step in range(2):
+        _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen).half())
+        _same_opt(opt, topt, f"step {step}")
+        assert _paths(opt) == {"flat"}, opt.last_step

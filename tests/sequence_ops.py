@@ -1,0 +1,577 @@
+"""The machinery of tests/test_sequences.py: two twin models, one stepped by momentum_cuda, the
+other by torch (torch.optim.SGD(foreach=False), or momentum_cuda.reference.MomentumReference for
+momentum_cuda.Momentum), the operations a training script may apply between steps, and a bitwise
+comparison of the twins. No hypothesis here: a failing sequence replays from its printed form,
+
+    import sys; sys.path.insert(0, "tests")
+    from sequence_ops import Config, run_sequence
+    run_sequence(Config(...), [("backward", 3, 7), ("step",), ...])
+
+An operation is a tuple of plain Python values (its name first), applied identically to both
+twins: every random value comes from a torch.Generator seeded by the operation itself (fresh
+random values, never zeros). After every operation both twins are compared bit for bit
+(compare()): every parameter (dtype, shape, strides, requires_grad, bits), each gradient's
+presence, layout, dtype, shape and bits, each momentum buffer's presence, layout, dtype, shape
+and bits, the param groups (which parameters, in which order), and the state_dict (state keys
+and tensors; param_groups without 'foreach', which differs by construction: the torch twin is
+built with foreach=False). An operation that raises must raise on both sides; where torch's
+step raises, momentum_cuda's must raise before writing anything (checked against a snapshot),
+and the sequence ends there (torch has updated the parameters before the one that failed).
+Warnings other than momentum_cuda's own "torch's own ops" notice must be the same on both sides.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import momentum_cuda
+from momentum_cuda.reference import MomentumReference
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+MODULES = ("conv", "lin", "head_a", "head_b", "emb")
+SCHEDULERS = (None, "step", "exp", "cosine", "multistep", "onecycle", "lambda")
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One twin pair. defaults: the optimizer's keyword arguments as (key, value) pairs;
+    groups: () for one group of every parameter, else one (module names, (key, value) pairs)
+    per param group; lr_tensor: the default lr is a 1-element tensor (SGD only)."""
+
+    dtype: str = "float32"
+    flat: bool = True
+    kind: str = "sgd"  # "sgd": SGD vs torch.optim.SGD; "momentum": Momentum vs MomentumReference
+    embedding: bool = False
+    defaults: tuple = (("lr", 0.1),)
+    groups: tuple = ()
+    scheduler: str | None = None
+    lr_tensor: bool = False
+    seed: int = 0
+
+
+class Net(nn.Module):
+    """A conv trunk (so memory_format matters), two heads (head_b only sometimes used), an
+    optional sparse embedding, and extra parameters added by add_group operations."""
+
+    def __init__(self, embedding: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)  # (2, 5, 5) -> (3, 3, 3)
+        self.lin = nn.Linear(27, 6)
+        self.head_a = nn.Linear(6, 3)
+        self.head_b = nn.Linear(6, 2, bias=False)
+        self.emb = nn.Embedding(7, 3, sparse=True) if embedding else None
+        self.extras = nn.ParameterList()
+
+
+class Side:
+    """One twin: model, optimizer, scheduler (or None)."""
+
+    def __init__(self, model, opt, sched):
+        self.model, self.opt, self.sched = model, opt, sched
+
+    def params(self):
+        return list(self.model.parameters())
+
+
+def _lambda(epoch):
+    return 0.9 ** epoch
+
+
+def _scheduler(kind, opt):
+    S = torch.optim.lr_scheduler
+    if kind is None:
+        return None
+    return {
+        "step": lambda: S.StepLR(opt, step_size=2, gamma=0.5),
+        "exp": lambda: S.ExponentialLR(opt, gamma=0.8),
+        "cosine": lambda: S.CosineAnnealingLR(opt, T_max=4),
+        "multistep": lambda: S.MultiStepLR(opt, milestones=[1, 3], gamma=0.3),
+        "onecycle": lambda: S.OneCycleLR(opt, max_lr=0.2, total_steps=40),
+        "lambda": lambda: S.LambdaLR(opt, _lambda),
+    }[kind]()
+
+
+def valid_hyper(kind: str, h: dict) -> dict:
+    """h restricted to what the optimizer kind takes, nesterov dropped where torch's
+    constructor would refuse it."""
+    if kind == "momentum":
+        return {k: v for k, v in h.items() if k in ("lr", "momentum", "weight_decay", "maximize")}
+    h = dict(h)
+    if h.get("nesterov") and (h.get("momentum", 0) <= 0 or h.get("dampening", 0) != 0):
+        h["nesterov"] = False
+    return h
+
+
+def _make_opt(cfg: Config, model: Net, ours: bool):
+    defaults = valid_hyper(cfg.kind, dict(cfg.defaults))
+    if cfg.lr_tensor and cfg.kind == "sgd":
+        defaults["lr"] = torch.tensor(float(defaults.get("lr", 1e-3)))  # one per side
+    if not cfg.groups:
+        params = list(model.parameters())
+    else:
+        params = []
+        for mods, hyper in cfg.groups:
+            ps = [p for m in mods if getattr(model, m, None) is not None
+                  for p in getattr(model, m).parameters()]
+            if not ps:
+                continue
+            g = valid_hyper(cfg.kind, dict(hyper))
+            merged = {**defaults, **g}
+            if cfg.kind == "sgd" and merged.get("nesterov") and (
+                    merged.get("momentum", 0) <= 0 or merged.get("dampening", 0) != 0):
+                g["nesterov"] = False
+            params.append({"params": ps, **g})
+        if not params:
+            params = list(model.parameters())
+    if cfg.kind == "sgd":
+        if ours:
+            return momentum_cuda.SGD(params, flat=cfg.flat, **defaults)
+        return torch.optim.SGD(params, foreach=False, **defaults)
+    if ours:
+        return momentum_cuda.Momentum(params, flat=cfg.flat, **defaults)
+    return MomentumReference(params, **defaults)
+
+
+def build(cfg: Config) -> tuple[Side, Side]:
+    """(ours, theirs): twin models with the same values, their optimizers and schedulers."""
+    model = Net(cfg.embedding)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.to(DTYPES[cfg.dtype])
+    twin = copy.deepcopy(model)
+    sides = []
+    for m, ours in ((model, True), (twin, False)):
+        opt = _make_opt(cfg, m, ours)
+        sides.append(Side(m, opt, _scheduler(cfg.scheduler, opt)))
+    return sides[0], sides[1]
+
+
+# ---- the operations ------------------------------------------------------------------------
+def _rand(gen, shape, dtype):
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def op_backward(side, mask, seed):
+    """One forward/backward through the branches in mask (bits: 1 trunk->head_a, 2 trunk->
+    head_b, 4 head_b alone, 8 lin alone, 16 embedding, 32 extras), accumulating into existing
+    gradients. Returns "no-grad" when nothing selected requires grad."""
+    m = side.model
+    g = torch.Generator().manual_seed(seed)
+    x, z, y = torch.randn(2, 2, 5, 5, generator=g), torch.randn(2, 6, generator=g), \
+        torch.randn(2, 27, generator=g)
+    ra, rb, rc, rd = (torch.randn(2, n, generator=g) for n in (3, 2, 2, 6))
+    idx = torch.randint(0, 7, (5,), generator=g)
+    re = torch.randn(5, 3, generator=g)
+    rx = [torch.randn(e.shape, generator=g) for e in m.extras]
+
+    def dt(mod):
+        return mod.weight.dtype
+
+    terms = []
+    if mask & 3:
+        h = m.conv(x.to(dt(m.conv))).flatten(1)
+        h = torch.tanh(m.lin(h.to(dt(m.lin))))
+        if mask & 1:
+            terms.append((m.head_a(h.to(dt(m.head_a))) * ra.to(dt(m.head_a))).sum())
+        if mask & 2:
+            terms.append((m.head_b(h.to(dt(m.head_b))) * rb.to(dt(m.head_b))).sum())
+    if mask & 4:
+        terms.append((m.head_b(z.to(dt(m.head_b))) * rc.to(dt(m.head_b))).sum())
+    if mask & 8:
+        terms.append((m.lin(y.to(dt(m.lin))) * rd.to(dt(m.lin))).sum())
+    if mask & 16 and m.emb is not None:
+        terms.append((m.emb(idx) * re.to(dt(m.emb))).sum())
+    if mask & 32:
+        terms += [(e * r.to(e.dtype)).sum() for e, r in zip(m.extras, rx)]
+    terms = [t.double() for t in terms if t.requires_grad]
+    if not terms:
+        return "no-grad"
+    sum(terms).backward()
+    return None
+
+
+def _dense_grads(side):
+    return [p for p in side.params() if p.grad is not None and p.grad.layout == torch.strided]
+
+
+def _pick(side, k):
+    ps = side.params()
+    return ps[k % len(ps)]
+
+
+def _group_hyper(kind, pairs):
+    return valid_hyper(kind, dict(pairs))
+
+
+def _owned(opt):
+    return {id(p) for g in opt.param_groups for p in g["params"]}
+
+
+def op_add_group(side, cfg, how, seed, shape, pairs):
+    """how "fresh": a new parameter (registered in model.extras) in a new group; "orphans": the
+    model's parameters in no group (after del_group) in a new group (a fresh one if none);
+    "append": a fresh parameter appended to the first group's params list."""
+    m, opt = side.model, side.opt
+    dtype = m.lin.weight.dtype
+    owned = _owned(opt)
+    orphans = [p for p in m.parameters() if id(p) not in owned]
+    if how == "orphans" and orphans:
+        ps = orphans
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        p = nn.Parameter(_rand(gen, shape, dtype))
+        m.extras.append(p)
+        ps = [p]
+    if how == "append":
+        opt.param_groups[0]["params"].extend(ps)
+        return None
+    hyper = _group_hyper(cfg.kind, pairs)
+    if cfg.kind == "sgd":
+        merged = {**opt.defaults, **hyper}
+        if merged.get("nesterov") and (merged["momentum"] <= 0 or merged["dampening"] != 0):
+            hyper["nesterov"] = False
+    opt.add_param_group({"params": ps, **hyper})
+    return None
+
+
+def op_edit_group(side, cfg, k, key, value):
+    """Sets one hyper-parameter of group k, keeping the group valid for both optimizers."""
+    groups = side.opt.param_groups
+    g = groups[k % len(groups)]
+    if key not in g:
+        return "skipped"
+    if cfg.kind == "momentum" and key == "momentum" and not 0 < value < 1:
+        return "skipped"
+    if key in ("momentum", "dampening", "nesterov") and cfg.kind == "sgd":
+        new = {**g, key: value}
+        if new["nesterov"] and (new["momentum"] <= 0 or new["dampening"] != 0):
+            return "skipped"
+    if key == "lr" and isinstance(g["lr"], torch.Tensor):
+        g["lr"].fill_(value)
+    else:
+        g[key] = value
+    return None
+
+
+def op_del_group(side, k, pop_state):
+    groups = side.opt.param_groups
+    if len(groups) < 2:
+        return "skipped"
+    g = groups.pop(k % len(groups))
+    if pop_state:
+        for p in g["params"]:
+            side.opt.state.pop(p, None)
+    return None
+
+
+def _to_dtype(model, name, how):
+    dtype = DTYPES[name]
+    if how == "method":
+        {torch.float32: model.float, torch.float64: model.double, torch.bfloat16: model.bfloat16,
+         torch.float16: model.half}[dtype]()
+    else:
+        model.to(dtype)
+
+
+def apply_one(op, side, cfg):
+    """Applies op to one side; returns a comparable result (or None)."""
+    name, *a = op
+    m, opt = side.model, side.opt
+    if name == "backward":
+        return op_backward(side, *a)
+    if name == "zero_grad":
+        set_to_none, via = a
+        (opt if via == "opt" else m).zero_grad(set_to_none=set_to_none)
+        return None
+    if name == "step":
+        opt.step()
+        return None
+    if name == "clip_norm":
+        max_norm, norm_type = a
+        return nn.utils.clip_grad_norm_(_dense_grads(side), max_norm, norm_type=norm_type)
+    if name == "clip_value":
+        nn.utils.clip_grad_value_(_dense_grads(side), a[0])
+        return None
+    if name == "grad_mul":
+        for p in side.params():
+            if p.grad is not None:
+                p.grad.mul_(a[0])
+        return None
+    if name == "grad_none":
+        _pick(side, a[0]).grad = None
+        return None
+    if name == "grad_set":
+        k, seed, channels_last = a
+        p = _pick(side, k)
+        gr = _rand(torch.Generator().manual_seed(seed), p.shape, p.dtype)
+        if channels_last and gr.dim() == 4:
+            gr = gr.contiguous(memory_format=torch.channels_last)
+        p.grad = gr
+        return None
+    if name == "data_clone":
+        p = _pick(side, a[0])
+        p.data = p.data.clone()
+        return None
+    if name == "data_new":
+        k, seed = a
+        p = _pick(side, k)
+        p.data = torch.empty_like(p).copy_(_rand(torch.Generator().manual_seed(seed), p.shape,
+                                                 p.dtype))
+        return None
+    if name == "param_mul":
+        with torch.no_grad():
+            for p in side.params():
+                p.mul_(a[0])
+        return None
+    if name == "to_dtype":
+        _to_dtype(m, *a)
+        return None
+    if name == "memory_format":
+        m.to(memory_format=torch.channels_last if a[0] == "channels_last"
+             else torch.contiguous_format)
+        return None
+    if name == "add_group":
+        return op_add_group(side, cfg, *a)
+    if name == "edit_group":
+        return op_edit_group(side, cfg, *a)
+    if name == "del_group":
+        return op_del_group(side, *a)
+    if name == "save_load":  # mode "self" (mode "swap" is handled by apply_both)
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        return None
+    if name == "deepcopy":
+        side.model, side.opt, side.sched = copy.deepcopy((m, opt, side.sched))
+        return None
+    if name == "sched_step":
+        if side.sched is None:
+            return "no-scheduler"
+        side.sched.step()
+        return None
+    if name == "freeze":
+        k, flag = a
+        _pick(side, k).requires_grad_(flag)
+        return None
+    raise ValueError(f"unknown op {op!r}")
+
+
+# torch's TORCH_WARN_ONCE warnings: only the first side (and sequence) to trigger one sees it
+_ONCE = ("do not obey the gradient layout contract",)
+
+
+def _run(fn):
+    """(result, exception, warnings other than momentum_cuda's own)."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        try:
+            res, exc = fn(), None
+        except Exception as e:  # noqa: BLE001 - compared between the sides
+            res, exc = None, e
+    msgs = [f"{x.category.__name__}: {x.message}" for x in w
+            if not str(x.message).startswith("momentum_cuda:")
+            and not any(s in str(x.message) for s in _ONCE)]
+    return res, exc, msgs
+
+
+def apply_both(op, ours, theirs, cfg):
+    """[(result, exception, warnings) of theirs, same of ours]."""
+    if op[0] == "save_load" and op[1] == "swap":
+        # each loads the other's checkpoint (deep-copied): the formats must be the same
+        sd_t, e_t, w_t = _run(lambda: copy.deepcopy(theirs.opt.state_dict()))
+        sd_o, e_o, w_o = _run(lambda: copy.deepcopy(ours.opt.state_dict()))
+        if e_t is None and e_o is None:
+            _, e_t, w2 = _run(lambda: theirs.opt.load_state_dict(sd_o))
+            w_t += w2
+            for g in theirs.opt.param_groups:  # ours' checkpoint says foreach=None
+                if "foreach" in g:
+                    g["foreach"] = False
+            _, e_o, w2 = _run(lambda: ours.opt.load_state_dict(sd_t))
+            w_o += w2
+        return [(None, e_t, w_t), (None, e_o, w_o)]
+    return [_run(lambda: apply_one(op, theirs, cfg)), _run(lambda: apply_one(op, ours, cfg))]
+
+
+# ---- comparison ------------------------------------------------------------------------------
+class Mismatch(AssertionError):
+    pass
+
+
+def _bits(t):
+    t = t.detach()
+    return t.view(_INT[t.element_size()]) if t.is_floating_point() else t
+
+
+def same(a, b, what, strides=False):
+    if a is None or b is None:
+        if not (a is None and b is None):
+            raise Mismatch(f"{what}: ours is {'None' if a is None else 'set'}, torch's "
+                           f"{'None' if b is None else 'set'}")
+        return
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b) \
+                or not (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))):
+            raise Mismatch(f"{what}: {a!r} != {b!r}")
+        return
+    if (a.layout, a.dtype, a.shape, a.device) != (b.layout, b.dtype, b.shape, b.device):
+        raise Mismatch(f"{what}: {a.layout} {a.dtype} {tuple(a.shape)} {a.device} vs "
+                       f"{b.layout} {b.dtype} {tuple(b.shape)} {b.device}")
+    if a.layout == torch.sparse_coo:
+        if a.is_coalesced() != b.is_coalesced():
+            raise Mismatch(f"{what}: coalesced flag {a.is_coalesced()} vs {b.is_coalesced()}")
+        same(a._indices(), b._indices(), f"{what} (indices)")
+        same(a._values(), b._values(), f"{what} (values)")
+        return
+    if strides and a.stride() != b.stride():
+        raise Mismatch(f"{what}: strides {a.stride()} vs {b.stride()}")
+    if a.is_floating_point():
+        # NaN: the same positions; its sign and payload bits are not part of the contract
+        # (README, "The numeric contract"): every NaN compares as one pattern
+        na, nb = a.detach().isnan(), b.detach().isnan()
+        if not torch.equal(na, nb):
+            raise Mismatch(f"{what}: NaN at other positions ({int(na.sum())} vs {int(nb.sum())})")
+        if na.any():
+            nan = torch.tensor(float("nan"), dtype=a.dtype)
+            a, b = a.detach().masked_fill(na, nan), b.detach().masked_fill(nb, nan)
+    if not torch.equal(_bits(a), _bits(b)):
+        n = (_bits(a) != _bits(b)).sum().item()
+        d = (a.detach().double() - b.detach().double()).abs().nan_to_num().max().item()
+        raise Mismatch(f"{what}: differs in {n} of {a.numel()} elements (max |diff| {d:g})")
+
+
+def _buffer(opt, p):
+    st = opt.state.get(p)
+    return None if st is None else st.get("momentum_buffer")
+
+
+def _strip(groups):
+    return [{k: v for k, v in g.items() if k != "foreach"} for g in groups]
+
+
+def _state_dict(opt):
+    res, exc, _ = _run(opt.state_dict)
+    return res, exc
+
+
+def compare(ours: Side, theirs: Side) -> None:
+    """Raises Mismatch at the first difference."""
+    no, nt = list(ours.model.named_parameters()), list(theirs.model.named_parameters())
+    if [n for n, _ in no] != [n for n, _ in nt]:
+        raise Mismatch(f"parameter names {[n for n, _ in no]} vs {[n for n, _ in nt]}")
+    for (name, p), (_, q) in zip(no, nt):
+        same(p, q, f"param {name}", strides=True)
+        if p.requires_grad != q.requires_grad:
+            raise Mismatch(f"param {name}: requires_grad {p.requires_grad} vs {q.requires_grad}")
+        same(p.grad, q.grad, f"grad of {name}")
+        same(_buffer(ours.opt, p), _buffer(theirs.opt, q), f"momentum_buffer of {name}")
+        so, st = ours.opt.state.get(p), theirs.opt.state.get(q)
+        if (so is None) != (st is None) or (so is not None and so.keys() != st.keys()):
+            raise Mismatch(f"state of {name}: {None if so is None else sorted(so)} vs "
+                           f"{None if st is None else sorted(st)}")
+    names_o = {id(p): n for n, p in no}
+    names_t = {id(p): n for n, p in nt}
+    go = [[names_o.get(id(p), "?") for p in g["params"]] for g in ours.opt.param_groups]
+    gt = [[names_t.get(id(p), "?") for p in g["params"]] for g in theirs.opt.param_groups]
+    if go != gt:
+        raise Mismatch(f"param groups {go} vs {gt}")
+    sd_o, e_o = _state_dict(ours.opt)
+    sd_t, e_t = _state_dict(theirs.opt)
+    if (e_o is None) != (e_t is None) or (e_o is not None and type(e_o) is not type(e_t)):
+        raise Mismatch(f"state_dict(): ours {_exc(e_o)}, torch's {_exc(e_t)}")
+    if e_o is not None:
+        return
+    ga, gb = _strip(sd_o["param_groups"]), _strip(sd_t["param_groups"])
+    if len(ga) != len(gb):
+        raise Mismatch(f"state_dict: {len(ga)} param groups vs {len(gb)}")
+    for k, (a, b) in enumerate(zip(ga, gb)):
+        if a.keys() != b.keys():
+            raise Mismatch(f"state_dict group {k} keys {sorted(a)} vs {sorted(b)}")
+        for key in a:
+            same(a[key], b[key], f"state_dict group {k} {key!r}")
+    if sd_o["state"].keys() != sd_t["state"].keys():
+        raise Mismatch(f"state_dict state of params {sorted(sd_o['state'])} vs "
+                       f"{sorted(sd_t['state'])}")
+    for i, st in sd_t["state"].items():
+        so = sd_o["state"][i]
+        if so.keys() != st.keys():
+            raise Mismatch(f"state_dict state[{i}] keys {sorted(so)} vs {sorted(st)}")
+        for key in st:
+            same(so[key], st[key], f"state_dict state[{i}][{key!r}]")
+
+
+def _exc(e):
+    if e is None:
+        return "did not raise"
+    return f"raised {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def snapshot(side: Side):
+    out = []
+    for p in side.params():
+        g, b = p.grad, _buffer(side.opt, p)
+        out.append((p.detach().clone(), None if g is None else g.detach().clone(),
+                    None if b is None else b.clone()))
+    return out
+
+
+def unchanged(side: Side, snap, what) -> None:
+    ps = side.params()
+    if len(ps) != len(snap):
+        raise Mismatch(f"{what}: the parameter list changed")
+    for i, (p, (p0, g0, b0)) in enumerate(zip(ps, snap)):
+        same(p, p0, f"{what}: param {i} (vs before)")
+        same(p.grad, g0, f"{what}: grad {i} (vs before)")
+        same(_buffer(side.opt, p), b0, f"{what}: momentum_buffer {i} (vs before)")
+
+
+def parts(op) -> list:
+    """("train_step", mask, seed, set_to_none), one iteration of the usual loop, is
+    opt.zero_grad(set_to_none) + backward + step, each checked as its own operation."""
+    if op[0] == "train_step":
+        _, mask, seed, set_to_none = op
+        return [("zero_grad", set_to_none, "opt"), ("backward", mask, seed), ("step",)]
+    return [op]
+
+
+def replay(cfg, ops, i) -> str:
+    body = "".join(f"    {op!r},\n" for op in ops[:i + 1])
+    return f"from math import inf, nan\nrun_sequence(\n  {cfg!r},\n  [\n{body}  ])"
+
+
+def run_sequence(cfg: Config, ops) -> str:
+    """Builds the twins, applies ops to both, compares after each; raises Mismatch (with the
+    replayable sequence so far) at the first difference. Returns how the sequence ended."""
+    ours, theirs = build(cfg)
+    try:
+        compare(ours, theirs)
+    except Mismatch as e:
+        raise Mismatch(f"{e}\n  before any op; replay with:\n{replay(cfg, ops, -1)}") from None
+    for i, op in enumerate(ops):
+        for part in parts(op):
+            stepping = part[0] == "step"
+            snap = snapshot(ours) if stepping else None
+            (r_t, e_t, w_t), (r_o, e_o, w_o) = apply_both(part, ours, theirs, cfg)
+            try:
+                if (e_o is None) != (e_t is None) or (
+                        e_o is not None and type(e_o) is not type(e_t)):
+                    raise Mismatch(f"ours {_exc(e_o)}; torch's {_exc(e_t)}")
+                if w_o != w_t:
+                    raise Mismatch(f"warnings: ours {w_o}; torch's {w_t}")
+                if e_o is not None and stepping:
+                    # torch raised part-way through its step; ours must have written nothing
+                    unchanged(ours, snap, f"after both raised in step() (torch {_exc(e_t)})")
+                    return f"both raised at op {i}: {_exc(e_t)}"
+                same(r_o, r_t, "result")
+                compare(ours, theirs)
+            except Mismatch as e:
+                where = f"op {i} {op!r}" + (f" (its {part[0]})" if part is not op else "")
+                raise Mismatch(f"{e}\n  at {where}; replay with:\n{replay(cfg, ops, i)}") \
+                    from None
+    return "completed"
