@@ -687,7 +687,7 @@ class _FusedMomentum(Optimizer):
             if not math.isfinite(h[name]):
                 raise ValueError(f"{name} must be a finite number, got {h[name]}")
         use_buf = h["momentum"] != 0
-        runs = []  # [bucket, first index, end index, first_step]
+        runs = []  # [bucket, first index, end index, first_step, some buffer is new]
         loose = [(p, p.grad) for p in lay.outside if p.grad is not None]
         relayout = self._lays_out if relayout is None else relayout
         if relayout and any(self._could_move(lay, p) for p, _ in loose):
@@ -712,8 +712,9 @@ class _FusedMomentum(Optimizer):
                     loose.append((p, g))
                 elif runs and runs[-1][0] is b and runs[-1][2] == i and runs[-1][3] == first:
                     runs[-1][2] = i + 1
+                    runs[-1][4] = runs[-1][4] or (use_buf and buf is None)
                 else:
-                    runs.append([b, i, i + 1, first])
+                    runs.append([b, i, i + 1, first, use_buf and buf is None])
         alias = bool(loose) and _overlapping([p for p in group["params"] if p.grad is not None])
         if alias:
             # torch's for-loop steps overlapping parameters one after the other, each reading
@@ -741,26 +742,28 @@ class _FusedMomentum(Optimizer):
         if [p.data_ptr() for p in b.params] != b.ptrs or [
                 g.data_ptr() for g in grads] != b.gptrs:
             return None
-        first = False
+        first = new = False
         if use_buf:
             sget = self.state.get  # inlined _buffer(): this runs for every parameter, every step
             bufs = [None if (st := sget(p)) is None else st.get("momentum_buffer")
                     for p in b.params]
             if b.flat_buf is not None and all(map(operator.is_, bufs, b.buf_views)):
-                first = False
+                pass
             elif all(x is None for x in bufs):
-                first = not self._ema
+                first, new = not self._ema, True
             else:
                 return None
-        return [b, 0, len(b.params), first]
+        return [b, 0, len(b.params), first, new]
 
-    def _keep_buffer(self, p, buf) -> None:
-        """buf becomes p's momentum buffer unless it has one. Not setdefault: an entry may hold
-        None (older torch saved momentum_buffer=None; setting None resets momentum), which
-        torch replaces with the new buffer."""
+    def _keep_buffer(self, p, buf) -> bool:
+        """buf becomes p's momentum buffer unless it has one (returns whether it did). Not
+        setdefault: an entry may hold None (older torch saved momentum_buffer=None; setting
+        None resets momentum), which torch replaces with the new buffer."""
         st = self.state[p]
         if st.get("momentum_buffer") is None:
             st["momentum_buffer"] = buf
+            return True
+        return False
 
     def _buffer(self, p):
         state = self.state.get(p)  # .get: planning must not create state entries
@@ -831,11 +834,13 @@ class _FusedMomentum(Optimizer):
     def _step_flat(self, runs, h) -> None:
         """One kernel call per run of consecutive flat parameters."""
         use_buf = h["momentum"] != 0
-        for b, i0, i1, first in runs:
+        for b, i0, i1, first, new in runs:
             if use_buf:
                 b.ensure_buf()
+            if new:  # else every buffer of the run is its flat view already (_plan)
                 for i in range(i0, i1):
-                    self._keep_buffer(b.params[i], b.buf_views[i])
+                    if self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema:
+                        b.buf_views[i].zero_()  # v starts at zero (the view may hold old values)
             # CPU: exact segments (torch's bf16 arithmetic depends on positions inside each
             # tensor); GPU (cuda, triton): one covering span, one launch.
             segs = b.cover(i0, i1) if b.covers_padding else b.segments[i0:i1]

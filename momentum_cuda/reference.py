@@ -49,7 +49,7 @@ class MomentumReference(Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if "momentum_buffer" not in state:
+                if state.get("momentum_buffer") is None:  # absent or None: starts at zero
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 params.append(p)
                 grads.append(p.grad)

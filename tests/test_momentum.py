@@ -195,3 +195,38 @@ def test_ema_against_fp64_with_derived_bound(dtype, flat):
             assert (Ep[i] <= 40 * r * (P[i].abs() + 1)).all()
     # the computation really rounds (so the bound is what is being tested, not equality)
     assert worst > 0.0
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("kind", ["Momentum", "SGD"])
+@pytest.mark.parametrize("how", ["clear", "none"])
+def test_momentum_reset_by_hand(flat, kind, how):
+    """opt.state.clear() or state[p]["momentum_buffer"] = None between steps resets momentum
+    (torch: the next step is a first step; Momentum: v starts at zero again). The flat
+    buffer still holds the old values: they must not leak into the new momentum."""
+    gen = torch.Generator().manual_seed(31)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5, 1, 97)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    if kind == "Momentum":
+        o = momentum_cuda.Momentum(ps, lr=0.1, momentum=0.9, flat=flat)
+        t = MomentumReference(qs, lr=0.1, momentum=0.9)
+    else:
+        o = momentum_cuda.SGD(ps, lr=0.1, momentum=0.9, flat=flat)
+        t = torch.optim.SGD(qs, lr=0.1, momentum=0.9, foreach=False)
+    for step in range(4):
+        if step == 2:
+            for oo in (o, t):
+                if how == "clear":
+                    oo.state.clear()
+                else:
+                    for p in oo.param_groups[0]["params"]:
+                        oo.state[p]["momentum_buffer"] = None
+        ws = [torch.randn(p.shape, generator=gen) for p in ps]
+        for oo, pp in ((o, ps), (t, qs)):
+            oo.zero_grad()
+            sum((p * w).sum() for p, w in zip(pp, ws)).backward()
+            oo.step()
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q), step
+            assert torch.equal(o.state[p]["momentum_buffer"], t.state[q]["momentum_buffer"])
+        assert {e["path"] for e in o.last_step} == ({"flat"} if flat else {"per-tensor"})
