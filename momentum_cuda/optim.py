@@ -947,7 +947,8 @@ class _FusedMomentum(Optimizer):
     def _rehearse_sparse(self, p, g, buf, h) -> None:
         """torch's sparse ops lack some dtypes (fp16 sparse + sparse: "cadd_sparse" not
         implemented for 'Half'), so torch's own step can fail part-way through. The same step
-        runs first on one-row stand-ins of p, g and buf (same dtypes, layouts, dimensions):
+        runs first on one-row stand-ins of p, g and buf (same dtypes, layouts, dimensions,
+        empty where they are empty):
         what would fail raises here, before anything is written."""
         k = g.sparse_dim() if g.is_sparse else buf.sparse_dim()
         shape = (1,) * k + tuple(p.shape[k:])
@@ -955,8 +956,9 @@ class _FusedMomentum(Optimizer):
         def stand_in(t, dtype=None):
             if t is None or not t.is_sparse:
                 return torch.zeros(shape, dtype=dtype or t.dtype, device=p.device)
-            idx = torch.zeros(t.sparse_dim(), 1, dtype=torch.int64, device=p.device)
-            vals = torch.ones((1,) + shape[t.sparse_dim():], dtype=t.dtype, device=p.device)
+            n = min(t._nnz(), 1)  # (torch's sparse kernels skip work on an empty tensor)
+            idx = torch.zeros(t.sparse_dim(), n, dtype=torch.int64, device=p.device)
+            vals = torch.ones((n,) + shape[t.sparse_dim():], dtype=t.dtype, device=p.device)
             out = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=False)
             return out.coalesce() if t.is_coalesced() else out
         tb = stand_in(buf, p.dtype) if buf is not None or self._ema else None

@@ -624,6 +624,31 @@ def test_sparse_op_torch_lacks_raises_before_touching(flat, hk):
 
 
 @FLAT
+def test_empty_fp16_sparse_gradient_steps_as_torch(flat):
+    """The other side of the rehearsal above: an fp16 sparse gradient with no entries (zeroed
+    in place by zero_grad(set_to_none=False), then a backward that skips the embedding) goes
+    through torch's sparse + sparse, which works when it is empty: no error, torch's bits."""
+    net = _EmbNet(torch.float16)
+    tnet = copy.deepcopy(net)
+    opt = momentum_cuda.SGD(net.parameters(), lr=0.05, momentum=0.9, flat=flat)
+    topt = torch.optim.SGD(tnet.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    gen = torch.Generator().manual_seed(66)
+    idx, w = _emb_backward(net, gen, torch.float16)
+    x = torch.randn(5, 4, generator=gen).half()
+    for n, o in ((net, opt), (tnet, topt)):
+        (n(idx) * w).sum().float().backward()
+        o.step()
+        o.zero_grad(set_to_none=False)
+        n.lin(x).sum().float().backward()  # the embedding's sparse gradient stays empty
+        assert n.emb.weight.grad._nnz() == 0
+        o.step()
+    for p, q in zip(net.parameters(), tnet.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"].to_dense(),
+                           topt.state[q]["momentum_buffer"].to_dense())
+
+
+@FLAT
 def test_sparse_buffer_with_dense_gradient_raises_before_touching(flat):
     """After a sparse step with momentum the buffer is sparse (torch's too); a dense gradient
     then fails in torch; momentum_cuda raises before touching anything."""
