@@ -456,6 +456,11 @@ class _FusedMomentum(Optimizer):
             for p in b.params:
                 if self._slot.get(id(p), (None,))[0] is b:
                     del self._slot[id(p)]
+            # The old gradient accumulators go: each holds its parameter's tensor, which after
+            # torch.utils.swap_tensors is a tensor in the old flat buffer that _private would
+            # count as someone else's.
+            _remove_hooks(b.hooks)
+            b.accs.clear()
         buckets, stuck = self._make_buckets(group["params"]) if self._lays_out else ([], {})
         bucketed = {id(p) for b in buckets for p in b.params}
         lay = _GroupLayout(group, _ids(group), buckets,

@@ -390,3 +390,30 @@ def test_load_state_dict_after_model_to_dtype():
         _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen).half())
         _same_opt(opt, topt, f"step {step}")
         assert _paths(opt) == {"flat"}, opt.last_step
+
+
+@FLAT
+@pytest.mark.parametrize("how", ["set_", "data", "swap_tensors"])
+def test_data_replaced_in_other_ways(flat, how):
+    """p.set_(...) (under no_grad), p.data = ... and torch.utils.swap_tensors move a parameter
+    out of its flat buffer: the group is laid out again, with torch's bits."""
+    m = _mlp(25)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(26)
+    for step in range(4):
+        if step == 2:
+            new = torch.randn(m[0].weight.shape, generator=gen)
+            for mm in (m, t):
+                w = mm[0].weight
+                if how == "set_":
+                    with torch.no_grad():
+                        w.set_(new.clone())
+                elif how == "data":
+                    w.data = new.clone()
+                else:
+                    torch.utils.swap_tensors(w, nn.Parameter(new.clone()))
+        _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+        _same_opt(opt, topt, f"step {step}")
+        assert _paths(opt) == ({"flat"} if flat else {"per-tensor"}), opt.last_step
