@@ -10,7 +10,9 @@ comparison of the twins. No hypothesis here: a failing sequence replays from its
 An operation is a tuple of plain Python values (its name first), applied identically to both
 twins: every random value comes from a torch.Generator seeded by the operation itself (fresh
 random values, never zeros). After every operation both twins are compared bit for bit
-(compare()): every parameter (dtype, shape, strides, requires_grad, bits), each gradient's
+(compare()): every parameter (dtype, shape, strides, requires_grad, bits; a lazy one not yet
+materialised: its dtype), the tensor the Config.views parameters are views of (bits, strides,
+and which parameters still share its storage, at which offset), each gradient's
 presence, layout, dtype, shape and bits, each momentum buffer's presence, layout, dtype, shape
 and bits, the param groups (which parameters, in which order), and the state_dict (state keys
 and tensors; param_groups without 'foreach', which differs by construction: the torch twin is
@@ -34,7 +36,7 @@ from momentum_cuda.reference import MomentumReference
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
-MODULES = ("conv", "lin", "head_a", "head_b", "emb")
+MODULES = ("conv", "lin", "head_a", "head_b", "emb", "views")
 SCHEDULERS = (None, "step", "exp", "cosine", "multistep", "onecycle", "lambda")
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -54,20 +56,56 @@ class Config:
     scheduler: str | None = None
     lr_tensor: bool = False
     seed: int = 0
+    # views "disjoint" / "overlap": Net.views holds a tensor `base` (a buffer when base_buffer,
+    # else a plain attribute) and two parameters that are views of it (README, "Flat layout")
+    views: str | None = None
+    base_buffer: bool = False
+    frozen: tuple = ()  # modules whose parameters have requires_grad=False when built
+    lazy: bool = False  # lin is an nn.LazyLinear, materialised by the first backward using it
+
+
+BASE_NUMEL = 16
+
+
+class Views(nn.Module):
+    """Two parameters that are views of one tensor the module keeps (self.base): a =
+    base[0:6] as (2, 3), b = base[7:14] ("disjoint") or base[4:11] ("overlap"). torch's steps
+    write into base; base[6] and base[14:] belong to no parameter."""
+
+    def __init__(self, how: str, buffer: bool, dtype):
+        super().__init__()
+        base = torch.zeros(BASE_NUMEL, dtype=dtype)
+        if buffer:
+            self.register_buffer("base", base)
+        else:
+            self.base = base
+        self.a = nn.Parameter(base[0:6].view(2, 3))
+        self.b = nn.Parameter(base[7:14] if how == "disjoint" else base[4:11])
 
 
 class Net(nn.Module):
     """A conv trunk (so memory_format matters), two heads (head_b only sometimes used), an
-    optional sparse embedding, and extra parameters added by add_group operations."""
+    optional sparse embedding, optional views of a kept tensor (Views), and extra parameters
+    added by add_group operations. With cfg.lazy, lin is an nn.LazyLinear (27 inputs)."""
 
-    def __init__(self, embedding: bool):
+    def __init__(self, cfg: Config):
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3)  # (2, 5, 5) -> (3, 3, 3)
-        self.lin = nn.Linear(27, 6)
+        self.lin = nn.LazyLinear(6) if cfg.lazy else nn.Linear(27, 6)
         self.head_a = nn.Linear(6, 3)
         self.head_b = nn.Linear(6, 2, bias=False)
-        self.emb = nn.Embedding(7, 3, sparse=True) if embedding else None
+        self.emb = nn.Embedding(7, 3, sparse=True) if cfg.embedding else None
+        self.views = Views(cfg.views, cfg.base_buffer, DTYPES[cfg.dtype]) if cfg.views else None
         self.extras = nn.ParameterList()
+
+
+def _uninit(p) -> bool:
+    return isinstance(p, nn.parameter.UninitializedTensorMixin)
+
+
+def _base(model):
+    v = getattr(model, "views", None)
+    return None if v is None else v.base
 
 
 class Side:
@@ -139,17 +177,32 @@ def _make_opt(cfg: Config, model: Net, ours: bool):
     return MomentumReference(params, **defaults)
 
 
-def build(cfg: Config) -> tuple[Side, Side]:
-    """(ours, theirs): twin models with the same values, their optimizers and schedulers."""
-    model = Net(cfg.embedding)
+def make_model(cfg: Config) -> Net:
+    """The same values every call (each twin gets its own: copy.deepcopy would not keep the
+    views' aliasing, and lazy parameters must be materialised by each twin's first forward)."""
+    model = Net(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
+        base = _base(model)
+        if base is not None:  # (already in cfg.dtype: model.to(dtype) keeps the aliasing)
+            base.copy_(torch.randn(base.shape, generator=gen))
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            if not _uninit(p):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     model.to(DTYPES[cfg.dtype])
-    twin = copy.deepcopy(model)
+    for name in cfg.frozen:
+        mod = getattr(model, name, None)
+        if mod is not None:
+            for p in mod.parameters():
+                p.requires_grad = False  # (requires_grad_ refuses lazy parameters)
+    return model
+
+
+def build(cfg: Config) -> tuple[Side, Side]:
+    """(ours, theirs): twin models with the same values, their optimizers and schedulers."""
     sides = []
-    for m, ours in ((model, True), (twin, False)):
+    for ours in (True, False):
+        m = make_model(cfg)
         opt = _make_opt(cfg, m, ours)
         sides.append(Side(m, opt, _scheduler(cfg.scheduler, opt)))
     return sides[0], sides[1]
@@ -162,9 +215,19 @@ def _rand(gen, shape, dtype):
 
 def op_backward(side, mask, seed):
     """One forward/backward through the branches in mask (bits: 1 trunk->head_a, 2 trunk->
-    head_b, 4 head_b alone, 8 lin alone, 16 embedding, 32 extras), accumulating into existing
-    gradients. Returns "no-grad" when nothing selected requires grad."""
+    head_b, 4 head_b alone, 8 lin alone, 16 embedding, 32 extras, 64 views), accumulating into
+    existing gradients. Returns "no-grad" when nothing selected requires grad. A lazy lin is
+    materialised from torch's global generator, seeded here with seed (the same on both
+    twins; the caller's generator state is restored)."""
     m = side.model
+    if any(_uninit(p) for p in m.parameters()):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return _backward(m, mask, seed)
+    return _backward(m, mask, seed)
+
+
+def _backward(m, mask, seed):
     g = torch.Generator().manual_seed(seed)
     x, z, y = torch.randn(2, 2, 5, 5, generator=g), torch.randn(2, 6, generator=g), \
         torch.randn(2, 27, generator=g)
@@ -192,6 +255,10 @@ def op_backward(side, mask, seed):
         terms.append((m.emb(idx) * re.to(dt(m.emb))).sum())
     if mask & 32:
         terms += [(e * r.to(e.dtype)).sum() for e, r in zip(m.extras, rx)]
+    if mask & 64 and m.views is not None:
+        va, vb = m.views.a, m.views.b
+        rva, rvb = torch.randn(2, 3, generator=g), torch.randn(7, generator=g)
+        terms += [(va.sin() * rva.to(va.dtype)).sum(), (vb * rvb.to(vb.dtype)).cos().sum()]
     terms = [t.double() for t in terms if t.requires_grad]
     if not terms:
         return "no-grad"
@@ -360,6 +427,25 @@ def apply_one(op, side, cfg):
         k, flag = a
         _pick(side, k).requires_grad_(flag)
         return None
+    if name == "freeze_module":  # module.requires_grad_(flag); "all": the model; "frozen":
+        which, flag = a  # the modules frozen at construction (cfg.frozen)
+        names = cfg.frozen if which == "frozen" else (which,)
+        mods = [m] if which == "all" else [getattr(m, n) for n in names
+                                           if getattr(m, n, None) is not None]
+        if not mods:
+            return "no-module"
+        for mod in mods:
+            mod.requires_grad_(flag)
+        return None
+    if name == "reset_state":  # momentum reset by hand: the whole state, or None buffers
+        how, k = a
+        if how == "clear":
+            opt.state.clear()
+        else:
+            p = _pick(side, k)
+            if p in opt.state:
+                opt.state[p]["momentum_buffer"] = None
+        return None
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -465,8 +551,18 @@ def compare(ours: Side, theirs: Side) -> None:
     no, nt = list(ours.model.named_parameters()), list(theirs.model.named_parameters())
     if [n for n, _ in no] != [n for n, _ in nt]:
         raise Mismatch(f"parameter names {[n for n, _ in no]} vs {[n for n, _ in nt]}")
+    base_o, base_t = _base(ours.model), _base(theirs.model)
+    same(base_o, base_t, "views.base", strides=True)
     for (name, p), (_, q) in zip(no, nt):
-        same(p, q, f"param {name}", strides=True)
+        if _uninit(p) or _uninit(q):
+            if not (_uninit(p) and _uninit(q)) or p.dtype != q.dtype:
+                raise Mismatch(f"param {name}: {type(p).__name__} {p.dtype} vs "
+                               f"{type(q).__name__} {q.dtype}")
+        else:
+            same(p, q, f"param {name}", strides=True)
+            if _alias(p, base_o) != _alias(q, base_t):
+                raise Mismatch(f"param {name}: (views.base storage, offset) "
+                               f"{_alias(p, base_o)} vs {_alias(q, base_t)}")
         if p.requires_grad != q.requires_grad:
             raise Mismatch(f"param {name}: requires_grad {p.requires_grad} vs {q.requires_grad}")
         same(p.grad, q.grad, f"grad of {name}")
@@ -506,6 +602,14 @@ def compare(ours: Side, theirs: Side) -> None:
             same(so[key], st[key], f"state_dict state[{i}][{key!r}]")
 
 
+def _alias(p, base):
+    """(shares base's storage, storage offset if it does)."""
+    if base is None:
+        return None
+    shares = p.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    return shares, p.storage_offset() if shares else None
+
+
 def _exc(e):
     if e is None:
         return "did not raise"
@@ -513,20 +617,26 @@ def _exc(e):
 
 
 def snapshot(side: Side):
-    out = []
+    base = _base(side.model)
+    out = [None if base is None else base.clone()]
     for p in side.params():
         g, b = p.grad, _buffer(side.opt, p)
-        out.append((p.detach().clone(), None if g is None else g.detach().clone(),
-                    None if b is None else b.clone()))
+        out.append((None if _uninit(p) else p.detach().clone(),
+                    None if g is None else g.detach().clone(), None if b is None else b.clone()))
     return out
 
 
 def unchanged(side: Side, snap, what) -> None:
     ps = side.params()
+    same(_base(side.model), snap[0], f"{what}: views.base (vs before)")
+    snap = snap[1:]
     if len(ps) != len(snap):
         raise Mismatch(f"{what}: the parameter list changed")
     for i, (p, (p0, g0, b0)) in enumerate(zip(ps, snap)):
-        same(p, p0, f"{what}: param {i} (vs before)")
+        if _uninit(p) != (p0 is None):
+            raise Mismatch(f"{what}: param {i} (vs before): materialised or not")
+        if p0 is not None:
+            same(p, p0, f"{what}: param {i} (vs before)")
         same(p.grad, g0, f"{what}: grad {i} (vs before)")
         same(_buffer(side.opt, p), b0, f"{what}: momentum_buffer {i} (vs before)")
 

@@ -1,8 +1,13 @@
 """Randomized operation sequences (issue 11): two twin models, one stepped by momentum_cuda.SGD
 (or momentum_cuda.Momentum), the other by torch.optim.SGD(foreach=False) (or
 momentum_cuda.reference.MomentumReference), with the same random hyper-parameters, flat=True or
-False, fp32/fp64/bf16/fp16, an optional sparse nn.Embedding, one to three param groups and an
-optional lr scheduler. A random interleaving of the operations a training script may apply
+False, fp32/fp64/bf16/fp16, an optional sparse nn.Embedding, one to three param groups, an
+optional lr scheduler, and sometimes: two parameters that are views (disjoint or overlapping) of
+one tensor the model keeps (a buffer or a plain attribute, compared too: torch's steps write into
+it, so momentum_cuda must leave those parameters in it), modules frozen (requires_grad=False)
+before the optimizer is built, and an nn.LazyLinear the optimizer is built on before its first
+forward (materialised by the first backward through it, on both twins alike). A random
+interleaving of the operations a training script may apply
 (tests/sequence_ops.py) runs on both; after every operation parameters (dtype, strides, bits),
 gradient presence and bits, momentum buffers and the state_dict must be identical (bits, not
 values: -0.0 is not +0.0). The failure message prints the whole sequence so far as a
@@ -10,28 +15,35 @@ values: -0.0 is not +0.0). The failure message prints the whole sequence so far 
 
 Operations: backward over a random subset of branches (fresh random inputs; several in a row
 accumulate), zero_grad(set_to_none=True/False) on the optimizer or the model, step(), the usual
-loop's zero_grad + backward + step as one operation,
-clip_grad_norm_ / clip_grad_value_, p.grad.mul_ over every existing gradient, p.grad = None,
-p.grad = a fresh tensor (sometimes channels_last), p.data = p.data.clone(), p.data = fresh
-values, p.mul_ under no_grad, model.to(dtype) / .half() / .float() / ..., model.to(memory_format=
-channels_last / contiguous_format), add_param_group (a new parameter, or the parameters of a
-deleted group), a new parameter appended to a group, a group's lr / momentum / dampening /
-weight_decay / nesterov / maximize changed, a group deleted (with or without its state),
-state_dict + load_state_dict (its own deep-copied checkpoint, or the twin's), copy.deepcopy of
-(model, optimizer, scheduler) together, scheduler.step(), requires_grad_(True/False).
+loop's zero_grad + backward + step as one operation, clip_grad_norm_ / clip_grad_value_,
+p.grad.mul_ over every existing gradient, p.grad = None, p.grad = a fresh tensor (sometimes
+channels_last), p.data = p.data.clone(), p.data = fresh values, p.mul_ under no_grad,
+model.to(dtype) / .half() / .float() / ..., model.to(memory_format=channels_last /
+contiguous_format), add_param_group (a new parameter, or the parameters of a deleted group), a
+new parameter appended to a group, a group's lr / momentum / dampening / weight_decay /
+nesterov / maximize changed, a group deleted (with or without its state), state_dict +
+load_state_dict (its own deep-copied checkpoint, or the twin's), copy.deepcopy of (model,
+optimizer, scheduler) together, scheduler.step(), requires_grad_(True/False) on one parameter,
+and on one module, the whole model, or the modules frozen at construction (unfreezing them, as
+fine-tuning does), momentum reset by hand (opt.state.clear(), or one momentum_buffer = None).
+model.to(other dtype), p.data = ... and deepcopy end the views' aliasing for
+torch too (nn.Parameter.__deepcopy__ clones): both twins must agree on which parameters still
+share the kept tensor's storage.
 
 Hypothesis is derandomized (a fixed seed, the same sequences every run), writes no database,
-and shrinks a failure to a minimal sequence. Sequences: 1,000 by default; set
-MOMENTUM_CUDA_SEQUENCES=<n> for more (`make test-long`: 10,000).
+and shrinks a failure to a minimal sequence (views, frozen modules and the lazy layer shrink to
+off). Sequences: 1,000 by default; set MOMENTUM_CUDA_SEQUENCES=<n> for more (`make test-long`:
+10,000).
 
 Hyper-parameters include the edges torch accepts (lr 0, momentum 1, dampening 1), and gradients
 may overflow to inf or become NaN (grad_mul by 1e38 or nan): NaN positions are compared, not
 NaN sign and payload bits (README, "The numeric contract").
 
 Measured on this project's 2-core machine (AMD EPYC, torch 2.13.0+cpu, 2026-12-02), the test
-alone with pytest: 1,000 sequences take 32-34 s; 10,000 take about 290 s. The
-test runs on one intra-op thread (see the test body): with torch's two threads spinning on a
-loaded 2-core machine, each tiny op was up to 10x slower.
+alone with pytest: 1,000 sequences take 34-42 s, 3,000 take 102 s (with the views, frozen and
+lazy options; 32-34 s for 1,000 before them); 10,000 took about 290 s before them (not measured
+since: expect about 340 s). The test runs on one intra-op thread (see the test body): with
+torch's two threads spinning on a loaded 2-core machine, each tiny op was up to 10x slower.
 """
 from __future__ import annotations
 
@@ -102,9 +114,10 @@ _HYPER = {(k, p): hyper(k, p) for k in ("sgd", "momentum") for p in (False, True
 def configs(d):
     kind = d(st.sampled_from(["sgd", "sgd", "sgd", "momentum"]))
     embedding = d(st.booleans())
+    views = d(st.sampled_from([None, None, None, "disjoint", "overlap"]))
+    mods = [m for m in MODULES if (m != "emb" or embedding) and (m != "views" or views)]
     groups = ()
     if d(st.booleans()):  # modules split into up to three groups with their own settings
-        mods = [m for m in MODULES if m != "emb" or embedding]
         ids = d(st.lists(st.integers(0, 2), min_size=len(mods), max_size=len(mods)))
         groups = tuple((tuple(m for m, i in zip(mods, ids) if i == k), d(_HYPER[kind, True]))
                        for k in range(3) if k in ids)
@@ -112,7 +125,11 @@ def configs(d):
                   embedding=embedding, defaults=d(_HYPER[kind, d(st.booleans())]), groups=groups,
                   scheduler=d(st.sampled_from(SCHEDULERS)),
                   lr_tensor=kind == "sgd" and d(st.integers(0, 5)) == 0,
-                  seed=d(st.integers(0, 2**16)))
+                  seed=d(st.integers(0, 2**16)), views=views,
+                  base_buffer=views is not None and d(st.booleans()),
+                  frozen=tuple(d(st.lists(st.sampled_from(mods), unique=True, max_size=2)))
+                  if d(st.booleans()) else (),
+                  lazy=d(st.integers(0, 5)) == 5)
 
 
 K = st.integers(0, 15)  # a parameter or group index (taken modulo the count)
@@ -128,9 +145,9 @@ def _op_args(kind: str) -> dict:
         "maximize": st.booleans(),
     }
     return {
-        "backward": t(st.integers(1, 63), SEED),
+        "backward": t(st.integers(1, 127), SEED),
         "step": st.just(()),
-        "train_step": t(st.integers(1, 63), SEED, st.booleans()),
+        "train_step": t(st.integers(1, 127), SEED, st.booleans()),
         "zero_grad": t(st.booleans(), st.sampled_from(["opt", "model"])),
         "clip_norm": t(st.sampled_from([0.01, 0.5, 10.0]),
                        st.sampled_from([2.0, 1.0, float("inf")])),
@@ -153,11 +170,15 @@ def _op_args(kind: str) -> dict:
         "deepcopy": st.just(()),
         "sched_step": st.just(()),
         "freeze": t(K, st.booleans()),
+        # "frozen": the modules frozen at construction (Config.frozen); "all": the model
+        "reset_state": t(st.sampled_from(["clear", "none"]), K),
+        "freeze_module": t(st.one_of(st.just("frozen"), st.sampled_from(MODULES + ("all",))),
+                           st.one_of(st.just(True), st.booleans())),
     }
 
 
 # how often each operation is drawn (relative): backward and step most often
-WEIGHTS = {"backward": 6, "step": 4, "train_step": 3, "zero_grad": 3}
+WEIGHTS = {"backward": 6, "step": 4, "train_step": 3, "zero_grad": 3, "freeze_module": 3}
 _ARGS = {kind: _op_args(kind) for kind in ("sgd", "momentum")}
 OPS = sorted(_ARGS["sgd"])
 _NAMES = st.sampled_from([n for n in OPS for _ in range(WEIGHTS.get(n, 1))])
