@@ -47,6 +47,16 @@ def _mlp(seed, dtype=torch.float32):
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
 
 
+def _twins(seed, flat=True, dtype=torch.float32):
+    """A small model and its copy, stepped by momentum_cuda.SGD and torch.optim.SGD, and a
+    generator for their inputs."""
+    m = _mlp(seed, dtype)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    return m, t, opt, topt, torch.Generator().manual_seed(seed + 1)
+
+
 def _step_both(models, opts, x, zero=True, set_to_none=True):
     for m, o in zip(models, opts):
         if zero:
@@ -62,11 +72,7 @@ def test_model_to_dtype_before_any_step_is_laid_out_again(flat, change, set_to_n
     """model.to(dtype) between construction and the first step: no momentum buffer exists,
     so the group is laid out again in the new dtype and the steps are flat; zero_grad keeps
     zeroing (set_to_none=False was the case that kept stale gradients)."""
-    m = _mlp(0)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(1)
+    m, t, opt, topt, gen = _twins(0, flat)
     x = torch.randn(3, 4, generator=gen)
     _step_both((m, t), (opt, topt), x, set_to_none=set_to_none)  # grads exist (fp32)
     opt.state.clear()  # no buffer: the case where nothing keeps the old dtype
@@ -85,11 +91,7 @@ def test_model_to_dtype_before_any_step_is_laid_out_again(flat, change, set_to_n
 def test_zero_grad_false_after_model_double_with_buffers(flat):
     """model.double() after steps (fp32 buffers stay, torch-ops path), then
     zero_grad(set_to_none=False) every step: the converted gradients must be zeroed."""
-    m = _mlp(2)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(3)
+    m, t, opt, topt, gen = _twins(2, flat)
     for step in range(5):
         if step == 2:
             m.double()
@@ -105,11 +107,7 @@ def test_grad_data_replaced_is_not_stepped_from_the_flat_buffer():
     """p.grad.data = other tensor (what Module._apply does to a gradient): the gradient object
     is still the flat view, but its memory is elsewhere; the step reads the new values, and
     after zero_grad backward gets a fresh flat view (the replaced tensor is left alone)."""
-    m = _mlp(4)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(5)
+    m, t, opt, topt, gen = _twins(4)
     _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
     new = torch.randn(m[2].weight.shape, generator=gen)
     held = m[2].weight.grad
@@ -191,11 +189,7 @@ def test_second_optimizer_over_a_laid_out_model():
     """A new optimizer over parameters another (still alive) momentum_cuda optimizer laid out,
     with another split into param groups: it lays them out in its own buffers; both go on
     with torch's bits (each checks its layout before stepping)."""
-    m = _mlp(8)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(9)
+    m, t, opt, topt, gen = _twins(8)
     _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
     split = lambda mm: [{"params": [mm[0].weight, mm[2].weight]},
                         {"params": [mm[0].bias, mm[2].bias], "weight_decay": 0.0}]
@@ -376,11 +370,7 @@ def test_load_state_dict_after_model_to_dtype():
     """model.half() after a step, then load_state_dict before the next step: torch casts the
     loaded buffers to the parameters' new dtype; they must not be copied back into the old
     (bf16) flat buffer."""
-    m = _mlp(23, torch.bfloat16)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(24)
+    m, t, opt, topt, gen = _twins(23, dtype=torch.bfloat16)
     _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen).bfloat16())
     for mm, o in ((m, opt), (t, topt)):
         mm.half()
@@ -397,11 +387,7 @@ def test_load_state_dict_after_model_to_dtype():
 def test_data_replaced_in_other_ways(flat, how):
     """p.set_(...) (under no_grad), p.data = ... and torch.utils.swap_tensors move a parameter
     out of its flat buffer: the group is laid out again, with torch's bits."""
-    m = _mlp(25)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(26)
+    m, t, opt, topt, gen = _twins(25, flat)
     for step in range(4):
         if step == 2:
             new = torch.randn(m[0].weight.shape, generator=gen)
