@@ -75,6 +75,19 @@ def twin_params(values, requires_grad=True):
     return a, b
 
 
+# ---- bitwise comparison ----------------------------------------------------------------------
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits, for torch.equal: a floating tensor viewed as the integer type of its size (a
+    complex one as its real and imaginary parts), so -0.0 != 0.0 and a NaN equals its copy."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.view(_INT[t.element_size()]) if t.is_floating_point() else t
+
+
 def fresh_grads(params, gen) -> list[torch.Tensor]:
     """One fresh random gradient per parameter, in the parameter's dtype and memory layout."""
     out = []

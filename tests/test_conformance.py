@@ -24,7 +24,7 @@ from torch.autograd import gradcheck
 
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
-from conftest import backward_grads, fresh_grads, make_values, momentum_buffer, storage_ptr
+from conftest import backward_grads, bits, fresh_grads, make_values, momentum_buffer, storage_ptr
 
 pytestmark = [
     # expected: the torch-ops path announces itself (test_torch_ops_warn_once_per_reason)
@@ -40,17 +40,9 @@ HYPERS = {
     "dampening-max-wd": dict(momentum=0.8, dampening=0.3, maximize=True, weight_decay=1e-2),
 }
 SIZES = [97, (9, 11), 1, 0, (4, 3, 5)]
-_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # ---- bitwise comparison ----------------------------------------------------------------------
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.view(_INT[t.element_size()]) if t.is_floating_point() else t
-
-
 def same(a, b, what: str) -> None:
     """a and b are the same value: None, a Python value, or a tensor with the same layout,
     dtype, shape, device and bits (sparse: coalesced flag, indices, values)."""
@@ -71,8 +63,8 @@ def same(a, b, what: str) -> None:
         same(a._indices(), b._indices(), f"{what} (indices)")
         same(a._values(), b._values(), f"{what} (values)")
         return
-    assert torch.equal(_bits(a), _bits(b)), (
-        f"{what} differs in {(_bits(a) != _bits(b)).sum().item()} of {a.numel()} elements")
+    assert torch.equal(bits(a), bits(b)), (
+        f"{what} differs in {(bits(a) != bits(b)).sum().item()} of {a.numel()} elements")
 
 
 def same_state_dict(a: dict, b: dict, what: str) -> None:

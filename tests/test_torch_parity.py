@@ -44,6 +44,7 @@ from torch.optim.optimizer import (
 )
 
 import momentum_cuda
+from conftest import bits
 
 pytestmark = [
     # expected: the torch-ops path announces itself (complex parameters, sparse gradients,
@@ -156,16 +157,6 @@ def test_torch_configurations_are_read():
 
 
 # ---- bitwise comparison ----------------------------------------------------------------------
-_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.view(_INT[t.element_size()]) if t.is_floating_point() else t
-
-
 def same(a, b, what: str) -> None:
     """a and b are the same value: None, a Python value (type and ==), a container of them
     (dicts: the same keys, in any order), or
@@ -201,8 +192,8 @@ def same(a, b, what: str) -> None:
         same(a._indices(), b._indices(), f"{what} (indices)")
         same(a._values(), b._values(), f"{what} (values)")
         return
-    assert torch.equal(_bits(a), _bits(b)), (
-        f"{what} differs in {(_bits(a) != _bits(b)).sum().item()} of {a.numel()} elements")
+    assert torch.equal(bits(a), bits(b)), (
+        f"{what} differs in {(bits(a) != bits(b)).sum().item()} of {a.numel()} elements")
 
 
 _FLAGS = ("foreach", "fused")
@@ -274,6 +265,25 @@ def model_pair(make, seed=1):
     torch.manual_seed(seed)
     m = make()
     return m, copy.deepcopy(m)
+
+
+def _randn(q, gen):
+    return torch.randn(q.shape, generator=gen)
+
+
+def _step_twins(o, r, ps_o, ps_r, gen, steps, what=None, *, draw=_randn, compare=None):
+    """`steps` steps of momentum_cuda `o` and its torch twin `r`: before each, every parameter
+    pair of ps_o, ps_r gets a fresh gradient, draw(q, gen) on torch's side and a clone of it on
+    ours; after each (unless what is None) same_opt over `compare` (default: ps_o, ps_r) with
+    the message what(step)."""
+    for step in range(steps):
+        for p, q in zip(ps_o, ps_r):
+            q.grad = draw(q, gen)
+            p.grad = q.grad.clone()
+        o.step()
+        r.step()
+        if what is not None:
+            same_opt(o, r, *(compare or (ps_o, ps_r)), what(step))
 
 
 def _layout(name, gen):
@@ -410,13 +420,8 @@ def test_add_param_group_matches_torch(flat):
         r.add_param_group({"params": [("b", b_r)] if named else [b_r], "lr": 0.3, "nesterov": True,
                            "momentum": 0.5})
         gen = torch.Generator().manual_seed(int(named))
-        for step in range(3):
-            for p, q in ((a_o, a_r), (b_o, b_r)):
-                q.grad = torch.randn(q.shape, generator=gen)
-                p.grad = q.grad.clone()
-            o.step()
-            r.step()
-            same_opt(o, r, [a_o, b_o, c_o], [a_r, b_r, c_r], f"named={named} step {step}")
+        _step_twins(o, r, [a_o, b_o], [a_r, b_r], gen, 3, lambda s: f"named={named} step {s}",
+                    compare=([a_o, b_o, c_o], [a_r, b_r, c_r]))
         same_state_dict(o.state_dict(), r.state_dict(), f"named={named} state_dict")
 
 
@@ -597,13 +602,8 @@ def test_complex_bitwise(flat):
             ps_o, ps_r = [a for a, _ in pairs], [b for _, b in pairs]
             o, r = build(ps_o, ps_r, kw, flat)
             g = torch.Generator().manual_seed(6)
-            for step in range(3):
-                for p, q in zip(ps_o, ps_r):
-                    q.grad = torch.randn(q.shape, dtype=q.dtype, generator=g)
-                    p.grad = q.grad.clone()
-                o.step()
-                r.step()
-                same_opt(o, r, ps_o, ps_r, f"{desc} ({form}) step {step}:")
+            _step_twins(o, r, ps_o, ps_r, g, 3, lambda s: f"{desc} ({form}) step {s}:",
+                        draw=lambda q, g: torch.randn(q.shape, dtype=q.dtype, generator=g))
 
 
 @FLAT
@@ -929,13 +929,7 @@ def test_load_state_dict_with_none_momentum_buffers(flat):
                                  "weight_decay": 0, "nesterov": False, "params": [0, 1]}]}
         o.load_state_dict(copy.deepcopy(old))
         r.load_state_dict(copy.deepcopy(old))
-        for step in range(4):
-            for p, q in zip(ps_o, ps_r):
-                q.grad = torch.randn(q.shape, generator=gen)
-                p.grad = q.grad.clone()
-            o.step()
-            r.step()
-            same_opt(o, r, ps_o, ps_r, f"momentum={momentum} step {step}:")
+        _step_twins(o, r, ps_o, ps_r, gen, 4, lambda s: f"momentum={momentum} step {s}:")
         same_state_dict(o.state_dict(), r.state_dict(), f"momentum={momentum}: state_dict")
 
 
@@ -1009,11 +1003,7 @@ def test_state_dict_is_live_and_deepcopy_independent(flat):
     o, r = build(ps_o, ps_r, dict(lr=0.1, momentum=0.9), flat)
 
     def step():
-        for p, q in zip(ps_o, ps_r):
-            q.grad = torch.randn(q.shape, generator=gen)
-            p.grad = q.grad.clone()
-        o.step()
-        r.step()
+        _step_twins(o, r, ps_o, ps_r, gen, 1)
 
     step()
     sd_o, sd_r = o.state_dict(), r.state_dict()
@@ -1048,13 +1038,7 @@ def test_load_state_dict_with_tensor_lr(flat):
     o, r = build(ps_o, ps_r, dict(lr=0.3, momentum=0.9), flat)
     o.load_state_dict(copy.deepcopy(sd))
     r.load_state_dict(copy.deepcopy(sd))
-    for step in range(3):
-        for p, q in zip(ps_o, ps_r):
-            q.grad = torch.randn(q.shape, generator=gen)
-            p.grad = q.grad.clone()
-        o.step()
-        r.step()
-        same_opt(o, r, ps_o, ps_r, f"step {step}:")
+    _step_twins(o, r, ps_o, ps_r, gen, 3, lambda s: f"step {s}:")
     same(o.state_dict(), r.state_dict(), "state_dict")
 
 
@@ -1072,15 +1056,15 @@ def _sd_post_hook(opt, sd):
     return sd
 
 
+def _rand(q, gen):
+    return torch.rand(q.shape, generator=gen)
+
+
 def _primed(kw, flat, steps=2):
     gen = torch.Generator().manual_seed(53)
     p_o, p_r = leaf_pair(torch.rand(2, 3, generator=gen))
     o, r = build([p_o], [p_r], kw, flat)
-    for _ in range(steps):
-        p_r.grad = torch.rand(2, 3, generator=gen)
-        p_o.grad = p_r.grad.clone()
-        o.step()
-        r.step()
+    _step_twins(o, r, [p_o], [p_r], gen, steps, draw=_rand)
     return o, r, p_o, p_r
 
 
@@ -1153,12 +1137,7 @@ def test_load_state_dict_hooks(hooks, flat):
                 assert opt.state["ran_load_state_dict_post_hook"] is True
         same_opt(o, r, [p_o], [p_r], f"{desc}: loaded")
         gen = torch.Generator().manual_seed(59)
-        for step in range(2):
-            p_r.grad = torch.rand(2, 3, generator=gen)
-            p_o.grad = p_r.grad.clone()
-            o.step()
-            r.step()
-            same_opt(o, r, [p_o], [p_r], f"{desc} step {step}:")
+        _step_twins(o, r, [p_o], [p_r], gen, 2, lambda s: f"{desc} step {s}:", draw=_rand)
         same_state_dict(o.state_dict(), r.state_dict(), desc)
 
 
@@ -1265,12 +1244,7 @@ def test_copies_keep_attrs_and_step_on(how, flat):
         pairs = [leaf_pair(torch.randn(2, 3, generator=gen)) for _ in range(2)]
         ps_o, ps_r = [a for a, _ in pairs], [b for _, b in pairs]
         o, r = build(ps_o, ps_r, kw, flat)
-        for _ in range(3):
-            for p, q in zip(ps_o, ps_r):
-                q.grad = torch.rand(q.shape, generator=gen)
-                p.grad = q.grad.clone()
-            o.step()
-            r.step()
+        _step_twins(o, r, ps_o, ps_r, gen, 3, draw=_rand)
 
         def cp(opt):
             if how == "deepcopy":
@@ -1285,13 +1259,8 @@ def test_copies_keep_attrs_and_step_on(how, flat):
         assert _public(o) - {"last_step"} == _public(r), desc
         cps_o, cps_r = c_o.param_groups[0]["params"], c_r.param_groups[0]["params"]
         before = [p.detach().clone() for p in ps_o]
-        for step in range(2):
-            for p, q in zip(cps_o, cps_r):
-                q.grad = torch.rand(q.shape, generator=gen)
-                p.grad = q.grad.clone()
-            c_o.step()
-            c_r.step()
-            same_opt(c_o, c_r, cps_o, cps_r, f"{desc} copy step {step}:")
+        _step_twins(c_o, c_r, cps_o, cps_r, gen, 2, lambda s: f"{desc} copy step {s}:",
+                    draw=_rand)
         for p, b in zip(ps_o, before):
             same(p.detach(), b, f"{desc}: the original's parameter after the copy stepped")
 
@@ -1436,13 +1405,8 @@ def test_non_dense_parameters(dtype, flat):
         pairs = [leaf_pair(v) for v in vals]
         ps_o, ps_r = [a for a, _ in pairs], [b for _, b in pairs]
         o, r = build(ps_o, ps_r, kw, flat)
-        for step in range(3):
-            for p, q in zip(ps_o, ps_r):
-                q.grad = torch.randn(q.shape, generator=gen).to(dtype)
-                p.grad = q.grad.clone()
-            o.step()
-            r.step()
-            same_opt(o, r, ps_o, ps_r, f"{desc} step {step}:")
+        _step_twins(o, r, ps_o, ps_r, gen, 3, lambda s: f"{desc} step {s}:",
+                    draw=lambda q, g: torch.randn(q.shape, generator=g).to(dtype))
 
 
 @FLAT
@@ -1457,13 +1421,8 @@ def test_step_with_no_grads_then_some(flat):
     r.step()
     same_opt(o, r, ps_o, ps_r, "no gradients")
     assert len(o.state) == 0
-    for step in range(3):
-        for i in (0, 2):
-            ps_r[i].grad = torch.randn(ps_r[i].shape, generator=gen)
-            ps_o[i].grad = ps_r[i].grad.clone()
-        o.step()
-        r.step()
-        same_opt(o, r, ps_o, ps_r, f"some gradients, step {step}:")
+    _step_twins(o, r, ps_o[::2], ps_r[::2], gen, 3, lambda s: f"some gradients, step {s}:",
+                compare=(ps_o, ps_r))
     same_state_dict(o.state_dict(), r.state_dict(), "state_dict")
 
 
@@ -1483,13 +1442,7 @@ def test_param_groups_with_different_options(flat):
                          for ps, h in zip(pairs, opts)], lr=0.1, foreach=False)
     ps_o = [a for ps in pairs for a, _ in ps]
     ps_r = [b for ps in pairs for _, b in ps]
-    for step in range(5):
-        for p, q in zip(ps_o, ps_r):
-            q.grad = torch.randn(q.shape, generator=gen)
-            p.grad = q.grad.clone()
-        o.step()
-        r.step()
-        same_opt(o, r, ps_o, ps_r, f"step {step}:")
+    _step_twins(o, r, ps_o, ps_r, gen, 5, lambda s: f"step {s}:")
     same_state_dict(o.state_dict(), r.state_dict(), "state_dict")
 
 
