@@ -239,6 +239,10 @@ _TORCH_OPS_WARNINGS = {
 }
 
 
+def _what(p) -> str:
+    return f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
+
+
 def _ids(group) -> tuple:
     return tuple(map(id, group["params"]))
 
@@ -257,6 +261,8 @@ class _GroupLayout:
     # (_private); step() lays the group out again when any other parameter outside the
     # buckets could be, or when a bucketed one has moved (model.to(), p.data = ...).
     stuck: dict = field(default_factory=dict)
+    spans: list | None = None  # (data_ptr, nbytes) of the parameters _overlap last looked at
+    overlap: bool = False
 
 
 @dataclass
@@ -628,9 +634,9 @@ class _FusedMomentum(Optimizer):
                     plan = self._plan(g, lay, relayout=False)
                 plans.append(plan)
             self.last_step = []
-            for h, runs, loose, alias in plans:
+            for h, runs, loose in plans:
                 self._step_flat(runs, h)
-                self._step_tensors(loose, h, alias)
+                self._step_tensors(loose, h)
         return loss
 
     def _step_differentiable(self) -> None:
@@ -653,7 +659,7 @@ class _FusedMomentum(Optimizer):
                         f"differentiable=True updates the parameters in place under grad mode, "
                         f"which torch refuses for a leaf that requires grad (\"a leaf Variable "
                         f"that requires grad is being used in an in-place operation.\"): the "
-                        f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device}) is one; "
+                        f"{_what(p)} is one; "
                         f"optimize non-leaf tensors (e.g. p.clone())")
                 ps.append(p)
                 gs.append(g)
@@ -720,16 +726,29 @@ class _FusedMomentum(Optimizer):
                     runs[-1][4] = runs[-1][4] or (use_buf and buf is None)
                 else:
                     runs.append([b, i, i + 1, first, use_buf and buf is None])
-        alias = bool(loose) and _overlapping([p for p in group["params"] if p.grad is not None])
+        alias = bool(loose) and self._overlap(lay, group)
         if alias:
             # torch's for-loop steps overlapping parameters one after the other, each reading
             # what the one before wrote: so does the whole group here (torch's own ops)
             runs, loose = [], [(p, p.grad) for p in group["params"] if p.grad is not None]
+        checked = []  # (param, grad, buffer, why torch's ops step it or None)
         for p, g in loose:
             if p.device.type == "meta" and self._requested_backend is not None:
                 self._backend_for(p.device)  # raises: see _check_backends
-            self._check_loose(p, g, self._buffer(p) if use_buf else None, h)
-        return h, runs, loose, alias
+            buf = self._buffer(p) if use_buf else None
+            reason = self._check_loose(p, g, buf, h)
+            checked.append((p, g, buf, "alias" if alias else reason))
+        return h, runs, checked
+
+    @staticmethod
+    def _overlap(lay, group) -> bool:
+        """Some parameters of the group (with a gradient) overlap in memory; the answer is
+        kept with the layout until an address or size changes."""
+        ps = [p for p in group["params"] if p.grad is not None]
+        key = [(p.data_ptr(), p.nbytes) for p in ps]
+        if key != lay.spans:
+            lay.spans, lay.overlap = key, _overlapping(ps)
+        return lay.overlap
 
     @staticmethod
     def _could_move(lay, p) -> bool:
@@ -794,32 +813,33 @@ class _FusedMomentum(Optimizer):
             return "layout"
         return None
 
-    def _check_loose(self, p, g, buf, h) -> None:
-        """What the per-tensor kernels (or torch's ops) need, checked before any runs."""
-        what = f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
+    def _check_loose(self, p, g, buf, h) -> str | None:
+        """What the per-tensor kernels (or torch's ops) need, checked before any runs; returns
+        why torch's own ops must step it (_torch_reason), or None."""
         if p.layout != torch.strided:
-            raise RuntimeError(f"momentum_cuda needs strided parameters; got a {p.layout} {what}")
+            raise RuntimeError(f"momentum_cuda needs strided parameters; got a {p.layout} "
+                               f"{_what(p)}")
         for name, t in (("gradient", g), ("momentum_buffer", buf)):
             # A buffer of another dtype is torch's case too (model.to(dtype) after steps):
             # torch's in-place ops cast, and so does the torch-ops path.
             if t is not None and (t.shape != p.shape or t.device != p.device or (
                     t.dtype != p.dtype and name == "gradient")):
-                raise RuntimeError(f"the {name} of a {what} is a tensor of shape "
+                raise RuntimeError(f"the {name} of a {_what(p)} is a tensor of shape "
                                    f"{tuple(t.shape)} ({t.dtype}, {t.device})")
         reason = self._torch_reason(p, g, buf)
         if reason in ("complex", "sparse", "meta", "strided"):
             self._check_torch_path(p, g, buf, h)
             if reason == "sparse":
                 self._rehearse_sparse(p, g, buf, h)
-            return
-        if p.dtype not in _DTYPES:
-            raise RuntimeError(f"momentum_cuda supports {_DTYPES} and complex, got a {what}")
+        elif p.dtype not in _DTYPES:
+            raise RuntimeError(f"momentum_cuda supports {_DTYPES} and complex, got a {_what(p)}")
+        return reason
 
     @staticmethod
     def _check_torch_path(p, g, buf, h) -> None:
         """The cases where torch's for-loop raises part-way through a step (after updating
         the parameters before this one): raised here, before anything is written."""
-        what = f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
+        what = _what(p)
         if not _strided(g) and h["weight_decay"] != 0:
             raise RuntimeError(
                 f"weight_decay={h['weight_decay']} cannot be used with the sparse gradient "
@@ -870,16 +890,14 @@ class _FusedMomentum(Optimizer):
             return buf.zero_() if self._ema else buf
         return torch.zeros_like(p) if self._ema else torch.empty_like(p)
 
-    def _step_tensors(self, pairs, h, alias=False) -> None:
+    def _step_tensors(self, items, h) -> None:
         """The per-tensor path: one list call per (device, dtype, first step); torch's own
-        ops for what the kernels do not model, and for every parameter if some overlap."""
+        ops for what the kernels do not model (items: _plan's checked list)."""
         use_buf = h["momentum"] != 0
         calls: dict = {}
         torch_ops = []
         reasons = set()
-        for p, g in pairs:
-            buf = self._buffer(p) if use_buf else None
-            reason = "alias" if alias else self._torch_reason(p, g, buf)
+        for p, g, buf, reason in items:
             if reason is not None:
                 torch_ops.append((p, g, buf))
                 reasons.add(reason)
