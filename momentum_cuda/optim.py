@@ -160,7 +160,7 @@ def _private(params, everyone) -> set:
         else:  # no reference count: only a storage that is exactly one parameter's
             ok = len(holders) == 1 and ps[0].storage_offset() == 0 and (
                 ps[0].untyped_storage().nbytes() == ps[0].numel() * ps[0].element_size())
-        if ok and _disjoint(holders):
+        if ok and all(map(_dense, holders)) and not _overlapping(holders):
             out.update(map(id, ps))
     return out
 
@@ -170,20 +170,6 @@ def _by(items, key) -> dict:
     for x in items:
         out.setdefault(key(x), []).append(x)
     return out
-
-
-def _disjoint(ts) -> bool:
-    """No two of the tensors (dense ones, on one storage) share a byte."""
-    if len(ts) == 1:
-        return True
-    spans = []
-    for t in ts:
-        if not _dense(t):
-            return False
-        start = t.storage_offset() * t.element_size()
-        spans.append((start, start + t.numel() * t.element_size()))
-    spans.sort()
-    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
 def _overlapping(ts) -> bool:
@@ -303,6 +289,10 @@ class _Bucket:
         return (p.data_ptr() == self.ptrs[i] and p.dtype == v.dtype and p.device == v.device
                 and (p.shape, p.stride()) == self.meta[i])
 
+    def holds_grad(self, i: int, g) -> bool:
+        """g is params[i]'s flat gradient view, still over its place in flat_grad."""
+        return g is self.grad_views[i] and g.data_ptr() == self.gptrs[i]
+
     def new_grad_view(self, i: int) -> torch.Tensor:
         """A tensor over params[i]'s place in flat_grad (set_, so that autograd sees a plain
         tensor, not a view whose base it would track)."""
@@ -398,9 +388,8 @@ class _FusedMomentum(Optimizer):
     def __setstate__(self, state: dict) -> None:
         """The copy gets its own flat buffers over its (copied) parameters, and momentum
         buffers that are views of them, at its first zero_grad() or step(): nothing is shared
-        with the original. A copied .grad
-        (deepcopy copies a plain tensor's .grad) is copied into the new flat gradient buffer;
-        a None one stays None. torch's load_state_dict also calls this, on a live optimizer,
+        with the original. A copied .grad (deepcopy copies a plain tensor's .grad) is copied
+        into the new flat gradient buffer; a None one stays None. torch's load_state_dict also calls this, on a live optimizer,
         with new param group dicts over the same parameters: the layout is kept and handed
         to them."""
         if "_layouts" in self.__dict__:  # load_state_dict
@@ -574,7 +563,7 @@ class _FusedMomentum(Optimizer):
                     if g is None:
                         continue
                     b, i = slot.get(id(p), (None, 0))
-                    if b is not None and g is b.grad_views[i] and g.data_ptr() == b.gptrs[i]:
+                    if b is not None and b.holds_grad(i, g):
                         continue  # zeroed with its buffer
                     if g.grad_fn is not None:  # as torch's zero_grad does
                         g.detach_()
@@ -715,7 +704,7 @@ class _FusedMomentum(Optimizer):
                 buf = self._buffer(p) if use_buf else None
                 first = bool(use_buf and buf is None and not self._ema)
                 moved = p.data_ptr() != b.ptrs[i]
-                ok = g is b.grad_views[i] and not moved and g.data_ptr() == b.gptrs[i] and (
+                ok = not moved and b.holds_grad(i, g) and (
                     buf is None or (b.flat_buf is not None and buf is b.buf_views[i]))
                 if not ok:
                     if relayout and moved and self._could_move(lay, p):
@@ -971,8 +960,8 @@ class _FusedMomentum(Optimizer):
         """torch's sparse ops lack some dtypes (fp16 sparse + sparse: "cadd_sparse" not
         implemented for 'Half'), so torch's own step can fail part-way through. The same step
         runs first on one-row stand-ins of p, g and buf (same dtypes, layouts, dimensions,
-        empty where they are empty):
-        what would fail raises here, before anything is written."""
+        empty where they are empty): what would fail raises here, before anything is
+        written."""
         k = g.sparse_dim() if g.is_sparse else buf.sparse_dim()
         shape = (1,) * k + tuple(p.shape[k:])
 
@@ -989,8 +978,7 @@ class _FusedMomentum(Optimizer):
             self._torch_step([stand_in(p)], [stand_in(g)], [tb], h)
         except Exception as e:
             raise type(e)(f"torch.optim.SGD's own step fails on the sparse gradient of a "
-                          f"parameter of shape {tuple(p.shape)} ({p.dtype}); raised before "
-                          f"anything was written: {e}") from e
+                          f"{_what(p)}; raised before anything was written: {e}") from e
 
     def _report(self, backend, path, t, tensors, numel) -> None:
         self.last_step.append(dict(backend=backend, path=path, device=str(t.device),

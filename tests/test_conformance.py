@@ -464,6 +464,15 @@ class _EmbNet(nn.Module):
         return self.lin(self.emb(idx))
 
 
+def _emb_twins(dtype, flat):
+    """_EmbNet and its copy, with momentum_cuda.SGD and torch.optim.SGD (momentum 0.9)."""
+    net = _EmbNet(dtype)
+    tnet = copy.deepcopy(net)
+    opt = momentum_cuda.SGD(net.parameters(), lr=0.05, momentum=0.9, flat=flat)
+    topt = torch.optim.SGD(tnet.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    return net, tnet, opt, topt
+
+
 def _emb_backward(net, gen, dtype):
     """Fresh random indices (with repeats: the sparse gradient is uncoalesced) and a fresh
     random upstream gradient."""
@@ -620,10 +629,7 @@ def test_empty_fp16_sparse_gradient_steps_as_torch(flat):
     """The other side of the rehearsal above: an fp16 sparse gradient with no entries (zeroed
     in place by zero_grad(set_to_none=False), then a backward that skips the embedding) goes
     through torch's sparse + sparse, which works when it is empty: no error, torch's bits."""
-    net = _EmbNet(torch.float16)
-    tnet = copy.deepcopy(net)
-    opt = momentum_cuda.SGD(net.parameters(), lr=0.05, momentum=0.9, flat=flat)
-    topt = torch.optim.SGD(tnet.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    net, tnet, opt, topt = _emb_twins(torch.float16, flat)
     gen = torch.Generator().manual_seed(66)
     idx, w = _emb_backward(net, gen, torch.float16)
     x = torch.randn(5, 4, generator=gen).half()
@@ -644,10 +650,7 @@ def test_empty_fp16_sparse_gradient_steps_as_torch(flat):
 def test_sparse_buffer_with_dense_gradient_raises_before_touching(flat):
     """After a sparse step with momentum the buffer is sparse (torch's too); a dense gradient
     then fails in torch; momentum_cuda raises before touching anything."""
-    net = _EmbNet(torch.float32)
-    tnet = copy.deepcopy(net)
-    opt = momentum_cuda.SGD(net.parameters(), lr=0.05, momentum=0.9, flat=flat)
-    topt = torch.optim.SGD(tnet.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    net, tnet, opt, topt = _emb_twins(torch.float32, flat)
     gen = torch.Generator().manual_seed(65)
     idx, w = _emb_backward(net, gen, torch.float32)
     for n, o in ((net, opt), (tnet, topt)):

@@ -403,3 +403,22 @@ def test_data_replaced_in_other_ways(flat, how):
         _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
         _same_opt(opt, topt, f"step {step}")
         assert _paths(opt) == ({"flat"} if flat else {"per-tensor"}), opt.last_step
+
+
+def test_without_storage_use_count(monkeypatch):
+    """A torch without torch._C._storage_Use_Count: only a parameter that is exactly its own
+    storage may move; a view of a bigger tensor stays in it (per-tensor path)."""
+    from momentum_cuda import optim
+    monkeypatch.setattr(optim, "_HAS_USE_COUNT", False)
+    big = torch.randn(12)
+    own, view = nn.Parameter(torch.randn(5)), nn.Parameter(big[2:9])
+    opt = momentum_cuda.SGD([own, view], lr=0.1)
+    key = lambda p: p.untyped_storage().data_ptr()
+    assert key(view) == key(big) and key(own) != key(big)
+    assert [p for b in list(opt._layouts.values())[0].buckets for p in b.params] == [own]
+    opt.zero_grad()
+    (own.sum() + 2 * view.sum()).backward()
+    before = big.clone()
+    opt.step()
+    assert _paths(opt) == {"flat", "per-tensor"}
+    assert torch.equal(big[2:9], before[2:9].add(torch.full((7,), 2.0), alpha=-0.1))
