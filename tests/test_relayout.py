@@ -422,3 +422,21 @@ def test_without_storage_use_count(monkeypatch):
     opt.step()
     assert _paths(opt) == {"flat", "per-tensor"}
     assert torch.equal(big[2:9], before[2:9].add(torch.full((7,), 2.0), alpha=-0.1))
+
+
+@FLAT
+def test_loaded_state_dict_is_copied_or_kept_as_readme_says(flat):
+    """README, Limits: with flat=True the buffers of the dict given to load_state_dict are
+    copied into the flat buffers (the dict stays as it was); flat=False keeps its tensors as
+    the live state, as torch does. The steps' bits are torch's either way."""
+    m, t, opt, topt, gen = _twins(27, flat)
+    _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+    sd, tsd = copy.deepcopy(opt.state_dict()), copy.deepcopy(topt.state_dict())
+    before = {k: v["momentum_buffer"].clone() for k, v in sd["state"].items()}
+    opt.load_state_dict(sd)
+    topt.load_state_dict(tsd)
+    _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+    _same_opt(opt, topt, "after the load")
+    kept = [torch.equal(sd["state"][k]["momentum_buffer"], v) for k, v in before.items()]
+    assert all(kept) if flat else not any(kept)
+    assert not any(torch.equal(tsd["state"][k]["momentum_buffer"], v) for k, v in before.items())
