@@ -57,6 +57,11 @@ from torch.optim import Optimizer
 
 from torch.optim.sgd import sgd as _torch_sgd
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed: nothing is a DTensor
+    _DTensor = ()
+
 from ._backends import resolve_backend, step_fn
 from ._util import is_dense as _dense
 from .reference import momentum_reference_step
@@ -113,9 +118,30 @@ def _grad_hook(bucket_ref, i):
 
 def _layable(p) -> bool:
     """p could sit in a flat buffer, its storage aside (see _private): a dense float parameter
-    that requires grad, materialised (not on meta, not a lazy module's uninitialised one)."""
+    that requires grad, materialised (not on meta, not a lazy module's uninitialised one), not
+    a DTensor (FSDP2 keeps each local shard in its own storage, which it all-gathers from)."""
     return (p.requires_grad and p.dtype in _DTYPES and p.device.type != "meta"
-            and not is_lazy(p) and _dense(p))
+            and not is_lazy(p) and not isinstance(p, _DTensor) and _dense(p))
+
+
+def _local(t):
+    """A DTensor's local tensor (its shard on this rank); any other tensor (or None) itself."""
+    return t._local_tensor if isinstance(t, _DTensor) else t
+
+
+def _same_shards(p, *ts) -> bool:
+    """Every t (None aside) is a DTensor sharded like the DTensor p: same mesh, placements
+    and local shape, so the step is elementwise on the local shards."""
+    lp = p._local_tensor
+    return all(t is None or (isinstance(t, _DTensor) and t.device_mesh == p.device_mesh
+                             and t.placements == p.placements
+                             and t._local_tensor.shape == lp.shape) for t in ts)
+
+
+def _as_dtensor(local, like):
+    """local (this rank's shard) as a DTensor sharded like `like` (no copy)."""
+    return _DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                               shape=like.shape, stride=like.stride())
 
 
 def _storage_key(t) -> int:
@@ -144,7 +170,7 @@ def _private(params, everyone) -> set:
     of a tensor the user holds, or that overlaps another, stays where it is: moving it would
     end the aliasing torch keeps."""
     mine: dict = {}
-    for q in everyone:
+    for q in map(_local, everyone):
         if (q.layout == torch.strided and q.device.type != "meta" and not is_lazy(q)
                 and q.untyped_storage().nbytes()):
             mine.setdefault(_storage_key(q), []).append(q)
@@ -217,6 +243,10 @@ _TORCH_OPS_WARNINGS = {
              "(slower). See opt.last_step.",
     "strided": "momentum_cuda: parameters that are not dense in memory (e.g. a strided slice) "
                "are stepped with torch's own ops (slower). See opt.last_step.",
+    "dtensor": "momentum_cuda: a DTensor parameter's gradient or momentum buffer is sharded "
+               "differently (another mesh, placements or local shape); stepping it with "
+               "torch's own DTensor ops, which redistribute as torch.optim.SGD's do (slower). "
+               "See opt.last_step.",
     "meta": "momentum_cuda: parameters on the meta device are stepped with torch's own ops. "
             "See opt.last_step.",
     "dtype": "momentum_cuda: a momentum buffer has another dtype than its parameter (e.g. after "
@@ -720,20 +750,32 @@ class _FusedMomentum(Optimizer):
             # torch's for-loop steps overlapping parameters one after the other, each reading
             # what the one before wrote: so does the whole group here (torch's own ops)
             runs, loose = [], [(p, p.grad) for p in group["params"] if p.grad is not None]
-        checked = []  # (param, grad, buffer, why torch's ops step it or None)
+        # (param, grad, buffer, why torch's ops step it or None, the DTensor param whose
+        # local shards param, grad and buffer are, or None)
+        checked = []
         for p, g in loose:
             if p.device.type == "meta" and self._requested_backend is not None:
                 self._backend_for(p.device)  # raises: see _check_backends
             buf = self._buffer(p) if use_buf else None
-            reason = self._check_loose(p, g, buf, h)
-            checked.append((p, g, buf, "alias" if alias else reason))
+            if isinstance(p, _DTensor):
+                if not _same_shards(p, g, buf):
+                    # torch's ops redistribute (or refuse) as torch.optim.SGD's would
+                    checked.append((p, g, buf, "dtensor", None))
+                    continue
+                reason = self._check_loose(_local(p), _local(g), _local(buf), h)
+                if reason is None and not alias:
+                    checked.append((_local(p), _local(g), _local(buf), None, p))
+                    continue
+            else:
+                reason = self._check_loose(p, g, buf, h)
+            checked.append((p, g, buf, "alias" if alias else reason, None))
         return h, runs, checked
 
     @staticmethod
     def _overlap(lay, group) -> bool:
         """Some parameters of the group (with a gradient) overlap in memory; the answer is
         kept with the layout until an address or size changes."""
-        ps = [p for p in group["params"] if p.grad is not None]
+        ps = [_local(p) for p in group["params"] if p.grad is not None]
         key = [(p.data_ptr(), p.nbytes) for p in ps]
         if key != lay.spans:
             lay.spans, lay.overlap = key, _overlapping(ps)
@@ -886,7 +928,7 @@ class _FusedMomentum(Optimizer):
         calls: dict = {}
         torch_ops = []
         reasons = set()
-        for p, g, buf, reason in items:
+        for p, g, buf, reason, dt in items:
             if reason is not None:
                 torch_ops.append((p, g, buf))
                 reasons.add(reason)
@@ -894,19 +936,28 @@ class _FusedMomentum(Optimizer):
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)  # fp32/fp64: the layout does not change bits
             first = bool(use_buf and buf is None and not self._ema)
-            if use_buf and buf is None:
+            new = use_buf and buf is None
+            if new:
                 buf = self._new_buffer(p)
-            ps, gs, bs = calls.setdefault((p.device, p.dtype, first), ([], [], []))
+            ps, gs, bs, owners = calls.setdefault((p.device, p.dtype, first), ([], [], [], []))
             ps.append(p)
             gs.append(g)
             if use_buf:
                 bs.append(buf)
-        for (device, dtype, first), (ps, gs, bs) in calls.items():
+            if new or dt is not None:
+                owners.append((dt, p, buf if new else None))
+        for (device, dtype, first), (ps, gs, bs, owners) in calls.items():
             backend = self._backend_for(device)
             step_fn(backend)[1](ps, gs, bs, first_step=first, **h)
             _bump(ps + bs)
-            for p, buf in zip(ps, bs):  # new buffers enter the state once the kernel ran
-                self._keep_buffer(p, buf)
+            for dt, p, buf in owners:  # new buffers enter the state once the kernel ran
+                if dt is not None:
+                    # a DTensor's buffer is a DTensor sharded like it, as torch's clone gives
+                    _bump([dt] + ([self._buffer(dt)] if buf is None and use_buf else []))
+                    if buf is not None:
+                        self._keep_buffer(dt, _as_dtensor(buf, dt))
+                elif buf is not None:
+                    self._keep_buffer(p, buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
         if torch_ops:
             self._step_torch_ops(torch_ops, h, reasons)
@@ -945,7 +996,7 @@ class _FusedMomentum(Optimizer):
                 self.state[p]["momentum_buffer"] = new if old is None else old
         for idx in self._by_device_dtype(params).values():
             self._report("torch", "torch-ops", params[idx[0]], len(idx),
-                         sum(params[j].numel() for j in idx))
+                         sum(_local(params[j]).numel() for j in idx))
 
     def _torch_step(self, ps, gs, bs, h) -> None:
         """torch's for-loop (momentum_cuda.reference's for Momentum) over the lists."""
