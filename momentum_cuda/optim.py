@@ -124,6 +124,14 @@ def _layable(p) -> bool:
             and not is_lazy(p) and not isinstance(p, _DTensor) and _dense(p))
 
 
+def _lendable(p, g) -> bool:
+    """g, p's gradient, could be read in place by a flat call (see _FusedMomentum._lenders):
+    a dense view, laid out like p, into a larger storage of p's dtype and device."""
+    return (g is not None and g.layout == torch.strided and not isinstance(g, _DTensor)
+            and g.dtype == p.dtype and g.device == p.device and g.stride() == p.stride()
+            and _dense(g) and g.untyped_storage().nbytes() > g.numel() * g.element_size())
+
+
 def _local(t):
     """A DTensor's local tensor (its shard on this rank); any other tensor (or None) itself."""
     return t._local_tensor if isinstance(t, _DTensor) else t
@@ -151,6 +159,9 @@ def _storage_key(t) -> int:
 # Flat parameter buffers of live buckets (of every optimizer), by storage address: each holds
 # one reference to its storage, which _private counts as momentum_cuda's own.
 _FLAT_STORAGES: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+# Flat gradient buffers of live buckets (not lent ones), by storage address: their views are
+# momentum_cuda's own gradients, never someone else's to lend (_lenders).
+_FLAT_GRADS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
 def _use_count(t) -> int:
@@ -312,6 +323,31 @@ class _Bucket:
     pad_index: torch.Tensor | None = None  # the padding elements, on the buffers' device
     accs: list = field(default_factory=list)  # the gradient accumulators the hooks sit on
     hooks: list = field(default_factory=list)  # the hooks' handles
+    # lent: flat_grad is not ours but the storage the gradients already are views of (DDP's
+    # gradient bucket with gradient_as_bucket_view=True), the parameters sit at the same
+    # offsets in flat_param: the kernel reads the gradients in place. Nothing here writes it
+    # (no hooks, no -0.0 fill); grad_views are the gradient tensors seen when laid out.
+    lent: bool = False
+    whole: torch.Tensor | None = None  # the segments of a whole-bucket run, adjacent ones merged
+
+    def run_segments(self, i0: int, i1: int) -> torch.Tensor:
+        """The segments one flat call runs for params[i0:i1]: one covering span on a GPU
+        (covers_padding), else the exact segments; on a GPU (lent buckets) adjacent ones are
+        merged for a whole bucket. Not on the CPU, whose bf16/fp16 bits depend on positions
+        inside each tensor, as torch's do."""
+        if self.covers_padding:
+            return self.cover(i0, i1)
+        if i0 == 0 and i1 == len(self.params) and self.backend != "cpu":
+            if self.whole is None:
+                merged: list = []
+                for o, n in self.segments.tolist():
+                    if merged and merged[-1][0] + merged[-1][1] == o:
+                        merged[-1][1] += n
+                    else:
+                        merged.append([o, n])
+                self.whole = torch.tensor(merged, dtype=torch.int64).reshape(-1, 2)
+            return self.whole
+        return self.segments[i0:i1]
 
     def intact(self, i: int) -> bool:
         """params[i] is still the view of flat_param the layout made (its gradient view fits)."""
@@ -520,34 +556,77 @@ class _FusedMomentum(Optimizer):
         # they are and, if they ever get a gradient, take the per-tensor (or torch-ops) path;
         # once one could be laid out (unfrozen, materialised), step() lays the group out again.
         cands = [p for p in params if _layable(p)]
-        private = _private(cands, [q for g in self.param_groups for q in g["params"]])
-        stuck = {id(p): p.data_ptr() for p in cands if id(p) not in private}
-        by_key = _by([p for p in cands if id(p) in private], lambda p: (p.device, p.dtype))
+        everyone = [q for g in self.param_groups for q in g["params"]]
+        private = _private(cands, everyone)
+        mine = [p for p in cands if id(p) in private]
+        lender = self._lenders(mine, everyone)
+        by_key = _by(mine, lambda p: (p.device, p.dtype, lender.get(id(p)), None))
+        pinned = self._pinned([p for p in cands if id(p) not in private], everyone)
+        for key, ps in pinned.items():
+            by_key[(ps[0].device, ps[0].dtype, None, key)] = ps
+        in_place = {id(p) for ps in pinned.values() for p in ps}
+        stuck = {id(p): p.data_ptr() for p in cands
+                 if id(p) not in private and id(p) not in in_place}
         buckets = []
-        for (device, dtype), ps in by_key.items():
-            align = max(1, ALIGN_BYTES // ps[0].element_size())
-            offsets, total = [], 0
-            for p in ps:
-                offsets.append(total)
-                total += -(-p.numel() // align) * align
-            flat_param = torch.zeros(total, dtype=dtype, device=device)
-            flat_grad = torch.empty(total, dtype=dtype, device=device)
-            if total:
-                _FLAT_STORAGES[_storage_key(flat_param)] = flat_param
+        for (device, dtype, lent, pin), ps in by_key.items():
+            if pin is not None:
+                # stepped where they are: flat_param is their storage, at their offsets
+                ps = sorted(ps, key=lambda p: p.storage_offset())
+                offsets = [p.storage_offset() for p in ps]
+                store = ps[0].untyped_storage()
+                total = store.nbytes() // ps[0].element_size()
+                flat_param = torch.empty(0, dtype=dtype, device=device).set_(
+                    store, 0, (total,), (1,))
+                flat_grad = torch.empty(total, dtype=dtype, device=device)
+            elif lent is not None:
+                # the parameters go where their gradients are in the lender's storage
+                ps = sorted(ps, key=lambda p: p.grad.storage_offset())
+                offsets = [p.grad.storage_offset() for p in ps]
+                g0 = ps[0].grad
+                total = g0.untyped_storage().nbytes() // g0.element_size()
+                flat_grad = torch.empty(0, dtype=dtype, device=device).set_(
+                    g0.untyped_storage(), 0, (total,), (1,))
+            else:
+                align = max(1, ALIGN_BYTES // ps[0].element_size())
+                offsets, total = [], 0
+                for p in ps:
+                    offsets.append(total)
+                    total += -(-p.numel() // align) * align
+                flat_grad = torch.empty(total, dtype=dtype, device=device)
+            if pin is None:
+                flat_param = torch.zeros(total, dtype=dtype, device=device)
+                if total:
+                    _FLAT_STORAGES[_storage_key(flat_param)] = flat_param
+            if total and lent is None:
+                _FLAT_GRADS[_storage_key(flat_grad)] = flat_grad
+            # a lender's (or a pinned parameter's) storage holds others' values between
+            # ours: exact segments only
+            covers = self._backend_for(device) != "cpu" and lent is None and pin is None
             b = _Bucket(params=ps, offsets=offsets, flat_param=flat_param, flat_grad=flat_grad,
                         grad_views=[], gptrs=[], meta=[], backend=self._backend_for(device),
                         segments=torch.tensor([[o, p.numel()] for o, p in zip(offsets, ps)],
                                               dtype=torch.int64).reshape(-1, 2), ptrs=[],
-                        numel_before=[0], covers_padding=self._backend_for(device) != "cpu")
-            b.fill_neg_zero()
+                        numel_before=[0], covers_padding=covers, lent=lent is not None)
+            if b.lent:
+                b.neg_zero = [False] * len(ps)
+            else:
+                b.fill_neg_zero()
             hook_ref = weakref.ref(b)
             for i, p in enumerate(ps):
                 view = b.view(flat_param, i)
-                view.copy_(p)
                 b.meta.append((p.shape, p.stride()))
-                p.data = view
-                gview = b.new_grad_view(i)
+                if pin is None:
+                    view.copy_(p)
+                    p.data = view
                 g = p.grad
+                if b.lent:  # read in place; no hook: autograd and the lender own .grad
+                    b.grad_views.append(g)
+                    b.gptrs.append(g.data_ptr())
+                    self._slot[id(p)] = (b, i)
+                    b.ptrs.append(p.data_ptr())
+                    b.numel_before.append(b.numel_before[-1] + p.numel())
+                    continue
+                gview = b.new_grad_view(i)
                 if g is not None and g.layout == torch.strided and (
                         g.stride() == p.stride() or dtype in (torch.float32, torch.float64)):
                     # A gradient that exists goes on in the flat buffer (same values); a sparse
@@ -570,6 +649,46 @@ class _FusedMomentum(Optimizer):
             buckets.append(b)
         return buckets, stuck
 
+    @staticmethod
+    def _pinned(ps, everyone) -> dict:
+        """storage key -> the parameters (of ps, layable but not private) that are stepped
+        where they are by one flat call over their storage: two or more of one dtype that
+        are the only optimizer parameters in that storage, do not overlap, and fill at least
+        half of it (the gradient and momentum buffers are the storage's size). ZeroRedundancyOptimizer
+        with parameters_as_bucket_view=True makes each rank's parameters views of one such
+        bucket. The kernel writes them in place, as torch's step does: nothing moves, every
+        alias of the storage sees the step as with torch."""
+        holders = _by([q for q in map(_local, everyone) if q.layout == torch.strided
+                       and q.device.type != "meta" and not is_lazy(q)
+                       and q.untyped_storage().nbytes()], _storage_key)
+        out = {}
+        for key, group in _by([p for p in ps if p.untyped_storage().nbytes()],
+                              _storage_key).items():
+            if (len(group) > 1 and len(holders.get(key, ())) == len(group)
+                    and len({(p.dtype, p.device) for p in group}) == 1
+                    and not _overlapping(group)
+                    and 2 * sum(p.nbytes for p in group) >= group[0].untyped_storage().nbytes()):
+                out[key] = group
+        return out
+
+    @staticmethod
+    def _lenders(ps, everyone) -> dict:
+        """id(p) -> the storage (key) p's gradient is a view of, for the parameters whose
+        gradients can be read where they are (_lendable) and do not overlap one another:
+        DDP's buckets with gradient_as_bucket_view=True. The parameters then move to the same
+        offsets in a flat buffer of the storage's size, and one kernel call per storage reads
+        the gradients in place instead of the step copying them or going per tensor."""
+        own = {_storage_key(q) for q in map(_local, everyone)
+               if q.layout == torch.strided and q.device.type != "meta" and not is_lazy(q)}
+        by_store = _by([p for p in ps if _lendable(p, p.grad)],
+                       lambda p: _storage_key(p.grad))
+        out = {}
+        for key, group in by_store.items():
+            if key not in own and key not in _FLAT_GRADS and not _overlapping(
+                    [p.grad for p in group]):
+                out.update((id(p), key) for p in group)
+        return out
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad: set_to_none=True (the default) sets every .grad to None (flat
         gradients are refilled with -0.0 in one pass per buffer; backward attaches them again,
@@ -579,13 +698,15 @@ class _FusedMomentum(Optimizer):
         if set_to_none:
             for _, lay in layouts:
                 for b in lay.buckets:
-                    b.fill_neg_zero()
+                    if not b.lent:
+                        b.fill_neg_zero()
             return super().zero_grad(set_to_none=True)
         with torch.no_grad():
             for _, lay in layouts:
                 for b in lay.buckets:
-                    b.flat_grad.zero_()
-                    b.neg_zero = [False] * len(b.params)
+                    if not b.lent:  # (a lent storage holds others' gradients: one by one)
+                        b.flat_grad.zero_()
+                        b.neg_zero = [False] * len(b.params)
             slot = self._slot
             for group in self.param_groups:
                 for p in group["params"]:
@@ -593,7 +714,7 @@ class _FusedMomentum(Optimizer):
                     if g is None:
                         continue
                     b, i = slot.get(id(p), (None, 0))
-                    if b is not None and b.holds_grad(i, g):
+                    if b is not None and not b.lent and b.holds_grad(i, g):
                         continue  # zeroed with its buffer
                     if g.grad_fn is not None:  # as torch's zero_grad does
                         g.detach_()
@@ -738,6 +859,11 @@ class _FusedMomentum(Optimizer):
                     buf is None or (b.flat_buf is not None and buf is b.buf_views[i]))
                 if not ok:
                     if relayout and moved and self._could_move(lay, p):
+                        return None
+                    if relayout and not moved and (b.lent or _lendable(p, g)) and (buf is None or (
+                            b.flat_buf is not None and buf is b.buf_views[i])):
+                        # its gradient is in another storage now (DDP's bucket, or DDP's
+                        # rebuilt one, or a tensor of its own): lay out to read it there
                         return None
                     loose.append((p, g))
                 elif runs and runs[-1][0] is b and runs[-1][2] == i and runs[-1][3] == first:
@@ -899,7 +1025,7 @@ class _FusedMomentum(Optimizer):
                         b.buf_views[i].zero_()  # v starts at zero (the view may hold old values)
             # CPU: exact segments (torch's bf16 arithmetic depends on positions inside each
             # tensor); GPU (cuda, triton): one covering span, one launch.
-            segs = b.cover(i0, i1) if b.covers_padding else b.segments[i0:i1]
+            segs = b.run_segments(i0, i1)
             step_fn(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                   segs, first_step=first, **h)
             if first and b.covers_padding:

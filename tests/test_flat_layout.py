@@ -513,11 +513,44 @@ def test_step_bumps_versions_like_torch():
             loss.backward()
 
 
+def test_lent_gradients_zero_grad_touches_only_this_optimizers():
+    """Gradients read in place from someone else's bucket (DDP's, gradient_as_bucket_view):
+    zero_grad(set_to_none=False) zeroes this optimizer's gradients one by one, as torch does,
+    never the other gradients of that bucket; set_to_none=True writes nothing into it."""
+    ours, ref = twin_params(make_values([5, 8, 3], torch.float32, seed=561))
+    opt, topt = _pair(ours, ref)
+    other = torch.nn.Parameter(torch.randn(4))  # a parameter of the same bucket, not ours
+    bucket = torch.randn(5 + 8 + 3 + 4)
+    offs = [4, 9, 17]
+    for p, o in zip(ours, offs):
+        p.grad = bucket[o:o + p.numel()].view_as(p)
+    other.grad = bucket[:4]
+    for q, p in zip(ref, ours):
+        q.grad = p.grad.clone()
+    _step_both(opt, topt, ours, ref, what="lent:")
+    assert flat_paths(opt) == ["flat"] and all(p.grad.data_ptr() ==
+                                               bucket[o:].data_ptr() for p, o in zip(ours, offs))
+    before = bucket.clone()
+    opt.zero_grad(set_to_none=True)
+    topt.zero_grad(set_to_none=True)
+    assert torch.equal(bucket, before)
+    for p, o in zip(ours, offs):
+        p.grad = bucket[o:o + p.numel()].view_as(p)
+    for q, p in zip(ref, ours):
+        q.grad = p.grad.clone()
+    opt.zero_grad(set_to_none=False)
+    topt.zero_grad(set_to_none=False)
+    assert torch.equal(other.grad, before[:4]) and not bucket[4:].any()
+    _step_both(opt, topt, ours, ref, what="after zero_grad(set_to_none=False):")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_grads_as_views_of_another_bucket(dtype):
     """What DDP does with gradient_as_bucket_view=True: every .grad becomes a view of DDP's own
-    flat bucket (other offsets, reversed order). The step must keep torch's bits through the
-    per-tensor path; after opt.zero_grad() the flat path returns."""
+    flat bucket (other offsets, reversed order). The group is laid out again at the offsets of
+    that bucket and the flat call reads the gradients in place (a new bucket every step here:
+    laid out every step); after opt.zero_grad() and a backward without the bucket it is laid
+    out in its own buffers again. torch's bits throughout, on the flat path."""
     ours, ref = twin_params(make_values([97, (9, 7), 3, 33, 1], dtype, seed=551))
     opt, topt = _pair(ours, ref)
     gen = torch.Generator().manual_seed(552)
@@ -541,4 +574,7 @@ def test_grads_as_views_of_another_bucket(dtype):
         for q, g in zip(ref, grads):
             q.grad = g.clone()
         _step_both(opt, topt, ours, ref, what=f"step {step + 1}:")
-        assert set(flat_paths(opt)) == ({"per-tensor"} if ddp else {"flat"}), opt.last_step
+        assert set(flat_paths(opt)) == {"flat"}, opt.last_step
+        if ddp:  # read where they are: .grad is still the bucket's view
+            assert all(p.grad.untyped_storage().data_ptr() == bucket.untyped_storage().data_ptr()
+                       for p in ours)

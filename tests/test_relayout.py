@@ -128,9 +128,11 @@ def test_grad_data_replaced_is_not_stepped_from_the_flat_buffer():
 @FLAT
 @pytest.mark.parametrize("overlap", [False, True], ids=["disjoint", "overlapping"])
 def test_parameters_that_view_a_tensor_the_user_keeps(flat, overlap):
-    """Parameters made as views of one bigger tensor that the training code keeps (and reads):
-    they stay in it (never moved into a flat buffer), so the bigger tensor follows every step,
-    as with torch. Overlapping views are stepped one after the other with torch's own ops."""
+    """Parameters made as views of one bigger tensor that the training code keeps (and reads,
+    and writes between them): they stay in it (never moved into a flat buffer), so the bigger
+    tensor follows every step, as with torch. Disjoint views filling most of it are stepped in
+    place by one flat call over its storage (exact segments: what lies between them is never
+    written); overlapping views are stepped one after the other with torch's own ops."""
     bigs, opts, ps = [], [], []
     for kind in ("ours", "torch"):
         torch.manual_seed(6)
@@ -148,6 +150,8 @@ def test_parameters_that_view_a_tensor_the_user_keeps(flat, overlap):
     gen = torch.Generator().manual_seed(7)
     for step in range(4):
         w = torch.randn(3, generator=gen)
+        for big in bigs:
+            big[-1] = step - 0.5  # outside every parameter (its own once more when overlapping)
         for (a, b, c), o in zip(ps, opts):
             o.zero_grad()
             (a.sin().sum() * w[0] + (b * w[1]).cos().sum() + (c * w[2]).square().sum()).backward()
@@ -163,7 +167,8 @@ def test_parameters_that_view_a_tensor_the_user_keeps(flat, overlap):
             assert _paths(opts[0]) == {"torch-ops"}, opts[0].last_step
         else:
             assert "torch-ops" not in _paths(opts[0])
-            assert ("flat" in _paths(opts[0])) == flat, opts[0].last_step
+            assert _paths(opts[0]) == ({"flat"} if flat else {"per-tensor"}), opts[0].last_step
+            assert big[-1] == step - 0.5 and big[37] == bigs[1][37]
 
 
 def test_parameter_made_from_a_tensor_the_user_keeps():
