@@ -23,7 +23,13 @@ Which parameters move: only those whose storage nothing else can see (_private):
 holding it is one of the optimizer's parameters (or a momentum_cuda flat buffer), they do not
 overlap, and it is not shared memory. A parameter that is a view of a tensor the training code
 keeps stays in it, so that tensor follows every step as with torch; parameters that overlap are
-stepped with torch's own ops, one after the other, as torch's for-loop does.
+stepped with torch's own ops, one after the other, as torch's for-loop does. Two or more that
+are alone in a storage and fill most of it (ZeRO's parameters_as_bucket_view) are stepped where
+they are, by one flat call over that storage (_pinned). Gradients that are views of someone
+else's storage (DDP's gradient_as_bucket_view buckets) are read in place: the parameters are
+laid out at their gradients' offsets (_lenders). DTensor parameters (FSDP2) stay where they
+are; the per-tensor kernels run on their local shards and their momentum buffers are DTensors
+sharded like them.
 
 Correctness never depends on the layout surviving: before every step each parameter is checked
 (its data still at its flat offset, its .grad still the flat view and its memory, its buffer
