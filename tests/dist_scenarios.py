@@ -1,0 +1,802 @@
+"""Distributed scenarios: momentum_cuda against torch's optimizer in the SAME distributed setting.
+
+Run by tests/dist_harness.py as one process per rank (`python tests/dist_scenarios.py --results
+FILE --shared DIR name...`), never imported for its scenarios by pytest (which imports it only
+for the scenario names: nothing here imports torch.distributed at import time).
+
+Every scenario builds the same model twice from one seed: one twin is stepped by momentum_cuda
+(SGD, or Momentum), the other by torch.optim.SGD(foreach=False) (or momentum_cuda.reference.
+MomentumReference), both wrapped the same way (FSDP2 fully_shard, DTensor parameters, DDP,
+ZeroRedundancyOptimizer). Both see the same fresh random inputs, which differ per rank, and
+after every step they are compared bit for bit on every rank (Checker): parameters (the local
+shard of a DTensor, whose type, placements, mesh and global shape must match too), .grad (None
+exactly where torch's is, else the same bits), momentum buffers (a DTensor with torch's
+placements wherever torch's is one: the parameter's, or Partial where the gradient is Partial,
+see dtensor_train) and optimizer.state_dict(). A difference is
+recorded, not raised, and the scenario runs on, so every rank makes the same collectives; an
+exception ends the scenario on that rank (recorded with its traceback).
+
+Each scenario runs on its own process group (made at start-up, in the same order on every
+rank; device meshes come from it with DeviceMesh.from_group): a rank whose scenario failed
+half-way cannot pair its next collectives with a peer still waiting in the failed scenario's
+(that peer times out, gloo's timeout, and joins the next scenario at the barrier every rank
+passes between scenarios, on a control group with a longer timeout).
+
+Scenario names are "<kind>/<options>"; LAUNCHES[w] lists those run by a launch of w ranks,
+in order. The 2-rank launch writes checkpoints that the 3-rank launch loads (a change of
+world size), through the shared directory the harness gives both launches.
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# ---- hyper-parameters ------------------------------------------------------------------------
+# SGD sets (momentum_cuda.SGD vs torch.optim.SGD(foreach=False)) and EMA sets ("ema...":
+# momentum_cuda.Momentum vs MomentumReference).
+HYPERS = {
+    "mom": dict(lr=0.1, momentum=0.9),
+    "nest-wd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "damp-max-wd": dict(lr=0.1, momentum=0.8, dampening=0.3, weight_decay=1e-2, maximize=True),
+    "plain-wd": dict(lr=0.1, momentum=0.0, weight_decay=1e-2),
+    "ema": dict(lr=0.1, momentum=0.9),
+    "ema-wd-max": dict(lr=0.1, momentum=0.8, weight_decay=1e-2, maximize=True),
+}
+
+
+def optimizer_classes(hk: str):
+    """(ours, torch's twin, extra kwargs for both) for a hyper-parameter key."""
+    import momentum_cuda
+    from momentum_cuda.reference import MomentumReference
+    if hk.startswith("ema"):
+        return momentum_cuda.Momentum, MomentumReference, {}
+    # foreach=False in both, so that the param_groups of the state_dicts compare equal
+    return momentum_cuda.SGD, torch.optim.SGD, dict(foreach=False)
+
+
+def make_ours(params, hk: str, flat: bool):
+    ours_cls, _, extra = optimizer_classes(hk)
+    return ours_cls(params, flat=flat, **HYPERS[hk], **extra)
+
+
+def make_opts(params_ours, params_ref, hk: str, flat: bool):
+    """(ours, torch's twin) with the hyper-parameters `hk`."""
+    _, ref_cls, extra = optimizer_classes(hk)
+    return make_ours(params_ours, hk, flat), ref_cls(params_ref, **HYPERS[hk], **extra)
+
+
+def paths(opt) -> list:
+    """The kernel paths of the last step (opt.last_step), as [path, tensors] pairs."""
+    return [[e["path"], e["tensors"]] for e in getattr(opt, "last_step", [])]
+
+
+# ---- bitwise comparison ----------------------------------------------------------------------
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _dtensor_cls():
+    from torch.distributed.tensor import DTensor
+    return DTensor
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.view(_INT[t.element_size()]) if t.is_floating_point() else t
+
+
+def buffer_of(opt, p):
+    st = opt.state.get(p)
+    return None if st is None else st.get("momentum_buffer")
+
+
+class Checker:
+    """Collects differences between ours and torch's twin (the first LIMIT are described)."""
+
+    LIMIT = 10
+
+    def __init__(self):
+        self.problems: list[str] = []
+        self.count = 0
+
+    def fail(self, msg: str) -> None:
+        self.count += 1
+        if len(self.problems) < self.LIMIT:
+            self.problems.append(msg)
+
+    def tensor(self, a, b, what: str) -> None:
+        """a (ours) and b (torch's) are both None, or tensors of the same type (DTensor or
+        not; a DTensor with the same placements, mesh and global shape), dtype, shape and
+        bits (the local shard's, for a DTensor)."""
+        if a is None or b is None:
+            if not (a is None and b is None):
+                self.fail(f"{what}: ours is {'None' if a is None else 'set'}, torch's is "
+                          f"{'None' if b is None else 'set'}")
+            return
+        DTensor = _dtensor_cls()
+        da, db = isinstance(a, DTensor), isinstance(b, DTensor)
+        if da != db:
+            self.fail(f"{what}: ours is a {type(a).__name__}, torch's a {type(b).__name__}"
+                      + (f" with placements {b.placements}" if db else ""))
+            return
+        with torch.no_grad():
+            if da:
+                if tuple(a.placements) != tuple(b.placements):
+                    self.fail(f"{what}: placements {a.placements} vs torch's {b.placements}")
+                    return
+                if a.device_mesh != b.device_mesh:
+                    self.fail(f"{what}: mesh {a.device_mesh} vs torch's {b.device_mesh}")
+                    return
+                if a.shape != b.shape:
+                    self.fail(f"{what}: global shape {tuple(a.shape)} vs {tuple(b.shape)}")
+                    return
+                a, b = a.to_local(), b.to_local()
+            if (a.dtype, a.shape, a.layout, a.device) != (b.dtype, b.shape, b.layout, b.device):
+                self.fail(f"{what}: {a.dtype} {tuple(a.shape)} {a.layout} {a.device} vs "
+                          f"torch's {b.dtype} {tuple(b.shape)} {b.layout} {b.device}")
+                return
+            if a.layout != torch.strided:
+                a, b = a.to_dense(), b.to_dense()
+            if not torch.equal(bits(a), bits(b)):
+                diff = (bits(a) != bits(b)).sum().item()
+                dmax = (a.double() - b.double()).abs().max().item()
+                self.fail(f"{what}: differs in {diff} of {a.numel()} elements "
+                          f"(max |diff| {dmax:.3g})")
+
+    def same(self, a, b, what: str) -> None:
+        """Nested dicts/lists/tuples of tensors and Python values (a state_dict)."""
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            self.tensor(a, b, what)
+        elif isinstance(a, dict) and isinstance(b, dict):
+            if set(a) != set(b):
+                self.fail(f"{what}: keys {sorted(map(str, a))} vs torch's {sorted(map(str, b))}")
+            for k in sorted(set(a) & set(b), key=str):
+                self.same(a[k], b[k], f"{what}[{k!r}]")
+        elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            if len(a) != len(b):
+                self.fail(f"{what}: length {len(a)} vs torch's {len(b)}")
+            for i, (x, y) in enumerate(zip(a, b)):
+                self.same(x, y, f"{what}[{i}]")
+        elif type(a) is not type(b) or a != b:
+            self.fail(f"{what}: {a!r} vs torch's {b!r}")
+
+    def params(self, ours, ref, what: str, grads: bool = True) -> None:
+        """Two lists of (name, parameter): values and, with grads, .grad."""
+        if len(ours) != len(ref):
+            self.fail(f"{what}: {len(ours)} parameters vs torch's {len(ref)}")
+        for (n, p), (_, q) in zip(ours, ref):
+            self.tensor(p, q, f"{what} {n}")
+            if grads:
+                self.tensor(p.grad, q.grad, f"{what} {n}.grad")
+
+    def optims(self, opt, ours, topt, ref, what: str, state_dict: bool = True) -> None:
+        """Momentum buffers by parameter, and state_dict()."""
+        for (n, p), (_, q) in zip(ours, ref):
+            self.tensor(buffer_of(opt, p), buffer_of(topt, q), f"{what} momentum_buffer of {n}")
+        if state_dict:
+            self.same(opt.state_dict(), topt.state_dict(), f"{what} state_dict")
+
+    def twins(self, model, opt, tmodel, topt, what: str) -> None:
+        ours, ref = list(model.named_parameters()), list(tmodel.named_parameters())
+        self.params(ours, ref, what)
+        self.optims(opt, ours, topt, ref, what)
+
+
+class Skip(Exception):
+    """The scenario cannot run here; its message says why."""
+
+
+# ---- context ---------------------------------------------------------------------------------
+@dataclass
+class Ctx:
+    rank: int
+    world: int
+    group: object  # this scenario's process group
+    shared: Path
+    check: Checker = field(default_factory=Checker)
+    info: dict = field(default_factory=dict)
+    _mesh: object = None
+
+    @property
+    def mesh(self):
+        """A 1-D CPU device mesh over this scenario's process group."""
+        if self._mesh is None:
+            from torch.distributed.device_mesh import DeviceMesh
+            self._mesh = DeviceMesh.from_group(self.group, "cpu")
+        return self._mesh
+
+    def gen(self, seed: int, step: int) -> torch.Generator:
+        """Inputs of one step: different on every rank."""
+        return torch.Generator().manual_seed(seed * 1_000_003 + self.rank * 10_007 + step)
+
+    def record(self, key: str, value) -> None:
+        self.info.setdefault(key, []).append(value)
+
+
+# ---- models ----------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """5 -> 7 -> 3 -> 4 (no bias) -> 2: odd sizes; on 3 ranks the 4-row weight's shards are
+    2, 2, 0 rows and the 2-row layer's 1, 1, 0 (a rank with empty local shards)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(5, 7)
+        self.l2 = nn.Linear(7, 3)
+        self.l3 = nn.Linear(3, 4, bias=False)
+        self.l4 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.l4(torch.tanh(self.l3(torch.relu(self.l2(torch.tanh(self.l1(x)))))))
+
+
+def mlp(seed: int) -> MLP:
+    torch.manual_seed(seed)
+    return MLP()
+
+
+def mlp_data(ctx: Ctx, seed: int, step: int, batch: int = 3):
+    g = ctx.gen(seed, step)
+    return torch.randn(batch, 5, generator=g), torch.randn(batch, 2, generator=g)
+
+
+def fsdp2(model, ctx: Ctx, **kw):
+    from torch.distributed.fsdp import fully_shard
+    for layer in (model.l1, model.l2, model.l3, model.l4):
+        fully_shard(layer, mesh=ctx.mesh, **kw)
+    return fully_shard(model, mesh=ctx.mesh, **kw)
+
+
+def local_shapes(model) -> dict:
+    DTensor = _dtensor_cls()
+    return {n: list(p.to_local().shape) if isinstance(p, DTensor) else list(p.shape)
+            for n, p in model.named_parameters()}
+
+
+# ---- 1, 3, 5. FSDP2 training -----------------------------------------------------------------
+CLIP = (0.25, None, 1e6, 0.25, None, 0.25)  # max_norm per step (None: no clipping)
+
+
+def fsdp2_steps(ctx: Ctx, pairs, *, seed: int, steps: int, first_step: int = 0, what=""):
+    """`steps` training steps of each (model, opt) in `pairs`: forward on this rank's fresh
+    inputs, backward, clip_grad_norm_ (some steps), step, compare every later pair with the
+    first (pairs[0] is torch's twin), then zero_grad, set_to_none True and False in turn."""
+    (tm, topt), rest = pairs[0], pairs[1:]
+    for k in range(first_step, first_step + steps):
+        x, y = mlp_data(ctx, seed, k)
+        norms = []
+        for m, o in pairs:
+            F.mse_loss(m(x), y).backward()
+            if CLIP[k % len(CLIP)] is not None:
+                norms.append(nn.utils.clip_grad_norm_(m.parameters(), CLIP[k % len(CLIP)]))
+            o.step()
+        for i, (m, o) in enumerate(rest):
+            label = f"{what}step {k + 1}{f' (ours #{i + 1})' if len(rest) > 1 else ''}:"
+            if norms:  # same gradients in: the same total norm (a sanity check of the twins)
+                ctx.check.tensor(norms[i + 1], norms[0], f"{label} clip_grad_norm_ total norm")
+            ctx.check.twins(m, o, tm, topt, label)
+            ctx.record("paths", paths(o))
+        set_to_none = k % 2 == 0
+        for m, o in pairs:
+            o.zero_grad(set_to_none=set_to_none)
+        for i, (m, o) in enumerate(rest):
+            ctx.check.params(list(m.named_parameters()), list(tm.named_parameters()),
+                             f"{what}after zero_grad(set_to_none={set_to_none}) of step {k + 1}:")
+
+
+def fsdp2_train(ctx: Ctx, *, flat: bool, hk: str, mp: bool = False, offload: bool = False,
+                steps: int = 4):
+    """fully_shard on each layer and the root; `steps` steps (fsdp2_steps). mp: MixedPrecision-
+    Policy(param_dtype=bf16, reduce_dtype=fp32): bf16 compute, fp32 sharded parameters and
+    gradients. offload: CPUOffloadPolicy(pin_memory=False), which runs on a CPU-only machine
+    (torch 2.13: the device is the CPU, so its host-device copies are plain CPU copies; the
+    sharded parameters, gradients and optimizer state are CPU tensors either way)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+    kw = {}
+    if mp:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                               reduce_dtype=torch.float32)
+    if offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+    m, tm = fsdp2(mlp(1), ctx, **kw), fsdp2(mlp(1), ctx, **kw)
+    ctx.info["local_shapes"] = local_shapes(m)
+    try:  # what FSDP2 made of the policies (private attributes: recorded only)
+        fp = m.l1._get_fsdp_state()._fsdp_param_group.fsdp_params[0]
+        ctx.info["fsdp_param"] = dict(param_dtype=str(fp.param_dtype),
+                                      reduce_dtype=str(fp.reduce_dtype),
+                                      offload_to_cpu=fp.offload_to_cpu)
+    except Exception as e:
+        ctx.info["fsdp_param"] = f"unknown ({type(e).__name__}: {e})"
+    opt, topt = make_opts(m.parameters(), tm.parameters(), hk, flat)
+    ctx.check.twins(m, opt, tm, topt, "before any step:")
+    fsdp2_steps(ctx, [(tm, topt), (m, opt)], seed=2, steps=steps)
+    if ctx.world == 3:  # the uneven case must really be uneven, with an empty shard on rank 2
+        want = {"l3.weight": [[2, 3], [2, 3], [0, 3]], "l4.weight": [[1, 4], [1, 4], [0, 4]]}
+        for n, shapes in want.items():
+            if ctx.info["local_shapes"][n] != shapes[ctx.rank]:
+                ctx.check.fail(f"test set-up: {n} has local shape "
+                               f"{ctx.info['local_shapes'][n]}, expected {shapes[ctx.rank]}")
+
+
+# ---- 2. FSDP2 checkpoints (torch.distributed.checkpoint) -------------------------------------
+def dcp_state(model, opt, full: bool = False):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if full else None
+    return {"model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, opt, options=options)}
+
+
+def dcp_save(ctx: Ctx, model, opt, path: Path) -> dict:
+    import torch.distributed.checkpoint as dcp
+    sd = dcp_state(model, opt)
+    dcp.save(sd, checkpoint_id=str(path), process_group=ctx.group)
+    return sd
+
+
+def dcp_load(ctx: Ctx, model, opt, path: Path) -> dict:
+    """A fresh model and optimizer take the checkpoint, as a training script resumes:
+    get_*_state_dict (which gives a fresh optimizer its state with one zero-lr step on zero
+    gradients, torch's _init_optim_state), dcp.load into it, set_*_state_dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (the scenario that writes it failed or "
+                                "did not run)")
+    sd = dcp_state(model, opt)
+    dcp.load(sd, checkpoint_id=str(path), process_group=ctx.group)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    return sd
+
+
+def fsdp2_checkpoint(ctx: Ctx, *, flat: bool, hk: str):
+    """Train 3 steps, save both twins with dcp.save, load each into a FRESH model+optimizer
+    (other initial weights) with dcp.load, and train on: ours resumed must give the bits of
+    torch's resumed twin (and the checkpoint state dicts must agree before the save)."""
+    base = ctx.shared / f"ckpt-{'flat' if flat else 'pertensor'}-{hk}"
+    m, tm = fsdp2(mlp(1), ctx), fsdp2(mlp(1), ctx)
+    opt, topt = make_opts(m.parameters(), tm.parameters(), hk, flat)
+    fsdp2_steps(ctx, [(tm, topt), (m, opt)], seed=3, steps=3)
+    sd = dcp_save(ctx, m, opt, base / "ours")
+    tsd = dcp_save(ctx, tm, topt, base / "torch")
+    ctx.check.same(sd, tsd, "get_model/optimizer_state_dict (sharded) at the save:")
+    ctx.check.same(dcp_state(m, opt, full=True), dcp_state(tm, topt, full=True),
+                   "get_model/optimizer_state_dict (full_state_dict, cpu_offload):")
+    # the fresh pair: other weights, no optimizer state yet
+    m2, tm2 = fsdp2(mlp(99), ctx), fsdp2(mlp(99), ctx)
+    opt2, topt2 = make_opts(m2.parameters(), tm2.parameters(), hk, flat)
+    dcp_load(ctx, m2, opt2, base / "ours")
+    dcp_load(ctx, tm2, topt2, base / "torch")
+    ctx.check.twins(m2, opt2, tm2, topt2, "after dcp.load:")
+    # the resumed twins against each other, and ours resumed against torch's uninterrupted one
+    fsdp2_steps(ctx, [(tm2, topt2), (m2, opt2)], seed=3, steps=3, first_step=3, what="resumed ")
+    fsdp2_steps(ctx, [(tm, topt)], seed=3, steps=3, first_step=3)
+    # recorded, not asserted: is a round trip through dcp exact? (ours resumed against torch's
+    # twin that never stopped)
+    uninterrupted = Checker()
+    uninterrupted.params(list(m2.named_parameters()), list(tm.named_parameters()), "", False)
+    ctx.info["ours_resumed_equals_torch_uninterrupted"] = not uninterrupted.count
+    if uninterrupted.count:
+        ctx.info["uninterrupted_differences"] = uninterrupted.problems
+
+
+XWORLD = "xworld"  # the 2-rank launch's checkpoints for the 3-rank launch
+
+
+def fsdp2_xworld_save(ctx: Ctx, *, flat: bool, hk: str):
+    """2 ranks: ours and torch's twin train 3 steps and are saved, for the 3-rank launch
+    (fsdp2_xworld_load)."""
+    m, tm = fsdp2(mlp(1), ctx), fsdp2(mlp(1), ctx)
+    opt, topt = make_opts(m.parameters(), tm.parameters(), hk, flat)
+    fsdp2_steps(ctx, [(tm, topt), (m, opt)], seed=4, steps=3)
+    base = ctx.shared / XWORLD / hk
+    dcp_save(ctx, tm, topt, base / f"{_flat_id(flat)}-torch")
+    dcp_save(ctx, m, opt, base / f"{_flat_id(flat)}-ours")
+
+
+def fsdp2_xworld_load(ctx: Ctx, *, flat: bool, hk: str, source: str):
+    """3 ranks load what 2 ranks saved, then train on. source="own": ours loads its own
+    checkpoint, torch's twin torch's (both saved by the 2-rank scenario of the same `flat`);
+    source="torch": ours loads the checkpoint torch's optimizer wrote (per-tensor scenario's),
+    as torch's twin does."""
+    base = ctx.shared / XWORLD / hk
+    m, tm = fsdp2(mlp(98), ctx), fsdp2(mlp(98), ctx)
+    opt, topt = make_opts(m.parameters(), tm.parameters(), hk, flat)
+    if source == "own":
+        ours_ckpt, torch_ckpt = f"{_flat_id(flat)}-ours", f"{_flat_id(flat)}-torch"
+    else:
+        ours_ckpt = torch_ckpt = "pertensor-torch"
+    dcp_load(ctx, m, opt, base / ours_ckpt)
+    dcp_load(ctx, tm, topt, base / torch_ckpt)
+    ctx.info["local_shapes"] = local_shapes(m)
+    ctx.check.twins(m, opt, tm, topt, "after dcp.load on 3 ranks:")
+    fsdp2_steps(ctx, [(tm, topt), (m, opt)], seed=4, steps=3, first_step=3, what="resumed ")
+
+
+# ---- 4, 5. plain DTensor parameters ----------------------------------------------------------
+def dtensor_train(ctx: Ctx, *, flat: bool, hk: str, grads: str = "placements",
+                  init_mesh: bool = False, steps: int = 4):
+    """Parameters made by distribute_tensor with Shard(0), Shard(1) and Replicate() on a 1-D
+    mesh (sizes not divisible by 2 or 3; on 3 ranks `d` has 2 rows: rank 2's shard is empty),
+    gradients from backward of a loss over a batch-sharded input (different on every rank).
+
+    grads="placements": the loss uses each parameter redistributed to Replicate(), so that
+    backward (Redistribute's) gives every gradient the parameter's placements, as tensor
+    parallelism does. grads="partial": the parameters are used as they are; DTensor's
+    autograd then leaves every gradient Partial(sum) (a local tensor of the full shape), torch's
+    SGD keeps Partial momentum buffers, and its in-place update of the parameter reduces them.
+    (Only on 2 ranks: on 3, torch's own step fails there: grad.add(p, alpha=wd) of the Partial
+    gradient of the 2-row Shard(0) `d` comes out Shard(1), and param.add_ cannot change the
+    parameter's placement.)
+
+    init_mesh: the mesh is init_device_mesh("cpu", (world,)), over the default process group
+    (used by no other scenario), instead of one over this scenario's group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    if init_mesh:
+        ctx._mesh = init_device_mesh("cpu", (ctx.world,))
+    spec = {"a": ((7, 5), Shard(0)), "b": ((5, 5), Shard(1)), "c": ((5,), Replicate()),
+            "d": ((2, 5), Shard(0))}
+
+    def make():
+        g = torch.Generator().manual_seed(5)
+        return {n: nn.Parameter(distribute_tensor(torch.randn(shape, generator=g), ctx.mesh,
+                                                  [pl]))
+                for n, (shape, pl) in spec.items()}
+
+    ours, ref = make(), make()
+    ctx.info["local_shapes"] = {n: list(p.to_local().shape) for n, p in ours.items()}
+    opt, topt = make_opts(list(ours.values()), list(ref.values()), hk, flat)
+
+    def loss(ps, x):
+        if grads == "placements":
+            ps = {n: p.redistribute(ctx.mesh, [Replicate()]) for n, p in ps.items()}
+        h = torch.tanh(x @ ps["a"])
+        y = h @ ps["b"] + ps["c"]
+        return ((y @ ps["d"].t()) ** 2).mean()
+
+    for k in range(steps):
+        g = ctx.gen(6, k)
+        x = DTensor.from_local(torch.randn(3, 7, generator=g), ctx.mesh, [Shard(0)])
+        for ps, o in ((ours, opt), (ref, topt)):
+            loss(ps, x).backward()
+            o.step()
+        label = f"step {k + 1}:"
+        if k == 0:
+            ctx.info["grad_placements"] = {n: str(p.grad.placements) for n, p in ref.items()}
+            for n, p in ref.items():
+                if grads == "placements" and p.grad.placements != p.placements:
+                    ctx.check.fail(f"test set-up: torch's {n}.grad has placements "
+                                   f"{p.grad.placements}, its parameter {p.placements}")
+        ctx.check.params(list(ours.items()), list(ref.items()), label)
+        ctx.check.optims(opt, list(ours.items()), topt, list(ref.items()), label)
+        ctx.record("paths", paths(opt))
+        for o in (opt, topt):
+            o.zero_grad(set_to_none=k % 2 == 1)
+
+
+# ---- 6. DDP ----------------------------------------------------------------------------------
+class Branchy(nn.Module):
+    """5 -> 7 -> 3 (+ a 7 -> 3 branch, used or not per step and rank) -> 2 (no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 3)
+        self.branch = nn.Linear(7, 3)
+        self.c = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x, use_branch: bool):
+        h = torch.tanh(self.a(x))
+        y = self.b(h)
+        if use_branch:
+            y = y + self.branch(h)
+        return self.c(y)
+
+
+def branchy(seed: int) -> Branchy:
+    torch.manual_seed(seed)
+    return Branchy()
+
+
+# A step: (patterns, set_to_none) — one pattern per backward of the step: all but the last run
+# under no_sync() (gradient accumulation), the last one synchronises. A pattern says where the
+# branch is used: "all" ranks, "none", or "some" (rank 0 only). set_to_none: the zero_grad()
+# before the step's first backward (None: no zero_grad, the first step).
+#
+# What DDP itself rejects (checked with torch's optimizer alone, torch 2.13), and so is not run:
+# - find_unused_parameters=False, static_graph=False, a parameter unused on every rank: the next
+#   forward raises "Expected to have finished reduction in the prior iteration before starting
+#   a new one. This error indicates that your module has parameters that were not used in
+#   producing loss"; unused on some ranks only: those ranks raise that and the others wait in
+#   the bucket's allreduce until gloo's timeout. Those scenarios use the "all-used" schedule.
+# - static_graph=True with a set of used parameters that changes between iterations: "Your
+#   training graph has changed in this iteration ... not compatible with static_graph set to
+#   True" (or the "Expected to have finished reduction" error). Those use one fixed pattern.
+# No combination of find_unused_parameters, gradient_as_bucket_view and static_graph is
+# refused at construction (static_graph with find_unused_parameters=True only warns), and
+# no_sync() runs with all of them.
+SCHEDULES = {
+    # find_unused_parameters=True, dynamic graph: the branch unused on every rank (torch's .grad
+    # stays None: torch skips it), or on some ranks only (DDP brings the others' gradient to
+    # it), with and without accumulation, after both zero_grad forms. Step 2 is the known case:
+    # find_unused_parameters=True, gradient_as_bucket_view=True, unused on every rank after
+    # zero_grad(set_to_none=True): torch's .grad stays None and torch does not step it.
+    "dynamic": [(["all"], None), (["none"], True), (["some"], True), (["all", "all"], False),
+                (["none"], False), (["some", "some"], True), (["all", "none"], True),
+                (["none", "none"], True), (["all"], True)],
+    "all-used": [(["all"], None), (["all"], True), (["all", "all"], False), (["all"], True),
+                 (["all", "all", "all"], True)],
+    # static_graph=True: the branch used on rank 0 only in every backward, or on no rank.
+    "static-some": [(["some"], None), (["some"], True), (["some", "some"], False),
+                    (["some"], True), (["some", "some"], True)],
+    "static-none": [(["none"], None), (["none"], True), (["none", "none"], False),
+                    (["none"], True), (["none", "none"], True)],
+}
+
+
+def _uses(pattern: str, rank: int) -> bool:
+    return pattern == "all" or (pattern == "some" and rank == 0)
+
+
+def ddp_train(ctx: Ctx, *, find_unused: bool, bucket_view: bool, static: bool, flat: bool,
+              hk: str, schedule: str):
+    import contextlib
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    kw = dict(process_group=ctx.group, find_unused_parameters=find_unused,
+              gradient_as_bucket_view=bucket_view, static_graph=static)
+    d, td = DDP(branchy(7), **kw), DDP(branchy(7), **kw)
+    opt, topt = make_opts(d.parameters(), td.parameters(), hk, flat)
+    for k, (patterns, set_to_none) in enumerate(SCHEDULES[schedule]):
+        if set_to_none is not None:
+            opt.zero_grad(set_to_none=set_to_none)
+            topt.zero_grad(set_to_none=set_to_none)
+        for j, pattern in enumerate(patterns):
+            x, y = mlp_data(ctx, 8, 10 * k + j)
+            for model in (d, td):
+                sync = j == len(patterns) - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    F.mse_loss(model(x, _uses(pattern, ctx.rank)), y).backward()
+        opt.step()
+        topt.step()
+        label = f"step {k + 1} ({'+'.join(patterns)}, zero_grad(set_to_none={set_to_none})):"
+        ctx.check.twins(d, opt, td, topt, label)
+        ctx.record("paths", paths(opt))
+        ctx.record("torch_grad_none", [n for n, p in td.named_parameters() if p.grad is None])
+
+
+# ---- 7. ZeroRedundancyOptimizer --------------------------------------------------------------
+def _without(sd: dict, keys) -> dict:
+    """A state_dict whose param groups lack `keys`."""
+    return dict(sd, param_groups=[{k: v for k, v in g.items() if k not in keys}
+                                  for g in sd["param_groups"]])
+
+
+def zero_train(ctx: Ctx, *, flat: bool, grad_views: bool, param_views: bool, hk: str,
+               steps: int = 4):
+    """ZeroRedundancyOptimizer(optimizer_class=ours) against ZeroRedundancyOptimizer(
+    optimizer_class=torch's), over DDP models: parameters on every rank, the local optimizer's
+    buffers and state_dict, and the consolidated state_dict on rank 0. grad_views: DDP's
+    gradient_as_bucket_view (every .grad a view of DDP's bucket); param_views: ZeRO's
+    parameters_as_bucket_view.
+
+    With flat=True the local optimizer (zero.optim) must take the flat path for all its
+    parameters in every step: with DDP's gradients in DDP's buckets (grad_views) it reads them
+    there, and with param_views the parameters (views of ZeRO's own bucket, which ZeRO
+    broadcasts after each step, so they cannot move) are stepped where they are."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ours_cls, ref_cls, extra = optimizer_classes(hk)
+    h = dict(HYPERS[hk], **extra)
+    d, td = (DDP(branchy(9), process_group=ctx.group, gradient_as_bucket_view=grad_views)
+             for _ in range(2))
+    # ZeRO puts every keyword into its param groups, which it hands to the local optimizer:
+    # `flat` is passed only when it is not the default, and then left out of the comparison
+    # of the param groups (torch's twin has no such key).
+    kw = {} if flat else dict(flat=False)
+    zero = ZeroRedundancyOptimizer(d.parameters(), optimizer_class=ours_cls,
+                                   process_group=ctx.group,
+                                   parameters_as_bucket_view=param_views, **kw, **h)
+    tzero = ZeroRedundancyOptimizer(td.parameters(), optimizer_class=ref_cls,
+                                    process_group=ctx.group,
+                                    parameters_as_bucket_view=param_views, **h)
+    names = {p: n for n, p in d.named_parameters()}
+    local = [(names[p], p) for g in zero.optim.param_groups for p in g["params"]]
+    tnames = {p: n for n, p in td.named_parameters()}
+    tlocal = [(tnames[p], p) for g in tzero.optim.param_groups for p in g["params"]]
+    ctx.info["local_params"] = [n for n, _ in local]
+    for k in range(steps):
+        for z in (zero, tzero):
+            z.zero_grad(set_to_none=k % 2 == 0)
+        x, y = mlp_data(ctx, 10, k)
+        for model in (d, td):
+            F.mse_loss(model(x, True), y).backward()
+        zero.step()
+        tzero.step()
+        label = f"step {k + 1}:"
+        ctx.check.params(list(d.named_parameters()), list(td.named_parameters()), label)
+        ctx.check.optims(zero.optim, local, tzero.optim, tlocal, f"{label} zero.optim",
+                         state_dict=False)
+        ctx.check.same(_without(zero.optim.state_dict(), kw), tzero.optim.state_dict(),
+                       f"{label} zero.optim.state_dict()")
+        steps_paths = paths(zero.optim)
+        ctx.record("paths", steps_paths)
+        if flat and local:
+            taken = {p for p, _ in steps_paths}
+            if taken != {"flat"} or sum(t for _, t in steps_paths) != len(local):
+                ctx.check.fail(f"{label} zero.optim.last_step took paths {steps_paths} "
+                               f"([path, tensors] per call) for its {len(local)} parameters; "
+                               f"expected the 'flat' path for all of them")
+    for z in (zero, tzero):
+        z.consolidate_state_dict(to=0)
+    if ctx.rank == 0:
+        ctx.check.same(_without(zero.state_dict(), kw), tzero.state_dict(),
+                       "consolidated ZeroRedundancyOptimizer.state_dict() on rank 0:")
+
+
+# ---- the scenario list -----------------------------------------------------------------------
+SCENARIOS: dict[str, tuple] = {}  # name -> (function, kwargs)
+LAUNCHES: dict[int, list[str]] = {2: [], 3: []}
+
+
+def _add(world: int, name: str, fn, **kw) -> None:
+    assert name not in SCENARIOS, name
+    SCENARIOS[name] = (fn, kw)
+    LAUNCHES[world].append(name)
+
+
+def _flat_id(flat: bool) -> str:
+    return "flat" if flat else "pertensor"
+
+
+def _build() -> None:
+    for flat in (True, False):
+        for hk in ("nest-wd", "damp-max-wd", "ema"):
+            _add(2, f"fsdp2/{_flat_id(flat)}/{hk}", fsdp2_train, flat=flat, hk=hk)
+    _add(2, "fsdp2/flat/plain-wd", fsdp2_train, flat=True, hk="plain-wd")
+    for flat in (True, False):
+        _add(2, f"fsdp2-bf16-mp/{_flat_id(flat)}/mom", fsdp2_train, flat=flat, hk="mom", mp=True)
+        _add(2, f"fsdp2-cpu-offload/{_flat_id(flat)}/nest-wd", fsdp2_train, flat=flat,
+             hk="nest-wd", offload=True)
+    _add(2, "fsdp2-ckpt/flat/nest-wd", fsdp2_checkpoint, flat=True, hk="nest-wd")
+    _add(2, "fsdp2-ckpt/pertensor/damp-max-wd", fsdp2_checkpoint, flat=False, hk="damp-max-wd")
+    _add(2, "fsdp2-ckpt/flat/ema-wd-max", fsdp2_checkpoint, flat=True, hk="ema-wd-max")
+    for flat in (True, False):
+        _add(2, f"fsdp2-ckpt-xworld-save/{_flat_id(flat)}/nest-wd", fsdp2_xworld_save,
+             flat=flat, hk="nest-wd")
+    for flat in (True, False):
+        for hk in ("mom", "damp-max-wd"):
+            _add(2, f"dtensor/{_flat_id(flat)}/{hk}", dtensor_train, flat=flat, hk=hk,
+                 init_mesh=flat and hk == "mom")
+        _add(2, f"dtensor-partial-grads/{_flat_id(flat)}/nest-wd", dtensor_train, flat=flat,
+             hk="nest-wd", grads="partial")
+    _add(2, "dtensor/flat/ema-wd-max", dtensor_train, flat=True, hk="ema-wd-max")
+    hks = iter(["mom", "nest-wd", "damp-max-wd", "plain-wd"] * 10)
+    for static in (False, True):
+        for find_unused in (False, True):
+            if static:
+                schedules = ["static-some", "static-none"]
+            else:
+                schedules = ["dynamic" if find_unused else "all-used"]
+            for bucket_view in (False, True):
+                for flat in (True, False):
+                    for schedule in schedules:
+                        hk = next(hks)
+                        name = (f"ddp/find_unused={int(find_unused)},bucket_view={int(bucket_view)}"
+                                f",static={int(static)}/{_flat_id(flat)}/{schedule}/{hk}")
+                        _add(2, name, ddp_train, find_unused=find_unused, bucket_view=bucket_view,
+                             static=static, flat=flat, hk=hk, schedule=schedule)
+    _add(2, "ddp/find_unused=1,bucket_view=1,static=0/flat/dynamic/ema", ddp_train,
+         find_unused=True, bucket_view=True, static=False, flat=True, hk="ema", schedule="dynamic")
+    for grad_views in (False, True):
+        for param_views in (False, True):
+            for flat in (True, False):
+                _add(2, f"zero/ddp_grad_views={int(grad_views)},param_views={int(param_views)}"
+                        f"/{_flat_id(flat)}/nest-wd", zero_train, flat=flat,
+                     grad_views=grad_views, param_views=param_views, hk="nest-wd")
+    _add(2, "zero/ddp_grad_views=1,param_views=0/flat/ema-wd-max", zero_train, flat=True,
+         grad_views=True, param_views=False, hk="ema-wd-max")
+    # 3 ranks: uneven shards (an empty one on rank 2), and the 2-rank checkpoint loaded
+    for flat in (True, False):
+        _add(3, f"fsdp2-uneven/{_flat_id(flat)}/damp-max-wd", fsdp2_train, flat=flat,
+             hk="damp-max-wd")
+        _add(3, f"dtensor-uneven/{_flat_id(flat)}/nest-wd", dtensor_train, flat=flat,
+             hk="nest-wd")
+    _add(3, "fsdp2-uneven/flat/ema", fsdp2_train, flat=True, hk="ema")
+    for flat, source in ((True, "own"), (False, "own"), (True, "torch")):
+        _add(3, f"fsdp2-ckpt-xworld-load/{_flat_id(flat)}/from-{source}/nest-wd",
+             fsdp2_xworld_load, flat=flat, hk="nest-wd", source=source)
+
+
+_build()
+
+
+# ---- the rank's main -------------------------------------------------------------------------
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)  # atomic: the harness never reads half a file
+
+
+def _run_one(name: str, ctx: Ctx) -> dict:
+    fn, kw = SCENARIOS[name]
+    t0 = time.perf_counter()
+    try:
+        fn(ctx, **kw)
+        if ctx.check.count:
+            status = "mismatch"
+            more = ctx.check.count - len(ctx.check.problems)
+            detail = "\n".join(ctx.check.problems) + (f"\n... and {more} more" if more else "")
+        else:
+            status, detail = "ok", ""
+    except Skip as e:
+        status, detail = "skip", str(e)
+    except Exception as e:  # recorded; the next scenario runs on its own process group
+        status = "error"
+        # the exception first (a long traceback must not push it out of a short report)
+        detail = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+        if ctx.check.count:
+            detail = ("differences before the exception:\n" + "\n".join(ctx.check.problems)
+                      + "\n" + detail)
+    return dict(status=status, detail=detail, info=ctx.info,
+                seconds=round(time.perf_counter() - t0, 3))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", required=True, type=Path)
+    ap.add_argument("--shared", required=True, type=Path)
+    ap.add_argument("--collective-timeout", type=float, default=30.0)
+    ap.add_argument("names", nargs="+")
+    args = ap.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the harness asks at its deadline
+    torch.set_num_threads(1)
+    import warnings
+    warnings.filterwarnings("ignore", message=".*momentum_cuda.*")
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out = dict(rank=rank, world=world, current="(start-up: init_process_group)", results={})
+    _write(args.results, out)
+    timeout = timedelta(seconds=args.collective_timeout)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None, False,
+                          timeout=timeout)
+    t0 = time.perf_counter()
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    # between scenarios every rank waits here for the others, longer than a collective can hang
+    control = dist.new_group(backend="gloo", timeout=timedelta(
+        seconds=3 * args.collective_timeout + 30))
+    groups = [dist.new_group(backend="gloo", timeout=timeout) for _ in args.names]
+    out["init_seconds"] = round(time.perf_counter() - t0, 3)
+    for name, group in zip(args.names, groups):
+        out["current"] = name
+        _write(args.results, out)
+        if name not in SCENARIOS:
+            out["results"][name] = dict(status="error", detail=f"no scenario named {name!r}",
+                                        info={}, seconds=0)
+        else:
+            out["results"][name] = _run_one(name, Ctx(rank, world, group, args.shared))
+        out["current"] = "barrier after " + name
+        _write(args.results, out)
+        dist.barrier(group=control)
+    out["current"] = None
+    _write(args.results, out)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
