@@ -13,6 +13,18 @@ few-large (8 tensors), many-small (2000 tensors), resnet50 (ResNet-50's 161 para
 gpt2 (GPT-2 small's 148), built from shapes, no download. An --impls name that exists but cannot
 run on this device is reported and left out (exit status 1 at the end); an unknown one stops.
 
+fsdp2-gpt2 (only when asked for: --layouts fsdp2-gpt2): GPT-2's 148 tensors as FSDP2 hands them to
+the optimizer, each an nn.Parameter holding a DTensor, Shard(0), with a DTensor gradient sharded
+alike, on a DeviceMesh of this one process (an in-process gloo group of one; NCCL for CUDA
+tensors; no step communicates, and each local shard is its whole tensor). At N params it stands
+for one rank of an FSDP2 job whose shards hold N elements in all. momentum_cuda per tensor
+(mc-list-*: its kernels on the local shards, DTensor momentum buffers), torch's for-loop and
+foreach step the DTensors; momentum_cuda flat is left out (DTensors never move into a flat
+buffer: flat=True steps them per tensor). torch's fused SGD has no DTensor rule (aten._fused_sgd_
+has no sharding strategy; tried on each case): it steps the same values as plain local tensors,
+marked "[local]" (column "params" of the CSV: "local tensors"), the cost of a fused step that
+FSDP2 cannot run as it is. Apex likewise.
+
 Order of the cases: the first value given to each of --params, --layouts and --dtypes is the most
 important. Cases run sorted by the sum of their values' positions in those three lists (ties:
 the earlier --params value, then --layouts), so every value given is reached early and a time
@@ -70,10 +82,22 @@ import momentum_cuda
 
 from ._backends import resolve_backend
 
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch built without distributed: no DTensor case can run
+    DTensor, Shard = (), None
+
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-LAYOUTS = ("few-large", "many-small", "resnet50", "gpt2")
+LAYOUTS = ("few-large", "many-small", "resnet50", "gpt2", "fsdp2-gpt2")
+DEFAULT_LAYOUTS = LAYOUTS[:4]  # --layouts' default; fsdp2-gpt2 when asked for
+# Parameters as FSDP2 hands them to the optimizer: nn.Parameter(DTensor), Shard(0), on a mesh of
+# this one process (its local shard is the whole tensor). Sizes: GPT-2's 148 tensors, scaled.
+DTENSOR_LAYOUTS = ("fsdp2-gpt2",)
+# What runs on the local tensors of a DTensor case, not the DTensors: torch's fused SGD has no
+# DTensor rule (checked per case, see fused_takes_dtensors), nor has Apex (not a torch op).
+LOCAL_ONLY = ("torch-fused", "apex-fused-sgd")
 FORMATS = ("json", "csv", "png")
 SCHEMA = "momentum-cuda-bench/2"
 NOISY_CORES = 0.1  # CPU used by other processes while timing above which a case is flagged
@@ -145,7 +169,7 @@ def layout_sizes(layout: str, total: int, seed: int) -> list[int]:
         count = 8 if layout == "few-large" else 2000
         w = np.random.default_rng(seed).uniform(0.5, 1.5, count)
         return scale_sizes([float(x) for x in w * 1e6], total)
-    shapes = resnet50_shapes() if layout == "resnet50" else gpt2_shapes()
+    shapes = resnet50_shapes() if layout == "resnet50" else gpt2_shapes()  # gpt2, fsdp2-gpt2
     return scale_sizes([_numel(s) for s in shapes], total)
 
 
@@ -222,9 +246,14 @@ class CaseData:
     init: torch.Tensor
     grads: torch.Tensor
     grads2: torch.Tensor  # the check's second step; then the bandwidth probe's `a`
+    mesh: object = None  # a DTensor case's one-process DeviceMesh; None: plain tensors
+    local: tuple = ()  # in a DTensor case, the implementations that step the local tensors
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(flat.split(self.sizes))
+
+    def as_dtensors(self, impl: "Impl") -> bool:
+        return self.mesh is not None and impl.name not in self.local
 
 
 def case_seed(seed: int, layout: str, total: int) -> int:
@@ -249,13 +278,74 @@ def case_data(sizes, dtype, device, seed) -> CaseData:
 
 
 def build(impl: Impl, data: CaseData, hyper):
-    """(optimizer, params) over fresh clones of the case's data, .grad set once."""
+    """(optimizer, params) over fresh clones of the case's data, .grad set once. In a DTensor
+    case each parameter is an nn.Parameter holding a DTensor, Shard(0) on the case's mesh, and
+    its gradient a DTensor sharded alike, as FSDP2 makes them (unless the implementation steps
+    the local tensors)."""
     params = []
+    dtensors = data.as_dtensors(impl)
     for x, g in zip(data.split(data.init), data.split(data.grads)):
-        p = x.clone().requires_grad_(True)
-        p.grad = g.clone()
+        if dtensors:
+            p = torch.nn.Parameter(DTensor.from_local(x.clone(), data.mesh, [Shard(0)],
+                                                      run_check=False))
+            p.grad = DTensor.from_local(g.clone(), data.mesh, [Shard(0)], run_check=False)
+        else:
+            p = x.clone().requires_grad_(True)
+            p.grad = g.clone()
         params.append(p)
     return impl.make(params, hyper), params
+
+
+_MESHES: dict = {}  # device type: the DeviceMesh of one_process_mesh
+_OWN_GROUP: list = []  # [True] once one_process_mesh has made the default process group
+
+
+def one_process_mesh(device: torch.device):
+    """A DeviceMesh of this process alone, made once per device type: a process group of one
+    (gloo; NCCL for CUDA tensors) over an in-memory store, no network. No step communicates:
+    on one process every Shard(0) holds its whole parameter. Raises when this process is one of
+    several (under torchrun): the benchmark times one process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device.type not in _MESHES:
+        if not dist.is_available():
+            raise BenchFailure("torch.distributed is not available in this torch build")
+        if not dist.is_initialized():
+            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1)
+            _OWN_GROUP.append(True)
+        elif dist.get_world_size() != 1:
+            raise BenchFailure(f"DTensor layouts run in a process of their own; this one is rank "
+                               f"{dist.get_rank()} of {dist.get_world_size()}")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the mesh's device (else it picks one)
+        _MESHES[device.type] = init_device_mesh(device.type, (1,))
+    return _MESHES[device.type]
+
+
+def release_meshes() -> None:
+    """Forgets the meshes and destroys the process group one_process_mesh made (main's end: a
+    caller in the same process, a test or the demo, finds torch.distributed as it was)."""
+    import torch.distributed as dist
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _MESHES.clear()
+    _OWN_GROUP.clear()
+
+
+def fused_takes_dtensors(mesh, dtype, device) -> bool:
+    """Whether torch.optim.SGD(fused=True) steps DTensor parameters (torch 2.11 and 2.13: no,
+    aten._fused_sgd_ has no sharding strategy), tried on one 2-element parameter."""
+    p = torch.nn.Parameter(DTensor.from_local(torch.ones(2, dtype=dtype, device=device), mesh,
+                                              [Shard(0)], run_check=False))
+    p.grad = DTensor.from_local(torch.ones(2, dtype=dtype, device=device), mesh, [Shard(0)],
+                                run_check=False)
+    try:
+        torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True).step()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 # ---- correctness --------------------------------------------------------------------------
@@ -292,17 +382,33 @@ def _buffers(opt, params, momentum: float) -> list:
     return [opt.state.get(p, {}).get("momentum_buffer") for p in params]
 
 
+def _local(t):
+    """A DTensor's local shard (detached); any other tensor, or None, itself."""
+    return t.detach().to_local() if isinstance(t, DTensor) else t
+
+
+def _placements(t):
+    return tuple(t.placements) if isinstance(t, DTensor) else None
+
+
 def differences(opt, params, ref_opt, ref_params, momentum: float) -> dict | None:
     """None when every parameter and momentum buffer is bitwise equal to the reference's; else,
     per kind ("param", "momentum_buffer"): how many differ, the first one (its index, its first
     differing element and both values there) and the max |diff| over all that differ."""
     out = {}
+    # Both on DTensors (a DTensor case, not an implementation on the local tensors): each
+    # buffer must be a DTensor sharded like the reference's. The elements: the local shards.
+    same_kind = bool(params) and (isinstance(params[0], DTensor)
+                                  == isinstance(ref_params[0], DTensor))
     for what, ours, ref in (("param", params, ref_params),
                             ("momentum_buffer", _buffers(opt, params, momentum),
                              _buffers(ref_opt, ref_params, momentum))):
         unmatched, differ = [], []
+        kinds = [_placements(a) for a in ours], [_placements(b) for b in ref]
+        ours, ref = [_local(a) for a in ours], [_local(b) for b in ref]
         for i, (a, b) in enumerate(zip(ours, ref)):
-            if a is None or b is None or a.shape != b.shape:
+            if (a is None or b is None or a.shape != b.shape
+                    or (same_kind and kinds[0][i] != kinds[1][i])):
                 unmatched.append(i)
             elif not torch.equal(a, b):
                 differ.append(i)
@@ -329,7 +435,8 @@ def describe(diff: dict) -> str:
                   f"({e['value']:.9g}, for-loop {e['reference']:.9g}); max |diff| "
                   f"{e['max_abs_diff']:.3g}")
         if "missing_or_misshapen" in e:
-            s += f"; missing or misshapen: {e['missing_or_misshapen']}"
+            s += (f"; missing, misshapen or not sharded like the for-loop's: "
+                  f"{e['missing_or_misshapen']}")
         parts.append(s)
     return " | ".join(parts)
 
@@ -342,7 +449,7 @@ def _two_steps(impl: Impl, data: CaseData, hyper):
         _check_flat(impl, opt, numel)
     with torch.no_grad():
         for p, g in zip(params, data.split(data.grads2)):
-            p.grad.copy_(g)
+            _local(p.grad).copy_(g)
     opt.step()
     if impl.ours:
         _check_flat(impl, opt, numel)
@@ -391,13 +498,18 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         if func.namespace == "profiler" or func.is_view:
             return out
         self.ops += 1
-        seen = {t.untyped_storage().data_ptr()
+        # A DTensor's op counts once (its local op runs inside it, unseen); its memory is its
+        # local tensor's.
+        seen = {_local(t).untyped_storage().data_ptr()
                 for t in torch.utils._pytree.tree_leaves((args, kwargs))
                 if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                self.bytes += t.untyped_storage().nbytes()
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = _local(t).untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
         return out
 
 
@@ -581,7 +693,9 @@ def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=N
     esize = data.init.element_size()
     case = {"layout": layout, "numel": total, "tensors": len(sizes), "sizes_min": min(sizes),
             "sizes_max": max(sizes), "dtype": str(dtype).replace("torch.", ""),
-            "bytes_per_param": 5 * esize, "data_seed": seed}
+            "bytes_per_param": 5 * esize, "data_seed": seed, "params": "tensor"}
+    if layout in DTENSOR_LAYOUTS:
+        impls = dtensor_case(case, data, impls, dtype, device)
     equal, errors, mismatches = bitwise_check(impls, data, hyper)
     case.update(bitwise_vs_forloop=equal, errors=errors, mismatches=mismatches)
     runnable = [i for i in impls if i.name not in errors and i.name not in mismatches]
@@ -616,6 +730,23 @@ def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=N
     if device.type == "cuda":
         case["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return case
+
+
+FLAT_DTENSOR = ("DTensor parameters never move into a flat buffer (FSDP2 owns their storage): "
+                "flat=True steps them per tensor, as mc-list does")
+
+
+def dtensor_case(case: dict, data: CaseData, impls: list, dtype, device) -> list:
+    """Makes a case's parameters DTensors (data.mesh) and returns the implementations it runs:
+    not momentum_cuda's flat ones (recorded in case["left_out"]). Those that cannot take
+    DTensors step the same values as plain local tensors (case["local_tensors"])."""
+    data.mesh = one_process_mesh(device)
+    data.local = tuple(n for n in LOCAL_ONLY
+                       if n != "torch-fused" or not fused_takes_dtensors(data.mesh, dtype, device))
+    case.update(params="DTensor Shard(0), 1-process mesh",
+                local_tensors=[i.name for i in impls if i.name in data.local],
+                left_out={i.name: FLAT_DTENSOR for i in impls if i.flat})
+    return [i for i in impls if not i.flat]
 
 
 def _timed_and_checked(case, runnable, data, hyper, args, device, clock, graphs, deadline):
@@ -690,11 +821,17 @@ def _ms(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
+def impl_name(case: dict, name: str) -> str:
+    """The implementation's name, marked where a DTensor case ran it on the local tensors."""
+    local = name.removesuffix("+graph") in case.get("local_tensors", ())
+    return name + (" [local]" if local else "")
+
+
 def case_line(case: dict) -> str:
     """The one line printed when a case is done."""
     parts = [f"{case['seconds']:.1f} s", f"probe {case['bandwidth_probe']['gbps']:.1f} GB/s"]
-    parts.append(", ".join(f"{name} {_ms(r['median_ms'])} ms {100 * r['bw_share']:.0f}%"
-                           for name, r in case["results"].items()))
+    parts.append(", ".join(f"{impl_name(case, name)} {_ms(r['median_ms'])} ms "
+                           f"{100 * r['bw_share']:.0f}%" for name, r in case["results"].items()))
     if case["mismatches"]:
         parts.append("BITWISE MISMATCH (not timed): " + ", ".join(case["mismatches"]))
     if case["errors"]:
@@ -714,7 +851,8 @@ def table_rows(case: dict) -> list[list[str]]:
     for name, r in case["results"].items():
         eq = case["bitwise_vs_forloop"].get(name)
         vs = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
-        rows.append(["", name, _ms(r["median_ms"]), f"{_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}",
+        rows.append(["", impl_name(case, name), _ms(r["median_ms"]),
+                     f"{_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}",
                      f"{r['gbps']:.1f}", f"{100 * r['bw_share']:.0f}%", vs("vs_foreach"),
                      vs("vs_fused"), str(r.get("kernels", "-")),
                      f"{r['alloc_bytes'] / 1e6:.1f}" if "alloc_bytes" in r else "-",
@@ -738,6 +876,8 @@ def print_summary(doc: dict, out=None) -> None:
     for case in doc["cases"]:
         for name, err in case["errors"].items():
             print(f"  {case_name(case)}: {name} not timed ({err})", file=out)
+        for name, why in case.get("left_out", {}).items():
+            print(f"  {case_name(case)}: {name} left out ({why})", file=out)
         busy = case["contention"]
         if is_noisy(busy):
             print(f"  {case_name(case)}: WARNING: other processes used "
@@ -751,12 +891,18 @@ def print_summary(doc: dict, out=None) -> None:
           "share: of the in-place a.add_(b) probe timed in the same rounds; vs X: X's median / "
           f"this median, > 1 is faster; kernels: {kernels} per step; alloc: bytes allocated by "
           "one step)", file=out)
+    if any(c.get("local_tensors") for c in doc["cases"]):
+        print("(fsdp2-gpt2: parameters and gradients are DTensors, Shard(0) on a mesh of this one "
+              "process, as FSDP2 hands them to the optimizer; [local]: stepped the same values as "
+              "plain local tensors, since it has no DTensor rule (torch's fused SGD: "
+              "aten._fused_sgd_ has no sharding strategy): what a DTensor-aware fused step "
+              "could reach, not what FSDP2 can run)", file=out)
 
 
 CSV_FIELDS = ("device", "dtype", "layout", "numel", "tensors", "implementation", "cuda_graph",
               "median_ms", "p10_ms", "p90_ms", "iqr_ms", "gbps", "bw_share", "vs_foreach",
               "vs_fused", "kernels", "alloc_bytes", "bitwise_vs_forloop",
-              "bandwidth_probe_gbps")
+              "bandwidth_probe_gbps", "params")
 
 
 def csv_rows(doc: dict):
@@ -770,7 +916,9 @@ def csv_rows(doc: dict):
                                                 "gbps", "bw_share", "vs_foreach", "vs_fused",
                                                 "kernels", "alloc_bytes")},
                    "bitwise_vs_forloop": case["bitwise_vs_forloop"].get(name, ""),
-                   "bandwidth_probe_gbps": case["bandwidth_probe"]["gbps"]}
+                   "bandwidth_probe_gbps": case["bandwidth_probe"]["gbps"],
+                   "params": ("local tensors" if base in case.get("local_tensors", ())
+                              else case.get("params", "tensor"))}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -847,7 +995,8 @@ def plot(doc: dict, path: Path, labels: dict) -> None:
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(plain)
             ax.tick_params(axis="y", which="minor", labelsize=7)
-            ax.set_title(f"{layout}, {dtype}", fontsize=10)
+            ax.set_title(f"{layout}, {dtype}" + (" (DTensors; fused: local)" if layout in
+                                                 DTENSOR_LAYOUTS else ""), fontsize=10)
             ax.set_xlabel("total parameters")
             ax.set_ylabel("effective GB/s (5 accesses/param)")
             ax.grid(True, which="both", alpha=0.3)
@@ -919,8 +1068,9 @@ def parse_args(argv=None):
     ap.add_argument("--params", type=parse_count, nargs="+", default=None, metavar="N",
                     help="total parameter counts, most important first (default: CPU 1M 10M "
                          "100M; GPU 1M 10M 100M 1B)")
-    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
-                    help="most important first (default: all, in this order)")
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(DEFAULT_LAYOUTS),
+                    help="most important first (default: " + " ".join(DEFAULT_LAYOUTS) + "; "
+                         "fsdp2-gpt2: GPT-2's tensors as FSDP2 hands them over, DTensors)")
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"],
                     help="most important first (default: float32 bfloat16)")
     ap.add_argument("--impls", nargs="+", default=None, metavar="NAME",
@@ -1130,6 +1280,7 @@ def main(argv=None) -> int:
             print(case_line(case), flush=True)
         _release(device)
         save()
+    release_meshes()
     interrupted = bool(doc["stopped_early"]) and doc["stopped_early"].startswith("interrupted")
     doc["complete"] = not interrupted  # every planned case ran, failed or is listed as skipped
     written = save(final=True)

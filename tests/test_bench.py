@@ -36,7 +36,8 @@ def test_model_layouts_have_the_real_parameter_counts():
 def test_layout_sizes_sum_to_the_total(layout, total):
     sizes = bench.layout_sizes(layout, total, seed=3)
     assert sum(sizes) == total and min(sizes) >= 1
-    want = {"few-large": 8, "many-small": 2000, "resnet50": 161, "gpt2": 148}[layout]
+    want = {"few-large": 8, "many-small": 2000, "resnet50": 161, "gpt2": 148,
+            "fsdp2-gpt2": 148}[layout]
     assert len(sizes) == want
 
 
@@ -116,7 +117,8 @@ def test_quick_defaults():
     args, device = bench.parse_args(["--quick"])
     assert (args.params, args.rounds, args.warmup, args.wait_idle, args.retries) == (
         [10**6], 5, 1, 0.0, 0)
-    assert args.layouts == list(bench.LAYOUTS) and args.dtypes == ["float32", "bfloat16"]
+    assert args.layouts == list(bench.DEFAULT_LAYOUTS) and args.dtypes == ["float32", "bfloat16"]
+    assert "fsdp2-gpt2" in bench.LAYOUTS and "fsdp2-gpt2" not in args.layouts  # when asked for
     assert (args.formats, args.name, args.budget_s) == (["json", "csv", "png"], None, None)
 
 
@@ -130,9 +132,11 @@ def test_gpu_check_command_lines_parse():
     assert (args.params, args.layouts, args.name, args.budget_s, args.formats) == (
         [10**8, 10**9], ["few-large", "gpt2"], "bench-headline", 170.0, ["json", "csv"])
     args, _ = bench.parse_args(common + ["--params", "1M", "10M", "100M", "--layouts",
-                                         "many-small", "resnet50", "--name", "bench-rest",
+                                         "many-small", "resnet50", "few-large", "gpt2",
+                                         "fsdp2-gpt2", "--name", "bench-rest",
                                          "--budget-s", "212"])
     assert (args.params, args.name, args.budget_s) == ([10**6, 10**7, 10**8], "bench-rest", 212)
+    assert args.layouts[-1] == "fsdp2-gpt2"
 
 
 def test_case_order_puts_the_first_value_of_each_option_first():
@@ -469,6 +473,87 @@ def test_differences_reports_the_first_differing_element():
     assert d == {"param": {"differing": 1, "of": 2, "first": 1, "first_element": 3,
                            "value": 3.0, "reference": 3.5, "max_abs_diff": 2.0}}
     assert bench.differences(opt, a, opt, a, momentum=0) is None
+
+
+# ---- the FSDP2 shard layout: DTensor parameters ---------------------------------------------
+needs_dist = pytest.mark.skipif(not (torch.distributed.is_available()
+                                     and torch.distributed.is_gloo_available()),
+                                reason="torch without distributed/gloo")
+
+
+@needs_dist
+def test_fsdp2_layout_runs_on_dtensors(tmp_path, capsys):
+    """--layouts fsdp2-gpt2 (quick): DTensor parameters, Shard(0) on a one-process mesh;
+    momentum_cuda per tensor, torch's for-loop and foreach on the DTensors, bitwise equal to the
+    for-loop, momentum buffers DTensors; flat left out; torch fused on the local tensors, marked
+    so; the process group is gone afterwards."""
+    code = bench.main(["--quick", "--params", "3000", "--layouts", "fsdp2-gpt2", "--dtypes",
+                       "float32", "bfloat16", "--rounds", "2", "--warmup", "1", "--formats",
+                       "json", "csv", "--out", str(tmp_path), "--name", "run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert not torch.distributed.is_initialized()
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert doc["failures"] == [] and len(doc["cases"]) == 2
+    for case in doc["cases"]:
+        assert (case["layout"], case["tensors"]) == ("fsdp2-gpt2", 148)
+        assert case["params"] == "DTensor Shard(0), 1-process mesh"
+        assert case["local_tensors"] == ["torch-fused"]
+        assert set(case["left_out"]) == {"mc-flat-cpu"}
+        assert set(case["results"]) == {"mc-list-cpu", "torch-forloop", "torch-foreach",
+                                        "torch-fused"}
+        assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True and case["mismatches"] == {}
+        res = case["results"]
+        assert res["mc-list-cpu"]["kernels"] == 1  # one momentum_cuda call, no aten op
+        assert res["torch-forloop"]["kernels"] == 3 * case["tensors"]  # DTensor ops, once each
+    rows = _csv((tmp_path / "run.csv").read_text())
+    assert {r["implementation"]: r["params"] for r in rows} == {
+        "mc-list-cpu": "DTensor Shard(0), 1-process mesh",
+        "torch-forloop": "DTensor Shard(0), 1-process mesh",
+        "torch-foreach": "DTensor Shard(0), 1-process mesh", "torch-fused": "local tensors"}
+    assert "torch-fused [local]" in out and "mc-flat-cpu left out (DTensor parameters" in out
+    assert "aten._fused_sgd_ has no sharding strategy" in out
+
+
+@needs_dist
+def test_fsdp2_layout_catches_a_mismatch_on_the_shards(monkeypatch, tmp_path, capsys):
+    _plant(monkeypatch, bench.Impl("mc-wrong", "momentum_cuda (planted bug: lr off by 2^-20)",
+                                   lambda ps, h: momentum_cuda.SGD(
+                                       ps, flat=False, **{**h, "lr": h["lr"] * (1 + 2**-20)}),
+                                   ours=True))
+    code = bench.main(FAST + ["--impls", "mc-list-cpu", "mc-wrong", "--layouts", "fsdp2-gpt2",
+                              "--no-files"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "FAILED: fsdp2-gpt2 3k float32: mc-wrong: bitwise mismatch: check: " in err
+    assert "BITWISE MISMATCH (not timed): mc-wrong" in out
+    assert not torch.distributed.is_initialized()
+
+
+@needs_dist
+def test_differences_needs_dtensor_buffers_sharded_like_the_for_loops():
+    """On DTensor parameters a momentum buffer that is a plain tensor (or sharded otherwise)
+    differs even where its elements are equal."""
+    device = torch.device("cpu")
+    mesh = bench.one_process_mesh(device)
+    try:
+        data = bench.case_data([3, 5], torch.float32, device, 0)
+        data.mesh = mesh
+        forloop = bench.Impl("torch-forloop", "", lambda ps, h: torch.optim.SGD(
+            ps, foreach=False, **h), ours=False)
+        (a, pa), (b, pb) = (bench.build(forloop, data, dict(lr=0.1, momentum=0.9))
+                            for _ in range(2))
+        a.step()
+        b.step()
+        assert bench.differences(a, pa, b, pb, momentum=0.9) is None
+        b.state[pb[1]]["momentum_buffer"] = b.state[pb[1]]["momentum_buffer"].to_local()
+        d = bench.differences(a, pa, b, pb, momentum=0.9)
+        assert d == {"momentum_buffer": {"differing": 1, "of": 2, "missing_or_misshapen": [1]}}
+        assert "not sharded like the for-loop's: [1]" in bench.describe(d)
+        assert bench.fused_takes_dtensors(mesh, torch.float32, device) is False  # torch 2.13
+    finally:
+        bench.release_meshes()
+    assert not torch.distributed.is_initialized()
 
 
 # ---- the GPU-only pieces, driven on the CPU ------------------------------------------------

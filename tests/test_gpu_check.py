@@ -74,6 +74,34 @@ def test_timeout_kills_the_group_and_keeps_the_output(monkeypatch, tmp_path):
     assert out.stdout.strip() == "", "a process of the killed stage survived"
 
 
+def test_timeout_kills_descendants_in_their_own_session(monkeypatch, tmp_path):
+    """torchrun starts each worker in a session of its own, out of reach of a signal to its
+    group: the kill at the timeout must reach them too."""
+    marker = tmp_path / "worker.pid"
+
+    def launcher(ctx):
+        ctx.run(_py("import subprocess, sys, time; "
+                    "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(61)'], "
+                    "start_new_session=True); "
+                    f"open({str(marker)!r}, 'w').write(str(w.pid)); "
+                    "print('launched', flush=True); time.sleep(60)"))
+        return gc.PASS, "should not pass"
+    rc, summary, log = _run(monkeypatch, tmp_path / "out", [_stage("launch", 3, launcher)])
+    assert rc == 1 and "[TIMEOUT] launch" in summary and "launched" in log
+    pid = int(marker.read_text())
+    for _ in range(50):  # SIGKILLed; gone once its parent (init by now) has reaped it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break  # killed, not yet reaped
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("a descendant in its own session survived the stage's timeout")
+
+
 def test_deadline_skips_what_no_longer_fits(monkeypatch, tmp_path):
     def slow_ok(ctx):
         time.sleep(3)
@@ -176,7 +204,7 @@ def test_sanitizer_verdict(out, rc, verdict):
 
 def test_stage_plan():
     names = [s.name for s in gc.STAGES]
-    assert names == ["preflight", "build", "probe", "tests-cuda", "tests-triton",
+    assert names == ["preflight", "build", "probe", "tests-cuda", "tests-triton", "distributed",
                      "bench-headline", "memcheck", "bench-rest"]
     assert [s.name for s in gc.STAGES if s.required] == ["preflight", "build"]
     fixed = [s.budget for s in gc.STAGES if s.budget is not None]
@@ -191,3 +219,53 @@ def test_summary_stays_short(tmp_path):
                for i in range(40)]
     text = gc.write_summary(tmp_path, ["header"], results, ctx)
     assert len(text) <= gc.SUMMARY_MAX and "cut" in text
+
+
+EXAMPLE_PASS = """momentum_cuda 0.1.0, torch 2.11.0+cu130: 1 processes, nccl on cuda; ...
+== fsdp2: fully_shard on each Linear and on the model: the optimizers get DTensor parameters
+     momentum_cuda.SGD:                             bitwise equal on all 1 processes
+VERDICT fsdp2: BITWISE EQUAL to torch.optim.SGD(foreach=False) on every process, before and after
+== ddp: DistributedDataParallel: every process holds the whole model
+VERDICT ddp: BITWISE EQUAL to torch.optim.SGD(foreach=False) on every process, before and after
+RESULT: PASS (fsdp2 bitwise equal, ddp bitwise equal; 1 processes, nccl)
+"""
+EXAMPLE_MISMATCH = """== fsdp2: fully_shard on each Linear and on the model: the optimizers get DTensor parameters
+     momentum_cuda.SGD:                             MISMATCH on 1 of 2 processes
+       rank 1: 0.weight momentum buffer: 3 of 4096 elements differ, max |diff| 1.4e-09
+VERDICT fsdp2: MISMATCH (above)
+VERDICT ddp: BITWISE EQUAL to torch.optim.SGD(foreach=False) on every process, before and after
+RESULT: FAIL (fsdp2 MISMATCH, ddp bitwise equal; 2 processes, gloo)
+"""
+
+
+@pytest.mark.parametrize("out, rc, ok, words", [
+    (EXAMPLE_PASS, 0, True, "nccl x1: fsdp2, ddp bitwise equal"),
+    (EXAMPLE_MISMATCH, 1, False, "MISMATCH in fsdp2: rank 1: 0.weight momentum buffer: 3 of"),
+    (EXAMPLE_PASS, 1, False, "exit 1"),  # a verdict printed, then a crash: not a pass
+    (EXAMPLE_PASS.replace("RESULT: PASS", "RESULT: ?"), 0, False, "exit 0"),
+    ("Traceback ...\nRuntimeError: NCCL error", 1, False, "RuntimeError: NCCL error"),
+    ("VERDICT fsdp2: BITWISE EQUAL\n", None, False, "killed at the timeout")])
+def test_distributed_verdict(out, rc, ok, words):
+    passed, what = gc.fsdp_verdict("nccl x1", gc.Proc(rc, out))
+    assert passed is ok and words in what, what
+
+
+@pytest.mark.parametrize("dry, facts, want", [
+    (True, {}, ["gloo x2 cpu"]),
+    (False, {"gpus": 1, "triton": "3.6.0"}, ["nccl x1", "nccl x1 triton", "gloo x2 cpu"]),
+    (False, {"gpus": 8, "triton": "3.6.0"}, ["nccl x8", "nccl x8 triton"]),
+    (False, {"gpus": 1, "triton": "not importable: No module named 'triton'"},
+     ["nccl x1", "gloo x2 cpu"])])
+def test_distributed_stage_runs_one_process_per_gpu(tmp_path, dry, facts, want):
+    ctx = gc.Ctx(tmp_path, dry, gc.Log(tmp_path / "check.log"))
+    ctx.facts.update(facts)
+    jobs = gc.distributed_jobs(ctx)
+    assert [label for label, _ in jobs] == want
+    for label, cmd in jobs:
+        cmd = list(map(str, cmd))
+        i = cmd.index("--nproc-per-node")
+        assert cmd[:4] == [ctx.py, "-m", "torch.distributed.run", "--standalone"]
+        assert cmd[i + 1] == label.split()[1][1:]  # x1 -> 1 process, x8 -> 8
+        assert cmd[i + 2:i + 4] == ["-m", "momentum_cuda.examples.fsdp"]
+        assert cmd[cmd.index("--device") + 1] == ("cuda" if label.startswith("nccl") else "cpu")
+        assert ("--backend" in cmd) == label.endswith("triton")
