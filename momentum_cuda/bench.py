@@ -25,6 +25,16 @@ has no sharding strategy; tried on each case): it steps the same values as plain
 marked "[local]" (column "params" of the CSV: "local tensors"), the cost of a fused step that
 FSDP2 cannot run as it is. Apex likewise.
 
+ddp-gpt2 (only when asked for: --layouts ddp-gpt2): GPT-2's 148 tensors (plain tensors) as DDP
+with gradient_as_bucket_view=True hands them to the optimizer: every .grad is a view of a DDP-style
+gradient bucket, one contiguous tensor of the case's dtype per bucket, filled in reverse
+parameter order with no padding, a bucket closed once it reaches its cap (the first 1 MiB,
+torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES; the others 25 MiB, bucket_cap_mb's default).
+No process group: each implementation gets buckets of its own holding the case's gradients.
+Every implementation runs; momentum_cuda flat lays the group out at its gradients' offsets on
+the first step and reads them in place, one flat call per bucket (checked on every step; the
+JSON's "mc_calls" is len(opt.last_step) of a step, next to torch's "kernels").
+
 Order of the cases: the first value given to each of --params, --layouts and --dtypes is the most
 important. Cases run sorted by the sum of their values' positions in those three lists (ties:
 the earlier --params value, then --layouts), so every value given is reached early and a time
@@ -90,14 +100,19 @@ except ImportError:  # torch built without distributed: no DTensor case can run
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-LAYOUTS = ("few-large", "many-small", "resnet50", "gpt2", "fsdp2-gpt2")
-DEFAULT_LAYOUTS = LAYOUTS[:4]  # --layouts' default; fsdp2-gpt2 when asked for
+LAYOUTS = ("few-large", "many-small", "resnet50", "gpt2", "fsdp2-gpt2", "ddp-gpt2")
+DEFAULT_LAYOUTS = LAYOUTS[:4]  # --layouts' default; fsdp2-gpt2 and ddp-gpt2 when asked for
 # Parameters as FSDP2 hands them to the optimizer: nn.Parameter(DTensor), Shard(0), on a mesh of
 # this one process (its local shard is the whole tensor). Sizes: GPT-2's 148 tensors, scaled.
 DTENSOR_LAYOUTS = ("fsdp2-gpt2",)
 # What runs on the local tensors of a DTensor case, not the DTensors: torch's fused SGD has no
 # DTensor rule (checked per case, see fused_takes_dtensors), nor has Apex (not a torch op).
 LOCAL_ONLY = ("torch-fused", "apex-fused-sgd")
+# Gradients as DDP (gradient_as_bucket_view=True) hands them over: views of its buckets. Sizes:
+# GPT-2's 148 tensors, scaled. Bucket caps in bytes: DDP's defaults (first bucket, the others).
+DDP_LAYOUTS = ("ddp-gpt2",)
+DDP_FIRST_BUCKET_BYTES = 1 << 20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
+DDP_BUCKET_BYTES = 25 << 20  # DistributedDataParallel(bucket_cap_mb=25)
 FORMATS = ("json", "csv", "png")
 SCHEMA = "momentum-cuda-bench/2"
 NOISY_CORES = 0.1  # CPU used by other processes while timing above which a case is flagged
@@ -169,7 +184,7 @@ def layout_sizes(layout: str, total: int, seed: int) -> list[int]:
         count = 8 if layout == "few-large" else 2000
         w = np.random.default_rng(seed).uniform(0.5, 1.5, count)
         return scale_sizes([float(x) for x in w * 1e6], total)
-    shapes = resnet50_shapes() if layout == "resnet50" else gpt2_shapes()  # gpt2, fsdp2-gpt2
+    shapes = resnet50_shapes() if layout == "resnet50" else gpt2_shapes()  # gpt2, fsdp2-, ddp-
     return scale_sizes([_numel(s) for s in shapes], total)
 
 
@@ -248,12 +263,33 @@ class CaseData:
     grads2: torch.Tensor  # the check's second step; then the bandwidth probe's `a`
     mesh: object = None  # a DTensor case's one-process DeviceMesh; None: plain tensors
     local: tuple = ()  # in a DTensor case, the implementations that step the local tensors
+    buckets: list | None = None  # a DDP case's buckets: parameter indices, in bucket order
+
+    def calls_per_step(self) -> int:
+        """Kernel calls a flat momentum_cuda step makes: one per bucket (one without)."""
+        return len(self.buckets) if self.buckets else 1
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(flat.split(self.sizes))
 
     def as_dtensors(self, impl: "Impl") -> bool:
         return self.mesh is not None and impl.name not in self.local
+
+
+def ddp_buckets(sizes, element_size: int, first: int = DDP_FIRST_BUCKET_BYTES,
+                cap: int = DDP_BUCKET_BYTES) -> list[list[int]]:
+    """DDP's bucket assignment: parameter indices in reverse order, a bucket closed as soon as
+    it holds >= its cap in bytes (the first bucket's `first`, then `cap`), as
+    torch.distributed's compute_bucket_assignment_by_size does; within a bucket, in the order
+    listed (the first at offset 0, no padding)."""
+    buckets, cur, nbytes, limit = [], [], 0, first
+    for i in reversed(range(len(sizes))):
+        cur.append(i)
+        nbytes += sizes[i] * element_size
+        if nbytes >= limit:
+            buckets.append(cur)
+            cur, nbytes, limit = [], 0, cap
+    return buckets + ([cur] if cur else [])
 
 
 def case_seed(seed: int, layout: str, total: int) -> int:
@@ -281,11 +317,23 @@ def build(impl: Impl, data: CaseData, hyper):
     """(optimizer, params) over fresh clones of the case's data, .grad set once. In a DTensor
     case each parameter is an nn.Parameter holding a DTensor, Shard(0) on the case's mesh, and
     its gradient a DTensor sharded alike, as FSDP2 makes them (unless the implementation steps
-    the local tensors)."""
+    the local tensors). In a DDP case every gradient is a view of a bucket (data.buckets) of
+    this implementation's own, as DDP's gradient_as_bucket_view=True makes them."""
     params = []
     dtensors = data.as_dtensors(impl)
-    for x, g in zip(data.split(data.init), data.split(data.grads)):
-        if dtensors:
+    grads = data.split(data.grads)
+    views = {}
+    for bucket in data.buckets or ():
+        flat = torch.empty(sum(data.sizes[i] for i in bucket), dtype=data.grads.dtype,
+                           device=data.grads.device)
+        for i, view in zip(bucket, flat.split([data.sizes[i] for i in bucket])):
+            view.copy_(grads[i])
+            views[i] = view
+    for k, (x, g) in enumerate(zip(data.split(data.init), grads)):
+        if k in views:
+            p = x.clone().requires_grad_(True)
+            p.grad = views[k]
+        elif dtensors:
             p = torch.nn.Parameter(DTensor.from_local(x.clone(), data.mesh, [Shard(0)],
                                                       run_check=False))
             p.grad = DTensor.from_local(g.clone(), data.mesh, [Shard(0)], run_check=False)
@@ -349,11 +397,15 @@ def fused_takes_dtensors(mesh, dtype, device) -> bool:
 
 
 # ---- correctness --------------------------------------------------------------------------
-def _check_flat(impl: Impl, opt, numel: int) -> None:
+def _check_flat(impl: Impl, opt, numel: int, calls_expected: int = 1) -> None:
+    """A flat optimizer's step: `calls_expected` flat kernel calls (one; a DDP case: one per
+    bucket) over `numel` elements in all."""
     calls = opt.last_step
-    if impl.flat and (len(calls) != 1 or calls[0]["path"] != "flat"
-                      or calls[0]["numel"] != numel):
-        raise BenchFailure(f"{impl.label} did not make exactly one flat kernel call over {numel} "
+    if impl.flat and (len(calls) != calls_expected or any(c["path"] != "flat" for c in calls)
+                      or sum(c["numel"] for c in calls) != numel):
+        what = "one flat kernel call" if calls_expected == 1 else \
+            f"{calls_expected} flat kernel calls (one per bucket)"
+        raise BenchFailure(f"{impl.label} did not make exactly {what} over {numel} "
                            f"elements; last_step = {calls}")
 
 
@@ -446,13 +498,13 @@ def _two_steps(impl: Impl, data: CaseData, hyper):
     opt, params = build(impl, data, hyper)
     opt.step()
     if impl.ours:
-        _check_flat(impl, opt, numel)
+        _check_flat(impl, opt, numel, data.calls_per_step())
     with torch.no_grad():
         for p, g in zip(params, data.split(data.grads2)):
             _local(p.grad).copy_(g)
     opt.step()
     if impl.ours:
-        _check_flat(impl, opt, numel)
+        _check_flat(impl, opt, numel, data.calls_per_step())
     return opt, params
 
 
@@ -540,13 +592,15 @@ def step_cost(impl: Impl, data: CaseData, hyper, device) -> dict:
             torch.cuda.synchronize(device)
         after = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
         return {**count_device_events(prof.events()), "alloc_bytes": after - before,
-                "kernels_counted": "cuda"}
+                "kernels_counted": "cuda",
+                **({"mc_calls": len(opt.last_step)} if impl.ours else {})}
     counter = _OpCounter()
     with counter:
         opt.step()
     ours = len(opt.last_step) if impl.ours else 0  # pybind calls bypass the dispatcher
     return {"kernels": counter.ops + ours, "alloc_bytes": counter.bytes,
-            "kernels_counted": "aten ops + momentum_cuda kernel calls"}
+            "kernels_counted": "aten ops + momentum_cuda kernel calls",
+            **({"mc_calls": ours} if impl.ours else {})}
 
 
 # ---- timing -------------------------------------------------------------------------------
@@ -696,6 +750,10 @@ def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=N
             "bytes_per_param": 5 * esize, "data_seed": seed, "params": "tensor"}
     if layout in DTENSOR_LAYOUTS:
         impls = dtensor_case(case, data, impls, dtype, device)
+    if layout in DDP_LAYOUTS:
+        data.buckets = ddp_buckets(sizes, esize)
+        case.update(params="grads: views of DDP buckets",
+                    buckets=[sum(sizes[i] for i in b) for b in data.buckets])
     equal, errors, mismatches = bitwise_check(impls, data, hyper)
     case.update(bitwise_vs_forloop=equal, errors=errors, mismatches=mismatches)
     runnable = [i for i in impls if i.name not in errors and i.name not in mismatches]
@@ -897,6 +955,10 @@ def print_summary(doc: dict, out=None) -> None:
               "plain local tensors, since it has no DTensor rule (torch's fused SGD: "
               "aten._fused_sgd_ has no sharding strategy): what a DTensor-aware fused step "
               "could reach, not what FSDP2 can run)", file=out)
+    if any(c["layout"] in DDP_LAYOUTS for c in doc["cases"]):
+        print("(ddp-gpt2: each .grad a view of a DDP-style gradient bucket (reverse parameter "
+              "order, 1 MiB first bucket, then 25 MiB), as DDP's gradient_as_bucket_view=True "
+              "hands them over; mc-flat reads them in place, one flat call per bucket)", file=out)
 
 
 CSV_FIELDS = ("device", "dtype", "layout", "numel", "tensors", "implementation", "cuda_graph",
@@ -1070,7 +1132,8 @@ def parse_args(argv=None):
                          "100M; GPU 1M 10M 100M 1B)")
     ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(DEFAULT_LAYOUTS),
                     help="most important first (default: " + " ".join(DEFAULT_LAYOUTS) + "; "
-                         "fsdp2-gpt2: GPT-2's tensors as FSDP2 hands them over, DTensors)")
+                         "fsdp2-gpt2: GPT-2's tensors as FSDP2 hands them over, DTensors; "
+                         "ddp-gpt2: GPT-2's tensors, gradients views of DDP buckets)")
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"],
                     help="most important first (default: float32 bfloat16)")
     ap.add_argument("--impls", nargs="+", default=None, metavar="NAME",

@@ -146,10 +146,17 @@ def _local(t):
 def _same_shards(p, *ts) -> bool:
     """Every t (None aside) is a DTensor sharded like the DTensor p: same mesh, placements
     and local shape, so the step is elementwise on the local shards."""
-    lp = p._local_tensor
-    return all(t is None or (isinstance(t, _DTensor) and t.device_mesh == p.device_mesh
-                             and t.placements == p.placements
-                             and t._local_tensor.shape == lp.shape) for t in ts)
+    spec, shape = p._spec, p._local_tensor.shape
+    for t in ts:
+        if t is None:
+            continue
+        if not isinstance(t, _DTensor):
+            return False
+        s = t._spec
+        if not ((s.mesh is spec.mesh or s.mesh == spec.mesh) and s.placements == spec.placements
+                and t._local_tensor.shape == shape):
+            return False
+    return True
 
 
 def _as_dtensor(local, like):

@@ -37,7 +37,7 @@ def test_layout_sizes_sum_to_the_total(layout, total):
     sizes = bench.layout_sizes(layout, total, seed=3)
     assert sum(sizes) == total and min(sizes) >= 1
     want = {"few-large": 8, "many-small": 2000, "resnet50": 161, "gpt2": 148,
-            "fsdp2-gpt2": 148}[layout]
+            "fsdp2-gpt2": 148, "ddp-gpt2": 148}[layout]
     assert len(sizes) == want
 
 
@@ -513,6 +513,54 @@ def test_fsdp2_layout_runs_on_dtensors(tmp_path, capsys):
         "torch-foreach": "DTensor Shard(0), 1-process mesh", "torch-fused": "local tensors"}
     assert "torch-fused [local]" in out and "mc-flat-cpu left out (DTensor parameters" in out
     assert "aten._fused_sgd_ has no sharding strategy" in out
+
+
+def test_ddp_buckets_follow_ddps_assignment():
+    """Reverse parameter order, a bucket closed once it reaches its cap (1 MiB first, then
+    25 MiB), no padding; every parameter in exactly one bucket."""
+    assert bench.ddp_buckets([1, 2, 3, 4], 1, first=4, cap=5) == [[3], [2, 1], [0]]
+    sizes = bench.layout_sizes("ddp-gpt2", 124_439_808, 0)
+    buckets = bench.ddp_buckets(sizes, 4)
+    assert sorted(i for b in buckets for i in b) == list(range(148))
+    assert [i for b in buckets for i in b] == list(reversed(range(148)))
+    nbytes = [4 * sum(sizes[i] for i in b) for b in buckets]
+    assert nbytes[0] >= 1 << 20 and 4 * sum(sizes[i] for i in buckets[0][:-1]) < 1 << 20
+    assert all(4 * sum(sizes[i] for i in b[:-1]) < 25 << 20 for b in buckets[1:])
+
+
+def test_ddp_layout_reads_gradients_in_their_buckets(tmp_path, capsys):
+    """--layouts ddp-gpt2 (quick): not a default layout; every implementation runs, bitwise equal
+    to the for-loop; every .grad a view of a bucket; mc-flat takes the flat path, one kernel call
+    per bucket, and its call count is in the JSON."""
+    assert "ddp-gpt2" not in bench.parse_args(["--quick"])[0].layouts
+    code = bench.main(["--quick", "--params", "1M", "--layouts", "ddp-gpt2", "--dtypes",
+                       "float32", "--rounds", "2", "--warmup", "1", "--formats", "json",
+                       "--out", str(tmp_path), "--name", "run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
+    assert (case["layout"], case["tensors"]) == ("ddp-gpt2", 148)
+    assert case["params"] == "grads: views of DDP buckets" and sum(case["buckets"]) == 10**6
+    assert len(case["buckets"]) == 2  # 1 MiB first (fp32), the rest in one 25 MiB bucket
+    assert case["mismatches"] == {} and case["errors"] == {}
+    assert set(case["results"]) == {"mc-flat-cpu", "mc-list-cpu", "torch-forloop",
+                                    "torch-foreach", "torch-fused"}
+    assert all(case["bitwise_vs_forloop"][n] for n in ("mc-flat-cpu", "mc-list-cpu"))
+    assert case["results"]["mc-flat-cpu"]["mc_calls"] == 2
+    assert "kernels" in case["results"]["torch-fused"]
+    data = bench.case_data(bench.layout_sizes("ddp-gpt2", 10**6, 0), torch.float32,
+                           torch.device("cpu"), 0)
+    data.buckets = bench.ddp_buckets(data.sizes, 4)
+    impl = next(i for i in bench.implementations(torch.device("cpu"))[0]
+                if i.name == "mc-flat-cpu")
+    opt, params = bench.build(impl, data, dict(lr=0.1, momentum=0.9))
+    assert {p.grad.untyped_storage().data_ptr() for p in params} != {
+        p.untyped_storage().data_ptr() for p in params}
+    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 2
+    for _ in range(2):
+        opt.step()
+        assert [c["path"] for c in opt.last_step] == ["flat", "flat"]
+    assert "ddp-gpt2: each .grad a view of a DDP-style gradient bucket" in out
 
 
 @needs_dist
