@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import momentum_cuda
+from momentum_cuda._util import is_dense
 from momentum_cuda.reference import MomentumReference
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -97,6 +98,13 @@ class Net(nn.Module):
         self.emb = nn.Embedding(7, 3, sparse=True) if cfg.embedding else None
         self.views = Views(cfg.views, cfg.base_buffer, DTYPES[cfg.dtype]) if cfg.views else None
         self.extras = nn.ParameterList()
+
+
+def _by_dtype(ps) -> dict:
+    out: dict = {}
+    for p in ps:
+        out.setdefault(p.dtype, []).append(p)
+    return out
 
 
 def _uninit(p) -> bool:
@@ -383,6 +391,21 @@ def apply_one(op, side, cfg):
         if channels_last and gr.dim() == 4:
             gr = gr.contiguous(memory_format=torch.channels_last)
         p.grad = gr
+        return None
+    if name == "grad_bucket":  # DDP with gradient_as_bucket_view=True: .grad become views
+        pad, reverse = a  # of one new bucket per dtype, in (reversed) parameter order
+        for ps in _by_dtype([p for p in side.params() if p.grad is not None
+                             and p.grad.layout == torch.strided]).values():
+            ps = ps[::-1] if reverse else ps
+            bucket = torch.full((pad + sum(p.numel() for p in ps),), 1.5, dtype=ps[0].dtype)
+            off = pad  # (what lies before: someone else's gradients)
+            for p in ps:
+                # DDP's bucket views take the parameter's strides when it is dense
+                v = (bucket.as_strided(p.shape, p.stride(), off) if is_dense(p)
+                     else bucket[off:off + p.numel()].view(p.shape))
+                v.copy_(p.grad)
+                p.grad = v
+                off += p.numel()
         return None
     if name == "data_clone":
         p = _pick(side, a[0])

@@ -156,6 +156,7 @@ def _op_args(kind: str) -> dict:
         "grad_mul": t(st.sampled_from([0.5, -1.0, 3.0, 0.0, 1e38, float("nan")])),
         "grad_none": t(K),
         "grad_set": t(K, SEED, st.booleans()),
+        "grad_bucket": t(st.sampled_from([0, 7]), st.booleans()),
         "data_clone": t(K),
         "data_new": t(K, SEED),
         "param_mul": t(st.sampled_from([0.5, -1.0])),
@@ -178,7 +179,8 @@ def _op_args(kind: str) -> dict:
 
 
 # how often each operation is drawn (relative): backward and step most often
-WEIGHTS = {"backward": 6, "step": 4, "train_step": 3, "zero_grad": 3, "freeze_module": 3}
+WEIGHTS = {"backward": 6, "step": 4, "train_step": 3, "zero_grad": 3, "freeze_module": 3,
+           "grad_bucket": 4}
 _ARGS = {kind: _op_args(kind) for kind in ("sgd", "momentum")}
 OPS = sorted(_ARGS["sgd"])
 _NAMES = st.sampled_from([n for n in OPS for _ in range(WEIGHTS.get(n, 1))])

@@ -39,8 +39,9 @@ the last stage, the rest of the benchmark.
                          for-loop, foreach, fused; copy bandwidth
   memcheck         80 s  compute-sanitizer memcheck on exact-size  tools/gpu_smoke.py on the CPU
                          tensors, caching allocator off
-  bench-rest     (rest)  every layout (fsdp2-gpt2, DTensors, last)  tiny, on the CPU, many-small
-                         and implementation, 10M, 1M, 100M, while  and fsdp2-gpt2
+  bench-rest     (rest)  every layout (ddp-gpt2: DDP bucket views;  tiny, on the CPU, many-small,
+                         fsdp2-gpt2, DTensors, last) and           ddp-gpt2 and fsdp2-gpt2
+                         implementation, 10M, 1M, 100M, while
                          time is left
 
 Why the budgets fit. Measured here (2 cores shared with other work, the dry run): the build
@@ -476,8 +477,9 @@ def sanitizer_verdict(out: str, rc: int | None) -> tuple[str, str]:
 
 def bench_rest(ctx: Ctx) -> tuple[str, str]:
     gpu = ["--device", "cuda", "--params", "10M", "1M", "100M", "--layouts", "many-small",
-           "resnet50", "few-large", "gpt2", "fsdp2-gpt2", "--formats", "json", "csv"]
-    dry = ["--device", "cpu", "--params", "100K", "--layouts", "many-small", "fsdp2-gpt2",
+           "resnet50", "few-large", "gpt2", "ddp-gpt2", "fsdp2-gpt2", "--formats", "json", "csv"]
+    dry = ["--device", "cpu", "--params", "100K", "--layouts", "many-small", "ddp-gpt2",
+           "fsdp2-gpt2",
            "--dtypes", "float32", "--quick", "--formats", "json", "csv"]
     return _bench(ctx, "bench-rest", gpu, dry)
 
