@@ -32,8 +32,8 @@ parameter order with no padding, a bucket closed once it reaches its cap (the fi
 torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES; the others 25 MiB, bucket_cap_mb's default).
 No process group: each implementation gets buckets of its own holding the case's gradients.
 Every implementation runs; momentum_cuda flat lays the group out at its gradients' offsets on
-the first step and reads them in place, one flat call per bucket (checked on every step; the
-JSON's "mc_calls" is len(opt.last_step) of a step, next to torch's "kernels").
+the first step and reads them in place, one call over the spans of all buckets (checked on every
+step; the JSON's "mc_calls" is len(opt.last_step) of a step, next to torch's "kernels").
 
 Order of the cases: the first value given to each of --params, --layouts and --dtypes is the most
 important. Cases run sorted by the sum of their values' positions in those three lists (ties:
@@ -265,10 +265,6 @@ class CaseData:
     local: tuple = ()  # in a DTensor case, the implementations that step the local tensors
     buckets: list | None = None  # a DDP case's buckets: parameter indices, in bucket order
 
-    def calls_per_step(self) -> int:
-        """Kernel calls a flat momentum_cuda step makes: one per bucket (one without)."""
-        return len(self.buckets) if self.buckets else 1
-
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(flat.split(self.sizes))
 
@@ -397,16 +393,14 @@ def fused_takes_dtensors(mesh, dtype, device) -> bool:
 
 
 # ---- correctness --------------------------------------------------------------------------
-def _check_flat(impl: Impl, opt, numel: int, calls_expected: int = 1) -> None:
-    """A flat optimizer's step: `calls_expected` flat kernel calls (one; a DDP case: one per
-    bucket) over `numel` elements in all."""
+def _check_flat(impl: Impl, opt, numel: int) -> None:
+    """A flat optimizer's step: one flat kernel call over `numel` elements (a DDP case too:
+    one call over the spans of all buckets)."""
     calls = opt.last_step
-    if impl.flat and (len(calls) != calls_expected or any(c["path"] != "flat" for c in calls)
-                      or sum(c["numel"] for c in calls) != numel):
-        what = "one flat kernel call" if calls_expected == 1 else \
-            f"{calls_expected} flat kernel calls (one per bucket)"
-        raise BenchFailure(f"{impl.label} did not make exactly {what} over {numel} "
-                           f"elements; last_step = {calls}")
+    if impl.flat and (len(calls) != 1 or calls[0]["path"] != "flat"
+                      or calls[0]["numel"] != numel):
+        raise BenchFailure(f"{impl.label} did not make exactly one flat kernel call over "
+                           f"{numel} elements; last_step = {calls}")
 
 
 def _pieces(t: torch.Tensor):
@@ -498,13 +492,13 @@ def _two_steps(impl: Impl, data: CaseData, hyper):
     opt, params = build(impl, data, hyper)
     opt.step()
     if impl.ours:
-        _check_flat(impl, opt, numel, data.calls_per_step())
+        _check_flat(impl, opt, numel)
     with torch.no_grad():
         for p, g in zip(params, data.split(data.grads2)):
             _local(p.grad).copy_(g)
     opt.step()
     if impl.ours:
-        _check_flat(impl, opt, numel, data.calls_per_step())
+        _check_flat(impl, opt, numel)
     return opt, params
 
 
@@ -958,7 +952,7 @@ def print_summary(doc: dict, out=None) -> None:
     if any(c["layout"] in DDP_LAYOUTS for c in doc["cases"]):
         print("(ddp-gpt2: each .grad a view of a DDP-style gradient bucket (reverse parameter "
               "order, 1 MiB first bucket, then 25 MiB), as DDP's gradient_as_bucket_view=True "
-              "hands them over; mc-flat reads them in place, one flat call per bucket)", file=out)
+              "hands them over; mc-flat reads them in place, one call over all buckets)", file=out)
 
 
 CSV_FIELDS = ("device", "dtype", "layout", "numel", "tensors", "implementation", "cuda_graph",

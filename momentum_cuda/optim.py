@@ -248,6 +248,17 @@ def _padding(offsets, params, total, device) -> torch.Tensor:
     return idx.to(device)
 
 
+def _merged(segments) -> torch.Tensor:
+    """[k, 2] (offset, numel) segments with adjacent ones joined."""
+    out: list = []
+    for o, n in segments.tolist():
+        if out and out[-1][0] + out[-1][1] == o:
+            out[-1][1] += n
+        else:
+            out.append([o, n])
+    return torch.tensor(out, dtype=torch.int64).reshape(-1, 2)
+
+
 def _remove_hooks(handles) -> None:
     for h in handles:
         h.remove()
@@ -342,6 +353,7 @@ class _Bucket:
     # (no hooks, no -0.0 fill); grad_views are the gradient tensors seen when laid out.
     lent: bool = False
     whole: torch.Tensor | None = None  # the segments of a whole-bucket run, adjacent ones merged
+    spans: list | None = None  # span_views()
 
     def run_segments(self, i0: int, i1: int) -> torch.Tensor:
         """The segments one flat call runs for params[i0:i1]: one covering span on a GPU
@@ -352,15 +364,24 @@ class _Bucket:
             return self.cover(i0, i1)
         if i0 == 0 and i1 == len(self.params) and self.backend != "cpu":
             if self.whole is None:
-                merged: list = []
-                for o, n in self.segments.tolist():
-                    if merged and merged[-1][0] + merged[-1][1] == o:
-                        merged[-1][1] += n
-                    else:
-                        merged.append([o, n])
-                self.whole = torch.tensor(merged, dtype=torch.int64).reshape(-1, 2)
+                self.whole = _merged(self.segments)
             return self.whole
         return self.segments[i0:i1]
+
+    def span_views(self, use_buf: bool) -> list:
+        """(param, grad, buffer) 1-D views a list call steps for the whole bucket (a lent one):
+        one per run of adjacent parameters where positions do not change the bits (a GPU;
+        fp32/fp64 on the CPU), else one per parameter (the CPU's bf16/fp16 bits depend on
+        positions inside each tensor, as torch's do). Kept until the buffer appears."""
+        if self.spans is None or (use_buf and self.spans[0][2] is None):
+            merge = self.backend != "cpu" or self.flat_param.dtype in (torch.float32,
+                                                                        torch.float64)
+            segs = _merged(self.segments) if merge else self.segments
+            fb = self.flat_buf
+            self.spans = [(self.flat_param.narrow(0, o, n), self.flat_grad.narrow(0, o, n),
+                           None if fb is None else fb.narrow(0, o, n))
+                          for o, n in segs.tolist()]
+        return self.spans
 
     def intact(self, i: int) -> bool:
         """params[i] is still the view of flat_param the layout made (its gradient view fits)."""
@@ -535,6 +556,7 @@ class _FusedMomentum(Optimizer):
             # count as someone else's.
             _remove_hooks(b.hooks)
             b.accs.clear()
+            b.spans = None  # (views of the old flat buffer, which _private would count too)
         buckets, stuck = self._make_buckets(group["params"]) if self._lays_out else ([], {})
         bucketed = {id(p) for b in buckets for p in b.params}
         lay = _GroupLayout(group, _ids(group), buckets,
@@ -1027,8 +1049,10 @@ class _FusedMomentum(Optimizer):
                 f"too (add(sparse, dense) is not supported)")
 
     def _step_flat(self, runs, h) -> None:
-        """One kernel call per run of consecutive flat parameters."""
+        """One kernel call per run of consecutive flat parameters; whole lent buckets (DDP's,
+        one per bucket) together in one list call per (backend, device, dtype, first step)."""
         use_buf = h["momentum"] != 0
+        lent: dict = {}
         for b, i0, i1, first, new in runs:
             if use_buf:
                 b.ensure_buf()
@@ -1036,6 +1060,10 @@ class _FusedMomentum(Optimizer):
                 for i in range(i0, i1):
                     if self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema:
                         b.buf_views[i].zero_()  # v starts at zero (the view may hold old values)
+            if b.lent and i0 == 0 and i1 == len(b.params):
+                key = (b.backend, b.flat_param.device, b.flat_param.dtype, first)
+                lent.setdefault(key, []).append(b)
+                continue
             # CPU: exact segments (torch's bf16 arithmetic depends on positions inside each
             # tensor); GPU (cuda, triton): one covering span, one launch.
             segs = b.run_segments(i0, i1)
@@ -1050,6 +1078,16 @@ class _FusedMomentum(Optimizer):
                 _bump(b.flat_buf)  # the buffer views share its version counter
             self._report(b.backend, "flat", b.flat_param, i1 - i0,
                          b.numel_before[i1] - b.numel_before[i0])
+        for (backend, _, _, first), bs in lent.items():
+            spans = [x for b in bs for x in b.span_views(use_buf)]
+            ps, gs, vs = (list(x) for x in zip(*spans))
+            step_fn(backend)[1](ps, gs, vs if use_buf else [], first_step=first, **h)
+            for b in bs:
+                _bump(b.params)
+                if use_buf:
+                    _bump(b.flat_buf)
+            self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
+                         sum(b.numel_before[-1] for b in bs))
 
     def _new_buffer(self, p):
         """A momentum buffer for p's first step: its flat view while p is still in place."""

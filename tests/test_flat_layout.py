@@ -578,3 +578,35 @@ def test_grads_as_views_of_another_bucket(dtype):
         if ddp:  # read where they are: .grad is still the bucket's view
             assert all(p.grad.untyped_storage().data_ptr() == bucket.untyped_storage().data_ptr()
                        for p in ours)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("h", [dict(), dict(momentum=0.0), dict(dampening=0.3, nesterov=False,
+                                                                  maximize=True)],
+                         ids=["damp-wd", "no-momentum", "damp-max"])
+def test_lent_buckets_step_in_one_call(dtype, h):
+    """Gradients spread over three buckets of someone else's (DDP's, several 25 MiB buckets):
+    ONE kernel call per step over all of them (joined spans for fp32/fp64, one per parameter
+    for the CPU's bf16/fp16, whose bits depend on positions), torch's bits, first step
+    included; the buckets stay the same objects step after step, as DDP's do."""
+    sizes = [97, (9, 7), 3, 33, 1, 0, (4, 5), 64, 2]
+    ours, ref = twin_params(make_values(sizes, dtype, seed=571))
+    opt, topt = _pair(ours, ref, **h)
+    gen = torch.Generator().manual_seed(572)
+    cuts = [0, 3, 6, len(ours)]
+    buckets = []
+    for a, b in zip(cuts, cuts[1:]):  # reversed within each bucket, 5 elements of another's first
+        bucket = torch.full((5 + sum(p.numel() for p in ours[a:b]),), 7.0, dtype=dtype)
+        off = 5
+        for p in reversed(ours[a:b]):
+            p.grad = bucket[off:off + p.numel()].view_as(p)
+            off += p.numel()
+        buckets.append(bucket)
+    for step in range(STEPS):
+        for p, g in zip(ours, fresh_grads(ours, gen)):
+            p.grad.copy_(g)
+        for q, p in zip(ref, ours):
+            q.grad = p.grad.clone()
+        _step_both(opt, topt, ours, ref, what=f"step {step + 1}:")
+        assert [(c["path"], c["tensors"]) for c in opt.last_step] == [("flat", len(ours))]
+        assert all(b[:5].eq(7.0).all() for b in buckets)  # another's gradients, never written
