@@ -27,7 +27,8 @@ stepped with torch's own ops, one after the other, as torch's for-loop does. Two
 are alone in a storage and fill most of it (ZeRO's parameters_as_bucket_view) are stepped where
 they are, by one flat call over that storage (_pinned). Gradients that are views of someone
 else's storage (DDP's gradient_as_bucket_view buckets) are read in place: the parameters are
-laid out at their gradients' offsets (_lenders). DTensor parameters (FSDP2) stay where they
+laid out at their gradients' offsets (_lenders), and one list call steps all such buckets of a
+group. DTensor parameters (FSDP2) stay where they
 are; the per-tensor kernels run on their local shards and their momentum buffers are DTensors
 sharded like them.
 
@@ -126,16 +127,23 @@ def _layable(p) -> bool:
     """p could sit in a flat buffer, its storage aside (see _private): a dense float parameter
     that requires grad, materialised (not on meta, not a lazy module's uninitialised one), not
     a DTensor (FSDP2 keeps each local shard in its own storage, which it all-gathers from)."""
-    return (p.requires_grad and p.dtype in _DTYPES and p.device.type != "meta"
-            and not is_lazy(p) and not isinstance(p, _DTensor) and _dense(p))
+    return (not isinstance(p, _DTensor) and p.requires_grad and p.dtype in _DTYPES
+            and p.device.type != "meta" and not is_lazy(p) and _dense(p))
 
 
 def _lendable(p, g) -> bool:
     """g, p's gradient, could be read in place by a flat call (see _FusedMomentum._lenders):
-    a dense view, laid out like p, into a larger storage of p's dtype and device."""
-    return (g is not None and g.layout == torch.strided and not isinstance(g, _DTensor)
+    a dense view, laid out like p, of a storage of p's dtype and device that is larger than g
+    or that another tensor holds too (DDP's bucket with this one gradient in it). Not a
+    gradient alone in its own storage (autograd's, or p.grad = t): laying out for it would
+    repeat at every step that brings a new one."""
+    if not (g is not None and g.layout == torch.strided and not isinstance(g, _DTensor)
             and g.dtype == p.dtype and g.device == p.device and g.stride() == p.stride()
-            and _dense(g) and g.untyped_storage().nbytes() > g.numel() * g.element_size())
+            and _dense(g)):
+        return False
+    if g.untyped_storage().nbytes() > g.numel() * g.element_size():
+        return True
+    return _HAS_USE_COUNT and _use_count(g) > _USE_COUNT_ONE
 
 
 def _local(t):
