@@ -580,11 +580,18 @@ def test_grads_as_views_of_another_bucket(dtype):
                        for p in ours)
 
 
+def _momentum_pair(ours, ref, **h):
+    from momentum_cuda.reference import MomentumReference
+    h = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, **h)
+    return momentum_cuda.Momentum(ours, **h), MomentumReference(ref, **h)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("h", [dict(), dict(momentum=0.0), dict(dampening=0.3, nesterov=False,
-                                                                  maximize=True)],
-                         ids=["damp-wd", "no-momentum", "damp-max"])
-def test_lent_buckets_step_in_one_call(dtype, h):
+@pytest.mark.parametrize("pair,h", [(_pair, dict()), (_pair, dict(momentum=0.0)),
+                                    (_pair, dict(dampening=0.3, maximize=True)),
+                                    (_momentum_pair, dict(maximize=True))],
+                         ids=["damp-wd", "no-momentum", "damp-max", "ema"])
+def test_lent_buckets_step_in_one_call(dtype, pair, h):
     """Gradients spread over four buckets of someone else's (DDP's, several 25 MiB buckets;
     the last holds one gradient and nothing else, as DDP's bucket of a large tensor does): ONE
     kernel call per step over all of them (joined spans for fp32/fp64, one per parameter for
@@ -592,7 +599,7 @@ def test_lent_buckets_step_in_one_call(dtype, h):
     the buckets stay the same objects step after step, as DDP's do."""
     sizes = [97, (9, 7), 3, 33, 1, 0, (4, 5), 64, 2]
     ours, ref = twin_params(make_values(sizes, dtype, seed=571))
-    opt, topt = _pair(ours, ref, **h)
+    opt, topt = pair(ours, ref, **h)
     gen = torch.Generator().manual_seed(572)
     cuts = [0, 3, 6, len(ours) - 1, len(ours)]
     buckets = []
