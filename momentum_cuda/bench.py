@@ -5,6 +5,7 @@
     momentum-cuda bench --device cuda --params 10M 100M 1B --dtypes float32
     momentum-cuda bench --layouts resnet50 gpt2 --impls mc-flat-cpu torch-fused
     momentum-cuda bench --out DIR --name bench-headline --formats json csv --budget-s 170
+    momentum-cuda bench --overhead               # host time per step: tiny tensors, 148 and 2000
 
 Implementations: momentum_cuda flat and per-tensor on every backend that runs on the device
 (cpu; cuda and triton on a GPU), torch.optim.SGD's for-loop, foreach and fused steps, and Apex
@@ -34,6 +35,20 @@ No process group: each implementation gets buckets of its own holding the case's
 Every implementation runs; momentum_cuda flat lays the group out at its gradients' offsets on
 the first step and reads them in place, one call over the spans of all buckets (checked on every
 step; the JSON's "mc_calls" is len(opt.last_step) of a step, next to torch's "kernels").
+
+--overhead: the HOST time of one step, where the arithmetic is nothing: --tensors N (default 148
+2000; GPT-2's count and many-small's) parameters of 1 to 16 elements each (drawn once per
+count, most not a multiple of any vector width), float32, 1 thread (torch.set_num_threads(1)
+unless --threads), 100 rounds after 10 warm-up steps (--rounds, --warmup). Same method as below:
+every implementation that runs here, the bitwise check before and after timing, interleaved
+rounds, CPU contention flagged (on a GPU: CUDA tensors, CUDA events, which span the host's
+launches when the step is launch-bound). Reported in microseconds, median and p10-p90, against
+torch's foreach and fused steps; the bandwidth probe stands for one aten op. The targets of
+issue 13 are evaluated and written into the JSON ("targets"): momentum_cuda flat <= torch fused / 3
+at 148 tensors and <= torch fused / 5 at 2000, per tensor <= torch foreach at every count (a
+ratio of medians of the same rounds). A target not met is a measurement, not a failure: the exit
+status is 1 only for a bitwise mismatch or an implementation that could not run, as elsewhere.
+Files: json and csv (no png); <name> defaults to bench-overhead-<device>-<date>.
 
 Order of the cases: the first value given to each of --params, --layouts and --dtypes is the most
 important. Cases run sorted by the sum of their values' positions in those three lists (ties:
@@ -114,6 +129,13 @@ DDP_LAYOUTS = ("ddp-gpt2",)
 DDP_FIRST_BUCKET_BYTES = 1 << 20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 DDP_BUCKET_BYTES = 25 << 20  # DistributedDataParallel(bucket_cap_mb=25)
 FORMATS = ("json", "csv", "png")
+# --overhead: tiny tensors, as many as --tensors asks; a layout name per count ("tiny-148").
+TINY_PREFIX = "tiny-"
+TINY_MAX = 16  # elements per tiny tensor: 1..TINY_MAX
+OVERHEAD_TENSORS = (148, 2000)  # --tensors' default: GPT-2's count and many-small's
+# Issue 13's targets: momentum_cuda flat's host time <= torch fused's / k at these tensor counts
+# (no flat target at other counts); per tensor <= torch foreach's at every count.
+FLAT_TARGETS = {148: 3, 2000: 5}
 SCHEMA = "momentum-cuda-bench/2"
 NOISY_CORES = 0.1  # CPU used by other processes while timing above which a case is flagged
 BW_PROBE = "bandwidth-probe"  # the in-place a.add_(b) timed in the same rounds
@@ -177,9 +199,32 @@ def scale_sizes(sizes: list[int], total: int) -> list[int]:
     return [int(x) for x in s]
 
 
+def tiny_layout(count: int) -> str:
+    return f"{TINY_PREFIX}{count}"
+
+
+def tiny_count(layout: str) -> int | None:
+    """The tensor count of an --overhead layout ("tiny-148": 148); None for any other layout."""
+    m = re.fullmatch(re.escape(TINY_PREFIX) + r"(\d+)", layout)
+    return int(m.group(1)) if m else None
+
+
+def tiny_sizes(count: int, seed: int) -> list[int]:
+    """`count` sizes of 1..TINY_MAX elements, drawn from `seed`."""
+    return [int(x) for x in np.random.default_rng(seed).integers(1, TINY_MAX + 1, count)]
+
+
 def layout_sizes(layout: str, total: int, seed: int) -> list[int]:
     """Tensor sizes of a layout at `total` parameters (few-large / many-small vary +-50 %, so
-    most sizes are not multiples of a vector width: tails and padding are measured too)."""
+    most sizes are not multiples of a vector width: tails and padding are measured too). A tiny
+    layout (--overhead) has its own sizes: `total` must be their sum, or None."""
+    count = tiny_count(layout)
+    if count is not None:
+        sizes = tiny_sizes(count, seed)
+        if total is not None and total != sum(sizes):
+            raise ValueError(f"{layout}: {total} elements asked for, its sizes sum to "
+                             f"{sum(sizes)}")
+        return sizes
     if layout in ("few-large", "many-small"):
         count = 8 if layout == "few-large" else 2000
         w = np.random.default_rng(seed).uniform(0.5, 1.5, count)
@@ -289,7 +334,16 @@ def ddp_buckets(sizes, element_size: int, first: int = DDP_FIRST_BUCKET_BYTES,
 
 
 def case_seed(seed: int, layout: str, total: int) -> int:
+    count = tiny_count(layout)
+    if count is not None:  # the sizes come from the seed: it cannot depend on their sum
+        return seed + count * 7 + 1
     return seed + total % 9973 + LAYOUTS.index(layout) * 7
+
+
+def overhead_total(count: int, seed: int) -> int:
+    """The elements of --overhead's case of `count` tiny tensors."""
+    layout = tiny_layout(count)
+    return sum(layout_sizes(layout, None, case_seed(seed, layout, 0)))
 
 
 def case_data(sizes, dtype, device, seed) -> CaseData:
@@ -781,7 +835,53 @@ def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=N
                 seconds=time.perf_counter() - t0)
     if device.type == "cuda":
         case["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    if tiny_count(layout) is not None:
+        for r in [*results.values(), case["bandwidth_probe"]]:
+            r.update({k.replace("_ms", "_us"): r[k] * 1e3 for k in ("median_ms", "p10_ms",
+                                                                    "p90_ms")})
+        case["targets"] = overhead_targets(case, times)
     return case
+
+
+def overhead_targets(case: dict, times: dict) -> list[dict]:
+    """Issue 13's targets for an --overhead case: every momentum_cuda flat implementation's
+    median <= torch fused's / FLAT_TARGETS[tensors] (where the count has one), every per-tensor
+    one's <= torch foreach's. "ratio": this median / the base's median (both of the same
+    rounds); "paired": the per-round ratio's median and p10-p90; "met": ratio <= max_ratio, or
+    None where either did not run or was not timed."""
+    res, n = case["results"], case["tensors"]
+    out = []
+    for name in res:
+        m = re.fullmatch(r"mc-(flat|list)-\w+", name)
+        if not m:
+            continue
+        flat = m.group(1) == "flat"
+        if flat and n not in FLAT_TARGETS:
+            continue
+        base, k = ("torch-fused", FLAT_TARGETS[n]) if flat else ("torch-foreach", 1)
+        t = {"tensors": n, "implementation": name, "base": base, "max_ratio": 1 / k,
+             "target": f"{name} <= {base}" + (f" / {k}" if k != 1 else ""),
+             "ratio": None, "paired": None, "met": None}
+        if base in res:
+            t["ratio"] = res[name]["median_ms"] / res[base]["median_ms"]
+            r = np.asarray(times[name]) / np.asarray(times[base])
+            p10, med, p90 = (float(x) for x in np.percentile(r, [10, 50, 90]))
+            t["paired"] = {"median": med, "p10": p10, "p90": p90}
+            t["met"] = bool(t["ratio"] <= t["max_ratio"])
+        else:
+            t["why_not_evaluated"] = f"{base} was not timed in this case"
+        out.append(t)
+    return out
+
+
+def target_line(t: dict) -> str:
+    """One line for an overhead_targets() entry."""
+    head = f"{t['tensors']} tensors: {t['target']}: "
+    if t["met"] is None:
+        return head + f"not evaluated ({t.get('why_not_evaluated', '?')})"
+    return (head + f"{t['ratio']:.3f} of {t['base']} (needs <= {t['max_ratio']:.3f}; paired "
+            f"p10-p90 {t['paired']['p10']:.3f}-{t['paired']['p90']:.3f}): "
+            + ("target met" if t["met"] else "NOT met"))
 
 
 FLAT_DTENSOR = ("DTensor parameters never move into a flat buffer (FSDP2 owns their storage): "
@@ -866,7 +966,14 @@ def count_text(n: int) -> str:
 
 
 def case_name(c: dict) -> str:
+    count = tiny_count(c["layout"])
+    if count is not None:
+        return f"{count} tiny tensors ({c['numel']:,} elements) {c['dtype']}"
     return f"{c['layout']} {count_text(c['numel'])} {c['dtype']}"
+
+
+def _us(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
 def _ms(x: float) -> str:
@@ -881,9 +988,16 @@ def impl_name(case: dict, name: str) -> str:
 
 def case_line(case: dict) -> str:
     """The one line printed when a case is done."""
-    parts = [f"{case['seconds']:.1f} s", f"probe {case['bandwidth_probe']['gbps']:.1f} GB/s"]
-    parts.append(", ".join(f"{impl_name(case, name)} {_ms(r['median_ms'])} ms "
-                           f"{100 * r['bw_share']:.0f}%" for name, r in case["results"].items()))
+    if "targets" in case:  # --overhead: microseconds, one op as the floor
+        parts = [f"{case['seconds']:.1f} s",
+                 f"one op {_us(case['bandwidth_probe']['median_us'])} us"]
+        parts.append(", ".join(f"{name} {_us(r['median_us'])} us"
+                               for name, r in case["results"].items()))
+    else:
+        parts = [f"{case['seconds']:.1f} s", f"probe {case['bandwidth_probe']['gbps']:.1f} GB/s"]
+        parts.append(", ".join(f"{impl_name(case, name)} {_ms(r['median_ms'])} ms "
+                               f"{100 * r['bw_share']:.0f}%"
+                               for name, r in case["results"].items()))
     if case["mismatches"]:
         parts.append("BITWISE MISMATCH (not timed): " + ", ".join(case["mismatches"]))
     if case["errors"]:
@@ -912,17 +1026,38 @@ def table_rows(case: dict) -> list[list[str]]:
     return rows
 
 
+OVERHEAD_COLUMNS = ("case", "implementation", "median us", "p10-p90 us", "vs foreach",
+                    "vs fused", "kernels", "== for-loop")
+
+
+def overhead_rows(case: dict) -> list[list[str]]:
+    """--overhead's rows: microseconds; the bandwidth probe is one aten op, the floor."""
+    bw = case["bandwidth_probe"]
+    rows = [[f"{case['tensors']} tensors", "one op: a.add_(b)", _us(bw["median_us"]),
+             f"{_us(bw['p10_us'])}-{_us(bw['p90_us'])}"] + ["-"] * 4]
+    for name, r in case["results"].items():
+        eq = case["bitwise_vs_forloop"].get(name)
+        vs = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+        rows.append(["", name, _us(r["median_us"]), f"{_us(r['p10_us'])}-{_us(r['p90_us'])}",
+                     vs("vs_foreach"), vs("vs_fused"), str(r.get("kernels", "-")),
+                     "-" if eq is None else ("yes" if eq else "NO")])
+    return rows
+
+
 def print_summary(doc: dict, out=None) -> None:
     """The final table (a row per case and implementation, the probe first) and what did not
-    run or failed."""
+    run or failed; in --overhead mode microseconds, and issue 13's targets."""
     out = out or sys.stdout
-    rows = [row for case in doc["cases"] for row in table_rows(case)]
+    overhead = doc.get("mode") == "overhead"
+    columns = OVERHEAD_COLUMNS if overhead else COLUMNS
+    rows = [row for case in doc["cases"]
+            for row in (overhead_rows(case) if overhead else table_rows(case))]
     if rows:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
         fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
                                       for i, (c, w) in enumerate(zip(cells, widths)))
-        print("\n" + fmt(COLUMNS), file=out)
-        print("-" * len(fmt(COLUMNS)), file=out)
+        print("\n" + fmt(columns), file=out)
+        print("-" * len(fmt(columns)), file=out)
         for row in rows:
             print(fmt(row), file=out)
     for case in doc["cases"]:
@@ -937,6 +1072,22 @@ def print_summary(doc: dict, out=None) -> None:
                   "not clean", file=out)
     for s in doc["skipped"]:
         print(f"  skipped: {case_name(s)} ({s['why']})", file=out)
+    if overhead:
+        m = doc["machine"]
+        print(f"\n(host time of one opt.step(), microseconds, {doc['config']['rounds']} "
+              f"interleaved rounds; {m['torch']['threads']} thread(s); each tensor 1-{TINY_MAX} "
+              f"elements, {doc['config']['dtypes'][0]}; one op: an in-place a.add_(b) over all "
+              "the elements, timed in the same rounds; vs X: X's median / this median, > 1 is "
+              "faster; kernels: "
+              + ("CUDA kernels" if m["device"].startswith("cuda")
+                 else "aten ops + momentum_cuda kernel calls") + " per step)", file=out)
+        print("targets (issue 13; a ratio of medians, this / base):", file=out)
+        for t in doc["targets"]["list"]:
+            print("  " + target_line(t), file=out)
+        if any(is_noisy(c["contention"]) for c in doc["cases"]):
+            print("  (other processes used the CPU while timing: see the warnings above)",
+                  file=out)
+        return
     kernels = ("CUDA kernels" if doc["machine"]["device"].startswith("cuda")
                else "aten ops + momentum_cuda kernel calls")
     print("\n(mc-: momentum_cuda; GB/s: 5 element reads+writes per parameter (the probe: 3); BW "
@@ -1124,18 +1275,27 @@ def parse_args(argv=None):
     ap.add_argument("--params", type=parse_count, nargs="+", default=None, metavar="N",
                     help="total parameter counts, most important first (default: CPU 1M 10M "
                          "100M; GPU 1M 10M 100M 1B)")
-    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(DEFAULT_LAYOUTS),
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=None,
                     help="most important first (default: " + " ".join(DEFAULT_LAYOUTS) + "; "
                          "fsdp2-gpt2: GPT-2's tensors as FSDP2 hands them over, DTensors; "
                          "ddp-gpt2: GPT-2's tensors, gradients views of DDP buckets)")
-    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"],
-                    help="most important first (default: float32 bfloat16)")
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                    help="most important first (default: float32 bfloat16; --overhead: float32)")
     ap.add_argument("--impls", nargs="+", default=None, metavar="NAME",
                     help="only these implementations (torch-forloop, the reference, is always "
                          f"run); any of: {' '.join(KNOWN)}")
-    ap.add_argument("--rounds", type=int, default=30, help="timed rounds (>= 20 unless --quick)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--overhead", action="store_true",
+                    help="time the host overhead of a step: tiny tensors (1-16 elements each), "
+                         "as many as --tensors says; microseconds, issue 13's targets")
+    ap.add_argument("--tensors", type=int, nargs="+", default=None, metavar="N",
+                    help="--overhead: tensor counts, most important first (default: "
+                         + " ".join(map(str, OVERHEAD_TENSORS)) + ")")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timed rounds (>= 20 unless --quick; default 30, --overhead 100)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps of each first (default 3, --overhead 10)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's; --overhead: 1)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--dampening", type=float, default=0.0)
@@ -1161,9 +1321,9 @@ def parse_args(argv=None):
     ap.add_argument("--name", default=None, metavar="STEM",
                     help="file name stem: <out>/<STEM>.json etc. (default "
                          "bench-<device>-[quick-]<date>)")
-    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=None,
                     help="files to write (default: json csv png; json and csv after every case, "
-                         "png at the end)")
+                         "png at the end; --overhead: json csv, no png)")
     ap.add_argument("--no-files", action="store_true", help="print only")
     args = ap.parse_args(argv)
     if args.device is None:
@@ -1174,7 +1334,28 @@ def parse_args(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: torch sees no GPU here (torch.cuda.is_available() is "
                  "False)")
-    if args.params is None:
+    if args.overhead:
+        given = [o for o in ("params", "layouts") if getattr(args, o) is not None]
+        if given:
+            ap.error(f"--overhead times tiny tensors (--tensors N); it takes no "
+                     f"{' '.join('--' + o for o in given)}")
+        if args.formats is not None and "png" in args.formats:
+            ap.error("--overhead writes json and csv; it has no png")
+        args.tensors = list(OVERHEAD_TENSORS) if args.tensors is None else args.tensors
+        if min(args.tensors) < 1:
+            ap.error(f"--tensors must be >= 1, got {min(args.tensors)}")
+        args.threads = 1 if args.threads is None else args.threads
+    elif args.tensors is not None:
+        ap.error("--tensors is for --overhead (the other cases take --params and --layouts)")
+    args.rounds = (100 if args.overhead else 30) if args.rounds is None else args.rounds
+    args.warmup = (10 if args.overhead else 3) if args.warmup is None else args.warmup
+    args.layouts = (None if args.overhead else list(DEFAULT_LAYOUTS)) \
+        if args.layouts is None else args.layouts
+    args.dtypes = (["float32"] if args.overhead else ["float32", "bfloat16"]) \
+        if args.dtypes is None else args.dtypes
+    args.formats = ((["json", "csv"] if args.overhead else list(FORMATS))
+                    if args.formats is None else args.formats)
+    if args.params is None and not args.overhead:
         args.params = [10**6] if args.quick else (
             [10**6, 10**7, 10**8] + ([10**9] if device.type == "cuda" else []))
     if args.quick:
@@ -1194,8 +1375,9 @@ def parse_args(argv=None):
     if args.name is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", args.name):
         ap.error(f"--name must be a file name stem (letters, digits, '.', '_', '-'; no folder), "
                  f"got {args.name!r}")
-    for opt in ("params", "layouts", "dtypes", "formats"):  # a repeated value: one case, once
-        setattr(args, opt, list(dict.fromkeys(getattr(args, opt))))
+    for opt in ("params", "layouts", "dtypes", "formats", "tensors"):  # a repeated value: once
+        if getattr(args, opt) is not None:
+            setattr(args, opt, list(dict.fromkeys(getattr(args, opt))))
     return args, device
 
 
@@ -1206,6 +1388,14 @@ def case_order(params, layouts, dtypes) -> list[tuple[int, str, str]]:
     keyed = [((ip + il + id_, ip, il, id_), (total, layout, dtype))
              for ip, total in enumerate(params) for il, layout in enumerate(layouts)
              for id_, dtype in enumerate(dtypes)]
+    return [case for _, case in sorted(keyed)]
+
+
+def overhead_order(tensors, dtypes, seed: int) -> list[tuple[int, str, str]]:
+    """--overhead's cases, (elements, tiny layout, dtype), most important first as case_order
+    does (ties: the earlier --tensors value)."""
+    keyed = [((it + id_, it, id_), (overhead_total(n, seed), tiny_layout(n), dtype))
+             for it, n in enumerate(tensors) for id_, dtype in enumerate(dtypes)]
     return [case for _, case in sorted(keyed)]
 
 
@@ -1263,22 +1453,29 @@ def main(argv=None) -> int:
             print(f"not timed: {name}: {why}")
     print(f"hyper-parameters: {hyper}")
 
-    todo = case_order(args.params, args.layouts, args.dtypes)
+    todo = (overhead_order(args.tensors, args.dtypes, args.seed) if args.overhead
+            else case_order(args.params, args.layouts, args.dtypes))
     base = None
     if not args.no_files:
         args.out.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = args.out / (args.name or
-                           f"bench-{host_kind(device)}-{'quick-' if args.quick else ''}{stamp}")
+                           f"bench-{'overhead-' if args.overhead else ''}{host_kind(device)}-"
+                           f"{'quick-' if args.quick else ''}{stamp}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     cases, skipped, failures = [], [], []
-    doc = {"schema": SCHEMA, "complete": False, "stopped_early": None, "elapsed_s": 0.0,
+    doc = {"schema": SCHEMA, "mode": "overhead" if args.overhead else "step",
+           "complete": False, "stopped_early": None, "elapsed_s": 0.0,
            "machine": machine, "config": config, "hyper": hyper, "implementations": labels,
            "not_available": missing, "asked_for_not_available": unavailable,
            "case_order": "most important first: by the sum of the positions of the case's "
                          "values in --params, --layouts, --dtypes (ties: params, then layouts)",
            "planned": [{"layout": lay, "numel": n, "dtype": d} for n, lay, d in todo],
            "cases": cases, "skipped": skipped, "failures": failures, "error": None}
+    if args.overhead:
+        doc["case_order"] = "most important first: by the sum of the positions of the case's " \
+                            "values in --tensors, --dtypes (ties: tensors)"
+        doc["targets"] = {}
 
     def save(final: bool = False) -> list[Path]:
         doc["elapsed_s"] = round(_now() - start, 3)
@@ -1286,6 +1483,16 @@ def main(argv=None) -> int:
                                  for f in failures) or None
         if final:
             machine["loadavg_at_end"] = list(os.getloadavg())
+        if args.overhead:
+            ts = [t for c in cases for t in c["targets"]]
+            judged = [t["met"] for t in ts if t["met"] is not None]
+            doc["targets"] = {
+                "source": "issue 13: momentum_cuda flat <= torch fused / k (k per tensor count), "
+                          "per tensor <= torch foreach; ratio = median / base median",
+                "flat_vs_fused_divisor": {str(n): k for n, k in FLAT_TARGETS.items()},
+                "list": ts, "met": sum(judged), "not_met": len(judged) - sum(judged),
+                "not_evaluated": len(ts) - len(judged),
+                "all_met": (all(judged) and len(judged) == len(ts)) if ts else None}
         return [] if base is None else write_files(doc, base, args.formats, labels, png=final)
 
     save()

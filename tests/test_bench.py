@@ -716,3 +716,176 @@ def test_a_step_that_cannot_be_captured_is_reported_not_fatal(monkeypatch, tmp_p
     assert case["errors"]["mc-flat-cpu+graph"] == ("not capturable: RuntimeError: operation not "
                                                    "permitted when stream is capturing")
     assert set(case["results"]) == {"mc-flat-cpu", "torch-forloop"}
+
+
+# ---- --overhead: host time per step on tiny tensors (issue 13) ------------------------------
+OVERHEAD = ["--overhead", "--quick", "--rounds", "2", "--warmup", "1"]
+
+
+@pytest.fixture
+def keep_threads():
+    """--overhead sets torch.set_num_threads(1): the tests after it get torch's count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_overhead_defaults():
+    args, _ = bench.parse_args(["--overhead"])
+    assert (args.tensors, args.dtypes, args.threads, args.formats) == (
+        [148, 2000], ["float32"], 1, ["json", "csv"])
+    assert args.rounds >= 40 and args.warmup >= 1 and args.params is None
+    args, _ = bench.parse_args(["--overhead", "--tensors", "2000", "7", "--threads", "2",
+                                "--rounds", "40"])
+    assert (args.tensors, args.threads, args.rounds) == ([2000, 7], 2, 40)
+    args, _ = bench.parse_args([])  # the other mode's defaults are as they were
+    assert (args.rounds, args.warmup, args.threads, args.tensors) == (30, 3, None, None)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--overhead", "--params", "1M"], "--overhead times tiny tensors (--tensors N); it takes "
+                                       "no --params"),
+    (["--overhead", "--layouts", "gpt2"], "it takes no --layouts"),
+    (["--overhead", "--formats", "json", "png"], "--overhead writes json and csv; it has no png"),
+    (["--overhead", "--tensors", "0"], "--tensors must be >= 1, got 0"),
+    (["--tensors", "148"], "--tensors is for --overhead"),
+    (["--overhead", "--rounds", "5"], "--rounds must be >= 20"),
+])
+def test_overhead_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tiny_layout_sizes():
+    for n in (148, 2000):
+        layout = bench.tiny_layout(n)
+        sizes = bench.layout_sizes(layout, None, bench.case_seed(0, layout, 0))
+        assert len(sizes) == n and 1 <= min(sizes) and max(sizes) <= bench.TINY_MAX
+        assert len(set(sizes)) > 8  # not one size: tails of every length
+        assert sum(sizes) == bench.overhead_total(n, 0)
+    assert bench.tiny_count("tiny-148") == 148 and bench.tiny_count("gpt2") is None
+    with pytest.raises(ValueError, match="sizes sum to"):
+        bench.layout_sizes("tiny-148", bench.overhead_total(148, 0) + 1, 0)
+
+
+@pytest.fixture(scope="module")
+def overhead_run(tmp_path_factory):
+    n = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("overhead")
+    buf = io.StringIO()
+    import contextlib
+    try:
+        with contextlib.redirect_stdout(buf):
+            code = bench.main(OVERHEAD + ["--out", str(out), "--name", "ovh"])
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(n)
+    return code, out, buf.getvalue(), threads
+
+
+def test_overhead_runs_both_counts_and_writes_json_csv(overhead_run):
+    code, out, text, threads = overhead_run
+    assert code == 0 and threads == 1
+    assert sorted(p.name for p in out.iterdir()) == ["ovh.csv", "ovh.json"]  # no png
+    doc = json.loads((out / "ovh.json").read_text())
+    assert doc["schema"] == bench.SCHEMA and doc["mode"] == "overhead"
+    assert doc["complete"] is True and doc["failures"] == [] and doc["error"] is None
+    assert doc["config"]["overhead"] is True and doc["config"]["tensors"] == [148, 2000]
+    assert doc["machine"]["torch"]["threads"] == 1
+    assert [(c["layout"], c["tensors"], c["dtype"]) for c in doc["cases"]] == [
+        ("tiny-148", 148, "float32"), ("tiny-2000", 2000, "float32")]
+    for case in doc["cases"]:
+        assert 1 <= case["sizes_min"] and case["sizes_max"] <= bench.TINY_MAX
+        assert case["numel"] == bench.overhead_total(case["tensors"], 0)
+        res = case["results"]
+        assert {"mc-flat-cpu", "mc-list-cpu", "torch-forloop", "torch-foreach",
+                "torch-fused"} <= set(res)
+        for r in [*res.values(), case["bandwidth_probe"]]:
+            assert r["median_us"] == pytest.approx(1e3 * r["median_ms"])
+            assert r["p10_us"] <= r["median_us"] <= r["p90_us"]
+        assert res["mc-flat-cpu"]["kernels"] == 1
+        assert res["torch-forloop"]["kernels"] == 3 * case["tensors"]
+        assert res["mc-flat-cpu"]["vs_fused"] > 0 and res["mc-list-cpu"]["vs_foreach"] > 0
+        assert case["bitwise_vs_forloop"]["mc-flat-cpu"] is True
+        assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True
+        assert "contention" in case and "discarded_noisy_attempts" in case
+    rows = _csv((out / "ovh.csv").read_text())
+    assert len(rows) == sum(len(c["results"]) for c in doc["cases"])
+    assert {r["layout"] for r in rows} == {"tiny-148", "tiny-2000"}
+
+
+def test_overhead_targets_in_json_and_output(overhead_run):
+    """Issue 13's targets, evaluated: flat <= fused / 3 at 148 tensors and / 5 at 2000, per
+    tensor <= foreach at both; a target not met is reported, and the run still exits 0."""
+    code, out, text, _ = overhead_run
+    doc = json.loads((out / "ovh.json").read_text())
+    targets = doc["targets"]
+    assert targets["flat_vs_fused_divisor"] == {"148": 3, "2000": 5}
+    got = {(t["tensors"], t["implementation"]): t for t in targets["list"]}
+    assert set(got) == {(148, "mc-flat-cpu"), (148, "mc-list-cpu"), (2000, "mc-flat-cpu"),
+                        (2000, "mc-list-cpu")}
+    assert got[148, "mc-flat-cpu"]["max_ratio"] == pytest.approx(1 / 3)
+    assert got[2000, "mc-flat-cpu"]["max_ratio"] == pytest.approx(1 / 5)
+    assert got[148, "mc-list-cpu"]["base"] == "torch-foreach"
+    for (n, name), t in got.items():
+        case = next(c for c in doc["cases"] if c["tensors"] == n)
+        assert t in case["targets"]
+        base = case["results"][t["base"]]["median_ms"]
+        assert t["ratio"] == pytest.approx(case["results"][name]["median_ms"] / base)
+        assert t["met"] is (t["ratio"] <= t["max_ratio"])
+        assert t["paired"]["p10"] <= t["paired"]["median"] <= t["paired"]["p90"]
+    judged = [t["met"] for t in targets["list"]]
+    assert (targets["met"], targets["not_met"], targets["not_evaluated"]) == (
+        sum(judged), 4 - sum(judged), 0)
+    assert targets["all_met"] is all(judged)
+    assert "median us" in text and "one op: a.add_(b)" in text
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith(("148 tensors:",
+                                                                              "2000 tensors:"))]
+    assert len(lines) == 4
+    assert all(ln.endswith(("target met", "NOT met")) for ln in lines)
+    assert any(ln.startswith("2000 tensors: mc-flat-cpu <= torch-fused / 5: ") for ln in lines)
+
+
+def test_overhead_targets_unit():
+    case = {"tensors": 2000, "results": {n: {"median_ms": m} for n, m in (
+        ("mc-flat-cpu", 1.0), ("mc-list-cpu", 4.0), ("torch-foreach", 5.0),
+        ("torch-fused", 6.0))}}
+    times = {n: [r["median_ms"]] * 3 for n, r in case["results"].items()}
+    t = {x["implementation"]: x for x in bench.overhead_targets(case, times)}
+    assert t["mc-flat-cpu"]["ratio"] == pytest.approx(1 / 6) and t["mc-flat-cpu"]["met"] is True
+    assert t["mc-list-cpu"]["ratio"] == pytest.approx(0.8) and t["mc-list-cpu"]["met"] is True
+    case["tensors"] = 148  # flat's target: fused / 3
+    times["mc-flat-cpu"] = [3.0] * 3
+    case["results"]["mc-flat-cpu"]["median_ms"] = 3.0
+    t = {x["implementation"]: x for x in bench.overhead_targets(case, times)}
+    assert t["mc-flat-cpu"]["met"] is False
+    assert bench.target_line(t["mc-flat-cpu"]).endswith("NOT met")
+    case["tensors"] = 500  # no flat target at this count; fused not timed: not evaluated
+    del case["results"]["torch-foreach"]
+    t = bench.overhead_targets(case, times)
+    assert [x["implementation"] for x in t] == ["mc-list-cpu"] and t[0]["met"] is None
+    assert "not evaluated (torch-foreach was not timed" in bench.target_line(t[0])
+
+
+def test_overhead_catches_a_planted_wrong_implementation(monkeypatch, tmp_path, capsys,
+                                                         keep_threads):
+    """The bitwise check runs in --overhead as everywhere: a wrong momentum_cuda
+    implementation is recorded, not timed, and the exit status is 1."""
+    _plant(monkeypatch, bench.Impl("mc-wrong", "momentum_cuda (planted bug: lr off by 2^-10)",
+                                   lambda ps, h: momentum_cuda.SGD(
+                                       ps, **{**h, "lr": h["lr"] * (1 + 2**-10)}),
+                                   ours=True, flat=True))
+    code = bench.main(OVERHEAD + ["--tensors", "148", "--impls", "mc-flat-cpu", "mc-wrong",
+                                  "torch-fused", "--out", str(tmp_path), "--name", "run"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "FAILED: 148 tiny tensors (" in err and "mc-wrong: bitwise mismatch: check: " in err
+    assert "BITWISE MISMATCH (not timed): mc-wrong" in out
+    doc = json.loads((tmp_path / "run.json").read_text())
+    (case,) = doc["cases"]
+    assert [f["implementation"] for f in doc["failures"]] == ["mc-wrong"]
+    assert case["bitwise_vs_forloop"]["mc-wrong"] is False
+    assert set(case["results"]) == {"mc-flat-cpu", "torch-forloop", "torch-fused"}
+    assert [t["implementation"] for t in doc["targets"]["list"]] == ["mc-flat-cpu"]
