@@ -106,6 +106,7 @@ import torch
 import momentum_cuda
 
 from ._backends import resolve_backend
+from .optim import _local  # a DTensor's local shard; any other tensor itself
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -480,11 +481,6 @@ def _buffers(opt, params, momentum: float) -> list:
     if momentum == 0:
         return []
     return [opt.state.get(p, {}).get("momentum_buffer") for p in params]
-
-
-def _local(t):
-    """A DTensor's local shard (detached); any other tensor, or None, itself."""
-    return t.detach().to_local() if isinstance(t, DTensor) else t
 
 
 def _placements(t):

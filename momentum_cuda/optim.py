@@ -194,18 +194,22 @@ _HAS_USE_COUNT = hasattr(torch._C, "_storage_Use_Count")
 _USE_COUNT_ONE = _use_count(torch.empty(1)) if _HAS_USE_COUNT else 1
 
 
-def _private(params, everyone) -> set:
+def _storages(everyone) -> dict:
+    """storage key -> the tensors of `everyone` (all the optimizer's parameters; a DTensor's
+    local shard) in that storage, for every storage with bytes (every empty one has address
+    0). What _private, _pinned and _lenders compare against."""
+    return _by([q for q in map(_local, everyone) if q.layout == torch.strided
+                and q.device.type != "meta" and not is_lazy(q) and q.untyped_storage().nbytes()],
+               _storage_key)
+
+
+def _private(params, mine) -> set:
     """The ids of the params (layable ones) that may move into a flat buffer without anyone
-    noticing: every tensor that holds their storage is one of `everyone` (all the optimizer's
-    parameters) or a momentum_cuda flat buffer, no two of those overlap, and the storage is
-    not shared memory (model.share_memory(): it must stay there). A parameter that is a view
-    of a tensor the user holds, or that overlaps another, stays where it is: moving it would
-    end the aliasing torch keeps."""
-    mine: dict = {}
-    for q in map(_local, everyone):
-        if (q.layout == torch.strided and q.device.type != "meta" and not is_lazy(q)
-                and q.untyped_storage().nbytes()):
-            mine.setdefault(_storage_key(q), []).append(q)
+    noticing: every tensor that holds their storage is one of the optimizer's parameters
+    (mine: _storages) or a momentum_cuda flat buffer, no two of those overlap, and the
+    storage is not shared memory (model.share_memory(): it must stay there). A parameter
+    that is a view of a tensor the user holds, or that overlaps another, stays where it is:
+    moving it would end the aliasing torch keeps."""
     # an empty storage has no bytes to share (and every such storage has address 0)
     out = {id(p) for p in params if not p.untyped_storage().nbytes()}
     for key, ps in _by([p for p in params if id(p) not in out], _storage_key).items():
@@ -365,9 +369,9 @@ class _Bucket:
 
     def run_segments(self, i0: int, i1: int) -> torch.Tensor:
         """The segments one flat call runs for params[i0:i1]: one covering span on a GPU
-        (covers_padding), else the exact segments; on a GPU (lent buckets) adjacent ones are
-        merged for a whole bucket. Not on the CPU, whose bf16/fp16 bits depend on positions
-        inside each tensor, as torch's do."""
+        (covers_padding), else the exact segments; on a GPU (a pinned bucket) adjacent ones
+        are merged for a whole bucket. Not on the CPU, whose bf16/fp16 bits depend on
+        positions inside each tensor, as torch's do."""
         if self.covers_padding:
             return self.cover(i0, i1)
         if i0 == 0 and i1 == len(self.params) and self.backend != "cpu":
@@ -390,6 +394,14 @@ class _Bucket:
                            None if fb is None else fb.narrow(0, o, n))
                           for o, n in segs.tolist()]
         return self.spans
+
+    def bump(self, i0: int, i1: int, use_buf: bool) -> None:
+        """The kernel wrote params[i0:i1] (and the buffer) through raw pointers: tell autograd,
+        as torch's in-place ops do (a parameter saved for backward and then stepped must
+        raise, not silently differ). The buffer views share flat_buf's version counter."""
+        _bump(self.params[i0:i1])
+        if use_buf:
+            _bump(self.flat_buf)
 
     def intact(self, i: int) -> bool:
         """params[i] is still the view of flat_param the layout made (its gradient view fits)."""
@@ -497,9 +509,9 @@ class _FusedMomentum(Optimizer):
         """The copy gets its own flat buffers over its (copied) parameters, and momentum
         buffers that are views of them, at its first zero_grad() or step(): nothing is shared
         with the original. A copied .grad (deepcopy copies a plain tensor's .grad) is copied
-        into the new flat gradient buffer; a None one stays None. torch's load_state_dict also calls this, on a live optimizer,
-        with new param group dicts over the same parameters: the layout is kept and handed
-        to them."""
+        into the new flat gradient buffer; a None one stays None. torch's load_state_dict also
+        calls this, on a live optimizer, with new param group dicts over the same parameters:
+        the layout is kept and handed to them."""
         if "_layouts" in self.__dict__:  # load_state_dict
             old = [self._layouts.get(id(g)) for g in self.param_groups]
             super().__setstate__(state)
@@ -599,12 +611,12 @@ class _FusedMomentum(Optimizer):
         # they are and, if they ever get a gradient, take the per-tensor (or torch-ops) path;
         # once one could be laid out (unfrozen, materialised), step() lays the group out again.
         cands = [p for p in params if _layable(p)]
-        everyone = [q for g in self.param_groups for q in g["params"]]
-        private = _private(cands, everyone)
+        holders = _storages([q for g in self.param_groups for q in g["params"]])
+        private = _private(cands, holders)
         mine = [p for p in cands if id(p) in private]
-        lender = self._lenders(mine, everyone)
+        lender = self._lenders(mine, holders)
         by_key = _by(mine, lambda p: (p.device, p.dtype, lender.get(id(p)), None))
-        pinned = self._pinned([p for p in cands if id(p) not in private], everyone)
+        pinned = self._pinned([p for p in cands if id(p) not in private], holders)
         for key, ps in pinned.items():
             by_key[(ps[0].device, ps[0].dtype, None, key)] = ps
         in_place = {id(p) for ps in pinned.values() for p in ps}
@@ -663,27 +675,24 @@ class _FusedMomentum(Optimizer):
                     p.data = view
                 g = p.grad
                 if b.lent:  # read in place; no hook: autograd and the lender own .grad
-                    b.grad_views.append(g)
-                    b.gptrs.append(g.data_ptr())
-                    self._slot[id(p)] = (b, i)
-                    b.ptrs.append(p.data_ptr())
-                    b.numel_before.append(b.numel_before[-1] + p.numel())
-                    continue
-                gview = b.new_grad_view(i)
-                if g is not None and g.layout == torch.strided and (
-                        g.stride() == p.stride() or dtype in (torch.float32, torch.float64)):
-                    # A gradient that exists goes on in the flat buffer (same values); a sparse
-                    # one stays as it is (torch's step keeps it sparse), and so does a bf16/fp16
-                    # one in another memory layout (torch's bits depend on it: _torch_reason).
-                    gview.copy_(g)
-                    p.grad = gview
-                    b.neg_zero[i] = False
+                    gview = g
+                else:
+                    gview = b.new_grad_view(i)
+                    if g is not None and g.layout == torch.strided and (
+                            g.stride() == p.stride() or dtype in (torch.float32, torch.float64)):
+                        # A gradient that exists goes on in the flat buffer (same values); a
+                        # sparse one stays as it is (torch's step keeps it sparse), and so does
+                        # a bf16/fp16 one in another memory layout (torch's bits depend on it:
+                        # _torch_reason).
+                        gview.copy_(g)
+                        p.grad = gview
+                        b.neg_zero[i] = False
                 b.grad_views.append(gview)
                 b.gptrs.append(gview.data_ptr())
                 self._slot[id(p)] = (b, i)
                 b.ptrs.append(p.data_ptr())
                 b.numel_before.append(b.numel_before[-1] + p.numel())
-                if p.is_leaf:  # only a leaf's .grad is stored by its gradient accumulator
+                if p.is_leaf and not b.lent:  # only a leaf's .grad is stored by its accumulator
                     # the hook lives on the accumulator only while something holds it
                     acc = torch.autograd.graph.get_gradient_edge(p).node
                     b.accs.append(acc)
@@ -693,17 +702,15 @@ class _FusedMomentum(Optimizer):
         return buckets, stuck
 
     @staticmethod
-    def _pinned(ps, everyone) -> dict:
+    def _pinned(ps, holders) -> dict:
         """storage key -> the parameters (of ps, layable but not private) that are stepped
         where they are by one flat call over their storage: two or more of one dtype that
-        are the only optimizer parameters in that storage, do not overlap, and fill at least
-        half of it (the gradient and momentum buffers are the storage's size). ZeroRedundancyOptimizer
-        with parameters_as_bucket_view=True makes each rank's parameters views of one such
-        bucket. The kernel writes them in place, as torch's step does: nothing moves, every
-        alias of the storage sees the step as with torch."""
-        holders = _by([q for q in map(_local, everyone) if q.layout == torch.strided
-                       and q.device.type != "meta" and not is_lazy(q)
-                       and q.untyped_storage().nbytes()], _storage_key)
+        are the only optimizer parameters in that storage (holders: _storages), do not
+        overlap, and fill at least half of it (the gradient and momentum buffers are the
+        storage's size). ZeroRedundancyOptimizer with parameters_as_bucket_view=True makes
+        each rank's parameters views of one such bucket. The kernel writes them in place, as
+        torch's step does: nothing moves, every alias of the storage sees the step as with
+        torch."""
         out = {}
         for key, group in _by([p for p in ps if p.untyped_storage().nbytes()],
                               _storage_key).items():
@@ -715,19 +722,18 @@ class _FusedMomentum(Optimizer):
         return out
 
     @staticmethod
-    def _lenders(ps, everyone) -> dict:
+    def _lenders(ps, holders) -> dict:
         """id(p) -> the storage (key) p's gradient is a view of, for the parameters whose
-        gradients can be read where they are (_lendable) and do not overlap one another:
-        DDP's buckets with gradient_as_bucket_view=True. The parameters then move to the same
-        offsets in a flat buffer of the storage's size, and one kernel call per storage reads
-        the gradients in place instead of the step copying them or going per tensor."""
-        own = {_storage_key(q) for q in map(_local, everyone)
-               if q.layout == torch.strided and q.device.type != "meta" and not is_lazy(q)}
+        gradients can be read where they are (_lendable), in a storage that holds no
+        parameter (holders: _storages) nor momentum_cuda's own gradients, not overlapping one
+        another: DDP's buckets with gradient_as_bucket_view=True. The parameters then move to
+        the same offsets in a flat buffer of the storage's size, and the step reads the
+        gradients in place (_step_flat: one list call over all such buckets of a group)."""
         by_store = _by([p for p in ps if _lendable(p, p.grad)],
                        lambda p: _storage_key(p.grad))
         out = {}
         for key, group in by_store.items():
-            if key not in own and key not in _FLAT_GRADS and not _overlapping(
+            if key not in holders and key not in _FLAT_GRADS and not _overlapping(
                     [p.grad for p in group]):
                 out.update((id(p), key) for p in group)
         return out
@@ -903,8 +909,8 @@ class _FusedMomentum(Optimizer):
                 if not ok:
                     if relayout and moved and self._could_move(lay, p):
                         return None
-                    if relayout and not moved and (b.lent or _lendable(p, g)) and (buf is None or (
-                            b.flat_buf is not None and buf is b.buf_views[i])):
+                    if relayout and not moved and (b.lent or _lendable(p, g)) and (
+                            buf is None or (b.flat_buf is not None and buf is b.buf_views[i])):
                         # its gradient is in another storage now (DDP's bucket, or DDP's
                         # rebuilt one, or a tensor of its own): lay out to read it there
                         return None
@@ -1072,18 +1078,12 @@ class _FusedMomentum(Optimizer):
                 key = (b.backend, b.flat_param.device, b.flat_param.dtype, first)
                 lent.setdefault(key, []).append(b)
                 continue
-            # CPU: exact segments (torch's bf16 arithmetic depends on positions inside each
-            # tensor); GPU (cuda, triton): one covering span, one launch.
             segs = b.run_segments(i0, i1)
             step_fn(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                   segs, first_step=first, **h)
             if first and b.covers_padding:
                 b.reset_buf_padding()
-            # The kernel wrote through raw pointers: tell autograd, as torch's in-place ops do
-            # (a parameter saved for backward and then stepped must raise, not silently differ).
-            _bump(b.params[i0:i1])
-            if use_buf:
-                _bump(b.flat_buf)  # the buffer views share its version counter
+            b.bump(i0, i1, use_buf)
             self._report(b.backend, "flat", b.flat_param, i1 - i0,
                          b.numel_before[i1] - b.numel_before[i0])
         for (backend, _, _, first), bs in lent.items():
@@ -1091,9 +1091,7 @@ class _FusedMomentum(Optimizer):
             ps, gs, vs = (list(x) for x in zip(*spans))
             step_fn(backend)[1](ps, gs, vs if use_buf else [], first_step=first, **h)
             for b in bs:
-                _bump(b.params)
-                if use_buf:
-                    _bump(b.flat_buf)
+                b.bump(0, len(b.params), use_buf)
             self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
                          sum(b.numel_before[-1] for b in bs))
 
