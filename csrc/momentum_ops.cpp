@@ -1,8 +1,15 @@
-// momentum_ops.cpp — the one torch-facing file: argument checks, dtype dispatch, pybind11.
+// momentum_ops.cpp — the one torch-facing file: the ops' schemas (TORCH_LIBRARY), their CPU and
+// CUDA implementations (TORCH_LIBRARY_IMPL), argument checks, dtype dispatch, and the small
+// pybind11 module (the CPU instruction-set switch).
 //
-// Every entry point validates ALL of its tensors and scalars before it touches any memory, so a
-// bad call raises a clear error (naming the argument and the value) and changes nothing. The
-// kernels behind it (csrc/cpu/) take plain pointers and scalars only.
+// Ops (torch.ops.momentum_cuda.*; fake kernels in momentum_cuda/_ops.py):
+//   sgd_step_flat_  params, grads and buffers of many tensors at equal offsets of three 1-D
+//                   buffers; `segments` lists the tensors. One kernel call.
+//   sgd_step_list_  lists of separate dense tensors of one device and dtype. One kernel call.
+// Both update param(s) and momentum buffer(s) in place (the schema's (a!)/(b!)) and read the
+// gradients. Every implementation validates ALL of its tensors and scalars before it touches
+// any memory, so a bad call raises a clear error (naming the argument and the value) and changes
+// nothing. The kernels behind it (csrc/cpu/, csrc/cuda/) take plain pointers and scalars only.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -12,8 +19,11 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include "cpu/momentum_cpu.h"
 #include "momentum_cuda/sgd_math.h"
@@ -27,6 +37,12 @@
 
 namespace momentum_cuda {
 namespace {
+
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
 
 #ifdef MOMENTUM_CUDA_WITH_CUDA
 /// ATen scalar type -> the CUDA kernels' storage type (bit-compatible).
@@ -125,9 +141,8 @@ void check_triple(const std::string& where, const at::Tensor& p, const at::Tenso
 /// No two tensors of a call may share memory: torch updates them one after the other, the
 /// kernel all at once. Each tensor is dense, so it is the byte range [data, data + nbytes).
 /// (A flat call is one triple, already checked; its segments are checked to be disjoint.)
-void check_no_cross_overlap(const std::vector<at::Tensor>& params,
-                            const std::vector<at::Tensor>& grads,
-                            const std::vector<at::Tensor>* bufs, bool flat) {
+void check_no_cross_overlap(at::TensorList params, at::TensorList grads,
+                            const at::TensorList* bufs, bool flat) {
   if (flat || params.size() < 2) return;
   struct Range {
     uintptr_t lo, hi;
@@ -154,10 +169,9 @@ void check_no_cross_overlap(const std::vector<at::Tensor>& params,
 }
 
 /// The shared body of every step entry point for one device type.
-void sgd_step_list(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                   const std::vector<at::Tensor>& bufs, double lr, double momentum,
-                   double dampening, double weight_decay, bool nesterov, bool maximize,
-                   bool first_step, c10::DeviceType device_type, bool single,
+void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov,
+                   bool maximize, bool first_step, c10::DeviceType device_type, bool single,
                    const at::Tensor& segments = at::Tensor()) {
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
@@ -256,55 +270,93 @@ void sgd_step_flat(const at::Tensor& param, const at::Tensor& grad,
     end = seg[2 * i] + seg[2 * i + 1];
   }
   // The triple check on the whole buffers covers dtype, device, sizes and overlap.
-  sgd_step_list({param}, {grad}, need_buf ? std::vector<at::Tensor>{*buf} : std::vector<at::Tensor>{},
-                lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, device_type,
-                /*single=*/true, segments);
+  const at::Tensor p[] = {param}, g[] = {grad};
+  const at::Tensor b[] = {need_buf ? *buf : at::Tensor()};
+  sgd_step_list(p, g, at::TensorList(b, need_buf ? 1 : 0), lr, momentum, dampening,
+                weight_decay, nesterov, maximize, first_step, device_type, /*single=*/true,
+                segments);
 }
 
-void cpu_sgd_step_list_(const std::vector<at::Tensor>& params,
-                        const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& bufs,
-                        double lr, double momentum, double dampening, double weight_decay,
-                        bool nesterov, bool maximize, bool first_step) {
-  sgd_step_list(params, grads, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                first_step, c10::DeviceType::CPU, /*single=*/false);
+/// The ops' implementation for one device type (registered per dispatch key below).
+template <c10::DeviceType D>
+void step_flat_(const at::Tensor& param, const at::Tensor& grad,
+                const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& segments,
+                double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                bool maximize, bool first_step) {
+  sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
+                nesterov, maximize, first_step, D);
 }
 
-void cpu_sgd_step_flat_(const at::Tensor& param, const at::Tensor& grad,
-                        const std::optional<at::Tensor>& buf, const at::Tensor& segments,
-                        double lr, double momentum, double dampening, double weight_decay,
-                        bool nesterov, bool maximize, bool first_step) {
-  sgd_step_flat(param, grad, buf, segments, lr, momentum, dampening, weight_decay, nesterov,
-                maximize, first_step, c10::DeviceType::CPU);
+template <c10::DeviceType D>
+void step_list_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                bool maximize, bool first_step) {
+  sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+                maximize, first_step, D, /*single=*/false);
 }
 
-void cpu_sgd_step_(const at::Tensor& param, const at::Tensor& grad,
-                   const std::optional<at::Tensor>& buf, double lr, double momentum,
-                   double dampening, double weight_decay, bool nesterov, bool maximize,
-                   bool first_step) {
-  std::vector<at::Tensor> bufs;
-  if (buf.has_value() && buf->defined()) bufs.push_back(*buf);
-  sgd_step_list({param}, {grad}, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                first_step, c10::DeviceType::CPU, /*single=*/true);
+/// What ATen's in-place ops do at the ADInplaceOrView key: once the kernel has run (not if it
+/// raised), the version counter of every argument the schema marks written goes up, so that
+/// autograd refuses a tensor saved for backward and then stepped.
+void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                  torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<c10::IValue> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i].alias_info() != nullptr && args[i].alias_info()->isWrite()) {
+      written.push_back((*stack)[first + i]);
+    }
+  }
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const auto& v : written) {
+    if (v.isTensor()) {
+      torch::autograd::impl::bump_version(v.toTensor());
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList()) torch::autograd::impl::bump_version(t);
+    }
+  }
 }
 
+/// The dispatcher's choice when no dense cpu or cuda tensor decides the call: empty lists (a
+/// no-op after the checks), sparse tensors, or devices momentum_cuda has no kernel for. The
+/// first tensor's device type picks the implementation whose checks name the bad argument.
+c10::DeviceType device_of(std::initializer_list<at::TensorList> lists) {
+  for (const auto& list : lists) {
+    for (const auto& t : list) {
+      if (!t.defined()) continue;
+      const auto type = t.device().type();
 #ifdef MOMENTUM_CUDA_WITH_CUDA
-void cuda_sgd_step_flat_(const at::Tensor& param, const at::Tensor& grad,
-                         const std::optional<at::Tensor>& buf, const at::Tensor& segments,
-                         double lr, double momentum, double dampening, double weight_decay,
-                         bool nesterov, bool maximize, bool first_step) {
-  sgd_step_flat(param, grad, buf, segments, lr, momentum, dampening, weight_decay, nesterov,
-                maximize, first_step, c10::DeviceType::CUDA);
+      if (type == c10::DeviceType::CUDA) return type;
+#endif
+      TORCH_CHECK(type == c10::DeviceType::CPU, "momentum_cuda has no kernel for ", describe(t),
+                  " (its kernels run on cpu", kWithCuda ? " and cuda" : "", " tensors)");
+      return type;
+    }
+  }
+  return c10::DeviceType::CPU;
 }
 
-void cuda_sgd_step_list_(const std::vector<at::Tensor>& params,
-                         const std::vector<at::Tensor>& grads,
-                         const std::vector<at::Tensor>& bufs, double lr, double momentum,
-                         double dampening, double weight_decay, bool nesterov, bool maximize,
-                         bool first_step) {
-  sgd_step_list(params, grads, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                first_step, c10::DeviceType::CUDA, /*single=*/false);
+void step_flat_other_(const at::Tensor& param, const at::Tensor& grad,
+                      const std::optional<at::Tensor>& momentum_buffer,
+                      const at::Tensor& segments, double lr, double momentum, double dampening,
+                      double weight_decay, bool nesterov, bool maximize, bool first_step) {
+  const auto type = device_of({param, grad});
+  sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
+                nesterov, maximize, first_step, type);
 }
-#endif
+
+void step_list_other_(at::TensorList params, at::TensorList grads,
+                      at::TensorList momentum_buffers, double lr, double momentum,
+                      double dampening, double weight_decay, bool nesterov, bool maximize,
+                      bool first_step) {
+  const auto type = device_of({params, grads, momentum_buffers});
+  sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+                maximize, first_step, type, /*single=*/false);
+}
 
 std::string isa_name(CpuIsa isa) {
   return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "default";
@@ -313,29 +365,49 @@ std::string isa_name(CpuIsa isa) {
 }  // namespace
 }  // namespace momentum_cuda
 
+// Schemas: (a!)/(b!) mark what each op writes; gradients and segments are only read.
+TORCH_LIBRARY(momentum_cuda, m) {
+  m.def(
+      "sgd_step_flat_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, "
+      "Tensor segments, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool first_step) -> ()");
+  m.def(
+      "sgd_step_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool first_step) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {
+  namespace mc = momentum_cuda;
+  m.impl("sgd_step_flat_", &mc::step_flat_<c10::DeviceType::CPU>);
+  m.impl("sgd_step_list_", &mc::step_list_<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(momentum_cuda, ADInplaceOrView, m) {
+  namespace mc = momentum_cuda;
+  m.impl("sgd_step_flat_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written>());
+  m.impl("sgd_step_list_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written>());
+}
+
+TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {
+  m.impl("sgd_step_flat_", &momentum_cuda::step_flat_other_);
+  m.impl("sgd_step_list_", &momentum_cuda::step_list_other_);
+}
+
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+TORCH_LIBRARY_IMPL(momentum_cuda, CUDA, m) {
+  namespace mc = momentum_cuda;
+  m.impl("sgd_step_flat_", &mc::step_flat_<c10::DeviceType::CUDA>);
+  m.impl("sgd_step_list_", &mc::step_list_<c10::DeviceType::CUDA>);
+}
+#endif
+
 PYBIND11_MODULE(_C, m) {
   namespace mc = momentum_cuda;
   namespace py = pybind11;
-  m.doc() = "momentum_cuda kernels. Each step entry point updates params and momentum_buffers "
-            "in place with torch.optim.SGD's for-loop arithmetic.";
-  const char* step_doc =
-      "Step over one (param, grad, momentum_buffer) triple of dense tensors with equal strides. "
-      "momentum_buffer may be None when momentum == 0. first_step: buffer = gradient (torch's "
-      "step 1).";
-  m.def("cpu_sgd_step_", &mc::cpu_sgd_step_, step_doc, py::arg("param"), py::arg("grad"),
-        py::arg("momentum_buffer"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
-        py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"));
-  m.def("cpu_sgd_step_flat_", &mc::cpu_sgd_step_flat_,
-        "Flat step over the tensors listed in segments ([k, 2] int64: offset, numel) of three "
-        "contiguous 1-D buffers: one call, one parallel region.",
-        py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("segments"),
-        py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
-        py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"));
-  m.def("cpu_sgd_step_list_", &mc::cpu_sgd_step_list_,
-        "Per-tensor step over lists of separate tensors, one parallel region for all of them.",
-        py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"),
-        py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
-        py::arg("maximize"), py::arg("first_step"));
+  m.doc() = "momentum_cuda's extension: importing it registers the ops torch.ops.momentum_cuda."
+            "sgd_step_flat_ and sgd_step_list_ (csrc/momentum_ops.cpp); the module itself holds "
+            "the CPU kernel's instruction-set switch.";
   m.def("cpu_isa", [] { return mc::isa_name(mc::cpu_isa()); },
         "The instruction set the CPU kernel uses now: 'avx512' (bf16/fp16 only; fp32/fp64 run "
         "the avx2 code), 'avx2' or 'default'.");
@@ -355,16 +427,6 @@ PYBIND11_MODULE(_C, m) {
       "Forces the CPU kernel's instruction set (for tests); returns the previous one.",
       py::arg("isa"));
 #ifdef MOMENTUM_CUDA_WITH_CUDA
-  m.def("cuda_sgd_step_flat_", &mc::cuda_sgd_step_flat_,
-        "cpu_sgd_step_flat_ on CUDA tensors: one kernel launch over the segments' span.",
-        py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("segments"),
-        py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
-        py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"));
-  m.def("cuda_sgd_step_list_", &mc::cuda_sgd_step_list_,
-        "cpu_sgd_step_list_ on CUDA tensors: multi-tensor launches.", py::arg("params"),
-        py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"), py::arg("momentum"),
-        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
-        py::arg("first_step"));
   m.attr("built_with_cuda") = true;
 #else
   m.attr("built_with_cuda") = false;

@@ -70,15 +70,3 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         reasons.append(f"{name}: {why}")
     raise RuntimeError(f"no momentum_cuda backend can run on device {device}"
                        + (f" ({'; '.join(reasons)})" if reasons else ""))
-
-
-def step_fn(backend: str):
-    """(flat step, list step) kernels of a backend."""
-    if backend == "cpu":
-        return _C.cpu_sgd_step_flat_, _C.cpu_sgd_step_list_
-    if backend == "cuda" and getattr(_C, "built_with_cuda", False):
-        return _C.cuda_sgd_step_flat_, _C.cuda_sgd_step_list_
-    if backend == "triton":
-        from . import triton_kernels as tk
-        return tk.triton_sgd_step_flat_, tk.triton_sgd_step_list_
-    raise RuntimeError(f"backend {backend!r} has no kernels in this build")

@@ -69,7 +69,8 @@ try:
 except ImportError:  # torch built without distributed: nothing is a DTensor
     _DTensor = ()
 
-from ._backends import resolve_backend, step_fn
+from ._backends import resolve_backend
+from ._ops import step_ops
 from ._util import is_dense as _dense
 from .reference import momentum_reference_step
 
@@ -395,13 +396,12 @@ class _Bucket:
                           for o, n in segs.tolist()]
         return self.spans
 
-    def bump(self, i0: int, i1: int, use_buf: bool) -> None:
-        """The kernel wrote params[i0:i1] (and the buffer) through raw pointers: tell autograd,
-        as torch's in-place ops do (a parameter saved for backward and then stepped must
-        raise, not silently differ). The buffer views share flat_buf's version counter."""
+    def bump(self, i0: int, i1: int) -> None:
+        """The op wrote params[i0:i1] through the flat buffer: tell autograd, as torch's
+        in-place ops do (a parameter saved for backward and then stepped must raise, not
+        silently differ). The op bumped the flat buffers and so the buffer views (autograd views
+        of flat_buf); the parameters are not autograd views of flat_param: own counters."""
         _bump(self.params[i0:i1])
-        if use_buf:
-            _bump(self.flat_buf)
 
     def intact(self, i: int) -> bool:
         """params[i] is still the view of flat_param the layout made (its gradient view fits)."""
@@ -449,6 +449,14 @@ class _Bucket:
             self.buf_views = [self.view(self.flat_buf, i) for i in range(len(self.params))]
 
 
+class _LastStep:
+    """Holds opt.last_step. Not an attribute of the optimizer itself: dynamo drops a setattr
+    on an Optimizer while tracing, and would guard on a list mutated in place."""
+
+    def __init__(self):
+        self.entries: list[dict] = []
+
+
 class _FusedMomentum(Optimizer):
     """Shared machinery of SGD and Momentum: flat layout, backend choice, step, state_dict."""
 
@@ -475,7 +483,17 @@ class _FusedMomentum(Optimizer):
         self._slot: dict[int, tuple] = {}  # id(param) -> (bucket, index)
         self._warned_torch_ops: set[str] = set()
         self._backend_by_device: dict[torch.device, str] = {}
-        self.last_step: list[dict] = []
+        self._last = _LastStep()
+
+    @property
+    def last_step(self) -> list[dict]:
+        """The kernel calls of the last step: one dict per call (backend, path, device, dtype,
+        tensors, numel)."""
+        return self._last.entries
+
+    @last_step.setter
+    def last_step(self, entries: list[dict]) -> None:
+        self._last.entries = entries
 
     def _check_backends(self, groups=None) -> None:
         for group in self.param_groups if groups is None else groups:  # now, not at a step
@@ -813,6 +831,10 @@ class _FusedMomentum(Optimizer):
             with torch.enable_grad():
                 self._step_differentiable()
             return loss
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                self._step_traced()
+            return loss
         with torch.no_grad():
             plans = []
             for g, lay in self._group_layouts():
@@ -827,6 +849,70 @@ class _FusedMomentum(Optimizer):
                 self._step_flat(runs, h)
                 self._step_tensors(loose, h)
         return loss
+
+    def _step_traced(self) -> None:
+        """step() as torch.compile traces it (torch.compiler.is_compiling()): no data_ptr
+        bookkeeping, which dynamo cannot trace. Every (param, grad, buffer) of a group goes
+        into one list op call per (device, dtype, first step), over the tensors themselves
+        wherever they live, so the bits hold whatever happened to the flat layout; what the
+        kernels do not model runs torch's own for-loop ops. Checked while tracing: the
+        hyper-parameters and each tensor's metadata (all of which dynamo guards on); the op
+        checks the rest (overlaps) when the graph runs. New momentum buffers are tensors of
+        their own, not flat views: eager steps after compiled ones step those parameters one
+        by one (path "per-tensor")."""
+        plans = []
+        for group in self.param_groups:
+            h = self._hyper(group)
+            for name in ("lr", "momentum", "dampening", "weight_decay"):
+                if not math.isfinite(h[name]):
+                    raise ValueError(f"{name} must be a finite number, got {h[name]}")
+            use_buf = h["momentum"] != 0
+            items = []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                buf = self._buffer(p) if use_buf else None
+                reason = "dtensor" if isinstance(p, _DTensor) else self._check_loose(p, g, buf,
+                                                                                      h)
+                items.append((p, g, buf, reason))
+            plans.append((h, items))
+        report = []
+        for h, items in plans:
+            use_buf = h["momentum"] != 0
+            calls: dict = {}
+            torch_ops = []
+            for p, g, buf, reason in items:
+                if reason is not None:
+                    torch_ops.append((p, g, buf))
+                    continue
+                if g.stride() != p.stride():
+                    g = torch.empty_like(p).copy_(g)
+                first = bool(use_buf and buf is None and not self._ema)
+                if use_buf and buf is None:
+                    buf = torch.zeros_like(p) if self._ema else torch.empty_like(p)
+                    self.state[p]["momentum_buffer"] = buf
+                ps, gs, bs = calls.setdefault((p.device, p.dtype, first), ([], [], []))
+                ps.append(p)
+                gs.append(g)
+                if use_buf:
+                    bs.append(buf)
+            for (device, _, first), (ps, gs, bs) in calls.items():
+                backend = self._backend_for(device)
+                step_ops(backend)[1](ps, gs, bs, first_step=first, **h)
+                report.append(self._entry(backend, "per-tensor", ps[0], len(ps),
+                                          sum(p.numel() for p in ps)))
+            if torch_ops:
+                ps, gs, bs = (list(x) for x in zip(*torch_ops))
+                kept = list(bs)
+                self._torch_step(ps, gs, bs, h)
+                if use_buf:
+                    for p, old, new in zip(ps, kept, bs):
+                        if old is None:
+                            self.state[p]["momentum_buffer"] = new
+                report.append(self._entry("torch", "torch-ops", ps[0], len(ps),
+                                          sum(p.numel() for p in ps)))
+        self.last_step = report
 
     def _step_differentiable(self) -> None:
         """torch.optim.SGD(differentiable=True)'s step: torch's for-loop under grad mode, with
@@ -1079,19 +1165,19 @@ class _FusedMomentum(Optimizer):
                 lent.setdefault(key, []).append(b)
                 continue
             segs = b.run_segments(i0, i1)
-            step_fn(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
+            step_ops(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                   segs, first_step=first, **h)
             if first and b.covers_padding:
                 b.reset_buf_padding()
-            b.bump(i0, i1, use_buf)
+            b.bump(i0, i1)
             self._report(b.backend, "flat", b.flat_param, i1 - i0,
                          b.numel_before[i1] - b.numel_before[i0])
         for (backend, _, _, first), bs in lent.items():
             spans = [x for b in bs for x in b.span_views(use_buf)]
             ps, gs, vs = (list(x) for x in zip(*spans))
-            step_fn(backend)[1](ps, gs, vs if use_buf else [], first_step=first, **h)
+            step_ops(backend)[1](ps, gs, vs if use_buf else [], first_step=first, **h)
             for b in bs:
-                b.bump(0, len(b.params), use_buf)
+                b.bump(0, len(b.params))
             self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
                          sum(b.numel_before[-1] for b in bs))
 
@@ -1131,8 +1217,7 @@ class _FusedMomentum(Optimizer):
                 owners.append((dt, p, buf if new else None))
         for (device, dtype, first), (ps, gs, bs, owners) in calls.items():
             backend = self._backend_for(device)
-            step_fn(backend)[1](ps, gs, bs, first_step=first, **h)
-            _bump(ps + bs)
+            step_ops(backend)[1](ps, gs, bs, first_step=first, **h)  # bumps ps and bs
             for dt, p, buf in owners:  # new buffers enter the state once the kernel ran
                 if dt is not None:
                     # a DTensor's buffer is a DTensor sharded like it, as torch's clone gives
@@ -1215,8 +1300,12 @@ class _FusedMomentum(Optimizer):
                           f"{_what(p)}; raised before anything was written: {e}") from e
 
     def _report(self, backend, path, t, tensors, numel) -> None:
-        self.last_step.append(dict(backend=backend, path=path, device=str(t.device),
-                                   dtype=t.dtype, tensors=tensors, numel=numel))
+        self.last_step.append(self._entry(backend, path, t, tensors, numel))
+
+    @staticmethod
+    def _entry(backend, path, t, tensors, numel) -> dict:
+        return dict(backend=backend, path=path, device=str(t.device), dtype=t.dtype,
+                    tensors=tensors, numel=numel)
 
 
 class SGD(_FusedMomentum):

@@ -189,6 +189,11 @@ def run_steps(opt, ours, topt, ref, *, steps=STEPS, seed=0, mode="backward", ski
 
 
 # ---- flat-layout inspection ------------------------------------------------------------------
+def step_one(p, g, buf, **kw) -> None:
+    """The list op on one (param, grad, buffer) triple; buf None when momentum == 0."""
+    torch.ops.momentum_cuda.sgd_step_list_([p], [g], [] if buf is None else [buf], **kw)
+
+
 def storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 

@@ -1,8 +1,9 @@
 """Bad inputs: every one raises a clear error that names the argument and the bad value, and
 changes NO tensor (each is cloned before the call and compared with torch.equal after).
 
-The C++ entry points (momentum_cuda._C.cpu_sgd_step_, cpu_sgd_step_flat_, cpu_sgd_step_list_)
-promise to validate everything before touching memory (csrc/momentum_ops.cpp). In the list entry
+The ops' CPU implementations (torch.ops.momentum_cuda.sgd_step_flat_ and sgd_step_list_, the
+latter also with one item: "single") promise to validate everything before touching memory
+(csrc/momentum_ops.cpp). In the list entry
 the bad item is always the LAST one (index 2), so a check that ran item by item, updating as it
 went, would have changed params[0] and params[1] already: the snapshot catches that.
 
@@ -23,6 +24,8 @@ import torch
 
 import momentum_cuda
 from momentum_cuda import _C
+
+OPS = torch.ops.momentum_cuda
 
 N = 10  # elements per tensor in the entry-point cases
 BAD = 2  # index of the bad item in the list entry
@@ -80,16 +83,16 @@ def expect_error(fn, tensors, fragments, exc=RuntimeError):
 def _call(entry, p, g, b, segments=None, **over):
     h = dict(HYPER, **over)
     if entry == "single":
-        _C.cpu_sgd_step_(p, g, b, **h)
+        OPS.sgd_step_list_([p], [g], [] if b is None else [b], **h)
     elif entry == "flat":
         seg = segments if segments is not None else torch.tensor([[0, p.numel()]])
-        _C.cpu_sgd_step_flat_(p, g, b, seg, **h)
+        OPS.sgd_step_flat_(p, g, b, seg, **h)
     else:
         raise AssertionError(entry)
 
 
 def _list_call(ps, gs, bs, **over):
-    _C.cpu_sgd_step_list_(ps, gs, bs, **dict(HYPER, **over))
+    OPS.sgd_step_list_(ps, gs, bs, **dict(HYPER, **over))
 
 
 def _good(gen, n=N, dtype=torch.float32):
@@ -115,7 +118,7 @@ CASES = {
     "buf_int32": (lambda gen: (rnd(N, gen), rnd(N, gen), rnd(N, gen).mul(10).to(torch.int32)),
                   "b", ["Int"], None),
     # device (meta tensors stand in for a non-CPU device)
-    "param_meta": (lambda gen: tuple(torch.empty(N, device="meta") for _ in range(3)),
+    "param_meta": (lambda gen: (torch.empty(N, device="meta"), rnd(N, gen), rnd(N, gen)),
                    "p", ["meta", "cpu"], None),
     "grad_meta": (lambda gen: (rnd(N, gen), torch.empty(N, device="meta"), rnd(N, gen)),
                   "g", ["meta", "cpu"], None),
@@ -197,7 +200,7 @@ CASES["param_sparse"] = (lambda gen: (rnd(N, gen).to_sparse(), rnd(N, gen), rnd(
 def test_single_entry(case, gen):
     build, who, frags, _ = CASES[case]
     p, g, b = build(gen)
-    expect_error(lambda: _call("single", p, g, b), [p, g, b], [_SINGLE[who]] + frags)
+    expect_error(lambda: _call("single", p, g, b), [p, g, b], [f"{_NAMES[who]}[0]"] + frags)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -292,7 +295,7 @@ def test_aliased_params_race():
     a, g1, g2 = rnd(n, gen), rnd(n, gen), rnd(n, gen)
     ref = a.clone().add_(g1, alpha=-0.1).add_(g2, alpha=-0.1)
     try:
-        _C.cpu_sgd_step_list_([a, a], [g1, g2], [], lr=0.1, momentum=0.0, dampening=0.0,
+        OPS.sgd_step_list_([a, a], [g1, g2], [], lr=0.1, momentum=0.0, dampening=0.0,
                               weight_decay=0.0, nesterov=False, maximize=False, first_step=False)
     except RuntimeError as e:  # rejecting the call is the fix
         assert "overlaps" in str(e)
@@ -326,7 +329,8 @@ def test_list_none_buffer_rejected(gen):
     good = [_good(gen) for _ in range(3)]
     ps, gs, bs = (list(x) for x in zip(*good))
     bs[BAD] = None
-    expect_error(lambda: _list_call(ps, gs, bs), ps + gs + bs[:BAD], [], exc=TypeError)
+    expect_error(lambda: _list_call(ps, gs, bs), ps + gs + bs[:BAD],
+                 ["momentum_buffers", "List[Tensor]", "None"])
 
 
 @pytest.mark.parametrize("short", ["grads", "params"])
@@ -402,8 +406,8 @@ def test_flat_segments_malformed(case, gen):
 
 def test_flat_segments_none(gen):
     p, g, b = _good(gen)
-    expect_error(lambda: _C.cpu_sgd_step_flat_(p, g, b, None, **HYPER), [p, g, b], [],
-                 exc=TypeError)
+    expect_error(lambda: OPS.sgd_step_flat_(p, g, b, None, **HYPER), [p, g, b],
+                 ["segments", "None"])
 
 
 @pytest.mark.parametrize("name,t", [("param", "2d"), ("grad", "2d"), ("momentum_buffer", "2d"),
@@ -431,14 +435,15 @@ OVERFLOW_SEGMENTS = {
 def test_flat_segments_int64_overflow(case):
     code = textwrap.dedent(f"""
         import torch
-        from momentum_cuda import _C
+        import momentum_cuda
         g = torch.Generator().manual_seed(0)
         p, gr, b = (torch.randn(10, generator=g) for _ in range(3))
         before = [t.clone() for t in (p, gr, b)]
         try:
-            _C.cpu_sgd_step_flat_(p, gr, b, torch.tensor({OVERFLOW_SEGMENTS[case]}), lr=0.1,
-                                  momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
-                                  maximize=False, first_step=False)
+            torch.ops.momentum_cuda.sgd_step_flat_(
+                p, gr, b, torch.tensor({OVERFLOW_SEGMENTS[case]}), lr=0.1, momentum=0.9,
+                dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                first_step=False)
         except RuntimeError as e:
             ok = "segments[" in str(e) and all(torch.equal(t, u) for t, u in zip((p, gr, b), before))
             print("RAISED_OK" if ok else "RAISED_BAD " + str(e))

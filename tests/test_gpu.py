@@ -116,3 +116,24 @@ def test_default_backend_on_cuda():
     p = torch.nn.Parameter(torch.randn(5, device="cuda"))
     want = "cuda" if momentum_cuda.available_backends()["cuda"][0] else "triton"
     assert momentum_cuda.SGD([p], lr=0.1).backend == want
+
+
+@pytest.mark.parametrize("kind", ["flat", "list"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_on_gpu(backend, dtype, kind):
+    """torch.library.opcheck on the CUDA and Triton ops with CUDA tensors (tests/test_ops.py
+    does the CPU ones): the schema's writes, the fake kernel, aot_autograd."""
+    prefix = "triton_" if backend == "triton" else ""
+    op = getattr(torch.ops.momentum_cuda, f"{prefix}sgd_step_{kind}_").default
+    g = torch.Generator().manual_seed(7)
+    h = dict(lr=0.0123, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+             maximize=True, first_step=False)
+    if kind == "flat":
+        p, gr, b = (torch.randn(1163, generator=g).to(dtype).cuda() for _ in range(3))
+        args = (p, gr, b, torch.tensor([[0, 1], [5, 97], [102, 0], [120, 3], [130, 1030]]))
+    else:
+        args = tuple([torch.randn(n, generator=g).to(dtype).cuda() for n in (0, 1, 3, 97, 1030)]
+                     for _ in range(3))
+    result = torch.library.opcheck(op, args, h)
+    assert set(result.values()) == {"SUCCESS"}, result

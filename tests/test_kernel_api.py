@@ -1,7 +1,7 @@
-"""The C++ entry points called directly (momentum_cuda._C), against torch.optim.SGD(foreach=False)
-run on separate copies: cpu_sgd_step_ (one tensor), cpu_sgd_step_flat_ (segments of flat
-buffers, with gaps and empty segments), cpu_sgd_step_list_ (100+ tensors of random sizes,
-0 included) and views that start 1..7 elements into their storage. Every kernel ISA the CPU
+"""The ops' CPU implementations called directly (torch.ops.momentum_cuda), against
+torch.optim.SGD(foreach=False) run on separate copies: sgd_step_list_ on one tensor
+(conftest.step_one), sgd_step_flat_ (segments of flat buffers, with gaps and empty segments),
+sgd_step_list_ (100+ tensors of random sizes, 0 included) and views that start 1..7 elements into their storage. Every kernel ISA the CPU
 has ('default' and 'avx2', via the conftest `isa` fixture, restored after)."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import zlib
 import pytest
 import torch
 
-from momentum_cuda import _C
+import momentum_cuda  # noqa: F401  (registers torch.ops.momentum_cuda)
+from conftest import step_one
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 DTYPE_IDS = ("fp32", "fp64", "bf16", "fp16")
@@ -95,7 +96,7 @@ def _single_tensor_steps(dtype, h, shapes, gen):
             g = randn(shape, gen, dtype)
             g_before = g.clone()
             ref.step([g])
-            _C.cpu_sgd_step_(p, g, buf, **kernel_kwargs(h, first_step=use_buf and step == 0))
+            step_one(p, g, buf, **kernel_kwargs(h, first_step=use_buf and step == 0))
             assert torch.equal(g, g_before), "the kernel wrote into the gradient"
             assert_equal(p, ref.params[0].detach(), f"{shape} step {step + 1} param")
             if use_buf:
@@ -128,7 +129,7 @@ def test_single_tensor_empty_and_channels_last(dtype, isa):
     h = dict(momentum=MOMENTUM, dampening=DAMPENING, nesterov=False, weight_decay=WD,
              maximize=False)
     e = torch.empty(0, dtype=dtype)
-    _C.cpu_sgd_step_(e, e.clone(), e.clone(), **kernel_kwargs(h, True))  # no-op, no error
+    step_one(e, e.clone(), e.clone(), **kernel_kwargs(h, True))  # no-op, no error
     # channels_last: dense, not contiguous; grad and buffer share its strides
     p0 = randn((2, 3, 5, 7), gen, dtype).contiguous(memory_format=torch.channels_last)
     ref = TorchRef([p0], **h)
@@ -138,7 +139,7 @@ def test_single_tensor_empty_and_channels_last(dtype, isa):
     for step in range(STEPS):
         g = randn((2, 3, 5, 7), gen, dtype).contiguous(memory_format=torch.channels_last)
         ref.step([g])
-        _C.cpu_sgd_step_(p, g, buf, **kernel_kwargs(h, step == 0))
+        step_one(p, g, buf, **kernel_kwargs(h, step == 0))
         assert_equal(p, ref.params[0].detach(), f"step {step + 1}")
         assert_equal(buf, ref.buf(0), f"buffer step {step + 1}")
 
@@ -148,7 +149,7 @@ def test_lr_zero_and_momentum_one_edge_values(isa):
     gen = torch.Generator().manual_seed(4)
     p0, b0 = randn(999, gen, torch.float32), randn(999, gen, torch.float32)
     p, b = p0.clone(), b0.clone()
-    _C.cpu_sgd_step_(p, randn(999, gen, torch.float32), b, lr=0.0, momentum=1.0, dampening=1.0,
+    step_one(p, randn(999, gen, torch.float32), b, lr=0.0, momentum=1.0, dampening=1.0,
                      weight_decay=0.0, nesterov=False, maximize=False, first_step=False)
     assert torch.equal(p, p0) and torch.equal(b, b0)
 
@@ -188,7 +189,7 @@ def test_flat_segments(dtype, h, isa):
     for step in range(STEPS):
         flat_g = randn(total, gen, dtype)
         ref.step([flat_g[off:off + n] for off, n in segs])
-        _C.cpu_sgd_step_flat_(flat_p, flat_g, flat_b, seg_t,
+        torch.ops.momentum_cuda.sgd_step_flat_(flat_p, flat_g, flat_b, seg_t,
                               **kernel_kwargs(h, first_step=use_buf and step == 0))
         for i, (off, n) in enumerate(segs):
             assert_equal(flat_p[off:off + n], ref.params[i].detach(),
@@ -204,7 +205,7 @@ def test_flat_no_segments_is_a_noop(isa):
     gen = torch.Generator().manual_seed(6)
     p, g, b = (randn(50, gen, torch.float32) for _ in range(3))
     p0, b0 = p.clone(), b.clone()
-    _C.cpu_sgd_step_flat_(p, g, b, torch.empty((0, 2), dtype=torch.int64), lr=0.1, momentum=0.9,
+    torch.ops.momentum_cuda.sgd_step_flat_(p, g, b, torch.empty((0, 2), dtype=torch.int64), lr=0.1, momentum=0.9,
                           dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
                           first_step=False)
     assert torch.equal(p, p0) and torch.equal(b, b0)
@@ -223,8 +224,8 @@ def test_flat_segment_is_not_the_whole_tensor(isa):
     kw = dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
               maximize=False, first_step=False)
     a, b = p0.clone(), p0.clone()
-    _C.cpu_sgd_step_flat_(a, g, None, torch.tensor([[0, n], [n + 9, n]]), **kw)
-    _C.cpu_sgd_step_flat_(b, g, None, torch.tensor([[0, total]]), **kw)
+    torch.ops.momentum_cuda.sgd_step_flat_(a, g, None, torch.tensor([[0, n], [n + 9, n]]), **kw)
+    torch.ops.momentum_cuda.sgd_step_flat_(b, g, None, torch.tensor([[0, total]]), **kw)
     ref = TorchRef([p0[:n], p0[n + 9:]], lr=0.1)
     ref.step([g[:n], g[n + 9:]])
     assert_equal(a[:n], ref.params[0].detach(), "segment 0")
@@ -271,7 +272,7 @@ def test_list_many_tensors(dtype, h, isa):
             g.copy_(randn(p.shape, gen, dtype))
             gs.append(g)
         ref.step(gs)
-        _C.cpu_sgd_step_list_(ps, gs, bufs, **kernel_kwargs(h, first_step=use_buf and step == 0))
+        torch.ops.momentum_cuda.sgd_step_list_(ps, gs, bufs, **kernel_kwargs(h, first_step=use_buf and step == 0))
         for i, p in enumerate(ps):
             assert_equal(p, ref.params[i].detach(), f"tensor {i} {tuple(p.shape)} step {step + 1}")
             if use_buf:
@@ -279,7 +280,7 @@ def test_list_many_tensors(dtype, h, isa):
 
 
 def test_list_empty_is_a_noop():
-    _C.cpu_sgd_step_list_([], [], [], lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+    torch.ops.momentum_cuda.sgd_step_list_([], [], [], lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
                           nesterov=False, maximize=False, first_step=False)
 
 
@@ -295,10 +296,10 @@ def test_list_same_as_single_calls(isa):
         a_p, a_b = [p.clone() for p in ps], [b.clone() for b in bs]
         kw = dict(lr=LR, momentum=MOMENTUM, dampening=DAMPENING, weight_decay=WD,
                   nesterov=False, maximize=True, first_step=False)
-        _C.cpu_sgd_step_list_(a_p, gs, a_b, **kw)
+        torch.ops.momentum_cuda.sgd_step_list_(a_p, gs, a_b, **kw)
         for i in range(len(ps)):
             p, b = ps[i].clone(), bs[i].clone()
-            _C.cpu_sgd_step_(p, gs[i], b, **kw)
+            step_one(p, gs[i], b, **kw)
             assert_equal(a_p[i], p, f"{dtype} tensor {i}")
             assert_equal(a_b[i], b, f"{dtype} buffer {i}")
 
@@ -329,10 +330,10 @@ def test_unaligned_views(offset, dtype, isa):
         gs = [s[og:og + n] for s, n in zip(gstores, sizes)]
         ref.step(gs)
         if step % 2 == 0:
-            _C.cpu_sgd_step_list_(ps, gs, bs, **kernel_kwargs(h, first_step=step == 0))
+            torch.ops.momentum_cuda.sgd_step_list_(ps, gs, bs, **kernel_kwargs(h, first_step=step == 0))
         else:
             for p, g, b in zip(ps, gs, bs):
-                _C.cpu_sgd_step_(p, g, b, **kernel_kwargs(h, first_step=False))
+                step_one(p, g, b, **kernel_kwargs(h, first_step=False))
         for i in range(len(sizes)):
             assert_equal(ps[i], ref.params[i].detach(), f"size {sizes[i]} step {step + 1}")
             assert_equal(bs[i], ref.buf(i), f"buffer size {sizes[i]} step {step + 1}")
@@ -356,7 +357,7 @@ def test_flat_unaligned_buffers(dtype, isa):
             st = randn(total + 8, gen, dtype)
             fg = st[(offset + 3) % 8:(offset + 3) % 8 + total]
             ref.step([fg[o:o + n] for o, n in segs])
-            _C.cpu_sgd_step_flat_(fp, fg, fb, seg_t, **kernel_kwargs(h, first_step=step == 0))
+            torch.ops.momentum_cuda.sgd_step_flat_(fp, fg, fb, seg_t, **kernel_kwargs(h, first_step=step == 0))
             for i, (o, n) in enumerate(segs):
                 assert_equal(fp[o:o + n], ref.params[i].detach(), f"offset {offset} seg {i}")
                 assert_equal(fb[o:o + n], ref.buf(i), f"offset {offset} buffer seg {i}")

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 import momentum_cuda
-from momentum_cuda import _C
 from conftest import backward_grads, fresh_grads, make_values, momentum_buffer, whole_storage
 from test_conformance import same, same_state_dict
 
@@ -362,7 +361,7 @@ def _padding_after_gpu_style_steps(params, grad_whole):
         pw, gw = p_whole.clone(), grad_whole.clone()
         bw = torch.zeros_like(pw) if flags["momentum"] else None
         for k in range(2):
-            _C.cpu_sgd_step_flat_(pw, gw, bw, seg, lr=0.1,
+            torch.ops.momentum_cuda.sgd_step_flat_(pw, gw, bw, seg, lr=0.1,
                                   **{**flags, "first_step": flags["first_step"] and k == 0})
         for name, t in (("param", pw), ("buf", bw)):
             if t is not None and _int_bits(t[~covered]).any():

@@ -44,6 +44,7 @@ import pytest
 import torch
 
 from momentum_cuda import _C
+from conftest import step_one
 
 GRAIN = 32768  # at::parallel_for grain of TensorIterator (at::internal::GRAIN_SIZE)
 VEC_BLOCK = 32  # elements per iteration of the vectorized loop for bf16/fp16 (2 vectors)
@@ -332,7 +333,7 @@ def _torch_sgd_steps(p0, grads, **h):
 def _kernel_steps(p0, grads, **h):
     p, buf = p0.clone(), torch.empty_like(p0)
     for k, g in enumerate(grads):
-        _C.cpu_sgd_step_(p, g, buf, lr=h["lr"], momentum=h["momentum"],
+        step_one(p, g, buf, lr=h["lr"], momentum=h["momentum"],
                          dampening=h["dampening"], weight_decay=h["weight_decay"],
                          nesterov=h["nesterov"], maximize=False, first_step=k == 0)
     return p, buf

@@ -663,6 +663,31 @@ def check_validation_errors(tk):
     assert bool((p == 1).all() and (g == 1).all() and (b == 1).all())
 
 
+def check_triton_ops_opcheck(tk):
+    """torch.ops.momentum_cuda.triton_sgd_step_flat_ / _list_ (the custom ops over the entry
+    points) pass torch.library.opcheck, and give the entry points' bits."""
+    ops = torch.ops.momentum_cuda
+    gen = torch.Generator().manual_seed(5)
+    h = dict(lr=0.0123, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+             maximize=True, first_step=False)
+    p, g, b = (torch.randn(1163, generator=gen) for _ in range(3))
+    segs = torch.tensor([[0, 1], [5, 97], [102, 0], [120, 3], [130, 1030]])
+    ps, gs, bs = ([torch.randn(n, generator=gen) for n in SIZES] for _ in range(3))
+    for op, args in ((ops.triton_sgd_step_flat_, (p, g, b, segs)),
+                     (ops.triton_sgd_step_list_, (ps, gs, bs))):
+        result = torch.library.opcheck(op.default, args, h)
+        assert set(result.values()) == {"SUCCESS"}, result
+    p1, b1, p2, b2 = p.clone(), b.clone(), p.clone(), b.clone()
+    ops.triton_sgd_step_flat_(p1, g, b1, segs, **h)
+    tk.triton_sgd_step_flat_(p2, g, b2, segs, **h)
+    assert _same([p1, b1], [p2, b2]) and not torch.equal(p1, p), "flat op != entry point"
+    q1, c1 = [t.clone() for t in ps], [t.clone() for t in bs]
+    q2, c2 = [t.clone() for t in ps], [t.clone() for t in bs]
+    ops.triton_sgd_step_list_(q1, gs, c1, **h)
+    tk.triton_sgd_step_list_(q2, gs, c2, **h)
+    assert _same(q1 + c1, q2 + c2), "list op != entry point"
+
+
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 
 

@@ -12,7 +12,8 @@
    C++ tests; all inside BUILD_DIR).
 3. ctest --output-on-failure (tests/cpp/).
 4. Imports the CMake-built _C from BUILD_DIR in a fresh interpreter (never the package's
-   momentum_cuda/_C*.so), calls cpu_isa(), and runs two steps of cpu_sgd_step_ against
+   momentum_cuda/_C*.so), calls cpu_isa(), and runs two steps of the op it registers,
+   torch.ops.momentum_cuda.sgd_step_list_, against
    torch.optim.SGD (for-loop) bit for bit, to show the module loads and works.
 Exits non-zero on the first failure. Prints each command and how long it took.
 """
@@ -49,10 +50,11 @@ p, buf = p0.clone(), torch.empty_like(p0)
 for step, g in enumerate(grads):
     ref.grad = g.clone()
     opt.step()
-    _C.cpu_sgd_step_(p, g, buf, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-4,
-                     nesterov=False, maximize=False, first_step=(step == 0))
+    torch.ops.momentum_cuda.sgd_step_list_([p], [g], [buf], lr=0.1, momentum=0.9, dampening=0.1,
+                                           weight_decay=1e-4, nesterov=False, maximize=False,
+                                           first_step=(step == 0))
 same = torch.equal(p.view(torch.int32), ref.detach().view(torch.int32))
-print(f"2 steps of cpu_sgd_step_ vs torch.optim.SGD (fp32, 1037 elements): "
+print(f"2 steps of sgd_step_list_ vs torch.optim.SGD (fp32, 1037 elements): "
       f"{'bitwise equal' if same else 'DIFFERENT'}")
 sys.exit(0 if same else 1)
 """

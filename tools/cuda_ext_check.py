@@ -1,6 +1,6 @@
 """The full extension (CPU + CUDA kernels) built against a CUDA build of torch: it imports (on a
-machine without a GPU too), has the CUDA entry points, rejects CPU tensors with a clear error and
-changes nothing, and its CPU kernel gives this torch's SGD bits.
+machine without a GPU too), its ops have CPU and CUDA kernels, the CUDA one rejects CPU tensors
+with a clear error and changes nothing, and its CPU kernel gives this torch's SGD bits.
 
     python tools/cuda_ext_check.py              # builds into build/cuda-ext, then checks it
     python tools/cuda_ext_check.py --installed  # checks momentum_cuda._C as built in place
@@ -74,22 +74,25 @@ def main(argv=None) -> int:
 def check(C) -> int:
     if C.built_with_cuda is not True:
         fail("built_with_cuda is not True")
-    for name in ("cuda_sgd_step_flat_", "cuda_sgd_step_list_", "cpu_sgd_step_flat_"):
-        if not hasattr(C, name):
-            fail(f"missing entry point {name}")
+    for op in ("sgd_step_flat_", "sgd_step_list_"):
+        for key in ("CPU", "CUDA"):
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"momentum_cuda::{op}", key):
+                fail(f"momentum_cuda::{op} has no {key} kernel")
+    print("  torch.ops.momentum_cuda.sgd_step_flat_ and sgd_step_list_ have CPU and CUDA kernels")
 
     p, g, b = torch.randn(10), torch.randn(10), torch.randn(10)
     before = p.clone()
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     try:
-        C.cuda_sgd_step_flat_(p, g, b, torch.tensor([[0, 10]]), lr=0.1, momentum=0.9,
-                              dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
-                              first_step=False)
-        fail("the CUDA entry point accepted CPU tensors")
+        torch.ops.momentum_cuda.sgd_step_flat_.default.redispatch(
+            cuda_only, p, g, b, torch.tensor([[0, 10]]), lr=0.1, momentum=0.9, dampening=0.0,
+            weight_decay=0.0, nesterov=False, maximize=False, first_step=False)
+        fail("the CUDA kernel accepted CPU tensors")
     except RuntimeError as e:
         msg = str(e).splitlines()[0]
         if "param must be on a cuda device" not in msg:
             fail(f"unclear error for CPU tensors: {msg!r}")
-        print(f"  CUDA op on CPU tensors: {msg!r}")
+        print(f"  CUDA kernel on CPU tensors: {msg!r}")
     if not torch.equal(p, before):
         fail("the rejected call changed the parameter")
 
@@ -99,8 +102,9 @@ def check(C) -> int:
     for step in range(3):
         q.grad = g.clone()
         opt.step()
-        C.cpu_sgd_step_(p, g, b, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                        nesterov=False, maximize=False, first_step=step == 0)
+        torch.ops.momentum_cuda.sgd_step_list_([p], [g], [b], lr=0.1, momentum=0.9,
+                                               dampening=0.0, weight_decay=0.0, nesterov=False,
+                                               maximize=False, first_step=step == 0)
     if not torch.equal(p, q.detach()):
         fail("the CPU kernel of the CUDA build differs from this torch's SGD")
     print("  CPU kernel of this build == torch.optim.SGD(foreach=False), fp32, 3 steps")

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import momentum_cuda  # noqa: E402
-from momentum_cuda._backends import step_fn  # noqa: E402
+from momentum_cuda._ops import step_ops  # noqa: E402
 
 H = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -33,7 +33,7 @@ def exact(n: int, off: int, dtype, device) -> torch.Tensor:
 
 
 def run(backend: str, device: str) -> int:
-    flat_step, list_step = step_fn(backend)
+    flat_step, list_step = step_ops(backend)
     calls = 0
     for dt in DTYPES:
         for n, off in FLAT_CASES:

@@ -1,0 +1,157 @@
+"""The step ops as dispatcher ops (csrc/momentum_ops.cpp, momentum_cuda/_ops.py): their schemas,
+torch.library.opcheck on the CPU implementations (schema vs what the kernel writes, fake kernel
+vs real, aot_autograd with dynamic shapes), version counters, meta and FakeTensor calls, and a
+planted op whose schema hides a write, which opcheck must catch. The Triton ops get opcheck in
+tests/test_triton_interp.py (interpreter child) and the CUDA ones in the GPU check."""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import momentum_cuda  # noqa: F401  (registers torch.ops.momentum_cuda)
+from conftest import randn
+
+OPS = torch.ops.momentum_cuda
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+DTYPE_IDS = ("fp32", "fp64", "bf16", "fp16")
+SIZES = (0, 1, 3, 97, 1030)
+# (momentum, dampening, weight_decay, nesterov, maximize, first_step)
+HYPERS = [(0.0, 0.0, 0.0, False, False, False), (0.9, 0.0, 0.01, False, False, True),
+          (0.9, 0.1, 0.01, False, True, False), (0.9, 0.0, 0.0, True, False, False)]
+HYPER_IDS = ("sgd", "first", "damp-max", "nesterov")
+
+
+def _h(hyper) -> dict:
+    m, d, wd, nesterov, maximize, first = hyper
+    return dict(lr=0.0123, momentum=m, dampening=d, weight_decay=wd, nesterov=nesterov,
+                maximize=maximize, first_step=first)
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _flat_args(dtype, hyper):
+    """Three flat buffers with gaps between segments, an empty segment and an odd end."""
+    gen = _gen("flat", dtype, hyper)
+    segs = torch.tensor([[0, 1], [5, 97], [102, 0], [120, 3], [130, 1030]])
+    p, g, b = (randn(1163, dtype, gen) for _ in range(3))
+    return (p, g, b if hyper[0] else None, segs), _h(hyper)
+
+
+def _list_args(dtype, hyper):
+    gen = _gen("list", dtype, hyper)
+    ps, gs, bs = ([randn(n, dtype, gen) for n in SIZES] for _ in range(3))
+    ps.append(randn((4, 6), dtype, gen).t())  # a transposed, dense layout
+    gs.append(randn((4, 6), dtype, gen).t())
+    bs.append(randn((4, 6), dtype, gen).t())
+    return (ps, gs, bs if hyper[0] else []), _h(hyper)
+
+
+def test_schemas_mark_exactly_what_the_kernels_write():
+    written = {}
+    for name in ("sgd_step_flat_", "sgd_step_list_", "triton_sgd_step_flat_",
+                 "triton_sgd_step_list_"):
+        schema = getattr(OPS, name).default._schema
+        written[name] = [a.name for a in schema.arguments
+                         if a.alias_info is not None and a.alias_info.is_write]
+        assert not schema.returns, f"{name} returns {schema.returns}"
+    assert written == {"sgd_step_flat_": ["param", "momentum_buffer"],
+                       "sgd_step_list_": ["params", "momentum_buffers"],
+                       "triton_sgd_step_flat_": ["param", "momentum_buffer"],
+                       "triton_sgd_step_list_": ["params", "momentum_buffers"]}
+    for name in ("sgd_step_flat_", "sgd_step_list_"):
+        for key in ("CPU", "Meta", "ADInplaceOrView"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"momentum_cuda::{name}", key)
+
+
+@pytest.mark.parametrize("hyper", HYPERS, ids=HYPER_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op", ["flat", "list"])
+def test_opcheck_cpu(op, dtype, hyper):
+    args, kwargs = (_flat_args if op == "flat" else _list_args)(dtype, hyper)
+    fn = OPS.sgd_step_flat_ if op == "flat" else OPS.sgd_step_list_
+    result = torch.library.opcheck(fn.default, args, kwargs)
+    assert set(result.values()) <= {"SUCCESS"}, result  # every test ran and passed
+
+
+def test_opcheck_catches_a_schema_that_hides_a_write():
+    """Control: an op declared as NOT writing its param, implemented by our op (which does),
+    fails opcheck's schema test. So the passes above mean something."""
+    lib = torch.library.Library("momentum_cuda_planted", "DEF")
+    try:
+        lib.define("step(Tensor param, Tensor grad) -> ()")
+
+        def step(param, grad):
+            OPS.sgd_step_list_([param], [grad], [], lr=0.1, momentum=0.0, dampening=0.0,
+                               weight_decay=0.0, nesterov=False, maximize=False,
+                               first_step=False)
+        lib.impl("step", step, "CPU")
+        torch.library.register_fake("momentum_cuda_planted::step", lambda param, grad: None,
+                                    lib=lib)
+        gen = _gen("planted")
+        with pytest.raises(Exception, match="mutat|modif"):
+            torch.library.opcheck(torch.ops.momentum_cuda_planted.step.default,
+                                  (randn(7, torch.float32, gen), randn(7, torch.float32, gen)),
+                                  test_utils="test_schema")
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("op", ["flat", "list"])
+def test_versions_bumped_for_written_tensors_only(op):
+    args, kwargs = (_flat_args if op == "flat" else _list_args)(torch.float32, HYPERS[1])
+    fn = OPS.sgd_step_flat_ if op == "flat" else OPS.sgd_step_list_
+    flat = lambda a: [t for x in a for t in (x if isinstance(x, list) else [x])]  # noqa: E731
+    p, g, b = (flat([a]) for a in args[:3])
+    before = [t._version for t in p + g + b]
+    fn(*args, **kwargs)
+    after = [t._version for t in p + g + b]
+    n = len(p)
+    assert [a - x for a, x in zip(after, before)] == [1] * n + [0] * n + [1] * n
+    with pytest.raises(RuntimeError, match="lr must be a finite number"):
+        fn(*args, **dict(kwargs, lr=float("inf")))
+    assert [t._version for t in p + g + b] == after, "a refused call bumped a version"
+
+
+def test_meta_only_call_is_shape_only_and_mixed_meta_refused():
+    p, g, b = (torch.empty(10, device="meta") for _ in range(3))
+    OPS.sgd_step_list_([p], [g], [b], **_h(HYPERS[1]))
+    OPS.sgd_step_flat_(p, g, b, torch.tensor([[0, 10]]), **_h(HYPERS[1]))
+    gen = _gen("meta")
+    q, bq = randn(10, torch.float32, gen), randn(10, torch.float32, gen)
+    q0 = q.clone()
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
+        OPS.sgd_step_list_([q], [g], [bq], **_h(HYPERS[1]))
+    with pytest.raises(RuntimeError, match="segments must be a CPU tensor"):
+        OPS.sgd_step_flat_(q, q0.clone(), bq, torch.tensor([[0, 10]], device="meta"),
+                           **_h(HYPERS[1]))
+    assert torch.equal(q, q0)
+
+
+def test_fake_tensor_calls_run_the_fake_kernel():
+    with FakeTensorMode() as mode:
+        ps = [torch.empty(7), torch.empty(3, 4)]
+        gs, bs = [torch.empty_like(p) for p in ps], [torch.empty_like(p) for p in ps]
+        OPS.sgd_step_list_(ps, gs, bs, **_h(HYPERS[2]))
+        OPS.sgd_step_flat_(torch.empty(9), torch.empty(9), None, torch.tensor([[0, 9]]),
+                           **_h(HYPERS[0]))
+    assert all(type(p).__name__ == "FakeTensor" and p.fake_mode is mode for p in ps)
+
+
+def test_empty_lists_checked_and_no_op():
+    OPS.sgd_step_list_([], [], [], **_h(HYPERS[1]))
+    with pytest.raises(RuntimeError, match="momentum must be a finite number, got nan"):
+        OPS.sgd_step_list_([], [], [], **dict(_h(HYPERS[1]), momentum=float("nan")))
+
+
+def test_step_ops_routes_backends():
+    from momentum_cuda._ops import step_ops
+    assert step_ops("cpu") == (OPS.sgd_step_flat_.default, OPS.sgd_step_list_.default)
+    assert step_ops("triton") == (OPS.triton_sgd_step_flat_.default,
+                                  OPS.triton_sgd_step_list_.default)
+    with pytest.raises(ValueError, match="backend must be 'cpu', 'cuda' or 'triton', got 'tpu'"):
+        step_ops("tpu")
