@@ -6,8 +6,9 @@
 //   sgd_step_flat_  params, grads and buffers of many tensors at equal offsets of three 1-D
 //                   buffers; `segments` lists the tensors. One kernel call.
 //   sgd_step_list_  lists of separate dense tensors of one device and dtype. One kernel call.
-// Both update param(s) and momentum buffer(s) in place (the schema's (a!)/(b!)) and read the
-// gradients. Every implementation validates ALL of its tensors and scalars before it touches
+// Both update param(s) and momentum buffer(s) in place and read the gradients; given
+// torch.amp.GradScaler's grad_scale and found_inf (tensors), they unscale the gradients in place
+// and skip the update when found_inf != 0, without a host sync on CUDA. Every implementation validates ALL of its tensors and scalars before it touches
 // any memory, so a bad call raises a clear error (naming the argument and the value) and changes
 // nothing. The kernels behind it (csrc/cpu/, csrc/cuda/) take plain pointers and scalars only.
 #include <algorithm>
@@ -21,6 +22,10 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
@@ -168,11 +173,62 @@ void check_no_cross_overlap(at::TensorList params, at::TensorList grads,
   }
 }
 
+/// The step's tensor arguments besides the lists: torch.amp.GradScaler's, as GradScaler.step
+/// hands them to an optimizer that sets _step_supports_amp_scaling (found_inf != 0 skips the
+/// update; grad_scale unscales the gradients first, written back, also on a skipped step, as
+/// GradScaler.unscale_ does), and a learning rate held in a tensor (read in place of `lr`, on
+/// the device by the CUDA kernels: no host sync).
+struct StepTensors {
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& lr_tensor;
+  bool any() const { return given(grad_scale) || given(found_inf); }
+  static bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+};
+const std::optional<at::Tensor> kNone;
+const StepTensors kNoTensors{kNone, kNone, kNone};
+
+/// Each is a 1-element tensor on the parameters' device: float32 (GradScaler's), float32 or
+/// float64 (lr_tensor).
+void check_tensors(const StepTensors& st, const at::Device& device) {
+  for (const auto& [t, n] : {std::pair{&st.grad_scale, "grad_scale"},
+                             std::pair{&st.found_inf, "found_inf"},
+                             std::pair{&st.lr_tensor, "lr_tensor"}}) {
+    if (!StepTensors::given(*t)) continue;
+    const at::Tensor& x = **t;
+    const bool lr = t == &st.lr_tensor;
+    const bool dtype_ok = x.scalar_type() == at::kFloat || (lr && x.scalar_type() == at::kDouble);
+    TORCH_CHECK(x.layout() == at::kStrided && x.numel() == 1 && dtype_ok && x.device() == device,
+                n, " must be a 1-element ", lr ? "float32 or float64" : "float32", " tensor on ",
+                device, " (the parameters' device), got ", describe(x));
+  }
+}
+
+/// The CPU step's GradScaler work, done on the host before the kernel (its tensors are host
+/// memory): unscales the spans' gradients with torch's own op (so its bits by construction) and
+/// says whether found_inf skips the update.
+bool amp_on_host(const StepTensors& st, const std::vector<Span>& spans, const at::Tensor& like) {
+  if (StepTensors::given(st.grad_scale)) {
+    const float inv = amp_inv_scale(st.grad_scale->item<float>());
+    if (inv != 1.f) {
+      std::vector<at::Tensor> views;
+      views.reserve(spans.size());
+      for (const auto& sp : spans) {
+        views.push_back(at::from_blob(sp.grad, {sp.numel}, like.options()));
+      }
+      at::Tensor found = at::zeros({}, like.options().dtype(at::kFloat));
+      at::_amp_foreach_non_finite_check_and_unscale_(views, found,
+                                                     at::full({}, inv, found.options()));
+    }
+  }
+  return StepTensors::given(st.found_inf) && st.found_inf->item<float>() != 0.f;
+}
+
 /// The shared body of every step entry point for one device type.
 void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov,
                    bool maximize, bool first_step, c10::DeviceType device_type, bool single,
-                   const at::Tensor& segments = at::Tensor()) {
+                   const at::Tensor& segments = at::Tensor(), const StepTensors& st = kNoTensors) {
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
   check_scalar("dampening", dampening);
@@ -199,6 +255,7 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
   }
   if (params.empty()) return;
   check_no_cross_overlap(params, grads, need_buf ? &bufs : nullptr, segments.defined());
+  check_tensors(st, *device);
 
   // Each tensor is one span; a flat step (segments given) makes one span per segment.
   std::vector<Span> spans;
@@ -216,7 +273,24 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
     spans.reserve(params.size());
     for (size_t i = 0; i < params.size(); ++i) add_span(i, 0, params[i].numel());
   }
-  const StepHyper hyper{lr, momentum, dampening, weight_decay, flags};
+  StepHyper hyper{lr, momentum, dampening, weight_decay, flags, AmpPtrs{nullptr, nullptr},
+                  LrPtr{nullptr, nullptr}};
+  const bool lr_given = StepTensors::given(st.lr_tensor);
+  if (device_type == c10::DeviceType::CPU) {
+    if (lr_given) hyper.lr = st.lr_tensor->item<double>();  // host memory: no sync
+    check_scalar("lr_tensor", hyper.lr);
+    if (st.any() && amp_on_host(st, spans, params[0])) return;
+  } else {
+    const auto ptr = [](const std::optional<at::Tensor>& t) {
+      return StepTensors::given(t) ? t->data_ptr<float>() : nullptr;
+    };
+    hyper.amp = AmpPtrs{ptr(st.grad_scale), ptr(st.found_inf)};
+    if (lr_given) {
+      const bool f64 = st.lr_tensor->scalar_type() == at::kDouble;
+      hyper.lr_dev = LrPtr{f64 ? nullptr : st.lr_tensor->data_ptr<float>(),
+                           f64 ? st.lr_tensor->data_ptr<double>() : nullptr};
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, *dtype, "momentum_cuda_sgd_step", [&] {
     if (device_type == c10::DeviceType::CPU) {
       sgd_step_cpu<scalar_t>(spans.data(), static_cast<int64_t>(spans.size()), hyper);
@@ -239,7 +313,7 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
 void sgd_step_flat(const at::Tensor& param, const at::Tensor& grad,
                    const std::optional<at::Tensor>& buf, const at::Tensor& segments, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov,
-                   bool maximize, bool first_step, c10::DeviceType device_type) {
+                   bool maximize, bool first_step, c10::DeviceType device_type, const StepTensors& st) {
   const bool need_buf = momentum != 0;
   TORCH_CHECK(!need_buf || (buf.has_value() && buf->defined()),
               "momentum_buffer is None but momentum=", momentum, " needs one");
@@ -274,7 +348,7 @@ void sgd_step_flat(const at::Tensor& param, const at::Tensor& grad,
   const at::Tensor b[] = {need_buf ? *buf : at::Tensor()};
   sgd_step_list(p, g, at::TensorList(b, need_buf ? 1 : 0), lr, momentum, dampening,
                 weight_decay, nesterov, maximize, first_step, device_type, /*single=*/true,
-                segments);
+                segments, st);
 }
 
 /// The ops' implementation for one device type (registered per dispatch key below).
@@ -282,29 +356,40 @@ template <c10::DeviceType D>
 void step_flat_(const at::Tensor& param, const at::Tensor& grad,
                 const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& segments,
                 double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                bool maximize, bool first_step) {
+                bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& lr_tensor) {
   sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
-                nesterov, maximize, first_step, D);
+                nesterov, maximize, first_step, D, StepTensors{grad_scale, found_inf, lr_tensor});
 }
 
 template <c10::DeviceType D>
 void step_list_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                 double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                bool maximize, bool first_step) {
+                bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& lr_tensor) {
   sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-                maximize, first_step, D, /*single=*/false);
+                maximize, first_step, D, /*single=*/false, at::Tensor(),
+                StepTensors{grad_scale, found_inf, lr_tensor});
 }
 
 /// What ATen's in-place ops do at the ADInplaceOrView key: once the kernel has run (not if it
-/// raised), the version counter of every argument the schema marks written goes up, so that
-/// autograd refuses a tensor saved for backward and then stepped.
+/// raised), the version counter of every tensor it wrote goes up, so that autograd refuses a
+/// tensor saved for backward and then stepped. The gradients are written only when grad_scale
+/// is given (as GradScaler.unscale_ writes them); otherwise they keep their versions, as
+/// torch.optim.SGD(foreach=False) leaves them.
 void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                   torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t first = stack->size() - args.size();
+  const auto scale = op.schema().argumentIndexWithName("grad_scale");
+  const bool grads_written = scale.has_value() && (*stack)[first + *scale].isTensor();
   std::vector<c10::IValue> written;
   for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i].alias_info() != nullptr && args[i].alias_info()->isWrite()) {
+    const bool grad = args[i].name() == "grad" || args[i].name() == "grads";
+    if (args[i].alias_info() != nullptr && args[i].alias_info()->isWrite() &&
+        (!grad || grads_written)) {
       written.push_back((*stack)[first + i]);
     }
   }
@@ -343,19 +428,25 @@ c10::DeviceType device_of(std::initializer_list<at::TensorList> lists) {
 void step_flat_other_(const at::Tensor& param, const at::Tensor& grad,
                       const std::optional<at::Tensor>& momentum_buffer,
                       const at::Tensor& segments, double lr, double momentum, double dampening,
-                      double weight_decay, bool nesterov, bool maximize, bool first_step) {
+                      double weight_decay, bool nesterov, bool maximize, bool first_step,
+                      const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& lr_tensor) {
   const auto type = device_of({param, grad});
   sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
-                nesterov, maximize, first_step, type);
+                nesterov, maximize, first_step, type, StepTensors{grad_scale, found_inf, lr_tensor});
 }
 
 void step_list_other_(at::TensorList params, at::TensorList grads,
                       at::TensorList momentum_buffers, double lr, double momentum,
                       double dampening, double weight_decay, bool nesterov, bool maximize,
-                      bool first_step) {
+                      bool first_step, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& lr_tensor) {
   const auto type = device_of({params, grads, momentum_buffers});
   sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-                maximize, first_step, type, /*single=*/false);
+                maximize, first_step, type, /*single=*/false, at::Tensor(),
+                StepTensors{grad_scale, found_inf, lr_tensor});
 }
 
 std::string isa_name(CpuIsa isa) {
@@ -365,16 +456,19 @@ std::string isa_name(CpuIsa isa) {
 }  // namespace
 }  // namespace momentum_cuda
 
-// Schemas: (a!)/(b!) mark what each op writes; gradients and segments are only read.
+// Schemas: (a!)/(b!)/(c!) mark what each op may write. Gradients are written only when
+// grad_scale is given (unscaled in place, as GradScaler.unscale_ does); segments are read.
 TORCH_LIBRARY(momentum_cuda, m) {
   m.def(
-      "sgd_step_flat_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, "
+      "sgd_step_flat_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!)? momentum_buffer, "
       "Tensor segments, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool first_step) -> ()");
+      "bool nesterov, bool maximize, bool first_step, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
   m.def(
-      "sgd_step_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "sgd_step_list_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool first_step) -> ()");
+      "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? lr_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {

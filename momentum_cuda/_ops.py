@@ -6,11 +6,15 @@
         Declared with their schemas in csrc/momentum_ops.cpp (TORCH_LIBRARY), with a CPU and a
         CUDA implementation there; importing momentum_cuda._C registers them.
     triton_sgd_step_flat_, triton_sgd_step_list_
-        The same schemas for the Triton kernels (torch.library.custom_op, below): the kernels
-        read a pointer table, which inductor cannot trace into, so the op is opaque to it.
+        The same schemas for the Triton kernels (torch.library.custom_op, below), less
+        GradScaler's two tensors, which the Triton kernels do not read yet (an optimizer on
+        that backend does not claim _step_supports_amp_scaling): the kernels read a pointer
+        table, which inductor cannot trace into, so the op is opaque to it.
 
-Each op writes param(s) and momentum buffer(s) in place (the schema's (a!)/(b!)), reads the
-gradients and returns nothing; its fake kernel (for FakeTensor, torch.compile and opcheck) has
+Each op writes param(s) and momentum buffer(s) in place, reads the gradients (and, given
+GradScaler's grad_scale, writes them back unscaled; found_inf != 0 skips the update) and returns
+nothing; lr_tensor (a 1-element fp32/fp64 tensor on the parameters' device) is read in place of
+lr, on the device (no host sync); its fake kernel (for FakeTensor, torch.compile and opcheck) has
 nothing to compute and checks only that the tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend.
 """
 from __future__ import annotations
@@ -38,19 +42,24 @@ def _one_device(named) -> None:
 
 
 def _flat_fake(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
-               nesterov, maximize, first_step) -> None:
-    _one_device([(param, "param"), (grad, "grad"), (momentum_buffer, "momentum_buffer")])
+               nesterov, maximize, first_step, grad_scale=None, found_inf=None,
+               lr_tensor=None) -> None:
+    _one_device([(param, "param"), (grad, "grad"), (momentum_buffer, "momentum_buffer"),
+                 (grad_scale, "grad_scale"), (found_inf, "found_inf"),
+                 (lr_tensor, "lr_tensor")])
     if segments.device.type != "cpu":
         raise RuntimeError(f"segments must be a CPU tensor, got one on {segments.device}")
 
 
 def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
-               nesterov, maximize, first_step) -> None:
+               nesterov, maximize, first_step, grad_scale=None, found_inf=None,
+               lr_tensor=None) -> None:
     named = [(t, f"{name}[{i}]") for ts, name in ((params, "params"), (grads, "grads"),
                                                   (momentum_buffers, "momentum_buffers"))
              for i, t in enumerate(ts)]
     if named:
-        _one_device(named)
+        _one_device(named + [(grad_scale, "grad_scale"), (found_inf, "found_inf"),
+                             (lr_tensor, "lr_tensor")])
 
 
 if _C is not None:
@@ -62,11 +71,13 @@ if _C is not None:
 def triton_sgd_step_flat_(param: torch.Tensor, grad: torch.Tensor,
                           momentum_buffer: Optional[torch.Tensor], segments: torch.Tensor,
                           lr: float, momentum: float, dampening: float, weight_decay: float,
-                          nesterov: bool, maximize: bool, first_step: bool) -> None:
+                          nesterov: bool, maximize: bool, first_step: bool,
+                          lr_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk  # triton is imported only when a Triton step runs
     tk.triton_sgd_step_flat_(param, grad, momentum_buffer, segments, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
-                             nesterov=nesterov, maximize=maximize, first_step=first_step)
+                             nesterov=nesterov, maximize=maximize, first_step=first_step,
+                             lr_tensor=lr_tensor)
 
 
 triton_sgd_step_flat_.register_fake(_flat_fake)
@@ -76,11 +87,13 @@ triton_sgd_step_flat_.register_fake(_flat_fake)
 def triton_sgd_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
                           momentum_buffers: list[torch.Tensor], lr: float, momentum: float,
                           dampening: float, weight_decay: float, nesterov: bool,
-                          maximize: bool, first_step: bool) -> None:
+                          maximize: bool, first_step: bool,
+                          lr_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_list_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
-                             nesterov=nesterov, maximize=maximize, first_step=first_step)
+                             nesterov=nesterov, maximize=maximize, first_step=first_step,
+                             lr_tensor=lr_tensor)
 
 
 triton_sgd_step_list_.register_fake(_list_fake)

@@ -88,6 +88,26 @@ def _to_float(x, name: str) -> float:
     return float(x)
 
 
+def _lr(x):
+    """A group's lr for the step: a float, or a 1-element fp32/fp64 tensor, which the kernels
+    read on its device (no host sync; torch's for-loop reads it with .item(), which gives the
+    same value). Other tensors are read here."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(x.shape)}")
+        if x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+            return x if x.dim() == 0 else x.reshape(())
+        return float(x.item())
+    return float(x)
+
+
+def _finite(h) -> None:
+    for name in ("lr", "momentum", "dampening", "weight_decay"):
+        v = h[name]
+        if not isinstance(v, torch.Tensor) and not math.isfinite(v):  # a tensor: not read here
+            raise ValueError(f"{name} must be a finite number, got {v}")
+
+
 def _bump(tensors) -> None:
     torch.autograd.graph.increment_version(tensors)
 
@@ -827,13 +847,16 @@ class _FusedMomentum(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        amp = self._amp()
         if self._differentiable:
+            if amp is not None and self._amp_on_host(amp):
+                return loss
             with torch.enable_grad():
                 self._step_differentiable()
             return loss
         if torch.compiler.is_compiling():
             with torch.no_grad():
-                self._step_traced()
+                self._step_traced(amp)
             return loss
         with torch.no_grad():
             plans = []
@@ -844,13 +867,87 @@ class _FusedMomentum(Optimizer):
                     self._adopt_buffers([(g, lay)])
                     plan = self._plan(g, lay, relayout=False)
                 plans.append(plan)
+            if amp is not None and self._amp_needs_host(plans):
+                if self._amp_on_host(amp):
+                    return loss
+                amp = None  # unscaled, and no overflow
             self.last_step = []
             for h, runs, loose in plans:
-                self._step_flat(runs, h)
-                self._step_tensors(loose, h)
+                self._step_flat(runs, h, amp)
+                self._step_tensors(loose, h, amp)
         return loss
 
-    def _step_traced(self) -> None:
+    # ---- torch.amp.GradScaler -----------------------------------------------------------------
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler.step then hands this optimizer its scale and found_inf as the attributes
+        grad_scale and found_inf, and the kernels unscale the gradients in the step's own pass
+        and skip an overflowed step on the device (no host sync), with the bits of GradScaler's
+        unscale_ + torch.optim.SGD(foreach=False). Not with the Triton backend, whose kernels
+        do not read them yet: GradScaler unscales and skips for it as for torch's SGD."""
+        return "triton" not in self._backend_by_device.values()
+
+    def _amp(self):
+        """(grad_scale, found_inf) as GradScaler.step set them for this step, or None."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            return None
+        return grad_scale, found_inf
+
+    @staticmethod
+    def _amp_needs_host(plans) -> bool:
+        """The step creates a momentum buffer (an overflow-skipped step must create none, as
+        torch's for-loop creates none: so found_inf is read first) or runs torch's own ops."""
+        for h, runs, loose in plans:
+            use_buf = h["momentum"] != 0
+            if any(run[3] or run[4] for run in runs):
+                return True
+            if any(reason is not None or (use_buf and buf is None)
+                   for _, _, buf, reason, _ in loose):
+                return True
+        return False
+
+    def _amp_on_host(self, amp) -> bool:
+        """GradScaler's work done here instead of in the kernels: every gradient unscaled with
+        torch's own op, as GradScaler.unscale_ does it (inv = float(1 / double(scale))), then
+        found_inf read (a host sync). Returns whether the step is skipped."""
+        grad_scale, found_inf = amp
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            by: dict = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    g = p.grad
+                    if g is None:
+                        continue
+                    if g.is_sparse:  # as GradScaler._unscale_grads_
+                        if g.dtype is torch.float16:
+                            p.grad = g = g.coalesce()
+                        g = g._values()
+                    by.setdefault((g.device, g.dtype), []).append(g)
+            for (device, _), gs in by.items():
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    gs, torch.zeros((), device=device), inv.to(device))
+        return found_inf is not None and bool(found_inf.item())
+
+    @staticmethod
+    def _kernel_args(h, amp, device) -> dict:
+        """The ops' keyword arguments on `device`: the hyper-parameters, a tensor lr as
+        lr_tensor (read by the kernels there), GradScaler's grad_scale and found_inf."""
+        args = dict(h)
+        lr = h["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.device == device:
+                args["lr"], args["lr_tensor"] = 0.0, lr  # lr is not read
+            else:
+                args["lr"] = float(lr.item())  # on another device: read here, as torch does
+        if amp is not None:
+            for name, t in zip(("grad_scale", "found_inf"), amp):
+                args[name] = None if t is None else t.to(device, non_blocking=True)
+        return args
+
+    def _step_traced(self, amp) -> None:
         """step() as torch.compile traces it (torch.compiler.is_compiling()): no data_ptr
         bookkeeping, which dynamo cannot trace. Every (param, grad, buffer) of a group goes
         into one list op call per (device, dtype, first step), over the tensors themselves
@@ -863,9 +960,7 @@ class _FusedMomentum(Optimizer):
         plans = []
         for group in self.param_groups:
             h = self._hyper(group)
-            for name in ("lr", "momentum", "dampening", "weight_decay"):
-                if not math.isfinite(h[name]):
-                    raise ValueError(f"{name} must be a finite number, got {h[name]}")
+            _finite(h)
             use_buf = h["momentum"] != 0
             items = []
             for p in group["params"]:
@@ -877,17 +972,25 @@ class _FusedMomentum(Optimizer):
                                                                                       h)
                 items.append((p, g, buf, reason))
             plans.append((h, items))
+        if amp is not None and any(
+                reason is not None or (h["momentum"] != 0 and buf is None)
+                for h, items in plans for _, _, buf, reason in items):
+            if self._amp_on_host(amp):  # reads found_inf: a graph break
+                return
+            amp = None
         report = []
         for h, items in plans:
             use_buf = h["momentum"] != 0
             calls: dict = {}
             torch_ops = []
+            copied = []
             for p, g, buf, reason in items:
                 if reason is not None:
                     torch_ops.append((p, g, buf))
                     continue
                 if g.stride() != p.stride():
-                    g = torch.empty_like(p).copy_(g)
+                    copied.append((g, torch.empty_like(p).copy_(g)))
+                    g = copied[-1][1]
                 first = bool(use_buf and buf is None and not self._ema)
                 if use_buf and buf is None:
                     buf = torch.zeros_like(p) if self._ema else torch.empty_like(p)
@@ -899,9 +1002,13 @@ class _FusedMomentum(Optimizer):
                     bs.append(buf)
             for (device, _, first), (ps, gs, bs) in calls.items():
                 backend = self._backend_for(device)
-                step_ops(backend)[1](ps, gs, bs, first_step=first, **h)
+                step_ops(backend)[1](ps, gs, bs, first_step=first,
+                                     **self._kernel_args(h, amp, device))
                 report.append(self._entry(backend, "per-tensor", ps[0], len(ps),
                                           sum(p.numel() for p in ps)))
+            if amp is not None and amp[0] is not None:
+                for g, copy in copied:
+                    g.copy_(copy)
             if torch_ops:
                 ps, gs, bs = (list(x) for x in zip(*torch_ops))
                 kept = list(bs)
@@ -969,9 +1076,7 @@ class _FusedMomentum(Optimizer):
         a parameter with a gradient is off the flat path and could be on it (it moved, e.g.
         model.to(); it was frozen, meta or lazy when the group was laid out)."""
         h = self._hyper(group)
-        for name in ("lr", "momentum", "dampening", "weight_decay"):
-            if not math.isfinite(h[name]):
-                raise ValueError(f"{name} must be a finite number, got {h[name]}")
+        _finite(h)
         use_buf = h["momentum"] != 0
         runs = []  # [bucket, first index, end index, first_step, some buffer is new]
         loose = [(p, p.grad) for p in lay.outside if p.grad is not None]
@@ -1148,7 +1253,7 @@ class _FusedMomentum(Optimizer):
                 f"sparse gradients) and its gradient is dense: torch.optim.SGD fails there "
                 f"too (add(sparse, dense) is not supported)")
 
-    def _step_flat(self, runs, h) -> None:
+    def _step_flat(self, runs, h, amp=None) -> None:
         """One kernel call per run of consecutive flat parameters; whole lent buckets (DDP's,
         one per bucket) together in one list call per (backend, device, dtype, first step)."""
         use_buf = h["momentum"] != 0
@@ -1166,7 +1271,8 @@ class _FusedMomentum(Optimizer):
                 continue
             segs = b.run_segments(i0, i1)
             step_ops(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
-                                  segs, first_step=first, **h)
+                                   segs, first_step=first,
+                                   **self._kernel_args(h, amp, b.flat_param.device))
             if first and b.covers_padding:
                 b.reset_buf_padding()
             b.bump(i0, i1)
@@ -1175,7 +1281,8 @@ class _FusedMomentum(Optimizer):
         for (backend, _, _, first), bs in lent.items():
             spans = [x for b in bs for x in b.span_views(use_buf)]
             ps, gs, vs = (list(x) for x in zip(*spans))
-            step_ops(backend)[1](ps, gs, vs if use_buf else [], first_step=first, **h)
+            step_ops(backend)[1](ps, gs, vs if use_buf else [], first_step=first,
+                                 **self._kernel_args(h, amp, ps[0].device))
             for b in bs:
                 b.bump(0, len(b.params))
             self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
@@ -1190,20 +1297,22 @@ class _FusedMomentum(Optimizer):
             return buf.zero_() if self._ema else buf
         return torch.zeros_like(p) if self._ema else torch.empty_like(p)
 
-    def _step_tensors(self, items, h) -> None:
+    def _step_tensors(self, items, h, amp=None) -> None:
         """The per-tensor path: one list call per (device, dtype, first step); torch's own
         ops for what the kernels do not model (items: _plan's checked list)."""
         use_buf = h["momentum"] != 0
         calls: dict = {}
         torch_ops = []
         reasons = set()
+        copied = []  # (gradient, its copy in the parameter's layout): unscaled ones go back
         for p, g, buf, reason, dt in items:
             if reason is not None:
                 torch_ops.append((p, g, buf))
                 reasons.add(reason)
                 continue
             if g.stride() != p.stride():
-                g = torch.empty_like(p).copy_(g)  # fp32/fp64: the layout does not change bits
+                copied.append((g, torch.empty_like(p).copy_(g)))
+                g = copied[-1][1]  # fp32/fp64: the layout does not change bits
             first = bool(use_buf and buf is None and not self._ema)
             new = use_buf and buf is None
             if new:
@@ -1217,7 +1326,8 @@ class _FusedMomentum(Optimizer):
                 owners.append((dt, p, buf if new else None))
         for (device, dtype, first), (ps, gs, bs, owners) in calls.items():
             backend = self._backend_for(device)
-            step_ops(backend)[1](ps, gs, bs, first_step=first, **h)  # bumps ps and bs
+            step_ops(backend)[1](ps, gs, bs, first_step=first,  # bumps ps (gs) and bs
+                                 **self._kernel_args(h, amp, device))
             for dt, p, buf in owners:  # new buffers enter the state once the kernel ran
                 if dt is not None:
                     # a DTensor's buffer is a DTensor sharded like it, as torch's clone gives
@@ -1227,6 +1337,9 @@ class _FusedMomentum(Optimizer):
                 elif buf is not None:
                     self._keep_buffer(p, buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
+        if amp is not None and amp[0] is not None:
+            for g, copy in copied:
+                g.copy_(copy)
         if torch_ops:
             self._step_torch_ops(torch_ops, h, reasons)
 
@@ -1350,7 +1463,7 @@ class SGD(_FusedMomentum):
             group.setdefault("fused", False)  # torch.optim.SGD.__setstate__'s default
 
     def _hyper(self, group) -> dict:
-        return dict(lr=_to_float(group["lr"], "lr"), momentum=float(group["momentum"]),
+        return dict(lr=_lr(group["lr"]), momentum=float(group["momentum"]),
                     dampening=float(group["dampening"]),
                     weight_decay=_to_float(group["weight_decay"], "weight_decay"),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
@@ -1383,6 +1496,6 @@ class Momentum(_FusedMomentum):
     def _hyper(self, group) -> dict:
         m = float(group["momentum"])
         self._check_momentum(m)  # a scheduler may have changed it
-        return dict(lr=_to_float(group["lr"], "lr"), momentum=m, dampening=m,
+        return dict(lr=_lr(group["lr"]), momentum=m, dampening=m,
                     weight_decay=_to_float(group["weight_decay"], "weight_decay"),
                     nesterov=False, maximize=bool(group["maximize"]))

@@ -28,10 +28,12 @@ kernel: at most one per tensor, so a model of many tiny tensors runs mostly mask
 Offsets are int64 (flat: pid is widened before the multiply; list: block starts are int64
 table entries): spans longer than 2^31 elements work.
 
-Entry points (same signatures as the C++ ones in momentum_cuda._C):
+Entry points (the ops' signatures, csrc/momentum_ops.cpp, less GradScaler's tensors):
     triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
-                          weight_decay, nesterov, maximize, first_step)
+                          weight_decay, nesterov, maximize, first_step, lr_tensor=None)
     triton_sgd_step_list_(params, grads, momentum_buffers, *, ...)
+lr_tensor: a 1-element fp32/fp64 tensor on the parameters' device read by the kernels in place
+of lr (no host sync).
 Both validate everything before the first launch; a bad call raises ValueError/TypeError naming
 the argument and changes nothing.
 
@@ -149,14 +151,19 @@ if TRITON_AVAILABLE:
         return p, buf
 
     @triton.jit
-    def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, neg_lr, wd, m_mul, m_add, one_minus_d,
-                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
-                   NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, KIND: tl.constexpr,
-                   OPMATH: tl.constexpr, BLOCK: tl.constexpr):
+    def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr_ptr, neg_lr, wd, m_mul, m_add,
+                   one_minus_d, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                   MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
+                   KIND: tl.constexpr, OPMATH: tl.constexpr, LR_TENSOR: tl.constexpr,
+                   BLOCK: tl.constexpr):
         """Load, update (_sgd_math) and store the elements offs[mask] of one span; shared by
-        the flat and the list kernel."""
+        the flat and the list kernel. LR_TENSOR: -lr is read from lr_ptr (a 1-element fp32 or
+        fp64 tensor) and rounded once to opmath, as the host rounds a Python double."""
         # The fp64 arguments hold values already rounded to opmath: this narrowing is exact.
-        s_neg_lr = tl.full((), neg_lr, OPMATH)
+        if LR_TENSOR:
+            s_neg_lr = (-(tl.load(lr_ptr).to(tl.float64))).to(OPMATH)
+        else:
+            s_neg_lr = tl.full((), neg_lr, OPMATH)
         s_wd = tl.full((), wd, OPMATH)
         s_m_mul = tl.full((), m_mul, OPMATH)
         s_m_add = tl.full((), m_add, OPMATH)
@@ -175,27 +182,28 @@ if TRITON_AVAILABLE:
             tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n,
+    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n, lr_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         LR_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
         """One contiguous span of n elements; program k updates [k*BLOCK, (k+1)*BLOCK)."""
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, neg_lr, wd, m_mul, m_add, one_minus_d,
-                   MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, neg_lr, wd, m_mul, m_add,
+                   one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND,
+                   OPMATH, LR_TENSOR, BLOCK)
 
     @triton.jit
-    def _sgd_list_kernel(rows_ptr, blocks_ptr,
+    def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
-                         DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                         LR_TENSOR: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         """Many tensors in one launch, through an int64 pointer table (built by _list_table):
             rows_ptr:   one row per tensor t: [address of p, address of g, address of buf
                         (0 when MOMENTUM is off: never dereferenced), numel]
@@ -213,8 +221,9 @@ if TRITON_AVAILABLE:
         b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
         n = tl.load(row + 3)
         offs = start + tl.arange(0, BLOCK)  # int64 (start is loaded as int64)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, neg_lr, wd, m_mul, m_add, one_minus_d,
-                   MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, neg_lr, wd, m_mul, m_add,
+                   one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND,
+                   OPMATH, LR_TENSOR, BLOCK)
 
     @triton.jit
     def _round_storage_kernel(x_ptr, y_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
@@ -341,12 +350,27 @@ def _scalars(vals, dtype):
     return rnd(-lr), rnd(wd), rnd(m), rnd(m), rnd(1.0 - d)
 
 
-def _flags(dtype, vals, nesterov, maximize, first_step) -> dict:
+def _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor=None) -> dict:
     """The constexpr arguments shared by both kernels."""
     return dict(MAXIMIZE=maximize, WEIGHT_DECAY=vals["weight_decay"] != 0,
                 MOMENTUM=vals["momentum"] != 0, NESTEROV=nesterov, FIRST_STEP=first_step,
                 KIND=_KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
-                BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                LR_TENSOR=lr_tensor is not None, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+                enable_fp_fusion=False)
+
+
+def _check_lr_tensor(lr_tensor, device) -> None:
+    """A learning rate held in a tensor: 1 element, fp32 or fp64, on the parameters' device
+    (the kernels read it there: no host sync)."""
+    if lr_tensor is None:
+        return
+    if not (isinstance(lr_tensor, torch.Tensor) and lr_tensor.numel() == 1
+            and lr_tensor.dtype in (torch.float32, torch.float64)
+            and lr_tensor.device == device):
+        raise ValueError(f"lr_tensor must be a 1-element float32 or float64 tensor on {device} "
+                         f"(the parameters' device), got "
+                         + (_describe(lr_tensor) if isinstance(lr_tensor, torch.Tensor)
+                            else repr(lr_tensor)))
 
 
 def _device_guard(device: torch.device):
@@ -356,13 +380,14 @@ def _device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _launch(p, g, b, n, sc, vals, nesterov, maximize, first_step) -> None:
+def _launch(p, g, b, n, sc, vals, nesterov, maximize, first_step, lr_tensor) -> None:
     if n == 0:
         return
     momentum = vals["momentum"] != 0
     grid = (triton.cdiv(n, BLOCK_SIZE),)
-    _sgd_flat_kernel[grid](p, g, b if momentum else p, n, *sc,
-                           **_flags(p.dtype, vals, nesterov, maximize, first_step))
+    _sgd_flat_kernel[grid](p, g, b if momentum else p, n, p if lr_tensor is None else lr_tensor,
+                           *sc, **_flags(p.dtype, vals, nesterov, maximize, first_step,
+                                         lr_tensor))
 
 
 # Most programs in one launch: CUDA's grid.x limit. Reaching it takes 2^41 elements, beyond any
@@ -397,7 +422,7 @@ def _list_table(addrs, numels, device):
 
 # ---- entry points ----------------------------------------------------------------------------
 def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
-                          weight_decay, nesterov, maximize, first_step) -> None:
+                          weight_decay, nesterov, maximize, first_step, lr_tensor=None) -> None:
     """Flat step over the spans listed in segments ([k, 2] int64 CPU: offset, numel, increasing
     and disjoint) of three contiguous 1-D buffers; one launch per non-empty segment."""
     vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
@@ -418,6 +443,7 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
                             else repr(segments)))
     b = momentum_buffer if need_buf else None
     _check_triple("", param, grad, b, [])
+    _check_lr_tensor(lr_tensor, param.device)
     named = [(param, "param"), (grad, "grad")] + ([(b, "momentum_buffer")] if need_buf else [])
     _check_no_overlap(named)
     total = param.numel()
@@ -434,11 +460,11 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
         for off, cnt in spans:
             _launch(param[off:off + cnt], grad[off:off + cnt],
                     b[off:off + cnt] if need_buf else None, cnt, sc, vals, nesterov, maximize,
-                    first_step)
+                    first_step, lr_tensor)
 
 
 def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, dampening,
-                          weight_decay, nesterov, maximize, first_step) -> None:
+                          weight_decay, nesterov, maximize, first_step, lr_tensor=None) -> None:
     """Per-tensor step over lists of dense tensors (one dtype, one device; each triple with
     equal shapes and strides; momentum_buffers empty/None when momentum == 0). ONE launch of the
     list kernel for all non-empty tensors (split only past CUDA's grid limit, _MAX_PROGRAMS),
@@ -465,6 +491,7 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
             named.append((b, f"momentum_buffers[{i}]"))
     if not params:
         return
+    _check_lr_tensor(lr_tensor, params[0].device)
     _check_no_overlap(named)
     # Dense with equal strides: p, g and buf hold their elements in the same memory order, from
     # data_ptr() (the lowest address: strides are never negative) over numel elements, so
@@ -479,10 +506,12 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
         return
     dtype, device = params[0].dtype, params[0].device
     sc = _scalars(vals, dtype)
-    flags = _flags(dtype, vals, nesterov, maximize, first_step)
+    flags = _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor)
     tl_dtype = _TL_DTYPE[dtype]
     with _device_guard(device):
         rows, blocks, n_programs = _list_table(addrs, numels, device)
         for first in range(0, n_programs, _MAX_PROGRAMS):
             count = min(_MAX_PROGRAMS, n_programs - first)
-            _sgd_list_kernel[(count,)](rows, blocks[2 * first:], *sc, DTYPE=tl_dtype, **flags)
+            _sgd_list_kernel[(count,)](rows, blocks[2 * first:],
+                                       rows if lr_tensor is None else lr_tensor, *sc,
+                                       DTYPE=tl_dtype, **flags)

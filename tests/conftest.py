@@ -13,6 +13,7 @@ Typical use:
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -253,3 +254,20 @@ def _restore_global_state():
         torch.set_num_threads(threads)
         pytest.fail("a test changed torch's thread count without restoring it")
 
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Tensor.item, __bool__, __float__ and tolist raise inside: a Python-side host read (a sync
+    on a GPU) shows as an AssertionError."""
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "tolist",
+                                                            "__float__")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host during the step")
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)

@@ -75,11 +75,24 @@ PLANTS = {
         r"MISMATCH"),
     # the scalar tail runs one element past the span
     "tail_past_end": (
-        "  for (int64_t i = head + packs * kN + tid; i < n; i += nthreads) "
-        "update_one(p, b, g, i, s, flags);",
-        "  for (int64_t i = head + packs * kN + tid; i <= n; i += nthreads) "
-        "update_one(p, b, g, i, s, flags);",
+        "  for (int64_t i = head + packs * kN + tid; i < n; i += nthreads) {",
+        "  for (int64_t i = head + packs * kN + tid; i <= n; i += nthreads) {",
         r"AddressSanitizer: heap-buffer-overflow|canary"),
+    # GradScaler's found_inf is not read: an overflowed step updates the parameters
+    "amp_found_inf_ignored": (
+        "  return AmpStep{a.found_inf != nullptr && *a.found_inf != 0.f,",
+        "  return AmpStep{false,",
+        r"amp .*found_inf=1"),
+    # an fp32 lr in device memory is not read: the host's scalar (garbage in the test) is used
+    "device_lr_ignored": (
+        "  if (lr.f32 != nullptr) s.neg_lr = static_cast<O>(-static_cast<double>(*lr.f32));",
+        "",
+        r"amp .*lr=device fp32"),
+    # the unscaled gradient is not written back (the scalar path)
+    "amp_grad_not_written": (
+        "    g[i] = St::store(gi);",
+        "",
+        r"amp .*gradient"),
     # the head is computed wrong: the 16-byte packs start at a misaligned address
     "head_misaligned": (
         "  const int64_t head = static_cast<int64_t>((16 - mis) % 16 / sizeof(T));",

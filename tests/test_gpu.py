@@ -4,6 +4,7 @@ asserted (a silent fallback to torch's own ops fails). They skip where no GPU is
 backend is not built (this machine, CI), except under MOMENTUM_CUDA_REQUIRE_GPU=1, which the GPU
 check (tools/gpu_check.py) sets: there a skip would hide a broken build, so it fails instead.
 The kernels themselves run here too, through the host emulation of tests/test_cuda_host.py."""
+import copy
 import itertools
 import os
 
@@ -137,3 +138,102 @@ def test_opcheck_on_gpu(backend, dtype, kind):
                      for _ in range(3))
     result = torch.library.opcheck(op, args, h)
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradscaler_in_the_cuda_kernel(dtype, flat):
+    """GradScaler hands the CUDA backend grad_scale and found_inf (_step_supports_amp_scaling):
+    the kernel unscales in the step's pass and skips overflowed steps on the device. Bitwise
+    against GradScaler + torch.optim.SGD(foreach=False), gradients included, with overflows on
+    step 1 and twice in a row, and a scale that is not a power of two."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=31)
+    h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
+    opt = momentum_cuda.SGD(ours, backend="cuda", flat=flat, **h)
+    topt = torch.optim.SGD(ref, foreach=False, **h)
+    assert opt._step_supports_amp_scaling
+    scalers = [torch.amp.GradScaler("cuda", init_scale=1000.0, growth_interval=2)
+               for _ in range(2)]
+    g = torch.Generator(device="cpu").manual_seed(32)
+    bits = {2: torch.int16, 4: torch.int32}
+    for step in range(8):
+        grads = [torch.randn(p.shape, generator=g).to(dtype).cuda() for p in ours]
+        for params, o, s in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            loss = sum((p.float() * gr.float()).sum() for p, gr in zip(params, grads))
+            if step in (0, 3, 4):
+                loss = loss * float("inf")
+            o.zero_grad()
+            s.scale(loss).backward()
+            s.step(o)
+            s.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            b = bits[p.element_size()]
+            assert torch.equal(p.detach().view(b), q.detach().view(b)), f"step {step + 1} p{i}"
+            assert torch.equal(p.grad.view(b), q.grad.view(b)), f"step {step + 1} grad {i}"
+            assert ("momentum_buffer" in opt.state[p]) == ("momentum_buffer" in topt.state[q])
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_cuda_graph_training_iteration(flat):
+    """A whole training iteration (forward, backward, GradScaler step, zero_grad) captured in a
+    CUDA graph and replayed 20 times, with the lr a device tensor changed between replays by a
+    scheduler, gives the bits of the same iterations run eagerly with torch.optim.SGD
+    (foreach=False) and GradScaler's own path. The step reads the lr and GradScaler's tensors on
+    the device: nothing in it syncs, so it can be captured."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    torch.manual_seed(41)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
+                                torch.nn.Linear(97, 5)).cuda()
+    twin = copy.deepcopy(model)
+    lr, tlr = (torch.tensor(0.05, device="cuda") for _ in range(2))
+    h = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2)
+    opt = momentum_cuda.SGD(model.parameters(), lr=lr, backend="cuda", flat=flat, **h)
+    topt = torch.optim.SGD(twin.parameters(), lr=tlr, foreach=False, **h)
+    decay = lambda k: 0.97 ** k  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    tsched = torch.optim.lr_scheduler.LambdaLR(topt, decay)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    tscaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    static_x = torch.zeros(8, 32, device="cuda")
+    gen = torch.Generator(device="cpu").manual_seed(42)
+    xs = [torch.randn(8, 32, generator=gen).cuda() for _ in range(23)]
+
+    def iteration():
+        opt.zero_grad(set_to_none=False)
+        loss = model(static_x).square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def twin_iteration(x):
+        topt.zero_grad(set_to_none=False)
+        tscaler.scale(twin(x).square().mean()).backward()
+        tscaler.step(topt)
+        tscaler.update()
+        tsched.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: buffers and flat layout exist before capture
+        for k in range(3):
+            static_x.copy_(xs[k])
+            iteration()
+            sched.step()
+            twin_iteration(xs[k])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        iteration()
+    for k in range(3, 23):
+        static_x.copy_(xs[k])
+        graph.replay()
+        sched.step()
+        twin_iteration(xs[k])
+        torch.cuda.synchronize()
+        for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+            assert torch.equal(p, q), f"replay {k - 2}: parameter {i} differs"
+        assert scaler.get_scale() == tscaler.get_scale()

@@ -59,8 +59,10 @@ def test_schemas_mark_exactly_what_the_kernels_write():
         written[name] = [a.name for a in schema.arguments
                          if a.alias_info is not None and a.alias_info.is_write]
         assert not schema.returns, f"{name} returns {schema.returns}"
-    assert written == {"sgd_step_flat_": ["param", "momentum_buffer"],
-                       "sgd_step_list_": ["params", "momentum_buffers"],
+    # the gradients are written when GradScaler's grad_scale is given (unscaled in place);
+    # the Triton ops do not take it yet
+    assert written == {"sgd_step_flat_": ["param", "grad", "momentum_buffer"],
+                       "sgd_step_list_": ["params", "grads", "momentum_buffers"],
                        "triton_sgd_step_flat_": ["param", "momentum_buffer"],
                        "triton_sgd_step_list_": ["params", "momentum_buffers"]}
     for name in ("sgd_step_flat_", "sgd_step_list_"):
@@ -76,6 +78,17 @@ def test_opcheck_cpu(op, dtype, hyper):
     fn = OPS.sgd_step_flat_ if op == "flat" else OPS.sgd_step_list_
     result = torch.library.opcheck(fn.default, args, kwargs)
     assert set(result.values()) <= {"SUCCESS"}, result  # every test ran and passed
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0], ids=["finite", "overflow"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", ["flat", "list"])
+def test_opcheck_cpu_with_gradscaler_tensors(op, dtype, found):
+    args, kwargs = (_flat_args if op == "flat" else _list_args)(dtype, HYPERS[2])
+    kwargs = dict(kwargs, grad_scale=torch.tensor(1000.0), found_inf=torch.tensor(found))
+    fn = OPS.sgd_step_flat_ if op == "flat" else OPS.sgd_step_list_
+    result = torch.library.opcheck(fn.default, args, kwargs)
+    assert set(result.values()) <= {"SUCCESS"}, result
 
 
 def test_opcheck_catches_a_schema_that_hides_a_write():
@@ -101,9 +114,14 @@ def test_opcheck_catches_a_schema_that_hides_a_write():
         lib._destroy()
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
 @pytest.mark.parametrize("op", ["flat", "list"])
-def test_versions_bumped_for_written_tensors_only(op):
+def test_versions_bumped_for_written_tensors_only(op, scaled):
+    """Parameters and buffers go up once; gradients only when grad_scale is given (they are
+    unscaled in place then, as GradScaler.unscale_ does; else torch's for-loop leaves them)."""
     args, kwargs = (_flat_args if op == "flat" else _list_args)(torch.float32, HYPERS[1])
+    if scaled:
+        kwargs = dict(kwargs, grad_scale=torch.tensor(1024.0))
     fn = OPS.sgd_step_flat_ if op == "flat" else OPS.sgd_step_list_
     flat = lambda a: [t for x in a for t in (x if isinstance(x, list) else [x])]  # noqa: E731
     p, g, b = (flat([a]) for a in args[:3])
@@ -111,7 +129,7 @@ def test_versions_bumped_for_written_tensors_only(op):
     fn(*args, **kwargs)
     after = [t._version for t in p + g + b]
     n = len(p)
-    assert [a - x for a, x in zip(after, before)] == [1] * n + [0] * n + [1] * n
+    assert [a - x for a, x in zip(after, before)] == [1] * n + [int(scaled)] * n + [1] * n
     with pytest.raises(RuntimeError, match="lr must be a finite number"):
         fn(*args, **dict(kwargs, lr=float("inf")))
     assert [t._version for t in p + g + b] == after, "a refused call bumped a version"

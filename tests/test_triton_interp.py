@@ -578,11 +578,12 @@ def _flat_with_kind(tk, kind):
                 continue
             sl = slice(off, off + cnt)
             tk._sgd_flat_kernel[(tk.triton.cdiv(cnt, tk.BLOCK_SIZE),)](
-                p[sl], g[sl], b[sl] if b is not None else p[sl], cnt, *sc,
+                p[sl], g[sl], b[sl] if b is not None else p[sl], cnt, p[sl], *sc,
                 MAXIMIZE=kw["maximize"], WEIGHT_DECAY=kw["weight_decay"] != 0,
                 MOMENTUM=kw["momentum"] != 0, NESTEROV=kw["nesterov"],
                 FIRST_STEP=kw["first_step"], KIND=kind, OPMATH=tk.tl.float32,
-                BLOCK=tk.BLOCK_SIZE, num_warps=tk.NUM_WARPS, enable_fp_fusion=False)
+                LR_TENSOR=False, BLOCK=tk.BLOCK_SIZE, num_warps=tk.NUM_WARPS,
+                enable_fp_fusion=False)
     return fn
 
 
@@ -686,6 +687,30 @@ def check_triton_ops_opcheck(tk):
     ops.triton_sgd_step_list_(q1, gs, c1, **h)
     tk.triton_sgd_step_list_(q2, gs, c2, **h)
     assert _same(q1 + c1, q2 + c2), "list op != entry point"
+
+
+def check_lr_tensor_read_by_the_kernels(tk):
+    """lr_tensor (fp32 and fp64, 1 element) is read by both kernels in place of lr (set to
+    garbage here): the bits of the float lr it holds, every dtype; a bad one is refused."""
+    gen = torch.Generator().manual_seed(6)
+    h = dict(momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True, maximize=False,
+             first_step=False)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        p, g, b = (torch.randn(1030, generator=gen).to(dtype) for _ in range(3))
+        for lr_t in (torch.tensor(0.0123), torch.tensor(0.0123, dtype=torch.float64)):
+            for kind in ("flat", "list"):
+                outs = []
+                for args in (dict(lr=lr_t.item()), dict(lr=123.0, lr_tensor=lr_t)):
+                    q, c = p.clone(), b.clone()
+                    if kind == "flat":
+                        tk.triton_sgd_step_flat_(q, g, c, torch.tensor([[0, 1030]]), **h, **args)
+                    else:
+                        tk.triton_sgd_step_list_([q], [g], [c], **h, **args)
+                    outs.append([q, c])
+                assert _same(outs[0], outs[1]), f"{dtype} {kind} lr_tensor {lr_t.dtype}"
+    _raises(lambda: tk.triton_sgd_step_list_([p], [g], [b], **h, lr=0.1,
+                                             lr_tensor=torch.ones(2)),
+            ValueError, "lr_tensor must be a 1-element float32 or float64 tensor")
 
 
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]

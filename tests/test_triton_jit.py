@@ -104,7 +104,7 @@ def _expected(entry):
     flags = dict(MAXIMIZE=kw["maximize"], WEIGHT_DECAY=float(kw["weight_decay"]) != 0,
                  MOMENTUM=m != 0, NESTEROV=kw["nesterov"], FIRST_STEP=kw["first_step"],
                  KIND=KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
-                 BLOCK=1024)
+                 LR_TENSOR=kw.get("lr_tensor") is not None, BLOCK=1024)
     if entry["kind"] == "list":
         flags["DTYPE"] = ELEM[dtype][2]
     scalars = dict(neg_lr=_opmath(-float(kw["lr"]), dtype),

@@ -10,14 +10,31 @@ namespace momentum_cuda {
 struct Span {
   void* param;
   void* buf;
-  const void* grad;
+  void* grad;  ///< written only by a CUDA step that unscales (AmpPtrs::grad_scale)
   int64_t numel;
+};
+
+/// torch.amp.GradScaler's tensors in device memory, read by the CUDA kernels (null: not given).
+/// found_inf != 0 skips the update; grad_scale unscales the gradients in the same pass (written
+/// back, as GradScaler.unscale_ does), also on a skipped step.
+struct AmpPtrs {
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+/// A learning rate in device memory (a 1-element fp32 or fp64 tensor, e.g. a scheduler's),
+/// read by the CUDA kernels in place of StepHyper::lr; at most one pointer is set.
+struct LrPtr {
+  const float* f32;
+  const double* f64;
 };
 
 /// The hyper-parameters as the user gave them (Python doubles) plus the StepFlags set.
 struct StepHyper {
   double lr, momentum, dampening, weight_decay;
   uint32_t flags;
+  AmpPtrs amp;  ///< CUDA only: the CPU path resolves them on the host first (momentum_ops.cpp)
+  LrPtr lr_dev;  ///< CUDA only, as amp
 };
 
 /// kAvx512 uses an AVX-512 (F, BW, VL) clone for bf16/fp16, where the conversions make the loop

@@ -75,7 +75,8 @@ template <class T>
 cudaError_t sgd_step_cuda_flat(const Span& span, const StepHyper& h, cudaStream_t stream) {
   if (span.numel == 0) return cudaSuccess;
   const cuda::FlatArgs<T> a{static_cast<T*>(span.param), static_cast<T*>(span.buf),
-                            static_cast<const T*>(span.grad), span.numel, scalars<T>(h), h.flags};
+                            static_cast<T*>(span.grad), span.numel, scalars<T>(h), h.flags, h.amp,
+                            h.lr_dev};
   FlatOccupancy occ;
   const cudaError_t err = flat_occupancy<T>(&occ);
   if (err != cudaSuccess) return err;
@@ -88,13 +89,12 @@ cudaError_t sgd_step_cuda_flat(const Span& span, const StepHyper& h, cudaStream_
 template <class T>
 cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyper& h,
                                cudaStream_t stream) {
-  std::vector<T*> params(n_spans), bufs(n_spans);
-  std::vector<const T*> grads(n_spans);
+  std::vector<T*> params(n_spans), bufs(n_spans), grads(n_spans);
   std::vector<int64_t> numels(n_spans);
   for (int64_t k = 0; k < n_spans; ++k) {
     params[k] = static_cast<T*>(spans[k].param);
     bufs[k] = static_cast<T*>(spans[k].buf);
-    grads[k] = static_cast<const T*>(spans[k].grad);
+    grads[k] = static_cast<T*>(spans[k].grad);
     numels[k] = spans[k].numel;
   }
   cudaError_t err = cudaSuccess;
@@ -104,8 +104,8 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
   using L = cuda::ListLimits4K;  // older toolkits: the classic 4 KB
 #endif
   cuda::plan_list<T, L>(params.data(), (h.flags & kMomentum) ? bufs.data() : nullptr,
-                        grads.data(), numels.data(), n_spans, scalars<T>(h), h.flags,
-                        [&](const cuda::ListArgs<T, L::kTensors, L::kBlocks>& a, int blocks) {
+                        grads.data(), numels.data(), n_spans, scalars<T>(h), h.flags, h.amp,
+                        h.lr_dev, [&](const cuda::ListArgs<T, L::kTensors, L::kBlocks>& a, int blocks) {
                           if (err != cudaSuccess) return;
                           cuda::sgd_list_kernel<T, L::kTensors, L::kBlocks>
                               <<<blocks, kThreads, 0, stream>>>(a);

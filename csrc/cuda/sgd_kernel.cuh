@@ -1,8 +1,10 @@
 // sgd_kernel.cuh — the CUDA kernels: a flat one and a multi-tensor one.
 //
 // Inputs    : plain structs of pointers and scalars (never ATen types). param and buf are updated
-//             in place, grad is read; all three of a span have the same dtype T and numel and do
-//             not overlap (csrc/momentum_ops.cpp checks before any launch).
+//             in place, grad is read (and written once unscaled, when GradScaler's grad_scale is
+//             given); all three of a span have the same dtype T and numel and do not overlap
+//             (csrc/momentum_ops.cpp checks before any launch). GradScaler's found_inf and
+//             grad_scale are read from device memory by every thread: no host sync.
 // Invariant : every element goes through sgd_math() (sgd_math.h) exactly once, in opmath, with
 //             scalars rounded once on the host. On CUDA torch's add_ computes in opmath with an
 //             opmath alpha (also for bf16/fp16), so there is no CPU-style "tail" arithmetic here.
@@ -18,6 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cpu/momentum_cpu.h"  // AmpPtrs (plain pointers)
 #include "momentum_cuda/sgd_math.h"
 #include "storage_types.h"
 
@@ -53,21 +56,50 @@ template <class T>
 struct FlatArgs {
   T* param;
   T* buf;  ///< null without kMomentum
-  const T* grad;
+  T* grad;
   int64_t numel;
   CudaScalars<T> s;
   uint32_t flags;
+  AmpPtrs amp;
+  LrPtr lr;
 };
+
+/// The scalars with -lr read from device memory when the lr is a tensor there, rounded once to
+/// opmath as the host rounds a Python double (make_scalars).
+template <class T>
+MC_HD CudaScalars<T> device_scalars(CudaScalars<T> s, const LrPtr& lr) {
+  using O = typename Storage<T>::opmath;
+  if (lr.f32 != nullptr) s.neg_lr = static_cast<O>(-static_cast<double>(*lr.f32));
+  if (lr.f64 != nullptr) s.neg_lr = static_cast<O>(-*lr.f64);
+  return s;
+}
+
+/// What a thread reads of GradScaler's tensors before its first element: skip the update
+/// (found_inf != 0), and unscale the gradients by inv (1: not at all).
+struct AmpStep {
+  bool skip;
+  float inv;
+};
+MC_HD AmpStep amp_step(const AmpPtrs& a) {
+  return AmpStep{a.found_inf != nullptr && *a.found_inf != 0.f,
+                 a.grad_scale != nullptr ? amp_inv_scale(*a.grad_scale) : 1.f};
+}
 
 /// Updates element i of a span: the scalar path (head, tail, unaligned spans).
 template <class T>
-MC_HD void update_one(T* p, T* b, const T* g, int64_t i, const CudaScalars<T>& s,
-                      uint32_t flags) {
+MC_HD void update_one(T* p, T* b, T* g, int64_t i, const CudaScalars<T>& s, uint32_t flags,
+                      const AmpStep& amp) {
   using St = Storage<T>;
   using O = typename St::opmath;
+  O gi = St::load(g[i]);
+  if (amp.inv != 1.f) {
+    gi = amp_unscale(gi, amp.inv, typename St::Round{});
+    g[i] = St::store(gi);
+  }
+  if (amp.skip) return;
   O pi = St::load(p[i]);
   O bi = ((flags & kMomentum) && !(flags & kFirstStep)) ? St::load(b[i]) : O(0);
-  sgd_math(pi, bi, St::load(g[i]), s, flags, typename St::Round{});
+  sgd_math(pi, bi, gi, s, flags, typename St::Round{});
   p[i] = St::store(pi);
   if (flags & kMomentum) b[i] = St::store(bi);
 }
@@ -81,13 +113,21 @@ struct alignas(16) Pack {
 
 /// Updates the kN elements at i (16-byte aligned in p, b and g) with 128-bit loads and stores.
 template <class T>
-MC_HD void update_pack(T* p, T* b, const T* g, int64_t i, const CudaScalars<T>& s,
-                       uint32_t flags) {
+MC_HD void update_pack(T* p, T* b, T* g, int64_t i, const CudaScalars<T>& s, uint32_t flags,
+                       const AmpStep& amp) {
   using St = Storage<T>;
   using O = typename St::opmath;
   constexpr int kN = Pack<T>::kN;
+  Pack<T> gg = *reinterpret_cast<const Pack<T>*>(g + i);
+  if (amp.inv != 1.f) {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      gg.v[j] = St::store(amp_unscale(St::load(gg.v[j]), amp.inv, typename St::Round{}));
+    }
+    *reinterpret_cast<Pack<T>*>(g + i) = gg;
+  }
+  if (amp.skip) return;
   Pack<T> pp = *reinterpret_cast<const Pack<T>*>(p + i);
-  const Pack<T> gg = *reinterpret_cast<const Pack<T>*>(g + i);
   Pack<T> bb;
   const bool read_buf = (flags & kMomentum) && !(flags & kFirstStep);
   if (read_buf) bb = *reinterpret_cast<const Pack<T>*>(b + i);
@@ -118,18 +158,23 @@ MC_HD int64_t aligned_head(const T* p, const T* b, const T* g, uint32_t flags, i
 /// The grid-stride walk over elements [0, n) of one span, by `nthreads` workers of which this
 /// is `tid`: scalar head, 16-byte packs, scalar tail. Shared by both kernels.
 template <class T>
-MC_HD void update_span(T* p, T* b, const T* g, int64_t n, const CudaScalars<T>& s,
-                       uint32_t flags, int64_t tid, int64_t nthreads) {
+MC_HD void update_span(T* p, T* b, T* g, int64_t n, const CudaScalars<T>& s, uint32_t flags,
+                       const AmpStep& amp, int64_t tid, int64_t nthreads) {
   constexpr int kN = Pack<T>::kN;
+  if (amp.skip && amp.inv == 1.f) return;  // nothing to write
   const int64_t head = aligned_head(p, b, g, flags, n);
   if (head < 0) {
-    for (int64_t i = tid; i < n; i += nthreads) update_one(p, b, g, i, s, flags);
+    for (int64_t i = tid; i < n; i += nthreads) update_one(p, b, g, i, s, flags, amp);
     return;
   }
-  for (int64_t i = tid; i < head; i += nthreads) update_one(p, b, g, i, s, flags);
+  for (int64_t i = tid; i < head; i += nthreads) update_one(p, b, g, i, s, flags, amp);
   const int64_t packs = (n - head) / kN;
-  for (int64_t k = tid; k < packs; k += nthreads) update_pack(p, b, g, head + k * kN, s, flags);
-  for (int64_t i = head + packs * kN + tid; i < n; i += nthreads) update_one(p, b, g, i, s, flags);
+  for (int64_t k = tid; k < packs; k += nthreads) {
+    update_pack(p, b, g, head + k * kN, s, flags, amp);
+  }
+  for (int64_t i = head + packs * kN + tid; i < n; i += nthreads) {
+    update_one(p, b, g, i, s, flags, amp);
+  }
 }
 
 /// Threads a block of either kernel.
@@ -153,7 +198,8 @@ template <class T>
 __global__ void sgd_flat_kernel(FlatArgs<T> a) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  update_span(a.param, a.buf, a.grad, a.numel, a.s, a.flags, tid, nthreads);
+  update_span(a.param, a.buf, a.grad, a.numel, device_scalars<T>(a.s, a.lr), a.flags,
+              amp_step(a.amp), tid, nthreads);
 }
 
 /// Multi-tensor metadata passed by value as the kernel's argument: up to kTensors spans, and for
@@ -163,12 +209,14 @@ template <class T, int kTensors, int kBlocks>
 struct ListArgs {
   T* param[kTensors];
   T* buf[kTensors];
-  const T* grad[kTensors];
+  T* grad[kTensors];
   int64_t numel[kTensors];
   uint16_t block_tensor[kBlocks];
   int32_t block_chunk[kBlocks];
   CudaScalars<T> s;
   uint32_t flags;
+  AmpPtrs amp;
+  LrPtr lr;
 };
 
 constexpr int64_t kChunk = 65536;  ///< elements per block and launch, as torch's multi_tensor_apply
@@ -187,20 +235,24 @@ __global__ void sgd_list_kernel(ListArgs<T, kTensors, kBlocks> a) {
   const int64_t left = a.numel[t] - start;
   const int64_t n = left < kChunk ? left : kChunk;
   T* b = a.buf[t] == nullptr ? nullptr : a.buf[t] + start;
-  update_span(a.param[t] + start, b, a.grad[t] + start, n, a.s, a.flags,
-              static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
+  update_span(a.param[t] + start, b, a.grad[t] + start, n, device_scalars<T>(a.s, a.lr), a.flags,
+              amp_step(a.amp), static_cast<int64_t>(threadIdx.x),
+              static_cast<int64_t>(blockDim.x));
 }
 
 /// Packs spans into ListArgs and calls launch(args, blocks) for each full batch: the planning
 /// half of a multi-tensor step, shared by the CUDA launcher and the host emulation. Empty spans
 /// are skipped; a span longer than one batch is split over several launches.
 template <class T, class Limits, class Launch>
-void plan_list(T* const* params, T* const* bufs, const T* const* grads, const int64_t* numels,
-               int64_t n_spans, const CudaScalars<T>& s, uint32_t flags, Launch&& launch) {
+void plan_list(T* const* params, T* const* bufs, T* const* grads, const int64_t* numels,
+               int64_t n_spans, const CudaScalars<T>& s, uint32_t flags, const AmpPtrs& amp,
+               const LrPtr& lr, Launch&& launch) {
   using Args = ListArgs<T, Limits::kTensors, Limits::kBlocks>;
   Args a{};
   a.s = s;
   a.flags = flags;
+  a.amp = amp;
+  a.lr = lr;
   int tensors = 0, blocks = 0;
   for (int64_t k = 0; k < n_spans; ++k) {
     if (numels[k] == 0) continue;

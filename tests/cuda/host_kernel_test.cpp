@@ -13,7 +13,10 @@
 // (equal and different misalignments), several grids and thread orders, all 20 valid flag sets,
 // several steps, every dtype; the multi-tensor kernel through plan_list with ListLimits4K,
 // ListLimits32K and tiny limits (many launches, spans split over launches). Memory around every
-// span is filled with canaries and checked after each step. The launcher's own grid
+// span is filled with canaries and checked after each step. GradScaler in the kernel (amp_suite):
+// grad_scale given or not (powers of two, 1000, 3, 1), found_inf 0 and 1, flat and list kernels,
+// the unscaled gradients compared too; lr as a host scalar or read from device memory (LrPtr,
+// fp32 and fp64). The launcher's own grid
 // (cuda::flat_grid) is checked by flat_grid_test.cpp.
 //
 // Build: g++ <csrc/build_flags.json's "cxx"> -O1 -I csrc/cuda -I csrc -I csrc/include
@@ -365,7 +368,9 @@ void run_flat(const FlatCase& c) {
   for (int s = 0; s < c.steps && bad == 0; ++s) {
     const uint32_t flags = s == 0 ? c.flags : (c.flags & ~uint32_t{kFirstStep});
     if (s > 0) d.new_grad(rng);
-    const cuda::FlatArgs<T> a{d.p.data(), d.buf_ptr(), d.g.data(), c.n, launcher_scalars<T>(h), flags};
+    const cuda::FlatArgs<T> a{d.p.data(), d.buf_ptr(), d.g.data(), c.n,
+                              launcher_scalars<T>(h), flags, AmpPtrs{nullptr, nullptr},
+                              LrPtr{nullptr, nullptr}};
     host_shim::host_launch(cuda::sgd_flat_kernel<T>, grid, block, c.order, c.seed + s, a);
     d.ref(h, flags);
     char what[256];
@@ -505,8 +510,7 @@ void run_list(const ListCase& c, const char* limits_name) {
   const Hyper& h = kHypers[c.hyper];
   uint64_t bad = 0;
   int launches = 0, splits = 0;
-  std::vector<T*> params, bufs;
-  std::vector<const T*> grads;
+  std::vector<T*> params, bufs, grads;
   std::vector<int64_t> numels;
   for (auto& s : spans) {
     params.push_back(s->p.data());
@@ -525,7 +529,7 @@ void run_list(const ListCase& c, const char* limits_name) {
     cuda::plan_list<T, Limits>(
         params.data(), momentum ? bufs.data() : nullptr, grads.data(), numels.data(),
         static_cast<int64_t>(spans.size()), launcher_scalars<T>(h), flags,
-        [&](const Args& a, int blocks) {
+        AmpPtrs{nullptr, nullptr}, LrPtr{nullptr, nullptr}, [&](const Args& a, int blocks) {
           ++launches;
           if (blocks > 0 && a.block_chunk[0] > 0) ++splits;  // entry 0 continues a span
           if (blocks < 1 || blocks > Limits::kBlocks) plan_error = "blocks out of range";
@@ -607,6 +611,92 @@ void list_suite(uint64_t seed) {
 
 }  // namespace
 
+// ---- GradScaler in the kernel (AmpPtrs) --------------------------------------------------------
+// Reference, written from torch's two steps: GradScaler.unscale_ (inv = float(1 / double(scale));
+// g = r(O(g) * O(inv)) unless inv == 1, written back) and, unless found_inf != 0, the step above
+// with that g. A skipped step still leaves the unscaled gradient, as unscale_ does.
+template <class T>
+void amp_suite() {
+  using R = Ref<T>;
+  using O = typename R::O;
+  const float scales[] = {65536.f, 1000.f, 3.0f, 1.f, 0.0078125f};
+  const float founds[] = {0.f, 1.f};
+  const int64_t sizes[] = {1, 97, 1030};
+  uint64_t seed = 9001;
+  for (float scale : scales) {
+    for (float found : founds) {
+      for (int use_scale = 0; use_scale < 2; ++use_scale) {
+        for (int64_t n : sizes) {
+          for (int list = 0; list < 2; ++list) {
+            // lr: 0 as a host scalar; 1 an fp32 and 2 an fp64 value in device memory (LrPtr),
+            // with the host scalar set to garbage so that only the pointer can give the bits
+            const int lr_mode = static_cast<int>(seed % 3);
+            const uint32_t flags = kMomentum | kWeightDecay | (seed % 2 ? kNesterov : 0u);
+            Rng rng(++seed);
+            SpanData<T> d(n, static_cast<int>(seed % 3), static_cast<int>(seed % 3),
+                          static_cast<int>(seed % 3), false, rng);
+            Hyper h = kHypers[0];
+            const float lr32 = static_cast<float>(h.lr);
+            const double lr64 = h.lr;
+            if (lr_mode == 1) h.lr = static_cast<double>(lr32);  // what an fp32 tensor holds
+            Hyper launch_h = h;
+            if (lr_mode != 0) launch_h.lr = 123.0;
+            const LrPtr lr{lr_mode == 1 ? &lr32 : nullptr, lr_mode == 2 ? &lr64 : nullptr};
+            std::vector<T> rg(d.g.data(), d.g.data() + n);
+            const float inv = use_scale ? static_cast<float>(1.0 / static_cast<double>(scale)) : 1.f;
+            for (int64_t i = 0; i < n; ++i) {
+              const size_t k = static_cast<size_t>(i);
+              if (inv != 1.f) rg[k] = R::narrow(R::widen(rg[k]) * static_cast<O>(inv));
+              if (found == 0.f) ref_step(d.rp[k], d.rb[k], rg[k], h, flags);
+            }
+            const AmpPtrs amp{use_scale ? &scale : nullptr, &found};
+            if (list) {
+              T* ps[] = {d.p.data()};
+              T* bs[] = {d.b.data()};
+              T* gs[] = {d.g.data()};
+              const int64_t ns[] = {n};
+              using L = cuda::ListLimits4K;
+              cuda::plan_list<T, L>(ps, bs, gs, ns, 1, launcher_scalars<T>(launch_h), flags, amp,
+                                    lr,
+                                    [&](const cuda::ListArgs<T, L::kTensors, L::kBlocks>& a,
+                                        int blocks) {
+                                      host_shim::host_launch(
+                                          cuda::sgd_list_kernel<T, L::kTensors, L::kBlocks>,
+                                          dim3(static_cast<unsigned>(blocks)), dim3(64),
+                                          Order::kReverse, seed, a);
+                                    });
+            } else {
+              const cuda::FlatArgs<T> a{d.p.data(), d.b.data(), d.g.data(), n,
+                                        launcher_scalars<T>(launch_h), flags, amp, lr};
+              host_shim::host_launch(cuda::sgd_flat_kernel<T>, dim3(3), dim3(64),
+                                     Order::kForward, seed, a);
+            }
+            char what[200];
+            std::snprintf(what, sizeof what, "amp %s %s n=%lld scale=%g%s found_inf=%g lr=%s",
+                          R::name(), list ? "list" : "flat", static_cast<long long>(n),
+                          static_cast<double>(scale), use_scale ? "" : " (not given)",
+                          static_cast<double>(found),
+                          lr_mode == 0 ? "host" : lr_mode == 1 ? "device fp32" : "device fp64");
+            uint64_t bad = d.check(what);
+            for (int64_t i = 0; i < n && bad == 0; ++i) {
+              if (!same_bits(d.g[i], rg[static_cast<size_t>(i)])) {
+                report(std::string(what) + ": gradient " + std::to_string(i) + " WRONG");
+                ++bad;
+              }
+            }
+            if (bad) {
+              ++g_failed_cases;
+              g_mismatches += bad;
+              if (g_fail_fast) throw FailFast{};
+            }
+            ++g_cases;
+          }
+        }
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // keep what was printed if a sanitizer aborts
 #ifdef HKT_PLANTED_BUG
@@ -657,6 +747,18 @@ int main(int argc, char** argv) {
 #endif
 #if HKT_DTYPES & 8
     timed("list fp16", [] { list_suite<fp16_t>(400); });
+#endif
+#if HKT_DTYPES & 1
+    timed("amp fp32", [] { amp_suite<float>(); });
+#endif
+#if HKT_DTYPES & 2
+    timed("amp fp64", [] { amp_suite<double>(); });
+#endif
+#if HKT_DTYPES & 4
+    timed("amp bf16", [] { amp_suite<bf16_t>(); });
+#endif
+#if HKT_DTYPES & 8
+    timed("amp fp16", [] { amp_suite<fp16_t>(); });
 #endif
   } catch (const FailFast&) {
     std::printf("stopped at the first failing case (--fail-fast)\n");

@@ -164,6 +164,19 @@ MC_HD void sgd_math(V& p, V& buf, V g, const StepScalars<S>& s, uint32_t flags, 
   p = add(p, g, s.neg_lr, round);
 }
 
+/// torch.amp.GradScaler's unscale of one gradient element (torch's
+/// _amp_foreach_non_finite_check_and_unscale_ with inv = float(1 / double(scale))): g * inv in
+/// opmath, narrowed by `round` to the gradient's dtype. The caller skips it when inv == 1, as
+/// torch returns g itself then.
+template <class V, class Round>
+MC_HD V amp_unscale(V g, float inv, Round round) {
+  return round(mc_mul(g, static_cast<V>(inv)));
+}
+
+/// inv of GradScaler's unscale_ for a scale: the double reciprocal rounded once to fp32
+/// (torch: scale.double().reciprocal().float()).
+MC_HD float amp_inv_scale(float scale) { return static_cast<float>(1.0 / static_cast<double>(scale)); }
+
 // ---- storage <-> opmath ------------------------------------------------------------------
 MC_HD uint32_t mc_float_bits(float f) {
 #if defined(__CUDA_ARCH__)

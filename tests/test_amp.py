@@ -1,0 +1,172 @@
+"""torch.amp.GradScaler in the step (_step_supports_amp_scaling): GradScaler hands the optimizer
+grad_scale and found_inf, and the ops unscale the gradients in place and skip an overflowed
+step themselves. Compared bitwise, every step, with the same GradScaler driving
+torch.optim.SGD(foreach=False) (or MomentumReference), which takes GradScaler's own path
+(unscale_, a host sync on found_inf, no step): parameters, gradients (bit patterns: they hold
+NaN and inf after an overflow), momentum buffers and their presence, and the scale. Overflows
+on step 1 (the state must stay "never stepped"), several in a row, a scale that is not a power
+of two (so unscaling by multiplication is exercised bit for bit), bf16 autocast. Steps after
+the buffers exist read no tensor on the host in Python (conftest.no_host_reads); on the CPU
+the C++ op reads GradScaler's tensors from host memory, on CUDA the kernels read them on the
+device (tests/cuda/host_kernel_test.cpp, amp_suite)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import momentum_cuda
+from momentum_cuda.reference import MomentumReference
+from conftest import no_host_reads
+
+STEPS = 9
+OVERFLOW_DEFAULT = (0, 3, 4)  # step 1, and two in a row
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(7, 97), torch.nn.Tanh(), torch.nn.Linear(97, 3))
+    return m, copy.deepcopy(m)
+
+
+def _pair(kind, ours, ref, flat):
+    if kind == "sgd":
+        h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
+        return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h),
+                torch.optim.SGD(ref.parameters(), foreach=False, **h))
+    if kind == "nesterov":
+        h = dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)
+        return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h),
+                torch.optim.SGD(ref.parameters(), foreach=False, **h))
+    h = dict(lr=0.05, momentum=0.8, weight_decay=1e-3)
+    return (momentum_cuda.Momentum(ours.parameters(), flat=flat, **h),
+            MomentumReference(ref.parameters(), **h))
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _same(ours, ref, opt, topt, what):
+    for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
+        assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: parameter {i}"
+        assert (p.grad is None) == (q.grad is None), f"{what}: gradient presence {i}"
+        if p.grad is not None:
+            assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
+        tb = topt.state[q].get("momentum_buffer") if q in topt.state else None
+        ob = opt.state[p].get("momentum_buffer") if p in opt.state else None
+        assert (ob is None) == (tb is None), f"{what}: buffer presence {i}"
+        if tb is not None:
+            assert torch.equal(_bits(ob), _bits(tb)), f"{what}: momentum buffer {i}"
+
+
+def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast=None,
+           check_no_reads=True):
+    ours, ref = _model(seed=21)
+    opt, topt = _pair(kind, ours, ref, flat)
+    assert opt._step_supports_amp_scaling and not getattr(topt, "_step_supports_amp_scaling",
+                                                          False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2)
+               for _ in range(2)]
+    gen = torch.Generator().manual_seed(22)
+    for k in range(STEPS):
+        x = torch.randn(5, 7, generator=gen)
+        for model, o, scaler in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            o.zero_grad()
+            ctx = (torch.autocast("cpu", dtype=autocast) if autocast is not None
+                   else contextlib.nullcontext())
+            with ctx:
+                loss = model(x).float().square().mean()
+            if k in overflow:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            steady = o is opt and check_no_reads and any(
+                "momentum_buffer" in st for st in opt.state.values())
+            with no_host_reads() if steady else contextlib.nullcontext():
+                scaler.step(o)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale(), f"step {k + 1}: scale"
+        _same(ours, ref, opt, topt, f"step {k + 1}{' (overflow)' if k in overflow else ''}")
+    return opt
+
+
+@pytest.mark.parametrize("kind", ["sgd", "nesterov", "momentum"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_gradscaler_bitwise(kind, flat):
+    opt = _train(kind, flat)
+    want = "flat" if flat else "per-tensor"
+    assert [e["path"] for e in opt.last_step] == [want]
+
+
+@pytest.mark.parametrize("init_scale", [2.0 ** 16, 3.0])
+def test_gradscaler_scales(init_scale):
+    _train("sgd", True, init_scale=init_scale, overflow=(1, 2))
+
+
+def test_gradscaler_bf16_autocast():
+    _train("sgd", True, autocast=torch.bfloat16)
+
+
+def test_gradscaler_every_step_overflows_leaves_no_state():
+    opt = _train("sgd", True, overflow=tuple(range(STEPS)))
+    assert not any("momentum_buffer" in st for st in opt.state.values())
+
+
+def test_planted_skip_ignored_is_caught(monkeypatch):
+    """Control: an optimizer that drops found_inf (steps through overflows) fails the
+    comparison, so the passes above mean something."""
+    real = momentum_cuda.SGD._amp
+
+    def drop_found_inf(self):
+        amp = real(self)
+        return None if amp is None else (amp[0], None)
+    monkeypatch.setattr(momentum_cuda.SGD, "_amp", drop_found_inf)
+    with pytest.raises(AssertionError, match="overflow"):
+        _train("sgd", True, overflow=(5,))
+
+
+def test_unscaled_gradient_of_another_layout_is_written_back():
+    """A gradient in another memory layout than its parameter (fp32) is copied for the kernel;
+    the unscaled values must still land in the gradient itself."""
+    gen = torch.Generator().manual_seed(23)
+    w0 = torch.randn(6, 5, generator=gen)
+    g0 = torch.randn(5, 6, generator=gen).t()  # transposed: other strides than w
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt = momentum_cuda.SGD([ours], lr=0.1, momentum=0.9, flat=False)
+    topt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0) for _ in range(2)]
+    for s in scalers:
+        s.scale(torch.ones(()))  # GradScaler makes its scale tensor here
+    for step in range(3):
+        for p, o, s in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            p.grad = (g0 * 1000.0).clone().t().contiguous().t()
+            s.step(o)
+            s.update()
+        assert torch.equal(ours.grad, ref.grad) and torch.equal(ours, ref), f"step {step + 1}"
+
+
+@pytest.mark.parametrize("bad,frag", [
+    (lambda: torch.ones(2), "grad_scale must be a 1-element float32 tensor on cpu"),
+    (lambda: torch.ones((), dtype=torch.float64), "got Double"),
+    (lambda: torch.ones((), device="meta"), "grad_scale"),
+])
+def test_op_rejects_bad_amp_tensors(bad, frag):
+    gen = torch.Generator().manual_seed(24)
+    p, g, b = (torch.randn(9, generator=gen) for _ in range(3))
+    before = [t.clone() for t in (p, g, b)]
+    with pytest.raises(RuntimeError, match=frag):
+        torch.ops.momentum_cuda.sgd_step_list_(
+            [p], [g], [b], lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+            nesterov=False, maximize=False, first_step=False, grad_scale=bad())
+    assert all(torch.equal(t, u) for t, u in zip((p, g, b), before))
+
+
+def test_triton_backend_does_not_claim_amp_scaling():
+    if not momentum_cuda.available_backends()["triton"][0]:
+        pytest.skip("triton not installed")
+    p = torch.nn.Parameter(torch.randn(3, device="meta"))
+    opt = momentum_cuda.SGD([p], lr=0.1)
+    opt._backend_by_device[torch.device("cuda", 0)] = "triton"
+    assert not opt._step_supports_amp_scaling
