@@ -26,6 +26,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
@@ -449,6 +450,78 @@ void step_list_other_(at::TensorList params, at::TensorList grads,
                 StepTensors{grad_scale, found_inf, lr_tensor});
 }
 
+/// For the optimizer's per-tensor planning (optim._plan), one call for all of a group's loose
+/// (param, grad, buffer or None) triples: whether the kernels take each as it is. True only
+/// where optim._check_loose returns None without raising (the same conditions, written again
+/// here in C++ because they run for every parameter at every step); false sends the triple to
+/// _check_loose, which names the problem or picks torch's own ops.
+std::vector<bool> kernel_ready(const std::vector<at::Tensor>& params,
+                               const std::vector<at::Tensor>& grads,
+                               const std::vector<std::optional<at::Tensor>>& bufs) {
+  TORCH_CHECK(grads.size() == params.size() && bufs.size() == params.size(),
+              "kernel_ready: params, grads and bufs must have one entry each, got ",
+              params.size(), ", ", grads.size(), " and ", bufs.size());
+  std::vector<bool> ready(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const at::Tensor* b = bufs[i].has_value() && bufs[i]->defined() ? &*bufs[i] : nullptr;
+    const auto st = p.scalar_type();
+    const bool narrow = st == at::kBFloat16 || st == at::kHalf;
+    const auto like = [&](const at::Tensor& t) {
+      return t.layout() == at::kStrided && t.sizes() == p.sizes() && t.device() == p.device() &&
+             t.scalar_type() == st;
+    };
+    ready[i] = p.layout() == at::kStrided && !p.device().is_meta() &&
+               (st == at::kFloat || st == at::kDouble || narrow) &&
+               (p.is_contiguous() || p.is_non_overlapping_and_dense()) && like(g) &&
+               (!narrow || g.strides() == p.strides()) &&
+               (b == nullptr || (like(*b) && b->strides() == p.strides()));
+  }
+  return ready;
+}
+
+/// The flat path's per-step check of one bucket (optim._whole_bucket_run) in one call: every
+/// parameter still at its address, with its flat gradient view as .grad, the view still at its
+/// address. It keeps the Python objects, as the bucket does, and reads each one's current tensor
+/// at every check: holding the tensors themselves would raise their use count, which
+/// torch.utils.swap_tensors refuses, and would miss a swap. The bucket makes a new one when a
+/// view is replaced.
+class BucketCheck {
+ public:
+  BucketCheck(std::vector<pybind11::object> params, std::vector<pybind11::object> views,
+              std::vector<int64_t> ptrs, std::vector<int64_t> gptrs)
+      : params_(std::move(params)), views_(std::move(views)), ptrs_(std::move(ptrs)),
+        gptrs_(std::move(gptrs)) {
+    TORCH_CHECK(views_.size() == params_.size() && ptrs_.size() == params_.size() &&
+                    gptrs_.size() == params_.size(),
+                "BucketCheck: one view, address and gradient address per parameter");
+    for (const auto* list : {&params_, &views_}) {
+      for (const auto& o : *list) {
+        TORCH_CHECK(THPVariable_Check(o.ptr()), "BucketCheck takes tensors");
+      }
+    }
+  }
+  bool intact() const {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
+      const at::Tensor& g = p.grad();
+      // One TensorImpl has one Python object: the same impl is `p.grad is view`.
+      if (!g.defined() ||
+          g.unsafeGetTensorImpl() != THPVariable_Unpack(views_[i].ptr()).unsafeGetTensorImpl() ||
+          reinterpret_cast<int64_t>(p.data_ptr()) != ptrs_[i] ||
+          reinterpret_cast<int64_t>(g.data_ptr()) != gptrs_[i]) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+ private:
+  std::vector<pybind11::object> params_, views_;
+  std::vector<int64_t> ptrs_, gptrs_;
+};
+
 std::string isa_name(CpuIsa isa) {
   return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "default";
 }
@@ -520,6 +593,17 @@ PYBIND11_MODULE(_C, m) {
       },
       "Forces the CPU kernel's instruction set (for tests); returns the previous one.",
       py::arg("isa"));
+  py::class_<mc::BucketCheck>(m, "BucketCheck",
+                              "The flat path's per-step check of one bucket (optim._Bucket).")
+      .def(py::init<std::vector<py::object>, std::vector<py::object>, std::vector<int64_t>,
+                    std::vector<int64_t>>(),
+           py::arg("params"), py::arg("grad_views"), py::arg("ptrs"), py::arg("gptrs"))
+      .def("intact", &mc::BucketCheck::intact,
+           "Every parameter at its address, its .grad the flat view, the view at its address.");
+  m.def("kernel_ready", &mc::kernel_ready,
+        "For the optimizer's per-tensor planning: whether the kernels take each (param, grad, "
+        "buffer or None) as it is (else optim._check_loose decides).",
+        py::arg("params"), py::arg("grads"), py::arg("bufs"));
 #ifdef MOMENTUM_CUDA_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else

@@ -69,7 +69,7 @@ try:
 except ImportError:  # torch built without distributed: nothing is a DTensor
     _DTensor = ()
 
-from ._backends import resolve_backend
+from ._backends import _C, resolve_backend
 from ._ops import step_ops
 from ._util import is_dense as _dense
 from .reference import momentum_reference_step
@@ -136,6 +136,7 @@ def _grad_hook(bucket_ref, i):
             # someone set .grad.data (e.g. Module._apply): that tensor is theirs now
             view = b.grad_views[i] = b.new_grad_view(i)
             b.neg_zero[i] = False
+            b.check = None
         if not b.neg_zero[i]:
             view.fill_(-0.0)
         b.neg_zero[i] = False
@@ -386,6 +387,7 @@ class _Bucket:
     # (no hooks, no -0.0 fill); grad_views are the gradient tensors seen when laid out.
     lent: bool = False
     whole: torch.Tensor | None = None  # the segments of a whole-bucket run, adjacent ones merged
+    check: object | None = None  # _C.BucketCheck over params, grad_views, ptrs, gptrs
     spans: list | None = None  # span_views()
 
     def run_segments(self, i0: int, i1: int) -> torch.Tensor:
@@ -1119,10 +1121,20 @@ class _FusedMomentum(Optimizer):
         # (param, grad, buffer, why torch's ops step it or None, the DTensor param whose
         # local shards param, grad and buffer are, or None)
         checked = []
-        for p, g in loose:
+        bufs = [self._buffer(p) if use_buf else None for p, _ in loose]
+        plain = [k for k, (p, _) in enumerate(loose) if not isinstance(p, _DTensor)]
+        ready = [False] * len(loose)
+        if plain:  # the common case checked in C++, in one call (else _check_loose decides)
+            for k, r in zip(plain, _C.kernel_ready([loose[k][0] for k in plain],
+                                                   [loose[k][1] for k in plain],
+                                                   [bufs[k] for k in plain])):
+                ready[k] = r
+        for (p, g), buf, fast in zip(loose, bufs, ready):
+            if fast:
+                checked.append((p, g, buf, "alias" if alias else None, None))
+                continue
             if p.device.type == "meta" and self._requested_backend is not None:
                 self._backend_for(p.device)  # raises: see _check_backends
-            buf = self._buffer(p) if use_buf else None
             if isinstance(p, _DTensor):
                 if not _same_shards(p, g, buf):
                     # torch's ops redistribute (or refuse) as torch.optim.SGD's would
@@ -1157,12 +1169,10 @@ class _FusedMomentum(Optimizer):
         """The common case, checked in bulk: every parameter of the bucket is intact, has its
         flat gradient, and all buffers are flat views (or none exists yet). Returns its one
         run, or None to let the per-parameter classification decide."""
-        grads = [p.grad for p in b.params]
-        if not all(map(operator.is_, grads, b.grad_views)):
-            return None  # some parameter has no gradient, or another tensor: one by one
-        if [p.data_ptr() for p in b.params] != b.ptrs or [
-                g.data_ptr() for g in grads] != b.gptrs:
-            return None
+        if b.check is None:
+            b.check = _C.BucketCheck(b.params, b.grad_views, b.ptrs, b.gptrs)
+        if not b.check.intact():
+            return None  # a parameter moved, has no gradient or another one: one by one
         first = new = False
         if use_buf:
             sget = self.state.get  # inlined _buffer(): this runs for every parameter, every step
