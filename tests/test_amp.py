@@ -170,3 +170,26 @@ def test_triton_backend_does_not_claim_amp_scaling():
     opt = momentum_cuda.SGD([p], lr=0.1)
     opt._backend_by_device[torch.device("cuda", 0)] = "triton"
     assert not opt._step_supports_amp_scaling
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_gradscaler_unscale_clip_step(flat):
+    """scaler.unscale_(opt); clip_grad_norm_(...); scaler.step(opt): GradScaler has unscaled
+    already and hands over found_inf alone (grad_scale None); overflowed steps are skipped."""
+    ours, ref = _model(seed=25)
+    opt, topt = _pair("sgd", ours, ref, flat)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
+               for _ in range(2)]
+    gen = torch.Generator().manual_seed(26)
+    for k in range(STEPS):
+        x = torch.randn(5, 7, generator=gen)
+        for model, o, scaler in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            o.zero_grad()
+            loss = model(x).square().mean() * (float("inf") if k in (0, 4) else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
+            scaler.step(o)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale(), f"step {k + 1}: scale"
+        _same(ours, ref, opt, topt, f"step {k + 1}")
