@@ -916,22 +916,27 @@ class _FusedMomentum(Optimizer):
         found_inf read (a host sync). Returns whether the step is skipped."""
         grad_scale, found_inf = amp
         if grad_scale is not None:
-            inv = grad_scale.double().reciprocal().float()
-            by: dict = {}
-            for group in self.param_groups:
-                for p in group["params"]:
-                    g = p.grad
-                    if g is None:
-                        continue
-                    if g.is_sparse:  # as GradScaler._unscale_grads_
-                        if g.dtype is torch.float16:
-                            p.grad = g = g.coalesce()
-                        g = g._values()
-                    by.setdefault((g.device, g.dtype), []).append(g)
-            for (device, _), gs in by.items():
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    gs, torch.zeros((), device=device), inv.to(device))
+            with torch.no_grad():
+                self._unscale_all(grad_scale)
         return found_inf is not None and bool(found_inf.item())
+
+    def _unscale_all(self, grad_scale) -> None:
+        """Every gradient unscaled in place as GradScaler._unscale_grads_ does it."""
+        inv = grad_scale.double().reciprocal().float()
+        by: dict = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:  # as GradScaler._unscale_grads_
+                    if g.dtype is torch.float16:
+                        p.grad = g = g.coalesce()
+                    g = g._values()
+                by.setdefault((g.device, g.dtype), []).append(g)
+        for (device, _), gs in by.items():
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                gs, torch.zeros((), device=device), inv.to(device))
 
     @staticmethod
     def _kernel_args(h, amp, device) -> dict:
