@@ -190,8 +190,9 @@ void kernel_step(std::vector<T>& p, std::vector<T>& b, const std::vector<T>& g, 
                  const mc::StepHyper& h) {
   std::vector<mc::Span> spans;
   for (size_t k = 0; k < L.off.size(); ++k) {
+    // Span::grad is writable for the CUDA kernels' unscale; the CPU kernel only reads it.
     spans.push_back(mc::Span{p.data() + L.off[k], (h.flags & kMom) ? b.data() + L.off[k] : nullptr,
-                             g.data() + L.off[k], L.n[k]});
+                             const_cast<T*>(g.data()) + L.off[k], L.n[k]});
   }
   mc::sgd_step_cpu<T>(spans.data(), static_cast<int64_t>(spans.size()), h);
 }
