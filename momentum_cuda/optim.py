@@ -48,6 +48,13 @@ under grad mode, as torch runs it; such an optimizer has no flat layout).
 
 copy.deepcopy, pickle and torch.save of an optimizer give one with its own flat buffers over
 the copied parameters (__setstate__ rebuilds the layout); it steps on with the same bits.
+
+The kernels are dispatcher ops (momentum_cuda/_ops.py). While torch.compile traces step(), none
+of the address bookkeeping above runs (_step_traced): one list op per (device, dtype) over the
+tensors wherever they live. A 1-element fp32/fp64 tensor lr is read by the kernels on its
+device. GradScaler hands the step its grad_scale and found_inf (_step_supports_amp_scaling):
+the kernels unscale and skip on the device; a step that would create momentum buffers reads
+found_inf on the host first, so that an overflow-skipped first step leaves no state.
 """
 from __future__ import annotations
 
