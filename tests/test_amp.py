@@ -175,8 +175,12 @@ def test_triton_backend_does_not_claim_amp_scaling():
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 def test_gradscaler_unscale_clip_step(flat):
     """scaler.unscale_(opt); clip_grad_norm_(...); scaler.step(opt): GradScaler has unscaled
-    already and hands over found_inf alone (grad_scale None); overflowed steps are skipped."""
+    already and hands over found_inf alone (grad_scale None); overflowed steps are skipped. The
+    model has a parameter no step uses: its gradient stays None and it never gets a buffer."""
     ours, ref = _model(seed=25)
+    unused = torch.randn(3, 2, generator=torch.Generator().manual_seed(27))
+    for m in (ours, ref):  # a parameter of the model that forward never reads
+        m.register_parameter("unused", torch.nn.Parameter(unused.clone()))
     opt, topt = _pair("sgd", ours, ref, flat)
     scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
                for _ in range(2)]
