@@ -8,9 +8,10 @@
 //   sgd_step_list_  lists of separate dense tensors of one device and dtype. One kernel call.
 // Both update param(s) and momentum buffer(s) in place and read the gradients; given
 // torch.amp.GradScaler's grad_scale and found_inf (tensors), they unscale the gradients in place
-// and skip the update when found_inf != 0, without a host sync on CUDA. Every implementation validates ALL of its tensors and scalars before it touches
-// any memory, so a bad call raises a clear error (naming the argument and the value) and changes
-// nothing. The kernels behind it (csrc/cpu/, csrc/cuda/) take plain pointers and scalars only.
+// and skip the update when found_inf != 0, and given clip_coef they multiply the gradients by it
+// (optim.clip_grad_norm_), without a host sync on CUDA. Every implementation validates ALL of
+// its tensors and scalars before it touches any memory, so a bad call raises a clear error
+// (naming the argument and the value) and changes nothing. The kernels behind it (csrc/cpu/, csrc/cuda/) take plain pointers and scalars only.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -177,49 +178,66 @@ void check_no_cross_overlap(at::TensorList params, at::TensorList grads,
 /// The step's tensor arguments besides the lists: torch.amp.GradScaler's, as GradScaler.step
 /// hands them to an optimizer that sets _step_supports_amp_scaling (found_inf != 0 skips the
 /// update; grad_scale unscales the gradients first, written back, also on a skipped step, as
-/// GradScaler.unscale_ does), and a learning rate held in a tensor (read in place of `lr`, on
-/// the device by the CUDA kernels: no host sync).
+/// GradScaler.unscale_ does), a clip coefficient (optim.clip_grad_norm_'s: the gradients,
+/// unscaled, are multiplied by it and written back, as torch's g.mul_(coef) leaves them) and a
+/// learning rate held in a tensor (read in place of `lr`, on the device by the CUDA kernels: no
+/// host sync).
 struct StepTensors {
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
   const std::optional<at::Tensor>& lr_tensor;
-  bool any() const { return given(grad_scale) || given(found_inf); }
+  const std::optional<at::Tensor>& clip_coef;
+  /// Whether the gradients are touched before the update (or the update may be skipped).
+  bool any() const { return given(grad_scale) || given(found_inf) || given(clip_coef); }
   static bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 };
 const std::optional<at::Tensor> kNone;
-const StepTensors kNoTensors{kNone, kNone, kNone};
+const StepTensors kNoTensors{kNone, kNone, kNone, kNone};
 
 /// Each is a 1-element tensor on the parameters' device: float32 (GradScaler's), float32 or
-/// float64 (lr_tensor).
-void check_tensors(const StepTensors& st, const at::Device& device) {
+/// float64 (lr_tensor), of the parameters' dtype (clip_coef).
+void check_tensors(const StepTensors& st, const at::Device& device, at::ScalarType dtype) {
   for (const auto& [t, n] : {std::pair{&st.grad_scale, "grad_scale"},
                              std::pair{&st.found_inf, "found_inf"},
-                             std::pair{&st.lr_tensor, "lr_tensor"}}) {
+                             std::pair{&st.lr_tensor, "lr_tensor"},
+                             std::pair{&st.clip_coef, "clip_coef"}}) {
     if (!StepTensors::given(*t)) continue;
     const at::Tensor& x = **t;
-    const bool lr = t == &st.lr_tensor;
-    const bool dtype_ok = x.scalar_type() == at::kFloat || (lr && x.scalar_type() == at::kDouble);
+    const bool lr = t == &st.lr_tensor, clip = t == &st.clip_coef;
+    const bool dtype_ok = clip ? x.scalar_type() == dtype
+                               : x.scalar_type() == at::kFloat ||
+                                     (lr && x.scalar_type() == at::kDouble);
+    const std::string want = clip ? std::string(c10::toString(dtype)) + " (the parameters' dtype)"
+                             : lr ? "float32 or float64"
+                                  : "float32";
     TORCH_CHECK(x.layout() == at::kStrided && x.numel() == 1 && dtype_ok && x.device() == device,
-                n, " must be a 1-element ", lr ? "float32 or float64" : "float32", " tensor on ",
-                device, " (the parameters' device), got ", describe(x));
+                n, " must be a 1-element ", want, " tensor on ", device,
+                " (the parameters' device), got ", describe(x));
   }
 }
 
-/// The CPU step's GradScaler work, done on the host before the kernel (its tensors are host
-/// memory): unscales the spans' gradients with torch's own op (so its bits by construction) and
-/// says whether found_inf skips the update.
+/// The CPU step's GradScaler and clip work, done on the host before the kernel (its tensors are
+/// host memory): unscales the spans' gradients and multiplies them by the clip coefficient with
+/// torch's own ops (so their bits by construction), and says whether found_inf skips the update.
 bool amp_on_host(const StepTensors& st, const std::vector<Span>& spans, const at::Tensor& like) {
-  if (StepTensors::given(st.grad_scale)) {
-    const float inv = amp_inv_scale(st.grad_scale->item<float>());
+  const float inv = StepTensors::given(st.grad_scale)
+                        ? amp_inv_scale(st.grad_scale->item<float>())
+                        : 1.f;
+  const bool clip = StepTensors::given(st.clip_coef);
+  if (inv != 1.f || clip) {
+    std::vector<at::Tensor> views;
+    views.reserve(spans.size());
+    for (const auto& sp : spans) {
+      views.push_back(at::from_blob(sp.grad, {sp.numel}, like.options()));
+    }
     if (inv != 1.f) {
-      std::vector<at::Tensor> views;
-      views.reserve(spans.size());
-      for (const auto& sp : spans) {
-        views.push_back(at::from_blob(sp.grad, {sp.numel}, like.options()));
-      }
       at::Tensor found = at::zeros({}, like.options().dtype(at::kFloat));
       at::_amp_foreach_non_finite_check_and_unscale_(views, found,
                                                      at::full({}, inv, found.options()));
+    }
+    if (clip) {
+      const at::Tensor coef = st.clip_coef->reshape({});
+      for (auto& v : views) v.mul_(coef);
     }
   }
   return StepTensors::given(st.found_inf) && st.found_inf->item<float>() != 0.f;
@@ -256,7 +274,7 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
   }
   if (params.empty()) return;
   check_no_cross_overlap(params, grads, need_buf ? &bufs : nullptr, segments.defined());
-  check_tensors(st, *device);
+  check_tensors(st, *device, *dtype);
 
   // Each tensor is one span; a flat step (segments given) makes one span per segment.
   std::vector<Span> spans;
@@ -274,8 +292,7 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
     spans.reserve(params.size());
     for (size_t i = 0; i < params.size(); ++i) add_span(i, 0, params[i].numel());
   }
-  StepHyper hyper{lr, momentum, dampening, weight_decay, flags, AmpPtrs{nullptr, nullptr},
-                  LrPtr{nullptr, nullptr}};
+  StepHyper hyper{lr, momentum, dampening, weight_decay, flags, AmpPtrs{}, LrPtr{}};
   const bool lr_given = StepTensors::given(st.lr_tensor);
   if (device_type == c10::DeviceType::CPU) {
     if (lr_given) hyper.lr = st.lr_tensor->item<double>();  // host memory: no sync
@@ -285,7 +302,8 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
     const auto ptr = [](const std::optional<at::Tensor>& t) {
       return StepTensors::given(t) ? t->data_ptr<float>() : nullptr;
     };
-    hyper.amp = AmpPtrs{ptr(st.grad_scale), ptr(st.found_inf)};
+    hyper.amp = AmpPtrs{ptr(st.grad_scale), ptr(st.found_inf),
+                        StepTensors::given(st.clip_coef) ? st.clip_coef->data_ptr() : nullptr};
     if (lr_given) {
       const bool f64 = st.lr_tensor->scalar_type() == at::kDouble;
       hyper.lr_dev = LrPtr{f64 ? nullptr : st.lr_tensor->data_ptr<float>(),
@@ -359,9 +377,10 @@ void step_flat_(const at::Tensor& param, const at::Tensor& grad,
                 double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                 bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& lr_tensor) {
+                const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& clip_coef) {
   sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
-                nesterov, maximize, first_step, D, StepTensors{grad_scale, found_inf, lr_tensor});
+                nesterov, maximize, first_step, D, StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
 }
 
 template <c10::DeviceType D>
@@ -369,23 +388,27 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                 bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& lr_tensor) {
+                const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& clip_coef) {
   sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
                 maximize, first_step, D, /*single=*/false, at::Tensor(),
-                StepTensors{grad_scale, found_inf, lr_tensor});
+                StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
 }
 
 /// What ATen's in-place ops do at the ADInplaceOrView key: once the kernel has run (not if it
 /// raised), the version counter of every tensor it wrote goes up, so that autograd refuses a
 /// tensor saved for backward and then stepped. The gradients are written only when grad_scale
-/// is given (as GradScaler.unscale_ writes them); otherwise they keep their versions, as
-/// torch.optim.SGD(foreach=False) leaves them.
+/// or clip_coef is given (as GradScaler.unscale_ and clip_grad_norm_ write them); otherwise they
+/// keep their versions, as torch.optim.SGD(foreach=False) leaves them.
 void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                   torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t first = stack->size() - args.size();
-  const auto scale = op.schema().argumentIndexWithName("grad_scale");
-  const bool grads_written = scale.has_value() && (*stack)[first + *scale].isTensor();
+  const auto given = [&](const char* name) {
+    const auto i = op.schema().argumentIndexWithName(name);
+    return i.has_value() && (*stack)[first + *i].isTensor();
+  };
+  const bool grads_written = given("grad_scale") || given("clip_coef");
   std::vector<c10::IValue> written;
   for (size_t i = 0; i < args.size(); ++i) {
     const bool grad = args[i].name() == "grad" || args[i].name() == "grads";
@@ -432,10 +455,11 @@ void step_flat_other_(const at::Tensor& param, const at::Tensor& grad,
                       double weight_decay, bool nesterov, bool maximize, bool first_step,
                       const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& lr_tensor) {
+                      const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& clip_coef) {
   const auto type = device_of({param, grad});
   sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
-                nesterov, maximize, first_step, type, StepTensors{grad_scale, found_inf, lr_tensor});
+                nesterov, maximize, first_step, type, StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
 }
 
 void step_list_other_(at::TensorList params, at::TensorList grads,
@@ -443,11 +467,12 @@ void step_list_other_(at::TensorList params, at::TensorList grads,
                       double dampening, double weight_decay, bool nesterov, bool maximize,
                       bool first_step, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& lr_tensor) {
+                      const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& clip_coef) {
   const auto type = device_of({params, grads, momentum_buffers});
   sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
                 maximize, first_step, type, /*single=*/false, at::Tensor(),
-                StepTensors{grad_scale, found_inf, lr_tensor});
+                StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
 }
 
 /// For the optimizer's per-tensor planning (optim._plan), one call for all of a group's loose
@@ -522,6 +547,56 @@ class BucketCheck {
   std::vector<int64_t> ptrs_, gptrs_;
 };
 
+/// optim.clip_grad_norm_'s record of the gradients it measured, checked by the step that applies
+/// the clip: each parameter's .grad then must still be the tensor measured (or None, if it was),
+/// not written since (its version counter), and the optimizer must hold the same parameters in
+/// the same order. It holds weak references to the gradients (whose memory then cannot be reused
+/// by another tensor while it lives: an address compares identity) and keeps none alive.
+class GradWatch {
+ public:
+  explicit GradWatch(std::vector<pybind11::object> params) : params_(std::move(params)) {
+    grads_.reserve(params_.size());
+    versions_.reserve(params_.size());
+    for (const auto& o : params_) {
+      TORCH_CHECK(THPVariable_Check(o.ptr()), "GradWatch takes tensors");
+      const at::Tensor& g = THPVariable_Unpack(o.ptr()).grad();
+      if (g.defined()) {
+        grads_.emplace_back(std::in_place, g.getIntrusivePtr());
+      } else {
+        grads_.emplace_back(std::nullopt);
+      }
+      versions_.push_back(g.defined() ? static_cast<int64_t>(g._version()) : -1);
+    }
+  }
+  /// -1 if every parameter of `groups` (lists of parameters, in order) is the one measured there
+  /// and holds its measured gradient unwritten (or none, as then); else the first position that
+  /// does not (params().size() if the groups hold more parameters).
+  int64_t changed(const std::vector<std::vector<pybind11::object>>& groups) const {
+    size_t i = 0;
+    for (const auto& group : groups) {
+      for (const auto& o : group) {
+        if (i == params_.size() || o.ptr() != params_[i].ptr()) return static_cast<int64_t>(i);
+        const at::Tensor& g = THPVariable_Unpack(o.ptr()).grad();
+        const auto& w = grads_[i];
+        const bool same = w.has_value()
+                              ? g.defined() && w->_unsafe_get_target() == g.unsafeGetTensorImpl() &&
+                                    static_cast<int64_t>(g._version()) == versions_[i]
+                              : !g.defined();
+        if (!same) return static_cast<int64_t>(i);
+        ++i;
+      }
+    }
+    return i == params_.size() ? -1 : static_cast<int64_t>(i);
+  }
+  const std::vector<pybind11::object>& params() const { return params_; }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  std::vector<pybind11::object> params_;
+  std::vector<std::optional<Weak>> grads_;
+  std::vector<int64_t> versions_;
+};
+
 std::string isa_name(CpuIsa isa) {
   return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "default";
 }
@@ -530,18 +605,19 @@ std::string isa_name(CpuIsa isa) {
 }  // namespace momentum_cuda
 
 // Schemas: (a!)/(b!)/(c!) mark what each op may write. Gradients are written only when
-// grad_scale is given (unscaled in place, as GradScaler.unscale_ does); segments are read.
+// grad_scale or clip_coef is given (unscaled and clipped in place, as GradScaler.unscale_ and
+// clip_grad_norm_ leave them); segments are read.
 TORCH_LIBRARY(momentum_cuda, m) {
   m.def(
       "sgd_step_flat_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!)? momentum_buffer, "
       "Tensor segments, float lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool first_step, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
+      "Tensor? found_inf=None, Tensor? lr_tensor=None, Tensor? clip_coef=None) -> ()");
   m.def(
       "sgd_step_list_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? lr_tensor=None) -> ()");
+      "Tensor? lr_tensor=None, Tensor? clip_coef=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {
@@ -600,6 +676,13 @@ PYBIND11_MODULE(_C, m) {
            py::arg("params"), py::arg("grad_views"), py::arg("ptrs"), py::arg("gptrs"))
       .def("intact", &mc::BucketCheck::intact,
            "Every parameter at its address, its .grad the flat view, the view at its address.");
+  py::class_<mc::GradWatch>(m, "GradWatch",
+                            "optim.clip_grad_norm_'s record of the gradients it measured.")
+      .def(py::init<std::vector<py::object>>(), py::arg("params"))
+      .def("changed", &mc::GradWatch::changed, py::arg("groups"),
+           "-1 if the groups hold the measured parameters, each with its measured gradient "
+           "unwritten (or none); else the first position that differs.")
+      .def_property_readonly("params", &mc::GradWatch::params);
   m.def("kernel_ready", &mc::kernel_ready,
         "For the optimizer's per-tensor planning: whether the kernels take each (param, grad, "
         "buffer or None) as it is (else optim._check_loose decides).",

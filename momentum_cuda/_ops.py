@@ -7,13 +7,14 @@
         CUDA implementation there; importing momentum_cuda._C registers them.
     triton_sgd_step_flat_, triton_sgd_step_list_
         The same schemas for the Triton kernels (torch.library.custom_op, below), less
-        GradScaler's two tensors, which the Triton kernels do not read yet (an optimizer on
-        that backend does not claim _step_supports_amp_scaling): the kernels read a pointer
-        table, which inductor cannot trace into, so the op is opaque to it.
+        GradScaler's two tensors and the clip coefficient, which the Triton kernels do not read
+        yet (an optimizer on that backend does not claim _step_supports_amp_scaling, and
+        multiplies a pending clip into the gradients with torch's op): the kernels read a
+        pointer table, which inductor cannot trace into, so the op is opaque to it.
 
 Each op writes param(s) and momentum buffer(s) in place, reads the gradients (and, given
-GradScaler's grad_scale, writes them back unscaled; found_inf != 0 skips the update) and returns
-nothing; lr_tensor (a 1-element fp32/fp64 tensor on the parameters' device) is read in place of
+GradScaler's grad_scale or a clip coefficient, writes them back unscaled and clipped;
+found_inf != 0 skips the update) and returns nothing; lr_tensor (a 1-element fp32/fp64 tensor on the parameters' device) is read in place of
 lr, on the device (no host sync); its fake kernel (for FakeTensor, torch.compile and opcheck) has
 nothing to compute and checks only that the tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend.
 """
@@ -43,23 +44,23 @@ def _one_device(named) -> None:
 
 def _flat_fake(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
                nesterov, maximize, first_step, grad_scale=None, found_inf=None,
-               lr_tensor=None) -> None:
+               lr_tensor=None, clip_coef=None) -> None:
     _one_device([(param, "param"), (grad, "grad"), (momentum_buffer, "momentum_buffer"),
                  (grad_scale, "grad_scale"), (found_inf, "found_inf"),
-                 (lr_tensor, "lr_tensor")])
+                 (lr_tensor, "lr_tensor"), (clip_coef, "clip_coef")])
     if segments.device.type != "cpu":
         raise RuntimeError(f"segments must be a CPU tensor, got one on {segments.device}")
 
 
 def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
                nesterov, maximize, first_step, grad_scale=None, found_inf=None,
-               lr_tensor=None) -> None:
+               lr_tensor=None, clip_coef=None) -> None:
     named = [(t, f"{name}[{i}]") for ts, name in ((params, "params"), (grads, "grads"),
                                                   (momentum_buffers, "momentum_buffers"))
              for i, t in enumerate(ts)]
     if named:
         _one_device(named + [(grad_scale, "grad_scale"), (found_inf, "found_inf"),
-                             (lr_tensor, "lr_tensor")])
+                             (lr_tensor, "lr_tensor"), (clip_coef, "clip_coef")])
 
 
 if _C is not None:

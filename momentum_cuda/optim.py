@@ -486,6 +486,46 @@ class _LastStep:
         self.entries: list[dict] = []
 
 
+class _Clip:
+    """A clip_grad_norm_ not yet applied: torch's total norm and clip coefficient over the
+    gradients measured (watch: _C.GradWatch), applied by the next step() inside its kernels, or
+    with torch's own clip_grads_with_norm_ where they cannot take it."""
+
+    def __init__(self, params, max_norm: float, total_norm, foreach):
+        self.params = params  # in param_groups order
+        self.watch = _C.GradWatch(params)
+        self.max_norm = max_norm
+        self.total_norm = total_norm
+        self.foreach = foreach
+        # torch's _clip_grads_with_norm_ computes the same two ops (tested bitwise)
+        self.coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        dtypes = {p.grad.dtype for p in params if p.grad is not None}
+        # The kernels multiply by the coefficient in the gradients' dtype; torch's mul_ with a
+        # coefficient of another dtype (mixed-dtype gradients) follows its promotion rules, so
+        # that case, and DTensor (FSDP2) gradients, are clipped with torch's op.
+        self.fusable = (dtypes == {self.coef.dtype} and not isinstance(self.coef, _DTensor))
+        self._on: dict = {}
+
+    def coef_on(self, device):
+        """The coefficient on `device` (one copy per device and clip)."""
+        c = self._on.get(device)
+        if c is None:
+            c = self._on[device] = self.coef.to(device, non_blocking=True)
+        return c
+
+    def apply(self) -> None:
+        """torch's own clip of the measured parameters' current gradients."""
+        torch.nn.utils.clip_grads_with_norm_(self.params, self.max_norm, self.total_norm,
+                                             self.foreach)
+
+
+class _Pending:
+    """Holds a pending _Clip (see _LastStep: dynamo drops a setattr on an Optimizer)."""
+
+    def __init__(self):
+        self.clip: _Clip | None = None
+
+
 class _FusedMomentum(Optimizer):
     """Shared machinery of SGD and Momentum: flat layout, backend choice, step, state_dict."""
 
@@ -513,6 +553,7 @@ class _FusedMomentum(Optimizer):
         self._warned_torch_ops: set[str] = set()
         self._backend_by_device: dict[torch.device, str] = {}
         self._last = _LastStep()
+        self._pending = _Pending()
 
     @property
     def last_step(self) -> list[dict]:
@@ -546,7 +587,10 @@ class _FusedMomentum(Optimizer):
 
     # ---- copy, pickle, torch.save ----------------------------------------------------------
     def __getstate__(self) -> dict:
-        """torch's three keys plus what __setstate__ needs to rebuild the layout."""
+        """torch's three keys plus what __setstate__ needs to rebuild the layout. A pending
+        clip_grad_norm_ is applied first (torch's op), so a copy sees the clipped gradients."""
+        if self._pending.clip is not None:
+            self._take_clip().apply()
         state = super().__getstate__()
         state["_requested_backend"] = self._requested_backend
         state["_flat"] = self._flat
@@ -789,7 +833,9 @@ class _FusedMomentum(Optimizer):
         """torch's zero_grad: set_to_none=True (the default) sets every .grad to None (flat
         gradients are refilled with -0.0 in one pass per buffer; backward attaches them again,
         see the module docstring); set_to_none=False zeroes every existing .grad in place (the
-        flat ones in one pass per buffer) and leaves None ones None."""
+        flat ones in one pass per buffer) and leaves None ones None. A pending
+        clip_grad_norm_ is dropped with the gradients it was for."""
+        self._pending.clip = None
         layouts = self._group_layouts()
         if set_to_none:
             for _, lay in layouts:
@@ -858,6 +904,10 @@ class _FusedMomentum(Optimizer):
                 loss = closure()
         amp = self._amp()
         if self._differentiable:
+            if self._pending.clip is not None:
+                self.last_step = []
+                with torch.no_grad():
+                    self._apply_clip(self._take_clip())
             if amp is not None and self._amp_on_host(amp):
                 return loss
             with torch.enable_grad():
@@ -868,23 +918,103 @@ class _FusedMomentum(Optimizer):
                 self._step_traced(amp)
             return loss
         with torch.no_grad():
+            # checked before planning: a relayout replaces .grad objects
+            clip = None if self._pending.clip is None else self._take_clip()
             plans = []
-            for g, lay in self._group_layouts():
-                plan = self._plan(g, lay)
-                if plan is None:  # a parameter can go (back) into the flat layout
-                    lay = self._layout_group(g)
-                    self._adopt_buffers([(g, lay)])
-                    plan = self._plan(g, lay, relayout=False)
-                plans.append(plan)
+            try:
+                for g, lay in self._group_layouts():
+                    plan = self._plan(g, lay)
+                    if plan is None:  # a parameter can go (back) into the flat layout
+                        lay = self._layout_group(g)
+                        self._adopt_buffers([(g, lay)])
+                        plan = self._plan(g, lay, relayout=False)
+                    plans.append(plan)
+            except BaseException:
+                self._pending.clip = clip  # a bad input raised: nothing was stepped
+                raise
+            self.last_step = []
+            if clip is not None and not self._clip_in_kernels(clip, plans, amp):
+                self._apply_clip(clip)
+                clip = None
             if amp is not None and self._amp_needs_host(plans):
                 if self._amp_on_host(amp):
+                    if clip is not None:  # skipped; the gradients are clipped, as torch's
+                        self._apply_clip(clip)
                     return loss
                 amp = None  # unscaled, and no overflow
-            self.last_step = []
             for h, runs, loose in plans:
-                self._step_flat(runs, h, amp)
-                self._step_tensors(loose, h, amp)
+                self._step_flat(runs, h, amp, clip)
+                self._step_tensors(loose, h, amp, clip)
         return loss
+
+    # ---- clip_grad_norm_ ---------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False, foreach: bool | None = None):
+        """torch.nn.utils.clip_grad_norm_ over this optimizer's parameters (in param_groups
+        order), with the clip applied inside the next step()'s kernels: returns the total norm
+        (torch's own ops, so its bits; no host sync unless error_if_nonfinite), and step() then
+        multiplies each gradient by min(max_norm / (total_norm + 1e-6), 1) in its own pass
+        before the update and writes the clipped gradient back, as torch leaves it. Until that
+        step .grad holds the unclipped values.
+
+        The step checks that every gradient is still the one measured, unwritten, and raises
+        (before anything is written) if one was replaced, written to (a further backward,
+        GradScaler.unscale_, torch's own clip) or appeared; zero_grad() drops the clip. What the
+        kernels cannot take (GradScaler's unscale still to come, mixed gradient dtypes, DTensor
+        gradients, the Triton backend, torch's own ops paths, a traced or differentiable step)
+        is clipped first with torch's clip_grads_with_norm_, reported in last_step as path
+        "torch-clip". While torch.compile traces, the clip is applied at once, as torch does."""
+        max_norm = float(max_norm)
+        params = [p for group in self.param_groups for p in group["params"]]
+        if self._pending.clip is not None:  # torch's second clip measures the clipped gradients
+            self._take_clip().apply()
+        grads = [p.grad for p in params if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+        if not grads:
+            return total_norm
+        if torch.compiler.is_compiling():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+            return total_norm
+        self._pending.clip = _Clip(params, max_norm, total_norm, foreach)
+        return total_norm
+
+    def _take_clip(self) -> _Clip:
+        """The pending clip, checked against the gradients now, and no longer pending."""
+        clip = self._pending.clip
+        i = clip.watch.changed([group["params"] for group in self.param_groups])
+        if i >= 0:
+            params = clip.params
+            what = _what(params[i]) + f" (parameter {i} in param_groups order)" \
+                if i < len(params) else f"parameter {i} in param_groups order"
+            raise RuntimeError(
+                f"clip_grad_norm_ measured the gradients, and then the {what} changed before "
+                f"step(): its .grad was replaced, written to (another backward, "
+                f"GradScaler.unscale_, torch's own clip) or appeared, or the parameters of the "
+                f"param groups changed. momentum_cuda applies the clip inside step(), so it "
+                f"cannot clip a gradient that changed since. Call clip_grad_norm_ right before "
+                f"step() (scaler.unscale_(opt) before it under GradScaler), zero_grad() to drop "
+                f"it, or torch.nn.utils.clip_grad_norm_ to clip in place; nothing was written")
+        self._pending.clip = None
+        return clip
+
+    def _apply_clip(self, clip) -> None:
+        """A taken clip applied with torch's op to the current gradients (path "torch-clip")."""
+        clip.apply()
+        grads = [p.grad for p in clip.params if p.grad is not None]
+        for idx in self._by_device_dtype(grads).values():
+            self.last_step.append(self._entry("torch", "torch-clip", grads[idx[0]], len(idx),
+                                              sum(_local(grads[j]).numel() for j in idx)))
+
+    def _clip_in_kernels(self, clip, plans, amp) -> bool:
+        """Whether every gradient of this step goes through kernels that take the clip: none
+        is still scaled (GradScaler unscales before it clips), all of the coefficient's dtype,
+        no Triton backend, nothing on torch's own ops."""
+        if not clip.fusable or (amp is not None and amp[0] is not None):
+            return False
+        if "triton" in self._backend_by_device.values():
+            return False
+        return all(item[3] is None for _, _, loose in plans for item in loose)
 
     # ---- torch.amp.GradScaler -----------------------------------------------------------------
     @property
@@ -946,10 +1076,13 @@ class _FusedMomentum(Optimizer):
                 gs, torch.zeros((), device=device), inv.to(device))
 
     @staticmethod
-    def _kernel_args(h, amp, device) -> dict:
+    def _kernel_args(h, amp, device, clip=None) -> dict:
         """The ops' keyword arguments on `device`: the hyper-parameters, a tensor lr as
-        lr_tensor (read by the kernels there), GradScaler's grad_scale and found_inf."""
+        lr_tensor (read by the kernels there), GradScaler's grad_scale and found_inf, a
+        clip's coefficient."""
         args = dict(h)
+        if clip is not None:
+            args["clip_coef"] = clip.coef_on(device)
         lr = h["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.device == device:
@@ -971,6 +1104,10 @@ class _FusedMomentum(Optimizer):
         checks the rest (overlaps) when the graph runs. New momentum buffers are tensors of
         their own, not flat views: eager steps after compiled ones step those parameters one
         by one (path "per-tensor")."""
+        clip = self._pending.clip
+        if clip is not None:  # torch's op; a compiled step does not check the gradients
+            self._pending.clip = None
+            clip.apply()
         plans = []
         for group in self.param_groups:
             h = self._hyper(group)
@@ -1275,7 +1412,7 @@ class _FusedMomentum(Optimizer):
                 f"sparse gradients) and its gradient is dense: torch.optim.SGD fails there "
                 f"too (add(sparse, dense) is not supported)")
 
-    def _step_flat(self, runs, h, amp=None) -> None:
+    def _step_flat(self, runs, h, amp=None, clip=None) -> None:
         """One kernel call per run of consecutive flat parameters; whole lent buckets (DDP's,
         one per bucket) together in one list call per (backend, device, dtype, first step)."""
         use_buf = h["momentum"] != 0
@@ -1294,7 +1431,7 @@ class _FusedMomentum(Optimizer):
             segs = b.run_segments(i0, i1)
             step_ops(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                    segs, first_step=first,
-                                   **self._kernel_args(h, amp, b.flat_param.device))
+                                   **self._kernel_args(h, amp, b.flat_param.device, clip))
             if first and b.covers_padding:
                 b.reset_buf_padding()
             b.bump(i0, i1)
@@ -1304,7 +1441,7 @@ class _FusedMomentum(Optimizer):
             spans = [x for b in bs for x in b.span_views(use_buf)]
             ps, gs, vs = (list(x) for x in zip(*spans))
             step_ops(backend)[1](ps, gs, vs if use_buf else [], first_step=first,
-                                 **self._kernel_args(h, amp, ps[0].device))
+                                 **self._kernel_args(h, amp, ps[0].device, clip))
             for b in bs:
                 b.bump(0, len(b.params))
             self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
@@ -1319,14 +1456,14 @@ class _FusedMomentum(Optimizer):
             return buf.zero_() if self._ema else buf
         return torch.zeros_like(p) if self._ema else torch.empty_like(p)
 
-    def _step_tensors(self, items, h, amp=None) -> None:
+    def _step_tensors(self, items, h, amp=None, clip=None) -> None:
         """The per-tensor path: one list call per (device, dtype, first step); torch's own
         ops for what the kernels do not model (items: _plan's checked list)."""
         use_buf = h["momentum"] != 0
         calls: dict = {}
         torch_ops = []
         reasons = set()
-        copied = []  # (gradient, its copy in the parameter's layout): unscaled ones go back
+        copied = []  # (gradient, its copy in the parameter's layout): written ones go back
         for p, g, buf, reason, dt in items:
             if reason is not None:
                 torch_ops.append((p, g, buf))
@@ -1349,7 +1486,7 @@ class _FusedMomentum(Optimizer):
         for (device, dtype, first), (ps, gs, bs, owners) in calls.items():
             backend = self._backend_for(device)
             step_ops(backend)[1](ps, gs, bs, first_step=first,  # bumps ps (gs) and bs
-                                 **self._kernel_args(h, amp, device))
+                                 **self._kernel_args(h, amp, device, clip))
             for dt, p, buf in owners:  # new buffers enter the state once the kernel ran
                 if dt is not None:
                     # a DTensor's buffer is a DTensor sharded like it, as torch's clone gives
@@ -1359,7 +1496,7 @@ class _FusedMomentum(Optimizer):
                 elif buf is not None:
                     self._keep_buffer(p, buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
-        if amp is not None and amp[0] is not None:
+        if (amp is not None and amp[0] is not None) or clip is not None:
             for g, copy in copied:
                 g.copy_(copy)
         if torch_ops:

@@ -80,14 +80,19 @@ PLANTS = {
         r"AddressSanitizer: heap-buffer-overflow|canary"),
     # GradScaler's found_inf is not read: an overflowed step updates the parameters
     "amp_found_inf_ignored": (
-        "  return AmpStep{a.found_inf != nullptr && *a.found_inf != 0.f,",
-        "  return AmpStep{false,",
+        "  return {a.found_inf != nullptr && *a.found_inf != 0.f,",
+        "  return {false,",
         r"amp .*found_inf=1"),
     # an fp32 lr in device memory is not read: the host's scalar (garbage in the test) is used
     "device_lr_ignored": (
         "  if (lr.f32 != nullptr) s.neg_lr = static_cast<O>(-static_cast<double>(*lr.f32));",
         "",
         r"amp .*lr=device fp32"),
+    # the clip coefficient is not applied: the unclipped gradient is stepped and written back
+    "clip_ignored": (
+        "  if (amp.clip) g = clip_scale(g, amp.coef, typename St::Round{});",
+        "",
+        r"amp .*clip=[0-9]"),
     # the unscaled gradient is not written back (the scalar path)
     "amp_grad_not_written": (
         "    g[i] = St::store(gi);",

@@ -10,16 +10,19 @@ namespace momentum_cuda {
 struct Span {
   void* param;
   void* buf;
-  void* grad;  ///< written only by a CUDA step that unscales (AmpPtrs::grad_scale)
+  void* grad;  ///< written only by a CUDA step that unscales or clips (AmpPtrs)
   int64_t numel;
 };
 
-/// torch.amp.GradScaler's tensors in device memory, read by the CUDA kernels (null: not given).
-/// found_inf != 0 skips the update; grad_scale unscales the gradients in the same pass (written
-/// back, as GradScaler.unscale_ does), also on a skipped step.
+/// What the CUDA kernels do to a gradient before the update, read from device memory (null: not
+/// given): torch.amp.GradScaler's tensors (grad_scale unscales, found_inf != 0 skips the update)
+/// and a clip coefficient (optim.clip_grad_norm_'s, one element of the gradients' dtype T; the
+/// unscaled gradient is multiplied by it, as torch's g.mul_(coef) after GradScaler.unscale_).
+/// The gradient so computed is written back, also on a skipped step, as torch leaves it.
 struct AmpPtrs {
   const float* grad_scale;
   const float* found_inf;
+  const void* clip_coef;  ///< a const T*
 };
 
 /// A learning rate in device memory (a 1-element fp32 or fp64 tensor, e.g. a scheduler's),

@@ -1,10 +1,11 @@
 // sgd_kernel.cuh — the CUDA kernels: a flat one and a multi-tensor one.
 //
 // Inputs    : plain structs of pointers and scalars (never ATen types). param and buf are updated
-//             in place, grad is read (and written once unscaled, when GradScaler's grad_scale is
-//             given); all three of a span have the same dtype T and numel and do not overlap
+//             in place, grad is read (and written once unscaled and clipped, when GradScaler's
+//             grad_scale or a clip coefficient is given); all three of a span have the same dtype T and numel and do not overlap
 //             (csrc/momentum_ops.cpp checks before any launch). GradScaler's found_inf and
-//             grad_scale are read from device memory by every thread: no host sync.
+//             grad_scale and the clip coefficient are read from device memory by every thread:
+//             no host sync.
 // Invariant : every element goes through sgd_math() (sgd_math.h) exactly once, in opmath, with
 //             scalars rounded once on the host. On CUDA torch's add_ computes in opmath with an
 //             opmath alpha (also for bf16/fp16), so there is no CPU-style "tail" arithmetic here.
@@ -74,26 +75,46 @@ MC_HD CudaScalars<T> device_scalars(CudaScalars<T> s, const LrPtr& lr) {
   return s;
 }
 
-/// What a thread reads of GradScaler's tensors before its first element: skip the update
-/// (found_inf != 0), and unscale the gradients by inv (1: not at all).
+/// What a thread reads of AmpPtrs before its first element: skip the update (found_inf != 0),
+/// unscale the gradients by inv (1: not at all), multiply them by a clip coefficient.
+template <class O>
 struct AmpStep {
   bool skip;
   float inv;
+  bool clip;
+  O coef;
+  /// The gradient changes, so it is written back.
+  MC_HD bool writes_grad() const { return inv != 1.f || clip; }
 };
-MC_HD AmpStep amp_step(const AmpPtrs& a) {
-  return AmpStep{a.found_inf != nullptr && *a.found_inf != 0.f,
-                 a.grad_scale != nullptr ? amp_inv_scale(*a.grad_scale) : 1.f};
+template <class T>
+MC_HD AmpStep<typename Storage<T>::opmath> amp_step(const AmpPtrs& a) {
+  using St = Storage<T>;
+  const T* coef = static_cast<const T*>(a.clip_coef);
+  return {a.found_inf != nullptr && *a.found_inf != 0.f,
+          a.grad_scale != nullptr ? amp_inv_scale(*a.grad_scale) : 1.f, coef != nullptr,
+          coef != nullptr ? St::load(*coef) : typename St::opmath(1)};
+}
+
+/// The gradient as the update sees it: GradScaler's unscale, then the clip (torch's order:
+/// scaler.unscale_(opt), clip_grad_norm_, scaler.step(opt)).
+template <class T>
+MC_HD typename Storage<T>::opmath amp_grad(typename Storage<T>::opmath g,
+                                           const AmpStep<typename Storage<T>::opmath>& amp) {
+  using St = Storage<T>;
+  if (amp.inv != 1.f) g = amp_unscale(g, amp.inv, typename St::Round{});
+  if (amp.clip) g = clip_scale(g, amp.coef, typename St::Round{});
+  return g;
 }
 
 /// Updates element i of a span: the scalar path (head, tail, unaligned spans).
 template <class T>
 MC_HD void update_one(T* p, T* b, T* g, int64_t i, const CudaScalars<T>& s, uint32_t flags,
-                      const AmpStep& amp) {
+                      const AmpStep<typename Storage<T>::opmath>& amp) {
   using St = Storage<T>;
   using O = typename St::opmath;
   O gi = St::load(g[i]);
-  if (amp.inv != 1.f) {
-    gi = amp_unscale(gi, amp.inv, typename St::Round{});
+  if (amp.writes_grad()) {
+    gi = amp_grad<T>(gi, amp);
     g[i] = St::store(gi);
   }
   if (amp.skip) return;
@@ -114,16 +135,14 @@ struct alignas(16) Pack {
 /// Updates the kN elements at i (16-byte aligned in p, b and g) with 128-bit loads and stores.
 template <class T>
 MC_HD void update_pack(T* p, T* b, T* g, int64_t i, const CudaScalars<T>& s, uint32_t flags,
-                       const AmpStep& amp) {
+                       const AmpStep<typename Storage<T>::opmath>& amp) {
   using St = Storage<T>;
   using O = typename St::opmath;
   constexpr int kN = Pack<T>::kN;
   Pack<T> gg = *reinterpret_cast<const Pack<T>*>(g + i);
-  if (amp.inv != 1.f) {
+  if (amp.writes_grad()) {
 #pragma unroll
-    for (int j = 0; j < kN; ++j) {
-      gg.v[j] = St::store(amp_unscale(St::load(gg.v[j]), amp.inv, typename St::Round{}));
-    }
+    for (int j = 0; j < kN; ++j) gg.v[j] = St::store(amp_grad<T>(St::load(gg.v[j]), amp));
     *reinterpret_cast<Pack<T>*>(g + i) = gg;
   }
   if (amp.skip) return;
@@ -159,9 +178,10 @@ MC_HD int64_t aligned_head(const T* p, const T* b, const T* g, uint32_t flags, i
 /// is `tid`: scalar head, 16-byte packs, scalar tail. Shared by both kernels.
 template <class T>
 MC_HD void update_span(T* p, T* b, T* g, int64_t n, const CudaScalars<T>& s, uint32_t flags,
-                       const AmpStep& amp, int64_t tid, int64_t nthreads) {
+                       const AmpStep<typename Storage<T>::opmath>& amp, int64_t tid,
+                       int64_t nthreads) {
   constexpr int kN = Pack<T>::kN;
-  if (amp.skip && amp.inv == 1.f) return;  // nothing to write
+  if (amp.skip && !amp.writes_grad()) return;  // nothing to write
   const int64_t head = aligned_head(p, b, g, flags, n);
   if (head < 0) {
     for (int64_t i = tid; i < n; i += nthreads) update_one(p, b, g, i, s, flags, amp);
@@ -199,7 +219,7 @@ __global__ void sgd_flat_kernel(FlatArgs<T> a) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   update_span(a.param, a.buf, a.grad, a.numel, device_scalars<T>(a.s, a.lr), a.flags,
-              amp_step(a.amp), tid, nthreads);
+              amp_step<T>(a.amp), tid, nthreads);
 }
 
 /// Multi-tensor metadata passed by value as the kernel's argument: up to kTensors spans, and for
@@ -236,7 +256,7 @@ __global__ void sgd_list_kernel(ListArgs<T, kTensors, kBlocks> a) {
   const int64_t n = left < kChunk ? left : kChunk;
   T* b = a.buf[t] == nullptr ? nullptr : a.buf[t] + start;
   update_span(a.param[t] + start, b, a.grad[t] + start, n, device_scalars<T>(a.s, a.lr), a.flags,
-              amp_step(a.amp), static_cast<int64_t>(threadIdx.x),
+              amp_step<T>(a.amp), static_cast<int64_t>(threadIdx.x),
               static_cast<int64_t>(blockDim.x));
 }
 

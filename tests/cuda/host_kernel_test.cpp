@@ -369,8 +369,7 @@ void run_flat(const FlatCase& c) {
     const uint32_t flags = s == 0 ? c.flags : (c.flags & ~uint32_t{kFirstStep});
     if (s > 0) d.new_grad(rng);
     const cuda::FlatArgs<T> a{d.p.data(), d.buf_ptr(), d.g.data(), c.n,
-                              launcher_scalars<T>(h), flags, AmpPtrs{nullptr, nullptr},
-                              LrPtr{nullptr, nullptr}};
+                              launcher_scalars<T>(h), flags, AmpPtrs{}, LrPtr{}};
     host_shim::host_launch(cuda::sgd_flat_kernel<T>, grid, block, c.order, c.seed + s, a);
     d.ref(h, flags);
     char what[256];
@@ -529,7 +528,7 @@ void run_list(const ListCase& c, const char* limits_name) {
     cuda::plan_list<T, Limits>(
         params.data(), momentum ? bufs.data() : nullptr, grads.data(), numels.data(),
         static_cast<int64_t>(spans.size()), launcher_scalars<T>(h), flags,
-        AmpPtrs{nullptr, nullptr}, LrPtr{nullptr, nullptr}, [&](const Args& a, int blocks) {
+        AmpPtrs{}, LrPtr{}, [&](const Args& a, int blocks) {
           ++launches;
           if (blocks > 0 && a.block_chunk[0] > 0) ++splits;  // entry 0 continues a span
           if (blocks < 1 || blocks > Limits::kBlocks) plan_error = "blocks out of range";
@@ -611,10 +610,11 @@ void list_suite(uint64_t seed) {
 
 }  // namespace
 
-// ---- GradScaler in the kernel (AmpPtrs) --------------------------------------------------------
-// Reference, written from torch's two steps: GradScaler.unscale_ (inv = float(1 / double(scale));
-// g = r(O(g) * O(inv)) unless inv == 1, written back) and, unless found_inf != 0, the step above
-// with that g. A skipped step still leaves the unscaled gradient, as unscale_ does.
+// ---- GradScaler and the clip in the kernel (AmpPtrs) -------------------------------------------
+// Reference, written from torch's three steps: GradScaler.unscale_ (inv = float(1 / double(scale));
+// g = r(O(g) * O(inv)) unless inv == 1), clip_grad_norm_'s g.mul_(coef) (g = r(O(g) * O(coef)),
+// coef of g's dtype) and, unless found_inf != 0, the step above with that g. The gradient so
+// computed is written back, also on a skipped step, as torch leaves it.
 template <class T>
 void amp_suite() {
   using R = Ref<T>;
@@ -627,7 +627,8 @@ void amp_suite() {
     for (float found : founds) {
       for (int use_scale = 0; use_scale < 2; ++use_scale) {
         for (int64_t n : sizes) {
-          for (int list = 0; list < 2; ++list) {
+          for (int mode = 0; mode < 4; ++mode) {
+            const bool list = mode & 1, clip = mode & 2;
             // lr: 0 as a host scalar; 1 an fp32 and 2 an fp64 value in device memory (LrPtr),
             // with the host scalar set to garbage so that only the pointer can give the bits
             const int lr_mode = static_cast<int>(seed % 3);
@@ -644,12 +645,16 @@ void amp_suite() {
             const LrPtr lr{lr_mode == 1 ? &lr32 : nullptr, lr_mode == 2 ? &lr64 : nullptr};
             std::vector<T> rg(d.g.data(), d.g.data() + n);
             const float inv = use_scale ? static_cast<float>(1.0 / static_cast<double>(scale)) : 1.f;
+            // a coefficient of T below 1, as clip_grad_norm_ gives one when it clips
+            const T coef = R::narrow(static_cast<O>(
+                0.0625 + 0.875 * static_cast<double>(rng.next() >> 11) / 9007199254740992.0));
             for (int64_t i = 0; i < n; ++i) {
               const size_t k = static_cast<size_t>(i);
               if (inv != 1.f) rg[k] = R::narrow(R::widen(rg[k]) * static_cast<O>(inv));
+              if (clip) rg[k] = R::narrow(R::widen(rg[k]) * R::widen(coef));
               if (found == 0.f) ref_step(d.rp[k], d.rb[k], rg[k], h, flags);
             }
-            const AmpPtrs amp{use_scale ? &scale : nullptr, &found};
+            const AmpPtrs amp{use_scale ? &scale : nullptr, &found, clip ? &coef : nullptr};
             if (list) {
               T* ps[] = {d.p.data()};
               T* bs[] = {d.b.data()};
@@ -671,12 +676,15 @@ void amp_suite() {
               host_shim::host_launch(cuda::sgd_flat_kernel<T>, dim3(3), dim3(64),
                                      Order::kForward, seed, a);
             }
-            char what[200];
-            std::snprintf(what, sizeof what, "amp %s %s n=%lld scale=%g%s found_inf=%g lr=%s",
+            char what[240];
+            std::snprintf(what, sizeof what,
+                          "amp %s %s n=%lld scale=%g%s found_inf=%g lr=%s clip=%s",
                           R::name(), list ? "list" : "flat", static_cast<long long>(n),
                           static_cast<double>(scale), use_scale ? "" : " (not given)",
                           static_cast<double>(found),
-                          lr_mode == 0 ? "host" : lr_mode == 1 ? "device fp32" : "device fp64");
+                          lr_mode == 0 ? "host" : lr_mode == 1 ? "device fp32" : "device fp64",
+                          clip ? std::to_string(static_cast<double>(R::widen(coef))).c_str()
+                               : "none");
             uint64_t bad = d.check(what);
             for (int64_t i = 0; i < n && bad == 0; ++i) {
               if (!same_bits(d.g[i], rg[static_cast<size_t>(i)])) {

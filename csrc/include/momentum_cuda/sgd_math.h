@@ -173,6 +173,13 @@ MC_HD V amp_unscale(V g, float inv, Round round) {
   return round(mc_mul(g, static_cast<V>(inv)));
 }
 
+/// torch's g.mul_(coef) for the clip coefficient of clip_grad_norm_ (coef of g's dtype, widened
+/// exactly to opmath): one rounding in opmath, narrowed by `round`.
+template <class V, class Round>
+MC_HD V clip_scale(V g, V coef, Round round) {
+  return round(mc_mul(g, coef));
+}
+
 /// inv of GradScaler's unscale_ for a scale: the double reciprocal rounded once to fp32
 /// (torch: scale.double().reciprocal().float()).
 MC_HD float amp_inv_scale(float scale) { return static_cast<float>(1.0 / static_cast<double>(scale)); }
