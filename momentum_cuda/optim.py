@@ -904,14 +904,16 @@ class _FusedMomentum(Optimizer):
                 loss = closure()
         amp = self._amp()
         if self._differentiable:
+            self.last_step = []
             if self._pending.clip is not None:
-                self.last_step = []
                 with torch.no_grad():
                     self._apply_clip(self._take_clip())
+            clipped = self.last_step
             if amp is not None and self._amp_on_host(amp):
                 return loss
             with torch.enable_grad():
                 self._step_differentiable()
+            self.last_step = clipped + self.last_step
             return loss
         if torch.compiler.is_compiling():
             with torch.no_grad():
@@ -989,7 +991,7 @@ class _FusedMomentum(Optimizer):
                 if i < len(params) else f"parameter {i} in param_groups order"
             raise RuntimeError(
                 f"clip_grad_norm_ measured the gradients, and then the {what} changed before "
-                f"step(): its .grad was replaced, written to (another backward, "
+                f"step() (or the next clip_grad_norm_): its .grad was replaced, written to (another backward, "
                 f"GradScaler.unscale_, torch's own clip) or appeared, or the parameters of the "
                 f"param groups changed. momentum_cuda applies the clip inside step(), so it "
                 f"cannot clip a gradient that changed since. Call clip_grad_norm_ right before "

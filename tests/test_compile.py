@@ -150,3 +150,61 @@ def test_compiled_step_overlapping_parameters_refused(backend):
     with pytest.raises(RuntimeError, match="overlaps"):
         step()
     assert torch.equal(whole, before)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_clip_and_step_fullgraph(backend, flat):
+    """opt.clip_grad_norm_ and step() compiled together (fullgraph): while tracing, the clip
+    is torch's own (get_total_norm, clip_grads_with_norm_), so the norm and the clipped
+    gradients are those of torch's clip_grad_norm_ compiled by the same backend (inductor's
+    reduction is its own, not eager's: the reference is compiled too), and the step's bits
+    eager torch.optim.SGD's on them."""
+    ours, ref = _model(seed=17)
+    opt, topt = _pair("sgd", ours, ref, flat)
+    torch_clip = torch.compile(lambda: torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05),
+                               fullgraph=True, backend=backend)
+
+    def clip_step():
+        norm = opt.clip_grad_norm_(0.05)
+        opt.step()
+        return norm
+    counter = CompileCounterWithBackend(backend)
+    step = torch.compile(clip_step, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(18)
+    for k in range(STEPS):
+        x = torch.randn(5, 7, generator=gen)
+        _grads(ours, x)
+        _grads(ref, x)
+        norm = step()
+        tnorm = torch_clip()
+        topt.step()
+        assert torch.equal(norm, tnorm), f"{backend} step {k + 1}: norm"
+        _same(ours, ref, opt, topt, f"{backend} step {k + 1}")
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            assert torch.equal(p.grad, q.grad), f"{backend} step {k + 1}: gradient"
+        opt.zero_grad()
+        topt.zero_grad()
+    assert counter.frame_count == 2, counter.frame_count
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_eager_clip_then_compiled_step(flat):
+    """A clip measured eagerly and left pending, then a compiled step: the traced step applies
+    it with torch's op first."""
+    ours, ref = _model(seed=19)
+    opt, topt = _pair("sgd", ours, ref, flat)
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(20)
+    for k in range(STEPS):
+        x = torch.randn(5, 7, generator=gen)
+        _grads(ours, x)
+        _grads(ref, x)
+        norm = opt.clip_grad_norm_(0.05)
+        tnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        step()
+        topt.step()
+        assert torch.equal(norm, tnorm)
+        _same(ours, ref, opt, topt, f"step {k + 1}")
+        opt.zero_grad()
+        topt.zero_grad()
