@@ -6,6 +6,7 @@
     momentum-cuda bench --layouts resnet50 gpt2 --impls mc-flat-cpu torch-fused
     momentum-cuda bench --out DIR --name bench-headline --formats json csv --budget-s 170
     momentum-cuda bench --overhead               # host time per step: tiny tensors, 148 and 2000
+    momentum-cuda bench --ampclip                # GradScaler + clip_grad_norm_ + step, per step
 
 Implementations: momentum_cuda flat and per-tensor on every backend that runs on the device
 (cpu; cuda and triton on a GPU), torch.optim.SGD's for-loop, foreach and fused steps, and Apex
@@ -49,6 +50,27 @@ at 148 tensors and <= torch fused / 5 at 2000, per tensor <= torch foreach at ev
 ratio of medians of the same rounds). A target not met is a measurement, not a failure: the exit
 status is 1 only for a bitwise mismatch or an implementation that could not run, as elsewhere.
 Files: json and csv (no png); <name> defaults to bench-overhead-<device>-<date>.
+
+--ampclip: one AMP+clip training step after backward, per contender. momentum_cuda (each
+implementation that runs here): scaler.unscale_(opt); opt.clip_grad_norm_(max_norm);
+scaler.step(opt); scaler.update(), where the clip is applied inside the step (on CUDA in the
+kernel's pass; on the CPU the C++ op multiplies with torch's mul_ before its kernel: no fusion).
+torch's for-loop, foreach and fused SGD: scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(
+params, max_norm); scaler.step(opt); scaler.update(). torch.amp.GradScaler(device type), scale
+2^16; --max-norm (default 1.0, below every case's total norm: the clip is active, checked).
+Cases: --tensors N (default 148 2000) tiny tensors as in --overhead, then --params (default
+2^24 = 16777216) in --layouts (default few-large: 8 tensors), fp32; giving --tensors alone, or
+--params / --layouts alone, runs only those cases. Before each sequence, warm-up and timed, the
+contender's gradients are refilled UNTIMED from a pool of 2 scaled gradient sets drawn once per
+case (step k of every contender gets set k % 2), so every contender steps the same gradients:
+momentum_cuda must equal the for-loop bitwise (parameters, buffers, clipped gradients, total
+norms) before and after timing, as above. 30 rounds after 3 warm-up steps (--rounds, --warmup),
+torch's thread count (--threads), interleaved, CPU contention flagged, the a.add_(b) probe in the
+same rounds. Reported in microseconds, median, p10-p90 and IQR, and each contender's ratio to
+torch's for-loop, foreach and fused (their median / this median, > 1: faster), its ops per
+sequence, and a "gradient passes" model (GRAD_PHASES: the gradient's element reads and writes
+per parameter that each sequence's ops make, not a measurement). Files: json and csv; <name>
+defaults to bench-ampclip-<device>-<date>.
 
 Order of the cases: the first value given to each of --params, --layouts and --dtypes is the most
 important. Cases run sorted by the sum of their values' positions in those three lists (ties:
@@ -741,12 +763,16 @@ def cuda_graph_step(opt, device, warmup: int = GRAPH_WARMUP):
     return graph.replay
 
 
-def timed_rounds(steps: dict, warmup: int, rounds: int, clock: Clock):
+def timed_rounds(steps: dict, warmup: int, rounds: int, clock: Clock, prepare=None):
     """Warm-up, then `rounds` rounds timing one call of each step function in a rotated order.
-    Returns ({name: [ms]}, CPU contention while timing)."""
+    prepare (--ampclip): {name: fn} called, untimed, right before each call of that step (the
+    gradients' refill). Returns ({name: [ms]}, CPU contention while timing)."""
     names = list(steps)
+    prepare = prepare or {}
     for _ in range(warmup):
         for name in names:
+            if name in prepare:
+                prepare[name]()
             steps[name]()
     clock.sync()
     times = {name: [] for name in names}
@@ -757,6 +783,8 @@ def timed_rounds(steps: dict, warmup: int, rounds: int, clock: Clock):
         for r in range(rounds):
             k = r % len(names)
             for name in names[k:] + names[:k]:
+                if name in prepare:
+                    prepare[name]()  # untimed: time_ms synchronizes after it, then starts
                 times[name].append(clock.time_ms(steps[name]))
     finally:
         gc.enable()
@@ -952,6 +980,336 @@ def _timed_and_checked(case, runnable, data, hyper, args, device, clock, graphs,
     return times, busy, discarded
 
 
+# ---- --ampclip: GradScaler's unscale_, clip_grad_norm_, step, update ---------------------------
+GRAD_SCALE = 2.0 ** 16  # GradScaler's default init_scale; the gradient pool is scaled by it
+AMPCLIP_MAX_NORM = 1.0  # --max-norm's default: randn gradients have a norm of ~sqrt(numel) >> 1
+AMPCLIP_TENSORS = OVERHEAD_TENSORS  # --ampclip's tiny cases (--tensors): 148 and 2000 tensors
+AMPCLIP_PARAMS = 1 << 24  # --ampclip's bandwidth case (--params): 2^24 elements ...
+AMPCLIP_LAYOUTS = ("few-large",)  # ... in few-large's 8 tensors (--layouts)
+AMPCLIP_BASES = ("torch-forloop", "torch-foreach", "torch-fused")  # the ratios' denominators
+AMPCLIP_POOL = 2  # pre-drawn gradient sets, used in turn: step k of every contender gets set k % 2
+# The "gradient passes" model: element reads and writes of the GRADIENT per parameter element
+# that each phase of the sequence makes, from what its op does (not a measurement):
+#   unscale_   GradScaler.unscale_ (torch._amp_foreach_non_finite_check_and_unscale_): reads g,
+#              writes g * (1 / scale)                                          1 read, 1 write
+#   norm       clip_grad_norm_'s total norm (torch.nn.utils.get_total_norm): reads g   1 read
+#   clip       torch's multiply by the clip coefficient (clip_grads_with_norm_'s mul_): reads g,
+#              writes it                                                       1 read, 1 write
+#   step       the SGD update reads g (its p and buf traffic: STATE_ACCESSES)          1 read
+#   step+clip  momentum_cuda's CUDA kernel: reads g once, multiplies it by the coefficient in
+#              registers, steps, and writes the clipped g back (as torch's clip leaves .grad)
+#                                                                              1 read, 1 write
+GRAD_PHASES = {"unscale_": (1, 1), "norm": (1, 0), "clip": (1, 1), "step": (1, 0),
+               "step+clip": (1, 1)}
+# The phases of each sequence. torch (every torch.optim.SGD, and momentum_cuda wherever its clip
+# falls back to torch's clip_grads_with_norm_, path "torch-clip"): 4 reads + 2 writes of g.
+# mc-cuda-kernel: 3 reads + 2 writes. mc-cpu-op: the CPU op multiplies with torch's mul_ on the
+# host before its kernel reads g: the same phases as torch, nothing saved in memory traffic.
+AMPCLIP_SEQUENCES = {"torch": ("unscale_", "norm", "clip", "step"),
+                     "mc-cuda-kernel": ("unscale_", "norm", "step+clip"),
+                     "mc-cpu-op": ("unscale_", "norm", "clip", "step")}
+STATE_ACCESSES = 4  # the step's other traffic, the same in every sequence: read p, buf; write both
+
+
+def gradient_passes(sequence: str, element_size: int) -> dict:
+    """The model's numbers for one sequence (AMPCLIP_SEQUENCES) and gradient element size."""
+    phases = AMPCLIP_SEQUENCES[sequence]
+    reads = sum(GRAD_PHASES[p][0] for p in phases)
+    writes = sum(GRAD_PHASES[p][1] for p in phases)
+    return {"sequence": sequence, "phases": list(phases), "grad_reads": reads,
+            "grad_writes": writes, "grad_passes": reads + writes,
+            "grad_bytes_per_element": (reads + writes) * element_size,
+            "total_bytes_per_element": (reads + writes + STATE_ACCESSES) * element_size}
+
+
+def sequence_of(impl: Impl, paths) -> str:
+    """Which AMPCLIP_SEQUENCES entry an implementation ran, from the paths its steps reported
+    (opt.last_step): torch's clip for torch's optimizers and wherever momentum_cuda fell back
+    to it ("torch-clip", e.g. the Triton backend); else its backend's."""
+    if not impl.ours or "torch-clip" in paths:
+        return "torch"
+    return {"cuda": "mc-cuda-kernel", "cpu": "mc-cpu-op"}.get(impl.name.rsplit("-", 1)[1],
+                                                              "torch")
+
+
+def ampclip_peak_sets(n_optimizers: int) -> int:
+    """The most whole-size tensor sets alive at once in an --ampclip case: the data (init and the
+    2 pooled gradient sets), the probe's `a`, p, g, buf per optimizer, one more (a flat
+    optimizer's clones while it is made; temporaries). The check holds the data, the for-loop's
+    and one other's: fewer from 2 optimizers on."""
+    return max(3 + 1 + 3 + 3 + 1, 3 + 1 + 3 * n_optimizers + 1)
+
+
+@dataclasses.dataclass
+class Contender:
+    """One implementation's optimizer, parameters and GradScaler, and the sequence timed."""
+    impl: Impl
+    opt: object
+    params: list
+    scaler: object
+    max_norm: float
+    steps: int = 0
+    norm: object = None  # the last total norm clip_grad_norm_ returned
+
+    def refill(self, pool) -> None:
+        """The next pooled set of scaled gradients into .grad (copy_: a flat optimizer's .grad
+        are views of its buffer); every contender's step k gets set k % len(pool)."""
+        torch._foreach_copy_([_local(p.grad) for p in self.params],
+                             pool[self.steps % len(pool)])
+        self.steps += 1
+
+    def sequence(self) -> None:
+        """One AMP+clip step: GradScaler.unscale_, the clip (momentum_cuda's opt.clip_grad_norm_,
+        else torch's), GradScaler.step, GradScaler.update."""
+        self.scaler.unscale_(self.opt)
+        if self.impl.ours:
+            self.norm = self.opt.clip_grad_norm_(self.max_norm)
+        else:
+            self.norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
+def make_contender(impl: Impl, data: CaseData, hyper, max_norm: float, device) -> Contender:
+    opt, params = build(impl, data, hyper)
+    scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALE)
+    scaler.scale(torch.ones((), device=device))  # makes its scale tensor, as scale(loss) does
+    return Contender(impl, opt, params, scaler, max_norm)
+
+
+def _kernel_paths(impl: Impl, opt, numel: int) -> set:
+    """The paths of a momentum_cuda step (opt.last_step); a flat optimizer's kernel must be one
+    flat call over all `numel` elements (a "torch-clip" entry, torch's clip first, aside)."""
+    calls = [e for e in opt.last_step if e["path"] != "torch-clip"]
+    if impl.flat and (len(calls) != 1 or calls[0]["path"] != "flat"
+                      or calls[0]["numel"] != numel):
+        raise BenchFailure(f"{impl.label} did not make exactly one flat kernel call over "
+                           f"{numel} elements; last_step = {opt.last_step}")
+    return {e["path"] for e in opt.last_step}
+
+
+def ampclip_differences(c: Contender, ref: Contender, momentum: float, norms=None,
+                        ref_norms=None) -> dict | None:
+    """differences() of the parameters and momentum buffers, and of the gradients (both left
+    clipped) and, given, of the total norms: None when all are bitwise equal."""
+    out = differences(c.opt, c.params, ref.opt, ref.params, momentum) or {}
+    for what, ours, theirs in (("grad", [_local(p.grad) for p in c.params],
+                                [_local(p.grad) for p in ref.params]),
+                               ("total_norm", norms or [], ref_norms or [])):
+        differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if not torch.equal(a, b)]
+        if differ:
+            j, value, expected = _first_difference(ours[differ[0]], theirs[differ[0]])
+            out[what] = {"differing": len(differ), "of": len(theirs), "first": differ[0],
+                         "first_element": j, "value": value, "reference": expected,
+                         "max_abs_diff": max(_max_abs_diff(ours[i], theirs[i]) for i in differ)}
+    return out or None
+
+
+def ampclip_check(impls, data: CaseData, pool, hyper, max_norm, device):
+    """2 sequences of each implementation on its own clones next to the for-loop's, as
+    bitwise_check: parameters, buffers, clipped gradients and total norms must equal the
+    for-loop's for momentum_cuda (reported for torch's others). Returns (equal, errors,
+    mismatches, {name: {"paths", "sequence"}}, the for-loop's total norms as floats)."""
+    numel = sum(data.sizes)
+
+    def two(impl):
+        c = make_contender(impl, data, hyper, max_norm, device)
+        norms, paths = [], set()
+        for _ in range(2):
+            c.refill(pool)
+            c.sequence()
+            norms.append(c.norm.detach().clone())
+            if impl.ours:
+                paths |= _kernel_paths(impl, c.opt, numel)
+        return c, norms, paths
+
+    ref_impl = next(i for i in impls if i.name == REFERENCE)
+    try:
+        ref, ref_norms, _ = two(ref_impl)
+    except Exception as e:  # noqa: BLE001 - nothing to check against: the case cannot run
+        raise BenchFailure(f"{ref_impl.label}, the reference, failed: {type(e).__name__}: "
+                           f"{e}") from e
+    equal, errors, mismatches = {REFERENCE: True}, {}, {}
+    info = {REFERENCE: {"paths": [], "sequence": "torch"}}
+    for impl in impls:
+        if impl is ref_impl:
+            continue
+        try:
+            c, norms, paths = two(impl)
+        except Exception as e:  # noqa: BLE001 - recorded; the others still run
+            errors[impl.name] = f"{type(e).__name__}: {e}"
+            continue
+        info[impl.name] = {"paths": sorted(paths), "sequence": sequence_of(impl, paths)}
+        diff = ampclip_differences(c, ref, hyper["momentum"], norms, ref_norms)
+        equal[impl.name] = diff is None
+        if diff is not None and impl.ours:
+            mismatches[impl.name] = {"phase": "check", "steps": 2, "summary": describe(diff),
+                                     **diff}
+        del c
+    return equal, errors, mismatches, info, [float(n) for n in ref_norms]
+
+
+def sequence_cost(impl: Impl, data: CaseData, pool, hyper, max_norm, device) -> dict:
+    """Ops (CPU: aten and momentum_cuda ops; GPU: CUDA kernels) and allocated bytes of one
+    steady-state sequence (the second), untimed; the refill before it is not counted."""
+    c = make_contender(impl, data, hyper, max_norm, device)
+    c.refill(pool)
+    c.sequence()
+    c.refill(pool)
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            c.sequence()
+            torch.cuda.synchronize(device)
+        after = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
+        return {**count_device_events(prof.events()), "alloc_bytes": after - before,
+                "kernels_counted": "cuda"}
+    counter = _OpCounter()
+    with counter:
+        c.sequence()
+    return {"kernels": counter.ops, "alloc_bytes": counter.bytes,
+            "kernels_counted": "aten and momentum_cuda ops"}
+
+
+def run_ampclip_case(layout, total, dtype, impls, hyper, args, device, clock,
+                     deadline=None) -> dict:
+    """One --ampclip case: the check, the timed rounds (each contender's gradients refilled,
+    untimed, before each of its sequences), the check again, the costs and the model."""
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seed = case_seed(args.seed, layout, total)
+    sizes = layout_sizes(layout, total, seed)
+    data = case_data(sizes, dtype, device, seed)
+    for g in (data.grads, data.grads2):  # scaled, as backward leaves them under GradScaler
+        g.mul_(GRAD_SCALE)  # a power of 2: exact
+    pool = [data.split(data.grads), data.split(data.grads2)][:AMPCLIP_POOL]
+    esize = data.init.element_size()
+    case = {"layout": layout, "numel": total, "tensors": len(sizes), "sizes_min": min(sizes),
+            "sizes_max": max(sizes), "dtype": str(dtype).replace("torch.", ""),
+            "data_seed": seed, "params": "tensor", "grad_scale": GRAD_SCALE,
+            "grad_pool_sets": len(pool), "max_norm": args.max_norm}
+    equal, errors, mismatches, info, norms = ampclip_check(impls, data, pool, hyper,
+                                                           args.max_norm, device)
+    case.update(bitwise_vs_forloop=equal, errors=errors, mismatches=mismatches,
+                clip={"max_norm": args.max_norm, "total_norms_checked": norms,
+                      "clip_coef": [min(args.max_norm / (n + 1e-6), 1.0) for n in norms],
+                      "active": all(n > args.max_norm for n in norms)})
+    runnable = [i for i in impls if i.name not in errors and i.name not in mismatches]
+    times, busy, discarded, scales = _ampclip_timed(case, runnable, data, pool, hyper, args,
+                                                    device, clock, deadline)
+    probe_ms = float(np.median(times[BW_PROBE]))
+    case["bandwidth_probe"] = {"op": "a.add_(b, alpha)", "bytes_per_element": 3 * esize,
+                               "gbps": total * 3 * esize / (probe_ms * 1e-3) / 1e9,
+                               **summarize(times.pop(BW_PROBE))}
+    results = {}
+    for name, ts in times.items():
+        r = summarize(ts)
+        r["passes"] = gradient_passes(info[name]["sequence"], esize)
+        r["kernel_paths"] = info[name]["paths"]
+        r["model_gbps"] = (total * r["passes"]["total_bytes_per_element"]
+                           / (r["median_ms"] * 1e-3) / 1e9)
+        r["bw_share"] = r["model_gbps"] / case["bandwidth_probe"]["gbps"]
+        r["final_scale"] = scales.get(name)
+        results[name] = r
+    for name, r in results.items():
+        for base in AMPCLIP_BASES:
+            if base in results:
+                key = base.split("-")[1]
+                r["vs_" + key] = results[base]["median_ms"] / r["median_ms"]
+                r["paired_vs_" + key] = paired(times, name, base)
+    for impl in runnable:
+        if impl.name in results:
+            try:
+                results[impl.name].update(sequence_cost(impl, data, pool, hyper, args.max_norm,
+                                                        device))
+            except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the times
+                results[impl.name]["cost_error"] = f"{type(e).__name__}: {e}"
+    for r in [*results.values(), case["bandwidth_probe"]]:
+        r.update({k.replace("_ms", "_us"): r[k] * 1e3
+                  for k in ("median_ms", "p10_ms", "p90_ms", "iqr_ms", "min_ms")})
+    case.update(results=results, contention=busy, discarded_noisy_attempts=discarded,
+                steps_per_optimizer=args.warmup + args.rounds, seconds=time.perf_counter() - t0)
+    if device.type == "cuda":
+        case["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return case
+
+
+def _ampclip_timed(case, runnable, data, pool, hyper, args, device, clock, deadline):
+    """Times every runnable implementation's sequence and the bandwidth probe in interleaved
+    rounds, each sequence after its contender's untimed refill, then checks momentum_cuda's
+    against the for-loop's again (all took the same steps on the same gradients); a mismatch
+    is recorded and its times dropped. Returns (times, contention, discarded attempts,
+    {name: GradScaler's scale at the end})."""
+    discarded = []
+    bw_a, bw_b = torch.zeros_like(data.init), data.grads  # the pool is only read
+    for attempt in range(args.retries + 1):
+        left = float("inf") if deadline is None else deadline - _now()
+        if args.wait_idle > 0 and device.type == "cpu" and left > 0:
+            wait_for_idle(min(args.wait_idle, left))
+        made = {i.name: make_contender(i, data, hyper, args.max_norm, device) for i in runnable}
+        steps = {name: c.sequence for name, c in made.items()}
+        prepare = {name: (lambda c=c: c.refill(pool)) for name, c in made.items()}
+        steps[BW_PROBE] = lambda: bw_a.add_(bw_b, alpha=-1e-3)
+        times, busy = timed_rounds(steps, args.warmup, args.rounds, clock, prepare)
+        if not is_noisy(busy) or attempt == args.retries or device.type != "cpu":
+            break
+        if deadline is not None and _now() >= deadline:
+            case["retry_skipped"] = "time budget"
+            break
+        discarded.append({"contention": busy,
+                          "median_ms": {k: float(np.median(v)) for k, v in times.items()}})
+    clock.sync()
+    ref = made[REFERENCE]
+    for name, c in made.items():
+        if name == REFERENCE or not c.impl.ours:
+            continue
+        diff = ampclip_differences(c, ref, hyper["momentum"])
+        if diff is not None:
+            case["bitwise_vs_forloop"][name] = False
+            case["mismatches"][name] = {"phase": "after timing", "steps": c.steps,
+                                        "summary": describe(diff), **diff}
+            times.pop(name, None)  # the time of wrong arithmetic is not a result
+    return times, busy, discarded, {name: c.scaler.get_scale() for name, c in made.items()}
+
+
+def ampclip_notes(device: torch.device, args) -> list[str]:
+    """What the --ampclip numbers are, written into the JSON and printed under the table."""
+    notes = [
+        "Per step, timed: momentum_cuda: scaler.unscale_(opt); opt.clip_grad_norm_(max_norm); "
+        "scaler.step(opt); scaler.update(). torch.optim.SGD (for-loop, foreach, fused): "
+        "scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(params, max_norm); "
+        "scaler.step(opt); scaler.update(). torch.amp.GradScaler(device_type) with its default "
+        f"init_scale 2^16; max_norm {args.max_norm:g} (the clip is active when every checked "
+        "total norm is above it: case['clip']['active']).",
+        f"Gradients: before every sequence (warm-up and timed) each contender's .grad are "
+        f"refilled UNTIMED (torch._foreach_copy_, outside the timed call; the clock "
+        f"synchronizes after it) from a pool of {AMPCLIP_POOL} gradient sets drawn once per "
+        "case and multiplied by 2^16 (scaled, as backward leaves them under GradScaler); step k "
+        "of every contender gets set k % 2, so all see the same gradients and momentum_cuda is "
+        "checked bitwise against the for-loop (parameters, buffers, clipped gradients, total "
+        "norms) before and after timing. The copy leaves part of the gradients in the CPU "
+        "caches for the unscale_ that follows, alike for every contender.",
+        "Gradient passes: a model, not a measurement (GRAD_PHASES in momentum_cuda/bench.py): "
+        "element reads+writes of the gradient per parameter per step. torch: unscale_ (1r+1w), "
+        "norm (1r), clip multiply (1r+1w), step (1r) = 4r+2w. momentum_cuda's CUDA kernel: "
+        "unscale_ (1r+1w), norm (1r), step reading g and writing the clipped g back (1r+1w) = "
+        "3r+2w. model GB/s = numel x (gradient + 4 p/buf accesses) x element size / median; "
+        "BW share: of the in-place a.add_(b) probe timed in the same rounds.",
+    ]
+    if device.type == "cpu":
+        notes.append(
+            "CPU: momentum_cuda's C++ op does NOT fuse the clip: it multiplies the gradients by "
+            "the clip coefficient with torch's mul_ (on the host, before its kernel), so its "
+            "gradient traffic is torch's (sequence mc-cpu-op, 4r+2w, as torch). What it can save "
+            "on the CPU is host overhead (one op per step instead of torch's per-tensor ops), not "
+            "memory traffic; the fused clip is the CUDA kernel's, not measured here.")
+    return notes
+
+
+
 # ---- report -------------------------------------------------------------------------------
 def count_text(n: int) -> str:
     """1000000 -> '1M', 1500 -> '1.5k', 1234567 -> '1,234,567'."""
@@ -1044,6 +1402,9 @@ def print_summary(doc: dict, out=None) -> None:
     """The final table (a row per case and implementation, the probe first) and what did not
     run or failed; in --overhead mode microseconds, and issue 13's targets."""
     out = out or sys.stdout
+    if doc.get("mode") == "ampclip":
+        print_ampclip_summary(doc, out)
+        return
     overhead = doc.get("mode") == "overhead"
     columns = OVERHEAD_COLUMNS if overhead else COLUMNS
     rows = [row for case in doc["cases"]
@@ -1124,6 +1485,99 @@ def csv_rows(doc: dict):
                               else case.get("params", "tensor"))}
 
 
+def ampclip_case_line(case: dict) -> str:
+    """The one line printed when an --ampclip case is done."""
+    parts = [f"{case['seconds']:.1f} s", "clip active" if case["clip"]["active"]
+             else "CLIP NOT ACTIVE (every total norm <= max_norm)",
+             ", ".join(f"{name} {_us(r['median_us'])} us" for name, r in case["results"].items())]
+    if case["mismatches"]:
+        parts.append("BITWISE MISMATCH (not timed): " + ", ".join(case["mismatches"]))
+    if case["errors"]:
+        parts.append("could not run: " + ", ".join(case["errors"]))
+    return " | ".join(parts)
+
+
+AMPCLIP_COLUMNS = ("case", "implementation", "median us", "p10-p90 us", "IQR us", "vs for-loop",
+                   "vs foreach", "vs fused", "grad r+w", "grad B/elem", "kernels", "== for-loop")
+
+
+def ampclip_rows(case: dict) -> list[list[str]]:
+    bw = case["bandwidth_probe"]
+    rows = [[case_name(case), "one op: a.add_(b)", _us(bw["median_us"]),
+             f"{_us(bw['p10_us'])}-{_us(bw['p90_us'])}", _us(bw["iqr_us"])] + ["-"] * 7]
+    for name, r in case["results"].items():
+        eq = case["bitwise_vs_forloop"].get(name)
+        vs = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+        m = r["passes"]
+        rows.append(["", name, _us(r["median_us"]), f"{_us(r['p10_us'])}-{_us(r['p90_us'])}",
+                     _us(r["iqr_us"]), vs("vs_forloop"), vs("vs_foreach"), vs("vs_fused"),
+                     f"{m['grad_reads']}r+{m['grad_writes']}w", str(m["grad_bytes_per_element"]),
+                     str(r.get("kernels", "-")), "-" if eq is None else ("yes" if eq else "NO")])
+    return rows
+
+
+def print_ampclip_summary(doc: dict, out) -> None:
+    """--ampclip's table (microseconds per sequence, ratios, the passes model) and notes."""
+    rows = [row for case in doc["cases"] for row in ampclip_rows(case)]
+    if rows:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(AMPCLIP_COLUMNS)]
+        fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                      for i, (c, w) in enumerate(zip(cells, widths)))
+        print("\n" + fmt(AMPCLIP_COLUMNS), file=out)
+        print("-" * len(fmt(AMPCLIP_COLUMNS)), file=out)
+        for row in rows:
+            print(fmt(row), file=out)
+    for case in doc["cases"]:
+        for name, err in case["errors"].items():
+            print(f"  {case_name(case)}: {name} not timed ({err})", file=out)
+        if not case["clip"]["active"]:
+            print(f"  {case_name(case)}: the clip was NOT active (total norms "
+                  f"{case['clip']['total_norms_checked']} <= max_norm {case['max_norm']:g})",
+                  file=out)
+        busy = case["contention"]
+        if is_noisy(busy):
+            print(f"  {case_name(case)}: WARNING: other processes used "
+                  f"{busy['other_processes_cores']:.2f} cores while timing: these numbers are "
+                  "not clean", file=out)
+    for s in doc["skipped"]:
+        print(f"  skipped: {case_name(s)} ({s['why']})", file=out)
+    m = doc["machine"]
+    print(f"\n(one AMP+clip step, microseconds, {doc['config']['rounds']} interleaved rounds after "
+          f"{doc['config']['warmup']} warm-up; {m['torch']['threads']} thread(s); vs X: X's "
+          "median / this median, > 1 is faster; grad r+w, grad B/elem: the gradient passes "
+          "model, reads and writes of the gradient per element, and their bytes; kernels: "
+          + ("CUDA kernels" if m["device"].startswith("cuda") else "aten and momentum_cuda ops")
+          + " per sequence)", file=out)
+    for note in doc.get("notes", ()):
+        print("  * " + note, file=out)
+
+
+AMPCLIP_CSV_FIELDS = ("device", "dtype", "layout", "numel", "tensors", "implementation",
+                      "sequence", "median_us", "p10_us", "p90_us", "iqr_us", "min_us",
+                      "vs_forloop", "vs_foreach", "vs_fused", "grad_reads", "grad_writes",
+                      "grad_bytes_per_element", "total_bytes_per_element", "model_gbps",
+                      "bw_share", "kernels", "alloc_bytes", "bitwise_vs_forloop",
+                      "bandwidth_probe_gbps", "max_norm", "clip_active")
+
+
+def ampclip_csv_rows(doc: dict):
+    for case in doc["cases"]:
+        for name, r in case["results"].items():
+            m = r["passes"]
+            yield {"device": doc["machine"]["device"], "dtype": case["dtype"],
+                   "layout": case["layout"], "numel": case["numel"], "tensors": case["tensors"],
+                   "implementation": name, "sequence": m["sequence"],
+                   **{k: r.get(k, "") for k in ("median_us", "p10_us", "p90_us", "iqr_us",
+                                                "min_us", "vs_forloop", "vs_foreach",
+                                                "vs_fused", "model_gbps", "bw_share",
+                                                "kernels", "alloc_bytes")},
+                   **{k: m[k] for k in ("grad_reads", "grad_writes", "grad_bytes_per_element",
+                                        "total_bytes_per_element")},
+                   "bitwise_vs_forloop": case["bitwise_vs_forloop"].get(name, ""),
+                   "bandwidth_probe_gbps": case["bandwidth_probe"]["gbps"],
+                   "max_norm": case["max_norm"], "clip_active": case["clip"]["active"]}
+
+
 def _atomic_write(path: Path, write) -> None:
     """write(tmp) then rename onto path: a reader, or a run killed while writing, sees the old
     file or the new one, never part of one."""
@@ -1146,9 +1600,10 @@ def write_files(doc: dict, base: Path, formats, labels: dict, png: bool) -> list
     if "csv" in formats:
         def write_csv(p: Path) -> None:
             with p.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+                ampclip = doc.get("mode") == "ampclip"
+                w = csv.DictWriter(f, fieldnames=AMPCLIP_CSV_FIELDS if ampclip else CSV_FIELDS)
                 w.writeheader()
-                w.writerows(csv_rows(doc))
+                w.writerows(ampclip_csv_rows(doc) if ampclip else csv_rows(doc))
         path = base.with_name(base.name + ".csv")
         _atomic_write(path, write_csv)
         written.append(path)
@@ -1284,8 +1739,15 @@ def parse_args(argv=None):
                     help="time the host overhead of a step: tiny tensors (1-16 elements each), "
                          "as many as --tensors says; microseconds, issue 13's targets")
     ap.add_argument("--tensors", type=int, nargs="+", default=None, metavar="N",
-                    help="--overhead: tensor counts, most important first (default: "
-                         + " ".join(map(str, OVERHEAD_TENSORS)) + ")")
+                    help="--overhead, --ampclip: tiny-tensor counts, most important first "
+                         "(default: " + " ".join(map(str, OVERHEAD_TENSORS)) + ")")
+    ap.add_argument("--ampclip", action="store_true",
+                    help="time one AMP+clip step: GradScaler.unscale_, clip_grad_norm_, "
+                         "GradScaler.step, update; tiny tensors (--tensors) and a bandwidth "
+                         "case (--params, --layouts; default 2^24 elements, few-large)")
+    ap.add_argument("--max-norm", type=float, default=None, metavar="X",
+                    help=f"--ampclip: clip_grad_norm_'s max_norm (default {AMPCLIP_MAX_NORM:g}, "
+                         "below every case's total norm: the clip is active)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed rounds (>= 20 unless --quick; default 30, --overhead 100)")
     ap.add_argument("--warmup", type=int, default=None,
@@ -1341,15 +1803,40 @@ def parse_args(argv=None):
         if min(args.tensors) < 1:
             ap.error(f"--tensors must be >= 1, got {min(args.tensors)}")
         args.threads = 1 if args.threads is None else args.threads
+    elif args.ampclip:
+        if args.formats is not None and "png" in args.formats:
+            ap.error("--ampclip writes json and csv; it has no png")
+        odd = [lay for lay in args.layouts or () if lay in DTENSOR_LAYOUTS + DDP_LAYOUTS]
+        if odd:
+            ap.error(f"--ampclip times plain tensors; it takes no --layouts {' '.join(odd)}")
+        if args.tensors is None and args.params is None and args.layouts is None:
+            args.tensors, args.params = list(AMPCLIP_TENSORS), [AMPCLIP_PARAMS]
+        elif args.params is None and args.layouts is not None:
+            args.params = [AMPCLIP_PARAMS]  # --layouts alone: at the default size
+        args.tensors = [] if args.tensors is None else args.tensors
+        args.params = [] if args.params is None else args.params
+        args.layouts = list(AMPCLIP_LAYOUTS) if args.layouts is None else args.layouts
+        if args.tensors and min(args.tensors) < 1:
+            ap.error(f"--tensors must be >= 1, got {min(args.tensors)}")
+        args.max_norm = AMPCLIP_MAX_NORM if args.max_norm is None else args.max_norm
+        if not 0 < args.max_norm < float("inf"):
+            ap.error(f"--max-norm must be > 0 and finite, got {args.max_norm}")
     elif args.tensors is not None:
-        ap.error("--tensors is for --overhead (the other cases take --params and --layouts)")
-    args.rounds = (100 if args.overhead else 30) if args.rounds is None else args.rounds
-    args.warmup = (10 if args.overhead else 3) if args.warmup is None else args.warmup
+        ap.error("--tensors is for --overhead and --ampclip (the other cases take --params and "
+                 "--layouts)")
+    if args.overhead and args.ampclip:
+        ap.error("--overhead and --ampclip are two modes: one at a time")
+    if args.max_norm is not None and not args.ampclip:
+        ap.error("--max-norm is for --ampclip")
+    args.rounds = ((100 if args.overhead else 30)
+                   if args.rounds is None else args.rounds)
+    args.warmup = ((10 if args.overhead else 3)
+                   if args.warmup is None else args.warmup)
     args.layouts = (None if args.overhead else list(DEFAULT_LAYOUTS)) \
         if args.layouts is None else args.layouts
-    args.dtypes = (["float32"] if args.overhead else ["float32", "bfloat16"]) \
+    args.dtypes = (["float32"] if args.overhead or args.ampclip else ["float32", "bfloat16"]) \
         if args.dtypes is None else args.dtypes
-    args.formats = ((["json", "csv"] if args.overhead else list(FORMATS))
+    args.formats = ((["json", "csv"] if args.overhead or args.ampclip else list(FORMATS))
                     if args.formats is None else args.formats)
     if args.params is None and not args.overhead:
         args.params = [10**6] if args.quick else (
@@ -1407,9 +1894,11 @@ def peak_sets(n_optimizers: int) -> int:
     return max(3 + 3 + 3 + 1, 3 + 3 * n_optimizers + 1)
 
 
-def fits(total, dtype, n_optimizers, device) -> tuple[bool, int, str]:
-    """(whether the case's peak fits in 85 % of the free memory, the peak in bytes, why)."""
-    need = total * torch.tensor([], dtype=dtype).element_size() * peak_sets(n_optimizers)
+def fits(total, dtype, n_optimizers, device, sets=None) -> tuple[bool, int, str]:
+    """(whether the case's peak fits in 85 % of the free memory, the peak in bytes, why);
+    `sets`: the peak in whole-size tensor sets where not peak_sets(n_optimizers) (--ampclip)."""
+    sets = peak_sets(n_optimizers) if sets is None else sets
+    need = total * torch.tensor([], dtype=dtype).element_size() * sets
     if device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached by earlier cases are free for this one
         free, _ = torch.cuda.mem_get_info(device)
@@ -1449,18 +1938,26 @@ def main(argv=None) -> int:
             print(f"not timed: {name}: {why}")
     print(f"hyper-parameters: {hyper}")
 
-    todo = (overhead_order(args.tensors, args.dtypes, args.seed) if args.overhead
-            else case_order(args.params, args.layouts, args.dtypes))
+    if args.ampclip:  # the tiny cases first (host overhead), then the bandwidth cases
+        print(f"max_norm {args.max_norm:g}; gradients scaled by 2^16, refilled untimed before "
+              "each sequence")
+        todo = (overhead_order(args.tensors, args.dtypes, args.seed)
+                + case_order(args.params, args.layouts, args.dtypes))
+    else:
+        todo = (overhead_order(args.tensors, args.dtypes, args.seed) if args.overhead
+                else case_order(args.params, args.layouts, args.dtypes))
     base = None
     if not args.no_files:
         args.out.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = args.out / (args.name or
-                           f"bench-{'overhead-' if args.overhead else ''}{host_kind(device)}-"
+                           f"bench-{'overhead-' if args.overhead else ''}"
+                           f"{'ampclip-' if args.ampclip else ''}{host_kind(device)}-"
                            f"{'quick-' if args.quick else ''}{stamp}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     cases, skipped, failures = [], [], []
-    doc = {"schema": SCHEMA, "mode": "overhead" if args.overhead else "step",
+    mode = "overhead" if args.overhead else "ampclip" if args.ampclip else "step"
+    doc = {"schema": SCHEMA, "mode": mode,
            "complete": False, "stopped_early": None, "elapsed_s": 0.0,
            "machine": machine, "config": config, "hyper": hyper, "implementations": labels,
            "not_available": missing, "asked_for_not_available": unavailable,
@@ -1472,6 +1969,17 @@ def main(argv=None) -> int:
         doc["case_order"] = "most important first: by the sum of the positions of the case's " \
                             "values in --tensors, --dtypes (ties: tensors)"
         doc["targets"] = {}
+    if args.ampclip:
+        doc["case_order"] = "--tensors' tiny cases (as --overhead orders them), then the cases " \
+                            "of --params, --layouts, --dtypes (as the step mode orders them)"
+        doc["passes_model"] = {
+            "what": "element reads and writes of the gradient per parameter element per step, "
+                    "from what each op does (a model, not a measurement)",
+            "phases": {k: {"grad_reads": r, "grad_writes": w} for k, (r, w) in
+                       GRAD_PHASES.items()},
+            "sequences": {k: list(v) for k, v in AMPCLIP_SEQUENCES.items()},
+            "state_accesses": STATE_ACCESSES}
+        doc["notes"] = ampclip_notes(device, args)
 
     def save(final: bool = False) -> list[Path]:
         doc["elapsed_s"] = round(_now() - start, 3)
@@ -1506,17 +2014,18 @@ def main(argv=None) -> int:
                   f"the {len(todo) - k + 1} cases left", flush=True)
             break
         print(f"[{k}/{len(todo)} {elapsed:4.0f} s] {case_name(key)}: ", end="", flush=True)
-        graphs = use_graphs(device, total, args)
+        graphs = use_graphs(device, total, args) and not args.ampclip
         ok, need, why = fits(total, DTYPES[dtype_name], len(impls) * (2 if graphs else 1),
-                             device)
+                             device, ampclip_peak_sets(len(impls)) if args.ampclip else None)
         if not ok:
             skipped.append({**key, "why": why})
             print(f"SKIPPED ({why})", flush=True)
             save()
             continue
         try:
-            case = run_case(layout, total, DTYPES[dtype_name], impls, hyper, args, device,
-                            clock, None if args.budget_s is None else start + args.budget_s)
+            case = (run_ampclip_case if args.ampclip else run_case)(
+                layout, total, DTYPES[dtype_name], impls, hyper, args, device, clock,
+                None if args.budget_s is None else start + args.budget_s)
         except KeyboardInterrupt:
             doc["stopped_early"] = f"interrupted (KeyboardInterrupt) during {case_name(key)}"
             print("INTERRUPTED", flush=True)
@@ -1537,7 +2046,7 @@ def main(argv=None) -> int:
                 if name in ours:
                     failures.append({"case": case_name(key), **key, "implementation": name,
                                      "kind": "error", "detail": err})
-            print(case_line(case), flush=True)
+            print((ampclip_case_line if args.ampclip else case_line)(case), flush=True)
         _release(device)
         save()
     release_meshes()

@@ -83,6 +83,14 @@ def test_parse_count_rejects(text):
     (["--overhead", "--tensors", "0"], "--tensors must be >= 1, got 0"),
     (["--tensors", "148"], "--tensors is for --overhead"),
     (["--overhead", "--rounds", "5"], "--rounds must be >= 20"),
+    (["--ampclip", "--overhead"], "--overhead and --ampclip are two modes: one at a time"),
+    (["--ampclip", "--formats", "json", "png"], "--ampclip writes json and csv; it has no png"),
+    (["--ampclip", "--layouts", "ddp-gpt2"], "--ampclip times plain tensors; it takes no "
+                                             "--layouts ddp-gpt2"),
+    (["--ampclip", "--max-norm", "0"], "--max-norm must be > 0 and finite, got 0.0"),
+    (["--ampclip", "--tensors", "0"], "--tensors must be >= 1, got 0"),
+    (["--max-norm", "1"], "--max-norm is for --ampclip"),
+    (["--ampclip", "--rounds", "5"], "--rounds must be >= 20"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -880,3 +888,164 @@ def test_overhead_catches_a_planted_wrong_implementation(monkeypatch, tmp_path, 
     assert case["bitwise_vs_forloop"]["mc-wrong"] is False
     assert set(case["results"]) == {"mc-flat-cpu", "torch-forloop", "torch-fused"}
     assert [t["implementation"] for t in doc["targets"]["list"]] == ["mc-flat-cpu"]
+
+
+# ---- --ampclip: GradScaler unscale_ + clip_grad_norm_ + step + update ------------------------
+AMPCLIP = ["--ampclip", "--quick", "--rounds", "2", "--warmup", "1", "--tensors", "148",
+           "--params", "3000"]
+
+
+def test_ampclip_defaults():
+    args, _ = bench.parse_args(["--ampclip"])
+    assert (args.tensors, args.params, args.layouts, args.dtypes, args.formats) == (
+        [148, 2000], [2**24], ["few-large"], ["float32"], ["json", "csv"])
+    assert (args.rounds, args.warmup, args.max_norm, args.threads) == (30, 3, 1.0, None)
+    assert bench.AMPCLIP_PARAMS == 16_777_216
+    # One kind of case asked for: only that kind runs.
+    args, _ = bench.parse_args(["--ampclip", "--tensors", "2000"])
+    assert (args.tensors, args.params) == ([2000], [])
+    args, _ = bench.parse_args(["--ampclip", "--params", "1M", "--max-norm", "0.5"])
+    assert (args.tensors, args.params, args.layouts, args.max_norm) == (
+        [], [10**6], ["few-large"], 0.5)
+    args, _ = bench.parse_args(["--ampclip", "--layouts", "gpt2", "resnet50"])
+    assert (args.tensors, args.params, args.layouts) == ([], [2**24], ["gpt2", "resnet50"])
+
+
+def test_ampclip_gradient_passes_table_is_what_its_comment_says():
+    """GRAD_PHASES' comment: unscale_ 1r+1w, norm 1r, torch's clip multiply 1r+1w, step 1r,
+    momentum_cuda's CUDA kernel step+clip 1r+1w; torch's sequence 4r+2w, the CUDA kernel's
+    3r+2w, the CPU op's as torch's (its mul_ is torch's, before the kernel); p and buf: 4."""
+    assert bench.GRAD_PHASES == {"unscale_": (1, 1), "norm": (1, 0), "clip": (1, 1),
+                                 "step": (1, 0), "step+clip": (1, 1)}
+    assert bench.STATE_ACCESSES == 4
+    torch_ = bench.gradient_passes("torch", 4)
+    assert (torch_["grad_reads"], torch_["grad_writes"], torch_["grad_passes"]) == (4, 2, 6)
+    assert (torch_["grad_bytes_per_element"], torch_["total_bytes_per_element"]) == (24, 40)
+    assert torch_["phases"] == ["unscale_", "norm", "clip", "step"]
+    cuda = bench.gradient_passes("mc-cuda-kernel", 4)
+    assert (cuda["grad_reads"], cuda["grad_writes"], cuda["grad_bytes_per_element"],
+            cuda["total_bytes_per_element"]) == (3, 2, 20, 36)
+    cpu = bench.gradient_passes("mc-cpu-op", 2)  # bf16: 2 bytes an element
+    assert {k: v for k, v in cpu.items() if k != "sequence"} == {
+        k: v for k, v in bench.gradient_passes("torch", 2).items() if k != "sequence"}
+    assert cpu["grad_bytes_per_element"] == 12
+    # Which sequence an implementation ran: from its kind, backend and reported paths.
+    impls = {i.name: i for i in bench.implementations(torch.device("cpu"))[0]}
+    assert bench.sequence_of(impls["torch-fused"], set()) == "torch"
+    assert bench.sequence_of(impls["mc-flat-cpu"], {"flat"}) == "mc-cpu-op"
+    cuda_impl = bench.Impl("mc-flat-cuda", "", None, ours=True, flat=True)
+    assert bench.sequence_of(cuda_impl, {"flat"}) == "mc-cuda-kernel"
+    assert bench.sequence_of(cuda_impl, {"flat", "torch-clip"}) == "torch"  # torch's clip ran
+
+
+def test_timed_rounds_refills_untimed_before_each_call():
+    """prepare[name] runs before every call of steps[name], warm-up included, outside the
+    timed call; the probe (no prepare) is timed as before."""
+    events = []
+
+    class FakeClock:
+        def sync(self):
+            events.append("sync")
+
+        def time_ms(self, fn):
+            events.append("start")
+            fn()
+            events.append("stop")
+            return 1.0
+
+    steps = {"a": lambda: events.append("a"), "b": lambda: events.append("b"),
+             "probe": lambda: events.append("probe")}
+    prepare = {"a": lambda: events.append("fill a"), "b": lambda: events.append("fill b")}
+    times, _ = bench.timed_rounds(steps, 1, 2, FakeClock(), prepare)
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "probe": 2}
+    assert events[:5] == ["fill a", "a", "fill b", "b", "probe"]  # warm-up
+    timed = events[events.index("sync") + 1:]
+    for name in ("a", "b"):
+        for i, e in enumerate(timed):
+            if e == name:  # inside a timed call, its refill just before that call started
+                assert timed[i - 1] == "start" and timed[i - 2] == "fill " + name
+    assert timed.count("start") == 6 and "fill a" not in [
+        timed[i + 1] for i, e in enumerate(timed) if e == "start"]
+
+
+@pytest.fixture(scope="module")
+def ampclip_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ampclip")
+    buf = io.StringIO()
+    import contextlib
+    with contextlib.redirect_stdout(buf):
+        code = bench.main(AMPCLIP + ["--out", str(out), "--name", "ac"])
+    return code, out, buf.getvalue()
+
+
+def test_ampclip_runs_and_writes_json_csv(ampclip_run):
+    code, out, text = ampclip_run
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ac.csv", "ac.json"]  # no png
+    doc = json.loads((out / "ac.json").read_text())
+    assert doc["schema"] == bench.SCHEMA and doc["mode"] == "ampclip"
+    assert doc["complete"] is True and doc["failures"] == [] and doc["error"] is None
+    assert doc["config"]["ampclip"] is True and doc["config"]["max_norm"] == 1.0
+    for key in ("date", "device", "commit", "cpu", "torch", "triton", "backends"):
+        assert key in doc["machine"], key
+    assert [(c["layout"], c["tensors"], c["numel"]) for c in doc["cases"]] == [
+        ("tiny-148", 148, bench.overhead_total(148, 0)), ("few-large", 8, 3000)]
+    assert any("does NOT fuse the clip" in n for n in doc["notes"])  # CPU: said plainly
+    assert doc["passes_model"]["sequences"]["torch"] == ["unscale_", "norm", "clip", "step"]
+    names = {"mc-flat-cpu", "mc-list-cpu", "torch-forloop", "torch-foreach", "torch-fused"}
+    for case in doc["cases"]:
+        assert set(case["results"]) == names
+        assert case["clip"]["active"] is True and case["grad_scale"] == 2.0**16
+        assert all(n > 1.0 for n in case["clip"]["total_norms_checked"])
+        assert case["bitwise_vs_forloop"]["mc-flat-cpu"] is True
+        assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True
+        assert case["mismatches"] == {} and case["errors"] == {}
+        assert "contention" in case and case["steps_per_optimizer"] == 1 + 2
+        probe = case["bandwidth_probe"]
+        for name, r in case["results"].items():
+            assert len(r["times_ms"]) == 2
+            assert r["p10_us"] <= r["median_us"] <= r["p90_us"]
+            assert r["median_us"] == pytest.approx(1e3 * r["median_ms"])
+            assert r["iqr_us"] == pytest.approx(1e3 * r["iqr_ms"]) and r["iqr_ms"] >= 0
+            # ratios: the torch contender's median / this median, both of this case's rounds
+            for base in bench.AMPCLIP_BASES:
+                key = base.split("-")[1]
+                assert r["vs_" + key] == pytest.approx(
+                    case["results"][base]["median_ms"] / r["median_ms"])
+                assert r["paired_vs_" + key]["rounds"] == 2
+            assert r["final_scale"] == 2.0**16  # no overflow, no growth: the pool stays scaled
+            want = "mc-cpu-op" if name.startswith("mc-") else "torch"
+            assert r["passes"] == bench.gradient_passes(want, 4)
+            assert r["model_gbps"] == pytest.approx(
+                case["numel"] * 40 / (r["median_ms"] * 1e-3) / 1e9)
+            assert r["bw_share"] == pytest.approx(r["model_gbps"] / probe["gbps"])
+            assert r["kernels"] > 0
+        assert case["results"]["mc-flat-cpu"]["kernel_paths"] == ["flat"]  # clip in the op
+    rows = _csv((out / "ac.csv").read_text())
+    assert list(rows[0]) == list(bench.AMPCLIP_CSV_FIELDS)
+    assert len(rows) == 2 * len(names)
+    assert {r["grad_bytes_per_element"] for r in rows} == {"24"}
+    assert "median us" in text and "vs fused" in text and "4r+2w" in text
+
+
+class _NoClip(momentum_cuda.SGD):
+    """A planted bug: clip_grad_norm_ returns the norm and never clips."""
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+
+
+def test_ampclip_catches_a_clip_that_is_not_applied(monkeypatch, tmp_path, capsys):
+    _plant(monkeypatch, bench.Impl("mc-noclip", "momentum_cuda (planted bug: no clip)",
+                                   lambda ps, h: _NoClip(ps, **h), ours=True, flat=True))
+    code = bench.main(["--ampclip", "--quick", "--rounds", "2", "--warmup", "1", "--tensors",
+                       "148", "--impls", "mc-flat-cpu", "mc-noclip", "torch-fused", "--out",
+                       str(tmp_path), "--name", "run"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "mc-noclip: bitwise mismatch: check: " in err and "grads differ" in err
+    assert "BITWISE MISMATCH (not timed): mc-noclip" in out
+    (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
+    assert case["bitwise_vs_forloop"]["mc-noclip"] is False
+    assert set(case["results"]) == {"mc-flat-cpu", "torch-forloop", "torch-fused"}
