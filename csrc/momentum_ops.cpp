@@ -526,6 +526,39 @@ class BucketCheck {
         TORCH_CHECK(THPVariable_Check(o.ptr()), "BucketCheck takes tensors");
       }
     }
+    // Tensor.__hash__ is a Python method (id(self)): hashed once here, not at every step.
+    hashes_.reserve(params_.size());
+    for (const auto& o : params_) {
+      const Py_hash_t h = PyObject_Hash(o.ptr());
+      if (h == -1) throw pybind11::error_already_set();
+      hashes_.push_back(h);
+    }
+  }
+  /// The bucket's momentum buffers as the optimizer's state holds them (state[p]
+  /// ["momentum_buffer"] for every parameter, in one call): 0 if each is the bucket's flat view
+  /// in `buf_views`, 1 if none has one (no entry, no key or None), 2 otherwise (then Python
+  /// looks at each).
+  int buffers(const pybind11::object& state, const pybind11::object& buf_views) const {
+    if (!PyDict_Check(state.ptr())) return 2;
+    const bool views = PyList_Check(buf_views.ptr()) &&
+                       PyList_GET_SIZE(buf_views.ptr()) == static_cast<Py_ssize_t>(params_.size());
+    bool all_views = views, all_none = true;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      PyObject* entry = lookup(state.ptr(), params_[i].ptr(), hashes_[i]);
+      if (entry == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
+      PyObject* buf = nullptr;
+      if (entry != nullptr) {
+        if (!PyDict_Check(entry)) return 2;
+        static PyObject* const key = PyUnicode_InternFromString("momentum_buffer");
+        buf = PyDict_GetItem(entry, key);  // borrowed, no exception; the str caches its hash
+      }
+      if (buf == Py_None) buf = nullptr;
+      all_none = all_none && buf == nullptr;
+      all_views = all_views && buf != nullptr &&
+                  buf == PyList_GET_ITEM(buf_views.ptr(), static_cast<Py_ssize_t>(i));
+      if (!all_none && !all_views) return 2;
+    }
+    return all_views ? 0 : all_none ? 1 : 2;
   }
   bool intact() const {
     for (size_t i = 0; i < params_.size(); ++i) {
@@ -543,8 +576,17 @@ class BucketCheck {
   }
 
  private:
+  static PyObject* lookup(PyObject* dict, PyObject* key, Py_hash_t hash) {
+#if PY_VERSION_HEX < 0x030E0000
+    return _PyDict_GetItem_KnownHash(dict, key, hash);  // borrowed
+#else
+    (void)hash;
+    return PyDict_GetItemWithError(dict, key);
+#endif
+  }
   std::vector<pybind11::object> params_, views_;
   std::vector<int64_t> ptrs_, gptrs_;
+  std::vector<Py_hash_t> hashes_;
 };
 
 /// optim.clip_grad_norm_'s record of the gradients it measured, checked by the step that applies
@@ -596,6 +638,22 @@ class GradWatch {
   std::vector<std::optional<Weak>> grads_;
   std::vector<int64_t> versions_;
 };
+
+/// Whether two sequences (lists or tuples) hold the same objects in the same order, compared by
+/// identity: Tensor.__eq__ is elementwise, so Python's == on lists of tensors is not this.
+bool same_objects(const pybind11::handle& a, const pybind11::handle& b) {
+  const pybind11::object fa = pybind11::reinterpret_steal<pybind11::object>(
+      PySequence_Fast(a.ptr(), "same_objects takes lists or tuples"));
+  if (!fa) throw pybind11::error_already_set();
+  const pybind11::object fb = pybind11::reinterpret_steal<pybind11::object>(
+      PySequence_Fast(b.ptr(), "same_objects takes lists or tuples"));
+  if (!fb) throw pybind11::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fa.ptr());
+  if (n != PySequence_Fast_GET_SIZE(fb.ptr())) return false;
+  PyObject** ia = PySequence_Fast_ITEMS(fa.ptr());
+  PyObject** ib = PySequence_Fast_ITEMS(fb.ptr());
+  return std::equal(ia, ia + n, ib);
+}
 
 std::string isa_name(CpuIsa isa) {
   return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "default";
@@ -675,7 +733,10 @@ PYBIND11_MODULE(_C, m) {
                     std::vector<int64_t>>(),
            py::arg("params"), py::arg("grad_views"), py::arg("ptrs"), py::arg("gptrs"))
       .def("intact", &mc::BucketCheck::intact,
-           "Every parameter at its address, its .grad the flat view, the view at its address.");
+           "Every parameter at its address, its .grad the flat view, the view at its address.")
+      .def("buffers", &mc::BucketCheck::buffers, py::arg("state"), py::arg("buf_views"),
+           "0: every state[p]['momentum_buffer'] is its flat view; 1: none has a buffer; 2: "
+           "otherwise.");
   py::class_<mc::GradWatch>(m, "GradWatch",
                             "optim.clip_grad_norm_'s record of the gradients it measured.")
       .def(py::init<std::vector<py::object>>(), py::arg("params"))
@@ -683,6 +744,8 @@ PYBIND11_MODULE(_C, m) {
            "-1 if the groups hold the measured parameters, each with its measured gradient "
            "unwritten (or none); else the first position that differs.")
       .def_property_readonly("params", &mc::GradWatch::params);
+  m.def("same_objects", &mc::same_objects, py::arg("a"), py::arg("b"),
+        "Whether two lists/tuples hold the same objects in order (identity, not ==).");
   m.def("kernel_ready", &mc::kernel_ready,
         "For the optimizer's per-tensor planning: whether the kernels take each (param, grad, "
         "buffer or None) as it is (else optim._check_loose decides).",

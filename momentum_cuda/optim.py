@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -335,18 +334,18 @@ def _what(p) -> str:
     return f"parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
 
 
-def _ids(group) -> tuple:
-    return tuple(map(id, group["params"]))
+def _same_params(lay, group) -> bool:
+    """The group holds the parameters its layout was made for, in order (by identity)."""
+    return _C.same_objects(lay.params, group["params"])
 
 
 @dataclass
 class _GroupLayout:
     """What the flat layout made of one param group. `group` is held, so its id cannot be
-    reused while the layout exists; `ids` are its parameters' ids when it was made (the
-    buckets hold the parameters, so these ids cannot be reused either)."""
+    reused while the layout exists; `params` are its parameters when it was made."""
 
     group: dict
-    ids: tuple
+    params: tuple
     buckets: list
     outside: list
     # id -> data_ptr() of parameters that could be laid out but must stay where they are
@@ -609,7 +608,7 @@ class _FusedMomentum(Optimizer):
             self._fill_group_defaults()
             self._layouts = {}
             for lay, group in zip(old, self.param_groups):
-                if lay is not None and lay.ids == _ids(group):
+                if lay is not None and _same_params(lay, group):
                     lay.group = group
                     self._layouts[id(group)] = lay
             return
@@ -670,7 +669,7 @@ class _FusedMomentum(Optimizer):
             b.spans = None  # (views of the old flat buffer, which _private would count too)
         buckets, stuck = self._make_buckets(group["params"]) if self._lays_out else ([], {})
         bucketed = {id(p) for b in buckets for p in b.params}
-        lay = _GroupLayout(group, _ids(group), buckets,
+        lay = _GroupLayout(group, tuple(group["params"]), buckets,
                            [p for p in group["params"] if id(p) not in bucketed], stuck)
         self._layouts[id(group)] = lay
         return lay
@@ -683,7 +682,7 @@ class _FusedMomentum(Optimizer):
         out, relaid = [], False
         for g in self.param_groups:
             lay = self._layouts.get(id(g))
-            if lay is None or lay.group is not g or lay.ids != _ids(g):
+            if lay is None or lay.group is not g or not _same_params(lay, g):
                 lay = self._layout_group(g)
                 relaid = True
             out.append((g, lay))
@@ -1326,14 +1325,11 @@ class _FusedMomentum(Optimizer):
             return None  # a parameter moved, has no gradient or another one: one by one
         first = new = False
         if use_buf:
-            sget = self.state.get  # inlined _buffer(): this runs for every parameter, every step
-            bufs = [None if (st := sget(p)) is None else st.get("momentum_buffer")
-                    for p in b.params]
-            if b.flat_buf is not None and all(map(operator.is_, bufs, b.buf_views)):
-                pass
-            elif all(x is None for x in bufs):
+            # state[p]["momentum_buffer"] of every parameter, read in C++ (once per step)
+            kind = b.check.buffers(self.state, b.buf_views if b.flat_buf is not None else None)
+            if kind == 1:
                 first, new = not self._ema, True
-            else:
+            elif kind != 0:
                 return None
         return [b, 0, len(b.params), first, new]
 

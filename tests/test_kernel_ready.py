@@ -72,3 +72,65 @@ def test_both_answers_occur():
     ready = {case for case in CASES if _C.kernel_ready(*([x] for x in CASES[case]()))[0]}
     assert ready == {"fp32", "no buffer", "bf16", "fp16 channels_last", "empty",
                      "fp32 grad transposed"}
+
+
+def _bucket(n=5):
+    """A BucketCheck over n parameters with flat gradient and buffer views, and those views."""
+    flat_p, flat_g, flat_b = (torch.randn(3 * n) for _ in range(3))
+    params = [torch.nn.Parameter(flat_p[3 * i:3 * i + 3]) for i in range(n)]
+    gviews = [flat_g[3 * i:3 * i + 3] for i in range(n)]
+    bviews = [flat_b[3 * i:3 * i + 3] for i in range(n)]
+    for p, g in zip(params, gviews):
+        p.grad = g
+    check = _C.BucketCheck(params, gviews, [p.data_ptr() for p in params],
+                           [g.data_ptr() for g in gviews])
+    return check, params, bviews
+
+
+def _state(params, bufs):
+    from collections import defaultdict
+    state = defaultdict(dict)
+    for p, b in zip(params, bufs):
+        if b is not ...:
+            state[p]["momentum_buffer"] = b
+    return state
+
+
+@pytest.mark.parametrize("case,want", [
+    ("all views", 0), ("no entries", 1), ("all None", 1), ("entries without key", 1),
+    ("one None", 2), ("one other tensor", 2), ("one missing", 2), ("views list short", 2),
+    ("no views list", 1), ("entry not a dict", 2), ("state not a dict", 2),
+])
+def test_bucket_buffers(case, want):
+    """BucketCheck.buffers (optim._whole_bucket_run's read of state[p]['momentum_buffer'] for a
+    whole bucket): 0 only if every buffer is its flat view, 1 only if none has one, else 2."""
+    check, params, views = _bucket()
+    views_arg = list(views)
+    if case == "all views":
+        state = _state(params, views)
+    elif case == "no entries":
+        state = _state(params, [...] * 5)
+    elif case == "all None":
+        state = _state(params, [None] * 5)
+    elif case == "entries without key":
+        state = _state(params, [...] * 5)
+        for p in params:
+            state[p]["other"] = 1
+    elif case == "one None":
+        state = _state(params, views[:2] + [None] + views[3:])
+    elif case == "one other tensor":
+        state = _state(params, views[:4] + [views[4].clone()])
+    elif case == "one missing":
+        state = _state(params, views[:1] + [...] + views[2:])
+    elif case == "views list short":
+        state = _state(params, views)
+        views_arg = views_arg[:4]
+    elif case == "no views list":
+        state = _state(params, [None] * 5)
+        views_arg = None
+    elif case == "entry not a dict":
+        state = _state(params, views)
+        state[params[2]] = [views[2]]
+    else:
+        state = list(_state(params, views).items())
+    assert check.buffers(state, views_arg) == want
