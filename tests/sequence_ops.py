@@ -373,6 +373,15 @@ def apply_one(op, side, cfg):
     if name == "clip_norm":
         max_norm, norm_type = a
         return nn.utils.clip_grad_norm_(_dense_grads(side), max_norm, norm_type=norm_type)
+    if name == "clip_step":  # ours: opt.clip_grad_norm_ (the clip applied inside step());
+        max_norm, norm_type = a  # torch: clip_grad_norm_ over the same parameters, then step
+        if isinstance(opt, momentum_cuda.optim._FusedMomentum):
+            norm = opt.clip_grad_norm_(max_norm, norm_type=norm_type)
+        else:
+            norm = nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                            max_norm, norm_type=norm_type)
+        opt.step()
+        return norm
     if name == "clip_value":
         nn.utils.clip_grad_value_(_dense_grads(side), a[0])
         return None
@@ -688,7 +697,7 @@ def run_sequence(cfg: Config, ops) -> str:
         raise Mismatch(f"{e}\n  before any op; replay with:\n{replay(cfg, ops, -1)}") from None
     for i, op in enumerate(ops):
         for part in parts(op):
-            stepping = part[0] == "step"
+            stepping = part[0] in ("step", "clip_step")
             snap = snapshot(ours) if stepping else None
             (r_t, e_t, w_t), (r_o, e_o, w_o) = apply_both(part, ours, theirs, cfg)
             try:

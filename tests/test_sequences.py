@@ -16,6 +16,7 @@ values: -0.0 is not +0.0). The failure message prints the whole sequence so far 
 Operations: backward over a random subset of branches (fresh random inputs; several in a row
 accumulate), zero_grad(set_to_none=True/False) on the optimizer or the model, step(), the usual
 loop's zero_grad + backward + step as one operation, clip_grad_norm_ / clip_grad_value_,
+opt.clip_grad_norm_ + step() (against torch's clip_grad_norm_ + step: the clip inside the step),
 p.grad.mul_ over every existing gradient, p.grad = None, p.grad = a fresh tensor (sometimes
 channels_last), p.data = p.data.clone(), p.data = fresh values, p.mul_ under no_grad,
 model.to(dtype) / .half() / .float() / ..., model.to(memory_format=channels_last /
@@ -152,6 +153,8 @@ def _op_args(kind: str) -> dict:
         "clip_norm": t(st.sampled_from([0.01, 0.5, 10.0]),
                        st.sampled_from([2.0, 1.0, float("inf")])),
         "clip_value": t(st.sampled_from([0.01, 0.3])),
+        "clip_step": t(st.sampled_from([0.01, 0.5, 10.0]),
+                       st.sampled_from([2.0, 1.0, float("inf")])),
         # 1e38 overflows to inf (then inf - inf: NaN), as an unscaled fp16 loss may; nan too
         "grad_mul": t(st.sampled_from([0.5, -1.0, 3.0, 0.0, 1e38, float("nan")])),
         "grad_none": t(K),
@@ -180,7 +183,7 @@ def _op_args(kind: str) -> dict:
 
 # how often each operation is drawn (relative): backward and step most often
 WEIGHTS = {"backward": 6, "step": 4, "train_step": 3, "zero_grad": 3, "freeze_module": 3,
-           "grad_bucket": 4}
+           "grad_bucket": 4, "clip_step": 3}
 _ARGS = {kind: _op_args(kind) for kind in ("sgd", "momentum")}
 OPS = sorted(_ARGS["sgd"])
 _NAMES = st.sampled_from([n for n in OPS for _ in range(WEIGHTS.get(n, 1))])
