@@ -55,6 +55,8 @@ tensors wherever they live. A 1-element fp32/fp64 tensor lr is read by the kerne
 device. GradScaler hands the step its grad_scale and found_inf (_step_supports_amp_scaling):
 the kernels unscale and skip on the device; a step that would create momentum buffers reads
 found_inf on the host first, so that an overflow-skipped first step leaves no state.
+clip_grad_norm_ returns torch's total norm and leaves the multiply to the next step's kernels
+(_Clip), which check first that the gradients are still the ones measured.
 """
 from __future__ import annotations
 

@@ -270,16 +270,21 @@ CLIP = (0.25, None, 1e6, 0.25, None, 0.25)  # max_norm per step (None: no clippi
 
 def fsdp2_steps(ctx: Ctx, pairs, *, seed: int, steps: int, first_step: int = 0, what=""):
     """`steps` training steps of each (model, opt) in `pairs`: forward on this rank's fresh
-    inputs, backward, clip_grad_norm_ (some steps), step, compare every later pair with the
-    first (pairs[0] is torch's twin), then zero_grad, set_to_none True and False in turn."""
+    inputs, backward, clip_grad_norm_ (some steps; ours' own opt.clip_grad_norm_ on every other
+    one of those: DTensor gradients, so torch's clip runs inside its step), step, compare every
+    later pair with the first (pairs[0] is torch's twin), then zero_grad, set_to_none True and
+    False in turn."""
     (tm, topt), rest = pairs[0], pairs[1:]
     for k in range(first_step, first_step + steps):
         x, y = mlp_data(ctx, seed, k)
         norms = []
-        for m, o in pairs:
+        for i, (m, o) in enumerate(pairs):
             F.mse_loss(m(x), y).backward()
-            if CLIP[k % len(CLIP)] is not None:
-                norms.append(nn.utils.clip_grad_norm_(m.parameters(), CLIP[k % len(CLIP)]))
+            max_norm = CLIP[k % len(CLIP)]
+            if max_norm is not None and i > 0 and k % 2 == 0:
+                norms.append(o.clip_grad_norm_(max_norm))
+            elif max_norm is not None:
+                norms.append(nn.utils.clip_grad_norm_(m.parameters(), max_norm))
             o.step()
         for i, (m, o) in enumerate(rest):
             label = f"{what}step {k + 1}{f' (ours #{i + 1})' if len(rest) > 1 else ''}:"
@@ -571,9 +576,13 @@ def ddp_train(ctx: Ctx, *, find_unused: bool, bucket_view: bool, static: bool, f
                 sync = j == len(patterns) - 1
                 with contextlib.nullcontext() if sync else model.no_sync():
                     F.mse_loss(model(x, _uses(pattern, ctx.rank)), y).backward()
+        label = f"step {k + 1} ({'+'.join(patterns)}, zero_grad(set_to_none={set_to_none})):"
+        if k % 2:  # opt.clip_grad_norm_: the clip inside the step, DDP's gradients in its buckets
+            ctx.check.tensor(opt.clip_grad_norm_(0.3),
+                             nn.utils.clip_grad_norm_(td.parameters(), 0.3),
+                             f"{label} clip_grad_norm_ total norm")
         opt.step()
         topt.step()
-        label = f"step {k + 1} ({'+'.join(patterns)}, zero_grad(set_to_none={set_to_none})):"
         ctx.check.twins(d, opt, td, topt, label)
         ctx.record("paths", paths(opt))
         ctx.record("torch_grad_none", [n for n, p in td.named_parameters() if p.grad is None])
