@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import pytest
 import torch
@@ -197,3 +198,50 @@ def test_gradscaler_unscale_clip_step(flat):
             scaler.update()
         assert scalers[0].get_scale() == scalers[1].get_scale(), f"step {k + 1}: scale"
         _same(ours, ref, opt, topt, f"step {k + 1}")
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_gradscaler_checkpoint_mid_training(flat):
+    """Model, optimizer and GradScaler saved (torch.save) after an overflow and loaded into new
+    ones, which train on: the bits of torch's optimizer and GradScaler doing the same. The
+    scale, its growth tracker and the momentum buffers come back from the checkpoints."""
+    import io
+    ours, ref = _model(seed=28)
+    opt, topt = _pair("sgd", ours, ref, flat)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
+               for _ in range(2)]
+    gen = torch.Generator().manual_seed(29)
+
+    def train(k, model, o, scaler):
+        o.zero_grad()
+        loss = model(torch.randn(5, 7, generator=torch.Generator().manual_seed(100 + k)))
+        scaler.scale(loss.square().mean() * (math.inf if k == 2 else 1.0)).backward()
+        scaler.step(o)
+        scaler.update()
+    for k in range(4):
+        for model, o, scaler in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            train(k, model, o, scaler)
+    sides = []
+    for model, o, scaler, make in ((ours, opt, scalers[0], lambda m: _pair("sgd", m, m, flat)[0]),
+                                   (ref, topt, scalers[1], lambda m: _pair("sgd", m, m, flat)[1])):
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": o.state_dict(),
+                    "scaler": scaler.state_dict()}, buf)
+        buf.seek(0)
+        ck = torch.load(buf)
+        m2 = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in m2.parameters():
+                p.zero_()
+        m2.load_state_dict(ck["model"])
+        o2 = make(m2)
+        o2.load_state_dict(ck["opt"])
+        s2 = torch.amp.GradScaler("cpu")
+        s2.load_state_dict(ck["scaler"])
+        sides.append((m2, o2, s2))
+    (m_o, o_o, s_o), (m_t, o_t, s_t) = sides
+    for k in range(4, 9):
+        train(k, m_o, o_o, s_o)
+        train(k, m_t, o_t, s_t)
+        assert s_o.get_scale() == s_t.get_scale(), f"step {k + 1}: scale"
+        _same(m_o, m_t, o_o, o_t, f"resumed step {k + 1}")
