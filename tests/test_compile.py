@@ -208,3 +208,34 @@ def test_eager_clip_then_compiled_step(flat):
         _same(ours, ref, opt, topt, f"step {k + 1}")
         opt.zero_grad()
         topt.zero_grad()
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_compiled_steps_around_model_to_and_deepcopy(flat):
+    """Compiled steps, then model.to(float64) (new parameter tensors' data, buffers of the old
+    dtype kept as torch keeps them), more compiled steps, then a deepcopy of (model, optimizer)
+    stepped by a compiled step of its own: torch's bits throughout."""
+    ours, ref = _model(seed=23)
+    opt, topt = _pair("sgd", ours, ref, flat)
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(24)
+
+    def one(k, m, o, tm, to, fn):
+        x = torch.randn(5, 7, generator=gen)
+        _grads(m, x.to(next(m.parameters()).dtype))
+        _grads(tm, x.to(next(tm.parameters()).dtype))
+        fn()
+        to.step()
+        _same(m, tm, o, to, f"step {k + 1}")
+        o.zero_grad()
+        to.zero_grad()
+    for k in range(2):
+        one(k, ours, opt, ref, topt, step)
+    ours.to(torch.float64)
+    ref.to(torch.float64)
+    for k in range(2, 4):
+        one(k, ours, opt, ref, topt, step)
+    (ours2, opt2), (ref2, topt2) = copy.deepcopy((ours, opt)), copy.deepcopy((ref, topt))
+    step2 = torch.compile(opt2.step, fullgraph=True, backend="aot_eager")
+    for k in range(4, 6):
+        one(k, ours2, opt2, ref2, topt2, step2)
