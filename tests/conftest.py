@@ -148,6 +148,24 @@ def assert_same(ours, ref, opt=None, topt=None, what=""):
                     f"{(a.double() - b.double()).abs().max().item()}")
 
 
+def assert_twins(ours, ref, opt, topt, what=""):
+    """Two trained twins (modules, or lists of parameters) bit for bit: every parameter, each
+    gradient's presence and bits (NaN and inf included), each momentum buffer's presence and
+    bits."""
+    ours = list(ours.parameters()) if hasattr(ours, "parameters") else list(ours)
+    ref = list(ref.parameters()) if hasattr(ref, "parameters") else list(ref)
+    assert len(ours) == len(ref)
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        assert torch.equal(bits(p), bits(q)), f"{what}: parameter {i}"
+        assert (p.grad is None) == (q.grad is None), f"{what}: gradient presence {i}"
+        if p.grad is not None:
+            assert torch.equal(bits(p.grad), bits(q.grad)), f"{what}: gradient {i}"
+        ob, tb = momentum_buffer(opt, p), momentum_buffer(topt, q)
+        assert (ob is None) == (tb is None), f"{what}: buffer presence {i}"
+        if tb is not None:
+            assert torch.equal(bits(ob), bits(tb)), f"{what}: momentum buffer {i}"
+
+
 def run_steps(opt, ours, topt, ref, *, steps=STEPS, seed=0, mode="backward", skip=(),
               expect_path=None, check_grads=True, before_step=None):
     """`steps` steps of both optimizers with identical fresh random gradients; parameters and

@@ -20,7 +20,7 @@ import torch
 
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
-from conftest import no_host_reads
+from conftest import assert_twins, no_host_reads
 
 STEPS = 9
 OVERFLOW_DEFAULT = (0, 3, 4)  # step 1, and two in a row
@@ -44,23 +44,6 @@ def _pair(kind, ours, ref, flat):
     h = dict(lr=0.05, momentum=0.8, weight_decay=1e-3)
     return (momentum_cuda.Momentum(ours.parameters(), flat=flat, **h),
             MomentumReference(ref.parameters(), **h))
-
-
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _same(ours, ref, opt, topt, what):
-    for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
-        assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: parameter {i}"
-        assert (p.grad is None) == (q.grad is None), f"{what}: gradient presence {i}"
-        if p.grad is not None:
-            assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
-        tb = topt.state[q].get("momentum_buffer") if q in topt.state else None
-        ob = opt.state[p].get("momentum_buffer") if p in opt.state else None
-        assert (ob is None) == (tb is None), f"{what}: buffer presence {i}"
-        if tb is not None:
-            assert torch.equal(_bits(ob), _bits(tb)), f"{what}: momentum buffer {i}"
 
 
 def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast=None,
@@ -89,7 +72,7 @@ def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast
                 scaler.step(o)
             scaler.update()
         assert scalers[0].get_scale() == scalers[1].get_scale(), f"step {k + 1}: scale"
-        _same(ours, ref, opt, topt, f"step {k + 1}{' (overflow)' if k in overflow else ''}")
+        assert_twins(ours, ref, opt, topt, f"step {k + 1}{' (overflow)' if k in overflow else ''}")
     return opt
 
 
@@ -197,7 +180,7 @@ def test_gradscaler_unscale_clip_step(flat):
             scaler.step(o)
             scaler.update()
         assert scalers[0].get_scale() == scalers[1].get_scale(), f"step {k + 1}: scale"
-        _same(ours, ref, opt, topt, f"step {k + 1}")
+        assert_twins(ours, ref, opt, topt, f"step {k + 1}")
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
@@ -244,4 +227,4 @@ def test_gradscaler_checkpoint_mid_training(flat):
         train(k, m_o, o_o, s_o)
         train(k, m_t, o_t, s_t)
         assert s_o.get_scale() == s_t.get_scale(), f"step {k + 1}: scale"
-        _same(m_o, m_t, o_o, o_t, f"resumed step {k + 1}")
+        assert_twins(m_o, m_t, o_o, o_t, f"resumed step {k + 1}")

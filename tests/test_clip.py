@@ -20,7 +20,7 @@ import torch
 
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
-from conftest import no_host_reads
+from conftest import assert_twins, bits, no_host_reads
 
 STEPS = 6
 
@@ -43,23 +43,6 @@ def _pair(kind, ours, ref, flat, **extra):
          else dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True))
     return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h, **extra),
             torch.optim.SGD(ref.parameters(), foreach=False, **h))
-
-
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _same(ours, ref, opt, topt, what):
-    for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
-        assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: parameter {i}"
-        assert (p.grad is None) == (q.grad is None), f"{what}: gradient presence {i}"
-        if p.grad is not None:
-            assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
-        tb = topt.state[q].get("momentum_buffer") if q in topt.state else None
-        ob = opt.state[p].get("momentum_buffer") if p in opt.state else None
-        assert (ob is None) == (tb is None), f"{what}: buffer presence {i}"
-        if tb is not None:
-            assert torch.equal(_bits(ob), _bits(tb)), f"{what}: momentum buffer {i}"
 
 
 def _paths(opt):
@@ -89,9 +72,9 @@ def test_clip_bitwise(kind, flat, dtype):
             opt.step()
         tnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORMS[k])
         topt.step()
-        assert norm.dtype == tnorm.dtype and torch.equal(_bits(norm), _bits(tnorm)), \
+        assert norm.dtype == tnorm.dtype and torch.equal(bits(norm), bits(tnorm)), \
             f"step {k + 1}: total norm"
-        _same(ours, ref, opt, topt, f"step {k + 1}")
+        assert_twins(ours, ref, opt, topt, f"step {k + 1}")
         assert _paths(opt) == ["flat" if flat else "per-tensor"], _paths(opt)
 
 
@@ -107,7 +90,7 @@ def test_clip_is_not_a_no_op():
     opt.step()
     topt.step()
     with pytest.raises(AssertionError, match="parameter"):
-        _same(ours, ref, opt, topt, "unclipped")
+        assert_twins(ours, ref, opt, topt, "unclipped")
 
 
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.5, math.inf])
@@ -127,7 +110,7 @@ def test_clip_norm_types(norm_type, foreach):
         opt.step()
         topt.step()
         assert torch.equal(norm, tnorm), f"step {k + 1}: norm"
-        _same(ours, ref, opt, topt, f"step {k + 1}")
+        assert_twins(ours, ref, opt, topt, f"step {k + 1}")
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
@@ -157,9 +140,9 @@ def test_clip_with_gradscaler(flat, init_scale):
                     tnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
                 scaler.step(o)
             scaler.update()
-        assert torch.equal(_bits(norm), _bits(tnorm)), f"step {k + 1}: norm"
+        assert torch.equal(bits(norm), bits(tnorm)), f"step {k + 1}: norm"
         assert scalers[0].get_scale() == scalers[1].get_scale(), f"step {k + 1}: scale"
-        _same(ours, ref, opt, topt, f"step {k + 1}")
+        assert_twins(ours, ref, opt, topt, f"step {k + 1}")
         if k > 0:  # step 1 creates the buffers: found_inf is read on the host, torch clips
             assert _paths(opt) == ["flat" if flat else "per-tensor"], (k, _paths(opt))
     assert any("momentum_buffer" in st for st in opt.state.values())
@@ -183,7 +166,7 @@ def test_clip_on_scaled_gradients_runs_torch_clip_first():
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
             scaler.step(o)
             scaler.update()
-        _same(ours, ref, opt, topt, f"step {k + 1}")
+        assert_twins(ours, ref, opt, topt, f"step {k + 1}")
         assert _paths(opt) == ["torch-clip", "flat"], _paths(opt)
 
 
@@ -223,7 +206,7 @@ def test_clip_twice_measures_the_clipped_gradients():
     assert torch.equal(n1, t1) and torch.equal(n2, t2)
     opt.step()
     topt.step()
-    _same(ours, ref, opt, topt, "two clips")
+    assert_twins(ours, ref, opt, topt, "two clips")
 
 
 def test_zero_grad_drops_the_clip():
@@ -242,7 +225,7 @@ def test_zero_grad_drops_the_clip():
         o.zero_grad()
         model(x2).square().mean().backward()
         o.step()
-    _same(ours, ref, opt, topt, "after zero_grad")
+    assert_twins(ours, ref, opt, topt, "after zero_grad")
 
 
 def _changes():
