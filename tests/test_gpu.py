@@ -140,13 +140,17 @@ def test_opcheck_on_gpu(backend, dtype, kind):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gradscaler_in_the_cuda_kernel(dtype, flat):
+def test_gradscaler_in_the_cuda_kernel(dtype, flat, clip):
     """GradScaler hands the CUDA backend grad_scale and found_inf (_step_supports_amp_scaling):
     the kernel unscales in the step's pass and skips overflowed steps on the device. Bitwise
     against GradScaler + torch.optim.SGD(foreach=False), gradients included, with overflows on
-    step 1 and twice in a row, and a scale that is not a power of two."""
+    step 1 and twice in a row, and a scale that is not a power of two. With clip: torch's AMP
+    recipe (scaler.unscale_, clip_grad_norm_, scaler.step) with opt.clip_grad_norm_, whose
+    coefficient the kernel reads on the device and multiplies in the same pass (not torch's
+    clip: path "torch-clip" only on the overflowed step 1); the total norms are equal too."""
     if not momentum_cuda.available_backends()["cuda"][0]:
         pytest.skip(momentum_cuda.available_backends()["cuda"][1])
     ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=31)
@@ -160,66 +164,31 @@ def test_gradscaler_in_the_cuda_kernel(dtype, flat):
     bits = {2: torch.int16, 4: torch.int32}
     for step in range(8):
         grads = [torch.randn(p.shape, generator=g).to(dtype).cuda() for p in ours]
+        norms = []
         for params, o, s in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
             loss = sum((p.float() * gr.float()).sum() for p, gr in zip(params, grads))
             if step in (0, 3, 4):
                 loss = loss * float("inf")
             o.zero_grad()
             s.scale(loss).backward()
+            if clip:
+                s.unscale_(o)
+                norms.append(o.clip_grad_norm_(0.5) if o is opt
+                             else torch.nn.utils.clip_grad_norm_(params, 0.5))
             s.step(o)
             s.update()
         assert scalers[0].get_scale() == scalers[1].get_scale()
+        if clip:
+            n, tn = norms
+            assert n.dtype == tn.dtype
+            assert torch.equal(n.view(bits[n.element_size()]), tn.view(bits[tn.element_size()]))
+            if step > 0:
+                assert "torch-clip" not in [e["path"] for e in opt.last_step], opt.last_step
         for i, (p, q) in enumerate(zip(ours, ref)):
             b = bits[p.element_size()]
             assert torch.equal(p.detach().view(b), q.detach().view(b)), f"step {step + 1} p{i}"
             assert torch.equal(p.grad.view(b), q.grad.view(b)), f"step {step + 1} grad {i}"
             assert ("momentum_buffer" in opt.state[p]) == ("momentum_buffer" in topt.state[q])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("flat", [True, False])
-def test_clip_in_the_cuda_kernel(dtype, flat):
-    """torch's AMP recipe with momentum_cuda's clip: scaler.unscale_, opt.clip_grad_norm_,
-    scaler.step. The CUDA kernel multiplies each gradient by the clip coefficient in the step's
-    pass (read on the device) and writes it back; bitwise against torch's clip_grad_norm_ +
-    torch.optim.SGD(foreach=False): norm, parameters, gradients, buffer presence, with
-    overflows on step 1 and twice in a row (skipped on the device after step 1)."""
-    if not momentum_cuda.available_backends()["cuda"][0]:
-        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
-    ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=33)
-    h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
-    opt = momentum_cuda.SGD(ours, backend="cuda", flat=flat, **h)
-    topt = torch.optim.SGD(ref, foreach=False, **h)
-    scalers = [torch.amp.GradScaler("cuda", init_scale=1000.0, growth_interval=2)
-               for _ in range(2)]
-    g = torch.Generator(device="cpu").manual_seed(34)
-    bits = {2: torch.int16, 4: torch.int32}
-    for step in range(8):
-        grads = [torch.randn(p.shape, generator=g).to(dtype).cuda() for p in ours]
-        for params, o, s in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
-            loss = sum((p.float() * gr.float()).sum() for p, gr in zip(params, grads))
-            if step in (0, 3, 4):
-                loss = loss * float("inf")
-            o.zero_grad()
-            s.scale(loss).backward()
-            s.unscale_(o)
-            if o is opt:
-                norm = o.clip_grad_norm_(0.5)
-            else:
-                tnorm = torch.nn.utils.clip_grad_norm_(params, 0.5)
-            s.step(o)
-            s.update()
-        assert norm.dtype == tnorm.dtype
-        assert torch.equal(norm.view(bits[norm.element_size()]),
-                           tnorm.view(bits[tnorm.element_size()])), f"step {step + 1}: norm"
-        assert scalers[0].get_scale() == scalers[1].get_scale()
-        for i, (p, q) in enumerate(zip(ours, ref)):
-            b = bits[p.element_size()]
-            assert torch.equal(p.detach().view(b), q.detach().view(b)), f"step {step + 1} p{i}"
-            assert torch.equal(p.grad.view(b), q.grad.view(b)), f"step {step + 1} grad {i}"
-            assert ("momentum_buffer" in opt.state[p]) == ("momentum_buffer" in topt.state[q])
-        if step > 0:
-            assert "torch-clip" not in [e["path"] for e in opt.last_step], opt.last_step
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
