@@ -534,48 +534,56 @@ class BucketCheck {
       hashes_.push_back(h);
     }
   }
-  /// The bucket's momentum buffers as the optimizer's state holds them (state[p]
-  /// ["momentum_buffer"] for every parameter, in one call): 0 if each is the bucket's flat view
-  /// in `buf_views`, 1 if none has one (no entry, no key or None), 2 otherwise (then Python
-  /// looks at each).
-  int buffers(const pybind11::object& state, const pybind11::object& buf_views) const {
-    if (!PyDict_Check(state.ptr())) return 2;
+  /// One pass over the bucket's parameters (each one's objects touched once, while in cache):
+  /// -1 if a parameter is not intact (it moved, or its .grad is not its flat view, or the view
+  /// moved); else, with `state` None 0, otherwise the momentum buffers as the optimizer's state
+  /// holds them (state[p]["momentum_buffer"]): 0 if each is its flat view in `buf_views`, 1 if
+  /// none has one (no entry, no key or None), 2 otherwise (then Python looks at each).
+  int check(const pybind11::object& state, const pybind11::object& buf_views) const {
+    const bool bufs = !state.is_none();
+    if (bufs && !PyDict_Check(state.ptr())) return intact_all() ? 2 : -1;
     const bool views = PyList_Check(buf_views.ptr()) &&
                        PyList_GET_SIZE(buf_views.ptr()) == static_cast<Py_ssize_t>(params_.size());
+    static PyObject* const key = PyUnicode_InternFromString("momentum_buffer");
     bool all_views = views, all_none = true;
     for (size_t i = 0; i < params_.size(); ++i) {
+      if (!intact(i)) return -1;
+      if (!bufs || (!all_none && !all_views)) continue;  // the kind is known: 2
       PyObject* entry = lookup(state.ptr(), params_[i].ptr(), hashes_[i]);
       if (entry == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
       PyObject* buf = nullptr;
       if (entry != nullptr) {
-        if (!PyDict_Check(entry)) return 2;
-        static PyObject* const key = PyUnicode_InternFromString("momentum_buffer");
+        if (!PyDict_Check(entry)) {
+          all_views = all_none = false;
+          continue;
+        }
         buf = PyDict_GetItem(entry, key);  // borrowed, no exception; the str caches its hash
       }
       if (buf == Py_None) buf = nullptr;
       all_none = all_none && buf == nullptr;
       all_views = all_views && buf != nullptr &&
                   buf == PyList_GET_ITEM(buf_views.ptr(), static_cast<Py_ssize_t>(i));
-      if (!all_none && !all_views) return 2;
     }
-    return all_views ? 0 : all_none ? 1 : 2;
-  }
-  bool intact() const {
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
-      const at::Tensor& g = p.grad();
-      // One TensorImpl has one Python object: the same impl is `p.grad is view`.
-      if (!g.defined() ||
-          g.unsafeGetTensorImpl() != THPVariable_Unpack(views_[i].ptr()).unsafeGetTensorImpl() ||
-          reinterpret_cast<int64_t>(p.data_ptr()) != ptrs_[i] ||
-          reinterpret_cast<int64_t>(g.data_ptr()) != gptrs_[i]) {
-        return false;
-      }
-    }
-    return true;
+    return !bufs || all_views ? 0 : all_none ? 1 : 2;
   }
 
  private:
+  /// Parameter i at its address, its .grad the flat view (one TensorImpl has one Python
+  /// object: the same impl is `p.grad is view`), the view at its address.
+  bool intact(size_t i) const {
+    const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
+    const at::Tensor& g = p.grad();
+    return g.defined() &&
+           g.unsafeGetTensorImpl() == THPVariable_Unpack(views_[i].ptr()).unsafeGetTensorImpl() &&
+           reinterpret_cast<int64_t>(p.data_ptr()) == ptrs_[i] &&
+           reinterpret_cast<int64_t>(g.data_ptr()) == gptrs_[i];
+  }
+  bool intact_all() const {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (!intact(i)) return false;
+    }
+    return true;
+  }
   static PyObject* lookup(PyObject* dict, PyObject* key, Py_hash_t hash) {
 #if PY_VERSION_HEX < 0x030E0000
     return _PyDict_GetItem_KnownHash(dict, key, hash);  // borrowed
@@ -732,11 +740,10 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<std::vector<py::object>, std::vector<py::object>, std::vector<int64_t>,
                     std::vector<int64_t>>(),
            py::arg("params"), py::arg("grad_views"), py::arg("ptrs"), py::arg("gptrs"))
-      .def("intact", &mc::BucketCheck::intact,
-           "Every parameter at its address, its .grad the flat view, the view at its address.")
-      .def("buffers", &mc::BucketCheck::buffers, py::arg("state"), py::arg("buf_views"),
-           "0: every state[p]['momentum_buffer'] is its flat view; 1: none has a buffer; 2: "
-           "otherwise.");
+      .def("check", &mc::BucketCheck::check, py::arg("state"), py::arg("buf_views"),
+           "-1: a parameter moved or its .grad is not its flat view (at its address); else "
+           "(state None) 0, or 0: every state[p]['momentum_buffer'] is its flat view; 1: none "
+           "has a buffer; 2: otherwise.");
   py::class_<mc::GradWatch>(m, "GradWatch",
                             "optim.clip_grad_norm_'s record of the gradients it measured.")
       .def(py::init<std::vector<py::object>>(), py::arg("params"))

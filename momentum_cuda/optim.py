@@ -1323,17 +1323,14 @@ class _FusedMomentum(Optimizer):
         run, or None to let the per-parameter classification decide."""
         if b.check is None:
             b.check = _C.BucketCheck(b.params, b.grad_views, b.ptrs, b.gptrs)
-        if not b.check.intact():
-            return None  # a parameter moved, has no gradient or another one: one by one
-        first = new = False
-        if use_buf:
-            # state[p]["momentum_buffer"] of every parameter, read in C++ (once per step)
-            kind = b.check.buffers(self.state, b.buf_views if b.flat_buf is not None else None)
-            if kind == 1:
-                first, new = not self._ema, True
-            elif kind != 0:
-                return None
-        return [b, 0, len(b.params), first, new]
+        # one C++ pass: addresses, flat gradient views, state[p]["momentum_buffer"]
+        kind = b.check.check(self.state if use_buf else None,
+                             b.buf_views if b.flat_buf is not None else None)
+        if kind == 1:  # no buffers yet
+            return [b, 0, len(b.params), not self._ema, True]
+        if kind != 0:  # a parameter moved, has no gradient or another one, or mixed buffers
+            return None
+        return [b, 0, len(b.params), False, False]
 
     def _keep_buffer(self, p, buf) -> bool:
         """buf becomes p's momentum buffer unless it has one (returns whether it did). Not

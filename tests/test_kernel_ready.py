@@ -102,8 +102,9 @@ def _state(params, bufs):
     ("no views list", 1), ("entry not a dict", 2), ("state not a dict", 2),
 ])
 def test_bucket_buffers(case, want):
-    """BucketCheck.buffers (optim._whole_bucket_run's read of state[p]['momentum_buffer'] for a
-    whole bucket): 0 only if every buffer is its flat view, 1 only if none has one, else 2."""
+    """BucketCheck.check (optim._whole_bucket_run's read of state[p]['momentum_buffer'] for a
+    whole bucket): 0 only if every buffer is its flat view, 1 only if none has one, else 2;
+    -1 whenever a parameter is not intact, whatever the buffers."""
     check, params, views = _bucket()
     views_arg = list(views)
     if case == "all views":
@@ -133,4 +134,8 @@ def test_bucket_buffers(case, want):
         state[params[2]] = [views[2]]
     else:
         state = list(_state(params, views).items())
-    assert check.buffers(state, views_arg) == want
+    assert check.check(state, views_arg) == want
+    assert check.check(None, None) == 0
+    params[3].grad = params[3].grad.clone()  # no longer its flat view
+    assert check.check(state, views_arg) == -1
+    assert check.check(None, None) == -1
