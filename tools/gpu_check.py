@@ -10,7 +10,7 @@ Evidence: under $OUT when it is set (a rented GPU machine returns only that fold
 benchmarks/results/gpu-<UTC date and time>/. At most 8 files (FILES below): check.log (every
 stage's output, appended line by line as it runs) and summary.txt (a verdict line per stage,
 rewritten after each stage, at most ~4,000 characters, printed last), plus the benchmark's JSON,
-CSV and plot, each rewritten after every benchmark case. A run cut at any point leaves everything
+CSV and plot (the AMP+clip run's JSON only), each rewritten after every benchmark case. A run cut at any point leaves everything
 that finished before the cut, and the cut stage's output up to it.
 
 Stages, in the order of what they prove. Each runs under its own timeout, min(budget, time left
@@ -39,8 +39,11 @@ the last stage, the rest of the benchmark.
                          for-loop, foreach, fused; copy bandwidth
   memcheck         80 s  compute-sanitizer memcheck on exact-size  tools/gpu_smoke.py on the CPU
                          tensors, caching allocator off
-  bench-rest     (rest)  every layout (ddp-gpt2: DDP bucket views;  tiny, on the CPU, many-small,
-                         fsdp2-gpt2, DTensors, last) and           ddp-gpt2 and fsdp2-gpt2
+  bench-rest     (rest)  first --ampclip (GradScaler unscale_,    --ampclip: 148 tiny tensors
+                         clip_grad_norm_, step, update vs torch's; and 100K; then tiny, on the
+                         cases started within 40 s), then every    CPU, many-small, ddp-gpt2
+                         layout (ddp-gpt2: DDP bucket views;       and fsdp2-gpt2
+                         fsdp2-gpt2, DTensors, last) and
                          implementation, 10M, 1M, 100M, while
                          time is left
 
@@ -77,10 +80,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("summary.txt", "check.log", "bench-headline.json", "bench-headline.csv",
-         "bench-headline.png", "bench-rest.json", "bench-rest.csv")
+         "bench-headline.png", "bench-ampclip.json", "bench-rest.json", "bench-rest.csv")
 MAX_FILES = 8  # what a rented machine returns from $OUT
 SUMMARY_MAX = 4000  # characters; the command's output keeps its last 12,000
 RESERVE_S = 10  # kept back from the deadline for the summary
+AMPCLIP_CAP_S = 40  # bench-rest's first part, the AMP+clip cases (3 small ones by default)
 MIN_STAGE_S = 5  # a stage given less than this is skipped, not started
 DTYPE_IDS = ("torch.float32", "torch.float64", "torch.bfloat16", "torch.float16")
 HEADLINE_IMPLS = ("mc-flat-cuda", "mc-flat-triton", "torch-forloop", "torch-foreach",
@@ -405,10 +409,11 @@ def fsdp_verdict(label: str, p: Proc) -> tuple[bool, str]:
                                          if bad else _tail(p.out, 2, 120)))
 
 
-def _bench(ctx: Ctx, name: str, gpu_args: list, dry_args: list) -> tuple[str, str]:
+def _bench(ctx: Ctx, name: str, gpu_args: list, dry_args: list,
+           cap: float | None = None) -> tuple[str, str]:
     # --budget-s only stops new cases from starting; a running 1 B case must still finish.
     margin = 30
-    budget = max(1, int(ctx.left() - margin))
+    budget = max(1, int(min(ctx.left() - margin, cap if cap is not None else ctx.left())))
     args = dry_args if ctx.dry else gpu_args
     r = ctx.run([ctx.py, "-m", "momentum_cuda", "bench", *args, "--out", ctx.out, "--name", name,
                  "--budget-s", budget])
@@ -476,12 +481,21 @@ def sanitizer_verdict(out: str, rc: int | None) -> tuple[str, str]:
 
 
 def bench_rest(ctx: Ctx) -> tuple[str, str]:
+    """First the AMP+clip step (bench --ampclip: GradScaler.unscale_, clip_grad_norm_, step,
+    update, against torch's; at most AMPCLIP_CAP_S of starting cases), then the other layouts
+    while time is left."""
+    amp_gpu = ["--ampclip", "--device", "cuda", "--formats", "json"]
+    amp_dry = ["--ampclip", "--device", "cpu", "--tensors", "148", "--params", "100K", "--quick",
+               "--formats", "json"]
+    v_amp, what_amp = _bench(ctx, "bench-ampclip", amp_gpu, amp_dry, cap=AMPCLIP_CAP_S)
     gpu = ["--device", "cuda", "--params", "10M", "1M", "100M", "--layouts", "many-small",
            "resnet50", "few-large", "gpt2", "ddp-gpt2", "fsdp2-gpt2", "--formats", "json", "csv"]
     dry = ["--device", "cpu", "--params", "100K", "--layouts", "many-small", "ddp-gpt2",
            "fsdp2-gpt2",
            "--dtypes", "float32", "--quick", "--formats", "json", "csv"]
-    return _bench(ctx, "bench-rest", gpu, dry)
+    v_rest, what_rest = _bench(ctx, "bench-rest", gpu, dry)
+    verdict = v_rest if v_amp == PASS else v_amp
+    return verdict, f"ampclip: {what_amp}; rest: {what_rest}"
 
 
 @dataclasses.dataclass
