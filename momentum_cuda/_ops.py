@@ -6,17 +6,24 @@
         Declared with their schemas in csrc/momentum_ops.cpp (TORCH_LIBRARY), with a CPU and a
         CUDA implementation there; importing momentum_cuda._C registers them.
     triton_sgd_step_flat_, triton_sgd_step_list_
-        The same schemas for the Triton kernels (torch.library.custom_op, below), less
-        GradScaler's two tensors and the clip coefficient, which the Triton kernels do not read
-        yet (an optimizer on that backend does not claim _step_supports_amp_scaling, and
-        multiplies a pending clip into the gradients with torch's op): the kernels read a
-        pointer table, which inductor cannot trace into, so the op is opaque to it.
+        The Triton kernels (torch.library.custom_op, below) without gradient writes: the
+        schemas above less grad_scale and clip_coef (found_inf, which only skips the update, is
+        taken); the gradients are read only.
+    triton_sgd_step_amp_flat_, triton_sgd_step_amp_list_
+        The same with GradScaler's grad_scale and found_inf and the clip coefficient, the
+        keywords of the schemas above; they declare the gradients written (unscaled and
+        clipped in place), which a custom_op bumps on every call, so they are called only
+        when grad_scale or clip_coef is given. The Triton ops are opaque to inductor (the list
+        kernel reads a pointer table, which it cannot trace into).
 
 Each op writes param(s) and momentum buffer(s) in place, reads the gradients (and, given
 GradScaler's grad_scale or a clip coefficient, writes them back unscaled and clipped;
-found_inf != 0 skips the update) and returns nothing; lr_tensor (a 1-element fp32/fp64 tensor on the parameters' device) is read in place of
-lr, on the device (no host sync); its fake kernel (for FakeTensor, torch.compile and opcheck) has
-nothing to compute and checks only that the tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend.
+found_inf != 0 skips the update) and returns nothing; lr_tensor (a 1-element fp32/fp64 tensor
+on the parameters' device) is read in place of lr, on the device (no host sync); its fake kernel
+(for FakeTensor, torch.compile and opcheck) has nothing to compute and checks only that the
+tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend: for "triton"
+two small functions that call the amp op when grad_scale or clip_coef is given and the plain
+one otherwise.
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ _FLAT = "momentum_cuda::sgd_step_flat_"
 _LIST = "momentum_cuda::sgd_step_list_"
 _TRITON_FLAT = "momentum_cuda::triton_sgd_step_flat_"
 _TRITON_LIST = "momentum_cuda::triton_sgd_step_list_"
+_TRITON_AMP_FLAT = "momentum_cuda::triton_sgd_step_amp_flat_"
+_TRITON_AMP_LIST = "momentum_cuda::triton_sgd_step_amp_list_"
 
 def _one_device(named) -> None:
     """The fake kernels' check. A meta tensor among cpu or cuda ones sends the call to the
@@ -73,12 +82,13 @@ def triton_sgd_step_flat_(param: torch.Tensor, grad: torch.Tensor,
                           momentum_buffer: Optional[torch.Tensor], segments: torch.Tensor,
                           lr: float, momentum: float, dampening: float, weight_decay: float,
                           nesterov: bool, maximize: bool, first_step: bool,
-                          lr_tensor: Optional[torch.Tensor] = None) -> None:
+                          lr_tensor: Optional[torch.Tensor] = None,
+                          found_inf: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk  # triton is imported only when a Triton step runs
     tk.triton_sgd_step_flat_(param, grad, momentum_buffer, segments, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
                              nesterov=nesterov, maximize=maximize, first_step=first_step,
-                             lr_tensor=lr_tensor)
+                             lr_tensor=lr_tensor, found_inf=found_inf)
 
 
 triton_sgd_step_flat_.register_fake(_flat_fake)
@@ -89,26 +99,91 @@ def triton_sgd_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
                           momentum_buffers: list[torch.Tensor], lr: float, momentum: float,
                           dampening: float, weight_decay: float, nesterov: bool,
                           maximize: bool, first_step: bool,
-                          lr_tensor: Optional[torch.Tensor] = None) -> None:
+                          lr_tensor: Optional[torch.Tensor] = None,
+                          found_inf: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_list_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
                              nesterov=nesterov, maximize=maximize, first_step=first_step,
-                             lr_tensor=lr_tensor)
+                             lr_tensor=lr_tensor, found_inf=found_inf)
 
 
 triton_sgd_step_list_.register_fake(_list_fake)
 
 
+@torch.library.custom_op(_TRITON_AMP_FLAT, mutates_args=("param", "grad", "momentum_buffer"))
+def triton_sgd_step_amp_flat_(param: torch.Tensor, grad: torch.Tensor,
+                              momentum_buffer: Optional[torch.Tensor], segments: torch.Tensor,
+                              lr: float, momentum: float, dampening: float, weight_decay: float,
+                              nesterov: bool, maximize: bool, first_step: bool,
+                              grad_scale: Optional[torch.Tensor] = None,
+                              found_inf: Optional[torch.Tensor] = None,
+                              lr_tensor: Optional[torch.Tensor] = None,
+                              clip_coef: Optional[torch.Tensor] = None) -> None:
+    from . import triton_kernels as tk
+    tk.triton_sgd_step_flat_(param, grad, momentum_buffer, segments, lr=lr, momentum=momentum,
+                             dampening=dampening, weight_decay=weight_decay,
+                             nesterov=nesterov, maximize=maximize, first_step=first_step,
+                             lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                             clip_coef=clip_coef)
+
+
+triton_sgd_step_amp_flat_.register_fake(_flat_fake)
+
+
+@torch.library.custom_op(_TRITON_AMP_LIST, mutates_args=("params", "grads", "momentum_buffers"))
+def triton_sgd_step_amp_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                              momentum_buffers: list[torch.Tensor], lr: float, momentum: float,
+                              dampening: float, weight_decay: float, nesterov: bool,
+                              maximize: bool, first_step: bool,
+                              grad_scale: Optional[torch.Tensor] = None,
+                              found_inf: Optional[torch.Tensor] = None,
+                              lr_tensor: Optional[torch.Tensor] = None,
+                              clip_coef: Optional[torch.Tensor] = None) -> None:
+    from . import triton_kernels as tk
+    tk.triton_sgd_step_list_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
+                             dampening=dampening, weight_decay=weight_decay,
+                             nesterov=nesterov, maximize=maximize, first_step=first_step,
+                             lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                             clip_coef=clip_coef)
+
+
+triton_sgd_step_amp_list_.register_fake(_list_fake)
+
+
+def _triton_step(name, plain, amp):
+    """One of step_ops("triton"): the call of the C++ ops (same arguments and keywords) routed
+    to `amp` when the gradients are written (grad_scale or clip_coef given), to `plain`
+    otherwise (found_inf alone only skips: the gradients keep their version counters, as the
+    C++ ops and torch's SGD leave them)."""
+    def step(*args, grad_scale=None, found_inf=None, clip_coef=None, **kwargs):
+        if grad_scale is not None or clip_coef is not None:
+            return amp(*args, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+                       **kwargs)
+        if found_inf is not None:
+            kwargs["found_inf"] = found_inf
+        return plain(*args, **kwargs)
+    step.__name__ = step.__qualname__ = name
+    return step
+
+
+_TRITON_STEP_OPS = (
+    _triton_step("triton_sgd_step_flat", torch.ops.momentum_cuda.triton_sgd_step_flat_.default,
+                 torch.ops.momentum_cuda.triton_sgd_step_amp_flat_.default),
+    _triton_step("triton_sgd_step_list", torch.ops.momentum_cuda.triton_sgd_step_list_.default,
+                 torch.ops.momentum_cuda.triton_sgd_step_amp_list_.default))
+
+
 def step_ops(backend: str):
     """(flat step op, list step op) of a backend: the dispatcher picks the CPU or the CUDA
-    implementation by the tensors' device; "triton" has ops of its own."""
+    implementation by the tensors' device; "triton" has ops of its own, the flat and the list
+    one each a function over two of them (_triton_step)."""
     if backend == "triton":
-        ops = torch.ops.momentum_cuda
-        return ops.triton_sgd_step_flat_.default, ops.triton_sgd_step_list_.default
+        return _TRITON_STEP_OPS
     if backend not in ("cpu", "cuda"):
         raise ValueError(f"backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
     if _C is None or (backend == "cuda" and not _C.built_with_cuda):
         raise RuntimeError(f"backend {backend!r} has no kernels in this build")
     ops = torch.ops.momentum_cuda
     return ops.sgd_step_flat_.default, ops.sgd_step_list_.default
+

@@ -28,12 +28,21 @@ kernel: at most one per tensor, so a model of many tiny tensors runs mostly mask
 Offsets are int64 (flat: pid is widened before the multiply; list: block starts are int64
 table entries): spans longer than 2^31 elements work.
 
-Entry points (the ops' signatures, csrc/momentum_ops.cpp, less GradScaler's tensors):
+Entry points (the ops' signatures, csrc/momentum_ops.cpp):
     triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
-                          weight_decay, nesterov, maximize, first_step, lr_tensor=None)
+                          weight_decay, nesterov, maximize, first_step, lr_tensor=None,
+                          grad_scale=None, found_inf=None, clip_coef=None)
     triton_sgd_step_list_(params, grads, momentum_buffers, *, ...)
 lr_tensor: a 1-element fp32/fp64 tensor on the parameters' device read by the kernels in place
-of lr (no host sync).
+of lr (no host sync). grad_scale, found_inf (torch.amp.GradScaler's, 1-element fp32) and
+clip_coef (opt.clip_grad_norm_'s coefficient, 1-element, the parameters' dtype), all on the
+parameters' device, are read by the kernels too, with the CUDA kernel's semantics
+(sgd_kernel.cuh: amp_step, amp_grad, update_one): inv = fp32(1 / fp64(scale)); g = r(g * inv)
+in opmath unless inv == 1; then g = r(g * coef) if clip_coef is given; that g is written back to
+the gradient whenever grad_scale or clip_coef is given (also on a skipped step), and
+found_inf != 0 skips the update of p and buf. Each is a tl.constexpr flag (AMP_SCALE, AMP_SKIP,
+CLIP): off, the kernel compiles without it (no extra load); on or off, a step makes the same
+launches.
 Both validate everything before the first launch; a bad call raises ValueError/TypeError naming
 the argument and changes nothing.
 
@@ -151,14 +160,46 @@ if TRITON_AVAILABLE:
         return p, buf
 
     @triton.jit
-    def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr_ptr, neg_lr, wd, m_mul, m_add,
-                   one_minus_d, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                   MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
-                   KIND: tl.constexpr, OPMATH: tl.constexpr, LR_TENSOR: tl.constexpr,
-                   BLOCK: tl.constexpr):
+    def _amp_grad(g, g_ptr, offs, mask, scale_ptr, coef_ptr, KIND: tl.constexpr,
+                  OPMATH: tl.constexpr, AMP_SCALE: tl.constexpr, CLIP: tl.constexpr,
+                  BLOCK: tl.constexpr):
+        """GradScaler's unscale, then the clip (torch's order: scaler.unscale_(opt),
+        clip_grad_norm_, scaler.step(opt)), as sgd_kernel.cuh's amp_grad, and the gradient
+        written back where it changed. g: the loaded gradient in opmath. AMP_SCALE: inv =
+        fp32(1 / fp64(scale)) (torch: scale.double().reciprocal().float()), g = r(g * inv) in
+        opmath, skipped when inv == 1 (torch's unscale keeps the value then; like the CUDA
+        kernel, the gradient is then not rewritten and keeps its bits, NaN payloads included);
+        CLIP: g = r(g * coef), coef (of the gradients' dtype) widened exactly to opmath.
+        Returns the gradient the update sees. (The scalars are broadcast to the block BEFORE
+        any comparison: Triton 3.9's interpreter turns a broadcast scalar bool into fp32.)"""
+        if AMP_SCALE:
+            inv = tl.broadcast_to((1.0 / tl.load(scale_ptr).to(tl.float64)).to(tl.float32),
+                                  [BLOCK])
+            unscale = inv != 1.0
+            # a select: where inv == 1, g keeps its bits (r() would make NaNs canonical)
+            g = tl.where(unscale, _round_storage(g * inv.to(OPMATH), KIND), g)
+            if not CLIP:
+                tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask & unscale)
+        if CLIP:
+            g = _round_storage(g * tl.load(coef_ptr).to(OPMATH), KIND)
+            tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+        return g
+
+    @triton.jit
+    def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
+                   neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE: tl.constexpr,
+                   WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                   FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
+                   LR_TENSOR: tl.constexpr, AMP_SCALE: tl.constexpr, AMP_SKIP: tl.constexpr,
+                   CLIP: tl.constexpr, BLOCK: tl.constexpr):
         """Load, update (_sgd_math) and store the elements offs[mask] of one span; shared by
         the flat and the list kernel. LR_TENSOR: -lr is read from lr_ptr (a 1-element fp32 or
-        fp64 tensor) and rounded once to opmath, as the host rounds a Python double."""
+        fp64 tensor) and rounded once to opmath, as the host rounds a Python double.
+        AMP_SCALE / CLIP: the gradient is unscaled by scale_ptr's GradScaler scale and
+        multiplied by coef_ptr's clip coefficient, and written back (_amp_grad); AMP_SKIP:
+        found_inf (inf_ptr, fp32) != 0 skips the update (p and buf neither read nor written),
+        after the gradient's write-back, as the CUDA kernel. Flags off: nothing of this is
+        compiled (the pointers are then never dereferenced)."""
         # The fp64 arguments hold values already rounded to opmath: this narrowing is exact.
         if LR_TENSOR:
             s_neg_lr = (-(tl.load(lr_ptr).to(tl.float64))).to(OPMATH)
@@ -168,42 +209,55 @@ if TRITON_AVAILABLE:
         s_m_mul = tl.full((), m_mul, OPMATH)
         s_m_add = tl.full((), m_add, OPMATH)
         s_omd = tl.full((), one_minus_d, OPMATH)
-        p = tl.load(p_ptr + offs, mask=mask).to(OPMATH)
+        if AMP_SKIP:
+            # found_inf != 0 (NaN included) skips the update: p and buf masked off entirely
+            # (masked loads and stores touch no memory); the gradient is still written back
+            upd = mask & (tl.broadcast_to(tl.load(inf_ptr), [BLOCK]) == 0.0)
+        else:
+            upd = mask
+        p = tl.load(p_ptr + offs, mask=upd).to(OPMATH)
         g = tl.load(g_ptr + offs, mask=mask).to(OPMATH)
+        if AMP_SCALE or CLIP:
+            g = _amp_grad(g, g_ptr, offs, mask, scale_ptr, coef_ptr, KIND, OPMATH, AMP_SCALE,
+                          CLIP, BLOCK)
         if MOMENTUM and not FIRST_STEP:
-            buf = tl.load(b_ptr + offs, mask=mask).to(OPMATH)
+            buf = tl.load(b_ptr + offs, mask=upd).to(OPMATH)
         else:
             buf = tl.zeros([BLOCK], OPMATH)
         p, buf = _sgd_math(p, buf, g, s_neg_lr, s_wd, s_m_mul, s_m_add, s_omd,
                            MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND)
         # p and buf are exactly representable in storage: these casts do not round.
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=upd)
         if MOMENTUM:
-            tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=mask)
+            tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=upd)
 
     @triton.jit
-    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n, lr_ptr,
+    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
-                         LR_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+                         LR_TENSOR: tl.constexpr, AMP_SCALE: tl.constexpr,
+                         AMP_SKIP: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
         """One contiguous span of n elements; program k updates [k*BLOCK, (k+1)*BLOCK)."""
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, neg_lr, wd, m_mul, m_add,
-                   one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND,
-                   OPMATH, LR_TENSOR, BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
+                   neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                   NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR, AMP_SCALE, AMP_SKIP, CLIP,
+                   BLOCK)
 
     @triton.jit
-    def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr,
+    def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
-                         LR_TENSOR: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                         LR_TENSOR: tl.constexpr, AMP_SCALE: tl.constexpr,
+                         AMP_SKIP: tl.constexpr, CLIP: tl.constexpr, DTYPE: tl.constexpr,
+                         BLOCK: tl.constexpr):
         """Many tensors in one launch, through an int64 pointer table (built by _list_table):
             rows_ptr:   one row per tensor t: [address of p, address of g, address of buf
                         (0 when MOMENTUM is off: never dereferenced), numel]
@@ -221,9 +275,10 @@ if TRITON_AVAILABLE:
         b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
         n = tl.load(row + 3)
         offs = start + tl.arange(0, BLOCK)  # int64 (start is loaded as int64)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, neg_lr, wd, m_mul, m_add,
-                   one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND,
-                   OPMATH, LR_TENSOR, BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
+                   neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                   NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR, AMP_SCALE, AMP_SKIP, CLIP,
+                   BLOCK)
 
     @triton.jit
     def _round_storage_kernel(x_ptr, y_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
@@ -350,13 +405,33 @@ def _scalars(vals, dtype):
     return rnd(-lr), rnd(wd), rnd(m), rnd(m), rnd(1.0 - d)
 
 
-def _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor=None) -> dict:
-    """The constexpr arguments shared by both kernels."""
+def _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor=None, amp=None) -> dict:
+    """The constexpr arguments shared by both kernels (amp: an _Amp, or None)."""
+    amp = amp or _NO_AMP
     return dict(MAXIMIZE=maximize, WEIGHT_DECAY=vals["weight_decay"] != 0,
                 MOMENTUM=vals["momentum"] != 0, NESTEROV=nesterov, FIRST_STEP=first_step,
                 KIND=_KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
-                LR_TENSOR=lr_tensor is not None, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
-                enable_fp_fusion=False)
+                LR_TENSOR=lr_tensor is not None, AMP_SCALE=amp.grad_scale is not None,
+                AMP_SKIP=amp.found_inf is not None, CLIP=amp.clip_coef is not None,
+                BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+class _Amp:
+    """GradScaler's grad_scale and found_inf and a clip coefficient of one step, checked
+    (_check_amp); each None when not given."""
+    __slots__ = ("grad_scale", "found_inf", "clip_coef")
+
+    def __init__(self, grad_scale=None, found_inf=None, clip_coef=None):
+        self.grad_scale, self.found_inf, self.clip_coef = grad_scale, found_inf, clip_coef
+
+    def pointers(self, dummy):
+        """(scale_ptr, inf_ptr, coef_ptr) kernel arguments: `dummy` (a tensor of the launch,
+        never dereferenced: its flag is off) for each one not given."""
+        return tuple(dummy if t is None else t
+                     for t in (self.grad_scale, self.found_inf, self.clip_coef))
+
+
+_NO_AMP = _Amp()
 
 
 def _check_lr_tensor(lr_tensor, device) -> None:
@@ -373,6 +448,25 @@ def _check_lr_tensor(lr_tensor, device) -> None:
                             else repr(lr_tensor)))
 
 
+def _check_amp(grad_scale, found_inf, clip_coef, device, dtype) -> _Amp:
+    """GradScaler's grad_scale and found_inf: 1-element float32 tensors on the parameters'
+    device; clip_coef: 1-element, of the parameters' dtype, on their device (the kernels read
+    all three there: no host sync). The messages are csrc/momentum_ops.cpp's check_tensors'."""
+    for t, n in ((grad_scale, "grad_scale"), (found_inf, "found_inf"),
+                 (clip_coef, "clip_coef")):
+        if t is None:
+            continue
+        want = f"{dtype} (the parameters' dtype)" if n == "clip_coef" else "float32"
+        ok = (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() == 1
+              and t.dtype == (dtype if n == "clip_coef" else torch.float32)
+              and t.device == device)
+        if not ok:
+            raise ValueError(f"{n} must be a 1-element {want} tensor on {device} (the "
+                             f"parameters' device), got "
+                             + (_describe(t) if isinstance(t, torch.Tensor) else repr(t)))
+    return _Amp(grad_scale, found_inf, clip_coef)
+
+
 def _device_guard(device: torch.device):
     """Triton launches on the CURRENT device's current stream: make it the tensors' device."""
     if device.type == "cuda":
@@ -380,14 +474,16 @@ def _device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _launch(p, g, b, n, sc, vals, nesterov, maximize, first_step, lr_tensor) -> None:
+def _launch(p, g, b, n, sc, vals, nesterov, maximize, first_step, lr_tensor,
+            amp=_NO_AMP) -> None:
     if n == 0:
         return
     momentum = vals["momentum"] != 0
     grid = (triton.cdiv(n, BLOCK_SIZE),)
     _sgd_flat_kernel[grid](p, g, b if momentum else p, n, p if lr_tensor is None else lr_tensor,
-                           *sc, **_flags(p.dtype, vals, nesterov, maximize, first_step,
-                                         lr_tensor))
+                           *amp.pointers(p), *sc,
+                           **_flags(p.dtype, vals, nesterov, maximize, first_step, lr_tensor,
+                                    amp))
 
 
 # Most programs in one launch: CUDA's grid.x limit. Reaching it takes 2^41 elements, beyond any
@@ -422,9 +518,12 @@ def _list_table(addrs, numels, device):
 
 # ---- entry points ----------------------------------------------------------------------------
 def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
-                          weight_decay, nesterov, maximize, first_step, lr_tensor=None) -> None:
+                          weight_decay, nesterov, maximize, first_step, lr_tensor=None,
+                          grad_scale=None, found_inf=None, clip_coef=None) -> None:
     """Flat step over the spans listed in segments ([k, 2] int64 CPU: offset, numel, increasing
-    and disjoint) of three contiguous 1-D buffers; one launch per non-empty segment."""
+    and disjoint) of three contiguous 1-D buffers; one launch per non-empty segment.
+    grad_scale / clip_coef: the spans' gradients are unscaled / clipped and written back;
+    found_inf != 0 skips the update (module doc)."""
     vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
     need_buf = vals["momentum"] != 0
     if need_buf and momentum_buffer is None:
@@ -444,6 +543,7 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
     b = momentum_buffer if need_buf else None
     _check_triple("", param, grad, b, [])
     _check_lr_tensor(lr_tensor, param.device)
+    amp = _check_amp(grad_scale, found_inf, clip_coef, param.device, param.dtype)
     named = [(param, "param"), (grad, "grad")] + ([(b, "momentum_buffer")] if need_buf else [])
     _check_no_overlap(named)
     total = param.numel()
@@ -460,16 +560,17 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
         for off, cnt in spans:
             _launch(param[off:off + cnt], grad[off:off + cnt],
                     b[off:off + cnt] if need_buf else None, cnt, sc, vals, nesterov, maximize,
-                    first_step, lr_tensor)
+                    first_step, lr_tensor, amp)
 
 
 def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, dampening,
-                          weight_decay, nesterov, maximize, first_step, lr_tensor=None) -> None:
+                          weight_decay, nesterov, maximize, first_step, lr_tensor=None,
+                          grad_scale=None, found_inf=None, clip_coef=None) -> None:
     """Per-tensor step over lists of dense tensors (one dtype, one device; each triple with
     equal shapes and strides; momentum_buffers empty/None when momentum == 0). ONE launch of the
     list kernel for all non-empty tensors (split only past CUDA's grid limit, _MAX_PROGRAMS),
     through a pointer table copied to the device in one transfer; each tensor is walked in
-    memory order (dense: any layout)."""
+    memory order (dense: any layout). grad_scale, found_inf, clip_coef: as for the flat step."""
     vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
@@ -492,6 +593,7 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
     if not params:
         return
     _check_lr_tensor(lr_tensor, params[0].device)
+    amp = _check_amp(grad_scale, found_inf, clip_coef, params[0].device, params[0].dtype)
     _check_no_overlap(named)
     # Dense with equal strides: p, g and buf hold their elements in the same memory order, from
     # data_ptr() (the lowest address: strides are never negative) over numel elements, so
@@ -506,12 +608,13 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
         return
     dtype, device = params[0].dtype, params[0].device
     sc = _scalars(vals, dtype)
-    flags = _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor)
+    flags = _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor, amp)
     tl_dtype = _TL_DTYPE[dtype]
     with _device_guard(device):
         rows, blocks, n_programs = _list_table(addrs, numels, device)
         for first in range(0, n_programs, _MAX_PROGRAMS):
             count = min(_MAX_PROGRAMS, n_programs - first)
             _sgd_list_kernel[(count,)](rows, blocks[2 * first:],
-                                       rows if lr_tensor is None else lr_tensor, *sc,
+                                       rows if lr_tensor is None else lr_tensor,
+                                       *amp.pointers(rows), *sc,
                                        DTYPE=tl_dtype, **flags)

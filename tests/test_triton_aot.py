@@ -179,10 +179,13 @@ def _real():
     return tk
 
 
+# GradScaler's and the clip's flags off: the plain kernels as every step without them runs them
+# (tests/test_triton_jit.py compiles the AMP variants, through the JIT).
+AMP_OFF = {"AMP_SCALE": False, "AMP_SKIP": False, "CLIP": False}
 REAL_FLAGS = {
-    "momentum": {},
-    "nesterov_wd": {"NESTEROV": True, "WEIGHT_DECAY": True},
-    "maximize": {"MAXIMIZE": True},
+    "momentum": dict(AMP_OFF),
+    "nesterov_wd": {"NESTEROV": True, "WEIGHT_DECAY": True, **AMP_OFF},
+    "maximize": {"MAXIMIZE": True, **AMP_OFF},
 }
 
 
@@ -216,7 +219,7 @@ def test_real_flat_kernel(dt, arch, flags):
 def test_real_flat_kernel_unaligned_count_is_scalar(dt):
     """Documents the specialisation: n not divisible by 16 -> no 128-bit accesses."""
     tk = _real()
-    spec = aot.real_flat_spec(tk, dt)
+    spec = aot.real_flat_spec(tk, dt, **AMP_OFF)
     res = aot.compile_aot(spec["fn"], spec["signature"], spec["constexprs"], 90, divisible=(),
                           num_warps=spec["num_warps"], with_sass=False)
     assert not aot.memory_ops(res.ptx, "")["ptx_ld"].get(128)
