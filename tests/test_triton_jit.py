@@ -17,7 +17,11 @@ too: test_gpu's bitwise comparisons then compare unchanged tensors; its backend 
 assertions still check every step. Each case runs REPLAY_STEPS steps, not test_gpu.STEPS: from
 step 2 on, every step launches the same kernels with the same specializations (same parameters,
 flags and sizes; buffers exist), so later steps compile nothing, and their gradient work on
-2^20-element tensors would nearly double the runtime.
+2^20-element tensors would nearly double the runtime. Cases that drive torch.amp.GradScaler or
+clip gradients (_replay_gradscaler_and_clip) get a CPU GradScaler, whose unscale then only
+detects overflows, and a torch clip that multiplies nothing, so both sides keep equal gradients
+while the optimizer makes the calls (grad_scale, found_inf, clip_coef) that the same steps make
+on a GPU; torch's SGD step then records the momentum buffers it would create (_sgd_state_only).
 
 For every launch and the kernel compiled for it:
 - the constexpr flags and the scalar values are the ones the call asks for (scalars rounded once
@@ -26,12 +30,18 @@ For every launch and the kernel compiled for it:
   `.param .f64`): an fp32 parameter would round the fp64 dtype's scalars to fp32;
 - pointers carry the tensors' element type (flat kernel: its arguments; list kernel: the int64
   table arguments and the int_to_ptr casts);
+- GradScaler's and the clip's pointers are loaded exactly when their flags (AMP_SCALE,
+  AMP_SKIP, CLIP) are on, typed as their tensors, and the unscale's reciprocal is
+  cvt.rn.f32.f64(div.rn.f64(1.0, scale)), with no approximate division (_check_amp_compiled);
 - num_warps 4, fp fusion off, target sm_90, and a cubin was made.
 Compilations are counted with a fresh TRITON_CACHE_DIR (each one compiles, none loads) and must
 equal the number of distinct specializations among the launches, by Triton's rules (_spec_key).
-The count and compile time are printed ("N JIT compilations in T s ..."): they size the Triton
-stage of the GPU check (tools/gpu_check.py).
+The count and compile time are printed ("N JIT compilations in T s ...", with the test_gpu
+function that first needed each): they size the Triton stage of the GPU check
+(tools/gpu_check.py). test_jit_amp_variants compiles the AMP variants of both kernels for every
+dtype on their own (they are not in the count above unless test_gpu runs them on Triton).
 """
+import inspect
 import itertools
 import re
 import time
@@ -104,7 +114,10 @@ def _expected(entry):
     flags = dict(MAXIMIZE=kw["maximize"], WEIGHT_DECAY=float(kw["weight_decay"]) != 0,
                  MOMENTUM=m != 0, NESTEROV=kw["nesterov"], FIRST_STEP=kw["first_step"],
                  KIND=KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
-                 LR_TENSOR=kw.get("lr_tensor") is not None, BLOCK=1024)
+                 LR_TENSOR=kw.get("lr_tensor") is not None,
+                 AMP_SCALE=kw.get("grad_scale") is not None,
+                 AMP_SKIP=kw.get("found_inf") is not None,
+                 CLIP=kw.get("clip_coef") is not None, BLOCK=1024)
     if entry["kind"] == "list":
         flags["DTYPE"] = ELEM[dtype][2]
     scalars = dict(neg_lr=_opmath(-float(kw["lr"]), dtype),
@@ -138,8 +151,9 @@ class _Recorder:
 
     def __init__(self):
         self.entry = None
+        self.case = None  # the name of the test_gpu function being replayed
         self.launches = []
-        self.compiled = {}  # id -> (CompiledKernel, tensor dtype of its first launch)
+        self.compiled = {}  # id -> (CompiledKernel, tensor dtype, case of its first launch)
         self.compile_s = 0.0
 
     def wrap_entry(self, fn, kind):
@@ -164,7 +178,7 @@ class _Recorder:
             ck = real_run(*args, grid=grid, warmup=warmup, **kwargs)
             if id(ck) not in self.compiled:
                 self.compile_s += time.perf_counter() - t0
-                self.compiled[id(ck)] = (ck, self.entry and self.entry["dtype"])
+                self.compiled[id(ck)] = (ck, self.entry and self.entry["dtype"], self.case)
             bound = dict(zip(kernel.arg_names, args), **kwargs)
             self.launches.append(dict(entry=self.entry, kernel=kernel, bound=bound, ck=ck))
             return ck
@@ -177,6 +191,45 @@ def _entry_params(ptx: str, name: str) -> list:
     assert m, f"no .entry {name} in the PTX"
     return [t + (".ptr" if ptr else "") for t, ptr in
             re.findall(r"\.param\s+\.(\w+)(\s+\.ptr)?", m.group(1))]
+
+
+AMP_PTRS = {"scale_ptr": "AMP_SCALE", "inf_ptr": "AMP_SKIP", "coef_ptr": "CLIP"}
+
+
+def _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems):
+    """GradScaler's and the clip's pointers: a flag off, its pointer is never loaded (the plain
+    kernel reads nothing more than before); on, it is typed as the tensor it reads (scale and
+    found_inf fp32, the clip coefficient of the gradients' dtype) and loaded, and the unscale's
+    reciprocal is fp32(1 / fp64(scale)): an IEEE fp64 division (div.rn.f64) rounded once to fp32
+    (cvt.rn.f32.f64), no approximate division or reciprocal anywhere."""
+    names = list(sig)
+    consts = {names[path[0]]: v for path, v in ck.src.constants.items()}
+    what = f"{name} {SHORT[dtype]}"
+    ptx = ck.asm["ptx"]
+    for ptr, flag in AMP_PTRS.items():
+        i = runtime.index(ptr)
+        loaded = re.search(rf"ld\.param\.\w+\s+%\w+,\s*\[{name}_param_{i}\]", ptx) is not None
+        if consts.get(flag) and not loaded:
+            problems.append(f"amp: {what}: {flag} on but {ptr} (param {i}) never loaded")
+        if not consts.get(flag) and loaded:
+            problems.append(f"amp: {what}: {flag} off but {ptr} (param {i}) is loaded")
+        if consts.get(flag):
+            want = f"*{ELEM[dtype][0]}" if ptr == "coef_ptr" else "*fp32"
+            if sig[ptr] != want:
+                problems.append(f"signature: {what}: {ptr} is {sig[ptr]}, not {want}")
+            if params[i] != "u64.ptr":
+                problems.append(f"ptx: {what}: {ptr} is .param .{params[i]}")
+    divs = set(re.findall(r"\b(?:div|rcp)\.[\w.]+", ptx))
+    want = {"div.rn.f64"} if consts.get("AMP_SCALE") else set()
+    if divs != want:
+        problems.append(f"amp: {what}: divisions {sorted(divs)}, expected {sorted(want)}")
+    if consts.get("AMP_SCALE"):
+        m = re.search(r"div\.rn\.f64\s+(%\w+),\s*(%\w+),", ptx)
+        one = m and re.search(rf"mov\.b64\s+{m.group(2)},\s*0d3FF0000000000000;", ptx)
+        cvt = m and re.search(rf"cvt\.rn\.f32\.f64\s+%\w+,\s*{m.group(1)};", ptx)
+        if not (one and cvt):
+            problems.append(f"amp: {what}: the reciprocal is not cvt.rn.f32.f64(div.rn.f64(1.0, "
+                            "scale))")
 
 
 def _check_compiled(ck, name, dtype, problems):
@@ -216,12 +269,53 @@ def _check_compiled(ck, name, dtype, problems):
         got = params[i] if i < len(params) else None
         if got != want:
             problems.append(f"ptx: {what}: {arg} is .param .{got}, not .param .{want}")
+    _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems)
     md = ck.metadata
     if (md.num_warps, md.enable_fp_fusion, md.target.arch) != (4, False, ARCH):
         problems.append(f"options: {what}: num_warps {md.num_warps}, enable_fp_fusion "
                         f"{md.enable_fp_fusion}, arch {md.target.arch}")
     if not ck.asm.get("cubin"):
         problems.append(f"cubin: {what}: no cubin")
+
+
+def _sgd_state_only(opt, on):
+    """torch.optim.SGD.step in the replay: changes no parameter (no kernel runs on our side);
+    in GradScaler cases (on), creates the momentum buffers torch's step would (a clone of the
+    gradient, where there is none yet): those tests compare which parameters have a buffer
+    after overflow-skipped steps, not the buffers' values. Elsewhere it creates none: test_gpu's
+    _run compares the values of the buffers torch has."""
+    if not on:
+        return
+    for group in opt.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            if p.grad is not None and opt.state[p].get("momentum_buffer") is None:
+                opt.state[p]["momentum_buffer"] = p.grad.detach().clone()
+
+
+def _replay_gradscaler_and_clip(monkeypatch):
+    """For test_gpu cases that drive GradScaler or clip gradients: GradScaler("cuda") becomes
+    GradScaler("cpu") (the "cuda" one disables itself without a GPU, and then hands the
+    optimizer nothing), and, since no kernel runs, torch's own writes to the gradients are
+    turned off too, so both sides keep equal gradients: GradScaler's unscale only detects
+    overflows (found_inf, which drives the control flow: skipped steps, the first step's host
+    read), and torch's clip multiplies nothing. The optimizer then makes the calls, with the
+    grad_scale / found_inf / clip_coef, that the same steps make on a GPU."""
+    real_scaler = torch.amp.GradScaler
+    real_unscale = torch._amp_foreach_non_finite_check_and_unscale_
+
+    def scaler(device="cuda", *args, **kwargs):
+        return real_scaler("cpu", *args, **kwargs)
+
+    def detect_only(grads, found_inf, inv_scale):
+        real_unscale([g.clone() for g in grads], found_inf, inv_scale)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", detect_only)
+    monkeypatch.setattr(torch.nn.utils.clip_grad, "_clip_grads_with_norm_",
+                        lambda *a, **k: None)
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: None)
 
 
 @pytest.fixture
@@ -265,15 +359,22 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP; step 1 and later steps differ where momentum
     is on); per dtype the list kernel compiles once per flag set, the flat kernel twice (its
     span length n is a multiple of 16 for the "shapes" sizes, not for the others): 4 dtypes x
-    (20 + 40) = 240. The Momentum cases reuse flag sets and length classes already there."""
+    (20 + 40) = 240 for test_sgd_bitwise_vs_torch_forloop; test_opcheck_on_gpu's flat segments
+    add 2 flat specializations per dtype (248). The Momentum cases reuse flag sets and length
+    classes already there. A GradScaler test on the Triton backend (fp32 and bf16, flat and
+    per-tensor, clip or not) adds 3 flag sets per kernel and dtype it runs: grad_scale +
+    found_inf, clip_coef on the first step, clip_coef + found_inf (12 for two dtypes)."""
     cache = jit_without_gpu
     cases = _triton_cases()
     assert cases, "tests/test_gpu.py has no case with backend='triton' to replay"
     assert test_gpu.STEPS >= REPLAY_STEPS
     monkeypatch.setattr(test_gpu, "STEPS", REPLAY_STEPS)
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
-    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+    state_only = {"on": False}
+    monkeypatch.setattr(torch.optim.SGD, "step",
+                        lambda self, closure=None: _sgd_state_only(self, state_only["on"]))
     monkeypatch.setattr(MomentumReference, "step", lambda self, closure=None: None)
+    _replay_gradscaler_and_clip(monkeypatch)
     rec = _Recorder()
     monkeypatch.setattr(tk, "triton_sgd_step_flat_",
                         rec.wrap_entry(tk.triton_sgd_step_flat_, "flat"))
@@ -285,6 +386,8 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
         for k in kernels:  # an instance attribute: deleting it brings back JITFunction.run
             k.run = rec.wrap_run(k)
         for fn, kw in cases:
+            rec.case = fn.__name__
+            state_only["on"] = "GradScaler" in inspect.getsource(fn)
             fn(**kw)
     finally:
         for k in kernels:
@@ -321,12 +424,14 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     n = len(rec.compiled)
     in_memory = sum(len(dc[0]) for k in kernels for dc in k.device_caches.values())
     cubins = len(list(cache.rglob("*.cubin")))
-    per_kernel = Counter(ck.src.fn.__name__ for ck, _ in rec.compiled.values())
-    by_dtype = Counter(SHORT.get(dtype) for _, dtype in rec.compiled.values())
+    per_kernel = Counter(ck.src.fn.__name__ for ck, _, _ in rec.compiled.values())
+    by_dtype = Counter(SHORT.get(dtype) for _, dtype, _ in rec.compiled.values())
+    by_case = Counter(case for _, _, case in rec.compiled.values())
     print(f"\n{n} JIT compilations in {rec.compile_s:.1f} s (triton {triton.__version__}, "
           f"sm_{ARCH}; {len(rec.launches)} launches from {len(cases)} tests/test_gpu.py cases "
           f"in {wall:.1f} s; " + ", ".join(f"{k} {v}" for k, v in sorted(per_kernel.items()))
-          + "; per dtype: " + ", ".join(f"{d} {by_dtype[d]}" for d in SHORT.values()) + ")")
+          + "; per dtype: " + ", ".join(f"{d} {by_dtype[d]}" for d in SHORT.values())
+          + "; first needed by: " + ", ".join(f"{k} {v}" for k, v in by_case.items()) + ")")
 
     if problems:
         kinds = Counter(p.split(":")[0] for p in problems)
@@ -342,3 +447,76 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
                             "specializations")
     assert in_memory == n, f"{in_memory} kernels in the JIT's in-memory caches, {n} compiled"
     assert cubins == n, f"{cubins} cubins in the fresh TRITON_CACHE_DIR, {n} compilations"
+
+
+def _vector_ops(ptx, op):
+    """How many 128-bit global accesses (ld / st) a PTX has: v4.b32 or v2.b64."""
+    return len(re.findall(rf"\b{op}\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64)\b", ptx))
+
+
+def test_jit_amp_variants(jit_without_gpu, monkeypatch):
+    """GradScaler's and the clip's variants of both kernels, every dtype, compiled by the JIT
+    through the entry points (on a 16-byte aligned span whose length is a multiple of 16, so the
+    flat kernel is vectorised): grad_scale + found_inf + clip_coef, found_inf alone, and none.
+    Each compiled kernel passes _check_compiled (with _check_amp_compiled: the pointers a flag
+    turns off are never loaded, the reciprocal is cvt.rn.f32.f64(div.rn.f64(1.0, scale))), and
+    its flags are the call's. In the flat kernel the gradient's write-back keeps the 128-bit
+    width: with the gradient written, 3/2 the plain kernel's vector stores (p, buf and g
+    instead of p and buf) and as many vector loads; found_inf alone stores what the plain
+    kernel stores."""
+    cache = jit_without_gpu
+    rec = _Recorder()
+    monkeypatch.setattr(tk, "triton_sgd_step_flat_",
+                        rec.wrap_entry(tk.triton_sgd_step_flat_, "flat"))
+    monkeypatch.setattr(tk, "triton_sgd_step_list_",
+                        rec.wrap_entry(tk.triton_sgd_step_list_, "list"))
+    h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+             maximize=False, first_step=False)
+    kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel)
+    variants = ("plain", "all", "found_inf")
+    by = {}  # (kind, dtype, variant) -> CompiledKernel
+    try:
+        for k in kernels:
+            k.run = rec.wrap_run(k)
+        for dtype in ELEM:
+            n = 4096
+            p, g, b = (torch.zeros(n, dtype=dtype) for _ in range(3))
+            assert all(t.data_ptr() % 16 == 0 for t in (p, g, b))
+            amps = {"plain": {}, "found_inf": dict(found_inf=torch.zeros(1)),
+                    "all": dict(grad_scale=torch.ones(1), found_inf=torch.zeros(1),
+                                clip_coef=torch.ones(1, dtype=dtype))}
+            for variant in variants:
+                for kind in ("flat", "list"):
+                    if kind == "flat":
+                        tk.triton_sgd_step_flat_(p, g, b, torch.tensor([[0, n]]), **h,
+                                                 **amps[variant])
+                    else:
+                        tk.triton_sgd_step_list_([p], [g], [b], **h, **amps[variant])
+                    by[kind, dtype, variant] = rec.launches[-1]["ck"]
+    finally:
+        for k in kernels:
+            vars(k).pop("run", None)
+
+    problems = []
+    for launch in rec.launches:
+        entry, kernel, bound = launch["entry"], launch["kernel"], launch["bound"]
+        flags, _ = _expected(entry)
+        got = {k: bound[k] for k in flags}
+        if got != flags:
+            problems.append(f"flags: {kernel.__name__}: launched with {got}, expected {flags}")
+    for (kind, dtype, variant), ck in by.items():
+        _check_compiled(ck, f"_sgd_{kind}_kernel", dtype, problems)
+    for dtype in ELEM:
+        plain, amp, skip = (by["flat", dtype, v].asm["ptx"] for v in variants)
+        st, ld = _vector_ops(plain, "st"), _vector_ops(plain, "ld")
+        if not (st and ld and _vector_ops(amp, "st") * 2 == st * 3
+                and _vector_ops(amp, "ld") == ld and _vector_ops(skip, "st") == st
+                and _vector_ops(skip, "ld") == ld):
+            problems.append(f"vector: flat {SHORT[dtype]}: plain st/ld {st}/{ld}, all "
+                            f"{_vector_ops(amp, 'st')}/{_vector_ops(amp, 'ld')}, found_inf "
+                            f"{_vector_ops(skip, 'st')}/{_vector_ops(skip, 'ld')}")
+    n = len(rec.compiled)
+    print(f"\n{n} JIT compilations of the AMP variants in {rec.compile_s:.1f} s")
+    assert not problems, "\n  ".join(problems)
+    assert n == len(by) == 2 * len(ELEM) * len(variants), (n, len(by))
+    assert len(list(cache.rglob("*.cubin"))) == n
