@@ -965,7 +965,7 @@ class _FusedMomentum(Optimizer):
         (before anything is written) if one was replaced, written to (a further backward,
         GradScaler.unscale_, torch's own clip) or appeared; zero_grad() drops the clip. What the
         kernels cannot take (GradScaler's unscale still to come, mixed gradient dtypes, DTensor
-        gradients, the Triton backend, torch's own ops paths, a traced or differentiable step)
+        gradients, torch's own ops paths, a traced or differentiable step)
         is clipped first with torch's clip_grads_with_norm_, reported in last_step as path
         "torch-clip". While torch.compile traces, the clip is applied at once, as torch does."""
         max_norm = float(max_norm)
@@ -1012,10 +1012,8 @@ class _FusedMomentum(Optimizer):
     def _clip_in_kernels(self, clip, plans, amp) -> bool:
         """Whether every gradient of this step goes through kernels that take the clip: none
         is still scaled (GradScaler unscales before it clips), all of the coefficient's dtype,
-        no Triton backend, nothing on torch's own ops."""
+        nothing on torch's own ops."""
         if not clip.fusable or (amp is not None and amp[0] is not None):
-            return False
-        if "triton" in self._backend_by_device.values():
             return False
         return all(item[3] is None for _, _, loose in plans for item in loose)
 
@@ -1025,9 +1023,9 @@ class _FusedMomentum(Optimizer):
         """GradScaler.step then hands this optimizer its scale and found_inf as the attributes
         grad_scale and found_inf, and the kernels unscale the gradients in the step's own pass
         and skip an overflowed step on the device (no host sync), with the bits of GradScaler's
-        unscale_ + torch.optim.SGD(foreach=False). Not with the Triton backend, whose kernels
-        do not read them yet: GradScaler unscales and skips for it as for torch's SGD."""
-        return "triton" not in self._backend_by_device.values()
+        unscale_ + torch.optim.SGD(foreach=False), on every backend (CPU: torch's own unscale
+        before the kernel; CUDA and Triton: in the kernels)."""
+        return True
 
     def _amp(self):
         """(grad_scale, found_inf) as GradScaler.step set them for this step, or None."""

@@ -147,13 +147,14 @@ def test_op_rejects_bad_amp_tensors(bad, frag):
     assert all(torch.equal(t, u) for t, u in zip((p, g, b), before))
 
 
-def test_triton_backend_does_not_claim_amp_scaling():
+def test_triton_backend_claims_amp_scaling():
+    """The Triton kernels read grad_scale and found_inf (tests/test_triton_amp.py)."""
     if not momentum_cuda.available_backends()["triton"][0]:
         pytest.skip("triton not installed")
     p = torch.nn.Parameter(torch.randn(3, device="meta"))
     opt = momentum_cuda.SGD([p], lr=0.1)
     opt._backend_by_device[torch.device("cuda", 0)] = "triton"
-    assert not opt._step_supports_amp_scaling
+    assert opt._step_supports_amp_scaling
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])

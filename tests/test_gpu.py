@@ -143,19 +143,20 @@ def test_opcheck_on_gpu(backend, dtype, kind):
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gradscaler_in_the_cuda_kernel(dtype, flat, clip):
-    """GradScaler hands the CUDA backend grad_scale and found_inf (_step_supports_amp_scaling):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradscaler_in_the_kernel(backend, dtype, flat, clip):
+    """GradScaler hands the CUDA or Triton backend grad_scale and found_inf
+    (_step_supports_amp_scaling):
     the kernel unscales in the step's pass and skips overflowed steps on the device. Bitwise
     against GradScaler + torch.optim.SGD(foreach=False), gradients included, with overflows on
     step 1 and twice in a row, and a scale that is not a power of two. With clip: torch's AMP
     recipe (scaler.unscale_, clip_grad_norm_, scaler.step) with opt.clip_grad_norm_, whose
     coefficient the kernel reads on the device and multiplies in the same pass (not torch's
-    clip: path "torch-clip" only on the overflowed step 1); the total norms are equal too."""
-    if not momentum_cuda.available_backends()["cuda"][0]:
-        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    clip: path "torch-clip" only on the overflowed step 1); the total norms are equal too.
+    Every later step runs on the backend's kernels."""
     ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=31)
     h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
-    opt = momentum_cuda.SGD(ours, backend="cuda", flat=flat, **h)
+    opt = momentum_cuda.SGD(ours, backend=backend, flat=flat, **h)
     topt = torch.optim.SGD(ref, foreach=False, **h)
     assert opt._step_supports_amp_scaling
     scalers = [torch.amp.GradScaler("cuda", init_scale=1000.0, growth_interval=2)
@@ -184,6 +185,8 @@ def test_gradscaler_in_the_cuda_kernel(dtype, flat, clip):
             assert torch.equal(n.view(bits[n.element_size()]), tn.view(bits[tn.element_size()]))
             if step > 0:
                 assert "torch-clip" not in [e["path"] for e in opt.last_step], opt.last_step
+        if step > 0:
+            assert {e["backend"] for e in opt.last_step} == {backend}, opt.last_step
         for i, (p, q) in enumerate(zip(ours, ref)):
             b = bits[p.element_size()]
             assert torch.equal(p.detach().view(b), q.detach().view(b)), f"step {step + 1} p{i}"

@@ -54,17 +54,20 @@ def _list_args(dtype, hyper):
 def test_schemas_mark_exactly_what_the_kernels_write():
     written = {}
     for name in ("sgd_step_flat_", "sgd_step_list_", "triton_sgd_step_flat_",
-                 "triton_sgd_step_list_"):
+                 "triton_sgd_step_list_", "triton_sgd_step_amp_flat_",
+                 "triton_sgd_step_amp_list_"):
         schema = getattr(OPS, name).default._schema
         written[name] = [a.name for a in schema.arguments
                          if a.alias_info is not None and a.alias_info.is_write]
         assert not schema.returns, f"{name} returns {schema.returns}"
-    # the gradients are written when GradScaler's grad_scale is given (unscaled in place);
-    # the Triton ops do not take it yet
+    # the gradients are written when grad_scale or clip_coef is given (unscaled / clipped in
+    # place); the Triton ops that take them declare it, the plain ones (found_inf at most) read
     assert written == {"sgd_step_flat_": ["param", "grad", "momentum_buffer"],
                        "sgd_step_list_": ["params", "grads", "momentum_buffers"],
                        "triton_sgd_step_flat_": ["param", "momentum_buffer"],
-                       "triton_sgd_step_list_": ["params", "momentum_buffers"]}
+                       "triton_sgd_step_list_": ["params", "momentum_buffers"],
+                       "triton_sgd_step_amp_flat_": ["param", "grad", "momentum_buffer"],
+                       "triton_sgd_step_amp_list_": ["params", "grads", "momentum_buffers"]}
     for name in ("sgd_step_flat_", "sgd_step_list_"):
         for key in ("CPU", "Meta", "ADInplaceOrView"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"momentum_cuda::{name}", key)
@@ -169,7 +172,9 @@ def test_empty_lists_checked_and_no_op():
 def test_step_ops_routes_backends():
     from momentum_cuda._ops import step_ops
     assert step_ops("cpu") == (OPS.sgd_step_flat_.default, OPS.sgd_step_list_.default)
-    assert step_ops("triton") == (OPS.triton_sgd_step_flat_.default,
-                                  OPS.triton_sgd_step_list_.default)
+    # Triton: functions that pick the amp op or the plain one by the call's keywords
+    # (tests/test_triton_amp.py, check_step_ops_dispatch)
+    flat, lst = step_ops("triton")
+    assert (flat.__name__, lst.__name__) == ("triton_sgd_step_flat", "triton_sgd_step_list")
     with pytest.raises(ValueError, match="backend must be 'cpu', 'cuda' or 'triton', got 'tpu'"):
         step_ops("tpu")
