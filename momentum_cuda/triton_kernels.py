@@ -60,13 +60,15 @@ Kernels: both call ONE _sgd_block (load, _sgd_math, store), so the formula exist
   Empty tensors get no row and no program. A dense tensor with any strides is walked from
   data_ptr() over numel elements in memory order (p, g and buf have equal strides). The launch is
   split only past CUDA's grid limit of 2^31 - 1 programs (2^41 elements). Table size: 32 bytes
-  per tensor + 16 per program (about 0.4 MB per step for 25 M parameters), rebuilt every step;
+  per tensor + 16 per program (about 0.4 MB for 25 M parameters), built once per set of
+  addresses and sizes and reused while they do not change (_cached_list_table: the last 8);
   each program reads 48 bytes of table for 20 KB of fp32 data.
 """
 # No `from __future__ import annotations` in this module: postponed, the kernels' "fp64"
 # annotations reach Triton as the text '"fp64"' (quotes included), which it does not read as a
 # type, and the scalars compile as fp32 parameters. tests/test_triton_jit.py checks the JIT's
 # compiled signatures.
+import collections
 import contextlib
 import math
 import struct
@@ -516,6 +518,25 @@ def _list_table(addrs, numels, device):
     return table[:4 * nt], table[4 * nt:], n_programs
 
 
+_TABLES: collections.OrderedDict = collections.OrderedDict()  # (device, addrs, numels) -> table
+_TABLES_KEPT = 8  # the most recent tables kept (an optimizer makes one per group and dtype)
+
+
+def _cached_list_table(addrs, numels, device):
+    """_list_table's result for these addresses and sizes, built once: the table is a function
+    of them alone, so a step over the same tensors reuses its device copy: no host work, no
+    allocation, no copy (such a step can be captured in a CUDA graph once warmed up)."""
+    key = (device, tuple(addrs), tuple(numels))
+    hit = _TABLES.get(key)
+    if hit is None:
+        hit = _TABLES[key] = _list_table(addrs, numels, device)
+        if len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return hit
+
+
 # ---- entry points ----------------------------------------------------------------------------
 def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
                           weight_decay, nesterov, maximize, first_step, lr_tensor=None,
@@ -611,7 +632,7 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
     flags = _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor, amp)
     tl_dtype = _TL_DTYPE[dtype]
     with _device_guard(device):
-        rows, blocks, n_programs = _list_table(addrs, numels, device)
+        rows, blocks, n_programs = _cached_list_table(addrs, numels, device)
         for first in range(0, n_programs, _MAX_PROGRAMS):
             count = min(_MAX_PROGRAMS, n_programs - first)
             _sgd_list_kernel[(count,)](rows, blocks[2 * first:],

@@ -786,5 +786,31 @@ def test_import_without_interpreter_rejects_cpu_tensors():
     assert bool((p == 1).all())
 
 
+
+def test_list_table_is_built_once_per_set_of_tensors(monkeypatch):
+    """The list kernel's pointer table is a function of the addresses and sizes alone: a step
+    over the same tensors reuses the device copy (no host work, allocation or copy: capturable
+    in a CUDA graph), other addresses or sizes get their own, the last 8 are kept."""
+    from momentum_cuda import triton_kernels as tk
+    monkeypatch.setattr(tk, "_TABLES", type(tk._TABLES)())
+    built = []
+    real = tk._list_table
+    monkeypatch.setattr(tk, "_list_table", lambda *a: built.append(a) or real(*a))
+    cpu = torch.device("cpu")
+    addrs, numels = [(64, 128, 0), (1024, 2048, 0)], [3, 5000]
+    first = tk._cached_list_table(addrs, numels, cpu)
+    again = tk._cached_list_table(list(addrs), list(numels), cpu)
+    assert again is first and len(built) == 1
+    rows, blocks, n = first
+    assert rows.tolist() == [64, 128, 0, 3, 1024, 2048, 0, 5000]
+    assert n == 1 + -(-5000 // tk.BLOCK_SIZE)
+    other = tk._cached_list_table(addrs, [3, 4999], cpu)
+    assert other is not first and len(built) == 2
+    for k in range(tk._TABLES_KEPT):
+        tk._cached_list_table([(8 * (k + 1), 16, 0)], [1], cpu)
+    assert len(tk._TABLES) == tk._TABLES_KEPT
+    assert tk._cached_list_table(addrs, numels, cpu) is not first  # evicted: built again
+    assert len(built) == 3 + tk._TABLES_KEPT
+
 if __name__ == "__main__":
     _child_main()
