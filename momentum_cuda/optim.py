@@ -405,7 +405,9 @@ class _Bucket:
         positions inside each tensor, as torch's do."""
         if self.covers_padding:
             return self.cover(i0, i1)
-        if i0 == 0 and i1 == len(self.params) and self.backend != "cpu":
+        if i0 == 0 and i1 == len(self.params):
+            if self.backend == "cpu":
+                return self.segments
             if self.whole is None:
                 self.whole = _merged(self.segments)
             return self.whole
