@@ -1407,26 +1407,10 @@ def print_summary(doc: dict, out=None) -> None:
         return
     overhead = doc.get("mode") == "overhead"
     columns = OVERHEAD_COLUMNS if overhead else COLUMNS
-    rows = [row for case in doc["cases"]
-            for row in (overhead_rows(case) if overhead else table_rows(case))]
-    if rows:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                      for i, (c, w) in enumerate(zip(cells, widths)))
-        print("\n" + fmt(columns), file=out)
-        print("-" * len(fmt(columns)), file=out)
-        for row in rows:
-            print(fmt(row), file=out)
+    print_rows(columns, [row for case in doc["cases"]
+                         for row in (overhead_rows(case) if overhead else table_rows(case))], out)
     for case in doc["cases"]:
-        for name, err in case["errors"].items():
-            print(f"  {case_name(case)}: {name} not timed ({err})", file=out)
-        for name, why in case.get("left_out", {}).items():
-            print(f"  {case_name(case)}: {name} left out ({why})", file=out)
-        busy = case["contention"]
-        if is_noisy(busy):
-            print(f"  {case_name(case)}: WARNING: other processes used "
-                  f"{busy['other_processes_cores']:.2f} cores while timing: these numbers are "
-                  "not clean", file=out)
+        print_case_lines(case, out)
     for s in doc["skipped"]:
         print(f"  skipped: {case_name(s)} ({s['why']})", file=out)
     if overhead:
@@ -1516,29 +1500,42 @@ def ampclip_rows(case: dict) -> list[list[str]]:
     return rows
 
 
+def print_rows(columns, rows, out) -> None:
+    """A table: the first two columns left-aligned, the others right-aligned."""
+    if not rows:
+        return
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    print("\n" + fmt(columns), file=out)
+    print("-" * len(fmt(columns)), file=out)
+    for row in rows:
+        print(fmt(row), file=out)
+
+
+def print_case_lines(case: dict, out) -> None:
+    """A case's implementations that were not timed, and its contention warning."""
+    for name, err in case["errors"].items():
+        print(f"  {case_name(case)}: {name} not timed ({err})", file=out)
+    for name, why in case.get("left_out", {}).items():
+        print(f"  {case_name(case)}: {name} left out ({why})", file=out)
+    busy = case["contention"]
+    if is_noisy(busy):
+        print(f"  {case_name(case)}: WARNING: other processes used "
+              f"{busy['other_processes_cores']:.2f} cores while timing: these numbers are "
+              "not clean", file=out)
+
+
 def print_ampclip_summary(doc: dict, out) -> None:
     """--ampclip's table (microseconds per sequence, ratios, the passes model) and notes."""
-    rows = [row for case in doc["cases"] for row in ampclip_rows(case)]
-    if rows:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(AMPCLIP_COLUMNS)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                      for i, (c, w) in enumerate(zip(cells, widths)))
-        print("\n" + fmt(AMPCLIP_COLUMNS), file=out)
-        print("-" * len(fmt(AMPCLIP_COLUMNS)), file=out)
-        for row in rows:
-            print(fmt(row), file=out)
+    print_rows(AMPCLIP_COLUMNS, [row for case in doc["cases"] for row in ampclip_rows(case)],
+               out)
     for case in doc["cases"]:
-        for name, err in case["errors"].items():
-            print(f"  {case_name(case)}: {name} not timed ({err})", file=out)
         if not case["clip"]["active"]:
             print(f"  {case_name(case)}: the clip was NOT active (total norms "
                   f"{case['clip']['total_norms_checked']} <= max_norm {case['max_norm']:g})",
                   file=out)
-        busy = case["contention"]
-        if is_noisy(busy):
-            print(f"  {case_name(case)}: WARNING: other processes used "
-                  f"{busy['other_processes_cores']:.2f} cores while timing: these numbers are "
-                  "not clean", file=out)
+        print_case_lines(case, out)
     for s in doc["skipped"]:
         print(f"  skipped: {case_name(s)} ({s['why']})", file=out)
     m = doc["machine"]

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,3 +293,30 @@ def no_host_reads():
     finally:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
+
+
+def have(module: str) -> bool:
+    """Whether `module` imports here."""
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def interpreter_child(module: str, timeout: int) -> dict:
+    """Runs tests/<module>.py's _child_main() in a child Python with TRITON_INTERPRET=1 (Triton
+    reads it when a kernel is decorated, so only a fresh process interprets) and returns what
+    it printed after @@RESULT@@: {check name: {"error": traceback or None, "seconds": ...}}."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    code = f"import sys; sys.path.insert(0, {here!r}); import {module} as t; t._child_main()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=root)
+    marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    assert proc.returncode == 0 and marker, (
+        f"interpreter child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+        f"{proc.stderr[-4000:]}")
+    return json.loads(marker[-1][len("@@RESULT@@"):])

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
 
 import pytest
 import torch
+
+from conftest import have, interpreter_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -738,31 +739,13 @@ def _child_main() -> None:
 # ----------------------------------------------------------------------------------------------
 # Parent side: pytest.
 # ----------------------------------------------------------------------------------------------
-def _have(mod):
-    try:
-        __import__(mod)
-        return True
-    except ImportError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not (_have("triton") and _have("numpy")),
+pytestmark = pytest.mark.skipif(not (have("triton") and have("numpy")),
                                 reason="triton and numpy are needed for the interpreter")
 
 
 @pytest.fixture(scope="module")
 def interp_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
-    code = ("import sys; sys.path.insert(0, %r); import test_triton_interp as t; t._child_main()"
-            % HERE)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-    marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
-    assert proc.returncode == 0 and marker, (
-        f"interpreter child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
-        f"{proc.stderr[-4000:]}")
-    return json.loads(marker[-1][len("@@RESULT@@"):])
+    return interpreter_child("test_triton_interp", timeout=300)
 
 
 @pytest.mark.parametrize("name", CHECKS)
