@@ -129,3 +129,41 @@ def test_op_rejects_bad_lr_tensor(bad, frag):
                            weight_decay=0.0, nesterov=False, maximize=False, first_step=False,
                            lr_tensor=bad())
     assert all(torch.equal(t, u) for t, u in zip((p, g, b), before))
+
+
+# dampening whose 1 - d lies just above a bf16 rounding tie (1 - 2^-8 - 2^-9 + 2^-30): 1 - d
+# rounded to bf16 straight from the double is 1 - 2^-8, through fp32 (as torch rounds a bf16
+# alpha, from a float or from a tensor's .item()) 1 - 2^-7
+_TIE_DAMPENING = 2 ** -8 + 2 ** -9 - 2 ** -30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("hdtype", [torch.float32, torch.float64], ids=["h32", "h64"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_tensor_momentum_dampening_weight_decay(flat, hdtype, dtype):
+    """momentum, dampening and weight_decay given as 1-element tensors (read on the host, as
+    torch's for-loop reads them): torch's bits, with a scheduler-like in-place change between
+    steps and a dampening chosen where bf16 alpha rounding from double and from fp32 differ."""
+    ours, ref = _model(seed=61)
+    ours, ref = ours.to(dtype), ref.to(dtype)
+
+    def hyper():
+        return dict(momentum=torch.tensor(0.9, dtype=hdtype),
+                    dampening=torch.tensor(_TIE_DAMPENING, dtype=hdtype),
+                    weight_decay=torch.tensor(1e-2, dtype=hdtype))
+    h, th = hyper(), hyper()
+    opt = momentum_cuda.SGD(ours.parameters(), lr=0.05, flat=flat, **h)
+    topt = torch.optim.SGD(ref.parameters(), lr=0.05, foreach=False, **th)
+    gen = torch.Generator().manual_seed(62)
+    for k in range(STEPS):
+        x = torch.randn(5, 7, generator=gen).to(dtype)
+        for model, o in ((ours, opt), (ref, topt)):
+            o.zero_grad()
+            model(x).float().square().mean().backward()
+            o.step()
+            for key in ("momentum", "weight_decay"):  # as a scheduler would, in place
+                o.param_groups[0][key].mul_(0.97)
+        for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
+            assert torch.equal(p, q), f"step {k + 1}: parameter {i}"
+            assert torch.equal(opt.state[p]["momentum_buffer"],
+                               topt.state[q]["momentum_buffer"]), f"step {k + 1}: buffer {i}"
