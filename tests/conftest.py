@@ -304,19 +304,59 @@ def have(module: str) -> bool:
         return False
 
 
-def interpreter_child(module: str, timeout: int) -> dict:
-    """Runs tests/<module>.py's _child_main() in a child Python with TRITON_INTERPRET=1 (Triton
-    reads it when a kernel is decorated, so only a fresh process interprets) and returns what
-    it printed after @@RESULT@@: {check name: {"error": traceback or None, "seconds": ...}}."""
+# Test modules whose checks run in a Triton-interpreter child (interpreter_child). The first
+# one a session needs starts the children of all those collected, so that they run at once (one
+# core each: each child is one single-threaded interpreter), not one after the other.
+INTERPRETER_MODULES = ("test_triton_amp", "test_triton_interp")
+_collected: set = set()
+_children: dict = {}  # module -> (Popen, stdout file, stderr file, start time)
+
+
+def pytest_collection_finish(session):
+    _collected.update(item.module.__name__ for item in session.items
+                      if getattr(item, "module", None) is not None)
+
+
+def pytest_sessionfinish(session):
+    for proc, *_ in _children.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _start_child(module: str) -> None:
+    import tempfile
+    import time
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     code = f"import sys; sys.path.insert(0, {here!r}); import {module} as t; t._child_main()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=root)
-    marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # not pipes: no
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=err,
+                            text=True, cwd=root)  # blocking on a full pipe buffer
+    _children[module] = (proc, out, err, time.monotonic())
+
+
+def interpreter_child(module: str, timeout: int) -> dict:
+    """Runs tests/<module>.py's _child_main() in a child Python with TRITON_INTERPRET=1 (Triton
+    reads it when a kernel is decorated, so only a fresh process interprets) and returns what
+    it printed after @@RESULT@@: {check name: {"error": traceback or None, "seconds": ...}}.
+    The children of the other INTERPRETER_MODULES this session collected start with it."""
+    import time
+    for m in INTERPRETER_MODULES:
+        if m not in _children and (m == module or m in _collected):
+            _start_child(m)
+    proc, out, err, t0 = _children[module]
+    try:
+        proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+    marker = [ln for ln in stdout.splitlines() if ln.startswith("@@RESULT@@")]
     assert proc.returncode == 0 and marker, (
-        f"interpreter child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
-        f"{proc.stderr[-4000:]}")
+        f"interpreter child failed (rc={proc.returncode}, {timeout} s allowed):\n"
+        f"{stdout[-4000:]}\n{stderr[-4000:]}")
     return json.loads(marker[-1][len("@@RESULT@@"):])

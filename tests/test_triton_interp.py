@@ -745,7 +745,7 @@ pytestmark = pytest.mark.skipif(not (have("triton") and have("numpy")),
 
 @pytest.fixture(scope="module")
 def interp_results():
-    return interpreter_child("test_triton_interp", timeout=300)
+    return interpreter_child("test_triton_interp", timeout=600)
 
 
 @pytest.mark.parametrize("name", CHECKS)
