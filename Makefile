@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.deps-stamp
 DEPS    := torch==2.13.0 numpy==2.4.6 pytest==9.2.0 scikit-learn==1.9.1 matplotlib==3.11.2 \
            pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2 cmake==3.31.10 \
            nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51 triton==3.9.0 \
-           hypothesis==6.155.2
+           hypothesis==6.155.2 pytest-xdist==3.8.0
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.json') setup.py
 SO_STAMP := $(VENV)/.build-stamp
 CMAKE_BUILD := build/cmake
@@ -44,8 +44,11 @@ build: $(SO_STAMP)
 
 test: pytest cmake-test gpu-check-dry
 
+# Two workers (CI has 2 cores), each taking whole files, so that a file's module fixtures (the
+# builds, the interpreter and distributed children) are made once.
+PYTEST_WORKERS ?= 2
 pytest: build
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 # The randomized operation sequences of tests/test_sequences.py, 10,000 of them instead of the
 # default run's 1,000.

@@ -645,27 +645,32 @@ def count_device_events(events) -> dict:
     return {"kernels": kernels, "memcpy_memset": copies}
 
 
-def step_cost(impl: Impl, data: CaseData, hyper, device) -> dict:
-    """Kernels and allocated bytes of one steady-state step (the second), untimed."""
-    opt, _ = build(impl, data, hyper)
-    opt.step()
+def measure_cost(fn, device) -> dict:
+    """Kernels and allocated bytes of one call of fn, untimed. GPU: CUDA kernels (and copies
+    apart) in the profiler and the caching allocator's bytes; CPU: the aten ops and
+    momentum_cuda's ops (dispatcher ops, counted among them) and the bytes they return."""
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            opt.step()
+            fn()
             torch.cuda.synchronize(device)
         after = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
         return {**count_device_events(prof.events()), "alloc_bytes": after - before,
-                "kernels_counted": "cuda",
-                **({"mc_calls": len(opt.last_step)} if impl.ours else {})}
+                "kernels_counted": "cuda"}
     counter = _OpCounter()
     with counter:
-        opt.step()
-    # momentum_cuda's steps are dispatcher ops (torch.ops.momentum_cuda): counted among them
+        fn()
     return {"kernels": counter.ops, "alloc_bytes": counter.bytes,
-            "kernels_counted": "aten and momentum_cuda ops",
+            "kernels_counted": "aten and momentum_cuda ops"}
+
+
+def step_cost(impl: Impl, data: CaseData, hyper, device) -> dict:
+    """Kernels and allocated bytes of one steady-state step (the second), untimed."""
+    opt, _ = build(impl, data, hyper)
+    opt.step()
+    return {**measure_cost(opt.step, device),
             **({"mc_calls": len(opt.last_step)} if impl.ours else {})}
 
 
@@ -1156,21 +1161,7 @@ def sequence_cost(impl: Impl, data: CaseData, pool, hyper, max_norm, device) -> 
     c.refill(pool)
     c.sequence()
     c.refill(pool)
-    if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            c.sequence()
-            torch.cuda.synchronize(device)
-        after = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
-        return {**count_device_events(prof.events()), "alloc_bytes": after - before,
-                "kernels_counted": "cuda"}
-    counter = _OpCounter()
-    with counter:
-        c.sequence()
-    return {"kernels": counter.ops, "alloc_bytes": counter.bytes,
-            "kernels_counted": "aten and momentum_cuda ops"}
+    return measure_cost(c.sequence, device)
 
 
 def run_ampclip_case(layout, total, dtype, impls, hyper, args, device, clock,

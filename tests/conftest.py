@@ -304,12 +304,15 @@ def have(module: str) -> bool:
         return False
 
 
-# Test modules whose checks run in a Triton-interpreter child (interpreter_child). The first
-# one a session needs starts the children of all those collected, so that they run at once (one
-# core each: each child is one single-threaded interpreter), not one after the other.
+# Test modules whose checks run in a Triton-interpreter child (interpreter_child). In a plain
+# session the first one needed starts the children of all those collected, so that they run at
+# once (one core each: each child is one single-threaded interpreter). Under pytest-xdist
+# (`make test` runs two workers, each taking whole files) every worker collects everything, so
+# a child is started only by the worker that runs its module.
 INTERPRETER_MODULES = ("test_triton_amp", "test_triton_interp")
 _collected: set = set()
 _children: dict = {}  # module -> (Popen, stdout file, stderr file, start time)
+_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
 
 
 def pytest_collection_finish(session):
@@ -344,7 +347,7 @@ def interpreter_child(module: str, timeout: int) -> dict:
     The children of the other INTERPRETER_MODULES this session collected start with it."""
     import time
     for m in INTERPRETER_MODULES:
-        if m not in _children and (m == module or m in _collected):
+        if m not in _children and (m == module or (m in _collected and not _XDIST_WORKER)):
             _start_child(m)
     proc, out, err, t0 = _children[module]
     try:
