@@ -27,6 +27,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -395,27 +396,41 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
 }
 
+/// Which arguments of an op's schema it writes, read once from the schema (by the annotations
+/// (a!), (b!), (c!)), not at every call.
+struct WrittenArgs {
+  std::vector<size_t> always;  // params and momentum buffers
+  std::vector<size_t> grads;   // written only when grad_scale or clip_coef is given
+  size_t grad_scale = 0, clip_coef = 0;
+  explicit WrittenArgs(const c10::FunctionSchema& schema) {
+    const auto& args = schema.arguments();
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args[i].alias_info() == nullptr || !args[i].alias_info()->isWrite()) continue;
+      const bool grad = args[i].name() == "grad" || args[i].name() == "grads";
+      (grad ? grads : always).push_back(i);
+    }
+    grad_scale = schema.argumentIndexWithName("grad_scale").value();
+    clip_coef = schema.argumentIndexWithName("clip_coef").value();
+  }
+};
+
 /// What ATen's in-place ops do at the ADInplaceOrView key: once the kernel has run (not if it
 /// raised), the version counter of every tensor it wrote goes up, so that autograd refuses a
 /// tensor saved for backward and then stepped. The gradients are written only when grad_scale
 /// or clip_coef is given (as GradScaler.unscale_ and clip_grad_norm_ write them); otherwise they
-/// keep their versions, as torch.optim.SGD(foreach=False) leaves them.
+/// keep their versions, as torch.optim.SGD(foreach=False) leaves them. kOp: one instance (and
+/// so one WrittenArgs) per op.
+template <int kOp>
 void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                   torch::jit::Stack* stack) {
-  const auto& args = op.schema().arguments();
-  const size_t first = stack->size() - args.size();
-  const auto given = [&](const char* name) {
-    const auto i = op.schema().argumentIndexWithName(name);
-    return i.has_value() && (*stack)[first + *i].isTensor();
-  };
-  const bool grads_written = given("grad_scale") || given("clip_coef");
-  std::vector<c10::IValue> written;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const bool grad = args[i].name() == "grad" || args[i].name() == "grads";
-    if (args[i].alias_info() != nullptr && args[i].alias_info()->isWrite() &&
-        (!grad || grads_written)) {
-      written.push_back((*stack)[first + i]);
-    }
+  static const WrittenArgs w(op.schema());
+  const size_t first = stack->size() - op.schema().arguments().size();
+  const auto arg = [&](size_t i) -> const c10::IValue& { return (*stack)[first + i]; };
+  const bool grads_written = arg(w.grad_scale).isTensor() || arg(w.clip_coef).isTensor();
+  c10::SmallVector<c10::IValue, 3> written;
+  for (size_t i : w.always) written.push_back(arg(i));
+  if (grads_written) {
+    for (size_t i : w.grads) written.push_back(arg(i));
   }
   {
     const at::AutoDispatchBelowADInplaceOrView guard;
@@ -694,8 +709,8 @@ TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {
 
 TORCH_LIBRARY_IMPL(momentum_cuda, ADInplaceOrView, m) {
   namespace mc = momentum_cuda;
-  m.impl("sgd_step_flat_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written>());
-  m.impl("sgd_step_list_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written>());
+  m.impl("sgd_step_flat_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<0>>());
+  m.impl("sgd_step_list_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<1>>());
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {

@@ -60,6 +60,7 @@ clip_grad_norm_ returns torch's total norm and leaves the multiply to the next s
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -69,6 +70,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from torch.optim.sgd import sgd as _torch_sgd
 
@@ -118,6 +120,31 @@ def _finite(h) -> None:
 
 def _bump(tensors) -> None:
     torch.autograd.graph.increment_version(tensors)
+
+
+def _observed_step(func):
+    """step() as torch's Optimizer.profile_hook_step wraps it (the step hooks, global and the
+    optimizer's, in its order; the profiler range "Optimizer.step#<class>.step"), that wrapper
+    itself running whenever something can observe it: a hook is registered, a profiler records,
+    or torch.compile traces. Otherwise the step runs without it: entering record_function
+    dispatches a profiler op even with no profiler, as much host time as a flat step's own
+    checks. Marked `hooked`, so that Optimizer.__init__ does not wrap it again."""
+    observed = Optimizer.profile_hook_step(func)
+    profiling = torch._C._autograd._profiler_enabled
+
+    @functools.wraps(func)
+    def step(*args, **kwargs):
+        self = args[0]
+        if (torch.compiler.is_compiling() or self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks or _torch_optimizer._global_optimizer_pre_hooks
+                or _torch_optimizer._global_optimizer_post_hooks or profiling()):
+            return observed(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    step.hooked = True
+    return step
 
 
 def _strided(t) -> bool:
@@ -397,6 +424,7 @@ class _Bucket:
     whole: torch.Tensor | None = None  # the segments of a whole-bucket run, adjacent ones merged
     check: object | None = None  # _C.BucketCheck over params, grad_views, ptrs, gptrs
     spans: list | None = None  # span_views()
+    entry: dict | None = None  # last_step's entry for a whole-bucket run
 
     def run_segments(self, i0: int, i1: int) -> torch.Tensor:
         """The segments one flat call runs for params[i0:i1]: one covering span on a GPU
@@ -952,6 +980,8 @@ class _FusedMomentum(Optimizer):
                 self._step_tensors(loose, h, amp, clip)
         return loss
 
+    step = _observed_step(step)
+
     # ---- clip_grad_norm_ ---------------------------------------------------------------------
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
@@ -1432,8 +1462,14 @@ class _FusedMomentum(Optimizer):
             if first and b.covers_padding:
                 b.reset_buf_padding()
             b.bump(i0, i1)
-            self._report(b.backend, "flat", b.flat_param, i1 - i0,
-                         b.numel_before[i1] - b.numel_before[i0])
+            if i0 == 0 and i1 == len(b.params):  # the common case: its entry made once
+                if b.entry is None:
+                    b.entry = self._entry(b.backend, "flat", b.flat_param, i1,
+                                          b.numel_before[i1])
+                self.last_step.append(dict(b.entry))
+            else:
+                self._report(b.backend, "flat", b.flat_param, i1 - i0,
+                             b.numel_before[i1] - b.numel_before[i0])
         for (backend, _, _, first), bs in lent.items():
             spans = [x for b in bs for x in b.span_views(use_buf)]
             ps, gs, vs = (list(x) for x in zip(*spans))

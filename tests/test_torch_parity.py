@@ -44,7 +44,7 @@ from torch.optim.optimizer import (
 )
 
 import momentum_cuda
-from conftest import bits
+from conftest import SIZES, bits, make_values, run_steps, twin_params
 
 pytestmark = [
     # expected: the torch-ops path announces itself (complex parameters, sparse gradients,
@@ -1174,6 +1174,43 @@ def test_step_hooks_fire_like_torch(flat):
             other.step()
             logs.append(log)
         assert logs[0] == logs[1], f"{desc}: ours {logs[0]}\ntorch {logs[1]}"
+
+
+@FLAT
+def test_step_is_wrapped_once_and_profiled_like_torch(flat):
+    """step() carries its own wrapper (marked hooked, so Optimizer.__init__ adds none): under a
+    profiler it opens torch's range, "Optimizer.step#<class>.step", as torch.optim.SGD's does;
+    with no profiler and no hook it does not enter record_function at all (that is host time
+    per step); with a hook registered it runs torch's own wrapper (the hooks' order and
+    arguments: test_step_hooks_fire_like_torch). Bits: the same steps as torch's either way."""
+    for cls, name in ((momentum_cuda.SGD, "SGD"), (momentum_cuda.Momentum, "Momentum")):
+        params = [torch.nn.Parameter(torch.randn(5))]
+        opt = cls(params, lr=0.1, momentum=0.9, flat=flat)
+        assert cls.step.hooked and not hasattr(cls.step.__wrapped__, "__wrapped__")
+        params[0].grad = torch.randn(5)
+        with torch.profiler.profile() as prof:
+            opt.step()
+        assert f"Optimizer.step#{name}.step" in {e.name for e in prof.events()}, name
+    entered = []
+    real = torch.autograd.profiler.record_function.__enter__
+
+    def spy(self):
+        entered.append(self.name)
+        return real(self)
+    ours, ref = twin_params(make_values(SIZES, torch.float32, seed=3))
+    opt = momentum_cuda.SGD(ours, lr=0.1, momentum=0.9, flat=flat)
+    topt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=False)
+    torch.autograd.profiler.record_function.__enter__ = spy
+    try:
+        # torch's twin enters its range at each of its steps: 3, and none of ours
+        run_steps(opt, ours, topt, ref, steps=3, seed=4)
+        assert entered.count("Optimizer.step#SGD.step") == 3, entered
+        h = opt.register_step_post_hook(lambda *a: None)
+        run_steps(opt, ours, topt, ref, steps=1, seed=5)  # and now both
+        h.remove()
+        assert entered.count("Optimizer.step#SGD.step") == 5, entered
+    finally:
+        torch.autograd.profiler.record_function.__enter__ = real
 
 
 def _grad_hooks(kind, gen_seed):
