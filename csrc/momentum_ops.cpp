@@ -562,6 +562,7 @@ class BucketCheck {
     static PyObject* const key = PyUnicode_InternFromString("momentum_buffer");
     bool all_views = views, all_none = true;
     for (size_t i = 0; i < params_.size(); ++i) {
+      prefetch(i);
       if (!intact(i)) return -1;
       if (!bufs || (!all_none && !all_views)) continue;  // the kind is known: 2
       PyObject* entry = lookup(state.ptr(), params_[i].ptr(), hashes_[i]);
@@ -582,6 +583,17 @@ class BucketCheck {
     return !bufs || all_views ? 0 : all_none ? 1 : 2;
   }
 
+  /// The version counters of params[i0:i1] up by one, as an in-place op's (optim._Bucket.bump:
+  /// the kernel wrote them through the flat buffer), in C++ over the objects held here.
+  void bump(size_t i0, size_t i1) const {
+    TORCH_CHECK(i0 <= i1 && i1 <= params_.size(), "BucketCheck.bump: [", i0, ", ", i1,
+                ") is not a range of its ", params_.size(), " parameters");
+    for (size_t i = i0; i < i1; ++i) {
+      prefetch(i, /*grads=*/false);
+      torch::autograd::impl::bump_version(THPVariable_Unpack(params_[i].ptr()));
+    }
+  }
+
  private:
   /// Parameter i at its address, its .grad the flat view (one TensorImpl has one Python
   /// object: the same impl is `p.grad is view`), the view at its address.
@@ -593,8 +605,45 @@ class BucketCheck {
            reinterpret_cast<int64_t>(p.data_ptr()) == ptrs_[i] &&
            reinterpret_cast<int64_t>(g.data_ptr()) == gptrs_[i];
   }
+  /// Starts loading, a few parameters ahead of i, the memory intact() and bump() read. Each
+  /// parameter is a chain of pointers (Python object, TensorImpl, then its storage and
+  /// autograd meta, then the gradient), cold in a training loop (the forward and backward ran
+  /// since the last step): walked one after the other, every link is a miss. Prefetched in
+  /// three stages, the misses of several parameters overlap.
+  void prefetch(size_t i, bool grads = true) const {
+#if defined(__GNUC__)
+    const size_t n = params_.size();
+    const auto impl = [](const pybind11::object& o) {
+      return THPVariable_Unpack(o.ptr()).unsafeGetTensorImpl();
+    };
+    const auto lines = [](const void* p) {
+      for (int line = 0; line < 3; ++line) __builtin_prefetch(static_cast<const char*>(p) + 64 * line);
+    };
+    const auto storage = [](const c10::TensorImpl* t) {
+      if (t->has_storage()) __builtin_prefetch(t->unsafe_storage().unsafeGetStorageImpl());
+    };
+    if (i + 16 < n) {
+      __builtin_prefetch(params_[i + 16].ptr());
+      if (grads) __builtin_prefetch(views_[i + 16].ptr());
+    }
+    if (i + 10 < n) {
+      lines(impl(params_[i + 10]));
+      if (grads) lines(impl(views_[i + 10]));  // the gradient's, when intact
+    }
+    if (grads && i + 4 < n) {
+      const c10::TensorImpl* p = impl(params_[i + 4]);
+      __builtin_prefetch(p->autograd_meta());
+      storage(p);
+      storage(impl(views_[i + 4]));
+    }
+#else
+    (void)i;
+    (void)grads;
+#endif
+  }
   bool intact_all() const {
     for (size_t i = 0; i < params_.size(); ++i) {
+      prefetch(i);
       if (!intact(i)) return false;
     }
     return true;
@@ -758,7 +807,9 @@ PYBIND11_MODULE(_C, m) {
       .def("check", &mc::BucketCheck::check, py::arg("state"), py::arg("buf_views"),
            "-1: a parameter moved or its .grad is not its flat view (at its address); else "
            "(state None) 0, or 0: every state[p]['momentum_buffer'] is its flat view; 1: none "
-           "has a buffer; 2: otherwise.");
+           "has a buffer; 2: otherwise.")
+      .def("bump", &mc::BucketCheck::bump, py::arg("i0"), py::arg("i1"),
+           "The version counters of params[i0:i1] up by one.");
   py::class_<mc::GradWatch>(m, "GradWatch",
                             "optim.clip_grad_norm_'s record of the gradients it measured.")
       .def(py::init<std::vector<py::object>>(), py::arg("params"))

@@ -461,7 +461,13 @@ class _Bucket:
         in-place ops do (a parameter saved for backward and then stepped must raise, not
         silently differ). The op bumped the flat buffers and so the buffer views (autograd views
         of flat_buf); the parameters are not autograd views of flat_param: own counters."""
-        _bump(self.params[i0:i1])
+        self.checker().bump(i0, i1)
+
+    def checker(self):
+        """The bucket's _C.BucketCheck (made again when a gradient view is replaced)."""
+        if self.check is None:
+            self.check = _C.BucketCheck(self.params, self.grad_views, self.ptrs, self.gptrs)
+        return self.check
 
     def intact(self, i: int) -> bool:
         """params[i] is still the view of flat_param the layout made (its gradient view fits)."""
@@ -1351,10 +1357,8 @@ class _FusedMomentum(Optimizer):
         """The common case, checked in bulk: every parameter of the bucket is intact, has its
         flat gradient, and all buffers are flat views (or none exists yet). Returns its one
         run, or None to let the per-parameter classification decide."""
-        if b.check is None:
-            b.check = _C.BucketCheck(b.params, b.grad_views, b.ptrs, b.gptrs)
         # one C++ pass: addresses, flat gradient views, state[p]["momentum_buffer"]
-        kind = b.check.check(self.state if use_buf else None,
+        kind = b.checker().check(self.state if use_buf else None,
                              b.buf_views if b.flat_buf is not None else None)
         if kind == 1:  # no buffers yet
             return [b, 0, len(b.params), not self._ema, True]

@@ -139,3 +139,57 @@ def test_bucket_buffers(case, want):
     params[3].grad = params[3].grad.clone()  # no longer its flat view
     assert check.check(state, views_arg) == -1
     assert check.check(None, None) == -1
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+@pytest.mark.parametrize("broken", [None, 0, "middle", "last"])
+def test_bucket_intact_at_every_position(n, broken):
+    """BucketCheck.check over buckets longer than its prefetch distance (it reads ahead of the
+    parameter it checks): one parameter not intact, at the start, the middle or the end, gives
+    -1; a moved parameter (set_ to other memory) or gradient likewise."""
+    check, params, views = _bucket(n)
+    state = _state(params, views)
+    if broken is None:
+        assert check.check(state, views) == 0
+        return
+    i = {0: 0, "middle": n // 2, "last": n - 1}[broken]
+    for how in ("grad replaced", "param moved", "grad moved", "grad None"):
+        check, params, views = _bucket(n)
+        state = _state(params, views)
+        assert check.check(state, views) == 0
+        with torch.no_grad():
+            if how == "grad replaced":
+                params[i].grad = params[i].grad.clone()
+            elif how == "param moved":
+                params[i].set_(params[i].clone())
+            elif how == "grad moved":
+                params[i].grad.set_(params[i].grad.clone())
+            else:
+                params[i].grad = None
+        assert check.check(state, views) == -1, (n, i, how)
+        assert check.check(None, None) == -1, (n, i, how)
+
+
+@pytest.mark.parametrize("n", [1, 40])
+def test_bucket_bump(n):
+    """BucketCheck.bump(i0, i1): each of params[i0:i1]'s version counters up by one (as the
+    in-place op that wrote them through the flat buffer would), no other's; a range outside the
+    bucket raises before any is bumped."""
+    # own version counters (the optimizer's parameters are set_ onto the flat buffer, not
+    # views of it: _bucket's views would share their base's counter)
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(3)
+    check = _C.BucketCheck(params, [p.grad for p in params], [p.data_ptr() for p in params],
+                           [p.grad.data_ptr() for p in params])
+    before = [p._version for p in params]
+    i0, i1 = (0, 1) if n == 1 else (3, 37)
+    check.bump(i0, i1)
+    assert [p._version - v for p, v in zip(params, before)] == [
+        int(i0 <= k < i1) for k in range(n)]
+    check.bump(0, n)
+    for bad in ((0, n + 1), (2, 1) if n > 1 else (1, 0)):
+        with pytest.raises(RuntimeError, match=r"BucketCheck.bump: \[\d+, \d+\) is not a range"):
+            check.bump(*bad)
+    assert [p._version - v for p, v in zip(params, before)] == [
+        1 + int(i0 <= k < i1) for k in range(n)]
