@@ -425,6 +425,8 @@ class _Bucket:
     check: object | None = None  # _C.BucketCheck over params, grad_views, ptrs, gptrs
     spans: list | None = None  # span_views()
     entry: dict | None = None  # last_step's entry for a whole-bucket run
+    op: object | None = None  # the backend's flat op, and flat_param's device, looked up once
+    device: torch.device | None = None
 
     def run_segments(self, i0: int, i1: int) -> torch.Tensor:
         """The segments one flat call runs for params[i0:i1]: one covering span on a GPU
@@ -1119,10 +1121,12 @@ class _FusedMomentum(Optimizer):
         """The ops' keyword arguments on `device`: the hyper-parameters, a tensor lr as
         lr_tensor (read by the kernels there), GradScaler's grad_scale and found_inf, a
         clip's coefficient."""
+        lr = h["lr"]
+        if clip is None and amp is None and not isinstance(lr, torch.Tensor):
+            return h  # the common case: the hyper-parameters as they are (unpacked, not kept)
         args = dict(h)
         if clip is not None:
             args["clip_coef"] = clip.coef_on(device)
-        lr = h["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.device == device:
                 args["lr"], args["lr_tensor"] = 0.0, lr  # lr is not read
@@ -1460,9 +1464,10 @@ class _FusedMomentum(Optimizer):
                 lent.setdefault(key, []).append(b)
                 continue
             segs = b.run_segments(i0, i1)
-            step_ops(b.backend)[0](b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
-                                   segs, first_step=first,
-                                   **self._kernel_args(h, amp, b.flat_param.device, clip))
+            if b.op is None:
+                b.op, b.device = step_ops(b.backend)[0], b.flat_param.device
+            b.op(b.flat_param, b.flat_grad, b.flat_buf if use_buf else None, segs,
+                 first_step=first, **self._kernel_args(h, amp, b.device, clip))
             if first and b.covers_padding:
                 b.reset_buf_padding()
             b.bump(i0, i1)
@@ -1496,6 +1501,8 @@ class _FusedMomentum(Optimizer):
     def _step_tensors(self, items, h, amp=None, clip=None) -> None:
         """The per-tensor path: one list call per (device, dtype, first step); torch's own
         ops for what the kernels do not model (items: _plan's checked list)."""
+        if not items:
+            return
         use_buf = h["momentum"] != 0
         calls: dict = {}
         torch_ops = []
