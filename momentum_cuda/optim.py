@@ -8,8 +8,9 @@ device, dtype) that require grad are moved into one buffer and become views of i
 momentum buffers get matching flat buffers at the same offsets, and a step is ONE kernel call
 over the whole span. Each parameter starts at a multiple of ALIGN_BYTES (64 bytes: a cache line,
 the widest CPU vector (AVX-512) and a multiple of the 16 bytes a CUDA vector load needs); the
-padding between parameters holds zeros: the CPU kernel skips it; a CUDA/Triton flat launch runs
-over it and keeps it +0.0 in the parameter and momentum buffers (see _Bucket.covers_padding).
+padding between parameters holds zeros: a flat call runs over it (CUDA, Triton, and the CPU for
+fp32/fp64) and keeps it +0.0 in the parameter and momentum buffers (see _Bucket.covers_padding);
+the CPU kernel skips it for bf16/fp16, whose bits depend on positions inside each tensor.
 
 Gradients: p.grad is None exactly when torch's would be. zero_grad() (set_to_none=True) fills
 each flat gradient buffer with -0.0 and sets every .grad to None, as torch does. A flat
@@ -405,8 +406,9 @@ class _Bucket:
     # neg_zero[i]: grad_views[i] holds -0.0 (filled since it was last attached), so the hook
     # can attach it without filling it first.
     neg_zero: list = field(default_factory=list)
-    # A GPU step is one launch over a covering span, padding included (the CPU kernel runs the
-    # exact segments). The gradient padding is -0.0 after zero_grad(), +0.0 after
+    # A flat step is one call over a covering span, padding included (on the CPU only for
+    # fp32/fp64: one span instead of a segment per parameter, and torch's fp32/fp64 bits do not
+    # depend on positions, docs/numerics.md; bf16/fp16 run the exact segments). The gradient padding is -0.0 after zero_grad(), +0.0 after
     # zero_grad(set_to_none=False). Any step keeps the parameter padding +0.0 (fma(+-0, -lr, +0)
     # is +0.0) and so does a momentum update of +0.0 buffer padding (fma(+-0, 1-d, +0 * m) is
     # +0.0); but a first step copies the gradient (buf = g, negated by maximize), which leaves
@@ -429,11 +431,16 @@ class _Bucket:
     device: torch.device | None = None
 
     def run_segments(self, i0: int, i1: int) -> torch.Tensor:
-        """The segments one flat call runs for params[i0:i1]: one covering span on a GPU
-        (covers_padding), else the exact segments; on a GPU (a pinned bucket) adjacent ones
-        are merged for a whole bucket. Not on the CPU, whose bf16/fp16 bits depend on
-        positions inside each tensor, as torch's do."""
+        """The segments one flat call runs for params[i0:i1]: one covering span
+        (covers_padding: a GPU, or fp32/fp64 on the CPU; the whole bucket's kept), else the
+        exact segments; on a GPU (a pinned bucket) adjacent ones are merged for a whole
+        bucket. Not on the CPU, whose bf16/fp16 bits depend on positions inside each tensor,
+        as torch's do."""
         if self.covers_padding:
+            if i0 == 0 and i1 == len(self.params):
+                if self.whole is None:
+                    self.whole = self.cover(i0, i1)
+                return self.whole
             return self.cover(i0, i1)
         if i0 == 0 and i1 == len(self.params):
             if self.backend == "cpu":
@@ -786,7 +793,10 @@ class _FusedMomentum(Optimizer):
                 _FLAT_GRADS[_storage_key(flat_grad)] = flat_grad
             # a lender's (or a pinned parameter's) storage holds others' values between
             # ours: exact segments only
-            covers = self._backend_for(device) != "cpu" and lent is None and pin is None
+            # ... and on the CPU the bf16/fp16 bits depend on positions inside each tensor (as
+            # torch's do): exact segments there too
+            covers = (lent is None and pin is None and (
+                self._backend_for(device) != "cpu" or dtype in (torch.float32, torch.float64)))
             b = _Bucket(params=ps, offsets=offsets, flat_param=flat_param, flat_grad=flat_grad,
                         grad_views=[], gptrs=[], meta=[], backend=self._backend_for(device),
                         segments=torch.tensor([[o, p.numel()] for o, p in zip(offsets, ps)],

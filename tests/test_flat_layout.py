@@ -97,10 +97,11 @@ def test_params_grads_buffers_are_views_of_one_buffer(dtype):
     # still the same views after the steps (nothing was re-allocated)
     assert all(p.grad is g for p, g in zip(ours, grads))
     _check_views(ours)
-    # the padding between parameters is never written by the CPU kernel: +0.0 (bit pattern 0)
-    # in the parameter and momentum buffers; zero_grad() fills the whole gradient buffer with
-    # -0.0, padding included, in one pass (tests/test_presence.py: why the padding's signs are
-    # harmless on a GPU too)
+    # the padding between parameters stays +0.0 (bit pattern 0) in the parameter and momentum
+    # buffers, whether the kernel skips it (bf16/fp16) or runs over it (fp32/fp64:
+    # test_cpu_fp32_fp64_steps_cover_the_padding); zero_grad() fills the whole gradient buffer
+    # with -0.0, padding included, in one pass (tests/test_presence.py: why the padding's signs
+    # are harmless)
     for ts in (ours, bufs):
         whole, covered = _covered_mask(ts)
         assert not _bits(whole[~covered]).any()
@@ -109,6 +110,38 @@ def test_params_grads_buffers_are_views_of_one_buffer(dtype):
     assert torch.equal(_bits(whole), _bits(torch.full_like(whole, -0.0)))
     assert flat_paths(opt) == ["flat"]
     assert opt.last_step[0]["tensors"] == len(sizes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_fp32_fp64_steps_cover_the_padding(dtype):
+    """On the CPU a flat fp32/fp64 step is one span over the whole bucket, padding included
+    (torch's fp32/fp64 bits do not depend on an element's position in its tensor); bf16/fp16
+    run each parameter's segment. Over every flag (maximize, nesterov, dampening, weight decay,
+    momentum 0) and a first step, after zero_grad(set_to_none=True: -0.0 gradient padding) and
+    zero_grad(set_to_none=False: +0.0), the parameter and momentum buffer padding stays +0.0
+    (bit pattern 0) and the bits are torch's."""
+    from conftest import sgd_hyper_grid
+    sizes = [1, 3, 97, (5, 7), 2]
+    for k, h in enumerate(sgd_hyper_grid()):
+        ours, ref = twin_params(make_values(sizes, dtype, seed=700 + k))
+        opt = momentum_cuda.SGD(ours, lr=0.1, **h)
+        topt = torch.optim.SGD(ref, lr=0.1, foreach=False, **h)
+        gen = torch.Generator().manual_seed(800 + k)
+        for step in range(4):
+            opt.zero_grad(set_to_none=step % 2 == 0)
+            topt.zero_grad()
+            _grads_both(ours, ref, gen)
+            _step_both(opt, topt, ours, ref, f"{h} step {step}")
+            (b,) = opt._layouts[id(opt.param_groups[0])].buckets
+            segs = b.run_segments(0, len(sizes))
+            cover = dtype in (torch.float32, torch.float64)
+            assert b.covers_padding == cover and segs.shape == ((1, 2) if cover else (5, 2))
+            assert flat_paths(opt) == ["flat"]
+            bufs = [momentum_buffer(opt, p) for p in ours] if h["momentum"] else []
+            for ts in (ours, bufs):
+                if ts:
+                    whole, covered = _covered_mask(ts)
+                    assert not _bits(whole[~covered]).any(), f"{h} step {step}: padding"
 
 
 def test_one_buffer_per_group_and_dtype():
