@@ -609,15 +609,18 @@ class BucketCheck {
   /// parameter is a chain of pointers (Python object, TensorImpl, then its storage and
   /// autograd meta, then the gradient), cold in a training loop (the forward and backward ran
   /// since the last step): walked one after the other, every link is a miss. Prefetched in
-  /// three stages, the misses of several parameters overlap.
+  /// three stages, the misses of several parameters overlap. grads: the gradient views' too
+  /// (intact() reads them; bump() reads only the parameters).
   void prefetch(size_t i, bool grads = true) const {
 #if defined(__GNUC__)
     const size_t n = params_.size();
     const auto impl = [](const pybind11::object& o) {
       return THPVariable_Unpack(o.ptr()).unsafeGetTensorImpl();
     };
-    const auto lines = [](const void* p) {
-      for (int line = 0; line < 3; ++line) __builtin_prefetch(static_cast<const char*>(p) + 64 * line);
+    const auto lines = [](const void* p) {  // a TensorImpl's first three cache lines
+      for (int line = 0; line < 3; ++line) {
+        __builtin_prefetch(static_cast<const char*>(p) + 64 * line);
+      }
     };
     const auto storage = [](const c10::TensorImpl* t) {
       if (t->has_storage()) __builtin_prefetch(t->unsafe_storage().unsafeGetStorageImpl());

@@ -408,12 +408,12 @@ class _Bucket:
     neg_zero: list = field(default_factory=list)
     # A flat step is one call over a covering span, padding included (on the CPU only for
     # fp32/fp64: one span instead of a segment per parameter, and torch's fp32/fp64 bits do not
-    # depend on positions, docs/numerics.md; bf16/fp16 run the exact segments). The gradient padding is -0.0 after zero_grad(), +0.0 after
-    # zero_grad(set_to_none=False). Any step keeps the parameter padding +0.0 (fma(+-0, -lr, +0)
-    # is +0.0) and so does a momentum update of +0.0 buffer padding (fma(+-0, 1-d, +0 * m) is
-    # +0.0); but a first step copies the gradient (buf = g, negated by maximize), which leaves
-    # -0.0 for some flag set whatever the gradient padding's sign: so the buffer padding is
-    # reset after a covering first step.
+    # depend on positions, docs/numerics.md; bf16/fp16 run the exact segments). The gradient
+    # padding is -0.0 after zero_grad(), +0.0 after zero_grad(set_to_none=False). Any step
+    # keeps the parameter padding +0.0 (fma(+-0, -lr, +0) is +0.0) and so does a momentum
+    # update of +0.0 buffer padding (fma(+-0, 1-d, +0 * m) is +0.0); but a first step copies
+    # the gradient (buf = g, negated by maximize), which leaves -0.0 for some flag set whatever
+    # the gradient padding's sign: so the buffer padding is reset after a covering first step.
     covers_padding: bool = False
     pad_index: torch.Tensor | None = None  # the padding elements, on the buffers' device
     accs: list = field(default_factory=list)  # the gradient accumulators the hooks sit on
@@ -423,7 +423,8 @@ class _Bucket:
     # offsets in flat_param: the kernel reads the gradients in place. Nothing here writes it
     # (no hooks, no -0.0 fill); grad_views are the gradient tensors seen when laid out.
     lent: bool = False
-    whole: torch.Tensor | None = None  # the segments of a whole-bucket run, adjacent ones merged
+    # the segments of a whole-bucket run: the covering span, or adjacent ones merged (a GPU)
+    whole: torch.Tensor | None = None
     check: object | None = None  # _C.BucketCheck over params, grad_views, ptrs, gptrs
     spans: list | None = None  # span_views()
     entry: dict | None = None  # last_step's entry for a whole-bucket run
