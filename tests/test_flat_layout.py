@@ -118,8 +118,10 @@ def test_cpu_fp32_fp64_steps_cover_the_padding(dtype):
     (torch's fp32/fp64 bits do not depend on an element's position in its tensor); bf16/fp16
     run each parameter's segment. Over every flag (maximize, nesterov, dampening, weight decay,
     momentum 0) and a first step, after zero_grad(set_to_none=True: -0.0 gradient padding) and
-    zero_grad(set_to_none=False: +0.0), the parameter and momentum buffer padding stays +0.0
-    (bit pattern 0) and the bits are torch's."""
+    zero_grad(set_to_none=False: +0.0), and with a parameter in the middle left without a
+    gradient (two runs, each covering only its own parameters and the padding between them),
+    the parameter and momentum buffer padding stays +0.0 (bit pattern 0) and the bits are
+    torch's."""
     from conftest import sgd_hyper_grid
     sizes = [1, 3, 97, (5, 7), 2]
     for k, h in enumerate(sgd_hyper_grid()):
@@ -127,16 +129,20 @@ def test_cpu_fp32_fp64_steps_cover_the_padding(dtype):
         opt = momentum_cuda.SGD(ours, lr=0.1, **h)
         topt = torch.optim.SGD(ref, lr=0.1, foreach=False, **h)
         gen = torch.Generator().manual_seed(800 + k)
-        for step in range(4):
+        for step in range(6):
             opt.zero_grad(set_to_none=step % 2 == 0)
             topt.zero_grad()
             _grads_both(ours, ref, gen)
+            unused = step >= 4  # parameter 2 gets no gradient: two runs around it
+            if unused:
+                ours[2].grad, ref[2].grad = None, None
             _step_both(opt, topt, ours, ref, f"{h} step {step}")
             (b,) = opt._layouts[id(opt.param_groups[0])].buckets
             segs = b.run_segments(0, len(sizes))
             cover = dtype in (torch.float32, torch.float64)
             assert b.covers_padding == cover and segs.shape == ((1, 2) if cover else (5, 2))
-            assert flat_paths(opt) == ["flat"]
+            assert flat_paths(opt) == ["flat"] * (2 if unused else 1)
+            assert [e["tensors"] for e in opt.last_step] == ([2, 2] if unused else [5])
             bufs = [momentum_buffer(opt, p) for p in ours] if h["momentum"] else []
             for ts in (ours, bufs):
                 if ts:
