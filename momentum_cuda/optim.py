@@ -99,6 +99,26 @@ def _to_float(x, name: str) -> float:
     return float(x)
 
 
+def _dampening(x) -> float:
+    """dampening as the ops take it (they compute alpha = 1 - dampening in double). torch's
+    for-loop passes alpha=1 - dampening: for a tensor that is a tensor op in its dtype, so a
+    float32 dampening gives 1 - d rounded to float32, not to double (for float64 parameters the
+    two differ). The double returned is 1 - t for that t, so that 1 - (1 - t) == t exactly; it
+    is, for every t of at most 24 significant bits in [2^-29, 2^30), and checked."""
+    if not isinstance(x, torch.Tensor):
+        return float(x)
+    if x.numel() != 1:
+        raise ValueError(f"Tensor dampening must be 1-element, got shape {tuple(x.shape)}")
+    if x.dtype is torch.float64 or not x.is_floating_point():
+        return float(x.item())
+    t = float((1 - x).item())
+    d = 1.0 - t
+    if math.isfinite(t) and 1.0 - d != t:
+        raise ValueError(f"dampening={x!r}: 1 - dampening = {t!r} in {x.dtype} cannot be passed "
+                         "to the kernels exactly; give dampening as a float or a float64 tensor")
+    return d if math.isfinite(t) else float(x.item())
+
+
 def _lr(x):
     """A group's lr for the step: a float, or a 1-element fp32/fp64 tensor, which the kernels
     read on its device (no host sync; torch's for-loop reads it with .item(), which gives the
@@ -1678,7 +1698,7 @@ class SGD(_FusedMomentum):
 
     def _hyper(self, group) -> dict:
         return dict(lr=_lr(group["lr"]), momentum=float(group["momentum"]),
-                    dampening=float(group["dampening"]),
+                    dampening=_dampening(group["dampening"]),
                     weight_decay=_to_float(group["weight_decay"], "weight_decay"),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 

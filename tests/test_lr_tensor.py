@@ -137,13 +137,17 @@ def test_op_rejects_bad_lr_tensor(bad, frag):
 _TIE_DAMPENING = 2 ** -8 + 2 ** -9 - 2 ** -30
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("hdtype", [torch.float32, torch.float64], ids=["h32", "h64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("hdtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["h32", "h64", "hbf16"])
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 def test_tensor_momentum_dampening_weight_decay(flat, hdtype, dtype):
     """momentum, dampening and weight_decay given as 1-element tensors (read on the host, as
     torch's for-loop reads them): torch's bits, with a scheduler-like in-place change between
-    steps and a dampening chosen where bf16 alpha rounding from double and from fp32 differ."""
+    steps and a dampening chosen where bf16 alpha rounding from double and from fp32 differ.
+    torch's alpha=1 - dampening is a tensor op in the dampening's dtype: with float64
+    parameters a float32 or bfloat16 dampening gives other bits than the double 1 - d."""
     ours, ref = _model(seed=61)
     ours, ref = ours.to(dtype), ref.to(dtype)
 
