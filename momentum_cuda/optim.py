@@ -1730,6 +1730,6 @@ class Momentum(_FusedMomentum):
     def _hyper(self, group) -> dict:
         m = float(group["momentum"])
         self._check_momentum(m)  # a scheduler may have changed it
-        return dict(lr=_lr(group["lr"]), momentum=m, dampening=m,
+        return dict(lr=_lr(group["lr"]), momentum=m, dampening=_dampening(group["momentum"]),
                     weight_decay=_to_float(group["weight_decay"], "weight_decay"),
                     nesterov=False, maximize=bool(group["maximize"]))

@@ -171,3 +171,24 @@ def test_tensor_momentum_dampening_weight_decay(flat, hdtype, dtype):
             assert torch.equal(p, q), f"step {k + 1}: parameter {i}"
             assert torch.equal(opt.state[p]["momentum_buffer"],
                                topt.state[q]["momentum_buffer"]), f"step {k + 1}: buffer {i}"
+
+
+@pytest.mark.parametrize("hdtype", [torch.float32, torch.bfloat16], ids=["h32", "hbf16"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_momentum_tensor_momentum_float64_parameters(flat, hdtype):
+    """Momentum's alpha = 1 - momentum from a tensor momentum is, as in MomentumReference, a
+    tensor op in the momentum's dtype: with float64 parameters not the double 1 - m (0.35:
+    1 - m is not exact in float32 or bfloat16, as it is for m in [0.5, 1] or for 0.3)."""
+    ours, ref = _model(seed=71)
+    ours, ref = ours.double(), ref.double()
+    opt = momentum_cuda.Momentum(ours.parameters(), lr=0.05, flat=flat,
+                                 momentum=torch.tensor(0.35, dtype=hdtype))
+    topt = MomentumReference(ref.parameters(), lr=0.05, momentum=torch.tensor(0.35, dtype=hdtype))
+    gen = torch.Generator().manual_seed(72)
+    for k in range(STEPS):
+        x = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+        for model, o in ((ours, opt), (ref, topt)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+        _same(ours, ref, opt, topt, f"step {k + 1}")
