@@ -180,41 +180,76 @@ void check_no_cross_overlap(at::TensorList params, at::TensorList grads,
 /// hands them to an optimizer that sets _step_supports_amp_scaling (found_inf != 0 skips the
 /// update; grad_scale unscales the gradients first, written back, also on a skipped step, as
 /// GradScaler.unscale_ does), a clip coefficient (optim.clip_grad_norm_'s: the gradients,
-/// unscaled, are multiplied by it and written back, as torch's g.mul_(coef) leaves them) and a
-/// learning rate held in a tensor (read in place of `lr`, on the device by the CUDA kernels: no
-/// host sync).
+/// unscaled, are multiplied by it and written back, as torch's g.mul_(coef) leaves them) and
+/// hyper-parameters held in tensors (read in place of the doubles, on the device by the CUDA
+/// kernels: no host sync; `momentum_tensor` needs the buffers, and a zero there leaves them
+/// as they are, as momentum == 0 does in torch's for-loop).
 struct StepTensors {
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
   const std::optional<at::Tensor>& lr_tensor;
   const std::optional<at::Tensor>& clip_coef;
+  const std::optional<at::Tensor>& momentum_tensor;
+  const std::optional<at::Tensor>& dampening_tensor;
+  const std::optional<at::Tensor>& weight_decay_tensor;
   /// Whether the gradients are touched before the update (or the update may be skipped).
   bool any() const { return given(grad_scale) || given(found_inf) || given(clip_coef); }
   static bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 };
 const std::optional<at::Tensor> kNone;
-const StepTensors kNoTensors{kNone, kNone, kNone, kNone};
+const StepTensors kNoTensors{kNone, kNone, kNone, kNone, kNone, kNone, kNone};
 
 /// Each is a 1-element tensor on the parameters' device: float32 (GradScaler's), float32 or
-/// float64 (lr_tensor), of the parameters' dtype (clip_coef).
+/// float64 (the hyper-parameters), of the parameters' dtype (clip_coef).
 void check_tensors(const StepTensors& st, const at::Device& device, at::ScalarType dtype) {
   for (const auto& [t, n] : {std::pair{&st.grad_scale, "grad_scale"},
                              std::pair{&st.found_inf, "found_inf"},
                              std::pair{&st.lr_tensor, "lr_tensor"},
-                             std::pair{&st.clip_coef, "clip_coef"}}) {
+                             std::pair{&st.clip_coef, "clip_coef"},
+                             std::pair{&st.momentum_tensor, "momentum_tensor"},
+                             std::pair{&st.dampening_tensor, "dampening_tensor"},
+                             std::pair{&st.weight_decay_tensor, "weight_decay_tensor"}}) {
     if (!StepTensors::given(*t)) continue;
     const at::Tensor& x = **t;
-    const bool lr = t == &st.lr_tensor, clip = t == &st.clip_coef;
+    const bool amp = t == &st.grad_scale || t == &st.found_inf, clip = t == &st.clip_coef;
     const bool dtype_ok = clip ? x.scalar_type() == dtype
                                : x.scalar_type() == at::kFloat ||
-                                     (lr && x.scalar_type() == at::kDouble);
+                                     (!amp && x.scalar_type() == at::kDouble);
     const std::string want = clip ? std::string(c10::toString(dtype)) + " (the parameters' dtype)"
-                             : lr ? "float32 or float64"
-                                  : "float32";
+                             : amp ? "float32"
+                                   : "float32 or float64";
     TORCH_CHECK(x.layout() == at::kStrided && x.numel() == 1 && dtype_ok && x.device() == device,
                 n, " must be a 1-element ", want, " tensor on ", device,
                 " (the parameters' device), got ", describe(x));
   }
+}
+
+/// A hyper-parameter tensor in host memory, read (no sync) and checked finite.
+double host_value(const at::Tensor& t, const char* name) {
+  const double v = t.item<double>();
+  check_scalar(name, v);
+  return v;
+}
+
+/// StepHyper's dampening for a dampening tensor in host memory: torch's alpha = 1 - dampening
+/// is then a tensor op in the tensor's dtype (a float32 1 - d is rounded to float32), so this
+/// returns the d' whose double 1 - d' is that value: exact for a float32 result in
+/// [2^-29, 2^30) or 0, checked.
+double host_dampening(const at::Tensor& t) {
+  const double d = host_value(t, "dampening_tensor");
+  if (t.scalar_type() != at::kFloat) return d;
+  const double omd = static_cast<double>(1.0f - static_cast<float>(d));
+  const double out = 1.0 - omd;
+  TORCH_CHECK(1.0 - out == omd, "dampening_tensor = ", d, ": 1 - dampening = ", omd,
+              " (float32) cannot be passed to the kernel exactly; give it as float64");
+  return out;
+}
+
+/// A tensor's address for the CUDA kernels (null members when not given).
+ScalarPtr device_scalar(const std::optional<at::Tensor>& t) {
+  if (!StepTensors::given(t)) return ScalarPtr{nullptr, nullptr};
+  const bool f64 = t->scalar_type() == at::kDouble;
+  return ScalarPtr{f64 ? nullptr : t->data_ptr<float>(), f64 ? t->data_ptr<double>() : nullptr};
 }
 
 /// The CPU step's GradScaler and clip work, done on the host before the kernel (its tensors are
@@ -253,17 +288,15 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
   check_scalar("momentum", momentum);
   check_scalar("dampening", dampening);
   check_scalar("weight_decay", weight_decay);
-  const uint32_t flags = (maximize ? kMaximize : 0u) | (weight_decay != 0 ? kWeightDecay : 0u) |
-                         (momentum != 0 ? kMomentum : 0u) | (nesterov ? kNesterov : 0u) |
-                         (first_step ? kFirstStep : 0u);
-  TORCH_CHECK(!nesterov || momentum != 0, "nesterov=True needs momentum != 0, got momentum=",
+  // A momentum tensor is read where it lives: the buffers are given, its value decides.
+  const bool m_tensor = StepTensors::given(st.momentum_tensor);
+  const bool need_buf = m_tensor || momentum != 0;
+  TORCH_CHECK(!nesterov || need_buf, "nesterov=True needs momentum != 0, got momentum=",
               momentum);
-  TORCH_CHECK(!first_step || momentum != 0,
+  TORCH_CHECK(!first_step || need_buf,
               "first_step=True (buffer = gradient) needs momentum != 0, got momentum=", momentum);
-  TORCH_CHECK(flags_valid(flags), "invalid flag set ", flags);
   TORCH_CHECK(grads.size() == params.size(), "grads has ", grads.size(), " tensors but params has ",
               params.size());
-  const bool need_buf = momentum != 0;
   TORCH_CHECK(!need_buf || bufs.size() == params.size(), "momentum_buffers has ", bufs.size(),
               " tensors but params has ", params.size(), " (momentum=", momentum, " needs one each)");
 
@@ -293,24 +326,32 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
     spans.reserve(params.size());
     for (size_t i = 0; i < params.size(); ++i) add_span(i, 0, params[i].numel());
   }
-  StepHyper hyper{lr, momentum, dampening, weight_decay, flags, AmpPtrs{}, LrPtr{}};
-  const bool lr_given = StepTensors::given(st.lr_tensor);
-  if (device_type == c10::DeviceType::CPU) {
-    if (lr_given) hyper.lr = st.lr_tensor->item<double>();  // host memory: no sync
-    check_scalar("lr_tensor", hyper.lr);
-    if (st.any() && amp_on_host(st, spans, params[0])) return;
-  } else {
-    const auto ptr = [](const std::optional<at::Tensor>& t) {
-      return StepTensors::given(t) ? t->data_ptr<float>() : nullptr;
-    };
-    hyper.amp = AmpPtrs{ptr(st.grad_scale), ptr(st.found_inf),
-                        StepTensors::given(st.clip_coef) ? st.clip_coef->data_ptr() : nullptr};
-    if (lr_given) {
-      const bool f64 = st.lr_tensor->scalar_type() == at::kDouble;
-      hyper.lr_dev = LrPtr{f64 ? nullptr : st.lr_tensor->data_ptr<float>(),
-                           f64 ? st.lr_tensor->data_ptr<double>() : nullptr};
+  StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
+  if (device_type == c10::DeviceType::CPU) {  // host memory: read here, no sync
+    if (StepTensors::given(st.lr_tensor)) hyper.lr = host_value(*st.lr_tensor, "lr_tensor");
+    if (m_tensor) hyper.momentum = host_value(*st.momentum_tensor, "momentum_tensor");
+    if (StepTensors::given(st.dampening_tensor)) hyper.dampening = host_dampening(*st.dampening_tensor);
+    if (StepTensors::given(st.weight_decay_tensor)) {
+      hyper.weight_decay = host_value(*st.weight_decay_tensor, "weight_decay_tensor");
     }
+  } else {
+    hyper.amp = AmpPtrs{device_scalar(st.grad_scale).f32, device_scalar(st.found_inf).f32,
+                        StepTensors::given(st.clip_coef) ? st.clip_coef->data_ptr() : nullptr};
+    hyper.dev = HyperPtrs{device_scalar(st.lr_tensor), device_scalar(st.momentum_tensor),
+                          device_scalar(st.dampening_tensor),
+                          device_scalar(st.weight_decay_tensor)};
   }
+  // The ops torch's for-loop runs, by the values read so far; a value in device memory sets its
+  // flags here and clears them in the kernel if zero (cuda/sgd_kernel.cuh, device_step).
+  const bool wd_on = hyper.dev.weight_decay.f32 != nullptr ||
+                     hyper.dev.weight_decay.f64 != nullptr || hyper.weight_decay != 0;
+  const bool m_on = need_buf && (hyper.dev.momentum.f32 != nullptr ||
+                                 hyper.dev.momentum.f64 != nullptr || hyper.momentum != 0);
+  hyper.flags = (maximize ? kMaximize : 0u) | (wd_on ? kWeightDecay : 0u) |
+                (m_on ? kMomentum : 0u) | (m_on && nesterov ? kNesterov : 0u) |
+                (m_on && first_step ? kFirstStep : 0u);
+  TORCH_CHECK(flags_valid(hyper.flags), "invalid flag set ", hyper.flags);
+  if (device_type == c10::DeviceType::CPU && st.any() && amp_on_host(st, spans, params[0])) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, *dtype, "momentum_cuda_sgd_step", [&] {
     if (device_type == c10::DeviceType::CPU) {
       sgd_step_cpu<scalar_t>(spans.data(), static_cast<int64_t>(spans.size()), hyper);
@@ -334,7 +375,7 @@ void sgd_step_flat(const at::Tensor& param, const at::Tensor& grad,
                    const std::optional<at::Tensor>& buf, const at::Tensor& segments, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov,
                    bool maximize, bool first_step, c10::DeviceType device_type, const StepTensors& st) {
-  const bool need_buf = momentum != 0;
+  const bool need_buf = momentum != 0 || StepTensors::given(st.momentum_tensor);
   TORCH_CHECK(!need_buf || (buf.has_value() && buf->defined()),
               "momentum_buffer is None but momentum=", momentum, " needs one");
   for (const auto& [t, n] : {std::pair<const at::Tensor*, const char*>{&param, "param"},
@@ -379,9 +420,14 @@ void step_flat_(const at::Tensor& param, const at::Tensor& grad,
                 bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
                 const std::optional<at::Tensor>& lr_tensor,
-                const std::optional<at::Tensor>& clip_coef) {
+                const std::optional<at::Tensor>& clip_coef,
+                const std::optional<at::Tensor>& momentum_tensor,
+                const std::optional<at::Tensor>& dampening_tensor,
+                const std::optional<at::Tensor>& weight_decay_tensor) {
   sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
-                nesterov, maximize, first_step, D, StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
+                nesterov, maximize, first_step, D,
+                StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
+                            dampening_tensor, weight_decay_tensor});
 }
 
 template <c10::DeviceType D>
@@ -390,10 +436,14 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
                 const std::optional<at::Tensor>& lr_tensor,
-                const std::optional<at::Tensor>& clip_coef) {
+                const std::optional<at::Tensor>& clip_coef,
+                const std::optional<at::Tensor>& momentum_tensor,
+                const std::optional<at::Tensor>& dampening_tensor,
+                const std::optional<at::Tensor>& weight_decay_tensor) {
   sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
                 maximize, first_step, D, /*single=*/false, at::Tensor(),
-                StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
+                StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
+                            dampening_tensor, weight_decay_tensor});
 }
 
 /// Which arguments of an op's schema it writes, read once from the schema (by the annotations
@@ -471,10 +521,15 @@ void step_flat_other_(const at::Tensor& param, const at::Tensor& grad,
                       const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::Tensor>& lr_tensor,
-                      const std::optional<at::Tensor>& clip_coef) {
+                      const std::optional<at::Tensor>& clip_coef,
+                      const std::optional<at::Tensor>& momentum_tensor,
+                      const std::optional<at::Tensor>& dampening_tensor,
+                      const std::optional<at::Tensor>& weight_decay_tensor) {
   const auto type = device_of({param, grad});
   sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
-                nesterov, maximize, first_step, type, StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
+                nesterov, maximize, first_step, type,
+                StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
+                            dampening_tensor, weight_decay_tensor});
 }
 
 void step_list_other_(at::TensorList params, at::TensorList grads,
@@ -483,11 +538,15 @@ void step_list_other_(at::TensorList params, at::TensorList grads,
                       bool first_step, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::Tensor>& lr_tensor,
-                      const std::optional<at::Tensor>& clip_coef) {
+                      const std::optional<at::Tensor>& clip_coef,
+                      const std::optional<at::Tensor>& momentum_tensor,
+                      const std::optional<at::Tensor>& dampening_tensor,
+                      const std::optional<at::Tensor>& weight_decay_tensor) {
   const auto type = device_of({params, grads, momentum_buffers});
   sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
                 maximize, first_step, type, /*single=*/false, at::Tensor(),
-                StepTensors{grad_scale, found_inf, lr_tensor, clip_coef});
+                StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
+                            dampening_tensor, weight_decay_tensor});
 }
 
 /// For the optimizer's per-tensor planning (optim._plan), one call for all of a group's loose
@@ -739,18 +798,22 @@ std::string isa_name(CpuIsa isa) {
 
 // Schemas: (a!)/(b!)/(c!) mark what each op may write. Gradients are written only when
 // grad_scale or clip_coef is given (unscaled and clipped in place, as GradScaler.unscale_ and
-// clip_grad_norm_ leave them); segments are read.
+// clip_grad_norm_ leave them); segments are read. A *_tensor hyper-parameter is read in place
+// of its float (StepTensors).
 TORCH_LIBRARY(momentum_cuda, m) {
   m.def(
       "sgd_step_flat_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!)? momentum_buffer, "
       "Tensor segments, float lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool first_step, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor? lr_tensor=None, Tensor? clip_coef=None) -> ()");
+      "Tensor? found_inf=None, Tensor? lr_tensor=None, Tensor? clip_coef=None, "
+      "Tensor? momentum_tensor=None, Tensor? dampening_tensor=None, "
+      "Tensor? weight_decay_tensor=None) -> ()");
   m.def(
       "sgd_step_list_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? lr_tensor=None, Tensor? clip_coef=None) -> ()");
+      "Tensor? lr_tensor=None, Tensor? clip_coef=None, Tensor? momentum_tensor=None, "
+      "Tensor? dampening_tensor=None, Tensor? weight_decay_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {

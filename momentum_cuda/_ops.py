@@ -18,8 +18,9 @@
 
 Each op writes param(s) and momentum buffer(s) in place, reads the gradients (and, given
 GradScaler's grad_scale or a clip coefficient, writes them back unscaled and clipped;
-found_inf != 0 skips the update) and returns nothing; lr_tensor (a 1-element fp32/fp64 tensor
-on the parameters' device) is read in place of lr, on the device (no host sync); its fake kernel
+found_inf != 0 skips the update) and returns nothing; lr_tensor, momentum_tensor,
+dampening_tensor and weight_decay_tensor (1-element fp32/fp64 tensors on the parameters' device)
+are read in place of the floats, on the device (no host sync); its fake kernel
 (for FakeTensor, torch.compile and opcheck) has nothing to compute and checks only that the
 tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend: for "triton"
 two small functions that call the amp op when grad_scale or clip_coef is given and the plain
@@ -53,23 +54,30 @@ def _one_device(named) -> None:
 
 def _flat_fake(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
                nesterov, maximize, first_step, grad_scale=None, found_inf=None,
-               lr_tensor=None, clip_coef=None) -> None:
+               lr_tensor=None, clip_coef=None, momentum_tensor=None, dampening_tensor=None,
+               weight_decay_tensor=None) -> None:
     _one_device([(param, "param"), (grad, "grad"), (momentum_buffer, "momentum_buffer"),
                  (grad_scale, "grad_scale"), (found_inf, "found_inf"),
-                 (lr_tensor, "lr_tensor"), (clip_coef, "clip_coef")])
+                 (lr_tensor, "lr_tensor"), (clip_coef, "clip_coef"),
+                 (momentum_tensor, "momentum_tensor"), (dampening_tensor, "dampening_tensor"),
+                 (weight_decay_tensor, "weight_decay_tensor")])
     if segments.device.type != "cpu":
         raise RuntimeError(f"segments must be a CPU tensor, got one on {segments.device}")
 
 
 def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
                nesterov, maximize, first_step, grad_scale=None, found_inf=None,
-               lr_tensor=None, clip_coef=None) -> None:
+               lr_tensor=None, clip_coef=None, momentum_tensor=None, dampening_tensor=None,
+               weight_decay_tensor=None) -> None:
     named = [(t, f"{name}[{i}]") for ts, name in ((params, "params"), (grads, "grads"),
                                                   (momentum_buffers, "momentum_buffers"))
              for i, t in enumerate(ts)]
     if named:
         _one_device(named + [(grad_scale, "grad_scale"), (found_inf, "found_inf"),
-                             (lr_tensor, "lr_tensor"), (clip_coef, "clip_coef")])
+                             (lr_tensor, "lr_tensor"), (clip_coef, "clip_coef"),
+                             (momentum_tensor, "momentum_tensor"),
+                             (dampening_tensor, "dampening_tensor"),
+                             (weight_decay_tensor, "weight_decay_tensor")])
 
 
 if _C is not None:
@@ -83,12 +91,17 @@ def triton_sgd_step_flat_(param: torch.Tensor, grad: torch.Tensor,
                           lr: float, momentum: float, dampening: float, weight_decay: float,
                           nesterov: bool, maximize: bool, first_step: bool,
                           lr_tensor: Optional[torch.Tensor] = None,
-                          found_inf: Optional[torch.Tensor] = None) -> None:
+                          found_inf: Optional[torch.Tensor] = None,
+                          momentum_tensor: Optional[torch.Tensor] = None,
+                          dampening_tensor: Optional[torch.Tensor] = None,
+                          weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk  # triton is imported only when a Triton step runs
     tk.triton_sgd_step_flat_(param, grad, momentum_buffer, segments, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
                              nesterov=nesterov, maximize=maximize, first_step=first_step,
-                             lr_tensor=lr_tensor, found_inf=found_inf)
+                             lr_tensor=lr_tensor, found_inf=found_inf,
+                             momentum_tensor=momentum_tensor, dampening_tensor=dampening_tensor,
+                             weight_decay_tensor=weight_decay_tensor)
 
 
 triton_sgd_step_flat_.register_fake(_flat_fake)
@@ -100,12 +113,17 @@ def triton_sgd_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
                           dampening: float, weight_decay: float, nesterov: bool,
                           maximize: bool, first_step: bool,
                           lr_tensor: Optional[torch.Tensor] = None,
-                          found_inf: Optional[torch.Tensor] = None) -> None:
+                          found_inf: Optional[torch.Tensor] = None,
+                          momentum_tensor: Optional[torch.Tensor] = None,
+                          dampening_tensor: Optional[torch.Tensor] = None,
+                          weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_list_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
                              nesterov=nesterov, maximize=maximize, first_step=first_step,
-                             lr_tensor=lr_tensor, found_inf=found_inf)
+                             lr_tensor=lr_tensor, found_inf=found_inf,
+                             momentum_tensor=momentum_tensor, dampening_tensor=dampening_tensor,
+                             weight_decay_tensor=weight_decay_tensor)
 
 
 triton_sgd_step_list_.register_fake(_list_fake)
@@ -119,13 +137,18 @@ def triton_sgd_step_amp_flat_(param: torch.Tensor, grad: torch.Tensor,
                               grad_scale: Optional[torch.Tensor] = None,
                               found_inf: Optional[torch.Tensor] = None,
                               lr_tensor: Optional[torch.Tensor] = None,
-                              clip_coef: Optional[torch.Tensor] = None) -> None:
+                              clip_coef: Optional[torch.Tensor] = None,
+                              momentum_tensor: Optional[torch.Tensor] = None,
+                              dampening_tensor: Optional[torch.Tensor] = None,
+                              weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_flat_(param, grad, momentum_buffer, segments, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
                              nesterov=nesterov, maximize=maximize, first_step=first_step,
                              lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                             clip_coef=clip_coef)
+                             clip_coef=clip_coef, momentum_tensor=momentum_tensor,
+                             dampening_tensor=dampening_tensor,
+                             weight_decay_tensor=weight_decay_tensor)
 
 
 triton_sgd_step_amp_flat_.register_fake(_flat_fake)
@@ -139,13 +162,18 @@ def triton_sgd_step_amp_list_(params: list[torch.Tensor], grads: list[torch.Tens
                               grad_scale: Optional[torch.Tensor] = None,
                               found_inf: Optional[torch.Tensor] = None,
                               lr_tensor: Optional[torch.Tensor] = None,
-                              clip_coef: Optional[torch.Tensor] = None) -> None:
+                              clip_coef: Optional[torch.Tensor] = None,
+                              momentum_tensor: Optional[torch.Tensor] = None,
+                              dampening_tensor: Optional[torch.Tensor] = None,
+                              weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_list_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
                              nesterov=nesterov, maximize=maximize, first_step=first_step,
                              lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                             clip_coef=clip_coef)
+                             clip_coef=clip_coef, momentum_tensor=momentum_tensor,
+                             dampening_tensor=dampening_tensor,
+                             weight_decay_tensor=weight_decay_tensor)
 
 
 triton_sgd_step_amp_list_.register_fake(_list_fake)

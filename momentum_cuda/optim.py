@@ -91,14 +91,6 @@ ALIGN_BYTES = 64
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _to_float(x, name: str) -> float:
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
-        return float(x.item())
-    return float(x)
-
-
 def _dampening(x) -> float:
     """dampening as the ops take it (they compute alpha = 1 - dampening in double). torch's
     for-loop passes alpha=1 - dampening: for a tensor that is a tensor op in its dtype, so a
@@ -130,6 +122,32 @@ def _lr(x):
             return x if x.dim() == 0 else x.reshape(())
         return float(x.item())
     return float(x)
+
+
+def _hyper_tensor(x, name: str):
+    """momentum, dampening or weight_decay for the step: a float, or a 1-element fp32/fp64
+    tensor that does not require grad, which the kernels read on its device (torch's for-loop
+    reads it with .item(); the kernels round it as torch's ops do: sgd_kernel.cuh, device_step).
+    Other tensors are read here (dampening as _dampening reads it)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
+        if x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+            return x if x.dim() == 0 else x.reshape(())
+        return _dampening(x) if name == "dampening" else float(x.item())
+    return float(x)
+
+
+def _use_buf(h) -> bool:
+    """Whether the step runs the momentum ops (torch: momentum != 0). A momentum tensor left
+    in h is one whose buffers all exist (_FusedMomentum._group_hyper): they are given to the
+    kernel, which reads the value and leaves them as they are where it is zero."""
+    m = h["momentum"]
+    return isinstance(m, torch.Tensor) or m != 0
+
+
+_HYPER_TENSOR_ARGS = (("lr", "lr_tensor"), ("momentum", "momentum_tensor"),
+                      ("dampening", "dampening_tensor"), ("weight_decay", "weight_decay_tensor"))
 
 
 def _finite(h) -> None:
@@ -963,6 +981,19 @@ class _FusedMomentum(Optimizer):
     def _hyper(self, group) -> dict:
         raise NotImplementedError
 
+    def _group_hyper(self, group) -> dict:
+        """_hyper(group), checked. A momentum tensor is read here (as torch's for-loop reads it
+        at every step) while some parameter with a gradient has no momentum buffer: whether
+        the step creates buffers is the host's decision. Once all exist, the kernels read it."""
+        h = self._hyper(group)
+        _finite(h)
+        m = h["momentum"]
+        if isinstance(m, torch.Tensor) and any(
+                p.grad is not None and self._buffer(p) is None for p in group["params"]):
+            h["momentum"] = float(m.item())
+            _finite(h)
+        return h
+
     def step(self, closure=None):
         """One optimizer step; returns closure()'s loss if a closure is given.
 
@@ -1111,7 +1142,7 @@ class _FusedMomentum(Optimizer):
         """The step creates a momentum buffer (an overflow-skipped step must create none, as
         torch's for-loop creates none: so found_inf is read first) or runs torch's own ops."""
         for h, runs, loose in plans:
-            use_buf = h["momentum"] != 0
+            use_buf = _use_buf(h)
             if any(run[3] or run[4] for run in runs):
                 return True
             if any(reason is not None or (use_buf and buf is None)
@@ -1149,20 +1180,22 @@ class _FusedMomentum(Optimizer):
 
     @staticmethod
     def _kernel_args(h, amp, device, clip=None) -> dict:
-        """The ops' keyword arguments on `device`: the hyper-parameters, a tensor lr as
-        lr_tensor (read by the kernels there), GradScaler's grad_scale and found_inf, a
-        clip's coefficient."""
-        lr = h["lr"]
-        if clip is None and amp is None and not isinstance(lr, torch.Tensor):
+        """The ops' keyword arguments on `device`: the hyper-parameters, those held in tensors
+        there as lr_tensor, momentum_tensor, ... (read by the kernels), GradScaler's
+        grad_scale and found_inf, a clip's coefficient."""
+        tensors = [(name, arg) for name, arg in _HYPER_TENSOR_ARGS
+                   if isinstance(h[name], torch.Tensor)]
+        if clip is None and amp is None and not tensors:
             return h  # the common case: the hyper-parameters as they are (unpacked, not kept)
         args = dict(h)
         if clip is not None:
             args["clip_coef"] = clip.coef_on(device)
-        if isinstance(lr, torch.Tensor):
-            if lr.device == device:
-                args["lr"], args["lr_tensor"] = 0.0, lr  # lr is not read
-            else:
-                args["lr"] = float(lr.item())  # on another device: read here, as torch does
+        for name, arg in tensors:
+            t = h[name]
+            if t.device == device:
+                args[name], args[arg] = 0.0, t  # the float is not read
+            else:  # on another device: read here, as torch does
+                args[name] = _dampening(t) if name == "dampening" else float(t.item())
         if amp is not None:
             for name, t in zip(("grad_scale", "found_inf"), amp):
                 args[name] = None if t is None else t.to(device, non_blocking=True)
@@ -1184,9 +1217,8 @@ class _FusedMomentum(Optimizer):
             clip.apply()
         plans = []
         for group in self.param_groups:
-            h = self._hyper(group)
-            _finite(h)
-            use_buf = h["momentum"] != 0
+            h = self._group_hyper(group)
+            use_buf = _use_buf(h)
             items = []
             for p in group["params"]:
                 g = p.grad
@@ -1198,14 +1230,14 @@ class _FusedMomentum(Optimizer):
                 items.append((p, g, buf, reason))
             plans.append((h, items))
         if amp is not None and any(
-                reason is not None or (h["momentum"] != 0 and buf is None)
+                reason is not None or (_use_buf(h) and buf is None)
                 for h, items in plans for _, _, buf, reason in items):
             if self._amp_on_host(amp):  # reads found_inf: a graph break
                 return
             amp = None
         report = []
         for h, items in plans:
-            use_buf = h["momentum"] != 0
+            use_buf = _use_buf(h)
             calls: dict = {}
             torch_ops = []
             copied = []
@@ -1252,8 +1284,8 @@ class _FusedMomentum(Optimizer):
         gradient). Reported as path "torch-differentiable"."""
         plans = []
         for group in self.param_groups:
-            h = self._hyper(group)  # validates, as the kernel path does
-            use_buf = h["momentum"] != 0
+            h = self._group_hyper(group)  # validates, as the kernel path does
+            use_buf = _use_buf(h)
             ps, gs, bs = [], [], []
             for p in group["params"]:
                 g = p.grad
@@ -1300,9 +1332,8 @@ class _FusedMomentum(Optimizer):
         input, changes nothing. None (if `relayout`) when the group should be laid out again:
         a parameter with a gradient is off the flat path and could be on it (it moved, e.g.
         model.to(); it was frozen, meta or lazy when the group was laid out)."""
-        h = self._hyper(group)
-        _finite(h)
-        use_buf = h["momentum"] != 0
+        h = self._group_hyper(group)
+        use_buf = _use_buf(h)
         runs = []  # [bucket, first index, end index, first_step, some buffer is new]
         loose = [(p, p.grad) for p in lay.outside if p.grad is not None]
         relayout = self._lays_out if relayout is None else relayout
@@ -1481,7 +1512,7 @@ class _FusedMomentum(Optimizer):
     def _step_flat(self, runs, h, amp=None, clip=None) -> None:
         """One kernel call per run of consecutive flat parameters; whole lent buckets (DDP's,
         one per bucket) together in one list call per (backend, device, dtype, first step)."""
-        use_buf = h["momentum"] != 0
+        use_buf = _use_buf(h)
         lent: dict = {}
         for b, i0, i1, first, new in runs:
             if use_buf:
@@ -1534,7 +1565,7 @@ class _FusedMomentum(Optimizer):
         ops for what the kernels do not model (items: _plan's checked list)."""
         if not items:
             return
-        use_buf = h["momentum"] != 0
+        use_buf = _use_buf(h)
         calls: dict = {}
         torch_ops = []
         reasons = set()
@@ -1586,7 +1617,7 @@ class _FusedMomentum(Optimizer):
             warnings.warn(_TORCH_OPS_WARNINGS[reason], stacklevel=5)
         ps, gs, bs = (list(x) for x in zip(*items))
         params = list(ps)
-        use_buf = h["momentum"] != 0
+        use_buf = _use_buf(h)
         if self._ema:
             bs = [torch.zeros_like(p) if b is None else b for p, b in zip(ps, bs)]
         kept = list(bs)  # the buffer objects the state keeps
@@ -1697,9 +1728,9 @@ class SGD(_FusedMomentum):
             group.setdefault("fused", False)  # torch.optim.SGD.__setstate__'s default
 
     def _hyper(self, group) -> dict:
-        return dict(lr=_lr(group["lr"]), momentum=float(group["momentum"]),
-                    dampening=_dampening(group["dampening"]),
-                    weight_decay=_to_float(group["weight_decay"], "weight_decay"),
+        return dict(lr=_lr(group["lr"]), momentum=_hyper_tensor(group["momentum"], "momentum"),
+                    dampening=_hyper_tensor(group["dampening"], "dampening"),
+                    weight_decay=_hyper_tensor(group["weight_decay"], "weight_decay"),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
 
@@ -1731,5 +1762,5 @@ class Momentum(_FusedMomentum):
         m = float(group["momentum"])
         self._check_momentum(m)  # a scheduler may have changed it
         return dict(lr=_lr(group["lr"]), momentum=m, dampening=_dampening(group["momentum"]),
-                    weight_decay=_to_float(group["weight_decay"], "weight_decay"),
+                    weight_decay=_hyper_tensor(group["weight_decay"], "weight_decay"),
                     nesterov=False, maximize=bool(group["maximize"]))

@@ -31,10 +31,14 @@ table entries): spans longer than 2^31 elements work.
 Entry points (the ops' signatures, csrc/momentum_ops.cpp):
     triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
                           weight_decay, nesterov, maximize, first_step, lr_tensor=None,
-                          grad_scale=None, found_inf=None, clip_coef=None)
+                          grad_scale=None, found_inf=None, clip_coef=None,
+                          momentum_tensor=None, dampening_tensor=None,
+                          weight_decay_tensor=None)
     triton_sgd_step_list_(params, grads, momentum_buffers, *, ...)
-lr_tensor: a 1-element fp32/fp64 tensor on the parameters' device read by the kernels in place
-of lr (no host sync). grad_scale, found_inf (torch.amp.GradScaler's, 1-element fp32) and
+lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor: 1-element fp32/fp64 tensors on
+the parameters' device read by the kernels in place of the floats (no host sync), as the CUDA
+kernels read them (_sgd_block); with momentum_tensor the buffers are given and a zero momentum
+leaves them unwritten. grad_scale, found_inf (torch.amp.GradScaler's, 1-element fp32) and
 clip_coef (opt.clip_grad_norm_'s coefficient, 1-element, the parameters' dtype), all on the
 parameters' device, are read by the kernels too, with the CUDA kernel's semantics
 (sgd_kernel.cuh: amp_step, amp_grad, update_one): inv = fp32(1 / fp64(scale)); g = r(g * inv)
@@ -140,24 +144,38 @@ if TRITON_AVAILABLE:
             return x
 
     @triton.jit
-    def _sgd_math(p, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d,
+    def _sgd_math(p, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, wd_on, m_on,
                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
-                  NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, KIND: tl.constexpr):
-        """sgd_math.h, once: p, buf, g in opmath; scalars already opmath."""
+                  NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, KIND: tl.constexpr,
+                  WD_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr):
+        """sgd_math.h, once: p, buf, g in opmath; scalars already opmath. WD_TENSOR /
+        M_TENSOR: the weight decay / the momentum ops run where wd_on / m_on (a weight_decay
+        or momentum read from device memory is nonzero: torch's `!= 0` tests), selected
+        element by element; otherwise the flags alone decide."""
         if MAXIMIZE:
             g = -g
         if WEIGHT_DECAY:
-            g = _round_storage(tl.fma(p, wd, g), KIND)
+            gw = _round_storage(tl.fma(p, wd, g), KIND)
+            if WD_TENSOR:
+                g = tl.where(wd_on, gw, g)
+            else:
+                g = gw
         if MOMENTUM:
             if FIRST_STEP:
-                buf = g
+                nb = g
             else:
-                buf = _round_storage(tl.fma(g, one_minus_d, _round_storage(buf * m_mul, KIND)),
-                                     KIND)
+                nb = _round_storage(tl.fma(g, one_minus_d, _round_storage(buf * m_mul, KIND)),
+                                    KIND)
             if NESTEROV:
-                g = _round_storage(tl.fma(buf, m_add, g), KIND)
+                ng = _round_storage(tl.fma(nb, m_add, g), KIND)
             else:
-                g = buf
+                ng = nb
+            if M_TENSOR:
+                buf = tl.where(m_on, nb, buf)
+                g = tl.where(m_on, ng, g)
+            else:
+                buf = nb
+                g = ng
         p = _round_storage(tl.fma(g, neg_lr, p), KIND)
         return p, buf
 
@@ -188,15 +206,21 @@ if TRITON_AVAILABLE:
         return g
 
     @triton.jit
-    def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
-                   neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE: tl.constexpr,
-                   WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                   FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
-                   LR_TENSOR: tl.constexpr, AMP_SCALE: tl.constexpr, AMP_SKIP: tl.constexpr,
-                   CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
+                   inf_ptr, coef_ptr, neg_lr, wd, m_mul, m_add, one_minus_d,
+                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, KIND: tl.constexpr,
+                   OPMATH: tl.constexpr, LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
+                   D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr, AMP_SCALE: tl.constexpr,
+                   AMP_SKIP: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
         """Load, update (_sgd_math) and store the elements offs[mask] of one span; shared by
-        the flat and the list kernel. LR_TENSOR: -lr is read from lr_ptr (a 1-element fp32 or
-        fp64 tensor) and rounded once to opmath, as the host rounds a Python double.
+        the flat and the list kernel. LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR: lr, momentum,
+        dampening, weight_decay are read from lr_ptr, m_ptr, d_ptr, wd_ptr (1-element fp32 or
+        fp64 tensors), as sgd_kernel.cuh's device_step reads them: each alpha a double
+        rounded once to opmath, 1 - dampening computed in the tensor's dtype first, the
+        factor of buf.mul_(momentum) rounded to the storage dtype first (torch's CUDA mul_
+        loads a 0-dim CUDA tensor as the common dtype); a zero momentum leaves the buffer
+        unwritten.
         AMP_SCALE / CLIP: the gradient is unscaled by scale_ptr's GradScaler scale and
         multiplied by coef_ptr's clip coefficient, and written back (_amp_grad); AMP_SKIP:
         found_inf (inf_ptr, fp32) != 0 skips the update (p and buf neither read nor written),
@@ -207,10 +231,26 @@ if TRITON_AVAILABLE:
             s_neg_lr = (-(tl.load(lr_ptr).to(tl.float64))).to(OPMATH)
         else:
             s_neg_lr = tl.full((), neg_lr, OPMATH)
-        s_wd = tl.full((), wd, OPMATH)
-        s_m_mul = tl.full((), m_mul, OPMATH)
-        s_m_add = tl.full((), m_add, OPMATH)
-        s_omd = tl.full((), one_minus_d, OPMATH)
+        wd_on = mask  # a placeholder unless WD_TENSOR (then read by _sgd_math)
+        if WD_TENSOR:
+            wd64 = tl.load(wd_ptr).to(tl.float64)
+            s_wd = wd64.to(OPMATH)
+            wd_on = tl.broadcast_to(wd64, [BLOCK]) != 0.0
+        else:
+            s_wd = tl.full((), wd, OPMATH)
+        m_on = mask
+        if M_TENSOR:
+            m64 = tl.load(m_ptr).to(tl.float64)
+            s_m_add = m64.to(OPMATH)
+            s_m_mul = _round_storage(m64.to(OPMATH), KIND)
+            m_on = tl.broadcast_to(m64, [BLOCK]) != 0.0
+        else:
+            s_m_mul = tl.full((), m_mul, OPMATH)
+            s_m_add = tl.full((), m_add, OPMATH)
+        if D_TENSOR:
+            s_omd = (1.0 - tl.load(d_ptr)).to(tl.float64).to(OPMATH)
+        else:
+            s_omd = tl.full((), one_minus_d, OPMATH)
         if AMP_SKIP:
             # found_inf != 0 (NaN included) skips the update: p and buf masked off entirely
             # (masked loads and stores touch no memory); the gradient is still written back
@@ -226,40 +266,49 @@ if TRITON_AVAILABLE:
             buf = tl.load(b_ptr + offs, mask=upd).to(OPMATH)
         else:
             buf = tl.zeros([BLOCK], OPMATH)
-        p, buf = _sgd_math(p, buf, g, s_neg_lr, s_wd, s_m_mul, s_m_add, s_omd,
-                           MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND)
+        p, buf = _sgd_math(p, buf, g, s_neg_lr, s_wd, s_m_mul, s_m_add, s_omd, wd_on, m_on,
+                           MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND,
+                           WD_TENSOR, M_TENSOR)
         # p and buf are exactly representable in storage: these casts do not round.
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=upd)
         if MOMENTUM:
-            tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=upd)
+            if M_TENSOR:
+                tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=upd & m_on)
+            else:
+                tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=upd)
 
     @triton.jit
-    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
+    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
+                         inf_ptr, coef_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
-                         LR_TENSOR: tl.constexpr, AMP_SCALE: tl.constexpr,
-                         AMP_SKIP: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                         LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
+                         D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr,
+                         AMP_SCALE: tl.constexpr, AMP_SKIP: tl.constexpr, CLIP: tl.constexpr,
+                         BLOCK: tl.constexpr):
         """One contiguous span of n elements; program k updates [k*BLOCK, (k+1)*BLOCK)."""
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
-                   neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
-                   NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR, AMP_SCALE, AMP_SKIP, CLIP,
-                   BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
+                   inf_ptr, coef_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
+                   WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR,
+                   M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP, BLOCK)
 
     @triton.jit
-    def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
+    def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
+                         inf_ptr, coef_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          FIRST_STEP: tl.constexpr, KIND: tl.constexpr, OPMATH: tl.constexpr,
-                         LR_TENSOR: tl.constexpr, AMP_SCALE: tl.constexpr,
-                         AMP_SKIP: tl.constexpr, CLIP: tl.constexpr, DTYPE: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
+                         D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr,
+                         AMP_SCALE: tl.constexpr, AMP_SKIP: tl.constexpr, CLIP: tl.constexpr,
+                         DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         """Many tensors in one launch, through an int64 pointer table (built by _list_table):
             rows_ptr:   one row per tensor t: [address of p, address of g, address of buf
                         (0 when MOMENTUM is off: never dereferenced), numel]
@@ -277,10 +326,10 @@ if TRITON_AVAILABLE:
         b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
         n = tl.load(row + 3)
         offs = start + tl.arange(0, BLOCK)  # int64 (start is loaded as int64)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, scale_ptr, inf_ptr, coef_ptr,
-                   neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
-                   NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR, AMP_SCALE, AMP_SKIP, CLIP,
-                   BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
+                   inf_ptr, coef_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
+                   WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR,
+                   M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP, BLOCK)
 
     @triton.jit
     def _round_storage_kernel(x_ptr, y_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
@@ -312,7 +361,8 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return lo, lo + t.numel() * t.element_size()
 
 
-def _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+def _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                   momentum_tensor=None):
     vals = {}
     for name, v in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
                     ("weight_decay", weight_decay)):
@@ -325,9 +375,11 @@ def _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, fi
     for name, v in (("nesterov", nesterov), ("maximize", maximize), ("first_step", first_step)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    if nesterov and vals["momentum"] == 0:
+    # a momentum tensor is read where it lives: the buffers are given, its value decides
+    vals["use_buf"] = momentum_tensor is not None or vals["momentum"] != 0
+    if nesterov and not vals["use_buf"]:
         raise ValueError(f"nesterov=True needs momentum != 0, got momentum={momentum}")
-    if first_step and vals["momentum"] == 0:
+    if first_step and not vals["use_buf"]:
         raise ValueError("first_step=True (buffer = gradient) needs momentum != 0, got "
                          f"momentum={momentum}")
     return vals
@@ -407,13 +459,19 @@ def _scalars(vals, dtype):
     return rnd(-lr), rnd(wd), rnd(m), rnd(m), rnd(1.0 - d)
 
 
-def _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor=None, amp=None) -> dict:
-    """The constexpr arguments shared by both kernels (amp: an _Amp, or None)."""
+def _flags(dtype, vals, nesterov, maximize, first_step, hyper=None, amp=None) -> dict:
+    """The constexpr arguments shared by both kernels (hyper: a _HyperTensors, amp: an _Amp,
+    or None). A hyper-parameter in a tensor sets its op's flag; the kernel then decides by its
+    value."""
     amp = amp or _NO_AMP
-    return dict(MAXIMIZE=maximize, WEIGHT_DECAY=vals["weight_decay"] != 0,
-                MOMENTUM=vals["momentum"] != 0, NESTEROV=nesterov, FIRST_STEP=first_step,
+    hyper = hyper or _NO_HYPER
+    wd_tensor = hyper.weight_decay is not None
+    return dict(MAXIMIZE=maximize, WEIGHT_DECAY=wd_tensor or vals["weight_decay"] != 0,
+                MOMENTUM=vals["use_buf"], NESTEROV=nesterov, FIRST_STEP=first_step,
                 KIND=_KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
-                LR_TENSOR=lr_tensor is not None, AMP_SCALE=amp.grad_scale is not None,
+                LR_TENSOR=hyper.lr is not None, M_TENSOR=hyper.momentum is not None,
+                D_TENSOR=hyper.dampening is not None, WD_TENSOR=wd_tensor,
+                AMP_SCALE=amp.grad_scale is not None,
                 AMP_SKIP=amp.found_inf is not None, CLIP=amp.clip_coef is not None,
                 BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
@@ -436,18 +494,39 @@ class _Amp:
 _NO_AMP = _Amp()
 
 
-def _check_lr_tensor(lr_tensor, device) -> None:
-    """A learning rate held in a tensor: 1 element, fp32 or fp64, on the parameters' device
-    (the kernels read it there: no host sync)."""
-    if lr_tensor is None:
-        return
-    if not (isinstance(lr_tensor, torch.Tensor) and lr_tensor.numel() == 1
-            and lr_tensor.dtype in (torch.float32, torch.float64)
-            and lr_tensor.device == device):
-        raise ValueError(f"lr_tensor must be a 1-element float32 or float64 tensor on {device} "
-                         f"(the parameters' device), got "
-                         + (_describe(lr_tensor) if isinstance(lr_tensor, torch.Tensor)
-                            else repr(lr_tensor)))
+class _HyperTensors:
+    """The hyper-parameters of one step held in tensors (_check_hyper_tensors), each None when
+    given as a float."""
+    __slots__ = ("lr", "momentum", "dampening", "weight_decay")
+
+    def __init__(self, lr=None, momentum=None, dampening=None, weight_decay=None):
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.weight_decay = weight_decay
+
+    def pointers(self, dummy):
+        """(lr_ptr, m_ptr, d_ptr, wd_ptr) kernel arguments, `dummy` for each one not given."""
+        return tuple(dummy if t is None else t
+                     for t in (self.lr, self.momentum, self.dampening, self.weight_decay))
+
+
+_NO_HYPER = _HyperTensors()
+
+
+def _check_hyper_tensors(lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor,
+                         device) -> _HyperTensors:
+    """Hyper-parameters held in tensors: 1 element, fp32 or fp64, on the parameters' device
+    (the kernels read them there: no host sync)."""
+    for t, n in ((lr_tensor, "lr_tensor"), (momentum_tensor, "momentum_tensor"),
+                 (dampening_tensor, "dampening_tensor"),
+                 (weight_decay_tensor, "weight_decay_tensor")):
+        if t is None:
+            continue
+        if not (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() == 1
+                and t.dtype in (torch.float32, torch.float64) and t.device == device):
+            raise ValueError(f"{n} must be a 1-element float32 or float64 tensor on {device} "
+                             f"(the parameters' device), got "
+                             + (_describe(t) if isinstance(t, torch.Tensor) else repr(t)))
+    return _HyperTensors(lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor)
 
 
 def _check_amp(grad_scale, found_inf, clip_coef, device, dtype) -> _Amp:
@@ -476,16 +555,13 @@ def _device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _launch(p, g, b, n, sc, vals, nesterov, maximize, first_step, lr_tensor,
-            amp=_NO_AMP) -> None:
+def _launch(p, g, b, n, sc, vals, nesterov, maximize, first_step, hyper, amp=_NO_AMP) -> None:
     if n == 0:
         return
-    momentum = vals["momentum"] != 0
     grid = (triton.cdiv(n, BLOCK_SIZE),)
-    _sgd_flat_kernel[grid](p, g, b if momentum else p, n, p if lr_tensor is None else lr_tensor,
+    _sgd_flat_kernel[grid](p, g, b if vals["use_buf"] else p, n, *hyper.pointers(p),
                            *amp.pointers(p), *sc,
-                           **_flags(p.dtype, vals, nesterov, maximize, first_step, lr_tensor,
-                                    amp))
+                           **_flags(p.dtype, vals, nesterov, maximize, first_step, hyper, amp))
 
 
 # Most programs in one launch: CUDA's grid.x limit. Reaching it takes 2^41 elements, beyond any
@@ -540,13 +616,15 @@ def _cached_list_table(addrs, numels, device):
 # ---- entry points ----------------------------------------------------------------------------
 def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
                           weight_decay, nesterov, maximize, first_step, lr_tensor=None,
-                          grad_scale=None, found_inf=None, clip_coef=None) -> None:
+                          grad_scale=None, found_inf=None, clip_coef=None, momentum_tensor=None,
+                          dampening_tensor=None, weight_decay_tensor=None) -> None:
     """Flat step over the spans listed in segments ([k, 2] int64 CPU: offset, numel, increasing
     and disjoint) of three contiguous 1-D buffers; one launch per non-empty segment.
     grad_scale / clip_coef: the spans' gradients are unscaled / clipped and written back;
     found_inf != 0 skips the update (module doc)."""
-    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-    need_buf = vals["momentum"] != 0
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                          momentum_tensor)
+    need_buf = vals["use_buf"]
     if need_buf and momentum_buffer is None:
         raise ValueError(f"momentum_buffer is None but momentum={momentum} needs one")
     for t, n in ((param, "param"), (grad, "grad"),
@@ -563,7 +641,8 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
                             else repr(segments)))
     b = momentum_buffer if need_buf else None
     _check_triple("", param, grad, b, [])
-    _check_lr_tensor(lr_tensor, param.device)
+    hyper = _check_hyper_tensors(lr_tensor, momentum_tensor, dampening_tensor,
+                                 weight_decay_tensor, param.device)
     amp = _check_amp(grad_scale, found_inf, clip_coef, param.device, param.dtype)
     named = [(param, "param"), (grad, "grad")] + ([(b, "momentum_buffer")] if need_buf else [])
     _check_no_overlap(named)
@@ -581,23 +660,25 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
         for off, cnt in spans:
             _launch(param[off:off + cnt], grad[off:off + cnt],
                     b[off:off + cnt] if need_buf else None, cnt, sc, vals, nesterov, maximize,
-                    first_step, lr_tensor, amp)
+                    first_step, hyper, amp)
 
 
 def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, dampening,
                           weight_decay, nesterov, maximize, first_step, lr_tensor=None,
-                          grad_scale=None, found_inf=None, clip_coef=None) -> None:
+                          grad_scale=None, found_inf=None, clip_coef=None, momentum_tensor=None,
+                          dampening_tensor=None, weight_decay_tensor=None) -> None:
     """Per-tensor step over lists of dense tensors (one dtype, one device; each triple with
     equal shapes and strides; momentum_buffers empty/None when momentum == 0). ONE launch of the
     list kernel for all non-empty tensors (split only past CUDA's grid limit, _MAX_PROGRAMS),
     through a pointer table copied to the device in one transfer; each tensor is walked in
     memory order (dense: any layout). grad_scale, found_inf, clip_coef: as for the flat step."""
-    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                          momentum_tensor)
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
     if len(grads) != len(params):
         raise ValueError(f"grads has {len(grads)} tensors but params has {len(params)}")
-    need_buf = vals["momentum"] != 0
+    need_buf = vals["use_buf"]
     if need_buf and len(bufs) != len(params):
         raise ValueError(f"momentum_buffers has {len(bufs)} tensors but params has "
                          f"{len(params)} (momentum={momentum} needs one each)")
@@ -613,7 +694,8 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
             named.append((b, f"momentum_buffers[{i}]"))
     if not params:
         return
-    _check_lr_tensor(lr_tensor, params[0].device)
+    hyper = _check_hyper_tensors(lr_tensor, momentum_tensor, dampening_tensor,
+                                 weight_decay_tensor, params[0].device)
     amp = _check_amp(grad_scale, found_inf, clip_coef, params[0].device, params[0].dtype)
     _check_no_overlap(named)
     # Dense with equal strides: p, g and buf hold their elements in the same memory order, from
@@ -629,13 +711,12 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
         return
     dtype, device = params[0].dtype, params[0].device
     sc = _scalars(vals, dtype)
-    flags = _flags(dtype, vals, nesterov, maximize, first_step, lr_tensor, amp)
+    flags = _flags(dtype, vals, nesterov, maximize, first_step, hyper, amp)
     tl_dtype = _TL_DTYPE[dtype]
     with _device_guard(device):
         rows, blocks, n_programs = _cached_list_table(addrs, numels, device)
         for first in range(0, n_programs, _MAX_PROGRAMS):
             count = min(_MAX_PROGRAMS, n_programs - first)
-            _sgd_list_kernel[(count,)](rows, blocks[2 * first:],
-                                       rows if lr_tensor is None else lr_tensor,
+            _sgd_list_kernel[(count,)](rows, blocks[2 * first:], *hyper.pointers(rows),
                                        *amp.pointers(rows), *sc,
                                        DTYPE=tl_dtype, **flags)

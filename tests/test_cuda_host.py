@@ -83,11 +83,28 @@ PLANTS = {
         "  return {a.found_inf != nullptr && *a.found_inf != 0.f,",
         "  return {false,",
         r"amp .*found_inf=1"),
-    # an fp32 lr in device memory is not read: the host's scalar (garbage in the test) is used
-    "device_lr_ignored": (
-        "  if (lr.f32 != nullptr) s.neg_lr = static_cast<O>(-static_cast<double>(*lr.f32));",
+    # an fp32 hyper-parameter in device memory is not read: the host's scalar (garbage in the
+    # test) is used
+    "device_hyper_f32_ignored": (
+        "  if (p.f32 != nullptr) *v = static_cast<double>(*p.f32);",
         "",
-        r"amp .*lr=device fp32"),
+        r"amp .*=fp32"),
+    # a zero momentum in device memory still updates the buffer
+    "device_zero_momentum": (
+        "    if (v == 0) flags &= ~(kMomentum | kNesterov | kFirstStep);",
+        "",
+        r"amp .* m=fp(32|64) \(0\)"),
+    # a momentum in device memory multiplies the buffer unrounded to bf16/fp16 (as torch's CPU
+    # scalar would, not its 0-dim CUDA tensor)
+    "device_momentum_unrounded": (
+        "    s.momentum_mul = St::load(St::store(static_cast<O>(v)));",
+        "    s.momentum_mul = static_cast<O>(v);",
+        r"amp (bf16|fp16) .* m=fp(32|64)"),
+    # a float32 dampening in device memory: 1 - d computed in double, not float32
+    "device_dampening_in_double": (
+        "    s.one_minus_dampening = static_cast<O>(mc_add(1.0f, -*d.dampening.f32));",
+        "    s.one_minus_dampening = static_cast<O>(1.0 - static_cast<double>(*d.dampening.f32));",
+        r"amp .* d=fp32"),
     # the clip coefficient is not applied: the unclipped gradient is stepped and written back
     "clip_ignored": (
         "  if (amp.clip) g = clip_scale(g, amp.coef, typename St::Round{});",
@@ -129,6 +146,8 @@ GRID_PLANTS = {
         r"signed integer overflow|MISMATCH flat_grid"),
 }
 ALL_PLANTS = {**PLANTS, **GRID_PLANTS}
+# HKT_DTYPES of a plant's build (default 1: fp32 only, the fastest), for bugs fp32 cannot show
+PLANT_DTYPES = {"device_momentum_unrounded": 4, "device_dampening_in_double": 2}
 
 
 def _include_flags(first: Path | None = None) -> list[str]:
@@ -173,7 +192,9 @@ def _plant_and_compile(tmp: Path, name: str):
     folder = _plant(tmp, name)
     if name in GRID_PLANTS:
         return _compile(folder / "flat_grid_test", SANITIZE, folder, GRID_DRIVER)
-    return _compile(folder / "host_kernel_test", [*SANITIZE, "-DHKT_DTYPES=1"], first_include=folder)
+    dtypes = PLANT_DTYPES.get(name, 1)
+    return _compile(folder / "host_kernel_test", [*SANITIZE, f"-DHKT_DTYPES={dtypes}"],
+                    first_include=folder)
 
 
 @pytest.fixture(scope="module")

@@ -689,6 +689,107 @@ def check_planted_e2e_flag_bugs_fail(tk):
         raise AssertionError(f"planted bug ({flag} off) went unnoticed by the optimizer check")
 
 
+# ---- hyper-parameters held in tensors (lr_tensor, momentum_tensor, ...) ------------------------
+# Per step (lr, momentum, dampening, weight_decay), as a scheduler sets them in place: zeros in
+# momentum (the buffers stay as they are) and weight_decay (its op is skipped), dampenings whose
+# 1 - d rounds differently in fp32 and in double.
+_HYPER_SCHEDULE = ((0.1, 0.9, 0.1, 0.01), (0.05, 0.0, 0.35, 0.0), (0.07, 0.8, 0.2, 0.0),
+                   (0.03, 0.0, 0.0, 0.02), (0.11, 0.7, 0.29, 0.03))
+
+
+def _hyper_ref_step(p, g, buf, values, hdtype, nesterov, first_step):
+    """The CUDA contract (sgd_kernel.cuh's device_step) for hyper-parameters held in
+    `hdtype` tensors, in plain torch: each alpha the tensor's value rounded once to opmath;
+    1 - dampening computed in hdtype; the factor of buf.mul_(momentum) rounded to the storage
+    dtype first (torch's CUDA mul_ loads a 0-dim CUDA tensor as the common dtype); a zero
+    momentum or weight_decay skips its ops."""
+    dt = p.dtype
+    lr, m, d, wd = (torch.tensor(v, dtype=hdtype) for v in values)
+    r = (lambda t: t) if dt in (torch.float32, torch.float64) else (lambda t: t.to(dt).float())
+    op = torch.float64 if dt == torch.float64 else torch.float32
+    P, G = p.to(op), g.to(op)
+    if float(wd) != 0:
+        G = r(G.add(P, alpha=float(wd)))
+    if float(m) != 0:
+        m_mul = m.to(op).to(dt).to(op)
+        if first_step:
+            B = G.clone()
+        else:
+            B = r(r(buf.to(op) * m_mul).add(G, alpha=float(1 - d)))
+        G = r(G.add(B, alpha=float(m))) if nesterov else B
+        buf.copy_(B.to(dt))
+    p.copy_(r(P.add(G, alpha=-float(lr))).to(dt))
+
+
+def check_hyper_tensors_read_by_the_kernels(tk):
+    """lr, momentum, dampening and weight_decay as fp32 / fp64 tensors (lr_tensor, ...): the
+    flat and the list kernels give _hyper_ref_step's bits for every dtype, nesterov or not,
+    with the floats passed beside them set to garbage (only the tensors can give the bits)."""
+    n = 0
+    for dtype in DTYPES:
+        for hdtype in (torch.float32, torch.float64):
+            for nesterov in (False, True):
+                for kind in ("flat", "list"):
+                    ps, grads = _ti._make(dtype, 71 + n, SIZES)
+                    n += 1
+                    ref = [p.clone() for p in ps]
+                    rbufs = [torch.zeros_like(p) for p in ps]
+                    sizes = [p.numel() for p in ps]
+                    total = sum(sizes) + len(sizes)
+                    fp = torch.zeros(total, dtype=dtype)
+                    fg, fb = torch.zeros_like(fp), torch.zeros_like(fp)
+                    offs = [sum(sizes[:i]) + i for i in range(len(sizes))]  # 1-element gaps
+                    segs = torch.tensor([[o, c] for o, c in zip(offs, sizes)], dtype=torch.int64)
+                    views = lambda t: [t[o:o + c] for o, c in zip(offs, sizes)]  # noqa: E731
+                    for v, p in zip(views(fp), ps):
+                        v.copy_(p)
+                    hyper = [torch.zeros((), dtype=hdtype) for _ in range(4)]
+                    for step in range(len(_HYPER_SCHEDULE)):
+                        values = _HYPER_SCHEDULE[step]
+                        for t, v in zip(hyper, values):
+                            t.fill_(v)
+                        first = step == 0
+                        gs = grads[step % len(grads)]
+                        for v, g in zip(views(fg), gs):
+                            v.copy_(g)
+                        for p, g, b in zip(ref, gs, rbufs):
+                            _hyper_ref_step(p, g, b, values, hdtype, nesterov, first)
+                        kw = dict(lr=123.0, momentum=0.0, dampening=0.375, weight_decay=7.0,
+                                  nesterov=nesterov, maximize=False, first_step=first,
+                                  lr_tensor=hyper[0], momentum_tensor=hyper[1],
+                                  dampening_tensor=hyper[2], weight_decay_tensor=hyper[3])
+                        if kind == "flat":
+                            tk.triton_sgd_step_flat_(fp, fg, fb, segs, **kw)
+                        else:
+                            tk.triton_sgd_step_list_(views(fp), views(fg), views(fb), **kw)
+                        for i, (a, b) in enumerate(zip(views(fp), ref)):
+                            assert _eq(a, b), (f"{kind} {dtype} h={hdtype} nesterov={nesterov} "
+                                               f"step {step + 1}: param {i}")
+                        for i, (a, b) in enumerate(zip(views(fb), rbufs)):
+                            assert _eq(a, b), (f"{kind} {dtype} h={hdtype} nesterov={nesterov} "
+                                               f"step {step + 1}: buffer {i}")
+                    assert all(fp[o - 1] == 0 for o in offs[1:]), "padding written"
+    return f"{n} cases"
+
+
+def check_planted_hyper_tensor_bugs_fail(tk):
+    """The check above fails when the kernels ignore a zero momentum tensor or the storage
+    rounding of its factor (the flags forced: the kernel then takes the floats' paths)."""
+    for flag, what in (("M_TENSOR", "momentum tensor ignored"),
+                       ("D_TENSOR", "dampening tensor ignored"),
+                       ("WD_TENSOR", "weight_decay tensor ignored")):
+        orig, bad = _planted_flags(tk, flag)
+        tk._flags = bad
+        try:
+            check_hyper_tensors_read_by_the_kernels(tk)
+            caught = False
+        except AssertionError:
+            caught = True
+        finally:
+            tk._flags = orig
+        assert caught, f"planted bug ({what}) went unnoticed"
+
+
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 
 

@@ -25,11 +25,16 @@ struct AmpPtrs {
   const void* clip_coef;  ///< a const T*
 };
 
-/// A learning rate in device memory (a 1-element fp32 or fp64 tensor, e.g. a scheduler's),
-/// read by the CUDA kernels in place of StepHyper::lr; at most one pointer is set.
-struct LrPtr {
+/// A hyper-parameter in device memory (a 1-element fp32 or fp64 tensor, e.g. a scheduler's),
+/// read by the CUDA kernels in place of StepHyper's double; at most one pointer is set.
+struct ScalarPtr {
   const float* f32;
   const double* f64;
+};
+
+/// The hyper-parameters held in device memory (HyperPtrs' null members: the double is used).
+struct HyperPtrs {
+  ScalarPtr lr, momentum, dampening, weight_decay;
 };
 
 /// The hyper-parameters as the user gave them (Python doubles) plus the StepFlags set.
@@ -37,7 +42,7 @@ struct StepHyper {
   double lr, momentum, dampening, weight_decay;
   uint32_t flags;
   AmpPtrs amp;  ///< CUDA only: the CPU path resolves them on the host first (momentum_ops.cpp)
-  LrPtr lr_dev;  ///< CUDA only, as amp
+  HyperPtrs dev;  ///< CUDA only, as amp
 };
 
 /// kAvx512 uses an AVX-512 (F, BW, VL) clone for bf16/fp16, where the conversions make the loop

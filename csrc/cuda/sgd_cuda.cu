@@ -76,7 +76,7 @@ cudaError_t sgd_step_cuda_flat(const Span& span, const StepHyper& h, cudaStream_
   if (span.numel == 0) return cudaSuccess;
   const cuda::FlatArgs<T> a{static_cast<T*>(span.param), static_cast<T*>(span.buf),
                             static_cast<T*>(span.grad), span.numel, scalars<T>(h), h.flags, h.amp,
-                            h.lr_dev};
+                            h.dev};
   FlatOccupancy occ;
   const cudaError_t err = flat_occupancy<T>(&occ);
   if (err != cudaSuccess) return err;
@@ -105,7 +105,7 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
 #endif
   cuda::plan_list<T, L>(params.data(), (h.flags & kMomentum) ? bufs.data() : nullptr,
                         grads.data(), numels.data(), n_spans, scalars<T>(h), h.flags, h.amp,
-                        h.lr_dev, [&](const cuda::ListArgs<T, L::kTensors, L::kBlocks>& a, int blocks) {
+                        h.dev, [&](const cuda::ListArgs<T, L::kTensors, L::kBlocks>& a, int blocks) {
                           if (err != cudaSuccess) return;
                           cuda::sgd_list_kernel<T, L::kTensors, L::kBlocks>
                               <<<blocks, kThreads, 0, stream>>>(a);

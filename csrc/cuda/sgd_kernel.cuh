@@ -2,12 +2,13 @@
 //
 // Inputs    : plain structs of pointers and scalars (never ATen types). param and buf are updated
 //             in place, grad is read (and written once unscaled and clipped, when GradScaler's
-//             grad_scale or a clip coefficient is given); all three of a span have the same dtype T and numel and do not overlap
-//             (csrc/momentum_ops.cpp checks before any launch). GradScaler's found_inf and
-//             grad_scale and the clip coefficient are read from device memory by every thread:
-//             no host sync.
+//             grad_scale or a clip coefficient is given); all three of a span have the same
+//             dtype T and numel and do not overlap (csrc/momentum_ops.cpp checks before any
+//             launch). GradScaler's found_inf and grad_scale, the clip coefficient and the
+//             hyper-parameters given as tensors (HyperPtrs) are read from device memory by every
+//             thread: no host sync.
 // Invariant : every element goes through sgd_math() (sgd_math.h) exactly once, in opmath, with
-//             scalars rounded once on the host. On CUDA torch's add_ computes in opmath with an
+//             scalars rounded once (on the host, or by device_step from device memory). On CUDA torch's add_ computes in opmath with an
 //             opmath alpha (also for bf16/fp16), so there is no CPU-style "tail" arithmetic here.
 // Speed     : one pass reading p, buf, g and writing p, buf, with 16-byte vector accesses (uint4)
 //             where the three pointers share their alignment; a scalar head and tail otherwise.
@@ -62,17 +63,48 @@ struct FlatArgs {
   CudaScalars<T> s;
   uint32_t flags;
   AmpPtrs amp;
-  LrPtr lr;
+  HyperPtrs dev;
 };
 
-/// The scalars with -lr read from device memory when the lr is a tensor there, rounded once to
-/// opmath as the host rounds a Python double (make_scalars).
+/// The scalars and flags of a step after the hyper-parameters held in device memory
+/// (HyperPtrs) are read, each as torch's CUDA ops take a 0-dim CUDA tensor: the alphas (-lr,
+/// weight_decay, nesterov's momentum, 1 - dampening) through .item(), a double rounded once to
+/// opmath as make_scalars rounds the host's; 1 - dampening computed in the tensor's own dtype
+/// first (torch's `1 - dampening` is a tensor op); the factor of buf.mul_(momentum) loaded as
+/// the buffer's dtype T first (TensorIterator casts a 0-dim CUDA operand to the common dtype).
+/// A zero weight_decay or momentum clears its flags, as torch's `!= 0` tests skip those ops;
+/// the host set them (and gave the buffers) for a tensor it does not read.
 template <class T>
-MC_HD CudaScalars<T> device_scalars(CudaScalars<T> s, const LrPtr& lr) {
-  using O = typename Storage<T>::opmath;
-  if (lr.f32 != nullptr) s.neg_lr = static_cast<O>(-static_cast<double>(*lr.f32));
-  if (lr.f64 != nullptr) s.neg_lr = static_cast<O>(-*lr.f64);
-  return s;
+struct DeviceStep {
+  CudaScalars<T> s;
+  uint32_t flags;
+};
+MC_HD bool read_scalar(const ScalarPtr& p, double* v) {
+  if (p.f32 != nullptr) *v = static_cast<double>(*p.f32);
+  if (p.f64 != nullptr) *v = *p.f64;
+  return p.f32 != nullptr || p.f64 != nullptr;
+}
+template <class T>
+MC_HD DeviceStep<T> device_step(CudaScalars<T> s, uint32_t flags, const HyperPtrs& d) {
+  using St = Storage<T>;
+  using O = typename St::opmath;
+  double v;
+  if (read_scalar(d.lr, &v)) s.neg_lr = static_cast<O>(-v);
+  if (read_scalar(d.weight_decay, &v)) {
+    s.weight_decay = static_cast<O>(v);
+    if (v == 0) flags &= ~kWeightDecay;
+  }
+  if (read_scalar(d.momentum, &v)) {
+    s.momentum_add = static_cast<O>(v);
+    s.momentum_mul = St::load(St::store(static_cast<O>(v)));
+    if (v == 0) flags &= ~(kMomentum | kNesterov | kFirstStep);
+  }
+  if (d.dampening.f32 != nullptr) {
+    s.one_minus_dampening = static_cast<O>(mc_add(1.0f, -*d.dampening.f32));
+  } else if (d.dampening.f64 != nullptr) {
+    s.one_minus_dampening = static_cast<O>(mc_add(1.0, -*d.dampening.f64));
+  }
+  return {s, flags};
 }
 
 /// What a thread reads of AmpPtrs before its first element: skip the update (found_inf != 0),
@@ -218,8 +250,8 @@ template <class T>
 __global__ void sgd_flat_kernel(FlatArgs<T> a) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  update_span(a.param, a.buf, a.grad, a.numel, device_scalars<T>(a.s, a.lr), a.flags,
-              amp_step<T>(a.amp), tid, nthreads);
+  const DeviceStep<T> d = device_step<T>(a.s, a.flags, a.dev);
+  update_span(a.param, a.buf, a.grad, a.numel, d.s, d.flags, amp_step<T>(a.amp), tid, nthreads);
 }
 
 /// Multi-tensor metadata passed by value as the kernel's argument: up to kTensors spans, and for
@@ -236,7 +268,7 @@ struct ListArgs {
   CudaScalars<T> s;
   uint32_t flags;
   AmpPtrs amp;
-  LrPtr lr;
+  HyperPtrs dev;
 };
 
 constexpr int64_t kChunk = 65536;  ///< elements per block and launch, as torch's multi_tensor_apply
@@ -255,8 +287,8 @@ __global__ void sgd_list_kernel(ListArgs<T, kTensors, kBlocks> a) {
   const int64_t left = a.numel[t] - start;
   const int64_t n = left < kChunk ? left : kChunk;
   T* b = a.buf[t] == nullptr ? nullptr : a.buf[t] + start;
-  update_span(a.param[t] + start, b, a.grad[t] + start, n, device_scalars<T>(a.s, a.lr), a.flags,
-              amp_step<T>(a.amp), static_cast<int64_t>(threadIdx.x),
+  const DeviceStep<T> d = device_step<T>(a.s, a.flags, a.dev);
+  update_span(a.param[t] + start, b, a.grad[t] + start, n, d.s, d.flags, amp_step<T>(a.amp), static_cast<int64_t>(threadIdx.x),
               static_cast<int64_t>(blockDim.x));
 }
 
@@ -266,13 +298,13 @@ __global__ void sgd_list_kernel(ListArgs<T, kTensors, kBlocks> a) {
 template <class T, class Limits, class Launch>
 void plan_list(T* const* params, T* const* bufs, T* const* grads, const int64_t* numels,
                int64_t n_spans, const CudaScalars<T>& s, uint32_t flags, const AmpPtrs& amp,
-               const LrPtr& lr, Launch&& launch) {
+               const HyperPtrs& dev, Launch&& launch) {
   using Args = ListArgs<T, Limits::kTensors, Limits::kBlocks>;
   Args a{};
   a.s = s;
   a.flags = flags;
   a.amp = amp;
-  a.lr = lr;
+  a.dev = dev;
   int tensors = 0, blocks = 0;
   for (int64_t k = 0; k < n_spans; ++k) {
     if (numels[k] == 0) continue;

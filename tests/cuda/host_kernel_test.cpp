@@ -15,8 +15,9 @@
 // ListLimits32K and tiny limits (many launches, spans split over launches). Memory around every
 // span is filled with canaries and checked after each step. GradScaler in the kernel (amp_suite):
 // grad_scale given or not (powers of two, 1000, 3, 1), found_inf 0 and 1, flat and list kernels,
-// the unscaled gradients compared too; lr as a host scalar or read from device memory (LrPtr,
-// fp32 and fp64). The launcher's own grid
+// the unscaled gradients compared too; lr, momentum, dampening and weight_decay each a host
+// scalar or read from device memory (HyperPtrs, fp32 and fp64; a device momentum or
+// weight_decay of 0 skips its ops). The launcher's own grid
 // (cuda::flat_grid) is checked by flat_grid_test.cpp.
 //
 // Build: g++ <csrc/build_flags.json's "cxx"> -O1 -I csrc/cuda -I csrc -I csrc/include
@@ -131,6 +132,8 @@ bool same_bits(const T& a, const T& b) {
 
 struct Hyper {
   double lr, momentum, dampening, wd;
+  bool momentum_dev = false;   ///< momentum in device memory: buf.mul_(m) takes it as T first
+  bool dampening_f32 = false;  ///< dampening an fp32 tensor: 1 - d computed in fp32
 };
 const Hyper kHypers[] = {
     {0.1, 0.9, 0.0, 1e-2},
@@ -144,7 +147,10 @@ void ref_step(T& p, T& b, T g_in, const Hyper& h, uint32_t flags) {
   using R = Ref<T>;
   using O = typename R::O;
   const O neg_lr = static_cast<O>(-h.lr), wd = static_cast<O>(h.wd);
-  const O m = static_cast<O>(h.momentum), omd = static_cast<O>(1.0 - h.dampening);
+  const O m = static_cast<O>(h.momentum);
+  const O m_mul = h.momentum_dev ? R::widen(R::narrow(m)) : m;
+  const O omd = static_cast<O>(h.dampening_f32 ? static_cast<double>(1.0f - static_cast<float>(h.dampening))
+                                               : 1.0 - h.dampening);
   auto r = [](O x) { return R::widen(R::narrow(x)); };
   O g = R::widen(g_in);
   const O pw = R::widen(p);
@@ -155,7 +161,7 @@ void ref_step(T& p, T& b, T g_in, const Hyper& h, uint32_t flags) {
     if (flags & kFirstStep) {
       buf = g;
     } else {
-      const O prod = R::widen(b) * m;  // -ffp-contract=off: a correctly rounded product
+      const O prod = R::widen(b) * m_mul;  // -ffp-contract=off: a correctly rounded product
       buf = r(std::fma(g, omd, r(prod)));
     }
     b = R::narrow(buf);
@@ -369,7 +375,7 @@ void run_flat(const FlatCase& c) {
     const uint32_t flags = s == 0 ? c.flags : (c.flags & ~uint32_t{kFirstStep});
     if (s > 0) d.new_grad(rng);
     const cuda::FlatArgs<T> a{d.p.data(), d.buf_ptr(), d.g.data(), c.n,
-                              launcher_scalars<T>(h), flags, AmpPtrs{}, LrPtr{}};
+                              launcher_scalars<T>(h), flags, AmpPtrs{}, HyperPtrs{}};
     host_shim::host_launch(cuda::sgd_flat_kernel<T>, grid, block, c.order, c.seed + s, a);
     d.ref(h, flags);
     char what[256];
@@ -528,7 +534,7 @@ void run_list(const ListCase& c, const char* limits_name) {
     cuda::plan_list<T, Limits>(
         params.data(), momentum ? bufs.data() : nullptr, grads.data(), numels.data(),
         static_cast<int64_t>(spans.size()), launcher_scalars<T>(h), flags,
-        AmpPtrs{}, LrPtr{}, [&](const Args& a, int blocks) {
+        AmpPtrs{}, HyperPtrs{}, [&](const Args& a, int blocks) {
           ++launches;
           if (blocks > 0 && a.block_chunk[0] > 0) ++splits;  // entry 0 continues a span
           if (blocks < 1 || blocks > Limits::kBlocks) plan_error = "blocks out of range";
@@ -629,20 +635,45 @@ void amp_suite() {
         for (int64_t n : sizes) {
           for (int mode = 0; mode < 4; ++mode) {
             const bool list = mode & 1, clip = mode & 2;
-            // lr: 0 as a host scalar; 1 an fp32 and 2 an fp64 value in device memory (LrPtr),
-            // with the host scalar set to garbage so that only the pointer can give the bits
+            // Each hyper-parameter: 0 a host scalar; 1 an fp32 and 2 an fp64 value in device
+            // memory (HyperPtrs), with the host scalar set to garbage so that only the pointer
+            // can give the bits. A device momentum or weight_decay is sometimes 0, which must
+            // skip its ops (the flags the host set are cleared in the kernel).
             const int lr_mode = static_cast<int>(seed % 3);
-            const uint32_t flags = kMomentum | kWeightDecay | (seed % 2 ? kNesterov : 0u);
+            const int m_mode = static_cast<int>((seed / 3) % 3), d_mode = static_cast<int>((seed / 9) % 3);
+            const int wd_mode = static_cast<int>((seed / 27) % 3);
+            const bool m_zero = m_mode != 0 && (seed / 81) % 4 == 0;
+            const bool wd_zero = wd_mode != 0 && (seed / 81) % 4 == 1;
+            const uint32_t flags = kMomentum | kWeightDecay | (seed % 2 ? kNesterov : 0u) |
+                                   ((seed / 2) % 5 == 0 ? kFirstStep : 0u);
+            uint32_t ref_flags = flags;
+            if (m_zero) ref_flags &= ~(kMomentum | kNesterov | kFirstStep);
+            if (wd_zero) ref_flags &= ~kWeightDecay;
             Rng rng(++seed);
             SpanData<T> d(n, static_cast<int>(seed % 3), static_cast<int>(seed % 3),
                           static_cast<int>(seed % 3), false, rng);
-            Hyper h = kHypers[0];
-            const float lr32 = static_cast<float>(h.lr);
-            const double lr64 = h.lr;
+            Hyper h = kHypers[1 + seed % 2];
+            if (m_zero) h.momentum = 0.0;
+            if (wd_zero) h.wd = 0.0;
+            const float lr32 = static_cast<float>(h.lr), m32 = static_cast<float>(h.momentum),
+                        d32 = static_cast<float>(h.dampening), wd32 = static_cast<float>(h.wd);
+            const double lr64 = h.lr, m64 = h.momentum, d64 = h.dampening, wd64 = h.wd;
             if (lr_mode == 1) h.lr = static_cast<double>(lr32);  // what an fp32 tensor holds
+            if (m_mode == 1) h.momentum = static_cast<double>(m32);
+            if (d_mode == 1) h.dampening = static_cast<double>(d32);
+            if (wd_mode == 1) h.wd = static_cast<double>(wd32);
+            h.momentum_dev = m_mode != 0;
+            h.dampening_f32 = d_mode == 1;
             Hyper launch_h = h;
             if (lr_mode != 0) launch_h.lr = 123.0;
-            const LrPtr lr{lr_mode == 1 ? &lr32 : nullptr, lr_mode == 2 ? &lr64 : nullptr};
+            if (m_mode != 0) launch_h.momentum = 0.25;
+            if (d_mode != 0) launch_h.dampening = 0.375;
+            if (wd_mode != 0) launch_h.wd = 7.0;
+            const auto ptr = [](int mode, const float* f, const double* g) {
+              return ScalarPtr{mode == 1 ? f : nullptr, mode == 2 ? g : nullptr};
+            };
+            const HyperPtrs dev{ptr(lr_mode, &lr32, &lr64), ptr(m_mode, &m32, &m64),
+                                ptr(d_mode, &d32, &d64), ptr(wd_mode, &wd32, &wd64)};
             std::vector<T> rg(d.g.data(), d.g.data() + n);
             const float inv = use_scale ? static_cast<float>(1.0 / static_cast<double>(scale)) : 1.f;
             // a coefficient of T below 1, as clip_grad_norm_ gives one when it clips
@@ -652,7 +683,7 @@ void amp_suite() {
               const size_t k = static_cast<size_t>(i);
               if (inv != 1.f) rg[k] = R::narrow(R::widen(rg[k]) * static_cast<O>(inv));
               if (clip) rg[k] = R::narrow(R::widen(rg[k]) * R::widen(coef));
-              if (found == 0.f) ref_step(d.rp[k], d.rb[k], rg[k], h, flags);
+              if (found == 0.f) ref_step(d.rp[k], d.rb[k], rg[k], h, ref_flags);
             }
             const AmpPtrs amp{use_scale ? &scale : nullptr, &found, clip ? &coef : nullptr};
             if (list) {
@@ -662,7 +693,7 @@ void amp_suite() {
               const int64_t ns[] = {n};
               using L = cuda::ListLimits4K;
               cuda::plan_list<T, L>(ps, bs, gs, ns, 1, launcher_scalars<T>(launch_h), flags, amp,
-                                    lr,
+                                    dev,
                                     [&](const cuda::ListArgs<T, L::kTensors, L::kBlocks>& a,
                                         int blocks) {
                                       host_shim::host_launch(
@@ -672,17 +703,20 @@ void amp_suite() {
                                     });
             } else {
               const cuda::FlatArgs<T> a{d.p.data(), d.b.data(), d.g.data(), n,
-                                        launcher_scalars<T>(launch_h), flags, amp, lr};
+                                        launcher_scalars<T>(launch_h), flags, amp, dev};
               host_shim::host_launch(cuda::sgd_flat_kernel<T>, dim3(3), dim3(64),
                                      Order::kForward, seed, a);
             }
-            char what[240];
+            const char* where[] = {"host", "fp32", "fp64"};
+            char what[320];
             std::snprintf(what, sizeof what,
-                          "amp %s %s n=%lld scale=%g%s found_inf=%g lr=%s clip=%s",
+                          "amp %s %s n=%lld scale=%g%s found_inf=%g flags=%u lr=%s m=%s%s d=%s "
+                          "wd=%s%s clip=%s",
                           R::name(), list ? "list" : "flat", static_cast<long long>(n),
                           static_cast<double>(scale), use_scale ? "" : " (not given)",
-                          static_cast<double>(found),
-                          lr_mode == 0 ? "host" : lr_mode == 1 ? "device fp32" : "device fp64",
+                          static_cast<double>(found), flags, where[lr_mode], where[m_mode],
+                          m_zero ? " (0)" : "", where[d_mode], where[wd_mode],
+                          wd_zero ? " (0)" : "",
                           clip ? std::to_string(static_cast<double>(R::widen(coef))).c_str()
                                : "none");
             uint64_t bad = d.check(what);
