@@ -140,6 +140,50 @@ def test_opcheck_on_gpu(backend, dtype, kind):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_hyper_parameters_read_on_the_device(backend, dtype, flat):
+    """lr, momentum, dampening and weight_decay as CUDA tensors (fp32 for fp32/bf16
+    parameters, fp64 for fp64/fp16: each hyper dtype with a 16-bit and a wide one, and 4 more
+    Triton compilations per dtype, not 8), changed in place every step (momentum and
+    weight_decay 0 on some steps), read by the kernels: torch.optim.SGD(foreach=False) given
+    the same tensors gives the same bits, buffers included. This is where torch's CUDA mul_
+    takes buf.mul_(momentum)'s 0-dim CUDA tensor as the buffer's dtype (bf16/fp16: rounded
+    first), which the kernels copy (sgd_kernel.cuh, device_step)."""
+    hdtype = torch.float64 if dtype in (torch.float64, torch.float16) else torch.float32
+    ours, ref = _twins(SIZES[0] + SIZES[2], dtype, seed=33)
+    schedule = [(0.05, 0.9, 0.1, 1e-2), (0.04, 0.0, 0.35, 1e-2), (0.03, 0.8, 0.29, 0.0),
+                (0.02, 0.7, 0.0, 3e-2), (0.01, 0.0, 0.2, 0.0), (0.02, 0.85, 0.3, 1e-3)]
+    names = ("lr", "momentum", "dampening", "weight_decay")
+
+    def hyper():
+        return {n: torch.tensor(v, dtype=hdtype).cuda()
+                for n, v in zip(names, schedule[0])}
+    opt = momentum_cuda.SGD(ours, backend=backend, flat=flat, **hyper())
+    topt = torch.optim.SGD(ref, foreach=False, **hyper())
+    g = torch.Generator(device="cpu").manual_seed(34)
+    for step, values in enumerate(schedule):
+        for o in (opt, topt):
+            for n, v in zip(names, values):
+                o.param_groups[0][n].fill_(v)
+        grads = [torch.randn(p.shape, generator=g).to(dtype).cuda() for p in ours]
+        for p, q, gr in zip(ours, ref, grads):
+            if p.grad is not None:
+                p.grad.copy_(gr)
+            else:
+                (p * gr).sum().backward()
+            q.grad = gr.clone()
+        opt.step()
+        topt.step()
+        assert {e["backend"] for e in opt.last_step} == {backend}, opt.last_step
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            assert torch.equal(p, q), f"step {step + 1} param {i} ({dtype}) differs"
+            if "momentum_buffer" in topt.state[q]:  # always on a GPU; not in the JIT replay
+                assert torch.equal(opt.state[p]["momentum_buffer"],
+                                   topt.state[q]["momentum_buffer"])
+
+
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -194,16 +238,18 @@ def test_gradscaler_in_the_kernel(backend, dtype, flat, clip):
             assert ("momentum_buffer" in opt.state[p]) == ("momentum_buffer" in topt.state[q])
 
 
+@pytest.mark.parametrize("hyper", ["lr", "all"])
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("flat", [True, False])
-def test_cuda_graph_training_iteration(flat, clip):
+def test_cuda_graph_training_iteration(flat, clip, hyper):
     """A whole training iteration (forward, backward, GradScaler step, zero_grad; with clip:
     scaler.unscale_ and opt.clip_grad_norm_ before the step) captured in a CUDA graph and
-    replayed 20 times, with the lr a device tensor changed between replays by a scheduler,
-    gives the bits of the same iterations run eagerly with torch.optim.SGD (foreach=False),
-    torch's clip_grad_norm_ and GradScaler's own path. The step reads the lr, GradScaler's
-    tensors and the clip coefficient on the device: nothing in it syncs, so it can be
-    captured."""
+    replayed 20 times, with the lr a device tensor changed between replays by a scheduler
+    (hyper="all": momentum, dampening and weight_decay device tensors too, changed in place
+    between replays), gives the bits of the same iterations run eagerly with
+    torch.optim.SGD (foreach=False), torch's clip_grad_norm_ and GradScaler's own path. The
+    step reads the hyper-parameters, GradScaler's tensors and the clip coefficient on the
+    device: nothing in it syncs, so it can be captured."""
     if not momentum_cuda.available_backends()["cuda"][0]:
         pytest.skip(momentum_cuda.available_backends()["cuda"][1])
     torch.manual_seed(41)
@@ -211,9 +257,21 @@ def test_cuda_graph_training_iteration(flat, clip):
                                 torch.nn.Linear(97, 5)).cuda()
     twin = copy.deepcopy(model)
     lr, tlr = (torch.tensor(0.05, device="cuda") for _ in range(2))
-    h = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2)
-    opt = momentum_cuda.SGD(model.parameters(), lr=lr, backend="cuda", flat=flat, **h)
-    topt = torch.optim.SGD(twin.parameters(), lr=tlr, foreach=False, **h)
+    values = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2)
+
+    def h():
+        if hyper == "lr":
+            return dict(values)
+        return {k: torch.tensor(v, device="cuda") for k, v in values.items()}
+    opt = momentum_cuda.SGD(model.parameters(), lr=lr, backend="cuda", flat=flat, **h())
+    topt = torch.optim.SGD(twin.parameters(), lr=tlr, foreach=False, **h())
+
+    def change_hyper(k):  # in place, as a capturable schedule must (hyper="all")
+        if hyper == "all":
+            for o in (opt, topt):
+                o.param_groups[0]["momentum"].fill_(0.0 if k % 7 == 6 else 0.9 - 0.01 * k)
+                o.param_groups[0]["weight_decay"].fill_(0.0 if k % 5 == 4 else 1e-2)
+                o.param_groups[0]["dampening"].fill_(0.1 + 0.01 * k)
     decay = lambda k: 0.97 ** k  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     tsched = torch.optim.lr_scheduler.LambdaLR(topt, decay)
@@ -257,6 +315,7 @@ def test_cuda_graph_training_iteration(flat, clip):
         iteration()
     for k in range(3, 23):
         static_x.copy_(xs[k])
+        change_hyper(k)
         graph.replay()
         sched.step()
         twin_iteration(xs[k])

@@ -111,10 +111,15 @@ def _expected(entry):
     """The constexpr flags and scalars an entry-point call asks for, from its own arguments."""
     kw, dtype = entry["kwargs"], entry["dtype"]
     m, d = float(kw["momentum"]), float(kw["dampening"])
-    flags = dict(MAXIMIZE=kw["maximize"], WEIGHT_DECAY=float(kw["weight_decay"]) != 0,
-                 MOMENTUM=m != 0, NESTEROV=kw["nesterov"], FIRST_STEP=kw["first_step"],
-                 KIND=KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
-                 LR_TENSOR=kw.get("lr_tensor") is not None,
+    given = {n: kw.get(f"{n}_tensor") is not None
+             for n in ("lr", "momentum", "dampening", "weight_decay")}
+    flags = dict(MAXIMIZE=kw["maximize"],
+                 WEIGHT_DECAY=given["weight_decay"] or float(kw["weight_decay"]) != 0,
+                 MOMENTUM=given["momentum"] or m != 0, NESTEROV=kw["nesterov"],
+                 FIRST_STEP=kw["first_step"], KIND=KIND[dtype],
+                 OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
+                 LR_TENSOR=given["lr"], M_TENSOR=given["momentum"], D_TENSOR=given["dampening"],
+                 WD_TENSOR=given["weight_decay"],
                  AMP_SCALE=kw.get("grad_scale") is not None,
                  AMP_SKIP=kw.get("found_inf") is not None,
                  CLIP=kw.get("clip_coef") is not None, BLOCK=1024)
@@ -361,9 +366,11 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     span length n is a multiple of 16 for the "shapes" sizes, not for the others): 4 dtypes x
     (20 + 40) = 240 for test_sgd_bitwise_vs_torch_forloop; test_opcheck_on_gpu's flat segments
     add 2 flat specializations per dtype (248). The Momentum cases reuse flag sets and length
-    classes already there. A GradScaler test on the Triton backend (fp32 and bf16, flat and
-    per-tensor, clip or not) adds 3 flag sets per kernel and dtype it runs: grad_scale +
-    found_inf, clip_coef on the first step, clip_coef + found_inf (12 for two dtypes)."""
+    classes already there. The tensor hyper-parameter test adds, per dtype and kernel, the
+    step-1 and the later flag set with all four *_TENSOR flags on (16). A GradScaler test on
+    the Triton backend (fp32 and bf16, flat and per-tensor, clip or not) adds 3 flag sets per
+    kernel and dtype it runs: grad_scale + found_inf, clip_coef on the first step, clip_coef +
+    found_inf (12 for two dtypes): 276 in all."""
     cache = jit_without_gpu
     cases = _triton_cases()
     assert cases, "tests/test_gpu.py has no case with backend='triton' to replay"

@@ -50,9 +50,9 @@ the last stage, the rest of the benchmark.
 Why the budgets fit. Measured here (2 cores shared with other work, the dry run): the build
 took 188 s for three translation units, about 40-60 s of one core each, which ninja compiles in
 parallel on the GPU machine's 16 cores; tests/test_gpu.py's Triton
-calls make 260 JIT compilations (tests/test_triton_jit.py counts them: 60 per dtype, 74 s on
-these 2 cores, plus 8 for opcheck and 12 for GradScaler and clip in fp32 and bf16), so four
-processes of 62-68 each fit 120 s; the CUDA tests move a few MB per test;
+calls make 276 JIT compilations (tests/test_triton_jit.py counts them: 60 per dtype, plus 8
+for opcheck, 16 for the tensor hyper-parameters and 12 for GradScaler and clip in fp32 and
+bf16; 59 s for all of them on these 2 cores), so four processes of 66-72 each fit 120 s; the CUDA tests move a few MB per test;
 the headline benchmark's 8 cases each draw their data on the GPU once and run a bitwise check
 plus 30 rounds of steps of at most 20 GB (about 5 ms at H200 bandwidth); memcheck slows
 kernels 10-100x on tensors of at most 2^20 elements. The FSDP2/DDP example (a 26 k-parameter
