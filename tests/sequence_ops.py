@@ -46,7 +46,9 @@ _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 class Config:
     """One twin pair. defaults: the optimizer's keyword arguments as (key, value) pairs;
     groups: () for one group of every parameter, else one (module names, (key, value) pairs)
-    per param group; lr_tensor: the default lr is a 1-element tensor (SGD only)."""
+    per param group; lr_tensor: the default lr is a 1-element tensor (SGD only);
+    hyper_tensors: the default momentum, dampening and weight_decay given are 1-element tensors
+    (float64 when hyper_tensors == 2, else float32)."""
 
     dtype: str = "float32"
     flat: bool = True
@@ -56,6 +58,7 @@ class Config:
     groups: tuple = ()
     scheduler: str | None = None
     lr_tensor: bool = False
+    hyper_tensors: int = 0
     seed: int = 0
     # views "disjoint" / "overlap": Net.views holds a tensor `base` (a buffer when base_buffer,
     # else a plain attribute) and two parameters that are views of it (README, "Flat layout")
@@ -159,6 +162,11 @@ def _make_opt(cfg: Config, model: Net, ours: bool):
     defaults = valid_hyper(cfg.kind, dict(cfg.defaults))
     if cfg.lr_tensor and cfg.kind == "sgd":
         defaults["lr"] = torch.tensor(float(defaults.get("lr", 1e-3)))  # one per side
+    if cfg.hyper_tensors:
+        hdtype = torch.float64 if cfg.hyper_tensors == 2 else torch.float32
+        for key in ("momentum", "dampening", "weight_decay"):
+            if key in defaults:
+                defaults[key] = torch.tensor(float(defaults[key]), dtype=hdtype)
     if not cfg.groups:
         params = list(model.parameters())
     else:
@@ -330,8 +338,8 @@ def op_edit_group(side, cfg, k, key, value):
         new = {**g, key: value}
         if new["nesterov"] and (new["momentum"] <= 0 or new["dampening"] != 0):
             return "skipped"
-    if key == "lr" and isinstance(g["lr"], torch.Tensor):
-        g["lr"].fill_(value)
+    if isinstance(g[key], torch.Tensor):  # a tensor hyper-parameter: changed in place
+        g[key].fill_(value)
     else:
         g[key] = value
     return None

@@ -126,6 +126,7 @@ def configs(d):
                   embedding=embedding, defaults=d(_HYPER[kind, d(st.booleans())]), groups=groups,
                   scheduler=d(st.sampled_from(SCHEDULERS)),
                   lr_tensor=kind == "sgd" and d(st.integers(0, 5)) == 0,
+                  hyper_tensors=d(st.sampled_from([0, 0, 0, 1, 2])),
                   seed=d(st.integers(0, 2**16)), views=views,
                   base_buffer=views is not None and d(st.booleans()),
                   frozen=tuple(d(st.lists(st.sampled_from(mods), unique=True, max_size=2)))
