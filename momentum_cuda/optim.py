@@ -140,8 +140,8 @@ def _hyper_tensor(x, name: str):
 
 def _use_buf(h) -> bool:
     """Whether the step runs the momentum ops (torch: momentum != 0). A momentum tensor left
-    in h is one whose buffers all exist (_FusedMomentum._group_hyper): they are given to the
-    kernel, which reads the value and leaves them as they are where it is zero."""
+    in h is one whose buffers all exist (_FusedMomentum._plan, _group_hyper): they are given
+    to the kernel, which reads the value and leaves them as they are where it is zero."""
     m = h["momentum"]
     return isinstance(m, torch.Tensor) or m != 0
 
@@ -982,9 +982,11 @@ class _FusedMomentum(Optimizer):
         raise NotImplementedError
 
     def _group_hyper(self, group) -> dict:
-        """_hyper(group), checked. A momentum tensor is read here (as torch's for-loop reads it
-        at every step) while some parameter with a gradient has no momentum buffer: whether
-        the step creates buffers is the host's decision. Once all exist, the kernels read it."""
+        """_hyper(group), checked, for the traced and the differentiable steps. A momentum
+        tensor is read here (as torch's for-loop reads it at every step) while some parameter
+        with a gradient has no momentum buffer: whether the step creates buffers is the host's
+        decision. Once all exist, the kernels read it. (_plan decides the same from its plan,
+        without a pass of its own.)"""
         h = self._hyper(group)
         _finite(h)
         m = h["momentum"]
@@ -1332,7 +1334,21 @@ class _FusedMomentum(Optimizer):
         input, changes nothing. None (if `relayout`) when the group should be laid out again:
         a parameter with a gradient is off the flat path and could be on it (it moved, e.g.
         model.to(); it was frozen, meta or lazy when the group was laid out)."""
-        h = self._group_hyper(group)
+        h = self._hyper(group)
+        _finite(h)
+        plan = self._plan_with(h, group, lay, relayout)
+        if plan is not None and isinstance(h["momentum"], torch.Tensor) and (
+                any(run[3] or run[4] for run in plan[1])
+                or any(buf is None for _, _, buf, _, _ in plan[2])):
+            # the step would create momentum buffers: whether it does is decided by
+            # momentum != 0, read here (as torch's for-loop reads it), and planned again
+            h["momentum"] = float(h["momentum"].item())
+            _finite(h)
+            plan = self._plan_with(h, group, lay, relayout)
+        return plan
+
+    def _plan_with(self, h, group, lay, relayout):
+        """_plan for the hyper-parameters h."""
         use_buf = _use_buf(h)
         runs = []  # [bucket, first index, end index, first_step, some buffer is new]
         loose = [(p, p.grad) for p in lay.outside if p.grad is not None]

@@ -37,6 +37,13 @@ def _pair(kind, ours, ref, flat):
         h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
         return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h),
                 torch.optim.SGD(ref.parameters(), foreach=False, **h))
+    if kind == "tensors":  # every hyper-parameter a tensor (one per side), read by the kernels
+        def h():
+            return dict(lr=torch.tensor(0.05), momentum=torch.tensor(0.9),
+                        dampening=torch.tensor(0.1, dtype=torch.float64),
+                        weight_decay=torch.tensor(1e-2))
+        return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h()),
+                torch.optim.SGD(ref.parameters(), foreach=False, **h()))
     if kind == "nesterov":
         h = dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)
         return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h),
@@ -76,7 +83,7 @@ def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast
     return opt
 
 
-@pytest.mark.parametrize("kind", ["sgd", "nesterov", "momentum"])
+@pytest.mark.parametrize("kind", ["sgd", "nesterov", "momentum", "tensors"])
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 def test_gradscaler_bitwise(kind, flat):
     opt = _train(kind, flat)
