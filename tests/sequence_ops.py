@@ -167,6 +167,8 @@ def _make_opt(cfg: Config, model: Net, ours: bool):
         for key in ("momentum", "dampening", "weight_decay"):
             if key in defaults:
                 defaults[key] = torch.tensor(float(defaults[key]), dtype=hdtype)
+        if defaults.get("nesterov") and float(defaults["momentum"]) <= 0:
+            defaults["nesterov"] = False  # a tiny momentum that is 0 in the tensor's dtype
     if not cfg.groups:
         params = list(model.parameters())
     else:
