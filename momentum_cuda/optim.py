@@ -111,24 +111,11 @@ def _dampening(x) -> float:
     return d if math.isfinite(t) else float(x.item())
 
 
-def _lr(x):
-    """A group's lr for the step: a float, or a 1-element fp32/fp64 tensor, which the kernels
-    read on its device (no host sync; torch's for-loop reads it with .item(), which gives the
-    same value). Other tensors are read here."""
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(x.shape)}")
-        if x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
-            return x if x.dim() == 0 else x.reshape(())
-        return float(x.item())
-    return float(x)
-
-
 def _hyper_tensor(x, name: str):
-    """momentum, dampening or weight_decay for the step: a float, or a 1-element fp32/fp64
-    tensor that does not require grad, which the kernels read on its device (torch's for-loop
-    reads it with .item(); the kernels round it as torch's ops do: sgd_kernel.cuh, device_step).
-    Other tensors are read here (dampening as _dampening reads it)."""
+    """A group's lr, momentum, dampening or weight_decay for the step: a float, or a 1-element
+    fp32/fp64 tensor that does not require grad, which the kernels read on its device (torch's
+    for-loop reads it with .item(); the kernels round it as torch's ops do: sgd_kernel.cuh,
+    device_step). Other tensors are read here (dampening as _dampening reads it)."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
@@ -1744,7 +1731,7 @@ class SGD(_FusedMomentum):
             group.setdefault("fused", False)  # torch.optim.SGD.__setstate__'s default
 
     def _hyper(self, group) -> dict:
-        return dict(lr=_lr(group["lr"]), momentum=_hyper_tensor(group["momentum"], "momentum"),
+        return dict(lr=_hyper_tensor(group["lr"], "lr"), momentum=_hyper_tensor(group["momentum"], "momentum"),
                     dampening=_hyper_tensor(group["dampening"], "dampening"),
                     weight_decay=_hyper_tensor(group["weight_decay"], "weight_decay"),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
@@ -1777,6 +1764,6 @@ class Momentum(_FusedMomentum):
     def _hyper(self, group) -> dict:
         m = float(group["momentum"])
         self._check_momentum(m)  # a scheduler may have changed it
-        return dict(lr=_lr(group["lr"]), momentum=m, dampening=_dampening(group["momentum"]),
+        return dict(lr=_hyper_tensor(group["lr"], "lr"), momentum=m, dampening=_dampening(group["momentum"]),
                     weight_decay=_hyper_tensor(group["weight_decay"], "weight_decay"),
                     nesterov=False, maximize=bool(group["maximize"]))
