@@ -322,3 +322,64 @@ def test_momentum_tensor_momentum_float64_parameters(flat, hdtype):
             model(x).square().mean().backward()
             o.step()
         _same(ours, ref, opt, topt, f"step {k + 1}")
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_tensor_hyper_parameters_interplay(flat):
+    """All four hyper-parameters as tensors, changed in place, through what training code does
+    around the step, against torch.optim.SGD(foreach=False) with its own tensors: a parameter
+    left without a gradient, opt.clip_grad_norm_ (torch's clip_grad_norm_ on the twin), a
+    deepcopy of model and optimizer that continues, a state_dict round trip into a fresh
+    optimizer, a param-group edit to floats and back to a tensor, and model.to(float64)."""
+    from conftest import assert_twins
+    torch.manual_seed(73)
+    ours = torch.nn.Sequential(torch.nn.Linear(7, 97), torch.nn.Tanh(), torch.nn.Linear(97, 3),
+                               torch.nn.Linear(3, 3))  # the last one gets no gradient
+    ref = copy.deepcopy(ours)
+    names = ("lr", "momentum", "dampening", "weight_decay")
+
+    def hyper(values, dtype=torch.float32):
+        return {n: torch.tensor(v, dtype=dtype) for n, v in zip(names, values)}
+    start = (0.05, 0.9, 0.1, 1e-2)
+    opt = momentum_cuda.SGD(ours.parameters(), flat=flat, **hyper(start))
+    topt = torch.optim.SGD(ref.parameters(), foreach=False, **hyper(start))
+    gen = torch.Generator().manual_seed(74)
+    schedule = [(0.05, 0.9, 0.1, 1e-2), (0.04, 0.0, 0.35, 0.0), (0.03, 0.8, 0.29, 2e-2),
+                (0.02, 0.85, 0.2, 1e-3)]
+
+    def steps(k0, dtype=torch.float32):
+        for k in range(k0, k0 + len(schedule)):
+            x = torch.randn(5, 7, generator=gen).to(dtype)
+            values = schedule[k % len(schedule)]
+            for model, o in ((ours, opt), (ref, topt)):
+                for n, v in zip(names, values):
+                    if isinstance(o.param_groups[0][n], torch.Tensor):
+                        o.param_groups[0][n].fill_(v)
+                    else:
+                        o.param_groups[0][n] = v
+                o.zero_grad()
+                model[:3](x).square().mean().backward()
+            norm = opt.clip_grad_norm_(0.05)
+            tnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+            assert torch.equal(norm, tnorm), f"step {k + 1}: norm"
+            opt.step()
+            topt.step()
+            assert_twins(ours, ref, opt, topt, f"step {k + 1}")
+
+    steps(0)
+    ours, opt = copy.deepcopy((ours, opt))  # the copy continues
+    steps(4)
+    fresh = momentum_cuda.SGD(ours.parameters(), flat=flat, **hyper(start))
+    fresh.load_state_dict(opt.state_dict())
+    tfresh = torch.optim.SGD(ref.parameters(), foreach=False, **hyper(start))
+    tfresh.load_state_dict(topt.state_dict())
+    opt, topt = fresh, tfresh
+    steps(8)
+    for o in (opt, topt):  # a param-group edit: floats, then tensors of float64
+        o.param_groups[0].update(zip(names, schedule[2]))
+    steps(12)
+    for o in (opt, topt):
+        o.param_groups[0].update(hyper(schedule[3], torch.float64))
+    ours.to(torch.float64)
+    ref.to(torch.float64)
+    steps(16, torch.float64)

@@ -71,7 +71,8 @@ struct FlatArgs {
 /// weight_decay, nesterov's momentum, 1 - dampening) through .item(), a double rounded once to
 /// opmath as make_scalars rounds the host's; 1 - dampening computed in the tensor's own dtype
 /// first (torch's `1 - dampening` is a tensor op); the factor of buf.mul_(momentum) loaded as
-/// the buffer's dtype T first (TensorIterator casts a 0-dim CUDA operand to the common dtype).
+/// the buffer's dtype T first (TensorIterator casts a 0-dim CUDA operand to the common dtype:
+/// our reading of torch, to be confirmed on a GPU by tests/test_gpu.py).
 /// A zero weight_decay or momentum clears its flags, as torch's `!= 0` tests skip those ops;
 /// the host set them (and gave the buffers) for a tensor it does not read.
 template <class T>
