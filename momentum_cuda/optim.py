@@ -64,6 +64,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import operator
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -626,6 +627,7 @@ class _FusedMomentum(Optimizer):
         self._backend_by_device: dict[torch.device, str] = {}
         self._last = _LastStep()
         self._pending = _Pending()
+        self._steady = None  # (param_groups, groups, calls): _keep_steady
 
     @property
     def last_step(self) -> list[dict]:
@@ -968,6 +970,9 @@ class _FusedMomentum(Optimizer):
     def _hyper(self, group) -> dict:
         raise NotImplementedError
 
+    # group -> the tuple of the values _hyper reads (Optimizer subclasses set their keys)
+    _hyper_values = None
+
     def _group_hyper(self, group) -> dict:
         """_hyper(group), checked, for the traced and the differentiable steps. A momentum
         tensor is read here (as torch's for-loop reads it at every step) while some parameter
@@ -1009,37 +1014,51 @@ class _FusedMomentum(Optimizer):
             with torch.no_grad():
                 self._step_traced(amp)
             return loss
-        with torch.no_grad():
-            # checked before planning: a relayout replaces .grad objects
-            clip = None if self._pending.clip is None else self._take_clip()
-            plans = []
-            try:
-                for g, lay in self._group_layouts():
-                    plan = self._plan(g, lay)
-                    if plan is None:  # a parameter can go (back) into the flat layout
-                        lay = self._layout_group(g)
-                        self._adopt_buffers([(g, lay)])
-                        plan = self._plan(g, lay, relayout=False)
-                    plans.append(plan)
-            except BaseException:
-                self._pending.clip = clip  # a bad input raised: nothing was stepped
-                raise
-            self.last_step = []
-            if clip is not None and not self._clip_in_kernels(clip, plans, amp):
-                self._apply_clip(clip)
-                clip = None
-            if amp is not None and self._amp_needs_host(plans):
-                if self._amp_on_host(amp):
-                    if clip is not None:  # skipped; the gradients are clipped, as torch's
-                        self._apply_clip(clip)
-                    return loss
-                amp = None  # unscaled, and no overflow
-            for h, runs, loose in plans:
-                self._step_flat(runs, h, amp, clip)
-                self._step_tensors(loose, h, amp, clip)
+        # torch.no_grad() without its Python frames (a cold cache makes each one count)
+        grad_was = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step_eager(amp)
+        finally:
+            torch._C._set_grad_enabled(grad_was)
         return loss
 
     step = _observed_step(step)
+
+    def _step_eager(self, amp) -> None:
+        """step() outside torch.compile and differentiable=True, under no_grad."""
+        if amp is None and self._pending.clip is None and self._step_steady():
+            return
+        self._steady = None
+        # checked before planning: a relayout replaces .grad objects
+        clip = None if self._pending.clip is None else self._take_clip()
+        plans, planned = [], []
+        try:
+            for g, lay in self._group_layouts():
+                plan = self._plan(g, lay)
+                if plan is None:  # a parameter can go (back) into the flat layout
+                    lay = self._layout_group(g)
+                    self._adopt_buffers([(g, lay)])
+                    plan = self._plan(g, lay, relayout=False)
+                plans.append(plan)
+                planned.append((g, lay))
+        except BaseException:
+            self._pending.clip = clip  # a bad input raised: nothing was stepped
+            raise
+        self.last_step = []
+        if clip is not None and not self._clip_in_kernels(clip, plans, amp):
+            self._apply_clip(clip)
+            clip = None
+        if amp is not None and self._amp_needs_host(plans):
+            if self._amp_on_host(amp):
+                if clip is not None:  # skipped; the gradients are clipped, as torch's
+                    self._apply_clip(clip)
+                return
+            amp = None  # unscaled, and no overflow
+        for h, runs, loose in plans:
+            self._step_flat(runs, h, amp, clip)
+            self._step_tensors(loose, h, amp, clip)
+        self._keep_steady(planned, plans)
 
     # ---- clip_grad_norm_ ---------------------------------------------------------------------
     @torch.no_grad()
@@ -1315,6 +1334,59 @@ class _FusedMomentum(Optimizer):
         for j, p in enumerate(ps):
             out.setdefault((p.device, p.dtype), []).append(j)
         return out
+
+    def _keep_steady(self, planned, plans) -> None:
+        """After a step: keeps what _step_steady replays when the step was the steady state of
+        a flat optimizer: every group wholly laid out, each bucket (not lent) one whole run
+        whose buffers all exist (or none is used), the hyper-parameters Python numbers
+        (immutable: the same objects give the same plan). Else nothing is kept."""
+        self._steady = None
+        groups, calls = [], []
+        for (g, lay), (h, runs, loose) in zip(planned, plans):
+            vals = self._hyper_values(g)
+            if (loose or lay.outside or len(runs) != len(lay.buckets)
+                    or any(type(v) not in (float, int, bool) for v in vals)
+                    or any(r[0].lent or r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
+                           for r in runs)):
+                return
+            use_buf = _use_buf(h)
+            groups.append((g, lay, vals))
+            calls += [(b, use_buf, (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
+                                    b.run_segments(0, len(b.params))), h) for b, *_ in runs]
+        self._steady = (list(self.param_groups), groups, calls)
+
+    def _step_steady(self) -> bool:
+        """The step _keep_steady kept, run again if it still holds (returns whether it ran):
+        the same group objects holding the same parameters and hyper-parameter objects, and
+        every bucket passing _plan's check (_whole_bucket_run: each parameter, gradient view
+        and momentum buffer where the kept step left it), all before anything is written.
+        Then each bucket's op, version bumps and last_step entry, as _step_flat runs a whole
+        run. What this skips is planning's per-group Python work, which a cold cache (a
+        training step runs the forward and backward in between) makes cost as much as the
+        checks; tests/test_steady.py holds it to the full step under every edit."""
+        steady = self._steady
+        if steady is None:
+            return False
+        groups, laid, calls = steady
+        if len(groups) != len(self.param_groups) or not all(
+                map(operator.is_, groups, self.param_groups)):
+            return False
+        for g, lay, vals in laid:
+            if not _same_params(lay, g) or not all(map(operator.is_, self._hyper_values(g), vals)):
+                return False
+        state = self.state
+        for b, use_buf, _, _ in calls:
+            check = b.check
+            if check is None or check.check(state if use_buf else None,
+                                            b.buf_views if b.flat_buf is not None else None):
+                return False
+        entries = []
+        for b, _, args, h in calls:
+            b.op(*args, first_step=False, **h)
+            b.check.bump(0, len(b.params))
+            entries.append(dict(b.entry))
+        self.last_step = entries
+        return True
 
     def _plan(self, group, lay, relayout=None):
         """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
@@ -1730,6 +1802,9 @@ class SGD(_FusedMomentum):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)  # torch.optim.SGD.__setstate__'s default
 
+    _hyper_values = staticmethod(operator.itemgetter(
+        "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"))
+
     def _hyper(self, group) -> dict:
         return dict(lr=_hyper_tensor(group["lr"], "lr"), momentum=_hyper_tensor(group["momentum"], "momentum"),
                     dampening=_hyper_tensor(group["dampening"], "dampening"),
@@ -1760,6 +1835,9 @@ class Momentum(_FusedMomentum):
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"Invalid momentum value: {momentum} (the EMA form needs "
                              "0 < momentum < 1; for momentum=0 use SGD)")
+
+    _hyper_values = staticmethod(operator.itemgetter("lr", "momentum", "weight_decay",
+                                                     "maximize"))
 
     def _hyper(self, group) -> dict:
         m = float(group["momentum"])

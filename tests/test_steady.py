@@ -1,0 +1,135 @@
+"""The steady-state step (optim._FusedMomentum._step_steady): once a flat step has run with
+every group wholly laid out, later steps replay it after checking that nothing it depends on
+changed. Every edit training code can make between two such steps must send the step back to
+the full planning (or be one the replay reads anyway), bitwise against a torch twin. Each case
+first checks that the replay is live when the edit is made, so a check missing from the replay
+shows up here as a difference."""
+import pytest
+import torch
+
+import momentum_cuda
+from momentum_cuda.reference import MomentumReference
+
+from conftest import assert_twins, fresh_grads, make_values, twin_params, write_grads
+
+SIZES = [1, 3, 97, 16, 5, 33]  # two groups of three
+STEPS, EDIT_AT = 6, 3
+
+
+def _buf(opt, p):
+    return opt.state[p]["momentum_buffer"]
+
+
+def _new_param(opt, ps, seed):
+    """Adds a group with one new parameter (the same values on both sides)."""
+    v = make_values([7], torch.float32, seed)[0]
+    p = v.clone().requires_grad_()
+    ps.append(p)
+    opt.add_param_group({"params": [p], "lr": 0.03})
+
+
+# edit name -> (optimizers it applies to, edit(opt, params, side)); `side` is 0 for ours and
+# 1 for torch's, where an edit needs a new object per side
+EDITS = {
+    "lr-new": ("sgd ema", lambda o, ps, s: o.param_groups[0].__setitem__(
+        "lr", o.param_groups[0]["lr"] * 0.5)),
+    "lr-equal-value": ("sgd ema", lambda o, ps, s: o.param_groups[1].__setitem__(
+        "lr", float(repr(o.param_groups[1]["lr"])))),
+    "momentum": ("sgd ema", lambda o, ps, s: o.param_groups[1].__setitem__("momentum", 0.5)),
+    "momentum-zero": ("sgd", lambda o, ps, s: o.param_groups[0].__setitem__("momentum", 0)),
+    "dampening": ("sgd", lambda o, ps, s: o.param_groups[0].__setitem__("dampening", 0.25)),
+    "weight-decay": ("sgd ema", lambda o, ps, s: o.param_groups[1].__setitem__(
+        "weight_decay", 0.1)),
+    "nesterov": ("sgd", lambda o, ps, s: o.param_groups[1].__setitem__("nesterov", True)),
+    "maximize": ("sgd ema", lambda o, ps, s: o.param_groups[0].__setitem__("maximize", True)),
+    "params-pop": ("sgd ema", lambda o, ps, s: o.param_groups[0]["params"].pop()),
+    "params-append": ("sgd ema", lambda o, ps, s: o.param_groups[0]["params"].append(
+        o.param_groups[1]["params"].pop())),
+    "params-reorder": ("sgd ema", lambda o, ps, s: o.param_groups[1]["params"].reverse()),
+    "params-new-list": ("sgd ema", lambda o, ps, s: o.param_groups[0].__setitem__(
+        "params", list(o.param_groups[0]["params"][::-1]))),
+    "grad-none": ("sgd ema", lambda o, ps, s: setattr(ps[2], "grad", None)),
+    "grad-assigned": ("sgd ema", lambda o, ps, s: setattr(ps[4], "grad", ps[4].grad.clone())),
+    "grad-data": ("sgd ema", lambda o, ps, s: setattr(ps[1].grad, "data",
+                                                       ps[1].grad.data.clone())),
+    "buffer-clone": ("sgd ema", lambda o, ps, s: o.state[ps[3]].__setitem__(
+        "momentum_buffer", _buf(o, ps[3]).clone())),
+    "buffer-none": ("sgd ema", lambda o, ps, s: o.state[ps[0]].__setitem__(
+        "momentum_buffer", None)),
+    "buffer-deleted": ("sgd ema", lambda o, ps, s: o.state[ps[5]].pop("momentum_buffer")),
+    "state-dropped": ("sgd ema", lambda o, ps, s: o.state.pop(ps[1])),
+    "buffer-written": ("sgd ema", lambda o, ps, s: _buf(o, ps[2]).mul_(0.5)),
+    "param-moved": ("sgd ema", lambda o, ps, s: setattr(ps[3], "data", ps[3].data.clone())),
+    "param-written": ("sgd ema", lambda o, ps, s: ps[5].data.add_(1.0)),
+    "group-added": ("sgd ema", lambda o, ps, s: _new_param(o, ps, 7)),
+    "group-deleted": ("sgd ema", lambda o, ps, s: o.param_groups.pop(0)),
+    "groups-swapped": ("sgd ema", lambda o, ps, s: o.param_groups.reverse()),
+    "load-state-dict": ("sgd ema", lambda o, ps, s: o.load_state_dict(o.state_dict())),
+    "zero-grad-keep": ("sgd ema", lambda o, ps, s: o.zero_grad(set_to_none=False)),
+}
+
+
+def _twins(kind, flat):
+    ours, ref = twin_params(make_values(SIZES, torch.float32, 0))
+    groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02}]  # noqa: E731
+    if kind == "sgd":
+        h = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+        return (ours, ref, momentum_cuda.SGD(groups(ours), flat=flat, **h),
+                torch.optim.SGD(groups(ref), foreach=False, **h))
+    h = dict(lr=0.05, momentum=0.8, weight_decay=1e-2)
+    return (ours, ref, momentum_cuda.Momentum(groups(ours), flat=flat, **h),
+            MomentumReference(groups(ref), **h))
+
+
+CASES = [(kind, name) for name, (kinds, _) in EDITS.items() for kind in kinds.split()]
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("kind,edit", CASES, ids=[f"{k}-{e}" for k, e in CASES])
+def test_edit_between_steady_steps(kind, edit, flat):
+    ours, ref, opt, topt = _twins(kind, flat)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        grads = fresh_grads(ours, gen)
+        write_grads(opt, ours, grads)  # zero_grad(), backward(): the flat views come back
+        write_grads(topt, ref, grads)
+        if step == EDIT_AT:
+            assert (opt._steady is not None) == flat, "the replay is live before the edit"
+            for side, (o, ps) in enumerate(((opt, ours), (topt, ref))):
+                EDITS[edit][1](o, ps, side)
+        opt.step()
+        topt.step()
+        assert_twins(ours, ref, opt, topt, f"{kind} {edit} step {step + 1}")
+
+
+def test_the_training_loop_replays(monkeypatch):
+    """zero_grad(), backward, step(): from the third step on no planning runs (the replay),
+    and the bits stay torch's."""
+    ours, ref, opt, topt = _twins("sgd", True)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(5):
+        if step == 2:
+            def fail(*a, **k):
+                raise AssertionError("planned although nothing changed")
+            monkeypatch.setattr(opt, "_plan", fail)
+        grads = fresh_grads(ours, gen)
+        for o, ps in ((opt, ours), (topt, ref)):
+            o.zero_grad()
+            torch.stack([(p * g).sum() for p, g in zip(ps, grads)]).sum().backward()
+        opt.step()
+        topt.step()
+        assert_twins(ours, ref, opt, topt, f"step {step + 1}")
+        assert [e["path"] for e in opt.last_step] == ["flat", "flat"]
+
+
+@pytest.mark.parametrize("value", [torch.tensor(0.05), 0.05], ids=["tensor", "float"])
+def test_tensor_lr_is_not_replayed(value):
+    """A tensor hyper-parameter may change in place, so a step with one is planned every time
+    (its kernels read it); a float is replayed."""
+    ours, _, opt, _ = _twins("sgd", True)
+    opt.param_groups[0]["lr"] = value
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        write_grads(opt, ours, fresh_grads(ours, gen))
+        opt.step()
+    assert (opt._steady is None) == isinstance(value, torch.Tensor)
