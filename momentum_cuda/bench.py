@@ -47,7 +47,9 @@ launches when the step is launch-bound). Reported in microseconds, median and p1
 torch's foreach and fused steps; the bandwidth probe stands for one aten op. The targets of
 issue 13 are evaluated and written into the JSON ("targets"): momentum_cuda flat <= torch fused / 3
 at 148 tensors and <= torch fused / 5 at 2000, per tensor <= torch foreach at every count (a
-ratio of medians of the same rounds). A target not met is a measurement, not a failure: the exit
+ratio of medians of the same rounds). --evict MB writes MB MiB before each timed call, untimed,
+so that every step starts with cold caches, as after a training step's forward and backward
+(default 0: the rounds only interleave). A target not met is a measurement, not a failure: the exit
 status is 1 only for a bitwise mismatch or an implementation that could not run, as elsewhere.
 Files: json and csv (no png); <name> defaults to bench-overhead-<device>-<date>.
 
@@ -113,6 +115,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import json
 import os
@@ -768,6 +771,16 @@ def cuda_graph_step(opt, device, warmup: int = GRAPH_WARMUP):
     return graph.replay
 
 
+def evicting(steps: dict, mb: int) -> dict | None:
+    """--evict: {name: fn} for timed_rounds' prepare, each writing `mb` MiB of host memory
+    (untimed), so that every timed call starts with none of its objects in the CPU's caches:
+    a training loop's forward and backward run between two steps. None for 0."""
+    if not mb:
+        return None
+    junk = torch.empty(mb << 20, dtype=torch.uint8)
+    return {name: functools.partial(junk.add_, 1) for name in steps}
+
+
 def timed_rounds(steps: dict, warmup: int, rounds: int, clock: Clock, prepare=None):
     """Warm-up, then `rounds` rounds timing one call of each step function in a rotated order.
     prepare (--ampclip): {name: fn} called, untimed, right before each call of that step (the
@@ -959,7 +972,8 @@ def _timed_and_checked(case, runnable, data, hyper, args, device, clock, graphs,
                 case["errors"][impl.name + "+graph"] = f"not capturable: {type(e).__name__}: {e}"
                 del graph_made[impl.name]
                 clock.sync()  # a capture that broke the device fails here, not in a later case
-        times, busy = timed_rounds(steps, args.warmup, args.rounds, clock)
+        times, busy = timed_rounds(steps, args.warmup, args.rounds, clock,
+                                   evicting(steps, args.evict))
         if not is_noisy(busy) or attempt == args.retries or device.type != "cpu":
             break
         if deadline is not None and _now() >= deadline:
@@ -1729,6 +1743,10 @@ def parse_args(argv=None):
     ap.add_argument("--tensors", type=int, nargs="+", default=None, metavar="N",
                     help="--overhead, --ampclip: tiny-tensor counts, most important first "
                          "(default: " + " ".join(map(str, OVERHEAD_TENSORS)) + ")")
+    ap.add_argument("--evict", type=int, default=0, metavar="MB",
+                    help="--overhead: before each timed step, untimed, write MB MiB of host "
+                         "memory (more than the last-level cache: every step starts cold, as "
+                         "after a forward and backward); default 0")
     ap.add_argument("--ampclip", action="store_true",
                     help="time one AMP+clip step: GradScaler.unscale_, clip_grad_norm_, "
                          "GradScaler.step, update; tiny tensors (--tensors) and a bandwidth "
@@ -1791,6 +1809,8 @@ def parse_args(argv=None):
         if min(args.tensors) < 1:
             ap.error(f"--tensors must be >= 1, got {min(args.tensors)}")
         args.threads = 1 if args.threads is None else args.threads
+        if args.evict < 0:
+            ap.error(f"--evict must be >= 0 MiB, got {args.evict}")
     elif args.ampclip:
         if args.formats is not None and "png" in args.formats:
             ap.error("--ampclip writes json and csv; it has no png")
@@ -1814,6 +1834,8 @@ def parse_args(argv=None):
                  "--layouts)")
     if args.overhead and args.ampclip:
         ap.error("--overhead and --ampclip are two modes: one at a time")
+    if args.evict and not args.overhead:
+        ap.error("--evict is for --overhead")
     if args.max_norm is not None and not args.ampclip:
         ap.error("--max-norm is for --ampclip")
     args.rounds = ((100 if args.overhead else 30)

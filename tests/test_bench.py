@@ -91,6 +91,8 @@ def test_parse_count_rejects(text):
     (["--ampclip", "--tensors", "0"], "--tensors must be >= 1, got 0"),
     (["--max-norm", "1"], "--max-norm is for --ampclip"),
     (["--ampclip", "--rounds", "5"], "--rounds must be >= 20"),
+    (["--overhead", "--evict", "-1"], "--evict must be >= 0 MiB, got -1"),
+    (["--quick", "--evict", "8"], "--evict is for --overhead"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -767,6 +769,24 @@ def test_tiny_layout_sizes():
     assert bench.tiny_count("tiny-148") == 148 and bench.tiny_count("gpt2") is None
     with pytest.raises(ValueError, match="sizes sum to"):
         bench.layout_sizes("tiny-148", bench.overhead_total(148, 0) + 1, 0)
+
+
+def test_evict_writes_before_each_timed_call():
+    """--evict: every step gets an untimed prepare that writes the whole buffer (each call
+    adds 1 to every byte); 0 gives none."""
+    steps = {"a": lambda: None, "b": lambda: None}
+    assert bench.evicting(steps, 0) is None
+    prep = bench.evicting(steps, 1)
+    assert set(prep) == {"a", "b"}
+    junk = prep["a"].func.__self__
+    assert junk.numel() == 1 << 20
+    before = junk.clone()
+    prep["a"]()
+    prep["b"]()
+    assert torch.equal(junk, before + 2)
+    args, _ = bench.parse_args(["--overhead", "--evict", "64"])
+    assert args.evict == 64
+    assert bench.parse_args(["--overhead"])[0].evict == 0
 
 
 @pytest.fixture(scope="module")
