@@ -1027,7 +1027,7 @@ class _FusedMomentum(Optimizer):
 
     def _step_eager(self, amp) -> None:
         """step() outside torch.compile and differentiable=True, under no_grad."""
-        if amp is None and self._pending.clip is None and self._step_steady():
+        if self._pending.clip is None and self._step_steady(amp):
             return
         self._steady = None
         # checked before planning: a relayout replaces .grad objects
@@ -1355,7 +1355,7 @@ class _FusedMomentum(Optimizer):
                                     b.run_segments(0, len(b.params))), h) for b, *_ in runs]
         self._steady = (list(self.param_groups), groups, calls)
 
-    def _step_steady(self) -> bool:
+    def _step_steady(self, amp) -> bool:
         """The step _keep_steady kept, run again if it still holds (returns whether it ran):
         the same group objects holding the same parameters and hyper-parameter objects, and
         every bucket passing _plan's check (_whole_bucket_run: each parameter, gradient view
@@ -1382,7 +1382,10 @@ class _FusedMomentum(Optimizer):
                 return False
         entries = []
         for b, _, args, h in calls:
-            b.op(*args, first_step=False, **h)
+            # GradScaler's scale and found_inf go to the kernels (no buffer is created here:
+            # nothing for the host to read, as _amp_needs_host finds for such a plan)
+            b.op(*args, first_step=False, **(h if amp is None else
+                                             self._kernel_args(h, amp, b.device)))
             b.check.bump(0, len(b.params))
             entries.append(dict(b.entry))
         self.last_step = entries

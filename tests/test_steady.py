@@ -133,3 +133,28 @@ def test_tensor_lr_is_not_replayed(value):
         write_grads(opt, ours, fresh_grads(ours, gen))
         opt.step()
     assert (opt._steady is None) == isinstance(value, torch.Tensor)
+
+
+def test_gradscaler_steps_replay(monkeypatch):
+    """Under GradScaler (the kernels unscale and skip an overflowed step): from the third step
+    on no planning runs, overflowed steps included, and the bits stay those of GradScaler with
+    torch.optim.SGD(foreach=False)."""
+    ours, ref, opt, topt = _twins("sgd", True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+               for _ in range(2)]
+    gen = torch.Generator().manual_seed(4)
+    for step in range(7):
+        if step == 2:
+            def fail(*a, **k):
+                raise AssertionError("planned although nothing changed")
+            monkeypatch.setattr(opt, "_plan", fail)
+        grads = fresh_grads(ours, gen)
+        if step in (3, 4):  # two overflows in a row
+            grads[step].view(-1)[0] = float("inf")
+        for o, ps, sc in ((opt, ours, scalers[0]), (topt, ref, scalers[1])):
+            o.zero_grad()
+            sc.scale(torch.stack([(p * g).sum() for p, g in zip(ps, grads)]).sum()).backward()
+            sc.step(o)
+            sc.update()
+        assert_twins(ours, ref, opt, topt, f"step {step + 1}")
+        assert scalers[0].get_scale() == scalers[1].get_scale()
