@@ -57,3 +57,32 @@ class MomentumReference(Optimizer):
             momentum_reference_step(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
                                     weight_decay=group["weight_decay"], maximize=group["maximize"])
         return loss
+
+
+def bf16_split(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An fp32 master as (bf16 parameter, int16 remainder, bool tie), as
+    csrc/include/momentum_cuda/bf16_split.h splits it: the parameter is the master rounded to
+    nearest even (torch's .to(torch.bfloat16)), the remainder its low 16 bits, the tie bit set
+    where it rounded up from a halfway point. bf16_join gives the master back bit for bit (a
+    NaN as a NaN)."""
+    if master.dtype != torch.float32:
+        raise TypeError(f"bf16_split: master must be float32, got {master.dtype}")
+    u = master.view(torch.int32)
+    param = master.to(torch.bfloat16)
+    high = (u >> 16) & 0xFFFF
+    low = u & 0xFFFF
+    tie = (low == 0x8000) & (high != param.view(torch.int16).to(torch.int32) & 0xFFFF)
+    rem = (low - ((low >> 15) << 16)).to(torch.int16)  # the low half as a signed 16-bit value
+    return param, rem, tie
+
+
+def bf16_join(param: torch.Tensor, rem: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """The fp32 master that bf16_split split into (param, rem, tie)."""
+    if (param.dtype, rem.dtype, tie.dtype) != (torch.bfloat16, torch.int16, torch.bool):
+        raise TypeError("bf16_join takes (bfloat16, int16, bool) tensors, got "
+                        f"({param.dtype}, {rem.dtype}, {tie.dtype})")
+    low = rem.to(torch.int32) & 0xFFFF
+    up = ((low > 0x8000) | ((low == 0x8000) & tie)).to(torch.int32)
+    high = (param.view(torch.int16).to(torch.int64) & 0xFFFF) - up
+    u = (high << 16) | low  # the master's bits as an unsigned 32-bit value, in int64
+    return (u - ((u >> 31) << 32)).to(torch.int32).view(torch.float32)
