@@ -6,6 +6,9 @@
 //   sgd_step_flat_  params, grads and buffers of many tensors at equal offsets of three 1-D
 //                   buffers; `segments` lists the tensors. One kernel call.
 //   sgd_step_list_  lists of separate dense tensors of one device and dtype. One kernel call.
+//   sgd_step_master_list_  bf16 parameters with exact fp32 masters (bf16_split.h): fp32
+//                   buffers, int16 remainders, packed tie bits; torch's fp32 step on each
+//                   master. CPU only so far.
 // Both update param(s) and momentum buffer(s) in place and read the gradients; given
 // torch.amp.GradScaler's grad_scale and found_inf (tensors), they unscale the gradients in place
 // and skip the update when found_inf != 0, and given clip_coef they multiply the gradients by it
@@ -149,25 +152,20 @@ void check_triple(const std::string& where, const at::Tensor& p, const at::Tenso
 /// No two tensors of a call may share memory: torch updates them one after the other, the
 /// kernel all at once. Each tensor is dense, so it is the byte range [data, data + nbytes).
 /// (A flat call is one triple, already checked; its segments are checked to be disjoint.)
-void check_no_cross_overlap(at::TensorList params, at::TensorList grads,
-                            const at::TensorList* bufs, bool flat) {
-  if (flat || params.size() < 2) return;
+using NamedLists = std::initializer_list<std::pair<at::TensorList, const char*>>;
+void check_no_cross_overlap(NamedLists lists) {
   struct Range {
     uintptr_t lo, hi;
     const char* list;
     size_t i;
   };
   std::vector<Range> r;
-  r.reserve(params.size() * 3);
-  const auto add = [&](const at::Tensor& t, const char* list, size_t i) {
-    if (t.numel() == 0) return;
-    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-    r.push_back({lo, lo + static_cast<uintptr_t>(t.nbytes()), list, i});
-  };
-  for (size_t i = 0; i < params.size(); ++i) {
-    add(params[i], "params", i);
-    add(grads[i], "grads", i);
-    if (bufs != nullptr) add((*bufs)[i], "momentum_buffers", i);
+  for (const auto& [list, name] : lists) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].numel() == 0) continue;
+      const auto lo = reinterpret_cast<uintptr_t>(list[i].data_ptr());
+      r.push_back({lo, lo + static_cast<uintptr_t>(list[i].nbytes()), name, i});
+    }
   }
   std::sort(r.begin(), r.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
   for (size_t k = 1; k < r.size(); ++k) {
@@ -307,7 +305,10 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
                  need_buf ? &bufs[i] : nullptr, device_type, dtype, device);
   }
   if (params.empty()) return;
-  check_no_cross_overlap(params, grads, need_buf ? &bufs : nullptr, segments.defined());
+  if (!segments.defined() && params.size() > 1) {
+    check_no_cross_overlap({{params, "params"}, {grads, "grads"},
+                            {need_buf ? bufs : at::TensorList(), "momentum_buffers"}});
+  }
   check_tensors(st, *device, *dtype);
 
   // Each tensor is one span; a flat step (segments given) makes one span per segment.
@@ -446,12 +447,89 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
                             dampening_tensor, weight_decay_tensor});
 }
 
+/// The master-weights step (sgd_step_master_list_): bf16 parameters whose fp32 masters are
+/// split as bf16_split.h says, fp32 momentum buffers, int16 remainders and uint8 tie bytes (8
+/// elements each). CPU only for now. Every tensor is checked before any is written.
+void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::TensorList rems, at::TensorList ties, double lr, double momentum,
+                          double dampening, double weight_decay, bool nesterov, bool maximize,
+                          bool first_step, c10::DeviceType device_type) {
+  TORCH_CHECK(device_type == c10::DeviceType::CPU,
+              "sgd_step_master_list_: master weights have a CPU kernel only so far, got ",
+              describe(params[0]));
+  check_scalar("lr", lr);
+  check_scalar("momentum", momentum);
+  check_scalar("dampening", dampening);
+  check_scalar("weight_decay", weight_decay);
+  const bool need_buf = momentum != 0;
+  TORCH_CHECK(!nesterov || need_buf, "nesterov=True needs momentum != 0, got momentum=",
+              momentum);
+  TORCH_CHECK(!first_step || need_buf,
+              "first_step=True (buffer = gradient) needs momentum != 0, got momentum=", momentum);
+  for (const auto& [list, name] : {std::pair{grads, "grads"}, std::pair{rems, "remainders"},
+                                   std::pair{ties, "ties"}}) {
+    TORCH_CHECK(list.size() == params.size(), name, " has ", list.size(),
+                " tensors but params has ", params.size());
+  }
+  TORCH_CHECK(!need_buf || bufs.size() == params.size(), "momentum_buffers has ", bufs.size(),
+              " tensors but params has ", params.size(), " (momentum=", momentum,
+              " needs one each)");
+  std::optional<at::ScalarType> dtype;
+  std::optional<at::Device> device;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    check_triple(at_i, params[i], grads[i], nullptr, device_type, dtype, device);
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.scalar_type() == at::kBFloat16, "params", at_i,
+                " must be bfloat16 (master weights split a bf16 parameter), got ", describe(p));
+    const auto like = [&](const at::Tensor& t, const std::string& n, at::ScalarType want) {
+      TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device() &&
+                      t.scalar_type() == want && t.sizes() == p.sizes() &&
+                      t.strides() == p.strides(),
+                  n, " must be a ", c10::toString(want), " tensor on ", p.device(),
+                  " with the shape ", c10::str(p.sizes()), " and strides ", c10::str(p.strides()),
+                  " of params", at_i, ", got ",
+                  t.defined() ? describe(t) + " with strides " + c10::str(t.strides())
+                              : std::string("None"));
+    };
+    if (need_buf) like(bufs[i], "momentum_buffers" + at_i, at::kFloat);
+    like(rems[i], "remainders" + at_i, at::kShort);
+    const at::Tensor& t = ties[i];
+    const int64_t bytes = (p.numel() + 7) / 8;
+    TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device() &&
+                    t.scalar_type() == at::kByte && t.dim() == 1 && t.numel() == bytes &&
+                    t.is_contiguous(),
+                "ties", at_i, " must be a contiguous 1-D uint8 tensor of ", bytes,
+                " bytes (a bit per element of params", at_i, "), got ",
+                t.defined() ? describe(t) : std::string("None"));
+  }
+  if (params.empty()) return;
+  check_no_cross_overlap({{params, "params"}, {grads, "grads"},
+                          {need_buf ? bufs : at::TensorList(), "momentum_buffers"},
+                          {rems, "remainders"}, {ties, "ties"}});
+  std::vector<MasterSpan> spans;
+  spans.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) continue;
+    spans.push_back(MasterSpan{static_cast<uint16_t*>(params[i].data_ptr()),
+                               need_buf ? bufs[i].data_ptr<float>() : nullptr,
+                               static_cast<const uint16_t*>(grads[i].data_ptr()),
+                               static_cast<uint16_t*>(rems[i].data_ptr()),
+                               ties[i].data_ptr<uint8_t>(), params[i].numel()});
+  }
+  StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
+  hyper.flags = (maximize ? kMaximize : 0u) | (weight_decay != 0 ? kWeightDecay : 0u) |
+                (need_buf ? kMomentum : 0u) | (need_buf && nesterov ? kNesterov : 0u) |
+                (need_buf && first_step ? kFirstStep : 0u);
+  sgd_step_master_cpu(spans.data(), static_cast<int64_t>(spans.size()), hyper);
+}
+
 /// Which arguments of an op's schema it writes, read once from the schema (by the annotations
 /// (a!), (b!), (c!)), not at every call.
 struct WrittenArgs {
   std::vector<size_t> always;  // params and momentum buffers
   std::vector<size_t> grads;   // written only when grad_scale or clip_coef is given
-  size_t grad_scale = 0, clip_coef = 0;
+  std::optional<size_t> grad_scale, clip_coef;  // absent from the master op's schema
   explicit WrittenArgs(const c10::FunctionSchema& schema) {
     const auto& args = schema.arguments();
     for (size_t i = 0; i < args.size(); ++i) {
@@ -459,8 +537,8 @@ struct WrittenArgs {
       const bool grad = args[i].name() == "grad" || args[i].name() == "grads";
       (grad ? grads : always).push_back(i);
     }
-    grad_scale = schema.argumentIndexWithName("grad_scale").value();
-    clip_coef = schema.argumentIndexWithName("clip_coef").value();
+    grad_scale = schema.argumentIndexWithName("grad_scale");
+    clip_coef = schema.argumentIndexWithName("clip_coef");
   }
 };
 
@@ -476,7 +554,8 @@ void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   static const WrittenArgs w(op.schema());
   const size_t first = stack->size() - op.schema().arguments().size();
   const auto arg = [&](size_t i) -> const c10::IValue& { return (*stack)[first + i]; };
-  const bool grads_written = arg(w.grad_scale).isTensor() || arg(w.clip_coef).isTensor();
+  const bool grads_written = (w.grad_scale && arg(*w.grad_scale).isTensor()) ||
+                             (w.clip_coef && arg(*w.clip_coef).isTensor());
   c10::SmallVector<c10::IValue, 3> written;
   for (size_t i : w.always) written.push_back(arg(i));
   if (grads_written) {
@@ -547,6 +626,15 @@ void step_list_other_(at::TensorList params, at::TensorList grads,
                 maximize, first_step, type, /*single=*/false, at::Tensor(),
                 StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
                             dampening_tensor, weight_decay_tensor});
+}
+
+void step_master_list_(at::TensorList params, at::TensorList grads,
+                       at::TensorList momentum_buffers, at::TensorList remainders,
+                       at::TensorList ties, double lr, double momentum, double dampening,
+                       double weight_decay, bool nesterov, bool maximize, bool first_step) {
+  sgd_step_master_list(params, grads, momentum_buffers, remainders, ties, lr, momentum,
+                       dampening, weight_decay, nesterov, maximize, first_step,
+                       device_of({params, grads, momentum_buffers, remainders, ties}));
 }
 
 /// For the optimizer's per-tensor planning (optim._plan), one call for all of a group's loose
@@ -814,6 +902,10 @@ TORCH_LIBRARY(momentum_cuda, m) {
       "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? lr_tensor=None, Tensor? clip_coef=None, Tensor? momentum_tensor=None, "
       "Tensor? dampening_tensor=None, Tensor? weight_decay_tensor=None) -> ()");
+  m.def(
+      "sgd_step_master_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
+      "Tensor(d!)[] remainders, Tensor(e!)[] ties, float lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {
@@ -826,11 +918,15 @@ TORCH_LIBRARY_IMPL(momentum_cuda, ADInplaceOrView, m) {
   namespace mc = momentum_cuda;
   m.impl("sgd_step_flat_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<0>>());
   m.impl("sgd_step_list_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<1>>());
+  m.impl("sgd_step_master_list_",
+         torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<2>>());
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {
   m.impl("sgd_step_flat_", &momentum_cuda::step_flat_other_);
   m.impl("sgd_step_list_", &momentum_cuda::step_list_other_);
+  // every device: the device check names the tensor where there is no kernel
+  m.impl("sgd_step_master_list_", &momentum_cuda::step_master_list_);
 }
 
 #ifdef MOMENTUM_CUDA_WITH_CUDA

@@ -5,6 +5,10 @@
     sgd_step_list_(params, grads, momentum_buffers, lr, ...)
         Declared with their schemas in csrc/momentum_ops.cpp (TORCH_LIBRARY), with a CPU and a
         CUDA implementation there; importing momentum_cuda._C registers them.
+    sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, lr, ...)
+        bf16 parameters with exact fp32 masters (csrc/include/momentum_cuda/bf16_split.h):
+        fp32 momentum buffers, int16 remainders, uint8 tie bytes (a bit per element); torch's
+        fp32 step on each master. CPU only so far (another device raises, naming it).
     triton_sgd_step_flat_, triton_sgd_step_list_
         The Triton kernels (torch.library.custom_op, below) without gradient writes: the
         schemas above less grad_scale and clip_coef (found_inf, which only skips the update, is
@@ -36,6 +40,7 @@ from ._backends import _C
 
 _FLAT = "momentum_cuda::sgd_step_flat_"
 _LIST = "momentum_cuda::sgd_step_list_"
+_MASTER_LIST = "momentum_cuda::sgd_step_master_list_"
 _TRITON_FLAT = "momentum_cuda::triton_sgd_step_flat_"
 _TRITON_LIST = "momentum_cuda::triton_sgd_step_list_"
 _TRITON_AMP_FLAT = "momentum_cuda::triton_sgd_step_amp_flat_"
@@ -80,9 +85,19 @@ def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_
                              (weight_decay_tensor, "weight_decay_tensor")])
 
 
+def _master_list_fake(params, grads, momentum_buffers, remainders, ties, lr, momentum,
+                      dampening, weight_decay, nesterov, maximize, first_step) -> None:
+    named = [(t, f"{name}[{i}]") for ts, name in (
+        (params, "params"), (grads, "grads"), (momentum_buffers, "momentum_buffers"),
+        (remainders, "remainders"), (ties, "ties")) for i, t in enumerate(ts)]
+    if named:
+        _one_device(named)
+
+
 if _C is not None:
     torch.library.register_fake(_FLAT)(_flat_fake)
     torch.library.register_fake(_LIST)(_list_fake)
+    torch.library.register_fake(_MASTER_LIST)(_master_list_fake)
 
 
 @torch.library.custom_op(_TRITON_FLAT, mutates_args=("param", "momentum_buffer"))

@@ -86,3 +86,41 @@ def bf16_join(param: torch.Tensor, rem: torch.Tensor, tie: torch.Tensor) -> torc
     high = (param.view(torch.int16).to(torch.int64) & 0xFFFF) - up
     u = (high << 16) | low  # the master's bits as an unsigned 32-bit value, in int64
     return (u - ((u >> 31) << 32)).to(torch.int32).view(torch.float32)
+
+
+def pack_ties(tie: torch.Tensor) -> torch.Tensor:
+    """A bool tensor's elements (in memory order: contiguous) as bits, 8 to a uint8: bit j of
+    byte k is element 8k + j; the last byte's bits past the end are 0."""
+    flat = tie.reshape(-1).to(torch.uint8)
+    n = flat.numel()
+    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=tie.device)
+    padded[:n] = flat
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=tie.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_ties(ties: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """pack_ties undone: a bool tensor shaped like `like` (contiguous)."""
+    bits = (ties.to(torch.int32).unsqueeze(1) >> torch.arange(8, device=ties.device)) & 1
+    return bits.reshape(-1)[:like.numel()].bool().reshape(like.shape)
+
+
+def sgd_master_reference_step(params, grads, bufs, rems, ties, *, lr: float, momentum: float,
+                              dampening: float = 0.0, weight_decay: float = 0.0,
+                              nesterov: bool = False, maximize: bool = False) -> list:
+    """The master-weights contract in plain torch, in place: each bf16 parameter's fp32 master
+    (bf16_join of the parameter, its int16 remainder and its packed tie bits) takes
+    torch.optim.SGD(foreach=False)'s step with the gradient widened to fp32, then is split
+    again into the three. bufs: fp32 momentum buffers, None where a first step creates one;
+    returns the buffers after the step (torch's functional sgd). Contiguous tensors."""
+    masters = [bf16_join(p, r, unpack_ties(t, p)) for p, r, t in zip(params, rems, ties)]
+    bufs = list(bufs)
+    from torch.optim.sgd import sgd as _sgd
+    _sgd(masters, [g.float() for g in grads], bufs, foreach=False, lr=lr, momentum=momentum,
+         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    for m, p, r, t in zip(masters, params, rems, ties):
+        param, rem, tie = bf16_split(m)
+        p.copy_(param)
+        r.copy_(rem)
+        t.copy_(pack_ties(tie))
+    return bufs

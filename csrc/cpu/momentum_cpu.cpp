@@ -20,6 +20,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "momentum_cuda/bf16_split.h"
 #include "momentum_cuda/sgd_math.h"
 
 namespace momentum_cuda {
@@ -107,6 +108,58 @@ LoopFn<T> pick_loop(uint32_t flags, CpuIsa isa) {
       }
     }
     return pick_loop<T, Add, F + 1>(flags, isa);
+  }
+}
+
+/// Master-weights spans: groups [k0, k1) of 8 elements (a tie byte each), fp32 arithmetic.
+template <uint32_t F, class Add>
+MC_HD void master_loop(const MasterSpan& sp, int64_t k0, int64_t k1, const StepScalars<float>& s) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i0 = 8 * k, n = sp.numel - i0 < 8 ? sp.numel - i0 : 8;
+    const uint32_t in = sp.ties[k];
+    uint32_t out = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = i0 + j;
+      float m = mc_bf16_join(sp.param[i], sp.rem[i], (in >> j) & 1u);
+      float b = ((F & kMomentum) && !(F & kFirstStep)) ? sp.buf[i] : 0.f;
+      sgd_math(m, b, mc_bf16_bits_to_float(sp.grad[i]), s, F, RoundNone{}, Add{});
+      const Bf16Split o = mc_bf16_split(m);
+      sp.param[i] = o.param;
+      sp.rem[i] = o.rem;
+      out |= uint32_t(o.tie) << j;
+      if (F & kMomentum) sp.buf[i] = b;
+    }
+    sp.ties[k] = static_cast<uint8_t>(out);
+  }
+}
+
+template <uint32_t F, class Add>
+__attribute__((target("avx2,fma,f16c"))) void master_loop_avx2(const MasterSpan& sp, int64_t k0,
+                                                                int64_t k1,
+                                                                const StepScalars<float>& s) {
+  master_loop<F, Add>(sp, k0, k1, s);
+}
+
+template <uint32_t F, class Add>
+void master_loop_default(const MasterSpan& sp, int64_t k0, int64_t k1,
+                         const StepScalars<float>& s) {
+  master_loop<F, Add>(sp, k0, k1, s);
+}
+
+using MasterFn = void (*)(const MasterSpan&, int64_t, int64_t, const StepScalars<float>&);
+
+/// pick_loop for master spans (fp32 arithmetic: the AVX2 clone, as fp32 uses).
+template <class Add, uint32_t F = 0>
+MasterFn pick_master_loop(uint32_t flags, CpuIsa isa) {
+  if constexpr (F > kAllFlags) {
+    return nullptr;
+  } else {
+    if constexpr (flags_valid(F)) {
+      if (flags == F) {
+        return isa != CpuIsa::kDefault ? &master_loop_avx2<F, Add> : &master_loop_default<F, Add>;
+      }
+    }
+    return pick_master_loop<Add, F + 1>(flags, isa);
   }
 }
 
@@ -201,6 +254,30 @@ void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& h) {
       const int64_t lo = std::max(begin, start[k]) - start[k];
       const int64_t hi = std::min(end, start[k + 1]) - start[k];
       if (hi > lo) run(spans[k], lo, hi);
+    }
+  });
+}
+
+void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyper& h) {
+  // The master's arithmetic is torch's fp32 step: alphas rounded once to fp32, fma where
+  // torch's kernels have it (sgd_step_cpu's choice for fp32), at every position.
+  const MasterFn body = torch_uses_fma() ? pick_master_loop<AddFma>(h.flags, cpu_isa())
+                                         : pick_master_loop<AddNarrowedProduct>(h.flags, cpu_isa());
+  if (body == nullptr || n_spans <= 0) return;
+  const auto alpha = [](double v) { return static_cast<float>(v); };
+  const StepScalars<float> s =
+      make_scalars<float>(h.lr, h.momentum, h.dampening, h.weight_decay, alpha);
+  // The work is split at groups of 8 elements, so no two threads write one tie byte.
+  std::vector<int64_t> start(n_spans + 1, 0);
+  for (int64_t k = 0; k < n_spans; ++k) start[k + 1] = start[k] + divup(spans[k].numel, 8);
+  const int64_t total = start[n_spans];
+  if (total == 0) return;
+  at::parallel_for(0, total, kGrainSize / 8, [&](int64_t begin, int64_t end) {
+    int64_t k = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (; k < n_spans && start[k] < end; ++k) {
+      const int64_t lo = std::max(begin, start[k]) - start[k];
+      const int64_t hi = std::min(end, start[k + 1]) - start[k];
+      if (hi > lo) body(spans[k], lo, hi, s);
     }
   });
 }

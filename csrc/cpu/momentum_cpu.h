@@ -45,6 +45,19 @@ struct StepHyper {
   HyperPtrs dev;  ///< CUDA only, as amp
 };
 
+/// One contiguous run of a bf16 parameter with an fp32 master (csrc/include/momentum_cuda/
+/// bf16_split.h): the master is join(param, rem, tie), the tie bits packed 8 to a byte (bit j of
+/// ties[i / 8] is element i's, i = 8k + j; the last byte's bits past numel are 0). buf is fp32
+/// (null without kMomentum), grad bf16 (read only).
+struct MasterSpan {
+  uint16_t* param;
+  float* buf;
+  const uint16_t* grad;
+  uint16_t* rem;
+  uint8_t* ties;
+  int64_t numel;
+};
+
 /// kAvx512 uses an AVX-512 (F, BW, VL) clone for bf16/fp16, where the conversions make the loop
 /// compute bound (2.2x faster than AVX2 in a microbenchmark here); fp32/fp64 stay on the AVX2
 /// clone, which is memory bound already (an AVX-512 clone measured no faster, 2026-11-24).
@@ -54,6 +67,10 @@ enum class CpuIsa { kDefault, kAvx2, kAvx512 };
 /// the concatenated element range). T: float, double, c10::BFloat16 or c10::Half.
 template <class T>
 void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& hyper);
+
+/// torch.optim.SGD's fp32 step on the master of every span (the gradient widened exactly),
+/// then the master split again: param = its bf16 rounding, rem and tie what makes it exact.
+void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyper& hyper);
 
 /// The instruction set the kernel uses: the best the CPU has (checked at run time: AVX-512
 /// F/BW/VL, else AVX2+FMA+F16C, else portable code). Tests force each to check it bitwise.
