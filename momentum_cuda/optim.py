@@ -47,6 +47,11 @@ parameters in complex arithmetic, not through view_as_real, and sparse gradients
 ops), and every step of an SGD built with differentiable=True (path "torch-differentiable",
 under grad mode, as torch runs it; such an optimizer has no flat layout).
 
+master_weights=True (a group's key, present only when set): its bf16 parameters are stepped
+through exact fp32 masters held as the parameter plus state "master_remainder" and "master_ties"
+(csrc/include/momentum_cuda/bf16_split.h), by the CPU op sgd_step_master_list_ (_step_master),
+outside the flat layout; path "master" in opt.last_step.
+
 copy.deepcopy, pickle and torch.save of an optimizer give one with its own flat buffers over
 the copied parameters (__setstate__ rebuilds the layout); it steps on with the same bits.
 
@@ -84,7 +89,7 @@ except ImportError:  # torch built without distributed: nothing is a DTensor
 from ._backends import _C, resolve_backend
 from ._ops import step_ops
 from ._util import is_dense as _dense
-from .reference import momentum_reference_step
+from .reference import bf16_join, momentum_reference_step, unpack_ties
 
 log = logging.getLogger("momentum_cuda")
 
@@ -133,6 +138,10 @@ def _use_buf(h) -> bool:
     m = h["momentum"]
     return isinstance(m, torch.Tensor) or m != 0
 
+
+# a master-weights parameter's state and its dtypes (load_state_dict keeps them)
+_MASTER_STATE = {"momentum_buffer": torch.float32, "master_remainder": torch.int16,
+                 "master_ties": torch.uint8}
 
 _HYPER_TENSOR_ARGS = (("lr", "lr_tensor"), ("momentum", "momentum_tensor"),
                       ("dampening", "dampening_tensor"), ("weight_decay", "weight_decay_tensor"))
@@ -410,6 +419,7 @@ class _GroupLayout:
     stuck: dict = field(default_factory=dict)
     spans: list | None = None  # (data_ptr, nbytes) of the parameters _overlap last looked at
     overlap: bool = False
+    master: bool = False  # the group's master_weights when laid out (its bf16 ones stay out)
 
 
 @dataclass
@@ -628,6 +638,9 @@ class _FusedMomentum(Optimizer):
         self._last = _LastStep()
         self._pending = _Pending()
         self._steady = None  # (param_groups, groups, calls): _keep_steady
+        # id(master-weights param) -> (data_ptr, version) after its last step: a parameter
+        # written since (load_state_dict of the model, copy_) restarts its master (_step_master)
+        self._master_seen: dict[int, tuple] = {}
 
     @property
     def last_step(self) -> list[dict]:
@@ -700,6 +713,31 @@ class _FusedMomentum(Optimizer):
     def _fill_group_defaults(self) -> None:
         """Keys an older pickle's param groups may lack (SGD fills torch's)."""
 
+    @staticmethod
+    def _master(group, p) -> bool:
+        """p is stepped through an exact fp32 master (master_weights=True, a bf16 parameter)."""
+        return bool(group.get("master_weights")) and p.dtype is torch.bfloat16
+
+    @torch.no_grad()
+    def master_weight(self, p) -> torch.Tensor:
+        """The fp32 master of a master-weights parameter (a new tensor): torch.optim.SGD on fp32
+        parameters holds this value where this optimizer holds p (its bf16 rounding). Before
+        p's first step it is p's value."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None or not self._master(group, p):
+            raise ValueError(f"master_weight: the {_what(p)} has no master (it is not a bfloat16 "
+                             "parameter of a group with master_weights=True)")
+        st = self.state.get(p, {})
+        rem, ties = st.get("master_remainder"), st.get("master_ties")
+        if rem is None or ties is None or self._master_written(p):
+            return p.detach().float()
+        return bf16_join(p.detach(), rem, unpack_ties(ties, p).reshape(p.shape))
+
+    def _master_written(self, p) -> bool:
+        """p was written (or moved) since its last master step: its remainder is stale."""
+        seen = self._master_seen.get(id(p))
+        return seen is not None and seen != (p.data_ptr(), p._version)
+
     # ---- backend ---------------------------------------------------------------------------
     def _backend_for(self, device: torch.device) -> str:
         name = self._backend_by_device.get(device)
@@ -742,10 +780,22 @@ class _FusedMomentum(Optimizer):
             _remove_hooks(b.hooks)
             b.accs.clear()
             b.spans = None  # (views of the old flat buffer, which _private would count too)
-        buckets, stuck = self._make_buckets(group["params"]) if self._lays_out else ([], {})
+        if group.get("master_weights"):
+            for p in group["params"]:
+                if p.dtype is torch.float16:
+                    raise ValueError(f"master_weights=True splits bfloat16 parameters into an "
+                                     f"exact fp32 master; a float16 one ({_what(p)}) would need "
+                                     "a separate fp32 copy, which is not built")
+        masters = {id(p): p.data_ptr() for p in group["params"] if self._master(group, p)}
+        # master-weights parameters take the per-tensor master op: not laid out (stuck where
+        # they are until they move)
+        buckets, stuck = self._make_buckets(
+            [p for p in group["params"] if id(p) not in masters]) if self._lays_out else ([], {})
+        stuck.update(masters)
         bucketed = {id(p) for b in buckets for p in b.params}
         lay = _GroupLayout(group, tuple(group["params"]), buckets,
-                           [p for p in group["params"] if id(p) not in bucketed], stuck)
+                           [p for p in group["params"] if id(p) not in bucketed], stuck,
+                           master=bool(group.get("master_weights")))
         self._layouts[id(group)] = lay
         return lay
 
@@ -757,7 +807,8 @@ class _FusedMomentum(Optimizer):
         out, relaid = [], False
         for g in self.param_groups:
             lay = self._layouts.get(id(g))
-            if lay is None or lay.group is not g or not _same_params(lay, g):
+            if (lay is None or lay.group is not g or not _same_params(lay, g)
+                    or lay.master != bool(g.get("master_weights"))):
                 lay = self._layout_group(g)
                 relaid = True
             out.append((g, lay))
@@ -943,7 +994,32 @@ class _FusedMomentum(Optimizer):
 
     # ---- state_dict: torch.optim.SGD's format, buffers copied into the flat layout -----------
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, except that a master-weights parameter keeps its state in
+        its own dtypes (torch casts every state tensor to its parameter's): the momentum buffer
+        fp32, the remainder int16, the tie bits uint8. The loaded remainder is taken to belong
+        to the parameter as it is now (load the model first); without one (a plain torch.optim
+        .SGD checkpoint) the master starts from the parameter's value. A saved group without
+        master_weights (torch's) keeps this optimizer's setting."""
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        ours = [(g, p) for g in self.param_groups for p in g["params"]]
+        kept = {}
+        for i, (g, p) in zip(saved, ours):
+            st = state_dict["state"].get(i, {})
+            if self._master(g, p):
+                kept[id(p)] = {k: st[k] for k, dtype in _MASTER_STATE.items()
+                               if isinstance(st.get(k), torch.Tensor)
+                               and (st[k].is_floating_point() or k != "momentum_buffer")}
+        masters = [g.get("master_weights", False) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, saved_g, m in zip(self.param_groups, state_dict["param_groups"], masters):
+            if m and "master_weights" not in saved_g:  # torch's checkpoint: the setting stays
+                g["master_weights"] = m
+        ours = [(g, p) for g in self.param_groups for p in g["params"]]
+        for g, p in ours:
+            for k, v in kept.get(id(p), {}).items():
+                self.state[p][k] = v.to(p.device, _MASTER_STATE[k], copy=True)
+            if self._master(g, p):
+                self._master_seen[id(p)] = (p.data_ptr(), p._version)
         self._adopt_buffers(self._group_layouts())
 
     @torch.no_grad()
@@ -970,8 +1046,11 @@ class _FusedMomentum(Optimizer):
     def _hyper(self, group) -> dict:
         raise NotImplementedError
 
-    # group -> the tuple of the values _hyper reads (Optimizer subclasses set their keys)
-    _hyper_values = None
+    @staticmethod
+    def _hyper_values(g) -> tuple:
+        """The values _hyper reads from group g, and master_weights (the replay checks that they
+        are the same objects)."""
+        raise NotImplementedError
 
     def _group_hyper(self, group) -> dict:
         """_hyper(group), checked, for the traced and the differentiable steps. A momentum
@@ -1232,6 +1311,9 @@ class _FusedMomentum(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
+                if self._master(group, p):
+                    raise RuntimeError("master_weights=True: a step traced by torch.compile is not "
+                                       f"supported yet (a {_what(p)}); step it eagerly")
                 buf = self._buffer(p) if use_buf else None
                 reason = "dtensor" if isinstance(p, _DTensor) else self._check_loose(p, g, buf,
                                                                                       h)
@@ -1338,14 +1420,14 @@ class _FusedMomentum(Optimizer):
     def _keep_steady(self, planned, plans) -> None:
         """After a step: keeps what _step_steady replays when the step was the steady state of
         a flat optimizer: every group wholly laid out, each bucket (not lent) one whole run
-        whose buffers all exist (or none is used), the hyper-parameters Python numbers
-        (immutable: the same objects give the same plan). Else nothing is kept."""
+        whose buffers all exist (or none is used), the hyper-parameters Python numbers (or None:
+        immutable, so the same objects give the same plan). Else nothing is kept."""
         self._steady = None
         groups, calls = [], []
         for (g, lay), (h, runs, loose) in zip(planned, plans):
             vals = self._hyper_values(g)
             if (loose or lay.outside or len(runs) != len(lay.buckets)
-                    or any(type(v) not in (float, int, bool) for v in vals)
+                    or any(type(v) not in (float, int, bool, type(None)) for v in vals)
                     or any(r[0].lent or r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
                            for r in runs)):
                 return
@@ -1453,6 +1535,12 @@ class _FusedMomentum(Optimizer):
         # (param, grad, buffer, why torch's ops step it or None, the DTensor param whose
         # local shards param, grad and buffer are, or None)
         checked = []
+        if group.get("master_weights"):
+            master = [(p, g) for p, g in loose if self._master(group, p)]
+            for p, g in master:
+                self._check_master(p, g, alias)
+                checked.append((p, g, self._buffer(p) if use_buf else None, "master", None))
+            loose = [(p, g) for p, g in loose if not self._master(group, p)]
         bufs = [self._buffer(p) if use_buf else None for p, _ in loose]
         plain = [k for k, (p, _) in enumerate(loose) if not isinstance(p, _DTensor)]
         ready = [False] * len(loose)
@@ -1648,7 +1736,12 @@ class _FusedMomentum(Optimizer):
         torch_ops = []
         reasons = set()
         copied = []  # (gradient, its copy in the parameter's layout): written ones go back
+        masters = [item[:3] for item in items if item[3] == "master"]
+        if masters:
+            self._step_master(masters, h)
         for p, g, buf, reason, dt in items:
+            if reason == "master":
+                continue
             if reason is not None:
                 torch_ops.append((p, g, buf))
                 reasons.add(reason)
@@ -1685,6 +1778,60 @@ class _FusedMomentum(Optimizer):
                 g.copy_(copy)
         if torch_ops:
             self._step_torch_ops(torch_ops, h, reasons)
+
+    @staticmethod
+    def _check_master(p, g, alias) -> None:
+        """What the master op needs (csrc/momentum_ops.cpp checks it again), raised before
+        anything is written, naming the parameter."""
+        what = _what(p)
+        if isinstance(p, _DTensor) or p.device.type != "cpu":
+            raise RuntimeError(f"master_weights=True runs on the CPU only so far; got a {what}")
+        if not _strided(g) or g.dtype != p.dtype or g.shape != p.shape:
+            raise RuntimeError(f"master_weights=True needs a dense {p.dtype} gradient of the "
+                               f"parameter's shape; the {what} has a {g.layout} {g.dtype} one "
+                               f"of shape {tuple(g.shape)}")
+        if not _dense(p) or alias:
+            raise RuntimeError(f"master_weights=True needs dense parameters that share no memory "
+                               f"with others; got a {what}")
+
+    def _step_master(self, items, h) -> None:
+        """The master-weights parameters of a group (bf16, CPU): one master op call per first
+        step or not. Each parameter's remainder and tie bits (state "master_remainder",
+        "master_ties") start at zero (its master is its value) and restart so when the
+        parameter was written or moved since its last step; its momentum buffer is fp32 (as
+        torch's on the fp32 master)."""
+        use_buf = _use_buf(h)
+        hyper = {k: (_dampening(v) if k == "dampening" else float(v.item()))
+                 if isinstance(v, torch.Tensor) else v for k, v in h.items()}
+        calls: dict = {}
+        for p, g, buf in items:
+            st = self.state.get(p, {})
+            rem, ties = st.get("master_remainder"), st.get("master_ties")
+            if rem is None or ties is None or self._master_written(p) or rem.shape != p.shape:
+                rem = torch.zeros_like(p, dtype=torch.int16)
+                ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8)
+            first = bool(use_buf and buf is None and not self._ema)
+            if use_buf and (buf is None or buf.dtype != torch.float32):
+                # a bf16 buffer (kept before master weights were on) widens exactly
+                buf = (torch.zeros_like(p, dtype=torch.float32) if buf is None
+                       else buf.to(torch.float32))
+            if g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)
+            c = calls.setdefault(first, ([], [], [], [], []))
+            for lst, t in zip(c, (p, g, buf, rem, ties)):
+                if t is not None:
+                    lst.append(t)
+        for first, (ps, gs, bs, rs, ts) in calls.items():
+            torch.ops.momentum_cuda.sgd_step_master_list_(
+                ps, gs, bs, rs, ts, hyper["lr"], hyper["momentum"], hyper["dampening"],
+                hyper["weight_decay"], hyper["nesterov"], hyper["maximize"], first)
+            for k, p in enumerate(ps):
+                st = self.state[p]
+                if use_buf:
+                    st["momentum_buffer"] = bs[k]
+                st["master_remainder"], st["master_ties"] = rs[k], ts[k]
+                self._master_seen[id(p)] = (p.data_ptr(), p._version)
+            self._report("cpu", "master", ps[0], len(ps), sum(p.numel() for p in ps))
 
     def _step_torch_ops(self, items, h, reasons) -> None:
         """torch's own for-loop ops, for what the kernel does not model: complex parameters,
@@ -1777,7 +1924,7 @@ class SGD(_FusedMomentum):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None,
-                 backend: str | None = None, flat: bool = True):
+                 backend: str | None = None, flat: bool = True, master_weights: bool = False):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -1792,9 +1939,14 @@ class SGD(_FusedMomentum):
             raise RuntimeError("`fused` does not support `differentiable`")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if master_weights and differentiable:
+            raise ValueError("master_weights=True cannot be used with differentiable=True (that "
+                             "step is torch's own for-loop under autograd)")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=bool(differentiable), fused=fused)
+        if master_weights:  # only then: torch's groups (and state_dict) have no such key
+            defaults["master_weights"] = True
         super().__init__(params, defaults, backend=backend, flat=flat)
 
     def _fill_group_defaults(self) -> None:
@@ -1805,8 +1957,10 @@ class SGD(_FusedMomentum):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)  # torch.optim.SGD.__setstate__'s default
 
-    _hyper_values = staticmethod(operator.itemgetter(
-        "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"))
+    @staticmethod
+    def _hyper_values(g) -> tuple:
+        return (g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"],
+                g["maximize"], g.get("master_weights"))
 
     def _hyper(self, group) -> dict:
         return dict(lr=_hyper_tensor(group["lr"], "lr"), momentum=_hyper_tensor(group["momentum"], "momentum"),
@@ -1824,13 +1978,15 @@ class Momentum(_FusedMomentum):
     _ema = True
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False,
-                 backend: str | None = None, flat: bool = True):
+                 backend: str | None = None, flat: bool = True, master_weights: bool = False):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         self._check_momentum(momentum)
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+        if master_weights:
+            defaults["master_weights"] = True
         super().__init__(params, defaults, backend=backend, flat=flat)
 
     @staticmethod
@@ -1839,8 +1995,9 @@ class Momentum(_FusedMomentum):
             raise ValueError(f"Invalid momentum value: {momentum} (the EMA form needs "
                              "0 < momentum < 1; for momentum=0 use SGD)")
 
-    _hyper_values = staticmethod(operator.itemgetter("lr", "momentum", "weight_decay",
-                                                     "maximize"))
+    @staticmethod
+    def _hyper_values(g) -> tuple:
+        return g["lr"], g["momentum"], g["weight_decay"], g["maximize"], g.get("master_weights")
 
     def _hyper(self, group) -> dict:
         m = float(group["momentum"])

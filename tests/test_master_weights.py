@@ -176,3 +176,229 @@ def test_opcheck():
     state = _state([9, 17], 6, False)
     torch.library.opcheck(OP, (*state, 0.05, 0.9, 0.1, 1e-2, False, True, False))
     torch.library.opcheck(OP, (*_state([4], 7, True), 0.05, 0.9, 0.0, 0.0, True, False, True))
+
+
+# ---- the optimizers: master_weights=True against torch.optim.SGD on fp32 twins ---------------
+import copy  # noqa: E402
+
+import momentum_cuda  # noqa: E402
+from momentum_cuda.reference import MomentumReference  # noqa: E402
+
+from conftest import fresh_grads  # noqa: E402
+
+BF16_SIZES = [1, 3, 97, 16, 33]
+
+
+class MasterTwins:
+    """bf16 parameters (and two fp32 ones, laid out flat) stepped by momentum_cuda with
+    master_weights=True; their fp32 twins (the bf16 values widened: the masters start there)
+    stepped by torch.optim.SGD(foreach=False) (MomentumReference for Momentum) with the bf16
+    gradients widened. check(): every master, parameter and momentum buffer bit for bit."""
+
+    def __init__(self, flat, kind="sgd", h=None, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.ours = [torch.nn.Parameter(_masters(n, gen).to(torch.bfloat16)) for n in BF16_SIZES]
+        self.ours += [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5, 8)]
+        self.twin = [torch.nn.Parameter(p.detach().float().clone()) for p in self.ours]
+        h = h or dict(lr=0.01, momentum=0.9, weight_decay=1e-2)
+        groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02}]  # noqa: E731
+        if kind == "sgd":
+            self.opt = momentum_cuda.SGD(groups(self.ours), flat=flat, master_weights=True, **h)
+            self.topt = torch.optim.SGD(groups(self.twin), foreach=False, **h)
+        else:
+            self.opt = momentum_cuda.Momentum(groups(self.ours), flat=flat, master_weights=True,
+                                              **h)
+            self.topt = MomentumReference(groups(self.twin), **h)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def grads(self):
+        """zero_grad() and backward on both sides: ours gets bf16 gradients, the twins them
+        widened."""
+        gs = fresh_grads(self.ours, self.gen)
+        for o in (self.opt, self.topt):
+            o.zero_grad()
+        torch.stack([(p * g).sum().float() for p, g in zip(self.ours, gs)]).sum().backward()
+        torch.stack([(t * g.float()).sum() for t, g in zip(self.twin, gs)]).sum().backward()
+
+    def step(self, n=1):
+        for _ in range(n):
+            self.grads()
+            self.opt.step()
+            self.topt.step()
+            self.check()
+
+    def check(self, what=""):
+        for i, (p, t) in enumerate(zip(self.ours, self.twin)):
+            if p.dtype is torch.bfloat16:
+                assert torch.equal(bits(self.opt.master_weight(p)), bits(t)), f"{what} master {i}"
+                assert torch.equal(bits(p), bits(t.detach().to(torch.bfloat16))), f"{what} p {i}"
+            else:
+                assert torch.equal(bits(p), bits(t)), f"{what} param {i}"
+            a = self.opt.state.get(p, {}).get("momentum_buffer")
+            b = self.topt.state.get(t, {}).get("momentum_buffer")
+            assert (a is None) == (b is None), f"{what} buffer presence {i}"
+            if b is not None:
+                assert a.dtype == b.dtype and torch.equal(bits(a), bits(b)), f"{what} buffer {i}"
+
+
+FLAT = pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+OPT_CASES = [("sgd", dict(lr=0.01, momentum=0.9, weight_decay=1e-2)),
+             ("sgd", dict(lr=0.01, momentum=0.9, nesterov=True, maximize=True)),
+             ("sgd", dict(lr=0.01, momentum=0.5, dampening=0.3)),
+             ("sgd", dict(lr=0.003)),
+             ("ema", dict(lr=0.01, momentum=0.8, weight_decay=1e-2))]
+
+
+@FLAT
+@pytest.mark.parametrize("kind,h", OPT_CASES, ids=[f"{k}-{i}" for i, (k, _) in
+                                                   enumerate(OPT_CASES)])
+def test_training_loop_against_fp32_twins(flat, kind, h):
+    tw = MasterTwins(flat, kind, h)
+    tw.step(6)
+    paths = sorted({e["path"] for e in tw.opt.last_step})
+    assert "master" in paths and ("flat" in paths) == flat
+
+
+@FLAT
+def test_small_updates_accumulate_where_bf16_alone_stalls(flat):
+    """lr small enough that each update is below half a bf16 ulp: the masters move, the
+    parameters eventually follow; plain bf16 SGD leaves them where they started."""
+    tw = MasterTwins(flat, h=dict(lr=1e-5, momentum=0.9))
+    start = [p.detach().clone() for p in tw.ours[:5]]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in tw.ours[:5]]
+    popt = torch.optim.SGD(plain, lr=1e-5, momentum=0.9, foreach=False)
+    for _ in range(30):
+        tw.grads()
+        for q, p in zip(plain, tw.ours[:5]):
+            q.grad = p.grad.clone()
+        tw.opt.step()
+        tw.topt.step()
+        popt.step()
+    tw.check()
+    moved = sum(int((p != s).sum()) for p, s in zip(tw.ours[:5], start))
+    stuck = sum(int((q != s).sum()) for q, s in zip(plain, start))
+    assert moved > stuck
+
+
+@FLAT
+def test_writes_to_a_parameter_restart_its_master(flat):
+    """A parameter written between steps (copy_ under no_grad, the model's load_state_dict)
+    or given new memory restarts its master from its value; the twin gets the same values."""
+    tw = MasterTwins(flat)
+    tw.step(3)
+    new = torch.randn(97, generator=tw.gen).to(torch.bfloat16)
+    with torch.no_grad():
+        tw.ours[2].copy_(new)
+        tw.twin[2].copy_(new.float())
+        tw.ours[0].data = tw.ours[0].data.clone()  # same bf16 value, new memory
+        tw.twin[0].data = tw.ours[0].data.float()
+    tw.step(3)
+
+
+@FLAT
+def test_state_dict_round_trip_and_deepcopy(flat):
+    tw = MasterTwins(flat)
+    tw.step(2)
+    sd = tw.opt.state_dict()
+    p0 = sd["state"][0]
+    assert p0["momentum_buffer"].dtype == torch.float32
+    assert p0["master_remainder"].dtype == torch.int16 and p0["master_ties"].dtype == torch.uint8
+    fresh = momentum_cuda.SGD([{"params": tw.ours[:3]}, {"params": tw.ours[3:], "lr": 0.02}],
+                              lr=0.01, momentum=0.9, weight_decay=1e-2, flat=flat,
+                              master_weights=True)
+    fresh.load_state_dict(copy.deepcopy(sd))
+    assert fresh.state[tw.ours[0]]["momentum_buffer"].dtype == torch.float32
+    tw.opt = fresh
+    tw.step(2)
+    clone = copy.deepcopy(tw)  # model, optimizer and twins together
+    clone.step(2)
+
+
+@FLAT
+def test_plain_fp32_checkpoint_loads(flat):
+    """torch.optim.SGD's state (fp32 momentum buffers) loads into master weights: the buffers
+    stay fp32; each master starts from its (loaded) bf16 parameter."""
+    tw = MasterTwins(flat)
+    tw.step(2)
+    loaded = MasterTwins(flat, seed=3)
+    with torch.no_grad():
+        for p, q, t in zip(loaded.ours, tw.ours, loaded.twin):
+            p.copy_(q)
+            t.copy_(q.float())  # the twin: the bf16 model's values, widened
+    loaded.opt.load_state_dict(copy.deepcopy(tw.topt.state_dict()))
+    loaded.topt.load_state_dict(copy.deepcopy(tw.topt.state_dict()))
+    assert all(g["master_weights"] for g in loaded.opt.param_groups)  # not torch's key: kept
+    loaded.step(3)
+
+
+def test_gradscaler_and_clip_use_torchs_own_ops_first():
+    """GradScaler (unscale, found_inf read on the host) and clip_grad_norm_ (torch's clip)
+    run before the master op; the twins step on the unscaled, clipped gradients widened."""
+    tw = MasterTwins(False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for step in range(4):
+        gs = fresh_grads(tw.ours, tw.gen)
+        if step == 1:
+            gs[2][0] = float("inf")
+        tw.opt.zero_grad()
+        scaler.scale(torch.stack([(p * g).sum().float()
+                                  for p, g in zip(tw.ours, gs)]).sum()).backward()
+        scaler.unscale_(tw.opt)
+        tw.opt.clip_grad_norm_(0.5)
+        found = sum(v.item() for v in scaler._per_optimizer_states[id(tw.opt)]["found_inf_per_device"].values())
+        scaler.step(tw.opt)
+        scaler.update()
+        for p, t in zip(tw.ours, tw.twin):
+            t.grad = p.grad.float()
+        if not found:
+            tw.topt.step()
+        tw.check(f"step {step + 1}")
+
+
+def test_turning_master_weights_on_mid_training():
+    """A bf16 group trained plainly, then master_weights=True: its parameters leave the flat
+    layout, their bf16 buffers widen exactly, and from then on they follow fp32 twins started
+    from their values and buffers."""
+    gen = torch.Generator().manual_seed(8)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen).to(torch.bfloat16)) for n in (7, 40)]
+    opt = momentum_cuda.SGD(ps, lr=0.01, momentum=0.9)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        opt.step()
+    assert {e["path"] for e in opt.last_step} <= {"flat", "per-tensor"}
+    opt.param_groups[0]["master_weights"] = True
+    twin = [torch.nn.Parameter(p.detach().float()) for p in ps]
+    topt = torch.optim.SGD(twin, lr=0.01, momentum=0.9, foreach=False)
+    for p, t in zip(ps, twin):
+        topt.state[t]["momentum_buffer"] = opt.state[p]["momentum_buffer"].float()
+    for _ in range(3):
+        for p, t in zip(ps, twin):
+            p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            t.grad = p.grad.float()
+        opt.step()
+        topt.step()
+        assert [e["path"] for e in opt.last_step] == ["master"]
+        for p, t in zip(ps, twin):
+            assert torch.equal(bits(opt.master_weight(p)), bits(t))
+            assert torch.equal(bits(opt.state[p]["momentum_buffer"]),
+                               bits(topt.state[t]["momentum_buffer"]))
+
+
+def test_master_weights_errors():
+    with pytest.raises(ValueError, match="a float16 one"):
+        momentum_cuda.SGD([torch.nn.Parameter(torch.ones(3, dtype=torch.float16))], lr=0.1,
+                          master_weights=True)
+    with pytest.raises(ValueError, match="cannot be used with differentiable=True"):
+        momentum_cuda.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, master_weights=True,
+                          differentiable=True)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = momentum_cuda.SGD([p], lr=0.1, master_weights=True)
+    with pytest.raises(ValueError, match="has no master"):
+        opt.master_weight(p)
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = momentum_cuda.SGD([q], lr=0.1, master_weights=True)
+    q.grad = torch.ones_like(q)
+    with pytest.raises(RuntimeError, match="traced by torch.compile is not supported"):
+        opt._step_traced(None)
+    assert torch.equal(q, torch.ones(3, dtype=torch.bfloat16))  # nothing stepped
