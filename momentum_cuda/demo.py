@@ -19,8 +19,13 @@ same initial weights and the same batches for every optimizer in a part.
     whether the gain is more than the larger step. The loss on the full training set is measured
     after every step; the report says which optimizer first reached the loss plain SGD ends with
     and the final test accuracies, computed from this run, not assumed.
-(c) <out>/demo-loss.png: (b)'s loss curves, and (a)'s two curves on top of each other.
+(c) <out>/demo-loss.png: (b)'s loss curves, (a)'s two curves on top of each other, and (e)'s.
 (d) `momentum-cuda bench --quick --out <out>` (unless --no-bench): the step timings.
+
+(e) bf16 parameters at a small step (lr 0.01, momentum 0.9): momentum_cuda.SGD on fp32 weights,
+    on bf16 weights (each op rounds to nearest even: updates under half a bf16 ulp are lost), and
+    on bf16 weights with master_weights=True (exact fp32 masters). Full training-set loss after
+    every step, the final losses and how many weights ever moved, computed from this run.
 
 Exit code 0; 1 if (a) found a bit that differs or the benchmark failed.
 """
@@ -110,14 +115,19 @@ def twins(base: nn.Module, makers: dict) -> tuple[dict, dict]:
 LOSS_FN = nn.CrossEntropyLoss()
 
 
+def forward(model: nn.Module, x) -> torch.Tensor:
+    """The model's fp32 logits: inputs in its dtype (a no-op for fp32), logits widened."""
+    return model(x.to(next(model.parameters()).dtype)).float()
+
+
 def full_loss(model: nn.Module, x, y) -> float:
     with torch.no_grad():
-        return LOSS_FN(model(x), y).item()
+        return LOSS_FN(forward(model, x), y).item()
 
 
 def accuracy(model: nn.Module, x, y) -> float:
     with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+        return (forward(model, x).argmax(1) == y).float().mean().item()
 
 
 def train(models: dict, opts: dict, data, epochs: int, probe=None, on_epoch=None) -> dict:
@@ -133,7 +143,7 @@ def train(models: dict, opts: dict, data, epochs: int, probe=None, on_epoch=None
             idx = order[i:i + BATCH]
             for name, model in models.items():
                 opts[name].zero_grad()
-                loss = LOSS_FN(model(x[idx]), y[idx])
+                loss = LOSS_FN(forward(model, x[idx]), y[idx])
                 loss.backward()
                 opts[name].step()
                 curves[name].append(probe(model) if probe else loss.item())
@@ -275,6 +285,38 @@ def part_b(data, test, epochs: int) -> tuple[dict, dict]:
     return curves, reach
 
 
+# ---- (e) bf16 parameters: round to nearest vs master weights -----------------------------------
+LR_E, BETA_E = 0.01, 0.9
+FP32 = "fp32 weights"
+BF16 = "bf16 weights, round to nearest"
+MASTER = "bf16 weights, master_weights=True"
+
+
+def part_e(data, test, epochs: int) -> dict:
+    """Runs (e); returns {optimizer: full training-set loss after every step}."""
+    base = make_mlp(SEED)
+    models = {FP32: copy.deepcopy(base), BF16: copy.deepcopy(base).to(torch.bfloat16),
+              MASTER: copy.deepcopy(base).to(torch.bfloat16)}
+    start = {n: [p.detach().clone() for p in m.parameters()] for n, m in models.items()}
+    opts = {n: momentum_cuda.SGD(list(m.parameters()), lr=LR_E, momentum=BETA_E,
+                                 master_weights=n == MASTER) for n, m in models.items()}
+    print(f"\n== (e) bf16 parameters, lr {LR_E:g}, momentum {BETA_E:g}: the same MLP "
+          f"initialisation in fp32, in bf16, and in bf16 with master_weights=True")
+    short = {FP32: "fp32", BF16: "bf16", MASTER: "master"}
+    print("   epoch  " + "".join(f"{short[n]:>10}" for n in models) + "   (train loss)")
+
+    def show(epoch: int, curves: dict) -> None:
+        print(f"   {epoch:>5}  " + "".join(f"{curves[n][-1]:>10.4f}" for n in models))
+
+    curves = train(models, opts, data, epochs, probe=lambda m: full_loss(m, *data), on_epoch=show)
+    total = sum(p.numel() for p in base.parameters())
+    for n, m in models.items():
+        moved = sum(int((p.detach() != s).sum()) for p, s in zip(m.parameters(), start[n]))
+        print(f"   {n}: final train loss {curves[n][-1]:.4f}, test accuracy "
+              f"{accuracy(m, *test):.4f}, {moved:,} of {total:,} weights ever changed")
+    return curves
+
+
 # ---- (c) the figure ----------------------------------------------------------------------------
 def running_mean(values: list, window: int) -> list:
     """Mean of the last `window` values at each step (fewer at the start)."""
@@ -286,7 +328,7 @@ def running_mean(values: list, window: int) -> list:
 
 
 def plot(path: str, curves_a: dict, bitwise: bool, curves_b: dict, reach: dict, spe: int,
-         epochs: int) -> None:
+         epochs: int, curves_e: dict) -> None:
     """Left: (a)'s batch losses (running mean) of torch and momentum_cuda, drawn over each other.
     Right: (b)'s full training-set loss per step, log y, plain SGD's final loss marked and where
     each optimizer first reached it."""
@@ -294,7 +336,7 @@ def plot(path: str, curves_a: dict, bitwise: bool, curves_b: dict, reach: dict, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6), constrained_layout=True)
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(22, 6), constrained_layout=True)
     xlabel = f"epoch ({spe} steps of batch {BATCH} each)"
     ylabel = "cross-entropy loss (nats, log scale)"
 
@@ -325,8 +367,17 @@ def plot(path: str, curves_a: dict, bitwise: bool, curves_b: dict, reach: dict, 
     right.set_title("(b) plain SGD vs momentum, same initial weights and batches:\n"
                     "loss on the full training set after every step (not smoothed)")
 
+    styles_e = {FP32: ("tab:green", "-", 4.0), BF16: ("tab:red", "-", 1.8),
+                MASTER: ("black", "--", 1.4)}
+    for name, c in curves_e.items():
+        color, ls, lw = styles_e[name]
+        third.plot([(i + 1) / spe for i in range(len(c))], c, color=color, ls=ls, lw=lw,
+                   label=f"{name}: final {c[-1]:.3f}")
+    third.set_title(f"(e) bf16 parameters, lr {LR_E:g}, momentum {BETA_E:g}: round to nearest "
+                    "loses\nupdates under half an ulp; master weights keep them (full-set loss)")
+
     # (b)'s upper right holds plain SGD's slow curve; its lower left stays empty.
-    for ax, where in ((left, "upper right"), (right, "lower left")):
+    for ax, where in ((left, "upper right"), (right, "lower left"), (third, "upper right")):
         ax.set(yscale="log", xlim=(0, epochs), xlabel=xlabel, ylabel=ylabel)
         ax.legend(fontsize=9, loc=where)
         ax.grid(True, which="both", alpha=0.3)
@@ -388,8 +439,10 @@ def run(args: argparse.Namespace) -> int:
     with one_thread():
         bitwise, curves_a = part_a(data, test, args.epochs)
         curves_b, reach = part_b(data, test, args.epochs)
+        curves_e = part_e(data, test, args.epochs)
     png = os.path.join(out, PNG_NAME)
-    plot(png, curves_a, bitwise, curves_b, reach, steps_per_epoch(len(data[0])), args.epochs)
+    plot(png, curves_a, bitwise, curves_b, reach, steps_per_epoch(len(data[0])), args.epochs,
+         curves_e)
     print(f"\n== (c) wrote {png}")
     print(f"   training and figure took {time.perf_counter() - t0:.1f} s")
     bench_ok = args.no_bench or run_bench(out)
