@@ -402,3 +402,37 @@ def test_master_weights_errors():
     with pytest.raises(RuntimeError, match="traced by torch.compile is not supported"):
         opt._step_traced(None)
     assert torch.equal(q, torch.ones(3, dtype=torch.bfloat16))  # nothing stepped
+
+
+@FLAT
+def test_scheduler_group_added_zero_grad_kept_and_pickle(flat, tmp_path):
+    """A StepLR schedule, zero_grad(set_to_none=False), a bf16 parameter added as a new group
+    mid-training, and torch.save / torch.load of the optimizer with its model."""
+    tw = MasterTwins(flat)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
+              for o in (tw.opt, tw.topt)]
+    for step in range(6):
+        tw.grads()
+        if step == 2:
+            for o in (tw.opt, tw.topt):
+                o.zero_grad(set_to_none=False)
+            tw.grads()
+        if step == 3:
+            new = _masters(21, tw.gen).to(torch.bfloat16)
+            p, t = torch.nn.Parameter(new.clone()), torch.nn.Parameter(new.float())
+            tw.ours.append(p)
+            tw.twin.append(t)
+            tw.opt.add_param_group({"params": [p], "lr": 0.005})
+            tw.topt.add_param_group({"params": [t], "lr": 0.005})
+            p.grad = torch.randn(21, generator=tw.gen).to(torch.bfloat16)
+            t.grad = p.grad.float()
+        tw.opt.step()
+        tw.topt.step()
+        for s in scheds:
+            s.step()
+        tw.check(f"step {step + 1}")
+    path = tmp_path / "ck.pt"
+    torch.save({"ours": tw.ours, "opt": tw.opt}, path)
+    loaded = torch.load(path, weights_only=False)
+    tw.ours, tw.opt = loaded["ours"], loaded["opt"]
+    tw.step(2)
