@@ -308,4 +308,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without interpreter finalization: torch's gloo threads can still hold work then,
+    # and tearing them down aborts the process (SIGABRT, "terminate called without an active
+    # exception") after a passing run, in about 1 of 4 runs with torch 2.11 here. The process
+    # group is destroyed and the output flushed first.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
