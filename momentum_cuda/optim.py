@@ -731,7 +731,10 @@ class _FusedMomentum(Optimizer):
         rem, ties = st.get("master_remainder"), st.get("master_ties")
         if rem is None or ties is None or self._master_written(p):
             return p.detach().float()
-        return bf16_join(p.detach(), rem, unpack_ties(ties, p).reshape(p.shape))
+        # the tie bits are in memory order (the kernel's): laid into a tensor of p's strides
+        tie = torch.empty_like(p, dtype=torch.bool)
+        tie.as_strided((p.numel(),), (1,)).copy_(unpack_ties(ties, p).reshape(-1))
+        return bf16_join(p.detach(), rem, tie)
 
     def _master_written(self, p) -> bool:
         """p was written (or moved) since its last master step: its remainder is stale."""

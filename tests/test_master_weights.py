@@ -436,3 +436,28 @@ def test_scheduler_group_added_zero_grad_kept_and_pickle(flat, tmp_path):
     loaded = torch.load(path, weights_only=False)
     tw.ours, tw.opt = loaded["ours"], loaded["opt"]
     tw.step(2)
+
+
+def test_channels_last_parameter():
+    """A 4-D bf16 parameter in channels_last memory: the kernel walks memory order (its
+    remainder has the same strides, the tie bits follow memory order); master_weight lays
+    them back out."""
+    gen = torch.Generator().manual_seed(11)
+    m = _masters(2 * 3 * 5 * 5, gen).view(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    param, rem, tie = bf16_split(m)  # a quarter of the masters at halfway points: ties set
+    p = torch.nn.Parameter(param)
+    assert not p.is_contiguous() and rem.stride() == p.stride() and tie.any()
+    t = torch.nn.Parameter(m.clone())
+    opt = momentum_cuda.SGD([p], lr=0.01, momentum=0.9, master_weights=True)
+    topt = torch.optim.SGD([t], lr=0.01, momentum=0.9, foreach=False)
+    # the state as the kernel keeps it: tie bits in memory order (NHWC for channels_last)
+    opt.state[p].update(master_remainder=rem, master_ties=pack_ties(tie.permute(0, 2, 3, 1)))
+    assert torch.equal(bits(opt.master_weight(p)), bits(m))
+    for step in range(4):
+        g = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        p.grad = g.contiguous(memory_format=torch.channels_last)
+        t.grad = g.float()
+        opt.step()
+        topt.step()
+        assert torch.equal(bits(opt.master_weight(p)), bits(t)), f"step {step + 1}"
+        assert opt.state[p]["master_remainder"].stride() == p.stride()
