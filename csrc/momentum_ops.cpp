@@ -250,6 +250,17 @@ ScalarPtr device_scalar(const std::optional<at::Tensor>& t) {
   return ScalarPtr{f64 ? nullptr : t->data_ptr<float>(), f64 ? t->data_ptr<double>() : nullptr};
 }
 
+/// The StepFlags of torch's for-loop ops: nesterov and the first step's clone only with
+/// momentum.
+uint32_t step_flags(bool maximize, bool weight_decay, bool momentum, bool nesterov,
+                    bool first_step) {
+  const uint32_t f = (maximize ? kMaximize : 0u) | (weight_decay ? kWeightDecay : 0u) |
+                     (momentum ? kMomentum : 0u) | (momentum && nesterov ? kNesterov : 0u) |
+                     (momentum && first_step ? kFirstStep : 0u);
+  TORCH_CHECK(flags_valid(f), "invalid flag set ", f);
+  return f;
+}
+
 /// The CPU step's GradScaler and clip work, done on the host before the kernel (its tensors are
 /// host memory): unscales the spans' gradients and multiplies them by the clip coefficient with
 /// torch's own ops (so their bits by construction), and says whether found_inf skips the update.
@@ -348,10 +359,7 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
                      hyper.dev.weight_decay.f64 != nullptr || hyper.weight_decay != 0;
   const bool m_on = need_buf && (hyper.dev.momentum.f32 != nullptr ||
                                  hyper.dev.momentum.f64 != nullptr || hyper.momentum != 0);
-  hyper.flags = (maximize ? kMaximize : 0u) | (wd_on ? kWeightDecay : 0u) |
-                (m_on ? kMomentum : 0u) | (m_on && nesterov ? kNesterov : 0u) |
-                (m_on && first_step ? kFirstStep : 0u);
-  TORCH_CHECK(flags_valid(hyper.flags), "invalid flag set ", hyper.flags);
+  hyper.flags = step_flags(maximize, wd_on, m_on, nesterov, first_step);
   if (device_type == c10::DeviceType::CPU && st.any() && amp_on_host(st, spans, params[0])) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, *dtype, "momentum_cuda_sgd_step", [&] {
     if (device_type == c10::DeviceType::CPU) {
@@ -518,9 +526,7 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
                                ties[i].data_ptr<uint8_t>(), params[i].numel()});
   }
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
-  hyper.flags = (maximize ? kMaximize : 0u) | (weight_decay != 0 ? kWeightDecay : 0u) |
-                (need_buf ? kMomentum : 0u) | (need_buf && nesterov ? kNesterov : 0u) |
-                (need_buf && first_step ? kFirstStep : 0u);
+  hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   sgd_step_master_cpu(spans.data(), static_cast<int64_t>(spans.size()), hyper);
 }
 

@@ -127,8 +127,14 @@ def _hyper_tensor(x, name: str):
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
         if x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
             return x if x.dim() == 0 else x.reshape(())
-        return _dampening(x) if name == "dampening" else float(x.item())
+        return _on_host(name, x)
     return float(x)
+
+
+def _on_host(name: str, t: torch.Tensor) -> float:
+    """A hyper-parameter tensor read with .item(), as torch's for-loop reads it (dampening as
+    _dampening reads it)."""
+    return _dampening(t) if name == "dampening" else float(t.item())
 
 
 def _use_buf(h) -> bool:
@@ -731,10 +737,7 @@ class _FusedMomentum(Optimizer):
         rem, ties = st.get("master_remainder"), st.get("master_ties")
         if rem is None or ties is None or self._master_written(p):
             return p.detach().float()
-        # the tie bits are in memory order (the kernel's): laid into a tensor of p's strides
-        tie = torch.empty_like(p, dtype=torch.bool)
-        tie.as_strided((p.numel(),), (1,)).copy_(unpack_ties(ties, p).reshape(-1))
-        return bf16_join(p.detach(), rem, tie)
+        return bf16_join(p.detach(), rem, unpack_ties(ties, p))
 
     def _master_written(self, p) -> bool:
         """p was written (or moved) since its last master step: its remainder is stale."""
@@ -1009,7 +1012,7 @@ class _FusedMomentum(Optimizer):
         for i, (g, p) in zip(saved, ours):
             st = state_dict["state"].get(i, {})
             if self._master(g, p):
-                kept[id(p)] = {k: st[k] for k, dtype in _MASTER_STATE.items()
+                kept[id(p)] = {k: st[k] for k in _MASTER_STATE
                                if isinstance(st.get(k), torch.Tensor)
                                and (st[k].is_floating_point() or k != "momentum_buffer")}
         masters = [g.get("master_weights", False) for g in self.param_groups]
@@ -1285,7 +1288,7 @@ class _FusedMomentum(Optimizer):
             if t.device == device:
                 args[name], args[arg] = 0.0, t  # the float is not read
             else:  # on another device: read here, as torch does
-                args[name] = _dampening(t) if name == "dampening" else float(t.item())
+                args[name] = _on_host(name, t)
         if amp is not None:
             for name, t in zip(("grad_scale", "found_inf"), amp):
                 args[name] = None if t is None else t.to(device, non_blocking=True)
@@ -1804,8 +1807,7 @@ class _FusedMomentum(Optimizer):
         parameter was written or moved since its last step; its momentum buffer is fp32 (as
         torch's on the fp32 master)."""
         use_buf = _use_buf(h)
-        hyper = {k: (_dampening(v) if k == "dampening" else float(v.item()))
-                 if isinstance(v, torch.Tensor) else v for k, v in h.items()}
+        hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
         calls: dict = {}
         for p, g, buf in items:
             st = self.state.get(p, {})

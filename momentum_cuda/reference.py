@@ -88,10 +88,16 @@ def bf16_join(param: torch.Tensor, rem: torch.Tensor, tie: torch.Tensor) -> torc
     return (u - ((u >> 31) << 32)).to(torch.int32).view(torch.float32)
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's dims permuted by decreasing stride: a contiguous view whose elements
+    are in memory order (the kernels' order; channels_last is NHWC)."""
+    return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
 def pack_ties(tie: torch.Tensor) -> torch.Tensor:
-    """A bool tensor's elements (in memory order: contiguous) as bits, 8 to a uint8: bit j of
-    byte k is element 8k + j; the last byte's bits past the end are 0."""
-    flat = tie.reshape(-1).to(torch.uint8)
+    """A dense bool tensor's elements in memory order as bits, 8 to a uint8: bit j of byte k is
+    element 8k + j; the last byte's bits past the end are 0."""
+    flat = _memory_order(tie).reshape(-1).to(torch.uint8)
     n = flat.numel()
     padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=tie.device)
     padded[:n] = flat
@@ -100,9 +106,12 @@ def pack_ties(tie: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ties(ties: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """pack_ties undone: a bool tensor shaped like `like` (contiguous)."""
+    """pack_ties undone: a bool tensor shaped and laid out like the dense tensor `like`."""
     bits = (ties.to(torch.int32).unsqueeze(1) >> torch.arange(8, device=ties.device)) & 1
-    return bits.reshape(-1)[:like.numel()].bool().reshape(like.shape)
+    out = torch.empty_like(like, dtype=torch.bool)
+    view = _memory_order(out)
+    view.copy_(bits.reshape(-1)[:like.numel()].bool().reshape(view.shape))
+    return out
 
 
 def sgd_master_reference_step(params, grads, bufs, rems, ties, *, lr: float, momentum: float,
@@ -112,7 +121,8 @@ def sgd_master_reference_step(params, grads, bufs, rems, ties, *, lr: float, mom
     (bf16_join of the parameter, its int16 remainder and its packed tie bits) takes
     torch.optim.SGD(foreach=False)'s step with the gradient widened to fp32, then is split
     again into the three. bufs: fp32 momentum buffers, None where a first step creates one;
-    returns the buffers after the step (torch's functional sgd). Contiguous tensors."""
+    returns the buffers after the step (torch's functional sgd). Dense tensors, the tie bits
+    in memory order as the kernels keep them."""
     masters = [bf16_join(p, r, unpack_ties(t, p)) for p, r, t in zip(params, rems, ties)]
     bufs = list(bufs)
     from torch.optim.sgd import sgd as _sgd

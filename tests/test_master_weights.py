@@ -331,25 +331,28 @@ def test_plain_fp32_checkpoint_loads(flat):
     loaded.step(3)
 
 
-def test_gradscaler_and_clip_use_torchs_own_ops_first():
+@FLAT
+def test_gradscaler_and_clip_use_torchs_own_ops_first(flat):
     """GradScaler (unscale, found_inf read on the host) and clip_grad_norm_ (torch's clip)
-    run before the master op; the twins step on the unscaled, clipped gradients widened."""
-    tw = MasterTwins(False)
+    run before the master op, with a bf16 and an fp32 parameter unused on one step; the twins
+    step on the unscaled, clipped gradients widened."""
+    tw = MasterTwins(flat)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     for step in range(4):
         gs = fresh_grads(tw.ours, tw.gen)
         if step == 1:
             gs[2][0] = float("inf")
         tw.opt.zero_grad()
-        scaler.scale(torch.stack([(p * g).sum().float()
-                                  for p, g in zip(tw.ours, gs)]).sum()).backward()
+        used = [k for k in range(len(tw.ours)) if not (step == 2 and k in (1, 5))]  # unused
+        scaler.scale(torch.stack([(tw.ours[k] * gs[k]).sum().float()
+                                  for k in used]).sum()).backward()
         scaler.unscale_(tw.opt)
         tw.opt.clip_grad_norm_(0.5)
         found = sum(v.item() for v in scaler._per_optimizer_states[id(tw.opt)]["found_inf_per_device"].values())
         scaler.step(tw.opt)
         scaler.update()
         for p, t in zip(tw.ours, tw.twin):
-            t.grad = p.grad.float()
+            t.grad = None if p.grad is None else p.grad.float()
         if not found:
             tw.topt.step()
         tw.check(f"step {step + 1}")
@@ -451,7 +454,8 @@ def test_channels_last_parameter():
     opt = momentum_cuda.SGD([p], lr=0.01, momentum=0.9, master_weights=True)
     topt = torch.optim.SGD([t], lr=0.01, momentum=0.9, foreach=False)
     # the state as the kernel keeps it: tie bits in memory order (NHWC for channels_last)
-    opt.state[p].update(master_remainder=rem, master_ties=pack_ties(tie.permute(0, 2, 3, 1)))
+    opt.state[p].update(master_remainder=rem, master_ties=pack_ties(tie))
+    assert torch.equal(pack_ties(tie), pack_ties(tie.permute(0, 2, 3, 1).contiguous()))
     assert torch.equal(bits(opt.master_weight(p)), bits(m))
     for step in range(4):
         g = torch.randn(p.shape, generator=gen).to(torch.bfloat16)

@@ -200,6 +200,23 @@ bool torch_uses_fma() {
   return fma;
 }
 
+/// Runs run(span index, lo, hi) over the units of every span (start: prefix sums of each
+/// span's units), all spans in one parallel region split evenly over the concatenated range, so
+/// 2000 small tensors cost one region as one large one does.
+template <class Run>
+void parallel_over_spans(const std::vector<int64_t>& start, int64_t grain, const Run& run) {
+  const int64_t n_spans = static_cast<int64_t>(start.size()) - 1;
+  if (n_spans <= 0 || start[n_spans] == 0) return;
+  at::parallel_for(0, start[n_spans], grain, [&](int64_t begin, int64_t end) {
+    int64_t k = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (; k < n_spans && start[k] < end; ++k) {
+      const int64_t lo = std::max(begin, start[k]) - start[k];
+      const int64_t hi = std::min(end, start[k + 1]) - start[k];
+      if (hi > lo) run(k, lo, hi);
+    }
+  });
+}
+
 std::atomic<CpuIsa> g_isa{cpu_has_avx512() ? CpuIsa::kAvx512
                           : cpu_has_avx2() ? CpuIsa::kAvx2
                                            : CpuIsa::kDefault};
@@ -242,20 +259,10 @@ void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& h) {
     }
   };
 
-  // Prefix sums over the spans, so one parallel_for splits the concatenated range evenly no
-  // matter how the elements are spread over tensors (2000 small tensors cost one region).
   std::vector<int64_t> start(n_spans + 1, 0);
   for (int64_t k = 0; k < n_spans; ++k) start[k + 1] = start[k] + spans[k].numel;
-  const int64_t total = start[n_spans];
-  if (total == 0) return;
-  at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
-    int64_t k = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (; k < n_spans && start[k] < end; ++k) {
-      const int64_t lo = std::max(begin, start[k]) - start[k];
-      const int64_t hi = std::min(end, start[k + 1]) - start[k];
-      if (hi > lo) run(spans[k], lo, hi);
-    }
-  });
+  parallel_over_spans(start, kGrainSize,
+                      [&](int64_t k, int64_t lo, int64_t hi) { run(spans[k], lo, hi); });
 }
 
 void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyper& h) {
@@ -267,19 +274,11 @@ void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyp
   const auto alpha = [](double v) { return static_cast<float>(v); };
   const StepScalars<float> s =
       make_scalars<float>(h.lr, h.momentum, h.dampening, h.weight_decay, alpha);
-  // The work is split at groups of 8 elements, so no two threads write one tie byte.
+  // The units are groups of 8 elements, so no two threads write one tie byte.
   std::vector<int64_t> start(n_spans + 1, 0);
   for (int64_t k = 0; k < n_spans; ++k) start[k + 1] = start[k] + divup(spans[k].numel, 8);
-  const int64_t total = start[n_spans];
-  if (total == 0) return;
-  at::parallel_for(0, total, kGrainSize / 8, [&](int64_t begin, int64_t end) {
-    int64_t k = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (; k < n_spans && start[k] < end; ++k) {
-      const int64_t lo = std::max(begin, start[k]) - start[k];
-      const int64_t hi = std::min(end, start[k + 1]) - start[k];
-      if (hi > lo) body(spans[k], lo, hi, s);
-    }
-  });
+  parallel_over_spans(start, kGrainSize / 8,
+                      [&](int64_t k, int64_t lo, int64_t hi) { body(spans[k], lo, hi, s); });
 }
 
 template void sgd_step_cpu<float>(const Span*, int64_t, const StepHyper&);
