@@ -8,7 +8,7 @@
 //   sgd_step_list_  lists of separate dense tensors of one device and dtype. One kernel call.
 //   sgd_step_master_list_  bf16 parameters with exact fp32 masters (bf16_split.h): fp32
 //                   buffers, int16 remainders, packed tie bits; torch's fp32 step on each
-//                   master. CPU only so far.
+//                   master (CPU and CUDA kernels; the Triton one is a custom op of _ops.py).
 // Both update param(s) and momentum buffer(s) in place and read the gradients; given
 // torch.amp.GradScaler's grad_scale and found_inf (tensors), they unscale the gradients in place
 // and skip the update when found_inf != 0, and given clip_coef they multiply the gradients by it
@@ -457,14 +457,11 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
 
 /// The master-weights step (sgd_step_master_list_): bf16 parameters whose fp32 masters are
 /// split as bf16_split.h says, fp32 momentum buffers, int16 remainders and uint8 tie bytes (8
-/// elements each). CPU only for now. Every tensor is checked before any is written.
+/// elements each). Every tensor is checked before any is written.
 void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                           at::TensorList rems, at::TensorList ties, double lr, double momentum,
                           double dampening, double weight_decay, bool nesterov, bool maximize,
                           bool first_step, c10::DeviceType device_type) {
-  TORCH_CHECK(device_type == c10::DeviceType::CPU,
-              "sgd_step_master_list_: master weights have a CPU kernel only so far, got ",
-              describe(params[0]));
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
   check_scalar("dampening", dampening);
@@ -527,6 +524,17 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
   }
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
   hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+  if (device_type == c10::DeviceType::CUDA) {
+    const c10::cuda::CUDAGuard guard(params[0].device());
+    const cudaError_t err = sgd_step_master_cuda(
+        spans.data(), static_cast<int64_t>(spans.size()), hyper,
+        c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream());
+    TORCH_CHECK(err == cudaSuccess, "momentum_cuda: CUDA launch failed (master kernel): ",
+                cudaGetErrorString(err));
+    return;
+  }
+#endif
   sgd_step_master_cpu(spans.data(), static_cast<int64_t>(spans.size()), hyper);
 }
 

@@ -131,7 +131,8 @@ def test_blocks_per_sm_units():
 
 def test_project_no_stack_or_spills(project):
     info = project["info"]
-    assert len(info) == 2 * len(ARCHS) * len(FLAT)  # flat + list kernel, 4 dtypes, 2 archs
+    # flat + list kernel, 4 dtypes, 2 archs; the master kernel, 2 archs
+    assert len(info) == 2 * len(ARCHS) * len(FLAT) + len(ARCHS)
     for key, i in info.items():
         assert (i["stack"], i["spill_stores"], i["spill_loads"]) == (0, 0, 0), key
         assert 0 < i["registers"] <= 64, key  # 256-thread blocks: room for 4+ blocks an SM
@@ -142,6 +143,19 @@ def test_project_no_stack_or_spills(project):
 def test_flat_kernel_128bit(project, arch, kernel):
     ops = project["ops"][(arch, kernel)]
     assert cc.access_problems(ops) == [], cc.summary(cc.memory_ops(ops))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_master_kernel_128bit(project, arch):
+    """The master-weights kernel moves a group of 8 with 16-byte accesses (loads: parameter,
+    gradient, remainder, two buffer halves; stores: all but the gradient), no local memory."""
+    masters = [o for k, o in project["ops"].items()
+               if k[0] == arch and k[1].startswith(cc.MASTER_KERNEL)]
+    assert len(masters) == 1
+    assert cc.access_problems(masters[0]) == [], cc.summary(cc.memory_ops(masters[0]))
+    ops = cc.memory_ops(masters[0])
+    assert sum(n for op, n in ops.items() if op.startswith("LDG.E.128")) >= 5, cc.summary(ops)
+    assert sum(n for op, n in ops.items() if op.startswith("STG.E.128")) >= 4, cc.summary(ops)
 
 
 def test_list_kernel_report(project):

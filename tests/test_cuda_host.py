@@ -7,6 +7,8 @@ for bit against a naive per-element reference written in the test (every dtype, 
 2**20 + 3, element offsets 0..7, all 20 flag sets, several grids, plan_list with ListLimits4K,
 ListLimits32K and tiny limits, canaries around every span). tests/cuda/flat_grid_test.cpp checks
 the flat launcher's grid size (cuda::flat_grid) up to 2**63 - 1 elements.
+tests/cuda/host_master_test.cpp does the same for the master-weights kernel
+(csrc/cuda/master_kernel.cuh) against fp32 masters stepped and split by its own reference.
 
 Three builds of the driver, with the C++ flags of csrc/build_flags.json and -O1 (see COMPILE_FLAGS):
   * plain      every case;
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "csrc" / "cuda" / "sgd_kernel.cuh"
 DRIVER = ROOT / "tests" / "cuda" / "host_kernel_test.cpp"
 GRID_DRIVER = ROOT / "tests" / "cuda" / "flat_grid_test.cpp"
+MASTER_DRIVER = ROOT / "tests" / "cuda" / "host_master_test.cpp"
 
 
 def _cuda_include() -> Path | None:
@@ -125,9 +128,10 @@ PLANTS = {
         "  if (reinterpret_cast<uintptr_t>(g) % 16 != mis) return -1;",
         "",
         r"misaligned address"),
-    # plan_list: a span continued in the next batch keeps the previous batch's param pointer
+    # plan_chunks: a span continued in the next batch keeps the pointers of the previous
+    # batch's entry 0
     "list_continuation": (
-        "          a.param[0] = a.param[tensors];",
+        "          fill(a, 0, k);",
         "",
         r"MISMATCH|AddressSanitizer"),
 }
@@ -145,7 +149,44 @@ GRID_PLANTS = {
         "  const int64_t want = (numel + per_block - 1) / per_block;",
         r"signed integer overflow|MISMATCH flat_grid"),
 }
-ALL_PLANTS = {**PLANTS, **GRID_PLANTS}
+# The same for the master kernel (host_master_test.cpp): name -> (file under csrc, line, its
+# replacement, regex)
+MASTER_PLANTS = {
+    # the tie bit is not read: a master halfway between two bf16 values joins to the wrong one
+    "master_tie_ignored": (
+        "include/momentum_cuda/bf16_split.h",
+        "    float m = mc_bf16_join(p[j], r[j], (ties >> j) & 1u);",
+        "    float m = mc_bf16_join(p[j], r[j], false);",
+        r"MISMATCH"),
+    # a span's last partial group of 8 is not stepped
+    "master_partial_group": (
+        "cuda/master_kernel.cuh",
+        "  const int64_t full = n / 8, groups = full + (n % 8 != 0);",
+        "  const int64_t full = n / 8, groups = full;",
+        r"MISMATCH"),
+    # the remainder's alignment is not checked before its 16-byte accesses
+    "master_rem_alignment": (
+        "cuda/master_kernel.cuh",
+        "  const bool vec = aligned16(p) && aligned16(g) && aligned16(r) && "
+        "(b == nullptr || aligned16(b));",
+        "  const bool vec = aligned16(p) && aligned16(g) && (b == nullptr || aligned16(b));",
+        r"misaligned address"),
+    # a chunk's tie bytes counted from the wrong byte
+    "master_chunk_ties": (
+        "cuda/master_kernel.cuh",
+        "  master_span(a.param[t] + start, b, a.grad[t] + start, a.rem[t] + start, "
+        "a.ties[t] + start / 8,",
+        "  master_span(a.param[t] + start, b, a.grad[t] + start, a.rem[t] + start, "
+        "a.ties[t] + start / 16,",
+        r"MISMATCH"),
+    # every table entry gets the first span's tie bytes
+    "master_table_ties": (
+        "cuda/master_kernel.cuh",
+        "        x.ties[slot] = spans[k].ties;",
+        "        x.ties[slot] = spans[0].ties;",
+        r"MISMATCH|AddressSanitizer"),
+}
+ALL_PLANTS = {**PLANTS, **GRID_PLANTS, **MASTER_PLANTS}
 # HKT_DTYPES of a plant's build (default 1: fp32 only, the fastest), for bugs fp32 cannot show
 PLANT_DTYPES = {"device_momentum_unrounded": 4, "device_dampening_in_double": 2}
 
@@ -173,18 +214,25 @@ def _compile(out: Path, extra: list[str], first_include: Path | None = None,
 
 
 def _plant(tmp: Path, name: str) -> Path:
-    """A copy of the real sgd_kernel.cuh with one bug planted; returns its folder."""
-    old, new, _ = ALL_PLANTS[name]
-    src = KERNEL.read_text()
+    """A copy of the real header (sgd_kernel.cuh, or a MASTER_PLANTS file) with one bug planted,
+    in a folder that goes first on the include path (at the header's path under csrc/cuda or
+    csrc/include); returns the folder."""
+    if name in MASTER_PLANTS:
+        rel, old, new, _ = MASTER_PLANTS[name]
+        header, dest = ROOT / "csrc" / rel, Path(*Path(rel).parts[1:])
+    else:
+        old, new, _ = ALL_PLANTS[name]
+        header, dest = KERNEL, Path(KERNEL.name)
+    src = header.read_text()
     n = src.count(old + "\n")
-    assert n == 1, (f"planted bug {name!r}: the line {old!r} occurs {n} times in {KERNEL} "
-                    "(expected exactly once): the kernel changed, update PLANTS")
+    assert n == 1, (f"planted bug {name!r}: the line {old!r} occurs {n} times in {header} "
+                    "(expected exactly once): the kernel changed, update the plants")
     folder = tmp / name
-    folder.mkdir()
+    (folder / dest).parent.mkdir(parents=True)
     patched = src.replace(old + "\n", new + "\n")
     assert patched != src
     patched += f'\n#define HKT_PLANTED_BUG "{name}"\n'
-    (folder / "sgd_kernel.cuh").write_text(patched)
+    (folder / dest).write_text(patched)
     return folder
 
 
@@ -192,6 +240,8 @@ def _plant_and_compile(tmp: Path, name: str):
     folder = _plant(tmp, name)
     if name in GRID_PLANTS:
         return _compile(folder / "flat_grid_test", SANITIZE, folder, GRID_DRIVER)
+    if name in MASTER_PLANTS:
+        return _compile(folder / "host_master_test", SANITIZE, folder, MASTER_DRIVER)
     dtypes = PLANT_DTYPES.get(name, 1)
     return _compile(folder / "host_kernel_test", [*SANITIZE, f"-DHKT_DTYPES={dtypes}"],
                     first_include=folder)
@@ -207,6 +257,9 @@ def builds(tmp_path_factory):
         "plain": pool.submit(_compile, tmp / "plain", []),
         "sanitized": pool.submit(_compile, tmp / "sanitized", [*SANITIZE, "-DHKT_DTYPES=7"]),
         "grid": pool.submit(_compile, tmp / "flat_grid_test", SANITIZE, None, GRID_DRIVER),
+        "master": pool.submit(_compile, tmp / "host_master_test", [], None, MASTER_DRIVER),
+        "master_sanitized": pool.submit(_compile, tmp / "host_master_sanitized", SANITIZE, None,
+                                        MASTER_DRIVER),
     }
     for name in ALL_PLANTS:
         futures[name] = pool.submit(_plant_and_compile, tmp, name)
@@ -265,6 +318,24 @@ def test_flat_grid(builds):
     print(info)
 
 
+def test_host_master_kernel(builds):
+    """The master-weights kernel, bitwise against fp32 masters (host_master_test.cpp)."""
+    proc, info = _built_run(builds, "master")
+    assert proc.returncode == 0, info
+    m = re.search(r"master cases checked: (\d+) \(elements compared (\d+)", proc.stdout)
+    assert m and int(m.group(1)) >= 100 and int(m.group(2)) >= 20_000_000, info
+    assert "mismatches: 0" in proc.stdout, info
+    print(info)
+
+
+def test_host_master_kernel_sanitized(builds):
+    proc, info = _built_run(builds, "master_sanitized", "--quick")
+    assert proc.returncode == 0, info
+    assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, info
+    assert "mismatches: 0" in proc.stdout, info
+    print(info)
+
+
 @pytest.mark.parametrize("name", list(ALL_PLANTS))
 def test_planted_bug_is_caught(builds, name):
     exe, build_s = builds[name].result()  # raises if the line to replace is gone
@@ -274,6 +345,6 @@ def test_planted_bug_is_caught(builds, name):
     info = _summary(proc, build_s, time.monotonic() - t0)
     assert f"planted bug: {name}" in proc.stdout, "the patched header was not the one compiled\n" + info
     assert proc.returncode != 0, f"planted bug {name!r} was NOT caught\n" + info
-    assert re.search(ALL_PLANTS[name][2], proc.stdout + proc.stderr), (
+    assert re.search(ALL_PLANTS[name][-1], proc.stdout + proc.stderr), (
         f"planted bug {name!r} failed, but not in the expected way\n" + info)
     print(info)

@@ -10,9 +10,9 @@
    blocks per SM its registers allow.
 2. Disassembles the fatbin with cuobjdump -sass (PyPI wheels nvidia-cuda-cuobjdump and
    nvidia-cuda-nvdisasm; the local toolkit has neither) and, for each dtype's flat kernel
-   sgd_flat_kernel<float|double|bf16_t|fp16_t> and each arch, requires 128-bit global loads and
-   stores (LDG.E.128 / STG.E.128) and no local memory (LDL / STL). The multi-tensor kernel's
-   accesses are reported, not required.
+   sgd_flat_kernel<float|double|bf16_t|fp16_t>, for the master-weights kernel sgd_master_kernel
+   and each arch, requires 128-bit global loads and stores (LDG.E.128 / STG.E.128) and no local
+   memory (LDL / STL). The multi-tensor kernel's accesses are reported, not required.
 Exits non-zero with a message naming each failure. tests/test_cuda_build.py imports this module
 and shows that the gate and the SASS checks fail on planted bad kernels.
 """
@@ -48,6 +48,7 @@ GATE = ("-Xptxas=-v,-warn-spills,-warn-lmem-usage,-Werror",)
 NO_GATE = ("-Xptxas=-v",)
 THREADS = 256  # threads a block of both kernels (kThreads in csrc/cuda/sgd_kernel.cuh)
 FLAT_DTYPES = ("float", "double", "bf16_t", "fp16_t")  # as demangle() names them
+MASTER_KERNEL = "sgd_master_kernel<"  # csrc/cuda/master_kernel.cuh, any batch limits
 
 
 # ---- tools ---------------------------------------------------------------------------------
@@ -230,10 +231,11 @@ def check(source=SOURCE, workdir=None) -> list[str]:
               f"{bps:>6}  {summary(memory_ops(ops[(arch, fn)]))}")
         if i.get("stack", 0) or i.get("spill_stores", 0) or i.get("spill_loads", 0):
             failures.append(f"{arch} {name}: ptxas reports stack/spills {i}")
-    for arch in ARCHS:  # the requirement: every flat kernel, every arch
-        for dt in FLAT_DTYPES:
-            want = f"sgd_flat_kernel<{dt}>"
-            found = [k for k in ops if k[0] == f"sm_{arch}" and names[k[1]] == want]
+    # the requirement: every flat kernel and the master kernel, every arch
+    wanted = [f"sgd_flat_kernel<{dt}>" for dt in FLAT_DTYPES] + [MASTER_KERNEL]
+    for arch in ARCHS:
+        for want in wanted:
+            found = [k for k in ops if k[0] == f"sm_{arch}" and names[k[1]].startswith(want)]
             if not found:
                 failures.append(f"sm_{arch} {want}: not in the SASS (renamed? c++filt missing?)")
             for k in found:
@@ -253,8 +255,8 @@ def main(argv=None) -> int:
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    print(f"OK: sgd_flat_kernel has 128-bit global loads and stores and no local memory "
-          f"for all {len(FLAT_DTYPES)} dtypes on sm_{', sm_'.join(ARCHS)}")
+    print(f"OK: sgd_flat_kernel (all {len(FLAT_DTYPES)} dtypes) and sgd_master_kernel have "
+          f"128-bit global loads and stores and no local memory on sm_{', sm_'.join(ARCHS)}")
     return 0
 
 

@@ -115,21 +115,10 @@ LoopFn<T> pick_loop(uint32_t flags, CpuIsa isa) {
 template <uint32_t F, class Add>
 MC_HD void master_loop(const MasterSpan& sp, int64_t k0, int64_t k1, const StepScalars<float>& s) {
   for (int64_t k = k0; k < k1; ++k) {
-    const int64_t i0 = 8 * k, n = sp.numel - i0 < 8 ? sp.numel - i0 : 8;
-    const uint32_t in = sp.ties[k];
-    uint32_t out = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = i0 + j;
-      float m = mc_bf16_join(sp.param[i], sp.rem[i], (in >> j) & 1u);
-      float b = ((F & kMomentum) && !(F & kFirstStep)) ? sp.buf[i] : 0.f;
-      sgd_math(m, b, mc_bf16_bits_to_float(sp.grad[i]), s, F, RoundNone{}, Add{});
-      const Bf16Split o = mc_bf16_split(m);
-      sp.param[i] = o.param;
-      sp.rem[i] = o.rem;
-      out |= uint32_t(o.tie) << j;
-      if (F & kMomentum) sp.buf[i] = b;
-    }
-    sp.ties[k] = static_cast<uint8_t>(out);
+    const int64_t i0 = 8 * k;
+    const int n = static_cast<int>(sp.numel - i0 < 8 ? sp.numel - i0 : 8);
+    sp.ties[k] = master_math<Add>(sp.param + i0, (F & kMomentum) ? sp.buf + i0 : nullptr,
+                                  sp.grad + i0, sp.rem + i0, sp.ties[k], n, s, F);
   }
 }
 

@@ -5,19 +5,26 @@
 // Grid   : the flat kernel runs kThreads a block, as many blocks as the work needs up to what
 //          fits on the GPU at once (flat_grid: the occupancy API's blocks per SM for this kernel
 //          times the SMs, queried once per device and dtype), grid-stride beyond that; the
-//          multi-tensor kernel one block per 65536-element chunk.
+//          multi-tensor and master kernels one block per 65536-element chunk.
 #include "sgd_cuda.h"
 
 #include <map>
 #include <mutex>
 #include <vector>
 
+#include "master_kernel.cuh"
 #include "sgd_kernel.cuh"
 
 namespace momentum_cuda {
 namespace {
 
 using cuda::kThreads;
+
+#if CUDART_VERSION >= 12010
+using ListLimits = cuda::ListLimits32K;  // 32 KB of kernel arguments: CUDA >= 12.1 on sm_70+
+#else
+using ListLimits = cuda::ListLimits4K;  // older toolkits: the classic 4 KB
+#endif
 
 template <class T>
 using Opmath = typename cuda::Storage<T>::opmath;
@@ -98,11 +105,7 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
     numels[k] = spans[k].numel;
   }
   cudaError_t err = cudaSuccess;
-#if CUDART_VERSION >= 12010
-  using L = cuda::ListLimits32K;  // 32 KB of kernel arguments: CUDA >= 12.1 on sm_70+
-#else
-  using L = cuda::ListLimits4K;  // older toolkits: the classic 4 KB
-#endif
+  using L = ListLimits;
   cuda::plan_list<T, L>(params.data(), (h.flags & kMomentum) ? bufs.data() : nullptr,
                         grads.data(), numels.data(), n_spans, scalars<T>(h), h.flags, h.amp,
                         h.dev, [&](const cuda::ListArgs<T, L::kTensors, L::kBlocks>& a, int blocks) {
@@ -111,6 +114,20 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
                               <<<blocks, kThreads, 0, stream>>>(a);
                           err = cudaGetLastError();
                         });
+  return err;
+}
+
+cudaError_t sgd_step_master_cuda(const MasterSpan* spans, int64_t n_spans, const StepHyper& h,
+                                 cudaStream_t stream) {
+  using L = ListLimits;
+  cudaError_t err = cudaSuccess;
+  cuda::plan_master_list<L>(spans, n_spans, scalars<float>(h), h.flags,
+                            [&](const cuda::MasterListArgs<L::kTensors, L::kBlocks>& a, int blocks) {
+                              if (err != cudaSuccess) return;
+                              cuda::sgd_master_kernel<L::kTensors, L::kBlocks>
+                                  <<<blocks, kThreads, 0, stream>>>(a);
+                              err = cudaGetLastError();
+                            });
   return err;
 }
 

@@ -5,7 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "cpu/momentum_cpu.h"  // Span, StepHyper
+#include "cpu/momentum_cpu.h"  // Span, MasterSpan, StepHyper
 #include "storage_types.h"
 
 namespace momentum_cuda {
@@ -20,5 +20,11 @@ cudaError_t sgd_step_cuda_flat(const Span& span, const StepHyper& hyper, cudaStr
 template <class T>
 cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyper& hyper,
                                cudaStream_t stream);
+
+/// Master-weights step over many spans (bf16 parameters with fp32 masters, bf16_split.h):
+/// as many launches of the master kernel as the argument space needs. hyper.amp and hyper.dev
+/// are not read (the op has neither).
+cudaError_t sgd_step_master_cuda(const MasterSpan* spans, int64_t n_spans, const StepHyper& hyper,
+                                 cudaStream_t stream);
 
 }  // namespace momentum_cuda

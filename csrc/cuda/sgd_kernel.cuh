@@ -293,27 +293,18 @@ __global__ void sgd_list_kernel(ListArgs<T, kTensors, kBlocks> a) {
               static_cast<int64_t>(blockDim.x));
 }
 
-/// Packs spans into ListArgs and calls launch(args, blocks) for each full batch: the planning
-/// half of a multi-tensor step, shared by the CUDA launcher and the host emulation. Empty spans
-/// are skipped; a span longer than one batch is split over several launches.
-template <class T, class Limits, class Launch>
-void plan_list(T* const* params, T* const* bufs, T* const* grads, const int64_t* numels,
-               int64_t n_spans, const CudaScalars<T>& s, uint32_t flags, const AmpPtrs& amp,
-               const HyperPtrs& dev, Launch&& launch) {
-  using Args = ListArgs<T, Limits::kTensors, Limits::kBlocks>;
-  Args a{};
-  a.s = s;
-  a.flags = flags;
-  a.amp = amp;
-  a.dev = dev;
+/// The batching of a multi-tensor step, for any argument struct Args with block_tensor and
+/// block_chunk tables (ListArgs, MasterListArgs): numel(k) is span k's length, fill(a, slot, k)
+/// writes span k's pointers and numel into table entry `slot`; launch(a, blocks) runs each full
+/// batch. Empty spans are skipped; a span longer than one batch goes on in the next, as its
+/// entry 0. Shared by the CUDA launchers and the host emulation.
+template <class Limits, class Args, class Numel, class Fill, class Launch>
+void plan_chunks(Args& a, int64_t n_spans, Numel&& numel, Fill&& fill, Launch&& launch) {
   int tensors = 0, blocks = 0;
   for (int64_t k = 0; k < n_spans; ++k) {
-    if (numels[k] == 0) continue;
-    a.param[tensors] = params[k];
-    a.buf[tensors] = bufs == nullptr ? nullptr : bufs[k];
-    a.grad[tensors] = grads[k];
-    a.numel[tensors] = numels[k];
-    const int64_t chunks = (numels[k] + kChunk - 1) / kChunk;
+    if (numel(k) == 0) continue;
+    fill(a, tensors, k);
+    const int64_t chunks = (numel(k) + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
       a.block_tensor[blocks] = static_cast<uint16_t>(tensors);
       a.block_chunk[blocks] = static_cast<int32_t>(c);
@@ -325,11 +316,8 @@ void plan_list(T* const* params, T* const* bufs, T* const* grads, const int64_t*
         blocks = 0;
         if (last_chunk) {
           tensors = -1;  // this span is done; start the next batch empty
-        } else {         // the same span goes on in the next batch, as its entry 0
-          a.param[0] = a.param[tensors];
-          a.buf[0] = a.buf[tensors];
-          a.grad[0] = a.grad[tensors];
-          a.numel[0] = a.numel[tensors];
+        } else {
+          fill(a, 0, k);
           tensors = 0;
         }
       }
@@ -337,6 +325,28 @@ void plan_list(T* const* params, T* const* bufs, T* const* grads, const int64_t*
     ++tensors;
   }
   if (blocks > 0) launch(a, blocks);
+}
+
+/// Packs spans into ListArgs and calls launch(args, blocks) for each full batch (plan_chunks).
+template <class T, class Limits, class Launch>
+void plan_list(T* const* params, T* const* bufs, T* const* grads, const int64_t* numels,
+               int64_t n_spans, const CudaScalars<T>& s, uint32_t flags, const AmpPtrs& amp,
+               const HyperPtrs& dev, Launch&& launch) {
+  using Args = ListArgs<T, Limits::kTensors, Limits::kBlocks>;
+  Args a{};
+  a.s = s;
+  a.flags = flags;
+  a.amp = amp;
+  a.dev = dev;
+  plan_chunks<Limits>(
+      a, n_spans, [&](int64_t k) { return numels[k]; },
+      [&](Args& x, int slot, int64_t k) {
+        x.param[slot] = params[k];
+        x.buf[slot] = bufs == nullptr ? nullptr : bufs[k];
+        x.grad[slot] = grads[k];
+        x.numel[slot] = numels[k];
+      },
+      launch);
 }
 
 }  // namespace cuda
