@@ -8,7 +8,7 @@
     sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, lr, ...)
         bf16 parameters with exact fp32 masters (csrc/include/momentum_cuda/bf16_split.h):
         fp32 momentum buffers, int16 remainders, uint8 tie bytes (a bit per element); torch's
-        fp32 step on each master. CPU only so far (another device raises, naming it).
+        fp32 step on each master; a CPU and a CUDA implementation.
     triton_sgd_step_flat_, triton_sgd_step_list_
         The Triton kernels (torch.library.custom_op, below) without gradient writes: the
         schemas above less grad_scale and clip_coef (found_inf, which only skips the update, is
@@ -19,6 +19,9 @@
         clipped in place), which a custom_op bumps on every call, so they are called only
         when grad_scale or clip_coef is given. The Triton ops are opaque to inductor (the list
         kernel reads a pointer table, which it cannot trace into).
+    triton_sgd_step_master_list_
+        The Triton kernel of sgd_step_master_list_ (same schema; any device the Triton
+        backend runs on).
 
 Each op writes param(s) and momentum buffer(s) in place, reads the gradients (and, given
 GradScaler's grad_scale or a clip coefficient, writes them back unscaled and clipped;
@@ -45,6 +48,7 @@ _TRITON_FLAT = "momentum_cuda::triton_sgd_step_flat_"
 _TRITON_LIST = "momentum_cuda::triton_sgd_step_list_"
 _TRITON_AMP_FLAT = "momentum_cuda::triton_sgd_step_amp_flat_"
 _TRITON_AMP_LIST = "momentum_cuda::triton_sgd_step_amp_list_"
+_TRITON_MASTER_LIST = "momentum_cuda::triton_sgd_step_master_list_"
 
 def _one_device(named) -> None:
     """The fake kernels' check. A meta tensor among cpu or cuda ones sends the call to the
@@ -194,6 +198,24 @@ def triton_sgd_step_amp_list_(params: list[torch.Tensor], grads: list[torch.Tens
 triton_sgd_step_amp_list_.register_fake(_list_fake)
 
 
+@torch.library.custom_op(_TRITON_MASTER_LIST,
+                         mutates_args=("params", "momentum_buffers", "remainders", "ties"))
+def triton_sgd_step_master_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                                 momentum_buffers: list[torch.Tensor],
+                                 remainders: list[torch.Tensor], ties: list[torch.Tensor],
+                                 lr: float, momentum: float, dampening: float,
+                                 weight_decay: float, nesterov: bool, maximize: bool,
+                                 first_step: bool) -> None:
+    from . import triton_kernels as tk
+    tk.triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, lr=lr,
+                                    momentum=momentum, dampening=dampening,
+                                    weight_decay=weight_decay, nesterov=nesterov,
+                                    maximize=maximize, first_step=first_step)
+
+
+triton_sgd_step_master_list_.register_fake(_master_list_fake)
+
+
 def _triton_step(name, plain, amp):
     """One of step_ops("triton"): the call of the C++ ops (same arguments and keywords) routed
     to `amp` when the gradients are written (grad_scale or clip_coef given), to `plain`
@@ -230,3 +252,10 @@ def step_ops(backend: str):
     ops = torch.ops.momentum_cuda
     return ops.sgd_step_flat_.default, ops.sgd_step_list_.default
 
+
+def master_op(backend: str):
+    """The master-weights step op of a backend (sgd_step_master_list_'s arguments)."""
+    if backend == "triton":
+        return torch.ops.momentum_cuda.triton_sgd_step_master_list_.default
+    step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
+    return torch.ops.momentum_cuda.sgd_step_master_list_.default

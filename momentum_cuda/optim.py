@@ -49,8 +49,9 @@ under grad mode, as torch runs it; such an optimizer has no flat layout).
 
 master_weights=True (a group's key, present only when set): its bf16 parameters are stepped
 through exact fp32 masters held as the parameter plus state "master_remainder" and "master_ties"
-(csrc/include/momentum_cuda/bf16_split.h), by the CPU op sgd_step_master_list_ (_step_master),
-outside the flat layout; path "master" in opt.last_step.
+(csrc/include/momentum_cuda/bf16_split.h), by the backend's master op (sgd_step_master_list_ on
+cpu and cuda, its Triton twin; _step_master), outside the flat layout; path "master" in
+opt.last_step.
 
 copy.deepcopy, pickle and torch.save of an optimizer give one with its own flat buffers over
 the copied parameters (__setstate__ rebuilds the layout); it steps on with the same bits.
@@ -87,7 +88,7 @@ except ImportError:  # torch built without distributed: nothing is a DTensor
     _DTensor = ()
 
 from ._backends import _C, resolve_backend
-from ._ops import step_ops
+from ._ops import master_op, step_ops
 from ._util import is_dense as _dense
 from .reference import bf16_join, momentum_reference_step, unpack_ties
 
@@ -684,6 +685,7 @@ class _FusedMomentum(Optimizer):
         clip_grad_norm_ is applied first (torch's op), so a copy sees the clipped gradients."""
         if self._pending.clip is not None:
             self._take_clip().apply()
+        self._settle_masters()
         state = super().__getstate__()
         state["_requested_backend"] = self._requested_backend
         state["_flat"] = self._flat
@@ -738,6 +740,26 @@ class _FusedMomentum(Optimizer):
         if rem is None or ties is None or self._master_written(p):
             return p.detach().float()
         return bf16_join(p.detach(), rem, unpack_ties(ties, p))
+
+    def _settle_masters(self) -> None:
+        """Before the state leaves this optimizer (state_dict, deepcopy, pickle): the master of
+        a parameter written since its last step is its value, so its remainder and tie bits
+        become zeros (new tensors: a state_dict taken earlier keeps its own), which a copy or a
+        loaded checkpoint reads as that value without knowing of the write."""
+        for group in self.param_groups:
+            if not group.get("master_weights"):
+                continue
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "master_remainder" in st and self._master_written(p):
+                    st["master_remainder"] = torch.zeros_like(st["master_remainder"])
+                    st["master_ties"] = torch.zeros_like(st["master_ties"])
+                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+
+    def state_dict(self) -> dict:
+        """torch's, with every master settled first (_settle_masters)."""
+        self._settle_masters()
+        return super().state_dict()
 
     def _master_written(self, p) -> bool:
         """p was written (or moved) since its last master step: its remainder is stale."""
@@ -1790,8 +1812,9 @@ class _FusedMomentum(Optimizer):
         """What the master op needs (csrc/momentum_ops.cpp checks it again), raised before
         anything is written, naming the parameter."""
         what = _what(p)
-        if isinstance(p, _DTensor) or p.device.type != "cpu":
-            raise RuntimeError(f"master_weights=True runs on the CPU only so far; got a {what}")
+        if isinstance(p, _DTensor):
+            raise RuntimeError(f"master_weights=True does not take DTensor (FSDP2) parameters "
+                               f"yet; got a {what}")
         if not _strided(g) or g.dtype != p.dtype or g.shape != p.shape:
             raise RuntimeError(f"master_weights=True needs a dense {p.dtype} gradient of the "
                                f"parameter's shape; the {what} has a {g.layout} {g.dtype} one "
@@ -1801,11 +1824,12 @@ class _FusedMomentum(Optimizer):
                                f"with others; got a {what}")
 
     def _step_master(self, items, h) -> None:
-        """The master-weights parameters of a group (bf16, CPU): one master op call per first
-        step or not. Each parameter's remainder and tie bits (state "master_remainder",
-        "master_ties") start at zero (its master is its value) and restart so when the
-        parameter was written or moved since its last step; its momentum buffer is fp32 (as
-        torch's on the fp32 master)."""
+        """The master-weights parameters of a group (bf16): one master op call per (device,
+        first step or not), by the device's backend. Each parameter's remainder and tie bits
+        (state "master_remainder", "master_ties") start at zero (its master is its value) and
+        restart so when the parameter was written or moved since its last step; its momentum
+        buffer is fp32 (as torch's on the fp32 master). A hyper-parameter tensor is read on the
+        host (.item(): a sync on a GPU)."""
         use_buf = _use_buf(h)
         hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
         calls: dict = {}
@@ -1814,7 +1838,7 @@ class _FusedMomentum(Optimizer):
             rem, ties = st.get("master_remainder"), st.get("master_ties")
             if rem is None or ties is None or self._master_written(p) or rem.shape != p.shape:
                 rem = torch.zeros_like(p, dtype=torch.int16)
-                ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8)
+                ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
             first = bool(use_buf and buf is None and not self._ema)
             if use_buf and (buf is None or buf.dtype != torch.float32):
                 # a bf16 buffer (kept before master weights were on) widens exactly
@@ -1822,12 +1846,13 @@ class _FusedMomentum(Optimizer):
                        else buf.to(torch.float32))
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)
-            c = calls.setdefault(first, ([], [], [], [], []))
+            c = calls.setdefault((p.device, first), ([], [], [], [], []))
             for lst, t in zip(c, (p, g, buf, rem, ties)):
                 if t is not None:
                     lst.append(t)
-        for first, (ps, gs, bs, rs, ts) in calls.items():
-            torch.ops.momentum_cuda.sgd_step_master_list_(
+        for (device, first), (ps, gs, bs, rs, ts) in calls.items():
+            backend = self._backend_for(device)
+            master_op(backend)(
                 ps, gs, bs, rs, ts, hyper["lr"], hyper["momentum"], hyper["dampening"],
                 hyper["weight_decay"], hyper["nesterov"], hyper["maximize"], first)
             for k, p in enumerate(ps):
@@ -1836,7 +1861,7 @@ class _FusedMomentum(Optimizer):
                     st["momentum_buffer"] = bs[k]
                 st["master_remainder"], st["master_ties"] = rs[k], ts[k]
                 self._master_seen[id(p)] = (p.data_ptr(), p._version)
-            self._report("cpu", "master", ps[0], len(ps), sum(p.numel() for p in ps))
+            self._report(backend, "master", ps[0], len(ps), sum(p.numel() for p in ps))
 
     def _step_torch_ops(self, items, h, reasons) -> None:
         """torch's own for-loop ops, for what the kernel does not model: complex parameters,

@@ -64,11 +64,13 @@ def bf16_split(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     csrc/include/momentum_cuda/bf16_split.h splits it: the parameter is the master rounded to
     nearest even (torch's .to(torch.bfloat16)), the remainder its low 16 bits, the tie bit set
     where it rounded up from a halfway point. bf16_join gives the master back bit for bit (a
-    NaN as a NaN)."""
+    NaN as a NaN; a NaN's parameter is 0x7FC0, as the kernels write it)."""
     if master.dtype != torch.float32:
         raise TypeError(f"bf16_split: master must be float32, got {master.dtype}")
     u = master.view(torch.int32)
     param = master.to(torch.bfloat16)
+    # NaN: torch's CPU conversion gives 0xFFFF, c10's scalar one (and the kernels) 0x7FC0
+    param.view(torch.int16).masked_fill_(master.isnan(), 0x7FC0)
     high = (u >> 16) & 0xFFFF
     low = u & 0xFFFF
     tie = (low == 0x8000) & (high != param.view(torch.int16).to(torch.int32) & 0xFFFF)

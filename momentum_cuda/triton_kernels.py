@@ -19,7 +19,7 @@ r() for bf16 and fp16 is integer bit arithmetic (round to nearest even), not a c
 interpreter (TRITON_INTERPRET=1) TRUNCATES fp32 -> bf16 casts, while compiled GPU code rounds to
 nearest even; with explicit rounding the later store cast is exact in both.
 
-Block size (both kernels): BLOCK_SIZE = 1024 elements per program, num_warps = 4 (128 threads, 8
+Block size (every kernel): BLOCK_SIZE = 1024 elements per program, num_warps = 4 (128 threads, 8
 elements per thread: in the flat kernel two 16-byte accesses per tensor per thread for fp32, one
 for bf16/fp16, four 8-byte for fp64; in the list kernel 8 element-wide accesses, see below). The
 update is memory bound (read p, g, buf; write p, buf); 1024 keeps enough bytes in flight per SM
@@ -35,6 +35,9 @@ Entry points (the ops' signatures, csrc/momentum_ops.cpp):
                           momentum_tensor=None, dampening_tensor=None,
                           weight_decay_tensor=None)
     triton_sgd_step_list_(params, grads, momentum_buffers, *, ...)
+    triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, *, lr,
+                                 momentum, dampening, weight_decay, nesterov, maximize,
+                                 first_step)
 lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor: 1-element fp32/fp64 tensors on
 the parameters' device read by the kernels in place of the floats (no host sync), as the CUDA
 kernels read them (_sgd_block); with momentum_tensor the buffers are given and a zero momentum
@@ -47,10 +50,14 @@ the gradient whenever grad_scale or clip_coef is given (also on a skipped step),
 found_inf != 0 skips the update of p and buf. Each is a tl.constexpr flag (AMP_SCALE, AMP_SKIP,
 CLIP): off, the kernel compiles without it (no extra load); on or off, a step makes the same
 launches.
-Both validate everything before the first launch; a bad call raises ValueError/TypeError naming
+The master-weights step (bf16 parameters with exact fp32 masters, csrc/include/momentum_cuda/
+bf16_split.h; the op sgd_step_master_list_ of the C++ extension, whose checks it repeats) takes
+the floats only: no hyper-parameter tensors, no AMP.
+All validate everything before the first launch; a bad call raises ValueError/TypeError naming
 the argument and changes nothing.
 
-Kernels: both call ONE _sgd_block (load, _sgd_math, store), so the formula exists once.
+Kernels: the flat and the list kernel call ONE _sgd_block (load, _sgd_math, store), so the
+formula exists once; the master kernel calls _sgd_math too.
 - _sgd_flat_kernel: one contiguous span per launch; the flat path launches it once per non-empty
   segment.
 - _sgd_list_kernel: the list path, ONE launch for all tensors of a step. The host builds an
@@ -67,6 +74,12 @@ Kernels: both call ONE _sgd_block (load, _sgd_math, store), so the formula exist
   per tensor + 16 per program (about 0.4 MB for 25 M parameters), built once per set of
   addresses and sizes and reused while they do not change (_cached_list_table: the last 8);
   each program reads 48 bytes of table for 20 KB of fp32 data.
+- _sgd_master_kernel: the master-weights step, one launch through the same pointer table with
+  rows of 6 (addresses of p, g, buf, remainder, tie bytes; numel). Join and split are integer
+  bit arithmetic on uint16 pointers (_bf16_join, _bf16_split: the interpreter's truncating
+  bf16 cast is never used); _sgd_math runs with KIND 0 (fp32 master, no storage rounding).
+  BLOCK_SIZE is a multiple of 8, so a program owns whole tie bytes: it gathers byte offs // 8
+  for each element's bit and writes its bytes packed by a (BLOCK // 8, 8) reshape.
 """
 # No `from __future__ import annotations` in this module: postponed, the kernels' "fp64"
 # annotations reach Triton as the text '"fp64"' (quotes included), which it does not read as a
@@ -298,6 +311,15 @@ if TRITON_AVAILABLE:
                    M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP, BLOCK)
 
     @triton.jit
+    def _table_program(rows_ptr, blocks_ptr, WIDTH: tl.constexpr):
+        """This program's entry of a pointer table (_list_table): the address of its tensor's
+        row (WIDTH int64: the tensor's addresses, then its numel), the first element of its
+        block (int64) and the tensor's numel."""
+        blk = blocks_ptr + 2 * tl.program_id(0).to(tl.int64)
+        row = rows_ptr + WIDTH * tl.load(blk)
+        return row, tl.load(blk + 1), tl.load(row + WIDTH - 1)
+
+    @triton.jit
     def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
                          inf_ptr, coef_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
@@ -317,19 +339,95 @@ if TRITON_AVAILABLE:
         The addresses are cast to typed pointers (DTYPE) here: int64 -> pointer, which the
         interpreter and compiled code both accept. Nothing tells the compiler those pointers
         are 16-byte aligned, so the accesses are scalar (not 128-bit) in compiled code."""
-        blk = blocks_ptr + 2 * tl.program_id(0).to(tl.int64)
-        t = tl.load(blk)
-        start = tl.load(blk + 1)
-        row = rows_ptr + 4 * t
+        row, start, n = _table_program(rows_ptr, blocks_ptr, 4)
         p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
         g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
         b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-        n = tl.load(row + 3)
         offs = start + tl.arange(0, BLOCK)  # int64 (start is loaded as int64)
         _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
                    inf_ptr, coef_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
                    WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR,
                    M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP, BLOCK)
+
+    @triton.jit
+    def _bf16_join(param, rem, tie):
+        """bf16_split.h's join on bits (uint32 each; tie 0 or 1): the fp32 master. The high
+        half is the parameter less one where the master rounded up to it."""
+        up = ((rem > 0x8000) | ((rem == 0x8000) & (tie != 0))).to(tl.uint32)
+        return (((param - up) << 16) | rem).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _bf16_split(m):
+        """bf16_split.h's split of the fp32 master m: (parameter, remainder, tie) bits as
+        uint32. The parameter is r() of m (nearest even, NaN -> 0x7FC0, as c10); the tie is
+        set where m sits halfway and rounded up (its high half is not the parameter)."""
+        u = m.to(tl.uint32, bitcast=True)
+        param = _round_storage(m, 1).to(tl.uint32, bitcast=True) >> 16
+        rem = u & 0xFFFF
+        tie = ((rem == 0x8000) & ((u >> 16) != param)).to(tl.uint32)
+        return param, rem, tie
+
+    @triton.jit
+    def _load_tie_bits(ties_ptr, offs, mask):
+        """The tie bit of each element offs (memory order): bit offs % 8 of byte offs // 8."""
+        byte = tl.load(ties_ptr + offs // 8, mask=mask, other=0).to(tl.uint32)
+        return (byte >> (offs % 8).to(tl.uint32)) & 1
+
+    @triton.jit
+    def _pack_tie_bits(tie, BLOCK: tl.constexpr):
+        """BLOCK tie bits (uint32, 0 or 1) as BLOCK // 8 bytes: bit j of byte k is element
+        8k + j. The bits are distinct powers of two, so their sum is their OR."""
+        rows = tl.reshape(tie, (BLOCK // 8, 8)) << tl.arange(0, 8).to(tl.uint32)[None, :]
+        return tl.sum(rows, axis=1).to(tl.uint8)
+
+    @triton.jit
+    def _sgd_master_kernel(rows_ptr, blocks_ptr,
+                           neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
+                           one_minus_d: "fp64",
+                           MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                           MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                           FIRST_STEP: tl.constexpr, BLOCK: tl.constexpr):
+        """Master weights (bf16_split.h), many tensors in one launch through a pointer table
+        of rows [address of the bf16 parameter, of the bf16 gradient, of the fp32 buffer (0
+        when MOMENTUM is off), of the int16 remainder, of the uint8 tie bytes, numel]. Each
+        element's master is joined from its three parts, takes _sgd_math's step in fp32
+        (KIND 0: the master is fp32, nothing rounds to storage in between) and is split
+        again. Bits throughout (uint16 pointers for bf16 and int16): no float cast can round
+        differently in the interpreter. A block starts at a multiple of BLOCK, a multiple of
+        8, so each program writes whole tie bytes, and no two programs the same one."""
+        tl.static_assert(BLOCK % 8 == 0)
+        row, start, n = _table_program(rows_ptr, blocks_ptr, 6)
+        p_ptr = tl.load(row).to(tl.pointer_type(tl.uint16))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint16))
+        b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        r_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint16))
+        t_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        m = _bf16_join(tl.load(p_ptr + offs, mask=mask).to(tl.uint32),
+                       tl.load(r_ptr + offs, mask=mask).to(tl.uint32),
+                       _load_tie_bits(t_ptr, offs, mask))
+        # bf16 -> fp32 is exact: the bits move up by 16
+        g = (tl.load(g_ptr + offs, mask=mask).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        if MOMENTUM and not FIRST_STEP:
+            buf = tl.load(b_ptr + offs, mask=mask)
+        else:
+            buf = tl.zeros([BLOCK], tl.float32)
+        # the fp64 arguments hold fp32 values: this narrowing is exact
+        m, buf = _sgd_math(m, buf, g, tl.full((), neg_lr, tl.float32),
+                           tl.full((), wd, tl.float32), tl.full((), m_mul, tl.float32),
+                           tl.full((), m_add, tl.float32), tl.full((), one_minus_d, tl.float32),
+                           mask, mask, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
+                           0, False, False)
+        param, rem, tie = _bf16_split(m)
+        tl.store(p_ptr + offs, param.to(tl.uint16), mask=mask)
+        tl.store(r_ptr + offs, rem.to(tl.uint16), mask=mask)
+        if MOMENTUM:
+            tl.store(b_ptr + offs, buf, mask=mask)
+        # the bits past numel are 0 in the last byte
+        kb = start // 8 + tl.arange(0, BLOCK // 8)
+        tl.store(t_ptr + kb, _pack_tie_bits(tl.where(mask, tie, 0), BLOCK),
+                 mask=kb < (n + 7) // 8)
 
     @triton.jit
     def _round_storage_kernel(x_ptr, y_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
@@ -423,23 +521,49 @@ def _check_triple(where: str, p, g, b, dev_dtype: list) -> None:
     if not _dense(p):
         raise ValueError(f"{pn} must be dense and non-overlapping, got strides {p.stride()} "
                          f"for shape {tuple(p.shape)}")
-    others = [(g, gn)]
+    _check_like(g, gn, p, pn)
     if b is not None:
-        if not isinstance(b, torch.Tensor):
-            raise TypeError(f"{bn} must be a tensor, got {type(b).__name__}")
-        others.append((b, bn))
-    for t, n in others:
-        if t.layout != torch.strided:
-            raise ValueError(f"{n} must be a dense (strided) tensor")
-        if t.device != p.device:
-            raise ValueError(f"{n} is on {t.device} but {pn} is on {p.device}")
-        if t.dtype != p.dtype:
-            raise ValueError(f"{n} has dtype {t.dtype} but {pn} has dtype {p.dtype}")
-        if t.shape != p.shape:
-            raise ValueError(f"{n} has shape {tuple(t.shape)} but {pn} has shape {tuple(p.shape)}")
-        if t.stride() != p.stride():
-            raise ValueError(f"{n} has strides {t.stride()} but {pn} has strides {p.stride()} "
-                             "(the memory layouts must match)")
+        _check_like(b, bn, p, pn)
+
+
+def _check_like(t, n, p, pn: str, dtype=None) -> None:
+    """t (named n) is laid out like the dense tensor p (named pn): same device, shape and
+    strides, so that both hold their elements in the same memory order; its dtype is `dtype`
+    (p's when None)."""
+    _check_tensor(t, n)
+    if t.device != p.device:
+        raise ValueError(f"{n} is on {t.device} but {pn} is on {p.device}")
+    if dtype is None and t.dtype != p.dtype:
+        raise ValueError(f"{n} has dtype {t.dtype} but {pn} has dtype {p.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{n} must be {dtype} (with {p.dtype} {pn}), got {_describe(t)}")
+    if t.shape != p.shape:
+        raise ValueError(f"{n} has shape {tuple(t.shape)} but {pn} has shape {tuple(p.shape)}")
+    if t.stride() != p.stride():
+        raise ValueError(f"{n} has strides {t.stride()} but {pn} has strides {p.stride()} "
+                         "(the memory layouts must match)")
+
+
+def _check_list_lengths(params, lists, bufs, need_buf: bool, momentum) -> None:
+    """lists: (list, name) that take one tensor per parameter; bufs too when need_buf."""
+    for lst, name in lists:
+        if len(lst) != len(params):
+            raise ValueError(f"{name} has {len(lst)} tensors but params has {len(params)}")
+    if need_buf and len(bufs) != len(params):
+        raise ValueError(f"momentum_buffers has {len(bufs)} tensors but params has "
+                         f"{len(params)} (momentum={momentum} needs one each)")
+
+
+def _check_ties(t, n: str, p, pn: str) -> None:
+    """t (named n) holds p's tie bits: a contiguous 1-D uint8 tensor of ceil(numel / 8)
+    bytes on p's device."""
+    _check_tensor(t, n)
+    nbytes = (p.numel() + 7) // 8
+    if not (t.device == p.device and t.dtype == torch.uint8 and t.dim() == 1
+            and t.numel() == nbytes and t.is_contiguous()):
+        raise ValueError(f"{n} must be a contiguous 1-D uint8 tensor of {nbytes} bytes on "
+                         f"{p.device} (a bit per element of {pn}), got {_describe(t)} with "
+                         f"strides {t.stride()}")
 
 
 def _check_no_overlap(named) -> None:
@@ -459,21 +583,29 @@ def _scalars(vals, dtype):
     return rnd(-lr), rnd(wd), rnd(m), rnd(m), rnd(1.0 - d)
 
 
+def _step_flags(vals, nesterov, maximize, first_step) -> dict:
+    """The constexpr arguments of every step kernel: the update's flags, the block, the warps
+    and no fp fusion."""
+    return dict(MAXIMIZE=maximize, WEIGHT_DECAY=vals["weight_decay"] != 0,
+                MOMENTUM=vals["use_buf"], NESTEROV=nesterov, FIRST_STEP=first_step,
+                BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
 def _flags(dtype, vals, nesterov, maximize, first_step, hyper=None, amp=None) -> dict:
-    """The constexpr arguments shared by both kernels (hyper: a _HyperTensors, amp: an _Amp,
-    or None). A hyper-parameter in a tensor sets its op's flag; the kernel then decides by its
-    value."""
+    """The constexpr arguments shared by the flat and the list kernel (hyper: a _HyperTensors,
+    amp: an _Amp, or None). A hyper-parameter in a tensor sets its op's flag; the kernel then
+    decides by its value."""
     amp = amp or _NO_AMP
     hyper = hyper or _NO_HYPER
     wd_tensor = hyper.weight_decay is not None
-    return dict(MAXIMIZE=maximize, WEIGHT_DECAY=wd_tensor or vals["weight_decay"] != 0,
-                MOMENTUM=vals["use_buf"], NESTEROV=nesterov, FIRST_STEP=first_step,
-                KIND=_KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
-                LR_TENSOR=hyper.lr is not None, M_TENSOR=hyper.momentum is not None,
-                D_TENSOR=hyper.dampening is not None, WD_TENSOR=wd_tensor,
-                AMP_SCALE=amp.grad_scale is not None,
-                AMP_SKIP=amp.found_inf is not None, CLIP=amp.clip_coef is not None,
-                BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    flags = _step_flags(vals, nesterov, maximize, first_step)
+    flags.update(WEIGHT_DECAY=wd_tensor or flags["WEIGHT_DECAY"],
+                 KIND=_KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
+                 LR_TENSOR=hyper.lr is not None, M_TENSOR=hyper.momentum is not None,
+                 D_TENSOR=hyper.dampening is not None, WD_TENSOR=wd_tensor,
+                 AMP_SCALE=amp.grad_scale is not None,
+                 AMP_SKIP=amp.found_inf is not None, CLIP=amp.clip_coef is not None)
+    return flags
 
 
 class _Amp:
@@ -570,9 +702,10 @@ _MAX_PROGRAMS = 2**31 - 1
 
 
 def _list_table(addrs, numels, device):
-    """The pointer table of the list kernel, as ONE int64 tensor moved to `device` in one
-    host-to-device copy: rows (4 per tensor: p, g, buf addresses and numel), then the block map
-    (2 per program: tensor index, first element of the block). Every numel must be > 0.
+    """The pointer table of the list and the master kernel, as ONE int64 tensor moved to
+    `device` in one host-to-device copy: rows (per tensor its addresses, then its numel: 4
+    for the list kernel's p, g, buf; 6 for the master kernel's), then the block map (2 per
+    program: tensor index, first element of the block). Every numel must be > 0.
     Returns (rows, blocks, n_programs): rows and blocks are views of that one device tensor."""
     nt = len(numels)
     numel = torch.tensor(numels, dtype=torch.int64)
@@ -581,7 +714,7 @@ def _list_table(addrs, numels, device):
     tensor_of = torch.repeat_interleave(torch.arange(nt, dtype=torch.int64), nblocks)
     first_program = torch.cumsum(nblocks, 0) - nblocks
     start = (torch.arange(n_programs, dtype=torch.int64) - first_program[tensor_of]) * BLOCK_SIZE
-    rows = torch.cat([torch.tensor(addrs, dtype=torch.int64).reshape(nt, 3),
+    rows = torch.cat([torch.tensor(addrs, dtype=torch.int64).reshape(nt, len(addrs[0])),
                       numel.reshape(nt, 1)], 1)
     host = torch.cat([rows.reshape(-1), torch.stack([tensor_of, start], 1).reshape(-1)])
     if device.type == "cuda":
@@ -591,7 +724,7 @@ def _list_table(addrs, numels, device):
         table = host.pin_memory().to(device, non_blocking=True)
     else:  # the interpreter: the table stays on the CPU
         table = host.to(device)
-    return table[:4 * nt], table[4 * nt:], n_programs
+    return table[:rows.numel()], table[rows.numel():], n_programs
 
 
 _TABLES: collections.OrderedDict = collections.OrderedDict()  # (device, addrs, numels) -> table
@@ -611,6 +744,14 @@ def _cached_list_table(addrs, numels, device):
     else:
         _TABLES.move_to_end(key)
     return hit
+
+
+def _table_launches(addrs, numels, device):
+    """(rows, blocks, programs) of each launch over the tensors of one table: one, split only
+    past CUDA's grid limit (_MAX_PROGRAMS)."""
+    rows, blocks, n_programs = _cached_list_table(addrs, numels, device)
+    for first in range(0, n_programs, _MAX_PROGRAMS):
+        yield rows, blocks[2 * first:], min(_MAX_PROGRAMS, n_programs - first)
 
 
 # ---- entry points ----------------------------------------------------------------------------
@@ -676,12 +817,8 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
                           momentum_tensor)
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
-    if len(grads) != len(params):
-        raise ValueError(f"grads has {len(grads)} tensors but params has {len(params)}")
     need_buf = vals["use_buf"]
-    if need_buf and len(bufs) != len(params):
-        raise ValueError(f"momentum_buffers has {len(bufs)} tensors but params has "
-                         f"{len(params)} (momentum={momentum} needs one each)")
+    _check_list_lengths(params, [(grads, "grads")], bufs, need_buf, momentum)
     dev_dtype: list = []
     named = []
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -714,9 +851,58 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
     flags = _flags(dtype, vals, nesterov, maximize, first_step, hyper, amp)
     tl_dtype = _TL_DTYPE[dtype]
     with _device_guard(device):
-        rows, blocks, n_programs = _cached_list_table(addrs, numels, device)
-        for first in range(0, n_programs, _MAX_PROGRAMS):
-            count = min(_MAX_PROGRAMS, n_programs - first)
-            _sgd_list_kernel[(count,)](rows, blocks[2 * first:], *hyper.pointers(rows),
-                                       *amp.pointers(rows), *sc,
-                                       DTYPE=tl_dtype, **flags)
+        for rows, blocks, count in _table_launches(addrs, numels, device):
+            _sgd_list_kernel[(count,)](rows, blocks, *hyper.pointers(rows), *amp.pointers(rows),
+                                       *sc, DTYPE=tl_dtype, **flags)
+
+
+def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, *, lr,
+                                 momentum, dampening, weight_decay, nesterov, maximize,
+                                 first_step) -> None:
+    """Master weights (csrc/include/momentum_cuda/bf16_split.h): bf16 params whose fp32
+    masters are joined from the params, the int16 remainders (shaped and strided like the
+    params) and the tie bits (a contiguous uint8 tensor of ceil(numel / 8) bytes each, bit j of
+    byte k for element 8k + j in memory order), take torch's fp32 SGD step with the bf16
+    gradients widened exactly, and are split again; momentum_buffers are fp32, like the params
+    (empty/None when momentum == 0). The checks of csrc/momentum_ops.cpp's
+    sgd_step_master_list, all before the launch; then ONE launch for all non-empty tensors (as
+    the list path, through a pointer table)."""
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    params, grads = list(params), list(grads)
+    rems, ties = list(remainders), list(ties)
+    bufs = list(momentum_buffers) if momentum_buffers is not None else []
+    need_buf = vals["use_buf"]
+    _check_list_lengths(params, [(grads, "grads"), (rems, "remainders"), (ties, "ties")], bufs,
+                        need_buf, momentum)
+    dev_dtype: list = []
+    named = []
+    for i, (p, g, r, t) in enumerate(zip(params, grads, rems, ties)):
+        at = f"[{i}]"
+        _check_triple(at, p, g, None, dev_dtype)
+        if p.dtype != torch.bfloat16:
+            raise ValueError(f"params{at} must be bfloat16 (master weights split a bf16 "
+                             f"parameter), got {_describe(p)}")
+        if need_buf:
+            _check_like(bufs[i], f"momentum_buffers{at}", p, f"params{at}", torch.float32)
+            named.append((bufs[i], f"momentum_buffers{at}"))
+        _check_like(r, f"remainders{at}", p, f"params{at}", torch.int16)
+        _check_ties(t, f"ties{at}", p, f"params{at}")
+        named += [(p, f"params{at}"), (g, f"grads{at}"), (r, f"remainders{at}"),
+                  (t, f"ties{at}")]
+    _check_no_overlap(named)
+    # remainders are strided like the params: element j of the walk is the same element of
+    # every tensor (tie bit j included: the bits are in memory order)
+    addrs, numels = [], []
+    for i, (p, g, r, t) in enumerate(zip(params, grads, rems, ties)):
+        if p.numel():
+            addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0,
+                          r.data_ptr(), t.data_ptr()))
+            numels.append(p.numel())
+    if not numels:
+        return
+    device = params[0].device
+    sc = _scalars(vals, torch.float32)
+    flags = _step_flags(vals, nesterov, maximize, first_step)
+    with _device_guard(device):
+        for rows, blocks, count in _table_launches(addrs, numels, device):
+            _sgd_master_kernel[(count,)](rows, blocks, *sc, **flags)

@@ -323,3 +323,69 @@ def test_cuda_graph_training_iteration(flat, clip, hyper):
         for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
             assert torch.equal(p, q), f"replay {k - 2}: parameter {i} differs"
         assert scaler.get_scale() == tscaler.get_scale()
+
+
+# plain SGD, momentum with weight decay, nesterov, dampening, every flag but nesterov
+MASTER_HYPER = [dict(momentum=0.0), dict(momentum=0.9, weight_decay=1e-2),
+                dict(momentum=0.9, nesterov=True), dict(momentum=0.9, dampening=0.3),
+                dict(momentum=0.9, dampening=0.3, weight_decay=1e-2, maximize=True)]
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("hyper", MASTER_HYPER,
+                         ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_bitwise_vs_fp32_torch(backend, hyper, flat):
+    """master_weights=True on the GPU: after every step each bf16 parameter's fp32 master is
+    torch.optim.SGD(foreach=False)'s fp32 parameter stepped with the gradients widened (same
+    GPU), the parameter is that master rounded to nearest even, the buffers are torch's; an
+    fp32 parameter of the same group stays on the flat (or per-tensor) path."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(0,), (1,), (3,), (97,), (2**20 + 3,), (97, 33), (64, 3, 3, 3)]
+    masters = [(torch.randn(s, generator=g) * 4).cuda() for s in shapes]
+    ours = [torch.nn.Parameter(m.to(torch.bfloat16)) for m in masters]
+    twin = [torch.nn.Parameter(m.to(torch.bfloat16).float()) for m in masters]
+    extra, extra_twin = (torch.nn.Parameter(torch.randn(129, generator=g).cuda())
+                         for _ in range(2))
+    extra_twin.data.copy_(extra)
+    opt = momentum_cuda.SGD(ours + [extra], lr=0.0123, backend=backend, flat=flat,
+                            master_weights=True, **hyper)
+    topt = torch.optim.SGD(twin + [extra_twin], lr=0.0123, foreach=False, **hyper)
+    for step in range(STEPS):
+        for p, t in zip(ours + [extra], twin + [extra_twin]):
+            gr = torch.randn(p.shape, generator=g).to(p.dtype).cuda()
+            if p.grad is not None:
+                p.grad.copy_(gr)
+            else:  # the flat parameter's gradient becomes its flat view, as in _run
+                (p * gr).sum().backward()
+            t.grad = gr.float()
+        opt.step()
+        topt.step()
+        paths = sorted((e["backend"], e["path"]) for e in opt.last_step)
+        assert paths == sorted([(backend, "master"), (backend, "flat" if flat else "per-tensor")])
+        for i, (p, t) in enumerate(zip(ours, twin)):
+            assert torch.equal(opt.master_weight(p).view(torch.int32), t.view(torch.int32)), \
+                f"step {step + 1}: master {i} differs"
+            assert torch.equal(p.view(torch.int16), t.to(torch.bfloat16).view(torch.int16))
+            if "momentum_buffer" in topt.state[t]:
+                assert torch.equal(opt.state[p]["momentum_buffer"].view(torch.int32),
+                                   topt.state[t]["momentum_buffer"].view(torch.int32))
+        assert torch.equal(extra, extra_twin)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_opcheck_on_gpu(backend):
+    """opcheck on the master-weights op of each GPU backend with CUDA tensors."""
+    prefix = "triton_" if backend == "triton" else ""
+    op = getattr(torch.ops.momentum_cuda, f"{prefix}sgd_step_master_list_").default
+    g = torch.Generator().manual_seed(8)
+    ns = (0, 1, 3, 97, 1030)
+    ps = [torch.randn(n, generator=g).to(torch.bfloat16).cuda() for n in ns]
+    gs = [torch.randn(n, generator=g).to(torch.bfloat16).cuda() for n in ns]
+    bs = [torch.randn(n, generator=g).cuda() for n in ns]
+    rs = [torch.randint(-2**15, 2**15, (n,), generator=g, dtype=torch.int16).cuda() for n in ns]
+    ts = [torch.randint(0, 256, ((n + 7) // 8,), generator=g, dtype=torch.uint8).cuda()
+          for n in ns]
+    result = torch.library.opcheck(op, (ps, gs, bs, rs, ts, 0.0123, 0.9, 0.1, 0.01, False, True,
+                                        False))
+    assert set(result.values()) == {"SUCCESS"}, result

@@ -465,3 +465,25 @@ def test_channels_last_parameter():
         topt.step()
         assert torch.equal(bits(opt.master_weight(p)), bits(t)), f"step {step + 1}"
         assert opt.state[p]["master_remainder"].stride() == p.stride()
+
+
+@FLAT
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy"])
+def test_written_master_leaves_settled(flat, how):
+    """A parameter written after its last step and before state_dict() / deepcopy: the copy or
+    the loaded checkpoint carries the written value as the master (found by
+    test_master_sequences: the stale remainder came back joined to the new value)."""
+    tw = MasterTwins(flat)
+    tw.step(2)
+    with torch.no_grad():
+        tw.ours[0].mul_(-3.0)
+        tw.twin[0].copy_(tw.ours[0].float())
+    if how == "state_dict":
+        sd = copy.deepcopy(tw.opt.state_dict())
+        tw.opt.load_state_dict(sd)
+        tw.topt.load_state_dict(copy.deepcopy(tw.topt.state_dict()))
+    else:
+        tw.ours, tw.opt = copy.deepcopy((tw.ours, tw.opt))
+        tw.twin, tw.topt = copy.deepcopy((tw.twin, tw.topt))
+    tw.check("after the write")
+    tw.step(2)

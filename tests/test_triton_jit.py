@@ -107,8 +107,13 @@ def _opmath(x: float, dtype) -> float:
     return torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item()
 
 
+# the master kernel's constexprs (it has no storage kinds, tensor hyper-parameters or AMP)
+MASTER_FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "MOMENTUM", "NESTEROV", "FIRST_STEP", "BLOCK")
+
+
 def _expected(entry):
-    """The constexpr flags and scalars an entry-point call asks for, from its own arguments."""
+    """The constexpr flags and scalars an entry-point call asks for, from its own arguments
+    (the master entry's bf16 parameters: fp32 opmath, as the master is fp32)."""
     kw, dtype = entry["kwargs"], entry["dtype"]
     m, d = float(kw["momentum"]), float(kw["dampening"])
     given = {n: kw.get(f"{n}_tensor") is not None
@@ -125,6 +130,8 @@ def _expected(entry):
                  CLIP=kw.get("clip_coef") is not None, BLOCK=1024)
     if entry["kind"] == "list":
         flags["DTYPE"] = ELEM[dtype][2]
+    if entry["kind"] == "master":
+        flags = {k: flags[k] for k in MASTER_FLAGS}
     scalars = dict(neg_lr=_opmath(-float(kw["lr"]), dtype),
                    wd=_opmath(kw["weight_decay"], dtype), m_mul=_opmath(m, dtype),
                    m_add=_opmath(m, dtype), one_minus_d=_opmath(1.0 - d, dtype))
@@ -262,10 +269,15 @@ def _check_compiled(ck, name, dtype, problems):
     for p in ptrs:
         if args.get(p) != want_ir:
             problems.append(f"ttir: {what}: %{p} is {args.get(p)}, not {want_ir}")
-    if name == "_sgd_list_kernel":
+    if name != "_sgd_flat_kernel":
+        # the master kernel's tensors: bf16 parameters, gradients and int16 remainders as
+        # 16-bit integers (no float cast), tie bytes, fp32 buffers (with MOMENTUM)
+        consts = {names[path[0]]: v for path, v in ck.src.constants.items()}
+        want = ({"i16", "i8"} | ({"f32"} if consts.get("MOMENTUM") else set())
+                if name == "_sgd_master_kernel" else {mlir})
         casts = set(re.findall(r"tt\.int_to_ptr [^:\n]*: i64 -> !tt\.ptr<(\w+)>", ttir))
-        if casts != {mlir}:
-            problems.append(f"ttir: {what}: int_to_ptr casts to {casts}, not {{{mlir}}}")
+        if casts != want:
+            problems.append(f"ttir: {what}: int_to_ptr casts to {casts}, not {want}")
     # PTX parameters: the non-constexpr arguments in order (then Triton's scratch pointers).
     params = _entry_params(ck.asm["ptx"], name)
     runtime = [n for n in names if sig[n] != "constexpr"]
@@ -274,7 +286,12 @@ def _check_compiled(ck, name, dtype, problems):
         got = params[i] if i < len(params) else None
         if got != want:
             problems.append(f"ptx: {what}: {arg} is .param .{got}, not .param .{want}")
-    _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems)
+    if name == "_sgd_master_kernel":
+        conv = set(re.findall(r"\b(?:cvt\.\w+\.bf16\.f32|div\.[\w.]+|rcp\.[\w.]+)", ck.asm["ptx"]))
+        if conv:
+            problems.append(f"ptx: {what}: {sorted(conv)} (the split is integer arithmetic)")
+    else:
+        _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems)
     md = ck.metadata
     if (md.num_warps, md.enable_fp_fusion, md.target.arch) != (4, False, ARCH):
         problems.append(f"options: {what}: num_warps {md.num_warps}, enable_fp_fusion "
@@ -339,7 +356,8 @@ def jit_without_gpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tk, "_check_device", check_device)
     monkeypatch.setitem(_backends._PREFERENCE, "cpu", ("cpu", "triton"))
-    with triton_stub_driver.stub_driver([tk._sgd_flat_kernel, tk._sgd_list_kernel], ARCH):
+    with triton_stub_driver.stub_driver([tk._sgd_flat_kernel, tk._sgd_list_kernel,
+                                         tk._sgd_master_kernel], ARCH):
         yield cache
 
 
@@ -370,7 +388,9 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     step-1 and the later flag set with all four *_TENSOR flags on (16). A GradScaler test on
     the Triton backend (fp32 and bf16, flat and per-tensor, clip or not) adds 3 flag sets per
     kernel and dtype it runs: grad_scale + found_inf, clip_coef on the first step, clip_coef +
-    found_inf (12 for two dtypes): 276 in all."""
+    found_inf (12 for two dtypes): 276. test_master_weights_bitwise_vs_fp32_torch's five
+    hyper-parameter sets add 9 of the master kernel (step 1 and later steps where momentum is
+    on): 285 in all."""
     cache = jit_without_gpu
     cases = _triton_cases()
     assert cases, "tests/test_gpu.py has no case with backend='triton' to replay"
@@ -387,7 +407,9 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
                         rec.wrap_entry(tk.triton_sgd_step_flat_, "flat"))
     monkeypatch.setattr(tk, "triton_sgd_step_list_",
                         rec.wrap_entry(tk.triton_sgd_step_list_, "list"))
-    kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel)
+    monkeypatch.setattr(tk, "triton_sgd_step_master_list_",
+                        rec.wrap_entry(tk.triton_sgd_step_master_list_, "master"))
+    kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel, tk._sgd_master_kernel)
     t0 = time.perf_counter()
     try:
         for k in kernels:  # an instance attribute: deleting it brings back JITFunction.run

@@ -1,0 +1,160 @@
+"""Randomized operation sequences for master_weights=True (issue 14): bf16 parameters (and two
+fp32 ones) stepped by momentum_cuda.SGD / Momentum with master weights, against fp32 twins
+stepped by torch.optim.SGD(foreach=False) / MomentumReference (test_master_weights.MasterTwins),
+flat and per-tensor, random hyper-parameters. Between steps a random interleaving of what
+training code does: fresh gradients (the twins get them widened), gradients scaled in place or
+dropped, zero_grad either way, a group's hyper-parameter edited, a parameter written (copy_ of
+fresh values or of itself scaled: its master restarts from the written value, so the twin is
+given the same value), a new param group, state_dict + load_state_dict, copy.deepcopy of
+parameters and optimizer together. After every operation: every master, parameter and momentum
+buffer bit for bit (MasterTwins.check), and gradient presence.
+
+Not drawn, with the reason: opt.state.clear() / momentum_buffer = None (they drop the remainder
+too: the master restarts from the bf16 value while the fp32 twin keeps its low bits; README,
+"Master weights"), clipping (it computes on the bf16 gradients on our side and the fp32 ones on
+the twin's, a different input), model.to(dtype) (a documented non-goal for now).
+
+Hypothesis is derandomized (a fixed seed, the same sequences every run) and keeps no database;
+MOMENTUM_CUDA_SEQUENCES scales the count with tests/test_sequences.py's (a tenth of it here).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import fresh_grads
+from test_master_weights import MasterTwins
+
+N_SEQUENCES = max(20, int(os.environ.get("MOMENTUM_CUDA_SEQUENCES", "1000")) // 10)
+
+LR = st.sampled_from([0.1, 0.01, 1e-3, 0.0])
+HYPER = {
+    "sgd": st.fixed_dictionaries(dict(lr=LR, momentum=st.sampled_from([0.0, 0.9, 0.5]),
+                                      dampening=st.sampled_from([0.0, 0.3]),
+                                      weight_decay=st.sampled_from([0.0, 1e-2]),
+                                      maximize=st.booleans())),
+    "ema": st.fixed_dictionaries(dict(lr=LR, momentum=st.sampled_from([0.9, 0.5]),
+                                      weight_decay=st.sampled_from([0.0, 1e-2]),
+                                      maximize=st.booleans())),
+}
+K = st.integers(0, 15)
+SEED = st.integers(0, 2**16)
+OPS = {
+    "grads": st.tuples(SEED),
+    "step": st.just(()),
+    "train": st.tuples(SEED),
+    "zero_grad": st.tuples(st.booleans()),
+    "grad_mul": st.tuples(st.sampled_from([0.5, -1.0, 3.0])),
+    "grad_none": st.tuples(K),
+    "edit": st.tuples(K, st.sampled_from(["lr", "momentum", "weight_decay", "maximize"]), SEED),
+    "write": st.tuples(K, SEED),
+    "write_scaled": st.tuples(K, st.sampled_from([0.5, -3.0])),
+    "add_group": st.tuples(SEED, st.sampled_from([(1,), (9,), (4, 3)])),
+    "save_load": st.just(()),
+    "deepcopy": st.just(()),
+}
+WEIGHTS = {"step": 4, "train": 4, "grads": 3}
+NAMES = st.sampled_from([n for n in sorted(OPS) for _ in range(WEIGHTS.get(n, 1))])
+
+
+def _sync_grads(tw):
+    """The twins' gradients: ours widened (None where ours is None)."""
+    for p, t in zip(tw.ours, tw.twin):
+        t.grad = None if p.grad is None else p.grad.detach().float().clone()
+
+
+def _edit_value(kind, key, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = float(torch.rand((), generator=gen))
+    if key == "maximize":
+        return r < 0.5
+    if key == "momentum":
+        return 0.5 + 0.45 * r if kind == "ema" else [0.0, 0.9, r][int(3 * r) % 3]
+    return {"lr": 0.05 * r, "weight_decay": 0.01 * r}[key]
+
+
+def apply(tw, kind, op):
+    name, *a = op
+    ours, twin = tw.ours, tw.twin
+    if name == "grads":
+        gen = torch.Generator().manual_seed(a[0])
+        for p, g in zip(ours, fresh_grads(ours, gen)):
+            p.grad = g if p.grad is None else p.grad.add_(g)  # accumulates in bf16 on our side
+        _sync_grads(tw)
+    elif name == "step":
+        tw.opt.step()
+        tw.topt.step()
+    elif name == "train":
+        tw.gen = torch.Generator().manual_seed(a[0])
+        tw.grads()
+        tw.opt.step()
+        tw.topt.step()
+    elif name == "zero_grad":
+        tw.opt.zero_grad(set_to_none=a[0])
+        tw.topt.zero_grad(set_to_none=a[0])
+    elif name == "grad_mul":
+        for p in ours:
+            if p.grad is not None:
+                p.grad.mul_(a[0])
+        _sync_grads(tw)
+    elif name == "grad_none":
+        ours[a[0] % len(ours)].grad = None
+        _sync_grads(tw)
+    elif name == "edit":
+        k = a[0] % len(tw.opt.param_groups)
+        value = _edit_value(kind, a[1], a[2])
+        if a[1] == "momentum" and value == 0 and tw.opt.param_groups[k].get("nesterov"):
+            return
+        tw.opt.param_groups[k][a[1]] = tw.topt.param_groups[k][a[1]] = value
+    elif name in ("write", "write_scaled"):
+        k = a[0] % len(ours)
+        with torch.no_grad():
+            if name == "write":
+                gen = torch.Generator().manual_seed(a[1])
+                ours[k].copy_(torch.randn(ours[k].shape, generator=gen).to(ours[k].dtype))
+            else:
+                ours[k].copy_(ours[k] * a[1])
+            twin[k].copy_(ours[k].float())
+    elif name == "add_group":
+        gen = torch.Generator().manual_seed(a[0])
+        p = torch.nn.Parameter(torch.randn(a[1], generator=gen).to(torch.bfloat16))
+        t = torch.nn.Parameter(p.detach().float().clone())
+        ours.append(p)
+        twin.append(t)
+        tw.opt.add_param_group({"params": [p], "lr": 0.03})
+        tw.topt.add_param_group({"params": [t], "lr": 0.03})
+    elif name == "save_load":
+        tw.opt.load_state_dict(copy.deepcopy(tw.opt.state_dict()))
+        tw.topt.load_state_dict(copy.deepcopy(tw.topt.state_dict()))
+    elif name == "deepcopy":
+        tw.ours, tw.opt = copy.deepcopy((tw.ours, tw.opt))
+        tw.twin, tw.topt = copy.deepcopy((tw.twin, tw.topt))
+
+
+@st.composite
+def cases(d):
+    kind = d(st.sampled_from(["sgd", "sgd", "ema"]))
+    h = d(HYPER[kind])
+    if kind == "sgd" and d(st.booleans()) and h["momentum"] and not h["dampening"]:
+        h["nesterov"] = True
+    ops = d(st.lists(st.tuples(NAMES).flatmap(lambda n: OPS[n[0]].map(lambda a: (n[0], *a))),
+                     min_size=3, max_size=12))
+    return kind, h, d(st.booleans()), d(SEED), ops
+
+
+@settings(max_examples=N_SEQUENCES, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+          print_blob=False)
+@given(cases())
+def test_master_weight_sequences(case):
+    kind, h, flat, seed, ops = case
+    tw = MasterTwins(flat, kind, h, seed)
+    for i, op in enumerate(ops):
+        apply(tw, kind, op)
+        what = f"after op {i} {op} of {ops} (kind={kind}, h={h}, flat={flat}, seed={seed})"
+        tw.check(what)
+        for p, t in zip(tw.ours, tw.twin):
+            assert (p.grad is None) == (t.grad is None), f"{what}: gradient presence"
