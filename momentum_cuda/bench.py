@@ -7,6 +7,7 @@
     momentum-cuda bench --out DIR --name bench-headline --formats json csv --budget-s 170
     momentum-cuda bench --overhead               # host time per step: tiny tensors, 148 and 2000
     momentum-cuda bench --ampclip                # GradScaler + clip_grad_norm_ + step, per step
+    momentum-cuda bench --master                 # bf16 + exact fp32 masters vs torch's recipe
 
 Implementations: momentum_cuda flat and per-tensor on every backend that runs on the device
 (cpu; cuda and triton on a GPU), torch.optim.SGD's for-loop, foreach and fused steps, and Apex
@@ -74,6 +75,26 @@ sequence, and a "gradient passes" model (GRAD_PHASES: the gradient's element rea
 per parameter that each sequence's ops make, not a measurement). Files: json and csv; <name>
 defaults to bench-ampclip-<device>-<date>.
 
+--master: bf16 parameters with exact fp32 master weights (issue 14), one step per contender, for
+--params (default as below) in --layouts (default few-large many-small; plain tensors), no
+--dtypes (the model is bf16; fp32 contenders step the same values widened, exactly).
+Contenders: momentum_cuda's master weights, SGD(bf16 params, master_weights=True), on every
+backend that runs here and has the master op (mc-master-<backend>; one named that cannot run is
+reported with the reason); momentum_cuda flat on fp32 and on bf16 parameters
+(mc-flat-<backend>-fp32, -bf16); torch's fp32 master recipe, what users write without
+momentum_cuda (Apex O2 style: fp32 copies stepped by torch.optim.SGD, the bf16 gradients copied
+into the copies' fp32 .grad and the copies back into the bf16 parameters each step;
+torch-master-forloop, -foreach, -fused); torch.optim.SGD on fp32 parameters (torch-fp32-forloop,
+-foreach, -fused) and on bf16 ones (torch-bf16-forloop). Every momentum_cuda step must be one
+call of its path (opt.last_step: "master" or "flat", on its backend), and the masters
+(opt.master_weight(p)), fp32 momentum buffers and bf16 parameters must equal an fp32 torch
+for-loop twin's (torch-fp32-forloop; plain bf16: torch-bf16-forloop) bitwise, before timing
+(2 steps) and after it (all steps). Reported: median, p10-p90, ratios to torch-master-foreach,
+torch-master-fused and torch-fp32-fused, the bytes moved per parameter (a model: step_passes),
+its GB/s and share of an fp32 a.add_(b) probe, and the bytes held per parameter (weights,
+optimizer state, gradients), measured from the tensors and compared with memory_formula().
+Files: json, csv and png; <name> defaults to bench-master-<device>-<date>.
+
 Order of the cases: the first value given to each of --params, --layouts and --dtypes is the most
 important. Cases run sorted by the sum of their values' positions in those three lists (ties:
 the earlier --params value, then --layouts), so every value given is reached early and a time
@@ -131,6 +152,8 @@ import torch
 import momentum_cuda
 
 from ._backends import resolve_backend
+from ._ops import master_op
+from .optim import ALIGN_BYTES  # momentum_cuda's flat layout: each parameter padded to it
 from .optim import _local  # a DTensor's local shard; any other tensor itself
 
 try:
@@ -267,6 +290,12 @@ class Impl:
     make: object  # (params, hyper) -> optimizer
     ours: bool  # momentum_cuda: must be bitwise equal to torch's for-loop
     flat: bool = False
+    # --master only: the model's parameter dtype (None: the case's), how the weights are kept
+    # ("master": momentum_cuda's master weights; "recipe": torch's fp32 master copy; "plain")
+    # and the backend every momentum_cuda step must report in opt.last_step.
+    model: torch.dtype | None = None
+    kind: str = "plain"
+    backend: str | None = None
 
 
 BACKENDS = ("cpu", "cuda", "triton")
@@ -277,15 +306,24 @@ KNOWN = tuple([f"mc-{kind}-{b}" for b in BACKENDS for kind in ("flat", "list")]
               + [f"torch-{n}" for n in TORCH_STEPS] + ["apex-fused-sgd"])
 
 
-def implementations(device: torch.device) -> tuple[list[Impl], dict[str, str]]:
-    """(the implementations that run on `device`, {name: why not} for the others)."""
-    impls, missing = [], {}
+def runnable_backends(device: torch.device, missing: dict) -> list[str]:
+    """momentum_cuda's backends that run on `device`; why each other one cannot goes into
+    missing["mc-*-<backend>"]."""
+    out = []
     for backend in BACKENDS:
         try:
             resolve_backend(backend, device)
         except RuntimeError as e:
             missing[f"mc-*-{backend}"] = str(e)
-            continue
+        else:
+            out.append(backend)
+    return out
+
+
+def implementations(device: torch.device) -> tuple[list[Impl], dict[str, str]]:
+    """(the implementations that run on `device`, {name: why not} for the others)."""
+    impls, missing = [], {}
+    for backend in runnable_backends(device, missing):
         for flat in (True, False):
             kind = "flat" if flat else "per-tensor"
             impls.append(Impl(f"mc-{'flat' if flat else 'list'}-{backend}",
@@ -307,21 +345,24 @@ def implementations(device: torch.device) -> tuple[list[Impl], dict[str, str]]:
     return impls, missing
 
 
-def select(impls, missing, wanted) -> tuple[list[Impl], dict[str, str]]:
+def select(impls, missing, wanted, known=KNOWN, always=(REFERENCE,)) -> tuple[list[Impl],
+                                                                            dict[str, str]]:
     """(the implementations to run, {asked-for name: why it cannot run on this device}). The
-    reference, torch-forloop, always runs. An unknown name stops the run (exit 1)."""
+    reference, torch-forloop (--master: `always`, its two references), always runs. An unknown
+    name (not in `known`) stops the run (exit 1)."""
     if wanted is None:
         return impls, {}
     have = {i.name for i in impls}
-    unknown = [w for w in wanted if w not in have and w not in KNOWN]
+    unknown = [w for w in wanted if w not in have and w not in known]
     if unknown:
         raise SystemExit(f"momentum-cuda bench: --impls {' '.join(unknown)}: no such "
-                         f"implementation (names: {' '.join(sorted(have | set(KNOWN)))}; "
+                         f"implementation (names: {' '.join(sorted(have | set(known)))}; "
                          f"available here: {' '.join(sorted(have))})")
-    unavailable = {w: missing.get(re.sub(r"^mc-(flat|list)-", "mc-*-", w),
-                                  "not available on this device")
+    unavailable = {w: missing.get(w, missing.get(re.sub(r"^mc-(flat|list|master)-(\w+?)(-.*)?$",
+                                                        r"mc-*-\2", w),
+                                                 "not available on this device"))
                    for w in dict.fromkeys(wanted) if w not in have}
-    return [i for i in impls if i.name in wanted or i.name == REFERENCE], unavailable
+    return [i for i in impls if i.name in wanted or i.name in always], unavailable
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -473,14 +514,22 @@ def fused_takes_dtensors(mesh, dtype, device) -> bool:
 
 
 # ---- correctness --------------------------------------------------------------------------
+def _one_call(impl: Impl, calls: list, numel: int, path: str) -> None:
+    """Raises unless `calls` (opt.last_step's entries) are one kernel call of `path` over all
+    `numel` elements (on impl.backend, where it names one): no silent fallback."""
+    if (len(calls) != 1 or calls[0]["path"] != path or calls[0]["numel"] != numel
+            or impl.backend not in (None, calls[0]["backend"])):
+        raise BenchFailure(f"{impl.label} did not make exactly one {path} kernel call over "
+                           f"{numel} elements" + (f" on backend {impl.backend}" if impl.backend
+                                                  else "") + f"; last_step = {calls}")
+
+
 def _check_flat(impl: Impl, opt, numel: int) -> None:
     """A flat optimizer's step: one flat kernel call over `numel` elements (a DDP case too:
-    one call over the spans of all buckets)."""
-    calls = opt.last_step
-    if impl.flat and (len(calls) != 1 or calls[0]["path"] != "flat"
-                      or calls[0]["numel"] != numel):
-        raise BenchFailure(f"{impl.label} did not make exactly one flat kernel call over "
-                           f"{numel} elements; last_step = {calls}")
+    one call over the spans of all buckets); a master-weights one's (--master): one call of
+    the master op over all, on its backend."""
+    if impl.kind == "master" or impl.flat:
+        _one_call(impl, opt.last_step, numel, "master" if impl.kind == "master" else "flat")
 
 
 def _pieces(t: torch.Tensor):
@@ -516,14 +565,20 @@ def differences(opt, params, ref_opt, ref_params, momentum: float) -> dict | Non
     """None when every parameter and momentum buffer is bitwise equal to the reference's; else,
     per kind ("param", "momentum_buffer"): how many differ, the first one (its index, its first
     differing element and both values there) and the max |diff| over all that differ."""
-    out = {}
     # Both on DTensors (a DTensor case, not an implementation on the local tensors): each
     # buffer must be a DTensor sharded like the reference's. The elements: the local shards.
     same_kind = bool(params) and (isinstance(params[0], DTensor)
                                   == isinstance(ref_params[0], DTensor))
-    for what, ours, ref in (("param", params, ref_params),
-                            ("momentum_buffer", _buffers(opt, params, momentum),
-                             _buffers(ref_opt, ref_params, momentum))):
+    return compare_lists((("param", params, ref_params),
+                          ("momentum_buffer", _buffers(opt, params, momentum),
+                           _buffers(ref_opt, ref_params, momentum))), same_kind)
+
+
+def compare_lists(triples, same_kind: bool = False) -> dict | None:
+    """differences() of (what, ours, reference) tensor lists: None when all are bitwise equal
+    (same_kind: also placed alike, DTensors), else per `what` as differences() says."""
+    out = {}
+    for what, ours, ref in triples:
         unmatched, differ = [], []
         kinds = [_placements(a) for a in ours], [_placements(b) for b in ref]
         ours, ref = [_local(a) for a in ours], [_local(b) for b in ref]
@@ -544,6 +599,20 @@ def differences(opt, params, ref_opt, ref_params, momentum: float) -> dict | Non
             entry["missing_or_misshapen"] = unmatched[:20]
         out[what] = entry
     return out or None
+
+
+def versus_reference(impl: Impl, opt, params, ref_opt, ref_params, momentum: float):
+    """differences() from the reference; for weights kept through an fp32 master (--master:
+    impl.kind "master" or "recipe", the reference an fp32 for-loop twin): the masters
+    (opt.master_weight(p)) and the fp32 momentum buffers must equal the twin's parameters and
+    buffers, and each bf16 parameter the twin's rounded to nearest even (.to(bfloat16))."""
+    if impl.kind == "plain":
+        return differences(opt, params, ref_opt, ref_params, momentum)
+    return compare_lists((("master", [opt.master_weight(p) for p in params], ref_params),
+                          ("momentum_buffer", _buffers(opt, params, momentum),
+                           _buffers(ref_opt, ref_params, momentum)),
+                          ("param", params, [r.detach().to(p.dtype)
+                                             for r, p in zip(ref_params, params)])))
 
 
 def describe(diff: dict) -> str:
@@ -577,26 +646,33 @@ def _two_steps(impl: Impl, data: CaseData, hyper):
     return opt, params
 
 
-def bitwise_check(impls: list[Impl], data: CaseData, hyper) -> tuple[dict, dict, dict]:
+def bitwise_check(impls: list[Impl], data, hyper, ref_of=None) -> tuple[dict, dict, dict]:
     """2 steps of each implementation on its own clones, one implementation at a time next to
     the for-loop (only those two alive: memory). Returns ({name: equal to the for-loop},
     {name: error} for those that could not run, {name: how it differs} for momentum_cuda
-    implementations that differ). Raises BenchFailure when the for-loop itself fails."""
-    ref = next(i for i in impls if i.name == REFERENCE)
-    try:
-        ref_opt, ref_params = _two_steps(ref, data, hyper)
-    except Exception as e:  # noqa: BLE001 - nothing to check against: the case cannot run
-        raise BenchFailure(f"{ref.label}, the reference, failed: {type(e).__name__}: {e}") from e
-    equal, errors, mismatches = {ref.name: True}, {}, {}
+    implementations that differ). Raises BenchFailure when the for-loop itself fails.
+    --master: `data` is {dtype: CaseData} (each implementation steps the one of its
+    impl.model), ref_of(impl) names its reference among `impls` (the references stay alive
+    together) and versus_reference() compares."""
+    ref_of = ref_of or (lambda impl: REFERENCE)
+    data_of = (lambda impl: data[impl.model]) if isinstance(data, dict) else (lambda impl: data)
+    refs = {}
+    for ref in [i for i in impls if i.name in {ref_of(j) for j in impls}]:
+        try:
+            refs[ref.name] = _two_steps(ref, data_of(ref), hyper)
+        except Exception as e:  # noqa: BLE001 - nothing to check against: the case cannot run
+            raise BenchFailure(f"{ref.label}, the reference, failed: {type(e).__name__}: "
+                               f"{e}") from e
+    equal, errors, mismatches = {name: True for name in refs}, {}, {}
     for impl in impls:
-        if impl is ref:
+        if impl.name in refs:
             continue
         try:
-            opt, params = _two_steps(impl, data, hyper)
+            opt, params = _two_steps(impl, data_of(impl), hyper)
         except Exception as e:  # noqa: BLE001 - torch impls may not support a dtype/device
             errors[impl.name] = f"{type(e).__name__}: {e}"
             continue
-        diff = differences(opt, params, ref_opt, ref_params, hyper["momentum"])
+        diff = versus_reference(impl, opt, params, *refs[ref_of(impl)], hyper["momentum"])
         equal[impl.name] = diff is None
         if diff is not None and impl.ours:
             mismatches[impl.name] = {"phase": "check", "steps": 2, "summary": describe(diff),
@@ -809,6 +885,29 @@ def timed_rounds(steps: dict, warmup: int, rounds: int, clock: Clock, prepare=No
     return times, contention(before, _cpu_snapshot())
 
 
+def timed_attempts(case: dict, setup, args, device, clock: Clock, deadline):
+    """timed_rounds() of fresh contenders, again (up to --retries more times, on a CPU) while
+    other processes used the CPU meanwhile: before each attempt, a wait of up to --wait-idle s
+    for an idle CPU (none past `deadline`; no retry past it either: case["retry_skipped"]).
+    setup() builds the contenders of an attempt: (made, {name: step fn}, prepare or None).
+    Returns (made, times, contention, the discarded attempts) of the last attempt."""
+    discarded = []
+    for attempt in range(args.retries + 1):
+        left = float("inf") if deadline is None else deadline - _now()
+        if args.wait_idle > 0 and device.type == "cpu" and left > 0:
+            wait_for_idle(min(args.wait_idle, left))
+        made, steps, prepare = setup()
+        times, busy = timed_rounds(steps, args.warmup, args.rounds, clock, prepare)
+        if not is_noisy(busy) or attempt == args.retries or device.type != "cpu":
+            break
+        if deadline is not None and _now() >= deadline:
+            case["retry_skipped"] = "time budget"  # noisy, and no time left to time it again
+            break
+        discarded.append({"contention": busy,
+                          "median_ms": {k: float(np.median(v)) for k, v in times.items()}})
+    return made, times, busy, discarded
+
+
 def summarize(ts: list[float]) -> dict:
     a = np.asarray(ts)
     p10, q1, med, q3, p90 = (float(x) for x in np.percentile(a, [10, 25, 50, 75, 90]))
@@ -825,19 +924,69 @@ def paired(times: dict, name: str, base: str) -> dict:
 
 
 # ---- one case -----------------------------------------------------------------------------
-def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=None) -> dict:
-    """One case, all of it; `deadline` (a _now() time, the time budget's end): past it, no more
-    waiting for an idle CPU and no retry of a noisy timing."""
+def case_start(layout, total, dtype, args, device) -> tuple[float, CaseData, dict]:
+    """A case's start, in every mode: (its start time, its data drawn once, its record: layout,
+    sizes, dtype, seed)."""
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed = case_seed(args.seed, layout, total)
     sizes = layout_sizes(layout, total, seed)
     data = case_data(sizes, dtype, device, seed)
-    esize = data.init.element_size()
-    case = {"layout": layout, "numel": total, "tensors": len(sizes), "sizes_min": min(sizes),
-            "sizes_max": max(sizes), "dtype": str(dtype).replace("torch.", ""),
-            "bytes_per_param": 5 * esize, "data_seed": seed, "params": "tensor"}
+    return t0, data, {"layout": layout, "numel": total, "tensors": len(sizes),
+                      "sizes_min": min(sizes), "sizes_max": max(sizes),
+                      "dtype": str(dtype).replace("torch.", ""), "data_seed": seed,
+                      "params": "tensor"}
+
+
+def probe_result(times: dict, total: int, esize: int) -> dict:
+    """The bandwidth probe's entry (its times taken out of `times`): an in-place a.add_(b) of
+    `total` elements of `esize` bytes reads 2 and writes 1."""
+    ms = float(np.median(times[BW_PROBE]))
+    return {"op": "a.add_(b, alpha)", "bytes_per_element": 3 * esize,
+            "gbps": total * 3 * esize / (ms * 1e-3) / 1e9, **summarize(times.pop(BW_PROBE))}
+
+
+def ratio_key(base: str) -> str:
+    """The key of the ratios to a base: torch-foreach -> foreach, torch-master-fused ->
+    master_fused (results' "vs_<key>" and "paired_vs_<key>")."""
+    return base.removeprefix("torch-").replace("-", "_")
+
+
+def add_ratios(results: dict, times: dict, bases) -> None:
+    """Each result's ratio to every base timed in the case: the base's median / this median
+    (> 1: faster), and the per-round paired ratio."""
+    for name, r in results.items():
+        for base in bases:
+            if base in results:
+                r["vs_" + ratio_key(base)] = results[base]["median_ms"] / r["median_ms"]
+                r["paired_vs_" + ratio_key(base)] = paired(times, name, base)
+
+
+def add_costs(results: dict, costs: dict) -> None:
+    """results[name].update(costs[name]()) (kernels and allocations of one untimed step) for
+    every timed name; a failure is recorded, the times kept."""
+    for name, cost in costs.items():
+        if name in results:
+            try:
+                results[name].update(cost())
+            except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the times
+                results[name]["cost_error"] = f"{type(e).__name__}: {e}"
+
+
+def case_end(case: dict, t0: float, device, **fields) -> None:
+    """A case's results and timing facts, its duration and (GPU) the device's peak memory."""
+    case.update(**fields, seconds=time.perf_counter() - t0)
+    if device.type == "cuda":
+        case["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+
+
+def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=None) -> dict:
+    """One case, all of it; `deadline` (a _now() time, the time budget's end): past it, no more
+    waiting for an idle CPU and no retry of a noisy timing."""
+    t0, data, case = case_start(layout, total, dtype, args, device)
+    sizes, esize = data.sizes, data.init.element_size()
+    case["bytes_per_param"] = 5 * esize
     if layout in DTENSOR_LAYOUTS:
         impls = dtensor_case(case, data, impls, dtype, device)
     if layout in DDP_LAYOUTS:
@@ -851,32 +1000,19 @@ def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=N
     times, busy, discarded = _timed_and_checked(case, runnable, data, hyper, args, device, clock,
                                                 graphs, deadline)
 
-    bw_ms = float(np.median(times[BW_PROBE]))
-    case["bandwidth_probe"] = {"op": "a.add_(b, alpha)", "bytes_per_element": 3 * esize,
-                               "gbps": total * 3 * esize / (bw_ms * 1e-3) / 1e9,
-                               **summarize(times.pop(BW_PROBE))}
+    case["bandwidth_probe"] = probe_result(times, total, esize)
     results = {}
     for name, ts in times.items():
         r = summarize(ts)
         r["gbps"] = total * 5 * esize / (r["median_ms"] * 1e-3) / 1e9
         r["bw_share"] = r["gbps"] / case["bandwidth_probe"]["gbps"]
         results[name] = r
-    for name, r in results.items():
-        for base in ("torch-foreach", "torch-fused"):
-            if base in results:
-                r["vs_" + base.split("-")[1]] = results[base]["median_ms"] / r["median_ms"]
-                r["paired_vs_" + base.split("-")[1]] = paired(times, name, base)
-    for impl in runnable:
-        if impl.name in results:
-            try:
-                results[impl.name].update(step_cost(impl, data, hyper, device))
-            except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the times
-                results[impl.name]["cost_error"] = f"{type(e).__name__}: {e}"
-    case.update(results=results, contention=busy, discarded_noisy_attempts=discarded,
-                steps_per_optimizer=(GRAPH_WARMUP if graphs else 0) + args.warmup + args.rounds,
-                seconds=time.perf_counter() - t0)
-    if device.type == "cuda":
-        case["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    add_ratios(results, times, ("torch-foreach", "torch-fused"))
+    add_costs(results, {i.name: functools.partial(step_cost, i, data, hyper, device)
+                        for i in runnable})
+    case_end(case, t0, device, results=results, contention=busy,
+             discarded_noisy_attempts=discarded,
+             steps_per_optimizer=(GRAPH_WARMUP if graphs else 0) + args.warmup + args.rounds)
     if tiny_count(layout) is not None:
         for r in [*results.values(), case["bandwidth_probe"]]:
             r.update({k.replace("_ms", "_us"): r[k] * 1e3 for k in ("median_ms", "p10_ms",
@@ -949,11 +1085,8 @@ def _timed_and_checked(case, runnable, data, hyper, args, device, clock, graphs,
     in the case and its times dropped. Returns (times, CPU contention, discarded attempts); the
     optimizers die with this call."""
     pre = GRAPH_WARMUP if graphs else 0  # eager steps of every optimizer before timing
-    discarded = []
-    for attempt in range(args.retries + 1):
-        left = float("inf") if deadline is None else deadline - _now()
-        if args.wait_idle > 0 and device.type == "cpu" and left > 0:
-            wait_for_idle(min(args.wait_idle, left))
+
+    def setup():
         made = {i.name: build(i, data, hyper) for i in runnable}
         for opt, _ in made.values():  # as many steps as a graph copy's warm-up: comparable
             for _ in range(pre):
@@ -972,15 +1105,10 @@ def _timed_and_checked(case, runnable, data, hyper, args, device, clock, graphs,
                 case["errors"][impl.name + "+graph"] = f"not capturable: {type(e).__name__}: {e}"
                 del graph_made[impl.name]
                 clock.sync()  # a capture that broke the device fails here, not in a later case
-        times, busy = timed_rounds(steps, args.warmup, args.rounds, clock,
-                                   evicting(steps, args.evict))
-        if not is_noisy(busy) or attempt == args.retries or device.type != "cpu":
-            break
-        if deadline is not None and _now() >= deadline:
-            case["retry_skipped"] = "time budget"  # noisy, and no time left to time it again
-            break
-        discarded.append({"contention": busy,
-                          "median_ms": {k: float(np.median(v)) for k, v in times.items()}})
+        return (made, graph_made), steps, evicting(steps, args.evict)
+
+    (made, graph_made), times, busy, discarded = timed_attempts(case, setup, args, device,
+                                                                clock, deadline)
     clock.sync()
     ref_opt, ref_params = made[REFERENCE]
     ours = {i.name for i in runnable if i.ours}
@@ -992,11 +1120,19 @@ def _timed_and_checked(case, runnable, data, hyper, args, device, clock, graphs,
         if name != base or diff is not None:
             case["bitwise_vs_forloop"][name] = diff is None
         if diff is not None and base in ours:
-            case["mismatches"][name] = {
-                "phase": "cuda-graph replay" if name != base else "after timing",
-                "steps": pre + args.warmup + args.rounds, "summary": describe(diff), **diff}
-            times.pop(name, None)  # the time of wrong arithmetic is not a result
+            drop_mismatch(case, times, name, "cuda-graph replay" if name != base
+                          else "after timing", pre + args.warmup + args.rounds, diff)
     return times, busy, discarded
+
+
+def drop_mismatch(case: dict, times: dict, name: str, phase: str, steps: int, diff=None,
+                  summary: str | None = None) -> None:
+    """Records an implementation that differs from its reference (`diff`) or failed its call
+    check (`summary`) in case["mismatches"], and drops its times: the time of wrong arithmetic
+    is not a result."""
+    case["mismatches"][name] = {"phase": phase, "steps": steps,
+                                "summary": summary or describe(diff), **(diff or {})}
+    times.pop(name, None)
 
 
 # ---- --ampclip: GradScaler's unscale_, clip_grad_norm_, step, update ---------------------------
@@ -1099,11 +1235,8 @@ def make_contender(impl: Impl, data: CaseData, hyper, max_norm: float, device) -
 def _kernel_paths(impl: Impl, opt, numel: int) -> set:
     """The paths of a momentum_cuda step (opt.last_step); a flat optimizer's kernel must be one
     flat call over all `numel` elements (a "torch-clip" entry, torch's clip first, aside)."""
-    calls = [e for e in opt.last_step if e["path"] != "torch-clip"]
-    if impl.flat and (len(calls) != 1 or calls[0]["path"] != "flat"
-                      or calls[0]["numel"] != numel):
-        raise BenchFailure(f"{impl.label} did not make exactly one flat kernel call over "
-                           f"{numel} elements; last_step = {opt.last_step}")
+    if impl.flat:
+        _one_call(impl, [e for e in opt.last_step if e["path"] != "torch-clip"], numel, "flat")
     return {e["path"] for e in opt.last_step}
 
 
@@ -1182,20 +1315,12 @@ def run_ampclip_case(layout, total, dtype, impls, hyper, args, device, clock,
                      deadline=None) -> dict:
     """One --ampclip case: the check, the timed rounds (each contender's gradients refilled,
     untimed, before each of its sequences), the check again, the costs and the model."""
-    t0 = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seed = case_seed(args.seed, layout, total)
-    sizes = layout_sizes(layout, total, seed)
-    data = case_data(sizes, dtype, device, seed)
+    t0, data, case = case_start(layout, total, dtype, args, device)
     for g in (data.grads, data.grads2):  # scaled, as backward leaves them under GradScaler
         g.mul_(GRAD_SCALE)  # a power of 2: exact
     pool = [data.split(data.grads), data.split(data.grads2)][:AMPCLIP_POOL]
     esize = data.init.element_size()
-    case = {"layout": layout, "numel": total, "tensors": len(sizes), "sizes_min": min(sizes),
-            "sizes_max": max(sizes), "dtype": str(dtype).replace("torch.", ""),
-            "data_seed": seed, "params": "tensor", "grad_scale": GRAD_SCALE,
-            "grad_pool_sets": len(pool), "max_norm": args.max_norm}
+    case.update(grad_scale=GRAD_SCALE, grad_pool_sets=len(pool), max_norm=args.max_norm)
     equal, errors, mismatches, info, norms = ampclip_check(impls, data, pool, hyper,
                                                            args.max_norm, device)
     case.update(bitwise_vs_forloop=equal, errors=errors, mismatches=mismatches,
@@ -1205,10 +1330,7 @@ def run_ampclip_case(layout, total, dtype, impls, hyper, args, device, clock,
     runnable = [i for i in impls if i.name not in errors and i.name not in mismatches]
     times, busy, discarded, scales = _ampclip_timed(case, runnable, data, pool, hyper, args,
                                                     device, clock, deadline)
-    probe_ms = float(np.median(times[BW_PROBE]))
-    case["bandwidth_probe"] = {"op": "a.add_(b, alpha)", "bytes_per_element": 3 * esize,
-                               "gbps": total * 3 * esize / (probe_ms * 1e-3) / 1e9,
-                               **summarize(times.pop(BW_PROBE))}
+    case["bandwidth_probe"] = probe_result(times, total, esize)
     results = {}
     for name, ts in times.items():
         r = summarize(ts)
@@ -1219,26 +1341,14 @@ def run_ampclip_case(layout, total, dtype, impls, hyper, args, device, clock,
         r["bw_share"] = r["model_gbps"] / case["bandwidth_probe"]["gbps"]
         r["final_scale"] = scales.get(name)
         results[name] = r
-    for name, r in results.items():
-        for base in AMPCLIP_BASES:
-            if base in results:
-                key = base.split("-")[1]
-                r["vs_" + key] = results[base]["median_ms"] / r["median_ms"]
-                r["paired_vs_" + key] = paired(times, name, base)
-    for impl in runnable:
-        if impl.name in results:
-            try:
-                results[impl.name].update(sequence_cost(impl, data, pool, hyper, args.max_norm,
-                                                        device))
-            except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the times
-                results[impl.name]["cost_error"] = f"{type(e).__name__}: {e}"
+    add_ratios(results, times, AMPCLIP_BASES)
+    add_costs(results, {i.name: functools.partial(sequence_cost, i, data, pool, hyper,
+                                                  args.max_norm, device) for i in runnable})
     for r in [*results.values(), case["bandwidth_probe"]]:
         r.update({k.replace("_ms", "_us"): r[k] * 1e3
                   for k in ("median_ms", "p10_ms", "p90_ms", "iqr_ms", "min_ms")})
-    case.update(results=results, contention=busy, discarded_noisy_attempts=discarded,
-                steps_per_optimizer=args.warmup + args.rounds, seconds=time.perf_counter() - t0)
-    if device.type == "cuda":
-        case["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    case_end(case, t0, device, results=results, contention=busy,
+             discarded_noisy_attempts=discarded, steps_per_optimizer=args.warmup + args.rounds)
     return case
 
 
@@ -1248,24 +1358,16 @@ def _ampclip_timed(case, runnable, data, pool, hyper, args, device, clock, deadl
     against the for-loop's again (all took the same steps on the same gradients); a mismatch
     is recorded and its times dropped. Returns (times, contention, discarded attempts,
     {name: GradScaler's scale at the end})."""
-    discarded = []
     bw_a, bw_b = torch.zeros_like(data.init), data.grads  # the pool is only read
-    for attempt in range(args.retries + 1):
-        left = float("inf") if deadline is None else deadline - _now()
-        if args.wait_idle > 0 and device.type == "cpu" and left > 0:
-            wait_for_idle(min(args.wait_idle, left))
+
+    def setup():
         made = {i.name: make_contender(i, data, hyper, args.max_norm, device) for i in runnable}
         steps = {name: c.sequence for name, c in made.items()}
         prepare = {name: (lambda c=c: c.refill(pool)) for name, c in made.items()}
         steps[BW_PROBE] = lambda: bw_a.add_(bw_b, alpha=-1e-3)
-        times, busy = timed_rounds(steps, args.warmup, args.rounds, clock, prepare)
-        if not is_noisy(busy) or attempt == args.retries or device.type != "cpu":
-            break
-        if deadline is not None and _now() >= deadline:
-            case["retry_skipped"] = "time budget"
-            break
-        discarded.append({"contention": busy,
-                          "median_ms": {k: float(np.median(v)) for k, v in times.items()}})
+        return made, steps, prepare
+
+    made, times, busy, discarded = timed_attempts(case, setup, args, device, clock, deadline)
     clock.sync()
     ref = made[REFERENCE]
     for name, c in made.items():
@@ -1274,9 +1376,7 @@ def _ampclip_timed(case, runnable, data, pool, hyper, args, device, clock, deadl
         diff = ampclip_differences(c, ref, hyper["momentum"])
         if diff is not None:
             case["bitwise_vs_forloop"][name] = False
-            case["mismatches"][name] = {"phase": "after timing", "steps": c.steps,
-                                        "summary": describe(diff), **diff}
-            times.pop(name, None)  # the time of wrong arithmetic is not a result
+            drop_mismatch(case, times, name, "after timing", c.steps, diff)
     return times, busy, discarded, {name: c.scaler.get_scale() for name, c in made.items()}
 
 
@@ -1311,6 +1411,332 @@ def ampclip_notes(device: torch.device, args) -> list[str]:
             "gradient traffic is torch's (sequence mc-cpu-op, 4r+2w, as torch). What it can save "
             "on the CPU is host overhead (one op per step instead of torch's per-tensor ops), not "
             "memory traffic; the fused clip is the CUDA kernel's, not measured here.")
+    return notes
+
+
+# ---- --master: bf16 parameters with exact fp32 master weights (issue 14) -------------------------
+MASTER_LAYOUTS = ("few-large", "many-small")  # --layouts' default with --master
+MASTER_REF32 = "torch-fp32-forloop"  # the fp32 twin: every master, and every fp32 contender
+MASTER_REF16 = "torch-bf16-forloop"  # the reference of momentum_cuda's plain bf16 step
+MASTER_BASES = ("torch-master-foreach", "torch-master-fused", "torch-fp32-fused")  # ratios
+MASTER_KNOWN = tuple([f"mc-master-{b}" for b in BACKENDS]
+                     + [f"mc-flat-{b}-{w}" for b in BACKENDS for w in ("fp32", "bf16")]
+                     + [f"torch-{m}-{n}" for m in ("master", "fp32") for n in TORCH_STEPS]
+                     + [MASTER_REF16])
+# The "bytes moved" model: bytes read and written per parameter element by one steady-state
+# step (a count of what each op reads and writes, not a measurement: caches, the flat layout's
+# padding and the host's work are left out). Element bytes: bf16 2, fp32 4, a tie bit 1/8.
+# p: the parameter, g: its gradient, buf: the momentum buffer, rem: master_remainder.
+#   One pass (momentum_cuda's kernels, torch's fused SGD): reads p, g, buf; writes p, buf.
+#     mc-master-* (sgd_step_master_list_): also reads and writes rem and the tie bits:
+#       reads p 2 + rem 2 + ties 1/8 + g 2 + buf 4 (fp32) = 10.125,
+#       writes p 2 + rem 2 + ties 1/8 + buf 4 = 8.125: 18.25 bytes
+#     mc-flat-*-fp32, torch-fp32-fused: 5 x 4 = 20; mc-flat-*-bf16: 5 x 2 = 10 (buf in bf16)
+#   torch's for-loop and foreach (_single_tensor_sgd, _multi_tensor_sgd): a pass per op:
+#     buf.mul_(momentum) r buf, w buf; buf.add_(g, alpha=1-dampening) r buf, g, w buf;
+#     p.add_(buf, alpha=-lr) r p, buf, w p: 8 accesses: 32 bytes in fp32, 16 in bf16
+#     (weight decay: g + wd * p into a temporary first, 3 more; nesterov: g + momentum * buf
+#     into a temporary, 3 more)
+#   torch-master-* (MasterRecipe): copy g into the master's fp32 grad (r 2, w 4) + the fp32
+#     step above on the master + copy the master into p (r 4, w 2): 6 + 32 + 6 = 44 (for-loop,
+#     foreach), 6 + 20 + 6 = 32 (fused)
+# Without momentum there is no buffer: a pass reads p, g and writes p (the master op with rem
+# and the tie bits: 10.25); torch's for-loop is p.add_(g, alpha=-lr), 3 accesses.
+MASTER_BYTES = {"p16": 2, "g16": 2, "buf16": 2, "tmp16": 2, "rem16": 2, "ties": 0.125,
+                "p32": 4, "g32": 4, "buf32": 4, "tmp32": 4}
+MASTER_DATA_BYTES = 3 * 2 + 3 * 4  # per parameter: a case's bf16 data and its fp32 widening
+
+
+class MasterRecipe:
+    """torch's fp32 master weights as users write them without momentum_cuda (Apex's O2
+    recipe; --master's baseline): an fp32 copy of every bf16 parameter, stepped by
+    torch.optim.SGD(**kw), with a preallocated fp32 .grad each. step(): the bf16 gradients
+    are copied (widened, exact) into the masters' .grad, the masters stepped, and the masters
+    copied (rounded to nearest even, as .to(bfloat16)) into the bf16 parameters; the copies
+    are per-tensor copy_ for the for-loop, torch._foreach_copy_ for foreach and fused."""
+
+    def __init__(self, params, kw: dict, **hyper):
+        self.params = list(params)
+        self.masters = [p.detach().to(torch.float32).requires_grad_(True) for p in self.params]
+        for m in self.masters:
+            m.grad = torch.empty_like(m)
+        self.opt = torch.optim.SGD(self.masters, **hyper, **kw)
+        self.foreach = bool(kw.get("foreach") or kw.get("fused"))
+        self._index = {id(p): k for k, p in enumerate(self.params)}
+        self._state: dict = {}
+
+    @property
+    def state(self) -> dict:
+        """The masters' optimizer state (torch's dicts), keyed by their bf16 parameters; made
+        again only when torch's has new entries (callers look it up once per parameter)."""
+        if len(self._state) != len(self.opt.state):
+            self._state = {p: self.opt.state[m] for p, m in zip(self.params, self.masters)
+                           if m in self.opt.state}
+        return self._state
+
+    def master_weight(self, p) -> torch.Tensor:
+        return self.masters[self._index[id(p)]].detach()
+
+    def _copy(self, dst: list, src: list) -> None:
+        if self.foreach:
+            torch._foreach_copy_(dst, src)
+        else:
+            for d, s in zip(dst, src):
+                d.copy_(s)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._copy([m.grad for m in self.masters], [p.grad for p in self.params])
+        self.opt.step()
+        self._copy(self.params, self.masters)
+
+
+def master_implementations(device: torch.device) -> tuple[list[Impl], dict[str, str]]:
+    """--master's contenders that run on `device`, and {name: why not} for the others:
+    momentum_cuda on every backend that runs here (master weights on bf16 parameters, where
+    the backend has the master op; flat on fp32 and on bf16 parameters), torch's fp32 master
+    recipe (MasterRecipe: for-loop, foreach, fused), torch.optim.SGD on fp32 parameters
+    (for-loop: the fp32 twin; foreach; fused) and on bf16 ones (for-loop: the reference of
+    momentum_cuda's plain bf16 step)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    impls, missing = [], {}
+    for backend in runnable_backends(device, missing):
+        try:
+            master_op(backend)
+        except (AttributeError, RuntimeError) as e:  # e.g. a Triton twin not in this build
+            missing[f"mc-master-{backend}"] = (f"backend {backend!r} has no master-weights op in "
+                                               f"this build ({type(e).__name__}: {e})")
+        else:
+            impls.append(Impl(f"mc-master-{backend}", f"momentum_cuda master weights ({backend})",
+                              lambda ps, h, b=backend: momentum_cuda.SGD(
+                                  ps, backend=b, master_weights=True, **h),
+                              ours=True, model=bf16, kind="master", backend=backend))
+        for dtype, w in ((fp32, "fp32"), (bf16, "bf16")):
+            impls.append(Impl(f"mc-flat-{backend}-{w}", f"momentum_cuda flat {w} ({backend})",
+                              lambda ps, h, b=backend: momentum_cuda.SGD(ps, backend=b, **h),
+                              ours=True, flat=True, model=dtype, backend=backend))
+    for name, kw in TORCH_STEPS.items():
+        impls.append(Impl(f"torch-master-{name}", f"torch fp32 master recipe ({name})",
+                          lambda ps, h, kw=kw: MasterRecipe(ps, kw, **h), ours=False,
+                          model=bf16, kind="recipe"))
+    for name, kw in [*TORCH_STEPS.items(), ("bf16-forloop", TORCH_STEPS["forloop"])]:
+        bf = name.startswith("bf16")
+        impls.append(Impl(MASTER_REF16 if bf else f"torch-fp32-{name}",
+                          "torch for-loop bf16 (no master)" if bf else f"torch fp32 {name}",
+                          lambda ps, h, kw=kw: torch.optim.SGD(ps, **h, **kw), ours=False,
+                          model=bf16 if bf else fp32))
+    return impls, missing
+
+
+def master_reference(impl: Impl) -> str:
+    """The contender whose weights `impl` must equal: the fp32 for-loop twin for masters and
+    fp32 weights, the bf16 for-loop for plain bf16 weights."""
+    return MASTER_REF16 if impl.kind == "plain" and impl.model == torch.bfloat16 else MASTER_REF32
+
+
+def step_passes(impl: Impl, hyper) -> list[tuple[str, tuple, tuple]]:
+    """The ops of one steady-state step of a --master contender, as (op, tensors read, tensors
+    written) with MASTER_BYTES' names: the model in the comment above it."""
+    use_buf = hyper["momentum"] != 0
+    w = "32" if impl.model == torch.float32 or impl.kind == "recipe" else "16"
+    p, g, tmp = "p" + w, "g" + w, "tmp" + w
+    buf = "buf" + (w if impl.kind == "plain" else "32")
+    kept = (p, *(("rem16", "ties") if impl.kind == "master" else ()))
+    if impl.ours or impl.name.endswith("-fused"):  # one pass
+        bufs = (buf,) if use_buf else ()
+        ops = [("step (one pass)", (*kept, g, *bufs), (*kept, *bufs))]
+    else:
+        ops = []
+        if hyper["weight_decay"]:
+            ops.append(("g + weight_decay * p", (g, p), (tmp,)))
+            g = tmp
+        d = g
+        if use_buf:
+            ops += [("buf.mul_(momentum)", (buf,), (buf,)), ("buf.add_(g)", (buf, g), (buf,))]
+            d = buf
+            if hyper["nesterov"]:
+                ops.append(("g + momentum * buf", (g, buf), (tmp,)))
+                d = tmp
+        ops.append(("p.add_(d, alpha=-lr)", (p, d), (p,)))
+    if impl.kind == "recipe":
+        ops = [("copy g into the master's fp32 grad", ("g16",), ("g32",)), *ops,
+               ("copy the master into p", ("p32",), ("p16",))]
+    return ops
+
+
+def moved_bytes(impl: Impl, hyper) -> dict:
+    """step_passes() counted: bytes read, written and both, per parameter element."""
+    ops = step_passes(impl, hyper)
+    read = sum(MASTER_BYTES[t] for _, r, _ in ops for t in r)
+    written = sum(MASTER_BYTES[t] for _, _, wr in ops for t in wr)
+    return {"ops": [{"op": op, "reads": list(r), "writes": list(wr)} for op, r, wr in ops],
+            "read": read, "written": written, "total": read + written}
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the storages under `tensors`, each storage once (views share theirs)."""
+    seen = {}
+    for t in tensors:
+        s = _local(t).untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def held_memory(opt, params) -> dict:
+    """Bytes held, measured from the tensors: "weights" (the parameters' storages, and the
+    recipe's fp32 masters), "state" (every tensor in opt.state: momentum buffers, master
+    remainders and tie bits) and "grads" (the gradients' storages, the masters' too)."""
+    weights = [*params, *getattr(opt, "masters", ())]
+    state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return {"weights": _storage_bytes(weights), "state": _storage_bytes(state),
+            "grads": _storage_bytes(w.grad for w in weights if w.grad is not None)}
+
+
+def memory_formula(impl: Impl, sizes, momentum: float) -> dict:
+    """What held_memory() must find, from the parameters' sizes: elements x element bytes;
+    momentum_cuda's flat layout rounds every parameter up to a multiple of ALIGN_BYTES in its
+    flat weights, gradients and buffers; a master-weights parameter's state is an fp32 buffer,
+    an int16 remainder and ceil(numel / 8) bytes of tie bits; the recipe holds fp32 copies of
+    the bf16 weights and gradients, and fp32 buffers."""
+    esize = torch.tensor([], dtype=impl.model).element_size()
+    align = max(1, ALIGN_BYTES // esize) if impl.flat else 1
+    n = sum(-(-s // align) * align for s in sizes)
+    buf = (n * esize if impl.kind == "plain" else 4 * n) if momentum else 0
+    wide = 4 * n if impl.kind == "recipe" else 0
+    ties = sum(-(-s // 8) for s in sizes) if impl.kind == "master" else 0
+    return {"weights": n * esize + wide,
+            "state": buf + (2 * n + ties if impl.kind == "master" else 0),
+            "grads": n * esize + wide}
+
+
+def master_peak_bytes(impls: list, total: int, momentum: float) -> int:
+    """Bytes per parameter alive at once in a --master case (fits()' `sets` with 1-byte
+    elements): the data, every contender's weights, state and gradients (timing holds all),
+    and an fp32 set for temporaries (a contender's clones while it is built)."""
+    return MASTER_DATA_BYTES + 4 + -(-sum(sum(memory_formula(i, [total], momentum).values())
+                                          for i in impls) // total)
+
+
+def run_master_case(layout, total, dtype, impls, hyper, args, device, clock,
+                    deadline=None) -> dict:
+    """One --master case: the bf16 data drawn once (the fp32 contenders step it widened,
+    exactly), the check (2 steps next to each contender's reference), the timed rounds, the
+    check again after them, the memory held (measured), the bytes model and the costs."""
+    t0, data, case = case_start(layout, total, dtype, args, device)
+    datas = {dtype: data, torch.float32: CaseData(
+        data.sizes, *(t.to(torch.float32) for t in (data.init, data.grads, data.grads2)))}
+    case["references"] = {i.name: master_reference(i) for i in impls}
+    equal, errors, mismatches = bitwise_check(impls, datas, hyper, master_reference)
+    case.update(bitwise_vs_forloop=equal, errors=errors, mismatches=mismatches)
+    runnable = [i for i in impls if i.name not in errors and i.name not in mismatches]
+    times, busy, discarded, held = _master_timed(case, runnable, datas, hyper, args, device,
+                                                 clock, deadline)
+    case["bandwidth_probe"] = probe_result(times, total, 4)
+    results = {}
+    for impl in runnable:
+        if impl.name not in times:
+            continue
+        r = summarize(times[impl.name])
+        r.update(model_dtype=str(impl.model).replace("torch.", ""), kind=impl.kind,
+                 reference=master_reference(impl), moved=moved_bytes(impl, hyper))
+        r["bytes_per_param"] = r["moved"]["total"]
+        r["gbps"] = total * r["bytes_per_param"] / (r["median_ms"] * 1e-3) / 1e9
+        r["bw_share"] = r["gbps"] / case["bandwidth_probe"]["gbps"]
+        formula = memory_formula(impl, data.sizes, hyper["momentum"])
+        r.update(memory_bytes=held[impl.name], memory_formula_bytes=formula,
+                 memory_matches_formula=held[impl.name] == formula,
+                 memory_per_param={k: v / total for k, v in held[impl.name].items()})
+        r["memory_per_param"]["weights_state"] = (r["memory_per_param"]["weights"]
+                                                  + r["memory_per_param"]["state"])
+        results[impl.name] = r
+    add_ratios(results, times, MASTER_BASES)
+    add_costs(results, {i.name: functools.partial(step_cost, i, datas[i.model], hyper, device)
+                        for i in runnable})
+    case_end(case, t0, device, results=results, contention=busy,
+             discarded_noisy_attempts=discarded, steps_per_optimizer=args.warmup + args.rounds)
+    return case
+
+
+def _master_timed(case, runnable, datas, hyper, args, device, clock, deadline):
+    """Times every runnable contender's step and the bandwidth probe (an fp32 a.add_(b)) in
+    interleaved rounds, then checks each against its reference again (all took the same steps
+    on the same gradients): a momentum_cuda step must still be one call of its path (master or
+    flat) on its backend, and its weights (masters) equal the reference's bitwise, or it is
+    recorded and its times dropped; torch's are reported. Returns (times, contention,
+    discarded attempts, {name: held_memory() after timing})."""
+    data32 = datas[torch.float32]
+    bw_a, bw_b = data32.grads2, data32.grads  # grads2 is no longer needed after the check
+
+    def setup():
+        made = {i.name: build(i, datas[i.model], hyper) for i in runnable}
+        steps = {name: opt.step for name, (opt, _) in made.items()}
+        steps[BW_PROBE] = lambda: bw_a.add_(bw_b, alpha=-1e-3)
+        return made, steps, None
+
+    made, times, busy, discarded = timed_attempts(case, setup, args, device, clock, deadline)
+    clock.sync()
+    steps = args.warmup + args.rounds
+    for impl in runnable:
+        opt, params = made[impl.name]
+        ref = master_reference(impl)
+        if impl.name == ref:
+            continue
+        try:
+            if impl.ours:
+                _check_flat(impl, opt, sum(data32.sizes))
+        except BenchFailure as e:
+            drop_mismatch(case, times, impl.name, "after timing", steps, summary=str(e))
+            continue
+        diff = versus_reference(impl, opt, params, *made[ref], hyper["momentum"])
+        case["bitwise_vs_forloop"][impl.name] = diff is None
+        if diff is not None and impl.ours:
+            drop_mismatch(case, times, impl.name, "after timing", steps, diff)
+    return times, busy, discarded, {name: held_memory(*m) for name, m in made.items()}
+
+
+def master_notes(device: torch.device, args) -> list[str]:
+    """What the --master numbers are, written into the JSON and printed under the table."""
+    notes = [
+        "Timed: one step. mc-master-<backend>: momentum_cuda.SGD(bf16 params, master_weights=True,"
+        " backend=<backend>).step(); each step checked to be ONE call of path 'master' on that "
+        "backend over all parameters (opt.last_step), mc-flat-<backend>-<dtype>: one 'flat' call. "
+        "torch-master-*: the fp32 master recipe users write without momentum_cuda (Apex O2 "
+        "style, MasterRecipe): copy the bf16 grads into the fp32 masters' preallocated .grad, "
+        "torch.optim.SGD(masters, for-loop / foreach / fused).step(), copy the masters into "
+        "the bf16 params (per-tensor copy_ for the for-loop, torch._foreach_copy_ otherwise). "
+        "torch-fp32-*: torch.optim.SGD on fp32 params; torch-bf16-forloop: on bf16 params, no "
+        "master.",
+        "Data: bf16 parameters and gradients drawn once per case; the fp32 contenders get them "
+        "widened (exact), so every fp32 master starts from the same values. The gradients stay "
+        "the same over the timed steps. Checked before timing (2 steps, 2 gradient sets) and "
+        "after it (every contender took the same warm-up + timed steps): each master "
+        "(opt.master_weight(p)), fp32 momentum buffer and bf16 parameter (the master rounded "
+        "to nearest even) must equal the fp32 for-loop twin's (torch-fp32-forloop), bitwise; "
+        "plain fp32 / bf16 weights that for-loop's / torch-bf16-forloop's. Enforced for "
+        "momentum_cuda, reported for torch ('== ref').",
+        "moved B/p: a MODEL, not a measurement (step_passes, MASTER_BYTES in "
+        "momentum_cuda/bench.py): bytes each implementation's ops read and write per parameter "
+        "per steady-state step. One pass (momentum_cuda, torch fused): master 18.25 (reads p 2 "
+        "+ remainder 2 + ties 1/8 + g 2 + fp32 buf 4, writes p 2 + remainder 2 + ties 1/8 + buf "
+        "4), fp32 20, bf16 10. torch for-loop/foreach: 3 ops, 8 accesses (fp32 32, bf16 16). "
+        "Recipe: + grad copy (2 + 4) + weight copy (4 + 2): 44 (for-loop, foreach), 32 (fused). "
+        "GB/s: that model's bytes / median; BW share: of the fp32 a.add_(b) probe timed in the "
+        "same rounds.",
+        "weights / state / grads B/p: MEASURED after timing from the tensors held, each "
+        "storage once: the parameters (and the recipe's fp32 masters), every tensor in "
+        "opt.state, the gradients (and the masters'); momentum_cuda's flat layout includes its "
+        "padding (each parameter rounded up to 64 bytes). Compared with memory_formula() "
+        "(JSON: memory_matches_formula). The gradients are not optimizer state; they are "
+        "listed because the recipe needs a second, fp32 set of them.",
+        "vs X: X's median / this median (> 1: faster), both of the same interleaved rounds.",
+    ]
+    if device.type == "cpu":
+        notes.append(
+            "CPU: these are the C++ ops on this host's cores, caches and memory, not a GPU's; "
+            "on a shared machine other processes' load makes them noisy (see 'contention' per "
+            "case). CUDA and Triton rows run only on a GPU.")
+    else:
+        notes.append("No CUDA-graph replays in --master (the step mode times those).")
     return notes
 
 
@@ -1407,8 +1833,8 @@ def print_summary(doc: dict, out=None) -> None:
     """The final table (a row per case and implementation, the probe first) and what did not
     run or failed; in --overhead mode microseconds, and issue 13's targets."""
     out = out or sys.stdout
-    if doc.get("mode") == "ampclip":
-        print_ampclip_summary(doc, out)
+    if doc.get("mode") in ("ampclip", "master"):
+        (print_ampclip_summary if doc["mode"] == "ampclip" else print_master_summary)(doc, out)
         return
     overhead = doc.get("mode") == "overhead"
     columns = OVERHEAD_COLUMNS if overhead else COLUMNS
@@ -1434,8 +1860,7 @@ def print_summary(doc: dict, out=None) -> None:
             print("  (other processes used the CPU while timing: see the warnings above)",
                   file=out)
         return
-    kernels = ("CUDA kernels" if doc["machine"]["device"].startswith("cuda")
-               else "aten and momentum_cuda ops")
+    kernels = kernels_text(doc)
     print("\n(mc-: momentum_cuda; GB/s: 5 element reads+writes per parameter (the probe: 3); BW "
           "share: of the in-place a.add_(b) probe timed in the same rounds; vs X: X's median / "
           f"this median, > 1 is faster; kernels: {kernels} per step; alloc: bytes allocated by "
@@ -1531,27 +1956,40 @@ def print_case_lines(case: dict, out) -> None:
               "not clean", file=out)
 
 
-def print_ampclip_summary(doc: dict, out) -> None:
-    """--ampclip's table (microseconds per sequence, ratios, the passes model) and notes."""
-    print_rows(AMPCLIP_COLUMNS, [row for case in doc["cases"] for row in ampclip_rows(case)],
-               out)
+def kernels_text(doc: dict) -> str:
+    """What the "kernels" column counts on the run's device."""
+    return ("CUDA kernels" if doc["machine"]["device"].startswith("cuda")
+            else "aten and momentum_cuda ops")
+
+
+def print_mode_summary(doc: dict, out, columns, rows, legend: str, case_lines=None) -> None:
+    """A mode's table (rows(case): a case's rows), then per case its own lines (case_lines(case))
+    and what did not run, the cases skipped, the legend and the notes."""
+    print_rows(columns, [row for case in doc["cases"] for row in rows(case)], out)
     for case in doc["cases"]:
-        if not case["clip"]["active"]:
-            print(f"  {case_name(case)}: the clip was NOT active (total norms "
-                  f"{case['clip']['total_norms_checked']} <= max_norm {case['max_norm']:g})",
-                  file=out)
+        for line in case_lines(case) if case_lines else ():
+            print(line, file=out)
         print_case_lines(case, out)
     for s in doc["skipped"]:
         print(f"  skipped: {case_name(s)} ({s['why']})", file=out)
-    m = doc["machine"]
-    print(f"\n(one AMP+clip step, microseconds, {doc['config']['rounds']} interleaved rounds after "
-          f"{doc['config']['warmup']} warm-up; {m['torch']['threads']} thread(s); vs X: X's "
-          "median / this median, > 1 is faster; grad r+w, grad B/elem: the gradient passes "
-          "model, reads and writes of the gradient per element, and their bytes; kernels: "
-          + ("CUDA kernels" if m["device"].startswith("cuda") else "aten and momentum_cuda ops")
-          + " per sequence)", file=out)
+    print(f"\n({legend})", file=out)
     for note in doc.get("notes", ()):
         print("  * " + note, file=out)
+
+
+def print_ampclip_summary(doc: dict, out) -> None:
+    """--ampclip's table (microseconds per sequence, ratios, the passes model) and notes."""
+    def inactive(case):
+        return [] if case["clip"]["active"] else [
+            f"  {case_name(case)}: the clip was NOT active (total norms "
+            f"{case['clip']['total_norms_checked']} <= max_norm {case['max_norm']:g})"]
+
+    print_mode_summary(doc, out, AMPCLIP_COLUMNS, ampclip_rows, (
+        f"one AMP+clip step, microseconds, {doc['config']['rounds']} interleaved rounds after "
+        f"{doc['config']['warmup']} warm-up; {doc['machine']['torch']['threads']} thread(s); vs "
+        "X: X's median / this median, > 1 is faster; grad r+w, grad B/elem: the gradient passes "
+        "model, reads and writes of the gradient per element, and their bytes; kernels: "
+        + kernels_text(doc) + " per sequence"), inactive)
 
 
 AMPCLIP_CSV_FIELDS = ("device", "dtype", "layout", "numel", "tensors", "implementation",
@@ -1580,6 +2018,117 @@ def ampclip_csv_rows(doc: dict):
                    "max_norm": case["max_norm"], "clip_active": case["clip"]["active"]}
 
 
+MASTER_COLUMNS = ("case", "implementation", "median ms", "p10-p90 ms", "vs m-foreach",
+                  "vs m-fused", "vs fp32-fused", "moved B/p", "GB/s", "BW share",
+                  "weights B/p", "state B/p", "grads B/p", "kernels", "== ref")
+
+
+def master_rows(case: dict) -> list[list[str]]:
+    bw = case["bandwidth_probe"]
+    rows = [[case_name(case), "bandwidth probe (fp32)", _ms(bw["median_ms"]),
+             f"{_ms(bw['p10_ms'])}-{_ms(bw['p90_ms'])}", "-", "-", "-", "12",
+             f"{bw['gbps']:.1f}", "100%"] + ["-"] * 5]
+    for name, r in case["results"].items():
+        eq = case["bitwise_vs_forloop"].get(name)
+        vs = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+        m = r["memory_per_param"]
+        rows.append(["", name, _ms(r["median_ms"]), f"{_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}",
+                     *(vs("vs_" + ratio_key(b)) for b in MASTER_BASES),
+                     f"{r['bytes_per_param']:g}", f"{r['gbps']:.1f}",
+                     f"{100 * r['bw_share']:.0f}%",
+                     *(f"{m[k]:.3f}" for k in ("weights", "state", "grads")),
+                     str(r.get("kernels", "-")), "-" if eq is None else ("yes" if eq else "NO")])
+    return rows
+
+
+def print_master_summary(doc: dict, out) -> None:
+    """--master's table (per case: the probe, then every contender) and notes."""
+    print_mode_summary(doc, out, MASTER_COLUMNS, master_rows, (
+        f"one optimizer step, milliseconds, {doc['config']['rounds']} interleaved rounds after "
+        f"{doc['config']['warmup']} warm-up; vs m-foreach / m-fused / fp32-fused: "
+        "torch-master-foreach's / torch-master-fused's / torch-fp32-fused's median / this "
+        "median, > 1 is faster; moved B/p: the bytes model per parameter; weights, state, "
+        "grads B/p: measured bytes held per parameter; kernels: " + kernels_text(doc)
+        + " per step; == ref: bitwise equal to its reference (masters: the fp32 for-loop "
+        "twin)"))
+
+
+MASTER_CSV_FIELDS = ("device", "dtype", "layout", "numel", "tensors", "implementation",
+                     "model_dtype", "kind", "median_ms", "p10_ms", "p90_ms", "iqr_ms", "min_ms",
+                     *("vs_" + ratio_key(b) for b in MASTER_BASES), "bytes_per_param",
+                     "bytes_read_per_param", "bytes_written_per_param", "gbps", "bw_share",
+                     "weights_bytes_per_param", "state_bytes_per_param",
+                     "grads_bytes_per_param", "memory_matches_formula", "kernels",
+                     "alloc_bytes", "reference", "bitwise_vs_reference",
+                     "bandwidth_probe_gbps")
+
+
+def master_csv_rows(doc: dict):
+    for case in doc["cases"]:
+        for name, r in case["results"].items():
+            m = r["memory_per_param"]
+            yield {"device": doc["machine"]["device"], "dtype": case["dtype"],
+                   "layout": case["layout"], "numel": case["numel"], "tensors": case["tensors"],
+                   "implementation": name,
+                   **{k: r.get(k, "") for k in ("model_dtype", "kind", "median_ms", "p10_ms",
+                                                "p90_ms", "iqr_ms", "min_ms", "bytes_per_param",
+                                                "gbps", "bw_share",
+                                                *("vs_" + ratio_key(b) for b in MASTER_BASES))},
+                   "bytes_read_per_param": r["moved"]["read"],
+                   "bytes_written_per_param": r["moved"]["written"],
+                   **{k + "_bytes_per_param": m[k] for k in ("weights", "state", "grads")},
+                   **{k: r.get(k, "") for k in ("memory_matches_formula", "kernels",
+                                                "alloc_bytes", "reference")},
+                   "bitwise_vs_reference": case["bitwise_vs_forloop"].get(name, ""),
+                   "bandwidth_probe_gbps": case["bandwidth_probe"]["gbps"]}
+
+
+def plot_master(doc: dict, path: Path, labels: dict) -> None:
+    """--master's picture: a panel per case, a bar per contender: its median step time
+    (p10-p90 whiskers), labelled with its modelled bytes moved and its measured weights +
+    state per parameter."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = doc["cases"]
+    ncol = min(2, len(cases))
+    nrow = -(-len(cases) // ncol)
+    most = max(len(c["results"]) for c in cases)
+    fig, axes = plt.subplots(nrow, ncol, squeeze=False,
+                             figsize=(7.5 * ncol, (0.32 * most + 1.2) * nrow + 1.0))
+    colors = {"master": "tab:red", "recipe": "tab:blue", "plain": "tab:gray"}
+    for ax, case in zip(axes.flat, cases):
+        res = case["results"]
+        names = list(res)
+        med = np.asarray([res[n]["median_ms"] for n in names])
+        err = [med - [res[n]["p10_ms"] for n in names], [res[n]["p90_ms"] for n in names] - med]
+        ax.barh(range(len(names)), med, xerr=err, capsize=2,
+                color=[colors[res[n]["kind"]] if not n.startswith("mc-flat") else "tab:orange"
+                       for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        for k, n in enumerate(names):  # right of the whisker
+            ax.text(res[n]["p90_ms"], k, f"  {res[n]['bytes_per_param']:g} B moved, "
+                    f"{res[n]['memory_per_param']['weights_state']:.2f} B weights+state",
+                    va="center", fontsize=7)
+        ax.set_xlim(0, 1.6 * float(np.max(np.concatenate([med, err[1] + med]))))
+        ax.set_xlabel("ms per step (median, p10-p90)")
+        ax.set_title(case_name(case) + " parameters", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(cases):]:
+        ax.set_visible(False)
+    m = doc["machine"]
+    fig.suptitle("One SGD-momentum step, bf16 parameters with fp32 master weights, lower is "
+                 "better (red: momentum_cuda master weights; orange: momentum_cuda flat; blue: "
+                 "torch's fp32 master recipe; gray: torch)\n"
+                 f"{m.get('gpu') or m['cpu']['model']} | torch {m['torch']['version']} | "
+                 f"{m['torch']['threads']} threads | {m['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")  # path may be a temporary name
+    plt.close(fig)
+
+
 def _atomic_write(path: Path, write) -> None:
     """write(tmp) then rename onto path: a reader, or a run killed while writing, sees the old
     file or the new one, never part of one."""
@@ -1602,16 +2151,19 @@ def write_files(doc: dict, base: Path, formats, labels: dict, png: bool) -> list
     if "csv" in formats:
         def write_csv(p: Path) -> None:
             with p.open("w", newline="") as f:
-                ampclip = doc.get("mode") == "ampclip"
-                w = csv.DictWriter(f, fieldnames=AMPCLIP_CSV_FIELDS if ampclip else CSV_FIELDS)
+                fields, rows = {"ampclip": (AMPCLIP_CSV_FIELDS, ampclip_csv_rows),
+                                "master": (MASTER_CSV_FIELDS, master_csv_rows)}.get(
+                    doc.get("mode"), (CSV_FIELDS, csv_rows))
+                w = csv.DictWriter(f, fieldnames=fields)
                 w.writeheader()
-                w.writerows(ampclip_csv_rows(doc) if ampclip else csv_rows(doc))
+                w.writerows(rows(doc))
         path = base.with_name(base.name + ".csv")
         _atomic_write(path, write_csv)
         written.append(path)
     if png and "png" in formats and doc["cases"]:
         path = base.with_name(base.name + ".png")
-        _atomic_write(path, lambda p: plot(doc, p, labels))
+        _atomic_write(path, lambda p: (plot_master if doc.get("mode") == "master" else plot)(
+            doc, p, labels))
         written.append(path)
     return written
 
@@ -1736,7 +2288,9 @@ def parse_args(argv=None):
                     help="most important first (default: float32 bfloat16; --overhead: float32)")
     ap.add_argument("--impls", nargs="+", default=None, metavar="NAME",
                     help="only these implementations (torch-forloop, the reference, is always "
-                         f"run); any of: {' '.join(KNOWN)}")
+                         f"run); any of: {' '.join(KNOWN)}; --master: any of "
+                         f"{' '.join(MASTER_KNOWN)} ({MASTER_REF32} and {MASTER_REF16} always "
+                         "run)")
     ap.add_argument("--overhead", action="store_true",
                     help="time the host overhead of a step: tiny tensors (1-16 elements each), "
                          "as many as --tensors says; microseconds, issue 13's targets")
@@ -1754,6 +2308,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-norm", type=float, default=None, metavar="X",
                     help=f"--ampclip: clip_grad_norm_'s max_norm (default {AMPCLIP_MAX_NORM:g}, "
                          "below every case's total norm: the clip is active)")
+    ap.add_argument("--master", action="store_true",
+                    help="bf16 parameters with exact fp32 master weights (issue 14): momentum_cuda "
+                         "master_weights=True next to torch's fp32 master recipe and fp32 and "
+                         "bf16 steps; bytes moved (a model) and memory held (measured) per "
+                         "parameter; --params, --layouts (default " + " ".join(MASTER_LAYOUTS)
+                         + ")")
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed rounds (>= 20 unless --quick; default 30, --overhead 100)")
     ap.add_argument("--warmup", type=int, default=None,
@@ -1798,6 +2358,17 @@ def parse_args(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: torch sees no GPU here (torch.cuda.is_available() is "
                  "False)")
+    if args.master:
+        if args.overhead or args.ampclip:
+            ap.error("--master is a mode of its own: not with --overhead or --ampclip")
+        if args.dtypes is not None:
+            ap.error("--master steps bfloat16 models (fp32 ones next to them); it takes no "
+                     "--dtypes")
+        odd = [lay for lay in args.layouts or () if lay in DTENSOR_LAYOUTS + DDP_LAYOUTS]
+        if odd:
+            ap.error(f"--master times plain tensors; it takes no --layouts {' '.join(odd)}")
+        args.layouts = list(MASTER_LAYOUTS) if args.layouts is None else args.layouts
+        args.dtypes = ["bfloat16"]
     if args.overhead:
         given = [o for o in ("params", "layouts") if getattr(args, o) is not None]
         if given:
@@ -1929,8 +2500,9 @@ def main(argv=None) -> int:
     args, device = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    impls, missing = implementations(device)
-    impls, unavailable = select(impls, missing, args.impls)
+    impls, missing = (master_implementations if args.master else implementations)(device)
+    impls, unavailable = select(impls, missing, args.impls, *(
+        (MASTER_KNOWN, (MASTER_REF32, MASTER_REF16)) if args.master else ()))
     labels = {i.name: i.label for i in impls}
     hyper = dict(lr=args.lr, momentum=args.momentum, dampening=args.dampening,
                  weight_decay=args.weight_decay, nesterov=args.nesterov)
@@ -1962,11 +2534,13 @@ def main(argv=None) -> int:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = args.out / (args.name or
                            f"bench-{'overhead-' if args.overhead else ''}"
-                           f"{'ampclip-' if args.ampclip else ''}{host_kind(device)}-"
+                           f"{'ampclip-' if args.ampclip else ''}"
+                           f"{'master-' if args.master else ''}{host_kind(device)}-"
                            f"{'quick-' if args.quick else ''}{stamp}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     cases, skipped, failures = [], [], []
-    mode = "overhead" if args.overhead else "ampclip" if args.ampclip else "step"
+    mode = ("overhead" if args.overhead else "ampclip" if args.ampclip
+            else "master" if args.master else "step")
     doc = {"schema": SCHEMA, "mode": mode,
            "complete": False, "stopped_early": None, "elapsed_s": 0.0,
            "machine": machine, "config": config, "hyper": hyper, "implementations": labels,
@@ -1990,6 +2564,16 @@ def main(argv=None) -> int:
             "sequences": {k: list(v) for k, v in AMPCLIP_SEQUENCES.items()},
             "state_accesses": STATE_ACCESSES}
         doc["notes"] = ampclip_notes(device, args)
+    if args.master:
+        doc["default_backend"] = resolve_backend(None, device)
+        doc["references"] = {"masters and fp32 weights": MASTER_REF32,
+                             "plain bf16 weights": MASTER_REF16}
+        doc["bytes_model"] = {
+            "what": "bytes read and written per parameter element by one steady-state step, "
+                    "from what each op reads and writes (a model, not a measurement)",
+            "element_bytes": MASTER_BYTES,
+            "implementations": {i.name: moved_bytes(i, hyper) for i in impls}}
+        doc["notes"] = master_notes(device, args)
 
     def save(final: bool = False) -> list[Path]:
         doc["elapsed_s"] = round(_now() - start, 3)
@@ -2024,16 +2608,19 @@ def main(argv=None) -> int:
                   f"the {len(todo) - k + 1} cases left", flush=True)
             break
         print(f"[{k}/{len(todo)} {elapsed:4.0f} s] {case_name(key)}: ", end="", flush=True)
-        graphs = use_graphs(device, total, args) and not args.ampclip
-        ok, need, why = fits(total, DTYPES[dtype_name], len(impls) * (2 if graphs else 1),
-                             device, ampclip_peak_sets(len(impls)) if args.ampclip else None)
+        graphs = use_graphs(device, total, args) and not args.ampclip and not args.master
+        ok, need, why = (fits(total, torch.uint8, 0, device, master_peak_bytes(
+                                  impls, total, hyper["momentum"])) if args.master else
+                         fits(total, DTYPES[dtype_name], len(impls) * (2 if graphs else 1),
+                              device, ampclip_peak_sets(len(impls)) if args.ampclip else None))
         if not ok:
             skipped.append({**key, "why": why})
             print(f"SKIPPED ({why})", flush=True)
             save()
             continue
         try:
-            case = (run_ampclip_case if args.ampclip else run_case)(
+            case = (run_ampclip_case if args.ampclip else run_master_case if args.master
+                    else run_case)(
                 layout, total, DTYPES[dtype_name], impls, hyper, args, device, clock,
                 None if args.budget_s is None else start + args.budget_s)
         except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 result files (schema, rewritten after every case), data drawn once per case, bitwise mismatches
 recorded while the run goes on, the time budget, and the GPU-only pieces that can be driven on
 the CPU. Nothing here is a speed claim: timings are the bench's output, never asserted by a test."""
+import contextlib
 import csv
 import io
 import json
@@ -92,6 +93,13 @@ def test_parse_count_rejects(text):
     (["--max-norm", "1"], "--max-norm is for --ampclip"),
     (["--ampclip", "--rounds", "5"], "--rounds must be >= 20"),
     (["--overhead", "--evict", "-1"], "--evict must be >= 0 MiB, got -1"),
+    (["--master", "--ampclip"], "--master is a mode of its own: not with --overhead or --ampclip"),
+    (["--master", "--dtypes", "float32"], "--master steps bfloat16 models (fp32 ones next to "
+                                          "them); it takes no --dtypes"),
+    (["--master", "--layouts", "few-large", "fsdp2-gpt2"], "--master times plain tensors; it "
+                                                           "takes no --layouts fsdp2-gpt2"),
+    (["--master", "--tensors", "148"], "--tensors is for --overhead and --ampclip"),
+    (["--master", "--rounds", "5"], "--rounds must be >= 20"),
     (["--quick", "--evict", "8"], "--evict is for --overhead"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
@@ -425,14 +433,14 @@ def test_gradients_are_never_zero(monkeypatch):
 
 
 # ---- correctness before timing -------------------------------------------------------------
-def _plant(monkeypatch, impl):
-    real = bench.implementations
+def _plant(monkeypatch, impl, where="implementations"):
+    real = getattr(bench, where)
 
     def with_it(device):
         impls, missing = real(device)
         return impls + [impl], missing
 
-    monkeypatch.setattr(bench, "implementations", with_it)
+    monkeypatch.setattr(bench, where, with_it)
 
 
 def test_bitwise_mismatch_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path, capsys):
@@ -988,14 +996,19 @@ def test_timed_rounds_refills_untimed_before_each_call():
         timed[i + 1] for i, e in enumerate(timed) if e == "start"]
 
 
+def _main_quietly(argv) -> tuple[int, str]:
+    """bench.main(argv) with its stdout caught: (exit status, what it printed)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = bench.main(argv)
+    return code, buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def ampclip_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ampclip")
-    buf = io.StringIO()
-    import contextlib
-    with contextlib.redirect_stdout(buf):
-        code = bench.main(AMPCLIP + ["--out", str(out), "--name", "ac"])
-    return code, out, buf.getvalue()
+    code, text = _main_quietly(AMPCLIP + ["--out", str(out), "--name", "ac"])
+    return code, out, text
 
 
 def test_ampclip_runs_and_writes_json_csv(ampclip_run):
@@ -1069,3 +1082,224 @@ def test_ampclip_catches_a_clip_that_is_not_applied(monkeypatch, tmp_path, capsy
     (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
     assert case["bitwise_vs_forloop"]["mc-noclip"] is False
     assert set(case["results"]) == {"mc-flat-cpu", "torch-forloop", "torch-fused"}
+
+
+# ---- --master: bf16 parameters with exact fp32 master weights (issue 14) ---------------------
+MASTER = ["--master", "--quick", "--params", "3000", "--layouts", "few-large", "gpt2",
+          "--rounds", "2", "--warmup", "1"]
+MASTER_NAMES = {"mc-master-cpu", "mc-flat-cpu-fp32", "mc-flat-cpu-bf16", "torch-master-forloop",
+                "torch-master-foreach", "torch-master-fused", "torch-fp32-forloop",
+                "torch-fp32-foreach", "torch-fp32-fused", "torch-bf16-forloop"}
+# The bytes model's derivation (MASTER_BYTES' comment), per parameter per step, momentum 0.9:
+# one pass: master reads p 2 + rem 2 + ties 1/8 + g 2 + buf 4, writes p 2 + rem 2 + ties 1/8 +
+# buf 4; fp32 5 x 4; bf16 5 x 2. torch for-loop / foreach: 8 accesses. The recipe: + 6 + 6.
+MOVED = {"mc-master-cpu": (10.125, 8.125), "mc-flat-cpu-fp32": (12, 8),
+         "mc-flat-cpu-bf16": (6, 4), "torch-master-forloop": (26, 18),
+         "torch-master-foreach": (26, 18), "torch-master-fused": (18, 14),
+         "torch-fp32-forloop": (20, 12), "torch-fp32-foreach": (20, 12),
+         "torch-fp32-fused": (12, 8), "torch-bf16-forloop": (10, 6)}
+
+
+def test_master_defaults():
+    args, _ = bench.parse_args(["--master"])
+    assert (args.master, args.layouts, args.dtypes, args.formats) == (
+        True, ["few-large", "many-small"], ["bfloat16"], ["json", "csv", "png"])
+    assert (args.rounds, args.warmup) == (30, 3)
+    args, _ = bench.parse_args(["--master", "--quick", "--layouts", "gpt2"])
+    assert (args.params, args.layouts, args.rounds) == ([10**6], ["gpt2"], 5)
+
+
+def test_master_bytes_model_is_the_derivation():
+    impls = {i.name: i for i in bench.master_implementations(torch.device("cpu"))[0]}
+    assert set(impls) == MASTER_NAMES
+    hyper = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False)
+    got = {n: bench.moved_bytes(i, hyper) for n, i in impls.items()}
+    assert {n: (m["read"], m["written"]) for n, m in got.items()} == MOVED
+    assert {n: m["total"] for n, m in got.items()} == {
+        "mc-master-cpu": 18.25, "mc-flat-cpu-fp32": 20, "mc-flat-cpu-bf16": 10,
+        "torch-master-forloop": 44, "torch-master-foreach": 44, "torch-master-fused": 32,
+        "torch-fp32-forloop": 32, "torch-fp32-foreach": 32, "torch-fp32-fused": 20,
+        "torch-bf16-forloop": 16}
+    assert [o["op"] for o in got["torch-master-foreach"]["ops"]] == [
+        "copy g into the master's fp32 grad", "buf.mul_(momentum)", "buf.add_(g)",
+        "p.add_(d, alpha=-lr)", "copy the master into p"]
+    # No momentum, no buffer: the master op reads p, rem, ties, g and writes p, rem, ties.
+    plain = {**hyper, "momentum": 0.0}
+    assert bench.moved_bytes(impls["mc-master-cpu"], plain)["total"] == 10.25
+    assert bench.moved_bytes(impls["torch-fp32-forloop"], plain)["total"] == 12
+    # Weight decay and nesterov: a temporary each in torch's for-loop; one pass is one pass.
+    extra = {**hyper, "weight_decay": 0.01, "nesterov": True}
+    assert bench.moved_bytes(impls["torch-fp32-foreach"], extra)["total"] == 32 + 12 + 12
+    assert bench.moved_bytes(impls["mc-master-cpu"], extra)["total"] == 18.25
+    assert bench.moved_bytes(impls["torch-master-fused"], extra)["total"] == 32
+    # The case's peak: data (bf16 + fp32: 18) + temporaries (4) + every contender's weights,
+    # state and gradients: master 2 + 6.125 + 2, flat 12 and 6, recipe 3 x (6 + 4 + 6),
+    # torch 3 x 12 + 6: 118.125, rounded up.
+    assert bench.master_peak_bytes(list(impls.values()), 10**6, 0.9) == 18 + 4 + 119
+
+
+def test_master_recipe_is_torchs_fp32_step_copied_back():
+    """MasterRecipe (the baseline): its masters are torch's fp32 step on the widened bf16
+    values and gradients, its bf16 parameters the masters rounded (for-loop bitwise)."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(n, generator=gen).bfloat16() for n in (5, 33)]
+    grads = [torch.randn(n, generator=gen).bfloat16() for n in (5, 33)]
+    for kw in bench.TORCH_STEPS.values():
+        ps = [x.clone().requires_grad_(True) for x in init]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        twin = [x.float().requires_grad_(True) for x in init]
+        for t, g in zip(twin, grads):
+            t.grad = g.float()
+        opt = bench.MasterRecipe(ps, kw, lr=0.5, momentum=0.9)
+        ref = torch.optim.SGD(twin, lr=0.5, momentum=0.9, foreach=False)
+        for _ in range(3):
+            opt.step()
+            ref.step()
+        for p, t in zip(ps, twin):
+            assert p.dtype == torch.bfloat16
+            assert torch.equal(p, opt.master_weight(p).bfloat16())  # copied back, rounded
+            if "fused" not in kw:  # torch's fused step need not be its for-loop's bits
+                assert torch.equal(opt.master_weight(p), t.detach())
+                assert torch.equal(opt.state[p]["momentum_buffer"],
+                                   ref.state[t]["momentum_buffer"])
+        assert all(m.grad.dtype == torch.float32 for m in opt.masters)
+
+
+def test_master_without_the_op_on_a_backend_is_left_out_with_the_reason(monkeypatch):
+    def no_op(backend):
+        raise AttributeError("no op 'sgd_step_master_list_'")
+
+    monkeypatch.setattr(bench, "master_op", no_op)
+    impls, missing = bench.master_implementations(torch.device("cpu"))
+    assert {i.name for i in impls} == MASTER_NAMES - {"mc-master-cpu"}  # flat still runs
+    assert missing["mc-master-cpu"].startswith("backend 'cpu' has no master-weights op in this "
+                                               "build (AttributeError: ")
+    assert "does not run on cpu tensors" in missing["mc-*-triton"]
+
+
+@pytest.fixture(scope="module")
+def master_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("master")
+    code, text = _main_quietly(MASTER + ["--out", str(out), "--name", "m"])
+    return code, out, text
+
+
+def _expected_memory(name: str, sizes: list, momentum: bool) -> dict:
+    """Bytes held, from the sizes alone (not bench.memory_formula): what each keeps."""
+    n = sum(sizes)
+    padded = lambda esize: sum(-(-s * esize // 64) * 64 for s in sizes)  # noqa: E731
+    if name.startswith("mc-flat"):
+        one = padded(4 if name.endswith("fp32") else 2)
+        return {"weights": one, "state": one * momentum, "grads": one}
+    if name.startswith("mc-master"):
+        return {"weights": 2 * n, "grads": 2 * n,
+                "state": 4 * n * momentum + 2 * n + sum((s + 7) // 8 for s in sizes)}
+    if name.startswith("torch-master"):
+        return {"weights": 6 * n, "state": 4 * n * momentum, "grads": 6 * n}
+    esize = 2 if "bf16" in name else 4
+    return {"weights": esize * n, "state": esize * n * momentum, "grads": esize * n}
+
+
+def test_master_runs_and_writes_json_csv_png(master_run):
+    code, out, text = master_run
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["m.csv", "m.json", "m.png"]
+    doc = json.loads((out / "m.json").read_text())
+    assert doc["mode"] == "master" and doc["complete"] is True and doc["failures"] == []
+    assert doc["config"]["master"] is True and doc["default_backend"] == "cpu"
+    assert doc["bytes_model"]["implementations"]["mc-master-cpu"]["total"] == 18.25
+    assert any("a MODEL, not a measurement" in n for n in doc["notes"])
+    assert [(c["layout"], c["numel"], c["dtype"]) for c in doc["cases"]] == [
+        ("few-large", 3000, "bfloat16"), ("gpt2", 3000, "bfloat16")]
+    for case in doc["cases"]:
+        assert set(case["results"]) == MASTER_NAMES
+        assert case["errors"] == {} and case["mismatches"] == {}
+        assert case["steps_per_optimizer"] == 1 + 2
+        sizes = bench.layout_sizes(case["layout"], case["numel"], case["data_seed"])
+        assert len(sizes) == case["tensors"]
+        for name, r in case["results"].items():
+            assert r["reference"] == ("torch-bf16-forloop" if name.endswith("bf16") or
+                                      name == "torch-bf16-forloop" else "torch-fp32-forloop")
+            if name.startswith("mc-") or name == "torch-master-forloop":
+                assert case["bitwise_vs_forloop"][name] is True, name  # checked after timing
+            assert len(r["times_ms"]) == 2 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+            read, written = MOVED[name]
+            assert (r["moved"]["read"], r["moved"]["written"]) == (read, written)
+            assert r["bytes_per_param"] == read + written
+            assert r["gbps"] == pytest.approx(
+                case["numel"] * r["bytes_per_param"] / (r["median_ms"] * 1e-3) / 1e9)
+            for base in bench.MASTER_BASES:
+                assert r["vs_" + bench.ratio_key(base)] == pytest.approx(
+                    case["results"][base]["median_ms"] / r["median_ms"])
+            # Memory held: measured from the tensors, equal to what the sizes say.
+            want = _expected_memory(name, sizes, True)
+            assert r["memory_bytes"] == want == r["memory_formula_bytes"], name
+            assert r["memory_matches_formula"] is True
+            assert r["memory_per_param"]["state"] == pytest.approx(want["state"] / case["numel"])
+            assert r["kernels"] > 0 and r["alloc_bytes"] == 0  # no allocation in a step
+        mp = case["results"]["mc-master-cpu"]
+        assert mp["kernels"] == 1 and mp["mc_calls"] == 1  # one master op a step
+        # The master's state: fp32 buffer 4 + int16 remainder 2 + a tie bit (+ rounding up)
+        assert 6.125 <= mp["memory_per_param"]["state"] < 6.125 + case["tensors"] / 3000
+        assert mp["memory_per_param"]["weights"] == 2.0
+    rows = _csv((out / "m.csv").read_text())
+    assert list(rows[0]) == list(bench.MASTER_CSV_FIELDS) and len(rows) == 2 * len(MASTER_NAMES)
+    assert {r["bytes_per_param"] for r in rows if r["implementation"] == "mc-master-cpu"} == {
+        "18.25"}
+    assert {r["memory_matches_formula"] for r in rows} == {"True"}
+    for col in ("moved B/p", "state B/p", "vs m-foreach", "== ref", "18.25"):
+        assert col in text
+    assert "bandwidth probe (fp32)" in text
+
+
+class _DriftsAfterTwoSteps(momentum_cuda.SGD):
+    """A planted bug the 2-step check cannot see: from the third step on, lr is 2^-20 off."""
+
+    def step(self, closure=None):
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == 3:
+            for g in self.param_groups:
+                g["lr"] *= 1 + 2**-20
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("planted,phase,summary", [
+    # master_weights not set: the plain flat path runs: the path check says so
+    (lambda ps, h: momentum_cuda.SGD(ps, **h), None, "did not make exactly one master kernel "
+                                                     "call over 3000 elements on backend cpu"),
+    (lambda ps, h: momentum_cuda.SGD(ps, master_weights=True, **{**h, "lr": h["lr"] * 1.5}),
+     "check", "masters differ"),
+    (lambda ps, h: _DriftsAfterTwoSteps(ps, master_weights=True, **h), "after timing",
+     "masters differ"),
+], ids=["no-master-path", "lr-off", "drifts-after-the-check"])
+def test_master_catches_a_wrong_master(monkeypatch, tmp_path, capsys, planted, phase, summary):
+    _plant(monkeypatch, bench.Impl("mc-planted", "momentum_cuda (planted bug)", planted,
+                                   ours=True, model=torch.bfloat16, kind="master",
+                                   backend="cpu"), "master_implementations")
+    code = bench.main(MASTER + ["--layouts", "few-large", "--impls", "mc-master-cpu",
+                                "mc-planted", "--formats", "json", "--out", str(tmp_path),
+                                "--name", "run"])
+    err = capsys.readouterr().err
+    assert code == 1 and "mc-planted" in err and summary in err
+    (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
+    assert set(case["results"]) == {"mc-master-cpu", "torch-fp32-forloop", "torch-bf16-forloop"}
+    if phase is None:  # it could not run as a master-weights step: an error, not timed
+        assert summary in case["errors"]["mc-planted"]
+    else:
+        m = case["mismatches"]["mc-planted"]
+        assert (m["phase"], m["steps"]) == (phase, 2 if phase == "check" else 3)
+        assert m["master"]["differing"] >= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_master_backend_that_cannot_run_here_is_named(tmp_path, capsys):
+    code = bench.main(MASTER + ["--layouts", "few-large", "--impls", "mc-master-cuda",
+                                "mc-master-triton", "--formats", "json", "--out",
+                                str(tmp_path), "--name", "run"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "ASKED FOR BUT NOT AVAILABLE on cpu: mc-master-cuda: backend='cuda' cannot run" in out
+    assert "mc-master-triton: backend='triton' cannot run on device cpu" in out
+    (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
+    assert set(case["results"]) == {"torch-fp32-forloop", "torch-bf16-forloop"}
