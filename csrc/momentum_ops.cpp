@@ -9,6 +9,9 @@
 //   sgd_step_master_list_  bf16 parameters with exact fp32 masters (bf16_split.h): fp32
 //                   buffers, int16 remainders, packed tie bits; torch's fp32 step on each
 //                   master (CPU and CUDA kernels; the Triton one is a custom op of _ops.py).
+//   sgd_step_sr_list_  bf16 parameters, gradients and buffers; torch's fp32 step on the widened
+//                   values, the parameter rounded stochastically (stochastic.h) with keys[i]'s
+//                   random bits, the buffer to nearest even (CPU and CUDA; Triton: _ops.py).
 // Both update param(s) and momentum buffer(s) in place and read the gradients; given
 // torch.amp.GradScaler's grad_scale and found_inf (tensors), they unscale the gradients in place
 // and skip the update when found_inf != 0, and given clip_coef they multiply the gradients by it
@@ -455,13 +458,15 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
                             dampening_tensor, weight_decay_tensor});
 }
 
-/// The master-weights step (sgd_step_master_list_): bf16 parameters whose fp32 masters are
-/// split as bf16_split.h says, fp32 momentum buffers, int16 remainders and uint8 tie bytes (8
-/// elements each). Every tensor is checked before any is written.
-void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                          at::TensorList rems, at::TensorList ties, double lr, double momentum,
-                          double dampening, double weight_decay, bool nesterov, bool maximize,
-                          bool first_step, c10::DeviceType device_type) {
+/// What the per-tensor bf16 ops (master weights, stochastic rounding) check alike, before
+/// anything is written: the scalars, that every list in `lists` has one tensor per parameter
+/// (momentum_buffers only with momentum), and each parameter a dense bfloat16 tensor of
+/// `device_type` with a gradient like it (and, given bf16_bufs, a bf16 buffer like it).
+/// Returns whether the step has momentum (and so buffers).
+bool check_bf16_step(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                     NamedLists lists, double lr, double momentum, double dampening,
+                     double weight_decay, bool nesterov, bool first_step, bool bf16_bufs,
+                     const char* why, c10::DeviceType device_type) {
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
   check_scalar("dampening", dampening);
@@ -471,8 +476,7 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
               momentum);
   TORCH_CHECK(!first_step || need_buf,
               "first_step=True (buffer = gradient) needs momentum != 0, got momentum=", momentum);
-  for (const auto& [list, name] : {std::pair{grads, "grads"}, std::pair{rems, "remainders"},
-                                   std::pair{ties, "ties"}}) {
+  for (const auto& [list, name] : lists) {
     TORCH_CHECK(list.size() == params.size(), name, " has ", list.size(),
                 " tensors but params has ", params.size());
   }
@@ -483,22 +487,61 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
   std::optional<at::Device> device;
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string at_i = "[" + std::to_string(i) + "]";
-    check_triple(at_i, params[i], grads[i], nullptr, device_type, dtype, device);
+    check_triple(at_i, params[i], grads[i], need_buf && bf16_bufs ? &bufs[i] : nullptr,
+                 device_type, dtype, device);
+    TORCH_CHECK(params[i].scalar_type() == at::kBFloat16, "params", at_i, " must be bfloat16 (",
+                why, "), got ", describe(params[i]));
+  }
+  return need_buf;
+}
+
+/// t must be a `want` tensor shaped and strided like params[i] (p), on its device.
+void check_like_param(const at::Tensor& t, const at::Tensor& p, const std::string& name,
+                      const std::string& at_i, at::ScalarType want) {
+  TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device() &&
+                  t.scalar_type() == want && t.sizes() == p.sizes() && t.strides() == p.strides(),
+              name, at_i, " must be a ", c10::toString(want), " tensor on ", p.device(),
+              " with the shape ", c10::str(p.sizes()), " and strides ", c10::str(p.strides()),
+              " of params", at_i, ", got ",
+              t.defined() ? describe(t) + " with strides " + c10::str(t.strides())
+                          : std::string("None"));
+}
+
+/// Runs a per-tensor bf16 op's kernel: `cuda(stream)` on the parameters' device and current
+/// stream (a launch error raises, naming `kernel`), else `cpu()`.
+template <class Cuda, class Cpu>
+void run_bf16_step(const at::Tensor& p0, c10::DeviceType device_type, const char* kernel,
+                   Cuda&& cuda, Cpu&& cpu) {
+#ifdef MOMENTUM_CUDA_WITH_CUDA
+  if (device_type == c10::DeviceType::CUDA) {
+    const c10::cuda::CUDAGuard guard(p0.device());
+    const cudaError_t err = cuda(c10::cuda::getCurrentCUDAStream(p0.device().index()).stream());
+    TORCH_CHECK(err == cudaSuccess, "momentum_cuda: CUDA launch failed (", kernel, "): ",
+                cudaGetErrorString(err));
+    return;
+  }
+#else
+  (void)p0, (void)device_type, (void)kernel, (void)cuda;
+#endif
+  cpu();
+}
+
+/// The master-weights step (sgd_step_master_list_): bf16 parameters whose fp32 masters are
+/// split as bf16_split.h says, fp32 momentum buffers, int16 remainders and uint8 tie bytes (8
+/// elements each). Every tensor is checked before any is written.
+void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::TensorList rems, at::TensorList ties, double lr, double momentum,
+                          double dampening, double weight_decay, bool nesterov, bool maximize,
+                          bool first_step, c10::DeviceType device_type) {
+  const bool need_buf = check_bf16_step(
+      params, grads, bufs, {{grads, "grads"}, {rems, "remainders"}, {ties, "ties"}}, lr,
+      momentum, dampening, weight_decay, nesterov, first_step, /*bf16_bufs=*/false,
+      "master weights split a bf16 parameter", device_type);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.scalar_type() == at::kBFloat16, "params", at_i,
-                " must be bfloat16 (master weights split a bf16 parameter), got ", describe(p));
-    const auto like = [&](const at::Tensor& t, const std::string& n, at::ScalarType want) {
-      TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device() &&
-                      t.scalar_type() == want && t.sizes() == p.sizes() &&
-                      t.strides() == p.strides(),
-                  n, " must be a ", c10::toString(want), " tensor on ", p.device(),
-                  " with the shape ", c10::str(p.sizes()), " and strides ", c10::str(p.strides()),
-                  " of params", at_i, ", got ",
-                  t.defined() ? describe(t) + " with strides " + c10::str(t.strides())
-                              : std::string("None"));
-    };
-    if (need_buf) like(bufs[i], "momentum_buffers" + at_i, at::kFloat);
-    like(rems[i], "remainders" + at_i, at::kShort);
+    if (need_buf) check_like_param(bufs[i], p, "momentum_buffers", at_i, at::kFloat);
+    check_like_param(rems[i], p, "remainders", at_i, at::kShort);
     const at::Tensor& t = ties[i];
     const int64_t bytes = (p.numel() + 7) / 8;
     TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device() &&
@@ -524,18 +567,48 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
   }
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
   hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
-#ifdef MOMENTUM_CUDA_WITH_CUDA
-  if (device_type == c10::DeviceType::CUDA) {
-    const c10::cuda::CUDAGuard guard(params[0].device());
-    const cudaError_t err = sgd_step_master_cuda(
-        spans.data(), static_cast<int64_t>(spans.size()), hyper,
-        c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream());
-    TORCH_CHECK(err == cudaSuccess, "momentum_cuda: CUDA launch failed (master kernel): ",
-                cudaGetErrorString(err));
-    return;
+  const auto n = static_cast<int64_t>(spans.size());
+  run_bf16_step(
+      params[0], device_type, "master kernel",
+      [&](auto stream) { return sgd_step_master_cuda(spans.data(), n, hyper, stream); },
+      [&] { sgd_step_master_cpu(spans.data(), n, hyper); });
+}
+
+/// The stochastic-rounding step (sgd_step_sr_list_, stochastic.h): bf16 parameters, gradients
+/// and momentum buffers; keys[i] (0 .. 2^32 - 1) seeds params[i]'s random bits. Every tensor
+/// is checked before any is written.
+void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                      c10::ArrayRef<int64_t> keys, double lr, double momentum, double dampening,
+                      double weight_decay, bool nesterov, bool maximize, bool first_step,
+                      c10::DeviceType device_type) {
+  TORCH_CHECK(keys.size() == params.size(), "keys has ", keys.size(),
+              " entries but params has ", params.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    TORCH_CHECK(keys[i] >= 0 && keys[i] <= 0xFFFFFFFFll, "keys[", i,
+                "] must be in [0, 2^32), got ", keys[i]);
   }
-#endif
-  sgd_step_master_cpu(spans.data(), static_cast<int64_t>(spans.size()), hyper);
+  const bool need_buf = check_bf16_step(
+      params, grads, bufs, {{grads, "grads"}}, lr, momentum, dampening, weight_decay, nesterov,
+      first_step, /*bf16_bufs=*/true, "stochastic rounding rounds to bf16", device_type);
+  if (params.empty()) return;
+  check_no_cross_overlap({{params, "params"}, {grads, "grads"},
+                          {need_buf ? bufs : at::TensorList(), "momentum_buffers"}});
+  std::vector<SrSpan> spans;
+  spans.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) continue;
+    spans.push_back(SrSpan{static_cast<uint16_t*>(params[i].data_ptr()),
+                           need_buf ? static_cast<uint16_t*>(bufs[i].data_ptr()) : nullptr,
+                           static_cast<const uint16_t*>(grads[i].data_ptr()),
+                           static_cast<uint32_t>(keys[i]), params[i].numel()});
+  }
+  StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
+  hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
+  const auto n = static_cast<int64_t>(spans.size());
+  run_bf16_step(
+      params[0], device_type, "stochastic-rounding kernel",
+      [&](auto stream) { return sgd_step_sr_cuda(spans.data(), n, hyper, stream); },
+      [&] { sgd_step_sr_cpu(spans.data(), n, hyper); });
 }
 
 /// Which arguments of an op's schema it writes, read once from the schema (by the annotations
@@ -649,6 +722,13 @@ void step_master_list_(at::TensorList params, at::TensorList grads,
   sgd_step_master_list(params, grads, momentum_buffers, remainders, ties, lr, momentum,
                        dampening, weight_decay, nesterov, maximize, first_step,
                        device_of({params, grads, momentum_buffers, remainders, ties}));
+}
+
+void step_sr_list_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   c10::ArrayRef<int64_t> keys, double lr, double momentum, double dampening,
+                   double weight_decay, bool nesterov, bool maximize, bool first_step) {
+  sgd_step_sr_list(params, grads, momentum_buffers, keys, lr, momentum, dampening, weight_decay,
+                   nesterov, maximize, first_step, device_of({params, grads, momentum_buffers}));
 }
 
 /// For the optimizer's per-tensor planning (optim._plan), one call for all of a group's loose
@@ -920,6 +1000,10 @@ TORCH_LIBRARY(momentum_cuda, m) {
       "sgd_step_master_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] remainders, Tensor(e!)[] ties, float lr, float momentum, float dampening, "
       "float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+  m.def(
+      "sgd_step_sr_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
+      "int[] keys, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool first_step) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {
@@ -934,6 +1018,7 @@ TORCH_LIBRARY_IMPL(momentum_cuda, ADInplaceOrView, m) {
   m.impl("sgd_step_list_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<1>>());
   m.impl("sgd_step_master_list_",
          torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<2>>());
+  m.impl("sgd_step_sr_list_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<3>>());
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {
@@ -941,6 +1026,7 @@ TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {
   m.impl("sgd_step_list_", &momentum_cuda::step_list_other_);
   // every device: the device check names the tensor where there is no kernel
   m.impl("sgd_step_master_list_", &momentum_cuda::step_master_list_);
+  m.impl("sgd_step_sr_list_", &momentum_cuda::step_sr_list_);
 }
 
 #ifdef MOMENTUM_CUDA_WITH_CUDA

@@ -136,3 +136,71 @@ def sgd_master_reference_step(params, grads, bufs, rems, ties, *, lr: float, mom
         r.copy_(rem)
         t.copy_(pack_ties(tie))
     return bufs
+
+
+# ---- stochastic rounding (csrc/include/momentum_cuda/stochastic.h) --------------------------
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for uint32 values x (ints or int64 tensors) and a 32-bit constant c,
+    without int64 overflow: the product is split at 16 bits."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * c & 0xFFFF) << 16)) & _U32
+
+
+def lowbias32(x):
+    """A bijective 32-bit mixer (C. Wellons' "lowbias32"), on ints or int64 tensors of uint32
+    values: the stochastic-rounding random bits are built from it on every backend."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sr_key(seed: int, step: int, stream: int) -> int:
+    """The 32-bit key of one tensor's stochastic rounding at one step: seed (the optimizer's),
+    step (the parameter's own step count, 1 on its first step) and stream (the parameter's
+    position in the optimizer's param_groups), each taken mod 2^32."""
+    return lowbias32(lowbias32(lowbias32(seed & _U32) ^ (step & _U32)) ^ (stream & _U32))
+
+
+def sr_random(key: int, numel: int, device=None) -> torch.Tensor:
+    """32 random bits (int64 tensor of uint32 values) for elements 0 .. numel-1 in memory
+    order: lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)). For one key, distinct elements
+    below 2^32 get distinct values (lowbias32 is a bijection)."""
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    return lowbias32(lowbias32(key ^ (i >> 32)) ^ (i & _U32))
+
+
+def bf16_round_stochastic(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 rounded up (in magnitude) with probability low16(m) / 2^16: the low 16
+    bits of r (uniform) are added to m's bits and the sum truncated, so the result's mean is
+    m. NaN gives 0x7FC0 (as the round-to-nearest conversion); a finite value above the
+    largest bf16 may round to inf."""
+    if m.dtype != torch.float32:
+        raise TypeError(f"bf16_round_stochastic: m must be float32, got {m.dtype}")
+    u = m.view(torch.int32).to(torch.int64) & _U32
+    bits = ((u + (r.reshape(m.shape) & 0xFFFF)) >> 16) & 0xFFFF
+    bits = torch.where(m.isnan(), 0x7FC0, bits)
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)
+
+
+def sgd_sr_reference_step(params, grads, bufs, keys, *, lr: float, momentum: float,
+                          dampening: float = 0.0, weight_decay: float = 0.0,
+                          nesterov: bool = False, maximize: bool = False) -> list:
+    """stochastic_rounding=True in plain torch, in place: each bf16 parameter widened to fp32
+    takes torch.optim.SGD(foreach=False)'s fp32 step with its gradient and its bf16 momentum
+    buffer widened (None: a first step creates it), then is rounded stochastically back to bf16
+    with sr_random(key) over its elements in memory order; the buffer is rounded to nearest
+    even. keys: one sr_key per parameter. Returns the bf16 buffers."""
+    from torch.optim.sgd import sgd as _sgd
+    ms = [p.float() for p in params]
+    b32 = [None if b is None else b.float() for b in bufs]
+    _sgd(ms, [g.float() for g in grads], b32, foreach=False, lr=lr, momentum=momentum,
+         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    for p, m, key in zip(params, ms, keys):
+        view = _memory_order(m)
+        rounded = bf16_round_stochastic(view.contiguous(), sr_random(key, m.numel(), m.device))
+        _memory_order(p).copy_(rounded.view(view.shape))
+    return [None if b is None else b.to(torch.bfloat16) for b in b32]

@@ -8,6 +8,8 @@
 //             The AVX2 clone is compiled with target("avx2,fma,f16c") and picked at run time, so
 //             the library still runs on CPUs without AVX2. Bitwise equality with torch needs a real
 //             fma instruction and no contraction of a*b+c (-ffp-contract=off): docs/numerics.md.
+// bf16 ops  : master-weights spans (bf16_split.h: master_math over tie bytes) and
+//             stochastic-rounding spans (stochastic.h: sr_math over elements), fp32 arithmetic.
 #include "momentum_cpu.h"
 
 #include <algorithm>
@@ -21,6 +23,7 @@
 #include <c10/util/Half.h>
 
 #include "momentum_cuda/bf16_split.h"
+#include "momentum_cuda/stochastic.h"
 #include "momentum_cuda/sgd_math.h"
 
 namespace momentum_cuda {
@@ -122,33 +125,53 @@ MC_HD void master_loop(const MasterSpan& sp, int64_t k0, int64_t k1, const StepS
   }
 }
 
+/// Stochastic-rounding spans: elements [i0, i1), fp32 arithmetic.
 template <uint32_t F, class Add>
-__attribute__((target("avx2,fma,f16c"))) void master_loop_avx2(const MasterSpan& sp, int64_t k0,
-                                                                int64_t k1,
-                                                                const StepScalars<float>& s) {
-  master_loop<F, Add>(sp, k0, k1, s);
+MC_HD void sr_loop(const SrSpan& sp, int64_t i0, int64_t i1, const StepScalars<float>& s) {
+  for (int64_t i = i0; i < i1; i += 8) {
+    const int n = static_cast<int>(i1 - i < 8 ? i1 - i : 8);
+    sr_math<Add>(sp.param + i, (F & kMomentum) ? sp.buf + i : nullptr, sp.grad + i, i, n, sp.key,
+                 s, F);
+  }
 }
 
-template <uint32_t F, class Add>
-void master_loop_default(const MasterSpan& sp, int64_t k0, int64_t k1,
-                         const StepScalars<float>& s) {
-  master_loop<F, Add>(sp, k0, k1, s);
+/// The loop of a bf16 span type S: master_loop over tie bytes, sr_loop over elements.
+template <class S, uint32_t F, class Add>
+MC_HD void bf16_loop(const S& sp, int64_t lo, int64_t hi, const StepScalars<float>& s) {
+  if constexpr (std::is_same_v<S, MasterSpan>) {
+    master_loop<F, Add>(sp, lo, hi, s);
+  } else {
+    sr_loop<F, Add>(sp, lo, hi, s);
+  }
 }
 
-using MasterFn = void (*)(const MasterSpan&, int64_t, int64_t, const StepScalars<float>&);
+template <class S, uint32_t F, class Add>
+__attribute__((target("avx2,fma,f16c"))) void bf16_loop_avx2(const S& sp, int64_t lo, int64_t hi,
+                                                              const StepScalars<float>& s) {
+  bf16_loop<S, F, Add>(sp, lo, hi, s);
+}
 
-/// pick_loop for master spans (fp32 arithmetic: the AVX2 clone, as fp32 uses).
-template <class Add, uint32_t F = 0>
-MasterFn pick_master_loop(uint32_t flags, CpuIsa isa) {
+template <class S, uint32_t F, class Add>
+void bf16_loop_default(const S& sp, int64_t lo, int64_t hi, const StepScalars<float>& s) {
+  bf16_loop<S, F, Add>(sp, lo, hi, s);
+}
+
+template <class S>
+using Bf16Fn = void (*)(const S&, int64_t, int64_t, const StepScalars<float>&);
+
+/// pick_loop for master and stochastic-rounding spans (fp32 arithmetic: the AVX2 clone, as
+/// fp32 uses).
+template <class S, class Add, uint32_t F = 0>
+Bf16Fn<S> pick_bf16_loop(uint32_t flags, CpuIsa isa) {
   if constexpr (F > kAllFlags) {
     return nullptr;
   } else {
     if constexpr (flags_valid(F)) {
       if (flags == F) {
-        return isa != CpuIsa::kDefault ? &master_loop_avx2<F, Add> : &master_loop_default<F, Add>;
+        return isa != CpuIsa::kDefault ? &bf16_loop_avx2<S, F, Add> : &bf16_loop_default<S, F, Add>;
       }
     }
-    return pick_master_loop<Add, F + 1>(flags, isa);
+    return pick_bf16_loop<S, Add, F + 1>(flags, isa);
   }
 }
 
@@ -254,20 +277,32 @@ void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& h) {
                       [&](int64_t k, int64_t lo, int64_t hi) { run(spans[k], lo, hi); });
 }
 
-void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyper& h) {
-  // The master's arithmetic is torch's fp32 step: alphas rounded once to fp32, fma where
-  // torch's kernels have it (sgd_step_cpu's choice for fp32), at every position.
-  const MasterFn body = torch_uses_fma() ? pick_master_loop<AddFma>(h.flags, cpu_isa())
-                                         : pick_master_loop<AddNarrowedProduct>(h.flags, cpu_isa());
+/// The bf16 ops' step: S's loop over units (unit(span) per span: tie bytes or elements), in
+/// parallel; the master's arithmetic is torch's fp32 step: alphas rounded once to fp32, fma
+/// where torch's kernels have it (sgd_step_cpu's choice for fp32), at every position.
+template <class S, class Units>
+void bf16_step_cpu(const S* spans, int64_t n_spans, const StepHyper& h, int64_t grain,
+                   Units&& units) {
+  const Bf16Fn<S> body = torch_uses_fma() ? pick_bf16_loop<S, AddFma>(h.flags, cpu_isa())
+                                          : pick_bf16_loop<S, AddNarrowedProduct>(h.flags, cpu_isa());
   if (body == nullptr || n_spans <= 0) return;
   const auto alpha = [](double v) { return static_cast<float>(v); };
   const StepScalars<float> s =
       make_scalars<float>(h.lr, h.momentum, h.dampening, h.weight_decay, alpha);
-  // The units are groups of 8 elements, so no two threads write one tie byte.
   std::vector<int64_t> start(n_spans + 1, 0);
-  for (int64_t k = 0; k < n_spans; ++k) start[k + 1] = start[k] + divup(spans[k].numel, 8);
-  parallel_over_spans(start, kGrainSize / 8,
+  for (int64_t k = 0; k < n_spans; ++k) start[k + 1] = start[k] + units(spans[k]);
+  parallel_over_spans(start, grain,
                       [&](int64_t k, int64_t lo, int64_t hi) { body(spans[k], lo, hi, s); });
+}
+
+void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyper& h) {
+  // units of 8 elements, so no two threads write one tie byte
+  bf16_step_cpu(spans, n_spans, h, kGrainSize / 8,
+                [](const MasterSpan& sp) { return divup(sp.numel, 8); });
+}
+
+void sgd_step_sr_cpu(const SrSpan* spans, int64_t n_spans, const StepHyper& h) {
+  bf16_step_cpu(spans, n_spans, h, kGrainSize, [](const SrSpan& sp) { return sp.numel; });
 }
 
 template void sgd_step_cpu<float>(const Span*, int64_t, const StepHyper&);

@@ -58,6 +58,17 @@ struct MasterSpan {
   int64_t numel;
 };
 
+/// One contiguous run of a bf16 parameter stepped with stochastic rounding
+/// (csrc/include/momentum_cuda/stochastic.h): param, buf (null without kMomentum) and grad are
+/// bf16 bits; key seeds the random bits of elements 0 .. numel - 1.
+struct SrSpan {
+  uint16_t* param;
+  uint16_t* buf;
+  const uint16_t* grad;
+  uint32_t key;
+  int64_t numel;
+};
+
 /// kAvx512 uses an AVX-512 (F, BW, VL) clone for bf16/fp16, where the conversions make the loop
 /// compute bound (2.2x faster than AVX2 in a microbenchmark here); fp32/fp64 stay on the AVX2
 /// clone, which is memory bound already (an AVX-512 clone measured no faster, 2026-11-24).
@@ -71,6 +82,10 @@ void sgd_step_cpu(const Span* spans, int64_t n_spans, const StepHyper& hyper);
 /// torch.optim.SGD's fp32 step on the master of every span (the gradient widened exactly),
 /// then the master split again: param = its bf16 rounding, rem and tie what makes it exact.
 void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyper& hyper);
+
+/// torch.optim.SGD's fp32 step on every span's widened values, the parameter then rounded
+/// stochastically to bf16 and the buffer to nearest even.
+void sgd_step_sr_cpu(const SrSpan* spans, int64_t n_spans, const StepHyper& hyper);
 
 /// The instruction set the kernel uses: the best the CPU has (checked at run time: AVX-512
 /// F/BW/VL, else AVX2+FMA+F16C, else portable code). Tests force each to check it bitwise.

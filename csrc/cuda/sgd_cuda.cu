@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "master_kernel.cuh"
+#include "sr_kernel.cuh"
 #include "sgd_kernel.cuh"
 
 namespace momentum_cuda {
@@ -117,18 +118,37 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
   return err;
 }
 
+/// Runs plan(spans, n_spans, scalars, flags, launch) with a launch of `kernel` per batch;
+/// the first launch error is returned (and no later batch launched).
+template <template <int, int> class Args, class Span_, class Plan, class Kernel>
+cudaError_t launch_bf16(const Span_* spans, int64_t n_spans, const StepHyper& h,
+                        cudaStream_t stream, Plan&& plan, Kernel kernel) {
+  using L = ListLimits;
+  cudaError_t err = cudaSuccess;
+  plan(spans, n_spans, scalars<float>(h), h.flags,
+       [&](const Args<L::kTensors, L::kBlocks>& a, int blocks) {
+         if (err != cudaSuccess) return;
+         kernel<<<blocks, kThreads, 0, stream>>>(a);
+         err = cudaGetLastError();
+       });
+  return err;
+}
+
 cudaError_t sgd_step_master_cuda(const MasterSpan* spans, int64_t n_spans, const StepHyper& h,
                                  cudaStream_t stream) {
   using L = ListLimits;
-  cudaError_t err = cudaSuccess;
-  cuda::plan_master_list<L>(spans, n_spans, scalars<float>(h), h.flags,
-                            [&](const cuda::MasterListArgs<L::kTensors, L::kBlocks>& a, int blocks) {
-                              if (err != cudaSuccess) return;
-                              cuda::sgd_master_kernel<L::kTensors, L::kBlocks>
-                                  <<<blocks, kThreads, 0, stream>>>(a);
-                              err = cudaGetLastError();
-                            });
-  return err;
+  return launch_bf16<cuda::MasterListArgs>(
+      spans, n_spans, h, stream,
+      [](auto&&... x) { cuda::plan_master_list<L>(x...); },
+      cuda::sgd_master_kernel<L::kTensors, L::kBlocks>);
+}
+
+cudaError_t sgd_step_sr_cuda(const SrSpan* spans, int64_t n_spans, const StepHyper& h,
+                             cudaStream_t stream) {
+  using L = ListLimits;
+  return launch_bf16<cuda::SrListArgs>(
+      spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_sr_list<L>(x...); },
+      cuda::sgd_sr_kernel<L::kTensors, L::kBlocks>);
 }
 
 #define MC_INSTANTIATE(T)                                                                   \

@@ -5,7 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "cpu/momentum_cpu.h"  // Span, MasterSpan, StepHyper
+#include "cpu/momentum_cpu.h"  // Span, MasterSpan, SrSpan, StepHyper
 #include "storage_types.h"
 
 namespace momentum_cuda {
@@ -26,5 +26,10 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
 /// are not read (the op has neither).
 cudaError_t sgd_step_master_cuda(const MasterSpan* spans, int64_t n_spans, const StepHyper& hyper,
                                  cudaStream_t stream);
+
+/// Stochastic-rounding step over many spans (stochastic.h): as many launches of the SR
+/// kernel as the argument space needs. hyper.amp and hyper.dev are not read.
+cudaError_t sgd_step_sr_cuda(const SrSpan* spans, int64_t n_spans, const StepHyper& hyper,
+                             cudaStream_t stream);
 
 }  // namespace momentum_cuda
