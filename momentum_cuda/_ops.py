@@ -9,6 +9,11 @@
         bf16 parameters with exact fp32 masters (csrc/include/momentum_cuda/bf16_split.h):
         fp32 momentum buffers, int16 remainders, uint8 tie bytes (a bit per element); torch's
         fp32 step on each master; a CPU and a CUDA implementation.
+    sgd_step_sr_list_(params, grads, momentum_buffers, keys, lr, ...)
+        Stochastic rounding (csrc/include/momentum_cuda/stochastic.h): bf16 parameters,
+        gradients and momentum buffers, keys (one uint32 per parameter, as an int) seeding each
+        parameter's random bits; torch's fp32 step on the widened values, the parameter rounded
+        stochastically, the buffer to nearest even.
     triton_sgd_step_flat_, triton_sgd_step_list_
         The Triton kernels (torch.library.custom_op, below) without gradient writes: the
         schemas above less grad_scale and clip_coef (found_inf, which only skips the update, is
@@ -19,9 +24,9 @@
         clipped in place), which a custom_op bumps on every call, so they are called only
         when grad_scale or clip_coef is given. The Triton ops are opaque to inductor (the list
         kernel reads a pointer table, which it cannot trace into).
-    triton_sgd_step_master_list_
-        The Triton kernel of sgd_step_master_list_ (same schema; any device the Triton
-        backend runs on).
+    triton_sgd_step_master_list_, triton_sgd_step_sr_list_
+        The Triton kernels of sgd_step_master_list_ and sgd_step_sr_list_ (same schemas; any
+        device the Triton backend runs on).
 
 Each op writes param(s) and momentum buffer(s) in place, reads the gradients (and, given
 GradScaler's grad_scale or a clip coefficient, writes them back unscaled and clipped;
@@ -31,7 +36,8 @@ are read in place of the floats, on the device (no host sync); its fake kernel
 (for FakeTensor, torch.compile and opcheck) has nothing to compute and checks only that the
 tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend: for "triton"
 two small functions that call the amp op when grad_scale or clip_coef is given and the plain
-one otherwise.
+one otherwise; `master_op(backend)` and `sr_op(backend)` give the master-weights and the
+stochastic-rounding op of a backend.
 """
 from __future__ import annotations
 
@@ -49,6 +55,8 @@ _TRITON_LIST = "momentum_cuda::triton_sgd_step_list_"
 _TRITON_AMP_FLAT = "momentum_cuda::triton_sgd_step_amp_flat_"
 _TRITON_AMP_LIST = "momentum_cuda::triton_sgd_step_amp_list_"
 _TRITON_MASTER_LIST = "momentum_cuda::triton_sgd_step_master_list_"
+_SR_LIST = "momentum_cuda::sgd_step_sr_list_"
+_TRITON_SR_LIST = "momentum_cuda::triton_sgd_step_sr_list_"
 
 def _one_device(named) -> None:
     """The fake kernels' check. A meta tensor among cpu or cuda ones sends the call to the
@@ -89,19 +97,36 @@ def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_
                              (weight_decay_tensor, "weight_decay_tensor")])
 
 
-def _master_list_fake(params, grads, momentum_buffers, remainders, ties, lr, momentum,
-                      dampening, weight_decay, nesterov, maximize, first_step) -> None:
-    named = [(t, f"{name}[{i}]") for ts, name in (
-        (params, "params"), (grads, "grads"), (momentum_buffers, "momentum_buffers"),
-        (remainders, "remainders"), (ties, "ties")) for i, t in enumerate(ts)]
+def _lists_fake(**lists) -> None:
+    """The fake kernel of an op over lists of tensors: one device for all of them."""
+    named = [(t, f"{name}[{i}]") for name, ts in lists.items() for i, t in enumerate(ts)]
     if named:
         _one_device(named)
+
+
+def _master_list_fake(params, grads, momentum_buffers, remainders, ties, lr, momentum,
+                      dampening, weight_decay, nesterov, maximize, first_step) -> None:
+    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers,
+                remainders=remainders, ties=ties)
+
+
+def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening, weight_decay,
+                  nesterov, maximize, first_step) -> None:
+    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers)
+
+
+def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening,
+                  weight_decay, nesterov, maximize, first_step) -> None:
+    _master_list_fake(params, grads, momentum_buffers, [], [], lr, momentum, dampening,
+                      weight_decay, nesterov, maximize, first_step)
 
 
 if _C is not None:
     torch.library.register_fake(_FLAT)(_flat_fake)
     torch.library.register_fake(_LIST)(_list_fake)
     torch.library.register_fake(_MASTER_LIST)(_master_list_fake)
+    torch.library.register_fake(_SR_LIST)(_sr_list_fake)
+    torch.library.register_fake("momentum_cuda::sgd_step_sr_list_")(_sr_list_fake)
 
 
 @torch.library.custom_op(_TRITON_FLAT, mutates_args=("param", "momentum_buffer"))
@@ -216,6 +241,21 @@ def triton_sgd_step_master_list_(params: list[torch.Tensor], grads: list[torch.T
 triton_sgd_step_master_list_.register_fake(_master_list_fake)
 
 
+@torch.library.custom_op(_TRITON_SR_LIST, mutates_args=("params", "momentum_buffers"))
+def triton_sgd_step_sr_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                             momentum_buffers: list[torch.Tensor], keys: list[int], lr: float,
+                             momentum: float, dampening: float, weight_decay: float,
+                             nesterov: bool, maximize: bool, first_step: bool) -> None:
+    from . import triton_kernels as tk
+    tk.triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, lr=lr,
+                                momentum=momentum, dampening=dampening,
+                                weight_decay=weight_decay, nesterov=nesterov,
+                                maximize=maximize, first_step=first_step)
+
+
+triton_sgd_step_sr_list_.register_fake(_sr_list_fake)
+
+
 def _triton_step(name, plain, amp):
     """One of step_ops("triton"): the call of the C++ ops (same arguments and keywords) routed
     to `amp` when the gradients are written (grad_scale or clip_coef given), to `plain`
@@ -259,3 +299,11 @@ def master_op(backend: str):
         return torch.ops.momentum_cuda.triton_sgd_step_master_list_.default
     step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
     return torch.ops.momentum_cuda.sgd_step_master_list_.default
+
+
+def sr_op(backend: str):
+    """The stochastic-rounding step op of a backend (sgd_step_sr_list_'s arguments)."""
+    if backend == "triton":
+        return torch.ops.momentum_cuda.triton_sgd_step_sr_list_.default
+    step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
+    return torch.ops.momentum_cuda.sgd_step_sr_list_.default

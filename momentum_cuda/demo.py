@@ -23,9 +23,10 @@ same initial weights and the same batches for every optimizer in a part.
 (d) `momentum-cuda bench --quick --out <out>` (unless --no-bench): the step timings.
 
 (e) bf16 parameters at a small step (lr 0.01, momentum 0.9): momentum_cuda.SGD on fp32 weights,
-    on bf16 weights (each op rounds to nearest even: updates under half a bf16 ulp are lost), and
-    on bf16 weights with master_weights=True (exact fp32 masters). Full training-set loss after
-    every step, the final losses and how many weights ever moved, computed from this run.
+    on bf16 weights (each op rounds to nearest even: updates under half a bf16 ulp are lost), on
+    bf16 weights with stochastic_rounding=True (rounded up or down with the probability that
+    keeps the mean) and with master_weights=True (exact fp32 masters). Full training-set loss
+    after every step, the final losses and how many weights ever moved, computed from this run.
 
 Exit code 0; 1 if (a) found a bit that differs or the benchmark failed.
 """
@@ -285,10 +286,11 @@ def part_b(data, test, epochs: int) -> tuple[dict, dict]:
     return curves, reach
 
 
-# ---- (e) bf16 parameters: round to nearest vs master weights -----------------------------------
+# ---- (e) bf16 parameters: round to nearest vs stochastic rounding vs master weights --------------
 LR_E, BETA_E = 0.01, 0.9
 FP32 = "fp32 weights"
 BF16 = "bf16 weights, round to nearest"
+SR = "bf16 weights, stochastic_rounding=True"
 MASTER = "bf16 weights, master_weights=True"
 
 
@@ -296,13 +298,16 @@ def part_e(data, test, epochs: int) -> dict:
     """Runs (e); returns {optimizer: full training-set loss after every step}."""
     base = make_mlp(SEED)
     models = {FP32: copy.deepcopy(base), BF16: copy.deepcopy(base).to(torch.bfloat16),
+              SR: copy.deepcopy(base).to(torch.bfloat16),
               MASTER: copy.deepcopy(base).to(torch.bfloat16)}
     start = {n: [p.detach().clone() for p in m.parameters()] for n, m in models.items()}
     opts = {n: momentum_cuda.SGD(list(m.parameters()), lr=LR_E, momentum=BETA_E,
-                                 master_weights=n == MASTER) for n, m in models.items()}
+                                 master_weights=n == MASTER, stochastic_rounding=n == SR,
+                                 sr_seed=SEED) for n, m in models.items()}
     print(f"\n== (e) bf16 parameters, lr {LR_E:g}, momentum {BETA_E:g}: the same MLP "
-          f"initialisation in fp32, in bf16, and in bf16 with master_weights=True")
-    short = {FP32: "fp32", BF16: "bf16", MASTER: "master"}
+          f"initialisation in fp32, in bf16, in bf16 with stochastic_rounding=True and with "
+          f"master_weights=True")
+    short = {FP32: "fp32", BF16: "bf16", SR: "bf16 sr", MASTER: "master"}
     print("   epoch  " + "".join(f"{short[n]:>10}" for n in models) + "   (train loss)")
 
     def show(epoch: int, curves: dict) -> None:
@@ -368,13 +373,14 @@ def plot(path: str, curves_a: dict, bitwise: bool, curves_b: dict, reach: dict, 
                     "loss on the full training set after every step (not smoothed)")
 
     styles_e = {FP32: ("tab:green", "-", 4.0), BF16: ("tab:red", "-", 1.8),
-                MASTER: ("black", "--", 1.4)}
+                SR: ("tab:orange", "-", 1.4), MASTER: ("black", "--", 1.4)}
     for name, c in curves_e.items():
         color, ls, lw = styles_e[name]
         third.plot([(i + 1) / spe for i in range(len(c))], c, color=color, ls=ls, lw=lw,
                    label=f"{name}: final {c[-1]:.3f}")
     third.set_title(f"(e) bf16 parameters, lr {LR_E:g}, momentum {BETA_E:g}: round to nearest "
-                    "loses\nupdates under half an ulp; master weights keep them (full-set loss)")
+                    "loses updates\nunder half an ulp; stochastic rounding keeps them on "
+                    "average, masters exactly")
 
     # (b)'s upper right holds plain SGD's slow curve; its lower left stays empty.
     for ax, where in ((left, "upper right"), (right, "lower left"), (third, "upper right")):

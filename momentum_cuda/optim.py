@@ -50,8 +50,11 @@ under grad mode, as torch runs it; such an optimizer has no flat layout).
 master_weights=True (a group's key, present only when set): its bf16 parameters are stepped
 through exact fp32 masters held as the parameter plus state "master_remainder" and "master_ties"
 (csrc/include/momentum_cuda/bf16_split.h), by the backend's master op (sgd_step_master_list_ on
-cpu and cuda, its Triton twin; _step_master), outside the flat layout; path "master" in
-opt.last_step.
+cpu and cuda, its Triton twin; _step_bf16), outside the flat layout; path "master" in
+opt.last_step. stochastic_rounding=True (keys "stochastic_rounding" and "sr_seed", likewise)
+steps them in fp32 and rounds them back to bf16 stochastically (sgd_step_sr_list_ and its
+Triton twin; csrc/include/momentum_cuda/stochastic.h), their momentum buffers bf16; path
+"stochastic-rounding".
 
 copy.deepcopy, pickle and torch.save of an optimizer give one with its own flat buffers over
 the copied parameters (__setstate__ rebuilds the layout); it steps on with the same bits.
@@ -88,9 +91,9 @@ except ImportError:  # torch built without distributed: nothing is a DTensor
     _DTensor = ()
 
 from ._backends import _C, resolve_backend
-from ._ops import master_op, step_ops
+from ._ops import master_op, sr_op, step_ops
 from ._util import is_dense as _dense
-from .reference import bf16_join, momentum_reference_step, unpack_ties
+from .reference import bf16_join, momentum_reference_step, sr_key, unpack_ties
 
 log = logging.getLogger("momentum_cuda")
 
@@ -136,6 +139,32 @@ def _on_host(name: str, t: torch.Tensor) -> float:
     """A hyper-parameter tensor read with .item(), as torch's for-loop reads it (dampening as
     _dampening reads it)."""
     return _dampening(t) if name == "dampening" else float(t.item())
+
+
+def _bf16_defaults(master_weights, stochastic_rounding, sr_seed) -> dict:
+    """The group keys of the bf16 modes, present only when a mode is on (torch's groups, and
+    state_dict, have none of them)."""
+    if master_weights and stochastic_rounding:
+        raise ValueError("master_weights=True and stochastic_rounding=True exclude each other "
+                         "(stochastic rounding is for bf16 parameters without a master)")
+    if isinstance(sr_seed, bool) or not isinstance(sr_seed, int) or not 0 <= sr_seed < 2**32:
+        raise ValueError(f"sr_seed must be an int in [0, 2**32), got {sr_seed!r}")
+    if master_weights:
+        return {"master_weights": True}
+    return {"stochastic_rounding": True, "sr_seed": sr_seed} if stochastic_rounding else {}
+
+
+# the group keys of the bf16 modes
+_BF16_KEYS = ("master_weights", "stochastic_rounding", "sr_seed")
+# a bf16 mode's flag (in messages) and its path in opt.last_step
+_BF16_FLAG = {"master": "master_weights=True", "sr": "stochastic_rounding=True"}
+_BF16_PATH = {"master": "master", "sr": "stochastic-rounding"}
+
+
+def _bf16_modes(group) -> tuple:
+    """A group's (master_weights, stochastic_rounding): bf16 parameters of such a group take
+    the per-tensor bf16 ops."""
+    return bool(group.get("master_weights")), bool(group.get("stochastic_rounding"))
 
 
 def _use_buf(h) -> bool:
@@ -426,7 +455,8 @@ class _GroupLayout:
     stuck: dict = field(default_factory=dict)
     spans: list | None = None  # (data_ptr, nbytes) of the parameters _overlap last looked at
     overlap: bool = False
-    master: bool = False  # the group's master_weights when laid out (its bf16 ones stay out)
+    # the group's (master_weights, stochastic_rounding) when laid out (its bf16 ones stay out)
+    master: tuple = (False, False)
 
 
 @dataclass
@@ -726,6 +756,16 @@ class _FusedMomentum(Optimizer):
         """p is stepped through an exact fp32 master (master_weights=True, a bf16 parameter)."""
         return bool(group.get("master_weights")) and p.dtype is torch.bfloat16
 
+    @staticmethod
+    def _bf16_mode(group, p) -> str | None:
+        """"master" (master_weights=True) or "sr" (stochastic_rounding=True) for a bf16
+        parameter of such a group, else None."""
+        if p.dtype is not torch.bfloat16:
+            return None
+        if group.get("master_weights"):
+            return "master"
+        return "sr" if group.get("stochastic_rounding") else None
+
     @torch.no_grad()
     def master_weight(self, p) -> torch.Tensor:
         """The fp32 master of a master-weights parameter (a new tensor): torch.optim.SGD on fp32
@@ -814,16 +854,21 @@ class _FusedMomentum(Optimizer):
                     raise ValueError(f"master_weights=True splits bfloat16 parameters into an "
                                      f"exact fp32 master; a float16 one ({_what(p)}) would need "
                                      "a separate fp32 copy, which is not built")
-        masters = {id(p): p.data_ptr() for p in group["params"] if self._master(group, p)}
-        # master-weights parameters take the per-tensor master op: not laid out (stuck where
-        # they are until they move)
+        if group.get("stochastic_rounding"):
+            for p in group["params"]:
+                if p.dtype is torch.float16:
+                    raise ValueError(f"stochastic_rounding=True rounds to bfloat16; a float16 "
+                                     f"parameter ({_what(p)}) is not supported")
+        masters = {id(p): p.data_ptr() for p in group["params"] if self._bf16_mode(group, p)}
+        # master-weights and stochastic-rounding parameters take their per-tensor ops: not laid
+        # out (stuck where they are until they move)
         buckets, stuck = self._make_buckets(
             [p for p in group["params"] if id(p) not in masters]) if self._lays_out else ([], {})
         stuck.update(masters)
         bucketed = {id(p) for b in buckets for p in b.params}
         lay = _GroupLayout(group, tuple(group["params"]), buckets,
                            [p for p in group["params"] if id(p) not in bucketed], stuck,
-                           master=bool(group.get("master_weights")))
+                           master=_bf16_modes(group))
         self._layouts[id(group)] = lay
         return lay
 
@@ -836,7 +881,7 @@ class _FusedMomentum(Optimizer):
         for g in self.param_groups:
             lay = self._layouts.get(id(g))
             if (lay is None or lay.group is not g or not _same_params(lay, g)
-                    or lay.master != bool(g.get("master_weights"))):
+                    or lay.master != _bf16_modes(g)):
                 lay = self._layout_group(g)
                 relaid = True
             out.append((g, lay))
@@ -1037,11 +1082,11 @@ class _FusedMomentum(Optimizer):
                 kept[id(p)] = {k: st[k] for k in _MASTER_STATE
                                if isinstance(st.get(k), torch.Tensor)
                                and (st[k].is_floating_point() or k != "momentum_buffer")}
-        masters = [g.get("master_weights", False) for g in self.param_groups]
+        modes = [{k: g[k] for k in _BF16_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, saved_g, m in zip(self.param_groups, state_dict["param_groups"], masters):
-            if m and "master_weights" not in saved_g:  # torch's checkpoint: the setting stays
-                g["master_weights"] = m
+        for g, saved_g, m in zip(self.param_groups, state_dict["param_groups"], modes):
+            if m and not any(k in saved_g for k in _BF16_KEYS):
+                g.update(m)  # torch's checkpoint: the setting stays
         ours = [(g, p) for g in self.param_groups for p in g["params"]]
         for g, p in ours:
             for k, v in kept.get(id(p), {}).items():
@@ -1339,9 +1384,10 @@ class _FusedMomentum(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                if self._master(group, p):
-                    raise RuntimeError("master_weights=True: a step traced by torch.compile is not "
-                                       f"supported yet (a {_what(p)}); step it eagerly")
+                if self._bf16_mode(group, p):
+                    raise RuntimeError(f"{_BF16_FLAG[self._bf16_mode(group, p)]}: a step traced by "
+                                       f"torch.compile is not supported yet (a {_what(p)}); step "
+                                       "it eagerly")
                 buf = self._buffer(p) if use_buf else None
                 reason = "dtensor" if isinstance(p, _DTensor) else self._check_loose(p, g, buf,
                                                                                       h)
@@ -1563,12 +1609,19 @@ class _FusedMomentum(Optimizer):
         # (param, grad, buffer, why torch's ops step it or None, the DTensor param whose
         # local shards param, grad and buffer are, or None)
         checked = []
-        if group.get("master_weights"):
-            master = [(p, g) for p, g in loose if self._master(group, p)]
-            for p, g in master:
-                self._check_master(p, g, alias)
-                checked.append((p, g, self._buffer(p) if use_buf else None, "master", None))
-            loose = [(p, g) for p, g in loose if not self._master(group, p)]
+        if any(_bf16_modes(group)):
+            stream = {}  # stochastic rounding: each parameter's position in the optimizer
+            if group.get("stochastic_rounding"):
+                k = next(i for i, g in enumerate(self.param_groups) if g is group)
+                base = sum(len(g["params"]) for g in self.param_groups[:k])
+                stream = {id(p): base + i for i, p in enumerate(group["params"])}
+            for p, g in loose:
+                mode = self._bf16_mode(group, p)
+                if mode:
+                    self._check_bf16(p, g, alias, mode)
+                    key = (group.get("sr_seed", 0), stream[id(p)]) if mode == "sr" else None
+                    checked.append((p, g, self._buffer(p) if use_buf else None, mode, key))
+            loose = [(p, g) for p, g in loose if not self._bf16_mode(group, p)]
         bufs = [self._buffer(p) if use_buf else None for p, _ in loose]
         plain = [k for k, (p, _) in enumerate(loose) if not isinstance(p, _DTensor)]
         ready = [False] * len(loose)
@@ -1764,11 +1817,11 @@ class _FusedMomentum(Optimizer):
         torch_ops = []
         reasons = set()
         copied = []  # (gradient, its copy in the parameter's layout): written ones go back
-        masters = [item[:3] for item in items if item[3] == "master"]
-        if masters:
-            self._step_master(masters, h)
+        bf16 = [item for item in items if item[3] in _BF16_FLAG]
+        if bf16:
+            self._step_bf16(bf16, h)
         for p, g, buf, reason, dt in items:
-            if reason == "master":
+            if reason in _BF16_FLAG:
                 continue
             if reason is not None:
                 torch_ops.append((p, g, buf))
@@ -1808,60 +1861,77 @@ class _FusedMomentum(Optimizer):
             self._step_torch_ops(torch_ops, h, reasons)
 
     @staticmethod
-    def _check_master(p, g, alias) -> None:
-        """What the master op needs (csrc/momentum_ops.cpp checks it again), raised before
-        anything is written, naming the parameter."""
-        what = _what(p)
+    def _check_bf16(p, g, alias, mode) -> None:
+        """What the master and stochastic-rounding ops need (csrc/momentum_ops.cpp checks it
+        again), raised before anything is written, naming the parameter."""
+        what, flag = _what(p), _BF16_FLAG[mode]
         if isinstance(p, _DTensor):
-            raise RuntimeError(f"master_weights=True does not take DTensor (FSDP2) parameters "
-                               f"yet; got a {what}")
+            raise RuntimeError(f"{flag} does not take DTensor (FSDP2) parameters yet; got a "
+                               f"{what}")
         if not _strided(g) or g.dtype != p.dtype or g.shape != p.shape:
-            raise RuntimeError(f"master_weights=True needs a dense {p.dtype} gradient of the "
-                               f"parameter's shape; the {what} has a {g.layout} {g.dtype} one "
-                               f"of shape {tuple(g.shape)}")
+            raise RuntimeError(f"{flag} needs a dense {p.dtype} gradient of the parameter's "
+                               f"shape; the {what} has a {g.layout} {g.dtype} one of shape "
+                               f"{tuple(g.shape)}")
         if not _dense(p) or alias:
-            raise RuntimeError(f"master_weights=True needs dense parameters that share no memory "
-                               f"with others; got a {what}")
+            raise RuntimeError(f"{flag} needs dense parameters that share no memory with "
+                               f"others; got a {what}")
 
-    def _step_master(self, items, h) -> None:
-        """The master-weights parameters of a group (bf16): one master op call per (device,
-        first step or not), by the device's backend. Each parameter's remainder and tie bits
-        (state "master_remainder", "master_ties") start at zero (its master is its value) and
-        restart so when the parameter was written or moved since its last step; its momentum
-        buffer is fp32 (as torch's on the fp32 master). A hyper-parameter tensor is read on the
-        host (.item(): a sync on a GPU)."""
+    def _step_bf16(self, items, h) -> None:
+        """The bf16 parameters of a group with master_weights=True ("master") or
+        stochastic_rounding=True ("sr"): one op call per (mode, device, first step or not), by
+        the device's backend. A hyper-parameter tensor is read on the host (.item(): a sync on
+        a GPU).
+        master: each parameter's remainder and tie bits (state "master_remainder",
+        "master_ties") start at zero (its master is its value) and restart so when the
+        parameter was written or moved since its last step; its momentum buffer is fp32 (as
+        torch's on the fp32 master).
+        sr: the random bits of a step come from sr_key(the group's sr_seed, the parameter's
+        own step count (state "sr_step", 1 at its first step), its position in the optimizer);
+        its momentum buffer is bf16."""
         use_buf = _use_buf(h)
         hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
+        buf_dtype = {"master": torch.float32, "sr": torch.bfloat16}
         calls: dict = {}
-        for p, g, buf in items:
+        for p, g, buf, mode, key in items:
             st = self.state.get(p, {})
-            rem, ties = st.get("master_remainder"), st.get("master_ties")
-            if rem is None or ties is None or self._master_written(p) or rem.shape != p.shape:
-                rem = torch.zeros_like(p, dtype=torch.int16)
-                ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
+            if mode == "master":
+                rem, ties = st.get("master_remainder"), st.get("master_ties")
+                if rem is None or ties is None or self._master_written(p) or rem.shape != p.shape:
+                    rem = torch.zeros_like(p, dtype=torch.int16)
+                    ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
+                extra = (rem, ties)
+            else:
+                step = int(st.get("sr_step", 0)) + 1
+                extra = (sr_key(key[0], step, key[1]), step)
             first = bool(use_buf and buf is None and not self._ema)
-            if use_buf and (buf is None or buf.dtype != torch.float32):
-                # a bf16 buffer (kept before master weights were on) widens exactly
-                buf = (torch.zeros_like(p, dtype=torch.float32) if buf is None
-                       else buf.to(torch.float32))
+            if use_buf and (buf is None or buf.dtype != buf_dtype[mode]):
+                # a buffer of the other mode: fp32 -> bf16 rounds to nearest, bf16 -> fp32 exact
+                buf = (torch.zeros_like(p, dtype=buf_dtype[mode]) if buf is None
+                       else buf.to(buf_dtype[mode]))
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)
-            c = calls.setdefault((p.device, first), ([], [], [], [], []))
-            for lst, t in zip(c, (p, g, buf, rem, ties)):
+            c = calls.setdefault((mode, p.device, first), ([], [], [], [], []))
+            for lst, t in zip(c, (p, g, buf) + extra):
                 if t is not None:
                     lst.append(t)
-        for (device, first), (ps, gs, bs, rs, ts) in calls.items():
+        for (mode, device, first), (ps, gs, bs, xs, ys) in calls.items():
             backend = self._backend_for(device)
-            master_op(backend)(
-                ps, gs, bs, rs, ts, hyper["lr"], hyper["momentum"], hyper["dampening"],
-                hyper["weight_decay"], hyper["nesterov"], hyper["maximize"], first)
+            args = (hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
+                    hyper["nesterov"], hyper["maximize"], first)
+            if mode == "master":
+                master_op(backend)(ps, gs, bs, xs, ys, *args)
+            else:
+                sr_op(backend)(ps, gs, bs, xs, *args)
             for k, p in enumerate(ps):
                 st = self.state[p]
                 if use_buf:
                     st["momentum_buffer"] = bs[k]
-                st["master_remainder"], st["master_ties"] = rs[k], ts[k]
-                self._master_seen[id(p)] = (p.data_ptr(), p._version)
-            self._report(backend, "master", ps[0], len(ps), sum(p.numel() for p in ps))
+                if mode == "master":
+                    st["master_remainder"], st["master_ties"] = xs[k], ys[k]
+                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                else:
+                    st["sr_step"] = ys[k]
+            self._report(backend, _BF16_PATH[mode], ps[0], len(ps), sum(p.numel() for p in ps))
 
     def _step_torch_ops(self, items, h, reasons) -> None:
         """torch's own for-loop ops, for what the kernel does not model: complex parameters,
@@ -1949,12 +2019,17 @@ class SGD(_FusedMomentum):
     on the parameters' device) and flat (see the module docstring). foreach and fused are
     accepted for compatibility and have no effect (every step is fused). differentiable=True
     runs torch's own for-loop under grad mode, as torch.optim.SGD(differentiable=True) does
-    (path "torch-differentiable" in last_step; no flat layout, no kernel).
+    (path "torch-differentiable" in last_step; no flat layout, no kernel). For bf16
+    parameters (README, "Master weights" and "Stochastic rounding"): master_weights=True (exact
+    fp32 masters) or stochastic_rounding=True with sr_seed (an int in [0, 2**32): the random
+    bits of every step follow from it, the parameter's step count and its position in the
+    optimizer).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None,
-                 backend: str | None = None, flat: bool = True, master_weights: bool = False):
+                 backend: str | None = None, flat: bool = True, master_weights: bool = False,
+                 stochastic_rounding: bool = False, sr_seed: int = 0):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -1969,14 +2044,15 @@ class SGD(_FusedMomentum):
             raise RuntimeError("`fused` does not support `differentiable`")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if master_weights and differentiable:
-            raise ValueError("master_weights=True cannot be used with differentiable=True (that "
-                             "step is torch's own for-loop under autograd)")
+        for flag, on in (("master_weights", master_weights),
+                         ("stochastic_rounding", stochastic_rounding)):
+            if on and differentiable:
+                raise ValueError(f"{flag}=True cannot be used with differentiable=True (that "
+                                 "step is torch's own for-loop under autograd)")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=bool(differentiable), fused=fused)
-        if master_weights:  # only then: torch's groups (and state_dict) have no such key
-            defaults["master_weights"] = True
+        defaults.update(_bf16_defaults(master_weights, stochastic_rounding, sr_seed))
         super().__init__(params, defaults, backend=backend, flat=flat)
 
     def _fill_group_defaults(self) -> None:
@@ -1990,7 +2066,8 @@ class SGD(_FusedMomentum):
     @staticmethod
     def _hyper_values(g) -> tuple:
         return (g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"],
-                g["maximize"], g.get("master_weights"))
+                g["maximize"], g.get("master_weights"), g.get("stochastic_rounding"),
+                g.get("sr_seed"))
 
     def _hyper(self, group) -> dict:
         return dict(lr=_hyper_tensor(group["lr"], "lr"), momentum=_hyper_tensor(group["momentum"], "momentum"),
@@ -2008,15 +2085,15 @@ class Momentum(_FusedMomentum):
     _ema = True
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False,
-                 backend: str | None = None, flat: bool = True, master_weights: bool = False):
+                 backend: str | None = None, flat: bool = True, master_weights: bool = False,
+                 stochastic_rounding: bool = False, sr_seed: int = 0):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         self._check_momentum(momentum)
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
-        if master_weights:
-            defaults["master_weights"] = True
+        defaults.update(_bf16_defaults(master_weights, stochastic_rounding, sr_seed))
         super().__init__(params, defaults, backend=backend, flat=flat)
 
     @staticmethod
@@ -2027,7 +2104,8 @@ class Momentum(_FusedMomentum):
 
     @staticmethod
     def _hyper_values(g) -> tuple:
-        return g["lr"], g["momentum"], g["weight_decay"], g["maximize"], g.get("master_weights")
+        return (g["lr"], g["momentum"], g["weight_decay"], g["maximize"], g.get("master_weights"),
+                g.get("stochastic_rounding"), g.get("sr_seed"))
 
     def _hyper(self, group) -> dict:
         m = float(group["momentum"])

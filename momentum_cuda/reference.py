@@ -59,6 +59,14 @@ class MomentumReference(Optimizer):
         return loss
 
 
+def _bf16_rne(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 rounded to nearest even (torch's .to), a NaN as 0x7FC0: torch's CPU
+    conversion gives 0xFFFF, c10's scalar one (and the kernels) 0x7FC0."""
+    out = x.to(torch.bfloat16)
+    out.view(torch.int16).masked_fill_(x.isnan(), 0x7FC0)
+    return out
+
+
 def bf16_split(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An fp32 master as (bf16 parameter, int16 remainder, bool tie), as
     csrc/include/momentum_cuda/bf16_split.h splits it: the parameter is the master rounded to
@@ -68,9 +76,7 @@ def bf16_split(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     if master.dtype != torch.float32:
         raise TypeError(f"bf16_split: master must be float32, got {master.dtype}")
     u = master.view(torch.int32)
-    param = master.to(torch.bfloat16)
-    # NaN: torch's CPU conversion gives 0xFFFF, c10's scalar one (and the kernels) 0x7FC0
-    param.view(torch.int16).masked_fill_(master.isnan(), 0x7FC0)
+    param = _bf16_rne(master)
     high = (u >> 16) & 0xFFFF
     low = u & 0xFFFF
     tie = (low == 0x8000) & (high != param.view(torch.int16).to(torch.int32) & 0xFFFF)
@@ -193,7 +199,7 @@ def sgd_sr_reference_step(params, grads, bufs, keys, *, lr: float, momentum: flo
     takes torch.optim.SGD(foreach=False)'s fp32 step with its gradient and its bf16 momentum
     buffer widened (None: a first step creates it), then is rounded stochastically back to bf16
     with sr_random(key) over its elements in memory order; the buffer is rounded to nearest
-    even. keys: one sr_key per parameter. Returns the bf16 buffers."""
+    even (a NaN as 0x7FC0). keys: one sr_key per parameter. Returns the bf16 buffers."""
     from torch.optim.sgd import sgd as _sgd
     ms = [p.float() for p in params]
     b32 = [None if b is None else b.float() for b in bufs]
@@ -203,4 +209,4 @@ def sgd_sr_reference_step(params, grads, bufs, keys, *, lr: float, momentum: flo
         view = _memory_order(m)
         rounded = bf16_round_stochastic(view.contiguous(), sr_random(key, m.numel(), m.device))
         _memory_order(p).copy_(rounded.view(view.shape))
-    return [None if b is None else b.to(torch.bfloat16) for b in b32]
+    return [None if b is None else _bf16_rne(b) for b in b32]

@@ -38,6 +38,8 @@ Entry points (the ops' signatures, csrc/momentum_ops.cpp):
     triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, *, lr,
                                  momentum, dampening, weight_decay, nesterov, maximize,
                                  first_step)
+    triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momentum, dampening,
+                             weight_decay, nesterov, maximize, first_step)
 lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor: 1-element fp32/fp64 tensors on
 the parameters' device read by the kernels in place of the floats (no host sync), as the CUDA
 kernels read them (_sgd_block); with momentum_tensor the buffers are given and a zero momentum
@@ -52,7 +54,9 @@ CLIP): off, the kernel compiles without it (no extra load); on or off, a step ma
 launches.
 The master-weights step (bf16 parameters with exact fp32 masters, csrc/include/momentum_cuda/
 bf16_split.h; the op sgd_step_master_list_ of the C++ extension, whose checks it repeats) takes
-the floats only: no hyper-parameter tensors, no AMP.
+the floats only: no hyper-parameter tensors, no AMP; so does the stochastic-rounding step (bf16
+parameters, gradients and buffers, csrc/include/momentum_cuda/stochastic.h; the op
+sgd_step_sr_list_, whose checks it repeats), which takes a key per parameter as well.
 All validate everything before the first launch; a bad call raises ValueError/TypeError naming
 the argument and changes nothing.
 
@@ -80,6 +84,14 @@ formula exists once; the master kernel calls _sgd_math too.
   bf16 cast is never used); _sgd_math runs with KIND 0 (fp32 master, no storage rounding).
   BLOCK_SIZE is a multiple of 8, so a program owns whole tie bytes: it gathers byte offs // 8
   for each element's bit and writes its bytes packed by a (BLOCK // 8, 8) reshape.
+- _sgd_sr_kernel: stochastic rounding, one launch through the list kernel's table (rows of 4:
+  p, g, buf, numel; the same cached table) plus a small int64 tensor of the tensors' keys,
+  copied at every step (the keys change at every step, the table does not). The fp32 step is
+  _sgd_math with KIND 0, as the master kernel's (_fp32_step); then the parameter's bits are
+  (bits(m) + (r & 0xFFFF)) >> 16 (_bf16_round_stochastic; NaN -> 0x7FC0) with r = lowbias32(
+  lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) for its memory-order index i (_lowbias32 in
+  wrapping uint32 arithmetic; the inner hash once per block: no block crosses a multiple of
+  2^32), and the buffer is rounded to nearest even (_bf16_rne). Integer bit arithmetic only.
 """
 # No `from __future__ import annotations` in this module: postponed, the kernels' "fp64"
 # annotations reach Triton as the text '"fp64"' (quotes included), which it does not read as a
@@ -312,12 +324,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _table_program(rows_ptr, blocks_ptr, WIDTH: tl.constexpr):
-        """This program's entry of a pointer table (_list_table): the address of its tensor's
-        row (WIDTH int64: the tensor's addresses, then its numel), the first element of its
-        block (int64) and the tensor's numel."""
+        """This program's entry of a pointer table (_list_table): its tensor's index, the
+        address of that tensor's row (WIDTH int64: the tensor's addresses, then its numel), the
+        first element of its block (int64) and the tensor's numel."""
         blk = blocks_ptr + 2 * tl.program_id(0).to(tl.int64)
-        row = rows_ptr + WIDTH * tl.load(blk)
-        return row, tl.load(blk + 1), tl.load(row + WIDTH - 1)
+        t = tl.load(blk)
+        row = rows_ptr + WIDTH * t
+        return t, row, tl.load(blk + 1), tl.load(row + WIDTH - 1)
 
     @triton.jit
     def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
@@ -339,7 +352,7 @@ if TRITON_AVAILABLE:
         The addresses are cast to typed pointers (DTYPE) here: int64 -> pointer, which the
         interpreter and compiled code both accept. Nothing tells the compiler those pointers
         are 16-byte aligned, so the accesses are scalar (not 128-bit) in compiled code."""
-        row, start, n = _table_program(rows_ptr, blocks_ptr, 4)
+        _, row, start, n = _table_program(rows_ptr, blocks_ptr, 4)
         p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
         g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
         b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
@@ -348,6 +361,29 @@ if TRITON_AVAILABLE:
                    inf_ptr, coef_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
                    WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR,
                    M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP, BLOCK)
+
+    @triton.jit
+    def _bf16_widen(bits):
+        """bf16 bits (uint16 or uint32) as fp32: exact, the bits move up by 16."""
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _bf16_rne(x):
+        """fp32 x rounded to nearest even as bf16 bits (uint32): r() (NaN -> 0x7FC0, c10)."""
+        return _round_storage(x, 1).to(tl.uint32, bitcast=True) >> 16
+
+    @triton.jit
+    def _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask,
+                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
+        """torch's fp32 step of the master and the stochastic-rounding kernel: _sgd_math with
+        KIND 0 (nothing rounds to storage in between) and fp32 alphas (the fp64 arguments hold
+        fp32 values: this narrowing is exact). Returns (m, buf)."""
+        return _sgd_math(m, buf, g, tl.full((), neg_lr, tl.float32),
+                         tl.full((), wd, tl.float32), tl.full((), m_mul, tl.float32),
+                         tl.full((), m_add, tl.float32), tl.full((), one_minus_d, tl.float32),
+                         mask, mask, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
+                         0, False, False)
 
     @triton.jit
     def _bf16_join(param, rem, tie):
@@ -362,7 +398,7 @@ if TRITON_AVAILABLE:
         uint32. The parameter is r() of m (nearest even, NaN -> 0x7FC0, as c10); the tie is
         set where m sits halfway and rounded up (its high half is not the parameter)."""
         u = m.to(tl.uint32, bitcast=True)
-        param = _round_storage(m, 1).to(tl.uint32, bitcast=True) >> 16
+        param = _bf16_rne(m)
         rem = u & 0xFFFF
         tie = ((rem == 0x8000) & ((u >> 16) != param)).to(tl.uint32)
         return param, rem, tie
@@ -396,7 +432,7 @@ if TRITON_AVAILABLE:
         differently in the interpreter. A block starts at a multiple of BLOCK, a multiple of
         8, so each program writes whole tie bytes, and no two programs the same one."""
         tl.static_assert(BLOCK % 8 == 0)
-        row, start, n = _table_program(rows_ptr, blocks_ptr, 6)
+        _, row, start, n = _table_program(rows_ptr, blocks_ptr, 6)
         p_ptr = tl.load(row).to(tl.pointer_type(tl.uint16))
         g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint16))
         b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
@@ -407,18 +443,13 @@ if TRITON_AVAILABLE:
         m = _bf16_join(tl.load(p_ptr + offs, mask=mask).to(tl.uint32),
                        tl.load(r_ptr + offs, mask=mask).to(tl.uint32),
                        _load_tie_bits(t_ptr, offs, mask))
-        # bf16 -> fp32 is exact: the bits move up by 16
-        g = (tl.load(g_ptr + offs, mask=mask).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        g = _bf16_widen(tl.load(g_ptr + offs, mask=mask))
         if MOMENTUM and not FIRST_STEP:
             buf = tl.load(b_ptr + offs, mask=mask)
         else:
             buf = tl.zeros([BLOCK], tl.float32)
-        # the fp64 arguments hold fp32 values: this narrowing is exact
-        m, buf = _sgd_math(m, buf, g, tl.full((), neg_lr, tl.float32),
-                           tl.full((), wd, tl.float32), tl.full((), m_mul, tl.float32),
-                           tl.full((), m_add, tl.float32), tl.full((), one_minus_d, tl.float32),
-                           mask, mask, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
-                           0, False, False)
+        m, buf = _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
+                            WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
         param, rem, tie = _bf16_split(m)
         tl.store(p_ptr + offs, param.to(tl.uint16), mask=mask)
         tl.store(r_ptr + offs, rem.to(tl.uint16), mask=mask)
@@ -428,6 +459,80 @@ if TRITON_AVAILABLE:
         kb = start // 8 + tl.arange(0, BLOCK // 8)
         tl.store(t_ptr + kb, _pack_tie_bits(tl.where(mask, tie, 0), BLOCK),
                  mask=kb < (n + 7) // 8)
+
+    @triton.jit
+    def _lowbias32(x):
+        """C. Wellons' lowbias32 on uint32 x (reference.lowbias32, stochastic.h's
+        mc_lowbias32): the multiplies wrap around mod 2^32."""
+        x = x ^ (x >> 16)
+        x = x * tl.full((), 0x7FEB352D, tl.uint32)
+        x = x ^ (x >> 15)
+        x = x * tl.full((), 0x846CA68B, tl.uint32)
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _sr_random(key, start, offs):
+        """The random bits (uint32) of elements offs (int64, memory order) of a tensor keyed
+        `key` (uint32): lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)). All offs must
+        share start >> 32 (a block of a power-of-two size from a multiple of it: no block
+        crosses a multiple of 2^32), so the inner hash is computed once, for the block."""
+        inner = _lowbias32(key ^ (start >> 32).to(tl.uint32))
+        return _lowbias32(inner ^ offs.to(tl.uint32))  # int64 -> uint32 keeps the low half
+
+    @triton.jit
+    def _bf16_round_stochastic(m, r):
+        """fp32 m rounded stochastically to bf16 bits (uint32) with the low 16 bits of r:
+        (bits(m) + r mod 2^16) >> 16 (up in magnitude with probability low16(m) / 2^16);
+        NaN -> 0x7FC0 (reference.bf16_round_stochastic, stochastic.h)."""
+        u = m.to(tl.uint32, bitcast=True)
+        up = (u + (r & 0xFFFF)) >> 16
+        return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, up)
+
+    @triton.jit
+    def _sgd_sr_kernel(rows_ptr, blocks_ptr, keys_ptr,
+                       neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
+                       one_minus_d: "fp64",
+                       MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                       MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                       FIRST_STEP: tl.constexpr, BLOCK: tl.constexpr):
+        """Stochastic rounding (stochastic.h), many tensors in one launch through the list
+        kernel's pointer table (rows [address of the bf16 parameter, of the bf16 gradient, of
+        the bf16 buffer (0 when MOMENTUM is off), numel]) and keys_ptr: int64, the uint32 key
+        of tensor t at keys_ptr[t]. Each element is widened to fp32, takes _fp32_step and is
+        rounded stochastically with the random bits of its index in the walk (memory order);
+        the buffer is rounded to nearest even. Bits throughout (uint16 pointers): no float
+        cast can round differently in the interpreter."""
+        # _sr_random: a block of a power-of-two size starting at a multiple of it (start is
+        # one) never crosses a multiple of 2^32
+        tl.static_assert((BLOCK & (BLOCK - 1)) == 0)
+        t, row, start, n = _table_program(rows_ptr, blocks_ptr, 4)
+        p_ptr = tl.load(row).to(tl.pointer_type(tl.uint16))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint16))
+        b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint16))
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        m = _bf16_widen(tl.load(p_ptr + offs, mask=mask))
+        g = _bf16_widen(tl.load(g_ptr + offs, mask=mask))
+        if MOMENTUM and not FIRST_STEP:
+            buf = _bf16_widen(tl.load(b_ptr + offs, mask=mask))
+        else:
+            buf = tl.zeros([BLOCK], tl.float32)
+        m, buf = _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
+                            WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
+        r = _sr_random(tl.load(keys_ptr + t).to(tl.uint32), start, offs)
+        tl.store(p_ptr + offs, _bf16_round_stochastic(m, r).to(tl.uint16), mask=mask)
+        if MOMENTUM:
+            tl.store(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask=mask)
+
+    @triton.jit
+    def _sr_random_kernel(key, base, out_ptr, n, BLOCK: tl.constexpr):
+        """out[j] = the random bits (as int64) of element base + j of a tensor keyed `key`
+        (_sr_random, blocks of BLOCK from base, a multiple of BLOCK): lets tests reach indices
+        past 2^32."""
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        start = base + tl.program_id(0).to(tl.int64) * BLOCK
+        r = _sr_random(key.to(tl.uint32), start, base + j)
+        tl.store(out_ptr + j, r.to(tl.int64), mask=j < n)
 
     @triton.jit
     def _round_storage_kernel(x_ptr, y_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
@@ -564,6 +669,57 @@ def _check_ties(t, n: str, p, pn: str) -> None:
         raise ValueError(f"{n} must be a contiguous 1-D uint8 tensor of {nbytes} bytes on "
                          f"{p.device} (a bit per element of {pn}), got {_describe(t)} with "
                          f"strides {t.stride()}")
+
+
+def _check_list_triples(params, grads, bufs, need_buf: bool, bf16_why=None) -> list:
+    """Each (params[i], grads[i], momentum_buffers[i] when need_buf) checked by _check_triple
+    (one device and one dtype for all; the lengths checked before); with bf16_why (a reason)
+    each parameter must be bfloat16. Returns the (tensor, name) pairs for _check_no_overlap."""
+    dev_dtype: list = []
+    named = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        b = bufs[i] if need_buf else None
+        if need_buf and b is None:
+            raise ValueError(f"momentum_buffers[{i}] is undefined (None) but momentum != 0")
+        _check_triple(f"[{i}]", p, g, b, dev_dtype)
+        if bf16_why is not None and p.dtype != torch.bfloat16:
+            raise ValueError(f"params[{i}] must be bfloat16 ({bf16_why}), got {_describe(p)}")
+        named += [(p, f"params[{i}]"), (g, f"grads[{i}]")]
+        if need_buf:
+            named.append((b, f"momentum_buffers[{i}]"))
+    return named
+
+
+def _triple_addrs(params, grads, bufs, need_buf: bool):
+    """The list kernel's table rows (address of p, of g, of buf or 0) and numels of the
+    non-empty checked triples, and their indices in params. Dense with equal strides: p, g
+    and buf hold their elements in the same memory order, from data_ptr() (the lowest address:
+    strides are never negative) over numel elements, so element j of the walk is the same
+    element of all three whatever the layout."""
+    addrs, numels, kept = [], [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.numel() == 0:
+            continue
+        addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0))
+        numels.append(p.numel())
+        kept.append(i)
+    return addrs, numels, kept
+
+
+def _check_keys(keys, n_params: int) -> list:
+    """The stochastic-rounding keys: one int in [0, 2^32) per parameter (csrc/momentum_ops.cpp's
+    checks, its messages)."""
+    if isinstance(keys, (str, bytes)) or not hasattr(keys, "__len__"):
+        raise TypeError(f"keys must be a list of ints, got {type(keys).__name__}")
+    keys = list(keys)
+    if len(keys) != n_params:
+        raise ValueError(f"keys has {len(keys)} entries but params has {n_params}")
+    for i, k in enumerate(keys):
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"keys[{i}] must be an int, got {type(k).__name__} {k!r}")
+        if not 0 <= k <= 0xFFFFFFFF:
+            raise ValueError(f"keys[{i}] must be in [0, 2^32), got {k}")
+    return keys
 
 
 def _check_no_overlap(named) -> None:
@@ -717,14 +873,18 @@ def _list_table(addrs, numels, device):
     rows = torch.cat([torch.tensor(addrs, dtype=torch.int64).reshape(nt, len(addrs[0])),
                       numel.reshape(nt, 1)], 1)
     host = torch.cat([rows.reshape(-1), torch.stack([tensor_of, start], 1).reshape(-1)])
+    table = _to_device(host, device)
+    return table[:rows.numel()], table[rows.numel():], n_programs
+
+
+def _to_device(host: torch.Tensor, device):
+    """A host tensor on `device` in one host-to-device copy that does not make the host wait."""
     if device.type == "cuda":
         # Pinned + non_blocking: the copy is queued on the current stream (before the kernel)
         # without making the host wait for the GPU; torch's caching host allocator keeps the
         # pinned block alive until the copy has run.
-        table = host.pin_memory().to(device, non_blocking=True)
-    else:  # the interpreter: the table stays on the CPU
-        table = host.to(device)
-    return table[:rows.numel()], table[rows.numel():], n_programs
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)  # the interpreter: it stays on the CPU
 
 
 _TABLES: collections.OrderedDict = collections.OrderedDict()  # (device, addrs, numels) -> table
@@ -819,31 +979,14 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
     need_buf = vals["use_buf"]
     _check_list_lengths(params, [(grads, "grads")], bufs, need_buf, momentum)
-    dev_dtype: list = []
-    named = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        b = bufs[i] if need_buf else None
-        if need_buf and b is None:
-            raise ValueError(f"momentum_buffers[{i}] is undefined (None) but momentum != 0")
-        _check_triple(f"[{i}]", p, g, b, dev_dtype)
-        named += [(p, f"params[{i}]"), (g, f"grads[{i}]")]
-        if need_buf:
-            named.append((b, f"momentum_buffers[{i}]"))
+    named = _check_list_triples(params, grads, bufs, need_buf)
     if not params:
         return
     hyper = _check_hyper_tensors(lr_tensor, momentum_tensor, dampening_tensor,
                                  weight_decay_tensor, params[0].device)
     amp = _check_amp(grad_scale, found_inf, clip_coef, params[0].device, params[0].dtype)
     _check_no_overlap(named)
-    # Dense with equal strides: p, g and buf hold their elements in the same memory order, from
-    # data_ptr() (the lowest address: strides are never negative) over numel elements, so
-    # element j of the walk is the same element of all three whatever the layout.
-    addrs, numels = [], []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if p.numel() == 0:
-            continue
-        addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0))
-        numels.append(p.numel())
+    addrs, numels, _ = _triple_addrs(params, grads, bufs, need_buf)
     if not numels:
         return
     dtype, device = params[0].dtype, params[0].device
@@ -906,3 +1049,41 @@ def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ti
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
             _sgd_master_kernel[(count,)](rows, blocks, *sc, **flags)
+
+
+def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momentum, dampening,
+                             weight_decay, nesterov, maximize, first_step) -> None:
+    """Stochastic rounding (csrc/include/momentum_cuda/stochastic.h, reference.
+    sgd_sr_reference_step): bf16 params, grads and momentum_buffers (empty/None when
+    momentum == 0), dense, each triple with equal shapes and strides; keys: one int in
+    [0, 2^32) per parameter, seeding its random bits. Each parameter is widened to fp32, takes
+    torch's fp32 step with its widened gradient and buffer, and is rounded stochastically back
+    to bf16 with the random bits of each element's index in memory order; the buffer is rounded
+    to nearest even. The checks of csrc/momentum_ops.cpp's sgd_step_sr_list, all before the
+    launch; then ONE launch for all non-empty tensors (as the list path, through a pointer
+    table)."""
+    params, grads = list(params), list(grads)
+    keys = _check_keys(keys, len(params))
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    bufs = list(momentum_buffers) if momentum_buffers is not None else []
+    need_buf = vals["use_buf"]
+    _check_list_lengths(params, [(grads, "grads")], bufs, need_buf, momentum)
+    named = _check_list_triples(params, grads, bufs, need_buf,
+                                bf16_why="stochastic rounding rounds to bf16")
+    _check_no_overlap(named)
+    addrs, numels, kept = _triple_addrs(params, grads, bufs, need_buf)
+    if not numels:
+        return
+    device = params[0].device
+    # The keys change at every step, the addresses seldom: they travel apart. The pointer
+    # table (the list kernel's rows and block map, the same for the same tensors) stays cached
+    # on the device (_cached_list_table: no host work, no copy on a repeated step); the keys go
+    # in a small int64 tensor of their own (8 bytes per tensor, in the table's tensor order),
+    # copied each step without making the host wait. Keys in the table instead would rebuild
+    # and copy the whole table (32 bytes per tensor, 16 per program) at every step.
+    keys_dev = _to_device(torch.tensor([keys[i] for i in kept], dtype=torch.int64), device)
+    sc = _scalars(vals, torch.float32)
+    flags = _step_flags(vals, nesterov, maximize, first_step)
+    with _device_guard(device):
+        for rows, blocks, count in _table_launches(addrs, numels, device):
+            _sgd_sr_kernel[(count,)](rows, blocks, keys_dev, *sc, **flags)

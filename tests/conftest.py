@@ -309,7 +309,8 @@ def have(module: str) -> bool:
 # once (one core each: each child is one single-threaded interpreter). Under pytest-xdist
 # (`make test` runs two workers, each taking whole files) every worker collects everything, so
 # a child is started only by the worker that runs its module.
-INTERPRETER_MODULES = ("test_triton_amp", "test_triton_interp", "test_triton_master")
+INTERPRETER_MODULES = ("test_triton_amp", "test_triton_interp", "test_triton_master",
+                       "test_triton_sr")
 _collected: set = set()
 _children: dict = {}  # module -> (Popen, stdout file, stderr file, start time)
 _XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ

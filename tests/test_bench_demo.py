@@ -32,7 +32,8 @@ def test_demo_is_bitwise_equal_every_epoch(tmp_path):
     assert "verdict: BITWISE EQUAL in every epoch" in r.stdout
     assert r.stdout.count("bitwise equal: yes") == 10  # one per epoch, demo.DEFAULT_EPOCHS
     assert "First reached after:" in r.stdout
-    # (e): fp32, bf16 round to nearest and master weights, each with its final loss
+    # (e): fp32, bf16 round to nearest, stochastic rounding and master weights, each with its
+    # final loss
     assert "== (e) bf16 parameters" in r.stdout
-    assert r.stdout.count("final train loss") == 3
+    assert r.stdout.count("final train loss") == 4
     assert (tmp_path / "demo-loss.png").stat().st_size > 30_000

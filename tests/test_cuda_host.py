@@ -7,8 +7,9 @@ for bit against a naive per-element reference written in the test (every dtype, 
 2**20 + 3, element offsets 0..7, all 20 flag sets, several grids, plan_list with ListLimits4K,
 ListLimits32K and tiny limits, canaries around every span). tests/cuda/flat_grid_test.cpp checks
 the flat launcher's grid size (cuda::flat_grid) up to 2**63 - 1 elements.
-tests/cuda/host_master_test.cpp does the same for the master-weights kernel
-(csrc/cuda/master_kernel.cuh) against fp32 masters stepped and split by its own reference.
+tests/cuda/host_bf16_test.cpp does the same for the master-weights kernel
+(csrc/cuda/master_kernel.cuh) against fp32 masters stepped and split by its own reference, and
+for the stochastic-rounding kernel (csrc/cuda/sr_kernel.cuh) against its own random bits.
 
 Three builds of the driver, with the C++ flags of csrc/build_flags.json and -O1 (see COMPILE_FLAGS):
   * plain      every case;
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "csrc" / "cuda" / "sgd_kernel.cuh"
 DRIVER = ROOT / "tests" / "cuda" / "host_kernel_test.cpp"
 GRID_DRIVER = ROOT / "tests" / "cuda" / "flat_grid_test.cpp"
-MASTER_DRIVER = ROOT / "tests" / "cuda" / "host_master_test.cpp"
+MASTER_DRIVER = ROOT / "tests" / "cuda" / "host_bf16_test.cpp"
 
 
 def _cuda_include() -> Path | None:
@@ -149,7 +150,7 @@ GRID_PLANTS = {
         "  const int64_t want = (numel + per_block - 1) / per_block;",
         r"signed integer overflow|MISMATCH flat_grid"),
 }
-# The same for the master kernel (host_master_test.cpp): name -> (file under csrc, line, its
+# The same for the master kernel (host_bf16_test.cpp): name -> (file under csrc, line, its
 # replacement, regex)
 MASTER_PLANTS = {
     # the tie bit is not read: a master halfway between two bf16 values joins to the wrong one
@@ -178,6 +179,24 @@ MASTER_PLANTS = {
         "a.ties[t] + start / 8,",
         "  master_span(a.param[t] + start, b, a.grad[t] + start, a.rem[t] + start, "
         "a.ties[t] + start / 16,",
+        r"MISMATCH"),
+    # stochastic rounding: the key does not enter the random bits
+    "sr_key_ignored": (
+        "include/momentum_cuda/stochastic.h",
+        "  return mc_lowbias32(mc_lowbias32(key ^ static_cast<uint32_t>(u >> 32)) ^",
+        "  return mc_lowbias32(mc_lowbias32(static_cast<uint32_t>(u >> 32)) ^",
+        r"MISMATCH"),
+    # stochastic rounding: the parameter rounded to nearest
+    "sr_round_to_nearest": (
+        "include/momentum_cuda/stochastic.h",
+        "    p[j] = mc_float_to_bf16_sr(m, mc_sr_random(key, i0 + j));",
+        "    p[j] = mc_float_to_bf16_bits(m);",
+        r"MISMATCH"),
+    # stochastic rounding: a chunk's random bits counted from 0, not from its start
+    "sr_chunk_index": (
+        "cuda/sr_kernel.cuh",
+        "  sr_span(a.param[t] + start, b, a.grad[t] + start, start, n, a.key[t], a.s, a.flags,",
+        "  sr_span(a.param[t] + start, b, a.grad[t] + start, 0, n, a.key[t], a.s, a.flags,",
         r"MISMATCH"),
     # every table entry gets the first span's tie bytes
     "master_table_ties": (
@@ -241,7 +260,7 @@ def _plant_and_compile(tmp: Path, name: str):
     if name in GRID_PLANTS:
         return _compile(folder / "flat_grid_test", SANITIZE, folder, GRID_DRIVER)
     if name in MASTER_PLANTS:
-        return _compile(folder / "host_master_test", SANITIZE, folder, MASTER_DRIVER)
+        return _compile(folder / "host_bf16_test", SANITIZE, folder, MASTER_DRIVER)
     dtypes = PLANT_DTYPES.get(name, 1)
     return _compile(folder / "host_kernel_test", [*SANITIZE, f"-DHKT_DTYPES={dtypes}"],
                     first_include=folder)
@@ -257,8 +276,8 @@ def builds(tmp_path_factory):
         "plain": pool.submit(_compile, tmp / "plain", []),
         "sanitized": pool.submit(_compile, tmp / "sanitized", [*SANITIZE, "-DHKT_DTYPES=7"]),
         "grid": pool.submit(_compile, tmp / "flat_grid_test", SANITIZE, None, GRID_DRIVER),
-        "master": pool.submit(_compile, tmp / "host_master_test", [], None, MASTER_DRIVER),
-        "master_sanitized": pool.submit(_compile, tmp / "host_master_sanitized", SANITIZE, None,
+        "master": pool.submit(_compile, tmp / "host_bf16_test", [], None, MASTER_DRIVER),
+        "master_sanitized": pool.submit(_compile, tmp / "host_bf16_sanitized", SANITIZE, None,
                                         MASTER_DRIVER),
     }
     for name in ALL_PLANTS:
@@ -319,11 +338,12 @@ def test_flat_grid(builds):
 
 
 def test_host_master_kernel(builds):
-    """The master-weights kernel, bitwise against fp32 masters (host_master_test.cpp)."""
+    """The master-weights and stochastic-rounding kernels, bitwise against their references
+    (host_bf16_test.cpp)."""
     proc, info = _built_run(builds, "master")
     assert proc.returncode == 0, info
-    m = re.search(r"master cases checked: (\d+) \(elements compared (\d+)", proc.stdout)
-    assert m and int(m.group(1)) >= 100 and int(m.group(2)) >= 20_000_000, info
+    m = re.search(r"bf16 cases checked: (\d+) \(elements compared (\d+)", proc.stdout)
+    assert m and int(m.group(1)) >= 160 and int(m.group(2)) >= 30_000_000, info
     assert "mismatches: 0" in proc.stdout, info
     print(info)
 

@@ -389,3 +389,64 @@ def test_master_opcheck_on_gpu(backend):
     result = torch.library.opcheck(op, (ps, gs, bs, rs, ts, 0.0123, 0.9, 0.1, 0.01, False, True,
                                         False))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("hyper", MASTER_HYPER,
+                         ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_bitwise_vs_reference(backend, hyper, flat):
+    """stochastic_rounding=True on the GPU: every step's bf16 parameters and buffers are
+    momentum_cuda.reference.sgd_sr_reference_step's on copies (same GPU, keys
+    sr_key(sr_seed, step, position)); an fp32 parameter of the same group is torch's."""
+    from momentum_cuda.reference import sgd_sr_reference_step, sr_key
+    g = torch.Generator().manual_seed(12)
+    shapes = [(0,), (1,), (3,), (97,), (2**20 + 3,), (97, 33), (64, 3, 3, 3)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g).to(torch.bfloat16).cuda())
+            for s in shapes]
+    ref = [p.detach().clone() for p in ours]
+    extra, extra_twin = (torch.nn.Parameter(torch.randn(129, generator=g).cuda())
+                         for _ in range(2))
+    extra_twin.data.copy_(extra)
+    opt = momentum_cuda.SGD(ours + [extra], lr=0.0123, backend=backend, flat=flat,
+                            stochastic_rounding=True, sr_seed=2**32 - 5, **hyper)
+    topt = torch.optim.SGD([extra_twin], lr=0.0123, foreach=False, **hyper)
+    h = dict(dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False), **hyper)
+    bufs = [None] * len(ours)
+    for step in range(1, STEPS + 1):
+        grads = [torch.randn(p.shape, generator=g).to(p.dtype).cuda() for p in ours + [extra]]
+        for p, gr in zip(ours + [extra], grads):
+            if p.grad is not None:
+                p.grad.copy_(gr)
+            else:
+                (p * gr).sum().backward()
+        extra_twin.grad = grads[-1].clone()
+        opt.step()
+        topt.step()
+        keys = [sr_key(2**32 - 5, step, i) for i in range(len(ours))]
+        bufs = sgd_sr_reference_step(ref, grads[:-1], bufs, keys, lr=0.0123, **h)
+        paths = sorted((e["backend"], e["path"]) for e in opt.last_step)
+        assert paths == sorted([(backend, "stochastic-rounding"),
+                                (backend, "flat" if flat else "per-tensor")])
+        for i, (p, r) in enumerate(zip(ours, ref)):
+            assert torch.equal(p.view(torch.int16), r.view(torch.int16)), \
+                f"step {step}: param {i} differs"
+            if h["momentum"]:
+                assert torch.equal(opt.state[p]["momentum_buffer"].view(torch.int16),
+                                   bufs[i].view(torch.int16))
+        assert torch.equal(extra, extra_twin)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sr_opcheck_on_gpu(backend):
+    """opcheck on the stochastic-rounding op of each GPU backend with CUDA tensors."""
+    prefix = "triton_" if backend == "triton" else ""
+    op = getattr(torch.ops.momentum_cuda, f"{prefix}sgd_step_sr_list_").default
+    g = torch.Generator().manual_seed(9)
+    ns = (0, 1, 3, 97, 1030)
+    ps, gs, bs = ([torch.randn(n, generator=g).to(torch.bfloat16).cuda() for n in ns]
+                  for _ in range(3))
+    result = torch.library.opcheck(op, (ps, gs, bs, [1, 2, 3, 4, 2**32 - 1], 0.0123, 0.9, 0.1,
+                                        0.01, False, True, False))
+    assert set(result.values()) == {"SUCCESS"}, result

@@ -212,3 +212,167 @@ def test_opcheck():
             False, True, False)
     result = torch.library.opcheck(OP, args)
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+# ---- the optimizers: stochastic_rounding=True against the reference stepped by hand ----------
+import copy  # noqa: E402
+
+
+class SrTwins:
+    """bf16 parameters (and two fp32 ones) stepped by momentum_cuda with stochastic_rounding;
+    their twins stepped by sgd_sr_reference_step with the keys the contract names
+    (sr_key(sr_seed, the parameter's step count, its position)), the fp32 twins by
+    torch.optim.SGD(foreach=False) / MomentumReference."""
+
+    def __init__(self, flat, kind="sgd", h=None, seed=3, sr_seed=77):
+        gen = torch.Generator().manual_seed(seed)
+        shapes = [(1,), (3,), (97,), (4, 5), (2, 3, 2, 2), (5,), (8,)]
+        vals = [torch.randn(s, generator=gen) for s in shapes]
+        self.ours = [torch.nn.Parameter(v.to(torch.bfloat16) if k < 5 else v)
+                     for k, v in enumerate(vals)]
+        self.ref = [p.detach().clone() for p in self.ours[:5]]
+        self.fp32 = [torch.nn.Parameter(p.detach().clone()) for p in self.ours[5:]]
+        self.h = h or dict(lr=0.01, momentum=0.9, weight_decay=1e-2)
+        self.kind, self.sr_seed = kind, sr_seed
+        cls = momentum_cuda.SGD if kind == "sgd" else momentum_cuda.Momentum
+        self.opt = cls(self.ours, flat=flat, stochastic_rounding=True, sr_seed=sr_seed,
+                       **self.h)
+        if kind == "sgd":
+            self.topt = torch.optim.SGD(self.fp32, foreach=False, **self.h)
+        else:
+            from momentum_cuda.reference import MomentumReference
+            self.topt = MomentumReference(self.fp32, **self.h)
+        self.bufs = [None] * 5
+        self.steps = 0
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def ref_h(self):
+        h = dict(self.h)
+        h.setdefault("momentum", 0.0)
+        if self.kind != "sgd":
+            h["dampening"] = h["momentum"]
+            self.bufs = [torch.zeros_like(p) if b is None else b
+                         for p, b in zip(self.ref, self.bufs)]
+        return h
+
+    def step(self, n=1):
+        for _ in range(n):
+            self.steps += 1
+            gs = [torch.randn(p.shape, generator=self.gen).to(p.dtype) for p in self.ours]
+            for p, g in zip(self.ours, gs):
+                p.grad = g.clone()
+            for t, g in zip(self.fp32, gs[5:]):
+                t.grad = g.clone()
+            self.opt.step()
+            self.topt.step()
+            keys = [sr_key(self.sr_seed, self.steps, i) for i in range(5)]
+            h = self.ref_h()  # (first: it gives the EMA form its zero buffers)
+            self.bufs = sgd_sr_reference_step(self.ref, gs[:5], self.bufs, keys, **h)
+            self.check(f"step {self.steps}")
+
+    def check(self, what):
+        for i, (p, r) in enumerate(zip(self.ours, self.ref)):
+            assert torch.equal(bits(p), bits(r)), f"{what}: param {i}"
+            if self.h.get("momentum"):
+                assert torch.equal(bits(self.opt.state[p]["momentum_buffer"]),
+                                   bits(self.bufs[i])), f"{what}: buffer {i}"
+        for p, t in zip(self.ours[5:], self.fp32):
+            assert torch.equal(bits(p), bits(t)), f"{what}: fp32 param"
+
+
+FLAT = pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+OPT_CASES = [("sgd", dict(lr=0.01, momentum=0.9, weight_decay=1e-2)),
+             ("sgd", dict(lr=0.01, momentum=0.9, nesterov=True, maximize=True)),
+             ("sgd", dict(lr=0.01, momentum=0.5, dampening=0.3)),
+             ("sgd", dict(lr=0.003)),
+             ("ema", dict(lr=0.01, momentum=0.8, weight_decay=1e-2))]
+
+
+@FLAT
+@pytest.mark.parametrize("kind,h", OPT_CASES, ids=[f"{k}-{i}" for i, (k, _) in
+                                                   enumerate(OPT_CASES)])
+def test_optimizer_against_reference(flat, kind, h):
+    tw = SrTwins(flat, kind, h)
+    tw.step(4)
+    paths = {e["path"] for e in tw.opt.last_step}
+    assert "stochastic-rounding" in paths
+    assert all(tw.opt.state[p]["sr_step"] == 4 for p in tw.ours[:5])
+
+
+@FLAT
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy"])
+def test_checkpoint_and_deepcopy_continue_the_same_bits(flat, how):
+    """The step counts and the seed travel with the state (state "sr_step", group "sr_seed"):
+    a loaded checkpoint or a deep copy draws the bits the original would have."""
+    tw = SrTwins(flat)
+    tw.step(2)
+    if how == "state_dict":
+        sd = copy.deepcopy(tw.opt.state_dict())
+        fresh = momentum_cuda.SGD(tw.ours, flat=flat, stochastic_rounding=True, sr_seed=1,
+                                  **tw.h)
+        fresh.load_state_dict(sd)
+        assert fresh.param_groups[0]["sr_seed"] == 77
+        tw.opt = fresh
+    else:
+        tw.ours, tw.opt = copy.deepcopy((tw.ours, tw.opt))
+    tw.step(2)
+
+
+def test_torch_checkpoint_loads_and_the_setting_stays():
+    ps = [torch.nn.Parameter(torch.randn(9).to(torch.bfloat16))]
+    topt = torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+    ps[0].grad = torch.randn(9).to(torch.bfloat16)
+    topt.step()
+    opt = momentum_cuda.SGD(ps, lr=0.1, momentum=0.9, stochastic_rounding=True, sr_seed=5)
+    opt.load_state_dict(topt.state_dict())
+    assert opt.param_groups[0]["stochastic_rounding"] and opt.param_groups[0]["sr_seed"] == 5
+    buf = opt.state[ps[0]]["momentum_buffer"].clone()
+    p0 = ps[0].detach().clone()
+    opt.step()
+    ref = [p0]
+    bufs = sgd_sr_reference_step(ref, [ps[0].grad], [buf], [sr_key(5, 1, 0)], lr=0.1,
+                                 momentum=0.9)
+    assert torch.equal(bits(ps[0]), bits(ref[0]))
+    assert torch.equal(bits(opt.state[ps[0]]["momentum_buffer"]), bits(bufs[0]))
+
+
+def test_stochastic_rounding_learns_where_round_to_nearest_stalls():
+    """lr * g below half a bf16 ulp of p: round to nearest never moves p (torch's bf16 SGD
+    stalls), stochastic rounding moves it on average by the exact update: after 200 steps
+    of -2^-12 each on 1.0 (ulp 2^-7: a 1/32 chance per step and element), the mean over 4096
+    elements is within 4 standard deviations of 1 - 200 * 2^-12."""
+    n, steps, delta = 4096, 200, 2.0**-12
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    opt = momentum_cuda.SGD([p], lr=delta, stochastic_rounding=True)
+    topt = torch.optim.SGD([q], lr=delta)
+    for _ in range(steps):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+        opt.step()
+        topt.step()
+    assert torch.equal(q.detach(), torch.ones_like(q))  # the stall
+    want = 1 - steps * delta
+    # each element: a sum of per-step roundings, variance <= steps * (ulp/2)^2 / ... bounded by
+    # the per-step variance ulp^2 * pr (1 - pr) <= ulp * delta
+    sigma = math.sqrt(steps * 2.0**-7 * delta / n)
+    assert abs(p.detach().float().mean().item() - want) <= 4 * sigma
+
+
+def test_errors():
+    bf = [torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))]
+    with pytest.raises(ValueError, match="exclude each other"):
+        momentum_cuda.SGD(bf, lr=0.1, master_weights=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="sr_seed must be an int in"):
+        momentum_cuda.SGD(bf, lr=0.1, stochastic_rounding=True, sr_seed=-1)
+    with pytest.raises(ValueError, match="stochastic_rounding=True cannot be used with "
+                                         "differentiable"):
+        momentum_cuda.SGD(bf, lr=0.1, stochastic_rounding=True, differentiable=True)
+    with pytest.raises(ValueError, match="rounds to bfloat16; a float16"):
+        momentum_cuda.Momentum([torch.nn.Parameter(torch.ones(3, dtype=torch.float16))],
+                               lr=0.1, stochastic_rounding=True)
+    opt = momentum_cuda.SGD(bf, lr=0.1, stochastic_rounding=True)
+    bf[0].grad = torch.ones_like(bf[0])
+    with pytest.raises(RuntimeError, match="stochastic_rounding=True: a step traced"):
+        opt._step_traced(None)
+    assert torch.equal(bf[0].detach(), torch.ones(3, dtype=torch.bfloat16))

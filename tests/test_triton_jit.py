@@ -55,6 +55,7 @@ tl = pytest.importorskip("triton.language")
 
 import test_gpu  # noqa: E402  (tests/ is on sys.path under pytest, as for every test file)
 import triton_stub_driver  # noqa: E402
+import momentum_cuda.reference  # noqa: E402
 from momentum_cuda import _backends  # noqa: E402
 from momentum_cuda import triton_kernels as tk  # noqa: E402
 from momentum_cuda.reference import MomentumReference  # noqa: E402
@@ -107,7 +108,8 @@ def _opmath(x: float, dtype) -> float:
     return torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item()
 
 
-# the master kernel's constexprs (it has no storage kinds, tensor hyper-parameters or AMP)
+# the master and stochastic-rounding kernels' constexprs (no storage kinds, tensor
+# hyper-parameters or AMP)
 MASTER_FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "MOMENTUM", "NESTEROV", "FIRST_STEP", "BLOCK")
 
 
@@ -130,7 +132,7 @@ def _expected(entry):
                  CLIP=kw.get("clip_coef") is not None, BLOCK=1024)
     if entry["kind"] == "list":
         flags["DTYPE"] = ELEM[dtype][2]
-    if entry["kind"] == "master":
+    if entry["kind"] in ("master", "sr"):
         flags = {k: flags[k] for k in MASTER_FLAGS}
     scalars = dict(neg_lr=_opmath(-float(kw["lr"]), dtype),
                    wd=_opmath(kw["weight_decay"], dtype), m_mul=_opmath(m, dtype),
@@ -270,11 +272,13 @@ def _check_compiled(ck, name, dtype, problems):
         if args.get(p) != want_ir:
             problems.append(f"ttir: {what}: %{p} is {args.get(p)}, not {want_ir}")
     if name != "_sgd_flat_kernel":
-        # the master kernel's tensors: bf16 parameters, gradients and int16 remainders as
-        # 16-bit integers (no float cast), tie bytes, fp32 buffers (with MOMENTUM)
+        # the bf16 kernels' tensors: bf16 parameters, gradients (and, stochastic rounding,
+        # buffers) and int16 remainders as 16-bit integers (no float cast); master weights:
+        # tie bytes and fp32 buffers (with MOMENTUM)
         consts = {names[path[0]]: v for path, v in ck.src.constants.items()}
-        want = ({"i16", "i8"} | ({"f32"} if consts.get("MOMENTUM") else set())
-                if name == "_sgd_master_kernel" else {mlir})
+        want = {"_sgd_master_kernel": {"i16", "i8"} | ({"f32"} if consts.get("MOMENTUM")
+                                                        else set()),
+                "_sgd_sr_kernel": {"i16"}}.get(name, {mlir})
         casts = set(re.findall(r"tt\.int_to_ptr [^:\n]*: i64 -> !tt\.ptr<(\w+)>", ttir))
         if casts != want:
             problems.append(f"ttir: {what}: int_to_ptr casts to {casts}, not {want}")
@@ -286,7 +290,7 @@ def _check_compiled(ck, name, dtype, problems):
         got = params[i] if i < len(params) else None
         if got != want:
             problems.append(f"ptx: {what}: {arg} is .param .{got}, not .param .{want}")
-    if name == "_sgd_master_kernel":
+    if name in ("_sgd_master_kernel", "_sgd_sr_kernel"):
         conv = set(re.findall(r"\b(?:cvt\.\w+\.bf16\.f32|div\.[\w.]+|rcp\.[\w.]+)", ck.asm["ptx"]))
         if conv:
             problems.append(f"ptx: {what}: {sorted(conv)} (the split is integer arithmetic)")
@@ -357,7 +361,7 @@ def jit_without_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(tk, "_check_device", check_device)
     monkeypatch.setitem(_backends._PREFERENCE, "cpu", ("cpu", "triton"))
     with triton_stub_driver.stub_driver([tk._sgd_flat_kernel, tk._sgd_list_kernel,
-                                         tk._sgd_master_kernel], ARCH):
+                                         tk._sgd_master_kernel, tk._sgd_sr_kernel], ARCH):
         yield cache
 
 
@@ -390,7 +394,8 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     kernel and dtype it runs: grad_scale + found_inf, clip_coef on the first step, clip_coef +
     found_inf (12 for two dtypes): 276. test_master_weights_bitwise_vs_fp32_torch's five
     hyper-parameter sets add 9 of the master kernel (step 1 and later steps where momentum is
-    on): 285 in all."""
+    on); test_stochastic_rounding_bitwise_vs_reference's add 9 of the stochastic-rounding
+    kernel: 294 in all."""
     cache = jit_without_gpu
     cases = _triton_cases()
     assert cases, "tests/test_gpu.py has no case with backend='triton' to replay"
@@ -409,7 +414,15 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
                         rec.wrap_entry(tk.triton_sgd_step_list_, "list"))
     monkeypatch.setattr(tk, "triton_sgd_step_master_list_",
                         rec.wrap_entry(tk.triton_sgd_step_master_list_, "master"))
-    kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel, tk._sgd_master_kernel)
+    monkeypatch.setattr(tk, "triton_sgd_step_sr_list_",
+                        rec.wrap_entry(tk.triton_sgd_step_sr_list_, "sr"))
+    # no kernel runs: the stochastic-rounding reference leaves the parameters as they are and
+    # gives the buffers the optimizer creates (zeros), as the replayed step does
+    monkeypatch.setattr(momentum_cuda.reference, "sgd_sr_reference_step",
+                        lambda params, grads, bufs, keys, **h: [torch.zeros_like(p)
+                                                                for p in params])
+    kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel, tk._sgd_master_kernel,
+               tk._sgd_sr_kernel)
     t0 = time.perf_counter()
     try:
         for k in kernels:  # an instance attribute: deleting it brings back JITFunction.run

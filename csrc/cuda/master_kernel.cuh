@@ -46,16 +46,6 @@ static_assert(sizeof(MasterListArgs<ListLimits4K::kTensors, ListLimits4K::kBlock
 static_assert(sizeof(MasterListArgs<ListLimits32K::kTensors, ListLimits32K::kBlocks>) <= 32764,
               "kernel arguments over 32 KB");
 
-/// 8 elements of one group, as 16-byte accesses bring them.
-struct alignas(16) Bf16x8 {
-  uint16_t v[8];
-};
-struct alignas(16) F32x8 {
-  float v[8];
-};
-
-MC_HD bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 /// The tie-byte groups of elements [0, n) of one span, by `nthreads` workers of which this is
 /// `tid`; ties[k] holds the bits of elements 8k .. 8k + 7.
 MC_HD void master_span(uint16_t* p, float* b, const uint16_t* g, uint16_t* r, uint8_t* ties,

@@ -195,6 +195,17 @@ MC_HD void update_pack(T* p, T* b, T* g, int64_t i, const CudaScalars<T>& s, uin
   if (flags & kMomentum) *reinterpret_cast<Pack<T>*>(b + i) = bb;
 }
 
+/// 8 elements of a group of the bf16 kernels (master_kernel.cuh, sr_kernel.cuh), as 16-byte
+/// accesses bring them.
+struct alignas(16) Bf16x8 {
+  uint16_t v[8];
+};
+struct alignas(16) F32x8 {
+  float v[8];
+};
+
+MC_HD bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 /// Elements before the first 16-byte boundary, or -1 if p, b and g are misaligned differently
 /// (then the whole span takes the scalar path).
 template <class T>

@@ -16,7 +16,6 @@
 
 #include <cstdint>
 
-#include "master_kernel.cuh"  // Bf16x8, aligned16
 #include "momentum_cuda/stochastic.h"
 #include "sgd_kernel.cuh"
 

@@ -1,8 +1,12 @@
-// host_master_test.cpp — runs the CUDA master-weights kernel of csrc/cuda/master_kernel.cuh on
-// the host (through host_shim.h) and checks it BITWISE against a reference that keeps the fp32
-// masters themselves: torch's fp32 SGD step written here per element (fma form, scalars rounded
-// once to fp32), and the kernel's (param, remainder, tie bit) checked against the master's
-// split written independently of csrc (round to nearest even by comparing the two neighbours).
+// host_bf16_test.cpp — runs the CUDA kernels of the bf16 modes on the host (through host_shim.h)
+// and checks them BITWISE against references written here, independently of csrc:
+//   master weights (csrc/cuda/master_kernel.cuh): a reference that keeps the fp32 masters
+//   themselves: torch's fp32 SGD step per element (fma form, scalars rounded once to fp32), and
+//   the kernel's (param, remainder, tie bit) checked against the master's split (round to
+//   nearest even by comparing the two neighbours);
+//   stochastic rounding (csrc/cuda/sr_kernel.cuh): the same fp32 step on the widened values,
+//   the parameter rounded up where low16(m) + low16(r) carries, r from its own lowbias32 of
+//   (key, element index), the buffer to nearest even.
 //
 // Cases: plan_master_list with ListLimits4K, ListLimits32K and tiny limits (many launches, spans
 // split over launches and chunks); sizes 0..17, 97, 1025, 65536 + 13 and 2 * 65536 + 8; element
@@ -13,13 +17,17 @@
 // the step, so that tie bits written by the kernel are read back. Memory around every array is
 // filled with canaries and checked after each step.
 //
+// Stochastic rounding: the same sizes, offsets, flag sets and batch limits, keys near 0 and
+// 2^32 - 1, three steps.
+//
 // Build: g++ <csrc/build_flags.json's "cxx"> -O1 -I tests/cuda -I csrc/cuda -I csrc
-//        -I csrc/include -I <cuda>/include tests/cuda/host_master_test.cpp
+//        -I csrc/include -I <cuda>/include tests/cuda/host_bf16_test.cpp
 //        (tests/test_cuda_host.py does this, also under ASan+UBSan and with planted bugs)
 // Usage: host_master_test [--quick] [--fail-fast]; exit status 0 iff everything matched.
 #include "host_shim.h"
 
 #include "master_kernel.cuh"
+#include "sr_kernel.cuh"
 
 #include <array>
 #include <cmath>
@@ -259,6 +267,99 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<std::array<in
   ++g_cases;
 }
 
+// ---- stochastic rounding ---------------------------------------------------------------------
+uint32_t ref_lowbias32(uint32_t x) {
+  x = (x ^ (x >> 16)) * 0x7feb352du;
+  x = (x ^ (x >> 15)) * 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+/// One SR span: the kernel's bf16 arrays and the reference's (bf16 bits as well).
+struct SrData {
+  int64_t n;
+  uint32_t key;
+  Guarded<uint16_t> p, g, b;
+  std::vector<uint16_t> rp, rb;
+  SrData(int64_t n_, const int off[4], uint32_t key_, Rng& rng)
+      : n(n_), key(key_), p(n_, off[0]), g(n_, off[1]), b(n_, off[3]), rp(size_t(n_)),
+        rb(size_t(n_)) {
+    for (int64_t i = 0; i < n; ++i) {
+      rp[size_t(i)] = p.data()[i] = ref_split(rng.master()).param;
+      rb[size_t(i)] = b.data()[i] = ref_split(rng.value()).param;
+    }
+  }
+  void new_grad(Rng& rng) {
+    for (int64_t i = 0; i < n; ++i) g.data()[i] = ref_split(rng.value() * 1e-3f).param;
+  }
+  void ref(const Hyper& h, uint32_t f) {
+    for (int64_t i = 0; i < n; ++i) {
+      float m = bitsf(uint32_t(rp[size_t(i)]) << 16);
+      float bf = bitsf(uint32_t(rb[size_t(i)]) << 16);
+      ref_step(m, bf, bitsf(uint32_t(g.data()[i]) << 16), h, f);
+      const uint64_t u = uint64_t(i);
+      const uint32_t r = ref_lowbias32(ref_lowbias32(key ^ uint32_t(u >> 32)) ^ uint32_t(u));
+      rp[size_t(i)] = std::isnan(m) ? uint16_t(0x7fc0)
+                                    : uint16_t((fbits(m) + (r & 0xffffu)) >> 16);
+      if (f & kMomentum) rb[size_t(i)] = ref_split(bf).param;
+    }
+  }
+  void check(const std::string& what, uint32_t f) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (p.data()[i] != rp[size_t(i)] || ((f & kMomentum) && b.data()[i] != rb[size_t(i)])) {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "%s: element %lld of %lld: param %04x want %04x, buf %04x "
+                      "want %04x", what.c_str(), (long long)i, (long long)n, p.data()[i],
+                      rp[size_t(i)], b.data()[i], rb[size_t(i)]);
+        report(buf);
+        return;
+      }
+    }
+    if (!(p.canaries_intact() && g.canaries_intact() && b.canaries_intact())) {
+      report(what + ": a canary was overwritten");
+    }
+    g_elements += uint64_t(n);
+  }
+};
+
+template <class Limits>
+void run_sr_case(const std::vector<int64_t>& sizes, const std::vector<std::array<int, 4>>& offs,
+                 uint32_t flags, Order order, uint64_t seed, const char* limits) {
+  Rng rng(seed);
+  const Hyper h{0.01, 0.9, (flags & kNesterov) ? 0.0 : 0.1, 0.01};
+  std::vector<std::unique_ptr<SrData>> spans;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    const uint32_t key = k % 2 ? 0xffffffffu - uint32_t(k) : uint32_t(rng.next());
+    spans.push_back(std::make_unique<SrData>(sizes[k], offs[k % offs.size()].data(), key, rng));
+  }
+  const auto scalars = make_scalars<float>(h.lr, h.momentum, h.dampening, h.wd,
+                                           [](double v) { return static_cast<float>(v); });
+  for (int step = 0; step < 3; ++step) {
+    const uint32_t f = step == 0 ? flags : (flags & ~kFirstStep);
+    std::vector<SrSpan> ss;
+    for (auto& s : spans) {
+      s->key = ref_lowbias32(s->key + 1);  // a new key each step
+      s->new_grad(rng);
+      s->ref(h, f);
+      ss.push_back(SrSpan{s->p.data(), (f & kMomentum) ? s->b.data() : nullptr, s->g.data(),
+                          s->key, s->n});
+    }
+    cuda::plan_sr_list<Limits>(
+        ss.data(), int64_t(ss.size()), scalars, f,
+        [&](const cuda::SrListArgs<Limits::kTensors, Limits::kBlocks>& a, int blocks) {
+          host_shim::host_launch(cuda::sgd_sr_kernel<Limits::kTensors, Limits::kBlocks>,
+                                 dim3(unsigned(blocks)), dim3(cuda::kThreads), order, seed + step,
+                                 a);
+        });
+    for (size_t k = 0; k < spans.size(); ++k) {
+      char what[160];
+      std::snprintf(what, sizeof what, "sr %s flags=%u order=%s step=%d span %zu (n=%lld)",
+                    limits, f, host_shim::order_name(order), step, k, (long long)spans[k]->n);
+      spans[k]->check(what, f);
+    }
+  }
+  ++g_cases;
+}
+
 void suite() {
   const std::vector<int64_t> small = {0, 1, 3, 7, 8, 9, 15, 16, 17, 97, 1025};
   // element offsets of (param, grad, remainder, buffer): all 16-byte aligned (groups of 8 use
@@ -275,6 +376,14 @@ void suite() {
     if (!g_quick || f == (kMomentum | kWeightDecay)) {
       run_case<Tiny1x1>({65536 + 13, 5, 2 * 65536 + 8}, offs, f, o, ++seed, "tiny1x1");
       run_case<cuda::ListLimits32K>({2 * 65536 + 8, 65536 + 13}, offs, f, o, ++seed, "32K");
+    }
+  }
+  for (uint32_t f : flag_sets()) {  // stochastic rounding
+    const Order o = orders[seed % 3];
+    run_sr_case<cuda::ListLimits32K>(small, offs, f, o, ++seed, "32K");
+    run_sr_case<Tiny3x2>(small, offs, f, o, ++seed, "tiny3x2");
+    if (!g_quick || f == (kMomentum | kWeightDecay)) {
+      run_sr_case<Tiny1x1>({65536 + 13, 5, 2 * 65536 + 8}, offs, f, o, ++seed, "tiny1x1");
     }
   }
   // many spans: batches of ListLimits4K end at 36 tensors
@@ -308,7 +417,7 @@ int main(int argc, char** argv) {
   } catch (const FailFast&) {
     std::printf("stopped at the first failing case (--fail-fast)\n");
   }
-  std::printf("master cases checked: %llu (elements compared %llu, launches %llu)\n",
+  std::printf("bf16 cases checked: %llu (elements compared %llu, launches %llu)\n",
               (unsigned long long)g_cases, (unsigned long long)g_elements,
               (unsigned long long)host_shim::stats().launches);
   std::printf("mismatches: %llu\n", (unsigned long long)g_mismatches);
