@@ -1,17 +1,22 @@
-"""Randomized operation sequences for master_weights=True (issue 14): bf16 parameters (and two
-fp32 ones) stepped by momentum_cuda.SGD / Momentum with master weights, against fp32 twins
-stepped by torch.optim.SGD(foreach=False) / MomentumReference (test_master_weights.MasterTwins),
-flat and per-tensor, random hyper-parameters. Between steps a random interleaving of what
+"""Randomized operation sequences for the bf16 modes (issue 14), flat and per-tensor, random
+hyper-parameters:
+- master_weights=True: bf16 parameters (and two fp32 ones) stepped by momentum_cuda.SGD /
+  Momentum with master weights, against fp32 twins stepped by torch.optim.SGD(foreach=False) /
+  MomentumReference (test_master_weights.MasterTwins);
+- stochastic_rounding=True: the same parameters against bf16 twins stepped by SrReference
+  below, an optimizer written from the contract (reference.sgd_sr_reference_step per bf16
+  parameter with the key of its own step count and position; torch's step for the fp32 ones). Between steps a random interleaving of what
 training code does: fresh gradients (the twins get them widened), gradients scaled in place or
 dropped, zero_grad either way, a group's hyper-parameter edited, a parameter written (copy_ of
 fresh values or of itself scaled: its master restarts from the written value, so the twin is
 given the same value), a new param group, state_dict + load_state_dict, copy.deepcopy of
 parameters and optimizer together. After every operation: every master, parameter and momentum
-buffer bit for bit (MasterTwins.check), and gradient presence.
+buffer bit for bit (and the step counts), and gradient presence. Stochastic rounding also
+draws opt.state.clear() on both sides (the step counts restart, so do the keys).
 
-Not drawn, with the reason: opt.state.clear() / momentum_buffer = None (they drop the remainder
-too: the master restarts from the bf16 value while the fp32 twin keeps its low bits; README,
-"Master weights"), clipping (it computes on the bf16 gradients on our side and the fp32 ones on
+Not drawn, with the reason: for master weights, opt.state.clear() / momentum_buffer = None
+(they drop the remainder too: the master restarts from the bf16 value while the fp32 twin
+keeps its low bits; README, "Master weights"); for both, clipping (it computes on the bf16 gradients on our side and the fp32 ones on
 the twin's, a different input), model.to(dtype) (a documented non-goal for now).
 
 Hypothesis is derandomized (a fixed seed, the same sequences every run) and keeps no database;
@@ -25,7 +30,11 @@ import os
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import fresh_grads
+import momentum_cuda
+from momentum_cuda.reference import sgd_sr_reference_step, sr_key
+from torch.optim.sgd import sgd as _torch_sgd
+
+from conftest import bits, fresh_grads
 from test_master_weights import MasterTwins
 
 N_SEQUENCES = max(20, int(os.environ.get("MOMENTUM_CUDA_SEQUENCES", "1000")) // 10)
@@ -55,15 +64,94 @@ OPS = {
     "add_group": st.tuples(SEED, st.sampled_from([(1,), (9,), (4, 3)])),
     "save_load": st.just(()),
     "deepcopy": st.just(()),
+    "reset_state": st.just(()),
 }
 WEIGHTS = {"step": 4, "train": 4, "grads": 3}
 NAMES = st.sampled_from([n for n in sorted(OPS) for _ in range(WEIGHTS.get(n, 1))])
 
 
 def _sync_grads(tw):
-    """The twins' gradients: ours widened (None where ours is None)."""
+    """The twins' gradients: ours in the twin's dtype (widened for master weights; None where
+    ours is None)."""
     for p, t in zip(tw.ours, tw.twin):
-        t.grad = None if p.grad is None else p.grad.detach().float().clone()
+        t.grad = None if p.grad is None else p.grad.detach().to(t.dtype).clone()
+
+
+class SrReference(torch.optim.Optimizer):
+    """stochastic_rounding=True written from its contract: per bf16 parameter with a gradient,
+    its step count (state "sr_step") goes up by one and reference.sgd_sr_reference_step steps
+    it with sr_key(sr_seed, that count, its position among all the parameters); an fp32
+    parameter takes torch's functional sgd. ema: the Momentum form (dampening = momentum, the
+    buffer starting at zero)."""
+
+    def __init__(self, params, ema, sr_seed, **h):
+        # in the groups: torch's Optimizer pickles (deep copies) only defaults, state and groups
+        defaults = dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                        maximize=False, ema=ema, sr_seed=sr_seed)
+        defaults.update(h)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        pos = 0
+        for group in self.param_groups:
+            m, ema = group["momentum"], group["ema"]
+            h = dict(lr=group["lr"], momentum=m, weight_decay=group["weight_decay"],
+                     maximize=group["maximize"], dampening=m if ema else group["dampening"],
+                     nesterov=False if ema else group["nesterov"])
+            for p in group["params"]:
+                k, pos = pos, pos + 1
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                buf = st.get("momentum_buffer")
+                if ema and buf is None and m != 0:
+                    buf = torch.zeros_like(p)
+                if p.dtype is torch.bfloat16:
+                    st["sr_step"] = st.get("sr_step", 0) + 1
+                    (buf,) = sgd_sr_reference_step([p], [p.grad], [buf],
+                                                   [sr_key(group["sr_seed"], st["sr_step"], k)],
+                                                   **h)
+                else:
+                    bufs = [buf]
+                    _torch_sgd([p], [p.grad], bufs, foreach=False, **h)
+                    buf = bufs[0]
+                if m != 0:
+                    st["momentum_buffer"] = buf
+
+
+class SrTwins:
+    """MasterTwins' parameters and groups, stepped with stochastic_rounding=True; the twins are
+    bf16 (fp32 where ours are) and SrReference steps them."""
+
+    def __init__(self, flat, kind, h, seed):
+        mt = MasterTwins(flat, kind, h, seed)  # its parameters and groups, not its optimizers
+        self.ours = mt.ours
+        self.twin = [torch.nn.Parameter(p.detach().clone()) for p in self.ours]
+        groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02}]  # noqa: E731
+        h = h or dict(lr=0.01, momentum=0.9, weight_decay=1e-2)
+        cls = momentum_cuda.SGD if kind == "sgd" else momentum_cuda.Momentum
+        self.opt = cls(groups(self.ours), flat=flat, stochastic_rounding=True,
+                       sr_seed=seed + 3, **h)
+        self.topt = SrReference(groups(self.twin), kind == "ema", seed + 3, **h)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def grads(self):
+        gs = fresh_grads(self.ours, self.gen)
+        for o in (self.opt, self.topt):
+            o.zero_grad()
+        for p, t, g in zip(self.ours, self.twin, gs):
+            p.grad, t.grad = g.clone(), g.clone()
+
+    def check(self, what=""):
+        for i, (p, t) in enumerate(zip(self.ours, self.twin)):
+            assert torch.equal(bits(p), bits(t)), f"{what} param {i}"
+            a, b = self.opt.state.get(p, {}), self.topt.state.get(t, {})
+            assert a.get("sr_step") == b.get("sr_step"), f"{what} sr_step {i}"
+            a, b = a.get("momentum_buffer"), b.get("momentum_buffer")
+            assert (a is None) == (b is None), f"{what} buffer presence {i}"
+            if b is not None:
+                assert a.dtype == b.dtype and torch.equal(bits(a), bits(b)), f"{what} buffer {i}"
 
 
 def _edit_value(kind, key, seed):
@@ -117,11 +205,11 @@ def apply(tw, kind, op):
                 ours[k].copy_(torch.randn(ours[k].shape, generator=gen).to(ours[k].dtype))
             else:
                 ours[k].copy_(ours[k] * a[1])
-            twin[k].copy_(ours[k].float())
+            twin[k].copy_(ours[k].to(twin[k].dtype))
     elif name == "add_group":
         gen = torch.Generator().manual_seed(a[0])
         p = torch.nn.Parameter(torch.randn(a[1], generator=gen).to(torch.bfloat16))
-        t = torch.nn.Parameter(p.detach().float().clone())
+        t = torch.nn.Parameter(p.detach().to(twin[0].dtype).clone())
         ours.append(p)
         twin.append(t)
         tw.opt.add_param_group({"params": [p], "lr": 0.03})
@@ -132,6 +220,9 @@ def apply(tw, kind, op):
     elif name == "deepcopy":
         tw.ours, tw.opt = copy.deepcopy((tw.ours, tw.opt))
         tw.twin, tw.topt = copy.deepcopy((tw.twin, tw.topt))
+    elif name == "reset_state" and isinstance(tw, SrTwins):
+        tw.opt.state.clear()
+        tw.topt.state.clear()
 
 
 @st.composite
@@ -145,13 +236,26 @@ def cases(d):
     return kind, h, d(st.booleans()), d(SEED), ops
 
 
-@settings(max_examples=N_SEQUENCES, derandomize=True, database=None, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-          print_blob=False)
+SETTINGS = settings(max_examples=N_SEQUENCES, derandomize=True, database=None, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                    print_blob=False)
+
+
+@SETTINGS
 @given(cases())
 def test_master_weight_sequences(case):
+    _run(MasterTwins, case)
+
+
+@SETTINGS
+@given(cases())
+def test_stochastic_rounding_sequences(case):
+    _run(SrTwins, case)
+
+
+def _run(twins, case):
     kind, h, flat, seed, ops = case
-    tw = MasterTwins(flat, kind, h, seed)
+    tw = twins(flat, kind, h, seed)
     for i, op in enumerate(ops):
         apply(tw, kind, op)
         what = f"after op {i} {op} of {ops} (kind={kind}, h={h}, flat={flat}, seed={seed})"
