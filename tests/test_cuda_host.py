@@ -156,8 +156,8 @@ MASTER_PLANTS = {
     # the tie bit is not read: a master halfway between two bf16 values joins to the wrong one
     "master_tie_ignored": (
         "include/momentum_cuda/bf16_split.h",
-        "    float m = mc_bf16_join(p[j], r[j], (ties >> j) & 1u);",
-        "    float m = mc_bf16_join(p[j], r[j], false);",
+        "  float m = mc_bf16_join(p[j], r[j], tie != 0u);",
+        "  float m = mc_bf16_join(p[j], r[j], false);",
         r"MISMATCH"),
     # a span's last partial group of 8 is not stepped
     "master_partial_group": (
@@ -183,14 +183,14 @@ MASTER_PLANTS = {
     # stochastic rounding: the key does not enter the random bits
     "sr_key_ignored": (
         "include/momentum_cuda/stochastic.h",
-        "  return mc_lowbias32(mc_lowbias32(key ^ static_cast<uint32_t>(u >> 32)) ^",
-        "  return mc_lowbias32(mc_lowbias32(static_cast<uint32_t>(u >> 32)) ^",
+        "  return mc_lowbias32(key ^ static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));",
+        "  return mc_lowbias32(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));",
         r"MISMATCH"),
     # stochastic rounding: the parameter rounded to nearest
     "sr_round_to_nearest": (
         "include/momentum_cuda/stochastic.h",
-        "    p[j] = mc_float_to_bf16_sr(m, mc_sr_random(key, i0 + j));",
-        "    p[j] = mc_float_to_bf16_bits(m);",
+        "  p[j] = mc_float_to_bf16_sr(m, rnd);",
+        "  p[j] = mc_float_to_bf16_bits(m);",
         r"MISMATCH"),
     # stochastic rounding: a chunk's random bits counted from 0, not from its start
     "sr_chunk_index": (

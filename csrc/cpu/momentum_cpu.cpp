@@ -8,12 +8,14 @@
 //             The AVX2 clone is compiled with target("avx2,fma,f16c") and picked at run time, so
 //             the library still runs on CPUs without AVX2. Bitwise equality with torch needs a real
 //             fma instruction and no contraction of a*b+c (-ffp-contract=off): docs/numerics.md.
-// bf16 ops  : master-weights spans (bf16_split.h: master_math over tie bytes) and
-//             stochastic-rounding spans (stochastic.h: sr_math over elements), fp32 arithmetic.
+// bf16 ops  : master-weights spans (bf16_split.h: master_elem over blocks of elements, the tie
+//             bits unpacked to bytes) and stochastic-rounding spans (stochastic.h: sr_elem over
+//             blocks of elements), fp32 arithmetic; both loops vectorize.
 #include "momentum_cpu.h"
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -114,24 +116,97 @@ LoopFn<T> pick_loop(uint32_t flags, CpuIsa isa) {
   }
 }
 
+// The bf16 loops run over blocks of kBlock elements (kBlockBytes tie bytes): element-wise loops
+// of master_elem / sr_elem with the flags a compile-time constant and a constant trip count,
+// which GCC vectorizes. The loops over master_math / sr_math, 8 elements a call with the tie
+// bits in a register, stayed scalar: 10M elements on one core of the shared 2-core AMD EPYC
+// (AVX2 clone, momentum only) took 63 ms (master) and 17 ms (SR) against 6 ms for the fp32
+// op; the blocks take about 6.5 and 5 ms.
+constexpr int kBlockBytes = 32;
+constexpr int kBlock = 8 * kBlockBytes;
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "tie bytes are unpacked as uint64 words");
+
+/// A tie byte's 8 bits as 8 bytes of 0 or 1, bit j in byte j (memory order, little-endian):
+/// byte j of t * 0x0101..01 masked with 1 << j is 0 or 1 << j, and + 0x7F carries into its top
+/// bit exactly when it is not 0 (and never into the next byte).
+MC_HD uint64_t unpack_tie_byte(uint8_t t) {
+  const uint64_t v = (uint64_t(t) * 0x0101010101010101ull) & 0x8040201008040201ull;
+  return ((v + 0x7f7f7f7f7f7f7f7full) >> 7) & 0x0101010101010101ull;
+}
+/// unpack_tie_byte's inverse on 8 bytes of 0 or 1: the multiply moves byte j's bit to bit 56 + j,
+/// with no carries (every other product bit lands below 56, each in its own place).
+MC_HD uint8_t pack_tie_byte(uint64_t v) {
+  return static_cast<uint8_t>((v * 0x0102040810204080ull) >> 56);
+}
+
+/// n <= kBlock elements of a master span from a tie byte (p, b, g, r at that element, ties at
+/// its byte; b null without kMomentum): the tie bits unpacked to bytes, master_elem on each
+/// element, the bits packed back (those past n 0, as master_math leaves them).
+template <uint32_t F, class Add>
+MC_HD void master_block(uint16_t* __restrict p, float* __restrict b, const uint16_t* __restrict g,
+                        uint16_t* __restrict r, uint8_t* __restrict ties, int n,
+                        const StepScalars<float>& s) {
+  alignas(32) uint8_t t[kBlock];
+  const int nb = (n + 7) / 8;
+  for (int k = 0; k < nb; ++k) {
+    const uint64_t v = unpack_tie_byte(ties[k]);
+    std::memcpy(t + 8 * k, &v, 8);
+  }
+  for (int j = 0; j < n; ++j) {
+    t[j] = static_cast<uint8_t>(master_elem<Add>(p, b, g, r, j, t[j], s, F));
+  }
+  for (int j = n; j < 8 * nb; ++j) t[j] = 0;
+  for (int k = 0; k < nb; ++k) {
+    uint64_t v;
+    std::memcpy(&v, t + 8 * k, 8);
+    ties[k] = pack_tie_byte(v);
+  }
+}
+
 /// Master-weights spans: groups [k0, k1) of 8 elements (a tie byte each), fp32 arithmetic.
 template <uint32_t F, class Add>
 MC_HD void master_loop(const MasterSpan& sp, int64_t k0, int64_t k1, const StepScalars<float>& s) {
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = k0; k < k1; k += kBlockBytes) {
     const int64_t i0 = 8 * k;
-    const int n = static_cast<int>(sp.numel - i0 < 8 ? sp.numel - i0 : 8);
-    sp.ties[k] = master_math<Add>(sp.param + i0, (F & kMomentum) ? sp.buf + i0 : nullptr,
-                                  sp.grad + i0, sp.rem + i0, sp.ties[k], n, s, F);
+    const int64_t groups = std::min<int64_t>(kBlockBytes, k1 - k);
+    const int n = static_cast<int>(std::min(8 * groups, sp.numel - i0));
+    float* b = (F & kMomentum) ? sp.buf + i0 : nullptr;
+    if (n == kBlock) {  // the constant trip count: no vector epilogue
+      master_block<F, Add>(sp.param + i0, b, sp.grad + i0, sp.rem + i0, sp.ties + k, kBlock, s);
+    } else {
+      master_block<F, Add>(sp.param + i0, b, sp.grad + i0, sp.rem + i0, sp.ties + k, n, s);
+    }
+  }
+}
+
+/// n <= kBlock elements i .. i + n - 1 of a stochastic-rounding span (p, b, g at element i; b
+/// null without kMomentum): sr_elem on each, the first half of mc_sr_random hoisted out of the
+/// loop unless the low 32 bits of the index wrap inside the block.
+template <uint32_t F, class Add>
+MC_HD void sr_block(uint16_t* __restrict p, uint16_t* __restrict b, const uint16_t* __restrict g,
+                    int64_t i, int n, uint32_t key, const StepScalars<float>& s) {
+  const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(i));
+  if (lo + static_cast<uint32_t>(n - 1) < lo) {
+    for (int j = 0; j < n; ++j) sr_elem<Add>(p, b, g, j, mc_sr_random(key, i + j), s, F);
+    return;
+  }
+  const uint32_t hi = mc_sr_key_hi(key, i);
+  for (int j = 0; j < n; ++j) {
+    sr_elem<Add>(p, b, g, j, mc_sr_random_lo(hi, lo + static_cast<uint32_t>(j)), s, F);
   }
 }
 
 /// Stochastic-rounding spans: elements [i0, i1), fp32 arithmetic.
 template <uint32_t F, class Add>
 MC_HD void sr_loop(const SrSpan& sp, int64_t i0, int64_t i1, const StepScalars<float>& s) {
-  for (int64_t i = i0; i < i1; i += 8) {
-    const int n = static_cast<int>(i1 - i < 8 ? i1 - i : 8);
-    sr_math<Add>(sp.param + i, (F & kMomentum) ? sp.buf + i : nullptr, sp.grad + i, i, n, sp.key,
-                 s, F);
+  for (int64_t i = i0; i < i1; i += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, i1 - i));
+    uint16_t* b = (F & kMomentum) ? sp.buf + i : nullptr;
+    if (n == kBlock) {
+      sr_block<F, Add>(sp.param + i, b, sp.grad + i, i, kBlock, sp.key, s);
+    } else {
+      sr_block<F, Add>(sp.param + i, b, sp.grad + i, i, n, sp.key, s);
+    }
   }
 }
 

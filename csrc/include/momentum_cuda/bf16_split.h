@@ -17,8 +17,9 @@
 //          master gives param 0x7FC0 (as c10) and joins to a NaN; its sign and payload are not
 //          kept. join is defined on split's results; consistent() tells whether a (param, rem,
 //          tie) triple is one (a parameter written since the split may leave one that is not).
-// Step    : master_math is torch's fp32 step (sgd_math) on the joined masters of one tie byte,
-//          then the split; the CPU loop and the CUDA kernel both call it.
+// Step    : master_elem is torch's fp32 step (sgd_math) on one joined master, then the split;
+//          master_math applies it to the elements of one tie byte (the CUDA kernel calls it),
+//          the CPU loop to blocks of elements with their tie bits unpacked.
 #pragma once
 
 #include <cstdint>
@@ -57,28 +58,39 @@ MC_HD bool mc_bf16_split_consistent(uint16_t param, uint16_t rem, bool tie) {
   return s.param == param && s.rem == rem && s.tie == tie;
 }
 
-/// One tie byte's elements (n <= 8, from element 8k of a span) of a master-weights step: each
-/// master joined from (p, r, bit j of `ties`), stepped in fp32 by sgd_math with the bf16
-/// gradient widened exactly, split back into p and r; returns the new tie byte (bits past n 0).
-/// b (fp32) is read unless the step has no kMomentum or is the first, written with kMomentum.
-/// Pointers may be memory or registers: n is a constant 8 on the CUDA vector path.
+/// Element j of a master-weights step, the formula master_math applies to each element: the
+/// master joined from (p[j], r[j], tie), stepped in fp32 by sgd_math with the bf16 gradient
+/// widened exactly, split back into p[j] and r[j]; returns the new tie bit (0 or 1).
+/// b[j] (fp32) is read unless the step has no kMomentum or is the first, written with
+/// kMomentum (b is not touched otherwise and may be null). Branch-free for a constant `flags`,
+/// so a CPU loop over elements vectorizes.
+template <class Add>
+MC_HD uint32_t master_elem(uint16_t* p, float* b, const uint16_t* g, uint16_t* r, int j,
+                           uint32_t tie, const StepScalars<float>& s, uint32_t flags) {
+  const bool read_buf = (flags & kMomentum) && !(flags & kFirstStep);
+  float m = mc_bf16_join(p[j], r[j], tie != 0u);
+  float bj = read_buf ? b[j] : 0.f;
+  sgd_math(m, bj, mc_bf16_bits_to_float(g[j]), s, flags, RoundNone{}, Add{});
+  Bf16Split o = mc_bf16_split(m);  // not const: GCC 12 keeps a const struct in memory (no SRA)
+  p[j] = o.param;
+  r[j] = o.rem;
+  if (flags & kMomentum) b[j] = bj;
+  return uint32_t(o.tie);
+}
+
+/// One tie byte's elements (n <= 8, from element 8k of a span) of a master-weights step:
+/// master_elem on each, with bit j of `ties` as element j's tie bit; returns the new tie byte
+/// (bits past n 0). Pointers may be memory or registers: n is a constant 8 on the CUDA vector
+/// path.
 template <class Add>
 MC_HD uint8_t master_math(uint16_t* p, float* b, const uint16_t* g, uint16_t* r, uint32_t ties,
                           int n, const StepScalars<float>& s, uint32_t flags) {
-  const bool read_buf = (flags & kMomentum) && !(flags & kFirstStep);
   uint32_t out = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int j = 0; j < n; ++j) {
-    float m = mc_bf16_join(p[j], r[j], (ties >> j) & 1u);
-    float bj = read_buf ? b[j] : 0.f;
-    sgd_math(m, bj, mc_bf16_bits_to_float(g[j]), s, flags, RoundNone{}, Add{});
-    const Bf16Split o = mc_bf16_split(m);
-    p[j] = o.param;
-    r[j] = o.rem;
-    out |= uint32_t(o.tie) << j;
-    if (flags & kMomentum) b[j] = bj;
+    out |= master_elem<Add>(p, b, g, r, j, (ties >> j) & 1u, s, flags) << j;
   }
   return static_cast<uint8_t>(out);
 }

@@ -32,11 +32,19 @@ MC_HD uint32_t mc_lowbias32(uint32_t x) {
   return x;
 }
 
+/// The first half of mc_sr_random: the key mixed with the high 32 bits of the index (one value
+/// for 2^32 consecutive elements, so a loop may hoist it).
+MC_HD uint32_t mc_sr_key_hi(uint32_t key, int64_t i) {
+  return mc_lowbias32(key ^ static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));
+}
+
+/// The second half: the random bits of the element whose index has low 32 bits `lo`, given
+/// mc_sr_key_hi of its index.
+MC_HD uint32_t mc_sr_random_lo(uint32_t key_hi, uint32_t lo) { return mc_lowbias32(key_hi ^ lo); }
+
 /// The 32 random bits of element i (memory order) of a tensor whose key is `key`.
 MC_HD uint32_t mc_sr_random(uint32_t key, int64_t i) {
-  const uint64_t u = static_cast<uint64_t>(i);
-  return mc_lowbias32(mc_lowbias32(key ^ static_cast<uint32_t>(u >> 32)) ^
-                      static_cast<uint32_t>(u));
+  return mc_sr_random_lo(mc_sr_key_hi(key, i), static_cast<uint32_t>(static_cast<uint64_t>(i)));
 }
 
 /// fp32 -> bf16 bits, rounded stochastically with the low 16 bits of r.
@@ -46,23 +54,33 @@ MC_HD uint16_t mc_float_to_bf16_sr(float f, uint32_t r) {
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : up);
 }
 
+/// Element j of a stochastic-rounding step with random bits `rnd` (mc_sr_random of its index),
+/// the formula sr_math applies to each element: p[j] (bf16 bits) stepped in fp32 and rounded
+/// stochastically, b[j] (bf16 bits) read unless the step has no kMomentum or is the first,
+/// written rounded to nearest even with kMomentum (b is not touched otherwise and may be null).
+/// Branch-free for a constant `flags`, so a CPU loop over elements vectorizes.
+template <class Add>
+MC_HD void sr_elem(uint16_t* p, uint16_t* b, const uint16_t* g, int j, uint32_t rnd,
+                   const StepScalars<float>& s, uint32_t flags) {
+  const bool read_buf = (flags & kMomentum) && !(flags & kFirstStep);
+  float m = mc_bf16_bits_to_float(p[j]);
+  float bj = read_buf ? mc_bf16_bits_to_float(b[j]) : 0.f;
+  sgd_math(m, bj, mc_bf16_bits_to_float(g[j]), s, flags, RoundNone{}, Add{});
+  p[j] = mc_float_to_bf16_sr(m, rnd);
+  if (flags & kMomentum) b[j] = mc_float_to_bf16_bits(bj);
+}
+
 /// n <= 8 elements of a stochastic-rounding step, elements i0 .. i0 + n - 1 of their span:
-/// p (bf16 bits) stepped in fp32 and rounded stochastically, b (bf16 bits) read unless the
-/// step has no kMomentum or is the first, written rounded to nearest even with kMomentum.
-/// Pointers may be memory or registers (n is a constant 8 on the CUDA vector path).
+/// sr_elem on each with the random bits of its index. Pointers may be memory or registers (n is
+/// a constant 8 on the CUDA vector path).
 template <class Add>
 MC_HD void sr_math(uint16_t* p, uint16_t* b, const uint16_t* g, int64_t i0, int n,
                    uint32_t key, const StepScalars<float>& s, uint32_t flags) {
-  const bool read_buf = (flags & kMomentum) && !(flags & kFirstStep);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int j = 0; j < n; ++j) {
-    float m = mc_bf16_bits_to_float(p[j]);
-    float bj = read_buf ? mc_bf16_bits_to_float(b[j]) : 0.f;
-    sgd_math(m, bj, mc_bf16_bits_to_float(g[j]), s, flags, RoundNone{}, Add{});
-    p[j] = mc_float_to_bf16_sr(m, mc_sr_random(key, i0 + j));
-    if (flags & kMomentum) b[j] = mc_float_to_bf16_bits(bj);
+    sr_elem<Add>(p, b, g, j, mc_sr_random(key, i0 + j), s, flags);
   }
 }
 
