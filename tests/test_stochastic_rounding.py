@@ -280,12 +280,7 @@ class SrTwins:
             assert torch.equal(bits(p), bits(t)), f"{what}: fp32 param"
 
 
-FLAT = pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
-OPT_CASES = [("sgd", dict(lr=0.01, momentum=0.9, weight_decay=1e-2)),
-             ("sgd", dict(lr=0.01, momentum=0.9, nesterov=True, maximize=True)),
-             ("sgd", dict(lr=0.01, momentum=0.5, dampening=0.3)),
-             ("sgd", dict(lr=0.003)),
-             ("ema", dict(lr=0.01, momentum=0.8, weight_decay=1e-2))]
+from test_master_weights import FLAT, OPT_CASES  # noqa: E402  (the same optimizer cases)
 
 
 @FLAT
