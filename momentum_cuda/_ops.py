@@ -115,18 +115,11 @@ def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening
     _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers)
 
 
-def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening,
-                  weight_decay, nesterov, maximize, first_step) -> None:
-    _master_list_fake(params, grads, momentum_buffers, [], [], lr, momentum, dampening,
-                      weight_decay, nesterov, maximize, first_step)
-
-
 if _C is not None:
     torch.library.register_fake(_FLAT)(_flat_fake)
     torch.library.register_fake(_LIST)(_list_fake)
     torch.library.register_fake(_MASTER_LIST)(_master_list_fake)
     torch.library.register_fake(_SR_LIST)(_sr_list_fake)
-    torch.library.register_fake("momentum_cuda::sgd_step_sr_list_")(_sr_list_fake)
 
 
 @torch.library.custom_op(_TRITON_FLAT, mutates_args=("param", "momentum_buffer"))
