@@ -12,6 +12,9 @@
 //   sgd_step_sr_list_  bf16 parameters, gradients and buffers; torch's fp32 step on the widened
 //                   values, the parameter rounded stochastically (stochastic.h) with keys[i]'s
 //                   random bits, the buffer to nearest even (CPU and CUDA; Triton: _ops.py).
+//   sgd_step_qmom_list_  fp32 parameters whose momentum buffers are stored narrow
+//                   (momentum_dtype.h): bf16, or int8 codes with a scale per 256 elements;
+//                   torch's fp32 step on the widened buffer (CPU and CUDA; Triton: _ops.py).
 // Both update param(s) and momentum buffer(s) in place and read the gradients; given
 // torch.amp.GradScaler's grad_scale and found_inf (tensors), they unscale the gradients in place
 // and skip the update when found_inf != 0, and given clip_coef they multiply the gradients by it
@@ -40,6 +43,7 @@
 #include <torch/library.h>
 
 #include "cpu/momentum_cpu.h"
+#include "momentum_cuda/momentum_dtype.h"  // kQBlock
 #include "momentum_cuda/sgd_math.h"
 
 #ifdef MOMENTUM_CUDA_WITH_CUDA
@@ -458,15 +462,16 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
                             dampening_tensor, weight_decay_tensor});
 }
 
-/// What the per-tensor bf16 ops (master weights, stochastic rounding) check alike, before
-/// anything is written: the scalars, that every list in `lists` has one tensor per parameter
-/// (momentum_buffers only with momentum), and each parameter a dense bfloat16 tensor of
-/// `device_type` with a gradient like it (and, given bf16_bufs, a bf16 buffer like it).
-/// Returns whether the step has momentum (and so buffers).
-bool check_bf16_step(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+/// What the per-tensor ops of the modes (master weights, stochastic rounding, momentum_dtype)
+/// check alike, before anything is written: the scalars, that every list in `lists` has one
+/// tensor per parameter (momentum_buffers only with momentum), and each parameter a dense
+/// `param_dtype` tensor of `device_type` with a gradient like it (and, given like_bufs, a
+/// buffer like it). Returns whether the step has momentum (and so buffers).
+bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                      NamedLists lists, double lr, double momentum, double dampening,
-                     double weight_decay, bool nesterov, bool first_step, bool bf16_bufs,
-                     const char* why, c10::DeviceType device_type) {
+                     double weight_decay, bool nesterov, bool first_step, bool like_bufs,
+                     const char* why, c10::DeviceType device_type,
+                     at::ScalarType param_dtype = at::kBFloat16) {
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
   check_scalar("dampening", dampening);
@@ -487,10 +492,10 @@ bool check_bf16_step(at::TensorList params, at::TensorList grads, at::TensorList
   std::optional<at::Device> device;
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string at_i = "[" + std::to_string(i) + "]";
-    check_triple(at_i, params[i], grads[i], need_buf && bf16_bufs ? &bufs[i] : nullptr,
+    check_triple(at_i, params[i], grads[i], need_buf && like_bufs ? &bufs[i] : nullptr,
                  device_type, dtype, device);
-    TORCH_CHECK(params[i].scalar_type() == at::kBFloat16, "params", at_i, " must be bfloat16 (",
-                why, "), got ", describe(params[i]));
+    TORCH_CHECK(params[i].scalar_type() == param_dtype, "params", at_i, " must be ",
+                c10::toString(param_dtype), " (", why, "), got ", describe(params[i]));
   }
   return need_buf;
 }
@@ -507,10 +512,10 @@ void check_like_param(const at::Tensor& t, const at::Tensor& p, const std::strin
                           : std::string("None"));
 }
 
-/// Runs a per-tensor bf16 op's kernel: `cuda(stream)` on the parameters' device and current
+/// Runs a per-tensor mode op's kernel: `cuda(stream)` on the parameters' device and current
 /// stream (a launch error raises, naming `kernel`), else `cpu()`.
 template <class Cuda, class Cpu>
-void run_bf16_step(const at::Tensor& p0, c10::DeviceType device_type, const char* kernel,
+void run_mode_step(const at::Tensor& p0, c10::DeviceType device_type, const char* kernel,
                    Cuda&& cuda, Cpu&& cpu) {
 #ifdef MOMENTUM_CUDA_WITH_CUDA
   if (device_type == c10::DeviceType::CUDA) {
@@ -533,9 +538,9 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
                           at::TensorList rems, at::TensorList ties, double lr, double momentum,
                           double dampening, double weight_decay, bool nesterov, bool maximize,
                           bool first_step, c10::DeviceType device_type) {
-  const bool need_buf = check_bf16_step(
+  const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}, {rems, "remainders"}, {ties, "ties"}}, lr,
-      momentum, dampening, weight_decay, nesterov, first_step, /*bf16_bufs=*/false,
+      momentum, dampening, weight_decay, nesterov, first_step, /*like_bufs=*/false,
       "master weights split a bf16 parameter", device_type);
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string at_i = "[" + std::to_string(i) + "]";
@@ -568,7 +573,7 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
   hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   const auto n = static_cast<int64_t>(spans.size());
-  run_bf16_step(
+  run_mode_step(
       params[0], device_type, "master kernel",
       [&](auto stream) { return sgd_step_master_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_master_cpu(spans.data(), n, hyper); });
@@ -587,9 +592,9 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
     TORCH_CHECK(keys[i] >= 0 && keys[i] <= 0xFFFFFFFFll, "keys[", i,
                 "] must be in [0, 2^32), got ", keys[i]);
   }
-  const bool need_buf = check_bf16_step(
+  const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}}, lr, momentum, dampening, weight_decay, nesterov,
-      first_step, /*bf16_bufs=*/true, "stochastic rounding rounds to bf16", device_type);
+      first_step, /*like_bufs=*/true, "stochastic rounding rounds to bf16", device_type);
   if (params.empty()) return;
   check_no_cross_overlap({{params, "params"}, {grads, "grads"},
                           {need_buf ? bufs : at::TensorList(), "momentum_buffers"}});
@@ -605,10 +610,80 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
   hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   const auto n = static_cast<int64_t>(spans.size());
-  run_bf16_step(
+  run_mode_step(
       params[0], device_type, "stochastic-rounding kernel",
       [&](auto stream) { return sgd_step_sr_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_sr_cpu(spans.data(), n, hyper); });
+}
+
+/// The momentum_dtype step (sgd_step_qmom_list_, momentum_dtype.h): fp32 parameters and
+/// gradients; momentum buffers shaped and strided like their parameters, bf16 (scales empty)
+/// or int8 codes (scales: a contiguous 1-D fp32 tensor of ceil(numel / 256) block scales per
+/// parameter). Every tensor is checked before any is written.
+void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                        at::TensorList scales, double lr, double momentum, double dampening,
+                        double weight_decay, bool nesterov, bool maximize, bool first_step,
+                        c10::DeviceType device_type) {
+  const bool need_buf = check_mode_step(
+      params, grads, bufs, {{grads, "grads"}}, lr, momentum, dampening, weight_decay, nesterov,
+      first_step, /*like_bufs=*/false, "momentum_dtype keeps float32 parameters", device_type,
+      at::kFloat);
+  const bool int8 = !scales.empty();
+  TORCH_CHECK(!int8 || need_buf, "scales has ", scales.size(),
+              " tensors but momentum=0 has no momentum buffers to scale");
+  TORCH_CHECK(!int8 || scales.size() == params.size(), "scales has ", scales.size(),
+              " tensors but params has ", params.size(),
+              " (int8 momentum buffers need one each; bf16 ones none)");
+  const auto buf_dtype = int8 ? at::kChar : at::kBFloat16;
+  for (size_t i = 0; need_buf && i < params.size(); ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    const at::Tensor& p = params[i];
+    check_like_param(bufs[i], p, "momentum_buffers", at_i, buf_dtype);
+    if (!int8) continue;
+    const at::Tensor& sc = scales[i];
+    const int64_t blocks = (p.numel() + kQBlock - 1) / kQBlock;
+    TORCH_CHECK(sc.defined() && sc.layout() == at::kStrided && sc.device() == p.device() &&
+                    sc.scalar_type() == at::kFloat && sc.dim() == 1 && sc.numel() == blocks &&
+                    sc.is_contiguous(),
+                "scales", at_i, " must be a contiguous 1-D float32 tensor of ", blocks,
+                " block scales (one per ", kQBlock, " elements of params", at_i, ") on ",
+                p.device(), ", got ", sc.defined() ? describe(sc) : std::string("None"));
+  }
+  if (params.empty()) return;
+  check_no_cross_overlap({{params, "params"}, {grads, "grads"},
+                          {need_buf ? bufs : at::TensorList(), "momentum_buffers"},
+                          {scales, "scales"}});
+  StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
+  hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
+  if (int8) {
+    std::vector<Q8Span> spans;
+    spans.reserve(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].numel() == 0) continue;
+      spans.push_back(Q8Span{params[i].data_ptr<float>(), bufs[i].data_ptr<int8_t>(),
+                             grads[i].data_ptr<float>(), scales[i].data_ptr<float>(),
+                             params[i].numel()});
+    }
+    const auto n = static_cast<int64_t>(spans.size());
+    run_mode_step(
+        params[0], device_type, "int8-momentum kernel",
+        [&](auto stream) { return sgd_step_q8_cuda(spans.data(), n, hyper, stream); },
+        [&] { sgd_step_q8_cpu(spans.data(), n, hyper); });
+    return;
+  }
+  std::vector<Bf16MomSpan> spans;
+  spans.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) continue;
+    spans.push_back(Bf16MomSpan{params[i].data_ptr<float>(),
+                                need_buf ? static_cast<uint16_t*>(bufs[i].data_ptr()) : nullptr,
+                                grads[i].data_ptr<float>(), params[i].numel()});
+  }
+  const auto n = static_cast<int64_t>(spans.size());
+  run_mode_step(
+      params[0], device_type, "bf16-momentum kernel",
+      [&](auto stream) { return sgd_step_bf16mom_cuda(spans.data(), n, hyper, stream); },
+      [&] { sgd_step_bf16mom_cpu(spans.data(), n, hyper); });
 }
 
 /// Which arguments of an op's schema it writes, read once from the schema (by the annotations
@@ -722,6 +797,15 @@ void step_master_list_(at::TensorList params, at::TensorList grads,
   sgd_step_master_list(params, grads, momentum_buffers, remainders, ties, lr, momentum,
                        dampening, weight_decay, nesterov, maximize, first_step,
                        device_of({params, grads, momentum_buffers, remainders, ties}));
+}
+
+void step_qmom_list_(at::TensorList params, at::TensorList grads,
+                     at::TensorList momentum_buffers, at::TensorList scales, double lr,
+                     double momentum, double dampening, double weight_decay, bool nesterov,
+                     bool maximize, bool first_step) {
+  sgd_step_qmom_list(params, grads, momentum_buffers, scales, lr, momentum, dampening,
+                     weight_decay, nesterov, maximize, first_step,
+                     device_of({params, grads, momentum_buffers, scales}));
 }
 
 void step_sr_list_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -1004,6 +1088,10 @@ TORCH_LIBRARY(momentum_cuda, m) {
       "sgd_step_sr_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "int[] keys, float lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool first_step) -> ()");
+  m.def(
+      "sgd_step_qmom_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
+      "Tensor(d!)[] scales, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool first_step) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {
@@ -1019,6 +1107,8 @@ TORCH_LIBRARY_IMPL(momentum_cuda, ADInplaceOrView, m) {
   m.impl("sgd_step_master_list_",
          torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<2>>());
   m.impl("sgd_step_sr_list_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<3>>());
+  m.impl("sgd_step_qmom_list_",
+         torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<4>>());
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {
@@ -1027,6 +1117,7 @@ TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {
   // every device: the device check names the tensor where there is no kernel
   m.impl("sgd_step_master_list_", &momentum_cuda::step_master_list_);
   m.impl("sgd_step_sr_list_", &momentum_cuda::step_sr_list_);
+  m.impl("sgd_step_qmom_list_", &momentum_cuda::step_qmom_list_);
 }
 
 #ifdef MOMENTUM_CUDA_WITH_CUDA

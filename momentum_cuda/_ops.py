@@ -14,6 +14,11 @@
         gradients and momentum buffers, keys (one uint32 per parameter, as an int) seeding each
         parameter's random bits; torch's fp32 step on the widened values, the parameter rounded
         stochastically, the buffer to nearest even.
+    sgd_step_qmom_list_(params, grads, momentum_buffers, scales, lr, ...)
+        momentum_dtype (csrc/include/momentum_cuda/momentum_dtype.h): fp32 parameters and
+        gradients, momentum buffers stored bf16 (scales empty) or as int8 codes with one fp32
+        scale per 256 elements (scales, one tensor per parameter); torch's fp32 step on the
+        widened buffer, which is then stored narrow again.
     triton_sgd_step_flat_, triton_sgd_step_list_
         The Triton kernels (torch.library.custom_op, below) without gradient writes: the
         schemas above less grad_scale and clip_coef (found_inf, which only skips the update, is
@@ -24,9 +29,9 @@
         clipped in place), which a custom_op bumps on every call, so they are called only
         when grad_scale or clip_coef is given. The Triton ops are opaque to inductor (the list
         kernel reads a pointer table, which it cannot trace into).
-    triton_sgd_step_master_list_, triton_sgd_step_sr_list_
-        The Triton kernels of sgd_step_master_list_ and sgd_step_sr_list_ (same schemas; any
-        device the Triton backend runs on).
+    triton_sgd_step_master_list_, triton_sgd_step_sr_list_, triton_sgd_step_qmom_list_
+        The Triton kernels of sgd_step_master_list_, sgd_step_sr_list_ and
+        sgd_step_qmom_list_ (same schemas; any device the Triton backend runs on).
 
 Each op writes param(s) and momentum buffer(s) in place, reads the gradients (and, given
 GradScaler's grad_scale or a clip coefficient, writes them back unscaled and clipped;
@@ -36,8 +41,8 @@ are read in place of the floats, on the device (no host sync); its fake kernel
 (for FakeTensor, torch.compile and opcheck) has nothing to compute and checks only that the
 tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend: for "triton"
 two small functions that call the amp op when grad_scale or clip_coef is given and the plain
-one otherwise; `master_op(backend)` and `sr_op(backend)` give the master-weights and the
-stochastic-rounding op of a backend.
+one otherwise; `master_op(backend)`, `sr_op(backend)` and `qmom_op(backend)` give the
+master-weights, the stochastic-rounding and the momentum_dtype op of a backend.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ _TRITON_AMP_LIST = "momentum_cuda::triton_sgd_step_amp_list_"
 _TRITON_MASTER_LIST = "momentum_cuda::triton_sgd_step_master_list_"
 _SR_LIST = "momentum_cuda::sgd_step_sr_list_"
 _TRITON_SR_LIST = "momentum_cuda::triton_sgd_step_sr_list_"
+_QMOM_LIST = "momentum_cuda::sgd_step_qmom_list_"
+_TRITON_QMOM_LIST = "momentum_cuda::triton_sgd_step_qmom_list_"
 
 def _one_device(named) -> None:
     """The fake kernels' check. A meta tensor among cpu or cuda ones sends the call to the
@@ -115,11 +122,17 @@ def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening
     _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers)
 
 
+def _qmom_list_fake(params, grads, momentum_buffers, scales, lr, momentum, dampening,
+                    weight_decay, nesterov, maximize, first_step) -> None:
+    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, scales=scales)
+
+
 if _C is not None:
     torch.library.register_fake(_FLAT)(_flat_fake)
     torch.library.register_fake(_LIST)(_list_fake)
     torch.library.register_fake(_MASTER_LIST)(_master_list_fake)
     torch.library.register_fake(_SR_LIST)(_sr_list_fake)
+    torch.library.register_fake(_QMOM_LIST)(_qmom_list_fake)
 
 
 @torch.library.custom_op(_TRITON_FLAT, mutates_args=("param", "momentum_buffer"))
@@ -249,6 +262,21 @@ def triton_sgd_step_sr_list_(params: list[torch.Tensor], grads: list[torch.Tenso
 triton_sgd_step_sr_list_.register_fake(_sr_list_fake)
 
 
+@torch.library.custom_op(_TRITON_QMOM_LIST, mutates_args=("params", "momentum_buffers", "scales"))
+def triton_sgd_step_qmom_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                               momentum_buffers: list[torch.Tensor], scales: list[torch.Tensor],
+                               lr: float, momentum: float, dampening: float, weight_decay: float,
+                               nesterov: bool, maximize: bool, first_step: bool) -> None:
+    from . import triton_kernels as tk
+    tk.triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, lr=lr,
+                                  momentum=momentum, dampening=dampening,
+                                  weight_decay=weight_decay, nesterov=nesterov,
+                                  maximize=maximize, first_step=first_step)
+
+
+triton_sgd_step_qmom_list_.register_fake(_qmom_list_fake)
+
+
 def _triton_step(name, plain, amp):
     """One of step_ops("triton"): the call of the C++ ops (same arguments and keywords) routed
     to `amp` when the gradients are written (grad_scale or clip_coef given), to `plain`
@@ -300,3 +328,11 @@ def sr_op(backend: str):
         return torch.ops.momentum_cuda.triton_sgd_step_sr_list_.default
     step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
     return torch.ops.momentum_cuda.sgd_step_sr_list_.default
+
+
+def qmom_op(backend: str):
+    """The momentum_dtype step op of a backend (sgd_step_qmom_list_'s arguments)."""
+    if backend == "triton":
+        return torch.ops.momentum_cuda.triton_sgd_step_qmom_list_.default
+    step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
+    return torch.ops.momentum_cuda.sgd_step_qmom_list_.default

@@ -210,3 +210,72 @@ def sgd_sr_reference_step(params, grads, bufs, keys, *, lr: float, momentum: flo
         rounded = bf16_round_stochastic(view.contiguous(), sr_random(key, m.numel(), m.device))
         _memory_order(p).copy_(rounded.view(view.shape))
     return [None if b is None else _bf16_rne(b) for b in b32]
+
+
+# ---- momentum_dtype (csrc/include/momentum_cuda/momentum_dtype.h) ---------------------------
+QBLOCK = 256  # elements per int8 block (one fp32 scale each)
+
+
+def _div32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 a / b correctly rounded, whatever torch's own fp32 division does (a scalar divisor
+    may become a multiply by its reciprocal): the quotient in fp64 rounded once to fp32, which
+    is the correctly rounded fp32 quotient (53 >= 2 * 24 + 2: double rounding is innocuous)."""
+    return (a.double() / b.double()).float()
+
+
+def quantize_momentum(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 momentum buffer as (int8 codes laid out like v, fp32 scales, one per QBLOCK
+    elements of v in memory order): per block a = max |v| (a NaN as inf), scale = a / 127 (NaN
+    where a is inf), code = round(clamp(v / scale, -127, 127)) ties to even, 0 where scale is 0
+    or NaN."""
+    if v.dtype != torch.float32:
+        raise TypeError(f"quantize_momentum: v must be float32, got {v.dtype}")
+    flat = _memory_order(v).reshape(-1)
+    n = flat.numel()
+    blocks = (n + QBLOCK - 1) // QBLOCK
+    padded = torch.zeros(blocks * QBLOCK, dtype=torch.float32, device=v.device)
+    padded[:n] = flat
+    rows = padded.view(blocks, QBLOCK)
+    a = torch.where(rows.isnan(), torch.inf, rows.abs()).amax(1) if blocks else padded[:0]
+    scale = torch.where(a.isinf(), torch.nan, _div32(a, torch.full_like(a, 127.0)))
+    ok = (scale > 0).unsqueeze(1)
+    x = _div32(rows, torch.where(ok, scale.unsqueeze(1), 1.0))
+    x = torch.where(ok, x, 0.0).clamp(-127, 127).round()
+    codes = torch.empty_like(v, dtype=torch.int8)
+    _memory_order(codes).copy_(x.reshape(-1)[:n].to(torch.int8).view(_memory_order(v).shape))
+    return codes, scale
+
+
+def dequantize_momentum(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_momentum's buffer read back in fp32: code * its block's scale (one fp32
+    multiply; every element of a block with a NaN scale is NaN)."""
+    flat = _memory_order(codes).reshape(-1)
+    idx = torch.arange(flat.numel(), device=codes.device) // QBLOCK
+    out = torch.empty_like(codes, dtype=torch.float32)
+    _memory_order(out).copy_((flat.float() * scales[idx]).view(_memory_order(codes).shape))
+    return out
+
+
+def sgd_momentum_dtype_reference_step(params, grads, bufs, scales=None, *, lr: float,
+                                      momentum: float, dampening: float = 0.0,
+                                      weight_decay: float = 0.0, nesterov: bool = False,
+                                      maximize: bool = False):
+    """momentum_dtype= in plain torch, in place on the fp32 parameters: each takes
+    torch.optim.SGD(foreach=False)'s step with its momentum buffer widened to fp32 (bf16
+    buffers exactly; int8 codes times their block's scale; None: a first step creates it); the
+    new buffer is then stored narrow again: bf16 rounded to nearest even (NaN as 0x7FC0), or
+    int8 by quantize_momentum. scales: None for bf16 buffers, else one fp32 scales tensor per
+    int8 buffer (None for one a first step creates). Returns (bufs, scales) after the step
+    (scales None for bf16)."""
+    from torch.optim.sgd import sgd as _sgd
+    int8 = scales is not None
+    if int8:
+        b32 = [None if b is None else dequantize_momentum(b, s) for b, s in zip(bufs, scales)]
+    else:
+        b32 = [None if b is None else b.float() for b in bufs]
+    _sgd(list(params), list(grads), b32, foreach=False, lr=lr, momentum=momentum,
+         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    if not int8:
+        return [None if b is None else _bf16_rne(b) for b in b32], None
+    out = [None if b is None else quantize_momentum(b) for b in b32]
+    return [None if o is None else o[0] for o in out], [None if o is None else o[1] for o in out]

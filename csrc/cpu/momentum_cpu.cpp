@@ -9,8 +9,10 @@
 //             the library still runs on CPUs without AVX2. Bitwise equality with torch needs a real
 //             fma instruction and no contraction of a*b+c (-ffp-contract=off): docs/numerics.md.
 // bf16 ops  : master-weights spans (bf16_split.h: master_elem over blocks of elements, the tie
-//             bits unpacked to bytes) and stochastic-rounding spans (stochastic.h: sr_elem over
-//             blocks of elements), fp32 arithmetic; both loops vectorize.
+//             bits unpacked to bytes), stochastic-rounding spans (stochastic.h: sr_elem over
+//             blocks of elements) and narrow-momentum spans (momentum_dtype.h: bf16mom_elem over
+//             elements; q8_elem over an int8 block, then its absmax, scale and codes), fp32
+//             arithmetic; the loops vectorize.
 #include "momentum_cpu.h"
 
 #include <algorithm>
@@ -25,6 +27,7 @@
 #include <c10/util/Half.h>
 
 #include "momentum_cuda/bf16_split.h"
+#include "momentum_cuda/momentum_dtype.h"
 #include "momentum_cuda/stochastic.h"
 #include "momentum_cuda/sgd_math.h"
 
@@ -210,11 +213,60 @@ MC_HD void sr_loop(const SrSpan& sp, int64_t i0, int64_t i1, const StepScalars<f
   }
 }
 
-/// The loop of a bf16 span type S: master_loop over tie bytes, sr_loop over elements.
+/// bf16-momentum spans: elements [i0, i1).
+template <uint32_t F, class Add>
+MC_HD void bf16mom_loop(const Bf16MomSpan& sp, int64_t i0, int64_t i1, const StepScalars<float>& s) {
+  for (int64_t i = i0; i < i1; i += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, i1 - i));
+    float* __restrict p = sp.param + i;
+    uint16_t* __restrict b = (F & kMomentum) ? sp.buf + i : nullptr;
+    const float* __restrict g = sp.grad + i;
+    for (int j = 0; j < n; ++j) bf16mom_elem<Add>(p, b, g, j, s, F);
+  }
+}
+
+/// n <= kQBlock elements of one int8 block (p, q, g at its first element): q8_elem on each into
+/// v, then (with kMomentum) the block's absmax, its new scale and the codes.
+template <uint32_t F, class Add>
+MC_HD void q8_block(float* __restrict p, int8_t* __restrict q, float* __restrict scale,
+                    const float* __restrict g, int n, const StepScalars<float>& s) {
+  alignas(64) float v[kQBlock];
+  const float sc = ((F & kMomentum) && !(F & kFirstStep)) ? *scale : 0.f;
+  for (int j = 0; j < n; ++j) v[j] = q8_elem<Add>(p, q, sc, g, j, s, F);
+  if (!(F & kMomentum)) return;
+  uint32_t a = 0;
+  for (int j = 0; j < n; ++j) a = std::max(a, q8_abs_bits(v[j]));
+  const float ns = q8_scale(a);
+  for (int j = 0; j < n; ++j) q[j] = q8_code(v[j], ns);
+  *scale = ns;
+}
+
+/// int8-momentum spans: blocks [k0, k1) of kQBlock elements.
+template <uint32_t F, class Add>
+MC_HD void q8_loop(const Q8Span& sp, int64_t k0, int64_t k1, const StepScalars<float>& s) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i = k * kQBlock;
+    const int n = static_cast<int>(std::min<int64_t>(kQBlock, sp.numel - i));
+    int8_t* q = (F & kMomentum) ? sp.codes + i : nullptr;
+    float* sc = (F & kMomentum) ? sp.scales + k : nullptr;
+    if (n == kQBlock) {
+      q8_block<F, Add>(sp.param + i, q, sc, sp.grad + i, kQBlock, s);
+    } else {
+      q8_block<F, Add>(sp.param + i, q, sc, sp.grad + i, n, s);
+    }
+  }
+}
+
+/// The loop of a bf16 span type S: master_loop over tie bytes, q8_loop over int8 blocks,
+/// sr_loop and bf16mom_loop over elements.
 template <class S, uint32_t F, class Add>
 MC_HD void bf16_loop(const S& sp, int64_t lo, int64_t hi, const StepScalars<float>& s) {
   if constexpr (std::is_same_v<S, MasterSpan>) {
     master_loop<F, Add>(sp, lo, hi, s);
+  } else if constexpr (std::is_same_v<S, Q8Span>) {
+    q8_loop<F, Add>(sp, lo, hi, s);
+  } else if constexpr (std::is_same_v<S, Bf16MomSpan>) {
+    bf16mom_loop<F, Add>(sp, lo, hi, s);
   } else {
     sr_loop<F, Add>(sp, lo, hi, s);
   }
@@ -378,6 +430,16 @@ void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyp
 
 void sgd_step_sr_cpu(const SrSpan* spans, int64_t n_spans, const StepHyper& h) {
   bf16_step_cpu(spans, n_spans, h, kGrainSize, [](const SrSpan& sp) { return sp.numel; });
+}
+
+void sgd_step_bf16mom_cpu(const Bf16MomSpan* spans, int64_t n_spans, const StepHyper& h) {
+  bf16_step_cpu(spans, n_spans, h, kGrainSize, [](const Bf16MomSpan& sp) { return sp.numel; });
+}
+
+void sgd_step_q8_cpu(const Q8Span* spans, int64_t n_spans, const StepHyper& h) {
+  // units of kQBlock elements: a block's absmax is one thread's
+  bf16_step_cpu(spans, n_spans, h, kGrainSize / kQBlock,
+                [](const Q8Span& sp) { return divup(sp.numel, kQBlock); });
 }
 
 template void sgd_step_cpu<float>(const Span*, int64_t, const StepHyper&);

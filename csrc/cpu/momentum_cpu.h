@@ -69,6 +69,26 @@ struct SrSpan {
   int64_t numel;
 };
 
+/// One contiguous run of an fp32 parameter with a bf16 momentum buffer (momentum_dtype.h): buf
+/// holds bf16 bits (null without kMomentum); param and grad fp32.
+struct Bf16MomSpan {
+  float* param;
+  uint16_t* buf;
+  const float* grad;
+  int64_t numel;
+};
+
+/// One contiguous run of an fp32 parameter with an int8 momentum buffer (momentum_dtype.h):
+/// codes (one per element) and scales (one per kQBlock elements from element 0), both null
+/// without kMomentum.
+struct Q8Span {
+  float* param;
+  int8_t* codes;
+  const float* grad;
+  float* scales;
+  int64_t numel;
+};
+
 /// kAvx512 uses an AVX-512 (F, BW, VL) clone for bf16/fp16, where the conversions make the loop
 /// compute bound (2.2x faster than AVX2 in a microbenchmark here); fp32/fp64 stay on the AVX2
 /// clone, which is memory bound already (an AVX-512 clone measured no faster, 2026-11-24).
@@ -86,6 +106,14 @@ void sgd_step_master_cpu(const MasterSpan* spans, int64_t n_spans, const StepHyp
 /// torch.optim.SGD's fp32 step on every span's widened values, the parameter then rounded
 /// stochastically to bf16 and the buffer to nearest even.
 void sgd_step_sr_cpu(const SrSpan* spans, int64_t n_spans, const StepHyper& hyper);
+
+/// torch.optim.SGD's fp32 step on every span with its bf16 buffer widened; the new buffer
+/// rounded to nearest even.
+void sgd_step_bf16mom_cpu(const Bf16MomSpan* spans, int64_t n_spans, const StepHyper& hyper);
+
+/// torch.optim.SGD's fp32 step on every span with its int8 buffer read back (code * scale); the
+/// new buffer quantized per block (momentum_dtype.h).
+void sgd_step_q8_cpu(const Q8Span* spans, int64_t n_spans, const StepHyper& hyper);
 
 /// The instruction set the kernel uses: the best the CPU has (checked at run time: AVX-512
 /// F/BW/VL, else AVX2+FMA+F16C, else portable code). Tests force each to check it bitwise.

@@ -5,7 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "cpu/momentum_cpu.h"  // Span, MasterSpan, SrSpan, StepHyper
+#include "cpu/momentum_cpu.h"  // Span, MasterSpan, SrSpan, Bf16MomSpan, Q8Span, StepHyper
 #include "storage_types.h"
 
 namespace momentum_cuda {
@@ -30,6 +30,17 @@ cudaError_t sgd_step_master_cuda(const MasterSpan* spans, int64_t n_spans, const
 /// Stochastic-rounding step over many spans (stochastic.h): as many launches of the SR
 /// kernel as the argument space needs. hyper.amp and hyper.dev are not read.
 cudaError_t sgd_step_sr_cuda(const SrSpan* spans, int64_t n_spans, const StepHyper& hyper,
+                             cudaStream_t stream);
+
+/// momentum_dtype=torch.bfloat16 step over many spans (momentum_dtype.h: fp32 parameters, bf16
+/// buffers): as many launches as the argument space needs. hyper.amp and hyper.dev are not read.
+cudaError_t sgd_step_bf16mom_cuda(const Bf16MomSpan* spans, int64_t n_spans,
+                                  const StepHyper& hyper, cudaStream_t stream);
+
+/// momentum_dtype=torch.int8 step over many spans (momentum_dtype.h: fp32 parameters, int8
+/// codes with a scale per kQBlock elements): as many launches as the argument space needs.
+/// hyper.amp and hyper.dev are not read.
+cudaError_t sgd_step_q8_cuda(const Q8Span* spans, int64_t n_spans, const StepHyper& hyper,
                              cudaStream_t stream);
 
 }  // namespace momentum_cuda
