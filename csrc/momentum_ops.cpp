@@ -471,7 +471,7 @@ bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList
                      NamedLists lists, double lr, double momentum, double dampening,
                      double weight_decay, bool nesterov, bool first_step, bool like_bufs,
                      const char* why, c10::DeviceType device_type,
-                     at::ScalarType param_dtype = at::kBFloat16) {
+                     at::ScalarType param_dtype = at::kBFloat16) {  // or kFloat
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
   check_scalar("dampening", dampening);
@@ -495,7 +495,8 @@ bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList
     check_triple(at_i, params[i], grads[i], need_buf && like_bufs ? &bufs[i] : nullptr,
                  device_type, dtype, device);
     TORCH_CHECK(params[i].scalar_type() == param_dtype, "params", at_i, " must be ",
-                c10::toString(param_dtype), " (", why, "), got ", describe(params[i]));
+                param_dtype == at::kFloat ? "float32" : "bfloat16", " (", why, "), got ",
+                describe(params[i]));
   }
   return need_buf;
 }

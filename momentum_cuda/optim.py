@@ -50,11 +50,19 @@ under grad mode, as torch runs it; such an optimizer has no flat layout).
 master_weights=True (a group's key, present only when set): its bf16 parameters are stepped
 through exact fp32 masters held as the parameter plus state "master_remainder" and "master_ties"
 (csrc/include/momentum_cuda/bf16_split.h), by the backend's master op (sgd_step_master_list_ on
-cpu and cuda, its Triton twin; _step_bf16), outside the flat layout; path "master" in
+cpu and cuda, its Triton twin; _step_modes), outside the flat layout; path "master" in
 opt.last_step. stochastic_rounding=True (keys "stochastic_rounding" and "sr_seed", likewise)
 steps them in fp32 and rounds them back to bf16 stochastically (sgd_step_sr_list_ and its
 Triton twin; csrc/include/momentum_cuda/stochastic.h), their momentum buffers bf16; path
 "stochastic-rounding".
+
+momentum_dtype=torch.bfloat16 or torch.int8 (a group's key "momentum_dtype", present only when
+set): the momentum buffers of its fp32 parameters are stored narrow (state "momentum_buffer"
+bf16, or int8 codes with state "momentum_scales", one fp32 scale per 256 elements), stepped by
+the backend's sgd_step_qmom_list_ (csrc/include/momentum_cuda/momentum_dtype.h: torch's fp32
+step on the widened buffer, which is then stored narrow again), outside the flat layout; path
+"momentum-dtype". opt.momentum_buffer(p) reads one back in fp32 and opt.torch_state_dict()
+gives the whole state as torch.optim.SGD keeps it.
 
 copy.deepcopy, pickle and torch.save of an optimizer give one with its own flat buffers over
 the copied parameters (__setstate__ rebuilds the layout); it steps on with the same bits.
@@ -91,9 +99,10 @@ except ImportError:  # torch built without distributed: nothing is a DTensor
     _DTensor = ()
 
 from ._backends import _C, resolve_backend
-from ._ops import master_op, sr_op, step_ops
+from ._ops import master_op, qmom_op, sr_op, step_ops
 from ._util import is_dense as _dense
-from .reference import bf16_join, momentum_reference_step, sr_key, unpack_ties
+from .reference import (QBLOCK, _bf16_rne, bf16_join, dequantize_momentum, momentum_reference_step,
+                        quantize_momentum, sr_key, unpack_ties)
 
 log = logging.getLogger("momentum_cuda")
 
@@ -141,30 +150,58 @@ def _on_host(name: str, t: torch.Tensor) -> float:
     return _dampening(t) if name == "dampening" else float(t.item())
 
 
-def _bf16_defaults(master_weights, stochastic_rounding, sr_seed) -> dict:
-    """The group keys of the bf16 modes, present only when a mode is on (torch's groups, and
+def _mode_defaults(master_weights, stochastic_rounding, sr_seed, momentum_dtype=None) -> dict:
+    """The group keys of the modes, present only when a mode is on (torch's groups, and
     state_dict, have none of them)."""
+    if momentum_dtype not in _MOMENTUM_DTYPES:
+        raise ValueError("momentum_dtype must be None, torch.float32, torch.bfloat16 or "
+                         f"torch.int8, got {momentum_dtype!r}")
+    narrow = {"momentum_dtype": momentum_dtype} if _MOMENTUM_DTYPES[momentum_dtype] else {}
     if master_weights and stochastic_rounding:
         raise ValueError("master_weights=True and stochastic_rounding=True exclude each other "
                          "(stochastic rounding is for bf16 parameters without a master)")
     if isinstance(sr_seed, bool) or not isinstance(sr_seed, int) or not 0 <= sr_seed < 2**32:
         raise ValueError(f"sr_seed must be an int in [0, 2**32), got {sr_seed!r}")
     if master_weights:
-        return {"master_weights": True}
-    return {"stochastic_rounding": True, "sr_seed": sr_seed} if stochastic_rounding else {}
+        return {"master_weights": True, **narrow}
+    if stochastic_rounding:
+        return {"stochastic_rounding": True, "sr_seed": sr_seed, **narrow}
+    return narrow
 
 
-# the group keys of the bf16 modes
-_BF16_KEYS = ("master_weights", "stochastic_rounding", "sr_seed")
-# a bf16 mode's flag (in messages) and its path in opt.last_step
-_BF16_FLAG = {"master": "master_weights=True", "sr": "stochastic_rounding=True"}
-_BF16_PATH = {"master": "master", "sr": "stochastic-rounding"}
+# momentum_dtype's accepted values: whether each stores the buffer narrow (float32 is torch's)
+_MOMENTUM_DTYPES = {None: False, torch.float32: False, torch.bfloat16: True, torch.int8: True}
+# the group keys of the modes
+_MODE_KEYS = ("master_weights", "stochastic_rounding", "sr_seed", "momentum_dtype")
+# a mode's flag (in messages) and its path in opt.last_step
+_MODE_FLAG = {"master": "master_weights=True", "sr": "stochastic_rounding=True",
+              "qmom": "momentum_dtype"}
+_MODE_PATH = {"master": "master", "sr": "stochastic-rounding", "qmom": "momentum-dtype"}
 
 
-def _bf16_modes(group) -> tuple:
-    """A group's (master_weights, stochastic_rounding): bf16 parameters of such a group take
-    the per-tensor bf16 ops."""
-    return bool(group.get("master_weights")), bool(group.get("stochastic_rounding"))
+def _modes(group) -> tuple:
+    """A group's (master_weights, stochastic_rounding, momentum_dtype): its bf16 (the first
+    two) or fp32 (the last) parameters take the per-tensor ops of the modes."""
+    return (bool(group.get("master_weights")), bool(group.get("stochastic_rounding")),
+            group.get("momentum_dtype"))
+
+
+def _narrow_buffer(buf, dtype):
+    """An fp32 (or narrow) momentum buffer stored as momentum_dtype `dtype`: (buffer, scales or
+    None); bf16 rounds to nearest even, int8 quantizes (reference.quantize_momentum)."""
+    if buf.dtype == torch.int8:
+        raise ValueError("an int8 momentum buffer is read with its scales (_wide_buffer)")
+    if dtype is torch.bfloat16:
+        return _bf16_rne(buf.float()), None
+    return quantize_momentum(buf.float())
+
+
+def _wide_buffer(buf, scales):
+    """A momentum_dtype buffer (bf16, or int8 with its scales) read back in fp32, exactly as
+    the kernels read it."""
+    if buf.dtype == torch.int8:
+        return dequantize_momentum(buf, scales)
+    return buf.float()
 
 
 def _use_buf(h) -> bool:
@@ -455,8 +492,8 @@ class _GroupLayout:
     stuck: dict = field(default_factory=dict)
     spans: list | None = None  # (data_ptr, nbytes) of the parameters _overlap last looked at
     overlap: bool = False
-    # the group's (master_weights, stochastic_rounding) when laid out (its bf16 ones stay out)
-    master: tuple = (False, False)
+    # the group's _modes when laid out (the parameters of a mode stay out)
+    master: tuple = (False, False, None)
 
 
 @dataclass
@@ -757,21 +794,87 @@ class _FusedMomentum(Optimizer):
         return bool(group.get("master_weights")) and p.dtype is torch.bfloat16
 
     @staticmethod
-    def _bf16_mode(group, p) -> str | None:
+    def _mode(group, p) -> str | None:
         """"master" (master_weights=True) or "sr" (stochastic_rounding=True) for a bf16
-        parameter of such a group, else None."""
+        parameter of such a group, "qmom" for an fp32 one of a group with momentum_dtype, else
+        None."""
+        if p.dtype is torch.float32:
+            return "qmom" if group.get("momentum_dtype") is not None else None
         if p.dtype is not torch.bfloat16:
             return None
         if group.get("master_weights"):
             return "master"
         return "sr" if group.get("stochastic_rounding") else None
 
+    def _check_momentum_dtype(self, group) -> None:
+        """A group with momentum_dtype holds fp32 parameters (and bf16 ones of a master or
+        stochastic-rounding mode): any other parameter with a gradient would silently keep a
+        buffer of its own dtype, so it is refused before anything is written."""
+        dtype = group.get("momentum_dtype")
+        if dtype is None:
+            return
+        for p in group["params"]:
+            if (p.dtype is not torch.float32 and not self._mode(group, p)
+                    and (p.is_floating_point() or p.is_complex())):
+                raise ValueError(f"momentum_dtype={dtype} stores the momentum of float32 "
+                                 f"parameters; the group also holds a {_what(p)} (put it in a "
+                                 "group without momentum_dtype)")
+
+    @torch.no_grad()
+    def _widen_buffers(self, group) -> None:
+        """momentum_dtype was turned off: the group's fp32 parameters get fp32 buffers again
+        (read back exactly as the kernels read them), as torch.optim.SGD keeps them."""
+        for p in group["params"]:
+            st = self.state.get(p)
+            buf = None if not st else st.get("momentum_buffer")
+            if p.dtype is torch.float32 and isinstance(buf, torch.Tensor) and buf.dtype in (
+                    torch.bfloat16, torch.int8):
+                st["momentum_buffer"] = _wide_buffer(buf, st.pop("momentum_scales", None))
+
+    def _group_of(self, p) -> dict | None:
+        return next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+
+    @torch.no_grad()
+    def momentum_buffer(self, p) -> torch.Tensor | None:
+        """p's momentum buffer (a new tensor; None before p's first step or without momentum),
+        as torch.optim.SGD on fp32 parameters would hold it for a parameter of a mode: a
+        narrow one (int8 codes, or the bf16 buffer of an fp32 parameter or of a
+        stochastic-rounding one) read back in fp32 exactly as the kernels read it; any other
+        buffer as it is."""
+        st = self.state.get(p, {})
+        buf = st.get("momentum_buffer")
+        if buf is None:
+            return None
+        group = self._group_of(p)
+        if buf.dtype == torch.int8 or (buf.dtype == torch.bfloat16 and (
+                p.dtype == torch.float32 or (group is not None and self._mode(group, p)))):
+            return _wide_buffer(buf, st.get("momentum_scales"))
+        return buf.clone()
+
+    def torch_state_dict(self) -> dict:
+        """state_dict() as torch.optim.SGD on fp32 parameters keeps it, for a checkpoint that
+        leaves momentum_cuda: momentum buffers fp32 (momentum_buffer(p)), the modes' extra state
+        (master remainders and tie bits, int8 scales, stochastic-rounding step counts) and
+        group keys dropped. The fp32 masters of master-weights parameters are the parameters
+        such an optimizer would hold: opt.master_weight(p)."""
+        sd = self.state_dict()
+        extra = set(_MASTER_STATE) - {"momentum_buffer"} | {"momentum_scales", "sr_step"}
+        ps = [p for g in self.param_groups for p in g["params"]]
+        state = {}
+        for i, st in sd["state"].items():
+            st = {k: v for k, v in st.items() if k not in extra}
+            if st.get("momentum_buffer") is not None:
+                st["momentum_buffer"] = self.momentum_buffer(ps[i])
+            state[i] = st
+        groups = [{k: v for k, v in g.items() if k not in _MODE_KEYS} for g in sd["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
     @torch.no_grad()
     def master_weight(self, p) -> torch.Tensor:
         """The fp32 master of a master-weights parameter (a new tensor): torch.optim.SGD on fp32
         parameters holds this value where this optimizer holds p (its bf16 rounding). Before
         p's first step it is p's value."""
-        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        group = self._group_of(p)
         if group is None or not self._master(group, p):
             raise ValueError(f"master_weight: the {_what(p)} has no master (it is not a bfloat16 "
                              "parameter of a group with master_weights=True)")
@@ -837,7 +940,10 @@ class _FusedMomentum(Optimizer):
             self._group_layouts()
 
     def _layout_group(self, group) -> _GroupLayout:
+        self._check_momentum_dtype(group)
         old = self._layouts.get(id(group))
+        if old is not None and old.master[2] is not None and group.get("momentum_dtype") is None:
+            self._widen_buffers(group)
         for b in old.buckets if old is not None else ():
             for p in b.params:
                 if self._slot.get(id(p), (None,))[0] is b:
@@ -859,7 +965,7 @@ class _FusedMomentum(Optimizer):
                 if p.dtype is torch.float16:
                     raise ValueError(f"stochastic_rounding=True rounds to bfloat16; a float16 "
                                      f"parameter ({_what(p)}) is not supported")
-        masters = {id(p): p.data_ptr() for p in group["params"] if self._bf16_mode(group, p)}
+        masters = {id(p): p.data_ptr() for p in group["params"] if self._mode(group, p)}
         # master-weights and stochastic-rounding parameters take their per-tensor ops: not laid
         # out (stuck where they are until they move)
         buckets, stuck = self._make_buckets(
@@ -868,7 +974,7 @@ class _FusedMomentum(Optimizer):
         bucketed = {id(p) for b in buckets for p in b.params}
         lay = _GroupLayout(group, tuple(group["params"]), buckets,
                            [p for p in group["params"] if id(p) not in bucketed], stuck,
-                           master=_bf16_modes(group))
+                           master=_modes(group))
         self._layouts[id(group)] = lay
         return lay
 
@@ -881,7 +987,7 @@ class _FusedMomentum(Optimizer):
         for g in self.param_groups:
             lay = self._layouts.get(id(g))
             if (lay is None or lay.group is not g or not _same_params(lay, g)
-                    or lay.master != _bf16_modes(g)):
+                    or lay.master != _modes(g)):
                 lay = self._layout_group(g)
                 relaid = True
             out.append((g, lay))
@@ -1071,8 +1177,10 @@ class _FusedMomentum(Optimizer):
         its own dtypes (torch casts every state tensor to its parameter's): the momentum buffer
         fp32, the remainder int16, the tie bits uint8. The loaded remainder is taken to belong
         to the parameter as it is now (load the model first); without one (a plain torch.optim
-        .SGD checkpoint) the master starts from the parameter's value. A saved group without
-        master_weights (torch's) keeps this optimizer's setting."""
+        .SGD checkpoint) the master starts from the parameter's value. A momentum_dtype
+        parameter's buffer is kept as saved (a bf16 one not widened) and stored narrow at once
+        if it is not (torch's fp32 one: rounded or quantized as a step stores it). A saved group
+        without the modes' keys (torch's) keeps this optimizer's setting."""
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         ours = [(g, p) for g in self.param_groups for p in g["params"]]
         kept = {}
@@ -1082,13 +1190,27 @@ class _FusedMomentum(Optimizer):
                 kept[id(p)] = {k: st[k] for k in _MASTER_STATE
                                if isinstance(st.get(k), torch.Tensor)
                                and (st[k].is_floating_point() or k != "momentum_buffer")}
-        modes = [{k: g[k] for k in _BF16_KEYS if k in g} for g in self.param_groups]
+            elif self._mode(g, p) == "qmom" and isinstance(st.get("momentum_buffer"),
+                                                            torch.Tensor):
+                kept[id(p)] = {"momentum_buffer": st["momentum_buffer"]}
+        modes = [{k: g[k] for k in _MODE_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for g, saved_g, m in zip(self.param_groups, state_dict["param_groups"], modes):
-            if m and not any(k in saved_g for k in _BF16_KEYS):
+            if m and not any(k in saved_g for k in _MODE_KEYS):
                 g.update(m)  # torch's checkpoint: the setting stays
         ours = [(g, p) for g in self.param_groups for p in g["params"]]
         for g, p in ours:
+            if self._mode(g, p) == "qmom":
+                if id(p) in kept:
+                    st = self.state[p]
+                    st["momentum_buffer"], scales = self._qmom_buffer(
+                        p, kept[id(p)]["momentum_buffer"].to(p.device, copy=True),
+                        st.get("momentum_scales"), g["momentum_dtype"], True)
+                    if scales is not None:
+                        st["momentum_scales"] = scales
+                    else:
+                        st.pop("momentum_scales", None)
+                continue
             for k, v in kept.get(id(p), {}).items():
                 self.state[p][k] = v.to(p.device, _MASTER_STATE[k], copy=True)
             if self._master(g, p):
@@ -1384,8 +1506,8 @@ class _FusedMomentum(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                if self._bf16_mode(group, p):
-                    raise RuntimeError(f"{_BF16_FLAG[self._bf16_mode(group, p)]}: a step traced by "
+                if self._mode(group, p):
+                    raise RuntimeError(f"{_MODE_FLAG[self._mode(group, p)]}: a step traced by "
                                        f"torch.compile is not supported yet (a {_what(p)}); step "
                                        "it eagerly")
                 buf = self._buffer(p) if use_buf else None
@@ -1609,19 +1731,21 @@ class _FusedMomentum(Optimizer):
         # (param, grad, buffer, why torch's ops step it or None, the DTensor param whose
         # local shards param, grad and buffer are, or None)
         checked = []
-        if any(_bf16_modes(group)):
+        if any(_modes(group)):
+            self._check_momentum_dtype(group)
             stream = {}  # stochastic rounding: each parameter's position in the optimizer
             if group.get("stochastic_rounding"):
                 k = next(i for i, g in enumerate(self.param_groups) if g is group)
                 base = sum(len(g["params"]) for g in self.param_groups[:k])
                 stream = {id(p): base + i for i, p in enumerate(group["params"])}
             for p, g in loose:
-                mode = self._bf16_mode(group, p)
+                mode = self._mode(group, p)
                 if mode:
-                    self._check_bf16(p, g, alias, mode)
-                    key = (group.get("sr_seed", 0), stream[id(p)]) if mode == "sr" else None
+                    self._check_mode(p, g, alias, mode)
+                    key = ((group.get("sr_seed", 0), stream[id(p)]) if mode == "sr"
+                           else group.get("momentum_dtype") if mode == "qmom" else None)
                     checked.append((p, g, self._buffer(p) if use_buf else None, mode, key))
-            loose = [(p, g) for p, g in loose if not self._bf16_mode(group, p)]
+            loose = [(p, g) for p, g in loose if not self._mode(group, p)]
         bufs = [self._buffer(p) if use_buf else None for p, _ in loose]
         plain = [k for k, (p, _) in enumerate(loose) if not isinstance(p, _DTensor)]
         ready = [False] * len(loose)
@@ -1817,11 +1941,11 @@ class _FusedMomentum(Optimizer):
         torch_ops = []
         reasons = set()
         copied = []  # (gradient, its copy in the parameter's layout): written ones go back
-        bf16 = [item for item in items if item[3] in _BF16_FLAG]
+        bf16 = [item for item in items if item[3] in _MODE_FLAG]
         if bf16:
-            self._step_bf16(bf16, h)
+            self._step_modes(bf16, h)
         for p, g, buf, reason, dt in items:
-            if reason in _BF16_FLAG:
+            if reason in _MODE_FLAG:
                 continue
             if reason is not None:
                 torch_ops.append((p, g, buf))
@@ -1861,10 +1985,10 @@ class _FusedMomentum(Optimizer):
             self._step_torch_ops(torch_ops, h, reasons)
 
     @staticmethod
-    def _check_bf16(p, g, alias, mode) -> None:
+    def _check_mode(p, g, alias, mode) -> None:
         """What the master and stochastic-rounding ops need (csrc/momentum_ops.cpp checks it
         again), raised before anything is written, naming the parameter."""
-        what, flag = _what(p), _BF16_FLAG[mode]
+        what, flag = _what(p), _MODE_FLAG[mode]
         if isinstance(p, _DTensor):
             raise RuntimeError(f"{flag} does not take DTensor (FSDP2) parameters yet; got a "
                                f"{what}")
@@ -1876,7 +2000,7 @@ class _FusedMomentum(Optimizer):
             raise RuntimeError(f"{flag} needs dense parameters that share no memory with "
                                f"others; got a {what}")
 
-    def _step_bf16(self, items, h) -> None:
+    def _step_modes(self, items, h) -> None:
         """The bf16 parameters of a group with master_weights=True ("master") or
         stochastic_rounding=True ("sr"): one op call per (mode, device, first step or not), by
         the device's backend. A hyper-parameter tensor is read on the host (.item(): a sync on
@@ -1887,7 +2011,11 @@ class _FusedMomentum(Optimizer):
         torch's on the fp32 master).
         sr: the random bits of a step come from sr_key(the group's sr_seed, the parameter's
         own step count (state "sr_step", 1 at its first step), its position in the optimizer);
-        its momentum buffer is bf16."""
+        its momentum buffer is bf16.
+        qmom: fp32 parameters of a group with momentum_dtype (the item's key): the buffer
+        bf16, or int8 codes with state "momentum_scales"; a buffer stored otherwise (torch's
+        fp32 one from a checkpoint, the other momentum_dtype's, another memory layout) is read
+        back in fp32 and stored narrow first."""
         use_buf = _use_buf(h)
         hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
         buf_dtype = {"master": torch.float32, "sr": torch.bfloat16}
@@ -1900,26 +2028,32 @@ class _FusedMomentum(Optimizer):
                     rem = torch.zeros_like(p, dtype=torch.int16)
                     ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
                 extra = (rem, ties)
-            else:
+            elif mode == "sr":
                 step = int(st.get("sr_step", 0)) + 1
                 extra = (sr_key(key[0], step, key[1]), step)
             first = bool(use_buf and buf is None and not self._ema)
-            if use_buf and (buf is None or buf.dtype != buf_dtype[mode]):
+            if mode == "qmom":
+                buf, scales = self._qmom_buffer(p, buf, st.get("momentum_scales"), key, use_buf)
+                extra = (scales, None)
+            elif use_buf and (buf is None or buf.dtype != buf_dtype[mode]):
                 # a buffer of the other mode: fp32 -> bf16 rounds to nearest, bf16 -> fp32 exact
                 buf = (torch.zeros_like(p, dtype=buf_dtype[mode]) if buf is None
                        else buf.to(buf_dtype[mode]))
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)
-            c = calls.setdefault((mode, p.device, first), ([], [], [], [], []))
+            c = calls.setdefault((mode, key if mode == "qmom" else None, p.device, first),
+                                 ([], [], [], [], []))
             for lst, t in zip(c, (p, g, buf) + extra):
                 if t is not None:
                     lst.append(t)
-        for (mode, device, first), (ps, gs, bs, xs, ys) in calls.items():
+        for (mode, _, device, first), (ps, gs, bs, xs, ys) in calls.items():
             backend = self._backend_for(device)
             args = (hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
                     hyper["nesterov"], hyper["maximize"], first)
             if mode == "master":
                 master_op(backend)(ps, gs, bs, xs, ys, *args)
+            elif mode == "qmom":
+                qmom_op(backend)(ps, gs, bs, xs, *args)
             else:
                 sr_op(backend)(ps, gs, bs, xs, *args)
             for k, p in enumerate(ps):
@@ -1929,9 +2063,43 @@ class _FusedMomentum(Optimizer):
                 if mode == "master":
                     st["master_remainder"], st["master_ties"] = xs[k], ys[k]
                     self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                elif mode == "qmom":
+                    if xs:
+                        st["momentum_scales"] = xs[k]
+                    elif use_buf:
+                        st.pop("momentum_scales", None)
                 else:
                     st["sr_step"] = ys[k]
-            self._report(backend, _BF16_PATH[mode], ps[0], len(ps), sum(p.numel() for p in ps))
+            self._report(backend, _MODE_PATH[mode], ps[0], len(ps), sum(p.numel() for p in ps))
+
+    @staticmethod
+    @torch.no_grad()
+    def _qmom_buffer(p, buf, scales, dtype, use_buf) -> tuple:
+        """(buffer, scales or None) of a momentum_dtype parameter for this step: new ones on
+        its first step (zeros for the EMA form, whose buffer starts at zero; the SGD form's
+        first step writes them whole), the state's where they are stored as the kernels take
+        them, else the state's buffer read back in fp32, laid out like p, stored narrow."""
+        if not use_buf:
+            return None, None
+        blocks = (p.numel() + QBLOCK - 1) // QBLOCK
+        if buf is None:
+            return (torch.zeros_like(p, dtype=dtype),
+                    torch.zeros(blocks, device=p.device) if dtype is torch.int8 else None)
+        scales_ok = (isinstance(scales, torch.Tensor) and scales.dtype == torch.float32
+                     and scales.shape == (blocks,) and scales.is_contiguous()
+                     and scales.device == p.device)
+        if (buf.dtype == dtype and buf.stride() == p.stride() and buf.shape == p.shape
+                and buf.device == p.device and (dtype is not torch.int8 or scales_ok)):
+            return buf, scales if dtype is torch.int8 else None
+        if buf.dtype == torch.int8 and not (isinstance(scales, torch.Tensor)
+                                            and scales.numel() == blocks):
+            raise ValueError(f"the {_what(p)} has an int8 momentum buffer without its "
+                             f"{blocks} block scales (state 'momentum_scales'), got "
+                             f"{None if scales is None else tuple(scales.shape)}")
+        wide = _wide_buffer(buf, scales)
+        if wide.stride() != p.stride() or wide.device != p.device:
+            wide = torch.empty_like(p).copy_(wide)
+        return _narrow_buffer(wide, dtype)
 
     def _step_torch_ops(self, items, h, reasons) -> None:
         """torch's own for-loop ops, for what the kernel does not model: complex parameters,
@@ -2023,13 +2191,15 @@ class SGD(_FusedMomentum):
     parameters (README, "Master weights" and "Stochastic rounding"): master_weights=True (exact
     fp32 masters) or stochastic_rounding=True with sr_seed (an int in [0, 2**32): the random
     bits of every step follow from it, the parameter's step count and its position in the
-    optimizer).
+    optimizer). For fp32 parameters (README, "Narrow momentum"): momentum_dtype=torch.bfloat16
+    or torch.int8 stores the momentum buffers narrow (torch.float32 or None: torch's).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None,
                  backend: str | None = None, flat: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, sr_seed: int = 0):
+                 stochastic_rounding: bool = False, sr_seed: int = 0,
+                 momentum_dtype: torch.dtype | None = None):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -2044,15 +2214,18 @@ class SGD(_FusedMomentum):
             raise RuntimeError("`fused` does not support `differentiable`")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        for flag, on in (("master_weights", master_weights),
-                         ("stochastic_rounding", stochastic_rounding)):
+        for flag, on in (("master_weights=True", master_weights),
+                         ("stochastic_rounding=True", stochastic_rounding),
+                         (f"momentum_dtype={momentum_dtype}",
+                          _MOMENTUM_DTYPES.get(momentum_dtype, False))):
             if on and differentiable:
-                raise ValueError(f"{flag}=True cannot be used with differentiable=True (that "
+                raise ValueError(f"{flag} cannot be used with differentiable=True (that "
                                  "step is torch's own for-loop under autograd)")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=bool(differentiable), fused=fused)
-        defaults.update(_bf16_defaults(master_weights, stochastic_rounding, sr_seed))
+        defaults.update(_mode_defaults(master_weights, stochastic_rounding, sr_seed,
+                                       momentum_dtype))
         super().__init__(params, defaults, backend=backend, flat=flat)
 
     def _fill_group_defaults(self) -> None:
@@ -2067,7 +2240,7 @@ class SGD(_FusedMomentum):
     def _hyper_values(g) -> tuple:
         return (g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"],
                 g["maximize"], g.get("master_weights"), g.get("stochastic_rounding"),
-                g.get("sr_seed"))
+                g.get("sr_seed"), g.get("momentum_dtype"))
 
     def _hyper(self, group) -> dict:
         return dict(lr=_hyper_tensor(group["lr"], "lr"), momentum=_hyper_tensor(group["momentum"], "momentum"),
@@ -2086,14 +2259,16 @@ class Momentum(_FusedMomentum):
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False,
                  backend: str | None = None, flat: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, sr_seed: int = 0):
+                 stochastic_rounding: bool = False, sr_seed: int = 0,
+                 momentum_dtype: torch.dtype | None = None):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         self._check_momentum(momentum)
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
-        defaults.update(_bf16_defaults(master_weights, stochastic_rounding, sr_seed))
+        defaults.update(_mode_defaults(master_weights, stochastic_rounding, sr_seed,
+                                       momentum_dtype))
         super().__init__(params, defaults, backend=backend, flat=flat)
 
     @staticmethod
@@ -2105,7 +2280,7 @@ class Momentum(_FusedMomentum):
     @staticmethod
     def _hyper_values(g) -> tuple:
         return (g["lr"], g["momentum"], g["weight_decay"], g["maximize"], g.get("master_weights"),
-                g.get("stochastic_rounding"), g.get("sr_seed"))
+                g.get("stochastic_rounding"), g.get("sr_seed"), g.get("momentum_dtype"))
 
     def _hyper(self, group) -> dict:
         m = float(group["momentum"])
