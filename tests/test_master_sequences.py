@@ -5,7 +5,11 @@ hyper-parameters:
   MomentumReference (test_master_weights.MasterTwins);
 - stochastic_rounding=True: the same parameters against bf16 twins stepped by SrReference
   below, an optimizer written from the contract (reference.sgd_sr_reference_step per bf16
-  parameter with the key of its own step count and position; torch's step for the fp32 ones). Between steps a random interleaving of what
+  parameter with the key of its own step count and position; torch's step for the fp32 ones);
+- momentum_dtype=torch.int8 (first group) and torch.bfloat16 (second): the same shapes in fp32,
+  against fp32 twins stepped by QmomReference below (reference.sgd_momentum_dtype_reference_step
+  per parameter; an added group has no momentum_dtype: torch's step). Between steps a random
+  interleaving of what
 training code does: fresh gradients (the twins get them widened), gradients scaled in place or
 dropped, zero_grad either way, a group's hyper-parameter edited, a parameter written (copy_ of
 fresh values or of itself scaled: its master restarts from the written value, so the twin is
@@ -17,7 +21,8 @@ draws opt.state.clear() on both sides (the step counts restart, so do the keys).
 Not drawn, with the reason: for master weights, opt.state.clear() / momentum_buffer = None
 (they drop the remainder too: the master restarts from the bf16 value while the fp32 twin
 keeps its low bits; README, "Master weights"); for both, clipping (it computes on the bf16 gradients on our side and the fp32 ones on
-the twin's, a different input), model.to(dtype) (a documented non-goal for now).
+the twin's, a different input), model.to(dtype) (a documented non-goal for now). momentum_dtype
+draws opt.state.clear() as stochastic rounding does.
 
 Hypothesis is derandomized (a fixed seed, the same sequences every run) and keeps no database;
 MOMENTUM_CUDA_SEQUENCES scales the count with tests/test_sequences.py's (a tenth of it here).
@@ -31,7 +36,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import momentum_cuda
-from momentum_cuda.reference import sgd_sr_reference_step, sr_key
+from momentum_cuda.reference import (QBLOCK, sgd_momentum_dtype_reference_step,
+                                     sgd_sr_reference_step, sr_key)
 from torch.optim.sgd import sgd as _torch_sgd
 
 from conftest import bits, fresh_grads
@@ -154,6 +160,89 @@ class SrTwins:
                 assert a.dtype == b.dtype and torch.equal(bits(a), bits(b)), f"{what} buffer {i}"
 
 
+class QmomReference(torch.optim.Optimizer):
+    """momentum_dtype written from its contract: each parameter of a group with a
+    momentum_dtype takes reference.sgd_momentum_dtype_reference_step with its narrow buffer
+    (state "momentum_buffer", and "momentum_scales" for int8; zeros for the EMA form's first
+    step); the others torch's functional sgd."""
+
+    def __init__(self, params, ema, **h):
+        defaults = dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                        maximize=False, ema=ema, momentum_dtype=None)
+        defaults.update(h)
+        super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict):
+        """torch's, but the narrow buffers keep their dtypes (torch casts every state tensor to
+        its parameter's dtype, int8 codes too)."""
+        super().load_state_dict(state_dict)
+        ps = [p for g in self.param_groups for p in g["params"]]
+        for i, st in state_dict["state"].items():
+            for key, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.bfloat16):
+                    self.state[ps[i]][key] = v.clone()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            m, ema, dtype = group["momentum"], group["ema"], group["momentum_dtype"]
+            h = dict(lr=group["lr"], momentum=m, weight_decay=group["weight_decay"],
+                     maximize=group["maximize"], dampening=m if ema else group["dampening"],
+                     nesterov=False if ema else group["nesterov"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                buf, sc = st.get("momentum_buffer"), st.get("momentum_scales")
+                if dtype is None:
+                    if ema and buf is None and m != 0:
+                        buf = torch.zeros_like(p)
+                    bufs = [buf]
+                    _torch_sgd([p], [p.grad], bufs, foreach=False, **h)
+                    if m != 0:
+                        st["momentum_buffer"] = bufs[0]
+                    continue
+                if ema and buf is None and m != 0:
+                    buf = torch.zeros_like(p, dtype=dtype)
+                    sc = torch.zeros((p.numel() + QBLOCK - 1) // QBLOCK)
+                (buf,), scs = sgd_momentum_dtype_reference_step(
+                    [p], [p.grad], [buf], [sc] if dtype is torch.int8 else None, **h)
+                if m != 0:
+                    st["momentum_buffer"] = buf
+                    if scs is not None:
+                        st["momentum_scales"] = scs[0]
+
+
+class QmomTwins:
+    """MasterTwins' shapes in fp32, the first group with momentum_dtype=torch.int8, the second
+    with torch.bfloat16; fp32 twins stepped by QmomReference."""
+
+    def __init__(self, flat, kind, h, seed):
+        mt = MasterTwins(flat, kind, h, seed)  # its shapes and values, not its optimizers
+        self.ours = [torch.nn.Parameter(p.detach().float()) for p in mt.ours]
+        self.twin = [torch.nn.Parameter(p.detach().clone()) for p in self.ours]
+        groups = lambda ps: [{"params": ps[:3], "momentum_dtype": torch.int8},  # noqa: E731
+                             {"params": ps[3:], "lr": 0.02, "momentum_dtype": torch.bfloat16}]
+        h = h or dict(lr=0.01, momentum=0.9, weight_decay=1e-2)
+        cls = momentum_cuda.SGD if kind == "sgd" else momentum_cuda.Momentum
+        self.opt = cls(groups(self.ours), flat=flat, **h)
+        self.topt = QmomReference(groups(self.twin), kind == "ema", **h)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    grads = SrTwins.grads
+
+    def check(self, what=""):
+        for i, (p, t) in enumerate(zip(self.ours, self.twin)):
+            assert torch.equal(bits(p), bits(t)), f"{what} param {i}"
+            a, b = self.opt.state.get(p, {}), self.topt.state.get(t, {})
+            for key in ("momentum_buffer", "momentum_scales"):
+                x, y = a.get(key), b.get(key)
+                assert (x is None) == (y is None), f"{what} {key} presence {i}"
+                if y is not None:
+                    assert x.dtype == y.dtype and torch.equal(bits(x), bits(y)), \
+                        f"{what} {key} {i}"
+
+
 def _edit_value(kind, key, seed):
     gen = torch.Generator().manual_seed(seed)
     r = float(torch.rand((), generator=gen))
@@ -208,7 +297,7 @@ def apply(tw, kind, op):
             twin[k].copy_(ours[k].to(twin[k].dtype))
     elif name == "add_group":
         gen = torch.Generator().manual_seed(a[0])
-        p = torch.nn.Parameter(torch.randn(a[1], generator=gen).to(torch.bfloat16))
+        p = torch.nn.Parameter(torch.randn(a[1], generator=gen).to(ours[0].dtype))
         t = torch.nn.Parameter(p.detach().to(twin[0].dtype).clone())
         ours.append(p)
         twin.append(t)
@@ -220,7 +309,7 @@ def apply(tw, kind, op):
     elif name == "deepcopy":
         tw.ours, tw.opt = copy.deepcopy((tw.ours, tw.opt))
         tw.twin, tw.topt = copy.deepcopy((tw.twin, tw.topt))
-    elif name == "reset_state" and isinstance(tw, SrTwins):
+    elif name == "reset_state" and isinstance(tw, (SrTwins, QmomTwins)):
         tw.opt.state.clear()
         tw.topt.state.clear()
 
@@ -251,6 +340,12 @@ def test_master_weight_sequences(case):
 @given(cases())
 def test_stochastic_rounding_sequences(case):
     _run(SrTwins, case)
+
+
+@SETTINGS
+@given(cases())
+def test_momentum_dtype_sequences(case):
+    _run(QmomTwins, case)
 
 
 def _run(twins, case):
