@@ -1203,9 +1203,10 @@ class _FusedMomentum(Optimizer):
             if self._mode(g, p) == "qmom":
                 if id(p) in kept:
                     st = self.state[p]
-                    st["momentum_buffer"], scales = self._qmom_buffer(
-                        p, kept[id(p)]["momentum_buffer"].to(p.device, copy=True),
-                        st.get("momentum_scales"), g["momentum_dtype"], True)
+                    with torch.no_grad():
+                        st["momentum_buffer"], scales = self._qmom_buffer(
+                            p, kept[id(p)]["momentum_buffer"].to(p.device, copy=True),
+                            st.get("momentum_scales"), g["momentum_dtype"], True)
                     if scales is not None:
                         st["momentum_scales"] = scales
                     else:
@@ -1986,19 +1987,20 @@ class _FusedMomentum(Optimizer):
 
     @staticmethod
     def _check_mode(p, g, alias, mode) -> None:
-        """What the master and stochastic-rounding ops need (csrc/momentum_ops.cpp checks it
-        again), raised before anything is written, naming the parameter."""
-        what, flag = _what(p), _MODE_FLAG[mode]
+        """What the ops of the modes need (csrc/momentum_ops.cpp checks it again), raised
+        before anything is written, naming the parameter (its description is made only then:
+        this runs for every parameter at every step)."""
+        flag = _MODE_FLAG[mode]
         if isinstance(p, _DTensor):
             raise RuntimeError(f"{flag} does not take DTensor (FSDP2) parameters yet; got a "
-                               f"{what}")
+                               f"{_what(p)}")
         if not _strided(g) or g.dtype != p.dtype or g.shape != p.shape:
             raise RuntimeError(f"{flag} needs a dense {p.dtype} gradient of the parameter's "
-                               f"shape; the {what} has a {g.layout} {g.dtype} one of shape "
+                               f"shape; the {_what(p)} has a {g.layout} {g.dtype} one of shape "
                                f"{tuple(g.shape)}")
         if not _dense(p) or alias:
             raise RuntimeError(f"{flag} needs dense parameters that share no memory with "
-                               f"others; got a {what}")
+                               f"others; got a {_what(p)}")
 
     def _step_modes(self, items, h) -> None:
         """The bf16 parameters of a group with master_weights=True ("master") or
@@ -2073,7 +2075,6 @@ class _FusedMomentum(Optimizer):
             self._report(backend, _MODE_PATH[mode], ps[0], len(ps), sum(p.numel() for p in ps))
 
     @staticmethod
-    @torch.no_grad()
     def _qmom_buffer(p, buf, scales, dtype, use_buf) -> tuple:
         """(buffer, scales or None) of a momentum_dtype parameter for this step: new ones on
         its first step (zeros for the EMA form, whose buffer starts at zero; the SGD form's
