@@ -15,6 +15,9 @@
 //   sgd_step_qmom_list_  fp32 parameters whose momentum buffers are stored narrow
 //                   (momentum_dtype.h): bf16, or int8 codes with a scale per 256 elements;
 //                   torch's fp32 step on the widened buffer (CPU and CUDA; Triton: _ops.py).
+//   sgd_step_fp16_master_list_  fp16 parameters with separate fp32 masters (fp16_master.h):
+//                   torch's fp32 step on each master, the parameter its rounding (CPU and
+//                   CUDA; Triton: _ops.py).
 // Both update param(s) and momentum buffer(s) in place and read the gradients; given
 // torch.amp.GradScaler's grad_scale and found_inf (tensors), they unscale the gradients in place
 // and skip the update when found_inf != 0, and given clip_coef they multiply the gradients by it
@@ -471,7 +474,7 @@ bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList
                      NamedLists lists, double lr, double momentum, double dampening,
                      double weight_decay, bool nesterov, bool first_step, bool like_bufs,
                      const char* why, c10::DeviceType device_type,
-                     at::ScalarType param_dtype = at::kBFloat16) {  // or kFloat
+                     at::ScalarType param_dtype = at::kBFloat16) {  // or kFloat, kHalf
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
   check_scalar("dampening", dampening);
@@ -495,7 +498,10 @@ bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList
     check_triple(at_i, params[i], grads[i], need_buf && like_bufs ? &bufs[i] : nullptr,
                  device_type, dtype, device);
     TORCH_CHECK(params[i].scalar_type() == param_dtype, "params", at_i, " must be ",
-                param_dtype == at::kFloat ? "float32" : "bfloat16", " (", why, "), got ",
+                param_dtype == at::kFloat  ? "float32"
+                : param_dtype == at::kHalf ? "float16"
+                                           : "bfloat16",
+                " (", why, "), got ",
                 describe(params[i]));
   }
   return need_buf;
@@ -615,6 +621,45 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
       params[0], device_type, "stochastic-rounding kernel",
       [&](auto stream) { return sgd_step_sr_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_sr_cpu(spans.data(), n, hyper); });
+}
+
+/// The fp16 master-weights step (sgd_step_fp16_master_list_, fp16_master.h): fp16 parameters
+/// and gradients, fp32 momentum buffers and fp32 masters shaped and strided like their
+/// parameters. Every tensor is checked before any is written.
+void sgd_step_fp16_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                               at::TensorList masters, double lr, double momentum,
+                               double dampening, double weight_decay, bool nesterov,
+                               bool maximize, bool first_step, c10::DeviceType device_type) {
+  const bool need_buf = check_mode_step(
+      params, grads, bufs, {{grads, "grads"}, {masters, "masters"}}, lr, momentum, dampening,
+      weight_decay, nesterov, first_step, /*like_bufs=*/false,
+      "fp16 master weights keep an fp32 copy of a float16 parameter", device_type, at::kHalf);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    if (need_buf) check_like_param(bufs[i], params[i], "momentum_buffers", at_i, at::kFloat);
+    check_like_param(masters[i], params[i], "masters", at_i, at::kFloat);
+  }
+  if (params.empty()) return;
+  check_no_cross_overlap({{params, "params"}, {grads, "grads"},
+                          {need_buf ? bufs : at::TensorList(), "momentum_buffers"},
+                          {masters, "masters"}});
+  std::vector<Fp16MasterSpan> spans;
+  spans.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) continue;
+    spans.push_back(Fp16MasterSpan{static_cast<uint16_t*>(params[i].data_ptr()),
+                                   masters[i].data_ptr<float>(),
+                                   need_buf ? bufs[i].data_ptr<float>() : nullptr,
+                                   static_cast<const uint16_t*>(grads[i].data_ptr()),
+                                   params[i].numel()});
+  }
+  StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
+  hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
+  const auto n = static_cast<int64_t>(spans.size());
+  run_mode_step(
+      params[0], device_type, "fp16 master kernel",
+      [&](auto stream) { return sgd_step_fp16_master_cuda(spans.data(), n, hyper, stream); },
+      [&] { sgd_step_fp16_master_cpu(spans.data(), n, hyper); });
 }
 
 /// The momentum_dtype step (sgd_step_qmom_list_, momentum_dtype.h): fp32 parameters and
@@ -798,6 +843,15 @@ void step_master_list_(at::TensorList params, at::TensorList grads,
   sgd_step_master_list(params, grads, momentum_buffers, remainders, ties, lr, momentum,
                        dampening, weight_decay, nesterov, maximize, first_step,
                        device_of({params, grads, momentum_buffers, remainders, ties}));
+}
+
+void step_fp16_master_list_(at::TensorList params, at::TensorList grads,
+                            at::TensorList momentum_buffers, at::TensorList masters, double lr,
+                            double momentum, double dampening, double weight_decay,
+                            bool nesterov, bool maximize, bool first_step) {
+  sgd_step_fp16_master_list(params, grads, momentum_buffers, masters, lr, momentum, dampening,
+                            weight_decay, nesterov, maximize, first_step,
+                            device_of({params, grads, momentum_buffers, masters}));
 }
 
 void step_qmom_list_(at::TensorList params, at::TensorList grads,
@@ -1093,6 +1147,10 @@ TORCH_LIBRARY(momentum_cuda, m) {
       "sgd_step_qmom_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] scales, float lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool first_step) -> ()");
+  m.def(
+      "sgd_step_fp16_master_list_(Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(c!)[] momentum_buffers, Tensor(d!)[] masters, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {
@@ -1110,6 +1168,8 @@ TORCH_LIBRARY_IMPL(momentum_cuda, ADInplaceOrView, m) {
   m.impl("sgd_step_sr_list_", torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<3>>());
   m.impl("sgd_step_qmom_list_",
          torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<4>>());
+  m.impl("sgd_step_fp16_master_list_",
+         torch::CppFunction::makeFromBoxedFunction<&mc::bump_written<5>>());
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {
@@ -1119,6 +1179,7 @@ TORCH_LIBRARY_IMPL(momentum_cuda, CompositeExplicitAutograd, m) {
   m.impl("sgd_step_master_list_", &momentum_cuda::step_master_list_);
   m.impl("sgd_step_sr_list_", &momentum_cuda::step_sr_list_);
   m.impl("sgd_step_qmom_list_", &momentum_cuda::step_qmom_list_);
+  m.impl("sgd_step_fp16_master_list_", &momentum_cuda::step_fp16_master_list_);
 }
 
 #ifdef MOMENTUM_CUDA_WITH_CUDA

@@ -19,6 +19,10 @@
         gradients, momentum buffers stored bf16 (scales empty) or as int8 codes with one fp32
         scale per 256 elements (scales, one tensor per parameter); torch's fp32 step on the
         widened buffer, which is then stored narrow again.
+    sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, lr, ...)
+        fp16 parameters with separate fp32 masters (csrc/include/momentum_cuda/fp16_master.h):
+        torch's fp32 step on each master with the fp16 gradient widened, the parameter its
+        rounding to nearest even; fp32 momentum buffers.
     triton_sgd_step_flat_, triton_sgd_step_list_
         The Triton kernels (torch.library.custom_op, below) without gradient writes: the
         schemas above less grad_scale and clip_coef (found_inf, which only skips the update, is
@@ -29,9 +33,10 @@
         clipped in place), which a custom_op bumps on every call, so they are called only
         when grad_scale or clip_coef is given. The Triton ops are opaque to inductor (the list
         kernel reads a pointer table, which it cannot trace into).
-    triton_sgd_step_master_list_, triton_sgd_step_sr_list_, triton_sgd_step_qmom_list_
-        The Triton kernels of sgd_step_master_list_, sgd_step_sr_list_ and
-        sgd_step_qmom_list_ (same schemas; any device the Triton backend runs on).
+    triton_sgd_step_master_list_, triton_sgd_step_sr_list_, triton_sgd_step_qmom_list_,
+    triton_sgd_step_fp16_master_list_
+        The Triton kernels of sgd_step_master_list_, sgd_step_sr_list_, sgd_step_qmom_list_
+        and sgd_step_fp16_master_list_ (same schemas; any device the Triton backend runs on).
 
 Each op writes param(s) and momentum buffer(s) in place, reads the gradients (and, given
 GradScaler's grad_scale or a clip coefficient, writes them back unscaled and clipped;
@@ -41,8 +46,9 @@ are read in place of the floats, on the device (no host sync); its fake kernel
 (for FakeTensor, torch.compile and opcheck) has nothing to compute and checks only that the
 tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend: for "triton"
 two small functions that call the amp op when grad_scale or clip_coef is given and the plain
-one otherwise; `master_op(backend)`, `sr_op(backend)` and `qmom_op(backend)` give the
-master-weights, the stochastic-rounding and the momentum_dtype op of a backend.
+one otherwise; `master_op(backend)`, `fp16_master_op(backend)`, `sr_op(backend)` and
+`qmom_op(backend)` give the bf16 and fp16 master-weights, the stochastic-rounding and the
+momentum_dtype op of a backend.
 """
 from __future__ import annotations
 
@@ -64,6 +70,8 @@ _SR_LIST = "momentum_cuda::sgd_step_sr_list_"
 _TRITON_SR_LIST = "momentum_cuda::triton_sgd_step_sr_list_"
 _QMOM_LIST = "momentum_cuda::sgd_step_qmom_list_"
 _TRITON_QMOM_LIST = "momentum_cuda::triton_sgd_step_qmom_list_"
+_FP16_MASTER_LIST = "momentum_cuda::sgd_step_fp16_master_list_"
+_TRITON_FP16_MASTER_LIST = "momentum_cuda::triton_sgd_step_fp16_master_list_"
 
 def _one_device(named) -> None:
     """The fake kernels' check. A meta tensor among cpu or cuda ones sends the call to the
@@ -127,12 +135,18 @@ def _qmom_list_fake(params, grads, momentum_buffers, scales, lr, momentum, dampe
     _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, scales=scales)
 
 
+def _fp16_master_list_fake(params, grads, momentum_buffers, masters, lr, momentum, dampening,
+                           weight_decay, nesterov, maximize, first_step) -> None:
+    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, masters=masters)
+
+
 if _C is not None:
     torch.library.register_fake(_FLAT)(_flat_fake)
     torch.library.register_fake(_LIST)(_list_fake)
     torch.library.register_fake(_MASTER_LIST)(_master_list_fake)
     torch.library.register_fake(_SR_LIST)(_sr_list_fake)
     torch.library.register_fake(_QMOM_LIST)(_qmom_list_fake)
+    torch.library.register_fake(_FP16_MASTER_LIST)(_fp16_master_list_fake)
 
 
 @torch.library.custom_op(_TRITON_FLAT, mutates_args=("param", "momentum_buffer"))
@@ -277,6 +291,23 @@ def triton_sgd_step_qmom_list_(params: list[torch.Tensor], grads: list[torch.Ten
 triton_sgd_step_qmom_list_.register_fake(_qmom_list_fake)
 
 
+@torch.library.custom_op(_TRITON_FP16_MASTER_LIST,
+                         mutates_args=("params", "momentum_buffers", "masters"))
+def triton_sgd_step_fp16_master_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                                      momentum_buffers: list[torch.Tensor],
+                                      masters: list[torch.Tensor], lr: float, momentum: float,
+                                      dampening: float, weight_decay: float, nesterov: bool,
+                                      maximize: bool, first_step: bool) -> None:
+    from . import triton_kernels as tk
+    tk.triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, lr=lr,
+                                         momentum=momentum, dampening=dampening,
+                                         weight_decay=weight_decay, nesterov=nesterov,
+                                         maximize=maximize, first_step=first_step)
+
+
+triton_sgd_step_fp16_master_list_.register_fake(_fp16_master_list_fake)
+
+
 def _triton_step(name, plain, amp):
     """One of step_ops("triton"): the call of the C++ ops (same arguments and keywords) routed
     to `amp` when the gradients are written (grad_scale or clip_coef given), to `plain`
@@ -336,3 +367,11 @@ def qmom_op(backend: str):
         return torch.ops.momentum_cuda.triton_sgd_step_qmom_list_.default
     step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
     return torch.ops.momentum_cuda.sgd_step_qmom_list_.default
+
+
+def fp16_master_op(backend: str):
+    """The fp16 master-weights step op of a backend (sgd_step_fp16_master_list_'s arguments)."""
+    if backend == "triton":
+        return torch.ops.momentum_cuda.triton_sgd_step_fp16_master_list_.default
+    step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
+    return torch.ops.momentum_cuda.sgd_step_fp16_master_list_.default

@@ -99,7 +99,7 @@ except ImportError:  # torch built without distributed: nothing is a DTensor
     _DTensor = ()
 
 from ._backends import _C, resolve_backend
-from ._ops import master_op, qmom_op, sr_op, step_ops
+from ._ops import fp16_master_op, master_op, qmom_op, sr_op, step_ops
 from ._util import is_dense as _dense
 from .reference import (QBLOCK, _bf16_rne, bf16_join, dequantize_momentum, momentum_reference_step,
                         quantize_momentum, sr_key, unpack_ties)
@@ -174,9 +174,10 @@ _MOMENTUM_DTYPES = {None: False, torch.float32: False, torch.bfloat16: True, tor
 # the group keys of the modes
 _MODE_KEYS = ("master_weights", "stochastic_rounding", "sr_seed", "momentum_dtype")
 # a mode's flag (in messages) and its path in opt.last_step
-_MODE_FLAG = {"master": "master_weights=True", "sr": "stochastic_rounding=True",
-              "qmom": "momentum_dtype"}
-_MODE_PATH = {"master": "master", "sr": "stochastic-rounding", "qmom": "momentum-dtype"}
+_MODE_FLAG = {"master": "master_weights=True", "master16": "master_weights=True",
+              "sr": "stochastic_rounding=True", "qmom": "momentum_dtype"}
+_MODE_PATH = {"master": "master", "master16": "master", "sr": "stochastic-rounding",
+              "qmom": "momentum-dtype"}
 
 
 def _modes(group) -> tuple:
@@ -214,7 +215,7 @@ def _use_buf(h) -> bool:
 
 # a master-weights parameter's state and its dtypes (load_state_dict keeps them)
 _MASTER_STATE = {"momentum_buffer": torch.float32, "master_remainder": torch.int16,
-                 "master_ties": torch.uint8}
+                 "master_ties": torch.uint8, "master_weight": torch.float32}
 
 _HYPER_TENSOR_ARGS = (("lr", "lr_tensor"), ("momentum", "momentum_tensor"),
                       ("dampening", "dampening_tensor"), ("weight_decay", "weight_decay_tensor"))
@@ -781,6 +782,12 @@ class _FusedMomentum(Optimizer):
         self._fill_group_defaults()
         self._reset_layout(backend, flat)
         self._check_backends()
+        # The copied masters belong to the copied parameters as they are now (__getstate__
+        # settled them): a write to a parameter from here on restarts its master.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._master(group, p) and self.state.get(p):
+                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
         # No layout yet: while pickle or deepcopy runs, its memo holds more references to
         # the parameters' storages than the finished copy will (see _private); the first
         # zero_grad() or step() lays every group out and adopts its momentum buffers.
@@ -790,16 +797,19 @@ class _FusedMomentum(Optimizer):
 
     @staticmethod
     def _master(group, p) -> bool:
-        """p is stepped through an exact fp32 master (master_weights=True, a bf16 parameter)."""
-        return bool(group.get("master_weights")) and p.dtype is torch.bfloat16
+        """p is stepped through an fp32 master (master_weights=True, a bf16 or fp16
+        parameter)."""
+        return bool(group.get("master_weights")) and p.dtype in (torch.bfloat16, torch.float16)
 
     @staticmethod
     def _mode(group, p) -> str | None:
         """"master" (master_weights=True) or "sr" (stochastic_rounding=True) for a bf16
-        parameter of such a group, "qmom" for an fp32 one of a group with momentum_dtype, else
-        None."""
+        parameter of such a group, "master16" for an fp16 one of a master-weights group, "qmom"
+        for an fp32 one of a group with momentum_dtype, else None."""
         if p.dtype is torch.float32:
             return "qmom" if group.get("momentum_dtype") is not None else None
+        if p.dtype is torch.float16:
+            return "master16" if group.get("master_weights") else None
         if p.dtype is not torch.bfloat16:
             return None
         if group.get("master_weights"):
@@ -872,13 +882,16 @@ class _FusedMomentum(Optimizer):
     @torch.no_grad()
     def master_weight(self, p) -> torch.Tensor:
         """The fp32 master of a master-weights parameter (a new tensor): torch.optim.SGD on fp32
-        parameters holds this value where this optimizer holds p (its bf16 rounding). Before
-        p's first step it is p's value."""
+        parameters holds this value where this optimizer holds p (its bf16 or fp16 rounding).
+        Before p's first step, and after p was written, it is p's value."""
         group = self._group_of(p)
         if group is None or not self._master(group, p):
             raise ValueError(f"master_weight: the {_what(p)} has no master (it is not a bfloat16 "
-                             "parameter of a group with master_weights=True)")
+                             "or float16 parameter of a group with master_weights=True)")
         st = self.state.get(p, {})
+        if p.dtype is torch.float16:
+            m = st.get("master_weight")
+            return p.detach().float() if m is None or self._master_written(p) else m.clone()
         rem, ties = st.get("master_remainder"), st.get("master_ties")
         if rem is None or ties is None or self._master_written(p):
             return p.detach().float()
@@ -897,6 +910,9 @@ class _FusedMomentum(Optimizer):
                 if st and "master_remainder" in st and self._master_written(p):
                     st["master_remainder"] = torch.zeros_like(st["master_remainder"])
                     st["master_ties"] = torch.zeros_like(st["master_ties"])
+                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                elif st and "master_weight" in st and self._master_written(p):
+                    st["master_weight"] = torch.empty_like(st["master_weight"]).copy_(p.detach())
                     self._master_seen[id(p)] = (p.data_ptr(), p._version)
 
     def state_dict(self) -> dict:
@@ -954,12 +970,6 @@ class _FusedMomentum(Optimizer):
             _remove_hooks(b.hooks)
             b.accs.clear()
             b.spans = None  # (views of the old flat buffer, which _private would count too)
-        if group.get("master_weights"):
-            for p in group["params"]:
-                if p.dtype is torch.float16:
-                    raise ValueError(f"master_weights=True splits bfloat16 parameters into an "
-                                     f"exact fp32 master; a float16 one ({_what(p)}) would need "
-                                     "a separate fp32 copy, which is not built")
         if group.get("stochastic_rounding"):
             for p in group["params"]:
                 if p.dtype is torch.float16:
@@ -2020,7 +2030,7 @@ class _FusedMomentum(Optimizer):
         back in fp32 and stored narrow first."""
         use_buf = _use_buf(h)
         hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
-        buf_dtype = {"master": torch.float32, "sr": torch.bfloat16}
+        buf_dtype = {"master": torch.float32, "master16": torch.float32, "sr": torch.bfloat16}
         calls: dict = {}
         for p, g, buf, mode, key in items:
             st = self.state.get(p, {})
@@ -2030,6 +2040,13 @@ class _FusedMomentum(Optimizer):
                     rem = torch.zeros_like(p, dtype=torch.int16)
                     ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
                 extra = (rem, ties)
+            elif mode == "master16":
+                m = st.get("master_weight")
+                if (m is None or self._master_written(p) or m.shape != p.shape
+                        or m.stride() != p.stride() or m.dtype != torch.float32
+                        or m.device != p.device):
+                    m = torch.empty_like(p, dtype=torch.float32).copy_(p)
+                extra = (m, None)
             elif mode == "sr":
                 step = int(st.get("sr_step", 0)) + 1
                 extra = (sr_key(key[0], step, key[1]), step)
@@ -2054,6 +2071,8 @@ class _FusedMomentum(Optimizer):
                     hyper["nesterov"], hyper["maximize"], first)
             if mode == "master":
                 master_op(backend)(ps, gs, bs, xs, ys, *args)
+            elif mode == "master16":
+                fp16_master_op(backend)(ps, gs, bs, xs, *args)
             elif mode == "qmom":
                 qmom_op(backend)(ps, gs, bs, xs, *args)
             else:
@@ -2064,6 +2083,9 @@ class _FusedMomentum(Optimizer):
                     st["momentum_buffer"] = bs[k]
                 if mode == "master":
                     st["master_remainder"], st["master_ties"] = xs[k], ys[k]
+                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                elif mode == "master16":
+                    st["master_weight"] = xs[k]
                     self._master_seen[id(p)] = (p.data_ptr(), p._version)
                 elif mode == "qmom":
                     if xs:

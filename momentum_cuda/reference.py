@@ -144,6 +144,23 @@ def sgd_master_reference_step(params, grads, bufs, rems, ties, *, lr: float, mom
     return bufs
 
 
+def sgd_fp16_master_reference_step(params, grads, bufs, masters, *, lr: float, momentum: float,
+                                   dampening: float = 0.0, weight_decay: float = 0.0,
+                                   nesterov: bool = False, maximize: bool = False) -> list:
+    """fp16 master weights in plain torch (csrc/include/momentum_cuda/fp16_master.h), in place:
+    each fp32 master takes torch.optim.SGD(foreach=False)'s step with its fp16 gradient widened
+    to fp32; its fp16 parameter becomes the master rounded to nearest even (torch's
+    .to(torch.float16)). bufs: fp32, None where a first step creates one; returns them."""
+    bufs = list(bufs)
+    from torch.optim.sgd import sgd as _sgd
+    _sgd(list(masters), [g.float() for g in grads], bufs, foreach=False, lr=lr,
+         momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+         maximize=maximize)
+    for p, m in zip(params, masters):
+        p.copy_(m)
+    return bufs
+
+
 # ---- stochastic rounding (csrc/include/momentum_cuda/stochastic.h) --------------------------
 _U32 = 0xFFFFFFFF
 

@@ -1,7 +1,7 @@
 """Randomized operation sequences for the bf16 modes (issue 14), flat and per-tensor, random
 hyper-parameters:
-- master_weights=True: bf16 parameters (and two fp32 ones) stepped by momentum_cuda.SGD /
-  Momentum with master weights, against fp32 twins stepped by torch.optim.SGD(foreach=False) /
+- master_weights=True: bf16 parameters, and fp16 ones (each with two fp32 ones) stepped by
+  momentum_cuda.SGD / Momentum with master weights, against fp32 twins stepped by torch.optim.SGD(foreach=False) /
   MomentumReference (test_master_weights.MasterTwins);
 - stochastic_rounding=True: the same parameters against bf16 twins stepped by SrReference
   below, an optimizer written from the contract (reference.sgd_sr_reference_step per bf16
@@ -340,6 +340,12 @@ def test_master_weight_sequences(case):
 @given(cases())
 def test_stochastic_rounding_sequences(case):
     _run(SrTwins, case)
+
+
+@SETTINGS
+@given(cases())
+def test_fp16_master_weight_sequences(case):
+    _run(lambda *a: MasterTwins(*a, dtype=torch.float16), case)
 
 
 @SETTINGS

@@ -190,14 +190,15 @@ BF16_SIZES = [1, 3, 97, 16, 33]
 
 
 class MasterTwins:
-    """bf16 parameters (and two fp32 ones, laid out flat) stepped by momentum_cuda with
-    master_weights=True; their fp32 twins (the bf16 values widened: the masters start there)
-    stepped by torch.optim.SGD(foreach=False) (MomentumReference for Momentum) with the bf16
-    gradients widened. check(): every master, parameter and momentum buffer bit for bit."""
+    """bf16 (or, given dtype, fp16) parameters (and two fp32 ones, laid out flat) stepped by
+    momentum_cuda with master_weights=True; their fp32 twins (the bf16 values widened: the
+    masters start there) stepped by torch.optim.SGD(foreach=False) (MomentumReference for
+    Momentum) with the bf16 gradients widened. check(): every master, parameter and momentum
+    buffer bit for bit."""
 
-    def __init__(self, flat, kind="sgd", h=None, seed=0):
+    def __init__(self, flat, kind="sgd", h=None, seed=0, dtype=torch.bfloat16):
         gen = torch.Generator().manual_seed(seed)
-        self.ours = [torch.nn.Parameter(_masters(n, gen).to(torch.bfloat16)) for n in BF16_SIZES]
+        self.ours = [torch.nn.Parameter(_masters(n, gen).to(dtype)) for n in BF16_SIZES]
         self.ours += [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5, 8)]
         self.twin = [torch.nn.Parameter(p.detach().float().clone()) for p in self.ours]
         h = h or dict(lr=0.01, momentum=0.9, weight_decay=1e-2)
@@ -229,9 +230,9 @@ class MasterTwins:
 
     def check(self, what=""):
         for i, (p, t) in enumerate(zip(self.ours, self.twin)):
-            if p.dtype is torch.bfloat16:
+            if p.dtype in (torch.bfloat16, torch.float16):
                 assert torch.equal(bits(self.opt.master_weight(p)), bits(t)), f"{what} master {i}"
-                assert torch.equal(bits(p), bits(t.detach().to(torch.bfloat16))), f"{what} p {i}"
+                assert torch.equal(bits(p), bits(t.detach().to(p.dtype))), f"{what} p {i}"
             else:
                 assert torch.equal(bits(p), bits(t)), f"{what} param {i}"
             a = self.opt.state.get(p, {}).get("momentum_buffer")
@@ -252,8 +253,9 @@ OPT_CASES = [("sgd", dict(lr=0.01, momentum=0.9, weight_decay=1e-2)),
 @FLAT
 @pytest.mark.parametrize("kind,h", OPT_CASES, ids=[f"{k}-{i}" for i, (k, _) in
                                                    enumerate(OPT_CASES)])
-def test_training_loop_against_fp32_twins(flat, kind, h):
-    tw = MasterTwins(flat, kind, h)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_training_loop_against_fp32_twins(flat, kind, h, dtype):
+    tw = MasterTwins(flat, kind, h, dtype=dtype)
     tw.step(6)
     paths = sorted({e["path"] for e in tw.opt.last_step})
     assert "master" in paths and ("flat" in paths) == flat
@@ -389,9 +391,6 @@ def test_turning_master_weights_on_mid_training():
 
 
 def test_master_weights_errors():
-    with pytest.raises(ValueError, match="a float16 one"):
-        momentum_cuda.SGD([torch.nn.Parameter(torch.ones(3, dtype=torch.float16))], lr=0.1,
-                          master_weights=True)
     with pytest.raises(ValueError, match="cannot be used with differentiable=True"):
         momentum_cuda.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, master_weights=True,
                           differentiable=True)
@@ -487,3 +486,20 @@ def test_written_master_leaves_settled(flat, how):
         tw.twin, tw.topt = copy.deepcopy((tw.twin, tw.topt))
     tw.check("after the write")
     tw.step(2)
+
+
+@FLAT
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_write_after_a_copy_restarts_the_copys_master(flat, dtype, how):
+    """A parameter of a copied optimizer (deepcopy or pickle of parameters and optimizer
+    together) written before the copy's first step: its master restarts from the written value,
+    as in the original (the copy knows its parameters' versions from the start)."""
+    import pickle
+    tw = MasterTwins(flat, dtype=dtype)
+    tw.step(2)
+    pair = (tw.ours, tw.opt)
+    ours, opt = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    with torch.no_grad():
+        ours[0].copy_(torch.full_like(ours[0], 0.3))
+    assert torch.equal(bits(opt.master_weight(ours[0])), bits(ours[0].detach().float()))

@@ -11,8 +11,9 @@
 // bf16 ops  : master-weights spans (bf16_split.h: master_elem over blocks of elements, the tie
 //             bits unpacked to bytes), stochastic-rounding spans (stochastic.h: sr_elem over
 //             blocks of elements) and narrow-momentum spans (momentum_dtype.h: bf16mom_elem over
-//             elements; q8_elem over an int8 block, then its absmax, scale and codes), fp32
-//             arithmetic; the loops vectorize.
+//             elements; q8_elem over an int8 block, then its absmax, scale and codes) and fp16
+//             master spans (fp16_master.h: fp16_master_elem over elements), fp32 arithmetic;
+//             the loops vectorize.
 #include "momentum_cpu.h"
 
 #include <algorithm>
@@ -27,6 +28,7 @@
 #include <c10/util/Half.h>
 
 #include "momentum_cuda/bf16_split.h"
+#include "momentum_cuda/fp16_master.h"
 #include "momentum_cuda/momentum_dtype.h"
 #include "momentum_cuda/stochastic.h"
 #include "momentum_cuda/sgd_math.h"
@@ -257,8 +259,22 @@ MC_HD void q8_loop(const Q8Span& sp, int64_t k0, int64_t k1, const StepScalars<f
   }
 }
 
+/// fp16 master spans: elements [i0, i1).
+template <uint32_t F, class Add>
+MC_HD void fp16_master_loop(const Fp16MasterSpan& sp, int64_t i0, int64_t i1,
+                            const StepScalars<float>& s) {
+  for (int64_t i = i0; i < i1; i += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, i1 - i));
+    uint16_t* __restrict p = sp.param + i;
+    float* __restrict m = sp.master + i;
+    float* __restrict b = (F & kMomentum) ? sp.buf + i : nullptr;
+    const uint16_t* __restrict g = sp.grad + i;
+    for (int j = 0; j < n; ++j) fp16_master_elem<Add>(p, m, b, g, j, s, F);
+  }
+}
+
 /// The loop of a bf16 span type S: master_loop over tie bytes, q8_loop over int8 blocks,
-/// sr_loop and bf16mom_loop over elements.
+/// sr_loop, bf16mom_loop and fp16_master_loop over elements.
 template <class S, uint32_t F, class Add>
 MC_HD void bf16_loop(const S& sp, int64_t lo, int64_t hi, const StepScalars<float>& s) {
   if constexpr (std::is_same_v<S, MasterSpan>) {
@@ -267,6 +283,8 @@ MC_HD void bf16_loop(const S& sp, int64_t lo, int64_t hi, const StepScalars<floa
     q8_loop<F, Add>(sp, lo, hi, s);
   } else if constexpr (std::is_same_v<S, Bf16MomSpan>) {
     bf16mom_loop<F, Add>(sp, lo, hi, s);
+  } else if constexpr (std::is_same_v<S, Fp16MasterSpan>) {
+    fp16_master_loop<F, Add>(sp, lo, hi, s);
   } else {
     sr_loop<F, Add>(sp, lo, hi, s);
   }
@@ -440,6 +458,10 @@ void sgd_step_q8_cpu(const Q8Span* spans, int64_t n_spans, const StepHyper& h) {
   // units of kQBlock elements: a block's absmax is one thread's
   bf16_step_cpu(spans, n_spans, h, kGrainSize / kQBlock,
                 [](const Q8Span& sp) { return divup(sp.numel, kQBlock); });
+}
+
+void sgd_step_fp16_master_cpu(const Fp16MasterSpan* spans, int64_t n_spans, const StepHyper& h) {
+  bf16_step_cpu(spans, n_spans, h, kGrainSize, [](const Fp16MasterSpan& sp) { return sp.numel; });
 }
 
 template void sgd_step_cpu<float>(const Span*, int64_t, const StepHyper&);

@@ -89,6 +89,16 @@ struct Q8Span {
   int64_t numel;
 };
 
+/// One contiguous run of an fp16 parameter with a separate fp32 master (fp16_master.h): param
+/// and grad fp16 bits, master and buf fp32 (buf null without kMomentum).
+struct Fp16MasterSpan {
+  uint16_t* param;
+  float* master;
+  float* buf;
+  const uint16_t* grad;
+  int64_t numel;
+};
+
 /// kAvx512 uses an AVX-512 (F, BW, VL) clone for bf16/fp16, where the conversions make the loop
 /// compute bound (2.2x faster than AVX2 in a microbenchmark here); fp32/fp64 stay on the AVX2
 /// clone, which is memory bound already (an AVX-512 clone measured no faster, 2026-11-24).
@@ -114,6 +124,10 @@ void sgd_step_bf16mom_cpu(const Bf16MomSpan* spans, int64_t n_spans, const StepH
 /// torch.optim.SGD's fp32 step on every span with its int8 buffer read back (code * scale); the
 /// new buffer quantized per block (momentum_dtype.h).
 void sgd_step_q8_cpu(const Q8Span* spans, int64_t n_spans, const StepHyper& hyper);
+
+/// torch.optim.SGD's fp32 step on every span's master (the fp16 gradient widened exactly); the
+/// parameter written as the master rounded to nearest even.
+void sgd_step_fp16_master_cpu(const Fp16MasterSpan* spans, int64_t n_spans, const StepHyper& hyper);
 
 /// The instruction set the kernel uses: the best the CPU has (checked at run time: AVX-512
 /// F/BW/VL, else AVX2+FMA+F16C, else portable code). Tests force each to check it bitwise.

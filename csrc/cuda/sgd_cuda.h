@@ -5,7 +5,8 @@
 
 #include <cuda_runtime_api.h>
 
-#include "cpu/momentum_cpu.h"  // Span, MasterSpan, SrSpan, Bf16MomSpan, Q8Span, StepHyper
+#include "cpu/momentum_cpu.h"  // Span, MasterSpan, SrSpan, Bf16MomSpan, Q8Span, Fp16MasterSpan,
+                                // StepHyper
 #include "storage_types.h"
 
 namespace momentum_cuda {
@@ -42,5 +43,11 @@ cudaError_t sgd_step_bf16mom_cuda(const Bf16MomSpan* spans, int64_t n_spans,
 /// hyper.amp and hyper.dev are not read.
 cudaError_t sgd_step_q8_cuda(const Q8Span* spans, int64_t n_spans, const StepHyper& hyper,
                              cudaStream_t stream);
+
+/// fp16 master-weights step over many spans (fp16_master.h: fp16 parameters, fp32 masters and
+/// buffers): as many launches as the argument space needs. hyper.amp and hyper.dev are not
+/// read.
+cudaError_t sgd_step_fp16_master_cuda(const Fp16MasterSpan* spans, int64_t n_spans,
+                                      const StepHyper& hyper, cudaStream_t stream);
 
 }  // namespace momentum_cuda
