@@ -243,6 +243,7 @@ class MasterTwins:
 
 
 FLAT = pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+DTYPE = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 OPT_CASES = [("sgd", dict(lr=0.01, momentum=0.9, weight_decay=1e-2)),
              ("sgd", dict(lr=0.01, momentum=0.9, nesterov=True, maximize=True)),
              ("sgd", dict(lr=0.01, momentum=0.5, dampening=0.3)),
@@ -283,12 +284,13 @@ def test_small_updates_accumulate_where_bf16_alone_stalls(flat):
 
 
 @FLAT
-def test_writes_to_a_parameter_restart_its_master(flat):
+@DTYPE
+def test_writes_to_a_parameter_restart_its_master(flat, dtype):
     """A parameter written between steps (copy_ under no_grad, the model's load_state_dict)
     or given new memory restarts its master from its value; the twin gets the same values."""
-    tw = MasterTwins(flat)
+    tw = MasterTwins(flat, dtype=dtype)
     tw.step(3)
-    new = torch.randn(97, generator=tw.gen).to(torch.bfloat16)
+    new = torch.randn(97, generator=tw.gen).to(dtype)
     with torch.no_grad():
         tw.ours[2].copy_(new)
         tw.twin[2].copy_(new.float())
@@ -298,18 +300,26 @@ def test_writes_to_a_parameter_restart_its_master(flat):
 
 
 @FLAT
-def test_state_dict_round_trip_and_deepcopy(flat):
-    tw = MasterTwins(flat)
+@DTYPE
+def test_state_dict_round_trip_and_deepcopy(flat, dtype):
+    tw = MasterTwins(flat, dtype=dtype)
     tw.step(2)
     sd = tw.opt.state_dict()
     p0 = sd["state"][0]
     assert p0["momentum_buffer"].dtype == torch.float32
-    assert p0["master_remainder"].dtype == torch.int16 and p0["master_ties"].dtype == torch.uint8
+    if dtype is torch.bfloat16:
+        assert p0["master_remainder"].dtype == torch.int16
+        assert p0["master_ties"].dtype == torch.uint8
+    else:  # torch's load_state_dict would cast it to float16
+        assert set(p0) == {"momentum_buffer", "master_weight"}
+        assert p0["master_weight"].dtype == torch.float32
     fresh = momentum_cuda.SGD([{"params": tw.ours[:3]}, {"params": tw.ours[3:], "lr": 0.02}],
                               lr=0.01, momentum=0.9, weight_decay=1e-2, flat=flat,
                               master_weights=True)
     fresh.load_state_dict(copy.deepcopy(sd))
     assert fresh.state[tw.ours[0]]["momentum_buffer"].dtype == torch.float32
+    if dtype is torch.float16:
+        assert fresh.state[tw.ours[0]]["master_weight"].dtype == torch.float32
     tw.opt = fresh
     tw.step(2)
     clone = copy.deepcopy(tw)  # model, optimizer and twins together
@@ -317,12 +327,13 @@ def test_state_dict_round_trip_and_deepcopy(flat):
 
 
 @FLAT
-def test_plain_fp32_checkpoint_loads(flat):
+@DTYPE
+def test_plain_fp32_checkpoint_loads(flat, dtype):
     """torch.optim.SGD's state (fp32 momentum buffers) loads into master weights: the buffers
     stay fp32; each master starts from its (loaded) bf16 parameter."""
-    tw = MasterTwins(flat)
+    tw = MasterTwins(flat, dtype=dtype)
     tw.step(2)
-    loaded = MasterTwins(flat, seed=3)
+    loaded = MasterTwins(flat, seed=3, dtype=dtype)
     with torch.no_grad():
         for p, q, t in zip(loaded.ours, tw.ours, loaded.twin):
             p.copy_(q)
@@ -337,7 +348,9 @@ def test_plain_fp32_checkpoint_loads(flat):
 def test_gradscaler_and_clip_use_torchs_own_ops_first(flat):
     """GradScaler (unscale, found_inf read on the host) and clip_grad_norm_ (torch's clip)
     run before the master op, with a bf16 and an fp32 parameter unused on one step; the twins
-    step on the unscaled, clipped gradients widened."""
+    step on the unscaled, clipped gradients widened. (fp16 parameters: GradScaler.unscale_
+    itself refuses fp16 gradients, "Attempting to unscale FP16 gradients", whatever the
+    optimizer.)"""
     tw = MasterTwins(flat)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     for step in range(4):
@@ -360,16 +373,17 @@ def test_gradscaler_and_clip_use_torchs_own_ops_first(flat):
         tw.check(f"step {step + 1}")
 
 
-def test_turning_master_weights_on_mid_training():
-    """A bf16 group trained plainly, then master_weights=True: its parameters leave the flat
-    layout, their bf16 buffers widen exactly, and from then on they follow fp32 twins started
+@DTYPE
+def test_turning_master_weights_on_mid_training(dtype):
+    """A bf16 (fp16) group trained plainly, then master_weights=True: its parameters leave the
+    flat layout, their buffers widen exactly, and from then on they follow fp32 twins started
     from their values and buffers."""
     gen = torch.Generator().manual_seed(8)
-    ps = [torch.nn.Parameter(torch.randn(n, generator=gen).to(torch.bfloat16)) for n in (7, 40)]
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in (7, 40)]
     opt = momentum_cuda.SGD(ps, lr=0.01, momentum=0.9)
     for _ in range(3):
         for p in ps:
-            p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
         opt.step()
     assert {e["path"] for e in opt.last_step} <= {"flat", "per-tensor"}
     opt.param_groups[0]["master_weights"] = True
@@ -379,7 +393,7 @@ def test_turning_master_weights_on_mid_training():
         topt.state[t]["momentum_buffer"] = opt.state[p]["momentum_buffer"].float()
     for _ in range(3):
         for p, t in zip(ps, twin):
-            p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
             t.grad = p.grad.float()
         opt.step()
         topt.step()
