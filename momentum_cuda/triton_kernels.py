@@ -40,6 +40,8 @@ Entry points (the ops' signatures, csrc/momentum_ops.cpp):
                                  first_step)
     triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momentum, dampening,
                              weight_decay, nesterov, maximize, first_step)
+    triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, momentum,
+                               dampening, weight_decay, nesterov, maximize, first_step)
 lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor: 1-element fp32/fp64 tensors on
 the parameters' device read by the kernels in place of the floats (no host sync), as the CUDA
 kernels read them (_sgd_block); with momentum_tensor the buffers are given and a zero momentum
@@ -56,7 +58,9 @@ The master-weights step (bf16 parameters with exact fp32 masters, csrc/include/m
 bf16_split.h; the op sgd_step_master_list_ of the C++ extension, whose checks it repeats) takes
 the floats only: no hyper-parameter tensors, no AMP; so does the stochastic-rounding step (bf16
 parameters, gradients and buffers, csrc/include/momentum_cuda/stochastic.h; the op
-sgd_step_sr_list_, whose checks it repeats), which takes a key per parameter as well.
+sgd_step_sr_list_, whose checks it repeats), which takes a key per parameter as well, and so
+does momentum_dtype (fp32 parameters, narrow momentum buffers, csrc/include/momentum_cuda/
+momentum_dtype.h; the op sgd_step_qmom_list_, whose checks it repeats).
 All validate everything before the first launch; a bad call raises ValueError/TypeError naming
 the argument and changes nothing.
 
@@ -92,6 +96,17 @@ formula exists once; the master kernel calls _sgd_math too.
   lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) for its memory-order index i (_lowbias32 in
   wrapping uint32 arithmetic; the inner hash once per block: no block crosses a multiple of
   2^32), and the buffer is rounded to nearest even (_bf16_rne). Integer bit arithmetic only.
+- _sgd_qmom_kernel: momentum_dtype, one launch through the list kernel's table (bf16 buffers:
+  rows of 4, the same cached table) or rows of 5 (int8: p, g, codes, scales, numel). A program's
+  BLOCK is BLOCK // QBLOCK rows of QBLOCK = 256 elements, so it owns whole int8 blocks (block
+  starts are multiples of BLOCK): row r is block start // QBLOCK + r of its tensor. _fp32_step
+  runs on the widened buffer (bf16 bits << 16, or code * scale) and the parameter takes that
+  unquantized fp32 buffer; the buffer is stored by _bf16_rne, or quantized: a row's absmax is
+  an integer max over _q8_abs_bits, the scale div_rn(absmax, 127) (div.rn.f32: Triton's fp32
+  `/` is approximate), the codes div_rn(v, scale) clamped and rounded by adding and removing
+  1.5 * 2^23 (_q8_scale, _q8_code). When the host finds every p, g and buffer address 16-byte
+  aligned (ALIGNED), the pointers carry that hint and a block inside its tensor runs unmasked,
+  so fp32 and bf16 accesses are 128-bit; the tensor's last block stays masked.
 """
 # No `from __future__ import annotations` in this module: postponed, the kernels' "fp64"
 # annotations reach Triton as the text '"fp64"' (quotes included), which it does not read as a
@@ -120,6 +135,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
+QBLOCK = 256  # elements per int8 momentum block (momentum_dtype.h's kQBlock)
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Storage kinds: how r() rounds an opmath value.
 _KIND_NONE, _KIND_BF16, _KIND_FP16 = 0, 1, 2
@@ -523,6 +539,137 @@ if TRITON_AVAILABLE:
         tl.store(p_ptr + offs, _bf16_round_stochastic(m, r).to(tl.uint16), mask=mask)
         if MOMENTUM:
             tl.store(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask=mask)
+
+    @triton.jit
+    def _q8_abs_bits(v):
+        """momentum_dtype.h's q8_abs_bits: the bits of |v| (uint32), a NaN as inf's. Bit
+        patterns of non-negative floats order as their values, so a block's absmax is an exact,
+        order-free integer max, and a NaN makes the block non-finite."""
+        u = v.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+        return tl.where(u > 0x7F800000, 0x7F800000, u)
+
+    @triton.jit
+    def _q8_scale(absmax_bits):
+        """q8_scale: absmax / 127, NaN (0x7FC00000) where absmax is inf. div_rn is the correctly
+        rounded division (div.rn.f32); Triton's `/` on fp32 compiles to an approximate one."""
+        a = absmax_bits.to(tl.float32, bitcast=True)
+        nan = tl.full(absmax_bits.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
+        return tl.where(absmax_bits < 0x7F800000, tl.math.div_rn(a, 127.0), nan)
+
+    @triton.jit
+    def _q8_code(v, scale):
+        """q8_code: round(clamp(v / scale, -127, 127)), ties to even, 0 where scale is 0 or NaN;
+        an int32 in [-127, 127]."""
+        ok = scale > 0.0  # false for NaN
+        x = tl.math.div_rn(v, tl.where(ok, scale, 1.0))
+        x = tl.where(ok, x, 0.0)  # before the clamp: a non-finite block's v must not reach it
+        x = tl.where(x < -127.0, -127.0, tl.where(x > 127.0, 127.0, x))
+        # x + 1.5 * 2^23 has no fraction bits left (|x| <= 2^22): it rounds x to an integer,
+        # ties to even; subtracting 1.5 * 2^23 again is exact
+        x = (x + 12582912.0) - 12582912.0
+        return x.to(tl.int32)
+
+    @triton.jit
+    def _ld(ptr, mask, MASKED: tl.constexpr):
+        """A load, masked unless the whole span is known in bounds (no mask: 128-bit accesses
+        on aligned pointers)."""
+        if MASKED:
+            return tl.load(ptr, mask=mask)
+        else:
+            return tl.load(ptr)
+
+    @triton.jit
+    def _st(ptr, value, mask, MASKED: tl.constexpr):
+        """A store, masked unless the whole span is known in bounds (as _ld)."""
+        if MASKED:
+            tl.store(ptr, value, mask=mask)
+        else:
+            tl.store(ptr, value)
+
+    @triton.jit
+    def _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
+                    one_minus_d, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
+                    QUANT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+                    QBLOCK: tl.constexpr):
+        """Elements [start, start + BLOCK) of one tensor (start a multiple of BLOCK, itself a
+        multiple of QBLOCK: the program owns whole int8 blocks), as BLOCK // QBLOCK rows of
+        QBLOCK: row r is int8 block start // QBLOCK + r. MASKED: bounded by n (else all in)."""
+        rows = tl.arange(0, BLOCK // QBLOCK)
+        offs = start + (rows * QBLOCK)[:, None] + tl.arange(0, QBLOCK)[None, :]
+        mask = offs < n
+        row_ok = start + rows * QBLOCK < n
+        p = _ld(p_ptr + offs, mask, MASKED)
+        g = _ld(g_ptr + offs, mask, MASKED)
+        if MOMENTUM and not FIRST_STEP:
+            if QUANT == 1:  # code * scale, one fp32 multiply (q8_load)
+                scale = _ld(s_ptr + start // QBLOCK + rows, row_ok, MASKED)
+                buf = _ld(b_ptr + offs, mask, MASKED).to(tl.float32) * scale[:, None]
+            else:
+                buf = _bf16_widen(_ld(b_ptr + offs, mask, MASKED))
+        else:
+            buf = tl.zeros([BLOCK // QBLOCK, QBLOCK], tl.float32)
+        p, buf = _fp32_step(p, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
+                            WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
+        _st(p_ptr + offs, p, mask, MASKED)  # the parameter takes the unquantized buffer
+        if MOMENTUM:
+            if QUANT == 1:
+                bits = _q8_abs_bits(buf)
+                if MASKED:  # lanes past n hold no element (their loads are undefined)
+                    bits = tl.where(mask, bits, 0)
+                scale = _q8_scale(tl.max(bits, axis=1))
+                _st(b_ptr + offs, _q8_code(buf, scale[:, None]).to(tl.int8), mask, MASKED)
+                _st(s_ptr + start // QBLOCK + rows, scale, row_ok, MASKED)
+            else:
+                _st(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask, MASKED)
+
+    @triton.jit
+    def _sgd_qmom_kernel(rows_ptr, blocks_ptr,
+                         neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
+                         one_minus_d: "fp64",
+                         MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                         MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                         FIRST_STEP: tl.constexpr, QUANT: tl.constexpr, ALIGNED: tl.constexpr,
+                         BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+        """momentum_dtype (momentum_dtype.h): fp32 parameters and gradients, buffers stored
+        narrow; many tensors in one launch through a pointer table of rows [address of p, of g,
+        of the buffer (0 when MOMENTUM is off), then with QUANT 1 of the scales, numel].
+        QUANT 0: bf16 buffers (uint16 bits, rounded to nearest even by _bf16_rne); QUANT 1:
+        int8 codes and one fp32 scale per QBLOCK elements. Each element takes _fp32_step with
+        its widened buffer. ALIGNED: every address in the table is a multiple of 16 bytes
+        (the host checked), so a program whose block lies inside its tensor runs unmasked
+        with 16-byte-aligned pointers: 128-bit accesses; the last block of a tensor stays
+        masked."""
+        tl.static_assert(BLOCK % QBLOCK == 0)
+        _, row, start, n = _table_program(rows_ptr, blocks_ptr, 4 + QUANT)
+        # The block map's starts are multiples of BLOCK; the multiply says so to the compiler's
+        # alignment analysis, which drops hints (tl.multiple_of) placed on loaded values.
+        start = start // BLOCK * BLOCK
+        p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+        if QUANT == 1:
+            b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int8))
+            s_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        else:
+            b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint16))
+            s_ptr = p_ptr  # never dereferenced
+        if ALIGNED:  # on the casts' results (int_to_ptr), where the analysis keeps them
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            b_ptr = tl.multiple_of(b_ptr, 16)
+        if ALIGNED:
+            if start + BLOCK <= n:
+                _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
+                            one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
+                            QUANT, False, BLOCK, QBLOCK)
+            else:
+                _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
+                            one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
+                            QUANT, True, BLOCK, QBLOCK)
+        else:
+            _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
+                        one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
+                        QUANT, True, BLOCK, QBLOCK)
 
     @triton.jit
     def _sr_random_kernel(key, base, out_ptr, n, BLOCK: tl.constexpr):
@@ -1087,3 +1234,78 @@ def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momen
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
             _sgd_sr_kernel[(count,)](rows, blocks, keys_dev, *sc, **flags)
+
+
+def _check_scales(s, n: str, p, pn: str) -> None:
+    """s (named n) holds p's int8 block scales: a contiguous 1-D fp32 tensor of
+    ceil(numel / QBLOCK) elements on p's device (csrc/momentum_ops.cpp's check)."""
+    _check_tensor(s, n)
+    blocks = (p.numel() + QBLOCK - 1) // QBLOCK
+    if not (s.device == p.device and s.dtype == torch.float32 and s.dim() == 1
+            and s.numel() == blocks and s.is_contiguous()):
+        raise ValueError(f"{n} must be a contiguous 1-D float32 tensor of {blocks} block scales "
+                         f"(one per {QBLOCK} elements of {pn}) on {p.device}, got "
+                         f"{_describe(s)} with strides {s.stride()}")
+
+
+def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, momentum,
+                               dampening, weight_decay, nesterov, maximize, first_step) -> None:
+    """momentum_dtype (csrc/include/momentum_cuda/momentum_dtype.h, reference.
+    sgd_momentum_dtype_reference_step): fp32 params and grads, dense; momentum_buffers
+    (empty/None when momentum == 0) shaped and strided like their params, bf16 when scales is
+    empty, else int8 codes with scales[i] a contiguous 1-D fp32 tensor of ceil(numel / QBLOCK)
+    block scales (blocks counted in memory order from element 0). Each parameter takes torch's
+    fp32 step with its widened buffer; the new buffer is stored rounded to nearest even (bf16)
+    or quantized per block (int8). The checks of csrc/momentum_ops.cpp's sgd_step_qmom_list,
+    all before the launch; then ONE launch for all non-empty tensors (as the list path,
+    through a pointer table)."""
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    params, grads = list(params), list(grads)
+    bufs = list(momentum_buffers) if momentum_buffers is not None else []
+    scales = list(scales) if scales is not None else []
+    need_buf = vals["use_buf"]
+    _check_list_lengths(params, [(grads, "grads")], bufs, need_buf, momentum)
+    int8 = bool(scales)
+    if int8 and not need_buf:
+        raise ValueError(f"scales has {len(scales)} tensors but momentum={momentum} has no "
+                         "momentum buffers to scale")
+    if int8 and len(scales) != len(params):
+        raise ValueError(f"scales has {len(scales)} tensors but params has {len(params)} (int8 "
+                         "momentum buffers need one each; bf16 ones none)")
+    buf_dtype = torch.int8 if int8 else torch.bfloat16
+    dev_dtype: list = []
+    named = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        at = f"[{i}]"
+        _check_triple(at, p, g, None, dev_dtype)
+        if p.dtype != torch.float32:
+            raise ValueError(f"params{at} must be float32 (momentum_dtype keeps float32 "
+                             f"parameters), got {_describe(p)}")
+        named += [(p, f"params{at}"), (g, f"grads{at}")]
+        if need_buf:
+            _check_like(bufs[i], f"momentum_buffers{at}", p, f"params{at}", buf_dtype)
+            named.append((bufs[i], f"momentum_buffers{at}"))
+        if int8:
+            _check_scales(scales[i], f"scales{at}", p, f"params{at}")
+            named.append((scales[i], f"scales{at}"))
+    _check_no_overlap(named)
+    # buffers (and scales) are laid out like the params: element j of the walk is the same
+    # element of each, and int8 block j // QBLOCK of the memory order
+    addrs, numels = [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.numel():
+            addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0)
+                         + ((scales[i].data_ptr(),) if int8 else ()))
+            numels.append(p.numel())
+    if not numels:
+        return
+    device = params[0].device
+    sc = _scalars(vals, torch.float32)
+    flags = _step_flags(vals, nesterov, maximize, first_step)
+    # 16-byte aligned p, g and buffers (torch's allocations are; views at odd offsets not):
+    # full blocks then run unmasked with 128-bit accesses
+    flags.update(QUANT=int(int8), QBLOCK=QBLOCK,
+                 ALIGNED=all(a % 16 == 0 for row in addrs for a in row[:3]))
+    with _device_guard(device):
+        for rows, blocks, count in _table_launches(addrs, numels, device):
+            _sgd_qmom_kernel[(count,)](rows, blocks, *sc, **flags)

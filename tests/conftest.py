@@ -310,7 +310,7 @@ def have(module: str) -> bool:
 # (`make test` runs two workers, each taking whole files) every worker collects everything, so
 # a child is started only by the worker that runs its module.
 INTERPRETER_MODULES = ("test_triton_amp", "test_triton_interp", "test_triton_master",
-                       "test_triton_sr")
+                       "test_triton_sr", "test_triton_qmom", "test_triton_fp16_master")
 _collected: set = set()
 _children: dict = {}  # module -> (Popen, stdout file, stderr file, start time)
 _XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ

@@ -132,12 +132,51 @@ def _expected(entry):
                  CLIP=kw.get("clip_coef") is not None, BLOCK=1024)
     if entry["kind"] == "list":
         flags["DTYPE"] = ELEM[dtype][2]
-    if entry["kind"] in ("master", "sr"):
+    if entry["kind"] in ("master", "sr", "qmom"):
         flags = {k: flags[k] for k in MASTER_FLAGS}
+    if entry["kind"] == "qmom":
+        flags.update(_qmom_expected(entry))
     scalars = dict(neg_lr=_opmath(-float(kw["lr"]), dtype),
                    wd=_opmath(kw["weight_decay"], dtype), m_mul=_opmath(m, dtype),
                    m_add=_opmath(m, dtype), one_minus_d=_opmath(1.0 - d, dtype))
     return flags, scalars
+
+
+def _qmom_expected(entry):
+    """The momentum_dtype kernel's own constexprs for an entry call: QUANT 1 with int8 buffers
+    (scales given), QBLOCK 256, ALIGNED exactly when every parameter, gradient and buffer
+    address is a multiple of 16 bytes."""
+    params = entry["tensors"]
+    grads, bufs, scales = (list(a or []) for a in entry["args"][:3])
+    aligned = all(t.data_ptr() % 16 == 0 for ts in (params, grads, bufs) for t in ts
+                  if t.numel())
+    return dict(QUANT=int(bool(scales)), QBLOCK=256, ALIGNED=aligned)
+
+
+def _check_qmom_compiled(ck, what, consts, problems):
+    """The momentum_dtype kernel: no float converted to bf16 (the buffer's rounding is integer
+    arithmetic); with int8 buffers the two divisions (absmax / 127, v / scale) are div.rn.f32,
+    correctly rounded as the contract says, and nothing else divides (Triton's fp32 `/` would
+    be the approximate div.full.f32); the codes' rounding adds 1.5 * 2^23 with add.rn (no
+    contraction, not folded away); ALIGNED: 128-bit global loads and stores (the unmasked
+    blocks), otherwise none."""
+    ptx = ck.asm["ptx"]
+    if re.search(r"\bcvt\.\w+\.bf16\.f32", ptx):
+        problems.append(f"ptx: {what}: a float converted to bf16 (the rounding is integer "
+                        "arithmetic)")
+    q8 = bool(consts.get("QUANT")) and bool(consts.get("MOMENTUM"))
+    divs = set(re.findall(r"\b(?:div|rcp)\.[\w.]+", ptx))
+    if divs != ({"div.rn.f32"} if q8 else set()):
+        problems.append(f"ptx: {what}: divisions {sorted(divs)}, QUANT {consts.get('QUANT')}")
+    if q8 and not (re.search(r"\badd\.rn\.f32\s[^;]*0f4B400000;", ptx)
+                   and re.search(r"\b(?:add\.rn\.f32\s[^;]*0fCB400000|sub\.rn\.f32\s[^;]*"
+                                 r"0f4B400000);", ptx)):
+        problems.append(f"ptx: {what}: no add.rn.f32 of +-1.5 * 2^23 (the codes' rounding)")
+    vec = _vector_ops(ptx, "ld") + _vector_ops(ptx, "st")
+    if consts.get("ALIGNED") and not (_vector_ops(ptx, "ld") and _vector_ops(ptx, "st")):
+        problems.append(f"vector: {what}: ALIGNED but no 128-bit loads and stores")
+    if not consts.get("ALIGNED") and vec:
+        problems.append(f"vector: {what}: {vec} 128-bit accesses without ALIGNED")
 
 
 def _spec_key(kernel, bound):
@@ -169,6 +208,7 @@ class _Recorder:
         self.launches = []
         self.compiled = {}  # id -> (CompiledKernel, tensor dtype, case of its first launch)
         self.compile_s = 0.0
+        self.last_call = {}  # kind -> (tensors, args, kwargs) of its entry's last call
 
     def wrap_entry(self, fn, kind):
         def entry(tensors, *args, **kwargs):
@@ -177,7 +217,9 @@ class _Recorder:
             else:
                 tensors = list(tensors)
                 dtype = tensors[0].dtype if tensors else None
-            self.entry = dict(kind=kind, kwargs=kwargs, dtype=dtype)
+            self.entry = dict(kind=kind, kwargs=kwargs, dtype=dtype, tensors=tensors,
+                              args=args)
+            self.last_call[kind] = (tensors, args, kwargs)
             try:
                 return fn(tensors, *args, **kwargs)
             finally:
@@ -278,8 +320,13 @@ def _check_compiled(ck, name, dtype, problems):
         consts = {names[path[0]]: v for path, v in ck.src.constants.items()}
         want = {"_sgd_master_kernel": {"i16", "i8"} | ({"f32"} if consts.get("MOMENTUM")
                                                         else set()),
-                "_sgd_sr_kernel": {"i16"}}.get(name, {mlir})
-        casts = set(re.findall(r"tt\.int_to_ptr [^:\n]*: i64 -> !tt\.ptr<(\w+)>", ttir))
+                "_sgd_sr_kernel": {"i16"},
+                "_sgd_qmom_kernel": {"f32"} | ({("i8" if consts.get("QUANT") else "i16")}
+                                               if consts.get("MOMENTUM") else set()),
+                }.get(name, {mlir})
+        # (an alignment hint on the cast comes as an attribute dict before the type)
+        casts = set(re.findall(r"tt\.int_to_ptr %\w+(?: \{[^}\n]*\})? : i64 -> !tt\.ptr<(\w+)>",
+                               ttir))
         if casts != want:
             problems.append(f"ttir: {what}: int_to_ptr casts to {casts}, not {want}")
     # PTX parameters: the non-constexpr arguments in order (then Triton's scratch pointers).
@@ -294,6 +341,9 @@ def _check_compiled(ck, name, dtype, problems):
         conv = set(re.findall(r"\b(?:cvt\.\w+\.bf16\.f32|div\.[\w.]+|rcp\.[\w.]+)", ck.asm["ptx"]))
         if conv:
             problems.append(f"ptx: {what}: {sorted(conv)} (the split is integer arithmetic)")
+    elif name == "_sgd_qmom_kernel":
+        _check_qmom_compiled(ck, what, {names[path[0]]: v
+                                        for path, v in ck.src.constants.items()}, problems)
     else:
         _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems)
     md = ck.metadata
@@ -344,6 +394,22 @@ def _replay_gradscaler_and_clip(monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: None)
 
 
+
+def _qmom_reference_unchanged(rec):
+    """reference.sgd_momentum_dtype_reference_step in the replay, where no kernel runs: the
+    parameters stay as they are, and the buffers (and int8 scales) it returns are copies of
+    those the op's last call left (unchanged: test_gpu calls the op, then the reference, on
+    the same step)."""
+    def step(params, grads, bufs, scales=None, **hyper):
+        int8 = scales is not None
+        if not hyper.get("momentum"):
+            return [None] * len(params), ([None] * len(params) if int8 else None)
+        _, args, _ = rec.last_call["qmom"]
+        out_bufs, out_scales = ([t.clone() for t in a] for a in args[1:3])
+        return out_bufs, (out_scales if int8 else None)
+    return step
+
+
 @pytest.fixture
 def jit_without_gpu(tmp_path, monkeypatch):
     """The stand-in driver, a fresh TRITON_CACHE_DIR, and the two seams of the replay; all
@@ -361,7 +427,8 @@ def jit_without_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(tk, "_check_device", check_device)
     monkeypatch.setitem(_backends._PREFERENCE, "cpu", ("cpu", "triton"))
     with triton_stub_driver.stub_driver([tk._sgd_flat_kernel, tk._sgd_list_kernel,
-                                         tk._sgd_master_kernel, tk._sgd_sr_kernel], ARCH):
+                                         tk._sgd_master_kernel, tk._sgd_sr_kernel,
+                                         tk._sgd_qmom_kernel], ARCH):
         yield cache
 
 
@@ -395,7 +462,9 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     found_inf (12 for two dtypes): 276. test_master_weights_bitwise_vs_fp32_torch's five
     hyper-parameter sets add 9 of the master kernel (step 1 and later steps where momentum is
     on); test_stochastic_rounding_bitwise_vs_reference's add 9 of the stochastic-rounding
-    kernel: 294 in all."""
+    kernel: 294. test_momentum_dtype_bitwise_vs_reference adds 17 of the momentum_dtype kernel
+    (bf16 and int8 buffers, first and later steps, bf16 without momentum) and
+    test_qmom_opcheck_on_gpu 1: 312 in all."""
     cache = jit_without_gpu
     cases = _triton_cases()
     assert cases, "tests/test_gpu.py has no case with backend='triton' to replay"
@@ -416,13 +485,18 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
                         rec.wrap_entry(tk.triton_sgd_step_master_list_, "master"))
     monkeypatch.setattr(tk, "triton_sgd_step_sr_list_",
                         rec.wrap_entry(tk.triton_sgd_step_sr_list_, "sr"))
+    monkeypatch.setattr(tk, "triton_sgd_step_qmom_list_",
+                        rec.wrap_entry(tk.triton_sgd_step_qmom_list_, "qmom"))
     # no kernel runs: the stochastic-rounding reference leaves the parameters as they are and
     # gives the buffers the optimizer creates (zeros), as the replayed step does
     monkeypatch.setattr(momentum_cuda.reference, "sgd_sr_reference_step",
                         lambda params, grads, bufs, keys, **h: [torch.zeros_like(p)
                                                                 for p in params])
+    # likewise the momentum_dtype reference: parameters unchanged, the op's buffers as left
+    monkeypatch.setattr(momentum_cuda.reference, "sgd_momentum_dtype_reference_step",
+                        _qmom_reference_unchanged(rec))
     kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel, tk._sgd_master_kernel,
-               tk._sgd_sr_kernel)
+               tk._sgd_sr_kernel, tk._sgd_qmom_kernel)
     t0 = time.perf_counter()
     try:
         for k in kernels:  # an instance attribute: deleting it brings back JITFunction.run
@@ -562,3 +636,71 @@ def test_jit_amp_variants(jit_without_gpu, monkeypatch):
     assert not problems, "\n  ".join(problems)
     assert n == len(by) == 2 * len(ELEM) * len(variants), (n, len(by))
     assert len(list(cache.rglob("*.cubin"))) == n
+
+
+def test_jit_qmom_kernel(jit_without_gpu, monkeypatch):
+    """The momentum_dtype kernel compiled by the JIT through its entry point (tests/test_gpu.py's
+    replay covers it only where test_gpu runs it on Triton): bf16 and int8 buffers and none
+    (momentum 0), the first step and a later one with every flag on, on 16-byte aligned tensors
+    and on views at an odd address. Each launch's constexprs are the call's (ALIGNED exactly
+    for aligned addresses); each compiled kernel passes _check_compiled (fp64 scalars, int64
+    tables, int_to_ptr to f32 and the buffer's i16 / i8, no bf16 conversion, int8: div.rn.f32
+    and nothing else that divides, the codes' add.rn of 1.5 * 2^23; ALIGNED: 128-bit loads and
+    stores, else none; fusion off, 4 warps, sm_90, a cubin); one compilation per
+    specialization."""
+    cache = jit_without_gpu
+    rec = _Recorder()
+    monkeypatch.setattr(tk, "triton_sgd_step_qmom_list_",
+                        rec.wrap_entry(tk.triton_sgd_step_qmom_list_, "qmom"))
+    n = 5000  # 4 full blocks and a partial one: both paths of the aligned kernel
+    later = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True,
+                 maximize=True, first_step=False)
+    first = dict(later, nesterov=False, first_step=True)
+    plain = dict(later, momentum=0.0, nesterov=False)
+
+    def view(dtype, aligned):
+        t = torch.zeros(n + 16, dtype=dtype)
+        return t[:n] if aligned else t[1:n + 1]
+
+    by = {}
+    try:
+        tk._sgd_qmom_kernel.run = rec.wrap_run(tk._sgd_qmom_kernel)
+        for kind in ("bf16", "int8", "none"):
+            for hname, h in (("later", later), ("first", first)):
+                if kind == "none":
+                    h = plain if hname == "later" else None
+                if h is None:
+                    continue
+                for aligned in (True, False):
+                    p, g = view(torch.float32, aligned), view(torch.float32, aligned)
+                    bdt = torch.int8 if kind == "int8" else torch.bfloat16
+                    b = [view(bdt, aligned)] if kind != "none" else []
+                    s = [torch.zeros(-(-n // 256))] if kind == "int8" else []
+                    tk.triton_sgd_step_qmom_list_([p], [g], b, s, **h)
+                    by[kind, hname, aligned] = rec.launches[-1]["ck"]
+    finally:
+        vars(tk._sgd_qmom_kernel).pop("run", None)
+
+    problems = []
+    keys = set()
+    for launch in rec.launches:
+        entry, kernel, bound = launch["entry"], launch["kernel"], launch["bound"]
+        keys.add(_spec_key(kernel, bound))
+        flags, scalars = _expected(entry)
+        got = {k: bound[k] for k in flags}
+        if got != flags:
+            problems.append(f"flags: launched with {got}, expected {flags}")
+        if {s: bound[s] for s in SCALARS} != scalars:
+            problems.append(f"scalars: {[bound[s] for s in SCALARS]}, expected {scalars}")
+    for (kind, hname, aligned), ck in by.items():
+        names = list(ck.src.signature)
+        consts = {names[path[0]]: v for path, v in ck.src.constants.items()}
+        if consts.get("ALIGNED") != aligned:
+            problems.append(f"{kind} {hname}: ALIGNED {consts.get('ALIGNED')}, expected "
+                            f"{aligned}")
+        _check_compiled(ck, "_sgd_qmom_kernel", torch.float32, problems)
+    compiled = len(rec.compiled)
+    print(f"\n{compiled} JIT compilations of the momentum_dtype kernel in {rec.compile_s:.1f} s")
+    assert not problems, "\n  ".join(problems)
+    assert compiled == len(keys) == len(by) == 10, (compiled, len(keys), len(by))
+    assert len(list(cache.rglob("*.cubin"))) == compiled
