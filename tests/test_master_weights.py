@@ -517,3 +517,28 @@ def test_write_after_a_copy_restarts_the_copys_master(flat, dtype, how):
     with torch.no_grad():
         ours[0].copy_(torch.full_like(ours[0], 0.3))
     assert torch.equal(bits(opt.master_weight(ours[0])), bits(ours[0].detach().float()))
+
+
+@FLAT
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_export_to_plain_fp32_sgd(flat, dtype):
+    """Leaving master weights: fp32 parameters made of opt.master_weight(p) (fp32 ones as they
+    are) and opt.torch_state_dict() loaded into torch.optim.SGD(foreach=False) step on with the
+    bits of the fp32 twins, which were torch's all along."""
+    tw = MasterTwins(flat, dtype=dtype)
+    tw.step(3)
+    sd = tw.opt.torch_state_dict()
+    assert all("master_weights" not in g for g in sd["param_groups"])
+    assert all(set(st) <= {"momentum_buffer"} for st in sd["state"].values())
+    fp32 = [torch.nn.Parameter(tw.opt.master_weight(p) if p.dtype != torch.float32
+                               else p.detach().clone()) for p in tw.ours]
+    out = torch.optim.SGD([{"params": fp32[:3]}, {"params": fp32[3:]}], lr=0.5)
+    out.load_state_dict(copy.deepcopy(sd))
+    for _ in range(2):
+        gs = fresh_grads(tw.twin, tw.gen)
+        for p, t, g in zip(fp32, tw.twin, gs):
+            p.grad, t.grad = g.clone(), g.clone()
+        out.step()
+        tw.topt.step()
+        for p, t in zip(fp32, tw.twin):
+            assert torch.equal(bits(p), bits(t))
