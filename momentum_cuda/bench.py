@@ -8,6 +8,7 @@
     momentum-cuda bench --overhead               # host time per step: tiny tensors, 148 and 2000
     momentum-cuda bench --ampclip                # GradScaler + clip_grad_norm_ + step, per step
     momentum-cuda bench --master                 # bf16 + exact fp32 masters vs torch's recipe
+    momentum-cuda bench --modes                  # every mode: time, bytes moved, bytes held
 
 Implementations: momentum_cuda flat and per-tensor on every backend that runs on the device
 (cpu; cuda and triton on a GPU), torch.optim.SGD's for-loop, foreach and fused steps, and Apex
@@ -95,6 +96,33 @@ its GB/s and share of an fp32 a.add_(b) probe, and the bytes held per parameter 
 optimizer state, gradients), measured from the tensors and compared with memory_formula().
 Files: json, csv and png; <name> defaults to bench-master-<device>-<date>.
 
+--modes: every momentum_cuda mode next to fp32 and torch (issue 14), one step per contender, in
+ONE run (interleaved rounds), for --params (default 1M 10M) in --layouts (default few-large
+many-small; plain tensors), no --dtypes (bf16 data drawn once; fp32 contenders step it widened,
+exactly). Contenders, on every backend that runs here and has the mode's op (one named that
+cannot run is reported with the reason): momentum_cuda flat on fp32 parameters
+(mc-flat-<backend>-fp32); momentum_dtype=torch.bfloat16 and torch.int8 on fp32 parameters
+(mc-mdtype-<backend>-bf16, -int8: bf16 buffers, or int8 codes with one fp32 scale per 256
+elements); master weights on bf16 parameters (mc-master-<backend>); stochastic_rounding=True,
+sr_seed=0 on bf16 parameters (mc-sr-<backend>: bf16 buffers); flat on bf16 parameters
+(mc-flat-<backend>-bf16); torch.optim.SGD on fp32 parameters (torch-fp32-forloop, -foreach,
+-fused) and on bf16 ones (torch-bf16-forloop). Every momentum_cuda step must be one call of its
+path (opt.last_step: flat, momentum-dtype, master, stochastic-rounding, on its backend), and it
+must equal its reference bitwise before timing (2 steps, every element) and after it (all
+steps): fp32 weights and masters torch-fp32-forloop's (as --master), plain bf16
+torch-bf16-forloop's, stochastic rounding and momentum_dtype (parameters, momentum buffers, int8
+scales) a twin's, not timed, stepped by momentum_cuda.reference (sgd_sr_reference_step with
+sr_key(seed, step, position); sgd_momentum_dtype_reference_step). After timing a twin steps
+a sample: at most TWIN_TENSORS (64) parameters, evenly spaced, the first elements of each,
+about TWIN_ELEMENTS (2^19) in all, whole int8 blocks (twin_sample(); the plain-torch references
+take seconds per step at 10M elements or 2000 tensors; a parameter's step, its random bits and
+its int8 blocks depend on nothing after its elements, nor on the other parameters). Reported
+as --master: median, p10-p90, ratios to torch-fp32-foreach and torch-fp32-fused, bytes moved
+per parameter (a model: step_passes), its GB/s and share of an fp32 a.add_(b) probe, and the
+bytes held per parameter (weights, optimizer state, gradients and their sum), measured from the
+tensors and compared with memory_formula().
+Files: json, csv and png; <name> defaults to bench-modes-<device>-<date>.
+
 Order of the cases: the first value given to each of --params, --layouts and --dtypes is the most
 important. Cases run sorted by the sum of their values' positions in those three lists (ties:
 the earlier --params value, then --layouts), so every value given is reached early and a time
@@ -152,9 +180,10 @@ import torch
 import momentum_cuda
 
 from ._backends import resolve_backend
-from ._ops import master_op
+from ._ops import master_op, qmom_op, sr_op
 from .optim import ALIGN_BYTES  # momentum_cuda's flat layout: each parameter padded to it
 from .optim import _local  # a DTensor's local shard; any other tensor itself
+from .reference import QBLOCK, sgd_momentum_dtype_reference_step, sgd_sr_reference_step, sr_key
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -290,12 +319,15 @@ class Impl:
     make: object  # (params, hyper) -> optimizer
     ours: bool  # momentum_cuda: must be bitwise equal to torch's for-loop
     flat: bool = False
-    # --master only: the model's parameter dtype (None: the case's), how the weights are kept
-    # ("master": momentum_cuda's master weights; "recipe": torch's fp32 master copy; "plain")
-    # and the backend every momentum_cuda step must report in opt.last_step.
+    # --master and --modes only: the model's parameter dtype (None: the case's), how the
+    # weights are kept ("master": momentum_cuda's master weights; "recipe": torch's fp32 master
+    # copy; "sr": stochastic rounding; "qmom": a narrow momentum_dtype buffer; "plain") and the
+    # backend every momentum_cuda step must report in opt.last_step.
     model: torch.dtype | None = None
     kind: str = "plain"
     backend: str | None = None
+    momentum_dtype: torch.dtype | None = None  # kind "qmom": the buffer's dtype (bf16, int8)
+    timed: bool = True  # False: a reference twin, stepped next to the contenders, never timed
 
 
 BACKENDS = ("cpu", "cuda", "triton")
@@ -358,8 +390,8 @@ def select(impls, missing, wanted, known=KNOWN, always=(REFERENCE,)) -> tuple[li
         raise SystemExit(f"momentum-cuda bench: --impls {' '.join(unknown)}: no such "
                          f"implementation (names: {' '.join(sorted(have | set(known)))}; "
                          f"available here: {' '.join(sorted(have))})")
-    unavailable = {w: missing.get(w, missing.get(re.sub(r"^mc-(flat|list|master)-(\w+?)(-.*)?$",
-                                                        r"mc-*-\2", w),
+    backend_of = r"^mc-(flat|list|master|sr|mdtype)-(\w+?)(-.*)?$"  # -> missing's mc-*-<backend>
+    unavailable = {w: missing.get(w, missing.get(re.sub(backend_of, r"mc-*-\2", w),
                                                  "not available on this device"))
                    for w in dict.fromkeys(wanted) if w not in have}
     return [i for i in impls if i.name in wanted or i.name in always], unavailable
@@ -524,12 +556,16 @@ def _one_call(impl: Impl, calls: list, numel: int, path: str) -> None:
                                                   else "") + f"; last_step = {calls}")
 
 
+# The path in opt.last_step of each momentum_cuda mode (--master, --modes): one call per step.
+MODE_PATHS = {"master": "master", "sr": "stochastic-rounding", "qmom": "momentum-dtype"}
+
+
 def _check_flat(impl: Impl, opt, numel: int) -> None:
     """A flat optimizer's step: one flat kernel call over `numel` elements (a DDP case too:
-    one call over the spans of all buckets); a master-weights one's (--master): one call of
-    the master op over all, on its backend."""
-    if impl.kind == "master" or impl.flat:
-        _one_call(impl, opt.last_step, numel, "master" if impl.kind == "master" else "flat")
+    one call over the spans of all buckets); a mode's (--master, --modes: master weights,
+    stochastic rounding, momentum_dtype): one call of its path over all, on its backend."""
+    if impl.kind in MODE_PATHS or impl.flat:
+        _one_call(impl, opt.last_step, numel, MODE_PATHS.get(impl.kind, "flat"))
 
 
 def _pieces(t: torch.Tensor):
@@ -601,11 +637,38 @@ def compare_lists(triples, same_kind: bool = False) -> dict | None:
     return out or None
 
 
-def versus_reference(impl: Impl, opt, params, ref_opt, ref_params, momentum: float):
+def mode_state(impl: Impl, opt, params, momentum: float, sample=None) -> list[tuple[str, list]]:
+    """What a stochastic-rounding or momentum_dtype step keeps (--modes), as (what, one tensor
+    or None per parameter): the parameters, the momentum buffers and, for int8 buffers, their
+    scales (state "momentum_scales"). sample ({parameter index: n}, twin_sample()): only those
+    parameters, each its first n elements (its scales: the first ceil(n / QBLOCK)), the part a
+    twin steps after timing."""
+    if sample is not None:
+        params = [params[i] for i in sample]
+    keys = (["momentum_buffer"] + (["momentum_scales"] if impl.momentum_dtype == torch.int8
+                                   else [])) if momentum else []
+    out = [("param", [p.detach() for p in params])]
+    out += [(k, [opt.state.get(p, {}).get(k) for p in params]) for k in keys]
+    if sample is None:
+        return out
+    cut = lambda t, n: None if t is None else t.reshape(-1)[:n]  # noqa: E731
+    return [(what, [cut(t, -(-n // QBLOCK) if what == "momentum_scales" else n)
+                    for t, n in zip(ts, sample.values())]) for what, ts in out]
+
+
+def versus_reference(impl: Impl, opt, params, ref_opt, ref_params, momentum: float,
+                     sample=None):
     """differences() from the reference; for weights kept through an fp32 master (--master:
     impl.kind "master" or "recipe", the reference an fp32 for-loop twin): the masters
     (opt.master_weight(p)) and the fp32 momentum buffers must equal the twin's parameters and
-    buffers, and each bf16 parameter the twin's rounded to nearest even (.to(bfloat16))."""
+    buffers, and each bf16 parameter the twin's rounded to nearest even (.to(bfloat16)); for
+    stochastic rounding and momentum_dtype (--modes, the reference a twin of
+    momentum_cuda.reference's step): mode_state()'s tensors, each equal to the twin's (sample:
+    the twin holds only the first sample[i] elements of each parameter i in it)."""
+    if impl.kind in ("sr", "qmom"):
+        return compare_lists([(what, ours, ref) for (what, ours), (_, ref) in zip(
+            mode_state(impl, opt, params, momentum, sample),
+            mode_state(impl, ref_opt, ref_params, momentum))])
     if impl.kind == "plain":
         return differences(opt, params, ref_opt, ref_params, momentum)
     return compare_lists((("master", [opt.master_weight(p) for p in params], ref_params),
@@ -1442,8 +1505,13 @@ MASTER_KNOWN = tuple([f"mc-master-{b}" for b in BACKENDS]
 #     foreach), 6 + 20 + 6 = 32 (fused)
 # Without momentum there is no buffer: a pass reads p, g and writes p (the master op with rem
 # and the tie bits: 10.25); torch's for-loop is p.add_(g, alpha=-lr), 3 accesses.
+# --modes' one-pass steps (sgd_step_sr_list_, sgd_step_qmom_list_):
+#   mc-sr-* (bf16 p, g, buf): 5 x 2 = 10, as mc-flat-*-bf16 (the random bits are computed)
+#   mc-mdtype-*-bf16 (fp32 p, g; bf16 buf): reads 4 + 4 + 2, writes 4 + 2 = 16
+#   mc-mdtype-*-int8 (fp32 p, g; int8 codes q8 and an fp32 scale per QBLOCK = 256 elements,
+#     4/256 bytes per element): reads 4 + 4 + 1 + 4/256, writes 4 + 1 + 4/256 = 14.03125
 MASTER_BYTES = {"p16": 2, "g16": 2, "buf16": 2, "tmp16": 2, "rem16": 2, "ties": 0.125,
-                "p32": 4, "g32": 4, "buf32": 4, "tmp32": 4}
+                "p32": 4, "g32": 4, "buf32": 4, "tmp32": 4, "q8": 1, "scales": 4 / QBLOCK}
 MASTER_DATA_BYTES = 3 * 2 + 3 * 4  # per parameter: a case's bf16 data and its fp32 widening
 
 
@@ -1540,10 +1608,11 @@ def step_passes(impl: Impl, hyper) -> list[tuple[str, tuple, tuple]]:
     use_buf = hyper["momentum"] != 0
     w = "32" if impl.model == torch.float32 or impl.kind == "recipe" else "16"
     p, g, tmp = "p" + w, "g" + w, "tmp" + w
-    buf = "buf" + (w if impl.kind == "plain" else "32")
+    buf = "buf" + (w if impl.kind == "plain" else "16" if impl.kind in ("sr", "qmom") else "32")
     kept = (p, *(("rem16", "ties") if impl.kind == "master" else ()))
     if impl.ours or impl.name.endswith("-fused"):  # one pass
-        bufs = (buf,) if use_buf else ()
+        narrow = ("q8", "scales") if impl.momentum_dtype == torch.int8 else (buf,)
+        bufs = narrow if use_buf else ()
         ops = [("step (one pass)", (*kept, g, *bufs), (*kept, *bufs))]
     else:
         ops = []
@@ -1597,11 +1666,19 @@ def memory_formula(impl: Impl, sizes, momentum: float) -> dict:
     momentum_cuda's flat layout rounds every parameter up to a multiple of ALIGN_BYTES in its
     flat weights, gradients and buffers; a master-weights parameter's state is an fp32 buffer,
     an int16 remainder and ceil(numel / 8) bytes of tie bits; the recipe holds fp32 copies of
-    the bf16 weights and gradients, and fp32 buffers."""
+    the bf16 weights and gradients, and fp32 buffers; stochastic rounding a bf16 buffer;
+    momentum_dtype a bf16 buffer, or int8 codes and ceil(numel / QBLOCK) fp32 scales."""
     esize = torch.tensor([], dtype=impl.model).element_size()
     align = max(1, ALIGN_BYTES // esize) if impl.flat else 1
     n = sum(-(-s // align) * align for s in sizes)
-    buf = (n * esize if impl.kind == "plain" else 4 * n) if momentum else 0
+    if not momentum:
+        buf = 0
+    elif impl.momentum_dtype == torch.int8:
+        buf = n + 4 * sum(-(-s // QBLOCK) for s in sizes)
+    elif impl.kind in ("sr", "qmom"):
+        buf = 2 * n
+    else:
+        buf = n * esize if impl.kind == "plain" else 4 * n
     wide = 4 * n if impl.kind == "recipe" else 0
     ties = sum(-(-s // 8) for s in sizes) if impl.kind == "master" else 0
     return {"weights": n * esize + wide,
@@ -1618,19 +1695,20 @@ def master_peak_bytes(impls: list, total: int, momentum: float) -> int:
 
 
 def run_master_case(layout, total, dtype, impls, hyper, args, device, clock,
-                    deadline=None) -> dict:
-    """One --master case: the bf16 data drawn once (the fp32 contenders step it widened,
-    exactly), the check (2 steps next to each contender's reference), the timed rounds, the
-    check again after them, the memory held (measured), the bytes model and the costs."""
+                    deadline=None, ref_of=master_reference, bases=MASTER_BASES) -> dict:
+    """One --master case (--modes: ref_of=modes_reference, bases=MODES_BASES): the bf16 data
+    drawn once (the fp32 contenders step it widened, exactly), the check (2 steps next to each
+    contender's reference, ref_of(impl)), the timed rounds, the check again after them, the
+    memory held (measured), the bytes model, the ratios to `bases` and the costs."""
     t0, data, case = case_start(layout, total, dtype, args, device)
     datas = {dtype: data, torch.float32: CaseData(
         data.sizes, *(t.to(torch.float32) for t in (data.init, data.grads, data.grads2)))}
-    case["references"] = {i.name: master_reference(i) for i in impls}
-    equal, errors, mismatches = bitwise_check(impls, datas, hyper, master_reference)
+    case["references"] = {i.name: ref_of(i) for i in impls if i.timed}
+    equal, errors, mismatches = bitwise_check(impls, datas, hyper, ref_of)
     case.update(bitwise_vs_forloop=equal, errors=errors, mismatches=mismatches)
     runnable = [i for i in impls if i.name not in errors and i.name not in mismatches]
     times, busy, discarded, held = _master_timed(case, runnable, datas, hyper, args, device,
-                                                 clock, deadline)
+                                                 clock, deadline, ref_of)
     case["bandwidth_probe"] = probe_result(times, total, 4)
     results = {}
     for impl in runnable:
@@ -1638,7 +1716,9 @@ def run_master_case(layout, total, dtype, impls, hyper, args, device, clock,
             continue
         r = summarize(times[impl.name])
         r.update(model_dtype=str(impl.model).replace("torch.", ""), kind=impl.kind,
-                 reference=master_reference(impl), moved=moved_bytes(impl, hyper))
+                 reference=ref_of(impl), moved=moved_bytes(impl, hyper))
+        if impl.momentum_dtype is not None:
+            r["momentum_dtype"] = str(impl.momentum_dtype).replace("torch.", "")
         r["bytes_per_param"] = r["moved"]["total"]
         r["gbps"] = total * r["bytes_per_param"] / (r["median_ms"] * 1e-3) / 1e9
         r["bw_share"] = r["gbps"] / case["bandwidth_probe"]["gbps"]
@@ -1648,27 +1728,31 @@ def run_master_case(layout, total, dtype, impls, hyper, args, device, clock,
                  memory_per_param={k: v / total for k, v in held[impl.name].items()})
         r["memory_per_param"]["weights_state"] = (r["memory_per_param"]["weights"]
                                                   + r["memory_per_param"]["state"])
+        r["memory_per_param"]["total"] = sum(held[impl.name].values()) / total
         results[impl.name] = r
-    add_ratios(results, times, MASTER_BASES)
+    add_ratios(results, times, bases)
     add_costs(results, {i.name: functools.partial(step_cost, i, datas[i.model], hyper, device)
-                        for i in runnable})
+                        for i in runnable if i.timed})
     case_end(case, t0, device, results=results, contention=busy,
              discarded_noisy_attempts=discarded, steps_per_optimizer=args.warmup + args.rounds)
     return case
 
 
-def _master_timed(case, runnable, datas, hyper, args, device, clock, deadline):
+def _master_timed(case, runnable, datas, hyper, args, device, clock, deadline,
+                  ref_of=master_reference):
     """Times every runnable contender's step and the bandwidth probe (an fp32 a.add_(b)) in
     interleaved rounds, then checks each against its reference again (all took the same steps
-    on the same gradients): a momentum_cuda step must still be one call of its path (master or
-    flat) on its backend, and its weights (masters) equal the reference's bitwise, or it is
-    recorded and its times dropped; torch's are reported. Returns (times, contention,
-    discarded attempts, {name: held_memory() after timing})."""
+    on the same gradients): a momentum_cuda step must still be one call of its path (master,
+    flat, stochastic-rounding, momentum-dtype) on its backend, and its weights (masters) and
+    state equal the reference's bitwise, or it is recorded and its times dropped; torch's are
+    reported. A reference twin (--modes: impl.timed False) is not timed: it is made after the
+    rounds over twin_sample()'s parameters and elements and takes as many steps.
+    Returns (times, contention, discarded attempts, {name: held_memory() after timing})."""
     data32 = datas[torch.float32]
     bw_a, bw_b = data32.grads2, data32.grads  # grads2 is no longer needed after the check
 
     def setup():
-        made = {i.name: build(i, datas[i.model], hyper) for i in runnable}
+        made = {i.name: build(i, datas[i.model], hyper) for i in runnable if i.timed}
         steps = {name: opt.step for name, (opt, _) in made.items()}
         steps[BW_PROBE] = lambda: bw_a.add_(bw_b, alpha=-1e-3)
         return made, steps, None
@@ -1676,9 +1760,24 @@ def _master_timed(case, runnable, datas, hyper, args, device, clock, deadline):
     made, times, busy, discarded = timed_attempts(case, setup, args, device, clock, deadline)
     clock.sync()
     steps = args.warmup + args.rounds
+    sample = twin_sample(data32.sizes)
+    twins = {}
+    for twin in [i for i in runnable if not i.timed]:
+        # the reference steps are slow (plain torch ops, several per tensor and element): a
+        # twin steps a sample, exactly as it would within the whole (each parameter alone,
+        # elementwise, the random bits and the int8 blocks numbered from its start)
+        twins[twin.name] = build(twin, sample_data(datas[twin.model], sample), hyper)
+        twins[twin.name][0].positions = list(sample)  # the sr keys' parameter numbers
+        for _ in range(steps):
+            twins[twin.name][0].step()
+    case["twin_check"] = {"tensors": len(sample), "of_tensors": len(data32.sizes),
+                          "elements": sum(sample.values()), "of": sum(data32.sizes),
+                          "per_parameter_max": max(sample.values())} if twins else None
     for impl in runnable:
+        if not impl.timed:
+            continue
         opt, params = made[impl.name]
-        ref = master_reference(impl)
+        ref = ref_of(impl)
         if impl.name == ref:
             continue
         try:
@@ -1687,11 +1786,21 @@ def _master_timed(case, runnable, datas, hyper, args, device, clock, deadline):
         except BenchFailure as e:
             drop_mismatch(case, times, impl.name, "after timing", steps, summary=str(e))
             continue
-        diff = versus_reference(impl, opt, params, *made[ref], hyper["momentum"])
+        diff = (versus_reference(impl, opt, params, *twins[ref], hyper["momentum"], sample)
+                if ref in twins else
+                versus_reference(impl, opt, params, *made[ref], hyper["momentum"]))
         case["bitwise_vs_forloop"][impl.name] = diff is None
         if diff is not None and impl.ours:
             drop_mismatch(case, times, impl.name, "after timing", steps, diff)
     return times, busy, discarded, {name: held_memory(*m) for name, m in made.items()}
+
+
+def sample_data(data: CaseData, sample: dict) -> CaseData:
+    """`data` cut to twin_sample()'s parameters, each its first sample[i] elements."""
+    def cut(flat):
+        pieces = data.split(flat)
+        return torch.cat([pieces[i][:n] for i, n in sample.items()])
+    return CaseData(list(sample.values()), cut(data.init), cut(data.grads), cut(data.grads2))
 
 
 def master_notes(device: torch.device, args) -> list[str]:
@@ -1739,6 +1848,219 @@ def master_notes(device: torch.device, args) -> list[str]:
         notes.append("No CUDA-graph replays in --master (the step mode times those).")
     return notes
 
+
+# ---- --modes: every momentum_cuda mode next to fp32 and torch (issue 14) ------------------------
+MODES_PARAMS = (10**6, 10**7)  # --params' default with --modes
+MODES_BASES = ("torch-fp32-foreach", "torch-fp32-fused")  # the ratios' denominators
+SR_SEED = 0  # the stochastic-rounding contenders' sr_seed (their twin draws the same bits)
+# A reference twin (plain torch ops: seconds per step at 10M elements, or at 2000 tensors, on a
+# CPU) steps a sample after timing: at most TWIN_TENSORS parameters and about TWIN_ELEMENTS
+# elements (twin_sample; the 2-step check before timing steps all).
+TWIN_TENSORS = 64
+TWIN_ELEMENTS = 1 << 19
+
+
+def twin_sample(sizes: list) -> dict:
+    """{parameter index: leading elements} a twin steps after timing: every parameter where
+    there are at most TWIN_TENSORS, else TWIN_TENSORS of them evenly spaced (the first and the
+    last among them); all their elements where they hold at most TWIN_ELEMENTS, else the same
+    share of each, whole int8 blocks (a multiple of QBLOCK, at least one block)."""
+    n = len(sizes)
+    picked = (range(n) if n <= TWIN_TENSORS else
+              sorted({round(k * (n - 1) / (TWIN_TENSORS - 1)) for k in range(TWIN_TENSORS)}))
+    if sum(sizes[i] for i in picked) <= TWIN_ELEMENTS:
+        return {i: sizes[i] for i in picked}
+    head = max(QBLOCK, TWIN_ELEMENTS // len(picked) // QBLOCK * QBLOCK)
+    return {i: min(sizes[i], head) for i in picked}
+
+
+TWIN_SR = "ref-sr"
+
+
+def twin_name(impl: Impl) -> str | None:
+    """The reference twin of a stochastic-rounding or momentum_dtype contender (or twin)."""
+    if impl.kind == "sr":
+        return TWIN_SR
+    if impl.kind == "qmom":
+        return "ref-mdtype-" + {torch.bfloat16: "bf16", torch.int8: "int8"}[impl.momentum_dtype]
+    return None
+
+
+class SrTwin:
+    """stochastic_rounding=True's reference as an optimizer: each step() is
+    momentum_cuda.reference.sgd_sr_reference_step over its parameters' .grad, with the keys
+    momentum_cuda.SGD(params, stochastic_rounding=True, sr_seed=seed) uses for one group:
+    sr_key(seed, step, the parameter's position); state "momentum_buffer" (bf16), as it keeps
+    it."""
+
+    def __init__(self, params, seed: int, **hyper):
+        self.params, self.seed, self.hyper = list(params), seed, hyper
+        self.steps, self.state = 0, {}
+        # each parameter's place among the contender's (a twin of a sample: twin_sample's)
+        self.positions = list(range(len(self.params)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        keys = [sr_key(self.seed, self.steps, k) for k in self.positions]
+        bufs = sgd_sr_reference_step(self.params, [p.grad for p in self.params],
+                                     [self.state.get(p, {}).get("momentum_buffer")
+                                      for p in self.params], keys, **self.hyper)
+        for p, b in zip(self.params, bufs):
+            if b is not None:
+                self.state.setdefault(p, {})["momentum_buffer"] = b
+
+
+class MomentumDtypeTwin:
+    """momentum_dtype's reference as an optimizer: each step() is
+    momentum_cuda.reference.sgd_momentum_dtype_reference_step over its fp32 parameters' .grad;
+    state "momentum_buffer" (bf16, or int8 codes) and, for int8, "momentum_scales", as
+    momentum_cuda.SGD(params, momentum_dtype=dtype) keeps them."""
+
+    def __init__(self, params, dtype: torch.dtype, **hyper):
+        self.params, self.int8, self.hyper = list(params), dtype == torch.int8, hyper
+        self.state = {}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        st = [self.state.get(p, {}) for p in self.params]
+        # a list (of None on the first step) asks the reference for int8 buffers, None for bf16
+        bufs, scales = sgd_momentum_dtype_reference_step(
+            self.params, [p.grad for p in self.params], [s.get("momentum_buffer") for s in st],
+            [s.get("momentum_scales") for s in st] if self.int8 else None, **self.hyper)
+        for k, (p, b) in enumerate(zip(self.params, bufs)):
+            if b is not None:
+                self.state.setdefault(p, {})["momentum_buffer"] = b
+                if self.int8:
+                    self.state[p]["momentum_scales"] = scales[k]
+
+
+# The order of --modes' rows: momentum_cuda's modes from the widest state to the narrowest
+# (plain fp32, narrow buffers, bf16 with masters, stochastic rounding, plain bf16), then torch.
+MODES_ORDER = ("mc-flat-{b}-fp32", "mc-mdtype-{b}-bf16", "mc-mdtype-{b}-int8", "mc-master-{b}",
+               "mc-sr-{b}", "mc-flat-{b}-bf16")
+MODES_TORCH = ("torch-fp32-forloop", "torch-fp32-foreach", "torch-fp32-fused", MASTER_REF16)
+MODES_KNOWN = tuple([n.format(b=b) for b in BACKENDS for n in MODES_ORDER] + list(MODES_TORCH))
+
+
+def modes_implementations(device: torch.device) -> tuple[list[Impl], dict[str, str]]:
+    """--modes' contenders that run on `device`, and {name: why not} for the others: per
+    backend that runs here, momentum_cuda flat on fp32 parameters, momentum_dtype bf16 and int8
+    (fp32 parameters), master weights, stochastic rounding and flat on bf16 parameters (each
+    mode where the backend has its op); torch.optim.SGD on fp32 parameters (for-loop: the
+    reference of fp32 weights and masters; foreach; fused) and on bf16 ones (for-loop: the
+    reference of plain bf16); the reference twins (not timed) of stochastic rounding and
+    momentum_dtype."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    found, missing = master_implementations(device)
+    found = {i.name: i for i in found if i.kind != "recipe"}  # the recipe is --master's
+    backends = [b for b in BACKENDS if f"mc-flat-{b}-fp32" in found]
+    for b in backends:
+        try:
+            sr_op(b)
+        except (AttributeError, RuntimeError) as e:
+            missing[f"mc-sr-{b}"] = (f"backend {b!r} has no stochastic-rounding op in this build "
+                                     f"({type(e).__name__}: {e})")
+        else:
+            found[f"mc-sr-{b}"] = Impl(
+                f"mc-sr-{b}", f"momentum_cuda stochastic rounding ({b})",
+                lambda ps, h, b=b: momentum_cuda.SGD(ps, backend=b, stochastic_rounding=True,
+                                                     sr_seed=SR_SEED, **h),
+                ours=True, model=bf16, kind="sr", backend=b)
+        for w, mdtype in (("bf16", bf16), ("int8", torch.int8)):
+            name = f"mc-mdtype-{b}-{w}"
+            try:
+                qmom_op(b)
+            except (AttributeError, RuntimeError) as e:
+                missing[name] = (f"backend {b!r} has no momentum_dtype op in this build "
+                                 f"({type(e).__name__}: {e})")
+            else:
+                found[name] = Impl(name, f"momentum_cuda momentum_dtype={w} ({b})",
+                                   lambda ps, h, b=b, d=mdtype: momentum_cuda.SGD(
+                                       ps, backend=b, momentum_dtype=d, **h),
+                                   ours=True, model=fp32, kind="qmom", backend=b,
+                                   momentum_dtype=mdtype)
+    order = [n.format(b=b) for b in backends for n in MODES_ORDER] + list(MODES_TORCH)
+    impls = [found[n] for n in order if n in found]
+    twins = [Impl(TWIN_SR, "reference twin: sgd_sr_reference_step",
+                  lambda ps, h: SrTwin(ps, SR_SEED, **h), ours=False, model=bf16, kind="sr",
+                  timed=False)]
+    for w, mdtype in (("bf16", bf16), ("int8", torch.int8)):
+        twins.append(Impl(f"ref-mdtype-{w}",
+                          f"reference twin: sgd_momentum_dtype_reference_step ({w})",
+                          lambda ps, h, d=mdtype: MomentumDtypeTwin(ps, d, **h), ours=False,
+                          model=fp32, kind="qmom", momentum_dtype=mdtype, timed=False))
+    return impls + twins, missing
+
+
+def modes_reference(impl: Impl) -> str:
+    """The contender (or twin) whose weights and state `impl` must equal: stochastic rounding
+    and momentum_dtype their twin, the others as in --master (fp32 weights and masters: the
+    fp32 for-loop; plain bf16: the bf16 for-loop)."""
+    return twin_name(impl) or master_reference(impl)
+
+
+def run_modes_case(layout, total, dtype, impls, hyper, args, device, clock,
+                   deadline=None) -> dict:
+    """One --modes case: --master's machinery (run_master_case) with --modes' references
+    (modes_reference: the twins for stochastic rounding and momentum_dtype) and bases."""
+    return run_master_case(layout, total, dtype, impls, hyper, args, device, clock, deadline,
+                           ref_of=modes_reference, bases=MODES_BASES)
+
+
+def needed_twins(impls: list) -> list:
+    """impls less the twins that no timed contender refers to (--impls without them)."""
+    refs = {modes_reference(i) for i in impls if i.timed}
+    return [i for i in impls if i.timed or i.name in refs]
+
+
+def modes_notes(device: torch.device, args) -> list[str]:
+    """What the --modes numbers are, written into the JSON and printed under the table."""
+    notes = [
+        "Timed: one opt.step() of momentum_cuda.SGD(params, backend=<backend>) with: "
+        "mc-flat-<b>-fp32: fp32 params (flat); mc-mdtype-<b>-bf16 / -int8: fp32 params, "
+        "momentum_dtype=torch.bfloat16 / torch.int8 (int8 codes + one fp32 scale per 256 "
+        "elements); mc-master-<b>: bf16 params, master_weights=True (exact fp32 masters); "
+        f"mc-sr-<b>: bf16 params, stochastic_rounding=True, sr_seed={SR_SEED} (bf16 momentum); "
+        "mc-flat-<b>-bf16: bf16 params (flat, bf16 momentum). Each momentum_cuda step checked "
+        "to be ONE call of its path (flat, momentum-dtype, master, stochastic-rounding) on its "
+        "backend over all parameters (opt.last_step). torch-fp32-*: torch.optim.SGD on fp32 "
+        "params (for-loop, foreach, fused); torch-bf16-forloop: on bf16 params.",
+        "Data: bf16 parameters and gradients drawn once per case; the fp32 contenders get "
+        "them widened (exact). The gradients stay the same over the timed steps. Checked "
+        "before timing (2 steps, 2 gradient sets, every element) and after it (every contender "
+        "took the same warm-up + timed steps), bitwise: fp32 weights and masters (and bf16 "
+        "params = masters rounded to nearest even) against torch-fp32-forloop, plain bf16 "
+        "against torch-bf16-forloop, stochastic rounding and momentum_dtype (parameters, "
+        "momentum buffers, int8 scales) against a twin stepped by momentum_cuda.reference "
+        "(sgd_sr_reference_step with sr_key(seed, step, position); "
+        "sgd_momentum_dtype_reference_step), not timed; after timing the twins step a sample: "
+        f"at most {TWIN_TENSORS} parameters, evenly spaced, and the first elements of each, "
+        f"about {TWIN_ELEMENTS} in all, whole int8 blocks (twin_sample; per case: twin_check), "
+        "since the plain-torch references are slow. Enforced for momentum_cuda, reported for "
+        "torch.",
+        "moved B/p: a MODEL, not a measurement (step_passes, MASTER_BYTES in "
+        "momentum_cuda/bench.py): bytes each implementation's ops read and write per parameter "
+        "per steady-state step. One pass: fp32 20 (p, g, buf 4 each, read; p, buf written); "
+        "momentum_dtype bf16 16 (buf 2); int8 14.03125 (codes 1, plus a 4-byte scale per 256 "
+        "elements read and written); master 18.25 (bf16 p, remainder, tie bit, bf16 g, fp32 "
+        "buf); stochastic rounding and bf16 flat 10. torch for-loop/foreach: 3 ops, 8 "
+        "accesses (fp32 32, bf16 16); fused: one pass (20). GB/s: that model's bytes / median; "
+        "BW share: of the fp32 a.add_(b) probe timed in the same rounds.",
+        "weights / state / grads / held B/p: MEASURED after timing from the tensors held, each "
+        "storage once: the parameters, every tensor in opt.state (momentum buffers, int8 "
+        "scales, master remainders and tie bits), the gradients; held = their sum. "
+        "momentum_cuda's flat layout includes its padding (each parameter rounded up to 64 "
+        "bytes); the modes' parameters are not laid out flat. Compared with memory_formula() "
+        "(JSON: memory_matches_formula).",
+        "vs X: X's median / this median (> 1: faster), both of the same interleaved rounds.",
+    ]
+    if device.type == "cpu":
+        notes.append(
+            "CPU: these are the C++ ops on this host's cores, caches and memory, not a GPU's; "
+            "on a shared machine other processes' load makes them noisy (see 'contention' per "
+            "case). CUDA and Triton rows run only on a GPU.")
+    return notes
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -1833,8 +2155,9 @@ def print_summary(doc: dict, out=None) -> None:
     """The final table (a row per case and implementation, the probe first) and what did not
     run or failed; in --overhead mode microseconds, and issue 13's targets."""
     out = out or sys.stdout
-    if doc.get("mode") in ("ampclip", "master"):
-        (print_ampclip_summary if doc["mode"] == "ampclip" else print_master_summary)(doc, out)
+    if doc.get("mode") in ("ampclip", "master", "modes"):
+        {"ampclip": print_ampclip_summary, "master": print_master_summary,
+         "modes": print_modes_summary}[doc["mode"]](doc, out)
         return
     overhead = doc.get("mode") == "overhead"
     columns = OVERHEAD_COLUMNS if overhead else COLUMNS
@@ -2023,22 +2346,46 @@ MASTER_COLUMNS = ("case", "implementation", "median ms", "p10-p90 ms", "vs m-for
                   "weights B/p", "state B/p", "grads B/p", "kernels", "== ref")
 
 
-def master_rows(case: dict) -> list[list[str]]:
+MODES_COLUMNS = ("case", "implementation", "median ms", "p10-p90 ms", "vs fp32-foreach",
+                 "vs fp32-fused", "moved B/p", "GB/s", "BW share", "weights B/p", "state B/p",
+                 "grads B/p", "held B/p", "= formula", "kernels", "== ref")
+MEMORY_KINDS = ("weights", "state", "grads")
+
+
+def master_rows(case: dict, bases=MASTER_BASES, held: bool = False) -> list[list[str]]:
+    """--master's rows (--modes: its bases, and held: the total bytes held per parameter and
+    whether they are memory_formula()'s)."""
     bw = case["bandwidth_probe"]
     rows = [[case_name(case), "bandwidth probe (fp32)", _ms(bw["median_ms"]),
-             f"{_ms(bw['p10_ms'])}-{_ms(bw['p90_ms'])}", "-", "-", "-", "12",
-             f"{bw['gbps']:.1f}", "100%"] + ["-"] * 5]
+             f"{_ms(bw['p10_ms'])}-{_ms(bw['p90_ms'])}", *("-" for _ in bases), "12",
+             f"{bw['gbps']:.1f}", "100%"] + ["-"] * (5 + 2 * held)]
     for name, r in case["results"].items():
         eq = case["bitwise_vs_forloop"].get(name)
         vs = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
         m = r["memory_per_param"]
         rows.append(["", name, _ms(r["median_ms"]), f"{_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}",
-                     *(vs("vs_" + ratio_key(b)) for b in MASTER_BASES),
+                     *(vs("vs_" + ratio_key(b)) for b in bases),
                      f"{r['bytes_per_param']:g}", f"{r['gbps']:.1f}",
                      f"{100 * r['bw_share']:.0f}%",
-                     *(f"{m[k]:.3f}" for k in ("weights", "state", "grads")),
+                     *(f"{m[k]:.3f}" for k in MEMORY_KINDS),
+                     *((f"{m['total']:.3f}", "yes" if r["memory_matches_formula"] else "NO")
+                       if held else ()),
                      str(r.get("kernels", "-")), "-" if eq is None else ("yes" if eq else "NO")])
     return rows
+
+
+def print_modes_summary(doc: dict, out) -> None:
+    """--modes' table (per case: the probe, then every contender) and notes."""
+    print_mode_summary(doc, out, MODES_COLUMNS, functools.partial(
+        master_rows, bases=MODES_BASES, held=True), (
+        f"one optimizer step, milliseconds, {doc['config']['rounds']} interleaved rounds after "
+        f"{doc['config']['warmup']} warm-up; vs fp32-foreach / fp32-fused: "
+        "torch-fp32-foreach's / torch-fp32-fused's median / this median, > 1 is faster; "
+        "moved B/p: the bytes model per parameter; weights, state, grads, held B/p: measured "
+        "bytes held per parameter (held: their sum); = formula: equal to memory_formula(); "
+        "kernels: " + kernels_text(doc) + " per step; == ref: bitwise equal to its reference "
+        "after timing (fp32 and masters: torch-fp32-forloop; bf16: torch-bf16-forloop; "
+        "stochastic rounding, momentum_dtype: the reference twins)"))
 
 
 def print_master_summary(doc: dict, out) -> None:
@@ -2053,17 +2400,23 @@ def print_master_summary(doc: dict, out) -> None:
         "twin)"))
 
 
-MASTER_CSV_FIELDS = ("device", "dtype", "layout", "numel", "tensors", "implementation",
-                     "model_dtype", "kind", "median_ms", "p10_ms", "p90_ms", "iqr_ms", "min_ms",
-                     *("vs_" + ratio_key(b) for b in MASTER_BASES), "bytes_per_param",
-                     "bytes_read_per_param", "bytes_written_per_param", "gbps", "bw_share",
-                     "weights_bytes_per_param", "state_bytes_per_param",
-                     "grads_bytes_per_param", "memory_matches_formula", "kernels",
-                     "alloc_bytes", "reference", "bitwise_vs_reference",
-                     "bandwidth_probe_gbps")
+def _mode_csv_fields(bases, modes: bool = False) -> tuple:
+    """--master's CSV columns (modes: --modes', with the momentum dtype and the total held)."""
+    return ("device", "dtype", "layout", "numel", "tensors", "implementation", "model_dtype",
+            *(("momentum_dtype",) if modes else ()), "kind", "median_ms", "p10_ms", "p90_ms",
+            "iqr_ms", "min_ms", *("vs_" + ratio_key(b) for b in bases), "bytes_per_param",
+            "bytes_read_per_param", "bytes_written_per_param", "gbps", "bw_share",
+            *(k + "_bytes_per_param" for k in MEMORY_KINDS + (("total",) if modes else ())),
+            "memory_matches_formula", "kernels", "alloc_bytes", "reference",
+            "bitwise_vs_reference", "bandwidth_probe_gbps")
 
 
-def master_csv_rows(doc: dict):
+MASTER_CSV_FIELDS = _mode_csv_fields(MASTER_BASES)
+MODES_CSV_FIELDS = _mode_csv_fields(MODES_BASES, modes=True)
+
+
+def master_csv_rows(doc: dict, bases=MASTER_BASES, modes: bool = False):
+    """--master's CSV rows (--modes: its bases, modes: the momentum dtype and total held)."""
     for case in doc["cases"]:
         for name, r in case["results"].items():
             m = r["memory_per_param"]
@@ -2073,10 +2426,12 @@ def master_csv_rows(doc: dict):
                    **{k: r.get(k, "") for k in ("model_dtype", "kind", "median_ms", "p10_ms",
                                                 "p90_ms", "iqr_ms", "min_ms", "bytes_per_param",
                                                 "gbps", "bw_share",
-                                                *("vs_" + ratio_key(b) for b in MASTER_BASES))},
+                                                *("vs_" + ratio_key(b) for b in bases))},
+                   **({"momentum_dtype": r.get("momentum_dtype", ""),
+                       "total_bytes_per_param": m["total"]} if modes else {}),
                    "bytes_read_per_param": r["moved"]["read"],
                    "bytes_written_per_param": r["moved"]["written"],
-                   **{k + "_bytes_per_param": m[k] for k in ("weights", "state", "grads")},
+                   **{k + "_bytes_per_param": m[k] for k in MEMORY_KINDS},
                    **{k: r.get(k, "") for k in ("memory_matches_formula", "kernels",
                                                 "alloc_bytes", "reference")},
                    "bitwise_vs_reference": case["bitwise_vs_forloop"].get(name, ""),
@@ -2084,9 +2439,9 @@ def master_csv_rows(doc: dict):
 
 
 def plot_master(doc: dict, path: Path, labels: dict) -> None:
-    """--master's picture: a panel per case, a bar per contender: its median step time
-    (p10-p90 whiskers), labelled with its modelled bytes moved and its measured weights +
-    state per parameter."""
+    """--master's (and --modes') picture: a panel per case, a bar per contender: its median
+    step time (p10-p90 whiskers), labelled with its modelled bytes moved and its measured
+    weights + state per parameter."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -2097,7 +2452,8 @@ def plot_master(doc: dict, path: Path, labels: dict) -> None:
     most = max(len(c["results"]) for c in cases)
     fig, axes = plt.subplots(nrow, ncol, squeeze=False,
                              figsize=(7.5 * ncol, (0.32 * most + 1.2) * nrow + 1.0))
-    colors = {"master": "tab:red", "recipe": "tab:blue", "plain": "tab:gray"}
+    colors = {"master": "tab:red", "recipe": "tab:blue", "plain": "tab:gray", "sr": "tab:purple",
+              "qmom": "tab:green"}
     for ax, case in zip(axes.flat, cases):
         res = case["results"]
         names = list(res)
@@ -2119,11 +2475,15 @@ def plot_master(doc: dict, path: Path, labels: dict) -> None:
     for ax in list(axes.flat)[len(cases):]:
         ax.set_visible(False)
     m = doc["machine"]
-    fig.suptitle("One SGD-momentum step, bf16 parameters with fp32 master weights, lower is "
-                 "better (red: momentum_cuda master weights; orange: momentum_cuda flat; blue: "
-                 "torch's fp32 master recipe; gray: torch)\n"
-                 f"{m.get('gpu') or m['cpu']['model']} | torch {m['torch']['version']} | "
-                 f"{m['torch']['threads']} threads | {m['date'][:10]}", fontsize=9)
+    title = ("One SGD-momentum step per mode, lower is better (orange: momentum_cuda flat fp32 / "
+             "bf16; green: momentum_dtype bf16 / int8; red: master weights; purple: stochastic "
+             "rounding; gray: torch)" if doc.get("mode") == "modes" else
+             "One SGD-momentum step, bf16 parameters with fp32 master weights, lower is better "
+             "(red: momentum_cuda master weights; orange: momentum_cuda flat; blue: torch's "
+             "fp32 master recipe; gray: torch)")
+    fig.suptitle(f"{title}\n{m.get('gpu') or m['cpu']['model']} | torch "
+                 f"{m['torch']['version']} | {m['torch']['threads']} threads | {m['date'][:10]}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")  # path may be a temporary name
     plt.close(fig)
@@ -2152,7 +2512,9 @@ def write_files(doc: dict, base: Path, formats, labels: dict, png: bool) -> list
         def write_csv(p: Path) -> None:
             with p.open("w", newline="") as f:
                 fields, rows = {"ampclip": (AMPCLIP_CSV_FIELDS, ampclip_csv_rows),
-                                "master": (MASTER_CSV_FIELDS, master_csv_rows)}.get(
+                                "master": (MASTER_CSV_FIELDS, master_csv_rows),
+                                "modes": (MODES_CSV_FIELDS, functools.partial(
+                                    master_csv_rows, bases=MODES_BASES, modes=True))}.get(
                     doc.get("mode"), (CSV_FIELDS, csv_rows))
                 w = csv.DictWriter(f, fieldnames=fields)
                 w.writeheader()
@@ -2162,8 +2524,8 @@ def write_files(doc: dict, base: Path, formats, labels: dict, png: bool) -> list
         written.append(path)
     if png and "png" in formats and doc["cases"]:
         path = base.with_name(base.name + ".png")
-        _atomic_write(path, lambda p: (plot_master if doc.get("mode") == "master" else plot)(
-            doc, p, labels))
+        _atomic_write(path, lambda p: (plot_master if doc.get("mode") in ("master", "modes")
+                                       else plot)(doc, p, labels))
         written.append(path)
     return written
 
@@ -2290,6 +2652,7 @@ def parse_args(argv=None):
                     help="only these implementations (torch-forloop, the reference, is always "
                          f"run); any of: {' '.join(KNOWN)}; --master: any of "
                          f"{' '.join(MASTER_KNOWN)} ({MASTER_REF32} and {MASTER_REF16} always "
+                         f"run); --modes: any of {' '.join(MODES_KNOWN)} (the same two always "
                          "run)")
     ap.add_argument("--overhead", action="store_true",
                     help="time the host overhead of a step: tiny tensors (1-16 elements each), "
@@ -2314,6 +2677,13 @@ def parse_args(argv=None):
                          "bf16 steps; bytes moved (a model) and memory held (measured) per "
                          "parameter; --params, --layouts (default " + " ".join(MASTER_LAYOUTS)
                          + ")")
+    ap.add_argument("--modes", action="store_true",
+                    help="every mode (issue 14): momentum_cuda fp32, momentum_dtype bf16 and "
+                         "int8, master weights, stochastic rounding and bf16, next to "
+                         "torch.optim.SGD fp32 (for-loop, foreach, fused) and bf16; step time, "
+                         "bytes moved (a model) and memory held (measured) per parameter; "
+                         "--params (default " + " ".join(count_text(n) for n in MODES_PARAMS)
+                         + "), --layouts (default " + " ".join(MASTER_LAYOUTS) + ")")
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed rounds (>= 20 unless --quick; default 30, --overhead 100)")
     ap.add_argument("--warmup", type=int, default=None,
@@ -2358,17 +2728,22 @@ def parse_args(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: torch sees no GPU here (torch.cuda.is_available() is "
                  "False)")
-    if args.master:
+    if args.master or args.modes:
+        flag = "--master" if args.master else "--modes"
+        if args.master and args.modes:
+            ap.error("--master and --modes are two modes: one at a time")
         if args.overhead or args.ampclip:
-            ap.error("--master is a mode of its own: not with --overhead or --ampclip")
+            ap.error(f"{flag} is a mode of its own: not with --overhead or --ampclip")
         if args.dtypes is not None:
-            ap.error("--master steps bfloat16 models (fp32 ones next to them); it takes no "
+            ap.error(f"{flag} steps bfloat16 models (fp32 ones next to them); it takes no "
                      "--dtypes")
         odd = [lay for lay in args.layouts or () if lay in DTENSOR_LAYOUTS + DDP_LAYOUTS]
         if odd:
-            ap.error(f"--master times plain tensors; it takes no --layouts {' '.join(odd)}")
+            ap.error(f"{flag} times plain tensors; it takes no --layouts {' '.join(odd)}")
         args.layouts = list(MASTER_LAYOUTS) if args.layouts is None else args.layouts
         args.dtypes = ["bfloat16"]
+        if args.modes and args.params is None and not args.quick:
+            args.params = list(MODES_PARAMS)
     if args.overhead:
         given = [o for o in ("params", "layouts") if getattr(args, o) is not None]
         if given:
@@ -2500,10 +2875,15 @@ def main(argv=None) -> int:
     args, device = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    impls, missing = (master_implementations if args.master else implementations)(device)
+    impls, missing = (master_implementations if args.master else modes_implementations
+                      if args.modes else implementations)(device)
     impls, unavailable = select(impls, missing, args.impls, *(
-        (MASTER_KNOWN, (MASTER_REF32, MASTER_REF16)) if args.master else ()))
-    labels = {i.name: i.label for i in impls}
+        (MASTER_KNOWN, (MASTER_REF32, MASTER_REF16)) if args.master else
+        (MODES_KNOWN, (MASTER_REF32, MASTER_REF16, *(i.name for i in impls if not i.timed)))
+        if args.modes else ()))
+    if args.modes:
+        impls = needed_twins(impls)
+    labels = {i.name: i.label for i in impls if i.timed}
     hyper = dict(lr=args.lr, momentum=args.momentum, dampening=args.dampening,
                  weight_decay=args.weight_decay, nesterov=args.nesterov)
     machine = machine_info(device)
@@ -2512,7 +2892,7 @@ def main(argv=None) -> int:
           f"{' (dirty worktree)' if machine['worktree_dirty'] else ''} | torch {torch.__version__}"
           f" | {machine.get('gpu') or machine['cpu']['model']} | {torch.get_num_threads()} threads "
           f"| {args.rounds} rounds after {args.warmup} warm-up, order rotated each round")
-    print("timed: " + ", ".join(i.label for i in impls))
+    print("timed: " + ", ".join(i.label for i in impls if i.timed))
     for name, why in unavailable.items():
         print(f"ASKED FOR BUT NOT AVAILABLE on {device}: {name}: {why}")
     if args.impls is None:
@@ -2535,12 +2915,13 @@ def main(argv=None) -> int:
         base = args.out / (args.name or
                            f"bench-{'overhead-' if args.overhead else ''}"
                            f"{'ampclip-' if args.ampclip else ''}"
-                           f"{'master-' if args.master else ''}{host_kind(device)}-"
+                           f"{'master-' if args.master else ''}"
+                           f"{'modes-' if args.modes else ''}{host_kind(device)}-"
                            f"{'quick-' if args.quick else ''}{stamp}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     cases, skipped, failures = [], [], []
     mode = ("overhead" if args.overhead else "ampclip" if args.ampclip
-            else "master" if args.master else "step")
+            else "master" if args.master else "modes" if args.modes else "step")
     doc = {"schema": SCHEMA, "mode": mode,
            "complete": False, "stopped_early": None, "elapsed_s": 0.0,
            "machine": machine, "config": config, "hyper": hyper, "implementations": labels,
@@ -2574,6 +2955,18 @@ def main(argv=None) -> int:
             "element_bytes": MASTER_BYTES,
             "implementations": {i.name: moved_bytes(i, hyper) for i in impls}}
         doc["notes"] = master_notes(device, args)
+    if args.modes:
+        doc["default_backend"] = resolve_backend(None, device)
+        doc["references"] = {"fp32 weights and masters": MASTER_REF32,
+                             "plain bf16 weights": MASTER_REF16,
+                             **{f"{i.label} (not timed)": i.name for i in impls if not i.timed}}
+        doc["twin_sample"] = {"tensors": TWIN_TENSORS, "elements": TWIN_ELEMENTS}
+        doc["bytes_model"] = {
+            "what": "bytes read and written per parameter element by one steady-state step, "
+                    "from what each op reads and writes (a model, not a measurement)",
+            "element_bytes": MASTER_BYTES,
+            "implementations": {i.name: moved_bytes(i, hyper) for i in impls if i.timed}}
+        doc["notes"] = modes_notes(device, args)
 
     def save(final: bool = False) -> list[Path]:
         doc["elapsed_s"] = round(_now() - start, 3)
@@ -2608,9 +3001,10 @@ def main(argv=None) -> int:
                   f"the {len(todo) - k + 1} cases left", flush=True)
             break
         print(f"[{k}/{len(todo)} {elapsed:4.0f} s] {case_name(key)}: ", end="", flush=True)
-        graphs = use_graphs(device, total, args) and not args.ampclip and not args.master
+        modes = args.master or args.modes
+        graphs = use_graphs(device, total, args) and not args.ampclip and not modes
         ok, need, why = (fits(total, torch.uint8, 0, device, master_peak_bytes(
-                                  impls, total, hyper["momentum"])) if args.master else
+                                  impls, total, hyper["momentum"])) if modes else
                          fits(total, DTYPES[dtype_name], len(impls) * (2 if graphs else 1),
                               device, ampclip_peak_sets(len(impls)) if args.ampclip else None))
         if not ok:
@@ -2620,7 +3014,7 @@ def main(argv=None) -> int:
             continue
         try:
             case = (run_ampclip_case if args.ampclip else run_master_case if args.master
-                    else run_case)(
+                    else run_modes_case if args.modes else run_case)(
                 layout, total, DTYPES[dtype_name], impls, hyper, args, device, clock,
                 None if args.budget_s is None else start + args.budget_s)
         except KeyboardInterrupt:

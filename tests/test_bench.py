@@ -1303,3 +1303,327 @@ def test_master_backend_that_cannot_run_here_is_named(tmp_path, capsys):
     assert "mc-master-triton: backend='triton' cannot run on device cpu" in out
     (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
     assert set(case["results"]) == {"torch-fp32-forloop", "torch-bf16-forloop"}
+
+
+# ---- --modes: every mode next to fp32 and torch (issue 14) ------------------------------------
+MODES = ["--modes", "--quick", "--params", "3000", "--layouts", "few-large", "gpt2",
+         "--rounds", "2", "--warmup", "1"]
+MODES_NAMES = ["mc-flat-cpu-fp32", "mc-mdtype-cpu-bf16", "mc-mdtype-cpu-int8", "mc-master-cpu",
+               "mc-sr-cpu", "mc-flat-cpu-bf16", "torch-fp32-forloop", "torch-fp32-foreach",
+               "torch-fp32-fused", "torch-bf16-forloop"]
+MODES_TWINS = {"mc-sr-cpu": "ref-sr", "mc-mdtype-cpu-bf16": "ref-mdtype-bf16",
+               "mc-mdtype-cpu-int8": "ref-mdtype-int8"}
+# The bytes model per parameter per step, momentum 0.9, (read, written), from the brief's
+# derivation: stochastic rounding reads p 2 g 2 buf 2, writes p 2 buf 2; momentum_dtype bf16
+# reads p 4 g 4 buf 2, writes p 4 buf 2; int8 reads p 4 g 4 codes 1, writes p 4 codes 1, and
+# reads and writes a 4-byte scale per 256 elements; the others as --master's.
+MODES_MOVED = {"mc-flat-cpu-fp32": (12, 8), "mc-mdtype-cpu-bf16": (10, 6),
+               "mc-mdtype-cpu-int8": (9 + 4 / 256, 5 + 4 / 256), "mc-master-cpu": (10.125, 8.125),
+               "mc-sr-cpu": (6, 4), "mc-flat-cpu-bf16": (6, 4), "torch-fp32-forloop": (20, 12),
+               "torch-fp32-foreach": (20, 12), "torch-fp32-fused": (12, 8),
+               "torch-bf16-forloop": (10, 6)}
+HYPER = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False)
+
+
+def test_modes_defaults():
+    args, _ = bench.parse_args(["--modes"])
+    assert (args.modes, args.params, args.layouts, args.dtypes, args.formats) == (
+        True, [10**6, 10**7], ["few-large", "many-small"], ["bfloat16"], ["json", "csv", "png"])
+    assert (args.rounds, args.warmup, args.momentum) == (30, 3, 0.9)
+    args, _ = bench.parse_args(["--modes", "--quick", "--layouts", "gpt2"])
+    assert (args.params, args.layouts, args.rounds) == ([10**6], ["gpt2"], 5)
+    args, _ = bench.parse_args(["--modes", "--params", "5M"])
+    assert args.params == [5 * 10**6]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--modes", "--master"], "--master and --modes are two modes: one at a time"),
+    (["--modes", "--ampclip"], "--modes is a mode of its own: not with --overhead or --ampclip"),
+    (["--modes", "--dtypes", "float32"], "--modes steps bfloat16 models"),
+    (["--modes", "--layouts", "ddp-gpt2"], "--modes times plain tensors; it takes no --layouts "
+                                           "ddp-gpt2"),
+    (["--modes", "--rounds", "5"], "--rounds must be >= 20"),
+])
+def test_modes_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _modes_impls():
+    impls, missing = bench.modes_implementations(torch.device("cpu"))
+    return {i.name: i for i in impls}, missing
+
+
+def test_modes_contenders_references_and_bytes_model():
+    impls, missing = _modes_impls()
+    timed = [n for n, i in impls.items() if i.timed]
+    assert timed == MODES_NAMES  # the report's order
+    assert {n for n, i in impls.items() if not i.timed} == set(MODES_TWINS.values())
+    assert {n: bench.modes_reference(impls[n]) for n in MODES_TWINS} == MODES_TWINS
+    assert bench.modes_reference(impls["mc-master-cpu"]) == "torch-fp32-forloop"
+    assert bench.modes_reference(impls["mc-flat-cpu-fp32"]) == "torch-fp32-forloop"
+    assert bench.modes_reference(impls["mc-flat-cpu-bf16"]) == "torch-bf16-forloop"
+    assert "does not run on cpu tensors" in missing["mc-*-triton"]
+    got = {n: bench.moved_bytes(impls[n], HYPER) for n in MODES_NAMES}
+    assert {n: (m["read"], m["written"]) for n, m in got.items()} == MODES_MOVED
+    assert {n: m["total"] for n, m in got.items()} == {
+        "mc-flat-cpu-fp32": 20, "mc-mdtype-cpu-bf16": 16, "mc-mdtype-cpu-int8": 14.03125,
+        "mc-master-cpu": 18.25, "mc-sr-cpu": 10, "mc-flat-cpu-bf16": 10,
+        "torch-fp32-forloop": 32, "torch-fp32-foreach": 32, "torch-fp32-fused": 20,
+        "torch-bf16-forloop": 16}
+    # No momentum, no buffer (and no scales): one pass reads p, g and writes p.
+    plain = {**HYPER, "momentum": 0.0}
+    assert bench.moved_bytes(impls["mc-mdtype-cpu-int8"], plain)["total"] == 12
+    assert bench.moved_bytes(impls["mc-sr-cpu"], plain)["total"] == 6
+    # needed_twins: a twin runs only where a timed contender refers to it
+    some = [impls[n] for n in ("mc-sr-cpu", "torch-fp32-forloop", "torch-bf16-forloop")]
+    assert [i.name for i in bench.needed_twins(some + [impls[t] for t in MODES_TWINS.values()])] \
+        == ["mc-sr-cpu", "torch-fp32-forloop", "torch-bf16-forloop", "ref-sr"]
+
+
+def test_modes_without_an_op_on_a_backend_are_left_out_with_the_reason(monkeypatch):
+    def no_op(backend):
+        raise AttributeError("no such op")
+
+    monkeypatch.setattr(bench, "sr_op", no_op)
+    monkeypatch.setattr(bench, "qmom_op", no_op)
+    impls, missing = _modes_impls()
+    assert [n for n, i in impls.items() if i.timed] == [
+        n for n in MODES_NAMES if n not in MODES_TWINS]
+    assert missing["mc-sr-cpu"] == ("backend 'cpu' has no stochastic-rounding op in this build "
+                                    "(AttributeError: no such op)")
+    for w in ("bf16", "int8"):
+        assert missing[f"mc-mdtype-cpu-{w}"].startswith("backend 'cpu' has no momentum_dtype op")
+
+
+def _held_expected(name: str, sizes: list, momentum: bool) -> dict:
+    """Bytes held, from the sizes alone (not bench.memory_formula): what each mode keeps."""
+    n = sum(sizes)
+    if name.startswith("mc-sr"):  # bf16 parameter, gradient and buffer
+        return {"weights": 2 * n, "state": 2 * n * momentum, "grads": 2 * n}
+    if name.startswith("mc-mdtype"):  # fp32 parameter and gradient; bf16 buffer or int8 codes
+        state = 2 * n if name.endswith("bf16") else n + 4 * sum((s + 255) // 256 for s in sizes)
+        return {"weights": 4 * n, "state": state * momentum, "grads": 4 * n}
+    return _expected_memory(name, sizes, momentum)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_modes_memory_formula_is_what_the_tensors_hold(momentum):
+    """held_memory() (measured) == memory_formula() == the sizes' arithmetic, on sizes that
+    are not multiples of the flat alignment nor of the int8 block."""
+    impls, _ = _modes_impls()
+    sizes = [1, 255, 256, 257, 1000]
+    data = bench.case_data(sizes, torch.bfloat16, torch.device("cpu"), 5)
+    datas = {torch.bfloat16: data, torch.float32: bench.CaseData(
+        sizes, *(t.float() for t in (data.init, data.grads, data.grads2)))}
+    h = {**HYPER, "momentum": momentum}
+    for name in MODES_NAMES:
+        impl = impls[name]
+        opt, params = bench.build(impl, datas[impl.model], h)
+        opt.step()
+        held = bench.held_memory(opt, params)
+        assert held == bench.memory_formula(impl, sizes, momentum) == _held_expected(
+            name, sizes, bool(momentum)), name
+
+
+def test_twin_sample():
+    small = [5, 300, 1000]
+    assert bench.twin_sample(small) == {0: 5, 1: 300, 2: 1000}  # small: every element
+    few = bench.layout_sizes("few-large", 10**7, 0)
+    assert bench.twin_sample(few) == {i: 2**16 for i in range(8)}  # 2^19 / 8 of each
+    many = bench.layout_sizes("many-small", 10**7, 0)
+    sample = bench.twin_sample(many)
+    assert len(sample) == 64 and min(sample) == 0 and max(sample) == 1999  # evenly spaced
+    assert sorted(sample) == [round(k * 1999 / 63) for k in range(64)]
+    head = 2**19 // 64 // 256 * 256
+    assert sample == {i: min(many[i], head) for i in sample}  # whole int8 blocks
+    assert sum(sample.values()) <= bench.TWIN_ELEMENTS
+
+
+def test_twin_on_the_heads_steps_them_as_the_whole_parameters():
+    """A twin made over each parameter's first elements (after timing) holds what
+    momentum_cuda holds there after the same steps: the check on the heads is exact; and a
+    contender one step ahead differs."""
+    impls, _ = _modes_impls()
+    sizes = [300, 700, 100, 50]
+    sample = {1: 256, 2: 100, 3: 50}  # not the first: the sr keys keep each one's place
+    data = bench.case_data(sizes, torch.bfloat16, torch.device("cpu"), 7)
+    datas = {torch.bfloat16: data, torch.float32: bench.CaseData(
+        sizes, *(t.float() for t in (data.init, data.grads, data.grads2)))}
+    for name, twin in MODES_TWINS.items():
+        impl = impls[name]
+        opt, params = bench.build(impl, datas[impl.model], HYPER)
+        ref_opt, ref_params = bench.build(impls[twin], bench.sample_data(datas[impl.model],
+                                                                         sample), HYPER)
+        ref_opt.positions = list(sample)
+        for _ in range(3):
+            opt.step()
+            ref_opt.step()
+        assert [p.numel() for p in ref_params] == list(sample.values())
+        assert bench.versus_reference(impl, opt, params, ref_opt, ref_params, 0.9, sample) is None
+        if name == "mc-sr-cpu":  # numbered from 0 instead, the keys draw other bits
+            ref_opt.positions = [0, 1, 2]
+            wrong = bench.build(impls[twin], bench.sample_data(datas[impl.model], sample), HYPER)
+            wrong[0].positions = [0, 1, 2]
+            for _ in range(3):
+                wrong[0].step()
+            assert bench.versus_reference(impl, opt, params, *wrong, 0.9, sample) is not None
+        opt.step()
+        diff = bench.versus_reference(impl, opt, params, ref_opt, ref_params, 0.9, sample)
+        assert diff is not None and diff["param"]["differing"] == 3, name
+        if name.endswith("int8"):
+            assert "momentum_scales" in diff
+
+
+@pytest.fixture(scope="module")
+def modes_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("modes")
+    code, text = _main_quietly(MODES + ["--out", str(out), "--name", "m"])
+    return code, out, text
+
+
+def test_modes_runs_and_writes_json_csv_png(modes_run):
+    code, out, text = modes_run
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["m.csv", "m.json", "m.png"]
+    doc = json.loads((out / "m.json").read_text())
+    assert doc["mode"] == "modes" and doc["complete"] is True and doc["failures"] == []
+    assert doc["config"]["modes"] is True and doc["twin_sample"] == {
+        "tensors": bench.TWIN_TENSORS, "elements": bench.TWIN_ELEMENTS}
+    assert list(doc["bytes_model"]["implementations"]) == MODES_NAMES
+    assert any("a MODEL, not a measurement" in n for n in doc["notes"])
+    assert [(c["layout"], c["numel"]) for c in doc["cases"]] == [("few-large", 3000),
+                                                                ("gpt2", 3000)]
+    for case in doc["cases"]:
+        assert list(case["results"]) == MODES_NAMES  # the twins are not timed
+        assert case["errors"] == {} and case["mismatches"] == {}
+        assert case["steps_per_optimizer"] == 1 + 2
+        sizes = bench.layout_sizes(case["layout"], case["numel"], case["data_seed"])
+        sample = bench.twin_sample(sizes)  # few-large: all; gpt2: 64 of its 148 tensors
+        assert len(sample) == min(len(sizes), 64)
+        assert case["twin_check"] == {"tensors": len(sample), "of_tensors": len(sizes),
+                                      "elements": sum(sample.values()), "of": 3000,
+                                      "per_parameter_max": max(sample.values())}
+        for name, r in case["results"].items():
+            assert r["reference"] == case["references"][name] == MODES_TWINS.get(
+                name, "torch-bf16-forloop" if "bf16" in name and "mdtype" not in name
+                else "torch-fp32-forloop")
+            if name.startswith("mc-"):
+                assert case["bitwise_vs_forloop"][name] is True, name  # checked after timing
+                assert r["kernels"] == 1 and r["mc_calls"] == 1, name  # one op a step
+            assert len(r["times_ms"]) == 2 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+            assert (r["moved"]["read"], r["moved"]["written"]) == MODES_MOVED[name]
+            assert r["gbps"] == pytest.approx(
+                case["numel"] * r["bytes_per_param"] / (r["median_ms"] * 1e-3) / 1e9)
+            for base in bench.MODES_BASES:
+                assert r["vs_" + bench.ratio_key(base)] == pytest.approx(
+                    case["results"][base]["median_ms"] / r["median_ms"])
+            want = _held_expected(name, sizes, True)
+            assert r["memory_bytes"] == want == r["memory_formula_bytes"], name
+            assert r["memory_matches_formula"] is True
+            assert r["memory_per_param"]["total"] == pytest.approx(sum(want.values()) / 3000)
+        assert case["results"]["mc-mdtype-cpu-int8"]["momentum_dtype"] == "int8"
+        # int8 state: a byte per element and a 4-byte scale per (started) block of 256
+        assert 1 + 4 / 256 <= case["results"]["mc-mdtype-cpu-int8"]["memory_per_param"][
+            "state"] < 1 + 4 / 256 + 4 * case["tensors"] / 3000
+    rows = _csv((out / "m.csv").read_text())
+    assert list(rows[0]) == list(bench.MODES_CSV_FIELDS) and len(rows) == 2 * len(MODES_NAMES)
+    assert {r["bytes_per_param"] for r in rows if r["implementation"] == "mc-mdtype-cpu-int8"} \
+        == {"14.03125"}
+    assert {r["memory_matches_formula"] for r in rows} == {"True"}
+    for col in ("vs fp32-foreach", "vs fp32-fused", "moved B/p", "state B/p", "held B/p",
+                "= formula", "== ref", "mc-sr-cpu", "bandwidth probe (fp32)"):
+        assert col in text
+
+
+class _LrJumpsAfterTwoSteps(momentum_cuda.SGD):
+    """A planted bug the 2-step check cannot see: from the third step on, lr is 1.5 times what
+    it was (a bf16 parameter rounded stochastically hides a change of 2^-20)."""
+
+    def step(self, closure=None):
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == 3:
+            for g in self.param_groups:
+                g["lr"] *= 1.5
+        return super().step(closure)
+
+
+def _off_by_lr(real):
+    """A reference with lr 1.5 times off: what a wrong twin would say."""
+    def wrong(*a, lr, **kw):
+        return real(*a, lr=lr * 1.5, **kw)
+    return wrong
+
+
+@pytest.mark.parametrize("planted,kind,mdtype,phase,summary", [
+    # stochastic_rounding not set: the plain flat path runs: the path check says so
+    (lambda ps, h: momentum_cuda.SGD(ps, **h), "sr", None, None,
+     "did not make exactly one stochastic-rounding kernel call over 3000 elements on backend "
+     "cpu"),
+    (lambda ps, h: momentum_cuda.SGD(ps, stochastic_rounding=True, sr_seed=1, **h), "sr", None,
+     "check", "params differ"),  # other random bits
+    (lambda ps, h: _LrJumpsAfterTwoSteps(ps, stochastic_rounding=True, sr_seed=0, **h), "sr",
+     None, "after timing", "params differ"),
+    (lambda ps, h: _DriftsAfterTwoSteps(ps, momentum_dtype=torch.int8, **h), "qmom",
+     torch.int8, "after timing", "params differ"),
+    (lambda ps, h: momentum_cuda.SGD(ps, momentum_dtype=torch.bfloat16, **h), "qmom",
+     torch.int8, "check", "momentum_buffers differ"),  # bf16 buffers where int8 ones belong
+], ids=["no-sr-path", "other-seed", "sr-drifts-after-the-check", "int8-drifts",
+        "bf16-for-int8"])
+def test_modes_catch_a_wrong_step(monkeypatch, tmp_path, capsys, planted, kind, mdtype, phase,
+                                  summary):
+    monkeypatch.setattr(bench, "TWIN_ELEMENTS", 1000)  # < 3000: 256 of each tensor checked
+    monkeypatch.setattr(bench, "TWIN_TENSORS", 4)  # 4 of 8 (the 1st, 3rd, 6th, 8th)
+    model = torch.bfloat16 if kind == "sr" else torch.float32
+    _plant(monkeypatch, bench.Impl("mc-planted", "momentum_cuda (planted bug)", planted,
+                                   ours=True, model=model, kind=kind, backend="cpu",
+                                   momentum_dtype=mdtype), "modes_implementations")
+    code = bench.main(MODES + ["--layouts", "few-large", "--impls", "mc-flat-cpu-fp32",
+                               "mc-planted", "--formats", "json", "--out", str(tmp_path),
+                               "--name", "run"])
+    err = capsys.readouterr().err
+    assert code == 1 and "mc-planted" in err and summary in err
+    (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
+    assert set(case["results"]) == {"mc-flat-cpu-fp32", "torch-fp32-forloop",
+                                    "torch-bf16-forloop"}
+    assert case["references"]["mc-planted"] == ("ref-sr" if kind == "sr" else "ref-mdtype-int8")
+    if phase is None:  # it could not run as a stochastic-rounding step: an error, not timed
+        assert summary in case["errors"]["mc-planted"]
+    else:
+        m = case["mismatches"]["mc-planted"]
+        assert (m["phase"], m["steps"]) == (phase, 2 if phase == "check" else 3)
+        if phase == "after timing":
+            assert case["twin_check"] == {"tensors": 4, "of_tensors": 8, "elements": 256 * 4,
+                                          "of": 3000, "per_parameter_max": 256}
+            assert m["param"]["differing"] == 4
+
+
+@pytest.mark.parametrize("which,name", [("sgd_sr_reference_step", "mc-sr-cpu"),
+                                        ("sgd_momentum_dtype_reference_step",
+                                         "mc-mdtype-cpu-int8")])
+def test_modes_a_wrong_reference_is_a_mismatch(monkeypatch, tmp_path, capsys, which, name):
+    """The contenders are compared with momentum_cuda.reference's steps: a reference that
+    disagrees makes the run fail (exit 1), naming the contender."""
+    monkeypatch.setattr(bench, which, _off_by_lr(getattr(bench, which)))
+    code = bench.main(MODES + ["--layouts", "few-large", "--impls", name, "--formats", "json",
+                               "--out", str(tmp_path), "--name", "run"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{name}: bitwise mismatch: check: " in err
+    (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
+    assert name not in case["results"] and case["mismatches"][name]["param"]["differing"] >= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_modes_backend_that_cannot_run_here_is_named(tmp_path, capsys):
+    code = bench.main(MODES + ["--layouts", "few-large", "--impls", "mc-sr-cuda",
+                               "mc-mdtype-triton-int8", "--formats", "json", "--out",
+                               str(tmp_path), "--name", "run"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "ASKED FOR BUT NOT AVAILABLE on cpu: mc-sr-cuda: backend='cuda' cannot run" in out
+    assert "mc-mdtype-triton-int8: backend='triton' cannot run on device cpu" in out
+    assert "NOT RUN: mc-sr-cuda was asked for but is not available on cpu" in err
+    (case,) = json.loads((tmp_path / "run.json").read_text())["cases"]
+    assert set(case["results"]) == {"torch-fp32-forloop", "torch-bf16-forloop"}
+    assert case["twin_check"] is None  # no twin was needed
