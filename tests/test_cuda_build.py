@@ -3,6 +3,8 @@
 The project's kernels are compiled once per session (tools/cuda_check.py run as a script, every
 arch of csrc/build_flags.json in one nvcc call, with the nvcc flags the extension ships with) and
 must pass: spill gate, 128-bit global loads and stores in every flat kernel, no local memory.
+The momentum_dtype kernels (csrc/cuda/qmom_kernel.cuh) must show their vector accesses (16 bytes
+for fp32 and bf16 groups, 8 bytes for a lane's int8 codes) and the int8 kernel its shuffles.
 Planted bad kernels show the checks FAIL when they should:
   (a) scalar-only flat kernels -> "no 128-bit global load (LDG.E.128)";
   (b) an indexed local array and a register-starved kernel -> the spill gate stops nvcc, and
@@ -131,8 +133,9 @@ def test_blocks_per_sm_units():
 
 def test_project_no_stack_or_spills(project):
     info = project["info"]
-    # flat + list kernel, 4 dtypes, 2 archs; the two bf16 kernels, 2 archs
-    assert len(info) == 2 * len(ARCHS) * len(FLAT) + len(cc.BF16_KERNELS) * len(ARCHS)
+    # flat + list kernel, 4 dtypes, 2 archs; the two bf16 and two momentum_dtype kernels, 2 archs
+    assert len(info) == (2 * len(ARCHS) * len(FLAT)
+                         + (len(cc.BF16_KERNELS) + len(cc.QMOM_KERNELS)) * len(ARCHS))
     for key, i in info.items():
         assert (i["stack"], i["spill_stores"], i["spill_loads"]) == (0, 0, 0), key
         assert 0 < i["registers"] <= 64, key  # 256-thread blocks: room for 4+ blocks an SM
@@ -162,6 +165,35 @@ def test_bf16_kernel_128bit(project, arch, kernel):
     loads, stores = BF16_ACCESSES[kernel]
     assert sum(n for op, n in ops.items() if op.startswith("LDG.E.128")) >= loads, cc.summary(ops)
     assert sum(n for op, n in ops.items() if op.startswith("STG.E.128")) >= stores, cc.summary(ops)
+
+
+# the momentum_dtype kernels' accesses at least: (16-byte loads, 16-byte stores, 8-byte loads,
+# 8-byte stores, butterfly shuffles)
+QMOM_ACCESSES = {
+    # a group of 8: param and grad two 16-byte loads each, the bf16 buffer one
+    "sgd_bf16mom_kernel<": (5, 3, 0, 0, 0),
+    # a lane's 8 elements of an int8 block: param and grad as above, the codes one 8-byte
+    # access each way; the block's absmax by a 5-step butterfly over the 32 lanes
+    "sgd_q8_kernel<": (4, 2, 1, 1, 5),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", cc.QMOM_KERNELS)
+def test_qmom_kernel_vector_accesses(project, arch, kernel):
+    """The momentum_dtype kernels' vector path: 16-byte accesses for the fp32 param and grad
+    and the bf16 buffer, 8-byte ones for a lane's int8 codes, the int8 absmax reduced with warp
+    shuffles (SHFL.BFLY), no local memory."""
+    found = [o for k, o in project["ops"].items() if k[0] == arch and k[1].startswith(kernel)]
+    assert len(found) == 1
+    ops = found[0]
+    assert cc.access_problems(ops) == [], cc.summary(cc.memory_ops(ops))
+    mem = cc.memory_ops(ops)
+    count = lambda prefix: sum(n for op, n in mem.items() if op.startswith(prefix))  # noqa: E731
+    ld128, st128, ld64, st64, shfl = QMOM_ACCESSES[kernel]
+    assert count("LDG.E.128") >= ld128 and count("STG.E.128") >= st128, cc.summary(mem)
+    assert count("LDG.E.64") >= ld64 and count("STG.E.64") >= st64, cc.summary(mem)
+    assert sum(o.startswith("SHFL.BFLY") for o in ops) >= shfl, sorted(set(ops))
 
 
 def test_list_kernel_report(project):

@@ -10,6 +10,10 @@ the flat launcher's grid size (cuda::flat_grid) up to 2**63 - 1 elements.
 tests/cuda/host_bf16_test.cpp does the same for the master-weights kernel
 (csrc/cuda/master_kernel.cuh) against fp32 masters stepped and split by its own reference, and
 for the stochastic-rounding kernel (csrc/cuda/sr_kernel.cuh) against its own random bits.
+tests/cuda/host_qmom_test.cpp does it for the momentum_dtype kernels (csrc/cuda/qmom_kernel.cuh:
+bf16 and int8 blockwise buffers) against the naive element / block loops of momentum_dtype.h;
+the int8 kernel's warp shuffles run under the shim's warp runner (the 32 lanes as fibers in
+lock step).
 
 Three builds of the driver, with the C++ flags of csrc/build_flags.json and -O1 (see COMPILE_FLAGS):
   * plain      every case;
@@ -18,7 +22,8 @@ Three builds of the driver, with the C++ flags of csrc/build_flags.json and -O1 
                a wrong grid stride, a tail past the end, a head that leaves the vector loads
                misaligned, an unchecked grad alignment, a lost span in plan_list's batching,
                a flat grid not capped at what is resident, a grid size that overflows int64
-               (these two in flat_grid_test.cpp).
+               (these two in flat_grid_test.cpp); the master, stochastic-rounding and
+               momentum_dtype kernels' own (MASTER_PLANTS, QMOM_PLANTS).
                A line that is no longer in the header fails the test (update the plant).
 
 What this cannot see: performance, coalescing, the GPU memory model, nvcc's own code generation
@@ -43,6 +48,7 @@ KERNEL = ROOT / "csrc" / "cuda" / "sgd_kernel.cuh"
 DRIVER = ROOT / "tests" / "cuda" / "host_kernel_test.cpp"
 GRID_DRIVER = ROOT / "tests" / "cuda" / "flat_grid_test.cpp"
 MASTER_DRIVER = ROOT / "tests" / "cuda" / "host_bf16_test.cpp"
+QMOM_DRIVER = ROOT / "tests" / "cuda" / "host_qmom_test.cpp"
 
 
 def _cuda_include() -> Path | None:
@@ -205,7 +211,79 @@ MASTER_PLANTS = {
         "        x.ties[slot] = spans[0].ties;",
         r"MISMATCH|AddressSanitizer"),
 }
-ALL_PLANTS = {**PLANTS, **GRID_PLANTS, **MASTER_PLANTS}
+# The same for the momentum_dtype kernels (host_qmom_test.cpp); a "line" may span several lines
+QMOM_PLANTS = {
+    # the int8 absmax reduced over half the warp: lanes 0-15 and 16-31 get different scales
+    "q8_half_warp": (
+        "cuda/qmom_kernel.cuh",
+        "  for (int o = kWarp / 2; o > 0; o /= 2) {",
+        "  for (int o = kWarp / 4; o > 0; o /= 2) {",
+        r"MISMATCH int8"),
+    # int8 chunks that are not whole blocks: a block straddles two chunks, the second one's
+    # blocks and scales are counted from the wrong element
+    "q8_chunk_not_whole_blocks": (
+        "cuda/qmom_kernel.cuh",
+        "constexpr int64_t kQChunk = kChunk;\n"
+        'static_assert(kQChunk % kQBlock == 0, "an int8 chunk must be whole blocks");',
+        "constexpr int64_t kQChunk = kChunk - kQBlock / 2;",
+        r"MISMATCH int8"),
+    # the new scale is never stored
+    "q8_scale_not_written": (
+        "cuda/qmom_kernel.cuh",
+        "  if (lane == 0) *scale = ns;  // every lane has read the old one before warp_max",
+        "",
+        r"MISMATCH int8 .*scales\["),
+    # the first step reads the old codes and scales (kFirstStep lost on the way to the kernel)
+    "q8_first_step_reads_codes": (
+        "cuda/qmom_kernel.cuh",
+        "  a.flags = flags;\n  plan_chunks<Limits, kQChunk>(",
+        "  a.flags = flags & ~kFirstStep;\n  plan_chunks<Limits, kQChunk>(",
+        r"MISMATCH int8 .*step=0"),
+    # a span's last partial block is not stepped
+    "q8_partial_block": (
+        "cuda/qmom_kernel.cuh",
+        "  const int64_t blocks = (n + kQBlock - 1) / kQBlock;",
+        "  const int64_t blocks = n / kQBlock;",
+        r"MISMATCH int8"),
+    # the codes' alignment is not checked before their 8-byte accesses
+    "q8_codes_alignment": (
+        "cuda/qmom_kernel.cuh",
+        "  const bool vec = aligned16(p) && aligned16(g) && (q == nullptr || aligned8(q));",
+        "  const bool vec = aligned16(p) && aligned16(g);",
+        r"misaligned address"),
+    # without kMomentum the kernel still quantizes and writes codes and scales
+    "q8_no_momentum_writes": (
+        "cuda/qmom_kernel.cuh",
+        "  if (!(flags & kMomentum)) return;  // the same in every lane",
+        "",
+        r"AddressSanitizer|runtime error|MISMATCH|canary"),
+    # every table entry gets the first span's scales
+    "q8_table_scales": (
+        "cuda/qmom_kernel.cuh",
+        "        x.scales[slot] = mom ? spans[k].scales : nullptr;",
+        "        x.scales[slot] = mom ? spans[0].scales : nullptr;",
+        r"MISMATCH|AddressSanitizer"),
+    # the bf16 buffer's alignment is not checked before its 16-byte accesses
+    "bf16mom_buf_alignment": (
+        "cuda/qmom_kernel.cuh",
+        "  const bool vec = aligned16(p) && aligned16(g) && (b == nullptr || aligned16(b));",
+        "  const bool vec = aligned16(p) && aligned16(g);",
+        r"misaligned address"),
+    # a span's last partial group of 8 is not stepped
+    "bf16mom_partial_group": (
+        "cuda/qmom_kernel.cuh",
+        "  const int64_t full = n / 8, groups = full + (n % 8 != 0);",
+        "  const int64_t full = n / 8, groups = full;",
+        r"MISMATCH bf16"),
+    # the vector path does not store the new bf16 buffer
+    "bf16mom_buffer_not_stored": (
+        "cuda/qmom_kernel.cuh",
+        "      if (flags & kMomentum) *reinterpret_cast<Bf16x8*>(b + i) = bb;",
+        "",
+        r"MISMATCH bf16 .*bf16 buffer"),
+}
+FILE_PLANTS = {**MASTER_PLANTS, **QMOM_PLANTS}  # planted in a file under csrc
+ALL_PLANTS = {**PLANTS, **GRID_PLANTS, **FILE_PLANTS}
 # HKT_DTYPES of a plant's build (default 1: fp32 only, the fastest), for bugs fp32 cannot show
 PLANT_DTYPES = {"device_momentum_unrounded": 4, "device_dampening_in_double": 2}
 
@@ -233,11 +311,11 @@ def _compile(out: Path, extra: list[str], first_include: Path | None = None,
 
 
 def _plant(tmp: Path, name: str) -> Path:
-    """A copy of the real header (sgd_kernel.cuh, or a MASTER_PLANTS file) with one bug planted,
+    """A copy of the real header (sgd_kernel.cuh, or a FILE_PLANTS file) with one bug planted,
     in a folder that goes first on the include path (at the header's path under csrc/cuda or
     csrc/include); returns the folder."""
-    if name in MASTER_PLANTS:
-        rel, old, new, _ = MASTER_PLANTS[name]
+    if name in FILE_PLANTS:
+        rel, old, new, _ = FILE_PLANTS[name]
         header, dest = ROOT / "csrc" / rel, Path(*Path(rel).parts[1:])
     else:
         old, new, _ = ALL_PLANTS[name]
@@ -261,6 +339,8 @@ def _plant_and_compile(tmp: Path, name: str):
         return _compile(folder / "flat_grid_test", SANITIZE, folder, GRID_DRIVER)
     if name in MASTER_PLANTS:
         return _compile(folder / "host_bf16_test", SANITIZE, folder, MASTER_DRIVER)
+    if name in QMOM_PLANTS:
+        return _compile(folder / "host_qmom_test", SANITIZE, folder, QMOM_DRIVER)
     dtypes = PLANT_DTYPES.get(name, 1)
     return _compile(folder / "host_kernel_test", [*SANITIZE, f"-DHKT_DTYPES={dtypes}"],
                     first_include=folder)
@@ -279,6 +359,9 @@ def builds(tmp_path_factory):
         "master": pool.submit(_compile, tmp / "host_bf16_test", [], None, MASTER_DRIVER),
         "master_sanitized": pool.submit(_compile, tmp / "host_bf16_sanitized", SANITIZE, None,
                                         MASTER_DRIVER),
+        "qmom": pool.submit(_compile, tmp / "host_qmom_test", [], None, QMOM_DRIVER),
+        "qmom_sanitized": pool.submit(_compile, tmp / "host_qmom_sanitized", SANITIZE, None,
+                                      QMOM_DRIVER),
     }
     for name in ALL_PLANTS:
         futures[name] = pool.submit(_plant_and_compile, tmp, name)
@@ -352,6 +435,27 @@ def test_host_master_kernel_sanitized(builds):
     proc, info = _built_run(builds, "master_sanitized", "--quick")
     assert proc.returncode == 0, info
     assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, info
+    assert "mismatches: 0" in proc.stdout, info
+    print(info)
+
+
+def test_host_qmom_kernels(builds):
+    """The momentum_dtype kernels (bf16 and int8 buffers), bitwise against the element and block
+    loops of momentum_dtype.h (host_qmom_test.cpp)."""
+    proc, info = _built_run(builds, "qmom")
+    assert proc.returncode == 0, info
+    m = re.search(r"qmom cases checked: (\d+) \(elements compared (\d+)", proc.stdout)
+    assert m and int(m.group(1)) >= 200 and int(m.group(2)) >= 30_000_000, info
+    assert "mismatches: 0" in proc.stdout, info
+    print(info)
+
+
+def test_host_qmom_kernels_sanitized(builds):
+    proc, info = _built_run(builds, "qmom_sanitized", "--quick")
+    assert proc.returncode == 0, info
+    assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, info
+    m = re.search(r"qmom cases checked: (\d+)", proc.stdout)
+    assert m and int(m.group(1)) >= 120, info
     assert "mismatches: 0" in proc.stdout, info
     print(info)
 

@@ -450,3 +450,101 @@ def test_sr_opcheck_on_gpu(backend):
     result = torch.library.opcheck(op, (ps, gs, bs, [1, 2, 3, 4, 2**32 - 1], 0.0123, 0.9, 0.1,
                                         0.01, False, True, False))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+# momentum_dtype (csrc/include/momentum_cuda/momentum_dtype.h): its op per backend (qmom_op)
+QMOM_SHAPES = [(0,), (1,), (3,), (7,), (255,), (256,), (257,), (1000,), (2**16 + 3,),
+               (2**20 + 3,), (97, 33), (64, 3, 3, 3)]
+QMOM_CASES = [pytest.param(kind, h, id=f"{kind}-" + "-".join(f"{k}={v}" for k, v in h.items()))
+              for kind in ("bf16", "int8") for h in MASTER_HYPER
+              if not (kind == "int8" and h["momentum"] == 0)]  # int8 buffers need momentum
+
+
+def _qmom_buffers(kind, shapes, g):
+    """Garbage a first step must not read: random buffer bits, scales with NaN and inf."""
+    if kind == "bf16":
+        bufs = [torch.randint(-2**15, 2**15, s, generator=g, dtype=torch.int16)
+                .view(torch.bfloat16).cuda() for s in shapes]
+        return bufs, []
+    bufs = [torch.randint(-128, 128, s, generator=g, dtype=torch.int8).cuda() for s in shapes]
+    scales = []
+    for s in shapes:
+        n = 1
+        for d in s:
+            n *= d
+        sc = torch.randn((n + 255) // 256, generator=g)
+        sc[::3] = float("nan")
+        sc[1::5] = float("inf")
+        scales.append(sc.cuda())
+    return bufs, scales
+
+
+@pytest.mark.parametrize("kind,hyper", QMOM_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_momentum_dtype_bitwise_vs_reference(backend, kind, hyper):
+    """The momentum_dtype op of each GPU backend on CUDA tensors: after every step the fp32
+    parameters, the narrow buffers (bf16 bits, or int8 codes) and the int8 scales are
+    momentum_cuda.reference.sgd_momentum_dtype_reference_step's on copies (same GPU), bit for
+    bit. The first step (first_step=True) finds garbage buffers and NaN / inf scales, which it
+    must not read. Some blocks get zero, subnormal, NaN or infinite gradients."""
+    from momentum_cuda._ops import qmom_op
+    from momentum_cuda.reference import sgd_momentum_dtype_reference_step
+    op = qmom_op(backend)
+    h = dict(dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False), **hyper)
+    mom, int8 = h["momentum"] != 0, kind == "int8"
+    g = torch.Generator().manual_seed(14)
+    ps = [(torch.randn(s, generator=g) * 4).cuda() for s in QMOM_SHAPES]
+    ref = [p.clone() for p in ps]
+    bufs, scales = _qmom_buffers(kind, QMOM_SHAPES, g) if mom else ([], [])
+    rbufs, rscales = [None] * len(ps), ([None] * len(ps) if int8 else None)
+    big = QMOM_SHAPES.index((2**16 + 3,))
+    for step in range(1, STEPS + 1):
+        grads = [(torch.randn(s, generator=g) * 2.0 ** (step % 5 - 2)).cuda()
+                 for s in QMOM_SHAPES]
+        gb = grads[big]
+        gb[3 * 256:4 * 256] = 0.0                                  # a zero block
+        gb[5 * 256:6 * 256] *= 1e-40                               # a subnormal block
+        if step == 4:
+            gb[7 * 256 + 17] = float("nan")                        # a block turns NaN
+        if step == 6:
+            gb[9 * 256 + 255] = float("-inf")
+        op(ps, grads, bufs, scales, 0.0123, h["momentum"], h["dampening"], h["weight_decay"],
+           h["nesterov"], h["maximize"], mom and step == 1)
+        rbufs, rscales = sgd_momentum_dtype_reference_step(
+            ref, grads, rbufs, rscales, lr=0.0123, **h)
+        for i, (p, r) in enumerate(zip(ps, ref)):
+            # a NaN parameter's sign and payload are not the contract's (torch's maximize
+            # negates a NaN gradient; the GPU's arithmetic returns its canonical NaN)
+            nan = p.isnan()
+            assert torch.equal(nan, r.isnan()) and torch.equal(
+                p.view(torch.int32)[~nan], r.view(torch.int32)[~nan]), \
+                f"step {step}: param {i} {tuple(p.shape)} differs"
+        if not mom:
+            continue
+        bits = torch.int8 if int8 else torch.int16
+        for i, (b, r) in enumerate(zip(bufs, rbufs)):
+            assert torch.equal(b.view(bits), r.view(bits)), f"step {step}: buffer {i} differs"
+        for i, (s, r) in enumerate(zip(scales, rscales or [])):
+            assert torch.equal(s.view(torch.int32), r.view(torch.int32)), \
+                f"step {step}: scales {i} differ"
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qmom_opcheck_on_gpu(backend, kind):
+    """opcheck on the momentum_dtype op of each GPU backend with CUDA tensors, both buffer
+    kinds."""
+    from momentum_cuda._ops import qmom_op
+    g = torch.Generator().manual_seed(10)
+    ns = (0, 1, 3, 97, 1030)
+    ps, gs = ([torch.randn(n, generator=g).cuda() for n in ns] for _ in range(2))
+    if kind == "bf16":
+        bs = [torch.randn(n, generator=g).to(torch.bfloat16).cuda() for n in ns]
+        ss = []
+    else:
+        bs = [torch.randint(-127, 128, (n,), generator=g, dtype=torch.int8).cuda() for n in ns]
+        ss = [torch.rand((n + 255) // 256, generator=g).cuda() for n in ns]
+    result = torch.library.opcheck(qmom_op(backend), (ps, gs, bs, ss, 0.0123, 0.9, 0.1, 0.01,
+                                                      False, True, False))
+    assert set(result.values()) == {"SUCCESS"}, result

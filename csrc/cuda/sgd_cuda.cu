@@ -5,7 +5,8 @@
 // Grid   : the flat kernel runs kThreads a block, as many blocks as the work needs up to what
 //          fits on the GPU at once (flat_grid: the occupancy API's blocks per SM for this kernel
 //          times the SMs, queried once per device and dtype), grid-stride beyond that; the
-//          multi-tensor and master kernels one block per 65536-element chunk.
+//          multi-tensor kernels (plain, master, stochastic rounding, momentum_dtype) one block
+//          per 65536-element chunk.
 #include "sgd_cuda.h"
 
 #include <map>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "master_kernel.cuh"
+#include "qmom_kernel.cuh"
 #include "sr_kernel.cuh"
 #include "sgd_kernel.cuh"
 
@@ -149,6 +151,22 @@ cudaError_t sgd_step_sr_cuda(const SrSpan* spans, int64_t n_spans, const StepHyp
   return launch_bf16<cuda::SrListArgs>(
       spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_sr_list<L>(x...); },
       cuda::sgd_sr_kernel<L::kTensors, L::kBlocks>);
+}
+
+cudaError_t sgd_step_bf16mom_cuda(const Bf16MomSpan* spans, int64_t n_spans,
+                                  const StepHyper& h, cudaStream_t stream) {
+  using L = ListLimits;
+  return launch_bf16<cuda::Bf16MomListArgs>(
+      spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_bf16mom_list<L>(x...); },
+      cuda::sgd_bf16mom_kernel<L::kTensors, L::kBlocks>);
+}
+
+cudaError_t sgd_step_q8_cuda(const Q8Span* spans, int64_t n_spans, const StepHyper& h,
+                             cudaStream_t stream) {
+  using L = ListLimits;
+  return launch_bf16<cuda::Q8ListArgs>(
+      spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_q8_list<L>(x...); },
+      cuda::sgd_q8_kernel<L::kTensors, L::kBlocks>);
 }
 
 #define MC_INSTANTIATE(T)                                                                   \

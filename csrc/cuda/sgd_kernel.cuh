@@ -307,15 +307,16 @@ __global__ void sgd_list_kernel(ListArgs<T, kTensors, kBlocks> a) {
 /// The batching of a multi-tensor step, for any argument struct Args with block_tensor and
 /// block_chunk tables (ListArgs, MasterListArgs): numel(k) is span k's length, fill(a, slot, k)
 /// writes span k's pointers and numel into table entry `slot`; launch(a, blocks) runs each full
-/// batch. Empty spans are skipped; a span longer than one batch goes on in the next, as its
-/// entry 0. Shared by the CUDA launchers and the host emulation.
-template <class Limits, class Args, class Numel, class Fill, class Launch>
+/// batch. Chunk c of a span is its elements [c * kSize, (c + 1) * kSize). Empty spans are
+/// skipped; a span longer than one batch goes on in the next, as its entry 0. Shared by the CUDA
+/// launchers and the host emulation.
+template <class Limits, int64_t kSize = kChunk, class Args, class Numel, class Fill, class Launch>
 void plan_chunks(Args& a, int64_t n_spans, Numel&& numel, Fill&& fill, Launch&& launch) {
   int tensors = 0, blocks = 0;
   for (int64_t k = 0; k < n_spans; ++k) {
     if (numel(k) == 0) continue;
     fill(a, tensors, k);
-    const int64_t chunks = (numel(k) + kChunk - 1) / kChunk;
+    const int64_t chunks = (numel(k) + kSize - 1) / kSize;
     for (int64_t c = 0; c < chunks; ++c) {
       a.block_tensor[blocks] = static_cast<uint16_t>(tensors);
       a.block_chunk[blocks] = static_cast<int32_t>(c);

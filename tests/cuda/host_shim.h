@@ -12,11 +12,19 @@
 //   - host_launch(kernel, grid, block, order, seed, args...): runs every (block, thread) of the
 //     grid one after the other, each to completion, in a selectable order (forward, reverse, or
 //     shuffled with a seed) so that a result depending on the thread order would show.
+//   - host_launch_warps(...): the same arguments, for kernels with warp shuffles
+//     (__shfl_xor_sync, full mask, 4-byte values): the warps run one after the other in the
+//     selected order, the 32 lanes of a warp as fibers (ucontext) on this OS thread, each lane
+//     run until its next shuffle; a shuffle completes once all 32 lanes have reached it. A lane
+//     that returns while others wait in a shuffle (a divergent shuffle: a deadlock or undefined
+//     on the GPU), a partial mask, or a shuffle under host_launch aborts with a message.
+//     ASan prints a warning that it does not fully support swapcontext (false positives are
+//     possible; none seen).
 //
 // What it cannot do
-//   - __syncthreads, shared memory, warp intrinsics: NOT defined on purpose, so a kernel that
-//     starts using them fails to compile here instead of running wrongly (a serial run of whole
-//     threads cannot honour a barrier; that would need one OS thread per CUDA thread).
+//   - __syncthreads, shared memory, the other warp intrinsics: NOT defined on purpose, so a
+//     kernel that starts using them fails to compile here instead of running wrongly (a barrier
+//     over a whole block would need all its threads as fibers, which no kernel needs yet).
 //   - Anything about performance, coalescing or the GPU memory model.
 //
 // __CUDA_ARCH__ and __CUDACC__ stay undefined: sgd_math.h then takes its host path (std::fma,
@@ -31,9 +39,16 @@
 #include <cuda_bf16.h>     // compile as host code: RNE conversions, + - *
 #include <cuda_fp16.h>
 
+#include <ucontext.h>
+
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -152,4 +167,165 @@ void host_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Order order, u
   stats().thread_runs += ids.size();
 }
 
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "host_shim: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+
+constexpr int kWarpSize = 32;
+
+/// The fibers of the warp host_launch_warps is running and the shuffle they meet at.
+struct Warp {
+  enum class State { kRunning, kAtShuffle, kDone };
+  // Big enough for a copy of a 32 KB argument struct plus ASan's redzones.
+  static constexpr size_t kStack = 256 * 1024;
+  ucontext_t sched;
+  ucontext_t ctx[kWarpSize];
+  std::unique_ptr<char[]> stacks{new char[kStack * kWarpSize]};
+  State state[kWarpSize];
+  uint32_t give[kWarpSize];  ///< what each lane offers at the current shuffle
+  int src[kWarpSize];        ///< the lane whose offer each lane reads
+  uint32_t got[kWarpSize];
+  int current = -1;  ///< the lane running now
+  const std::function<void()>* body = nullptr;
+};
+inline thread_local Warp* t_warp = nullptr;
+
+/// The lane of the running thread: its linear thread id in the block modulo 32.
+inline int lane_id() {
+  return static_cast<int>((threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) %
+                          kWarpSize);
+}
+
+inline void lane_entry() {
+  Warp* w = t_warp;
+  (*w->body)();
+  w->state[w->current] = Warp::State::kDone;  // uc_link goes back to the scheduler
+}
+
+/// A shuffle from the running lane: offers v, returns lane src's offer once all 32 lanes have
+/// reached the shuffle.
+inline uint32_t warp_exchange(unsigned mask, uint32_t v, int src) {
+  Warp* w = t_warp;
+  if (w == nullptr) fail("a warp shuffle outside host_launch_warps (host_launch runs threads "
+                         "one after the other)");
+  if (mask != 0xffffffffu) fail("warp shuffles are emulated for the full mask only");
+  const int lane = w->current;
+  if (lane != lane_id()) fail("the running fiber is not the lane of threadIdx");
+  w->give[lane] = v;
+  w->src[lane] = src;
+  w->state[lane] = Warp::State::kAtShuffle;
+  swapcontext(&w->ctx[lane], &w->sched);
+  return w->got[lane];
+}
+
+/// Lane l's fiber, to start lane_entry on its own stack. A function of its own: getcontext
+/// returns twice, which would make the caller's locals unreliable.
+[[gnu::noinline]] inline void init_lane(Warp& w, int l) {
+  if (getcontext(&w.ctx[l]) != 0) fail("getcontext failed");
+  w.ctx[l].uc_stack.ss_sp = w.stacks.get() + Warp::kStack * size_t(l);
+  w.ctx[l].uc_stack.ss_size = Warp::kStack;
+  w.ctx[l].uc_link = &w.sched;
+  makecontext(&w.ctx[l], lane_entry, 0);
+  w.state[l] = Warp::State::kRunning;
+}
+
+/// Runs `body` as the 32 lanes of one warp (tids: their threadIdx) to completion.
+inline void run_warp(Warp& w, const std::function<void()>& body, const uint3* tids, uint3 bidx,
+                     Order order, std::mt19937_64& rng) {
+  w.body = &body;
+  for (int l = 0; l < kWarpSize; ++l) init_lane(w, l);
+  std::vector<int> lanes(kWarpSize);
+  std::iota(lanes.begin(), lanes.end(), 0);
+  if (order == Order::kReverse) std::reverse(lanes.begin(), lanes.end());
+  for (;;) {  // a round: every lane runs to its next shuffle or its end
+    if (order == Order::kShuffled) std::shuffle(lanes.begin(), lanes.end(), rng);
+    for (const int l : lanes) {
+      if (w.state[l] == Warp::State::kDone) continue;
+      w.state[l] = Warp::State::kRunning;
+      w.current = l;
+      threadIdx = tids[l];
+      blockIdx = bidx;
+      swapcontext(&w.sched, &w.ctx[l]);
+    }
+    int done = 0;
+    for (int l = 0; l < kWarpSize; ++l) done += w.state[l] == Warp::State::kDone;
+    if (done == kWarpSize) break;
+    if (done != 0) fail("divergent warp shuffle: some lanes returned while others wait in one");
+    for (int l = 0; l < kWarpSize; ++l) w.got[l] = w.give[w.src[l]];
+  }
+  w.current = -1;
+}
+
+/// kernel<<<grid, block>>>(args...) on the host for kernels with warp shuffles: the warps one
+/// after the other in `order`, the lanes of each as fibers in lock step at every shuffle (in
+/// `order` within each round, shuffled anew each round). The block's thread count must be a
+/// multiple of 32; lanes are consecutive linear thread ids, as on the GPU.
+template <class... KArgs, class... Args>
+void host_launch_warps(void (*kernel)(KArgs...), dim3 grid, dim3 block, Order order,
+                       uint64_t seed, Args&&... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args),
+                "host_launch_warps: wrong number of arguments");
+  check_config(grid, block);
+  const uint64_t per_block = uint64_t{block.x} * block.y * block.z;
+  if (per_block % kWarpSize != 0) fail("host_launch_warps: block size not a multiple of 32");
+  const std::tuple<std::decay_t<KArgs>...> params(std::forward<Args>(args)...);
+  const std::function<void()> body = [&] { std::apply(kernel, params); };
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z, warps = per_block / kWarpSize;
+  const std::vector<uint64_t> ids = thread_order(blocks * warps, order, seed);
+  std::mt19937_64 rng(seed ^ 0x5851F42D4C957F2Dull);
+  auto w = std::make_unique<Warp>();
+  const dim3 saved_grid = gridDim, saved_block = blockDim;
+  const uint3 saved_bidx = blockIdx, saved_tidx = threadIdx;
+  gridDim = grid;
+  blockDim = block;
+  Warp* const saved_warp = t_warp;
+  t_warp = w.get();
+  uint3 tids[kWarpSize];
+  for (const uint64_t id : ids) {
+    const uint64_t b = id / warps;
+    const uint3 bidx{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                     static_cast<unsigned>(b / grid.x / grid.y)};
+    for (int l = 0; l < kWarpSize; ++l) {
+      const uint64_t t = id % warps * kWarpSize + uint64_t(l);
+      tids[l] = uint3{static_cast<unsigned>(t % block.x),
+                      static_cast<unsigned>(t / block.x % block.y),
+                      static_cast<unsigned>(t / block.x / block.y)};
+    }
+    run_warp(*w, body, tids, bidx, order, rng);
+  }
+  t_warp = saved_warp;
+  gridDim = saved_grid;
+  blockDim = saved_block;
+  blockIdx = saved_bidx;
+  threadIdx = saved_tidx;
+  stats().launches += 1;
+  stats().thread_runs += blocks * per_block;
+}
+
+template <class T>
+T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
+  static_assert(sizeof(T) == 4, "4-byte shuffles only");
+  if (width != kWarpSize || lane_mask < 0 || lane_mask >= kWarpSize)
+    fail("__shfl_xor_sync: only width 32 and lane masks 0..31 are emulated");
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = warp_exchange(mask, u, lane_id() ^ lane_mask);
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
 }  // namespace host_shim
+
+// The shuffles of CUDA's sm_30_intrinsics.h that the kernels use, over host_launch_warps.
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask, int width = 32) {
+  return host_shim::shfl_xor(mask, v, lane_mask, width);
+}
+inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask, int width = 32) {
+  return host_shim::shfl_xor(mask, v, lane_mask, width);
+}
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32) {
+  return host_shim::shfl_xor(mask, v, lane_mask, width);
+}
