@@ -42,6 +42,9 @@ Entry points (the ops' signatures, csrc/momentum_ops.cpp):
                              weight_decay, nesterov, maximize, first_step)
     triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, momentum,
                                dampening, weight_decay, nesterov, maximize, first_step)
+    triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, *, lr,
+                                      momentum, dampening, weight_decay, nesterov, maximize,
+                                      first_step)
 lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor: 1-element fp32/fp64 tensors on
 the parameters' device read by the kernels in place of the floats (no host sync), as the CUDA
 kernels read them (_sgd_block); with momentum_tensor the buffers are given and a zero momentum
@@ -60,7 +63,9 @@ the floats only: no hyper-parameter tensors, no AMP; so does the stochastic-roun
 parameters, gradients and buffers, csrc/include/momentum_cuda/stochastic.h; the op
 sgd_step_sr_list_, whose checks it repeats), which takes a key per parameter as well, and so
 does momentum_dtype (fp32 parameters, narrow momentum buffers, csrc/include/momentum_cuda/
-momentum_dtype.h; the op sgd_step_qmom_list_, whose checks it repeats).
+momentum_dtype.h; the op sgd_step_qmom_list_, whose checks it repeats), and so do fp16 master
+weights (fp16 parameters with separate fp32 masters, csrc/include/momentum_cuda/fp16_master.h;
+the op sgd_step_fp16_master_list_, whose checks it repeats).
 All validate everything before the first launch; a bad call raises ValueError/TypeError naming
 the argument and changes nothing.
 
@@ -107,6 +112,12 @@ formula exists once; the master kernel calls _sgd_math too.
   1.5 * 2^23 (_q8_scale, _q8_code). When the host finds every p, g and buffer address 16-byte
   aligned (ALIGNED), the pointers carry that hint and a block inside its tensor runs unmasked,
   so fp32 and bf16 accesses are 128-bit; the tensor's last block stays masked.
+- _sgd_fp16_master_kernel: fp16 master weights, one launch through a table of rows of 5 (p, g,
+  buf, master, numel). _fp32_step on the master with the fp16 gradient widened (an exact
+  cast); the parameter is stored as the bits of the new master's rounding (_fp16_bits: r() of
+  KIND 2, then the exponent moved: integer arithmetic and one exact add, as c10 bit for bit,
+  subnormals, inf and NaN 0x7E00 included). ALIGNED as in the momentum_dtype kernel (fp32
+  master and buffer, fp16 parameter and gradient: all 128-bit in unmasked blocks).
 """
 # No `from __future__ import annotations` in this module: postponed, the kernels' "fp64"
 # annotations reach Triton as the text '"fp64"' (quotes included), which it does not read as a
@@ -670,6 +681,88 @@ if TRITON_AVAILABLE:
             _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
                         one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
                         QUANT, True, BLOCK, QBLOCK)
+
+    @triton.jit
+    def _fp16_bits(x):
+        """fp32 x rounded to nearest even as fp16 bits (uint32 below 2^16): c10's conversion
+        (sgd_math.h's mc_float_to_fp16_bits): fp16 subnormals, inf from 65520 on, NaN as
+        0x7E00 with x's sign. r() (_round_storage, KIND 2) does the rounding in integer bit
+        arithmetic; its result is an fp16 value, so moving its exponent and mantissa is exact."""
+        r = _round_storage(x, 2).to(tl.uint32, bitcast=True)
+        sign = (r >> 16) & 0x8000
+        a = r & 0x7FFFFFFF
+        # normal: the exponent rebiased from 127 to 15, the 13 dropped mantissa bits are zero
+        normal = (a - 0x38000000) >> 13
+        # subnormal: a multiple k of 2^-24 below 2^-14; |r| + 0.5 is exact (2^-24 is the ulp
+        # of [0.5, 1)) and holds k in its low mantissa bits
+        sub = (a.to(tl.float32, bitcast=True) + 0.5).to(tl.uint32, bitcast=True) - 0x3F000000
+        h = tl.where(a < 0x38800000, sub, normal)
+        h = tl.where(a == 0x7F800000, 0x7C00, h)
+        h = tl.where(a > 0x7F800000, 0x7E00, h)
+        return h | sign
+
+    @triton.jit
+    def _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, neg_lr, wd, m_mul, m_add,
+                           one_minus_d, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                           MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                           FIRST_STEP: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+        """Elements [start, start + BLOCK) of one tensor (fp16_master.h's fp16_master_elem):
+        the master steps, the parameter is written as the new master's rounding (never read),
+        the buffer read unless first step. MASKED: bounded by n (else all in)."""
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        m = _ld(m_ptr + offs, mask, MASKED)
+        g = _ld(g_ptr + offs, mask, MASKED).to(tl.float32)  # fp16 -> fp32 is exact
+        if MOMENTUM and not FIRST_STEP:
+            buf = _ld(b_ptr + offs, mask, MASKED)
+        else:
+            buf = tl.zeros([BLOCK], tl.float32)
+        new, buf = _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
+                              WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
+        _st(m_ptr + offs, new, mask, MASKED)
+        _st(p_ptr + offs, _fp16_bits(new).to(tl.uint16), mask, MASKED)
+        if MOMENTUM:
+            _st(b_ptr + offs, buf, mask, MASKED)
+
+    @triton.jit
+    def _sgd_fp16_master_kernel(rows_ptr, blocks_ptr,
+                                neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
+                                one_minus_d: "fp64",
+                                MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                                FIRST_STEP: tl.constexpr, ALIGNED: tl.constexpr,
+                                BLOCK: tl.constexpr):
+        """fp16 master weights (fp16_master.h): fp16 parameters and gradients, fp32 masters and
+        buffers; many tensors in one launch through a pointer table of rows [address of p, of
+        g, of the buffer (0 when MOMENTUM is off), of the master, numel]. The parameter is
+        stored as bits (uint16, _fp16_bits): no float cast rounds. ALIGNED: every address in
+        the table is a multiple of 16 bytes (the host checked), so a block inside its tensor
+        runs unmasked: 128-bit accesses; the tensor's last block stays masked."""
+        _, row, start, n = _table_program(rows_ptr, blocks_ptr, 5)
+        # multiples of BLOCK, said so for the alignment analysis (as in _sgd_qmom_kernel)
+        start = start // BLOCK * BLOCK
+        p_ptr = tl.load(row).to(tl.pointer_type(tl.uint16))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float16))
+        b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            b_ptr = tl.multiple_of(b_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+        if ALIGNED:
+            if start + BLOCK <= n:
+                _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, neg_lr, wd, m_mul,
+                                   m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                                   NESTEROV, FIRST_STEP, False, BLOCK)
+            else:
+                _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, neg_lr, wd, m_mul,
+                                   m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                                   NESTEROV, FIRST_STEP, True, BLOCK)
+        else:
+            _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, neg_lr, wd, m_mul, m_add,
+                               one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV,
+                               FIRST_STEP, True, BLOCK)
 
     @triton.jit
     def _sr_random_kernel(key, base, out_ptr, n, BLOCK: tl.constexpr):
@@ -1309,3 +1402,55 @@ def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, m
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
             _sgd_qmom_kernel[(count,)](rows, blocks, *sc, **flags)
+
+
+def triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, *, lr, momentum,
+                                      dampening, weight_decay, nesterov, maximize,
+                                      first_step) -> None:
+    """fp16 master weights (csrc/include/momentum_cuda/fp16_master.h, reference.
+    sgd_fp16_master_reference_step): fp16 params and grads, dense; fp32 masters and
+    momentum_buffers (empty/None when momentum == 0) shaped and strided like their params. Each
+    master takes torch's fp32 step with its gradient widened exactly; its parameter becomes the
+    new master rounded to nearest even (c10's conversion: subnormals, inf, NaN as 0x7E00). The
+    checks of csrc/momentum_ops.cpp's sgd_step_fp16_master_list, all before the launch; then
+    ONE launch for all non-empty tensors (as the list path, through a pointer table)."""
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    params, grads, masters = list(params), list(grads), list(masters)
+    bufs = list(momentum_buffers) if momentum_buffers is not None else []
+    need_buf = vals["use_buf"]
+    _check_list_lengths(params, [(grads, "grads"), (masters, "masters")], bufs, need_buf,
+                        momentum)
+    dev_dtype: list = []
+    named = []
+    for i, (p, g, m) in enumerate(zip(params, grads, masters)):
+        at = f"[{i}]"
+        _check_triple(at, p, g, None, dev_dtype)
+        if p.dtype != torch.float16:
+            raise ValueError(f"params{at} must be float16 (fp16 master weights keep an fp32 "
+                             f"copy of a float16 parameter), got {_describe(p)}")
+        named += [(p, f"params{at}"), (g, f"grads{at}")]
+        if need_buf:
+            _check_like(bufs[i], f"momentum_buffers{at}", p, f"params{at}", torch.float32)
+            named.append((bufs[i], f"momentum_buffers{at}"))
+        _check_like(m, f"masters{at}", p, f"params{at}", torch.float32)
+        named.append((m, f"masters{at}"))
+    _check_no_overlap(named)
+    # masters and buffers are laid out like the params: element j of the walk is the same
+    # element of each
+    addrs, numels = [], []
+    for i, (p, g, m) in enumerate(zip(params, grads, masters)):
+        if p.numel():
+            addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0,
+                          m.data_ptr()))
+            numels.append(p.numel())
+    if not numels:
+        return
+    device = params[0].device
+    sc = _scalars(vals, torch.float32)
+    flags = _step_flags(vals, nesterov, maximize, first_step)
+    # 16-byte aligned tensors (torch's allocations are; views at odd offsets not): full
+    # blocks then run unmasked with 128-bit accesses
+    flags.update(ALIGNED=all(a % 16 == 0 for row in addrs for a in row))
+    with _device_guard(device):
+        for rows, blocks, count in _table_launches(addrs, numels, device):
+            _sgd_fp16_master_kernel[(count,)](rows, blocks, *sc, **flags)

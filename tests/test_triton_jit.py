@@ -39,7 +39,9 @@ equal the number of distinct specializations among the launches, by Triton's rul
 The count and compile time are printed ("N JIT compilations in T s ...", with the test_gpu
 function that first needed each): they size the Triton stage of the GPU check
 (tools/gpu_check.py). test_jit_amp_variants compiles the AMP variants of both kernels for every
-dtype on their own (they are not in the count above unless test_gpu runs them on Triton).
+dtype on their own (they are not in the count above unless test_gpu runs them on Triton);
+test_jit_qmom_kernel and test_jit_fp16_master_kernel compile the momentum_dtype and the fp16
+master-weights kernels through their entry points, aligned (128-bit accesses) and not.
 """
 import inspect
 import itertools
@@ -61,6 +63,9 @@ from momentum_cuda import triton_kernels as tk  # noqa: E402
 from momentum_cuda.reference import MomentumReference  # noqa: E402
 
 ARCH = 90
+# every step kernel of momentum_cuda/triton_kernels.py
+KERNELS = (tk._sgd_flat_kernel, tk._sgd_list_kernel, tk._sgd_master_kernel, tk._sgd_sr_kernel,
+           tk._sgd_qmom_kernel, tk._sgd_fp16_master_kernel)
 REPLAY_STEPS = 2  # step 1 (FIRST_STEP where momentum is on) and one later step
 SCALARS = ("neg_lr", "wd", "m_mul", "m_add", "one_minus_d")
 # tensor dtype -> (Triton signature name, MLIR element type, Triton language dtype)
@@ -132,10 +137,12 @@ def _expected(entry):
                  CLIP=kw.get("clip_coef") is not None, BLOCK=1024)
     if entry["kind"] == "list":
         flags["DTYPE"] = ELEM[dtype][2]
-    if entry["kind"] in ("master", "sr", "qmom"):
+    if entry["kind"] in ("master", "sr", "qmom", "fp16_master"):
         flags = {k: flags[k] for k in MASTER_FLAGS}
     if entry["kind"] == "qmom":
         flags.update(_qmom_expected(entry))
+    if entry["kind"] == "fp16_master":
+        flags.update(_fp16_master_expected(entry))
     scalars = dict(neg_lr=_opmath(-float(kw["lr"]), dtype),
                    wd=_opmath(kw["weight_decay"], dtype), m_mul=_opmath(m, dtype),
                    m_add=_opmath(m, dtype), one_minus_d=_opmath(1.0 - d, dtype))
@@ -151,6 +158,46 @@ def _qmom_expected(entry):
     aligned = all(t.data_ptr() % 16 == 0 for ts in (params, grads, bufs) for t in ts
                   if t.numel())
     return dict(QUANT=int(bool(scales)), QBLOCK=256, ALIGNED=aligned)
+
+
+def _fp16_master_expected(entry):
+    """The fp16 master kernel's own constexpr: ALIGNED exactly when every parameter, gradient,
+    buffer and master address is a multiple of 16 bytes."""
+    params = entry["tensors"]
+    grads, bufs, masters = (list(a or []) for a in entry["args"][:3])
+    return dict(ALIGNED=all(t.data_ptr() % 16 == 0 for ts in (params, grads, bufs, masters)
+                            for t in ts if t.numel()))
+
+
+def _check_vector_access(ptx, what, consts, problems):
+    """ALIGNED: 128-bit global loads and stores (the unmasked blocks); otherwise none."""
+    vec = _vector_ops(ptx, "ld") + _vector_ops(ptx, "st")
+    if consts.get("ALIGNED") and not (_vector_ops(ptx, "ld") and _vector_ops(ptx, "st")):
+        problems.append(f"vector: {what}: ALIGNED but no 128-bit loads and stores")
+    if not consts.get("ALIGNED") and vec:
+        problems.append(f"vector: {what}: {vec} 128-bit accesses without ALIGNED")
+
+
+def _check_fp16_master_compiled(ck, what, consts, problems):
+    """The fp16 master kernel: no float converted to fp16 (the parameter's rounding is integer
+    arithmetic, _fp16_bits) and nothing divides; the gradient widened by cvt.f32.f16 (exact);
+    ALIGNED: every tensor of an unmasked block moves in 128-bit accesses (one for the 8 fp16
+    parameters or gradients of a thread, two for its 8 fp32 masters or buffers: loads of g, m
+    and, on later steps with momentum, buf; stores of p, m and, with momentum, buf), otherwise
+    none."""
+    ptx = ck.asm["ptx"]
+    conv = set(re.findall(r"\b(?:cvt\.\w+\.f16\.f32|div\.[\w.]+|rcp\.[\w.]+)", ptx))
+    if conv:
+        problems.append(f"ptx: {what}: {sorted(conv)} (the rounding is integer arithmetic)")
+    if not re.search(r"\bcvt\.f32\.f16\b", ptx):
+        problems.append(f"ptx: {what}: no cvt.f32.f16 (the gradient's widening)")
+    _check_vector_access(ptx, what, consts, problems)
+    if consts.get("ALIGNED"):
+        mom = bool(consts.get("MOMENTUM"))
+        want = (3 + 2 * (mom and not consts.get("FIRST_STEP")), 3 + 2 * mom)
+        got = (_vector_ops(ptx, "ld"), _vector_ops(ptx, "st"))
+        if got != want:
+            problems.append(f"vector: {what}: 128-bit loads / stores {got}, expected {want}")
 
 
 def _check_qmom_compiled(ck, what, consts, problems):
@@ -172,11 +219,7 @@ def _check_qmom_compiled(ck, what, consts, problems):
                    and re.search(r"\b(?:add\.rn\.f32\s[^;]*0fCB400000|sub\.rn\.f32\s[^;]*"
                                  r"0f4B400000);", ptx)):
         problems.append(f"ptx: {what}: no add.rn.f32 of +-1.5 * 2^23 (the codes' rounding)")
-    vec = _vector_ops(ptx, "ld") + _vector_ops(ptx, "st")
-    if consts.get("ALIGNED") and not (_vector_ops(ptx, "ld") and _vector_ops(ptx, "st")):
-        problems.append(f"vector: {what}: ALIGNED but no 128-bit loads and stores")
-    if not consts.get("ALIGNED") and vec:
-        problems.append(f"vector: {what}: {vec} 128-bit accesses without ALIGNED")
+    _check_vector_access(ptx, what, consts, problems)
 
 
 def _spec_key(kernel, bound):
@@ -323,6 +366,8 @@ def _check_compiled(ck, name, dtype, problems):
                 "_sgd_sr_kernel": {"i16"},
                 "_sgd_qmom_kernel": {"f32"} | ({("i8" if consts.get("QUANT") else "i16")}
                                                if consts.get("MOMENTUM") else set()),
+                # fp16 parameters as bits, fp16 gradients, fp32 masters (and buffers)
+                "_sgd_fp16_master_kernel": {"i16", "f16", "f32"},
                 }.get(name, {mlir})
         # (an alignment hint on the cast comes as an attribute dict before the type)
         casts = set(re.findall(r"tt\.int_to_ptr %\w+(?: \{[^}\n]*\})? : i64 -> !tt\.ptr<(\w+)>",
@@ -344,6 +389,10 @@ def _check_compiled(ck, name, dtype, problems):
     elif name == "_sgd_qmom_kernel":
         _check_qmom_compiled(ck, what, {names[path[0]]: v
                                         for path, v in ck.src.constants.items()}, problems)
+    elif name == "_sgd_fp16_master_kernel":
+        _check_fp16_master_compiled(ck, what, {names[path[0]]: v
+                                               for path, v in ck.src.constants.items()},
+                                    problems)
     else:
         _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems)
     md = ck.metadata
@@ -395,6 +444,18 @@ def _replay_gradscaler_and_clip(monkeypatch):
 
 
 
+def _fp16_master_reference_unchanged(rec):
+    """reference.sgd_fp16_master_reference_step in the replay, where no kernel runs: the
+    parameters and masters stay as they are, and the buffers it returns are copies of those
+    the op's last call left (None without momentum, as the reference returns them)."""
+    def step(params, grads, bufs, masters, **hyper):
+        if not hyper.get("momentum"):
+            return list(bufs)
+        _, args, _ = rec.last_call["fp16_master"]
+        return [t.clone() for t in args[1]]
+    return step
+
+
 def _qmom_reference_unchanged(rec):
     """reference.sgd_momentum_dtype_reference_step in the replay, where no kernel runs: the
     parameters stay as they are, and the buffers (and int8 scales) it returns are copies of
@@ -426,9 +487,7 @@ def jit_without_gpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tk, "_check_device", check_device)
     monkeypatch.setitem(_backends._PREFERENCE, "cpu", ("cpu", "triton"))
-    with triton_stub_driver.stub_driver([tk._sgd_flat_kernel, tk._sgd_list_kernel,
-                                         tk._sgd_master_kernel, tk._sgd_sr_kernel,
-                                         tk._sgd_qmom_kernel], ARCH):
+    with triton_stub_driver.stub_driver(list(KERNELS), ARCH):
         yield cache
 
 
@@ -464,7 +523,9 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     on); test_stochastic_rounding_bitwise_vs_reference's add 9 of the stochastic-rounding
     kernel: 294. test_momentum_dtype_bitwise_vs_reference adds 17 of the momentum_dtype kernel
     (bf16 and int8 buffers, first and later steps, bf16 without momentum) and
-    test_qmom_opcheck_on_gpu 1: 312 in all."""
+    test_qmom_opcheck_on_gpu 1: 312 in all. fp16 master-weights cases of test_gpu on Triton
+    (none yet) add the fp16 master kernel's specializations; its reference is then replaced
+    like the momentum_dtype one (_fp16_master_reference_unchanged)."""
     cache = jit_without_gpu
     cases = _triton_cases()
     assert cases, "tests/test_gpu.py has no case with backend='triton' to replay"
@@ -487,6 +548,8 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
                         rec.wrap_entry(tk.triton_sgd_step_sr_list_, "sr"))
     monkeypatch.setattr(tk, "triton_sgd_step_qmom_list_",
                         rec.wrap_entry(tk.triton_sgd_step_qmom_list_, "qmom"))
+    monkeypatch.setattr(tk, "triton_sgd_step_fp16_master_list_",
+                        rec.wrap_entry(tk.triton_sgd_step_fp16_master_list_, "fp16_master"))
     # no kernel runs: the stochastic-rounding reference leaves the parameters as they are and
     # gives the buffers the optimizer creates (zeros), as the replayed step does
     monkeypatch.setattr(momentum_cuda.reference, "sgd_sr_reference_step",
@@ -495,8 +558,12 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     # likewise the momentum_dtype reference: parameters unchanged, the op's buffers as left
     monkeypatch.setattr(momentum_cuda.reference, "sgd_momentum_dtype_reference_step",
                         _qmom_reference_unchanged(rec))
-    kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel, tk._sgd_master_kernel,
-               tk._sgd_sr_kernel, tk._sgd_qmom_kernel)
+    # and the fp16 master-weights reference: parameters and masters unchanged
+    fp16_ref = _fp16_master_reference_unchanged(rec)
+    monkeypatch.setattr(momentum_cuda.reference, "sgd_fp16_master_reference_step", fp16_ref)
+    if hasattr(test_gpu, "sgd_fp16_master_reference_step"):  # imported by name
+        monkeypatch.setattr(test_gpu, "sgd_fp16_master_reference_step", fp16_ref)
+    kernels = KERNELS
     t0 = time.perf_counter()
     try:
         for k in kernels:  # an instance attribute: deleting it brings back JITFunction.run
@@ -703,4 +770,65 @@ def test_jit_qmom_kernel(jit_without_gpu, monkeypatch):
     print(f"\n{compiled} JIT compilations of the momentum_dtype kernel in {rec.compile_s:.1f} s")
     assert not problems, "\n  ".join(problems)
     assert compiled == len(keys) == len(by) == 10, (compiled, len(keys), len(by))
+    assert len(list(cache.rglob("*.cubin"))) == compiled
+
+
+def test_jit_fp16_master_kernel(jit_without_gpu, monkeypatch):
+    """The fp16 master-weights kernel compiled by the JIT through its entry point (the replay
+    covers it only where tests/test_gpu.py runs it on Triton): with momentum (the first step and
+    a later one with every flag on) and without, on 16-byte aligned tensors and on views at an
+    odd address (fp16 2 bytes, fp32 4 bytes past a boundary). Each launch's constexprs and
+    scalars are the call's (ALIGNED exactly for aligned addresses); each compiled kernel passes
+    _check_compiled (fp64 scalars, int64 tables, int_to_ptr to i16 (the parameter's bits), f16
+    (the gradient) and f32 (master, buffer), no conversion to fp16 and no division, the
+    gradient widened by cvt.f32.f16; ALIGNED: 128-bit loads and stores, else none; fusion off,
+    4 warps, sm_90, a cubin); one compilation per specialization."""
+    cache = jit_without_gpu
+    rec = _Recorder()
+    monkeypatch.setattr(tk, "triton_sgd_step_fp16_master_list_",
+                        rec.wrap_entry(tk.triton_sgd_step_fp16_master_list_, "fp16_master"))
+    n = 5000  # 4 full blocks and a partial one: both paths of the aligned kernel
+    later = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True,
+                 maximize=True, first_step=False)
+    first = dict(later, nesterov=False, first_step=True)
+    plain = dict(later, momentum=0.0, nesterov=False)
+
+    def view(dtype, aligned):
+        t = torch.zeros(n + 16, dtype=dtype)
+        return t[:n] if aligned else t[1:n + 1]
+
+    by = {}
+    try:
+        tk._sgd_fp16_master_kernel.run = rec.wrap_run(tk._sgd_fp16_master_kernel)
+        for hname, h in (("later", later), ("first", first), ("plain", plain)):
+            for aligned in (True, False):
+                p, g = view(torch.float16, aligned), view(torch.float16, aligned)
+                m = view(torch.float32, aligned)
+                b = [view(torch.float32, aligned)] if h["momentum"] else []
+                tk.triton_sgd_step_fp16_master_list_([p], [g], b, [m], **h)
+                by[hname, aligned] = rec.launches[-1]["ck"]
+    finally:
+        vars(tk._sgd_fp16_master_kernel).pop("run", None)
+
+    problems = []
+    keys = set()
+    for launch in rec.launches:
+        entry, kernel, bound = launch["entry"], launch["kernel"], launch["bound"]
+        keys.add(_spec_key(kernel, bound))
+        flags, scalars = _expected(entry)
+        got = {k: bound[k] for k in flags}
+        if got != flags:
+            problems.append(f"flags: launched with {got}, expected {flags}")
+        if {s: bound[s] for s in SCALARS} != scalars:
+            problems.append(f"scalars: {[bound[s] for s in SCALARS]}, expected {scalars}")
+    for (hname, aligned), ck in by.items():
+        names = list(ck.src.signature)
+        consts = {names[path[0]]: v for path, v in ck.src.constants.items()}
+        if consts.get("ALIGNED") != aligned:
+            problems.append(f"{hname}: ALIGNED {consts.get('ALIGNED')}, expected {aligned}")
+        _check_compiled(ck, "_sgd_fp16_master_kernel", torch.float16, problems)
+    compiled = len(rec.compiled)
+    print(f"\n{compiled} JIT compilations of the fp16 master kernel in {rec.compile_s:.1f} s")
+    assert not problems, "\n  ".join(problems)
+    assert compiled == len(keys) == len(by) == 6, (compiled, len(keys), len(by))
     assert len(list(cache.rglob("*.cubin"))) == compiled
