@@ -604,3 +604,22 @@ def test_int8_momentum_trains_like_fp32():
     assert losses[None] < 1e-3 * float((y ** 2).mean())
     for dtype in (torch.bfloat16, torch.int8):
         assert losses[dtype] < 1e-2 * float((y ** 2).mean()), losses
+
+
+def test_code_rounding_is_exact_for_every_scale():
+    """q8_round (momentum_dtype.h) rounds v / scale by + 1.5 * 2^23 - 1.5 * 2^23 and clamps
+    after, which equals clamping first only while |v / scale| <= 2^22. |v| <= absmax, so it is
+    enough that absmax / scale stays small: checked for EVERY subnormal absmax (where scale =
+    absmax / 127 loses precision) and for the normal ones at every exponent's edges."""
+    sub = torch.arange(1, 1 << 23, dtype=torch.int32).view(torch.float32)
+    edges = torch.tensor([e << 23 | m for e in range(1, 255)
+                          for m in (0, 1, 0x3FFFFF, 0x400000, 0x7FFFFE, 0x7FFFFF)],
+                         dtype=torch.int64).to(torch.int32).view(torch.float32)
+    for a in (sub, edges):
+        scale = (a.double() / 127).float()
+        ok = scale > 0
+        ratio = a.double()[ok] / scale.double()[ok]
+        assert ratio.max() <= 190.5
+        normal = scale[ok] >= 2.0 ** -126  # one relative rounding: at most 127 * (1 + 2^-24)
+        if normal.any():
+            assert ratio[normal].max() <= 127 * (1 + 2.0 ** -24) / (1 - 2.0 ** -24)

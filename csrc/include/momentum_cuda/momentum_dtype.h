@@ -14,7 +14,8 @@
 //          int8  — per block: a = max |v| (a NaN counts as inf); scale = a / 127 (one correctly
 //                  rounded fp32 division) where a is finite, NaN where it is not; each code is
 //                  v / scale (correctly rounded), clamped to [-127, 127], rounded to the nearest
-//                  integer, ties to even; codes are 0 where scale is 0 or NaN. So a block whose
+//                  integer, ties to even (q8_round rounds first and clamps after: the same);
+//                  codes are 0 where scale is 0 or NaN. So a block whose
 //                  buffer holds an inf or a NaN reads back as NaN in every element.
 // Invariant: reference.sgd_momentum_dtype_reference_step is this contract in plain torch; the
 //          arithmetic uses only correctly rounded fp32 operations (fma, *, /, + and an exact
@@ -87,16 +88,21 @@ MC_HD float q8_scale(uint32_t absmax_bits) {
                                    : mc_bits_float(0x7fc00000u);
 }
 
-/// An fp32 buffer value's code for its block's q8_scale: round(clamp(v / scale, -127, 127)),
-/// ties to even (x + 1.5 * 2^23 - 1.5 * 2^23 rounds exactly for |x| <= 2^22), 0 where scale is
-/// 0 or NaN.
+/// v / scale as a code, for a scale > 0: rounded to the nearest integer, ties to even, then
+/// clamped to [-127, 127] (the same as clamping first: the bounds are integers). |x| <= 190.5
+/// for every scale q8_scale gives (a subnormal scale may sit below absmax / 127), so the
+/// rounding by x + 1.5 * 2^23 - 1.5 * 2^23 is exact (it is for |x| <= 2^22), and the clamp is
+/// an integer min/max, which a CPU loop vectorizes.
+MC_HD int8_t q8_round(float x) {
+  const int r = static_cast<int>(mc_add(mc_add(x, 12582912.f), -12582912.f));
+  const int lo = r < -127 ? -127 : r;
+  return static_cast<int8_t>(lo > 127 ? 127 : lo);
+}
+
+/// An fp32 buffer value's code for its block's q8_scale: q8_round(v / scale) (the division
+/// correctly rounded), 0 where scale is 0 or NaN.
 MC_HD int8_t q8_code(float v, float scale) {
-  const bool ok = scale > 0.f;  // false for NaN
-  float x = mc_div(v, ok ? scale : 1.f);
-  x = ok ? x : 0.f;  // before the clamp: a NaN v (non-finite block) must not reach the cast
-  x = x < -kQMax ? -kQMax : (x > kQMax ? kQMax : x);
-  x = mc_add(mc_add(x, 12582912.f), -12582912.f);
-  return static_cast<int8_t>(static_cast<int>(x));
+  return scale > 0.f ? q8_round(mc_div(v, scale)) : int8_t(0);  // false for NaN
 }
 
 }  // namespace momentum_cuda
