@@ -127,8 +127,17 @@ def _state(shapes, kind, gen, garbage=False):
     return [params, bufs, scales]
 
 
+def _copy(t):
+    """A copy of t with t's strides at t's address mod 16 (Tensor.clone allocates afresh: an
+    odd view's clone is aligned, and the unaligned launch would not run)."""
+    off = t.data_ptr() % 16 // t.element_size()
+    out = torch.empty(t.numel() + 16, dtype=t.dtype).as_strided(t.shape, t.stride(), off)
+    assert out.data_ptr() % 16 == t.data_ptr() % 16
+    return out.copy_(t)
+
+
 def _clone(state):
-    return [[t.clone() for t in ts] for ts in state]
+    return [[_copy(t) for t in ts] for ts in state]
 
 
 class _Launches(_tm._Launches):
