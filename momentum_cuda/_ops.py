@@ -345,33 +345,30 @@ def step_ops(backend: str):
     return ops.sgd_step_flat_.default, ops.sgd_step_list_.default
 
 
+def _mode_op(backend: str, name: str):
+    """torch.ops.momentum_cuda.<name> of a backend: the C++ op on cpu and cuda (raising for an
+    unknown backend or one this build has no kernels for), its triton_ twin on triton."""
+    if backend != "triton":
+        step_ops(backend)
+    return getattr(torch.ops.momentum_cuda,
+                   f"triton_{name}" if backend == "triton" else name).default
+
+
 def master_op(backend: str):
     """The master-weights step op of a backend (sgd_step_master_list_'s arguments)."""
-    if backend == "triton":
-        return torch.ops.momentum_cuda.triton_sgd_step_master_list_.default
-    step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
-    return torch.ops.momentum_cuda.sgd_step_master_list_.default
-
-
-def sr_op(backend: str):
-    """The stochastic-rounding step op of a backend (sgd_step_sr_list_'s arguments)."""
-    if backend == "triton":
-        return torch.ops.momentum_cuda.triton_sgd_step_sr_list_.default
-    step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
-    return torch.ops.momentum_cuda.sgd_step_sr_list_.default
-
-
-def qmom_op(backend: str):
-    """The momentum_dtype step op of a backend (sgd_step_qmom_list_'s arguments)."""
-    if backend == "triton":
-        return torch.ops.momentum_cuda.triton_sgd_step_qmom_list_.default
-    step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
-    return torch.ops.momentum_cuda.sgd_step_qmom_list_.default
+    return _mode_op(backend, "sgd_step_master_list_")
 
 
 def fp16_master_op(backend: str):
     """The fp16 master-weights step op of a backend (sgd_step_fp16_master_list_'s arguments)."""
-    if backend == "triton":
-        return torch.ops.momentum_cuda.triton_sgd_step_fp16_master_list_.default
-    step_ops(backend)  # raises for an unknown backend or one this build has no kernels for
-    return torch.ops.momentum_cuda.sgd_step_fp16_master_list_.default
+    return _mode_op(backend, "sgd_step_fp16_master_list_")
+
+
+def sr_op(backend: str):
+    """The stochastic-rounding step op of a backend (sgd_step_sr_list_'s arguments)."""
+    return _mode_op(backend, "sgd_step_sr_list_")
+
+
+def qmom_op(backend: str):
+    """The momentum_dtype step op of a backend (sgd_step_qmom_list_'s arguments)."""
+    return _mode_op(backend, "sgd_step_qmom_list_")

@@ -84,6 +84,17 @@ def twin_params(values, requires_grad=True):
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def isa_available(isa: str) -> bool:
+    """Whether this CPU runs the C++ kernel's `isa` clone ("avx512", "avx2", "default")."""
+    from momentum_cuda import _C
+    try:
+        old = _C.set_cpu_isa(isa)
+    except RuntimeError:
+        return False
+    _C.set_cpu_isa(old)
+    return True
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """t's bits, for torch.equal: a floating tensor viewed as the integer type of its size (a
     complex one as its real and imaginary parts), so -0.0 != 0.0 and a NaN equals its copy."""

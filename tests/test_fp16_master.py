@@ -11,7 +11,7 @@ import momentum_cuda
 from momentum_cuda import _C
 from momentum_cuda.reference import sgd_fp16_master_reference_step as reference_step
 
-from conftest import bits
+from conftest import bits, isa_available
 
 OP = torch.ops.momentum_cuda.sgd_step_fp16_master_list_.default
 FLAG_SETS = [dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
@@ -72,19 +72,11 @@ def test_range_edges():
     assert seen_inf and ps[0][:2].isfinite().all()
 
 
-def _isa_ok(isa):
-    try:
-        old = _C.set_cpu_isa(isa)
-    except RuntimeError:
-        return False
-    _C.set_cpu_isa(old)
-    return True
-
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "default"])
 def test_op_large_threads_and_isa(isa, threads):
-    if not _isa_ok(isa):
+    if not isa_available(isa):
         pytest.skip(f"{isa} not available")
     gen = torch.Generator().manual_seed(6)
     ps, ms = _state(gen, [(2**20 + 3,), (33,)])

@@ -15,7 +15,7 @@ from momentum_cuda import _C
 from momentum_cuda.reference import (QBLOCK, dequantize_momentum, quantize_momentum,
                                      sgd_momentum_dtype_reference_step as reference_step)
 
-from conftest import bits
+from conftest import bits, isa_available
 
 OP = torch.ops.momentum_cuda.sgd_step_qmom_list_.default
 DTYPES = [torch.bfloat16, torch.int8]
@@ -86,14 +86,6 @@ def test_op_bitwise_against_reference(h, dtype, layout):
                                            bool(h["momentum"]) and step == 1, f"step {step}")
 
 
-def _isa_ok(isa):
-    try:
-        old = _C.set_cpu_isa(isa)
-    except RuntimeError:
-        return False
-    _C.set_cpu_isa(old)
-    return True
-
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "default"])
@@ -101,7 +93,7 @@ def _isa_ok(isa):
 def test_op_large_threads_and_isa(dtype, isa, threads):
     """2^20 + 3 elements and a few small tensors, split over threads (an int8 block is one
     thread's), on each instruction set the CPU has."""
-    if not _isa_ok(isa):
+    if not isa_available(isa):
         pytest.skip(f"{isa} not available")
     gen = torch.Generator().manual_seed(6)
     ps = _tensors(gen, [(2**20 + 3,), (33,), (300,)])

@@ -13,7 +13,7 @@ import momentum_cuda
 from momentum_cuda import _C
 from momentum_cuda.reference import (lowbias32, sgd_sr_reference_step, sr_key, sr_random)
 
-from conftest import bits
+from conftest import bits, isa_available
 
 OP = torch.ops.momentum_cuda.sgd_step_sr_list_.default
 FLAG_SETS = [dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
@@ -83,7 +83,7 @@ def test_op_bitwise_against_reference(h, layout):
 def test_op_large_threads_and_isa(threads, isa):
     """2^20 + 3 elements, split over threads (the random bits follow the element, not the
     thread), on each instruction set the CPU has."""
-    if not _isa_ok(isa):
+    if not isa_available(isa):
         pytest.skip(f"{isa} not available")
     gen = torch.Generator().manual_seed(6)
     ps = _tensors(gen, [(2**20 + 3,), (33,)])
@@ -103,14 +103,6 @@ def test_op_large_threads_and_isa(threads, isa):
     for a, b in zip(ps + bufs, ref + rb):
         assert torch.equal(bits(a), bits(b))
 
-
-def _isa_ok(isa):
-    try:
-        old = _C.set_cpu_isa(isa)
-    except RuntimeError:
-        return False
-    _C.set_cpu_isa(old)
-    return True
 
 
 def test_special_values():
