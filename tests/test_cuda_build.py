@@ -4,7 +4,9 @@ The project's kernels are compiled once per session (tools/cuda_check.py run as 
 arch of csrc/build_flags.json in one nvcc call, with the nvcc flags the extension ships with) and
 must pass: spill gate, 128-bit global loads and stores in every flat kernel, no local memory.
 The momentum_dtype kernels (csrc/cuda/qmom_kernel.cuh) must show their vector accesses (16 bytes
-for fp32 and bf16 groups, 8 bytes for a lane's int8 codes) and the int8 kernel its shuffles.
+for fp32 and bf16 groups, 8 bytes for a lane's int8 codes) and the int8 kernel its shuffles;
+the fp16 master-weights kernel (csrc/cuda/fp16_master_kernel.cuh) its 16-byte accesses to all
+four arrays.
 Planted bad kernels show the checks FAIL when they should:
   (a) scalar-only flat kernels -> "no 128-bit global load (LDG.E.128)";
   (b) an indexed local array and a register-starved kernel -> the spill gate stops nvcc, and
@@ -133,9 +135,11 @@ def test_blocks_per_sm_units():
 
 def test_project_no_stack_or_spills(project):
     info = project["info"]
-    # flat + list kernel, 4 dtypes, 2 archs; the two bf16 and two momentum_dtype kernels, 2 archs
+    # flat + list kernel, 4 dtypes, 2 archs; the two bf16, two momentum_dtype and the fp16
+    # master kernels, 2 archs
     assert len(info) == (2 * len(ARCHS) * len(FLAT)
-                         + (len(cc.BF16_KERNELS) + len(cc.QMOM_KERNELS)) * len(ARCHS))
+                         + (len(cc.BF16_KERNELS) + len(cc.QMOM_KERNELS)
+                            + len(cc.FP16_MASTER_KERNELS)) * len(ARCHS))
     for key, i in info.items():
         assert (i["stack"], i["spill_stores"], i["spill_loads"]) == (0, 0, 0), key
         assert 0 < i["registers"] <= 64, key  # 256-thread blocks: room for 4+ blocks an SM
@@ -194,6 +198,20 @@ def test_qmom_kernel_vector_accesses(project, arch, kernel):
     assert count("LDG.E.128") >= ld128 and count("STG.E.128") >= st128, cc.summary(mem)
     assert count("LDG.E.64") >= ld64 and count("STG.E.64") >= st64, cc.summary(mem)
     assert sum(o.startswith("SHFL.BFLY") for o in ops) >= shfl, sorted(set(ops))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp16_master_kernel_vector_accesses(project, arch):
+    """The fp16 master-weights kernel's vector path moves a group of 8 with 16-byte accesses:
+    loads of the grad (one), master and buffer (two each; the parameter is not read), stores of
+    the parameter (one), master and buffer (two each); no local memory."""
+    found = [o for k, o in project["ops"].items()
+             if k[0] == arch and k[1].startswith("sgd_fp16_master_kernel<")]
+    assert len(found) == 1
+    assert cc.access_problems(found[0]) == [], cc.summary(cc.memory_ops(found[0]))
+    mem = cc.memory_ops(found[0])
+    count = lambda prefix: sum(n for op, n in mem.items() if op.startswith(prefix))  # noqa: E731
+    assert count("LDG.E.128") >= 5 and count("STG.E.128") >= 5, cc.summary(mem)
 
 
 def test_list_kernel_report(project):

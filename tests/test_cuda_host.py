@@ -13,7 +13,10 @@ for the stochastic-rounding kernel (csrc/cuda/sr_kernel.cuh) against its own ran
 tests/cuda/host_qmom_test.cpp does it for the momentum_dtype kernels (csrc/cuda/qmom_kernel.cuh:
 bf16 and int8 blockwise buffers) against the naive element / block loops of momentum_dtype.h;
 the int8 kernel's warp shuffles run under the shim's warp runner (the 32 lanes as fibers in
-lock step).
+lock step). The same program checks the fp16 master-weights kernel (csrc/cuda/
+fp16_master_kernel.cuh) against fp16_master_elem one element at a time, and every parameter
+against the compiler's own fp16 rounding of its new master (`--only qmom|fp16m` picks one part;
+the two tests share one build).
 
 Three builds of the driver, with the C++ flags of csrc/build_flags.json and -O1 (see COMPILE_FLAGS):
   * plain      every case;
@@ -23,7 +26,8 @@ Three builds of the driver, with the C++ flags of csrc/build_flags.json and -O1 
                misaligned, an unchecked grad alignment, a lost span in plan_list's batching,
                a flat grid not capped at what is resident, a grid size that overflows int64
                (these two in flat_grid_test.cpp); the master, stochastic-rounding and
-               momentum_dtype kernels' own (MASTER_PLANTS, QMOM_PLANTS).
+               momentum_dtype and fp16 master kernels' own (MASTER_PLANTS, QMOM_PLANTS,
+               FP16M_PLANTS; the last built with only the fp16 master cases, 4 s each).
                A line that is no longer in the header fails the test (update the plant).
 
 What this cannot see: performance, coalescing, the GPU memory model, nvcc's own code generation
@@ -282,7 +286,36 @@ QMOM_PLANTS = {
         "",
         r"MISMATCH bf16 .*bf16 buffer"),
 }
-FILE_PLANTS = {**MASTER_PLANTS, **QMOM_PLANTS}  # planted in a file under csrc
+# The same for the fp16 master-weights kernel (host_qmom_test.cpp built with -DHQT_ONLY_FP16M)
+FP16M_PLANTS = {
+    # the parameter rounded from the old master (in the contract itself, so the kernel and the
+    # naive loop agree: the test's independent rounding of the new master catches it)
+    "fp16m_param_from_old_master": (
+        "include/momentum_cuda/fp16_master.h",
+        "  m[j] = mj;\n  p[j] = mc_float_to_fp16_bits(mj);",
+        "  p[j] = mc_float_to_fp16_bits(m[j]);\n  m[j] = mj;",
+        r"MISMATCH fp16m .*param \(not the new master's rounding\)"),
+    # the vector path does not store the new buffer
+    "fp16m_buffer_not_stored": (
+        "cuda/fp16_master_kernel.cuh",
+        "      if (flags & kMomentum) *reinterpret_cast<F32x8*>(b + i) = bb;",
+        "",
+        r"MISMATCH fp16m .*buffer\["),
+    # a span's last partial group of 8 is not stepped
+    "fp16m_partial_group": (
+        "cuda/fp16_master_kernel.cuh",
+        "  const int64_t full = n / 8, groups = full + (n % 8 != 0);",
+        "  const int64_t full = n / 8, groups = full;",
+        r"MISMATCH fp16m"),
+    # the master's alignment is not checked before its 16-byte accesses
+    "fp16m_master_alignment": (
+        "cuda/fp16_master_kernel.cuh",
+        "  const bool vec = aligned16(p) && aligned16(m) && aligned16(g) && "
+        "(b == nullptr || aligned16(b));",
+        "  const bool vec = aligned16(p) && aligned16(g) && (b == nullptr || aligned16(b));",
+        r"misaligned address"),
+}
+FILE_PLANTS = {**MASTER_PLANTS, **QMOM_PLANTS, **FP16M_PLANTS}  # planted in a file under csrc
 ALL_PLANTS = {**PLANTS, **GRID_PLANTS, **FILE_PLANTS}
 # HKT_DTYPES of a plant's build (default 1: fp32 only, the fastest), for bugs fp32 cannot show
 PLANT_DTYPES = {"device_momentum_unrounded": 4, "device_dampening_in_double": 2}
@@ -341,30 +374,62 @@ def _plant_and_compile(tmp: Path, name: str):
         return _compile(folder / "host_bf16_test", SANITIZE, folder, MASTER_DRIVER)
     if name in QMOM_PLANTS:
         return _compile(folder / "host_qmom_test", SANITIZE, folder, QMOM_DRIVER)
+    if name in FP16M_PLANTS:
+        return _compile(folder / "host_qmom_test", [*SANITIZE, "-DHQT_ONLY_FP16M"], folder,
+                        QMOM_DRIVER)
     dtypes = PLANT_DTYPES.get(name, 1)
     return _compile(folder / "host_kernel_test", [*SANITIZE, f"-DHKT_DTYPES={dtypes}"],
                     first_include=folder)
 
 
+# test function -> the builds it runs (the plant tests: the build named by their parameter)
+TEST_BUILDS = {
+    "test_host_kernels_bitwise": ("plain",), "test_host_kernels_sanitized": ("sanitized",),
+    "test_flat_grid": ("grid",), "test_host_master_kernel": ("master",),
+    "test_host_master_kernel_sanitized": ("master_sanitized",),
+    "test_host_qmom_kernels": ("qmom",), "test_host_qmom_kernels_sanitized": ("qmom_sanitized",),
+    "test_host_fp16_master_kernel": ("qmom",),
+    "test_host_fp16_master_kernel_sanitized": ("qmom_sanitized",),
+}
+
+
+def _selected_builds(session) -> set[str] | None:
+    """The builds the selected tests of this module run (-k picks a few), or None for all."""
+    wanted = set()
+    for item in session.items:
+        if Path(str(item.path)).resolve() != Path(__file__).resolve():
+            continue
+        fn = getattr(item, "originalname", item.name)
+        if fn == "test_planted_bug_is_caught":
+            wanted.add(item.callspec.params["name"])
+        elif fn in TEST_BUILDS:
+            wanted.update(TEST_BUILDS[fn])
+        else:
+            return None
+    return wanted
+
+
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """Starts every build at once (as many in parallel as there are cores); each test waits only
-    for the build it runs."""
+def builds(tmp_path_factory, request):
+    """Starts every build the selected tests need at once (as many in parallel as there are
+    cores); each test waits only for the build it runs."""
     tmp = tmp_path_factory.mktemp("cuda_host")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
-    futures = {
-        "plain": pool.submit(_compile, tmp / "plain", []),
-        "sanitized": pool.submit(_compile, tmp / "sanitized", [*SANITIZE, "-DHKT_DTYPES=7"]),
-        "grid": pool.submit(_compile, tmp / "flat_grid_test", SANITIZE, None, GRID_DRIVER),
-        "master": pool.submit(_compile, tmp / "host_bf16_test", [], None, MASTER_DRIVER),
-        "master_sanitized": pool.submit(_compile, tmp / "host_bf16_sanitized", SANITIZE, None,
-                                        MASTER_DRIVER),
-        "qmom": pool.submit(_compile, tmp / "host_qmom_test", [], None, QMOM_DRIVER),
-        "qmom_sanitized": pool.submit(_compile, tmp / "host_qmom_sanitized", SANITIZE, None,
-                                      QMOM_DRIVER),
+    jobs = {
+        "plain": (_compile, tmp / "plain", []),
+        "sanitized": (_compile, tmp / "sanitized", [*SANITIZE, "-DHKT_DTYPES=7"]),
+        "grid": (_compile, tmp / "flat_grid_test", SANITIZE, None, GRID_DRIVER),
+        "master": (_compile, tmp / "host_bf16_test", [], None, MASTER_DRIVER),
+        "master_sanitized": (_compile, tmp / "host_bf16_sanitized", SANITIZE, None,
+                             MASTER_DRIVER),
+        "qmom": (_compile, tmp / "host_qmom_test", [], None, QMOM_DRIVER),
+        "qmom_sanitized": (_compile, tmp / "host_qmom_sanitized", SANITIZE, None, QMOM_DRIVER),
     }
     for name in ALL_PLANTS:
-        futures[name] = pool.submit(_plant_and_compile, tmp, name)
+        jobs[name] = (_plant_and_compile, tmp, name)
+    selected = _selected_builds(request.session)
+    futures = {name: pool.submit(*job) for name, job in jobs.items()
+               if selected is None or name in selected}
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -442,7 +507,7 @@ def test_host_master_kernel_sanitized(builds):
 def test_host_qmom_kernels(builds):
     """The momentum_dtype kernels (bf16 and int8 buffers), bitwise against the element and block
     loops of momentum_dtype.h (host_qmom_test.cpp)."""
-    proc, info = _built_run(builds, "qmom")
+    proc, info = _built_run(builds, "qmom", "--only", "qmom")
     assert proc.returncode == 0, info
     m = re.search(r"qmom cases checked: (\d+) \(elements compared (\d+)", proc.stdout)
     assert m and int(m.group(1)) >= 200 and int(m.group(2)) >= 30_000_000, info
@@ -451,11 +516,36 @@ def test_host_qmom_kernels(builds):
 
 
 def test_host_qmom_kernels_sanitized(builds):
-    proc, info = _built_run(builds, "qmom_sanitized", "--quick")
+    proc, info = _built_run(builds, "qmom_sanitized", "--quick", "--only", "qmom")
     assert proc.returncode == 0, info
     assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, info
     m = re.search(r"qmom cases checked: (\d+)", proc.stdout)
     assert m and int(m.group(1)) >= 120, info
+    assert "mismatches: 0" in proc.stdout, info
+    print(info)
+
+
+def test_host_fp16_master_kernel(builds):
+    """The fp16 master-weights kernel, bitwise against fp16_master_elem element by element, each
+    parameter the compiler's fp16 rounding of its new master (host_qmom_test.cpp, its build)."""
+    proc, info = _built_run(builds, "qmom", "--only", "fp16m")
+    assert proc.returncode == 0, info
+    m = re.search(r"fp16m cases checked: (\d+) \(elements compared (\d+)", proc.stdout)
+    assert m and int(m.group(1)) >= 100 and int(m.group(2)) >= 12_000_000, info
+    assert "mismatches: 0" in proc.stdout, info
+    # the range edges were reached: fp16 overflow of a finite master, subnormals, NaN
+    m = re.search(r"fp16m params seen: (\d+) inf with a finite master, (\d+) subnormal, (\d+) NaN",
+                  proc.stdout)
+    assert m and min(int(x) for x in m.groups()) >= 100, info
+    print(info)
+
+
+def test_host_fp16_master_kernel_sanitized(builds):
+    proc, info = _built_run(builds, "qmom_sanitized", "--quick", "--only", "fp16m")
+    assert proc.returncode == 0, info
+    assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, info
+    m = re.search(r"fp16m cases checked: (\d+)", proc.stdout)
+    assert m and int(m.group(1)) >= 60, info
     assert "mismatches: 0" in proc.stdout, info
     print(info)
 

@@ -548,3 +548,125 @@ def test_qmom_opcheck_on_gpu(backend, kind):
     result = torch.library.opcheck(qmom_op(backend), (ps, gs, bs, ss, 0.0123, 0.9, 0.1, 0.01,
                                                       False, True, False))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+# fp16 master weights (csrc/include/momentum_cuda/fp16_master.h): its op per backend
+# (fp16_master_op). Arrays given a storage offset (the vector path off for that array alone):
+# shape index -> (param, master, grad, buffer) element offsets.
+FP16M_SHAPES = [(0,), (1,), (3,), (7,), (8,), (9,), (97,), (1000,), (2**16 + 3,),
+                (2**20 + 3,), (97, 33), (64, 3, 3, 3)]
+FP16M_OFFSETS = {5: (0, 0, 3, 0), 7: (1, 0, 0, 0), 8: (0, 0, 0, 2), 10: (0, 1, 0, 0),
+                 11: (3, 3, 3, 3)}
+
+
+def _at_offset(t, off):
+    """t's values in a fresh tensor `off` elements into its storage (off=0: a plain copy)."""
+    if off == 0:
+        return t.clone()
+    base = torch.empty(t.numel() + off, dtype=t.dtype, device=t.device)
+    v = base[off:].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+def _same_bits(a, b, bits):
+    """Bit for bit, except that a NaN's sign and payload are not the contract's (torch's
+    maximize negates a NaN gradient; the GPU's arithmetic returns its canonical NaN)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(bits)[~nan], b.view(bits)[~nan])
+
+
+def _fp16_master_run(op, device, hyper, steps, shapes=FP16M_SHAPES, offsets=FP16M_OFFSETS,
+                     seed=15):
+    """`steps` steps of the fp16 master op on `device` against
+    momentum_cuda.reference.sgd_fp16_master_reference_step on copies (same device): after each
+    step the fp16 parameters, fp32 masters and buffers agree bit for bit (NaNs as NaNs). The
+    first step (first_step=True where there is momentum) finds garbage buffers. The
+    2^16 + 3-element tensor has masters around fp16's largest value 65504 (the parameter inf
+    from 65520 on while the master is finite) and one far beyond it, masters and gradients in
+    fp16's subnormal range, a zero block, a NaN and an infinite gradient; the fp16 parameter
+    goes inf while its master is finite somewhere (returned: how many elements did, in all)."""
+    from momentum_cuda.reference import sgd_fp16_master_reference_step
+    h = dict(dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False), **hyper)
+    mom = h["momentum"] != 0
+    g = torch.Generator().manual_seed(seed)
+    offs = [offsets.get(i, (0, 0, 0, 0)) for i in range(len(shapes))]
+    masters = [torch.randn(s, generator=g) * 4 for s in shapes]
+    big = shapes.index((2**16 + 3,)) if (2**16 + 3,) in shapes else None
+    if big is not None:
+        mb = masters[big]
+        mb[:512] = 65504.0 + torch.linspace(-600.0, 600.0, 512)
+        mb[256:512] *= -1
+        mb[512:1024] = torch.randn(512, generator=g) * 1e-6    # fp16 subnormal range
+        mb[1024:1280] = 0.0
+        mb[1300] = 1e30
+    ms = [_at_offset(m.to(device), o[1]) for m, o in zip(masters, offs)]
+    ps = [_at_offset(m.to(torch.float16).to(device), o[0]) for m, o in zip(masters, offs)]
+    rms = [m.to(device) for m in masters]
+    rps = [m.to(torch.float16).to(device) for m in masters]
+    bufs = ([_at_offset(torch.randint(-2**31, 2**31 - 1, s, generator=g, dtype=torch.int32)
+                        .view(torch.float32).to(device), o[3])
+             for s, o in zip(shapes, offs)] if mom else [])
+    rbufs = [None] * len(shapes)
+    inf_with_finite_master = 0
+    for step in range(1, steps + 1):
+        grads = [torch.randn(s, generator=g) * 2.0 ** (step % 5 - 2) for s in shapes]
+        if big is not None:
+            gb = grads[big]
+            gb[:512] = torch.randn(512, generator=g) * 1e4     # lr * g crosses 65520
+            gb[512:1024] = torch.randn(512, generator=g) * 1e-6
+            gb[1024:1280] = 0.0
+            if step == 4:
+                gb[2000] = float("nan")
+            if step == 6:
+                gb[3000] = float("-inf")
+        grads = [gr.to(torch.float16).to(device) for gr in grads]
+        ours_g = [_at_offset(gr, o[2]) for gr, o in zip(grads, offs)]
+        op(ps, ours_g, bufs, ms, 0.0123, h["momentum"], h["dampening"], h["weight_decay"],
+           h["nesterov"], h["maximize"], mom and step == 1)
+        rbufs = sgd_fp16_master_reference_step(rps, grads, rbufs, rms, lr=0.0123, **h)
+        for i in range(len(shapes)):
+            assert _same_bits(ps[i], rps[i], torch.int16), \
+                f"step {step}: param {i} {shapes[i]} differs"
+            assert _same_bits(ms[i], rms[i], torch.int32), \
+                f"step {step}: master {i} {shapes[i]} differs"
+            if mom:
+                assert _same_bits(bufs[i], rbufs[i], torch.int32), \
+                    f"step {step}: buffer {i} {shapes[i]} differs"
+            inf_with_finite_master += int((ps[i].isinf() & ms[i].isfinite()).sum())
+    return inf_with_finite_master
+
+
+@pytest.mark.parametrize("hyper", MASTER_HYPER,
+                         ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_master_bitwise_vs_reference(backend, hyper):
+    """The fp16 master-weights op of each GPU backend on CUDA tensors, bit for bit against
+    momentum_cuda.reference.sgd_fp16_master_reference_step over STEPS steps (_fp16_master_run:
+    first step, fp16 range edges, misaligned arrays)."""
+    from momentum_cuda._ops import fp16_master_op
+    assert _fp16_master_run(fp16_master_op(backend), "cuda", hyper, STEPS) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_master_many_tensors(backend):
+    """700 small tensors (several launches of the CUDA kernel's batches), three steps."""
+    from momentum_cuda._ops import fp16_master_op
+    shapes = [((k * 37) % 300,) for k in range(700)]
+    _fp16_master_run(fp16_master_op(backend), "cuda", dict(momentum=0.9, weight_decay=1e-2), 3,
+                     shapes=shapes, offsets={k: (k % 2, k % 3, k % 5, k % 7) for k in range(700)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_master_opcheck_on_gpu(backend):
+    """opcheck on the fp16 master-weights op of each GPU backend with CUDA tensors."""
+    from momentum_cuda._ops import fp16_master_op
+    g = torch.Generator().manual_seed(11)
+    ns = (0, 1, 3, 97, 1030)
+    ps, gs = ([torch.randn(n, generator=g).to(torch.float16).cuda() for n in ns]
+              for _ in range(2))
+    bs, ms = ([torch.randn(n, generator=g).cuda() for n in ns] for _ in range(2))
+    result = torch.library.opcheck(fp16_master_op(backend), (ps, gs, bs, ms, 0.0123, 0.9, 0.1,
+                                                             0.01, False, True, False))
+    assert set(result.values()) == {"SUCCESS"}, result

@@ -12,7 +12,8 @@
    nvidia-cuda-nvdisasm; the local toolkit has neither) and, for each dtype's flat kernel
    sgd_flat_kernel<float|double|bf16_t|fp16_t>, for the bf16 kernels sgd_master_kernel (master
    weights) and sgd_sr_kernel (stochastic rounding), for the momentum_dtype kernels
-   sgd_bf16mom_kernel and sgd_q8_kernel, and each arch, requires 128-bit global loads and
+   sgd_bf16mom_kernel and sgd_q8_kernel, for the fp16 master-weights kernel
+   sgd_fp16_master_kernel, and each arch, requires 128-bit global loads and
    stores (LDG.E.128 / STG.E.128) and no local memory (LDL / STL). The multi-tensor kernel's
    accesses are reported, not required.
 Exits non-zero with a message naming each failure. tests/test_cuda_build.py imports this module
@@ -54,6 +55,8 @@ FLAT_DTYPES = ("float", "double", "bf16_t", "fp16_t")  # as demangle() names the
 BF16_KERNELS = ("sgd_master_kernel<", "sgd_sr_kernel<")
 # the momentum_dtype kernels (csrc/cuda/qmom_kernel.cuh): bf16 and int8 buffers
 QMOM_KERNELS = ("sgd_bf16mom_kernel<", "sgd_q8_kernel<")
+# the fp16 master-weights kernel (csrc/cuda/fp16_master_kernel.cuh)
+FP16_MASTER_KERNELS = ("sgd_fp16_master_kernel<",)
 
 
 # ---- tools ---------------------------------------------------------------------------------
@@ -236,9 +239,10 @@ def check(source=SOURCE, workdir=None) -> list[str]:
               f"{bps:>6}  {summary(memory_ops(ops[(arch, fn)]))}")
         if i.get("stack", 0) or i.get("spill_stores", 0) or i.get("spill_loads", 0):
             failures.append(f"{arch} {name}: ptxas reports stack/spills {i}")
-    # the requirement: every flat kernel, the bf16 and the momentum_dtype kernels, every arch
+    # the requirement: every flat kernel, the bf16, momentum_dtype and fp16 master kernels,
+    # every arch
     wanted = ([f"sgd_flat_kernel<{dt}>" for dt in FLAT_DTYPES] + list(BF16_KERNELS)
-              + list(QMOM_KERNELS))
+              + list(QMOM_KERNELS) + list(FP16_MASTER_KERNELS))
     for arch in ARCHS:
         for want in wanted:
             found = [k for k in ops if k[0] == f"sm_{arch}" and names[k[1]].startswith(want)]
@@ -262,7 +266,7 @@ def main(argv=None) -> int:
         print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     print(f"OK: sgd_flat_kernel (all {len(FLAT_DTYPES)} dtypes), sgd_master_kernel, "
-          f"sgd_sr_kernel, sgd_bf16mom_kernel and sgd_q8_kernel have "
+          f"sgd_sr_kernel, sgd_bf16mom_kernel, sgd_q8_kernel and sgd_fp16_master_kernel have "
           f"128-bit global loads and stores and no local memory on sm_{', sm_'.join(ARCHS)}")
     return 0
 

@@ -5,14 +5,15 @@
 // Grid   : the flat kernel runs kThreads a block, as many blocks as the work needs up to what
 //          fits on the GPU at once (flat_grid: the occupancy API's blocks per SM for this kernel
 //          times the SMs, queried once per device and dtype), grid-stride beyond that; the
-//          multi-tensor kernels (plain, master, stochastic rounding, momentum_dtype) one block
-//          per 65536-element chunk.
+//          multi-tensor kernels (plain, master, stochastic rounding, momentum_dtype, fp16
+//          master) one block per 65536-element chunk.
 #include "sgd_cuda.h"
 
 #include <map>
 #include <mutex>
 #include <vector>
 
+#include "fp16_master_kernel.cuh"
 #include "master_kernel.cuh"
 #include "qmom_kernel.cuh"
 #include "sr_kernel.cuh"
@@ -167,6 +168,14 @@ cudaError_t sgd_step_q8_cuda(const Q8Span* spans, int64_t n_spans, const StepHyp
   return launch_bf16<cuda::Q8ListArgs>(
       spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_q8_list<L>(x...); },
       cuda::sgd_q8_kernel<L::kTensors, L::kBlocks>);
+}
+
+cudaError_t sgd_step_fp16_master_cuda(const Fp16MasterSpan* spans, int64_t n_spans,
+                                      const StepHyper& h, cudaStream_t stream) {
+  using L = ListLimits;
+  return launch_bf16<cuda::Fp16MasterListArgs>(
+      spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_fp16_master_list<L>(x...); },
+      cuda::sgd_fp16_master_kernel<L::kTensors, L::kBlocks>);
 }
 
 #define MC_INSTANTIATE(T)                                                                   \
