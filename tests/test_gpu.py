@@ -576,6 +576,12 @@ def _same_bits(a, b, bits):
     return torch.equal(nan, b.isnan()) and torch.equal(a.view(bits)[~nan], b.view(bits)[~nan])
 
 
+def _on(t, device):
+    """t on `device`: .cuda() for "cuda" (tests/test_triton_jit.py's replay stands in for it
+    with CPU tensors), .to(device) otherwise."""
+    return t.cuda() if device == "cuda" else t.to(device)
+
+
 def _fp16_master_run(op, device, hyper, steps, shapes=FP16M_SHAPES, offsets=FP16M_OFFSETS,
                      seed=15):
     """`steps` steps of the fp16 master op on `device` against
@@ -601,12 +607,12 @@ def _fp16_master_run(op, device, hyper, steps, shapes=FP16M_SHAPES, offsets=FP16
         mb[512:1024] = torch.randn(512, generator=g) * 1e-6    # fp16 subnormal range
         mb[1024:1280] = 0.0
         mb[1300] = 1e30
-    ms = [_at_offset(m.to(device), o[1]) for m, o in zip(masters, offs)]
-    ps = [_at_offset(m.to(torch.float16).to(device), o[0]) for m, o in zip(masters, offs)]
-    rms = [m.to(device) for m in masters]
-    rps = [m.to(torch.float16).to(device) for m in masters]
-    bufs = ([_at_offset(torch.randint(-2**31, 2**31 - 1, s, generator=g, dtype=torch.int32)
-                        .view(torch.float32).to(device), o[3])
+    ms = [_at_offset(_on(m, device), o[1]) for m, o in zip(masters, offs)]
+    ps = [_at_offset(_on(m.to(torch.float16), device), o[0]) for m, o in zip(masters, offs)]
+    rms = [_on(m, device) for m in masters]
+    rps = [_on(m.to(torch.float16), device) for m in masters]
+    bufs = ([_at_offset(_on(torch.randint(-2**31, 2**31 - 1, s, generator=g,
+                                          dtype=torch.int32).view(torch.float32), device), o[3])
              for s, o in zip(shapes, offs)] if mom else [])
     rbufs = [None] * len(shapes)
     inf_with_finite_master = 0
@@ -621,7 +627,7 @@ def _fp16_master_run(op, device, hyper, steps, shapes=FP16M_SHAPES, offsets=FP16
                 gb[2000] = float("nan")
             if step == 6:
                 gb[3000] = float("-inf")
-        grads = [gr.to(torch.float16).to(device) for gr in grads]
+        grads = [_on(gr.to(torch.float16), device) for gr in grads]
         ours_g = [_at_offset(gr, o[2]) for gr, o in zip(grads, offs)]
         op(ps, ours_g, bufs, ms, 0.0123, h["momentum"], h["dampening"], h["weight_decay"],
            h["nesterov"], h["maximize"], mom and step == 1)

@@ -523,9 +523,9 @@ def test_jit_replay_of_test_gpu(jit_without_gpu, monkeypatch):
     on); test_stochastic_rounding_bitwise_vs_reference's add 9 of the stochastic-rounding
     kernel: 294. test_momentum_dtype_bitwise_vs_reference adds 17 of the momentum_dtype kernel
     (bf16 and int8 buffers, first and later steps, bf16 without momentum) and
-    test_qmom_opcheck_on_gpu 1: 312 in all. fp16 master-weights cases of test_gpu on Triton
-    (none yet) add the fp16 master kernel's specializations; its reference is then replaced
-    like the momentum_dtype one (_fp16_master_reference_unchanged)."""
+    test_qmom_opcheck_on_gpu 1: 312. test_fp16_master_bitwise_vs_reference adds 9 of the
+    fp16 master kernel (its reference replaced like the momentum_dtype one,
+    _fp16_master_reference_unchanged) and test_fp16_master_opcheck_on_gpu 1: 322 in all."""
     cache = jit_without_gpu
     cases = _triton_cases()
     assert cases, "tests/test_gpu.py has no case with backend='triton' to replay"

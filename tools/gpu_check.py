@@ -27,7 +27,8 @@ the last stage, the rest of the benchmark.
   probe            20 s  torch's CUDA add_ rounding (fma? alpha)   the same comparison on CPU
   tests-cuda       60 s  tests/test_gpu.py, cuda backend, bitwise  collection (count > 0)
   tests-triton    120 s  tests/test_gpu.py, triton backend, one    collection, and Triton's real
-                         process per dtype (JIT compilations)      JIT on a stand-in driver
+                         process per dtype and one for the modes   JIT on a stand-in driver
+                         (JIT compilations)
   distributed      40 s  momentum_cuda/examples/fsdp.py under      2 processes on gloo (CPU)
                          torchrun: FSDP2 and DDP bitwise vs torch,
                          a dcp checkpoint round trip; NCCL, one
@@ -50,9 +51,11 @@ the last stage, the rest of the benchmark.
 Why the budgets fit. Measured here (2 cores shared with other work, the dry run): the build
 took 188 s for three translation units, about 40-60 s of one core each, which ninja compiles in
 parallel on the GPU machine's 16 cores; tests/test_gpu.py's Triton
-calls make 276 JIT compilations (tests/test_triton_jit.py counts them: 60 per dtype, plus 8
+calls make 322 JIT compilations (tests/test_triton_jit.py counts them: 60 per dtype, plus 8
 for opcheck, 16 for the tensor hyper-parameters and 12 for GradScaler and clip in fp32 and
-bf16; 59 s for all of them on these 2 cores), so four processes of 66-72 each fit 120 s; the CUDA tests move a few MB per test;
+bf16; 46 for the modes' kernels (master weights, stochastic rounding, momentum_dtype, fp16
+masters), whose cases no dtype names, in a fifth process; 53 s for all of them on these 2
+cores), so five processes of 46-72 each fit 120 s; the CUDA tests move a few MB per test;
 the headline benchmark's 8 cases each draw their data on the GPU once and run a bitwise check
 plus 30 rounds of steps of at most 20 GB (about 5 ms at H200 bandwidth); memcheck slows
 kernels 10-100x on tensors of at most 2^20 elements. The FSDP2/DDP example (a 26 k-parameter
@@ -346,7 +349,10 @@ def tests_cuda(ctx: Ctx) -> tuple[str, str]:
 
 
 def tests_triton(ctx: Ctx) -> tuple[str, str]:
-    verdict, what = _pytest(ctx, "triton", jobs=list(DTYPE_IDS))
+    # one process per dtype, and one for the cases named by no dtype (the modes' ops: master
+    # weights, stochastic rounding, momentum_dtype, fp16 masters), which no dtype job selects
+    others = "not (" + " or ".join(DTYPE_IDS) + ")"
+    verdict, what = _pytest(ctx, "triton", jobs=[*DTYPE_IDS, others])
     if not ctx.dry or verdict != PASS:
         return verdict, what
     # Dry: Triton's real binder, specialization and compiler for every call of the stage.
