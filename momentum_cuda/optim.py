@@ -1749,14 +1749,25 @@ class _FusedMomentum(Optimizer):
                 k = next(i for i, g in enumerate(self.param_groups) if g is group)
                 base = sum(len(g["params"]) for g in self.param_groups[:k])
                 stream = {id(p): base + i for i, p in enumerate(group["params"])}
-            for p, g in loose:
-                mode = self._mode(group, p)
-                if mode:
+            modes = [self._mode(group, p) for p, _ in loose]
+            modal = [(p, g, m) for (p, g), m in zip(loose, modes) if m]
+            # what _check_mode asks, in one C++ call for the plain tensors (kernel_ready's
+            # dense parameter and like gradient imply it); the others, and an alias, there
+            plain = [] if alias else [k for k, (p, _, _) in enumerate(modal)
+                                      if not isinstance(p, _DTensor)]
+            ready = [False] * len(modal)
+            if plain:
+                for k, r in zip(plain, _C.kernel_ready([modal[k][0] for k in plain],
+                                                       [modal[k][1] for k in plain],
+                                                       [None] * len(plain))):
+                    ready[k] = r
+            dtype = group.get("momentum_dtype")
+            for (p, g, mode), fast in zip(modal, ready):
+                if not fast:
                     self._check_mode(p, g, alias, mode)
-                    key = ((group.get("sr_seed", 0), stream[id(p)]) if mode == "sr"
-                           else group.get("momentum_dtype") if mode == "qmom" else None)
-                    checked.append((p, g, self._buffer(p) if use_buf else None, mode, key))
-            loose = [(p, g) for p, g in loose if not self._mode(group, p)]
+                key = (group.get("sr_seed", 0), stream[id(p)]) if mode == "sr" else dtype
+                checked.append((p, g, self._buffer(p) if use_buf else None, mode, key))
+            loose = [pg for pg, m in zip(loose, modes) if not m]
         bufs = [self._buffer(p) if use_buf else None for p, _ in loose]
         plain = [k for k, (p, _) in enumerate(loose) if not isinstance(p, _DTensor)]
         ready = [False] * len(loose)

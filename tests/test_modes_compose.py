@@ -102,3 +102,26 @@ def test_every_mode_in_one_optimizer_with_bucket_view_gradients(flat):
                    for b in buckets.values())
     paths = {e["path"] for e in opt.last_step}
     assert {"stochastic-rounding", "master", "momentum-dtype"} <= paths
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tensor"])
+@pytest.mark.parametrize("dt,keys", GROUPS[:-1], ids=["sr", "master-bf16", "master-fp16",
+                                                       "momentum-int8", "momentum-bf16"])
+def test_a_sparse_gradient_is_refused_before_anything_is_written(flat, dt, keys):
+    """The modes' ops take dense gradients: a sparse one raises naming the mode and the
+    parameter, with nothing stepped (a strided dense one is copied and stepped)."""
+    gen = torch.Generator().manual_seed(32)
+    p = torch.nn.Parameter(torch.randn(10, generator=gen).to(dt))
+    q = torch.nn.Parameter(torch.randn(7, generator=gen).to(dt))
+    opt = momentum_cuda.SGD([dict(params=[p, q], **keys)], flat=flat, **H)
+    p.grad = torch.randn(10, generator=gen).to(dt).to_sparse()
+    q.grad = torch.randn(14, generator=gen).to(dt)[::2]
+    before = [p.detach().clone(), q.detach().clone()]
+    with pytest.raises(RuntimeError, match=r"needs a dense torch\.\w+ gradient of the "
+                                           r"parameter's shape; the parameter of shape \(10,\)"):
+        opt.step()
+    assert torch.equal(bits(p), bits(before[0])) and torch.equal(bits(q), bits(before[1]))
+    assert not opt.state
+    p.grad = None
+    opt.step()
+    assert not torch.equal(bits(q), bits(before[1]))
