@@ -731,10 +731,6 @@ pytestmark = _tm.pytestmark  # triton and numpy are needed for the interpreter
 
 @pytest.fixture(scope="module")
 def qmom_results():
-    # conftest starts the children of its INTERPRETER_MODULES; this module's is started here
-    # when conftest does not list it
-    if __name__.rsplit(".", 1)[-1] not in conftest.INTERPRETER_MODULES:
-        conftest._start_child("test_triton_qmom")
     return conftest.interpreter_child("test_triton_qmom", timeout=600)
 
 
