@@ -3,10 +3,10 @@
 The project's kernels are compiled once per session (tools/cuda_check.py run as a script, every
 arch of csrc/build_flags.json in one nvcc call, with the nvcc flags the extension ships with) and
 must pass: spill gate, 128-bit global loads and stores in every flat kernel, no local memory.
-The momentum_dtype kernels (csrc/cuda/qmom_kernel.cuh) must show their vector accesses (16 bytes
-for fp32 and bf16 groups, 8 bytes for a lane's int8 codes) and the int8 kernel its shuffles;
-the fp16 master-weights kernel (csrc/cuda/fp16_master_kernel.cuh) its 16-byte accesses to all
-four arrays.
+The element-wise mode kernel (csrc/cuda/elementwise_kernel.cuh) must show, for each mode, the
+16-byte accesses of its arrays (master weights, stochastic rounding, bf16 momentum, fp16 master
+weights: every array, all four for the last); the int8 momentum_dtype kernel (csrc/cuda/
+qmom_kernel.cuh) its 8-byte accesses to a lane's int8 codes and its shuffles.
 Planted bad kernels show the checks FAIL when they should:
   (a) scalar-only flat kernels -> "no 128-bit global load (LDG.E.128)";
   (b) an indexed local array and a register-starved kernel -> the spill gate stops nvcc, and
@@ -109,7 +109,7 @@ def test_project_passes(project):
     assert r.returncode == 0, f"tools/cuda_check.py failed:\n{r.stdout}\n{r.stderr}"
     for arch in ARCHS:  # the report lists each flat kernel with its register count
         for k in FLAT:
-            assert any(line.startswith(f"{arch:6} {k:36}") and line.split()[2].isdigit()
+            assert any(line.startswith(f"{arch:6} {k:52}") and line.split()[2].isdigit()
                        for line in r.stdout.splitlines()), f"no register count for {arch} {k}"
 
 
@@ -152,9 +152,9 @@ def test_flat_kernel_128bit(project, arch, kernel):
     assert cc.access_problems(ops) == [], cc.summary(cc.memory_ops(ops))
 
 
-# the bf16 kernels' 16-byte accesses per group of 8: (loads, stores) at least
-BF16_ACCESSES = {"sgd_master_kernel<": (5, 4),  # param, grad, remainder, two buffer halves
-                 "sgd_sr_kernel<": (3, 2)}      # param, grad, buffer
+# the bf16 modes' 16-byte accesses per group of 8: (loads, stores) at least
+BF16_ACCESSES = {cc.BF16_KERNELS[0]: (5, 4),  # master: param, grad, remainder, two buffer halves
+                 cc.BF16_KERNELS[1]: (3, 2)}  # stochastic rounding: param, grad, buffer
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -175,10 +175,10 @@ def test_bf16_kernel_128bit(project, arch, kernel):
 # 8-byte stores, butterfly shuffles)
 QMOM_ACCESSES = {
     # a group of 8: param and grad two 16-byte loads each, the bf16 buffer one
-    "sgd_bf16mom_kernel<": (5, 3, 0, 0, 0),
+    cc.QMOM_KERNELS[0]: (5, 3, 0, 0, 0),
     # a lane's 8 elements of an int8 block: param and grad as above, the codes one 8-byte
     # access each way; the block's absmax by a 5-step butterfly over the 32 lanes
-    "sgd_q8_kernel<": (4, 2, 1, 1, 5),
+    cc.QMOM_KERNELS[1]: (4, 2, 1, 1, 5),
 }
 
 
@@ -206,7 +206,7 @@ def test_fp16_master_kernel_vector_accesses(project, arch):
     loads of the grad (one), master and buffer (two each; the parameter is not read), stores of
     the parameter (one), master and buffer (two each); no local memory."""
     found = [o for k, o in project["ops"].items()
-             if k[0] == arch and k[1].startswith("sgd_fp16_master_kernel<")]
+             if k[0] == arch and k[1].startswith(cc.FP16_MASTER_KERNELS[0])]
     assert len(found) == 1
     assert cc.access_problems(found[0]) == [], cc.summary(cc.memory_ops(found[0]))
     mem = cc.memory_ops(found[0])

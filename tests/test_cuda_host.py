@@ -7,9 +7,11 @@ for bit against a naive per-element reference written in the test (every dtype, 
 2**20 + 3, element offsets 0..7, all 20 flag sets, several grids, plan_list with ListLimits4K,
 ListLimits32K and tiny limits, canaries around every span). tests/cuda/flat_grid_test.cpp checks
 the flat launcher's grid size (cuda::flat_grid) up to 2**63 - 1 elements.
-tests/cuda/host_bf16_test.cpp does the same for the master-weights kernel
+tests/cuda/host_bf16_test.cpp does the same for the master-weights mode
 (csrc/cuda/master_kernel.cuh) against fp32 masters stepped and split by its own reference, and
-for the stochastic-rounding kernel (csrc/cuda/sr_kernel.cuh) against its own random bits.
+for the stochastic-rounding mode (csrc/cuda/sr_kernel.cuh) against its own random bits; these
+and the bf16-momentum and fp16 master modes below run through the one element-wise kernel of
+csrc/cuda/elementwise_kernel.cuh (tests/cuda/host_elementwise.h launches it).
 tests/cuda/host_qmom_test.cpp does it for the momentum_dtype kernels (csrc/cuda/qmom_kernel.cuh:
 bf16 and int8 blockwise buffers) against the naive element / block loops of momentum_dtype.h;
 the int8 kernel's warp shuffles run under the shim's warp runner (the 32 lanes as fibers in
@@ -27,7 +29,9 @@ Three builds of the driver, with the C++ flags of csrc/build_flags.json and -O1 
                a flat grid not capped at what is resident, a grid size that overflows int64
                (these two in flat_grid_test.cpp); the master, stochastic-rounding and
                momentum_dtype and fp16 master kernels' own (MASTER_PLANTS, QMOM_PLANTS,
-               FP16M_PLANTS; the last built with only the fp16 master cases, 4 s each).
+               FP16M_PLANTS; the last built with only the fp16 master cases, 4 s each; the
+               element-wise walker's alignment test, partial group and buffer store planted
+               once per mode, caught by that mode's cases).
                A line that is no longer in the header fails the test (update the plant).
 
 What this cannot see: performance, coalescing, the GPU memory model, nvcc's own code generation
@@ -160,6 +164,15 @@ GRID_PLANTS = {
         "  const int64_t want = (numel + per_block - 1) / per_block;",
         r"signed integer overflow|MISMATCH flat_grid"),
 }
+# Lines of the walker all element-wise modes share (csrc/cuda/elementwise_kernel.cuh), where a
+# mode's alignment test, partial group and buffer store now live: planted once per mode, each
+# caught by that mode's cases
+_EW = "cuda/elementwise_kernel.cuh"
+_EW_ALIGNED = ("  MC_HD bool aligned() const { return (U == Use::kBuffer && ptr == nullptr) || "
+               "aligned16(ptr); }")
+_EW_GROUPS = "    const int64_t full = n / 8, groups = full + (n % 8 != 0);"
+_EW_STORE = ("      if (U != Use::kBuffer || (flags & kMomentum)) "
+             "*reinterpret_cast<Group*>(ptr + i) = v;")
 # The same for the master kernel (host_bf16_test.cpp): name -> (file under csrc, line, its
 # replacement, regex)
 MASTER_PLANTS = {
@@ -169,26 +182,25 @@ MASTER_PLANTS = {
         "  float m = mc_bf16_join(p[j], r[j], tie != 0u);",
         "  float m = mc_bf16_join(p[j], r[j], false);",
         r"MISMATCH"),
-    # a span's last partial group of 8 is not stepped
+    # a span's last partial group of 8 is not stepped (the walker all element-wise modes share)
     "master_partial_group": (
-        "cuda/master_kernel.cuh",
-        "  const int64_t full = n / 8, groups = full + (n % 8 != 0);",
-        "  const int64_t full = n / 8, groups = full;",
+        _EW,
+        _EW_GROUPS,
+        "    const int64_t full = n / 8, groups = full;",
         r"MISMATCH"),
-    # the remainder's alignment is not checked before its 16-byte accesses
+    # the remainder's (and the parameter's: both are kReadWrite arrays) alignment is not checked
+    # before their 16-byte accesses
     "master_rem_alignment": (
-        "cuda/master_kernel.cuh",
-        "  const bool vec = aligned16(p) && aligned16(g) && aligned16(r) && "
-        "(b == nullptr || aligned16(b));",
-        "  const bool vec = aligned16(p) && aligned16(g) && (b == nullptr || aligned16(b));",
+        _EW,
+        _EW_ALIGNED,
+        "  MC_HD bool aligned() const { return U == Use::kReadWrite || ptr == nullptr || "
+        "aligned16(ptr); }",
         r"misaligned address"),
     # a chunk's tie bytes counted from the wrong byte
     "master_chunk_ties": (
         "cuda/master_kernel.cuh",
-        "  master_span(a.param[t] + start, b, a.grad[t] + start, a.rem[t] + start, "
-        "a.ties[t] + start / 8,",
-        "  master_span(a.param[t] + start, b, a.grad[t] + start, a.rem[t] + start, "
-        "a.ties[t] + start / 16,",
+        "            {a.rem[t] + start}, a.ties[t] + start / 8};",
+        "            {a.rem[t] + start}, a.ties[t] + start / 16};",
         r"MISMATCH"),
     # stochastic rounding: the key does not enter the random bits
     "sr_key_ignored": (
@@ -205,14 +217,14 @@ MASTER_PLANTS = {
     # stochastic rounding: a chunk's random bits counted from 0, not from its start
     "sr_chunk_index": (
         "cuda/sr_kernel.cuh",
-        "  sr_span(a.param[t] + start, b, a.grad[t] + start, start, n, a.key[t], a.s, a.flags,",
-        "  sr_span(a.param[t] + start, b, a.grad[t] + start, 0, n, a.key[t], a.s, a.flags,",
+        "            start, a.key[t]};",
+        "            0, a.key[t]};",
         r"MISMATCH"),
     # every table entry gets the first span's tie bytes
     "master_table_ties": (
         "cuda/master_kernel.cuh",
-        "        x.ties[slot] = spans[k].ties;",
-        "        x.ties[slot] = spans[0].ties;",
+        "    x.ties[slot] = spans[k].ties;",
+        "    x.ties[slot] = spans[0].ties;",
         r"MISMATCH|AddressSanitizer"),
 }
 # The same for the momentum_dtype kernels (host_qmom_test.cpp); a "line" may span several lines
@@ -267,23 +279,24 @@ QMOM_PLANTS = {
         "        x.scales[slot] = mom ? spans[k].scales : nullptr;",
         "        x.scales[slot] = mom ? spans[0].scales : nullptr;",
         r"MISMATCH|AddressSanitizer"),
-    # the bf16 buffer's alignment is not checked before its 16-byte accesses
+    # the bf16 buffer's alignment is not checked before its 16-byte accesses (a kBuffer array of
+    # the walker all element-wise modes share)
     "bf16mom_buf_alignment": (
-        "cuda/qmom_kernel.cuh",
-        "  const bool vec = aligned16(p) && aligned16(g) && (b == nullptr || aligned16(b));",
-        "  const bool vec = aligned16(p) && aligned16(g);",
+        _EW,
+        _EW_ALIGNED,
+        "  MC_HD bool aligned() const { return U == Use::kBuffer || aligned16(ptr); }",
         r"misaligned address"),
     # a span's last partial group of 8 is not stepped
     "bf16mom_partial_group": (
-        "cuda/qmom_kernel.cuh",
-        "  const int64_t full = n / 8, groups = full + (n % 8 != 0);",
-        "  const int64_t full = n / 8, groups = full;",
+        _EW,
+        _EW_GROUPS,
+        "    const int64_t full = n / 8, groups = full;",
         r"MISMATCH bf16"),
-    # the vector path does not store the new bf16 buffer
+    # the vector path does not store the new bf16 buffer (no kBuffer group is stored)
     "bf16mom_buffer_not_stored": (
-        "cuda/qmom_kernel.cuh",
-        "      if (flags & kMomentum) *reinterpret_cast<Bf16x8*>(b + i) = bb;",
-        "",
+        _EW,
+        _EW_STORE,
+        "      if (U != Use::kBuffer) *reinterpret_cast<Group*>(ptr + i) = v;",
         r"MISMATCH bf16 .*bf16 buffer"),
 }
 # The same for the fp16 master-weights kernel (host_qmom_test.cpp built with -DHQT_ONLY_FP16M)
@@ -295,24 +308,25 @@ FP16M_PLANTS = {
         "  m[j] = mj;\n  p[j] = mc_float_to_fp16_bits(mj);",
         "  p[j] = mc_float_to_fp16_bits(m[j]);\n  m[j] = mj;",
         r"MISMATCH fp16m .*param \(not the new master's rounding\)"),
-    # the vector path does not store the new buffer
+    # the vector path does not store the new buffer (no kBuffer group is stored)
     "fp16m_buffer_not_stored": (
-        "cuda/fp16_master_kernel.cuh",
-        "      if (flags & kMomentum) *reinterpret_cast<F32x8*>(b + i) = bb;",
-        "",
+        _EW,
+        _EW_STORE,
+        "      if (U != Use::kBuffer) *reinterpret_cast<Group*>(ptr + i) = v;",
         r"MISMATCH fp16m .*buffer\["),
     # a span's last partial group of 8 is not stepped
     "fp16m_partial_group": (
-        "cuda/fp16_master_kernel.cuh",
-        "  const int64_t full = n / 8, groups = full + (n % 8 != 0);",
-        "  const int64_t full = n / 8, groups = full;",
+        _EW,
+        _EW_GROUPS,
+        "    const int64_t full = n / 8, groups = full;",
         r"MISMATCH fp16m"),
-    # the master's alignment is not checked before its 16-byte accesses
+    # the master's alignment (its mode's only kReadWrite array) is not checked before its
+    # 16-byte accesses
     "fp16m_master_alignment": (
-        "cuda/fp16_master_kernel.cuh",
-        "  const bool vec = aligned16(p) && aligned16(m) && aligned16(g) && "
-        "(b == nullptr || aligned16(b));",
-        "  const bool vec = aligned16(p) && aligned16(g) && (b == nullptr || aligned16(b));",
+        _EW,
+        _EW_ALIGNED,
+        "  MC_HD bool aligned() const { return U == Use::kReadWrite || ptr == nullptr || "
+        "aligned16(ptr); }",
         r"misaligned address"),
 }
 FILE_PLANTS = {**MASTER_PLANTS, **QMOM_PLANTS, **FP16M_PLANTS}  # planted in a file under csrc
@@ -346,7 +360,7 @@ def _compile(out: Path, extra: list[str], first_include: Path | None = None,
 def _plant(tmp: Path, name: str) -> Path:
     """A copy of the real header (sgd_kernel.cuh, or a FILE_PLANTS file) with one bug planted,
     in a folder that goes first on the include path (at the header's path under csrc/cuda or
-    csrc/include); returns the folder."""
+    csrc/include; a csrc/cuda header with copies of its siblings); returns the folder."""
     if name in FILE_PLANTS:
         rel, old, new, _ = FILE_PLANTS[name]
         header, dest = ROOT / "csrc" / rel, Path(*Path(rel).parts[1:])
@@ -359,6 +373,13 @@ def _plant(tmp: Path, name: str) -> Path:
                     "(expected exactly once): the kernel changed, update the plants")
     folder = tmp / name
     (folder / dest).parent.mkdir(parents=True)
+    if header.parent == KERNEL.parent:
+        # the kernel headers include each other with quotes, which look beside the including
+        # file first: the patched header's siblings go beside it, so that every one of them
+        # (sr_kernel.cuh including elementwise_kernel.cuh, ...) includes the patched copy
+        for sibling in KERNEL.parent.iterdir():
+            if sibling.suffix in (".cuh", ".h"):
+                shutil.copy(sibling, folder / sibling.name)
     patched = src.replace(old + "\n", new + "\n")
     assert patched != src
     patched += f'\n#define HKT_PLANTED_BUG "{name}"\n'

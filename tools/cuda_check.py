@@ -10,11 +10,12 @@
    blocks per SM its registers allow.
 2. Disassembles the fatbin with cuobjdump -sass (PyPI wheels nvidia-cuda-cuobjdump and
    nvidia-cuda-nvdisasm; the local toolkit has neither) and, for each dtype's flat kernel
-   sgd_flat_kernel<float|double|bf16_t|fp16_t>, for the bf16 kernels sgd_master_kernel (master
-   weights) and sgd_sr_kernel (stochastic rounding), for the momentum_dtype kernels
-   sgd_bf16mom_kernel and sgd_q8_kernel, for the fp16 master-weights kernel
-   sgd_fp16_master_kernel, and each arch, requires 128-bit global loads and
-   stores (LDG.E.128 / STG.E.128) and no local memory (LDL / STL). The multi-tensor kernel's
+   sgd_flat_kernel<float|double|bf16_t|fp16_t>, for the element-wise mode kernel
+   (csrc/cuda/elementwise_kernel.cuh) of each mode: sgd_elementwise_kernel<MasterMode> (master
+   weights), <SrMode> (stochastic rounding), <Bf16MomMode> (momentum_dtype bf16),
+   <Fp16MasterMode> (fp16 master weights), for the int8 momentum_dtype kernel sgd_q8_kernel, and
+   each arch, requires 128-bit global loads and stores (LDG.E.128 / STG.E.128) and no local
+   memory (LDL / STL). The multi-tensor kernel's
    accesses are reported, not required.
 Exits non-zero with a message naming each failure. tests/test_cuda_build.py imports this module
 and shows that the gate and the SASS checks fail on planted bad kernels.
@@ -51,12 +52,14 @@ GATE = ("-Xptxas=-v,-warn-spills,-warn-lmem-usage,-Werror",)
 NO_GATE = ("-Xptxas=-v",)
 THREADS = 256  # threads a block of both kernels (kThreads in csrc/cuda/sgd_kernel.cuh)
 FLAT_DTYPES = ("float", "double", "bf16_t", "fp16_t")  # as demangle() names them
-# the bf16 per-tensor kernels (csrc/cuda/master_kernel.cuh, sr_kernel.cuh), any batch limits
-BF16_KERNELS = ("sgd_master_kernel<", "sgd_sr_kernel<")
+# the element-wise mode kernel (csrc/cuda/elementwise_kernel.cuh) of each mode, any batch limits
+ELEMENTWISE = "sgd_elementwise_kernel<"
+# the bf16 per-tensor modes (csrc/cuda/master_kernel.cuh, sr_kernel.cuh)
+BF16_KERNELS = (ELEMENTWISE + "MasterMode,", ELEMENTWISE + "SrMode,")
 # the momentum_dtype kernels (csrc/cuda/qmom_kernel.cuh): bf16 and int8 buffers
-QMOM_KERNELS = ("sgd_bf16mom_kernel<", "sgd_q8_kernel<")
-# the fp16 master-weights kernel (csrc/cuda/fp16_master_kernel.cuh)
-FP16_MASTER_KERNELS = ("sgd_fp16_master_kernel<",)
+QMOM_KERNELS = (ELEMENTWISE + "Bf16MomMode,", "sgd_q8_kernel<")
+# the fp16 master-weights mode (csrc/cuda/fp16_master_kernel.cuh)
+FP16_MASTER_KERNELS = (ELEMENTWISE + "Fp16MasterMode,",)
 
 
 # ---- tools ---------------------------------------------------------------------------------
@@ -229,13 +232,13 @@ def check(source=SOURCE, workdir=None) -> list[str]:
     names = demangle({fn for _, fn in set(info) | set(ops)})
 
     failures = []
-    print(f"{'arch':6} {'kernel':36} {'regs':>4} {'stack':>5} {'blk/SM':>6}  "
+    print(f"{'arch':6} {'kernel':52} {'regs':>4} {'stack':>5} {'blk/SM':>6}  "
           f"global/local memory instructions")
     for arch, fn in sorted(ops, key=lambda k: (k[0], names[k[1]])):
         i = info.get((arch, fn), {})
         name = names[fn]
         bps = blocks_per_sm(i["registers"]) if "registers" in i else "?"
-        print(f"{arch:6} {name:36} {i.get('registers', '?'):>4} {i.get('stack', '?'):>5} "
+        print(f"{arch:6} {name:52} {i.get('registers', '?'):>4} {i.get('stack', '?'):>5} "
               f"{bps:>6}  {summary(memory_ops(ops[(arch, fn)]))}")
         if i.get("stack", 0) or i.get("spill_stores", 0) or i.get("spill_loads", 0):
             failures.append(f"{arch} {name}: ptxas reports stack/spills {i}")
@@ -265,8 +268,8 @@ def main(argv=None) -> int:
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    print(f"OK: sgd_flat_kernel (all {len(FLAT_DTYPES)} dtypes), sgd_master_kernel, "
-          f"sgd_sr_kernel, sgd_bf16mom_kernel, sgd_q8_kernel and sgd_fp16_master_kernel have "
+    print(f"OK: sgd_flat_kernel (all {len(FLAT_DTYPES)} dtypes), sgd_elementwise_kernel "
+          f"(MasterMode, SrMode, Bf16MomMode, Fp16MasterMode) and sgd_q8_kernel have "
           f"128-bit global loads and stores and no local memory on sm_{', sm_'.join(ARCHS)}")
     return 0
 

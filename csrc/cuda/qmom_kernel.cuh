@@ -13,42 +13,31 @@
 //             (exact, so the reduction order does not matter), then q8_scale and q8_code. The
 //             first step reads no codes and no scales; without kMomentum nothing of the buffer
 //             is touched.
-// Work      : bf16: a thread takes groups of 8 elements, one 16-byte access per 16 bytes where
-//             param, grad and buffer are 16-byte aligned, element by element otherwise and for a
-//             span's last partial group. int8: a warp takes a whole block, lane l its elements
-//             8l .. 8l + 7 (param, grad: two 16-byte accesses each; codes: one 8-byte access,
-//             where aligned), reduces the absmax by a butterfly of shuffles (every lane gets it)
-//             and codes its own 8 elements; lane 0 writes the scale.
-// Launch    : sgd_kernel.cuh's multi-tensor batching (plan_chunks), one block of kThreads per
-//             chunk; an int8 chunk is whole blocks (kQChunk), so no block straddles two chunks.
+// Work      : bf16: elementwise_kernel.cuh's groups of 8 with Bf16MomMode below (param: two
+//             16-byte accesses each way, grad two loads, the buffer one each way). int8: a warp
+//             takes a whole block, lane l its elements 8l .. 8l + 7 (param, grad: two 16-byte
+//             accesses each; codes: one 8-byte access, where aligned), reduces the absmax by a
+//             butterfly of shuffles (every lane gets it) and codes its own 8 elements; lane 0
+//             writes the scale.
+// Launch    : sgd_kernel.cuh's multi-tensor batching (plan_chunks; bf16: sgd_elementwise_kernel
+//             over plan_elementwise's batches), one block of kThreads per chunk; an int8 chunk
+//             is whole blocks (kQChunk), so no block straddles two chunks.
 // Host      : compiled by g++ through tests/cuda/host_shim.h as well, the int8 kernel under its
 //             warp runner (tests/test_cuda_host.py).
 #pragma once
 
 #include <cstdint>
 
+#include "elementwise_kernel.cuh"
 #include "momentum_cuda/momentum_dtype.h"
-#include "sgd_kernel.cuh"
 
 namespace momentum_cuda {
 namespace cuda {
 
-/// Multi-tensor metadata of the bf16-momentum step, passed by value (ListArgs' layout).
+/// Multi-tensor metadata of the bf16-momentum step: fp32 param and grad, bf16 buf.
 template <int kTensors, int kBlocks>
-struct Bf16MomListArgs {
-  float* param[kTensors];
-  uint16_t* buf[kTensors];
-  const float* grad[kTensors];
-  int64_t numel[kTensors];
-  uint16_t block_tensor[kBlocks];
-  int32_t block_chunk[kBlocks];
-  StepScalars<float> s;
-  uint32_t flags;
-};
-static_assert(sizeof(Bf16MomListArgs<ListLimits4K::kTensors, ListLimits4K::kBlocks>) <= 4096,
-              "kernel arguments over 4 KB");
-static_assert(sizeof(Bf16MomListArgs<ListLimits32K::kTensors, ListLimits32K::kBlocks>) <= 32764,
-              "kernel arguments over 32 KB");
+using Bf16MomListArgs = ElementwiseArgs<float, uint16_t, float, kTensors, kBlocks>;
+static_assert(args_fit<Bf16MomListArgs>(), "kernel arguments over 4 KB or 32 KB");
 
 /// Multi-tensor metadata of the int8-momentum step, passed by value (ListArgs' layout).
 template <int kTensors, int kBlocks>
@@ -63,50 +52,34 @@ struct Q8ListArgs {
   StepScalars<float> s;
   uint32_t flags;
 };
-static_assert(sizeof(Q8ListArgs<ListLimits4K::kTensors, ListLimits4K::kBlocks>) <= 4096,
-              "kernel arguments over 4 KB");
-static_assert(sizeof(Q8ListArgs<ListLimits32K::kTensors, ListLimits32K::kBlocks>) <= 32764,
-              "kernel arguments over 32 KB");
+static_assert(args_fit<Q8ListArgs>(), "kernel arguments over 4 KB or 32 KB");
 
-/// Elements [0, n) of one bf16-momentum chunk, by `nthreads` workers of which this is `tid`
-/// (p, b, g point at the chunk).
-MC_HD void bf16mom_span(float* p, uint16_t* b, const float* g, int64_t n,
-                        const StepScalars<float>& s, uint32_t flags, int64_t tid,
-                        int64_t nthreads) {
-  const bool vec = aligned16(p) && aligned16(g) && (b == nullptr || aligned16(b));
-  const bool read_buf = (flags & kMomentum) && !(flags & kFirstStep);
-  const int64_t full = n / 8, groups = full + (n % 8 != 0);
-  for (int64_t k = tid; k < groups; k += nthreads) {
-    const int64_t i = 8 * k;
-    if (vec && k < full) {
-      F32x8 pp = *reinterpret_cast<const F32x8*>(p + i);
-      const F32x8 gg = *reinterpret_cast<const F32x8*>(g + i);
-      Bf16x8 bb{};
-      if (read_buf) bb = *reinterpret_cast<const Bf16x8*>(b + i);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) bf16mom_elem<AddFma>(pp.v, bb.v, gg.v, j, s, flags);
-      *reinterpret_cast<F32x8*>(p + i) = pp;
-      if (flags & kMomentum) *reinterpret_cast<Bf16x8*>(b + i) = bb;
-    } else {
-      const int m = static_cast<int>(n - i < 8 ? n - i : 8);
-      for (int j = 0; j < m; ++j) {
-        bf16mom_elem<AddFma>(p + i, b == nullptr ? nullptr : b + i, g + i, j, s, flags);
-      }
-    }
+/// The bf16-momentum mode of elementwise_kernel.cuh: one chunk's arrays.
+struct Bf16MomMode {
+  using Span = Bf16MomSpan;
+  template <int kTensors, int kBlocks>
+  using Args = Bf16MomListArgs<kTensors, kBlocks>;
+
+  Array<Use::kReadWrite, float> param;
+  Array<Use::kBuffer, uint16_t> buf;
+  Array<Use::kRead, const float> grad;
+
+  template <class A>
+  MC_HD static Bf16MomMode chunk(const A& a, int t, int64_t start) {
+    return {{a.param[t] + start}, {advance(a.buf[t], start)}, {a.grad[t] + start}};
   }
-}
-
-/// bf16-momentum kernel: block k updates chunk block_chunk[k] of span block_tensor[k].
-template <int kTensors, int kBlocks>
-__global__ void sgd_bf16mom_kernel(Bf16MomListArgs<kTensors, kBlocks> a) {
-  const int t = a.block_tensor[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(a.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t left = a.numel[t] - start;
-  const int64_t n = left < kChunk ? left : kChunk;
-  uint16_t* b = a.buf[t] == nullptr ? nullptr : a.buf[t] + start;
-  bf16mom_span(a.param[t] + start, b, a.grad[t] + start, n, a.s, a.flags,
-               static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
-}
+  template <class F>
+  MC_HD void arrays(F&& f) const {
+    f(param, buf, grad);
+  }
+  MC_HD void step(int64_t, int n, const StepScalars<float>& s, uint32_t flags, float* p,
+                  uint16_t* b, const float* g) const {
+#pragma unroll
+    for (int j = 0; j < n; ++j) bf16mom_elem<AddFma>(p, b, g, j, s, flags);
+  }
+  template <class A>
+  static void fill(A&, int, const Bf16MomSpan*, int64_t) {}  // nothing beyond the common four
+};
 
 constexpr int kWarp = 32;
 /// Elements of an int8 block per lane: one F32x8 of param and grad, one Q8x8 of codes.
@@ -205,26 +178,6 @@ __global__ void sgd_q8_kernel(Q8ListArgs<kTensors, kBlocks> a) {
     q8_block_warp(p + i, q == nullptr ? nullptr : q + i, sc == nullptr ? nullptr : sc + k, g + i,
                   m, vec, a.s, a.flags, lane);
   }
-}
-
-/// Packs bf16-momentum spans into Bf16MomListArgs and calls launch(args, blocks) for each full
-/// batch. bufs are dropped without kMomentum.
-template <class Limits, class Launch>
-void plan_bf16mom_list(const Bf16MomSpan* spans, int64_t n_spans, const StepScalars<float>& s,
-                       uint32_t flags, Launch&& launch) {
-  using Args = Bf16MomListArgs<Limits::kTensors, Limits::kBlocks>;
-  Args a{};
-  a.s = s;
-  a.flags = flags;
-  plan_chunks<Limits>(
-      a, n_spans, [&](int64_t k) { return spans[k].numel; },
-      [&](Args& x, int slot, int64_t k) {
-        x.param[slot] = spans[k].param;
-        x.buf[slot] = (flags & kMomentum) ? spans[k].buf : nullptr;
-        x.grad[slot] = spans[k].grad;
-        x.numel[slot] = spans[k].numel;
-      },
-      launch);
 }
 
 /// Packs int8-momentum spans into Q8ListArgs (chunks of kQChunk elements) and calls

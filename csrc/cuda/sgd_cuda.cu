@@ -5,8 +5,9 @@
 // Grid   : the flat kernel runs kThreads a block, as many blocks as the work needs up to what
 //          fits on the GPU at once (flat_grid: the occupancy API's blocks per SM for this kernel
 //          times the SMs, queried once per device and dtype), grid-stride beyond that; the
-//          multi-tensor kernels (plain, master, stochastic rounding, momentum_dtype, fp16
-//          master) one block per 65536-element chunk.
+//          multi-tensor kernels (plain, int8 momentum, and the element-wise modes of
+//          elementwise_kernel.cuh: master, stochastic rounding, bf16 momentum, fp16 master) one
+//          block per 65536-element chunk.
 #include "sgd_cuda.h"
 
 #include <map>
@@ -137,29 +138,29 @@ cudaError_t launch_bf16(const Span_* spans, int64_t n_spans, const StepHyper& h,
   return err;
 }
 
+/// launch_bf16 for an element-wise mode of elementwise_kernel.cuh.
+template <class Mode>
+cudaError_t launch_elementwise(const typename Mode::Span* spans, int64_t n_spans,
+                               const StepHyper& h, cudaStream_t stream) {
+  using L = ListLimits;
+  return launch_bf16<Mode::template Args>(
+      spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_elementwise<Mode, L>(x...); },
+      cuda::sgd_elementwise_kernel<Mode, L::kTensors, L::kBlocks>);
+}
+
 cudaError_t sgd_step_master_cuda(const MasterSpan* spans, int64_t n_spans, const StepHyper& h,
                                  cudaStream_t stream) {
-  using L = ListLimits;
-  return launch_bf16<cuda::MasterListArgs>(
-      spans, n_spans, h, stream,
-      [](auto&&... x) { cuda::plan_master_list<L>(x...); },
-      cuda::sgd_master_kernel<L::kTensors, L::kBlocks>);
+  return launch_elementwise<cuda::MasterMode>(spans, n_spans, h, stream);
 }
 
 cudaError_t sgd_step_sr_cuda(const SrSpan* spans, int64_t n_spans, const StepHyper& h,
                              cudaStream_t stream) {
-  using L = ListLimits;
-  return launch_bf16<cuda::SrListArgs>(
-      spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_sr_list<L>(x...); },
-      cuda::sgd_sr_kernel<L::kTensors, L::kBlocks>);
+  return launch_elementwise<cuda::SrMode>(spans, n_spans, h, stream);
 }
 
 cudaError_t sgd_step_bf16mom_cuda(const Bf16MomSpan* spans, int64_t n_spans,
                                   const StepHyper& h, cudaStream_t stream) {
-  using L = ListLimits;
-  return launch_bf16<cuda::Bf16MomListArgs>(
-      spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_bf16mom_list<L>(x...); },
-      cuda::sgd_bf16mom_kernel<L::kTensors, L::kBlocks>);
+  return launch_elementwise<cuda::Bf16MomMode>(spans, n_spans, h, stream);
 }
 
 cudaError_t sgd_step_q8_cuda(const Q8Span* spans, int64_t n_spans, const StepHyper& h,
@@ -172,10 +173,7 @@ cudaError_t sgd_step_q8_cuda(const Q8Span* spans, int64_t n_spans, const StepHyp
 
 cudaError_t sgd_step_fp16_master_cuda(const Fp16MasterSpan* spans, int64_t n_spans,
                                       const StepHyper& h, cudaStream_t stream) {
-  using L = ListLimits;
-  return launch_bf16<cuda::Fp16MasterListArgs>(
-      spans, n_spans, h, stream, [](auto&&... x) { cuda::plan_fp16_master_list<L>(x...); },
-      cuda::sgd_fp16_master_kernel<L::kTensors, L::kBlocks>);
+  return launch_elementwise<cuda::Fp16MasterMode>(spans, n_spans, h, stream);
 }
 
 #define MC_INSTANTIATE(T)                                                                   \

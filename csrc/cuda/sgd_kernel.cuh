@@ -195,14 +195,14 @@ MC_HD void update_pack(T* p, T* b, T* g, int64_t i, const CudaScalars<T>& s, uin
   if (flags & kMomentum) *reinterpret_cast<Pack<T>*>(b + i) = bb;
 }
 
-/// 8 elements of a group of the bf16 kernels (master_kernel.cuh, sr_kernel.cuh), as 16-byte
-/// accesses bring them.
-struct alignas(16) Bf16x8 {
-  uint16_t v[8];
+/// 8 elements of a group of the element-wise mode kernels (elementwise_kernel.cuh) and the int8
+/// kernel (qmom_kernel.cuh), as 16-byte accesses bring them (one for 16-bit T, two for fp32).
+template <class T>
+struct alignas(16) Group8 {
+  T v[8];
 };
-struct alignas(16) F32x8 {
-  float v[8];
-};
+using Bf16x8 = Group8<uint16_t>;
+using F32x8 = Group8<float>;
 
 MC_HD bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -286,10 +286,19 @@ struct ListArgs {
 constexpr int64_t kChunk = 65536;  ///< elements per block and launch, as torch's multi_tensor_apply
 struct ListLimits4K {
   static constexpr int kTensors = 36, kBlocks = 320;
+  static constexpr size_t kArgBytes = 4096;  ///< the kernel-argument space these limits fill
 };
 struct ListLimits32K {
   static constexpr int kTensors = 320, kBlocks = 2048;
+  static constexpr size_t kArgBytes = 32764;
 };
+
+/// A mode's argument struct Args<kTensors, kBlocks> fits the argument space of both limits.
+template <template <int, int> class Args>
+constexpr bool args_fit() {
+  return sizeof(Args<ListLimits4K::kTensors, ListLimits4K::kBlocks>) <= ListLimits4K::kArgBytes &&
+         sizeof(Args<ListLimits32K::kTensors, ListLimits32K::kBlocks>) <= ListLimits32K::kArgBytes;
+}
 
 /// Multi-tensor kernel: block k updates chunk block_chunk[k] of span block_tensor[k].
 template <class T, int kTensors, int kBlocks>

@@ -7,96 +7,58 @@
 // Invariant : every element goes through sr_math (stochastic.h) exactly once, with the random
 //             bits of its index in its span (a chunk passes its start), scalars rounded once to
 //             fp32 on the host.
-// Work      : a thread takes groups of 8 elements: one 16-byte access per array where all
-//             three are 16-byte aligned, element by element otherwise and for a span's last
-//             partial group.
-// Launch    : sgd_kernel.cuh's multi-tensor batching (plan_chunks), one block per chunk.
+// Work      : elementwise_kernel.cuh's groups of 8 (param and buf read and written, grad read:
+//             one 16-byte access each), with SrMode below.
+// Launch    : sgd_elementwise_kernel<SrMode> over plan_elementwise's batches, one block per chunk.
 // Host      : compiled by g++ through tests/cuda/host_shim.h as well (tests/test_cuda_host.py).
 #pragma once
 
 #include <cstdint>
 
+#include "elementwise_kernel.cuh"
 #include "momentum_cuda/stochastic.h"
-#include "sgd_kernel.cuh"
 
 namespace momentum_cuda {
 namespace cuda {
 
-/// Multi-tensor metadata of the stochastic-rounding step, passed by value (ListArgs' layout).
+/// Multi-tensor metadata of the stochastic-rounding step: bf16 param, buf and grad, a key each.
 template <int kTensors, int kBlocks>
-struct SrListArgs {
-  uint16_t* param[kTensors];
-  uint16_t* buf[kTensors];
-  const uint16_t* grad[kTensors];
+struct SrListArgs : ElementwiseArgs<uint16_t, uint16_t, uint16_t, kTensors, kBlocks> {
   uint32_t key[kTensors];
-  int64_t numel[kTensors];
-  uint16_t block_tensor[kBlocks];
-  int32_t block_chunk[kBlocks];
-  StepScalars<float> s;
-  uint32_t flags;
 };
-static_assert(sizeof(SrListArgs<ListLimits4K::kTensors, ListLimits4K::kBlocks>) <= 4096,
-              "kernel arguments over 4 KB");
-static_assert(sizeof(SrListArgs<ListLimits32K::kTensors, ListLimits32K::kBlocks>) <= 32764,
-              "kernel arguments over 32 KB");
+static_assert(args_fit<SrListArgs>(), "kernel arguments over 4 KB or 32 KB");
 
-/// Elements [0, n) of one chunk starting at element `start` of its span, by `nthreads` workers
-/// of which this is `tid` (p, b, g point at the chunk).
-MC_HD void sr_span(uint16_t* p, uint16_t* b, const uint16_t* g, int64_t start, int64_t n,
-                   uint32_t key, const StepScalars<float>& s, uint32_t flags, int64_t tid,
-                   int64_t nthreads) {
-  const bool vec = aligned16(p) && aligned16(g) && (b == nullptr || aligned16(b));
-  const bool read_buf = (flags & kMomentum) && !(flags & kFirstStep);
-  const int64_t full = n / 8, groups = full + (n % 8 != 0);
-  for (int64_t k = tid; k < groups; k += nthreads) {
-    const int64_t i = 8 * k;
-    if (vec && k < full) {
-      Bf16x8 pp = *reinterpret_cast<const Bf16x8*>(p + i);
-      const Bf16x8 gg = *reinterpret_cast<const Bf16x8*>(g + i);
-      Bf16x8 bb{};
-      if (read_buf) bb = *reinterpret_cast<const Bf16x8*>(b + i);
-      sr_math<AddFma>(pp.v, bb.v, gg.v, start + i, 8, key, s, flags);
-      *reinterpret_cast<Bf16x8*>(p + i) = pp;
-      if (flags & kMomentum) *reinterpret_cast<Bf16x8*>(b + i) = bb;
-    } else {
-      const int m = static_cast<int>(n - i < 8 ? n - i : 8);
-      sr_math<AddFma>(p + i, b == nullptr ? nullptr : b + i, g + i, start + i, m, key, s, flags);
-    }
+/// The stochastic-rounding mode of elementwise_kernel.cuh: one chunk's arrays, its first
+/// element's index in its span and the span's key.
+struct SrMode {
+  using Span = SrSpan;
+  template <int kTensors, int kBlocks>
+  using Args = SrListArgs<kTensors, kBlocks>;
+
+  Array<Use::kReadWrite, uint16_t> param;
+  Array<Use::kBuffer, uint16_t> buf;
+  Array<Use::kRead, const uint16_t> grad;
+  int64_t start;  ///< the random bits of element j of the chunk are those of index start + j
+  uint32_t key;
+
+  template <class A>
+  MC_HD static SrMode chunk(const A& a, int t, int64_t start) {
+    return {{a.param[t] + start}, {advance(a.buf[t], start)}, {a.grad[t] + start},
+            start, a.key[t]};
   }
-}
-
-/// Stochastic-rounding kernel: block k updates chunk block_chunk[k] of span block_tensor[k].
-template <int kTensors, int kBlocks>
-__global__ void sgd_sr_kernel(SrListArgs<kTensors, kBlocks> a) {
-  const int t = a.block_tensor[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(a.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t left = a.numel[t] - start;
-  const int64_t n = left < kChunk ? left : kChunk;
-  uint16_t* b = a.buf[t] == nullptr ? nullptr : a.buf[t] + start;
-  sr_span(a.param[t] + start, b, a.grad[t] + start, start, n, a.key[t], a.s, a.flags,
-          static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
-}
-
-/// Packs stochastic-rounding spans into SrListArgs and calls launch(args, blocks) for each
-/// full batch. bufs are dropped without kMomentum.
-template <class Limits, class Launch>
-void plan_sr_list(const SrSpan* spans, int64_t n_spans, const StepScalars<float>& s,
-                  uint32_t flags, Launch&& launch) {
-  using Args = SrListArgs<Limits::kTensors, Limits::kBlocks>;
-  Args a{};
-  a.s = s;
-  a.flags = flags;
-  plan_chunks<Limits>(
-      a, n_spans, [&](int64_t k) { return spans[k].numel; },
-      [&](Args& x, int slot, int64_t k) {
-        x.param[slot] = spans[k].param;
-        x.buf[slot] = (flags & kMomentum) ? spans[k].buf : nullptr;
-        x.grad[slot] = spans[k].grad;
-        x.key[slot] = spans[k].key;
-        x.numel[slot] = spans[k].numel;
-      },
-      launch);
-}
+  template <class F>
+  MC_HD void arrays(F&& f) const {
+    f(param, buf, grad);
+  }
+  MC_HD void step(int64_t k, int n, const StepScalars<float>& s, uint32_t flags, uint16_t* p,
+                  uint16_t* b, const uint16_t* g) const {
+    sr_math<AddFma>(p, b, g, start + 8 * k, n, key, s, flags);
+  }
+  template <class A>
+  static void fill(A& x, int slot, const SrSpan* spans, int64_t k) {
+    x.key[slot] = spans[k].key;
+  }
+};
 
 }  // namespace cuda
 }  // namespace momentum_cuda

@@ -8,13 +8,13 @@
 //   the parameter rounded up where low16(m) + low16(r) carries, r from its own lowbias32 of
 //   (key, element index), the buffer to nearest even.
 //
-// Cases: plan_master_list with ListLimits4K, ListLimits32K and tiny limits (many launches, spans
-// split over launches and chunks); sizes 0..17, 97, 1025, 65536 + 13 and 2 * 65536 + 8; element
-// offsets that make the 16-byte group path run, not run, or run for some arrays only; all 20 flag
-// sets; three steps; forward, reverse and shuffled thread orders. Masters are random, plus
-// halfway points (low half 0x8000: tie bits of both kinds), infinities, NaNs, zeros and
-// subnormals; a gradient and buffer of zero on some elements keeps their halfway masters through
-// the step, so that tie bits written by the kernel are read back. Memory around every array is
+// Cases: plan_elementwise<MasterMode> with ListLimits4K, ListLimits32K and tiny limits (many
+// launches, spans split over launches and chunks); sizes 0..17, 97, 1025, 65536 + 13 and
+// 2 * 65536 + 8; element offsets that make the 16-byte group path run, not run, or run for some
+// arrays only; all 20 flag sets; three steps; forward, reverse and shuffled thread orders.
+// Masters are random, plus halfway points (low half 0x8000: tie bits of both kinds), infinities,
+// NaNs, zeros and subnormals; a gradient and buffer of zero on some elements keeps their halfway
+// masters through the step, so that tie bits written by the kernel are read back. Memory around every array is
 // filled with canaries and checked after each step.
 //
 // Stochastic rounding: the same sizes, offsets, flag sets and batch limits, keys near 0 and
@@ -26,6 +26,7 @@
 // Usage: host_master_test [--quick] [--fail-fast]; exit status 0 iff everything matched.
 #include "host_shim.h"
 
+#include "host_elementwise.h"
 #include "master_kernel.cuh"
 #include "sr_kernel.cuh"
 
@@ -229,7 +230,8 @@ std::vector<uint32_t> flag_sets() {
   return out;
 }
 
-/// Several spans through plan_master_list<Limits> and the kernel, three steps, checked.
+/// Several spans through plan_elementwise<MasterMode, Limits> and the kernel, three steps,
+/// checked.
 template <class Limits>
 void run_case(const std::vector<int64_t>& sizes, const std::vector<std::array<int, 4>>& offs,
               uint32_t flags, Order order, uint64_t seed, const char* limits) {
@@ -250,13 +252,7 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<std::array<in
       s->ref(h, f);
       ms.push_back(s->span((f & kMomentum) != 0));
     }
-    cuda::plan_master_list<Limits>(
-        ms.data(), int64_t(ms.size()), scalars, f,
-        [&](const cuda::MasterListArgs<Limits::kTensors, Limits::kBlocks>& a, int blocks) {
-          host_shim::host_launch(cuda::sgd_master_kernel<Limits::kTensors, Limits::kBlocks>,
-                                 dim3(unsigned(blocks)), dim3(cuda::kThreads), order, seed + step,
-                                 a);
-        });
+    host_elementwise_step<cuda::MasterMode, Limits>(ms, scalars, f, order, seed + step);
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[160];
       std::snprintf(what, sizeof what, "%s flags=%u order=%s step=%d span %zu (n=%lld)", limits, f,
@@ -343,13 +339,7 @@ void run_sr_case(const std::vector<int64_t>& sizes, const std::vector<std::array
       ss.push_back(SrSpan{s->p.data(), (f & kMomentum) ? s->b.data() : nullptr, s->g.data(),
                           s->key, s->n});
     }
-    cuda::plan_sr_list<Limits>(
-        ss.data(), int64_t(ss.size()), scalars, f,
-        [&](const cuda::SrListArgs<Limits::kTensors, Limits::kBlocks>& a, int blocks) {
-          host_shim::host_launch(cuda::sgd_sr_kernel<Limits::kTensors, Limits::kBlocks>,
-                                 dim3(unsigned(blocks)), dim3(cuda::kThreads), order, seed + step,
-                                 a);
-        });
+    host_elementwise_step<cuda::SrMode, Limits>(ss, scalars, f, order, seed + step);
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[160];
       std::snprintf(what, sizeof what, "sr %s flags=%u order=%s step=%d span %zu (n=%lld)",

@@ -39,6 +39,7 @@
 #include "host_shim.h"
 
 #include "fp16_master_kernel.cuh"
+#include "host_elementwise.h"
 #include "qmom_kernel.cuh"
 
 #include <array>
@@ -321,13 +322,7 @@ void run_case(bool int8, const std::vector<int64_t>& sizes,
     } else {
       std::vector<Bf16MomSpan> bs;
       for (auto& s : spans) bs.push_back(s->bf16_span());
-      cuda::plan_bf16mom_list<Limits>(
-          bs.data(), int64_t(bs.size()), scalars, f,
-          [&](const cuda::Bf16MomListArgs<Limits::kTensors, Limits::kBlocks>& a, int blocks) {
-            host_shim::host_launch(cuda::sgd_bf16mom_kernel<Limits::kTensors, Limits::kBlocks>,
-                                   dim3(unsigned(blocks)), dim3(cuda::kThreads), order,
-                                   seed + step, a);
-          });
+      host_elementwise_step<cuda::Bf16MomMode, Limits>(bs, scalars, f, order, seed + step);
     }
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[200];
@@ -518,8 +513,8 @@ struct F16mSpan {
   }
 };
 
-/// Several fp16 master spans through plan_fp16_master_list and the kernel of Limits, three
-/// steps (the first with kFirstStep where the set has it).
+/// Several fp16 master spans through plan_elementwise<Fp16MasterMode> and the kernel of Limits,
+/// three steps (the first with kFirstStep where the set has it).
 template <class Limits>
 void run_f16m_case(const std::vector<int64_t>& sizes, const std::vector<std::array<int, 4>>& offs,
                    uint32_t flags, Order order, uint64_t seed, const char* limits) {
@@ -540,13 +535,7 @@ void run_f16m_case(const std::vector<int64_t>& sizes, const std::vector<std::arr
     // the kernel gets every buffer; the planner must drop them without kMomentum
     std::vector<Fp16MasterSpan> fs;
     for (auto& s : spans) fs.push_back(s->span());
-    cuda::plan_fp16_master_list<Limits>(
-        fs.data(), int64_t(fs.size()), scalars, f,
-        [&](const cuda::Fp16MasterListArgs<Limits::kTensors, Limits::kBlocks>& a, int blocks) {
-          host_shim::host_launch(cuda::sgd_fp16_master_kernel<Limits::kTensors, Limits::kBlocks>,
-                                 dim3(unsigned(blocks)), dim3(cuda::kThreads), order,
-                                 seed + step, a);
-        });
+    host_elementwise_step<cuda::Fp16MasterMode, Limits>(fs, scalars, f, order, seed + step);
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[200];
       std::snprintf(what, sizeof what, "fp16m %s flags=%u order=%s step=%d span %zu (n=%lld)",
