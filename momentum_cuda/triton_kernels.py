@@ -911,21 +911,27 @@ def _check_ties(t, n: str, p, pn: str) -> None:
                          f"strides {t.stride()}")
 
 
-def _check_list_triples(params, grads, bufs, need_buf: bool, bf16_why=None) -> list:
+def _check_list_triples(params, grads, bufs, need_buf: bool, why=None,
+                        param_dtype=torch.bfloat16, buf_dtype=None) -> list:
     """Each (params[i], grads[i], momentum_buffers[i] when need_buf) checked by _check_triple
-    (one device and one dtype for all; the lengths checked before); with bf16_why (a reason)
-    each parameter must be bfloat16. Returns the (tensor, name) pairs for _check_no_overlap."""
+    (one device and one dtype for all; the lengths checked before); with `why` (the modes'
+    ops: a reason) each parameter must be param_dtype, and given buf_dtype the buffers are of
+    that dtype, laid out like their parameters (csrc/momentum_ops.cpp's check_mode_step).
+    Returns the (tensor, name) pairs for _check_no_overlap."""
     dev_dtype: list = []
     named = []
     for i, (p, g) in enumerate(zip(params, grads)):
         b = bufs[i] if need_buf else None
         if need_buf and b is None:
             raise ValueError(f"momentum_buffers[{i}] is undefined (None) but momentum != 0")
-        _check_triple(f"[{i}]", p, g, b, dev_dtype)
-        if bf16_why is not None and p.dtype != torch.bfloat16:
-            raise ValueError(f"params[{i}] must be bfloat16 ({bf16_why}), got {_describe(p)}")
+        _check_triple(f"[{i}]", p, g, None if buf_dtype is not None else b, dev_dtype)
+        if why is not None and p.dtype != param_dtype:
+            raise ValueError(f"params[{i}] must be {str(param_dtype).removeprefix('torch.')} "
+                             f"({why}), got {_describe(p)}")
         named += [(p, f"params[{i}]"), (g, f"grads[{i}]")]
         if need_buf:
+            if buf_dtype is not None:
+                _check_like(b, f"momentum_buffers[{i}]", p, f"params[{i}]", buf_dtype)
             named.append((b, f"momentum_buffers[{i}]"))
     return named
 
@@ -1257,21 +1263,13 @@ def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ti
     need_buf = vals["use_buf"]
     _check_list_lengths(params, [(grads, "grads"), (rems, "remainders"), (ties, "ties")], bufs,
                         need_buf, momentum)
-    dev_dtype: list = []
-    named = []
-    for i, (p, g, r, t) in enumerate(zip(params, grads, rems, ties)):
-        at = f"[{i}]"
-        _check_triple(at, p, g, None, dev_dtype)
-        if p.dtype != torch.bfloat16:
-            raise ValueError(f"params{at} must be bfloat16 (master weights split a bf16 "
-                             f"parameter), got {_describe(p)}")
-        if need_buf:
-            _check_like(bufs[i], f"momentum_buffers{at}", p, f"params{at}", torch.float32)
-            named.append((bufs[i], f"momentum_buffers{at}"))
-        _check_like(r, f"remainders{at}", p, f"params{at}", torch.int16)
-        _check_ties(t, f"ties{at}", p, f"params{at}")
-        named += [(p, f"params{at}"), (g, f"grads{at}"), (r, f"remainders{at}"),
-                  (t, f"ties{at}")]
+    named = _check_list_triples(params, grads, bufs, need_buf,
+                                why="master weights split a bf16 parameter",
+                                buf_dtype=torch.float32)
+    for i, (p, r, t) in enumerate(zip(params, rems, ties)):
+        _check_like(r, f"remainders[{i}]", p, f"params[{i}]", torch.int16)
+        _check_ties(t, f"ties[{i}]", p, f"params[{i}]")
+        named += [(r, f"remainders[{i}]"), (t, f"ties[{i}]")]
     _check_no_overlap(named)
     # remainders are strided like the params: element j of the walk is the same element of
     # every tensor (tie bit j included: the bits are in memory order)
@@ -1309,7 +1307,7 @@ def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momen
     need_buf = vals["use_buf"]
     _check_list_lengths(params, [(grads, "grads")], bufs, need_buf, momentum)
     named = _check_list_triples(params, grads, bufs, need_buf,
-                                bf16_why="stochastic rounding rounds to bf16")
+                                why="stochastic rounding rounds to bf16")
     _check_no_overlap(named)
     addrs, numels, kept = _triple_addrs(params, grads, bufs, need_buf)
     if not numels:
@@ -1365,22 +1363,13 @@ def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, m
     if int8 and len(scales) != len(params):
         raise ValueError(f"scales has {len(scales)} tensors but params has {len(params)} (int8 "
                          "momentum buffers need one each; bf16 ones none)")
-    buf_dtype = torch.int8 if int8 else torch.bfloat16
-    dev_dtype: list = []
-    named = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        at = f"[{i}]"
-        _check_triple(at, p, g, None, dev_dtype)
-        if p.dtype != torch.float32:
-            raise ValueError(f"params{at} must be float32 (momentum_dtype keeps float32 "
-                             f"parameters), got {_describe(p)}")
-        named += [(p, f"params{at}"), (g, f"grads{at}")]
-        if need_buf:
-            _check_like(bufs[i], f"momentum_buffers{at}", p, f"params{at}", buf_dtype)
-            named.append((bufs[i], f"momentum_buffers{at}"))
-        if int8:
-            _check_scales(scales[i], f"scales{at}", p, f"params{at}")
-            named.append((scales[i], f"scales{at}"))
+    named = _check_list_triples(params, grads, bufs, need_buf,
+                                why="momentum_dtype keeps float32 parameters",
+                                param_dtype=torch.float32,
+                                buf_dtype=torch.int8 if int8 else torch.bfloat16)
+    for i, p in enumerate(params if int8 else ()):
+        _check_scales(scales[i], f"scales[{i}]", p, f"params[{i}]")
+        named.append((scales[i], f"scales[{i}]"))
     _check_no_overlap(named)
     # buffers (and scales) are laid out like the params: element j of the walk is the same
     # element of each, and int8 block j // QBLOCK of the memory order
@@ -1420,20 +1409,13 @@ def triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, 
     need_buf = vals["use_buf"]
     _check_list_lengths(params, [(grads, "grads"), (masters, "masters")], bufs, need_buf,
                         momentum)
-    dev_dtype: list = []
-    named = []
-    for i, (p, g, m) in enumerate(zip(params, grads, masters)):
-        at = f"[{i}]"
-        _check_triple(at, p, g, None, dev_dtype)
-        if p.dtype != torch.float16:
-            raise ValueError(f"params{at} must be float16 (fp16 master weights keep an fp32 "
-                             f"copy of a float16 parameter), got {_describe(p)}")
-        named += [(p, f"params{at}"), (g, f"grads{at}")]
-        if need_buf:
-            _check_like(bufs[i], f"momentum_buffers{at}", p, f"params{at}", torch.float32)
-            named.append((bufs[i], f"momentum_buffers{at}"))
-        _check_like(m, f"masters{at}", p, f"params{at}", torch.float32)
-        named.append((m, f"masters{at}"))
+    named = _check_list_triples(params, grads, bufs, need_buf,
+                                why="fp16 master weights keep an fp32 copy of a float16 "
+                                    "parameter",
+                                param_dtype=torch.float16, buf_dtype=torch.float32)
+    for i, (p, m) in enumerate(zip(params, masters)):
+        _check_like(m, f"masters[{i}]", p, f"params[{i}]", torch.float32)
+        named.append((m, f"masters[{i}]"))
     _check_no_overlap(named)
     # masters and buffers are laid out like the params: element j of the walk is the same
     # element of each
