@@ -31,11 +31,7 @@ NaN written as inf, a first step taken as a later one, every block unmasked.
 """
 # No `from __future__ import annotations`: the test kernel's `tl.constexpr` annotation must
 # reach Triton as a type, not as text.
-import json
 import os
-import sys
-import time
-import traceback
 from unittest import mock
 
 import pytest
@@ -47,8 +43,6 @@ import test_triton_qmom as _tq
 from test_triton_master import _bits, _combos, _raises
 from test_triton_qmom import _aligned, _empty, _garbage, _like
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 # ----------------------------------------------------------------------------------------------
 # Child side: runs with TRITON_INTERPRET=1 (only ever called from _child_main).
@@ -651,25 +645,8 @@ def _define_kernels(tk):
 
 
 
-def _outcome(check, tk) -> dict:
-    t0 = time.perf_counter()
-    err = None
-    try:
-        check(tk)
-    except Exception:  # reported to the parent
-        err = traceback.format_exc()
-    return {"error": err, "seconds": round(time.perf_counter() - t0, 2)}
-
-
 def _child_main() -> None:
-    """Every check, interpreted; prints the outcomes after @@RESULT@@."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    sys.path.insert(0, ROOT)
-    from momentum_cuda import triton_kernels as tk
-    assert tk.interpreting(), "kernels are not interpreted"
-    _define_kernels(tk)
-    torch.set_num_threads(1)
-    print("@@RESULT@@" + json.dumps({name: _outcome(globals()[name], tk) for name in CHECKS}))
+    _tm.run_checks(globals(), _define_kernels)
 
 
 # ----------------------------------------------------------------------------------------------

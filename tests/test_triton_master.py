@@ -640,24 +640,33 @@ def check_master_op_opcheck(tk):
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 
 
-def _child_main() -> None:
-    global _tk
+def run_checks(namespace: dict, prepare=None) -> None:
+    """The child side of an interpreter test module (conftest.interpreter_child starts it with
+    TRITON_INTERPRET=1): the interpreted triton_kernels as the module's _tk (after
+    prepare(tk), if given), then every check in its CHECKS, each one's {"error": traceback or
+    None, "seconds": ...} printed after @@RESULT@@ for the parent."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     sys.path.insert(0, ROOT)
     from momentum_cuda import triton_kernels as tk
     assert tk.interpreting(), "kernels are not interpreted"
-    _tk = tk
+    namespace["_tk"] = tk
+    if prepare is not None:
+        prepare(tk)
     torch.set_num_threads(1)
     out = {}
-    for name in CHECKS:
+    for name in namespace["CHECKS"]:
         t0 = time.perf_counter()
         try:
-            globals()[name](tk)
+            namespace[name](tk)
             err = None
         except Exception:  # reported to the parent
             err = traceback.format_exc()
         out[name] = {"error": err, "seconds": round(time.perf_counter() - t0, 2)}
     print("@@RESULT@@" + json.dumps(out))
+
+
+def _child_main() -> None:
+    run_checks(globals())
 
 
 # ----------------------------------------------------------------------------------------------

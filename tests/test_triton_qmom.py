@@ -29,13 +29,10 @@ unmasked (a write past the tensor).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 import tempfile
 import textwrap
-import time
-import traceback
 from unittest import mock
 
 import pytest
@@ -45,8 +42,6 @@ import conftest
 from test_triton_master import _bits, _combos, _raises
 import test_triton_master as _tm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 # ----------------------------------------------------------------------------------------------
 # Child side: runs with TRITON_INTERPRET=1 (only ever called from _child_main).
@@ -702,25 +697,8 @@ def check_qmom_op_opcheck(tk):
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 
 
-def _outcome(check, tk) -> dict:
-    t0 = time.perf_counter()
-    err = None
-    try:
-        check(tk)
-    except Exception:  # reported to the parent
-        err = traceback.format_exc()
-    return {"error": err, "seconds": round(time.perf_counter() - t0, 2)}
-
-
 def _child_main() -> None:
-    """Every check, interpreted; prints the outcomes after @@RESULT@@."""
-    global _tk
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    sys.path.insert(0, ROOT)
-    from momentum_cuda import triton_kernels as _tk
-    assert _tk.interpreting(), "kernels are not interpreted"
-    torch.set_num_threads(1)
-    print("@@RESULT@@" + json.dumps({name: _outcome(globals()[name], _tk) for name in CHECKS}))
+    _tm.run_checks(globals())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,11 +32,8 @@ of r not used, the buffer truncated.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-import traceback
 from unittest import mock
 
 import pytest
@@ -565,27 +562,8 @@ def check_sr_op_opcheck(tk):
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 
 
-def _outcome(check, tk) -> dict:
-    """One check's {"error": traceback or None, "seconds": ...} for the parent."""
-    t0 = time.perf_counter()
-    err = None
-    try:
-        check(tk)
-    except Exception:  # reported to the parent
-        err = traceback.format_exc()
-    return {"error": err, "seconds": round(time.perf_counter() - t0, 2)}
-
-
 def _child_main() -> None:
-    """Every check, interpreted (conftest.interpreter_child starts this with
-    TRITON_INTERPRET=1); prints the outcomes after @@RESULT@@."""
-    global _tk
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    sys.path.insert(0, ROOT)
-    from momentum_cuda import triton_kernels as _tk
-    assert _tk.interpreting(), "kernels are not interpreted"
-    torch.set_num_threads(1)
-    print("@@RESULT@@" + json.dumps({name: _outcome(globals()[name], _tk) for name in CHECKS}))
+    _tm.run_checks(globals())
 
 
 # ----------------------------------------------------------------------------------------------
