@@ -615,3 +615,45 @@ def test_code_rounding_is_exact_for_every_scale():
         normal = scale[ok] >= 2.0 ** -126  # one relative rounding: at most 127 * (1 + 2^-24)
         if normal.any():
             assert ratio[normal].max() <= 127 * (1 + 2.0 ** -24) / (1 - 2.0 ** -24)
+
+
+@FLAT
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clip_with_an_unused_parameter(flat, dtype):
+    """opt.clip_grad_norm_ with one parameter unused on a step (.grad None): the norm is
+    torch's over the others, the clipped gradients are stepped by the contract, the unused
+    parameter and its buffer stay as they are."""
+    tw = Twins(flat, dtype)
+    tw.step(2)
+    for step in range(3):
+        gs = tw.grads()
+        params = tw.ours + [tw.f64]
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        tw.ours[1].grad = None
+        norm = tw.opt.clip_grad_norm_(0.5)
+        twins = [torch.zeros_like(g).requires_grad_() for g in gs]
+        for t, g in zip(twins, gs):
+            t.grad = g.clone()
+        twins[1].grad = None
+        want = torch.nn.utils.clip_grad_norm_(twins, 0.5)  # clips the twins' .grad in place
+        assert torch.equal(norm, want)
+        clipped = [t.grad for t in twins]
+        before = (tw.ours[1].detach().clone(), tw.opt.state[tw.ours[1]]["momentum_buffer"].clone())
+        tw.opt.step()
+        for p, c in zip(params, clipped):  # the clip reached every gradient, as torch's does
+            assert (p.grad is None) == (c is None) and (c is None or torch.equal(p.grad, c))
+        tw.t64.grad = clipped[-1]
+        tw.topt.step()
+        h = tw.ref_h()
+        used = [k for k in range(len(tw.ours)) if k != 1]
+        bufs, scales = reference_step([tw.ref[k] for k in used], [clipped[k] for k in used],
+                                      [tw.bufs[k] for k in used],
+                                      [tw.scales[k] for k in used] if tw.scales else None, **h)
+        for j, k in enumerate(used):
+            tw.bufs[k] = bufs[j]
+            if scales is not None:
+                tw.scales[k] = scales[j]
+        tw.check(f"clip step {step}")
+        assert torch.equal(tw.ours[1], before[0])
+        assert torch.equal(tw.opt.state[tw.ours[1]]["momentum_buffer"], before[1])
