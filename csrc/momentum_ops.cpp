@@ -901,6 +901,29 @@ std::vector<bool> kernel_ready(const std::vector<at::Tensor>& params,
   return ready;
 }
 
+/// dict[key] (borrowed; nullptr if absent or on an error) for a key whose hash is known:
+/// Tensor.__hash__ is a Python method (id(self)), hashed once when a check is made.
+PyObject* dict_lookup(PyObject* dict, PyObject* key, Py_hash_t hash) {
+#if PY_VERSION_HEX < 0x030E0000
+  return _PyDict_GetItem_KnownHash(dict, key, hash);
+#else
+  (void)hash;
+  return PyDict_GetItemWithError(dict, key);
+#endif
+}
+
+/// The hashes of `objects` (Python's hash(), which raises for an unhashable one).
+std::vector<Py_hash_t> hashes_of(const std::vector<pybind11::object>& objects) {
+  std::vector<Py_hash_t> out;
+  out.reserve(objects.size());
+  for (const auto& o : objects) {
+    const Py_hash_t h = PyObject_Hash(o.ptr());
+    if (h == -1) throw pybind11::error_already_set();
+    out.push_back(h);
+  }
+  return out;
+}
+
 /// The flat path's per-step check of one bucket (optim._whole_bucket_run) in one call: every
 /// parameter still at its address, with its flat gradient view as .grad, the view still at its
 /// address. It keeps the Python objects, as the bucket does, and reads each one's current tensor
@@ -921,13 +944,7 @@ class BucketCheck {
         TORCH_CHECK(THPVariable_Check(o.ptr()), "BucketCheck takes tensors");
       }
     }
-    // Tensor.__hash__ is a Python method (id(self)): hashed once here, not at every step.
-    hashes_.reserve(params_.size());
-    for (const auto& o : params_) {
-      const Py_hash_t h = PyObject_Hash(o.ptr());
-      if (h == -1) throw pybind11::error_already_set();
-      hashes_.push_back(h);
-    }
+    hashes_ = hashes_of(params_);  // once here, not at every step
   }
   /// One pass over the bucket's parameters (each one's objects touched once, while in cache):
   /// -1 if a parameter is not intact (it moved, or its .grad is not its flat view, or the view
@@ -945,7 +962,7 @@ class BucketCheck {
       prefetch(i);
       if (!intact(i)) return -1;
       if (!bufs || (!all_none && !all_views)) continue;  // the kind is known: 2
-      PyObject* entry = lookup(state.ptr(), params_[i].ptr(), hashes_[i]);
+      PyObject* entry = dict_lookup(state.ptr(), params_[i].ptr(), hashes_[i]);
       if (entry == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
       PyObject* buf = nullptr;
       if (entry != nullptr) {
@@ -1031,17 +1048,146 @@ class BucketCheck {
     }
     return true;
   }
-  static PyObject* lookup(PyObject* dict, PyObject* key, Py_hash_t hash) {
-#if PY_VERSION_HEX < 0x030E0000
-    return _PyDict_GetItem_KnownHash(dict, key, hash);  // borrowed
-#else
-    (void)hash;
-    return PyDict_GetItemWithError(dict, key);
-#endif
-  }
   std::vector<pybind11::object> params_, views_;
   std::vector<int64_t> ptrs_, gptrs_;
   std::vector<Py_hash_t> hashes_;
+};
+
+/// The per-tensor path's per-step check of one kept list call (optim._ListCall, replayed by
+/// optim._step_steady) in one pass: each parameter where the kept step left it (address, sizes,
+/// strides, dtype, device and, where `watch`, its version counter as commit() recorded it); with
+/// `stepped`, a dense .grad of its dtype, device, sizes and strides, and its state entries
+/// state[p][key] for `keys` the objects in `held` (None: absent or None), each tensor among them
+/// unchanged in dtype, device, sizes and strides; without, no .grad. Parameters are held as
+/// Python objects (as BucketCheck, for torch.utils.swap_tensors); `held` keeps the state's
+/// objects alive while the check lives, so identity cannot be fooled by a reused address.
+class ListCheck {
+ public:
+  ListCheck(std::vector<pybind11::object> params, bool stepped, std::vector<std::string> keys,
+            std::vector<std::vector<pybind11::object>> held, std::vector<bool> watch)
+      : params_(std::move(params)), stepped_(stepped), held_(std::move(held)),
+        watch_(std::move(watch)) {
+    TORCH_CHECK(held_.size() == params_.size() && watch_.size() == params_.size(),
+                "ListCheck: held objects and a watch flag per parameter");
+    for (const auto& k : keys) {
+      keys_.push_back(pybind11::reinterpret_steal<pybind11::object>(
+          PyUnicode_InternFromString(k.c_str())));
+    }
+    for (size_t i = 0; i < params_.size(); ++i) {
+      TORCH_CHECK(THPVariable_Check(params_[i].ptr()), "ListCheck takes tensors");
+      TORCH_CHECK(held_[i].size() == keys_.size(), "ListCheck: one held object per key");
+      params_meta_.push_back(Meta::of(THPVariable_Unpack(params_[i].ptr())));
+      for (const auto& o : held_[i]) {
+        held_meta_.push_back(THPVariable_Check(o.ptr()) ? Meta::of(THPVariable_Unpack(o.ptr()))
+                                                         : Meta{});
+      }
+    }
+    hashes_ = hashes_of(params_);
+    versions_.assign(params_.size(), 0);
+    record_versions();
+  }
+
+  /// The gradients (a new list, in order) if everything holds, else None.
+  pybind11::object check(const pybind11::object& state) const {
+    if (stepped_ && !keys_.empty() && !PyDict_Check(state.ptr())) return pybind11::none();
+    pybind11::list grads(stepped_ ? params_.size() : 0);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
+      if (!params_meta_[i].same(p)) return pybind11::none();
+      if (watch_[i] && static_cast<int64_t>(p._version()) != versions_[i]) {
+        return pybind11::none();
+      }
+      const at::Tensor& g = p.grad();
+      if (!stepped_) {
+        if (g.defined()) return pybind11::none();
+        continue;
+      }
+      if (!g.defined() || !params_meta_[i].same(g, /*address=*/false)) return pybind11::none();
+      if (!keys_.empty() && !same_state(state.ptr(), i)) return pybind11::none();
+      PyObject* wrapped = THPVariable_Wrap(g);  // its Python object (a new reference)
+      if (wrapped == nullptr) throw pybind11::error_already_set();
+      PyList_SET_ITEM(grads.ptr(), static_cast<Py_ssize_t>(i), wrapped);
+    }
+    return stepped_ ? pybind11::object(std::move(grads)) : pybind11::object(pybind11::bool_(true));
+  }
+
+  /// After the replayed op: the watched version counters as it left them; and, given a dict
+  /// (optim's _master_seen), seen[id(p)] = (data_ptr, version) for every watched parameter.
+  void commit(const pybind11::object& seen) {
+    record_versions();
+    if (seen.is_none()) return;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (!watch_[i]) continue;
+      const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
+      const auto id = pybind11::reinterpret_steal<pybind11::object>(
+          PyLong_FromVoidPtr(params_[i].ptr()));  // id(p)
+      if (!id) throw pybind11::error_already_set();
+      seen[id] = pybind11::make_tuple(reinterpret_cast<int64_t>(p.data_ptr()),
+                                      static_cast<int64_t>(p._version()));
+    }
+  }
+
+ private:
+  /// What a tensor must keep: address (not for a gradient, a new tensor at every step), dtype,
+  /// device, sizes, strides, strided layout.
+  struct Meta {
+    bool tensor = false;
+    int64_t ptr = 0;
+    at::ScalarType dtype = at::kFloat;
+    at::Device device = at::kCPU;
+    std::vector<int64_t> sizes, strides;
+    static Meta of(const at::Tensor& t) {
+      Meta m;
+      m.tensor = t.layout() == at::kStrided;
+      if (!m.tensor) return m;  // a sparse one never passes same()
+      m.ptr = reinterpret_cast<int64_t>(t.data_ptr());
+      m.dtype = t.scalar_type();
+      m.device = t.device();
+      m.sizes = t.sizes().vec();
+      m.strides = t.strides().vec();
+      return m;
+    }
+    bool same(const at::Tensor& t, bool address = true) const {
+      return tensor && t.layout() == at::kStrided && t.scalar_type() == dtype &&
+             t.device() == device && t.sizes() == c10::IntArrayRef(sizes) &&
+             t.strides() == c10::IntArrayRef(strides) &&
+             (!address || reinterpret_cast<int64_t>(t.data_ptr()) == ptr);
+    }
+  };
+
+  bool same_state(PyObject* state, size_t i) const {
+    PyObject* entry = dict_lookup(state, params_[i].ptr(), hashes_[i]);
+    if (entry == nullptr) {
+      if (PyErr_Occurred()) throw pybind11::error_already_set();
+      return false;
+    }
+    if (!PyDict_Check(entry)) return false;
+    for (size_t k = 0; k < keys_.size(); ++k) {
+      PyObject* v = PyDict_GetItem(entry, keys_[k].ptr());  // borrowed, no exception
+      PyObject* want = held_[i][k].ptr();
+      if ((v == nullptr ? Py_None : v) != want) return false;
+      const Meta& m = held_meta_[i * keys_.size() + k];
+      if (m.tensor && !m.same(THPVariable_Unpack(want))) return false;
+    }
+    return true;
+  }
+
+  void record_versions() {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (watch_[i]) {
+        versions_[i] = static_cast<int64_t>(THPVariable_Unpack(params_[i].ptr())._version());
+      }
+    }
+  }
+
+  std::vector<pybind11::object> params_;
+  bool stepped_;
+  std::vector<pybind11::object> keys_;
+  std::vector<std::vector<pybind11::object>> held_;
+  std::vector<bool> watch_;
+  std::vector<Meta> params_meta_, held_meta_;
+  std::vector<Py_hash_t> hashes_;
+  std::vector<int64_t> versions_;
 };
 
 /// optim.clip_grad_norm_'s record of the gradients it measured, checked by the step that applies
@@ -1225,6 +1371,17 @@ PYBIND11_MODULE(_C, m) {
            "has a buffer; 2: otherwise.")
       .def("bump", &mc::BucketCheck::bump, py::arg("i0"), py::arg("i1"),
            "The version counters of params[i0:i1] up by one.");
+  py::class_<mc::ListCheck>(m, "ListCheck",
+                            "The per-tensor path's per-step check of one kept list call.")
+      .def(py::init<std::vector<py::object>, bool, std::vector<std::string>,
+                    std::vector<std::vector<py::object>>, std::vector<bool>>(),
+           py::arg("params"), py::arg("stepped"), py::arg("keys"), py::arg("held"),
+           py::arg("watch"))
+      .def("check", &mc::ListCheck::check, py::arg("state"),
+           "None if something the kept call depends on changed; else its gradients (stepped) "
+           "or True.")
+      .def("commit", &mc::ListCheck::commit, py::arg("seen"),
+           "Records the watched version counters (and seen[id(p)] = (data_ptr, version)).");
   py::class_<mc::GradWatch>(m, "GradWatch",
                             "optim.clip_grad_norm_'s record of the gradients it measured.")
       .def(py::init<std::vector<py::object>>(), py::arg("params"))

@@ -171,6 +171,8 @@ def _mode_defaults(master_weights, stochastic_rounding, sr_seed, momentum_dtype=
 
 # momentum_dtype's accepted values: whether each stores the buffer narrow (float32 is torch's)
 _MOMENTUM_DTYPES = {None: False, torch.float32: False, torch.bfloat16: True, torch.int8: True}
+# hyper-parameter values a replayed step may hold: the same object is the same value
+_IMMUTABLE = (float, int, bool, type(None), torch.dtype)
 # the group keys of the modes
 _MODE_KEYS = ("master_weights", "stochastic_rounding", "sr_seed", "momentum_dtype")
 # a mode's flag (in messages) and its path in opt.last_step
@@ -634,6 +636,27 @@ class _Bucket:
         if self.flat_buf is None:
             self.flat_buf = torch.zeros_like(self.flat_param)
             self.buf_views = [self.view(self.flat_buf, i) for i in range(len(self.params))]
+
+
+@dataclass
+class _ListCall:
+    """One per-tensor list call of a step, kept for the next (_step_steady replays it): its op
+    ("plain": sgd_step_list_; else the mode's), backend, device, the lists it was given but the
+    gradients (read again by `check`, a _C.ListCheck that also holds the state objects it used),
+    its hyper-parameters and last_step entry. sr: (sr_seed, each parameter's stream) for
+    stochastic rounding, whose keys are made at every step from the state's sr_step."""
+
+    mode: str
+    backend: str
+    device: torch.device
+    ps: list
+    bs: list
+    xs: list
+    ys: list
+    h: dict
+    check: object
+    entry: dict
+    sr: tuple | None = None
 
 
 class _LastStep:
@@ -1204,6 +1227,7 @@ class _FusedMomentum(Optimizer):
                                                             torch.Tensor):
                 kept[id(p)] = {"momentum_buffer": st["momentum_buffer"]}
         modes = [{k: g[k] for k in _MODE_KEYS if k in g} for g in self.param_groups]
+        self._steady = None  # (it holds the state it replays: not kept alive past its use)
         super().load_state_dict(state_dict)
         for g, saved_g, m in zip(self.param_groups, state_dict["param_groups"], modes):
             if m and not any(k in saved_g for k in _MODE_KEYS):
@@ -1340,10 +1364,11 @@ class _FusedMomentum(Optimizer):
                     self._apply_clip(clip)
                 return
             amp = None  # unscaled, and no overflow
+        kept = []  # each group's _ListCalls, or None where its per-tensor step cannot replay
         for h, runs, loose in plans:
             self._step_flat(runs, h, amp, clip)
-            self._step_tensors(loose, h, amp, clip)
-        self._keep_steady(planned, plans)
+            kept.append(self._step_tensors(loose, h, amp, clip))
+        self._keep_steady(planned, plans, kept)
 
     # ---- clip_grad_norm_ ---------------------------------------------------------------------
     @torch.no_grad()
@@ -1624,17 +1649,20 @@ class _FusedMomentum(Optimizer):
             out.setdefault((p.device, p.dtype), []).append(j)
         return out
 
-    def _keep_steady(self, planned, plans) -> None:
-        """After a step: keeps what _step_steady replays when the step was the steady state of
-        a flat optimizer: every group wholly laid out, each bucket (not lent) one whole run
-        whose buffers all exist (or none is used), the hyper-parameters Python numbers (or None:
-        immutable, so the same objects give the same plan). Else nothing is kept."""
+    def _keep_steady(self, planned, plans, kept) -> None:
+        """After a step: keeps what _step_steady replays when the step was the steady state:
+        the hyper-parameters Python numbers, dtypes or None (immutable, so the same objects
+        give the same plan); each bucket (not lent) one whole run, not a first step, whose
+        buffers all exist (or none is used); the parameters outside the buckets stepped by
+        per-tensor list calls that _step_tensors kept (`kept`, per group: none on torch's ops,
+        a DTensor, a gradient copied to the parameter's layout or a first step). Else nothing is
+        kept."""
         self._steady = None
-        groups, calls = [], []
-        for (g, lay), (h, runs, loose) in zip(planned, plans):
+        groups, calls, idle = [], [], []
+        for (g, lay), (h, runs, loose), lists in zip(planned, plans, kept):
             vals = self._hyper_values(g)
-            if (loose or lay.outside or len(runs) != len(lay.buckets)
-                    or any(type(v) not in (float, int, bool, type(None)) for v in vals)
+            if ((loose and lists is None) or len(runs) != len(lay.buckets)
+                    or any(type(v) not in _IMMUTABLE for v in vals)
                     or any(r[0].lent or r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
                            for r in runs)):
                 return
@@ -1642,21 +1670,28 @@ class _FusedMomentum(Optimizer):
             groups.append((g, lay, vals))
             calls += [(b, use_buf, (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                     b.run_segments(0, len(b.params))), h) for b, *_ in runs]
-        self._steady = (list(self.param_groups), groups, calls)
+            calls += lists or []
+            bare = [p for p in lay.outside if p.grad is None]  # must stay without a gradient
+            if bare:
+                idle.append(_C.ListCheck(bare, False, [], [[] for _ in bare], [False] * len(bare)))
+        self._steady = (list(self.param_groups), groups, calls, idle)
 
     def _step_steady(self, amp) -> bool:
         """The step _keep_steady kept, run again if it still holds (returns whether it ran):
-        the same group objects holding the same parameters and hyper-parameter objects, and
-        every bucket passing _plan's check (_whole_bucket_run: each parameter, gradient view
-        and momentum buffer where the kept step left it), all before anything is written.
-        Then each bucket's op, version bumps and last_step entry, as _step_flat runs a whole
-        run. What this skips is planning's per-group Python work, which a cold cache (a
-        training step runs the forward and backward in between) makes cost as much as the
-        checks; tests/test_steady.py holds it to the full step under every edit."""
+        the same group objects holding the same parameters and hyper-parameter objects, every
+        bucket passing _plan's check (_whole_bucket_run: each parameter, gradient view and
+        momentum buffer where the kept step left it), every list call's _C.ListCheck (each
+        parameter where it was, with a gradient laid out like it, its state the objects the
+        call used; the parameters without a gradient still without), all before anything is
+        written. Then the ops in the kept order, version bumps and last_step entries. What this
+        skips is planning's Python work: per group, and per parameter on the per-tensor path;
+        a cold cache (a training step runs the forward and backward in between) makes it cost
+        as much as the checks. tests/test_steady.py holds it to the full step under every
+        edit."""
         steady = self._steady
         if steady is None:
             return False
-        groups, laid, calls = steady
+        groups, laid, calls, idle = steady
         if len(groups) != len(self.param_groups) or not all(
                 map(operator.is_, groups, self.param_groups)):
             return False
@@ -1664,13 +1699,30 @@ class _FusedMomentum(Optimizer):
             if not _same_params(lay, g) or not all(map(operator.is_, self._hyper_values(g), vals)):
                 return False
         state = self.state
-        for b, use_buf, _, _ in calls:
+        grads = []
+        for c in calls:
+            if type(c) is _ListCall:
+                # the modes take GradScaler's work on the host (_amp_needs_host): planned
+                gs = None if amp is not None and c.mode != "plain" else c.check.check(state)
+                if gs is None:
+                    return False
+                grads.append(gs)
+                continue
+            b, use_buf, _, _ = c
             check = b.check
             if check is None or check.check(state if use_buf else None,
                                             b.buf_views if b.flat_buf is not None else None):
                 return False
+        if any(c.check(state) is None for c in idle):
+            return False
         entries = []
-        for b, _, args, h in calls:
+        grads = iter(grads)
+        for c in calls:
+            if type(c) is _ListCall:
+                self._replay_list(c, next(grads), amp)
+                entries.append(dict(c.entry))
+                continue
+            b, _, args, h = c
             # GradScaler's scale and found_inf go to the kernels (no buffer is created here:
             # nothing for the host to read, as _amp_needs_host finds for such a plan)
             b.op(*args, first_step=False, **(h if amp is None else
@@ -1679,6 +1731,35 @@ class _FusedMomentum(Optimizer):
             entries.append(dict(b.entry))
         self.last_step = entries
         return True
+
+    def _replay_list(self, c, gs, amp) -> None:
+        """One kept list call (_ListCall) on this step's gradients, as _step_tensors or
+        _step_modes ran it."""
+        if c.mode == "plain":  # bumps ps (gs) and bs
+            step_ops(c.backend)[1](c.ps, gs, c.bs, first_step=False,
+                                   **(c.h if amp is None else
+                                      self._kernel_args(c.h, amp, c.device)))
+            return
+        h = c.h
+        args = (h["lr"], h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
+                h["maximize"], False)
+        if c.mode == "sr":
+            state = self.state
+            steps = [int(state.get(p, {}).get("sr_step", 0)) + 1 for p in c.ps]
+            seed, streams = c.sr
+            keys = [sr_key(seed, s, k) for s, k in zip(steps, streams)]
+            sr_op(c.backend)(c.ps, gs, c.bs, keys, *args)
+            for p, s in zip(c.ps, steps):
+                state[p]["sr_step"] = s
+            return
+        if c.mode == "master":
+            master_op(c.backend)(c.ps, gs, c.bs, c.xs, c.ys, *args)
+        elif c.mode == "master16":
+            fp16_master_op(c.backend)(c.ps, gs, c.bs, c.xs, *args)
+        else:
+            qmom_op(c.backend)(c.ps, gs, c.bs, c.xs, *args)
+        if c.mode != "qmom":  # a later write restarts the master (_master_written)
+            c.check.commit(self._master_seen)
 
     def _plan(self, group, lay, relayout=None):
         """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
@@ -1953,19 +2034,20 @@ class _FusedMomentum(Optimizer):
             return buf.zero_() if self._ema else buf
         return torch.zeros_like(p) if self._ema else torch.empty_like(p)
 
-    def _step_tensors(self, items, h, amp=None, clip=None) -> None:
+    def _step_tensors(self, items, h, amp=None, clip=None) -> list | None:
         """The per-tensor path: one list call per (device, dtype, first step); torch's own
-        ops for what the kernels do not model (items: _plan's checked list)."""
+        ops for what the kernels do not model (items: _plan's checked list). Returns the calls
+        the next step may replay (_ListCall, for _keep_steady), or None where it cannot: torch's
+        ops, a DTensor, a gradient copied to its parameter's layout, a first step."""
         if not items:
-            return
+            return []
         use_buf = _use_buf(h)
         calls: dict = {}
         torch_ops = []
         reasons = set()
         copied = []  # (gradient, its copy in the parameter's layout): written ones go back
-        bf16 = [item for item in items if item[3] in _MODE_FLAG]
-        if bf16:
-            self._step_modes(bf16, h)
+        modal = [item for item in items if item[3] in _MODE_FLAG]
+        kept = self._step_modes(modal, h) if modal else []
         for p, g, buf, reason, dt in items:
             if reason in _MODE_FLAG:
                 continue
@@ -1987,6 +2069,8 @@ class _FusedMomentum(Optimizer):
                 bs.append(buf)
             if new or dt is not None:
                 owners.append((dt, p, buf if new else None))
+        if torch_ops or copied:
+            kept = None
         for (device, dtype, first), (ps, gs, bs, owners) in calls.items():
             backend = self._backend_for(device)
             step_ops(backend)[1](ps, gs, bs, first_step=first,  # bumps ps (gs) and bs
@@ -2000,11 +2084,26 @@ class _FusedMomentum(Optimizer):
                 elif buf is not None:
                     self._keep_buffer(p, buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
+            if kept is not None and not first and not any(dt is not None for dt, _, _ in owners):
+                kept.append(self._list_call("plain", backend, ps, bs, [], [], h,
+                                            ["momentum_buffer"] if use_buf else [],
+                                            [[b] for b in bs] if use_buf else None))
+            else:
+                kept = None
         if (amp is not None and amp[0] is not None) or clip is not None:
             for g, copy in copied:
                 g.copy_(copy)
         if torch_ops:
             self._step_torch_ops(torch_ops, h, reasons)
+        return kept
+
+    def _list_call(self, mode, backend, ps, bs, xs, ys, h, keys, held, watch=False, sr=None):
+        """The _ListCall of a list call just run (its entry the last one reported): `keys` the
+        state entries it used, held[k] their objects for ps[k] (None: no keys)."""
+        held = held if held is not None else [[] for _ in ps]
+        check = _C.ListCheck(ps, True, keys, held, [watch] * len(ps))
+        return _ListCall(mode, backend, ps[0].device, ps, bs, xs, ys, h, check,
+                         self.last_step[-1], sr)
 
     @staticmethod
     def _check_mode(p, g, alias, mode) -> None:
@@ -2023,7 +2122,7 @@ class _FusedMomentum(Optimizer):
             raise RuntimeError(f"{flag} needs dense parameters that share no memory with "
                                f"others; got a {_what(p)}")
 
-    def _step_modes(self, items, h) -> None:
+    def _step_modes(self, items, h) -> list | None:
         """The bf16 parameters of a group with master_weights=True ("master") or
         stochastic_rounding=True ("sr"): one op call per (mode, device, first step or not), by
         the device's backend. A hyper-parameter tensor is read on the host (.item(): a sync on
@@ -2038,11 +2137,14 @@ class _FusedMomentum(Optimizer):
         qmom: fp32 parameters of a group with momentum_dtype (the item's key): the buffer
         bf16, or int8 codes with state "momentum_scales"; a buffer stored otherwise (torch's
         fp32 one from a checkpoint, the other momentum_dtype's, another memory layout) is read
-        back in fp32 and stored narrow first."""
+        back in fp32 and stored narrow first.
+        Returns the calls the next step may replay (_ListCall), or None (a first step, a
+        gradient copied to its parameter's layout)."""
         use_buf = _use_buf(h)
         hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
         buf_dtype = {"master": torch.float32, "master16": torch.float32, "sr": torch.bfloat16}
         calls: dict = {}
+        replayable = True
         for p, g, buf, mode, key in items:
             st = self.state.get(p, {})
             if mode == "master":
@@ -2071,11 +2173,13 @@ class _FusedMomentum(Optimizer):
                        else buf.to(buf_dtype[mode]))
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)
+                replayable = False
             c = calls.setdefault((mode, key if mode == "qmom" else None, p.device, first),
                                  ([], [], [], [], []))
             for lst, t in zip(c, (p, g, buf) + extra):
                 if t is not None:
                     lst.append(t)
+        kept = []
         for (mode, _, device, first), (ps, gs, bs, xs, ys) in calls.items():
             backend = self._backend_for(device)
             args = (hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
@@ -2106,6 +2210,28 @@ class _FusedMomentum(Optimizer):
                 else:
                     st["sr_step"] = ys[k]
             self._report(backend, _MODE_PATH[mode], ps[0], len(ps), sum(p.numel() for p in ps))
+            if kept is None or first or not replayable:
+                kept = None
+                continue
+            # the state entries the next step reads, and their objects (now in the state)
+            keys = ["momentum_buffer"] if use_buf else []
+            held = [[b] for b in bs] if use_buf else [[] for _ in ps]
+            if mode == "master":
+                keys += ["master_remainder", "master_ties"]
+                held = [hk + [x, y] for hk, x, y in zip(held, xs, ys)]
+            elif mode == "master16":
+                keys.append("master_weight")
+                held = [hk + [x] for hk, x in zip(held, xs)]
+            elif mode == "qmom" and use_buf:
+                keys.append("momentum_scales")
+                held = [hk + [xs[k] if xs else None] for k, hk in enumerate(held)]
+            sr = None
+            if mode == "sr":  # (sr_seed, streams): the items' keys
+                keys_of = {id(p): key for p, _, _, m, key in items if m == "sr"}
+                sr = (keys_of[id(ps[0])][0], [keys_of[id(p)][1] for p in ps])
+            kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper, keys, held,
+                                        watch=mode in ("master", "master16"), sr=sr))
+        return kept
 
     @staticmethod
     def _qmom_buffer(p, buf, scales, dtype, use_buf) -> tuple:
