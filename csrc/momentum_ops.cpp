@@ -48,6 +48,7 @@
 #include "cpu/momentum_cpu.h"
 #include "momentum_cuda/momentum_dtype.h"  // kQBlock
 #include "momentum_cuda/sgd_math.h"
+#include "momentum_cuda/stochastic.h"  // mc_sr_key
 
 #ifdef MOMENTUM_CUDA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -1240,6 +1241,20 @@ class GradWatch {
   std::vector<int64_t> versions_;
 };
 
+/// mc_sr_key(seed, steps[k], streams[k]) for every k: the keys of a stochastic-rounding list
+/// call, made at every step (optim._replay_list).
+std::vector<int64_t> sr_keys(int64_t seed, const std::vector<int64_t>& steps,
+                             const std::vector<int64_t>& streams) {
+  TORCH_CHECK(steps.size() == streams.size(), "sr_keys: one stream per step, got ",
+              steps.size(), " steps and ", streams.size(), " streams");
+  std::vector<int64_t> keys(steps.size());
+  for (size_t k = 0; k < steps.size(); ++k) {
+    keys[k] = mc_sr_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(steps[k]),
+                        static_cast<uint64_t>(streams[k]));
+  }
+  return keys;
+}
+
 /// Whether two sequences (lists or tuples) hold the same objects in the same order, compared by
 /// identity: Tensor.__eq__ is elementwise, so Python's == on lists of tensors is not this.
 bool same_objects(const pybind11::handle& a, const pybind11::handle& b) {
@@ -1391,6 +1406,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("params", &mc::GradWatch::params);
   m.def("same_objects", &mc::same_objects, py::arg("a"), py::arg("b"),
         "Whether two lists/tuples hold the same objects in order (identity, not ==).");
+  m.def("sr_keys", &mc::sr_keys, py::arg("seed"), py::arg("steps"), py::arg("streams"),
+        "reference.sr_key(seed, step, stream) for each (step, stream) pair.");
   m.def("kernel_ready", &mc::kernel_ready,
         "For the optimizer's per-tensor planning: whether the kernels take each (param, grad, "
         "buffer or None) as it is (else optim._check_loose decides).",

@@ -1747,7 +1747,7 @@ class _FusedMomentum(Optimizer):
             state = self.state
             steps = [int(state.get(p, {}).get("sr_step", 0)) + 1 for p in c.ps]
             seed, streams = c.sr
-            keys = [sr_key(seed, s, k) for s, k in zip(steps, streams)]
+            keys = _C.sr_keys(seed, steps, streams)
             sr_op(c.backend)(c.ps, gs, c.bs, keys, *args)
             for p, s in zip(c.ps, steps):
                 state[p]["sr_step"] = s

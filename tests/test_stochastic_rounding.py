@@ -55,6 +55,21 @@ def test_lowbias32_is_the_published_mixer():
     assert r.unique().numel() == 1 << 16 and int(r.min()) >= 0 and int(r.max()) < 2**32
 
 
+def test_cpp_keys_are_the_reference_keys():
+    """_C.sr_keys (the replayed step's keys, stochastic.h's mc_sr_key) against reference.sr_key:
+    random 63-bit seeds, steps and streams, the 2^32 edges and negative values (taken mod
+    2^32 alike)."""
+    gen = torch.Generator().manual_seed(11)
+    edge = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**63 - 1, -1, -(2**40)]
+    values = edge + torch.randint(-(2**62), 2**62, (300,), generator=gen).tolist()
+    steps, streams = values, values[::-1]
+    for seed in values[:30]:
+        assert _C.sr_keys(seed, steps, streams) == [sr_key(seed, a, b)
+                                                     for a, b in zip(steps, streams)]
+    with pytest.raises(RuntimeError, match="one stream per step"):
+        _C.sr_keys(0, [1, 2], [3])
+
+
 @pytest.mark.parametrize("layout", [None, "channels_last", "transposed"])
 @pytest.mark.parametrize("h", FLAG_SETS, ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()))
 def test_op_bitwise_against_reference(h, layout):

@@ -32,6 +32,14 @@ MC_HD uint32_t mc_lowbias32(uint32_t x) {
   return x;
 }
 
+/// The 32-bit key of one tensor at one step (reference.sr_key): the optimizer's seed, the
+/// parameter's own step count and its position in the optimizer, each taken mod 2^32.
+MC_HD uint32_t mc_sr_key(uint64_t seed, uint64_t step, uint64_t stream) {
+  return mc_lowbias32(mc_lowbias32(mc_lowbias32(static_cast<uint32_t>(seed)) ^
+                                   static_cast<uint32_t>(step)) ^
+                      static_cast<uint32_t>(stream));
+}
+
 /// The first half of mc_sr_random: the key mixed with the high 32 bits of the index (one value
 /// for 2^32 consecutive elements, so a loop may hoist it).
 MC_HD uint32_t mc_sr_key_hi(uint32_t key, int64_t i) {
