@@ -642,8 +642,10 @@ class _Bucket:
 class _ListCall:
     """One per-tensor list call of a step, kept for the next (_step_steady replays it): its op
     ("plain": sgd_step_list_; else the mode's), backend, device, the lists it was given but the
-    gradients (read again by `check`, a _C.ListCheck that also holds the state objects it used),
-    its hyper-parameters and last_step entry. sr: (sr_seed, each parameter's stream) for
+    gradients, its hyper-parameters and last_step entry; `keys` the state entries it used and
+    `held` their objects per parameter, `watch` whether the parameters' version counters count
+    (master weights). `check`, the _C.ListCheck over them that reads the gradients again, is
+    made only when the step is kept (_keep_steady). sr: (sr_seed, each parameter's stream) for
     stochastic rounding, whose keys are made at every step from the state's sr_step."""
 
     mode: str
@@ -654,9 +656,16 @@ class _ListCall:
     xs: list
     ys: list
     h: dict
-    check: object
+    keys: list
+    held: list
+    watch: bool
     entry: dict
     sr: tuple | None = None
+    check: object = None
+
+    def arm(self) -> _ListCall:
+        self.check = _C.ListCheck(self.ps, True, self.keys, self.held, [self.watch] * len(self.ps))
+        return self
 
 
 class _LastStep:
@@ -1670,7 +1679,7 @@ class _FusedMomentum(Optimizer):
             groups.append((g, lay, vals))
             calls += [(b, use_buf, (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                     b.run_segments(0, len(b.params))), h) for b, *_ in runs]
-            calls += lists or []
+            calls += [c.arm() for c in lists or []]  # (after the ops: versions as they left them)
             bare = [p for p in lay.outside if p.grad is None]  # must stay without a gradient
             if bare:
                 idle.append(_C.ListCheck(bare, False, [], [[] for _ in bare], [False] * len(bare)))
@@ -2101,8 +2110,7 @@ class _FusedMomentum(Optimizer):
         """The _ListCall of a list call just run (its entry the last one reported): `keys` the
         state entries it used, held[k] their objects for ps[k] (None: no keys)."""
         held = held if held is not None else [[] for _ in ps]
-        check = _C.ListCheck(ps, True, keys, held, [watch] * len(ps))
-        return _ListCall(mode, backend, ps[0].device, ps, bs, xs, ys, h, check,
+        return _ListCall(mode, backend, ps[0].device, ps, bs, xs, ys, h, keys, held, watch,
                          self.last_step[-1], sr)
 
     @staticmethod
