@@ -54,7 +54,19 @@ HYPERS = {
     "plain-wd": dict(lr=0.1, momentum=0.0, weight_decay=1e-2),
     "ema": dict(lr=0.1, momentum=0.9),
     "ema-wd-max": dict(lr=0.1, momentum=0.8, weight_decay=1e-2, maximize=True),
+    # capturable-style hyper-parameters: 0-dim tensors (each optimizer its own copies), read
+    # by the kernels, torch's for-loop taking them as its ops do
+    "tensors": dict(lr=torch.tensor(0.05), momentum=torch.tensor(0.9),
+                    dampening=torch.tensor(0.2, dtype=torch.float64),
+                    weight_decay=torch.tensor(1e-2)),
+    "ema-tensors": dict(lr=torch.tensor(0.1), momentum=0.8, weight_decay=torch.tensor(1e-2)),
 }
+
+
+def hypers(hk: str) -> dict:
+    """HYPERS[hk] with each tensor a copy of its own (an optimizer's in-place edits stay its
+    own)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in HYPERS[hk].items()}
 
 
 def optimizer_classes(hk: str):
@@ -69,13 +81,22 @@ def optimizer_classes(hk: str):
 
 def make_ours(params, hk: str, flat: bool):
     ours_cls, _, extra = optimizer_classes(hk)
-    return ours_cls(params, flat=flat, **HYPERS[hk], **extra)
+    return ours_cls(params, flat=flat, **hypers(hk), **extra)
+
+
+def schedule_lr(*opts) -> None:
+    """A scheduler's in-place edit of every tensor lr (the capturable use: the same tensor,
+    new value), on each optimizer alike."""
+    for o in opts:
+        for g in o.param_groups:
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].mul_(0.75)
 
 
 def make_opts(params_ours, params_ref, hk: str, flat: bool):
     """(ours, torch's twin) with the hyper-parameters `hk`."""
     _, ref_cls, extra = optimizer_classes(hk)
-    return make_ours(params_ours, hk, flat), ref_cls(params_ref, **HYPERS[hk], **extra)
+    return make_ours(params_ours, hk, flat), ref_cls(params_ref, **hypers(hk), **extra)
 
 
 def paths(opt) -> list:
@@ -292,6 +313,7 @@ def fsdp2_steps(ctx: Ctx, pairs, *, seed: int, steps: int, first_step: int = 0, 
                 ctx.check.tensor(norms[i + 1], norms[0], f"{label} clip_grad_norm_ total norm")
             ctx.check.twins(m, o, tm, topt, label)
             ctx.record("paths", paths(o))
+        schedule_lr(*(o for _, o in pairs))
         set_to_none = k % 2 == 0
         for m, o in pairs:
             o.zero_grad(set_to_none=set_to_none)
@@ -586,6 +608,7 @@ def ddp_train(ctx: Ctx, *, find_unused: bool, bucket_view: bool, static: bool, f
         ctx.check.twins(d, opt, td, topt, label)
         ctx.record("paths", paths(opt))
         ctx.record("torch_grad_none", [n for n, p in td.named_parameters() if p.grad is None])
+        schedule_lr(opt, topt)
 
 
 # ---- 7. ZeroRedundancyOptimizer --------------------------------------------------------------
@@ -677,6 +700,12 @@ def _build() -> None:
         for hk in ("nest-wd", "damp-max-wd", "ema"):
             _add(2, f"fsdp2/{_flat_id(flat)}/{hk}", fsdp2_train, flat=flat, hk=hk)
     _add(2, "fsdp2/flat/plain-wd", fsdp2_train, flat=True, hk="plain-wd")
+    for flat in (True, False):
+        for hk in ("tensors", "ema-tensors"):
+            _add(2, f"fsdp2/{_flat_id(flat)}/{hk}", fsdp2_train, flat=flat, hk=hk)
+            _add(2, f"ddp/find_unused=1,bucket_view=1,static=0/{_flat_id(flat)}/dynamic/{hk}",
+                 ddp_train, find_unused=True, bucket_view=True, static=False, flat=flat, hk=hk,
+                 schedule="dynamic")
     for flat in (True, False):
         _add(2, f"fsdp2-bf16-mp/{_flat_id(flat)}/mom", fsdp2_train, flat=flat, hk="mom", mp=True)
         _add(2, f"fsdp2-cpu-offload/{_flat_id(flat)}/nest-wd", fsdp2_train, flat=flat,
