@@ -138,6 +138,14 @@ def write_grads(opt, params, grads) -> None:
     backward_grads(params, grads)
 
 
+def forbid_planning(monkeypatch, opt) -> None:
+    """From here on opt.step() must replay its kept step (optim._step_steady): planning
+    raises."""
+    def fail(*a, **k):
+        raise AssertionError("planned although nothing changed")
+    monkeypatch.setattr(opt, "_plan", fail)
+
+
 def momentum_buffer(opt, p):
     st = opt.state.get(p)
     return None if st is None else st.get("momentum_buffer")

@@ -10,7 +10,8 @@ import torch
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
 
-from conftest import assert_twins, fresh_grads, make_values, twin_params, write_grads
+from conftest import (assert_twins, forbid_planning, fresh_grads, make_values, twin_params,
+                      write_grads)
 
 SIZES = [1, 3, 97, 16, 5, 33]  # two groups of three
 STEPS, EDIT_AT = 6, 3
@@ -102,16 +103,15 @@ def test_edit_between_steady_steps(kind, edit, flat):
         assert_twins(ours, ref, opt, topt, f"{kind} {edit} step {step + 1}")
 
 
-def test_the_training_loop_replays(monkeypatch):
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_the_training_loop_replays(flat, monkeypatch):
     """zero_grad(), backward, step(): from the third step on no planning runs (the replay),
     and the bits stay torch's."""
-    ours, ref, opt, topt = _twins("sgd", True)
+    ours, ref, opt, topt = _twins("sgd", flat)
     gen = torch.Generator().manual_seed(2)
     for step in range(5):
         if step == 2:
-            def fail(*a, **k):
-                raise AssertionError("planned although nothing changed")
-            monkeypatch.setattr(opt, "_plan", fail)
+            forbid_planning(monkeypatch, opt)
         grads = fresh_grads(ours, gen)
         for o, ps in ((opt, ours), (topt, ref)):
             o.zero_grad()
@@ -119,7 +119,7 @@ def test_the_training_loop_replays(monkeypatch):
         opt.step()
         topt.step()
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
-        assert [e["path"] for e in opt.last_step] == ["flat", "flat"]
+        assert [e["path"] for e in opt.last_step] == ["flat" if flat else "per-tensor"] * 2
 
 
 @pytest.mark.parametrize("value", [torch.tensor(0.05), 0.05], ids=["tensor", "float"])
@@ -145,9 +145,7 @@ def test_gradscaler_steps_replay(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     for step in range(7):
         if step == 2:
-            def fail(*a, **k):
-                raise AssertionError("planned although nothing changed")
-            monkeypatch.setattr(opt, "_plan", fail)
+            forbid_planning(monkeypatch, opt)
         grads = fresh_grads(ours, gen)
         if step in (3, 4):  # two overflows in a row
             grads[step].view(-1)[0] = float("inf")
