@@ -1244,6 +1244,20 @@ class _FusedMomentum(Optimizer):
         ours = [(g, p) for g in self.param_groups for p in g["params"]]
         for g, p in ours:
             if self._mode(g, p) == "qmom":
+                buf = kept.get(id(p), {}).get("momentum_buffer")
+                if isinstance(p, _DTensor) and buf is not None:
+                    # bf16 (the one mode DTensors take): each shard stored narrow; else kept as
+                    # saved, for the step to refuse with its reason
+                    st = self.state[p]
+                    st["momentum_buffer"] = buf.to(p.device, copy=True)
+                    if (g["momentum_dtype"] is torch.bfloat16 and isinstance(buf, _DTensor)
+                            and _same_shards(p, buf)):
+                        with torch.no_grad():
+                            local, _ = self._qmom_buffer(
+                                _local(p), _local(st["momentum_buffer"]), None, torch.bfloat16,
+                                True)
+                        st["momentum_buffer"] = _as_dtensor(local, p)
+                    continue
                 if id(p) in kept:
                     st = self.state[p]
                     with torch.no_grad():
@@ -1853,10 +1867,11 @@ class _FusedMomentum(Optimizer):
                     ready[k] = r
             dtype = group.get("momentum_dtype")
             for (p, g, mode), fast in zip(modal, ready):
-                if not fast:
-                    self._check_mode(p, g, alias, mode)
                 key = (group.get("sr_seed", 0), stream[id(p)]) if mode == "sr" else dtype
-                checked.append((p, g, self._buffer(p) if use_buf else None, mode, key))
+                buf = self._buffer(p) if use_buf else None
+                if not fast:
+                    self._check_mode(p, g, alias, mode, key, buf)
+                checked.append((p, g, buf, mode, key))
             loose = [pg for pg, m in zip(loose, modes) if not m]
         bufs = [self._buffer(p) if use_buf else None for p, _ in loose]
         plain = [k for k, (p, _) in enumerate(loose) if not isinstance(p, _DTensor)]
@@ -2114,14 +2129,32 @@ class _FusedMomentum(Optimizer):
                          self.last_step[-1], sr)
 
     @staticmethod
-    def _check_mode(p, g, alias, mode) -> None:
+    def _check_mode(p, g, alias, mode, key=None, buf=None) -> None:
         """What the ops of the modes need (csrc/momentum_ops.cpp checks it again), raised
         before anything is written, naming the parameter (its description is made only then:
-        this runs for every parameter at every step)."""
+        this runs for every parameter at every step). A DTensor (FSDP2) parameter is taken by
+        momentum_dtype=torch.bfloat16 alone (elementwise: its local shard is stepped, the
+        buffer a bf16 DTensor sharded like it), with a gradient (and buffer) sharded like it."""
         flag = _MODE_FLAG[mode]
         if isinstance(p, _DTensor):
-            raise RuntimeError(f"{flag} does not take DTensor (FSDP2) parameters yet; got a "
-                               f"{_what(p)}")
+            if mode != "qmom" or key is not torch.bfloat16:
+                why = {"qmom": "its blocks of 256 elements are counted from each tensor's "
+                               "start, which a shard moves",
+                       "master": "its tie bits are packed 8 elements a byte per tensor, which a "
+                                 "shard cuts",
+                       "master16": "not built for shards yet",
+                       "sr": "its random bits are drawn by element index in the whole tensor, "
+                             "which a shard's local index is not"}[mode]
+                raise RuntimeError(f"{flag}{'=' + str(key) if mode == 'qmom' else ''} does not "
+                                   f"take DTensor (FSDP2) parameters ({why}); got a {_what(p)}. "
+                                   "momentum_dtype=torch.bfloat16 does")
+            if not _same_shards(p, g, buf if isinstance(buf, _DTensor) else None) or (
+                    buf is not None and not isinstance(buf, _DTensor)):
+                raise RuntimeError(f"{flag}=torch.bfloat16 needs the gradient and momentum_buffer "
+                                   f"of a DTensor parameter sharded like it; the {_what(p)} has "
+                                   f"a gradient with placements {getattr(g, 'placements', None)}"
+                                   f" and a buffer with {getattr(buf, 'placements', None)}")
+            p, g = _local(p), _local(g)
         if not _strided(g) or g.dtype != p.dtype or g.shape != p.shape:
             raise RuntimeError(f"{flag} needs a dense {p.dtype} gradient of the parameter's "
                                f"shape; the {_what(p)} has a {g.layout} {g.dtype} one of shape "
@@ -2155,6 +2188,10 @@ class _FusedMomentum(Optimizer):
         replayable = True
         for p, g, buf, mode, key in items:
             st = self.state.get(p, {})
+            owner = None  # a DTensor parameter (momentum_dtype bf16): its local shards step
+            if isinstance(p, _DTensor):
+                owner, p, g, buf = p, _local(p), _local(g), _local(buf)
+                replayable = False  # (ListCheck reads .grad of the tensors it is given)
             if mode == "master":
                 rem, ties = st.get("master_remainder"), st.get("master_ties")
                 if rem is None or ties is None or self._master_written(p) or rem.shape != p.shape:
@@ -2183,12 +2220,13 @@ class _FusedMomentum(Optimizer):
                 g = torch.empty_like(p).copy_(g)
                 replayable = False
             c = calls.setdefault((mode, key if mode == "qmom" else None, p.device, first),
-                                 ([], [], [], [], []))
+                                 ([], [], [], [], [], []))
             for lst, t in zip(c, (p, g, buf) + extra):
                 if t is not None:
                     lst.append(t)
+            c[5].append(owner)
         kept = []
-        for (mode, _, device, first), (ps, gs, bs, xs, ys) in calls.items():
+        for (mode, _, device, first), (ps, gs, bs, xs, ys, owners) in calls.items():
             backend = self._backend_for(device)
             args = (hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
                     hyper["nesterov"], hyper["maximize"], first)
@@ -2201,8 +2239,16 @@ class _FusedMomentum(Optimizer):
             else:
                 sr_op(backend)(ps, gs, bs, xs, *args)
             for k, p in enumerate(ps):
-                st = self.state[p]
-                if use_buf:
+                owner = owners[k]
+                st = self.state[p if owner is None else owner]
+                if owner is not None:  # the DTensor and its buffer DTensor were written
+                    old = st.get("momentum_buffer")
+                    kept_old = use_buf and isinstance(old, _DTensor) and old._local_tensor is bs[k]
+                    _bump([owner] + ([old] if kept_old else []))
+                    if use_buf and not kept_old:
+                        # sharded like its parameter, as torch's clone of the gradient is
+                        st["momentum_buffer"] = _as_dtensor(bs[k], owner)
+                elif use_buf:
                     st["momentum_buffer"] = bs[k]
                 if mode == "master":
                     st["master_remainder"], st["master_ties"] = xs[k], ys[k]

@@ -680,6 +680,109 @@ def zero_train(ctx: Ctx, *, flat: bool, grad_views: bool, param_views: bool, hk:
                        "consolidated ZeroRedundancyOptimizer.state_dict() on rank 0:")
 
 
+# ---- 8. momentum_dtype on FSDP2 shards (issue 14) --------------------------------------------
+def _bf16_buffers(opt, *_) -> None:
+    """momentum_dtype=torch.bfloat16's contract on torch's SGD (a step post-hook): after its fp32
+    step every momentum buffer holds its value rounded to nearest even bf16 (kept in fp32 here,
+    which the next step reads exactly as ours widens its bf16 buffer)."""
+    with torch.no_grad():
+        for st in opt.state.values():
+            buf = st.get("momentum_buffer")
+            if buf is not None:
+                buf.copy_(buf.to(torch.bfloat16).float())
+
+
+def _bf16_momentum_opt(model, hk: str, flat: bool):
+    import momentum_cuda
+    return momentum_cuda.SGD(model.parameters(), flat=flat, momentum_dtype=torch.bfloat16,
+                             **hypers(hk))
+
+
+def _bf16_momentum_steps(ctx: Ctx, pairs, *, first_step: int, steps: int, what: str = ""):
+    """Steps of (model, opt) pairs on the same data (clipping every other step); every later
+    pair compared with the first, whose buffers may be fp32 holding bf16 values (torch's twin)
+    while ours are bf16 DTensors sharded like their parameters."""
+    (tm, topt), rest = pairs[0], pairs[1:]
+    for k in range(first_step, first_step + steps):
+        x, y = mlp_data(ctx, 4, k)
+        for m, o in pairs:
+            F.mse_loss(m(x), y).backward()
+            if k % 2:
+                nn.utils.clip_grad_norm_(m.parameters(), 0.25)
+            o.step()
+        label = f"{what}step {k + 1}:"
+        ref = list(tm.named_parameters())
+        for m, o in rest:
+            ours = list(m.named_parameters())
+            ctx.check.params(ours, ref, label)
+            for (n, p), (_, q) in zip(ours, ref):
+                b = buffer_of(o, p)
+                if b is not None and (b.dtype != torch.bfloat16
+                                      or not isinstance(b, _dtensor_cls())):
+                    ctx.check.fail(f"{label} the momentum_buffer of {n} is a {type(b).__name__} "
+                                   f"of {b.dtype}, not a bf16 DTensor")
+                tb = buffer_of(topt, q)
+                ctx.check.tensor(None if b is None else b.to(tb.dtype if tb is not None else
+                                                              torch.float32),
+                                 tb, f"{label} momentum_buffer of {n} (widened)")
+            ctx.record("paths", paths(o))
+        for m, o in pairs:
+            o.zero_grad(set_to_none=k % 2 == 0)
+
+
+def fsdp2_bf16_momentum(ctx: Ctx, *, flat: bool, hk: str):
+    """momentum_dtype=torch.bfloat16 on FSDP2 shards: the local shards stepped by the op, the
+    buffers bf16 DTensors sharded like their parameters, bits those of torch.optim.SGD
+    (foreach=False) whose buffers are rounded to bf16 after each step (_bf16_buffers); on 2
+    ranks also a dcp.save / dcp.load into a fresh model and optimizer (torch's
+    _init_optim_state step included) that trains on with the bits of the uninterrupted one."""
+    m, tm = fsdp2(mlp(1), ctx), fsdp2(mlp(1), ctx)
+    opt = _bf16_momentum_opt(m, hk, flat)
+    _, ref_cls, extra = optimizer_classes(hk)
+    topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
+    topt.register_step_post_hook(_bf16_buffers)
+    _bf16_momentum_steps(ctx, [(tm, topt), (m, opt)], first_step=0, steps=4)
+    if ctx.world != 2:
+        return
+    base = ctx.shared / f"ckpt-bf16-momentum-{_flat_id(flat)}-{hk}"
+    dcp_save(ctx, m, opt, base)
+    m2 = fsdp2(mlp(99), ctx)
+    opt2 = _bf16_momentum_opt(m2, hk, flat)
+    dcp_load(ctx, m2, opt2, base)
+    ours, ref = list(m2.named_parameters()), list(m.named_parameters())
+    ctx.check.params(ours, ref, "after dcp.load:", grads=False)  # (m's are zeroed, not None)
+    ctx.check.optims(opt2, ours, opt, ref, "after dcp.load:")
+    _bf16_momentum_steps(ctx, [(tm, topt), (m, opt), (m2, opt2)], first_step=4, steps=3,
+                         what="resumed ")
+
+
+def fsdp2_modes_refused(ctx: Ctx, *, flat: bool):
+    """The modes whose state is not elementwise on a shard do not take DTensor parameters:
+    momentum_dtype=torch.int8 (its blocks), master_weights and stochastic_rounding (bf16
+    parameters): step() raises, naming the flag, before anything is written (no parameter
+    changed, no state)."""
+    import momentum_cuda
+    cases = {"momentum_dtype=torch.int8": (torch.float32, dict(momentum_dtype=torch.int8)),
+             "master_weights=True": (torch.bfloat16, dict(master_weights=True)),
+             "stochastic_rounding=True": (torch.bfloat16, dict(stochastic_rounding=True))}
+    for flag, (dtype, kw) in cases.items():
+        m = fsdp2(mlp(1).to(dtype), ctx)
+        opt = momentum_cuda.SGD(m.parameters(), lr=0.1, momentum=0.9, flat=flat, **kw)
+        x, y = mlp_data(ctx, 5, 0)
+        F.mse_loss(m(x.to(dtype)), y.to(dtype)).backward()
+        before = [p.detach().to_local().clone() for p in m.parameters()]
+        try:
+            opt.step()
+            ctx.check.fail(f"{flag}: step() on DTensor parameters did not raise")
+        except RuntimeError as e:
+            if f"{flag} does not take DTensor (FSDP2) parameters" not in str(e):
+                ctx.check.fail(f"{flag}: unexpected message: {e}")
+        for i, (p, b) in enumerate(zip(m.parameters(), before)):
+            ctx.check.tensor(p.detach().to_local(), b, f"{flag}: parameter {i} after the refusal")
+        if opt.state:
+            ctx.check.fail(f"{flag}: the refused step left state for {len(opt.state)} parameters")
+
+
 # ---- the scenario list -----------------------------------------------------------------------
 SCENARIOS: dict[str, tuple] = {}  # name -> (function, kwargs)
 LAUNCHES: dict[int, list[str]] = {2: [], 3: []}
@@ -700,6 +803,11 @@ def _build() -> None:
         for hk in ("nest-wd", "damp-max-wd", "ema"):
             _add(2, f"fsdp2/{_flat_id(flat)}/{hk}", fsdp2_train, flat=flat, hk=hk)
     _add(2, "fsdp2/flat/plain-wd", fsdp2_train, flat=True, hk="plain-wd")
+    for flat in (True, False):
+        for hk in ("nest-wd", "damp-max-wd"):
+            _add(2, f"fsdp2-bf16-momentum/{_flat_id(flat)}/{hk}", fsdp2_bf16_momentum,
+                 flat=flat, hk=hk)
+        _add(2, f"fsdp2-modes-refused/{_flat_id(flat)}", fsdp2_modes_refused, flat=flat)
     for flat in (True, False):
         for hk in ("tensors", "ema-tensors"):
             _add(2, f"fsdp2/{_flat_id(flat)}/{hk}", fsdp2_train, flat=flat, hk=hk)
@@ -755,6 +863,8 @@ def _build() -> None:
         _add(3, f"dtensor-uneven/{_flat_id(flat)}/nest-wd", dtensor_train, flat=flat,
              hk="nest-wd")
     _add(3, "fsdp2-uneven/flat/ema", fsdp2_train, flat=True, hk="ema")
+    _add(3, "fsdp2-uneven-bf16-momentum/pertensor/damp-max-wd", fsdp2_bf16_momentum,
+         flat=False, hk="damp-max-wd")
     for flat, source in ((True, "own"), (False, "own"), (True, "torch")):
         _add(3, f"fsdp2-ckpt-xworld-load/{_flat_id(flat)}/from-{source}/nest-wd",
              fsdp2_xworld_load, flat=flat, hk="nest-wd", source=source)
