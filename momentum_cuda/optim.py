@@ -661,11 +661,53 @@ class _ListCall:
     watch: bool
     entry: dict
     sr: tuple | None = None
+    dts: list | None = None  # the DTensor parameters whose local shards ps are (FSDP2)
     check: object = None
+    bump: list | None = None  # DTensors whose version counters the op's writes bump
 
     def arm(self) -> _ListCall:
-        self.check = _C.ListCheck(self.ps, True, self.keys, self.held, [self.watch] * len(self.ps))
+        if self.dts is None:
+            self.check = _C.ListCheck(self.ps, True, self.keys, self.held,
+                                      [self.watch] * len(self.ps))
+        else:
+            self.check = _ShardCheck(self.dts, self.ps, self.bs, self.held)
+            self.bump = self.dts + [held[0] for held in self.held if held]
         return self
+
+
+class _ShardCheck:
+    """_C.ListCheck's check for a list call over the local shards of DTensor (FSDP2)
+    parameters, in Python (the shards sit behind DTensor attributes): each DTensor's local
+    shard the one the call stepped, at its address with its sizes and strides; its gradient a
+    DTensor sharded like it (_same_shards) whose shard is laid out like the parameter's; its
+    state's momentum_buffer the DTensor the call used, over the same local buffer, unchanged
+    in layout. Returns the gradients' local shards, or None."""
+
+    def __init__(self, dts, shards, bufs, held):
+        self.items = [(dt, lp, lp.data_ptr(), lp.shape, lp.stride(), lp.dtype,
+                       held[k][0] if held[k] else None, bufs[k] if held[k] else None)
+                      for k, (dt, lp) in enumerate(zip(dts, shards))]
+
+    def check(self, state):
+        out = []
+        for dt, lp, ptr, shape, stride, dtype, bdt, lb in self.items:
+            g = dt.grad
+            if (dt._local_tensor is not lp or lp.data_ptr() != ptr or lp.shape != shape
+                    or lp.stride() != stride or lp.dtype != dtype
+                    or not isinstance(g, _DTensor) or not _same_shards(dt, g)):
+                return None
+            lg = g._local_tensor
+            if (lg.layout != torch.strided or lg.shape != shape or lg.stride() != stride
+                    or lg.dtype != dtype or lg.device != lp.device):
+                return None
+            if bdt is not None:
+                st = state.get(dt)
+                if (st is None or st.get("momentum_buffer") is not bdt
+                        or bdt._local_tensor is not lb or lb.shape != shape
+                        or lb.stride() != stride or lb.dtype != dtype):
+                    return None
+            out.append(lg)
+        return out
 
 
 class _LastStep:
@@ -1762,6 +1804,8 @@ class _FusedMomentum(Optimizer):
             step_ops(c.backend)[1](c.ps, gs, c.bs, first_step=False,
                                    **(c.h if amp is None else
                                       self._kernel_args(c.h, amp, c.device)))
+            if c.bump:  # the DTensors over the local shards it wrote
+                _bump(c.bump)
             return
         h = c.h
         args = (h["lr"], h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
@@ -2108,12 +2152,18 @@ class _FusedMomentum(Optimizer):
                 elif buf is not None:
                     self._keep_buffer(p, buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
-            if kept is not None and not first and not any(dt is not None for dt, _, _ in owners):
+            dts = [dt for dt, _, _ in owners if dt is not None]
+            if kept is None or first or (dts and len(dts) != len(ps)):
+                kept = None  # (a call mixing DTensor shards and plain tensors is not kept)
+            elif dts:  # each DTensor's buffer as the state holds it now (over the local one)
+                held = [[self._buffer(dt)] for dt in dts] if use_buf else [[] for _ in dts]
+                kept.append(self._list_call("plain", backend, ps, bs, [], [], h,
+                                            ["momentum_buffer"] if use_buf else [], held,
+                                            dts=dts))
+            else:
                 kept.append(self._list_call("plain", backend, ps, bs, [], [], h,
                                             ["momentum_buffer"] if use_buf else [],
                                             [[b] for b in bs] if use_buf else None))
-            else:
-                kept = None
         if (amp is not None and amp[0] is not None) or clip is not None:
             for g, copy in copied:
                 g.copy_(copy)
@@ -2121,12 +2171,14 @@ class _FusedMomentum(Optimizer):
             self._step_torch_ops(torch_ops, h, reasons)
         return kept
 
-    def _list_call(self, mode, backend, ps, bs, xs, ys, h, keys, held, watch=False, sr=None):
+    def _list_call(self, mode, backend, ps, bs, xs, ys, h, keys, held, watch=False, sr=None,
+                   dts=None):
         """The _ListCall of a list call just run (its entry the last one reported): `keys` the
-        state entries it used, held[k] their objects for ps[k] (None: no keys)."""
+        state entries it used, held[k] their objects for ps[k] (None: no keys); dts: the
+        DTensors whose local shards ps are."""
         held = held if held is not None else [[] for _ in ps]
         return _ListCall(mode, backend, ps[0].device, ps, bs, xs, ys, h, keys, held, watch,
-                         self.last_step[-1], sr)
+                         self.last_step[-1], sr, dts)
 
     @staticmethod
     def _check_mode(p, g, alias, mode, key=None, buf=None) -> None:

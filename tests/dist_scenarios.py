@@ -515,6 +515,83 @@ def dtensor_train(ctx: Ctx, *, flat: bool, hk: str, grads: str = "placements",
             o.zero_grad(set_to_none=k % 2 == 1)
 
 
+# edit name -> edit(opt, params, mesh): made between two replayed steps (ours and torch's alike)
+def _redistributed_grad(o, ps, mesh):
+    from torch.distributed.tensor import Replicate
+    ps["a"].grad = ps["a"].grad.redistribute(mesh, [Replicate()])  # other placements
+
+
+def _partial_grad(o, ps, mesh):
+    from torch.distributed.tensor import DTensor, Partial
+    # the Replicate parameter's gradient as a Partial(sum) of this rank's values: the same local
+    # shape, other placements (its step must sum the ranks' values)
+    ps["c"].grad = DTensor.from_local(ps["c"].grad.to_local(), mesh, [Partial()])
+
+
+def _dropped_buffer(o, ps, mesh):
+    o.state[ps["b"]].pop("momentum_buffer")
+
+
+DTENSOR_EDITS = {
+    "none": lambda o, ps, mesh: None,
+    "lr": lambda o, ps, mesh: o.param_groups[0].__setitem__("lr", 0.03),
+    "grad-none": lambda o, ps, mesh: setattr(ps["c"], "grad", None),
+    "grad-replaced": lambda o, ps, mesh: setattr(ps["b"], "grad", ps["b"].grad.clone()),
+    "grad-redistributed": _redistributed_grad,
+    "grad-partial": _partial_grad,
+    "buffer-clone": lambda o, ps, mesh: o.state[ps["a"]].__setitem__(
+        "momentum_buffer", o.state[ps["a"]]["momentum_buffer"].clone()),
+    "buffer-dropped": _dropped_buffer,
+    "state-dropped": lambda o, ps, mesh: o.state.pop(ps["d"]),
+    # FSDP2 replaces a sharded parameter's local tensor this way (FSDPParam.reset_sharded_param)
+    "local-shard-replaced": lambda o, ps, mesh: setattr(ps["d"], "_local_tensor",
+                                                        ps["d"]._local_tensor.clone()),
+    "load-state-dict": lambda o, ps, mesh: o.load_state_dict(o.state_dict()),
+    "zero-grad-keep": lambda o, ps, mesh: o.zero_grad(set_to_none=False),
+}
+
+
+def dtensor_replay_edits(ctx: Ctx, *, flat: bool):
+    """The replayed list call over DTensor shards (optim._ShardCheck): Shard(0), Shard(1) and
+    Replicate() parameters trained against torch's twin, each edit of DTENSOR_EDITS made
+    between two replayed steps (the replay checked live first), bits torch's after it."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    # (b's columns split evenly on 2 ranks: an uneven last shard gets a strided gradient, which
+    # the step copies to its parameter's layout: planned every time)
+    spec = {"a": ((7, 5), Shard(0)), "b": ((5, 4), Shard(1)), "c": ((4,), Replicate()),
+            "d": ((2, 4), Shard(0))}
+
+    def make():
+        g = torch.Generator().manual_seed(5)
+        return {n: nn.Parameter(distribute_tensor(torch.randn(shape, generator=g), ctx.mesh,
+                                                  [pl]))
+                for n, (shape, pl) in spec.items()}
+
+    def loss(ps, x):
+        ps = {n: p.redistribute(ctx.mesh, [Replicate()]) for n, p in ps.items()}
+        y = torch.tanh(x @ ps["a"]) @ ps["b"] + ps["c"]
+        return ((y @ ps["d"].t()) ** 2).mean()
+
+    for edit, fn in DTENSOR_EDITS.items():
+        ours, ref = make(), make()
+        opt, topt = make_opts(list(ours.values()), list(ref.values()), "nest-wd", flat)
+        for k in range(6):
+            g = ctx.gen(7, k)
+            x = DTensor.from_local(torch.randn(3, 7, generator=g), ctx.mesh, [Shard(0)])
+            for ps, o in ((ours, opt), (ref, topt)):
+                o.zero_grad()
+                loss(ps, x).backward()
+                if k == 3:
+                    if o is opt and opt._steady is None:
+                        ctx.check.fail(f"{edit}: the replay is not live before the edit")
+                    fn(o, ps, ctx.mesh)
+                o.step()
+            label = f"{edit} step {k + 1}:"
+            ctx.check.params(list(ours.items()), list(ref.items()), label)
+            ctx.check.optims(opt, list(ours.items()), topt, list(ref.items()), label)
+        ctx.record("paths", paths(opt))
+
+
 # ---- 6. DDP ----------------------------------------------------------------------------------
 class Branchy(nn.Module):
     """5 -> 7 -> 3 (+ a 7 -> 3 branch, used or not per step and rank) -> 2 (no bias)."""
@@ -831,6 +908,8 @@ def _build() -> None:
         _add(2, f"dtensor-partial-grads/{_flat_id(flat)}/nest-wd", dtensor_train, flat=flat,
              hk="nest-wd", grads="partial")
     _add(2, "dtensor/flat/ema-wd-max", dtensor_train, flat=True, hk="ema-wd-max")
+    for flat in (True, False):
+        _add(2, f"dtensor-replay-edits/{_flat_id(flat)}", dtensor_replay_edits, flat=flat)
     hks = iter(["mom", "nest-wd", "damp-max-wd", "plain-wd"] * 10)
     for static in (False, True):
         for find_unused in (False, True):
