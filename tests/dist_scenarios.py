@@ -454,6 +454,15 @@ def fsdp2_xworld_load(ctx: Ctx, *, flat: bool, hk: str, source: str):
 
 
 # ---- 4, 5. plain DTensor parameters ----------------------------------------------------------
+def dtensor_params(ctx: Ctx, spec: dict) -> dict:
+    """name -> a Parameter made by distribute_tensor of a seeded random tensor: spec maps each
+    name to its (global shape, placement)."""
+    from torch.distributed.tensor import distribute_tensor
+    g = torch.Generator().manual_seed(5)
+    return {n: nn.Parameter(distribute_tensor(torch.randn(shape, generator=g), ctx.mesh, [pl]))
+            for n, (shape, pl) in spec.items()}
+
+
 def dtensor_train(ctx: Ctx, *, flat: bool, hk: str, grads: str = "placements",
                   init_mesh: bool = False, steps: int = 4):
     """Parameters made by distribute_tensor with Shard(0), Shard(1) and Replicate() on a 1-D
@@ -472,17 +481,14 @@ def dtensor_train(ctx: Ctx, *, flat: bool, hk: str, grads: str = "placements",
     init_mesh: the mesh is init_device_mesh("cpu", (world,)), over the default process group
     (used by no other scenario), instead of one over this scenario's group."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     if init_mesh:
         ctx._mesh = init_device_mesh("cpu", (ctx.world,))
     spec = {"a": ((7, 5), Shard(0)), "b": ((5, 5), Shard(1)), "c": ((5,), Replicate()),
             "d": ((2, 5), Shard(0))}
 
     def make():
-        g = torch.Generator().manual_seed(5)
-        return {n: nn.Parameter(distribute_tensor(torch.randn(shape, generator=g), ctx.mesh,
-                                                  [pl]))
-                for n, (shape, pl) in spec.items()}
+        return dtensor_params(ctx, spec)
 
     ours, ref = make(), make()
     ctx.info["local_shapes"] = {n: list(p.to_local().shape) for n, p in ours.items()}
@@ -555,17 +561,14 @@ def dtensor_replay_edits(ctx: Ctx, *, flat: bool):
     """The replayed list call over DTensor shards (optim._ShardCheck): Shard(0), Shard(1) and
     Replicate() parameters trained against torch's twin, each edit of DTENSOR_EDITS made
     between two replayed steps (the replay checked live first), bits torch's after it."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     # (b's columns split evenly on 2 ranks: an uneven last shard gets a strided gradient, which
     # the step copies to its parameter's layout: planned every time)
     spec = {"a": ((7, 5), Shard(0)), "b": ((5, 4), Shard(1)), "c": ((4,), Replicate()),
             "d": ((2, 4), Shard(0))}
 
     def make():
-        g = torch.Generator().manual_seed(5)
-        return {n: nn.Parameter(distribute_tensor(torch.randn(shape, generator=g), ctx.mesh,
-                                                  [pl]))
-                for n, (shape, pl) in spec.items()}
+        return dtensor_params(ctx, spec)
 
     def loss(ps, x):
         ps = {n: p.redistribute(ctx.mesh, [Replicate()]) for n, p in ps.items()}
