@@ -1720,8 +1720,8 @@ class _FusedMomentum(Optimizer):
         give the same plan); each bucket (not lent) one whole run, not a first step, whose
         buffers all exist (or none is used); the parameters outside the buckets stepped by
         per-tensor list calls that _step_tensors kept (`kept`, per group: none on torch's ops,
-        a DTensor, a gradient copied to the parameter's layout or a first step). Else nothing is
-        kept."""
+        mixing DTensor shards with plain tensors, with a gradient copied to the parameter's
+        layout or a first step). Else nothing is kept."""
         self._steady = None
         groups, calls, idle = [], [], []
         for (g, lay), (h, runs, loose), lists in zip(planned, plans, kept):
@@ -2106,7 +2106,8 @@ class _FusedMomentum(Optimizer):
         """The per-tensor path: one list call per (device, dtype, first step); torch's own
         ops for what the kernels do not model (items: _plan's checked list). Returns the calls
         the next step may replay (_ListCall, for _keep_steady), or None where it cannot: torch's
-        ops, a DTensor, a gradient copied to its parameter's layout, a first step."""
+        ops, a call mixing DTensor shards with plain tensors, a gradient copied to its
+        parameter's layout, a first step."""
         if not items:
             return []
         use_buf = _use_buf(h)
