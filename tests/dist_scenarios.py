@@ -822,6 +822,11 @@ def fsdp2_bf16_momentum(ctx: Ctx, *, flat: bool, hk: str):
     topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
     topt.register_step_post_hook(_bf16_buffers)
     _bf16_momentum_steps(ctx, [(tm, topt), (m, opt)], first_step=0, steps=4)
+    # torch's format, for a checkpoint that leaves momentum_cuda: fp32 DTensor buffers
+    for (n, p), (_, q) in zip(m.named_parameters(), tm.named_parameters()):
+        ctx.check.tensor(opt.momentum_buffer(p), buffer_of(topt, q), f"momentum_buffer({n})")
+    ctx.check.same(opt.torch_state_dict()["state"], topt.state_dict()["state"],
+                   "torch_state_dict()['state']")
     if ctx.world != 2:
         return
     base = ctx.shared / f"ckpt-bf16-momentum-{_flat_id(flat)}-{hk}"
