@@ -1804,9 +1804,13 @@ class _FusedMomentum(Optimizer):
             step_ops(c.backend)[1](c.ps, gs, c.bs, first_step=False,
                                    **(c.h if amp is None else
                                       self._kernel_args(c.h, amp, c.device)))
-            if c.bump:  # the DTensors over the local shards it wrote
-                _bump(c.bump)
-            return
+        else:
+            self._replay_mode(c, gs)
+        if c.bump:  # the DTensors over the local shards it wrote
+            _bump(c.bump)
+
+    def _replay_mode(self, c, gs) -> None:
+        """_replay_list for the modes' ops."""
         h = c.h
         args = (h["lr"], h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
                 h["maximize"], False)
@@ -2244,7 +2248,6 @@ class _FusedMomentum(Optimizer):
             owner = None  # a DTensor parameter (momentum_dtype bf16): its local shards step
             if isinstance(p, _DTensor):
                 owner, p, g, buf = p, _local(p), _local(g), _local(buf)
-                replayable = False  # (ListCheck reads .grad of the tensors it is given)
             if mode == "master":
                 rem, ties = st.get("master_remainder"), st.get("master_ties")
                 if rem is None or ties is None or self._master_written(p) or rem.shape != p.shape:
@@ -2317,8 +2320,15 @@ class _FusedMomentum(Optimizer):
                 else:
                     st["sr_step"] = ys[k]
             self._report(backend, _MODE_PATH[mode], ps[0], len(ps), sum(p.numel() for p in ps))
-            if kept is None or first or not replayable:
+            dts = [o for o in owners if o is not None]
+            if kept is None or first or not replayable or (dts and len(dts) != len(ps)):
                 kept = None
+                continue
+            if dts:  # (bf16 momentum: each DTensor's buffer DTensor, over the local one)
+                held = [[self.state[dt].get("momentum_buffer")] if use_buf else [] for dt in dts]
+                kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper,
+                                            ["momentum_buffer"] if use_buf else [], held,
+                                            dts=dts))
                 continue
             # the state entries the next step reads, and their objects (now in the state)
             keys = ["momentum_buffer"] if use_buf else []

@@ -785,12 +785,14 @@ def _bf16_momentum_steps(ctx: Ctx, pairs, *, first_step: int, steps: int, what: 
     (tm, topt), rest = pairs[0], pairs[1:]
     for k in range(first_step, first_step + steps):
         x, y = mlp_data(ctx, 4, k)
+        label = f"{what}step {k + 1}:"
         for m, o in pairs:
             F.mse_loss(m(x), y).backward()
             if k % 2:
                 nn.utils.clip_grad_norm_(m.parameters(), 0.25)
+            if k >= first_step + 2 and o is not topt and o._steady is None:
+                ctx.check.fail(f"{label} the replay is not live")  # (it replays from step 3)
             o.step()
-        label = f"{what}step {k + 1}:"
         ref = list(tm.named_parameters())
         for m, o in rest:
             ours = list(m.named_parameters())
