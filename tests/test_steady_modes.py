@@ -6,6 +6,8 @@ plans every step. The planned step is held to each mode's reference elsewhere
 (test_master_weights, test_stochastic_rounding, test_momentum_dtype, test_fp16_master,
 test_master_sequences); this file holds the replay to the planned step. Each case first checks
 that the replay is live when the edit is made."""
+import copy
+
 import pytest
 import torch
 
@@ -94,6 +96,12 @@ def _strided_grad(o, ps, i):
         ps[i].grad = g.t().contiguous().t()
 
 
+def _torch_clip_unused(o, ps, s):
+    """torch's clip_grad_norm_ in place, with a parameter left without a gradient."""
+    ps[1].grad = None
+    torch.nn.utils.clip_grad_norm_(ps, 0.5)
+
+
 def _new_group(o, ps, s):
     p = make_values([(9,)], ps[0].dtype, 77)[0].requires_grad_()
     ps.append(p)
@@ -136,6 +144,10 @@ EDITS = {
     "master-clone": lambda o, ps, s: _replace(o, ps, 1, "master_weight"),
     "state-dropped": lambda o, ps, s: o.state.pop(ps[1]),
     "load-state-dict": lambda o, ps, s: o.load_state_dict(o.state_dict()),
+    "state-dict-taken": lambda o, ps, s: o.state_dict(),
+    "deepcopy": lambda o, ps, s: copy.deepcopy(o),
+    "torch-clip-unused": _torch_clip_unused,
+    "opt-clip": lambda o, ps, s: o.clip_grad_norm_(0.5),
     "zero-grad-keep": lambda o, ps, s: o.zero_grad(set_to_none=False),
 }
 
