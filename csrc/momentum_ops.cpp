@@ -1088,7 +1088,8 @@ class ListCheck {
     record_versions();
   }
 
-  /// The gradients (a new list, in order) if everything holds, else None.
+  /// If everything holds, the gradients (a new list, in order; without `stepped`: True); else
+  /// None.
   pybind11::object check(const pybind11::object& state) const {
     if (stepped_ && !keys_.empty() && !PyDict_Check(state.ptr())) return pybind11::none();
     pybind11::list grads(stepped_ ? params_.size() : 0);
