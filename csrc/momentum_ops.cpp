@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -588,12 +589,13 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
 }
 
 /// The stochastic-rounding step (sgd_step_sr_list_, stochastic.h): bf16 parameters, gradients
-/// and momentum buffers; keys[i] (0 .. 2^32 - 1) seeds params[i]'s random bits. Every tensor
-/// is checked before any is written.
+/// and momentum buffers; keys[i] (0 .. 2^32 - 1) seeds params[i]'s random bits, those of the
+/// indices offsets[i] .. offsets[i] + numel - 1 (a shard's place in its whole tensor; all 0
+/// when offsets is absent). Every tensor is checked before any is written.
 void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                       c10::ArrayRef<int64_t> keys, double lr, double momentum, double dampening,
                       double weight_decay, bool nesterov, bool maximize, bool first_step,
-                      c10::DeviceType device_type) {
+                      at::OptionalIntArrayRef offsets, c10::DeviceType device_type) {
   TORCH_CHECK(keys.size() == params.size(), "keys has ", keys.size(),
               " entries but params has ", params.size());
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -603,6 +605,15 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
   const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}}, lr, momentum, dampening, weight_decay, nesterov,
       first_step, /*like_bufs=*/true, "stochastic rounding rounds to bf16", device_type);
+  if (offsets.has_value()) {
+    TORCH_CHECK(offsets->size() == params.size(), "offsets has ", offsets->size(),
+                " entries but params has ", params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const int64_t o = (*offsets)[i];
+      TORCH_CHECK(o >= 0 && o <= std::numeric_limits<int64_t>::max() - params[i].numel(),
+                  "offsets[", i, "] must be in [0, 2^63 - numel], got ", o);
+    }
+  }
   if (params.empty()) return;
   check_no_cross_overlap({{params, "params"}, {grads, "grads"},
                           {need_buf ? bufs : at::TensorList(), "momentum_buffers"}});
@@ -613,7 +624,8 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
     spans.push_back(SrSpan{static_cast<uint16_t*>(params[i].data_ptr()),
                            need_buf ? static_cast<uint16_t*>(bufs[i].data_ptr()) : nullptr,
                            static_cast<const uint16_t*>(grads[i].data_ptr()),
-                           static_cast<uint32_t>(keys[i]), params[i].numel()});
+                           static_cast<uint32_t>(keys[i]), params[i].numel(),
+                           offsets.has_value() ? (*offsets)[i] : 0});
   }
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
   hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
@@ -866,9 +878,11 @@ void step_qmom_list_(at::TensorList params, at::TensorList grads,
 
 void step_sr_list_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    c10::ArrayRef<int64_t> keys, double lr, double momentum, double dampening,
-                   double weight_decay, bool nesterov, bool maximize, bool first_step) {
+                   double weight_decay, bool nesterov, bool maximize, bool first_step,
+                   at::OptionalIntArrayRef offsets) {
   sgd_step_sr_list(params, grads, momentum_buffers, keys, lr, momentum, dampening, weight_decay,
-                   nesterov, maximize, first_step, device_of({params, grads, momentum_buffers}));
+                   nesterov, maximize, first_step, offsets,
+                   device_of({params, grads, momentum_buffers}));
 }
 
 /// For the optimizer's per-tensor planning (optim._plan), one call for all of a group's loose
@@ -1304,7 +1318,7 @@ TORCH_LIBRARY(momentum_cuda, m) {
   m.def(
       "sgd_step_sr_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "int[] keys, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool first_step) -> ()");
+      "bool nesterov, bool maximize, bool first_step, int[]? offsets=None) -> ()");
   m.def(
       "sgd_step_qmom_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] scales, float lr, float momentum, float dampening, float weight_decay, "

@@ -126,7 +126,7 @@ def _master_list_fake(params, grads, momentum_buffers, remainders, ties, lr, mom
 
 
 def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening, weight_decay,
-                  nesterov, maximize, first_step) -> None:
+                  nesterov, maximize, first_step, offsets=None) -> None:
     _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers)
 
 
@@ -265,12 +265,13 @@ triton_sgd_step_master_list_.register_fake(_master_list_fake)
 def triton_sgd_step_sr_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
                              momentum_buffers: list[torch.Tensor], keys: list[int], lr: float,
                              momentum: float, dampening: float, weight_decay: float,
-                             nesterov: bool, maximize: bool, first_step: bool) -> None:
+                             nesterov: bool, maximize: bool, first_step: bool,
+                             offsets: list[int] | None = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, lr=lr,
                                 momentum=momentum, dampening=dampening,
                                 weight_decay=weight_decay, nesterov=nesterov,
-                                maximize=maximize, first_step=first_step)
+                                maximize=maximize, first_step=first_step, offsets=offsets)
 
 
 triton_sgd_step_sr_list_.register_fake(_sr_list_fake)

@@ -336,6 +336,31 @@ def _same_shards(p, *ts) -> bool:
     return True
 
 
+def _shard_offset(p) -> int:
+    """The index in the whole tensor (memory order: row-major, as the full parameter FSDP2
+    gathers) of a DTensor's local shard's first element, for stochastic rounding, whose random
+    bits follow that index. Raises where the local shard is not one run of the whole tensor
+    (e.g. Shard(1) of a matrix, a _StridedShard) or the global layout is not row-major."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, local = tuple(p.shape), p._local_tensor
+    if any(type(pl) not in (Shard, Replicate) for pl in p.placements) or not p.is_contiguous():
+        raise RuntimeError(f"stochastic_rounding=True takes DTensor parameters sharded by Shard "
+                           f"and Replicate placements over a row-major whole tensor; the "
+                           f"{_what(p)} has placements {p.placements} and strides {p.stride()}")
+    lshape, goff = compute_local_shape_and_global_offset(shape, p.device_mesh, p.placements)
+    if local.numel() == 0:
+        return 0
+    cut = [d for d in range(len(shape)) if lshape[d] != shape[d]]
+    if cut and (cut != [cut[0]] or any(shape[d] != 1 for d in range(cut[0]))):
+        raise RuntimeError(f"stochastic_rounding=True needs each DTensor parameter's local "
+                           f"shard to be one run of the whole tensor (its random bits follow "
+                           f"the index in it); the {_what(p)} has a local shard of shape "
+                           f"{tuple(lshape)} at {tuple(goff)}")
+    stride = torch.empty(shape, device="meta").stride()
+    return sum(o * st for o, st in zip(goff, stride))
+
+
 def _as_dtensor(local, like):
     """local (this rank's shard) as a DTensor sharded like `like` (no copy)."""
     return _DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
@@ -1816,11 +1841,12 @@ class _FusedMomentum(Optimizer):
                 h["maximize"], False)
         if c.mode == "sr":
             state = self.state
-            steps = [int(state.get(p, {}).get("sr_step", 0)) + 1 for p in c.ps]
-            seed, streams = c.sr
+            owners = c.ps if c.dts is None else c.dts
+            steps = [int(state.get(p, {}).get("sr_step", 0)) + 1 for p in owners]
+            seed, streams, offsets = c.sr
             keys = _C.sr_keys(seed, steps, streams)
-            sr_op(c.backend)(c.ps, gs, c.bs, keys, *args)
-            for p, s in zip(c.ps, steps):
+            sr_op(c.backend)(c.ps, gs, c.bs, keys, *args, offsets=offsets)
+            for p, s in zip(owners, steps):
                 state[p]["sr_step"] = s
             return
         if c.mode == "master":
@@ -1915,10 +1941,12 @@ class _FusedMomentum(Optimizer):
                     ready[k] = r
             dtype = group.get("momentum_dtype")
             for (p, g, mode), fast in zip(modal, ready):
-                key = (group.get("sr_seed", 0), stream[id(p)]) if mode == "sr" else dtype
+                key = (group.get("sr_seed", 0), stream[id(p)], 0) if mode == "sr" else dtype
                 buf = self._buffer(p) if use_buf else None
                 if not fast:
                     self._check_mode(p, g, alias, mode, key, buf)
+                    if mode == "sr" and isinstance(p, _DTensor):  # (raises where it cannot)
+                        key = key[:2] + (_shard_offset(p),)
                 checked.append((p, g, buf, mode, key))
             loose = [pg for pg, m in zip(loose, modes) if not m]
         bufs = [self._buffer(p) if use_buf else None for p, _ in loose]
@@ -2190,24 +2218,25 @@ class _FusedMomentum(Optimizer):
         """What the ops of the modes need (csrc/momentum_ops.cpp checks it again), raised
         before anything is written, naming the parameter (its description is made only then:
         this runs for every parameter at every step). A DTensor (FSDP2) parameter is taken by
-        momentum_dtype=torch.bfloat16 alone (elementwise: its local shard is stepped, the
-        buffer a bf16 DTensor sharded like it), with a gradient (and buffer) sharded like it."""
+        momentum_dtype=torch.bfloat16 and stochastic_rounding=True (elementwise: its local
+        shard is stepped, the buffer a bf16 DTensor sharded like it), with a gradient (and
+        buffer) sharded like it."""
         flag = _MODE_FLAG[mode]
         if isinstance(p, _DTensor):
-            if mode != "qmom" or key is not torch.bfloat16:
+            if mode not in ("qmom", "sr") or (mode == "qmom" and key is not torch.bfloat16):
                 why = {"qmom": "its blocks of 256 elements are counted from each tensor's "
                                "start, which a shard moves",
                        "master": "its tie bits are packed 8 elements a byte per tensor, which a "
                                  "shard cuts",
-                       "master16": "not built for shards yet",
-                       "sr": "its random bits are drawn by element index in the whole tensor, "
-                             "which a shard's local index is not"}[mode]
+                       "master16": "not built for shards yet"}[mode]
                 raise RuntimeError(f"{flag}{'=' + str(key) if mode == 'qmom' else ''} does not "
                                    f"take DTensor (FSDP2) parameters ({why}); got a {_what(p)}. "
-                                   "momentum_dtype=torch.bfloat16 does")
+                                   "momentum_dtype=torch.bfloat16 and stochastic_rounding=True "
+                                   "do")
             if not _same_shards(p, g, buf if isinstance(buf, _DTensor) else None) or (
                     buf is not None and not isinstance(buf, _DTensor)):
-                raise RuntimeError(f"{flag}=torch.bfloat16 needs the gradient and momentum_buffer "
+                flag += "=torch.bfloat16" if mode == "qmom" else "=True"
+                raise RuntimeError(f"{flag} needs the gradient and momentum_buffer "
                                    f"of a DTensor parameter sharded like it; the {_what(p)} has "
                                    f"a gradient with placements {getattr(g, 'placements', None)}"
                                    f" and a buffer with {getattr(buf, 'placements', None)}")
@@ -2231,7 +2260,8 @@ class _FusedMomentum(Optimizer):
         torch's on the fp32 master).
         sr: the random bits of a step come from sr_key(the group's sr_seed, the parameter's
         own step count (state "sr_step", 1 at its first step), its position in the optimizer);
-        its momentum buffer is bf16.
+        its momentum buffer is bf16. A DTensor's local shard draws the bits of its elements'
+        indices in the whole tensor (_shard_offset): the bits of the unsharded step.
         qmom: fp32 parameters of a group with momentum_dtype (the item's key): the buffer
         bf16, or int8 codes with state "momentum_scales"; a buffer stored otherwise (torch's
         fp32 one from a checkpoint, the other momentum_dtype's, another memory layout) is read
@@ -2242,6 +2272,7 @@ class _FusedMomentum(Optimizer):
         hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
         buf_dtype = {"master": torch.float32, "master16": torch.float32, "sr": torch.bfloat16}
         calls: dict = {}
+        offsets: dict = {}  # sr: a DTensor's local shard -> its index in the whole tensor
         replayable = True
         for p, g, buf, mode, key in items:
             st = self.state.get(p, {})
@@ -2264,6 +2295,8 @@ class _FusedMomentum(Optimizer):
             elif mode == "sr":
                 step = int(st.get("sr_step", 0)) + 1
                 extra = (sr_key(key[0], step, key[1]), step)
+                if owner is not None and key[2]:
+                    offsets[id(p)] = key[2]
             first = bool(use_buf and buf is None and not self._ema)
             if mode == "qmom":
                 buf, scales = self._qmom_buffer(p, buf, st.get("momentum_scales"), key, use_buf)
@@ -2293,7 +2326,8 @@ class _FusedMomentum(Optimizer):
             elif mode == "qmom":
                 qmom_op(backend)(ps, gs, bs, xs, *args)
             else:
-                sr_op(backend)(ps, gs, bs, xs, *args)
+                offs = [offsets.get(id(p), 0) for p in ps] if offsets else None
+                sr_op(backend)(ps, gs, bs, xs, *args, offsets=offs)
             for k, p in enumerate(ps):
                 owner = owners[k]
                 st = self.state[p if owner is None else owner]
@@ -2324,11 +2358,16 @@ class _FusedMomentum(Optimizer):
             if kept is None or first or not replayable or (dts and len(dts) != len(ps)):
                 kept = None
                 continue
-            if dts:  # (bf16 momentum: each DTensor's buffer DTensor, over the local one)
+            sr = None
+            if mode == "sr":  # (sr_seed, streams, offsets or None): the items' keys
+                keys_of = {id(p): key for p, _, _, m, key in items if m == "sr"}
+                sr = (keys_of[id((dts or ps)[0])][0], [keys_of[id(p)][1] for p in dts or ps],
+                      offs)
+            if dts:  # (each DTensor's buffer DTensor, over the local one)
                 held = [[self.state[dt].get("momentum_buffer")] if use_buf else [] for dt in dts]
                 kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper,
                                             ["momentum_buffer"] if use_buf else [], held,
-                                            dts=dts))
+                                            sr=sr, dts=dts))
                 continue
             # the state entries the next step reads, and their objects (now in the state)
             keys = ["momentum_buffer"] if use_buf else []
@@ -2342,10 +2381,6 @@ class _FusedMomentum(Optimizer):
             elif mode == "qmom" and use_buf:
                 keys.append("momentum_scales")
                 held = [hk + [xs[k] if xs else None] for k, hk in enumerate(held)]
-            sr = None
-            if mode == "sr":  # (sr_seed, streams): the items' keys
-                keys_of = {id(p): key for p, _, _, m, key in items if m == "sr"}
-                sr = (keys_of[id(ps[0])][0], [keys_of[id(p)][1] for p in ps])
             kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper, keys, held,
                                         watch=mode in ("master", "master16"), sr=sr))
         return kept

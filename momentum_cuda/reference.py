@@ -188,11 +188,12 @@ def sr_key(seed: int, step: int, stream: int) -> int:
     return lowbias32(lowbias32(lowbias32(seed & _U32) ^ (step & _U32)) ^ (stream & _U32))
 
 
-def sr_random(key: int, numel: int, device=None) -> torch.Tensor:
+def sr_random(key: int, numel: int, device=None, offset: int = 0) -> torch.Tensor:
     """32 random bits (int64 tensor of uint32 values) for elements 0 .. numel-1 in memory
-    order: lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)). For one key, distinct elements
-    below 2^32 get distinct values (lowbias32 is a bijection)."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
+    order, whose indices in their whole tensor are i = offset .. offset + numel - 1 (a shard's
+    offset; 0 for a whole tensor): lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)). For
+    one key, distinct indices below 2^32 get distinct values (lowbias32 is a bijection)."""
+    i = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     return lowbias32(lowbias32(key ^ (i >> 32)) ^ (i & _U32))
 
 
@@ -211,20 +212,23 @@ def bf16_round_stochastic(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 def sgd_sr_reference_step(params, grads, bufs, keys, *, lr: float, momentum: float,
                           dampening: float = 0.0, weight_decay: float = 0.0,
-                          nesterov: bool = False, maximize: bool = False) -> list:
+                          nesterov: bool = False, maximize: bool = False,
+                          offsets=None) -> list:
     """stochastic_rounding=True in plain torch, in place: each bf16 parameter widened to fp32
     takes torch.optim.SGD(foreach=False)'s fp32 step with its gradient and its bf16 momentum
     buffer widened (None: a first step creates it), then is rounded stochastically back to bf16
-    with sr_random(key) over its elements in memory order; the buffer is rounded to nearest
-    even (a NaN as 0x7FC0). keys: one sr_key per parameter. Returns the bf16 buffers."""
+    with sr_random(key, offset) over its elements in memory order; the buffer is rounded to
+    nearest even (a NaN as 0x7FC0). keys: one sr_key per parameter; offsets: each parameter's
+    first index in its whole tensor (a shard's; None: all 0). Returns the bf16 buffers."""
     from torch.optim.sgd import sgd as _sgd
     ms = [p.float() for p in params]
     b32 = [None if b is None else b.float() for b in bufs]
     _sgd(ms, [g.float() for g in grads], b32, foreach=False, lr=lr, momentum=momentum,
          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-    for p, m, key in zip(params, ms, keys):
+    for p, m, key, off in zip(params, ms, keys, offsets or [0] * len(params)):
         view = _memory_order(m)
-        rounded = bf16_round_stochastic(view.contiguous(), sr_random(key, m.numel(), m.device))
+        r = sr_random(key, m.numel(), m.device, off)
+        rounded = bf16_round_stochastic(view.contiguous(), r)
         _memory_order(p).copy_(rounded.view(view.shape))
     return [None if b is None else _bf16_rne(b) for b in b32]
 

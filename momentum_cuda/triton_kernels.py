@@ -98,9 +98,10 @@ formula exists once; the master kernel calls _sgd_math too.
   copied at every step (the keys change at every step, the table does not). The fp32 step is
   _sgd_math with KIND 0, as the master kernel's (_fp32_step); then the parameter's bits are
   (bits(m) + (r & 0xFFFF)) >> 16 (_bf16_round_stochastic; NaN -> 0x7FC0) with r = lowbias32(
-  lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) for its memory-order index i (_lowbias32 in
-  wrapping uint32 arithmetic; the inner hash once per block: no block crosses a multiple of
-  2^32), and the buffer is rounded to nearest even (_bf16_rne). Integer bit arithmetic only.
+  lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) for its memory-order index i in its whole tensor
+  (the tensor's offset, a shard's place, travels next to its key; _lowbias32 in wrapping
+  uint32 arithmetic; the inner hash twice per block: a block meets at most two values of
+  i >> 32), and the buffer is rounded to nearest even (_bf16_rne). Integer bit arithmetic only.
 - _sgd_qmom_kernel: momentum_dtype, one launch through the list kernel's table (bf16 buffers:
   rows of 4, the same cached table) or rows of 5 (int8: p, g, codes, scales, numel). A program's
   BLOCK is BLOCK // QBLOCK rows of QBLOCK = 256 elements, so it owns whole int8 blocks (block
@@ -498,13 +499,18 @@ if TRITON_AVAILABLE:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _sr_random(key, start, offs):
-        """The random bits (uint32) of elements offs (int64, memory order) of a tensor keyed
-        `key` (uint32): lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)). All offs must
-        share start >> 32 (a block of a power-of-two size from a multiple of it: no block
-        crosses a multiple of 2^32), so the inner hash is computed once, for the block."""
-        inner = _lowbias32(key ^ (start >> 32).to(tl.uint32))
-        return _lowbias32(inner ^ offs.to(tl.uint32))  # int64 -> uint32 keeps the low half
+    def _sr_random(key, first, BLOCK: tl.constexpr):
+        """The random bits (uint32) of indices i = first + arange(BLOCK) (int64, memory order
+        in the whole tensor) of a tensor keyed `key` (uint32): lowbias32(lowbias32(key ^
+        (i >> 32)) ^ (i mod 2^32)). A block (shorter than 2^32) meets at most two values of
+        i >> 32, so the inner hash is computed twice per block, not per element (a shard's
+        offset may put the crossing anywhere)."""
+        idx = first + tl.arange(0, BLOCK)
+        hi0 = first >> 32
+        inner0 = _lowbias32(key ^ hi0.to(tl.uint32))
+        inner1 = _lowbias32(key ^ ((first + (BLOCK - 1)) >> 32).to(tl.uint32))
+        inner = tl.where((idx >> 32) == hi0, inner0, inner1)
+        return _lowbias32(inner ^ idx.to(tl.uint32))  # int64 -> uint32 keeps the low half
 
     @triton.jit
     def _bf16_round_stochastic(m, r):
@@ -529,9 +535,6 @@ if TRITON_AVAILABLE:
         rounded stochastically with the random bits of its index in the walk (memory order);
         the buffer is rounded to nearest even. Bits throughout (uint16 pointers): no float
         cast can round differently in the interpreter."""
-        # _sr_random: a block of a power-of-two size starting at a multiple of it (start is
-        # one) never crosses a multiple of 2^32
-        tl.static_assert((BLOCK & (BLOCK - 1)) == 0)
         t, row, start, n = _table_program(rows_ptr, blocks_ptr, 4)
         p_ptr = tl.load(row).to(tl.pointer_type(tl.uint16))
         g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint16))
@@ -546,7 +549,9 @@ if TRITON_AVAILABLE:
             buf = tl.zeros([BLOCK], tl.float32)
         m, buf = _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
                             WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
-        r = _sr_random(tl.load(keys_ptr + t).to(tl.uint32), start, offs)
+        # keys_ptr[2t], keys_ptr[2t + 1]: the key and the tensor's offset in its whole tensor
+        first = tl.load(keys_ptr + 2 * t + 1) + start
+        r = _sr_random(tl.load(keys_ptr + 2 * t).to(tl.uint32), first, BLOCK)
         tl.store(p_ptr + offs, _bf16_round_stochastic(m, r).to(tl.uint16), mask=mask)
         if MOMENTUM:
             tl.store(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask=mask)
@@ -767,11 +772,10 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _sr_random_kernel(key, base, out_ptr, n, BLOCK: tl.constexpr):
         """out[j] = the random bits (as int64) of element base + j of a tensor keyed `key`
-        (_sr_random, blocks of BLOCK from base, a multiple of BLOCK): lets tests reach indices
-        past 2^32."""
+        (_sr_random, blocks of BLOCK from base, any int64): lets tests reach indices past 2^32
+        and blocks that cross it."""
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        start = base + tl.program_id(0).to(tl.int64) * BLOCK
-        r = _sr_random(key.to(tl.uint32), start, base + j)
+        r = _sr_random(key.to(tl.uint32), base + tl.program_id(0).to(tl.int64) * BLOCK, BLOCK)
         tl.store(out_ptr + j, r.to(tl.int64), mask=j < n)
 
     @triton.jit
@@ -1290,14 +1294,16 @@ def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ti
 
 
 def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momentum, dampening,
-                             weight_decay, nesterov, maximize, first_step) -> None:
+                             weight_decay, nesterov, maximize, first_step, offsets=None) -> None:
     """Stochastic rounding (csrc/include/momentum_cuda/stochastic.h, reference.
     sgd_sr_reference_step): bf16 params, grads and momentum_buffers (empty/None when
     momentum == 0), dense, each triple with equal shapes and strides; keys: one int in
-    [0, 2^32) per parameter, seeding its random bits. Each parameter is widened to fp32, takes
+    [0, 2^32) per parameter, seeding its random bits; offsets (None: all 0): each parameter's
+    first index in its whole tensor (a shard's place). Each parameter is widened to fp32, takes
     torch's fp32 step with its widened gradient and buffer, and is rounded stochastically back
-    to bf16 with the random bits of each element's index in memory order; the buffer is rounded
-    to nearest even. The checks of csrc/momentum_ops.cpp's sgd_step_sr_list, all before the
+    to bf16 with the random bits of each element's index in memory order (from its offset); the
+    buffer is rounded to nearest even. The checks of csrc/momentum_ops.cpp's sgd_step_sr_list,
+    all before the
     launch; then ONE launch for all non-empty tensors (as the list path, through a pointer
     table)."""
     params, grads = list(params), list(grads)
@@ -1309,6 +1315,7 @@ def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momen
     named = _check_list_triples(params, grads, bufs, need_buf,
                                 why="stochastic rounding rounds to bf16")
     _check_no_overlap(named)
+    offsets = _check_offsets(offsets, params)
     addrs, numels, kept = _triple_addrs(params, grads, bufs, need_buf)
     if not numels:
         return
@@ -1316,15 +1323,30 @@ def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momen
     # The keys change at every step, the addresses seldom: they travel apart. The pointer
     # table (the list kernel's rows and block map, the same for the same tensors) stays cached
     # on the device (_cached_list_table: no host work, no copy on a repeated step); the keys go
-    # in a small int64 tensor of their own (8 bytes per tensor, in the table's tensor order),
-    # copied each step without making the host wait. Keys in the table instead would rebuild
-    # and copy the whole table (32 bytes per tensor, 16 per program) at every step.
-    keys_dev = _to_device(torch.tensor([keys[i] for i in kept], dtype=torch.int64), device)
+    # in a small int64 tensor of their own (key and offset: 16 bytes per tensor, in the table's
+    # tensor order), copied each step without making the host wait. Keys in the table instead
+    # would rebuild and copy the whole table (32 bytes per tensor, 16 per program) every step.
+    keys_dev = _to_device(torch.tensor([x for i in kept for x in (keys[i], offsets[i])],
+                                       dtype=torch.int64), device)
     sc = _scalars(vals, torch.float32)
     flags = _step_flags(vals, nesterov, maximize, first_step)
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
             _sgd_sr_kernel[(count,)](rows, blocks, keys_dev, *sc, **flags)
+
+
+def _check_offsets(offsets, params) -> list:
+    """The stochastic-rounding offsets: None (all 0) or one int in [0, 2^63 - numel] per
+    parameter (csrc/momentum_ops.cpp's checks, its messages)."""
+    if offsets is None:
+        return [0] * len(params)
+    offsets = list(offsets)
+    if len(offsets) != len(params):
+        raise ValueError(f"offsets has {len(offsets)} entries but params has {len(params)}")
+    for i, (o, p) in enumerate(zip(offsets, params)):
+        if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o <= 2**63 - 1 - p.numel():
+            raise ValueError(f"offsets[{i}] must be in [0, 2^63 - numel], got {o!r}")
+    return offsets
 
 
 def _check_scales(s, n: str, p, pn: str) -> None:

@@ -843,15 +843,138 @@ def fsdp2_bf16_momentum(ctx: Ctx, *, flat: bool, hk: str):
                          what="resumed ")
 
 
+SR_SEED = 12345
+
+
+def _sr_opt(model, hk: str, flat: bool):
+    import momentum_cuda
+    return momentum_cuda.SGD(model.parameters(), flat=flat, stochastic_rounding=True,
+                             sr_seed=SR_SEED, **hypers(hk))
+
+
+class _SrTwin:
+    """stochastic_rounding=True on the whole tensors (reference.sgd_sr_reference_step): the
+    full bf16 parameters FSDP2 would gather, stepped with the full (reduced, clipped)
+    gradients; each parameter's stream is its position, its step count its own."""
+
+    def __init__(self, model, hk: str):
+        self.names = [n for n, _ in model.named_parameters()]
+        self.full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        self.bufs = {n: None for n in self.names}
+        self.h, self.steps = hypers(hk), 0
+
+    def step(self, model) -> None:
+        from momentum_cuda.reference import sgd_sr_reference_step, sr_key
+        self.steps += 1
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        names = [n for n in self.names if grads[n] is not None]
+        keys = [sr_key(SR_SEED, self.steps, self.names.index(n)) for n in names]
+        out = sgd_sr_reference_step([self.full[n] for n in names], [grads[n] for n in names],
+                                    [self.bufs[n] for n in names], keys, **self.h)
+        self.bufs.update(zip(names, out))
+
+    def compare(self, ctx: Ctx, model, opt, label: str) -> None:
+        """Ours (DTensors, gathered) against the whole tensors: parameters, bf16 buffers
+        sharded like their parameters, and each parameter's sr_step."""
+        for n, p in model.named_parameters():
+            ctx.check.tensor(p.full_tensor(), self.full[n], f"{label} {n}")
+            b = buffer_of(opt, p)
+            if b is not None and (b.dtype != torch.bfloat16 or not isinstance(b, _dtensor_cls())
+                                  or tuple(b.placements) != tuple(p.placements)):
+                ctx.check.fail(f"{label} the momentum_buffer of {n} is a {type(b).__name__} of "
+                               f"{b.dtype}, not a bf16 DTensor sharded like its parameter")
+                continue
+            ctx.check.tensor(None if b is None else b.full_tensor(), self.bufs[n],
+                             f"{label} momentum_buffer of {n}")
+            sr_step = opt.state.get(p, {}).get("sr_step")
+            if sr_step != self.steps:
+                ctx.check.fail(f"{label} sr_step of {n} is {sr_step!r}, not {self.steps}")
+
+
+def _sr_steps(ctx: Ctx, twin: _SrTwin, runs, *, first_step: int, steps: int, what: str = ""):
+    """Steps of the (model, opt) runs on the same data, clipping every other step (torch's
+    clip_grad_norm_ and opt.clip_grad_norm_ in turn), then zero_grad; the twin steps with the
+    first run's full (clipped) gradients and every run is compared with it."""
+    for k in range(first_step, first_step + steps):
+        x, y = mlp_data(ctx, 6, k)
+        label = f"{what}step {k + 1}:"
+        for i, (m, o) in enumerate(runs):
+            F.mse_loss(m(x.to(torch.bfloat16)), y.to(torch.bfloat16)).backward()
+            if k % 4 == 1:
+                nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            elif k % 4 == 3:
+                o.clip_grad_norm_(0.05)
+            if k >= first_step + 2 and o._steady is None:
+                ctx.check.fail(f"{label} the replay is not live")  # (it replays from step 3)
+            o.step()
+            if i == 0:  # (after the step: opt.clip_grad_norm_ clips the gradients inside it)
+                twin.step(m)
+        for m, o in runs:
+            twin.compare(ctx, m, o, label)
+            ctx.record("paths", paths(o))
+            o.zero_grad(set_to_none=k % 2 == 0)
+
+
+def fsdp2_sr(ctx: Ctx, *, flat: bool, hk: str):
+    """stochastic_rounding=True on FSDP2 shards of bf16 parameters: each local shard draws
+    the random bits of its elements' indices in the whole tensor, so the gathered parameters
+    hold the bits of the unsharded step (_SrTwin: the reference on the full tensors, with the
+    full gradients), on 2 ranks and on 3 (uneven shards, empty ones); the buffers are bf16
+    DTensors sharded like their parameters. On 2 ranks also a dcp.save / dcp.load into a fresh
+    model and optimizer (sr_step included) that trains on with the bits of the uninterrupted
+    run. Without the shard offset the parameters differ from step 1 on (planted)."""
+    m = fsdp2(mlp(1).to(torch.bfloat16), ctx)
+    opt = _sr_opt(m, hk, flat)
+    twin = _SrTwin(m, hk)
+    _sr_steps(ctx, twin, [(m, opt)], first_step=0, steps=5)
+    if ctx.world != 2:
+        return
+    base = ctx.shared / f"ckpt-sr-{_flat_id(flat)}-{hk}"
+    dcp_save(ctx, m, opt, base)
+    m2 = fsdp2(mlp(99).to(torch.bfloat16), ctx)
+    opt2 = _sr_opt(m2, hk, flat)
+    dcp_load(ctx, m2, opt2, base)
+    twin.compare(ctx, m2, opt2, "after dcp.load:")
+    _sr_steps(ctx, twin, [(m, opt), (m2, opt2)], first_step=5, steps=3, what="resumed ")
+
+
+def dtensor_sr_refused(ctx: Ctx, *, flat: bool):
+    """stochastic_rounding=True on a DTensor whose local shard is not one run of the whole
+    tensor (Shard(1) of a matrix): step() raises, naming the flag and the shard, before
+    anything is written; a Shard(0) one and a Replicate one step."""
+    import momentum_cuda
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    for pl, ok in ((Shard(1), False), (Shard(0), True), (Replicate(), True)):
+        w = torch.randn(5, 7, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        p = nn.Parameter(distribute_tensor(w, ctx.mesh, [pl]))
+        p.grad = p.detach().clone().mul_(0.5)
+        opt = momentum_cuda.SGD([p], lr=0.1, momentum=0.9, flat=flat, stochastic_rounding=True)
+        before = p.detach().to_local().clone()
+        try:
+            opt.step()
+        except RuntimeError as e:
+            if ok or "stochastic_rounding=True needs each DTensor parameter's local shard to be " \
+                      "one run of the whole tensor" not in str(e):
+                ctx.check.fail(f"{pl}: unexpected error: {e}")
+            ctx.check.tensor(p.detach().to_local(), before, f"{pl}: the parameter after the refusal")
+            if opt.state:
+                ctx.check.fail(f"{pl}: the refused step left state")
+            continue
+        if not ok:
+            ctx.check.fail(f"{pl}: step() did not raise")
+        elif torch.equal(p.detach().to_local(), before):
+            ctx.check.fail(f"{pl}: step() left the parameter as it was")
+
+
 def fsdp2_modes_refused(ctx: Ctx, *, flat: bool):
     """The modes whose state is not elementwise on a shard do not take DTensor parameters:
-    momentum_dtype=torch.int8 (its blocks), master_weights and stochastic_rounding (bf16
-    parameters): step() raises, naming the flag, before anything is written (no parameter
+    momentum_dtype=torch.int8 (its blocks), master_weights (bf16 parameters: tie bits; fp16:
+    not built): step() raises, naming the flag, before anything is written (no parameter
     changed, no state)."""
     import momentum_cuda
     cases = {"momentum_dtype=torch.int8": (torch.float32, dict(momentum_dtype=torch.int8)),
              "master_weights=True": (torch.bfloat16, dict(master_weights=True)),
-             "stochastic_rounding=True": (torch.bfloat16, dict(stochastic_rounding=True))}
+             "master_weights=True (fp16)": (torch.float16, dict(master_weights=True))}
     for flag, (dtype, kw) in cases.items():
         m = fsdp2(mlp(1).to(dtype), ctx)
         opt = momentum_cuda.SGD(m.parameters(), lr=0.1, momentum=0.9, flat=flat, **kw)
@@ -862,7 +985,7 @@ def fsdp2_modes_refused(ctx: Ctx, *, flat: bool):
             opt.step()
             ctx.check.fail(f"{flag}: step() on DTensor parameters did not raise")
         except RuntimeError as e:
-            if f"{flag} does not take DTensor (FSDP2) parameters" not in str(e):
+            if f"{flag.split()[0]} does not take DTensor (FSDP2) parameters" not in str(e):
                 ctx.check.fail(f"{flag}: unexpected message: {e}")
         for i, (p, b) in enumerate(zip(m.parameters(), before)):
             ctx.check.tensor(p.detach().to_local(), b, f"{flag}: parameter {i} after the refusal")
@@ -895,6 +1018,9 @@ def _build() -> None:
             _add(2, f"fsdp2-bf16-momentum/{_flat_id(flat)}/{hk}", fsdp2_bf16_momentum,
                  flat=flat, hk=hk)
         _add(2, f"fsdp2-modes-refused/{_flat_id(flat)}", fsdp2_modes_refused, flat=flat)
+        for hk in ("nest-wd", "damp-max-wd"):
+            _add(2, f"fsdp2-sr/{_flat_id(flat)}/{hk}", fsdp2_sr, flat=flat, hk=hk)
+        _add(2, f"dtensor-sr-refused/{_flat_id(flat)}", dtensor_sr_refused, flat=flat)
     for flat in (True, False):
         for hk in ("tensors", "ema-tensors"):
             _add(2, f"fsdp2/{_flat_id(flat)}/{hk}", fsdp2_train, flat=flat, hk=hk)
@@ -952,6 +1078,7 @@ def _build() -> None:
         _add(3, f"dtensor-uneven/{_flat_id(flat)}/nest-wd", dtensor_train, flat=flat,
              hk="nest-wd")
     _add(3, "fsdp2-uneven/flat/ema", fsdp2_train, flat=True, hk="ema")
+    _add(3, "fsdp2-uneven-sr/flat/nest-wd", fsdp2_sr, flat=True, hk="nest-wd")
     _add(3, "fsdp2-uneven-bf16-momentum/pertensor/damp-max-wd", fsdp2_bf16_momentum,
          flat=False, hk="damp-max-wd")
     for flat, source in ((True, "own"), (False, "own"), (True, "torch")):

@@ -217,8 +217,14 @@ MASTER_PLANTS = {
     # stochastic rounding: a chunk's random bits counted from 0, not from its start
     "sr_chunk_index": (
         "cuda/sr_kernel.cuh",
+        "            a.offset[t] + start, a.key[t]};",
+        "            a.offset[t], a.key[t]};",
+        r"MISMATCH"),
+    # stochastic rounding: a shard's offset left out of the random bits' index
+    "sr_offset_ignored": (
+        "cuda/sr_kernel.cuh",
+        "            a.offset[t] + start, a.key[t]};",
         "            start, a.key[t]};",
-        "            0, a.key[t]};",
         r"MISMATCH"),
     # every table entry gets the first span's tie bytes
     "master_table_ties": (

@@ -450,6 +450,37 @@ def test_sr_opcheck_on_gpu(backend):
     result = torch.library.opcheck(op, (ps, gs, bs, [1, 2, 3, 4, 2**32 - 1], 0.0123, 0.9, 0.1,
                                         0.01, False, True, False))
     assert set(result.values()) == {"SUCCESS"}, result
+    result = torch.library.opcheck(op, (ps, gs, bs, [1, 2, 3, 4, 2**32 - 1], 0.0123, 0.9, 0.1,
+                                        0.01, False, True, False),
+                                   dict(offsets=[5, 2**32 - 1, 2**32 - 2, 2**40, 2**32 - 500]))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sr_shard_offsets_on_gpu(backend):
+    """The stochastic-rounding op with shard offsets (FSDP2's local shards) whose indices
+    cross 2^32 inside a tensor, inside a chunk and not at a group of 8: the reference's bits
+    on copies, two steps (the first creating the buffers, which start at zero as the
+    optimizer's: tests/test_triton_jit.py replays this without running a kernel)."""
+    from momentum_cuda.reference import sgd_sr_reference_step
+    op = getattr(torch.ops.momentum_cuda,
+                 f"{'triton_' if backend == 'triton' else ''}sgd_step_sr_list_").default
+    g = torch.Generator().manual_seed(19)
+    ns = (0, 1, 3, 97, 1030, 70001, 2**20 + 3)
+    offsets = [7, 2**32 - 1, 2**32 - 2, 2**40 + 3, 2**32 - 500, 2**32 - 33333, 2**33 - 2**19 - 5]
+    ps = [torch.randn(n, generator=g).to(torch.bfloat16).cuda() for n in ns]
+    bs = [torch.zeros_like(p) for p in ps]
+    ref, rbufs = [p.clone() for p in ps], [None] * len(ns)
+    for step in range(2):
+        gs = [torch.randn(n, generator=g).to(torch.bfloat16).cuda() for n in ns]
+        keys = [(0x9E3779B9 * (step + 1) + i) % 2**32 for i in range(len(ns))]
+        op(ps, gs, bs, keys, 0.0123, 0.9, 0.1, 0.01, False, True, step == 0, offsets=offsets)
+        rbufs = sgd_sr_reference_step(ref, gs, rbufs, keys, lr=0.0123, momentum=0.9,
+                                      dampening=0.1, weight_decay=0.01, maximize=True,
+                                      offsets=offsets)
+        for i in range(len(ns)):
+            assert torch.equal(ps[i].view(torch.int16), ref[i].view(torch.int16)), (step, i)
+            assert torch.equal(bs[i].view(torch.int16), rbufs[i].view(torch.int16)), (step, i)
 
 
 # momentum_dtype (csrc/include/momentum_cuda/momentum_dtype.h): its op per backend (qmom_op)

@@ -97,7 +97,9 @@ def test_op_bitwise_against_reference(h, layout):
 @pytest.mark.parametrize("isa", ["avx2", "default"])
 def test_op_large_threads_and_isa(threads, isa):
     """2^20 + 3 elements, split over threads (the random bits follow the element, not the
-    thread), on each instruction set the CPU has."""
+    thread), on each instruction set the CPU has; shard offsets whose index crosses 2^32 in
+    the middle of the large tensor (not at a block of the loop) and at the small one's second
+    element."""
     if not isa_available(isa):
         pytest.skip(f"{isa} not available")
     gen = torch.Generator().manual_seed(6)
@@ -106,15 +108,16 @@ def test_op_large_threads_and_isa(threads, isa):
     gs, bufs = _like(ps, gen), _like(ps, gen)
     rb = [b.clone() for b in bufs]
     keys = [2**32 - 1, 0]
+    offsets = [2**32 - 2**19 - 3, 2**32 - 1]
     old_threads, old_isa = torch.get_num_threads(), _C.set_cpu_isa(isa)
     torch.set_num_threads(threads)
     try:
-        OP(ps, gs, bufs, keys, 0.01, 0.9, 0.0, 1e-3, True, False, False)
+        OP(ps, gs, bufs, keys, 0.01, 0.9, 0.0, 1e-3, True, False, False, offsets=offsets)
     finally:
         torch.set_num_threads(old_threads)
         _C.set_cpu_isa(old_isa)
     rb = sgd_sr_reference_step(ref, gs, rb, keys, lr=0.01, momentum=0.9, weight_decay=1e-3,
-                               nesterov=True)
+                               nesterov=True, offsets=offsets)
     for a, b in zip(ps + bufs, ref + rb):
         assert torch.equal(bits(a), bits(b))
 
@@ -195,6 +198,9 @@ def test_same_key_same_bits_other_key_other_bits():
     (dict(keys=[-1]), r"keys\[0\] must be in \[0, 2\^32\), got -1"),
     (dict(keys=[2**32]), r"keys\[0\] must be in \[0, 2\^32\), got 4294967296"),
     (dict(keys=[1, 2]), r"keys has 2 entries but params has 1"),
+    (dict(offsets=[-1]), r"offsets\[0\] must be in \[0, 2\^63 - numel\], got -1"),
+    (dict(offsets=[2**63 - 5]), r"offsets\[0\] must be in \[0, 2\^63 - numel\], got 9223372036854775803"),
+    (dict(offsets=[0, 0]), r"offsets has 2 entries but params has 1"),
     (dict(dtype=torch.float32), r"params\[0\] must be bfloat16 \(stochastic rounding"),
     (dict(buf_dtype=torch.float32), r"momentum_buffers\[0\] has dtype Float"),
     (dict(lr=float("nan")), r"lr must be a finite number"),
@@ -207,7 +213,7 @@ def test_errors_name_the_argument_and_write_nothing(bad, match):
     before = [t.clone() for t in (p, g, b)]
     with pytest.raises(RuntimeError, match=match):
         OP([p], [g], [b], bad.get("keys", [3]), bad.get("lr", 0.1), 0.9, 0.0, 0.0, False, False,
-           False)
+           False, offsets=bad.get("offsets"))
     for t, u in zip((p, g, b), before):
         assert torch.equal(bits(t), bits(u))
 
@@ -218,6 +224,8 @@ def test_opcheck():
     args = (ps, _like(ps, gen), _like(ps, gen), [1, 2, 3, 2**32 - 1], 0.01, 0.9, 0.1, 0.01,
             False, True, False)
     result = torch.library.opcheck(OP, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+    result = torch.library.opcheck(OP, args, dict(offsets=[0, 2**32 - 3, 7, 2**40]))
     assert set(result.values()) == {"SUCCESS"}, result
 
 

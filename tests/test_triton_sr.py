@@ -105,13 +105,15 @@ def _compare(ours, params, bufs, momentum, what):
     return bad
 
 
-def _step(tk, ours, grads, keys, h, first, fn=None):
+def _step(tk, ours, grads, keys, h, first, fn=None, offsets=None):
     """One step of the entry point (or fn) on `ours`, asserting ONE launch of the SR kernel
     (none at all when every tensor is empty) and no other."""
     bufs = ours[1] if h["momentum"] else []
     n_prog = _programs(ours[0], tk.BLOCK_SIZE)
+    kw = {} if offsets is None else dict(offsets=offsets)
     with _Launches(tk) as launches:
-        (fn or tk.triton_sgd_step_sr_list_)(ours[0], grads, bufs, keys, **h, first_step=first)
+        (fn or tk.triton_sgd_step_sr_list_)(ours[0], grads, bufs, keys, **h, first_step=first,
+                                            **kw)
     if fn is None:
         assert launches.log["_sgd_sr_kernel"] == ([(n_prog,)] if n_prog else []), \
             f"SR launches {launches.log['_sgd_sr_kernel']}, expected one of {n_prog}"
@@ -119,11 +121,12 @@ def _step(tk, ours, grads, keys, h, first, fn=None):
 
 
 def _run(tk, shapes, h, seed, steps=STEPS, first=None, state=None, grads=None, keys=None,
-         fn=None, cpu=True):
+         fn=None, cpu=True, offsets=None):
     """`steps` steps of the kernel, the C++ op (cpu, where built) and the reference on copies
     of one state, fresh random gradients and keys each step (unless `grads` / `keys`: a list
-    per step); the first step is first_step=True when momentum is on (unless `first` says).
-    Returns the mismatches, and the kernel's final state."""
+    per step); the first step is first_step=True when momentum is on (unless `first` says);
+    offsets (None: not passed) the tensors' shard offsets. Returns the mismatches, and the
+    kernel's final state."""
     from momentum_cuda.reference import sgd_sr_reference_step
     gen = torch.Generator().manual_seed(seed)
     state = state or _state(shapes, gen)
@@ -136,14 +139,15 @@ def _run(tk, shapes, h, seed, steps=STEPS, first=None, state=None, grads=None, k
         g = grads[s] if grads is not None else [_bf16(spec, gen) for spec in shapes]
         k = keys[s] if keys is not None else _keys(len(shapes), gen)
         g_before = [t.clone() for t in g]
-        _step(tk, ours, g, k, h, f, fn)
+        _step(tk, ours, g, k, h, f, fn, offsets)
         if op is not None:
             op(theirs[0], g, theirs[1] if h["momentum"] else [], k, h["lr"], h["momentum"],
-               h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"], f)
+               h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"], f,
+               offsets=offsets)
             bad += _compare(ours, theirs[0], theirs[1], h["momentum"],
                             f"step {s + 1} vs C++ op {h}")
         ref_bufs = sgd_sr_reference_step(ref[0], g, [None] * len(shapes) if f else ref_bufs,
-                                         k, **h)
+                                         k, **h, offsets=offsets)
         bad += _compare(ours, ref[0], ref_bufs, h["momentum"], f"step {s + 1} vs reference {h}")
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(g, g_before)), \
             "a gradient was written"
@@ -191,6 +195,31 @@ def check_many_tensors_one_launch(tk):
     assert len(MANY_SHAPES) >= 100
     _agree(tk, (dict(shapes=MANY_SHAPES, h=h, seed=60 + i, steps=2)
                 for i, h in enumerate((_combos()[-1], _combos()[7]))))
+
+
+# shard offsets (FSDP2's local shards): the index crossing 2^32 inside a block, at a block's
+# start, past 2^32 and 2^40, odd ones; the empty tensor's offset is never read
+def _offsets(n):
+    edge = [5, 2**32 - 100, 2**32 - 1024, 2**32 - 1, 2**32, 2**32 + 3, 2**40 - 7, 3, 2**33 - 513]
+    return [edge[i % len(edge)] + i for i in range(n)]
+
+
+def check_shard_offsets(tk):
+    """Each tensor's random bits are those of its indices from its offset (a shard's place in
+    its whole tensor), where a block crosses 2^32 too: the kernel, the C++ op and the reference
+    agree over SHAPES and MANY_SHAPES; offsets of 0 give the bits of no offsets."""
+    _agree(tk, (dict(shapes=shapes, h=_combos()[j], seed=80 + j, steps=2,
+                     offsets=_offsets(len(shapes)))
+                for j, shapes in ((-1, SHAPES), (3, MANY_SHAPES), (7, SHAPES))))
+    gen = torch.Generator().manual_seed(81)
+    h = _combos()[-1]
+    state = _state(SHAPES, gen)
+    grads = [_bf16(spec, gen) for spec in SHAPES]
+    keys = _keys(len(SHAPES), gen)
+    a = _one_call(tk, state, grads, keys, h)
+    b = _clone(state)
+    _step(tk, b, grads, keys, h, False, offsets=[0] * len(SHAPES))
+    assert not _compare(a, b[0], b[1], True, "offsets 0")
 
 
 def check_empty_calls_no_launch(tk):
@@ -311,14 +340,16 @@ def check_rounding_is_unbiased(tk):
 
 
 def check_random_bits_past_2_32(tk):
-    """_sr_random (the kernel's bits) at indices near and past 2^32, 2^33 and 2^62 equals
+    """_sr_random (the kernel's bits) at indices near and past 2^32, 2^33 and 2^62, from
+    block-aligned bases and from bases whose blocks cross 2^32 (a shard's offset), equals
     lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) (reference.lowbias32); and for
     indices below 2^32, reference.sr_random."""
     from momentum_cuda.reference import lowbias32, sr_random
     B = tk.BLOCK_SIZE
     out = torch.empty(3 * B, dtype=torch.int64)
     for key in (0, 1, 0x12345678, U32 - 1):
-        for base in (0, U32 - B, U32 - 2 * B, 2 * U32 + 3 * B, 2**62):
+        for base in (0, U32 - B, U32 - 2 * B, 2 * U32 + 3 * B, 2**62, U32 - B // 2 - 3,
+                     2 * U32 - 1, 3 * U32 - 2 * B + 1):
             tk._sr_random_kernel[(3,)](key, base, out, out.numel(), BLOCK=B)
             i = base + torch.arange(out.numel())
             want = lowbias32(lowbias32(key ^ (i >> 32)) ^ (i & (U32 - 1)))
@@ -341,9 +372,9 @@ def check_split_past_grid_limit(tk):
 
 
 def check_table_cached_keys_copied(tk):
-    """Two steps over the same tensors with other keys reuse ONE cached pointer table (the
-    list kernel's: rows [p, g, buf, numel]) and pass the keys of the non-empty tensors, in the
-    table's order, as an int64 tensor of their own."""
+    """Two steps over the same tensors with other keys (and offsets) reuse ONE cached pointer
+    table (the list kernel's: rows [p, g, buf, numel]) and pass the keys and offsets of the
+    non-empty tensors, in the table's order, as an int64 tensor of their own (key, offset)."""
     gen = torch.Generator().manual_seed(107)
     h = _combos()[-1]
     params, bufs = _state(SHAPES, gen)
@@ -362,10 +393,14 @@ def check_table_cached_keys_copied(tk):
     try:
         for s in range(2):
             keys = _keys(len(SHAPES), gen)
-            tk.triton_sgd_step_sr_list_(params, grads, bufs, keys, **h, first_step=False)
+            offsets = None if s == 0 else _offsets(len(SHAPES))
+            tk.triton_sgd_step_sr_list_(params, grads, bufs, keys, **h, first_step=False,
+                                        offsets=offsets)
             rows, blocks, k = seen[-1]
             nonempty = [i for i, p in enumerate(params) if p.numel()]
-            assert k.dtype == torch.int64 and k.tolist() == [keys[i] for i in nonempty]
+            offs = offsets or [0] * len(SHAPES)
+            assert k.dtype == torch.int64 and k.tolist() == [x for i in nonempty
+                                                             for x in (keys[i], offs[i])]
             assert rows.reshape(-1, 4)[:, 3].tolist() == [params[i].numel() for i in nonempty]
             assert rows.reshape(-1, 4)[:, 0].tolist() == [params[i].data_ptr()
                                                           for i in nonempty]
@@ -394,9 +429,17 @@ if have("triton"):  # the planted kernel variants (interpreted in the child, nev
         return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, (u + (r >> 16)) >> 16)
 
     @triton.jit
-    def _random_ignores_key(key, start, offs):
+    def _random_ignores_key(key, first, BLOCK: tl.constexpr):
         """Planted: the key ignored."""
-        return _tk._lowbias32(_tk._lowbias32((start >> 32).to(tl.uint32)) ^ offs.to(tl.uint32))
+        idx = first + tl.arange(0, BLOCK)
+        return _tk._lowbias32(_tk._lowbias32((idx >> 32).to(tl.uint32)) ^ idx.to(tl.uint32))
+
+    @triton.jit
+    def _random_one_inner(key, first, BLOCK: tl.constexpr):
+        """Planted: one inner hash per block (its first index's), wrong past a 2^32 crossing."""
+        idx = first + tl.arange(0, BLOCK)
+        inner = _tk._lowbias32(key ^ (first >> 32).to(tl.uint32))
+        return _tk._lowbias32(inner ^ idx.to(tl.uint32))
 
     @triton.jit
     def _lowbias32_wrong_constant(x):
@@ -441,13 +484,15 @@ def check_planted_bugs_fail(tk):
     assert h["momentum"]
 
     def caught(fn=None):
-        return _run(tk, SHAPES, h, seed=111, steps=2, cpu=False, fn=fn)[0]
+        return _run(tk, SHAPES, h, seed=111, steps=2, cpu=False, fn=fn,
+                    offsets=_offsets(len(SHAPES)))[0]
 
     assert not caught(), "the real kernel must match here"
     assert caught(_logical_order(tk)), "planted bug (logical-order random bits) went unnoticed"
     for name, bug, what in (("_bf16_round_stochastic", _round_nearest, "round to nearest"),
                             ("_bf16_round_stochastic", _round_high_bits, "high bits of r"),
                             ("_sr_random", _random_ignores_key, "key ignored"),
+                            ("_sr_random", _random_one_inner, "one inner hash per block"),
                             ("_lowbias32", _lowbias32_wrong_constant, "wrong hash constant"),
                             ("_bf16_rne", _rne_truncates, "buffer truncated"),
                             ("_triple_addrs", None, "keys by position among non-empty")):
@@ -513,6 +558,11 @@ def check_validation_errors(tk):
         (P, G, [], K, dict(momentum=0.0, nesterov=True), ValueError,
          "nesterov=True needs momentum"),
         (P, G, [], K, dict(momentum=0.0, first_step=True), ValueError, "first_step=True"),
+        (P, G, B, K, dict(offsets=[0]), ValueError, "offsets has 1 entries but params has 2"),
+        (P, G, B, K, dict(offsets=[0, -1]), ValueError,
+         "offsets[1] must be in [0, 2^63 - numel], got -1"),
+        (P, G, B, K, dict(offsets=[2**63 - 10, 0]), ValueError,
+         "offsets[0] must be in [0, 2^63 - numel], got 9223372036854775798"),
     ]
     op = _op()
     for p, g, b, k, hc, exc, text in cases:
@@ -523,7 +573,7 @@ def check_validation_errors(tk):
         if exc is ValueError and op is not None:  # the C++ op refuses the same call
             try:
                 op(p, g, b, k, kw["lr"], kw["momentum"], kw["dampening"], kw["weight_decay"],
-                   kw["nesterov"], kw["maximize"], kw["first_step"])
+                   kw["nesterov"], kw["maximize"], kw["first_step"], offsets=kw.get("offsets"))
             except (RuntimeError, ValueError, TypeError):
                 pass
             else:

@@ -184,9 +184,10 @@ MC_HD void master_loop(const MasterSpan& sp, int64_t k0, int64_t k1, const StepS
   }
 }
 
-/// n <= kBlock elements i .. i + n - 1 of a stochastic-rounding span (p, b, g at element i; b
-/// null without kMomentum): sr_elem on each, the first half of mc_sr_random hoisted out of the
-/// loop unless the low 32 bits of the index wrap inside the block.
+/// n <= kBlock elements of a stochastic-rounding span whose random bits are those of indices
+/// i .. i + n - 1 (p, b, g at the first; b null without kMomentum): sr_elem on each, the first
+/// half of mc_sr_random hoisted out of the loop unless the low 32 bits of the index wrap inside
+/// the block (a shard's offset may put the wrap anywhere).
 template <uint32_t F, class Add>
 MC_HD void sr_block(uint16_t* __restrict p, uint16_t* __restrict b, const uint16_t* __restrict g,
                     int64_t i, int n, uint32_t key, const StepScalars<float>& s) {
@@ -208,9 +209,9 @@ MC_HD void sr_loop(const SrSpan& sp, int64_t i0, int64_t i1, const StepScalars<f
     const int n = static_cast<int>(std::min<int64_t>(kBlock, i1 - i));
     uint16_t* b = (F & kMomentum) ? sp.buf + i : nullptr;
     if (n == kBlock) {
-      sr_block<F, Add>(sp.param + i, b, sp.grad + i, i, kBlock, sp.key, s);
+      sr_block<F, Add>(sp.param + i, b, sp.grad + i, sp.offset + i, kBlock, sp.key, s);
     } else {
-      sr_block<F, Add>(sp.param + i, b, sp.grad + i, i, n, sp.key, s);
+      sr_block<F, Add>(sp.param + i, b, sp.grad + i, sp.offset + i, n, sp.key, s);
     }
   }
 }

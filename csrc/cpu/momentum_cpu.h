@@ -60,13 +60,15 @@ struct MasterSpan {
 
 /// One contiguous run of a bf16 parameter stepped with stochastic rounding
 /// (csrc/include/momentum_cuda/stochastic.h): param, buf (null without kMomentum) and grad are
-/// bf16 bits; key seeds the random bits of elements 0 .. numel - 1.
+/// bf16 bits; key seeds the random bits of elements 0 .. numel - 1, which are those of indices
+/// offset .. offset + numel - 1 (a shard's place in its whole tensor; 0 for a whole tensor).
 struct SrSpan {
   uint16_t* param;
   uint16_t* buf;
   const uint16_t* grad;
   uint32_t key;
   int64_t numel;
+  int64_t offset;
 };
 
 /// One contiguous run of an fp32 parameter with a bf16 momentum buffer (momentum_dtype.h): buf

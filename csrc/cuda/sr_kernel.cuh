@@ -5,8 +5,8 @@
 //             buf (updated; buf null without kMomentum), bf16 grad (read), a 32-bit key each;
 //             one numel each, all in memory order, no overlaps.
 // Invariant : every element goes through sr_math (stochastic.h) exactly once, with the random
-//             bits of its index in its span (a chunk passes its start), scalars rounded once to
-//             fp32 on the host.
+//             bits of its index in its whole tensor (the span's offset plus its index in the
+//             span; a chunk passes its start), scalars rounded once to fp32 on the host.
 // Work      : elementwise_kernel.cuh's groups of 8 (param and buf read and written, grad read:
 //             one 16-byte access each), with SrMode below.
 // Launch    : sgd_elementwise_kernel<SrMode> over plan_elementwise's batches, one block per chunk.
@@ -24,6 +24,7 @@ namespace cuda {
 /// Multi-tensor metadata of the stochastic-rounding step: bf16 param, buf and grad, a key each.
 template <int kTensors, int kBlocks>
 struct SrListArgs : ElementwiseArgs<uint16_t, uint16_t, uint16_t, kTensors, kBlocks> {
+  int64_t offset[kTensors];  ///< SrSpan::offset
   uint32_t key[kTensors];
 };
 static_assert(args_fit<SrListArgs>(), "kernel arguments over 4 KB or 32 KB");
@@ -44,7 +45,7 @@ struct SrMode {
   template <class A>
   MC_HD static SrMode chunk(const A& a, int t, int64_t start) {
     return {{a.param[t] + start}, {advance(a.buf[t], start)}, {a.grad[t] + start},
-            start, a.key[t]};
+            a.offset[t] + start, a.key[t]};
   }
   template <class F>
   MC_HD void arrays(F&& f) const {
@@ -56,6 +57,7 @@ struct SrMode {
   }
   template <class A>
   static void fill(A& x, int slot, const SrSpan* spans, int64_t k) {
+    x.offset[slot] = spans[k].offset;
     x.key[slot] = spans[k].key;
   }
 };

@@ -274,6 +274,7 @@ uint32_t ref_lowbias32(uint32_t x) {
 struct SrData {
   int64_t n;
   uint32_t key;
+  int64_t offset = 0;  ///< the index of element 0 in its whole tensor (a shard's offset)
   Guarded<uint16_t> p, g, b;
   std::vector<uint16_t> rp, rb;
   SrData(int64_t n_, const int off[4], uint32_t key_, Rng& rng)
@@ -292,7 +293,7 @@ struct SrData {
       float m = bitsf(uint32_t(rp[size_t(i)]) << 16);
       float bf = bitsf(uint32_t(rb[size_t(i)]) << 16);
       ref_step(m, bf, bitsf(uint32_t(g.data()[i]) << 16), h, f);
-      const uint64_t u = uint64_t(i);
+      const uint64_t u = uint64_t(offset + i);
       const uint32_t r = ref_lowbias32(ref_lowbias32(key ^ uint32_t(u >> 32)) ^ uint32_t(u));
       rp[size_t(i)] = std::isnan(m) ? uint16_t(0x7fc0)
                                     : uint16_t((fbits(m) + (r & 0xffffu)) >> 16);
@@ -326,6 +327,10 @@ void run_sr_case(const std::vector<int64_t>& sizes, const std::vector<std::array
   for (size_t k = 0; k < sizes.size(); ++k) {
     const uint32_t key = k % 2 ? 0xffffffffu - uint32_t(k) : uint32_t(rng.next());
     spans.push_back(std::make_unique<SrData>(sizes[k], offs[k % offs.size()].data(), key, rng));
+    // shard offsets: none, one whose index crosses 2^32 inside the span (not at a group of 8),
+    // an odd one
+    const int64_t shard[3] = {0, (int64_t(1) << 32) - 5 - int64_t(k), 3 + 1000003 * int64_t(k)};
+    spans.back()->offset = shard[k % 3];
   }
   const auto scalars = make_scalars<float>(h.lr, h.momentum, h.dampening, h.wd,
                                            [](double v) { return static_cast<float>(v); });
@@ -337,7 +342,7 @@ void run_sr_case(const std::vector<int64_t>& sizes, const std::vector<std::array
       s->new_grad(rng);
       s->ref(h, f);
       ss.push_back(SrSpan{s->p.data(), (f & kMomentum) ? s->b.data() : nullptr, s->g.data(),
-                          s->key, s->n});
+                          s->key, s->n, s->offset});
     }
     host_elementwise_step<cuda::SrMode, Limits>(ss, scalars, f, order, seed + step);
     for (size_t k = 0; k < spans.size(); ++k) {

@@ -6,7 +6,9 @@
 //          seed, the parameter's step count and its position, hashed on the host).
 // Step   : torch.optim.SGD's fp32 step (sgd_math, fp32 alphas) on the widened parameter,
 //          gradient and buffer; then the parameter rounded stochastically to bf16 with the
-//          random bits of its memory-order index i, the buffer rounded to nearest even.
+//          random bits of its memory-order index i in the whole tensor (a shard of it, e.g.
+//          FSDP2's, counts from its offset: the same bits as the unsharded step), the buffer
+//          rounded to nearest even.
 // Random : r = lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)): counter based (no state),
 //          the same bits on every backend for the same key and element; for one key, distinct
 //          elements below 2^32 get distinct r (lowbias32 is a bijection).
