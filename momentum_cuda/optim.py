@@ -710,12 +710,13 @@ class _ShardCheck:
 
     def __init__(self, dts, shards, bufs, held):
         self.items = [(dt, lp, lp.data_ptr(), lp.shape, lp.stride(), lp.dtype,
-                       held[k][0] if held[k] else None, bufs[k] if held[k] else None)
+                       held[k][0] if held[k] else None, bufs[k] if held[k] else None,
+                       bufs[k].dtype if held[k] else None)
                       for k, (dt, lp) in enumerate(zip(dts, shards))]
 
     def check(self, state):
         out = []
-        for dt, lp, ptr, shape, stride, dtype, bdt, lb in self.items:
+        for dt, lp, ptr, shape, stride, dtype, bdt, lb, bdtype in self.items:
             g = dt.grad
             if (dt._local_tensor is not lp or lp.data_ptr() != ptr or lp.shape != shape
                     or lp.stride() != stride or lp.dtype != dtype
@@ -729,7 +730,7 @@ class _ShardCheck:
                 st = state.get(dt)
                 if (st is None or st.get("momentum_buffer") is not bdt
                         or bdt._local_tensor is not lb or lb.shape != shape
-                        or lb.stride() != stride or lb.dtype != dtype):
+                        or lb.stride() != stride or lb.dtype != bdtype):
                     return None
             out.append(lg)
         return out

@@ -578,6 +578,7 @@ def dtensor_replay_edits(ctx: Ctx, *, flat: bool):
     for edit, fn in DTENSOR_EDITS.items():
         ours, ref = make(), make()
         opt, topt = make_opts(list(ours.values()), list(ref.values()), "nest-wd", flat)
+        _count_planning(opt)
         for k in range(6):
             g = ctx.gen(7, k)
             x = DTensor.from_local(torch.randn(3, 7, generator=g), ctx.mesh, [Shard(0)])
@@ -585,10 +586,11 @@ def dtensor_replay_edits(ctx: Ctx, *, flat: bool):
                 o.zero_grad()
                 loss(ps, x).backward()
                 if k == 3:
-                    if o is opt and opt._steady is None:
-                        ctx.check.fail(f"{edit}: the replay is not live before the edit")
                     fn(o, ps, ctx.mesh)
-                o.step()
+                if k == 2 and o is opt:  # the replay is live before the edit
+                    _replayed(ctx, o, o.step, f"{edit} step 3:")
+                else:
+                    o.step()
             label = f"{edit} step {k + 1}:"
             ctx.check.params(list(ours.items()), list(ref.items()), label)
             ctx.check.optims(opt, list(ours.items()), topt, list(ref.items()), label)
@@ -774,8 +776,30 @@ def _bf16_buffers(opt, *_) -> None:
 
 def _bf16_momentum_opt(model, hk: str, flat: bool):
     import momentum_cuda
-    return momentum_cuda.SGD(model.parameters(), flat=flat, momentum_dtype=torch.bfloat16,
-                             **hypers(hk))
+    return _count_planning(momentum_cuda.SGD(model.parameters(), flat=flat,
+                                             momentum_dtype=torch.bfloat16, **hypers(hk)))
+
+
+def _count_planning(opt):
+    """opt, its planned list calls (_step_modes, _step_tensors) counted in opt.planned: a step
+    replayed from the last (_replay_list) plans none."""
+    opt.planned = 0
+
+    def counted(plan):
+        def run(*args, **kw):
+            opt.planned += 1
+            return plan(*args, **kw)
+        return run
+    opt._step_modes, opt._step_tensors = counted(opt._step_modes), counted(opt._step_tensors)
+    return opt
+
+
+def _replayed(ctx: Ctx, opt, step, label: str) -> None:
+    """Runs opt.step() and fails unless it was replayed (no mode step planned)."""
+    before = opt.planned
+    step()
+    if opt.planned != before:
+        ctx.check.fail(f"{label} the step was planned, not replayed")
 
 
 def _bf16_momentum_steps(ctx: Ctx, pairs, *, first_step: int, steps: int, what: str = ""):
@@ -790,9 +814,10 @@ def _bf16_momentum_steps(ctx: Ctx, pairs, *, first_step: int, steps: int, what: 
             F.mse_loss(m(x), y).backward()
             if k % 2:
                 nn.utils.clip_grad_norm_(m.parameters(), 0.25)
-            if k >= first_step + 2 and o is not topt and o._steady is None:
-                ctx.check.fail(f"{label} the replay is not live")  # (it replays from step 3)
-            o.step()
+            if k >= first_step + 2 and o is not topt:  # (it replays from step 3)
+                _replayed(ctx, o, o.step, label)
+            else:
+                o.step()
         ref = list(tm.named_parameters())
         for m, o in rest:
             ours = list(m.named_parameters())
@@ -848,8 +873,9 @@ SR_SEED = 12345
 
 def _sr_opt(model, hk: str, flat: bool):
     import momentum_cuda
-    return momentum_cuda.SGD(model.parameters(), flat=flat, stochastic_rounding=True,
-                             sr_seed=SR_SEED, **hypers(hk))
+    return _count_planning(momentum_cuda.SGD(model.parameters(), flat=flat,
+                                             stochastic_rounding=True, sr_seed=SR_SEED,
+                                             **hypers(hk)))
 
 
 class _SrTwin:
@@ -904,9 +930,10 @@ def _sr_steps(ctx: Ctx, twin: _SrTwin, runs, *, first_step: int, steps: int, wha
                 nn.utils.clip_grad_norm_(m.parameters(), 0.05)
             elif k % 4 == 3:
                 o.clip_grad_norm_(0.05)
-            if k >= first_step + 2 and o._steady is None:
-                ctx.check.fail(f"{label} the replay is not live")  # (it replays from step 3)
-            o.step()
+            if k >= first_step + 2 and k % 4 != 3:  # (from step 3; a pending clip plans)
+                _replayed(ctx, o, o.step, label)
+            else:
+                o.step()
             if i == 0:  # (after the step: opt.clip_grad_norm_ clips the gradients inside it)
                 twin.step(m)
         for m, o in runs:
