@@ -336,6 +336,17 @@ def _same_shards(p, *ts) -> bool:
     return True
 
 
+def _master_mark(p) -> tuple:
+    """What a write to (or a move of) a master-weights parameter changes: its address and
+    version; for a DTensor, its local shard's address and version (a write to the shard alone,
+    FSDP2 replacing it) and its own version (a write to the DTensor runs on the local shard
+    below autograd, which leaves the shard's version as it was)."""
+    if isinstance(p, _DTensor):
+        lp = p._local_tensor
+        return lp.data_ptr(), lp._version, p._version
+    return p.data_ptr(), p._version
+
+
 def _shard_offset(p) -> int:
     """The index in the whole tensor (memory order: row-major, as the full parameter FSDP2
     gathers) of a DTensor's local shard's first element, for stochastic rounding, whose random
@@ -695,45 +706,56 @@ class _ListCall:
             self.check = _C.ListCheck(self.ps, True, self.keys, self.held,
                                       [self.watch] * len(self.ps))
         else:
-            self.check = _ShardCheck(self.dts, self.ps, self.bs, self.held)
-            self.bump = self.dts + [held[0] for held in self.held if held]
+            own = {"momentum_buffer": self.bs, "master_weight": self.xs}
+            locals_ = [[own[key][k] for key in self.keys] for k in range(len(self.ps))]
+            self.check = _ShardCheck(self.dts, self.ps, self.keys, self.held, locals_,
+                                     self.watch)
+            self.bump = self.dts + [h for held in self.held for h in held]
         return self
 
 
 class _ShardCheck:
     """_C.ListCheck's check for a list call over the local shards of DTensor (FSDP2)
     parameters, in Python (the shards sit behind DTensor attributes): each DTensor's local
-    shard the one the call stepped, at its address with its sizes and strides; its gradient a
-    DTensor sharded like it (_same_shards) whose shard is laid out like the parameter's; its
-    state's momentum_buffer the DTensor the call used, over the same local buffer, unchanged
-    in layout. Returns the gradients' local shards, or None."""
+    shard the one the call stepped, at its address with its sizes and strides, and with
+    `watch` (masters) at the version the call left it; its gradient a DTensor sharded like it
+    (_same_shards) whose shard is laid out like the parameter's; each of its state entries
+    `keys` the DTensor the call used, over the same local tensor, unchanged in layout. Returns
+    the gradients' local shards, or None."""
 
-    def __init__(self, dts, shards, bufs, held):
+    def __init__(self, dts, shards, keys, held, locals_, watch):
         self.items = [(dt, lp, lp.data_ptr(), lp.shape, lp.stride(), lp.dtype,
-                       held[k][0] if held[k] else None, bufs[k] if held[k] else None,
-                       bufs[k].dtype if held[k] else None)
+                       [(key, h, t, t.dtype) for key, h, t in zip(keys, held[k], locals_[k])])
                       for k, (dt, lp) in enumerate(zip(dts, shards))]
+        self.watch = watch
+        self.marks = [_master_mark(dt) for dt, *_ in self.items]
 
     def check(self, state):
         out = []
-        for dt, lp, ptr, shape, stride, dtype, bdt, lb, bdtype in self.items:
+        for (dt, lp, ptr, shape, stride, dtype, entries), mark in zip(self.items, self.marks):
             g = dt.grad
             if (dt._local_tensor is not lp or lp.data_ptr() != ptr or lp.shape != shape
                     or lp.stride() != stride or lp.dtype != dtype
+                    or (self.watch and _master_mark(dt) != mark)
                     or not isinstance(g, _DTensor) or not _same_shards(dt, g)):
                 return None
             lg = g._local_tensor
             if (lg.layout != torch.strided or lg.shape != shape or lg.stride() != stride
                     or lg.dtype != dtype or lg.device != lp.device):
                 return None
-            if bdt is not None:
-                st = state.get(dt)
-                if (st is None or st.get("momentum_buffer") is not bdt
-                        or bdt._local_tensor is not lb or lb.shape != shape
-                        or lb.stride() != stride or lb.dtype != bdtype):
+            st = state.get(dt) if entries else None
+            for key, h, t, tdtype in entries:
+                if (st is None or st.get(key) is not h or h._local_tensor is not t
+                        or t.shape != shape or t.stride() != stride or t.dtype != tdtype):
                     return None
             out.append(lg)
         return out
+
+    def commit(self, seen) -> None:
+        """After a replay: the versions it left (and the optimizer's _master_seen, by DTensor)."""
+        self.marks = [_master_mark(dt) for dt, *_ in self.items]
+        for (dt, *_), mark in zip(self.items, self.marks):
+            seen[id(dt)] = mark
 
 
 class _LastStep:
@@ -887,7 +909,7 @@ class _FusedMomentum(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if self._master(group, p) and self.state.get(p):
-                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                    self._mark_master(p)
         # No layout yet: while pickle or deepcopy runs, its memo holds more references to
         # the parameters' storages than the finished copy will (see _private); the first
         # zero_grad() or step() lays every group out and adopts its momentum buffers.
@@ -1010,10 +1032,10 @@ class _FusedMomentum(Optimizer):
                 if st and "master_remainder" in st and self._master_written(p):
                     st["master_remainder"] = torch.zeros_like(st["master_remainder"])
                     st["master_ties"] = torch.zeros_like(st["master_ties"])
-                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                    self._mark_master(p)
                 elif st and "master_weight" in st and self._master_written(p):
                     st["master_weight"] = torch.empty_like(st["master_weight"]).copy_(p.detach())
-                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                    self._mark_master(p)
 
     def state_dict(self) -> dict:
         """torch's, with every master settled first (_settle_masters)."""
@@ -1023,7 +1045,11 @@ class _FusedMomentum(Optimizer):
     def _master_written(self, p) -> bool:
         """p was written (or moved) since its last master step: its remainder is stale."""
         seen = self._master_seen.get(id(p))
-        return seen is not None and seen != (p.data_ptr(), p._version)
+        return seen is not None and seen != _master_mark(p)
+
+    def _mark_master(self, p) -> None:
+        """p's master is its state as p is now (_master_written)."""
+        self._master_seen[id(p)] = _master_mark(p)
 
     # ---- backend ---------------------------------------------------------------------------
     def _backend_for(self, device: torch.device) -> str:
@@ -1340,7 +1366,7 @@ class _FusedMomentum(Optimizer):
             for k, v in kept.get(id(p), {}).items():
                 self.state[p][k] = v.to(p.device, _MASTER_STATE[k], copy=True)
             if self._master(g, p):
-                self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                self._mark_master(p)
         self._adopt_buffers(self._group_layouts())
 
     @torch.no_grad()
@@ -1832,6 +1858,7 @@ class _FusedMomentum(Optimizer):
                                       self._kernel_args(c.h, amp, c.device)))
         else:
             self._replay_mode(c, gs)
+            return
         if c.bump:  # the DTensors over the local shards it wrote
             _bump(c.bump)
 
@@ -1849,15 +1876,16 @@ class _FusedMomentum(Optimizer):
             sr_op(c.backend)(c.ps, gs, c.bs, keys, *args, offsets=offsets)
             for p, s in zip(owners, steps):
                 state[p]["sr_step"] = s
-            return
-        if c.mode == "master":
+        elif c.mode == "master":
             master_op(c.backend)(c.ps, gs, c.bs, c.xs, c.ys, *args)
         elif c.mode == "master16":
             fp16_master_op(c.backend)(c.ps, gs, c.bs, c.xs, *args)
         else:
             qmom_op(c.backend)(c.ps, gs, c.bs, c.xs, *args)
-        if c.mode != "qmom":  # a later write restarts the master (_master_written)
-            c.check.commit(self._master_seen)
+        if c.bump:  # the DTensors over the local shards it wrote
+            _bump(c.bump)
+        if c.mode in ("master", "master16"):  # a later write restarts the master
+            c.check.commit(self._master_seen)  # (_master_written; after the bump)
 
     def _plan(self, group, lay, relayout=None):
         """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
@@ -2219,24 +2247,23 @@ class _FusedMomentum(Optimizer):
         """What the ops of the modes need (csrc/momentum_ops.cpp checks it again), raised
         before anything is written, naming the parameter (its description is made only then:
         this runs for every parameter at every step). A DTensor (FSDP2) parameter is taken by
-        momentum_dtype=torch.bfloat16 and stochastic_rounding=True (elementwise: its local
-        shard is stepped, the buffer a bf16 DTensor sharded like it), with a gradient (and
-        buffer) sharded like it."""
+        momentum_dtype=torch.bfloat16, stochastic_rounding=True and master_weights=True for
+        fp16 (elementwise: its local shard is stepped, its state DTensors sharded like it), with
+        a gradient (and buffer) sharded like it."""
         flag = _MODE_FLAG[mode]
         if isinstance(p, _DTensor):
-            if mode not in ("qmom", "sr") or (mode == "qmom" and key is not torch.bfloat16):
+            if mode == "master" or (mode == "qmom" and key is not torch.bfloat16):
                 why = {"qmom": "its blocks of 256 elements are counted from each tensor's "
                                "start, which a shard moves",
-                       "master": "its tie bits are packed 8 elements a byte per tensor, which a "
-                                 "shard cuts",
-                       "master16": "not built for shards yet"}[mode]
+                       "master": "bf16 parameters: its tie bits are packed 8 elements a byte "
+                                 "per tensor, which a shard cuts"}[mode]
                 raise RuntimeError(f"{flag}{'=' + str(key) if mode == 'qmom' else ''} does not "
                                    f"take DTensor (FSDP2) parameters ({why}); got a {_what(p)}. "
-                                   "momentum_dtype=torch.bfloat16 and stochastic_rounding=True "
-                                   "do")
+                                   "momentum_dtype=torch.bfloat16, stochastic_rounding=True and "
+                                   "master_weights=True for fp16 parameters do")
             if not _same_shards(p, g, buf if isinstance(buf, _DTensor) else None) or (
                     buf is not None and not isinstance(buf, _DTensor)):
-                flag += "=torch.bfloat16" if mode == "qmom" else "=True"
+                flag += "=torch.bfloat16" if mode == "qmom" else ""
                 raise RuntimeError(f"{flag} needs the gradient and momentum_buffer "
                                    f"of a DTensor parameter sharded like it; the {_what(p)} has "
                                    f"a gradient with placements {getattr(g, 'placements', None)}"
@@ -2288,9 +2315,17 @@ class _FusedMomentum(Optimizer):
                 extra = (rem, ties)
             elif mode == "master16":
                 m = st.get("master_weight")
-                if (m is None or self._master_written(p) or m.shape != p.shape
-                        or m.stride() != p.stride() or m.dtype != torch.float32
-                        or m.device != p.device):
+                if owner is not None and m is not None:  # (its local shard)
+                    if not (isinstance(m, _DTensor) and _same_shards(owner, m)):
+                        raise RuntimeError(
+                            f"master_weights=True: the fp32 master (state 'master_weight') of "
+                            f"the {_what(owner)} must be a DTensor sharded like it, got a "
+                            f"{type(m).__name__} with placements "
+                            f"{getattr(m, 'placements', None)}")
+                    m = m._local_tensor
+                if (m is None or self._master_written(p if owner is None else owner)
+                        or m.shape != p.shape or m.stride() != p.stride()
+                        or m.dtype != torch.float32 or m.device != p.device):
                     m = torch.empty_like(p, dtype=torch.float32).copy_(p)
                 extra = (m, None)
             elif mode == "sr":
@@ -2332,21 +2367,35 @@ class _FusedMomentum(Optimizer):
             for k, p in enumerate(ps):
                 owner = owners[k]
                 st = self.state[p if owner is None else owner]
-                if owner is not None:  # the DTensor and its buffer DTensor were written
-                    old = st.get("momentum_buffer")
-                    kept_old = use_buf and isinstance(old, _DTensor) and old._local_tensor is bs[k]
-                    _bump([owner] + ([old] if kept_old else []))
-                    if use_buf and not kept_old:
-                        # sharded like its parameter, as torch's clone of the gradient is
-                        st["momentum_buffer"] = _as_dtensor(bs[k], owner)
+                if owner is not None:  # the DTensor and its state DTensors were written
+                    written = [owner]
+                    for name, local, on in (("momentum_buffer", bs[k] if use_buf else None,
+                                             use_buf),
+                                            ("master_weight", xs[k] if mode == "master16"
+                                             else None, mode == "master16")):
+                        old = st.get(name)
+                        if not on:
+                            continue
+                        if isinstance(old, _DTensor) and old._local_tensor is local:
+                            written.append(old)
+                            continue
+                        # sharded like its parameter, as torch's clone of the gradient; the
+                        # call keeps the DTensor's own local tensor (from_local may give it a
+                        # view), which the next step finds there
+                        st[name] = _as_dtensor(local, owner)
+                        (bs if name == "momentum_buffer" else xs)[k] = st[name]._local_tensor
+                    _bump(written)
+                    if mode == "master16":
+                        self._mark_master(owner)
                 elif use_buf:
                     st["momentum_buffer"] = bs[k]
                 if mode == "master":
                     st["master_remainder"], st["master_ties"] = xs[k], ys[k]
-                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                    self._mark_master(p)
                 elif mode == "master16":
-                    st["master_weight"] = xs[k]
-                    self._master_seen[id(p)] = (p.data_ptr(), p._version)
+                    if owner is None:  # (a DTensor's: above)
+                        st["master_weight"] = xs[k]
+                        self._mark_master(p)
                 elif mode == "qmom":
                     if xs:
                         st["momentum_scales"] = xs[k]
@@ -2364,11 +2413,12 @@ class _FusedMomentum(Optimizer):
                 keys_of = {id(p): key for p, _, _, m, key in items if m == "sr"}
                 sr = (keys_of[id((dts or ps)[0])][0], [keys_of[id(p)][1] for p in dts or ps],
                       offs)
-            if dts:  # (each DTensor's buffer DTensor, over the local one)
-                held = [[self.state[dt].get("momentum_buffer")] if use_buf else [] for dt in dts]
-                kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper,
-                                            ["momentum_buffer"] if use_buf else [], held,
-                                            sr=sr, dts=dts))
+            if dts:  # (each DTensor's state DTensors, over the local ones)
+                keys = (["momentum_buffer"] if use_buf else []) + (
+                    ["master_weight"] if mode == "master16" else [])
+                held = [[self.state[dt][k] for k in keys] for dt in dts]
+                kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper, keys, held,
+                                            watch=mode == "master16", sr=sr, dts=dts))
                 continue
             # the state entries the next step reads, and their objects (now in the state)
             keys = ["momentum_buffer"] if use_buf else []

@@ -965,6 +965,83 @@ def fsdp2_sr(ctx: Ctx, *, flat: bool, hk: str):
     _sr_steps(ctx, twin, [(m, opt), (m2, opt2)], first_step=5, steps=3, what="resumed ")
 
 
+def _fp16_master_opt(model, hk: str, flat: bool):
+    import momentum_cuda
+    return _count_planning(momentum_cuda.SGD(model.parameters(), flat=flat, master_weights=True,
+                                             **hypers(hk)))
+
+
+def _fp16_master_steps(ctx: Ctx, tm, topt, runs, *, first_step: int, steps: int,
+                       what: str = ""):
+    """Steps of fp16 (model, opt) runs with master_weights=True and of torch's fp32 twin (tm,
+    topt: torch.optim.SGD(foreach=False)), all on the same data; the twin takes the first
+    run's gradients upcast to fp32 after its step (clipped by torch's clip_grad_norm_ or by
+    opt.clip_grad_norm_ inside the step, every other step). Step 5 writes l1.weight between
+    steps (its master restarts from the written value; the twin's parameter takes that value).
+    Compared after every step: opt.master_weight(p) with the twin's fp32 parameter, p with it
+    rounded to fp16, the fp32 buffers (DTensors sharded like their parameters)."""
+    for k in range(first_step, first_step + steps):
+        x, y = mlp_data(ctx, 8, k)
+        label = f"{what}step {k + 1}:"
+        if k == 4:
+            with torch.no_grad():
+                for m, _ in runs:
+                    m.l1.weight.mul_(-0.5)
+                tm.l1.weight.copy_(runs[0][0].l1.weight.float())
+        for i, (m, o) in enumerate(runs):
+            F.mse_loss(m(x.half()), y.half()).backward()
+            if k % 4 == 1:
+                nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            elif k % 4 == 3:
+                o.clip_grad_norm_(0.5)
+            # replayed from step 3, but for a pending clip and the step after the write
+            if k >= first_step + 2 and k % 4 != 3 and k != 4:
+                _replayed(ctx, o, o.step, label)
+            else:
+                o.step()
+            if i == 0:
+                for p, q in zip(m.parameters(), tm.parameters()):
+                    q.grad = p.grad.float()
+                topt.step()
+        ref = list(tm.named_parameters())
+        for m, o in runs:
+            for (n, p), (_, q) in zip(m.named_parameters(), ref):
+                ctx.check.tensor(o.master_weight(p), q.detach(), f"{label} master of {n}")
+                ctx.check.tensor(p.detach(), q.detach().half(), f"{label} {n}")
+                ctx.check.tensor(buffer_of(o, p), buffer_of(topt, q), f"{label} buffer of {n}")
+                mw = o.state[p].get("master_weight")
+                if not (isinstance(mw, _dtensor_cls()) and mw.placements == p.placements):
+                    ctx.check.fail(f"{label} master_weight of {n} is a {type(mw).__name__}")
+            ctx.record("paths", paths(o))
+        for m, o in runs:
+            o.zero_grad(set_to_none=k % 2 == 0)
+        topt.zero_grad()
+
+
+def fsdp2_fp16_master(ctx: Ctx, *, flat: bool, hk: str):
+    """master_weights=True for fp16 FSDP2 parameters: each rank steps its local shards, the fp32
+    master a DTensor sharded like its parameter, bitwise against torch.optim.SGD(foreach=
+    False) on fp32 FSDP2 parameters fed the gradients upcast (the contract), a write between
+    steps included; on 2 ranks also a dcp.save / dcp.load into a fresh model and optimizer
+    that trains on with the bits of the uninterrupted run."""
+    m = fsdp2(mlp(1).half(), ctx)
+    tm = fsdp2(mlp(1).half().float(), ctx)
+    opt = _fp16_master_opt(m, hk, flat)
+    topt = torch.optim.SGD(tm.parameters(), **hypers(hk), foreach=False)
+    _fp16_master_steps(ctx, tm, topt, [(m, opt)], first_step=0, steps=6)
+    if ctx.world != 2:
+        return
+    base = ctx.shared / f"ckpt-fp16-master-{_flat_id(flat)}-{hk}"
+    dcp_save(ctx, m, opt, base)
+    m2 = fsdp2(mlp(99).half(), ctx)
+    opt2 = _fp16_master_opt(m2, hk, flat)
+    dcp_load(ctx, m2, opt2, base)
+    for (n, p), (_, q) in zip(m2.named_parameters(), m.named_parameters()):
+        ctx.check.tensor(opt2.master_weight(p), opt.master_weight(q), f"after dcp.load: {n}")
+    _fp16_master_steps(ctx, tm, topt, [(m, opt), (m2, opt2)], first_step=6, steps=3,
+                       what="resumed ")
+
+
 def dtensor_sr_refused(ctx: Ctx, *, flat: bool):
     """stochastic_rounding=True on a DTensor whose local shard is not one run of the whole
     tensor (Shard(1) of a matrix): step() raises, naming the flag and the shard, before
@@ -995,13 +1072,12 @@ def dtensor_sr_refused(ctx: Ctx, *, flat: bool):
 
 def fsdp2_modes_refused(ctx: Ctx, *, flat: bool):
     """The modes whose state is not elementwise on a shard do not take DTensor parameters:
-    momentum_dtype=torch.int8 (its blocks), master_weights (bf16 parameters: tie bits; fp16:
-    not built): step() raises, naming the flag, before anything is written (no parameter
-    changed, no state)."""
+    momentum_dtype=torch.int8 (its blocks), master_weights for bf16 parameters (tie bits):
+    step() raises, naming the flag, before anything is written (no parameter changed, no
+    state)."""
     import momentum_cuda
     cases = {"momentum_dtype=torch.int8": (torch.float32, dict(momentum_dtype=torch.int8)),
-             "master_weights=True": (torch.bfloat16, dict(master_weights=True)),
-             "master_weights=True (fp16)": (torch.float16, dict(master_weights=True))}
+             "master_weights=True": (torch.bfloat16, dict(master_weights=True))}
     for flag, (dtype, kw) in cases.items():
         m = fsdp2(mlp(1).to(dtype), ctx)
         opt = momentum_cuda.SGD(m.parameters(), lr=0.1, momentum=0.9, flat=flat, **kw)
@@ -1012,7 +1088,7 @@ def fsdp2_modes_refused(ctx: Ctx, *, flat: bool):
             opt.step()
             ctx.check.fail(f"{flag}: step() on DTensor parameters did not raise")
         except RuntimeError as e:
-            if f"{flag.split()[0]} does not take DTensor (FSDP2) parameters" not in str(e):
+            if f"{flag} does not take DTensor (FSDP2) parameters" not in str(e):
                 ctx.check.fail(f"{flag}: unexpected message: {e}")
         for i, (p, b) in enumerate(zip(m.parameters(), before)):
             ctx.check.tensor(p.detach().to_local(), b, f"{flag}: parameter {i} after the refusal")
@@ -1048,6 +1124,9 @@ def _build() -> None:
         for hk in ("nest-wd", "damp-max-wd"):
             _add(2, f"fsdp2-sr/{_flat_id(flat)}/{hk}", fsdp2_sr, flat=flat, hk=hk)
         _add(2, f"dtensor-sr-refused/{_flat_id(flat)}", dtensor_sr_refused, flat=flat)
+        for hk in ("nest-wd", "damp-max-wd"):
+            _add(2, f"fsdp2-fp16-master/{_flat_id(flat)}/{hk}", fsdp2_fp16_master, flat=flat,
+                 hk=hk)
     for flat in (True, False):
         for hk in ("tensors", "ema-tensors"):
             _add(2, f"fsdp2/{_flat_id(flat)}/{hk}", fsdp2_train, flat=flat, hk=hk)
@@ -1106,6 +1185,8 @@ def _build() -> None:
              hk="nest-wd")
     _add(3, "fsdp2-uneven/flat/ema", fsdp2_train, flat=True, hk="ema")
     _add(3, "fsdp2-uneven-sr/flat/nest-wd", fsdp2_sr, flat=True, hk="nest-wd")
+    _add(3, "fsdp2-uneven-fp16-master/pertensor/damp-max-wd", fsdp2_fp16_master, flat=False,
+         hk="damp-max-wd")
     _add(3, "fsdp2-uneven-bf16-momentum/pertensor/damp-max-wd", fsdp2_bf16_momentum,
          flat=False, hk="damp-max-wd")
     for flat, source in ((True, "own"), (False, "own"), (True, "torch")):
