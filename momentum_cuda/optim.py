@@ -102,7 +102,7 @@ from ._backends import _C, resolve_backend
 from ._ops import fp16_master_op, master_op, qmom_op, sr_op, step_ops
 from ._util import is_dense as _dense
 from .reference import (QBLOCK, _bf16_rne, bf16_join, dequantize_momentum, momentum_reference_step,
-                        quantize_momentum, sr_key, unpack_ties)
+                        pack_ties, quantize_momentum, sr_key, unpack_ties)
 
 log = logging.getLogger("momentum_cuda")
 
@@ -345,6 +345,16 @@ def _master_mark(p) -> tuple:
         lp = p._local_tensor
         return lp.data_ptr(), lp._version, p._version
     return p.data_ptr(), p._version
+
+
+def _local_state(p, t, key: str):
+    """The local shard of a DTensor parameter's state entry `key` (a DTensor sharded like
+    it), raising for anything else (e.g. a whole tensor loaded from another layout)."""
+    if not (isinstance(t, _DTensor) and _same_shards(p, t)):
+        raise RuntimeError(f"master_weights=True: state {key!r} of the {_what(p)} must be a "
+                           f"DTensor sharded like it, got a {type(t).__name__} with placements "
+                           f"{getattr(t, 'placements', None)}")
+    return t._local_tensor
 
 
 def _shard_offset(p) -> int:
@@ -706,11 +716,13 @@ class _ListCall:
             self.check = _C.ListCheck(self.ps, True, self.keys, self.held,
                                       [self.watch] * len(self.ps))
         else:
-            own = {"momentum_buffer": self.bs, "master_weight": self.xs}
+            own = {"momentum_buffer": self.bs, "master_weight": self.xs,
+                   "master_remainder": self.xs, "master_ties": self.ys}
             locals_ = [[own[key][k] for key in self.keys] for k in range(len(self.ps))]
             self.check = _ShardCheck(self.dts, self.ps, self.keys, self.held, locals_,
                                      self.watch)
-            self.bump = self.dts + [h for held in self.held for h in held]
+            self.bump = self.dts + [h for held in self.held for h in held
+                                    if isinstance(h, _DTensor)]
         return self
 
 
@@ -720,12 +732,14 @@ class _ShardCheck:
     shard the one the call stepped, at its address with its sizes and strides, and with
     `watch` (masters) at the version the call left it; its gradient a DTensor sharded like it
     (_same_shards) whose shard is laid out like the parameter's; each of its state entries
-    `keys` the DTensor the call used, over the same local tensor, unchanged in layout. Returns
-    the gradients' local shards, or None."""
+    `keys` the DTensor the call used, over the same local tensor (bf16 masters' tie bits: the
+    plain tensor, packed per shard), unchanged in layout. Returns the gradients' local shards,
+    or None."""
 
     def __init__(self, dts, shards, keys, held, locals_, watch):
         self.items = [(dt, lp, lp.data_ptr(), lp.shape, lp.stride(), lp.dtype,
-                       [(key, h, t, t.dtype) for key, h, t in zip(keys, held[k], locals_[k])])
+                       [(key, h, t, (t.shape, t.stride(), t.dtype))
+                        for key, h, t in zip(keys, held[k], locals_[k])])
                       for k, (dt, lp) in enumerate(zip(dts, shards))]
         self.watch = watch
         self.marks = [_master_mark(dt) for dt, *_ in self.items]
@@ -744,9 +758,9 @@ class _ShardCheck:
                     or lg.dtype != dtype or lg.device != lp.device):
                 return None
             st = state.get(dt) if entries else None
-            for key, h, t, tdtype in entries:
-                if (st is None or st.get(key) is not h or h._local_tensor is not t
-                        or t.shape != shape or t.stride() != stride or t.dtype != tdtype):
+            for key, h, t, layout in entries:
+                if (st is None or st.get(key) is not h or _local(h) is not t
+                        or (t.shape, t.stride(), t.dtype) != layout):
                     return None
             out.append(lg)
         return out
@@ -1017,7 +1031,9 @@ class _FusedMomentum(Optimizer):
         rem, ties = st.get("master_remainder"), st.get("master_ties")
         if rem is None or ties is None or self._master_written(p):
             return p.detach().float()
-        return bf16_join(p.detach(), rem, unpack_ties(ties, p))
+        lp = _local(p).detach()
+        m = bf16_join(lp, _local(rem), unpack_ties(ties, lp))
+        return _as_dtensor(m, p) if isinstance(p, _DTensor) else m
 
     def _settle_masters(self) -> None:
         """Before the state leaves this optimizer (state_dict, deepcopy, pickle): the master of
@@ -1038,9 +1054,21 @@ class _FusedMomentum(Optimizer):
                     self._mark_master(p)
 
     def state_dict(self) -> dict:
-        """torch's, with every master settled first (_settle_masters)."""
+        """torch's, with every master settled first (_settle_masters). A DTensor's tie bits,
+        packed per local shard in its state, are given as a uint8 DTensor sharded like it (one
+        element per element, 0 or 1): a checkpoint (dcp) reshards them as it does the
+        remainder; load_state_dict packs them again."""
         self._settle_masters()
-        return super().state_dict()
+        sd = super().state_dict()
+        ps = [p for g in self.param_groups for p in g["params"]]
+        for i, st in sd["state"].items():
+            ties = st.get("master_ties")
+            if isinstance(ps[i], _DTensor) and isinstance(ties, torch.Tensor) and not isinstance(
+                    ties, _DTensor):
+                st = sd["state"][i] = dict(st)  # (torch's entries are the state's own dicts)
+                lp = ps[i]._local_tensor
+                st["master_ties"] = _as_dtensor(unpack_ties(ties, lp).to(torch.uint8), ps[i])
+        return sd
 
     def _master_written(self, p) -> bool:
         """p was written (or moved) since its last master step: its remainder is stale."""
@@ -1326,6 +1354,15 @@ class _FusedMomentum(Optimizer):
                 kept[id(p)] = {k: st[k] for k in _MASTER_STATE
                                if isinstance(st.get(k), torch.Tensor)
                                and (st[k].is_floating_point() or k != "momentum_buffer")}
+                if isinstance(p, _DTensor):
+                    for k, v in kept[id(p)].items():
+                        if not (isinstance(v, _DTensor) and _same_shards(p, v)
+                                and v.shape == p.shape):
+                            raise ValueError(
+                                f"load_state_dict: state {k!r} of the {_what(p)} (master "
+                                f"weights) must be a DTensor sharded like it, got a "
+                                f"{type(v).__name__} of shape {tuple(v.shape)} with placements "
+                                f"{getattr(v, 'placements', None)}")
             elif self._mode(g, p) == "qmom" and isinstance(st.get("momentum_buffer"),
                                                             torch.Tensor):
                 kept[id(p)] = {"momentum_buffer": st["momentum_buffer"]}
@@ -1365,6 +1402,8 @@ class _FusedMomentum(Optimizer):
                 continue
             for k, v in kept.get(id(p), {}).items():
                 self.state[p][k] = v.to(p.device, _MASTER_STATE[k], copy=True)
+                if k == "master_ties" and isinstance(p, _DTensor):  # (state_dict's form)
+                    self.state[p][k] = pack_ties(v._local_tensor.to(p.device).bool())
             if self._master(g, p):
                 self._mark_master(p)
         self._adopt_buffers(self._group_layouts())
@@ -2247,20 +2286,15 @@ class _FusedMomentum(Optimizer):
         """What the ops of the modes need (csrc/momentum_ops.cpp checks it again), raised
         before anything is written, naming the parameter (its description is made only then:
         this runs for every parameter at every step). A DTensor (FSDP2) parameter is taken by
-        momentum_dtype=torch.bfloat16, stochastic_rounding=True and master_weights=True for
-        fp16 (elementwise: its local shard is stepped, its state DTensors sharded like it), with
-        a gradient (and buffer) sharded like it."""
+        every mode but momentum_dtype=torch.int8 (elementwise: its local shard is stepped, its
+        state DTensors sharded like it), with a gradient (and buffer) sharded like it."""
         flag = _MODE_FLAG[mode]
         if isinstance(p, _DTensor):
-            if mode == "master" or (mode == "qmom" and key is not torch.bfloat16):
-                why = {"qmom": "its blocks of 256 elements are counted from each tensor's "
-                               "start, which a shard moves",
-                       "master": "bf16 parameters: its tie bits are packed 8 elements a byte "
-                                 "per tensor, which a shard cuts"}[mode]
-                raise RuntimeError(f"{flag}{'=' + str(key) if mode == 'qmom' else ''} does not "
-                                   f"take DTensor (FSDP2) parameters ({why}); got a {_what(p)}. "
-                                   "momentum_dtype=torch.bfloat16, stochastic_rounding=True and "
-                                   "master_weights=True for fp16 parameters do")
+            if mode == "qmom" and key is not torch.bfloat16:
+                raise RuntimeError(f"{flag}={key} does not take DTensor (FSDP2) parameters (its "
+                                   "blocks of 256 elements are counted from each tensor's start, "
+                                   f"which a shard moves); got a {_what(p)}. "
+                                   "momentum_dtype=torch.bfloat16 does")
             if not _same_shards(p, g, buf if isinstance(buf, _DTensor) else None) or (
                     buf is not None and not isinstance(buf, _DTensor)):
                 flag += "=torch.bfloat16" if mode == "qmom" else ""
@@ -2309,20 +2343,17 @@ class _FusedMomentum(Optimizer):
                 owner, p, g, buf = p, _local(p), _local(g), _local(buf)
             if mode == "master":
                 rem, ties = st.get("master_remainder"), st.get("master_ties")
-                if rem is None or ties is None or self._master_written(p) or rem.shape != p.shape:
+                if owner is not None and rem is not None:  # (its local shard; the tie bits
+                    rem = _local_state(owner, rem, "master_remainder")  # packed per shard)
+                if (rem is None or ties is None or rem.shape != p.shape
+                        or self._master_written(p if owner is None else owner)):
                     rem = torch.zeros_like(p, dtype=torch.int16)
                     ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
                 extra = (rem, ties)
             elif mode == "master16":
                 m = st.get("master_weight")
                 if owner is not None and m is not None:  # (its local shard)
-                    if not (isinstance(m, _DTensor) and _same_shards(owner, m)):
-                        raise RuntimeError(
-                            f"master_weights=True: the fp32 master (state 'master_weight') of "
-                            f"the {_what(owner)} must be a DTensor sharded like it, got a "
-                            f"{type(m).__name__} with placements "
-                            f"{getattr(m, 'placements', None)}")
-                    m = m._local_tensor
+                    m = _local_state(owner, m, "master_weight")
                 if (m is None or self._master_written(p if owner is None else owner)
                         or m.shape != p.shape or m.stride() != p.stride()
                         or m.dtype != torch.float32 or m.device != p.device):
@@ -2372,7 +2403,9 @@ class _FusedMomentum(Optimizer):
                     for name, local, on in (("momentum_buffer", bs[k] if use_buf else None,
                                              use_buf),
                                             ("master_weight", xs[k] if mode == "master16"
-                                             else None, mode == "master16")):
+                                             else None, mode == "master16"),
+                                            ("master_remainder", xs[k] if mode == "master"
+                                             else None, mode == "master")):
                         old = st.get(name)
                         if not on:
                             continue
@@ -2385,13 +2418,16 @@ class _FusedMomentum(Optimizer):
                         st[name] = _as_dtensor(local, owner)
                         (bs if name == "momentum_buffer" else xs)[k] = st[name]._local_tensor
                     _bump(written)
-                    if mode == "master16":
+                    if mode == "master":
+                        st["master_ties"] = ys[k]
+                    if mode in ("master", "master16"):
                         self._mark_master(owner)
                 elif use_buf:
                     st["momentum_buffer"] = bs[k]
                 if mode == "master":
-                    st["master_remainder"], st["master_ties"] = xs[k], ys[k]
-                    self._mark_master(p)
+                    if owner is None:  # (a DTensor's: above)
+                        st["master_remainder"], st["master_ties"] = xs[k], ys[k]
+                        self._mark_master(p)
                 elif mode == "master16":
                     if owner is None:  # (a DTensor's: above)
                         st["master_weight"] = xs[k]
@@ -2413,12 +2449,14 @@ class _FusedMomentum(Optimizer):
                 keys_of = {id(p): key for p, _, _, m, key in items if m == "sr"}
                 sr = (keys_of[id((dts or ps)[0])][0], [keys_of[id(p)][1] for p in dts or ps],
                       offs)
-            if dts:  # (each DTensor's state DTensors, over the local ones)
-                keys = (["momentum_buffer"] if use_buf else []) + (
-                    ["master_weight"] if mode == "master16" else [])
+            if dts:  # (each DTensor's state DTensors, over the local ones; the tie bits)
+                keys = (["momentum_buffer"] if use_buf else []) + {
+                    "master16": ["master_weight"],
+                    "master": ["master_remainder", "master_ties"]}.get(mode, [])
                 held = [[self.state[dt][k] for k in keys] for dt in dts]
                 kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper, keys, held,
-                                            watch=mode == "master16", sr=sr, dts=dts))
+                                            watch=mode in ("master", "master16"), sr=sr,
+                                            dts=dts))
                 continue
             # the state entries the next step reads, and their objects (now in the state)
             keys = ["momentum_buffer"] if use_buf else []

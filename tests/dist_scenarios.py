@@ -965,21 +965,22 @@ def fsdp2_sr(ctx: Ctx, *, flat: bool, hk: str):
     _sr_steps(ctx, twin, [(m, opt), (m2, opt2)], first_step=5, steps=3, what="resumed ")
 
 
-def _fp16_master_opt(model, hk: str, flat: bool):
+def _master_opt(model, hk: str, flat: bool):
     import momentum_cuda
     return _count_planning(momentum_cuda.SGD(model.parameters(), flat=flat, master_weights=True,
                                              **hypers(hk)))
 
 
-def _fp16_master_steps(ctx: Ctx, tm, topt, runs, *, first_step: int, steps: int,
-                       what: str = ""):
-    """Steps of fp16 (model, opt) runs with master_weights=True and of torch's fp32 twin (tm,
-    topt: torch.optim.SGD(foreach=False)), all on the same data; the twin takes the first
-    run's gradients upcast to fp32 after its step (clipped by torch's clip_grad_norm_ or by
-    opt.clip_grad_norm_ inside the step, every other step). Step 5 writes l1.weight between
-    steps (its master restarts from the written value; the twin's parameter takes that value).
-    Compared after every step: opt.master_weight(p) with the twin's fp32 parameter, p with it
-    rounded to fp16, the fp32 buffers (DTensors sharded like their parameters)."""
+def _master_steps(ctx: Ctx, tm, topt, runs, dtype, *, first_step: int, steps: int,
+                  what: str = ""):
+    """Steps of `dtype` (bf16 or fp16) (model, opt) runs with master_weights=True and of
+    torch's fp32 twin (tm, topt: torch.optim.SGD(foreach=False)), all on the same data; the
+    twin takes the first run's gradients upcast to fp32 after its step (clipped by torch's
+    clip_grad_norm_ or by opt.clip_grad_norm_ inside the step, every other step). Step 5
+    writes l1.weight between steps (its master restarts from the written value; the twin's
+    parameter takes that value). Compared after every step: opt.master_weight(p) with the
+    twin's fp32 parameter, p with it rounded to dtype, the fp32 buffers (DTensors sharded like
+    their parameters)."""
     for k in range(first_step, first_step + steps):
         x, y = mlp_data(ctx, 8, k)
         label = f"{what}step {k + 1}:"
@@ -989,7 +990,7 @@ def _fp16_master_steps(ctx: Ctx, tm, topt, runs, *, first_step: int, steps: int,
                     m.l1.weight.mul_(-0.5)
                 tm.l1.weight.copy_(runs[0][0].l1.weight.float())
         for i, (m, o) in enumerate(runs):
-            F.mse_loss(m(x.half()), y.half()).backward()
+            F.mse_loss(m(x.to(dtype)), y.to(dtype)).backward()
             if k % 4 == 1:
                 nn.utils.clip_grad_norm_(m.parameters(), 0.5)
             elif k % 4 == 3:
@@ -1003,43 +1004,82 @@ def _fp16_master_steps(ctx: Ctx, tm, topt, runs, *, first_step: int, steps: int,
                 for p, q in zip(m.parameters(), tm.parameters()):
                     q.grad = p.grad.float()
                 topt.step()
-        ref = list(tm.named_parameters())
         for m, o in runs:
-            for (n, p), (_, q) in zip(m.named_parameters(), ref):
-                ctx.check.tensor(o.master_weight(p), q.detach(), f"{label} master of {n}")
-                ctx.check.tensor(p.detach(), q.detach().half(), f"{label} {n}")
-                ctx.check.tensor(buffer_of(o, p), buffer_of(topt, q), f"{label} buffer of {n}")
-                mw = o.state[p].get("master_weight")
-                if not (isinstance(mw, _dtensor_cls()) and mw.placements == p.placements):
-                    ctx.check.fail(f"{label} master_weight of {n} is a {type(mw).__name__}")
+            _compare_masters(ctx, m, o, tm, topt, dtype, label)
             ctx.record("paths", paths(o))
         for m, o in runs:
             o.zero_grad(set_to_none=k % 2 == 0)
         topt.zero_grad()
 
 
-def fsdp2_fp16_master(ctx: Ctx, *, flat: bool, hk: str):
-    """master_weights=True for fp16 FSDP2 parameters: each rank steps its local shards, the fp32
-    master a DTensor sharded like its parameter, bitwise against torch.optim.SGD(foreach=
-    False) on fp32 FSDP2 parameters fed the gradients upcast (the contract), a write between
-    steps included; on 2 ranks also a dcp.save / dcp.load into a fresh model and optimizer
-    that trains on with the bits of the uninterrupted run."""
-    m = fsdp2(mlp(1).half(), ctx)
-    tm = fsdp2(mlp(1).half().float(), ctx)
-    opt = _fp16_master_opt(m, hk, flat)
+def _compare_masters(ctx: Ctx, m, o, tm, topt, dtype, label: str) -> None:
+    for (n, p), (_, q) in zip(m.named_parameters(), tm.named_parameters()):
+        ctx.check.tensor(o.master_weight(p), q.detach(), f"{label} master of {n}")
+        ctx.check.tensor(p.detach(), q.detach().to(dtype), f"{label} {n}")
+        ctx.check.tensor(buffer_of(o, p), buffer_of(topt, q), f"{label} buffer of {n}")
+        st = o.state.get(p, {})
+        for key in ("master_weight",) if dtype is torch.float16 else ("master_remainder",):
+            t = st.get(key)
+            if not (isinstance(t, _dtensor_cls()) and t.placements == p.placements):
+                ctx.check.fail(f"{label} {key} of {n} is a {type(t).__name__}")
+
+
+def _inject_ties(ctx: Ctx, m, o, tm) -> None:
+    """bf16 masters that are halfway between two bf16 values (low half 0x8000), half of them
+    rounded up (the tie bit set) and half down, at every position of l2.weight on every rank,
+    given to the optimizer as a checkpoint gives them (the parameter written first, then
+    load_state_dict of a state_dict whose remainder and unpacked tie bits say so) and to the
+    twin as its fp32 parameter; checks that master_weight(p) reads them back."""
+    from momentum_cuda.reference import bf16_split
+    p, q = m.l2.weight, tm.l2.weight
+    with torch.no_grad():
+        u = q.detach().full_tensor().view(torch.int32)
+        halfway = ((u & ~0xFFFF) | 0x8000).view(torch.float32)
+        param, rem, tie = bf16_split(halfway)
+        if not (tie.any() and (~tie).any()):
+            ctx.check.fail("the injected masters hold no tie (or only ties)")
+        q.copy_(_distribute_like(halfway, q))
+        p.copy_(_distribute_like(param, p))
+    sd = o.state_dict()
+    i = [id(x) for x in m.parameters()].index(id(p))
+    sd["state"][i] = dict(sd["state"][i], master_remainder=_distribute_like(rem, p),
+                          master_ties=_distribute_like(tie.to(torch.uint8), p))
+    o.load_state_dict(sd)
+    ctx.check.tensor(o.master_weight(p), q.detach(), "injected ties: master of l2.weight")
+
+
+def _distribute_like(full, like):
+    """full (the same on every rank) as a DTensor sharded like `like`: each rank takes its own
+    shard (src_data_rank=None: no scatter, which gloo refuses for int16)."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def fsdp2_master(ctx: Ctx, *, flat: bool, hk: str, dtype):
+    """master_weights=True for bf16 or fp16 FSDP2 parameters: each rank steps its local shards;
+    the state is sharded like its parameter (fp16: the fp32 master, a DTensor; bf16: the int16
+    remainder, a DTensor, and the tie bits packed per local shard, which state_dict gives as a
+    uint8 DTensor sharded like it); bitwise against torch.optim.SGD(foreach=False) on fp32 FSDP2
+    parameters fed the gradients upcast (the contract), a write between steps included. On 2
+    ranks also a dcp.save / dcp.load into a fresh model and optimizer that trains on with the
+    bits of the uninterrupted run; for bf16, masters on ties (_inject_ties) go through it."""
+    m = fsdp2(mlp(1).to(dtype), ctx)
+    tm = fsdp2(mlp(1).to(dtype).float(), ctx)
+    opt = _master_opt(m, hk, flat)
     topt = torch.optim.SGD(tm.parameters(), **hypers(hk), foreach=False)
-    _fp16_master_steps(ctx, tm, topt, [(m, opt)], first_step=0, steps=6)
+    _master_steps(ctx, tm, topt, [(m, opt)], dtype, first_step=0, steps=6)
     if ctx.world != 2:
         return
-    base = ctx.shared / f"ckpt-fp16-master-{_flat_id(flat)}-{hk}"
+    if dtype is torch.bfloat16:
+        _inject_ties(ctx, m, opt, tm)
+    base = ctx.shared / f"ckpt-master-{str(dtype)[6:]}-{_flat_id(flat)}-{hk}"
     dcp_save(ctx, m, opt, base)
-    m2 = fsdp2(mlp(99).half(), ctx)
-    opt2 = _fp16_master_opt(m2, hk, flat)
+    m2 = fsdp2(mlp(99).to(dtype), ctx)
+    opt2 = _master_opt(m2, hk, flat)
     dcp_load(ctx, m2, opt2, base)
-    for (n, p), (_, q) in zip(m2.named_parameters(), m.named_parameters()):
-        ctx.check.tensor(opt2.master_weight(p), opt.master_weight(q), f"after dcp.load: {n}")
-    _fp16_master_steps(ctx, tm, topt, [(m, opt), (m2, opt2)], first_step=6, steps=3,
-                       what="resumed ")
+    _compare_masters(ctx, m2, opt2, tm, topt, dtype, "after dcp.load:")
+    _master_steps(ctx, tm, topt, [(m, opt), (m2, opt2)], dtype, first_step=6, steps=3,
+                  what="resumed ")
 
 
 def dtensor_sr_refused(ctx: Ctx, *, flat: bool):
@@ -1071,13 +1111,11 @@ def dtensor_sr_refused(ctx: Ctx, *, flat: bool):
 
 
 def fsdp2_modes_refused(ctx: Ctx, *, flat: bool):
-    """The modes whose state is not elementwise on a shard do not take DTensor parameters:
-    momentum_dtype=torch.int8 (its blocks), master_weights for bf16 parameters (tie bits):
-    step() raises, naming the flag, before anything is written (no parameter changed, no
-    state)."""
+    """The mode whose state is not elementwise on a shard does not take DTensor parameters:
+    momentum_dtype=torch.int8 (its blocks): step() raises, naming the flag, before anything is
+    written (no parameter changed, no state)."""
     import momentum_cuda
-    cases = {"momentum_dtype=torch.int8": (torch.float32, dict(momentum_dtype=torch.int8)),
-             "master_weights=True": (torch.bfloat16, dict(master_weights=True))}
+    cases = {"momentum_dtype=torch.int8": (torch.float32, dict(momentum_dtype=torch.int8))}
     for flag, (dtype, kw) in cases.items():
         m = fsdp2(mlp(1).to(dtype), ctx)
         opt = momentum_cuda.SGD(m.parameters(), lr=0.1, momentum=0.9, flat=flat, **kw)
@@ -1125,8 +1163,9 @@ def _build() -> None:
             _add(2, f"fsdp2-sr/{_flat_id(flat)}/{hk}", fsdp2_sr, flat=flat, hk=hk)
         _add(2, f"dtensor-sr-refused/{_flat_id(flat)}", dtensor_sr_refused, flat=flat)
         for hk in ("nest-wd", "damp-max-wd"):
-            _add(2, f"fsdp2-fp16-master/{_flat_id(flat)}/{hk}", fsdp2_fp16_master, flat=flat,
-                 hk=hk)
+            for dtype in (torch.bfloat16, torch.float16):
+                _add(2, f"fsdp2-master-{str(dtype)[6:]}/{_flat_id(flat)}/{hk}", fsdp2_master,
+                     flat=flat, hk=hk, dtype=dtype)
     for flat in (True, False):
         for hk in ("tensors", "ema-tensors"):
             _add(2, f"fsdp2/{_flat_id(flat)}/{hk}", fsdp2_train, flat=flat, hk=hk)
@@ -1185,8 +1224,10 @@ def _build() -> None:
              hk="nest-wd")
     _add(3, "fsdp2-uneven/flat/ema", fsdp2_train, flat=True, hk="ema")
     _add(3, "fsdp2-uneven-sr/flat/nest-wd", fsdp2_sr, flat=True, hk="nest-wd")
-    _add(3, "fsdp2-uneven-fp16-master/pertensor/damp-max-wd", fsdp2_fp16_master, flat=False,
-         hk="damp-max-wd")
+    _add(3, "fsdp2-uneven-master-float16/pertensor/damp-max-wd", fsdp2_master, flat=False,
+         hk="damp-max-wd", dtype=torch.float16)
+    _add(3, "fsdp2-uneven-master-bfloat16/flat/nest-wd", fsdp2_master, flat=True,
+         hk="nest-wd", dtype=torch.bfloat16)
     _add(3, "fsdp2-uneven-bf16-momentum/pertensor/damp-max-wd", fsdp2_bf16_momentum,
          flat=False, hk="damp-max-wd")
     for flat, source in ((True, "own"), (False, "own"), (True, "torch")):
