@@ -101,8 +101,9 @@ except ImportError:  # torch built without distributed: nothing is a DTensor
 from ._backends import _C, resolve_backend
 from ._ops import fp16_master_op, master_op, qmom_op, sr_op, step_ops
 from ._util import is_dense as _dense
-from .reference import (QBLOCK, _bf16_rne, bf16_join, dequantize_momentum, momentum_reference_step,
-                        pack_ties, quantize_momentum, sr_key, unpack_ties)
+from .reference import (QBLOCK, _bf16_rne, _memory_order, bf16_join, dequantize_momentum,
+                        momentum_reference_step, pack_ties, quantize_momentum, sr_key,
+                        unpack_ties)
 
 log = logging.getLogger("momentum_cuda")
 
@@ -201,10 +202,47 @@ def _narrow_buffer(buf, dtype):
 
 def _wide_buffer(buf, scales):
     """A momentum_dtype buffer (bf16, or int8 with its scales) read back in fp32, exactly as
-    the kernels read it."""
+    the kernels read it (a DTensor's int8 codes with the scales of its local shard's blocks)."""
     if buf.dtype == torch.int8:
+        if isinstance(buf, _DTensor):
+            return _as_dtensor(dequantize_momentum(buf._local_tensor, scales), buf)
         return dequantize_momentum(buf, scales)
     return buf.float()
+
+
+def _block_scales(codes, scales):
+    """Each element's block scale (fp32, laid out like the int8 codes): the form a DTensor's
+    scales take in state_dict(), sharded like its parameter, which any resharding keeps."""
+    out = torch.empty_like(codes, dtype=torch.float32)
+    idx = torch.arange(codes.numel(), device=codes.device) // QBLOCK
+    _memory_order(out).copy_(scales[idx].view(_memory_order(codes).shape))
+    return out
+
+
+def _block_marks(codes):
+    """int16 laid out like the int8 codes: at the first element of each block (every QBLOCK-th
+    in memory order) the block's size, else 0. Saved next to _block_scales, it tells
+    load_state_dict whether a shard's blocks are the ones it was saved with (a block cut short
+    or begun elsewhere by other shards shows)."""
+    n = codes.numel()
+    i = torch.arange(n, device=codes.device)
+    marks = torch.where(i % QBLOCK == 0, torch.clamp(n - i, max=QBLOCK), 0).to(torch.int16)
+    out = torch.empty_like(codes, dtype=torch.int16)
+    _memory_order(out).copy_(marks.view(_memory_order(codes).shape))
+    return out
+
+
+def _scales_of_blocks(per_element, marks):
+    """_block_scales undone where this local shard's blocks are the ones it was saved with
+    (its saved marks are _block_marks') and each holds one scale (bits compared: NaN scales
+    too): the scales; else None."""
+    flat = _memory_order(per_element).reshape(-1)
+    if not torch.equal(_memory_order(marks).reshape(-1), _block_marks(flat)):
+        return None
+    scales = flat[::QBLOCK].contiguous()
+    idx = torch.arange(flat.numel(), device=flat.device) // QBLOCK
+    same = torch.equal(flat.view(torch.int32), scales[idx].view(torch.int32))
+    return scales if same else None
 
 
 def _use_buf(h) -> bool:
@@ -717,7 +755,8 @@ class _ListCall:
                                       [self.watch] * len(self.ps))
         else:
             own = {"momentum_buffer": self.bs, "master_weight": self.xs,
-                   "master_remainder": self.xs, "master_ties": self.ys}
+                   "master_remainder": self.xs, "master_ties": self.ys,
+                   "momentum_scales": self.xs}
             locals_ = [[own[key][k] for key in self.keys] for k in range(len(self.ps))]
             self.check = _ShardCheck(self.dts, self.ps, self.keys, self.held, locals_,
                                      self.watch)
@@ -732,9 +771,9 @@ class _ShardCheck:
     shard the one the call stepped, at its address with its sizes and strides, and with
     `watch` (masters) at the version the call left it; its gradient a DTensor sharded like it
     (_same_shards) whose shard is laid out like the parameter's; each of its state entries
-    `keys` the DTensor the call used, over the same local tensor (bf16 masters' tie bits: the
-    plain tensor, packed per shard), unchanged in layout. Returns the gradients' local shards,
-    or None."""
+    `keys` the DTensor the call used, over the same local tensor (bf16 masters' tie bits and
+    int8 scales: the plain tensors held per shard), unchanged in layout. Returns the
+    gradients' local shards, or None."""
 
     def __init__(self, dts, shards, keys, held, locals_, watch):
         self.items = [(dt, lp, lp.data_ptr(), lp.shape, lp.stride(), lp.dtype,
@@ -1004,7 +1043,8 @@ class _FusedMomentum(Optimizer):
         group keys dropped. The fp32 masters of master-weights parameters are the parameters
         such an optimizer would hold: opt.master_weight(p)."""
         sd = self.state_dict()
-        extra = set(_MASTER_STATE) - {"momentum_buffer"} | {"momentum_scales", "sr_step"}
+        extra = set(_MASTER_STATE) - {"momentum_buffer"} | {"momentum_scales", "sr_step",
+                                                             "momentum_blocks"}
         ps = [p for g in self.param_groups for p in g["params"]]
         state = {}
         for i, st in sd["state"].items():
@@ -1054,20 +1094,27 @@ class _FusedMomentum(Optimizer):
                     self._mark_master(p)
 
     def state_dict(self) -> dict:
-        """torch's, with every master settled first (_settle_masters). A DTensor's tie bits,
-        packed per local shard in its state, are given as a uint8 DTensor sharded like it (one
-        element per element, 0 or 1): a checkpoint (dcp) reshards them as it does the
-        remainder; load_state_dict packs them again."""
+        """torch's, with every master settled first (_settle_masters). A DTensor's tie bits
+        and int8 block scales, held per local shard in its state, are given as DTensors sharded
+        like it, one element per element (the tie bit, 0 or 1, as uint8; the element's block
+        scale, and "momentum_blocks": _block_marks): a checkpoint (dcp)
+        reshards them as it does the rest; load_state_dict takes them back per shard."""
         self._settle_masters()
         sd = super().state_dict()
         ps = [p for g in self.param_groups for p in g["params"]]
         for i, st in sd["state"].items():
-            ties = st.get("master_ties")
-            if isinstance(ps[i], _DTensor) and isinstance(ties, torch.Tensor) and not isinstance(
-                    ties, _DTensor):
+            p, ties, scales = ps[i], st.get("master_ties"), st.get("momentum_scales")
+            if not isinstance(p, _DTensor):
+                continue
+            if isinstance(ties, torch.Tensor) and not isinstance(ties, _DTensor):
                 st = sd["state"][i] = dict(st)  # (torch's entries are the state's own dicts)
-                lp = ps[i]._local_tensor
-                st["master_ties"] = _as_dtensor(unpack_ties(ties, lp).to(torch.uint8), ps[i])
+                st["master_ties"] = _as_dtensor(
+                    unpack_ties(ties, p._local_tensor).to(torch.uint8), p)
+            if isinstance(scales, torch.Tensor) and not isinstance(scales, _DTensor):
+                st = sd["state"][i] = dict(st)
+                codes = st["momentum_buffer"]._local_tensor
+                st["momentum_scales"] = _as_dtensor(_block_scales(codes, scales), p)
+                st["momentum_blocks"] = _as_dtensor(_block_marks(codes), p)
         return sd
 
     def _master_written(self, p) -> bool:
@@ -1365,7 +1412,9 @@ class _FusedMomentum(Optimizer):
                                 f"{getattr(v, 'placements', None)}")
             elif self._mode(g, p) == "qmom" and isinstance(st.get("momentum_buffer"),
                                                             torch.Tensor):
-                kept[id(p)] = {"momentum_buffer": st["momentum_buffer"]}
+                kept[id(p)] = {"momentum_buffer": st["momentum_buffer"],
+                               "momentum_scales": st.get("momentum_scales"),
+                               "momentum_blocks": st.get("momentum_blocks")}
         modes = [{k: g[k] for k in _MODE_KEYS if k in g} for g in self.param_groups]
         self._steady = None  # (it holds the state it replays: not kept alive past its use)
         super().load_state_dict(state_dict)
@@ -1377,17 +1426,21 @@ class _FusedMomentum(Optimizer):
             if self._mode(g, p) == "qmom":
                 buf = kept.get(id(p), {}).get("momentum_buffer")
                 if isinstance(p, _DTensor) and buf is not None:
-                    # bf16 (the one mode DTensors take): each shard stored narrow; else kept as
-                    # saved, for the step to refuse with its reason
+                    # each shard stored narrow (as saved where it is: int8 codes whose
+                    # per-element scales are one per block of this shard); a buffer not sharded
+                    # like p kept as saved, for the step to refuse with its reason
                     st = self.state[p]
                     st["momentum_buffer"] = buf.to(p.device, copy=True)
-                    if (g["momentum_dtype"] is torch.bfloat16 and isinstance(buf, _DTensor)
-                            and _same_shards(p, buf)):
+                    st.pop("momentum_scales", None)
+                    st.pop("momentum_blocks", None)
+                    if isinstance(buf, _DTensor) and _same_shards(p, buf):
                         with torch.no_grad():
-                            local, _ = self._qmom_buffer(
-                                _local(p), _local(st["momentum_buffer"]), None, torch.bfloat16,
-                                True)
+                            local, scales = self._dtensor_qmom_buffer(
+                                p, buf, kept[id(p)].get("momentum_scales"),
+                                kept[id(p)].get("momentum_blocks"), g["momentum_dtype"])
                         st["momentum_buffer"] = _as_dtensor(local, p)
+                        if scales is not None:
+                            st["momentum_scales"] = scales
                     continue
                 if id(p) in kept:
                     st = self.state[p]
@@ -2286,18 +2339,13 @@ class _FusedMomentum(Optimizer):
         """What the ops of the modes need (csrc/momentum_ops.cpp checks it again), raised
         before anything is written, naming the parameter (its description is made only then:
         this runs for every parameter at every step). A DTensor (FSDP2) parameter is taken by
-        every mode but momentum_dtype=torch.int8 (elementwise: its local shard is stepped, its
-        state DTensors sharded like it), with a gradient (and buffer) sharded like it."""
+        every mode (its local shard is stepped as a tensor of its own, its state DTensors
+        sharded like it), with a gradient (and buffer) sharded like it."""
         flag = _MODE_FLAG[mode]
         if isinstance(p, _DTensor):
-            if mode == "qmom" and key is not torch.bfloat16:
-                raise RuntimeError(f"{flag}={key} does not take DTensor (FSDP2) parameters (its "
-                                   "blocks of 256 elements are counted from each tensor's start, "
-                                   f"which a shard moves); got a {_what(p)}. "
-                                   "momentum_dtype=torch.bfloat16 does")
             if not _same_shards(p, g, buf if isinstance(buf, _DTensor) else None) or (
                     buf is not None and not isinstance(buf, _DTensor)):
-                flag += "=torch.bfloat16" if mode == "qmom" else ""
+                flag += f"={key}" if mode == "qmom" else ""
                 raise RuntimeError(f"{flag} needs the gradient and momentum_buffer "
                                    f"of a DTensor parameter sharded like it; the {_what(p)} has "
                                    f"a gradient with placements {getattr(g, 'placements', None)}"
@@ -2325,7 +2373,8 @@ class _FusedMomentum(Optimizer):
         its momentum buffer is bf16. A DTensor's local shard draws the bits of its elements'
         indices in the whole tensor (_shard_offset): the bits of the unsharded step.
         qmom: fp32 parameters of a group with momentum_dtype (the item's key): the buffer
-        bf16, or int8 codes with state "momentum_scales"; a buffer stored otherwise (torch's
+        bf16, or int8 codes with state "momentum_scales" (a DTensor's: the blocks of its local
+        shard, counted from the shard's start); a buffer stored otherwise (torch's
         fp32 one from a checkpoint, the other momentum_dtype's, another memory layout) is read
         back in fp32 and stored narrow first.
         Returns the calls the next step may replay (_ListCall), or None (a first step, a
@@ -2452,7 +2501,8 @@ class _FusedMomentum(Optimizer):
             if dts:  # (each DTensor's state DTensors, over the local ones; the tie bits)
                 keys = (["momentum_buffer"] if use_buf else []) + {
                     "master16": ["master_weight"],
-                    "master": ["master_remainder", "master_ties"]}.get(mode, [])
+                    "master": ["master_remainder", "master_ties"],
+                    "qmom": ["momentum_scales"] if use_buf and xs else []}.get(mode, [])
                 held = [[self.state[dt][k] for k in keys] for dt in dts]
                 kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper, keys, held,
                                             watch=mode in ("master", "master16"), sr=sr,
@@ -2473,6 +2523,27 @@ class _FusedMomentum(Optimizer):
             kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper, keys, held,
                                         watch=mode in ("master", "master16"), sr=sr))
         return kept
+
+    def _dtensor_qmom_buffer(self, p, buf, scales, marks, dtype) -> tuple:
+        """load_state_dict's (local buffer, local scales or None) of a DTensor momentum_dtype
+        parameter from a saved buffer sharded like it: int8 codes with per-element scales and
+        block marks (state_dict's form) kept as they are where this shard's blocks are the
+        saved ones, else read back in fp32 (code * scale, as the kernels read it) and stored
+        narrow as a step stores it (in this shard's blocks); a bf16 or fp32 buffer stored
+        narrow."""
+        lp, lb = p._local_tensor, buf._local_tensor.to(p.device)
+        if lb.dtype == torch.int8:
+            if not (isinstance(scales, _DTensor) and _same_shards(p, scales)):
+                raise ValueError(f"load_state_dict: the int8 momentum_buffer of the {_what(p)} "
+                                 "needs its scales (state 'momentum_scales') as a DTensor "
+                                 f"sharded like it, got a {type(scales).__name__}")
+            per = scales._local_tensor.to(p.device, torch.float32)
+            if dtype is torch.int8 and isinstance(marks, _DTensor) and _same_shards(p, marks):
+                blocks = _scales_of_blocks(per, marks._local_tensor.to(p.device))
+                if blocks is not None:
+                    return lb.clone(), blocks
+            lb = lb.float() * per
+        return self._qmom_buffer(lp, lb, None, dtype, True)
 
     @staticmethod
     def _qmom_buffer(p, buf, scales, dtype, use_buf) -> tuple:

@@ -763,21 +763,32 @@ def zero_train(ctx: Ctx, *, flat: bool, grad_views: bool, param_views: bool, hk:
 
 
 # ---- 8. momentum_dtype on FSDP2 shards (issue 14) --------------------------------------------
-def _bf16_buffers(opt, *_) -> None:
-    """momentum_dtype=torch.bfloat16's contract on torch's SGD (a step post-hook): after its fp32
-    step every momentum buffer holds its value rounded to nearest even bf16 (kept in fp32 here,
-    which the next step reads exactly as ours widens its bf16 buffer)."""
-    with torch.no_grad():
-        for st in opt.state.values():
-            buf = st.get("momentum_buffer")
-            if buf is not None:
-                buf.copy_(buf.to(torch.bfloat16).float())
+def _narrow_buffers(dtype):
+    """momentum_dtype's contract on torch's SGD (a step post-hook): after its fp32 step every
+    momentum buffer holds its value stored narrow and read back (kept in fp32 here, which the
+    next step reads exactly as ours widens its narrow buffer): bf16 rounded to nearest even;
+    int8 quantized in blocks counted from the start of each rank's local shard (the tensor the
+    op steps), reference.quantize_momentum."""
+    from momentum_cuda.reference import dequantize_momentum, quantize_momentum
+
+    def hook(opt, *_) -> None:
+        with torch.no_grad():
+            for st in opt.state.values():
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    continue
+                if dtype is torch.bfloat16:
+                    buf.copy_(buf.to(torch.bfloat16).float())
+                else:
+                    local = buf._local_tensor
+                    local.copy_(dequantize_momentum(*quantize_momentum(local)))
+    return hook
 
 
-def _bf16_momentum_opt(model, hk: str, flat: bool):
+def _narrow_momentum_opt(model, hk: str, flat: bool, dtype):
     import momentum_cuda
     return _count_planning(momentum_cuda.SGD(model.parameters(), flat=flat,
-                                             momentum_dtype=torch.bfloat16, **hypers(hk)))
+                                             momentum_dtype=dtype, **hypers(hk)))
 
 
 def _count_planning(opt):
@@ -802,10 +813,12 @@ def _replayed(ctx: Ctx, opt, step, label: str) -> None:
         ctx.check.fail(f"{label} the step was planned, not replayed")
 
 
-def _bf16_momentum_steps(ctx: Ctx, pairs, *, first_step: int, steps: int, what: str = ""):
+def _narrow_momentum_steps(ctx: Ctx, pairs, dtype, *, first_step: int, steps: int,
+                           what: str = ""):
     """Steps of (model, opt) pairs on the same data (clipping every other step); every later
-    pair compared with the first, whose buffers may be fp32 holding bf16 values (torch's twin)
-    while ours are bf16 DTensors sharded like their parameters."""
+    pair compared with the first, whose buffers may be fp32 holding narrow values (torch's
+    twin) while ours are `dtype` DTensors sharded like their parameters (read back in fp32 by
+    opt.momentum_buffer)."""
     (tm, topt), rest = pairs[0], pairs[1:]
     for k in range(first_step, first_step + steps):
         x, y = mlp_data(ctx, 4, k)
@@ -824,31 +837,49 @@ def _bf16_momentum_steps(ctx: Ctx, pairs, *, first_step: int, steps: int, what: 
             ctx.check.params(ours, ref, label)
             for (n, p), (_, q) in zip(ours, ref):
                 b = buffer_of(o, p)
-                if b is not None and (b.dtype != torch.bfloat16
-                                      or not isinstance(b, _dtensor_cls())):
+                if b is not None and (b.dtype != dtype or not isinstance(b, _dtensor_cls())
+                                      or b.placements != p.placements):
                     ctx.check.fail(f"{label} the momentum_buffer of {n} is a {type(b).__name__} "
-                                   f"of {b.dtype}, not a bf16 DTensor")
-                tb = buffer_of(topt, q)
-                ctx.check.tensor(None if b is None else b.to(tb.dtype if tb is not None else
-                                                              torch.float32),
-                                 tb, f"{label} momentum_buffer of {n} (widened)")
+                                   f"of {b.dtype}, not a {dtype} DTensor sharded like it")
+                ctx.check.tensor(o.momentum_buffer(p), buffer_of(topt, q),
+                                 f"{label} momentum_buffer of {n} (widened)")
             ctx.record("paths", paths(o))
         for m, o in pairs:
             o.zero_grad(set_to_none=k % 2 == 0)
 
 
-def fsdp2_bf16_momentum(ctx: Ctx, *, flat: bool, hk: str):
-    """momentum_dtype=torch.bfloat16 on FSDP2 shards: the local shards stepped by the op, the
-    buffers bf16 DTensors sharded like their parameters, bits those of torch.optim.SGD
-    (foreach=False) whose buffers are rounded to bf16 after each step (_bf16_buffers); on 2
-    ranks also a dcp.save / dcp.load into a fresh model and optimizer (torch's
-    _init_optim_state step included) that trains on with the bits of the uninterrupted one."""
-    m, tm = fsdp2(mlp(1), ctx), fsdp2(mlp(1), ctx)
-    opt = _bf16_momentum_opt(m, hk, flat)
+class Wide(MLP):
+    """5 -> 300 -> 7 -> 260 (no bias) -> 2: local shards of several int8 blocks of 256, their
+    last one partial (on 3 ranks the 2-row weight's shards are 300, 300 and 0 elements)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.l1 = nn.Linear(5, 300)
+        self.l2 = nn.Linear(300, 7)
+        self.l3 = nn.Linear(7, 260, bias=False)
+        self.l4 = nn.Linear(260, 2)
+
+
+def wide(seed: int) -> Wide:
+    torch.manual_seed(seed)
+    return Wide()
+
+
+def fsdp2_narrow_momentum(ctx: Ctx, *, flat: bool, hk: str, dtype=torch.bfloat16):
+    """momentum_dtype (bf16, or int8 on the Wide model) on FSDP2 shards: the local shards
+    stepped by the op, the buffers `dtype` DTensors sharded like their parameters (int8: the
+    block scales of each local shard in its state), bits those of torch.optim.SGD
+    (foreach=False) whose buffers are stored narrow and read back after each step
+    (_narrow_buffers); on 2 ranks also a dcp.save / dcp.load into a fresh model and optimizer
+    (torch's _init_optim_state step included; int8 scales through state_dict's per-element
+    form) that trains on with the bits of the uninterrupted one."""
+    make = mlp if dtype is torch.bfloat16 else wide
+    m, tm = fsdp2(make(1), ctx), fsdp2(make(1), ctx)
+    opt = _narrow_momentum_opt(m, hk, flat, dtype)
     _, ref_cls, extra = optimizer_classes(hk)
     topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
-    topt.register_step_post_hook(_bf16_buffers)
-    _bf16_momentum_steps(ctx, [(tm, topt), (m, opt)], first_step=0, steps=4)
+    topt.register_step_post_hook(_narrow_buffers(dtype))
+    _narrow_momentum_steps(ctx, [(tm, topt), (m, opt)], dtype, first_step=0, steps=4)
     # torch's format, for a checkpoint that leaves momentum_cuda: fp32 DTensor buffers
     for (n, p), (_, q) in zip(m.named_parameters(), tm.named_parameters()):
         ctx.check.tensor(opt.momentum_buffer(p), buffer_of(topt, q), f"momentum_buffer({n})")
@@ -856,16 +887,50 @@ def fsdp2_bf16_momentum(ctx: Ctx, *, flat: bool, hk: str):
                    "torch_state_dict()['state']")
     if ctx.world != 2:
         return
-    base = ctx.shared / f"ckpt-bf16-momentum-{_flat_id(flat)}-{hk}"
+    base = ctx.shared / f"ckpt-{str(dtype)[6:]}-momentum-{_flat_id(flat)}-{hk}"
     dcp_save(ctx, m, opt, base)
-    m2 = fsdp2(mlp(99), ctx)
-    opt2 = _bf16_momentum_opt(m2, hk, flat)
+    m2 = fsdp2(make(99), ctx)
+    opt2 = _narrow_momentum_opt(m2, hk, flat, dtype)
     dcp_load(ctx, m2, opt2, base)
     ours, ref = list(m2.named_parameters()), list(m.named_parameters())
     ctx.check.params(ours, ref, "after dcp.load:", grads=False)  # (m's are zeroed, not None)
     ctx.check.optims(opt2, ours, opt, ref, "after dcp.load:")
-    _bf16_momentum_steps(ctx, [(tm, topt), (m, opt), (m2, opt2)], first_step=4, steps=3,
-                         what="resumed ")
+    for (n, p), (_, q) in zip(ours, ref):
+        ctx.check.tensor(opt2.state[p].get("momentum_scales"), opt.state[q].get(
+            "momentum_scales"), f"after dcp.load: momentum_scales of {n} (per shard)")
+    _narrow_momentum_steps(ctx, [(tm, topt), (m, opt), (m2, opt2)], dtype, first_step=4,
+                           steps=3, what="resumed ")
+
+
+def fsdp2_int8_xworld(ctx: Ctx, *, flat: bool, hk: str):
+    """momentum_dtype=torch.int8 across world sizes: on 2 ranks ours and torch's twin (its
+    buffers stored narrow per local shard by _narrow_buffers) train 3 steps and are saved; on
+    3 ranks both load (ours: the codes with their per-element scales, read back in fp32 and
+    quantized again in the blocks of the new local shards, as the twin's buffers are once by
+    its hook) and train on with the same bits."""
+    base = ctx.shared / XWORLD / f"int8-{_flat_id(flat)}-{hk}"
+    seed = 1 if ctx.world == 2 else 98
+    m, tm = fsdp2(wide(seed), ctx), fsdp2(wide(seed), ctx)
+    opt = _narrow_momentum_opt(m, hk, flat, torch.int8)
+    _, ref_cls, extra = optimizer_classes(hk)
+    topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
+    hook = _narrow_buffers(torch.int8)
+    topt.register_step_post_hook(hook)
+    if ctx.world == 2:
+        _narrow_momentum_steps(ctx, [(tm, topt), (m, opt)], torch.int8, first_step=0, steps=3)
+        dcp_save(ctx, tm, topt, base / "torch")
+        dcp_save(ctx, m, opt, base / "ours")
+        return
+    dcp_load(ctx, m, opt, base / "ours")
+    dcp_load(ctx, tm, topt, base / "torch")
+    hook(topt)  # (the 2-rank blocks' values, stored in the 3-rank blocks)
+    ours, ref = list(m.named_parameters()), list(tm.named_parameters())
+    ctx.check.params(ours, ref, "after dcp.load on 3 ranks:", grads=False)
+    for (n, p), (_, q) in zip(ours, ref):
+        ctx.check.tensor(opt.momentum_buffer(p), buffer_of(topt, q),
+                         f"after dcp.load on 3 ranks: momentum_buffer of {n} (widened)")
+    _narrow_momentum_steps(ctx, [(tm, topt), (m, opt)], torch.int8, first_step=3, steps=3,
+                           what="resumed on 3 ranks ")
 
 
 SR_SEED = 12345
@@ -1110,30 +1175,6 @@ def dtensor_sr_refused(ctx: Ctx, *, flat: bool):
             ctx.check.fail(f"{pl}: step() left the parameter as it was")
 
 
-def fsdp2_modes_refused(ctx: Ctx, *, flat: bool):
-    """The mode whose state is not elementwise on a shard does not take DTensor parameters:
-    momentum_dtype=torch.int8 (its blocks): step() raises, naming the flag, before anything is
-    written (no parameter changed, no state)."""
-    import momentum_cuda
-    cases = {"momentum_dtype=torch.int8": (torch.float32, dict(momentum_dtype=torch.int8))}
-    for flag, (dtype, kw) in cases.items():
-        m = fsdp2(mlp(1).to(dtype), ctx)
-        opt = momentum_cuda.SGD(m.parameters(), lr=0.1, momentum=0.9, flat=flat, **kw)
-        x, y = mlp_data(ctx, 5, 0)
-        F.mse_loss(m(x.to(dtype)), y.to(dtype)).backward()
-        before = [p.detach().to_local().clone() for p in m.parameters()]
-        try:
-            opt.step()
-            ctx.check.fail(f"{flag}: step() on DTensor parameters did not raise")
-        except RuntimeError as e:
-            if f"{flag} does not take DTensor (FSDP2) parameters" not in str(e):
-                ctx.check.fail(f"{flag}: unexpected message: {e}")
-        for i, (p, b) in enumerate(zip(m.parameters(), before)):
-            ctx.check.tensor(p.detach().to_local(), b, f"{flag}: parameter {i} after the refusal")
-        if opt.state:
-            ctx.check.fail(f"{flag}: the refused step left state for {len(opt.state)} parameters")
-
-
 # ---- the scenario list -----------------------------------------------------------------------
 SCENARIOS: dict[str, tuple] = {}  # name -> (function, kwargs)
 LAUNCHES: dict[int, list[str]] = {2: [], 3: []}
@@ -1156,9 +1197,9 @@ def _build() -> None:
     _add(2, "fsdp2/flat/plain-wd", fsdp2_train, flat=True, hk="plain-wd")
     for flat in (True, False):
         for hk in ("nest-wd", "damp-max-wd"):
-            _add(2, f"fsdp2-bf16-momentum/{_flat_id(flat)}/{hk}", fsdp2_bf16_momentum,
-                 flat=flat, hk=hk)
-        _add(2, f"fsdp2-modes-refused/{_flat_id(flat)}", fsdp2_modes_refused, flat=flat)
+            for dtype in (torch.bfloat16, torch.int8):
+                _add(2, f"fsdp2-{str(dtype)[6:]}-momentum/{_flat_id(flat)}/{hk}",
+                     fsdp2_narrow_momentum, flat=flat, hk=hk, dtype=dtype)
         for hk in ("nest-wd", "damp-max-wd"):
             _add(2, f"fsdp2-sr/{_flat_id(flat)}/{hk}", fsdp2_sr, flat=flat, hk=hk)
         _add(2, f"dtensor-sr-refused/{_flat_id(flat)}", dtensor_sr_refused, flat=flat)
@@ -1180,6 +1221,8 @@ def _build() -> None:
     _add(2, "fsdp2-ckpt/pertensor/damp-max-wd", fsdp2_checkpoint, flat=False, hk="damp-max-wd")
     _add(2, "fsdp2-ckpt/flat/ema-wd-max", fsdp2_checkpoint, flat=True, hk="ema-wd-max")
     for flat in (True, False):
+        _add(2, f"fsdp2-int8-xworld-save/{_flat_id(flat)}/damp-max-wd", fsdp2_int8_xworld,
+             flat=flat, hk="damp-max-wd")
         _add(2, f"fsdp2-ckpt-xworld-save/{_flat_id(flat)}/nest-wd", fsdp2_xworld_save,
              flat=flat, hk="nest-wd")
     for flat in (True, False):
@@ -1228,8 +1271,13 @@ def _build() -> None:
          hk="damp-max-wd", dtype=torch.float16)
     _add(3, "fsdp2-uneven-master-bfloat16/flat/nest-wd", fsdp2_master, flat=True,
          hk="nest-wd", dtype=torch.bfloat16)
-    _add(3, "fsdp2-uneven-bf16-momentum/pertensor/damp-max-wd", fsdp2_bf16_momentum,
-         flat=False, hk="damp-max-wd")
+    _add(3, "fsdp2-uneven-bfloat16-momentum/pertensor/damp-max-wd", fsdp2_narrow_momentum,
+         flat=False, hk="damp-max-wd", dtype=torch.bfloat16)
+    _add(3, "fsdp2-uneven-int8-momentum/flat/nest-wd", fsdp2_narrow_momentum, flat=True,
+         hk="nest-wd", dtype=torch.int8)
+    for flat in (True, False):
+        _add(3, f"fsdp2-int8-xworld-load/{_flat_id(flat)}/damp-max-wd", fsdp2_int8_xworld,
+             flat=flat, hk="damp-max-wd")
     for flat, source in ((True, "own"), (False, "own"), (True, "torch")):
         _add(3, f"fsdp2-ckpt-xworld-load/{_flat_id(flat)}/from-{source}/nest-wd",
              fsdp2_xworld_load, flat=flat, hk="nest-wd", source=source)

@@ -657,3 +657,32 @@ def test_clip_with_an_unused_parameter(flat, dtype):
         tw.check(f"clip step {step}")
         assert torch.equal(tw.ours[1], before[0])
         assert torch.equal(tw.opt.state[tw.ours[1]]["momentum_buffer"], before[1])
+
+
+def test_dtensor_checkpoint_form_of_int8_scales():
+    """The per-element form state_dict gives a DTensor's int8 scales (optim._block_scales with
+    optim._block_marks) is read back to the same scales bit for bit (NaN and zero scales too)
+    where the shard's blocks are the saved ones, and refused (None: the buffer is quantized
+    again) where another sharding cut a block short or began one elsewhere. The lossless path
+    matters: quantizing a dequantized buffer again does not always give its scales back, as
+    for a block whose largest |v| is this subnormal."""
+    from momentum_cuda.optim import _block_marks, _block_scales, _scales_of_blocks
+    gen = torch.Generator().manual_seed(21)
+    for n in (1, 255, 256, 257, 900, 1200):
+        v = torch.randn(n, generator=gen)
+        v[n // 2] = float("nan") if n > 300 else v[n // 2]
+        codes, scales = quantize_momentum(v)
+        if n >= 512:
+            codes[256:512] = 0
+            scales[1] = 0.0
+        per, marks = _block_scales(codes, scales), _block_marks(codes)
+        assert torch.equal(bits(_scales_of_blocks(per, marks)), bits(scales))
+        # a shard of the first 900 elements of this one: its last block cut short
+        if n == 1200:
+            assert _scales_of_blocks(per[:900], marks[:900]) is None
+            assert _scales_of_blocks(per[100:], marks[100:]) is None  # begun elsewhere
+    tiny = torch.zeros(QBLOCK)
+    tiny[3] = torch.tensor(0x1BD, dtype=torch.int32).view(torch.float32)  # a subnormal absmax
+    codes, scales = quantize_momentum(tiny)
+    again = quantize_momentum(dequantize_momentum(codes, scales))
+    assert not torch.equal(bits(again[1]), bits(scales)), "the example no longer shows it"
