@@ -211,14 +211,9 @@ def check_shard_offsets(tk):
     _agree(tk, (dict(shapes=shapes, h=_combos()[j], seed=80 + j, steps=2,
                      offsets=_offsets(len(shapes)))
                 for j, shapes in ((-1, SHAPES), (3, MANY_SHAPES), (7, SHAPES))))
-    gen = torch.Generator().manual_seed(81)
-    h = _combos()[-1]
-    state = _state(SHAPES, gen)
-    grads = [_bf16(spec, gen) for spec in SHAPES]
-    keys = _keys(len(SHAPES), gen)
+    h, state, grads, keys = _call_inputs(81)
     a = _one_call(tk, state, grads, keys, h)
-    b = _clone(state)
-    _step(tk, b, grads, keys, h, False, offsets=[0] * len(SHAPES))
+    b = _one_call(tk, state, grads, keys, h, offsets=[0] * len(SHAPES))
     assert not _compare(a, b[0], b[1], True, "offsets 0")
 
 
@@ -286,9 +281,17 @@ def check_keys_near_max(tk):
                 for j, key in enumerate(NEAR_MAX_KEYS)))
 
 
-def _one_call(tk, state, grads, keys, h):
+def _call_inputs(seed):
+    """(hyper-parameters, state, gradients, keys) of one random call over SHAPES."""
+    gen = torch.Generator().manual_seed(seed)
+    state = _state(SHAPES, gen)
+    grads = [_bf16(spec, gen) for spec in SHAPES]
+    return _combos()[-1], state, grads, _keys(len(SHAPES), gen)
+
+
+def _one_call(tk, state, grads, keys, h, offsets=None):
     ours = _clone(state)
-    _step(tk, ours, grads, keys, h, False)
+    _step(tk, ours, grads, keys, h, False, offsets=offsets)
     return ours
 
 
@@ -296,11 +299,7 @@ def check_same_key_same_bits_other_key_other_bits(tk):
     """The same state, gradients and keys give the same bits twice; another key for one tensor
     changes that tensor's parameter in many elements (SR is random: > 10% of 3001) and no other
     tensor; the buffers (nearest even) do not depend on the keys."""
-    gen = torch.Generator().manual_seed(100)
-    h = _combos()[-1]
-    state = _state(SHAPES, gen)
-    grads = [_bf16(spec, gen) for spec in SHAPES]
-    keys = _keys(len(SHAPES), gen)
+    h, state, grads, keys = _call_inputs(100)
     a = _one_call(tk, state, grads, keys, h)
     b = _one_call(tk, state, grads, keys, h)
     assert not _compare(a, b[0], b[1], True, "same keys")
