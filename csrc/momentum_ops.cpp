@@ -995,6 +995,33 @@ class BucketCheck {
     return !bufs || all_views ? 0 : all_none ? 1 : 2;
   }
 
+  /// The bucket's step as the optimizer's last step ran it (sgd_step_flat_ on its flat
+  /// buffers and run segments, not a first step, hyper-parameters Python numbers), kept for
+  /// replay().
+  void arm(at::Tensor param, at::Tensor grad, std::optional<at::Tensor> buf,
+           at::Tensor segments, double lr, double momentum, double dampening,
+           double weight_decay, bool nesterov, bool maximize) {
+    step_ = Step{std::move(param), std::move(grad), std::move(buf), std::move(segments),
+                 lr, momentum, dampening, weight_decay, nesterov, maximize};
+  }
+
+  /// check(state, buf_views), and where it passes (0) the armed step (sgd_step_flat, which
+  /// checks its arguments as the op does) and the parameters' version bumps, in this one call:
+  /// the replay of a bucket that is a step's only work (optim._step_steady) skips the op's
+  /// Python call, argument parsing and dispatch, which a cold cache makes cost as much as the
+  /// kernel. Eager only: a traced or profiled step goes through the op. Returns check's result.
+  int replay(const pybind11::object& state, const pybind11::object& buf_views) {
+    TORCH_CHECK(step_.has_value(), "BucketCheck.replay: no step was armed");
+    const int r = check(state, buf_views);
+    if (r != 0) return r;
+    const Step& s = *step_;
+    sgd_step_flat(s.param, s.grad, s.buf, s.segments, s.lr, s.momentum, s.dampening,
+                  s.weight_decay, s.nesterov, s.maximize, /*first_step=*/false,
+                  s.param.device().type(), kNoTensors);
+    bump(0, params_.size());
+    return 0;
+  }
+
   /// The version counters of params[i0:i1] up by one, as an in-place op's (optim._Bucket.bump:
   /// the kernel wrote them through the flat buffer), in C++ over the objects held here.
   void bump(size_t i0, size_t i1) const {
@@ -1066,6 +1093,14 @@ class BucketCheck {
   std::vector<pybind11::object> params_, views_;
   std::vector<int64_t> ptrs_, gptrs_;
   std::vector<Py_hash_t> hashes_;
+  struct Step {
+    at::Tensor param, grad;
+    std::optional<at::Tensor> buf;
+    at::Tensor segments;
+    double lr, momentum, dampening, weight_decay;
+    bool nesterov, maximize;
+  };
+  std::optional<Step> step_;  ///< arm()'s
 };
 
 /// The per-tensor path's per-step check of one kept list call (optim._ListCall, replayed by
@@ -1400,7 +1435,14 @@ PYBIND11_MODULE(_C, m) {
            "(state None) 0, or 0: every state[p]['momentum_buffer'] is its flat view; 1: none "
            "has a buffer; 2: otherwise.")
       .def("bump", &mc::BucketCheck::bump, py::arg("i0"), py::arg("i1"),
-           "The version counters of params[i0:i1] up by one.");
+           "The version counters of params[i0:i1] up by one.")
+      .def("arm", &mc::BucketCheck::arm, py::arg("param"), py::arg("grad"), py::arg("buf"),
+           py::arg("segments"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
+           py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
+           "Keeps the bucket's step (sgd_step_flat_'s arguments, not a first step) for replay.")
+      .def("replay", &mc::BucketCheck::replay, py::arg("state"), py::arg("buf_views"),
+           "check(); where it passes (0), the armed step and the version bumps. Returns "
+           "check's result.");
   py::class_<mc::ListCheck>(m, "ListCheck",
                             "The per-tensor path's per-step check of one kept list call.")
       .def(py::init<std::vector<py::object>, bool, std::vector<std::string>,

@@ -1102,10 +1102,11 @@ class _FusedMomentum(Optimizer):
         self._settle_masters()
         sd = super().state_dict()
         ps = [p for g in self.param_groups for p in g["params"]]
-        for i, st in sd["state"].items():
-            p, ties, scales = ps[i], st.get("master_ties"), st.get("momentum_scales")
-            if not isinstance(p, _DTensor):
+        for i, st in list(sd["state"].items()):
+            if not (type(i) is int and 0 <= i < len(ps) and isinstance(ps[i], _DTensor)
+                    and isinstance(st, dict)):  # (a state_dict hook may add its own entries)
                 continue
+            p, ties, scales = ps[i], st.get("master_ties"), st.get("momentum_scales")
             if isinstance(ties, torch.Tensor) and not isinstance(ties, _DTensor):
                 st = sd["state"][i] = dict(st)  # (torch's entries are the state's own dicts)
                 st["master_ties"] = _as_dtensor(
@@ -1883,7 +1884,13 @@ class _FusedMomentum(Optimizer):
             bare = [p for p in lay.outside if p.grad is None]  # must stay without a gradient
             if bare:
                 idle.append(_C.ListCheck(bare, False, [], [[] for _ in bare], [False] * len(bare)))
-        self._steady = (list(self.param_groups), groups, calls, idle)
+        fast = None  # one bucket is the step's only work: its check runs the step too
+        if len(calls) == 1 and type(calls[0]) is not _ListCall:
+            b, _, args, h = calls[0]
+            if b.check is not None and self._backend_for(b.device) != "triton":
+                fast = b.check
+                fast.arm(*args, **h)
+        self._steady = (list(self.param_groups), groups, calls, idle, fast)
 
     def _step_steady(self, amp) -> bool:
         """The step _keep_steady kept, run again if it still holds (returns whether it ran):
@@ -1895,12 +1902,14 @@ class _FusedMomentum(Optimizer):
         written. Then the ops in the kept order, version bumps and last_step entries. What this
         skips is planning's Python work: per group, and per parameter on the per-tensor path;
         a cold cache (a training step runs the forward and backward in between) makes it cost
-        as much as the checks. tests/test_steady.py holds it to the full step under every
-        edit."""
+        as much as the checks. A step whose only work is one flat bucket (`fast`, without
+        GradScaler) runs check, kernel and bumps in one C++ call (BucketCheck.replay), without
+        the op's Python call and dispatch. tests/test_steady.py holds it to the full step
+        under every edit."""
         steady = self._steady
         if steady is None:
             return False
-        groups, laid, calls, idle = steady
+        groups, laid, calls, idle, fast = steady
         if len(groups) != len(self.param_groups) or not all(
                 map(operator.is_, groups, self.param_groups)):
             return False
@@ -1908,6 +1917,14 @@ class _FusedMomentum(Optimizer):
             if not _same_params(lay, g) or not all(map(operator.is_, self._hyper_values(g), vals)):
                 return False
         state = self.state
+        if fast is not None and amp is None:  # check, op and bumps in one C++ call
+            b, use_buf, _, _ = calls[0]
+            if (b.check is not fast or any(c.check(state) is None for c in idle)
+                    or fast.replay(state if use_buf else None,
+                                   b.buf_views if b.flat_buf is not None else None)):
+                return False
+            self.last_step = [dict(b.entry)]
+            return True
         grads = []
         for c in calls:
             if type(c) is _ListCall:

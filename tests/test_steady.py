@@ -10,8 +10,8 @@ import torch
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
 
-from conftest import (assert_twins, forbid_planning, fresh_grads, make_values, twin_params,
-                      write_grads)
+from conftest import (assert_twins, backward_grads, forbid_planning, fresh_grads, make_values,
+                      twin_params, write_grads)
 
 SIZES = [1, 3, 97, 16, 5, 33]  # two groups of three
 STEPS, EDIT_AT = 6, 3
@@ -30,23 +30,24 @@ def _new_param(opt, ps, seed):
 
 
 # edit name -> (optimizers it applies to, edit(opt, params, side)); `side` is 0 for ours and
-# 1 for torch's, where an edit needs a new object per side
+# 1 for torch's, where an edit needs a new object per side; param_groups[-1] is the second
+# group of two, the only one of one
 EDITS = {
     "lr-new": ("sgd ema", lambda o, ps, s: o.param_groups[0].__setitem__(
         "lr", o.param_groups[0]["lr"] * 0.5)),
-    "lr-equal-value": ("sgd ema", lambda o, ps, s: o.param_groups[1].__setitem__(
-        "lr", float(repr(o.param_groups[1]["lr"])))),
-    "momentum": ("sgd ema", lambda o, ps, s: o.param_groups[1].__setitem__("momentum", 0.5)),
+    "lr-equal-value": ("sgd ema", lambda o, ps, s: o.param_groups[-1].__setitem__(
+        "lr", float(repr(o.param_groups[-1]["lr"])))),
+    "momentum": ("sgd ema", lambda o, ps, s: o.param_groups[-1].__setitem__("momentum", 0.5)),
     "momentum-zero": ("sgd", lambda o, ps, s: o.param_groups[0].__setitem__("momentum", 0)),
     "dampening": ("sgd", lambda o, ps, s: o.param_groups[0].__setitem__("dampening", 0.25)),
-    "weight-decay": ("sgd ema", lambda o, ps, s: o.param_groups[1].__setitem__(
+    "weight-decay": ("sgd ema", lambda o, ps, s: o.param_groups[-1].__setitem__(
         "weight_decay", 0.1)),
-    "nesterov": ("sgd", lambda o, ps, s: o.param_groups[1].__setitem__("nesterov", True)),
+    "nesterov": ("sgd", lambda o, ps, s: o.param_groups[-1].__setitem__("nesterov", True)),
     "maximize": ("sgd ema", lambda o, ps, s: o.param_groups[0].__setitem__("maximize", True)),
     "params-pop": ("sgd ema", lambda o, ps, s: o.param_groups[0]["params"].pop()),
     "params-append": ("sgd ema", lambda o, ps, s: o.param_groups[0]["params"].append(
-        o.param_groups[1]["params"].pop())),
-    "params-reorder": ("sgd ema", lambda o, ps, s: o.param_groups[1]["params"].reverse()),
+        o.param_groups[-1]["params"].pop())),
+    "params-reorder": ("sgd ema", lambda o, ps, s: o.param_groups[-1]["params"].reverse()),
     "params-new-list": ("sgd ema", lambda o, ps, s: o.param_groups[0].__setitem__(
         "params", list(o.param_groups[0]["params"][::-1]))),
     "grad-none": ("sgd ema", lambda o, ps, s: setattr(ps[2], "grad", None)),
@@ -70,9 +71,18 @@ EDITS = {
 }
 
 
-def _twins(kind, flat):
+def _twins(kind, flat, n_groups=2, frozen=()):
+    """(ours, torch's, our optimizer, torch's) over SIZES, in two groups or one (flat: one
+    bucket, whose replay runs check, op and bumps in one C++ call: BucketCheck.replay); the
+    parameters at the indices `frozen` frozen before the optimizers are made."""
     ours, ref = twin_params(make_values(SIZES, torch.float32, 0))
-    groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02}]  # noqa: E731
+    for i in frozen:
+        ours[i].requires_grad_(False)
+        ref[i].requires_grad_(False)
+    if n_groups == 1:
+        groups = lambda ps: [{"params": ps}]  # noqa: E731
+    else:
+        groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02}]  # noqa: E731
     if kind == "sgd":
         h = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
         return (ours, ref, momentum_cuda.SGD(groups(ours), flat=flat, **h),
@@ -85,10 +95,11 @@ def _twins(kind, flat):
 CASES = [(kind, name) for name, (kinds, _) in EDITS.items() for kind in kinds.split()]
 
 
+@pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 @pytest.mark.parametrize("kind,edit", CASES, ids=[f"{k}-{e}" for k, e in CASES])
-def test_edit_between_steady_steps(kind, edit, flat):
-    ours, ref, opt, topt = _twins(kind, flat)
+def test_edit_between_steady_steps(kind, edit, flat, n_groups):
+    ours, ref, opt, topt = _twins(kind, flat, n_groups)
     gen = torch.Generator().manual_seed(1)
     for step in range(STEPS):
         grads = fresh_grads(ours, gen)
@@ -96,6 +107,8 @@ def test_edit_between_steady_steps(kind, edit, flat):
         write_grads(topt, ref, grads)
         if step == EDIT_AT:
             assert opt._steady is not None, "the replay is live before the edit"
+            # one flat bucket: the one-call replay (BucketCheck.replay) is the one live
+            assert (opt._steady[4] is not None) == (flat and n_groups == 1)
             for side, (o, ps) in enumerate(((opt, ours), (topt, ref))):
                 EDITS[edit][1](o, ps, side)
         opt.step()
@@ -120,6 +133,57 @@ def test_the_training_loop_replays(flat, monkeypatch):
         topt.step()
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
         assert [e["path"] for e in opt.last_step] == ["flat" if flat else "per-tensor"] * 2
+
+
+def test_one_bucket_replays_in_one_call(monkeypatch):
+    """A step whose only work is one flat bucket replays through BucketCheck.replay (check,
+    kernel and version bumps in one C++ call): from the third step on neither planning nor the
+    bucket's op runs, the bits stay torch's, the parameters' versions move as the op's would,
+    and last_step reports the flat path."""
+    ours, ref, opt, topt = _twins("sgd", True, n_groups=1)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        if step == 2:
+            forbid_planning(monkeypatch, opt)
+            b = opt._steady[2][0][0]
+
+            def no_op(*a, **k):
+                raise AssertionError("the bucket's op ran: not the one-call replay")
+            monkeypatch.setattr(b, "op", no_op)
+        versions = [p._version for p in ours]
+        grads = fresh_grads(ours, gen)
+        for o, ps in ((opt, ours), (topt, ref)):
+            o.zero_grad()
+            torch.stack([(p * g).sum() for p, g in zip(ps, grads)]).sum().backward()
+        opt.step()
+        topt.step()
+        assert_twins(ours, ref, opt, topt, f"step {step + 1}")
+        assert [e["path"] for e in opt.last_step] == ["flat"]
+        if step >= 2:
+            assert [p._version for p in ours] == [v + 1 for v in versions]
+
+
+@pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
+def test_a_gradient_appears_outside_the_bucket(n_groups):
+    """A parameter frozen while its group was laid out stays outside the flat bucket; the
+    replay checks it still has no gradient (its idle check, before the one-call replay too):
+    when it is unfrozen and a backward gives it one, the step is planned and it takes torch's
+    step."""
+    ours, ref, opt, topt = _twins("sgd", True, n_groups, frozen=[5])
+    gen = torch.Generator().manual_seed(6)
+    for step in range(6):
+        grads = fresh_grads(ours, gen)
+        if step == 4:
+            assert opt._steady is not None and (opt._steady[4] is not None) == (n_groups == 1)
+            for ps in (ours, ref):
+                ps[5].requires_grad_(True)
+        with_grad = [i for i, p in enumerate(ours) if p.requires_grad]
+        for o, ps in ((opt, ours), (topt, ref)):
+            o.zero_grad()
+            backward_grads([ps[i] for i in with_grad], [grads[i] for i in with_grad])
+        opt.step()
+        topt.step()
+        assert_twins(ours, ref, opt, topt, f"step {step + 1}")
 
 
 @pytest.mark.parametrize("value", [torch.tensor(0.05), 0.05], ids=["tensor", "float"])
