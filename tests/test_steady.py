@@ -116,40 +116,24 @@ def test_edit_between_steady_steps(kind, edit, flat, n_groups):
         assert_twins(ours, ref, opt, topt, f"{kind} {edit} step {step + 1}")
 
 
+def _no_op(*args, **kw):
+    raise AssertionError("the bucket's op ran: not the one-call replay")
+
+
+@pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
-def test_the_training_loop_replays(flat, monkeypatch):
+def test_the_training_loop_replays(flat, n_groups, monkeypatch):
     """zero_grad(), backward, step(): from the third step on no planning runs (the replay),
-    and the bits stay torch's."""
-    ours, ref, opt, topt = _twins("sgd", flat)
+    the bits stay torch's and each parameter's version moves by one a step, as the op's in-place
+    write moves it. With one group, flat (one bucket), the replay is BucketCheck.replay (check,
+    kernel and version bumps in one C++ call): the bucket's op does not run either."""
+    ours, ref, opt, topt = _twins("sgd", flat, n_groups)
     gen = torch.Generator().manual_seed(2)
     for step in range(5):
         if step == 2:
             forbid_planning(monkeypatch, opt)
-        grads = fresh_grads(ours, gen)
-        for o, ps in ((opt, ours), (topt, ref)):
-            o.zero_grad()
-            torch.stack([(p * g).sum() for p, g in zip(ps, grads)]).sum().backward()
-        opt.step()
-        topt.step()
-        assert_twins(ours, ref, opt, topt, f"step {step + 1}")
-        assert [e["path"] for e in opt.last_step] == ["flat" if flat else "per-tensor"] * 2
-
-
-def test_one_bucket_replays_in_one_call(monkeypatch):
-    """A step whose only work is one flat bucket replays through BucketCheck.replay (check,
-    kernel and version bumps in one C++ call): from the third step on neither planning nor the
-    bucket's op runs, the bits stay torch's, the parameters' versions move as the op's would,
-    and last_step reports the flat path."""
-    ours, ref, opt, topt = _twins("sgd", True, n_groups=1)
-    gen = torch.Generator().manual_seed(5)
-    for step in range(5):
-        if step == 2:
-            forbid_planning(monkeypatch, opt)
-            b = opt._steady[2][0][0]
-
-            def no_op(*a, **k):
-                raise AssertionError("the bucket's op ran: not the one-call replay")
-            monkeypatch.setattr(b, "op", no_op)
+            if flat and n_groups == 1:
+                monkeypatch.setattr(opt._steady[2][0][0], "op", _no_op)
         versions = [p._version for p in ours]
         grads = fresh_grads(ours, gen)
         for o, ps in ((opt, ours), (topt, ref)):
@@ -158,9 +142,8 @@ def test_one_bucket_replays_in_one_call(monkeypatch):
         opt.step()
         topt.step()
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
-        assert [e["path"] for e in opt.last_step] == ["flat"]
-        if step >= 2:
-            assert [p._version for p in ours] == [v + 1 for v in versions]
+        assert [e["path"] for e in opt.last_step] == ["flat" if flat else "per-tensor"] * n_groups
+        assert [p._version for p in ours] == [v + 1 for v in versions]
 
 
 @pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
