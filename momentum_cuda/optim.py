@@ -101,9 +101,9 @@ except ImportError:  # torch built without distributed: nothing is a DTensor
 from ._backends import _C, resolve_backend
 from ._ops import fp16_master_op, master_op, qmom_op, sr_op, step_ops
 from ._util import is_dense as _dense
-from .reference import (QBLOCK, _bf16_rne, _memory_order, bf16_join, dequantize_momentum,
-                        momentum_reference_step, pack_ties, quantize_momentum, sr_key,
-                        unpack_ties)
+from .reference import (QBLOCK, _bf16_rne, _memory_order, bf16_join, block_scales,
+                        dequantize_momentum, momentum_reference_step, pack_ties,
+                        quantize_momentum, sr_key, unpack_ties)
 
 log = logging.getLogger("momentum_cuda")
 
@@ -210,18 +210,10 @@ def _wide_buffer(buf, scales):
     return buf.float()
 
 
-def _block_scales(codes, scales):
-    """Each element's block scale (fp32, laid out like the int8 codes): the form a DTensor's
-    scales take in state_dict(), sharded like its parameter, which any resharding keeps."""
-    out = torch.empty_like(codes, dtype=torch.float32)
-    idx = torch.arange(codes.numel(), device=codes.device) // QBLOCK
-    _memory_order(out).copy_(scales[idx].view(_memory_order(codes).shape))
-    return out
-
-
 def _block_marks(codes):
     """int16 laid out like the int8 codes: at the first element of each block (every QBLOCK-th
-    in memory order) the block's size, else 0. Saved next to _block_scales, it tells
+    in memory order) the block's size, else 0. Saved next to block_scales (the form a
+    DTensor's scales take in state_dict(), sharded like its parameter), it tells
     load_state_dict whether a shard's blocks are the ones it was saved with (a block cut short
     or begun elsewhere by other shards shows)."""
     n = codes.numel()
@@ -233,15 +225,14 @@ def _block_marks(codes):
 
 
 def _scales_of_blocks(per_element, marks):
-    """_block_scales undone where this local shard's blocks are the ones it was saved with
+    """block_scales undone where this local shard's blocks are the ones it was saved with
     (its saved marks are _block_marks') and each holds one scale (bits compared: NaN scales
     too): the scales; else None."""
     flat = _memory_order(per_element).reshape(-1)
     if not torch.equal(_memory_order(marks).reshape(-1), _block_marks(flat)):
         return None
     scales = flat[::QBLOCK].contiguous()
-    idx = torch.arange(flat.numel(), device=flat.device) // QBLOCK
-    same = torch.equal(flat.view(torch.int32), scales[idx].view(torch.int32))
+    same = torch.equal(flat.view(torch.int32), block_scales(flat, scales).view(torch.int32))
     return scales if same else None
 
 
@@ -1114,7 +1105,7 @@ class _FusedMomentum(Optimizer):
             if isinstance(scales, torch.Tensor) and not isinstance(scales, _DTensor):
                 st = sd["state"][i] = dict(st)
                 codes = st["momentum_buffer"]._local_tensor
-                st["momentum_scales"] = _as_dtensor(_block_scales(codes, scales), p)
+                st["momentum_scales"] = _as_dtensor(block_scales(codes, scales), p)
                 st["momentum_blocks"] = _as_dtensor(_block_marks(codes), p)
         return sd
 
@@ -1455,9 +1446,10 @@ class _FusedMomentum(Optimizer):
                         st.pop("momentum_scales", None)
                 continue
             for k, v in kept.get(id(p), {}).items():
-                self.state[p][k] = v.to(p.device, _MASTER_STATE[k], copy=True)
                 if k == "master_ties" and isinstance(p, _DTensor):  # (state_dict's form)
                     self.state[p][k] = pack_ties(v._local_tensor.to(p.device).bool())
+                else:
+                    self.state[p][k] = v.to(p.device, _MASTER_STATE[k], copy=True)
             if self._master(g, p):
                 self._mark_master(p)
         self._adopt_buffers(self._group_layouts())
@@ -2559,7 +2551,7 @@ class _FusedMomentum(Optimizer):
                 blocks = _scales_of_blocks(per, marks._local_tensor.to(p.device))
                 if blocks is not None:
                     return lb.clone(), blocks
-            lb = lb.float() * per
+            lb = lb.float() * per  # (dequantize_momentum's read, the scales given per element)
         return self._qmom_buffer(lp, lb, None, dtype, True)
 
     @staticmethod

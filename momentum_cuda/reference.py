@@ -267,14 +267,19 @@ def quantize_momentum(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
+def block_scales(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Each int8 code's block scale: fp32 laid out like the codes, element i (memory order)
+    holding scales[i // QBLOCK]."""
+    idx = torch.arange(codes.numel(), device=codes.device) // QBLOCK
+    out = torch.empty_like(codes, dtype=torch.float32)
+    _memory_order(out).copy_(scales[idx].view(_memory_order(codes).shape))
+    return out
+
+
 def dequantize_momentum(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """quantize_momentum's buffer read back in fp32: code * its block's scale (one fp32
     multiply; every element of a block with a NaN scale is NaN)."""
-    flat = _memory_order(codes).reshape(-1)
-    idx = torch.arange(flat.numel(), device=codes.device) // QBLOCK
-    out = torch.empty_like(codes, dtype=torch.float32)
-    _memory_order(out).copy_((flat.float() * scales[idx]).view(_memory_order(codes).shape))
-    return out
+    return codes.float() * block_scales(codes, scales)
 
 
 def sgd_momentum_dtype_reference_step(params, grads, bufs, scales=None, *, lr: float,

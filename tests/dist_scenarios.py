@@ -1162,10 +1162,11 @@ def dtensor_sr_refused(ctx: Ctx, *, flat: bool):
         try:
             opt.step()
         except RuntimeError as e:
-            if ok or "stochastic_rounding=True needs each DTensor parameter's local shard to be " \
-                      "one run of the whole tensor" not in str(e):
+            why = "needs each DTensor parameter's local shard to be one run of the whole tensor"
+            if ok or why not in str(e):
                 ctx.check.fail(f"{pl}: unexpected error: {e}")
-            ctx.check.tensor(p.detach().to_local(), before, f"{pl}: the parameter after the refusal")
+            ctx.check.tensor(p.detach().to_local(), before,
+                             f"{pl}: the parameter after the refusal")
             if opt.state:
                 ctx.check.fail(f"{pl}: the refused step left state")
             continue

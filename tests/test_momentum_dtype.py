@@ -660,13 +660,14 @@ def test_clip_with_an_unused_parameter(flat, dtype):
 
 
 def test_dtensor_checkpoint_form_of_int8_scales():
-    """The per-element form state_dict gives a DTensor's int8 scales (optim._block_scales with
-    optim._block_marks) is read back to the same scales bit for bit (NaN and zero scales too)
+    """The per-element form state_dict gives a DTensor's int8 scales (reference.block_scales
+    with optim._block_marks) is read back to the same scales bit for bit (NaN and zero scales too)
     where the shard's blocks are the saved ones, and refused (None: the buffer is quantized
     again) where another sharding cut a block short or began one elsewhere. The lossless path
     matters: quantizing a dequantized buffer again does not always give its scales back, as
     for a block whose largest |v| is this subnormal."""
-    from momentum_cuda.optim import _block_marks, _block_scales, _scales_of_blocks
+    from momentum_cuda.optim import _block_marks, _scales_of_blocks
+    from momentum_cuda.reference import block_scales
     gen = torch.Generator().manual_seed(21)
     for n in (1, 255, 256, 257, 900, 1200):
         v = torch.randn(n, generator=gen)
@@ -675,7 +676,7 @@ def test_dtensor_checkpoint_form_of_int8_scales():
         if n >= 512:
             codes[256:512] = 0
             scales[1] = 0.0
-        per, marks = _block_scales(codes, scales), _block_marks(codes)
+        per, marks = block_scales(codes, scales), _block_marks(codes)
         assert torch.equal(bits(_scales_of_blocks(per, marks)), bits(scales))
         # a shard of the first 900 elements of this one: its last block cut short
         if n == 1200:
