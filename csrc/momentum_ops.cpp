@@ -193,7 +193,9 @@ void check_no_cross_overlap(NamedLists lists) {
 /// unscaled, are multiplied by it and written back, as torch's g.mul_(coef) leaves them) and
 /// hyper-parameters held in tensors (read in place of the doubles, on the device by the CUDA
 /// kernels: no host sync; `momentum_tensor` needs the buffers, and a zero there leaves them
-/// as they are, as momentum == 0 does in torch's for-loop).
+/// as they are, as momentum == 0 does in torch's for-loop). `first_step_tensor` (1-element
+/// bool, with first_step=True) decides the first step on the device: true, the buffers were never
+/// stepped (buffer = gradient); false, they were (the step of first_step=False).
 struct StepTensors {
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
@@ -202,15 +204,17 @@ struct StepTensors {
   const std::optional<at::Tensor>& momentum_tensor;
   const std::optional<at::Tensor>& dampening_tensor;
   const std::optional<at::Tensor>& weight_decay_tensor;
+  const std::optional<at::Tensor>& first_step_tensor;
   /// Whether the gradients are touched before the update (or the update may be skipped).
   bool any() const { return given(grad_scale) || given(found_inf) || given(clip_coef); }
   static bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 };
 const std::optional<at::Tensor> kNone;
-const StepTensors kNoTensors{kNone, kNone, kNone, kNone, kNone, kNone, kNone};
+const StepTensors kNoTensors{kNone, kNone, kNone, kNone, kNone, kNone, kNone, kNone};
 
 /// Each is a 1-element tensor on the parameters' device: float32 (GradScaler's), float32 or
-/// float64 (the hyper-parameters), of the parameters' dtype (clip_coef).
+/// float64 (the hyper-parameters), of the parameters' dtype (clip_coef), bool
+/// (first_step_tensor).
 void check_tensors(const StepTensors& st, const at::Device& device, at::ScalarType dtype) {
   for (const auto& [t, n] : {std::pair{&st.grad_scale, "grad_scale"},
                              std::pair{&st.found_inf, "found_inf"},
@@ -218,16 +222,20 @@ void check_tensors(const StepTensors& st, const at::Device& device, at::ScalarTy
                              std::pair{&st.clip_coef, "clip_coef"},
                              std::pair{&st.momentum_tensor, "momentum_tensor"},
                              std::pair{&st.dampening_tensor, "dampening_tensor"},
-                             std::pair{&st.weight_decay_tensor, "weight_decay_tensor"}}) {
+                             std::pair{&st.weight_decay_tensor, "weight_decay_tensor"},
+                             std::pair{&st.first_step_tensor, "first_step_tensor"}}) {
     if (!StepTensors::given(*t)) continue;
     const at::Tensor& x = **t;
     const bool amp = t == &st.grad_scale || t == &st.found_inf, clip = t == &st.clip_coef;
-    const bool dtype_ok = clip ? x.scalar_type() == dtype
-                               : x.scalar_type() == at::kFloat ||
-                                     (!amp && x.scalar_type() == at::kDouble);
-    const std::string want = clip ? std::string(c10::toString(dtype)) + " (the parameters' dtype)"
-                             : amp ? "float32"
-                                   : "float32 or float64";
+    const bool first = t == &st.first_step_tensor;
+    const bool dtype_ok = clip    ? x.scalar_type() == dtype
+                          : first ? x.scalar_type() == at::kBool
+                                  : x.scalar_type() == at::kFloat ||
+                                        (!amp && x.scalar_type() == at::kDouble);
+    const std::string want = clip    ? std::string(c10::toString(dtype)) + " (the parameters' dtype)"
+                             : first ? "bool"
+                             : amp   ? "float32"
+                                     : "float32 or float64";
     TORCH_CHECK(x.layout() == at::kStrided && x.numel() == 1 && dtype_ok && x.device() == device,
                 n, " must be a 1-element ", want, " tensor on ", device,
                 " (the parameters' device), got ", describe(x));
@@ -316,6 +324,9 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
               momentum);
   TORCH_CHECK(!first_step || need_buf,
               "first_step=True (buffer = gradient) needs momentum != 0, got momentum=", momentum);
+  TORCH_CHECK(!StepTensors::given(st.first_step_tensor) || first_step,
+              "first_step_tensor is given with first_step=False: it decides a first step, which "
+              "first_step=True allows");
   TORCH_CHECK(grads.size() == params.size(), "grads has ", grads.size(), " tensors but params has ",
               params.size());
   TORCH_CHECK(!need_buf || bufs.size() == params.size(), "momentum_buffers has ", bufs.size(),
@@ -358,9 +369,15 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
     if (StepTensors::given(st.weight_decay_tensor)) {
       hyper.weight_decay = host_value(*st.weight_decay_tensor, "weight_decay_tensor");
     }
+    if (StepTensors::given(st.first_step_tensor)) {
+      first_step = *st.first_step_tensor->data_ptr<bool>();
+    }
   } else {
     hyper.amp = AmpPtrs{device_scalar(st.grad_scale).f32, device_scalar(st.found_inf).f32,
-                        StepTensors::given(st.clip_coef) ? st.clip_coef->data_ptr() : nullptr};
+                        StepTensors::given(st.clip_coef) ? st.clip_coef->data_ptr() : nullptr,
+                        StepTensors::given(st.first_step_tensor)
+                            ? st.first_step_tensor->data_ptr<bool>()
+                            : nullptr};
     hyper.dev = HyperPtrs{device_scalar(st.lr_tensor), device_scalar(st.momentum_tensor),
                           device_scalar(st.dampening_tensor),
                           device_scalar(st.weight_decay_tensor)};
@@ -444,11 +461,12 @@ void step_flat_(const at::Tensor& param, const at::Tensor& grad,
                 const std::optional<at::Tensor>& clip_coef,
                 const std::optional<at::Tensor>& momentum_tensor,
                 const std::optional<at::Tensor>& dampening_tensor,
-                const std::optional<at::Tensor>& weight_decay_tensor) {
+                const std::optional<at::Tensor>& weight_decay_tensor,
+                const std::optional<at::Tensor>& first_step_tensor) {
   sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
                 nesterov, maximize, first_step, D,
                 StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
-                            dampening_tensor, weight_decay_tensor});
+                            dampening_tensor, weight_decay_tensor, first_step_tensor});
 }
 
 template <c10::DeviceType D>
@@ -460,11 +478,12 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 const std::optional<at::Tensor>& clip_coef,
                 const std::optional<at::Tensor>& momentum_tensor,
                 const std::optional<at::Tensor>& dampening_tensor,
-                const std::optional<at::Tensor>& weight_decay_tensor) {
+                const std::optional<at::Tensor>& weight_decay_tensor,
+                const std::optional<at::Tensor>& first_step_tensor) {
   sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
                 maximize, first_step, D, /*single=*/false, at::Tensor(),
                 StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
-                            dampening_tensor, weight_decay_tensor});
+                            dampening_tensor, weight_decay_tensor, first_step_tensor});
 }
 
 /// What the per-tensor ops of the modes (master weights, stochastic rounding, momentum_dtype)
@@ -824,12 +843,13 @@ void step_flat_other_(const at::Tensor& param, const at::Tensor& grad,
                       const std::optional<at::Tensor>& clip_coef,
                       const std::optional<at::Tensor>& momentum_tensor,
                       const std::optional<at::Tensor>& dampening_tensor,
-                      const std::optional<at::Tensor>& weight_decay_tensor) {
+                      const std::optional<at::Tensor>& weight_decay_tensor,
+                      const std::optional<at::Tensor>& first_step_tensor) {
   const auto type = device_of({param, grad});
   sgd_step_flat(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
                 nesterov, maximize, first_step, type,
                 StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
-                            dampening_tensor, weight_decay_tensor});
+                            dampening_tensor, weight_decay_tensor, first_step_tensor});
 }
 
 void step_list_other_(at::TensorList params, at::TensorList grads,
@@ -841,12 +861,13 @@ void step_list_other_(at::TensorList params, at::TensorList grads,
                       const std::optional<at::Tensor>& clip_coef,
                       const std::optional<at::Tensor>& momentum_tensor,
                       const std::optional<at::Tensor>& dampening_tensor,
-                      const std::optional<at::Tensor>& weight_decay_tensor) {
+                      const std::optional<at::Tensor>& weight_decay_tensor,
+                      const std::optional<at::Tensor>& first_step_tensor) {
   const auto type = device_of({params, grads, momentum_buffers});
   sgd_step_list(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
                 maximize, first_step, type, /*single=*/false, at::Tensor(),
                 StepTensors{grad_scale, found_inf, lr_tensor, clip_coef, momentum_tensor,
-                            dampening_tensor, weight_decay_tensor});
+                            dampening_tensor, weight_decay_tensor, first_step_tensor});
 }
 
 void step_master_list_(at::TensorList params, at::TensorList grads,
@@ -1339,13 +1360,14 @@ TORCH_LIBRARY(momentum_cuda, m) {
       "bool nesterov, bool maximize, bool first_step, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? lr_tensor=None, Tensor? clip_coef=None, "
       "Tensor? momentum_tensor=None, Tensor? dampening_tensor=None, "
-      "Tensor? weight_decay_tensor=None) -> ()");
+      "Tensor? weight_decay_tensor=None, Tensor? first_step_tensor=None) -> ()");
   m.def(
       "sgd_step_list_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? lr_tensor=None, Tensor? clip_coef=None, Tensor? momentum_tensor=None, "
-      "Tensor? dampening_tensor=None, Tensor? weight_decay_tensor=None) -> ()");
+      "Tensor? dampening_tensor=None, Tensor? weight_decay_tensor=None, "
+      "Tensor? first_step_tensor=None) -> ()");
   m.def(
       "sgd_step_master_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] remainders, Tensor(e!)[] ties, float lr, float momentum, float dampening, "

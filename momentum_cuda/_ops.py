@@ -42,7 +42,9 @@ Each op writes param(s) and momentum buffer(s) in place, reads the gradients (an
 GradScaler's grad_scale or a clip coefficient, writes them back unscaled and clipped;
 found_inf != 0 skips the update) and returns nothing; lr_tensor, momentum_tensor,
 dampening_tensor and weight_decay_tensor (1-element fp32/fp64 tensors on the parameters' device)
-are read in place of the floats, on the device (no host sync); its fake kernel
+are read in place of the floats, on the device (no host sync), and so is first_step_tensor (a
+1-element bool, C++ ops only, with first_step=True: whether the buffers were never stepped, so
+that a first step is decided where found_inf lives); its fake kernel
 (for FakeTensor, torch.compile and opcheck) has nothing to compute and checks only that the
 tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend: for "triton"
 two small functions that call the amp op when grad_scale or clip_coef is given and the plain
@@ -87,12 +89,13 @@ def _one_device(named) -> None:
 def _flat_fake(param, grad, momentum_buffer, segments, lr, momentum, dampening, weight_decay,
                nesterov, maximize, first_step, grad_scale=None, found_inf=None,
                lr_tensor=None, clip_coef=None, momentum_tensor=None, dampening_tensor=None,
-               weight_decay_tensor=None) -> None:
+               weight_decay_tensor=None, first_step_tensor=None) -> None:
     _one_device([(param, "param"), (grad, "grad"), (momentum_buffer, "momentum_buffer"),
                  (grad_scale, "grad_scale"), (found_inf, "found_inf"),
                  (lr_tensor, "lr_tensor"), (clip_coef, "clip_coef"),
                  (momentum_tensor, "momentum_tensor"), (dampening_tensor, "dampening_tensor"),
-                 (weight_decay_tensor, "weight_decay_tensor")])
+                 (weight_decay_tensor, "weight_decay_tensor"),
+                 (first_step_tensor, "first_step_tensor")])
     if segments.device.type != "cpu":
         raise RuntimeError(f"segments must be a CPU tensor, got one on {segments.device}")
 
@@ -100,7 +103,7 @@ def _flat_fake(param, grad, momentum_buffer, segments, lr, momentum, dampening, 
 def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
                nesterov, maximize, first_step, grad_scale=None, found_inf=None,
                lr_tensor=None, clip_coef=None, momentum_tensor=None, dampening_tensor=None,
-               weight_decay_tensor=None) -> None:
+               weight_decay_tensor=None, first_step_tensor=None) -> None:
     named = [(t, f"{name}[{i}]") for ts, name in ((params, "params"), (grads, "grads"),
                                                   (momentum_buffers, "momentum_buffers"))
              for i, t in enumerate(ts)]
@@ -109,7 +112,8 @@ def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_
                              (lr_tensor, "lr_tensor"), (clip_coef, "clip_coef"),
                              (momentum_tensor, "momentum_tensor"),
                              (dampening_tensor, "dampening_tensor"),
-                             (weight_decay_tensor, "weight_decay_tensor")])
+                             (weight_decay_tensor, "weight_decay_tensor"),
+                             (first_step_tensor, "first_step_tensor")])
 
 
 def _lists_fake(**lists) -> None:

@@ -72,7 +72,9 @@ of the address bookkeeping above runs (_step_traced): one list op per (device, d
 tensors wherever they live. A 1-element fp32/fp64 tensor lr is read by the kernels on its
 device. GradScaler hands the step its grad_scale and found_inf (_step_supports_amp_scaling):
 the kernels unscale and skip on the device; a step that would create momentum buffers reads
-found_inf on the host first, so that an overflow-skipped first step leaves no state.
+found_inf on the host first, so that an overflow-skipped first step leaves no state, or, with
+capturable=True, leaves that to the device (_Unsure: the buffers enter the state once the host
+has read the bucket's flag).
 clip_grad_norm_ returns torch's total norm and leaves the multiply to the next step's kernels
 (_Clip), which check first that the gradients are still the ones measured.
 """
@@ -618,6 +620,11 @@ class _Bucket:
     entry: dict | None = None  # last_step's entry for a whole-bucket run
     op: object | None = None  # the backend's flat op, and flat_param's device, looked up once
     device: torch.device | None = None
+    # buffers (flat_buf's views) whose first step was decided on the device, not yet in the
+    # state: _Unsure, over first_flag (made with the bucket: a CUDA graph captured later must
+    # not hold the kernel that sets it; true whenever no _Unsure holds it)
+    unsure: _Unsure | None = None
+    first_flag: torch.Tensor | None = None
 
     def run_segments(self, i0: int, i1: int) -> torch.Tensor:
         """The segments one flat call runs for params[i0:i1]: one covering span
@@ -802,6 +809,58 @@ class _ShardCheck:
             seen[id(dt)] = mark
 
 
+def _capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (no host read can run)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class _Unsure:
+    """The first step of a bucket's momentum buffers decided on the device: under GradScaler,
+    whether the step that creates them is skipped is known only where found_inf lives, and
+    torch's for-loop (GradScaler reads found_inf and skips the whole step) then holds no
+    buffer. So the buffers (the bucket's flat views) stay out of the state, and `flag` (a bool
+    on the buffers' device, the bucket's first_flag) says whether every step that used them was
+    skipped: the kernels read it as first_step_tensor, each such step ands it with
+    found_inf != 0 (no host sync). The host reads it when it is back (update(), never()) and
+    the buffers enter the state then if a step updated them (_FusedMomentum._settle_unsure),
+    which sets the flag true again."""
+
+    # whether a flag in host memory is read as soon as a step has set it (tests set False to
+    # run the CPU as a GPU whose copy has not come back yet: only never(wait=True) reads it)
+    host_ready = True
+    __slots__ = ("flag", "host", "event")
+
+    def __init__(self, flag):
+        self.flag = flag
+        self.host = self.event = None
+
+    def update(self, found_inf) -> None:
+        """After a step that used the flag: false unless found_inf != 0 skipped it, and on a
+        GPU (not while a CUDA graph is captured) on its way to pinned host memory."""
+        if found_inf is None:
+            self.flag.fill_(False)
+        else:
+            self.flag.logical_and_(found_inf)
+        self.event = None
+        if self.flag.device.type == "cuda" and not _capturing():
+            if self.host is None:
+                self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(self.flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def never(self, wait: bool) -> bool | None:
+        """Whether no step updated the buffers; None while the host cannot know without
+        waiting (wait=True: a sync on a GPU)."""
+        if self.flag.device.type == "cpu":
+            return bool(self.flag.numpy()) if wait or self.host_ready else None
+        if wait:
+            return bool(self.flag.item())
+        if self.event is not None and not _capturing() and self.event.query():
+            return bool(self.host.numpy())
+        return None
+
+
 class _LastStep:
     """Holds opt.last_step. Not an attribute of the optimizer itself: dynamo drops a setattr
     on an Optimizer while tracing, and would guard on a list mutated in place."""
@@ -857,8 +916,10 @@ class _FusedMomentum(Optimizer):
 
     _constructing = False
 
-    def __init__(self, params, defaults, *, backend: str | None, flat: bool):
+    def __init__(self, params, defaults, *, backend: str | None, flat: bool,
+                 capturable: bool = False):
         self._reset_layout(backend, flat)
+        self._capturable = bool(capturable)
         # All groups are laid out together: whether a parameter may move depends on which
         # other parameters share its storage (_private), across groups.
         self._constructing = True
@@ -882,6 +943,7 @@ class _FusedMomentum(Optimizer):
         # id(master-weights param) -> (data_ptr, version) after its last step: a parameter
         # written since (load_state_dict of the model, copy_) restarts its master (_step_master)
         self._master_seen: dict[int, tuple] = {}
+        self._unsure: dict[int, _Bucket] = {}  # id -> a bucket whose .unsure is set
 
     @property
     def last_step(self) -> list[dict]:
@@ -919,10 +981,12 @@ class _FusedMomentum(Optimizer):
         clip_grad_norm_ is applied first (torch's op), so a copy sees the clipped gradients."""
         if self._pending.clip is not None:
             self._take_clip().apply()
+        self._settle_unsure(True)
         self._settle_masters()
         state = super().__getstate__()
         state["_requested_backend"] = self._requested_backend
         state["_flat"] = self._flat
+        state["_capturable"] = self._capturable
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -944,6 +1008,7 @@ class _FusedMomentum(Optimizer):
             return
         backend = state.pop("_requested_backend", None)
         flat = state.pop("_flat", True)
+        self._capturable = state.pop("_capturable", False)
         super().__setstate__(state)
         self._fill_group_defaults()
         self._reset_layout(backend, flat)
@@ -1017,6 +1082,7 @@ class _FusedMomentum(Optimizer):
         narrow one (int8 codes, or the bf16 buffer of an fp32 parameter or of a
         stochastic-rounding one) read back in fp32 exactly as the kernels read it; any other
         buffer as it is."""
+        self._settle_unsure(True)
         st = self.state.get(p, {})
         buf = st.get("momentum_buffer")
         if buf is None:
@@ -1090,6 +1156,7 @@ class _FusedMomentum(Optimizer):
         like it, one element per element (the tie bit, 0 or 1, as uint8; the element's block
         scale, and "momentum_blocks": _block_marks): a checkpoint (dcp)
         reshards them as it does the rest; load_state_dict takes them back per shard."""
+        self._settle_unsure(True)
         self._settle_masters()
         sd = super().state_dict()
         ps = [p for g in self.param_groups for p in g["params"]]
@@ -1151,6 +1218,8 @@ class _FusedMomentum(Optimizer):
     def _layout_group(self, group) -> _GroupLayout:
         self._check_momentum_dtype(group)
         old = self._layouts.get(id(group))
+        if old is not None and self._unsure:  # its buffers go into the state, or nowhere
+            self._settle_unsure(True, old.buckets, drop=True)
         if old is not None and old.master[2] is not None and group.get("momentum_dtype") is None:
             self._widen_buffers(group)
         for b in old.buckets if old is not None else ():
@@ -1196,6 +1265,9 @@ class _FusedMomentum(Optimizer):
             out.append((g, lay))
         if len(self._layouts) != len(out):
             keep = {id(g) for g, _ in out}
+            if self._unsure:
+                self._settle_unsure(True, [b for k, lay in self._layouts.items()
+                                           if k not in keep for b in lay.buckets], drop=True)
             self._layouts = {k: v for k, v in self._layouts.items() if k in keep}
         if relaid:
             self._adopt_buffers(out)
@@ -1267,6 +1339,8 @@ class _FusedMomentum(Optimizer):
                 b.neg_zero = [False] * len(ps)
             else:
                 b.fill_neg_zero()
+                if b.backend != "triton":  # (_first_on_device)
+                    b.first_flag = torch.ones((), dtype=torch.bool, device=device)
             hook_ref = weakref.ref(b)
             for i, p in enumerate(ps):
                 view = b.view(flat_param, i)
@@ -1409,6 +1483,10 @@ class _FusedMomentum(Optimizer):
                                "momentum_blocks": st.get("momentum_blocks")}
         modes = [{k: g[k] for k in _MODE_KEYS if k in g} for g in self.param_groups]
         self._steady = None  # (it holds the state it replays: not kept alive past its use)
+        for b in self._unsure.values():  # the loaded state says which buffers exist
+            b.unsure = None
+            b.first_flag.fill_(True)
+        self._unsure.clear()
         super().load_state_dict(state_dict)
         for g, saved_g, m in zip(self.param_groups, state_dict["param_groups"], modes):
             if m and not any(k in saved_g for k in _MODE_KEYS):
@@ -1541,6 +1619,8 @@ class _FusedMomentum(Optimizer):
         if self._pending.clip is None and self._step_steady(amp):
             return
         self._steady = None
+        if self._unsure:  # what the device has sent back since
+            self._settle_unsure(False)
         # checked before planning: a relayout replaces .grad objects
         clip = None if self._pending.clip is None else self._take_clip()
         plans, planned = [], []
@@ -1553,6 +1633,9 @@ class _FusedMomentum(Optimizer):
                     plan = self._plan(g, lay, relayout=False)
                 plans.append(plan)
                 planned.append((g, lay))
+            # GradScaler's found_inf read on the host first (or the device decides: _Unsure)
+            host = (amp is not None and self._amp_needs_host(plans)
+                    and not self._first_on_device(plans, amp))
         except BaseException:
             self._pending.clip = clip  # a bad input raised: nothing was stepped
             raise
@@ -1560,7 +1643,7 @@ class _FusedMomentum(Optimizer):
         if clip is not None and not self._clip_in_kernels(clip, plans, amp):
             self._apply_clip(clip)
             clip = None
-        if amp is not None and self._amp_needs_host(plans):
+        if host:
             if self._amp_on_host(amp):
                 if clip is not None:  # skipped; the gradients are clipped, as torch's
                     self._apply_clip(clip)
@@ -1571,6 +1654,8 @@ class _FusedMomentum(Optimizer):
             self._step_flat(runs, h, amp, clip)
             kept.append(self._step_tensors(loose, h, amp, clip))
         self._keep_steady(planned, plans, kept)
+        if self._unsure:  # (host memory: read at once)
+            self._settle_unsure(False)
 
     # ---- clip_grad_norm_ ---------------------------------------------------------------------
     @torch.no_grad()
@@ -1670,6 +1755,56 @@ class _FusedMomentum(Optimizer):
                 return True
         return False
 
+    def _first_on_device(self, plans, amp) -> bool:
+        """Whether the buffers this step creates have their first step decided on the device
+        (_Unsure) instead of found_inf read on the host first: capturable=True, GradScaler gave
+        found_inf, and every run that creates buffers is a whole bucket of its own stepped by a
+        C++ op (not lent: DDP's buckets are list calls; not Triton, whose kernels do not take
+        first_step_tensor); nothing else needs the host (per-tensor first steps, torch's ops,
+        the modes). While a CUDA graph is captured, what the capture would get wrong raises
+        here, before anything is written: a host read of found_inf, and a bucket whose
+        buffers would be made (allocated and zeroed by kernels the graph would hold)."""
+        ok = amp[1] is not None and self._capturable
+        for h, runs, loose in plans:
+            use_buf = _use_buf(h)
+            if any(reason is not None or (use_buf and buf is None)
+                   for _, _, buf, reason, _ in loose):
+                ok = False
+            if any((r[3] or r[4]) and (r[1] != 0 or r[2] != len(r[0].params) or r[0].lent
+                                       or r[0].backend == "triton") for r in runs):
+                ok = False
+        if _capturing() and amp[1] is not None:
+            made = [r[0] for _, runs, _ in plans for r in runs if r[4]
+                    and (r[0].flat_buf is None or (r[0].unsure is None and self._ema))]
+            if not ok or made:
+                raise RuntimeError(
+                    "momentum_cuda: this step creates momentum buffers under GradScaler while "
+                    "a CUDA graph is captured: "
+                    + ("whether GradScaler skips it is read on the host (found_inf), which a "
+                       "capture cannot do" if not ok else "they would be allocated inside the "
+                       "graph") + ". Construct the optimizer with capturable=True and run one "
+                    "eager step before capturing (skipped or not); nothing was written")
+        return ok
+
+    def _settle_unsure(self, wait: bool, buckets=None, drop=False) -> None:
+        """Buckets with an _Unsure (those of `buckets` only, if given) whose flag the host can
+        read (all of them with wait=True, a sync on a GPU): the buffers enter the state if a
+        step updated them. Else they were never stepped, as torch's state says, and stay as
+        they are for the next step (made, zeroed: a CUDA graph captured later holds no kernel
+        of theirs) unless `drop` (the bucket is not stepped whole next, or goes)."""
+        for key, b in list(self._unsure.items()):
+            if buckets is not None and not any(b is x for x in buckets):
+                continue
+            never = b.unsure.never(wait)
+            if never is None or (never and not drop):
+                continue
+            del self._unsure[key]
+            b.unsure = None
+            if not never:
+                for q, view in zip(b.params, b.buf_views):
+                    self._keep_buffer(q, view)
+                b.first_flag.fill_(True)
+
     def _amp_on_host(self, amp) -> bool:
         """GradScaler's work done here instead of in the kernels: every gradient unscaled with
         torch's own op, as GradScaler.unscale_ does it (inv = float(1 / double(scale))), then
@@ -1731,6 +1866,8 @@ class _FusedMomentum(Optimizer):
         checks the rest (overlaps) when the graph runs. New momentum buffers are tensors of
         their own, not flat views: eager steps after compiled ones step those parameters one
         by one (path "per-tensor")."""
+        if self._unsure:  # buffers whose first step an eager step left to the device
+            self._settle_unsure(True)
         clip = self._pending.clip
         if clip is not None:  # torch's op; a compiled step does not check the gradients
             self._pending.clip = None
@@ -2016,6 +2153,11 @@ class _FusedMomentum(Optimizer):
             return None
         for b in lay.buckets:
             run = self._whole_bucket_run(b, use_buf)
+            if b.unsure is not None and use_buf and (run is None or not run[4]):
+                # its flag decides a whole-bucket first step only: the host reads it (the
+                # state then says what the device did) before this step is planned
+                self._settle_unsure(True, [b], drop=True)
+                run = self._whole_bucket_run(b, use_buf)
             if run is not None:
                 runs.append(run)
                 continue
@@ -2218,10 +2360,20 @@ class _FusedMomentum(Optimizer):
         one per bucket) together in one list call per (backend, device, dtype, first step)."""
         use_buf = _use_buf(h)
         lent: dict = {}
+        found_inf = None if amp is None else amp[1]
         for b, i0, i1, first, new in runs:
             if use_buf:
                 b.ensure_buf()
-            if new:  # else every buffer of the run is its flat view already (_plan)
+            unsure = None
+            if new and (b.unsure is not None or found_inf is not None):
+                # a whole bucket (_first_on_device, _plan): its first step decided on the device
+                unsure = b.unsure
+                if unsure is None:
+                    unsure = b.unsure = _Unsure(b.first_flag)
+                    self._unsure[id(b)] = b
+                    if self._ema:
+                        b.flat_buf.zero_()  # v starts at zero (the views may hold old values)
+            elif new:  # else every buffer of the run is its flat view already (_plan)
                 for i in range(i0, i1):
                     if self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema:
                         b.buf_views[i].zero_()  # v starts at zero (the view may hold old values)
@@ -2232,8 +2384,13 @@ class _FusedMomentum(Optimizer):
             segs = b.run_segments(i0, i1)
             if b.op is None:
                 b.op, b.device = step_ops(b.backend)[0], b.flat_param.device
+            args = self._kernel_args(h, amp, b.device, clip)
+            if unsure is not None and first:
+                args = dict(args, first_step_tensor=unsure.flag)
             b.op(b.flat_param, b.flat_grad, b.flat_buf if use_buf else None, segs,
-                 first_step=first, **self._kernel_args(h, amp, b.device, clip))
+                 first_step=first, **args)
+            if unsure is not None:
+                unsure.update(args.get("found_inf"))
             if first and b.covers_padding:
                 b.reset_buf_padding()
             b.bump(i0, i1)
@@ -2674,13 +2831,16 @@ class SGD(_FusedMomentum):
     bits of every step follow from it, the parameter's step count and its position in the
     optimizer). For fp32 parameters (README, "Narrow momentum"): momentum_dtype=torch.bfloat16
     or torch.int8 stores the momentum buffers narrow (torch.float32 or None: torch's).
+    capturable=True: under GradScaler the step that creates the momentum buffers decides on the
+    device whether it was skipped (no host read of found_inf); until the host has read that
+    (a later step, or state_dict()), those buffers are not in opt.state (_Unsure).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None,
                  backend: str | None = None, flat: bool = True, master_weights: bool = False,
                  stochastic_rounding: bool = False, sr_seed: int = 0,
-                 momentum_dtype: torch.dtype | None = None):
+                 momentum_dtype: torch.dtype | None = None, capturable: bool = False):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -2707,7 +2867,7 @@ class SGD(_FusedMomentum):
                         differentiable=bool(differentiable), fused=fused)
         defaults.update(_mode_defaults(master_weights, stochastic_rounding, sr_seed,
                                        momentum_dtype))
-        super().__init__(params, defaults, backend=backend, flat=flat)
+        super().__init__(params, defaults, backend=backend, flat=flat, capturable=capturable)
 
     def _fill_group_defaults(self) -> None:
         for group in self.param_groups:
@@ -2734,14 +2894,14 @@ class Momentum(_FusedMomentum):
     """Momentum in the EMA form: v = momentum * v + (1 - momentum) * g ; p = p - lr * v, with v
     starting at zero (momentum_cuda.reference.MomentumReference gives the same bits in plain
     PyTorch). weight_decay adds weight_decay * p to the gradient first, maximize negates it.
-    The buffer is stored as state[p]["momentum_buffer"]."""
+    The buffer is stored as state[p]["momentum_buffer"]. capturable as for SGD."""
 
     _ema = True
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False,
                  backend: str | None = None, flat: bool = True, master_weights: bool = False,
                  stochastic_rounding: bool = False, sr_seed: int = 0,
-                 momentum_dtype: torch.dtype | None = None):
+                 momentum_dtype: torch.dtype | None = None, capturable: bool = False):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         self._check_momentum(momentum)
@@ -2750,7 +2910,7 @@ class Momentum(_FusedMomentum):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
         defaults.update(_mode_defaults(master_weights, stochastic_rounding, sr_seed,
                                        momentum_dtype))
-        super().__init__(params, defaults, backend=backend, flat=flat)
+        super().__init__(params, defaults, backend=backend, flat=flat, capturable=capturable)
 
     @staticmethod
     def _check_momentum(momentum) -> None:

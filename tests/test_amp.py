@@ -8,7 +8,10 @@ on step 1 (the state must stay "never stepped"), several in a row, a scale that 
 of two (so unscaling by multiplication is exercised bit for bit), bf16 autocast. Steps after
 the buffers exist read no tensor on the host in Python (conftest.no_host_reads); on the CPU
 the C++ op reads GradScaler's tensors from host memory, on CUDA the kernels read them on the
-device (tests/cuda/host_kernel_test.cpp, amp_suite)."""
+device (tests/cuda/host_kernel_test.cpp, amp_suite). With capturable=True no step reads one,
+the first ones included: the first step is decided by each bucket's flag (optim._Unsure),
+also while the host has not read it back (_Unsure.host_ready False) and under the edits
+training code makes between steps."""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +23,7 @@ import torch
 
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
-from conftest import assert_twins, no_host_reads
+from conftest import assert_twins, bits, no_host_reads
 
 STEPS = 9
 OVERFLOW_DEFAULT = (0, 3, 4)  # step 1, and two in a row
@@ -32,10 +35,10 @@ def _model(seed):
     return m, copy.deepcopy(m)
 
 
-def _pair(kind, ours, ref, flat):
+def _pair(kind, ours, ref, flat, capturable=False):
     if kind == "sgd":
         h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
-        return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h),
+        return (momentum_cuda.SGD(ours.parameters(), flat=flat, capturable=capturable, **h),
                 torch.optim.SGD(ref.parameters(), foreach=False, **h))
     if kind == "tensors":  # every hyper-parameter a tensor (one per side), read by the kernels
         def h():
@@ -46,17 +49,17 @@ def _pair(kind, ours, ref, flat):
                 torch.optim.SGD(ref.parameters(), foreach=False, **h()))
     if kind == "nesterov":
         h = dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)
-        return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h),
+        return (momentum_cuda.SGD(ours.parameters(), flat=flat, capturable=capturable, **h),
                 torch.optim.SGD(ref.parameters(), foreach=False, **h))
     h = dict(lr=0.05, momentum=0.8, weight_decay=1e-3)
-    return (momentum_cuda.Momentum(ours.parameters(), flat=flat, **h),
+    return (momentum_cuda.Momentum(ours.parameters(), flat=flat, capturable=capturable, **h),
             MomentumReference(ref.parameters(), **h))
 
 
 def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast=None,
-           check_no_reads=True):
+           check_no_reads=True, capturable=False):
     ours, ref = _model(seed=21)
-    opt, topt = _pair(kind, ours, ref, flat)
+    opt, topt = _pair(kind, ours, ref, flat, capturable)
     assert opt._step_supports_amp_scaling and not getattr(topt, "_step_supports_amp_scaling",
                                                           False)
     scalers = [torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2)
@@ -73,8 +76,8 @@ def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast
             if k in overflow:
                 loss = loss * float("inf")
             scaler.scale(loss).backward()
-            steady = o is opt and check_no_reads and any(
-                "momentum_buffer" in st for st in opt.state.values())
+            steady = o is opt and check_no_reads and (check_no_reads == "all" or any(
+                "momentum_buffer" in st for st in opt.state.values()))
             with no_host_reads() if steady else contextlib.nullcontext():
                 scaler.step(o)
             scaler.update()
@@ -89,6 +92,153 @@ def test_gradscaler_bitwise(kind, flat):
     opt = _train(kind, flat)
     want = "flat" if flat else "per-tensor"
     assert [e["path"] for e in opt.last_step] == [want]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "nesterov", "momentum"])
+def test_first_step_decided_on_the_device(kind):
+    """capturable=True, flat: the steps that create the momentum buffers read nothing on the
+    host either (steps 1 and 2 overflow): found_inf stays where GradScaler left it, and the
+    kernels decide the first step from the bucket's flag (optim._Unsure), with torch's bits
+    and state. (Without capturable the host reads found_inf then: the other tests here.)"""
+    opt = _train(kind, True, overflow=(0, 1, 4), check_no_reads="all", capturable=True)
+    assert [e["path"] for e in opt.last_step] == ["flat"]
+
+
+def test_without_capturable_the_first_step_reads_found_inf():
+    """Control for the test above: without capturable=True (and outside a CUDA graph capture)
+    the step that creates the buffers reads found_inf on the host, which no_host_reads sees;
+    opt.state then always matches torch's at once."""
+    with pytest.raises(AssertionError, match="read on the host"):
+        _train("sgd", True, overflow=(0,), check_no_reads="all")
+
+
+def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4)):
+    """_train's loop (flat) with the flag never read back by a step (_Unsure.host_ready False:
+    a GPU whose copy has not arrived), no host read in any step, and `edit(k, opt, topt, ours,
+    ref)` before each step on both sides. Parameters and gradients are compared after every
+    step; while the host has not read a flag its buffers are not in opt.state (torch has them
+    from step 3); state_dict(), which reads the flags, and then every buffer at the end."""
+    ours, ref = _model(seed=31)
+    opt, topt = _pair(kind, ours, ref, True, capturable=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
+               for _ in range(2)]
+    gen = torch.Generator().manual_seed(32)
+    saw_unsure = False
+    for k in range(STEPS):
+        if edit is not None:
+            edit(k, opt, topt, ours, ref)
+        x = torch.randn(5, 7, generator=gen)
+        for model, o, scaler in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            o.zero_grad()
+            loss = model(x).square().mean() * (float("inf") if k in overflow else 1.0)
+            scaler.scale(loss).backward()
+            with no_host_reads() if o is opt else contextlib.nullcontext():
+                scaler.step(o)
+            scaler.update()
+        for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
+            assert torch.equal(bits(p), bits(q)), f"step {k + 1}: parameter {i}"
+            assert (p.grad is None) == (q.grad is None), f"step {k + 1}: gradient presence {i}"
+            if p.grad is not None:
+                assert torch.equal(bits(p.grad), bits(q.grad)), f"step {k + 1}: gradient {i}"
+        if opt._unsure:
+            saw_unsure = True
+            held = {id(p) for b in opt._unsure.values() for p in b.params}
+            assert not any("momentum_buffer" in opt.state.get(p, {})
+                           for p in ours.parameters() if id(p) in held), f"step {k + 1}"
+    assert saw_unsure, "no step left its buffers to the device"
+    ours_sd, torch_sd = opt.state_dict(), topt.state_dict()
+    assert not opt._unsure
+    assert ours_sd["state"].keys() == torch_sd["state"].keys()
+    for i, st in torch_sd["state"].items():
+        assert torch.equal(bits(ours_sd["state"][i]["momentum_buffer"]),
+                           bits(st["momentum_buffer"])), f"state {i}"
+    assert_twins(ours, ref, opt, topt, "end")
+    return opt
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_first_step_on_the_device_read_late(kind, monkeypatch):
+    """Steps 3 to 9 (after two skipped ones) run with buffers the host has not seen stepped:
+    the flag, false since step 3, makes each a momentum step, not a first one."""
+    monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
+    _first_on_device_late(kind)
+
+
+def _edit_state_dict(k, opt, topt, ours, ref):
+    if k in (1, 3):  # after a skipped first step (no buffer), and after a stepped one
+        a, b = opt.state_dict(), topt.state_dict()
+        assert a["state"].keys() == b["state"].keys(), f"before step {k + 1}"
+
+
+def _edit_load(k, opt, topt, ours, ref):
+    if k == 3:  # torch's state (buffers from step 3) loaded into both
+        sd = topt.state_dict()
+        opt.load_state_dict(copy.deepcopy(sd))
+        topt.load_state_dict(copy.deepcopy(sd))
+
+
+def _edit_momentum_off(k, opt, topt, ours, ref):
+    for o in (opt, topt):  # momentum off for step 4 only (the flag waits, unread)
+        o.param_groups[0]["momentum"] = 0.0 if k == 3 else 0.9
+
+
+def _edit_unused(k, opt, topt, ours, ref):
+    if k == 3:  # the first layer frozen for a step: a partial run reads the flag first
+        for m in (ours, ref):
+            m[0].weight.requires_grad_(False)
+    if k == 4:
+        for m in (ours, ref):
+            m[0].weight.requires_grad_(True)
+
+
+@pytest.mark.parametrize("edit", [_edit_state_dict, _edit_load, _edit_momentum_off,
+                                  _edit_unused], ids=["state_dict", "load", "momentum-off",
+                                                      "frozen-for-a-step"])
+def test_first_step_on_the_device_with_edits(edit, monkeypatch):
+    monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
+    _first_on_device_late("sgd", edit)
+
+
+@pytest.mark.parametrize("what", ["deepcopy", "moved"])
+def test_first_step_on_the_device_copy_and_relayout(what, monkeypatch):
+    """While the flag is unread: a deepcopy of model and optimizer (the copy's state is
+    torch's), or a parameter moved out of the flat buffer (p.data = ..., the bucket no longer
+    stepped whole): each reads the flag first, and the steps go on with torch's bits."""
+    monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
+
+    def edit(k, opt, topt, ours, ref):
+        if k != 3:
+            return
+        assert opt._unsure
+        if what == "deepcopy":
+            twin = copy.deepcopy({"m": ours, "o": opt})
+            assert not opt._unsure and twin["o"].state_dict()["state"].keys() == \
+                topt.state_dict()["state"].keys()
+            assert twin["o"]._capturable
+        else:
+            for m in (ours, ref):
+                m[0].weight.data = m[0].weight.data.clone()
+    _first_on_device_late("sgd", edit)
+
+
+@pytest.mark.parametrize("plant", ["flag-not-updated", "flag-false-from-the-start"])
+def test_planted_first_step_bugs_are_caught(plant, monkeypatch):
+    """Controls: a flag that no step clears (every step a first step), and one that says
+    "stepped" from the start (the first real step not a first step), each fail."""
+    monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
+    if plant == "flag-not-updated":
+        monkeypatch.setattr(momentum_cuda.optim._Unsure, "update", lambda self, f: None)
+        with pytest.raises(AssertionError, match="parameter"):
+            _first_on_device_late("sgd")
+    else:
+        real = momentum_cuda.optim._Unsure.__init__
+
+        def stepped(self, flag):
+            real(self, flag)
+            self.flag.fill_(False)
+        monkeypatch.setattr(momentum_cuda.optim._Unsure, "__init__", stepped)
+        with pytest.raises(AssertionError):
+            _first_on_device_late("sgd")
 
 
 @pytest.mark.parametrize("init_scale", [2.0 ** 16, 3.0])
@@ -236,3 +386,47 @@ def test_gradscaler_checkpoint_mid_training(flat):
         train(k, m_t, o_t, s_t)
         assert s_o.get_scale() == s_t.get_scale(), f"step {k + 1}: scale"
         assert_twins(m_o, m_t, o_o, o_t, f"resumed step {k + 1}")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_capture_refuses_what_it_would_get_wrong(kind, monkeypatch):
+    """While a CUDA graph is captured (optim._capturing made true here; the real capture is in
+    tests/test_gpu.py), a step that would create momentum buffers under GradScaler raises
+    before anything is written: without capturable=True (found_inf would be read on the host),
+    and with it before any eager step (the buffers would be allocated and zeroed inside the
+    graph). After one eager step, skipped by an overflow, the captured-like steps run without
+    a host read and give torch's bits."""
+    ours, ref = _model(seed=33)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1000.0)
+
+    def step(o, model, overflow):
+        o.zero_grad()
+        loss = model(torch.ones(5, 7)).square().mean() * (math.inf if overflow else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(o)
+        scaler.update()
+
+    for capturable in (False, True):
+        opt, _ = _pair(kind, ours, ref, True, capturable)
+        monkeypatch.setattr(momentum_cuda.optim, "_capturing", lambda: True)
+        with pytest.raises(RuntimeError, match="CUDA graph is captured.*capturable=True"):
+            opt.zero_grad()
+            scaler.scale(ours(torch.ones(5, 7)).square().mean()).backward()
+            before = [(p.detach().clone(), p.grad.clone()) for p in ours.parameters()]
+            scaler.step(opt)
+        for (p0, g0), p in zip(before, ours.parameters()):
+            assert torch.equal(bits(p0), bits(p)) and torch.equal(bits(g0), bits(p.grad))
+        assert not opt.state and not opt._unsure
+        monkeypatch.setattr(momentum_cuda.optim, "_capturing", lambda: False)
+    # capturable=True, one eager step (skipped), then "captured" steps
+    ours, ref = _model(seed=33)
+    opt, topt = _pair(kind, ours, ref, True, capturable=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0) for _ in range(2)]
+    for k in range(5):
+        if k == 1:
+            monkeypatch.setattr(momentum_cuda.optim, "_capturing", lambda: True)
+        for model, o, s in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            scaler = s
+            with no_host_reads() if o is opt else contextlib.nullcontext():
+                step(o, model, overflow=k in (0, 1))
+        assert_twins(ours, ref, opt, topt, f"step {k + 1}")

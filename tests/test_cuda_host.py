@@ -101,6 +101,11 @@ PLANTS = {
         "  return {a.found_inf != nullptr && *a.found_inf != 0.f,",
         "  return {false,",
         r"amp .*found_inf=1"),
+    # first_step in device memory is not read: buffers already stepped take a first step
+    "device_first_step_ignored": (
+        "  return a.first_step != nullptr && !*a.first_step ? flags & ~kFirstStep : flags;",
+        "  return flags;",
+        r"amp .*first=device-false"),
     # an fp32 hyper-parameter in device memory is not read: the host's scalar (garbage in the
     # test) is used
     "device_hyper_f32_ignored": (

@@ -325,6 +325,121 @@ def test_cuda_graph_training_iteration(flat, clip, hyper):
         assert scaler.get_scale() == tscaler.get_scale()
 
 
+def _capturable_pair(kind, model, twin):
+    if kind == "sgd":
+        h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
+        return (momentum_cuda.SGD(model.parameters(), backend="cuda", capturable=True, **h),
+                torch.optim.SGD(twin.parameters(), foreach=False, **h))
+    h = dict(lr=0.05, momentum=0.8, weight_decay=1e-3)
+    return (momentum_cuda.Momentum(model.parameters(), backend="cuda", capturable=True, **h),
+            MomentumReference(twin.parameters(), **h))
+
+
+def _same_state(opt, topt, what):
+    sd, tsd = opt.state_dict(), topt.state_dict()  # (reads the flags: optim._Unsure)
+    assert sd["state"].keys() == tsd["state"].keys(), what
+    for i, st in tsd["state"].items():
+        a, b = sd["state"][i]["momentum_buffer"], st["momentum_buffer"]
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{what}: buffer {i}"
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_capturable_first_step_on_the_device(kind):
+    """capturable=True on CUDA: the steps that create the momentum buffers (steps 1 and 2
+    overflow) read nothing on the host either (conftest.no_host_reads around every step):
+    each bucket's flag tells the kernel whether it is a first step. Bits of GradScaler +
+    torch.optim.SGD(foreach=False) (or MomentumReference) every step; state_dict() at the end
+    (which reads the flags) gives torch's buffers."""
+    from conftest import no_host_reads
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    torch.manual_seed(45)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
+                                torch.nn.Linear(97, 5)).cuda()
+    twin = copy.deepcopy(model)
+    opt, topt = _capturable_pair(kind, model, twin)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2)]
+    gen = torch.Generator(device="cpu").manual_seed(46)
+    for k in range(8):
+        x = torch.randn(8, 32, generator=gen).cuda()
+        for m, o, s in ((model, opt, scalers[0]), (twin, topt, scalers[1])):
+            o.zero_grad()
+            s.scale(m(x).square().mean() * (float("inf") if k in (0, 1, 4) else 1.0)).backward()
+            if o is opt:
+                with no_host_reads():
+                    s.step(o)
+            else:
+                s.step(o)
+            s.update()
+        torch.cuda.synchronize()
+        for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+            assert torch.equal(p.view(torch.int32), q.view(torch.int32)), f"step {k + 1} p{i}"
+            assert torch.equal(p.grad.view(torch.int32), q.grad.view(torch.int32)), \
+                f"step {k + 1} grad {i}"
+        assert [e["backend"] for e in opt.last_step] == ["cuda"], opt.last_step
+    _same_state(opt, topt, "end")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_cuda_graph_captures_the_first_step(kind):
+    """capturable=True: one eager warm-up iteration that GradScaler skips (no buffer in torch's
+    state), then an iteration captured in a CUDA graph before any step was taken and replayed
+    12 times, the loss multiplied by a device tensor set to inf for replays 1 and 4: the first
+    replay that is not skipped is the first step (the bucket's flag, read by the kernel),
+    every later one a momentum step. Bits of the same iterations run eagerly with torch's
+    optimizer and GradScaler; state_dict() after the replays gives torch's buffers."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    torch.manual_seed(47)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
+                                torch.nn.Linear(97, 5)).cuda()
+    twin = copy.deepcopy(model)
+    opt, topt = _capturable_pair(kind, model, twin)
+    scaler, tscaler = (torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2))
+    static_x = torch.zeros(8, 32, device="cuda")
+    mul = torch.ones((), device="cuda")
+    gen = torch.Generator(device="cpu").manual_seed(48)
+    xs = [torch.randn(8, 32, generator=gen).cuda() for _ in range(13)]
+    overflow = (0, 1, 4)
+
+    def iteration():
+        opt.zero_grad(set_to_none=False)
+        scaler.scale(model(static_x).square().mean() * mul).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def twin_iteration(k):
+        topt.zero_grad(set_to_none=False)
+        tscaler.scale(twin(xs[k]).square().mean() * mul).backward()
+        tscaler.step(topt)
+        tscaler.update()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: skipped; the flat layout and buffers exist
+        static_x.copy_(xs[0])
+        mul.fill_(float("inf"))
+        iteration()
+        twin_iteration(0)
+    torch.cuda.current_stream().wait_stream(side)
+    assert not topt.state or not any(topt.state.values())
+    assert not any("momentum_buffer" in st for st in opt.state.values())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        iteration()
+    for k in range(1, 13):
+        static_x.copy_(xs[k])
+        mul.fill_(float("inf") if k in overflow else 1.0)
+        graph.replay()
+        twin_iteration(k)
+        torch.cuda.synchronize()
+        for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+            assert torch.equal(p.view(torch.int32), q.view(torch.int32)), \
+                f"replay {k}: parameter {i} differs"
+        assert scaler.get_scale() == tscaler.get_scale()
+    _same_state(opt, topt, "after the replays")
+
+
 # plain SGD, momentum with weight decay, nesterov, dampening, every flag but nesterov
 MASTER_HYPER = [dict(momentum=0.0), dict(momentum=0.9, weight_decay=1e-2),
                 dict(momentum=0.9, nesterov=True), dict(momentum=0.9, dampening=0.3),

@@ -12,7 +12,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import momentum_cuda  # noqa: F401  (registers torch.ops.momentum_cuda)
-from conftest import randn
+from conftest import bits, randn
 
 OPS = torch.ops.momentum_cuda
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -178,3 +178,40 @@ def test_step_ops_routes_backends():
     assert (flat.__name__, lst.__name__) == ("triton_sgd_step_flat", "triton_sgd_step_list")
     with pytest.raises(ValueError, match="backend must be 'cpu', 'cuda' or 'triton', got 'tpu'"):
         step_ops("tpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op", ["flat", "list"])
+def test_first_step_tensor_decides_the_first_step(op, dtype):
+    """first_step_tensor (with first_step=True) gives the bits of first_step=True where it is
+    true and of first_step=False where it is false (it replaces a host decision: the
+    optimizer's _Unsure); opcheck passes with it."""
+    fn = OPS.sgd_step_flat_ if op == "flat" else OPS.sgd_step_list_
+    for value in (True, False):
+        args, kwargs = (_flat_args if op == "flat" else _list_args)(dtype, HYPERS[1])
+        want_args = [[t.clone() for t in a] if isinstance(a, list) else
+                     (a.clone() if isinstance(a, torch.Tensor) else a) for a in args]
+        fn(*want_args, **dict(kwargs, first_step=value))
+        fn(*args, **kwargs, first_step_tensor=torch.tensor(value))
+        for got, want in zip(args[:3], want_args[:3]):
+            for x, y in zip(got if isinstance(got, list) else [got],
+                            want if isinstance(want, list) else [want]):
+                assert torch.equal(bits(x), bits(y)), (op, dtype, value)
+        result = torch.library.opcheck(fn.default, args,
+                                       dict(kwargs, first_step_tensor=torch.tensor(value)))
+        assert set(result.values()) <= {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("bad, frag", [
+    (dict(first_step_tensor=torch.tensor(1.0)), "first_step_tensor must be a 1-element bool"),
+    (dict(first_step_tensor=torch.tensor([True, False])),
+     "first_step_tensor must be a 1-element bool"),
+    (dict(first_step_tensor=torch.tensor(True), first_step=False),
+     "first_step_tensor is given with first_step=False"),
+])
+def test_first_step_tensor_checked(bad, frag):
+    args, kwargs = _flat_args(torch.float32, HYPERS[1])
+    before = [t.clone() for t in args[:3]]
+    with pytest.raises(RuntimeError, match=frag):
+        OPS.sgd_step_flat_(*args, **dict(kwargs, **bad))
+    assert all(torch.equal(a, b) for a, b in zip(args[:3], before))  # nothing written

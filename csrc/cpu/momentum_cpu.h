@@ -19,10 +19,13 @@ struct Span {
 /// and a clip coefficient (optim.clip_grad_norm_'s, one element of the gradients' dtype T; the
 /// unscaled gradient is multiplied by it, as torch's g.mul_(coef) after GradScaler.unscale_).
 /// The gradient so computed is written back, also on a skipped step, as torch leaves it.
+/// first_step (the op's first_step_tensor): whether the buffers were never stepped, decided on
+/// the device (optim's _Unsure); the host set kFirstStep and the kernel clears it when false.
 struct AmpPtrs {
   const float* grad_scale;
   const float* found_inf;
   const void* clip_coef;  ///< a const T*
+  const bool* first_step;
 };
 
 /// A hyper-parameter in device memory (a 1-element fp32 or fp64 tensor, e.g. a scheduler's),

@@ -108,6 +108,12 @@ MC_HD DeviceStep<T> device_step(CudaScalars<T> s, uint32_t flags, const HyperPtr
   return {s, flags};
 }
 
+/// The flags after the device's first-step decision (AmpPtrs::first_step): kFirstStep, which
+/// the host set, cleared when the buffers were stepped before.
+MC_HD uint32_t device_flags(uint32_t flags, const AmpPtrs& a) {
+  return a.first_step != nullptr && !*a.first_step ? flags & ~kFirstStep : flags;
+}
+
 /// What a thread reads of AmpPtrs before its first element: skip the update (found_inf != 0),
 /// unscale the gradients by inv (1: not at all), multiply them by a clip coefficient.
 template <class O>
@@ -262,7 +268,7 @@ template <class T>
 __global__ void sgd_flat_kernel(FlatArgs<T> a) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const DeviceStep<T> d = device_step<T>(a.s, a.flags, a.dev);
+  const DeviceStep<T> d = device_step<T>(a.s, device_flags(a.flags, a.amp), a.dev);
   update_span(a.param, a.buf, a.grad, a.numel, d.s, d.flags, amp_step<T>(a.amp), tid, nthreads);
 }
 
@@ -308,7 +314,7 @@ __global__ void sgd_list_kernel(ListArgs<T, kTensors, kBlocks> a) {
   const int64_t left = a.numel[t] - start;
   const int64_t n = left < kChunk ? left : kChunk;
   T* b = a.buf[t] == nullptr ? nullptr : a.buf[t] + start;
-  const DeviceStep<T> d = device_step<T>(a.s, a.flags, a.dev);
+  const DeviceStep<T> d = device_step<T>(a.s, device_flags(a.flags, a.amp), a.dev);
   update_span(a.param[t] + start, b, a.grad[t] + start, n, d.s, d.flags, amp_step<T>(a.amp), static_cast<int64_t>(threadIdx.x),
               static_cast<int64_t>(blockDim.x));
 }

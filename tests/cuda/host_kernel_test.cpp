@@ -17,7 +17,8 @@
 // grad_scale given or not (powers of two, 1000, 3, 1), found_inf 0 and 1, flat and list kernels,
 // the unscaled gradients compared too; lr, momentum, dampening and weight_decay each a host
 // scalar or read from device memory (HyperPtrs, fp32 and fp64; a device momentum or
-// weight_decay of 0 skips its ops). The launcher's own grid
+// weight_decay of 0 skips its ops); the first step decided by the host or by AmpPtrs::first_step
+// in device memory. The launcher's own grid
 // (cuda::flat_grid) is checked by flat_grid_test.cpp.
 //
 // Build: g++ <csrc/build_flags.json's "cxx"> -O1 -I csrc/cuda -I csrc -I csrc/include
@@ -644,9 +645,15 @@ void amp_suite() {
             const int wd_mode = static_cast<int>((seed / 27) % 3);
             const bool m_zero = m_mode != 0 && (seed / 81) % 4 == 0;
             const bool wd_zero = wd_mode != 0 && (seed / 81) % 4 == 1;
+            // The first step: the host's flag alone (0), or kFirstStep set and first_step in
+            // device memory saying true (1, a first step) or false (2, the buffers were
+            // stepped: a momentum step)
+            const int first_mode = static_cast<int>((seed / 7) % 3);
+            const bool first_dev = first_mode == 1;
             const uint32_t flags = kMomentum | kWeightDecay | (seed % 2 ? kNesterov : 0u) |
-                                   ((seed / 2) % 5 == 0 ? kFirstStep : 0u);
+                                   ((seed / 2) % 5 == 0 || first_mode != 0 ? kFirstStep : 0u);
             uint32_t ref_flags = flags;
+            if (first_mode == 2) ref_flags &= ~kFirstStep;
             if (m_zero) ref_flags &= ~(kMomentum | kNesterov | kFirstStep);
             if (wd_zero) ref_flags &= ~kWeightDecay;
             Rng rng(++seed);
@@ -685,7 +692,8 @@ void amp_suite() {
               if (clip) rg[k] = R::narrow(R::widen(rg[k]) * R::widen(coef));
               if (found == 0.f) ref_step(d.rp[k], d.rb[k], rg[k], h, ref_flags);
             }
-            const AmpPtrs amp{use_scale ? &scale : nullptr, &found, clip ? &coef : nullptr};
+            const AmpPtrs amp{use_scale ? &scale : nullptr, &found, clip ? &coef : nullptr,
+                              first_mode != 0 ? &first_dev : nullptr};
             if (list) {
               T* ps[] = {d.p.data()};
               T* bs[] = {d.b.data()};
@@ -710,11 +718,13 @@ void amp_suite() {
             const char* where[] = {"host", "fp32", "fp64"};
             char what[320];
             std::snprintf(what, sizeof what,
-                          "amp %s %s n=%lld scale=%g%s found_inf=%g flags=%u lr=%s m=%s%s d=%s "
-                          "wd=%s%s clip=%s",
+                          "amp %s %s n=%lld scale=%g%s found_inf=%g flags=%u first=%s lr=%s "
+                          "m=%s%s d=%s wd=%s%s clip=%s",
                           R::name(), list ? "list" : "flat", static_cast<long long>(n),
                           static_cast<double>(scale), use_scale ? "" : " (not given)",
-                          static_cast<double>(found), flags, where[lr_mode], where[m_mode],
+                          static_cast<double>(found), flags,
+                          first_mode == 0 ? "host" : first_dev ? "device-true" : "device-false",
+                          where[lr_mode], where[m_mode],
                           m_zero ? " (0)" : "", where[d_mode], where[wd_mode],
                           wd_zero ? " (0)" : "",
                           clip ? std::to_string(static_cast<double>(R::widen(coef))).c_str()
