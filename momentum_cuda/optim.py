@@ -815,24 +815,27 @@ def _capturing() -> bool:
 
 
 class _Unsure:
-    """The first step of a bucket's momentum buffers decided on the device: under GradScaler,
-    whether the step that creates them is skipped is known only where found_inf lives, and
-    torch's for-loop (GradScaler reads found_inf and skips the whole step) then holds no
-    buffer. So the buffers (the bucket's flat views) stay out of the state, and `flag` (a bool
-    on the buffers' device, the bucket's first_flag) says whether every step that used them was
-    skipped: the kernels read it as first_step_tensor, each such step ands it with
-    found_inf != 0 (no host sync). The host reads it when it is back (update(), never()) and
-    the buffers enter the state then if a step updated them (_FusedMomentum._settle_unsure),
-    which sets the flag true again."""
+    """The first step of a bucket's momentum buffers decided on the device (capturable=True):
+    under GradScaler, whether the step that creates them is skipped is known only where
+    found_inf lives, and torch's for-loop (GradScaler reads found_inf and skips the whole step)
+    then holds no buffer. The buffers (the bucket's flat views) enter the state as that step
+    makes them, and `flag` (a bool on the buffers' device, the bucket's first_flag) says
+    whether every step that used them was skipped: the kernels read it as first_step_tensor
+    (a first step while it is true), each such step ands it with found_inf != 0 (no host
+    sync). The host reads it when it is back (update(), never()): if no step updated the
+    buffers they leave the state again (hidden: kept made and zeroed for the next step, which
+    a CUDA graph may capture); if one did, this ends and the flag is set true again
+    (_FusedMomentum._settle_unsure)."""
 
     # whether a flag in host memory is read as soon as a step has set it (tests set False to
     # run the CPU as a GPU whose copy has not come back yet: only never(wait=True) reads it)
     host_ready = True
-    __slots__ = ("flag", "host", "event")
+    __slots__ = ("flag", "host", "event", "hidden")
 
     def __init__(self, flag):
         self.flag = flag
         self.host = self.event = None
+        self.hidden = False  # the buffers were taken out of the state (never stepped)
 
     def update(self, found_inf) -> None:
         """After a step that used the flag: false unless found_inf != 0 skipped it, and on a
@@ -1633,11 +1636,25 @@ class _FusedMomentum(Optimizer):
                     plan = self._plan(g, lay, relayout=False)
                 plans.append(plan)
                 planned.append((g, lay))
-            # GradScaler's found_inf read on the host first (or the device decides: _Unsure)
+        except Exception:
+            self._pending.clip = clip  # a bad input raised: nothing was stepped
+            if amp is not None and self._amp_on_host(amp):
+                # GradScaler found an overflow: torch's step, which would have raised, is not
+                # run (its unscale_ wrote the gradients first, and so did _amp_on_host)
+                self._pending.clip = None
+                self.last_step = []
+                if clip is not None:
+                    self._apply_clip(clip)
+                return
+            raise
+        except BaseException:
+            self._pending.clip = clip
+            raise
+        try:  # GradScaler's found_inf read on the host first (or the device decides: _Unsure)
             host = (amp is not None and self._amp_needs_host(plans)
                     and not self._first_on_device(plans, amp))
         except BaseException:
-            self._pending.clip = clip  # a bad input raised: nothing was stepped
+            self._pending.clip = clip  # (a capture that would go wrong: nothing was stepped)
             raise
         self.last_step = []
         if clip is not None and not self._clip_in_kernels(clip, plans, amp):
@@ -1758,7 +1775,7 @@ class _FusedMomentum(Optimizer):
     def _first_on_device(self, plans, amp) -> bool:
         """Whether the buffers this step creates have their first step decided on the device
         (_Unsure) instead of found_inf read on the host first: capturable=True, GradScaler gave
-        found_inf, and every run that creates buffers is a whole bucket of its own stepped by a
+        found_inf, and every run that creates buffers is a whole bucket without any stepped by a
         C++ op (not lent: DDP's buckets are list calls; not Triton, whose kernels do not take
         first_step_tensor); nothing else needs the host (per-tensor first steps, torch's ops,
         the modes). While a CUDA graph is captured, what the capture would get wrong raises
@@ -1772,6 +1789,10 @@ class _FusedMomentum(Optimizer):
                 ok = False
             if any((r[3] or r[4]) and (r[1] != 0 or r[2] != len(r[0].params) or r[0].lent
                                        or r[0].backend == "triton") for r in runs):
+                ok = False
+            if ok and any(r[4] and r[0].unsure is None
+                          and any(self._buffer(p) is not None for p in r[0].params)
+                          for r in runs):  # (Momentum's runs join new and old buffers)
                 ok = False
         if _capturing() and amp[1] is not None:
             made = [r[0] for _, runs, _ in plans for r in runs if r[4]
@@ -1788,22 +1809,31 @@ class _FusedMomentum(Optimizer):
 
     def _settle_unsure(self, wait: bool, buckets=None, drop=False) -> None:
         """Buckets with an _Unsure (those of `buckets` only, if given) whose flag the host can
-        read (all of them with wait=True, a sync on a GPU): the buffers enter the state if a
-        step updated them. Else they were never stepped, as torch's state says, and stay as
-        they are for the next step (made, zeroed: a CUDA graph captured later holds no kernel
-        of theirs) unless `drop` (the bucket is not stepped whole next, or goes)."""
+        read (all of them with wait=True, a sync on a GPU). If a step updated the buffers, the
+        state is right: done. Else no step did, and the buffers that are still there leave the
+        state (torch's holds none: GradScaler skipped every step), kept for the next step
+        (made, zeroed: a CUDA graph captured later holds no kernel of theirs) unless `drop`
+        (the bucket is not stepped whole next, or goes)."""
         for key, b in list(self._unsure.items()):
             if buckets is not None and not any(b is x for x in buckets):
                 continue
-            never = b.unsure.never(wait)
-            if never is None or (never and not drop):
+            u = b.unsure
+            never = u.never(wait)
+            if never is None:
                 continue
+            if never:
+                for q, view in zip(b.params, b.buf_views):
+                    st = self.state.get(q)
+                    if st is not None and st.get("momentum_buffer") is view:
+                        del st["momentum_buffer"]
+                        if not st:
+                            del self.state[q]
+                u.hidden = True
+                if not drop:
+                    continue
             del self._unsure[key]
             b.unsure = None
-            if not never:
-                for q, view in zip(b.params, b.buf_views):
-                    self._keep_buffer(q, view)
-                b.first_flag.fill_(True)
+            b.first_flag.fill_(True)
 
     def _amp_on_host(self, amp) -> bool:
         """GradScaler's work done here instead of in the kernels: every gradient unscaled with
@@ -1992,7 +2022,8 @@ class _FusedMomentum(Optimizer):
         """After a step: keeps what _step_steady replays when the step was the steady state:
         the hyper-parameters Python numbers, dtypes or None (immutable, so the same objects
         give the same plan); each bucket (not lent) one whole run, not a first step, whose
-        buffers all exist (or none is used); the parameters outside the buckets stepped by
+        buffers all exist (or none is used) and whose first step is not left to the device
+        (_Unsure); the parameters outside the buckets stepped by
         per-tensor list calls that _step_tensors kept (`kept`, per group: none on torch's ops,
         mixing DTensor shards with plain tensors, with a gradient copied to the parameter's
         layout or a first step). Else nothing is kept."""
@@ -2003,7 +2034,7 @@ class _FusedMomentum(Optimizer):
             if ((loose and lists is None) or len(runs) != len(lay.buckets)
                     or any(type(v) not in _IMMUTABLE for v in vals)
                     or any(r[0].lent or r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
-                           for r in runs)):
+                           or r[0].unsure is not None for r in runs)):
                 return
             use_buf = _use_buf(h)
             groups.append((g, lay, vals))
@@ -2153,11 +2184,15 @@ class _FusedMomentum(Optimizer):
             return None
         for b in lay.buckets:
             run = self._whole_bucket_run(b, use_buf)
-            if b.unsure is not None and use_buf and (run is None or not run[4]):
-                # its flag decides a whole-bucket first step only: the host reads it (the
-                # state then says what the device did) before this step is planned
-                self._settle_unsure(True, [b], drop=True)
-                run = self._whole_bucket_run(b, use_buf)
+            if b.unsure is not None and use_buf:
+                if run is None or (run[4] and not b.unsure.hidden):
+                    # not stepped whole, or its buffers were taken out of the state by hand:
+                    # the host reads the flag (the state then says what the device did)
+                    # before this step is planned
+                    self._settle_unsure(True, [b], drop=True)
+                    run = self._whole_bucket_run(b, use_buf)
+                elif not run[4]:  # its buffers, in the state: a first step while the flag says
+                    run[3] = not self._ema
             if run is not None:
                 runs.append(run)
                 continue
@@ -2364,19 +2399,20 @@ class _FusedMomentum(Optimizer):
         for b, i0, i1, first, new in runs:
             if use_buf:
                 b.ensure_buf()
-            unsure = None
-            if new and (b.unsure is not None or found_inf is not None):
-                # a whole bucket (_first_on_device, _plan): its first step decided on the device
-                unsure = b.unsure
-                if unsure is None:
-                    unsure = b.unsure = _Unsure(b.first_flag)
-                    self._unsure[id(b)] = b
-                    if self._ema:
-                        b.flat_buf.zero_()  # v starts at zero (the views may hold old values)
-            elif new:  # else every buffer of the run is its flat view already (_plan)
+            unsure = b.unsure if use_buf else None  # (set: a whole bucket, _plan)
+            if unsure is None and new and found_inf is not None:
+                # a whole bucket (_first_on_device): its first step decided on the device
+                unsure = b.unsure = _Unsure(b.first_flag)
+                self._unsure[id(b)] = b
+                if self._ema:
+                    b.flat_buf.zero_()  # v starts at zero (the views may hold old values)
+            if new:  # else every buffer of the run is its flat view already (_plan)
                 for i in range(i0, i1):
-                    if self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema:
+                    if (self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema
+                            and unsure is None):
                         b.buf_views[i].zero_()  # v starts at zero (the view may hold old values)
+            if new and unsure is not None:
+                unsure.hidden = False  # (in the state again)
             if b.lent and i0 == 0 and i1 == len(b.params):
                 key = (b.backend, b.flat_param.device, b.flat_param.dtype, first)
                 lent.setdefault(key, []).append(b)
@@ -2778,8 +2814,10 @@ class _FusedMomentum(Optimizer):
     def _torch_step(self, ps, gs, bs, h) -> None:
         """torch's for-loop (momentum_cuda.reference's for Momentum) over the lists."""
         if self._ema:
+            # (h's dampening: 1 - m as a momentum tensor's dtype rounds it, _dampening)
             momentum_reference_step(ps, gs, bs, lr=h["lr"], momentum=h["momentum"],
-                                    weight_decay=h["weight_decay"], maximize=h["maximize"])
+                                    weight_decay=h["weight_decay"], maximize=h["maximize"],
+                                    dampening=h["dampening"])
         else:
             _torch_sgd(ps, gs, bs, foreach=False,
                        has_sparse_grad=any(not _strided(g) for g in gs), **h)

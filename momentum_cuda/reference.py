@@ -18,14 +18,19 @@ from torch.optim import Optimizer
 
 
 def momentum_reference_step(params, grads, bufs, *, lr: float, momentum: float,
-                            weight_decay: float = 0.0, maximize: bool = False) -> None:
-    """One EMA-momentum step over lists of tensors, in place (bufs start as zeros)."""
+                            weight_decay: float = 0.0, maximize: bool = False,
+                            dampening: float | None = None) -> None:
+    """One EMA-momentum step over lists of tensors, in place (bufs start as zeros). dampening,
+    if given, stands for momentum in the gradient's weight 1 - dampening: momentum_cuda.Momentum
+    passes a float whose 1 - d is the 1 - m that MomentumReference computes from a momentum
+    tensor (a tensor op in the tensor's dtype), with momentum that tensor's value as a float."""
+    alpha = 1 - (momentum if dampening is None else dampening)
     for p, g, v in zip(params, grads, bufs):
         if maximize:
             g = -g
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
-        v.mul_(momentum).add_(g, alpha=1 - momentum)
+        v.mul_(momentum).add_(g, alpha=alpha)
         p.add_(v, alpha=-lr)
 
 

@@ -66,6 +66,10 @@ class Config:
     base_buffer: bool = False
     frozen: tuple = ()  # modules whose parameters have requires_grad=False when built
     lazy: bool = False  # lin is an nn.LazyLinear, materialised by the first backward using it
+    # each side's torch.amp.GradScaler starts at scaler (None: scaler_step does nothing);
+    # capturable: momentum_cuda's optimizer decides first steps on the device (optim._Unsure)
+    scaler: float | None = None
+    capturable: bool = False
 
 
 BASE_NUMEL = 16
@@ -120,10 +124,10 @@ def _base(model):
 
 
 class Side:
-    """One twin: model, optimizer, scheduler (or None)."""
+    """One twin: model, optimizer, scheduler (or None), GradScaler (or None)."""
 
-    def __init__(self, model, opt, sched):
-        self.model, self.opt, self.sched = model, opt, sched
+    def __init__(self, model, opt, sched, scaler=None):
+        self.model, self.opt, self.sched, self.scaler = model, opt, sched, scaler
 
     def params(self):
         return list(self.model.parameters())
@@ -188,10 +192,12 @@ def _make_opt(cfg: Config, model: Net, ours: bool):
             params = list(model.parameters())
     if cfg.kind == "sgd":
         if ours:
-            return momentum_cuda.SGD(params, flat=cfg.flat, **defaults)
+            return momentum_cuda.SGD(params, flat=cfg.flat, capturable=cfg.capturable,
+                                     **defaults)
         return torch.optim.SGD(params, foreach=False, **defaults)
     if ours:
-        return momentum_cuda.Momentum(params, flat=cfg.flat, **defaults)
+        return momentum_cuda.Momentum(params, flat=cfg.flat, capturable=cfg.capturable,
+                                      **defaults)
     return MomentumReference(params, **defaults)
 
 
@@ -222,7 +228,11 @@ def build(cfg: Config) -> tuple[Side, Side]:
     for ours in (True, False):
         m = make_model(cfg)
         opt = _make_opt(cfg, m, ours)
-        sides.append(Side(m, opt, _scheduler(cfg.scheduler, opt)))
+        scaler = None if cfg.scaler is None else torch.amp.GradScaler(
+            "cpu", init_scale=cfg.scaler, growth_interval=2)
+        if scaler is not None:
+            scaler.scale(torch.ones(()))  # (GradScaler makes its scale tensor here)
+        sides.append(Side(m, opt, _scheduler(cfg.scheduler, opt), scaler))
     return sides[0], sides[1]
 
 
@@ -380,6 +390,21 @@ def apply_one(op, side, cfg):
     if name == "step":
         opt.step()
         return None
+    if name == "scaler_step":  # GradScaler's step and update over the gradients as they are
+        if side.scaler is None:  # (their scale is whatever it is: GradScaler cannot tell)
+            return "no-scaler"
+        grads = [p.grad for p in side.params() if p.grad is not None]
+        if not grads or any(g.dtype == torch.float16 for g in grads):
+            # torch refuses fp16 gradients (GradScaler.unscale_), ours does not: not compared
+            return "skipped"
+        if a[0]:  # an overflow: GradScaler skips the step
+            g = next((g for g in grads if g.layout == torch.strided and g.numel()), None)
+            if g is not None:
+                with torch.no_grad():
+                    g.view(-1)[0] = float("inf")
+        side.scaler.step(opt)
+        side.scaler.update()
+        return torch.tensor(side.scaler.get_scale())
     if name == "clip_norm":
         max_norm, norm_type = a
         return nn.utils.clip_grad_norm_(_dense_grads(side), max_norm, norm_type=norm_type)
@@ -493,6 +518,7 @@ def apply_one(op, side, cfg):
 
 # torch's TORCH_WARN_ONCE warnings: only the first side (and sequence) to trigger one sees it
 _ONCE = ("do not obey the gradient layout contract",)
+_SCHED_ORDER = "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
 
 
 def _run(fn):
@@ -668,7 +694,8 @@ def snapshot(side: Side):
     return out
 
 
-def unchanged(side: Side, snap, what) -> None:
+def unchanged(side: Side, snap, what, grads=True) -> None:
+    """side's parameters, momentum buffers (and gradients) as snapshot() saw them."""
     ps = side.params()
     same(_base(side.model), snap[0], f"{what}: views.base (vs before)")
     snap = snap[1:]
@@ -679,16 +706,22 @@ def unchanged(side: Side, snap, what) -> None:
             raise Mismatch(f"{what}: param {i} (vs before): materialised or not")
         if p0 is not None:
             same(p, p0, f"{what}: param {i} (vs before)")
-        same(p.grad, g0, f"{what}: grad {i} (vs before)")
+        if grads:
+            same(p.grad, g0, f"{what}: grad {i} (vs before)")
         same(_buffer(side.opt, p), b0, f"{what}: momentum_buffer {i} (vs before)")
 
 
 def parts(op) -> list:
     """("train_step", mask, seed, set_to_none), one iteration of the usual loop, is
-    opt.zero_grad(set_to_none) + backward + step, each checked as its own operation."""
+    opt.zero_grad(set_to_none) + backward + step, each checked as its own operation;
+    ("scaler_train_step", seed, overflow) is zero_grad + a backward through every branch +
+    scaler_step (a whole flat bucket's first step: capturable's device decision)."""
     if op[0] == "train_step":
         _, mask, seed, set_to_none = op
         return [("zero_grad", set_to_none, "opt"), ("backward", mask, seed), ("step",)]
+    if op[0] == "scaler_train_step":  # the same with every branch and GradScaler's step
+        _, seed, overflow = op
+        return [("zero_grad", True, "opt"), ("backward", 127, seed), ("scaler_step", overflow)]
     return [op]
 
 
@@ -707,18 +740,29 @@ def run_sequence(cfg: Config, ops) -> str:
         raise Mismatch(f"{e}\n  before any op; replay with:\n{replay(cfg, ops, -1)}") from None
     for i, op in enumerate(ops):
         for part in parts(op):
-            stepping = part[0] in ("step", "clip_step")
+            stepping = part[0] in ("step", "clip_step", "scaler_step")
             snap = snapshot(ours) if stepping else None
             (r_t, e_t, w_t), (r_o, e_o, w_o) = apply_both(part, ours, theirs, cfg)
             try:
                 if (e_o is None) != (e_t is None) or (
                         e_o is not None and type(e_o) is not type(e_t)):
                     raise Mismatch(f"ours {_exc(e_o)}; torch's {_exc(e_t)}")
+                if cfg.scaler is not None:
+                    # GradScaler calls an optimizer that sets _step_supports_amp_scaling (ours,
+                    # as torch's fused ones) also on a step it skips, and torch's SGD not: the
+                    # scheduler's "lr_scheduler.step() before optimizer.step()" then differs
+                    w_o, w_t = ([w for w in ws if _SCHED_ORDER not in w] for ws in (w_o, w_t))
                 if w_o != w_t:
                     raise Mismatch(f"warnings: ours {w_o}; torch's {w_t}")
                 if e_o is not None and stepping:
                     # torch raised part-way through its step; ours must have written nothing
-                    unchanged(ours, snap, f"after both raised in step() (torch {_exc(e_t)})")
+                    # (but GradScaler's unscale_, which runs first on both)
+                    scaled = part[0] == "scaler_step"
+                    unchanged(ours, snap, f"after both raised in step() (torch {_exc(e_t)})",
+                              grads=not scaled)
+                    if scaled:
+                        for i, (p, q) in enumerate(zip(ours.params(), theirs.params())):
+                            same(p.grad, q.grad, f"grad {i} after both raised")
                     return f"both raised at op {i}: {_exc(e_t)}"
                 same(r_o, r_t, "result")
                 compare(ours, theirs)

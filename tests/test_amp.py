@@ -112,12 +112,14 @@ def test_without_capturable_the_first_step_reads_found_inf():
         _train("sgd", True, overflow=(0,), check_no_reads="all")
 
 
-def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4)):
+def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=()):
     """_train's loop (flat) with the flag never read back by a step (_Unsure.host_ready False:
     a GPU whose copy has not arrived), no host read in any step, and `edit(k, opt, topt, ours,
-    ref)` before each step on both sides. Parameters and gradients are compared after every
-    step; while the host has not read a flag its buffers are not in opt.state (torch has them
-    from step 3); state_dict(), which reads the flags, and then every buffer at the end."""
+    ref)` before each step on both sides (steps in `host_reads` may read the host: a partial
+    first step). Parameters and gradients are compared after every
+    step; while the host has not read a flag its buffers are in opt.state (torch has none
+    after steps 1 and 2); state_dict(), which reads the flags, and then every buffer at the
+    end."""
     ours, ref = _model(seed=31)
     opt, topt = _pair(kind, ours, ref, True, capturable=True)
     scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
@@ -132,7 +134,8 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4)):
             o.zero_grad()
             loss = model(x).square().mean() * (float("inf") if k in overflow else 1.0)
             scaler.scale(loss).backward()
-            with no_host_reads() if o is opt else contextlib.nullcontext():
+            with (no_host_reads() if o is opt and k not in host_reads
+                  else contextlib.nullcontext()):
                 scaler.step(o)
             scaler.update()
         for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
@@ -142,9 +145,11 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4)):
                 assert torch.equal(bits(p.grad), bits(q.grad)), f"step {k + 1}: gradient {i}"
         if opt._unsure:
             saw_unsure = True
+            # the step that makes them puts them into opt.state (torch's has none after a
+            # skipped step 1 or 2; the host has not read the flag that says so)
             held = {id(p) for b in opt._unsure.values() for p in b.params}
-            assert not any("momentum_buffer" in opt.state.get(p, {})
-                           for p in ours.parameters() if id(p) in held), f"step {k + 1}"
+            assert all("momentum_buffer" in opt.state.get(p, {})
+                       for p in ours.parameters() if id(p) in held), f"step {k + 1}"
     assert saw_unsure, "no step left its buffers to the device"
     ours_sd, torch_sd = opt.state_dict(), topt.state_dict()
     assert not opt._unsure
@@ -191,12 +196,29 @@ def _edit_unused(k, opt, topt, ours, ref):
             m[0].weight.requires_grad_(True)
 
 
+def _edit_clear(k, opt, topt, ours, ref):
+    if k in (1, 3):  # momentum reset by hand after a skipped step and after a stepped one
+        opt.state.clear()
+        topt.state.clear()
+
+
+def _edit_none(k, opt, topt, ours, ref):
+    if k == 3:  # one buffer reset by hand (torch: a first step for that parameter)
+        for o, m in ((opt, ours), (topt, ref)):
+            o.state[m[0].weight]["momentum_buffer"] = None
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
 @pytest.mark.parametrize("edit", [_edit_state_dict, _edit_load, _edit_momentum_off,
-                                  _edit_unused], ids=["state_dict", "load", "momentum-off",
-                                                      "frozen-for-a-step"])
-def test_first_step_on_the_device_with_edits(edit, monkeypatch):
+                                  _edit_unused, _edit_clear, _edit_none],
+                         ids=["state_dict", "load", "momentum-off", "frozen-for-a-step",
+                              "state-cleared", "buffer-None"])
+def test_first_step_on_the_device_with_edits(edit, kind, monkeypatch):
+    if kind == "momentum" and edit is _edit_momentum_off:
+        pytest.skip("Momentum needs 0 < momentum < 1")
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
-    _first_on_device_late("sgd", edit)
+    # a partial first step (buffer-None) reads found_inf on the host, as without capturable
+    _first_on_device_late(kind, edit, host_reads=(3,) if edit is _edit_none else ())
 
 
 @pytest.mark.parametrize("what", ["deepcopy", "moved"])
@@ -430,3 +452,42 @@ def test_capture_refuses_what_it_would_get_wrong(kind, monkeypatch):
             with no_host_reads() if o is opt else contextlib.nullcontext():
                 step(o, model, overflow=k in (0, 1))
         assert_twins(ours, ref, opt, topt, f"step {k + 1}")
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_a_step_that_would_raise_under_gradscaler(flat):
+    """A sparse gradient with weight_decay makes torch's step raise (part-way through), and
+    ours before anything is written. Under GradScaler torch's step runs only when GradScaler
+    finds no overflow: on an overflowed step neither raises; otherwise both raise after
+    GradScaler's unscale (the gradients unscaled alike), ours with the parameters as they
+    were."""
+    torch.manual_seed(35)
+    ours = torch.nn.ModuleDict({"lin": torch.nn.Linear(4, 3),
+                                "emb": torch.nn.Embedding(7, 3, sparse=True)})
+    ref = copy.deepcopy(ours)
+    h = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt = momentum_cuda.SGD(ours.parameters(), flat=flat, **h)
+    topt = torch.optim.SGD(ref.parameters(), foreach=False, **h)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0) for _ in range(2)]
+    idx = torch.tensor([1, 3, 3])
+    for overflow in (True, False):
+        raised = []
+        for model, o, s in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            o.zero_grad()
+            loss = (model["lin"](torch.ones(2, 4)).sum() + model["emb"](idx).sum())
+            s.scale(loss * (math.inf if overflow else 1.0)).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            try:
+                s.step(o)
+                raised.append(None)
+            except RuntimeError as e:
+                raised.append(e)
+                if o is opt:
+                    assert all(torch.equal(bits(a), bits(p))
+                               for a, p in zip(before, model.parameters()))
+            s.update()
+        assert (raised[0] is None) == (raised[1] is None) == overflow, raised
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            assert torch.equal(bits(p.grad.to_dense()), bits(q.grad.to_dense()))
+            assert torch.equal(bits(p), bits(q)) or not overflow  # (torch's raised part-way)
+            assert not opt.state.get(p) and not topt.state.get(q)

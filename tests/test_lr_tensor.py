@@ -324,6 +324,30 @@ def test_momentum_tensor_momentum_float64_parameters(flat, hdtype):
         _same(ours, ref, opt, topt, f"step {k + 1}")
 
 
+@pytest.mark.parametrize("hdtype", [torch.float32, torch.bfloat16], ids=["h32", "hbf16"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_momentum_tensor_momentum_on_torch_ops(flat, hdtype):
+    """The same through torch's own ops (a sparse embedding's gradient, path "torch-ops"),
+    float64: 1 - momentum is the tensor op's, as MomentumReference computes it (found by
+    tests/test_sequences.py: the double 1 - m there differed in the last bits)."""
+    torch.manual_seed(74)
+    ours = torch.nn.Embedding(7, 3, sparse=True).double()
+    ref = copy.deepcopy(ours)
+    h = lambda: dict(lr=0.05, momentum=torch.tensor(0.35, dtype=hdtype))  # noqa: E731
+    opt = momentum_cuda.Momentum(ours.parameters(), flat=flat, **h())
+    topt = MomentumReference(ref.parameters(), **h())
+    gen = torch.Generator().manual_seed(75)
+    for k in range(STEPS):
+        idx = torch.randint(0, 7, (5,), generator=gen)
+        w = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        for model, o in ((ours, opt), (ref, topt)):
+            o.zero_grad()
+            (model(idx) * w).sum().backward()
+            o.step()
+        assert [e["path"] for e in opt.last_step] == ["torch-ops"]
+        _same(ours, ref, opt, topt, f"step {k + 1}")
+
+
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 def test_tensor_hyper_parameters_interplay(flat):
     """All four hyper-parameters as tensors, changed in place, through what training code does

@@ -14,7 +14,10 @@ values: -0.0 is not +0.0). The failure message prints the whole sequence so far 
 `run_sequence(Config(...), [ops])` call that replays it without hypothesis.
 
 Operations: backward over a random subset of branches (fresh random inputs; several in a row
-accumulate), zero_grad(set_to_none=True/False) on the optimizer or the model, step(), the usual
+accumulate), zero_grad(set_to_none=True/False) on the optimizer or the model, step(),
+GradScaler's step + update (Config.scaler: each side's GradScaler; sometimes an inf put in a
+gradient first, so that it skips; with Config.capturable the optimizer decides its first
+steps on the device), the usual
 loop's zero_grad + backward + step as one operation, clip_grad_norm_ / clip_grad_value_,
 opt.clip_grad_norm_ + step() (against torch's clip_grad_norm_ + step: the clip inside the step),
 p.grad.mul_ over every existing gradient, p.grad = None, p.grad = a fresh tensor (sometimes
@@ -131,7 +134,9 @@ def configs(d):
                   base_buffer=views is not None and d(st.booleans()),
                   frozen=tuple(d(st.lists(st.sampled_from(mods), unique=True, max_size=2)))
                   if d(st.booleans()) else (),
-                  lazy=d(st.integers(0, 5)) == 5)
+                  lazy=d(st.integers(0, 5)) == 5,
+                  scaler=d(st.sampled_from([None, None, 1000.0, 2.0 ** 16])),
+                  capturable=d(st.booleans()))
 
 
 K = st.integers(0, 15)  # a parameter or group index (taken modulo the count)
@@ -149,6 +154,8 @@ def _op_args(kind: str) -> dict:
     return {
         "backward": t(st.integers(1, 127), SEED),
         "step": st.just(()),
+        "scaler_step": t(st.booleans()),
+        "scaler_train_step": t(SEED, st.booleans()),
         "train_step": t(st.integers(1, 127), SEED, st.booleans()),
         "zero_grad": t(st.booleans(), st.sampled_from(["opt", "model"])),
         "clip_norm": t(st.sampled_from([0.01, 0.5, 10.0]),
@@ -184,7 +191,7 @@ def _op_args(kind: str) -> dict:
 
 # how often each operation is drawn (relative): backward and step most often
 WEIGHTS = {"backward": 6, "step": 4, "train_step": 3, "zero_grad": 3, "freeze_module": 3,
-           "grad_bucket": 4, "clip_step": 3}
+           "grad_bucket": 4, "clip_step": 3, "scaler_step": 2, "scaler_train_step": 3}
 _ARGS = {kind: _op_args(kind) for kind in ("sgd", "momentum")}
 OPS = sorted(_ARGS["sgd"])
 _NAMES = st.sampled_from([n for n in OPS for _ in range(WEIGHTS.get(n, 1))])
