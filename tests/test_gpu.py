@@ -325,13 +325,22 @@ def test_cuda_graph_training_iteration(flat, clip, hyper):
         assert scaler.get_scale() == tscaler.get_scale()
 
 
-def _capturable_pair(kind, model, twin):
+def _capturable_twins(kind, seed):
+    """(model, twin, momentum_cuda's optimizer with capturable=True, torch's) on CUDA."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
+                                torch.nn.Linear(97, 5)).cuda()
+    twin = copy.deepcopy(model)
     if kind == "sgd":
         h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
-        return (momentum_cuda.SGD(model.parameters(), backend="cuda", capturable=True, **h),
+        return (model, twin,
+                momentum_cuda.SGD(model.parameters(), backend="cuda", capturable=True, **h),
                 torch.optim.SGD(twin.parameters(), foreach=False, **h))
     h = dict(lr=0.05, momentum=0.8, weight_decay=1e-3)
-    return (momentum_cuda.Momentum(model.parameters(), backend="cuda", capturable=True, **h),
+    return (model, twin,
+            momentum_cuda.Momentum(model.parameters(), backend="cuda", capturable=True, **h),
             MomentumReference(twin.parameters(), **h))
 
 
@@ -351,13 +360,7 @@ def test_capturable_first_step_on_the_device(kind):
     torch.optim.SGD(foreach=False) (or MomentumReference) every step; state_dict() at the end
     (which reads the flags) gives torch's buffers."""
     from conftest import no_host_reads
-    if not momentum_cuda.available_backends()["cuda"][0]:
-        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
-    torch.manual_seed(45)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
-                                torch.nn.Linear(97, 5)).cuda()
-    twin = copy.deepcopy(model)
-    opt, topt = _capturable_pair(kind, model, twin)
+    model, twin, opt, topt = _capturable_twins(kind, seed=45)
     scalers = [torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2)]
     gen = torch.Generator(device="cpu").manual_seed(46)
     for k in range(8):
@@ -388,13 +391,7 @@ def test_cuda_graph_captures_the_first_step(kind):
     replay that is not skipped is the first step (the bucket's flag, read by the kernel),
     every later one a momentum step. Bits of the same iterations run eagerly with torch's
     optimizer and GradScaler; state_dict() after the replays gives torch's buffers."""
-    if not momentum_cuda.available_backends()["cuda"][0]:
-        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
-    torch.manual_seed(47)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
-                                torch.nn.Linear(97, 5)).cuda()
-    twin = copy.deepcopy(model)
-    opt, topt = _capturable_pair(kind, model, twin)
+    model, twin, opt, topt = _capturable_twins(kind, seed=47)
     scaler, tscaler = (torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2))
     static_x = torch.zeros(8, 32, device="cuda")
     mul = torch.ones((), device="cuda")
