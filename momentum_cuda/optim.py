@@ -1638,7 +1638,7 @@ class _FusedMomentum(Optimizer):
                 planned.append((g, lay))
         except Exception:
             self._pending.clip = clip  # a bad input raised: nothing was stepped
-            if amp is not None and self._amp_on_host(amp):
+            if amp is not None and not _capturing() and self._amp_on_host(amp):
                 # GradScaler found an overflow: torch's step, which would have raised, is not
                 # run (its unscale_ wrote the gradients first, and so did _amp_on_host)
                 self._pending.clip = None
@@ -1775,8 +1775,9 @@ class _FusedMomentum(Optimizer):
     def _first_on_device(self, plans, amp) -> bool:
         """Whether the buffers this step creates have their first step decided on the device
         (_Unsure) instead of found_inf read on the host first: capturable=True, GradScaler gave
-        found_inf, and every run that creates buffers is a whole bucket without any stepped by a
-        C++ op (not lent: DDP's buckets are list calls; not Triton, whose kernels do not take
+        found_inf, and every run that creates buffers is a whole bucket none of whose parameters
+        has a buffer yet (or whose buffers an _Unsure holds), stepped by a C++ op (not lent:
+        DDP's buckets are list calls; not Triton, whose kernels do not take
         first_step_tensor); nothing else needs the host (per-tensor first steps, torch's ops,
         the modes). While a CUDA graph is captured, what the capture would get wrong raises
         here, before anything is written: a host read of found_inf, and a bucket whose
