@@ -208,14 +208,16 @@ def _edit_none(k, opt, topt, ours, ref):
             o.state[m[0].weight]["momentum_buffer"] = None
 
 
-@pytest.mark.parametrize("kind", ["sgd", "momentum"])
-@pytest.mark.parametrize("edit", [_edit_state_dict, _edit_load, _edit_momentum_off,
-                                  _edit_unused, _edit_clear, _edit_none],
-                         ids=["state_dict", "load", "momentum-off", "frozen-for-a-step",
-                              "state-cleared", "buffer-None"])
+_EDITS = {"state_dict": _edit_state_dict, "load": _edit_load, "momentum-off": _edit_momentum_off,
+          "frozen-for-a-step": _edit_unused, "state-cleared": _edit_clear,
+          "buffer-None": _edit_none}
+
+
+@pytest.mark.parametrize("kind, edit", [(k, e) for k in ("sgd", "momentum") for e in _EDITS
+                                        if not (k == "momentum" and e == "momentum-off")])
 def test_first_step_on_the_device_with_edits(edit, kind, monkeypatch):
-    if kind == "momentum" and edit is _edit_momentum_off:
-        pytest.skip("Momentum needs 0 < momentum < 1")
+    """(Momentum needs 0 < momentum < 1: no momentum-off for it.)"""
+    edit = _EDITS[edit]
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
     # a partial first step (buffer-None) reads found_inf on the host, as without capturable
     _first_on_device_late(kind, edit, host_reads=(3,) if edit is _edit_none else ())
