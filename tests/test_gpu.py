@@ -140,6 +140,37 @@ def test_opcheck_on_gpu(backend, dtype, kind):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("kind", ["flat", "list"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_first_step_tensor_on_gpu(dtype, kind):
+    """The CUDA ops' first_step_tensor (capturable's device decision, read by the kernels):
+    the bits of first_step=True where it is true and of first_step=False where it is false;
+    opcheck with it."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    op = getattr(torch.ops.momentum_cuda, f"sgd_step_{kind}_").default
+    h = dict(lr=0.0123, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+             maximize=True)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    for value in (True, False):
+        g = torch.Generator().manual_seed(8)
+        if kind == "flat":
+            p, gr, b = (torch.randn(1163, generator=g).to(dtype).cuda() for _ in range(3))
+            got = (p, gr, b, torch.tensor([[0, 1], [5, 97], [102, 0], [120, 3], [130, 1030]]))
+        else:
+            got = tuple([torch.randn(n, generator=g).to(dtype).cuda()
+                         for n in (0, 1, 3, 97, 1030)] for _ in range(3))
+        want = copy.deepcopy(got)
+        op(*want, first_step=value, **h)
+        op(*got, first_step=True, first_step_tensor=torch.tensor(value, device="cuda"), **h)
+        for a, b in zip(got[:3], want[:3]):
+            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                assert torch.equal(x.view(bits), y.view(bits)), (dtype, kind, value)
+        result = torch.library.opcheck(op, got, dict(h, first_step=True, first_step_tensor=(
+            torch.tensor(value, device="cuda"))))
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
