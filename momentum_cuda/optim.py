@@ -2159,7 +2159,9 @@ class _FusedMomentum(Optimizer):
 
     def _plan(self, group, lay, relayout=None):
         """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
-        input, changes nothing. None (if `relayout`) when the group should be laid out again:
+        input, changes nothing (but opt.state to what the device did, where a bucket's first
+        step was left to it and is not stepped whole now: _settle_unsure). None (if
+        `relayout`) when the group should be laid out again:
         a parameter with a gradient is off the flat path and could be on it (it moved, e.g.
         model.to(); it was frozen, meta or lazy when the group was laid out)."""
         h = self._hyper(group)

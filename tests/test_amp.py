@@ -104,6 +104,15 @@ def test_first_step_decided_on_the_device(kind):
     assert [e["path"] for e in opt.last_step] == ["flat"]
 
 
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_capturable_per_tensor_keeps_the_host_read(kind):
+    """capturable=True with flat=False: the per-tensor path still reads found_inf on the host
+    while it creates buffers (README), and gives torch's bits and state (overflows on steps 1
+    and 2); steady steps read nothing."""
+    opt = _train(kind, False, overflow=(0, 1, 4), capturable=True)
+    assert not opt._unsure and [e["path"] for e in opt.last_step] == ["per-tensor"]
+
+
 def test_without_capturable_the_first_step_reads_found_inf():
     """Control for the test above: without capturable=True (and outside a CUDA graph capture)
     the step that creates the buffers reads found_inf on the host, which no_host_reads sees;
