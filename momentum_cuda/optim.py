@@ -506,15 +506,20 @@ def _padding(offsets, params, total, device) -> torch.Tensor:
     return idx.to(device)
 
 
-def _merged(segments) -> torch.Tensor:
-    """[k, 2] (offset, numel) segments with adjacent ones joined."""
+def _joined(pairs) -> list:
+    """(offset, numel) pairs with adjacent ones joined."""
     out: list = []
-    for o, n in segments.tolist():
+    for o, n in pairs:
         if out and out[-1][0] + out[-1][1] == o:
             out[-1][1] += n
         else:
             out.append([o, n])
-    return torch.tensor(out, dtype=torch.int64).reshape(-1, 2)
+    return out
+
+
+def _merged(segments) -> torch.Tensor:
+    """[k, 2] (offset, numel) segments with adjacent ones joined."""
+    return torch.tensor(_joined(segments.tolist()), dtype=torch.int64).reshape(-1, 2)
 
 
 def _remove_hooks(handles) -> None:
@@ -654,11 +659,12 @@ class _Bucket:
         if self.spans is None or (use_buf and self.spans[0][2] is None):
             merge = self.backend != "cpu" or self.flat_param.dtype in (torch.float32,
                                                                         torch.float64)
-            segs = _merged(self.segments) if merge else self.segments
+            # (from the offsets, not the segments tensor: no tensor is read in a step)
+            segs = [(o, p.numel()) for o, p in zip(self.offsets, self.params)]
             fb = self.flat_buf
             self.spans = [(self.flat_param.narrow(0, o, n), self.flat_grad.narrow(0, o, n),
                            None if fb is None else fb.narrow(0, o, n))
-                          for o, n in segs.tolist()]
+                          for o, n in (_joined(segs) if merge else segs)]
         return self.spans
 
     def bump(self, i0: int, i1: int) -> None:
@@ -1342,8 +1348,8 @@ class _FusedMomentum(Optimizer):
                 b.neg_zero = [False] * len(ps)
             else:
                 b.fill_neg_zero()
-                if b.backend != "triton":  # (_first_on_device)
-                    b.first_flag = torch.ones((), dtype=torch.bool, device=device)
+            if b.backend != "triton":  # (_first_on_device)
+                b.first_flag = torch.ones((), dtype=torch.bool, device=device)
             hook_ref = weakref.ref(b)
             for i, p in enumerate(ps):
                 view = b.view(flat_param, i)
@@ -1776,10 +1782,10 @@ class _FusedMomentum(Optimizer):
         """Whether the buffers this step creates have their first step decided on the device
         (_Unsure) instead of found_inf read on the host first: capturable=True, GradScaler gave
         found_inf, and every run that creates buffers is a whole bucket none of whose parameters
-        has a buffer yet (or whose buffers an _Unsure holds), stepped by a C++ op (not lent:
-        DDP's buckets are list calls; not Triton, whose kernels do not take
-        first_step_tensor); nothing else needs the host (per-tensor first steps, torch's ops,
-        the modes). While a CUDA graph is captured, what the capture would get wrong raises
+        has a buffer yet (or whose buffers an _Unsure holds), stepped by a C++ op (a lent
+        bucket, DDP's, by a list call of its own while its flag is undecided; not Triton, whose
+        kernels do not take first_step_tensor); nothing else needs the host (per-tensor first
+        steps, torch's ops, the modes). While a CUDA graph is captured, what the capture would get wrong raises
         here, before anything is written: a host read of found_inf, and a bucket whose
         buffers would be made (allocated and zeroed by kernels the graph would hold)."""
         ok = amp[1] is not None and self._capturable
@@ -1788,7 +1794,7 @@ class _FusedMomentum(Optimizer):
             if any(reason is not None or (use_buf and buf is None)
                    for _, _, buf, reason, _ in loose):
                 ok = False
-            if any((r[3] or r[4]) and (r[1] != 0 or r[2] != len(r[0].params) or r[0].lent
+            if any((r[3] or r[4]) and (r[1] != 0 or r[2] != len(r[0].params)
                                        or r[0].backend == "triton") for r in runs):
                 ok = False
             if ok and any(r[4] and r[0].unsure is None
@@ -2417,7 +2423,8 @@ class _FusedMomentum(Optimizer):
             if new and unsure is not None:
                 unsure.hidden = False  # (in the state again)
             if b.lent and i0 == 0 and i1 == len(b.params):
-                key = (b.backend, b.flat_param.device, b.flat_param.dtype, first)
+                # (a bucket whose flag is undecided: a call of its own, which reads its flag)
+                key = (b.backend, b.flat_param.device, b.flat_param.dtype, first, unsure)
                 lent.setdefault(key, []).append(b)
                 continue
             segs = b.run_segments(i0, i1)
@@ -2441,11 +2448,15 @@ class _FusedMomentum(Optimizer):
             else:
                 self._report(b.backend, "flat", b.flat_param, i1 - i0,
                              b.numel_before[i1] - b.numel_before[i0])
-        for (backend, _, _, first), bs in lent.items():
+        for (backend, _, _, first, unsure), bs in lent.items():
             spans = [x for b in bs for x in b.span_views(use_buf)]
             ps, gs, vs = (list(x) for x in zip(*spans))
-            step_ops(backend)[1](ps, gs, vs if use_buf else [], first_step=first,
-                                 **self._kernel_args(h, amp, ps[0].device, clip))
+            args = self._kernel_args(h, amp, ps[0].device, clip)
+            if unsure is not None and first:
+                args = dict(args, first_step_tensor=unsure.flag)
+            step_ops(backend)[1](ps, gs, vs if use_buf else [], first_step=first, **args)
+            if unsure is not None:
+                unsure.update(args.get("found_inf"))
             for b in bs:
                 b.bump(0, len(b.params))
             self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
@@ -2873,8 +2884,10 @@ class SGD(_FusedMomentum):
     optimizer). For fp32 parameters (README, "Narrow momentum"): momentum_dtype=torch.bfloat16
     or torch.int8 stores the momentum buffers narrow (torch.float32 or None: torch's).
     capturable=True: under GradScaler the step that creates the momentum buffers decides on the
-    device whether it was skipped (no host read of found_inf); until the host has read that
-    (a later step, or state_dict()), those buffers are not in opt.state (_Unsure).
+    device whether it was skipped (no host read of found_inf): whole flat buckets, DDP's
+    bucket views included; the per-tensor path still reads found_inf then. Until the host has
+    read it (a later step, or state_dict(), which never shows them), opt.state holds those
+    buffers even after steps GradScaler skipped (_Unsure).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,

@@ -29,6 +29,7 @@ world size), through the shared directory the harness gives both launches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -693,6 +694,48 @@ def ddp_train(ctx: Ctx, *, find_unused: bool, bucket_view: bool, static: bool, f
         schedule_lr(opt, topt)
 
 
+def ddp_gradscaler_capturable(ctx: Ctx, *, flat: bool, hk: str, steps: int = 8):
+    """DDP with gradient_as_bucket_view=True under torch.amp.GradScaler, ours with
+    capturable=True: the steps that create the momentum buffers (the first two overflow, and
+    DDP rebuilds its buckets after the first iteration) are decided on the device by the lent
+    bucket's flag (flat) without a host read in step(), and give the bits and state of torch's
+    for-loop, which GradScaler skips; the per-tensor path reads found_inf on the host then."""
+    import momentum_cuda
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from conftest import no_host_reads
+    kw = dict(process_group=ctx.group, gradient_as_bucket_view=True)
+    d, td = DDP(branchy(11), **kw), DDP(branchy(11), **kw)
+    ours_cls, ref_cls, extra = optimizer_classes(hk)
+    opt = ours_cls(d.parameters(), flat=flat, capturable=True, **hypers(hk), **extra)
+    topt = ref_cls(td.parameters(), **hypers(hk), **extra)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+               for _ in range(2)]
+    overflow = (0, 1, 5)
+    for k in range(steps):
+        x, y = mlp_data(ctx, 13, k)
+        for model, o, scaler in ((d, opt, scalers[0]), (td, topt, scalers[1])):
+            o.zero_grad()
+            loss = F.mse_loss(model(x, True), y) * (float("inf") if k in overflow else 1.0)
+            scaler.scale(loss).backward()
+            reads = o is topt or (not flat and k <= 2)  # (per-tensor: found_inf at a first step)
+            with contextlib.nullcontext() if reads else no_host_reads():
+                scaler.step(o)
+            scaler.update()
+        label = f"step {k + 1}{' (overflow)' if k in overflow else ''}:"
+        if flat:
+            ctx.record("device_first", [bool(b.lent and b.first_flag is not None)
+                                        for lay in opt._layouts.values() for b in lay.buckets])
+        ctx.record("undecided", len(opt._unsure))
+        if scalers[0].get_scale() != scalers[1].get_scale():
+            ctx.check.fail(f"{label} scale {scalers[0].get_scale()} vs torch's "
+                           f"{scalers[1].get_scale()}")
+        ctx.check.twins(d, opt, td, topt, label)
+        ctx.record("paths", paths(opt))
+    if flat and not all(all(x) and x for x in ctx.info["device_first"]):
+        ctx.check.fail(f"the buckets were not lent ones with a flag: {ctx.info['device_first']}")
+
+
 # ---- 7. ZeroRedundancyOptimizer --------------------------------------------------------------
 def _without(sd: dict, keys) -> dict:
     """A state_dict whose param groups lack `keys`."""
@@ -1252,6 +1295,10 @@ def _build() -> None:
                              static=static, flat=flat, hk=hk, schedule=schedule)
     _add(2, "ddp/find_unused=1,bucket_view=1,static=0/flat/dynamic/ema", ddp_train,
          find_unused=True, bucket_view=True, static=False, flat=True, hk="ema", schedule="dynamic")
+    for flat in (True, False):
+        for hk in ("nest-wd", "ema-wd-max"):
+            _add(2, f"ddp-gradscaler-capturable/{_flat_id(flat)}/{hk}", ddp_gradscaler_capturable,
+                 flat=flat, hk=hk)
     for grad_views in (False, True):
         for param_views in (False, True):
             for flat in (True, False):

@@ -56,9 +56,31 @@ def _pair(kind, ours, ref, flat, capturable=False):
             MomentumReference(ref.parameters(), **h))
 
 
+class _Lender:
+    """DDP with gradient_as_bucket_view=True: after each backward every .grad of `model` becomes
+    the same view of one bucket (reversed parameter order, an unaligned start, someone else's
+    values before it) that it was at the last step, as DDP's reducer keeps them; the optimizer
+    reads them in place (a lent bucket, one list call)."""
+
+    def __init__(self, model):
+        ps = list(model.parameters())[::-1]
+        self.bucket = torch.full((7 + sum(p.numel() for p in ps),), 1.5)
+        self.views, off = {}, 7
+        for p in ps:
+            self.views[p] = self.bucket[off:off + p.numel()].view(p.shape)
+            off += p.numel()
+
+    def __call__(self):
+        for p, v in self.views.items():
+            if p.grad is not None and p.grad is not v:
+                v.copy_(p.grad)
+                p.grad = v
+
+
 def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast=None,
-           check_no_reads=True, capturable=False):
+           check_no_reads=True, capturable=False, lent=False):
     ours, ref = _model(seed=21)
+    lend = _Lender(ours) if lent else (lambda: None)
     opt, topt = _pair(kind, ours, ref, flat, capturable)
     assert opt._step_supports_amp_scaling and not getattr(topt, "_step_supports_amp_scaling",
                                                           False)
@@ -76,6 +98,8 @@ def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast
             if k in overflow:
                 loss = loss * float("inf")
             scaler.scale(loss).backward()
+            if o is opt:
+                lend()
             steady = o is opt and check_no_reads and (check_no_reads == "all" or any(
                 "momentum_buffer" in st for st in opt.state.values()))
             with no_host_reads() if steady else contextlib.nullcontext():
@@ -104,6 +128,16 @@ def test_first_step_decided_on_the_device(kind):
     assert [e["path"] for e in opt.last_step] == ["flat"]
 
 
+@pytest.mark.parametrize("kind", ["sgd", "nesterov", "momentum"])
+def test_first_step_decided_on_the_device_lent(kind):
+    """The same with DDP's bucket views as gradients (a lent bucket: one list call, given the
+    bucket's flag while it is undecided)."""
+    opt = _train(kind, True, overflow=(0, 1, 4), check_no_reads="all", capturable=True,
+                 lent=True)
+    assert [e["path"] for e in opt.last_step] == ["flat"]
+    assert all(b.lent for lay in opt._layouts.values() for b in lay.buckets)
+
+
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
 def test_capturable_per_tensor_keeps_the_host_read(kind):
     """capturable=True with flat=False: the per-tensor path still reads found_inf on the host
@@ -121,15 +155,16 @@ def test_without_capturable_the_first_step_reads_found_inf():
         _train("sgd", True, overflow=(0,), check_no_reads="all")
 
 
-def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=()):
+def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), lent=False):
     """_train's loop (flat) with the flag never read back by a step (_Unsure.host_ready False:
     a GPU whose copy has not arrived), no host read in any step, and `edit(k, opt, topt, ours,
     ref)` before each step on both sides (steps in `host_reads` may read the host: a partial
     first step). Parameters and gradients are compared after every
     step; while the host has not read a flag its buffers are in opt.state (torch has none
     after steps 1 and 2); state_dict(), which reads the flags, and then every buffer at the
-    end."""
+    end. lent: DDP's bucket views as gradients (_Lender)."""
     ours, ref = _model(seed=31)
+    lend = _Lender(ours) if lent else (lambda: None)
     opt, topt = _pair(kind, ours, ref, True, capturable=True)
     scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
                for _ in range(2)]
@@ -143,6 +178,8 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=()):
             o.zero_grad()
             loss = model(x).square().mean() * (float("inf") if k in overflow else 1.0)
             scaler.scale(loss).backward()
+            if o is opt:
+                lend()
             with (no_host_reads() if o is opt and k not in host_reads
                   else contextlib.nullcontext()):
                 scaler.step(o)
@@ -170,12 +207,13 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=()):
     return opt
 
 
+@pytest.mark.parametrize("lent", [False, True], ids=["own", "lent"])
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
-def test_first_step_on_the_device_read_late(kind, monkeypatch):
+def test_first_step_on_the_device_read_late(kind, lent, monkeypatch):
     """Steps 3 to 9 (after two skipped ones) run with buffers the host has not seen stepped:
     the flag, false since step 3, makes each a momentum step, not a first one."""
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
-    _first_on_device_late(kind)
+    _first_on_device_late(kind, lent=lent)
 
 
 def _edit_state_dict(k, opt, topt, ours, ref):
@@ -222,14 +260,16 @@ _EDITS = {"state_dict": _edit_state_dict, "load": _edit_load, "momentum-off": _e
           "buffer-None": _edit_none}
 
 
+@pytest.mark.parametrize("lent", [False, True], ids=["own", "lent"])
 @pytest.mark.parametrize("kind, edit", [(k, e) for k in ("sgd", "momentum") for e in _EDITS
                                         if not (k == "momentum" and e == "momentum-off")])
-def test_first_step_on_the_device_with_edits(edit, kind, monkeypatch):
-    """(Momentum needs 0 < momentum < 1: no momentum-off for it.)"""
+def test_first_step_on_the_device_with_edits(edit, kind, lent, monkeypatch):
+    """(Momentum needs 0 < momentum < 1: no momentum-off for it.) lent: the gradients DDP's
+    bucket views."""
     edit = _EDITS[edit]
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
     # a partial first step (buffer-None) reads found_inf on the host, as without capturable
-    _first_on_device_late(kind, edit, host_reads=(3,) if edit is _edit_none else ())
+    _first_on_device_late(kind, edit, host_reads=(3,) if edit is _edit_none else (), lent=lent)
 
 
 @pytest.mark.parametrize("what", ["deepcopy", "moved"])
