@@ -73,8 +73,9 @@ tensors wherever they live. A 1-element fp32/fp64 tensor lr is read by the kerne
 device. GradScaler hands the step its grad_scale and found_inf (_step_supports_amp_scaling):
 the kernels unscale and skip on the device; a step that would create momentum buffers reads
 found_inf on the host first, so that an overflow-skipped first step leaves no state, or, with
-capturable=True, leaves that to the device (_Unsure: the buffers enter the state once the host
-has read the bucket's flag).
+capturable=True, leaves that to the device (_Unsure, over a bucket's or a list call's flag:
+the buffers enter the state as the step makes them, and leave it again once the host has read
+that every step using them was skipped).
 clip_grad_norm_ returns torch's total norm and leaves the multiply to the next step's kernels
 (_Clip), which check first that the gradients are still the ones measured.
 """
@@ -836,12 +837,22 @@ class _Unsure:
     # whether a flag in host memory is read as soon as a step has set it (tests set False to
     # run the CPU as a GPU whose copy has not come back yet: only never(wait=True) reads it)
     host_ready = True
-    __slots__ = ("flag", "host", "event", "hidden")
+    __slots__ = ("flag", "host", "event", "hidden", "nones")
 
     def __init__(self, flag):
         self.flag = flag
         self.host = self.event = None
         self.hidden = False  # the buffers were taken out of the state (never stepped)
+        # id(p) of the parameters whose momentum_buffer entry held None when the buffer was
+        # put in (torch's skipped step leaves that None there)
+        self.nones: set = set()
+
+    def show(self, opt, p, buf) -> bool:
+        """opt._keep_buffer(p, buf), remembering an entry that held None."""
+        st = opt.state.get(p)
+        if st is not None and "momentum_buffer" in st and st["momentum_buffer"] is None:
+            self.nones.add(id(p))
+        return opt._keep_buffer(p, buf)
 
     def update(self, found_inf) -> None:
         """After a step that used the flag: false unless found_inf != 0 skipped it, and on a
@@ -868,6 +879,22 @@ class _Unsure:
         if self.event is not None and not _capturing() and self.event.query():
             return bool(self.host.numpy())
         return None
+
+
+class _LooseFirst:
+    """A bucket's _Unsure for the per-tensor path (capturable=True): the plain parameters of
+    one list call whose momentum buffers that call made, with the flag (first_flag) its op
+    reads as first_step_tensor. Laid out as a bucket is for _settle_unsure (params, buf_views:
+    the buffers, unsure, first_flag). Stepped by one list call of its own while undecided;
+    a step that does not step exactly these parameters with these buffers (all of them in the
+    state, or none: hidden) has the host read the flag first (_loose_stale)."""
+
+    __slots__ = ("params", "buf_views", "first_flag", "unsure")
+
+    def __init__(self, device):
+        self.params, self.buf_views = [], []
+        self.first_flag = torch.ones((), dtype=torch.bool, device=device)
+        self.unsure = _Unsure(self.first_flag)
 
 
 class _LastStep:
@@ -1227,8 +1254,9 @@ class _FusedMomentum(Optimizer):
     def _layout_group(self, group) -> _GroupLayout:
         self._check_momentum_dtype(group)
         old = self._layouts.get(id(group))
-        if old is not None and self._unsure:  # its buffers go into the state, or nowhere
-            self._settle_unsure(True, old.buckets, drop=True)
+        if self._unsure:  # its buffers go into the state, or nowhere (the per-tensor ones too)
+            self._settle_unsure(True, (old.buckets if old is not None else []) + [
+                u for u in self._unsure.values() if type(u) is _LooseFirst], drop=True)
         if old is not None and old.master[2] is not None and group.get("momentum_dtype") is None:
             self._widen_buffers(group)
         for b in old.buckets if old is not None else ():
@@ -1276,7 +1304,8 @@ class _FusedMomentum(Optimizer):
             keep = {id(g) for g, _ in out}
             if self._unsure:
                 self._settle_unsure(True, [b for k, lay in self._layouts.items()
-                                           if k not in keep for b in lay.buckets], drop=True)
+                                           if k not in keep for b in lay.buckets] + [
+                    u for u in self._unsure.values() if type(u) is _LooseFirst], drop=True)
             self._layouts = {k: v for k, v in self._layouts.items() if k in keep}
         if relaid:
             self._adopt_buffers(out)
@@ -1784,16 +1813,25 @@ class _FusedMomentum(Optimizer):
         found_inf, and every run that creates buffers is a whole bucket none of whose parameters
         has a buffer yet (or whose buffers an _Unsure holds), stepped by a C++ op (a lent
         bucket, DDP's, by a list call of its own while its flag is undecided; not Triton, whose
-        kernels do not take first_step_tensor); nothing else needs the host (per-tensor first
-        steps, torch's ops, the modes). While a CUDA graph is captured, what the capture would get wrong raises
+        kernels do not take first_step_tensor), and every plain tensor of the per-tensor path
+        whose buffer is made likewise (_LooseFirst); nothing else needs the host (DTensor
+        shards' first steps, torch's ops, the modes). While a CUDA graph is captured, what the capture would get wrong raises
         here, before anything is written: a host read of found_inf, and a bucket whose
         buffers would be made (allocated and zeroed by kernels the graph would hold)."""
         ok = amp[1] is not None and self._capturable
+        held = self._loose_held()
+        made = []
         for h, runs, loose in plans:
             use_buf = _use_buf(h)
-            if any(reason is not None or (use_buf and buf is None)
-                   for _, _, buf, reason, _ in loose):
-                ok = False
+            for p, _, buf, reason, dt in loose:
+                if reason is not None:
+                    ok = False
+                elif use_buf and buf is None:
+                    # a plain tensor on a C++ op takes a flag of its own call (_LooseFirst)
+                    if dt is not None or self._backend_for(p.device) == "triton":
+                        ok = False
+                    elif id(p) not in held:
+                        made.append(p)
             if any((r[3] or r[4]) and (r[1] != 0 or r[2] != len(r[0].params)
                                        or r[0].backend == "triton") for r in runs):
                 ok = False
@@ -1802,8 +1840,8 @@ class _FusedMomentum(Optimizer):
                           for r in runs):  # (Momentum's runs join new and old buffers)
                 ok = False
         if _capturing() and amp[1] is not None:
-            made = [r[0] for _, runs, _ in plans for r in runs if r[4]
-                    and (r[0].flat_buf is None or (r[0].unsure is None and self._ema))]
+            made += [r[0] for _, runs, _ in plans for r in runs if r[4]
+                     and (r[0].flat_buf is None or (r[0].unsure is None and self._ema))]
             if not ok or made:
                 raise RuntimeError(
                     "momentum_cuda: this step creates momentum buffers under GradScaler while "
@@ -1832,6 +1870,9 @@ class _FusedMomentum(Optimizer):
                 for q, view in zip(b.params, b.buf_views):
                     st = self.state.get(q)
                     if st is not None and st.get("momentum_buffer") is view:
+                        if id(q) in u.nones:
+                            st["momentum_buffer"] = None
+                            continue
                         del st["momentum_buffer"]
                         if not st:
                             del self.state[q]
@@ -1841,6 +1882,33 @@ class _FusedMomentum(Optimizer):
             del self._unsure[key]
             b.unsure = None
             b.first_flag.fill_(True)
+
+    def _loose_held(self) -> dict:
+        """id(parameter) -> (its undecided _LooseFirst, the buffer it made)."""
+        return {id(q): (u, v) for u in self._unsure.values() if type(u) is _LooseFirst
+                for q, v in zip(u.params, u.buf_views)}
+
+    def _loose_stale(self, group, checked) -> list:
+        """The undecided _LooseFirst of this group's parameters that this step would not step
+        as made: each parameter a plain tensor on the kernels' path holding the buffer the call
+        made (shown), or all of them without one (hidden: the buffers were taken out of the
+        state, never stepped)."""
+        ids = {id(p) for p in group["params"]}
+        mine = [u for u in self._unsure.values()
+                if type(u) is _LooseFirst and id(u.params[0]) in ids]
+        if not mine:
+            return []
+        bufs = {id(p): buf for p, _, buf, reason, dt in checked if reason is None and dt is None}
+        out = []
+        for u in mine:
+            now = [bufs.get(id(q), False) for q in u.params]  # False: not on the kernels' path
+            if not (all(b is v for b, v in zip(now, u.buf_views))
+                    or (u.unsure.hidden and all(b is None for b in now) and all(
+                        (v.shape, v.stride(), v.dtype, v.device)
+                        == (q.shape, q.stride(), q.dtype, q.device)
+                        for q, v in zip(u.params, u.buf_views)))):
+                out.append(u)
+        return out
 
     def _amp_on_host(self, amp) -> bool:
         """GradScaler's work done here instead of in the kernels: every gradient unscaled with
@@ -2291,6 +2359,11 @@ class _FusedMomentum(Optimizer):
             else:
                 reason = self._check_loose(p, g, buf, h)
             checked.append((p, g, buf, "alias" if alias else reason, None))
+        if self._unsure and use_buf:
+            stale = self._loose_stale(group, checked)
+            if stale:  # the host reads their flags (the state then says what the device did)
+                self._settle_unsure(True, stale, drop=True)
+                return self._plan_with(h, group, lay, relayout)
         return h, runs, checked
 
     @staticmethod
@@ -2417,8 +2490,9 @@ class _FusedMomentum(Optimizer):
                     b.flat_buf.zero_()  # v starts at zero (the views may hold old values)
             if new:  # else every buffer of the run is its flat view already (_plan)
                 for i in range(i0, i1):
-                    if (self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema
-                            and unsure is None):
+                    if unsure is not None:
+                        unsure.show(self, b.params[i], b.buf_views[i])
+                    elif self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema:
                         b.buf_views[i].zero_()  # v starts at zero (the view may hold old values)
             if new and unsure is not None:
                 unsure.hidden = False  # (in the state again)
@@ -2486,6 +2560,11 @@ class _FusedMomentum(Optimizer):
         copied = []  # (gradient, its copy in the parameter's layout): written ones go back
         modal = [item for item in items if item[3] in _MODE_FLAG]
         kept = self._step_modes(modal, h) if modal else []
+        # capturable (_first_on_device): buffers made under GradScaler without a host read
+        # take a flag per call (_LooseFirst), and so do those an undecided one holds
+        undecided = self._loose_held() if self._unsure and use_buf else {}
+        fresh: dict = {}
+        device_first = use_buf and amp is not None and amp[1] is not None
         for p, g, buf, reason, dt in items:
             if reason in _MODE_FLAG:
                 continue
@@ -2496,11 +2575,24 @@ class _FusedMomentum(Optimizer):
             if g.stride() != p.stride():
                 copied.append((g, torch.empty_like(p).copy_(g)))
                 g = copied[-1][1]  # fp32/fp64: the layout does not change bits
-            first = bool(use_buf and buf is None and not self._ema)
             new = use_buf and buf is None
-            if new:
+            loose, made = undecided.get(id(p), (None, None))
+            if loose is None and new and device_first and dt is None:
+                loose = fresh.get((p.device, p.dtype))
+                if loose is None:
+                    loose = fresh[(p.device, p.dtype)] = _LooseFirst(p.device)
+                    self._unsure[id(loose)] = loose
                 buf = self._new_buffer(p)
-            ps, gs, bs, owners = calls.setdefault((p.device, p.dtype, first), ([], [], [], []))
+                if not self._ema:
+                    buf.zero_()  # (shown in the state until the flag is read)
+                loose.params.append(p)
+                loose.buf_views.append(buf)
+            elif new:
+                # hidden (_LooseFirst): made, zeroed, taken out of the state, shown again
+                buf = made if loose is not None else self._new_buffer(p)
+            first = bool(use_buf and not self._ema and (new or loose is not None))
+            ps, gs, bs, owners = calls.setdefault((p.device, p.dtype, first, loose),
+                                                  ([], [], [], []))
             ps.append(p)
             gs.append(g)
             if use_buf:
@@ -2509,10 +2601,15 @@ class _FusedMomentum(Optimizer):
                 owners.append((dt, p, buf if new else None))
         if torch_ops or copied:
             kept = None
-        for (device, dtype, first), (ps, gs, bs, owners) in calls.items():
+        for (device, dtype, first, loose), (ps, gs, bs, owners) in calls.items():
             backend = self._backend_for(device)
-            step_ops(backend)[1](ps, gs, bs, first_step=first,  # bumps ps (gs) and bs
-                                 **self._kernel_args(h, amp, device, clip))
+            args = self._kernel_args(h, amp, device, clip)
+            if loose is not None and first:
+                args = dict(args, first_step_tensor=loose.first_flag)
+            step_ops(backend)[1](ps, gs, bs, first_step=first, **args)  # bumps ps (gs) and bs
+            if loose is not None:
+                loose.unsure.update(args.get("found_inf"))
+                loose.unsure.hidden = False  # (its buffers are in the state again)
             for dt, p, buf in owners:  # new buffers enter the state once the kernel ran
                 if dt is not None:
                     # a DTensor's buffer is a DTensor sharded like it, as torch's clone gives
@@ -2520,10 +2617,13 @@ class _FusedMomentum(Optimizer):
                     if buf is not None:
                         self._keep_buffer(dt, _as_dtensor(buf, dt))
                 elif buf is not None:
-                    self._keep_buffer(p, buf)
+                    if loose is not None:
+                        loose.unsure.show(self, p, buf)
+                    else:
+                        self._keep_buffer(p, buf)
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
             dts = [dt for dt, _, _ in owners if dt is not None]
-            if kept is None or first or (dts and len(dts) != len(ps)):
+            if kept is None or first or loose is not None or (dts and len(dts) != len(ps)):
                 kept = None  # (a call mixing DTensor shards and plain tensors is not kept)
             elif dts:  # each DTensor's buffer as the state holds it now (over the local one)
                 held = [[self._buffer(dt)] for dt in dts] if use_buf else [[] for _ in dts]
@@ -2884,8 +2984,9 @@ class SGD(_FusedMomentum):
     optimizer). For fp32 parameters (README, "Narrow momentum"): momentum_dtype=torch.bfloat16
     or torch.int8 stores the momentum buffers narrow (torch.float32 or None: torch's).
     capturable=True: under GradScaler the step that creates the momentum buffers decides on the
-    device whether it was skipped (no host read of found_inf): whole flat buckets, DDP's
-    bucket views included; the per-tensor path still reads found_inf then. Until the host has
+    device whether it was skipped (no host read of found_inf): whole flat buckets (DDP's
+    bucket views included) and the per-tensor path's list calls over plain tensors (not
+    DTensor shards, Triton or the modes, which still read found_inf then). Until the host has
     read it (a later step, or state_dict(), which never shows them), opt.state holds those
     buffers even after steps GradScaler skipped (_Unsure).
     """

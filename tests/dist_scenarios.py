@@ -697,9 +697,9 @@ def ddp_train(ctx: Ctx, *, find_unused: bool, bucket_view: bool, static: bool, f
 def ddp_gradscaler_capturable(ctx: Ctx, *, flat: bool, hk: str, steps: int = 8):
     """DDP with gradient_as_bucket_view=True under torch.amp.GradScaler, ours with
     capturable=True: the steps that create the momentum buffers (the first two overflow, and
-    DDP rebuilds its buckets after the first iteration) are decided on the device by the lent
-    bucket's flag (flat) without a host read in step(), and give the bits and state of torch's
-    for-loop, which GradScaler skips; the per-tensor path reads found_inf on the host then."""
+    DDP rebuilds its buckets after the first iteration) are decided on the device, by the lent
+    bucket's flag (flat) or the list call's (per-tensor), without a host read in step(), and
+    give the bits and state of torch's for-loop, which GradScaler skips."""
     import momentum_cuda
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -718,8 +718,7 @@ def ddp_gradscaler_capturable(ctx: Ctx, *, flat: bool, hk: str, steps: int = 8):
             o.zero_grad()
             loss = F.mse_loss(model(x, True), y) * (float("inf") if k in overflow else 1.0)
             scaler.scale(loss).backward()
-            reads = o is topt or (not flat and k <= 2)  # (per-tensor: found_inf at a first step)
-            with contextlib.nullcontext() if reads else no_host_reads():
+            with contextlib.nullcontext() if o is topt else no_host_reads():
                 scaler.step(o)
             scaler.update()
         label = f"step {k + 1}{' (overflow)' if k in overflow else ''}:"

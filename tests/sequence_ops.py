@@ -504,10 +504,14 @@ def apply_one(op, side, cfg):
         for mod in mods:
             mod.requires_grad_(flag)
         return None
-    if name == "reset_state":  # momentum reset by hand: the whole state, or None buffers
+    if name == "reset_state":  # momentum reset by hand: the whole state, or None buffers (one
+        # parameter's, or every one's)
         how, k = a
         if how == "clear":
             opt.state.clear()
+        elif how == "all-none":
+            for st in opt.state.values():
+                st["momentum_buffer"] = None
         else:
             p = _pick(side, k)
             if p in opt.state:

@@ -138,13 +138,12 @@ def test_first_step_decided_on_the_device_lent(kind):
     assert all(b.lent for lay in opt._layouts.values() for b in lay.buckets)
 
 
-@pytest.mark.parametrize("kind", ["sgd", "momentum"])
-def test_capturable_per_tensor_keeps_the_host_read(kind):
-    """capturable=True with flat=False: the per-tensor path still reads found_inf on the host
-    while it creates buffers (README), and gives torch's bits and state (overflows on steps 1
-    and 2); steady steps read nothing."""
-    opt = _train(kind, False, overflow=(0, 1, 4), capturable=True)
-    assert not opt._unsure and [e["path"] for e in opt.last_step] == ["per-tensor"]
+@pytest.mark.parametrize("kind", ["sgd", "nesterov", "momentum"])
+def test_first_step_decided_on_the_device_per_tensor(kind):
+    """The same with flat=False: the list call that makes the buffers takes a flag of its own
+    (optim._LooseFirst)."""
+    opt = _train(kind, False, overflow=(0, 1, 4), check_no_reads="all", capturable=True)
+    assert [e["path"] for e in opt.last_step] == ["per-tensor"]
 
 
 def test_without_capturable_the_first_step_reads_found_inf():
@@ -155,17 +154,18 @@ def test_without_capturable_the_first_step_reads_found_inf():
         _train("sgd", True, overflow=(0,), check_no_reads="all")
 
 
-def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), lent=False):
+def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), where="own"):
     """_train's loop (flat) with the flag never read back by a step (_Unsure.host_ready False:
     a GPU whose copy has not arrived), no host read in any step, and `edit(k, opt, topt, ours,
     ref)` before each step on both sides (steps in `host_reads` may read the host: a partial
     first step). Parameters and gradients are compared after every
     step; while the host has not read a flag its buffers are in opt.state (torch has none
     after steps 1 and 2); state_dict(), which reads the flags, and then every buffer at the
-    end. lent: DDP's bucket views as gradients (_Lender)."""
+    end. where: "own" (flat, the bucket's own gradients), "lent" (flat, DDP's bucket views
+    as gradients: _Lender) or "pertensor" (flat=False: _LooseFirst)."""
     ours, ref = _model(seed=31)
-    lend = _Lender(ours) if lent else (lambda: None)
-    opt, topt = _pair(kind, ours, ref, True, capturable=True)
+    lend = _Lender(ours) if where == "lent" else (lambda: None)
+    opt, topt = _pair(kind, ours, ref, where != "pertensor", capturable=True)
     scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
                for _ in range(2)]
     gen = torch.Generator().manual_seed(32)
@@ -207,13 +207,13 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), le
     return opt
 
 
-@pytest.mark.parametrize("lent", [False, True], ids=["own", "lent"])
+@pytest.mark.parametrize("where", ["own", "lent", "pertensor"])
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
-def test_first_step_on_the_device_read_late(kind, lent, monkeypatch):
+def test_first_step_on_the_device_read_late(kind, where, monkeypatch):
     """Steps 3 to 9 (after two skipped ones) run with buffers the host has not seen stepped:
     the flag, false since step 3, makes each a momentum step, not a first one."""
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
-    _first_on_device_late(kind, lent=lent)
+    _first_on_device_late(kind, where=where)
 
 
 def _edit_state_dict(k, opt, topt, ours, ref):
@@ -255,25 +255,37 @@ def _edit_none(k, opt, topt, ours, ref):
             o.state[m[0].weight]["momentum_buffer"] = None
 
 
-_EDITS = {"state_dict": _edit_state_dict, "load": _edit_load, "momentum-off": _edit_momentum_off,
+def _edit_all_none(k, opt, topt, ours, ref):
+    if k == 4:  # every buffer reset by hand before a skipped step: torch's entries keep None
+        for o in (opt, topt):
+            for st in o.state.values():
+                st["momentum_buffer"] = None
+    if k == 5:
+        a, b = opt.state_dict()["state"], topt.state_dict()["state"]
+        assert a == b and all(st == {"momentum_buffer": None} for st in b.values()), (a, b)
+
+
+_EDITS = {"state_dict": _edit_state_dict, "all-None": _edit_all_none, "load": _edit_load, "momentum-off": _edit_momentum_off,
           "frozen-for-a-step": _edit_unused, "state-cleared": _edit_clear,
           "buffer-None": _edit_none}
 
 
-@pytest.mark.parametrize("lent", [False, True], ids=["own", "lent"])
+@pytest.mark.parametrize("where", ["own", "lent", "pertensor"])
 @pytest.mark.parametrize("kind, edit", [(k, e) for k in ("sgd", "momentum") for e in _EDITS
                                         if not (k == "momentum" and e == "momentum-off")])
-def test_first_step_on_the_device_with_edits(edit, kind, lent, monkeypatch):
-    """(Momentum needs 0 < momentum < 1: no momentum-off for it.) lent: the gradients DDP's
-    bucket views."""
+def test_first_step_on_the_device_with_edits(edit, kind, where, monkeypatch):
+    """(Momentum needs 0 < momentum < 1: no momentum-off for it.) where: as
+    _first_on_device_late's."""
     edit = _EDITS[edit]
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
     # a partial first step (buffer-None) reads found_inf on the host, as without capturable
-    _first_on_device_late(kind, edit, host_reads=(3,) if edit is _edit_none else (), lent=lent)
+    _first_on_device_late(kind, edit, host_reads=(3,) if edit is _edit_none else (),
+                          where=where)
 
 
+@pytest.mark.parametrize("where", ["own", "pertensor"])
 @pytest.mark.parametrize("what", ["deepcopy", "moved"])
-def test_first_step_on_the_device_copy_and_relayout(what, monkeypatch):
+def test_first_step_on_the_device_copy_and_relayout(what, where, monkeypatch):
     """While the flag is unread: a deepcopy of model and optimizer (the copy's state is
     torch's), or a parameter moved out of the flat buffer (p.data = ..., the bucket no longer
     stepped whole): each reads the flag first, and the steps go on with torch's bits."""
@@ -291,18 +303,19 @@ def test_first_step_on_the_device_copy_and_relayout(what, monkeypatch):
         else:
             for m in (ours, ref):
                 m[0].weight.data = m[0].weight.data.clone()
-    _first_on_device_late("sgd", edit)
+    _first_on_device_late("sgd", edit, where=where)
 
 
+@pytest.mark.parametrize("where", ["own", "pertensor"])
 @pytest.mark.parametrize("plant", ["flag-not-updated", "flag-false-from-the-start"])
-def test_planted_first_step_bugs_are_caught(plant, monkeypatch):
+def test_planted_first_step_bugs_are_caught(plant, where, monkeypatch):
     """Controls: a flag that no step clears (every step a first step), and one that says
     "stepped" from the start (the first real step not a first step), each fail."""
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
     if plant == "flag-not-updated":
         monkeypatch.setattr(momentum_cuda.optim._Unsure, "update", lambda self, f: None)
         with pytest.raises(AssertionError, match="parameter"):
-            _first_on_device_late("sgd")
+            _first_on_device_late("sgd", where=where)
     else:
         real = momentum_cuda.optim._Unsure.__init__
 
@@ -311,7 +324,7 @@ def test_planted_first_step_bugs_are_caught(plant, monkeypatch):
             self.flag.fill_(False)
         monkeypatch.setattr(momentum_cuda.optim._Unsure, "__init__", stepped)
         with pytest.raises(AssertionError):
-            _first_on_device_late("sgd")
+            _first_on_device_late("sgd", where=where)
 
 
 @pytest.mark.parametrize("init_scale", [2.0 ** 16, 3.0])
@@ -462,13 +475,14 @@ def test_gradscaler_checkpoint_mid_training(flat):
 
 
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
-def test_capture_refuses_what_it_would_get_wrong(kind, monkeypatch):
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_capture_refuses_what_it_would_get_wrong(kind, flat, monkeypatch):
     """While a CUDA graph is captured (optim._capturing made true here; the real capture is in
     tests/test_gpu.py), a step that would create momentum buffers under GradScaler raises
     before anything is written: without capturable=True (found_inf would be read on the host),
     and with it before any eager step (the buffers would be allocated and zeroed inside the
     graph). After one eager step, skipped by an overflow, the captured-like steps run without
-    a host read and give torch's bits."""
+    a host read and give torch's bits; flat or per-tensor (flat=False)."""
     ours, ref = _model(seed=33)
     scaler = torch.amp.GradScaler("cpu", init_scale=1000.0)
 
@@ -480,7 +494,7 @@ def test_capture_refuses_what_it_would_get_wrong(kind, monkeypatch):
         scaler.update()
 
     for capturable in (False, True):
-        opt, _ = _pair(kind, ours, ref, True, capturable)
+        opt, _ = _pair(kind, ours, ref, flat, capturable)
         monkeypatch.setattr(momentum_cuda.optim, "_capturing", lambda: True)
         with pytest.raises(RuntimeError, match="CUDA graph is captured.*capturable=True"):
             opt.zero_grad()
@@ -493,7 +507,7 @@ def test_capture_refuses_what_it_would_get_wrong(kind, monkeypatch):
         monkeypatch.setattr(momentum_cuda.optim, "_capturing", lambda: False)
     # capturable=True, one eager step (skipped), then "captured" steps
     ours, ref = _model(seed=33)
-    opt, topt = _pair(kind, ours, ref, True, capturable=True)
+    opt, topt = _pair(kind, ours, ref, flat, capturable=True)
     scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0) for _ in range(2)]
     for k in range(5):
         if k == 1:

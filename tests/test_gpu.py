@@ -356,7 +356,7 @@ def test_cuda_graph_training_iteration(flat, clip, hyper):
         assert scaler.get_scale() == tscaler.get_scale()
 
 
-def _capturable_twins(kind, seed):
+def _capturable_twins(kind, seed, flat=True):
     """(model, twin, momentum_cuda's optimizer with capturable=True, torch's) on CUDA."""
     if not momentum_cuda.available_backends()["cuda"][0]:
         pytest.skip(momentum_cuda.available_backends()["cuda"][1])
@@ -367,11 +367,13 @@ def _capturable_twins(kind, seed):
     if kind == "sgd":
         h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
         return (model, twin,
-                momentum_cuda.SGD(model.parameters(), backend="cuda", capturable=True, **h),
+                momentum_cuda.SGD(model.parameters(), backend="cuda", capturable=True, flat=flat,
+                                  **h),
                 torch.optim.SGD(twin.parameters(), foreach=False, **h))
     h = dict(lr=0.05, momentum=0.8, weight_decay=1e-3)
     return (model, twin,
-            momentum_cuda.Momentum(model.parameters(), backend="cuda", capturable=True, **h),
+            momentum_cuda.Momentum(model.parameters(), backend="cuda", capturable=True, flat=flat,
+                                   **h),
             MomentumReference(twin.parameters(), **h))
 
 
@@ -383,15 +385,17 @@ def _same_state(opt, topt, what):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{what}: buffer {i}"
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
-def test_capturable_first_step_on_the_device(kind):
+def test_capturable_first_step_on_the_device(kind, flat):
     """capturable=True on CUDA: the steps that create the momentum buffers (steps 1 and 2
     overflow) read nothing on the host either (conftest.no_host_reads around every step):
-    each bucket's flag tells the kernel whether it is a first step. Bits of GradScaler +
+    each bucket's flag (flat) or list call's (per-tensor) tells the kernel whether it is a
+    first step. Bits of GradScaler +
     torch.optim.SGD(foreach=False) (or MomentumReference) every step; state_dict() at the end
     (which reads the flags) gives torch's buffers."""
     from conftest import no_host_reads
-    model, twin, opt, topt = _capturable_twins(kind, seed=45)
+    model, twin, opt, topt = _capturable_twins(kind, seed=45, flat=flat)
     scalers = [torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2)]
     gen = torch.Generator(device="cpu").manual_seed(46)
     for k in range(8):
@@ -410,19 +414,21 @@ def test_capturable_first_step_on_the_device(kind):
             assert torch.equal(p.view(torch.int32), q.view(torch.int32)), f"step {k + 1} p{i}"
             assert torch.equal(p.grad.view(torch.int32), q.grad.view(torch.int32)), \
                 f"step {k + 1} grad {i}"
-        assert [e["backend"] for e in opt.last_step] == ["cuda"], opt.last_step
+        assert [(e["backend"], e["path"]) for e in opt.last_step] == [
+            ("cuda", "flat" if flat else "per-tensor")], opt.last_step
     _same_state(opt, topt, "end")
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
-def test_cuda_graph_captures_the_first_step(kind):
+def test_cuda_graph_captures_the_first_step(kind, flat):
     """capturable=True: one eager warm-up iteration that GradScaler skips (no buffer in torch's
     state), then an iteration captured in a CUDA graph before any step was taken and replayed
     12 times, the loss multiplied by a device tensor set to inf for replays 1 and 4: the first
     replay that is not skipped is the first step (the bucket's flag, read by the kernel),
     every later one a momentum step. Bits of the same iterations run eagerly with torch's
     optimizer and GradScaler; state_dict() after the replays gives torch's buffers."""
-    model, twin, opt, topt = _capturable_twins(kind, seed=47)
+    model, twin, opt, topt = _capturable_twins(kind, seed=47, flat=flat)
     scaler, tscaler = (torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2))
     static_x = torch.zeros(8, 32, device="cuda")
     mul = torch.ones((), device="cuda")
@@ -450,7 +456,9 @@ def test_cuda_graph_captures_the_first_step(kind):
         iteration()
         twin_iteration(0)
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     assert not topt.state or not any(topt.state.values())
+    _same_state(opt, topt, "after the skipped warm-up")  # (reads the flag: buffers hidden)
     assert not any("momentum_buffer" in st for st in opt.state.values())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

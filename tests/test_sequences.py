@@ -183,7 +183,7 @@ def _op_args(kind: str) -> dict:
         "sched_step": st.just(()),
         "freeze": t(K, st.booleans()),
         # "frozen": the modules frozen at construction (Config.frozen); "all": the model
-        "reset_state": t(st.sampled_from(["clear", "none"]), K),
+        "reset_state": t(st.sampled_from(["clear", "none", "all-none"]), K),
         "freeze_module": t(st.one_of(st.just("frozen"), st.sampled_from(MODULES + ("all",))),
                            st.one_of(st.just(True), st.booleans())),
     }
