@@ -882,10 +882,11 @@ class _Unsure:
 
 
 class _LooseFirst:
-    """A bucket's _Unsure for the per-tensor path (capturable=True): the plain parameters of
-    one list call whose momentum buffers that call made, with the flag (first_flag) its op
-    reads as first_step_tensor. Laid out as a bucket is for _settle_unsure (params, buf_views:
-    the buffers, unsure, first_flag). Stepped by one list call of its own while undecided;
+    """A bucket's _Unsure for the per-tensor path (capturable=True): the parameters of one
+    list call whose momentum buffers that call made (DTensors, whose local shards it steps,
+    with their DTensor buffers), with the flag (first_flag) its op reads as
+    first_step_tensor. Laid out as a bucket is for _settle_unsure (params, buf_views: the
+    buffers as the state holds them, unsure, first_flag). Stepped by one list call of its own while undecided;
     a step that does not step exactly these parameters with these buffers (all of them in the
     state, or none: hidden) has the host read the flag first (_loose_stale)."""
 
@@ -1813,11 +1814,12 @@ class _FusedMomentum(Optimizer):
         found_inf, and every run that creates buffers is a whole bucket none of whose parameters
         has a buffer yet (or whose buffers an _Unsure holds), stepped by a C++ op (a lent
         bucket, DDP's, by a list call of its own while its flag is undecided; not Triton, whose
-        kernels do not take first_step_tensor), and every plain tensor of the per-tensor path
-        whose buffer is made likewise (_LooseFirst); nothing else needs the host (DTensor
-        shards' first steps, torch's ops, the modes). While a CUDA graph is captured, what the capture would get wrong raises
-        here, before anything is written: a host read of found_inf, and a bucket whose
-        buffers would be made (allocated and zeroed by kernels the graph would hold)."""
+        kernels do not take first_step_tensor), and every tensor of the per-tensor path (a
+        DTensor's shard too) whose buffer is made likewise (_LooseFirst); nothing else needs
+        the host (torch's ops, the modes). While a CUDA graph is captured, what the
+        capture would get wrong raises here, before anything is written: a host read of
+        found_inf, and buffers that would be made (allocated and zeroed by kernels the graph
+        would hold)."""
         ok = amp[1] is not None and self._capturable
         held = self._loose_held()
         made = []
@@ -1827,10 +1829,11 @@ class _FusedMomentum(Optimizer):
                 if reason is not None:
                     ok = False
                 elif use_buf and buf is None:
-                    # a plain tensor on a C++ op takes a flag of its own call (_LooseFirst)
-                    if dt is not None or self._backend_for(p.device) == "triton":
+                    # a tensor (a DTensor's shard) on a C++ op takes a flag of its own call
+                    # (_LooseFirst)
+                    if self._backend_for(p.device) == "triton":
                         ok = False
-                    elif id(p) not in held:
+                    elif id(p if dt is None else dt) not in held:
                         made.append(p)
             if any((r[3] or r[4]) and (r[1] != 0 or r[2] != len(r[0].params)
                                        or r[0].backend == "triton") for r in runs):
@@ -1856,9 +1859,10 @@ class _FusedMomentum(Optimizer):
         """Buckets with an _Unsure (those of `buckets` only, if given) whose flag the host can
         read (all of them with wait=True, a sync on a GPU). If a step updated the buffers, the
         state is right: done. Else no step did, and the buffers that are still there leave the
-        state (torch's holds none: GradScaler skipped every step), kept for the next step
-        (made, zeroed: a CUDA graph captured later holds no kernel of theirs) unless `drop`
-        (the bucket is not stepped whole next, or goes)."""
+        state (torch's holds none: GradScaler skipped every step; an entry that held None holds
+        None again), kept for the next step (made, zeroed: a CUDA graph captured later holds no
+        kernel of theirs) unless `drop` (the bucket is not stepped whole next, or goes). Per-
+        tensor list calls' flags (_LooseFirst) are settled alike."""
         for key, b in list(self._unsure.items()):
             if buckets is not None and not any(b is x for x in buckets):
                 continue
@@ -1884,7 +1888,8 @@ class _FusedMomentum(Optimizer):
             b.first_flag.fill_(True)
 
     def _loose_held(self) -> dict:
-        """id(parameter) -> (its undecided _LooseFirst, the buffer it made)."""
+        """id(parameter: the state's key) -> (its undecided _LooseFirst, the buffer it made, as
+        the state holds it)."""
         return {id(q): (u, v) for u in self._unsure.values() if type(u) is _LooseFirst
                 for q, v in zip(u.params, u.buf_views)}
 
@@ -1893,12 +1898,17 @@ class _FusedMomentum(Optimizer):
         as made: each parameter a plain tensor on the kernels' path holding the buffer the call
         made (shown), or all of them without one (hidden: the buffers were taken out of the
         state, never stepped)."""
-        ids = {id(p) for p in group["params"]}
-        mine = [u for u in self._unsure.values()
-                if type(u) is _LooseFirst and id(u.params[0]) in ids]
+        mine = [u for u in self._unsure.values() if type(u) is _LooseFirst]
+        if mine:
+            ids = {id(p) for p in group["params"]}
+            mine = [u for u in mine if id(u.params[0]) in ids]
         if not mine:
             return []
-        bufs = {id(p): buf for p, _, buf, reason, dt in checked if reason is None and dt is None}
+        # by state key (a DTensor's buffer in the state is a DTensor over the local one)
+        bufs = {}
+        for p, _, buf, reason, dt in checked:
+            if reason is None:
+                bufs[id(p if dt is None else dt)] = buf if dt is None else self._buffer(dt)
         out = []
         for u in mine:
             now = [bufs.get(id(q), False) for q in u.params]  # False: not on the kernels' path
@@ -1906,7 +1916,7 @@ class _FusedMomentum(Optimizer):
                     or (u.unsure.hidden and all(b is None for b in now) and all(
                         (v.shape, v.stride(), v.dtype, v.device)
                         == (q.shape, q.stride(), q.dtype, q.device)
-                        for q, v in zip(u.params, u.buf_views)))):
+                        for q, v in zip(map(_local, u.params), map(_local, u.buf_views))))):
                 out.append(u)
         return out
 
@@ -2576,8 +2586,9 @@ class _FusedMomentum(Optimizer):
                 copied.append((g, torch.empty_like(p).copy_(g)))
                 g = copied[-1][1]  # fp32/fp64: the layout does not change bits
             new = use_buf and buf is None
-            loose, made = undecided.get(id(p), (None, None))
-            if loose is None and new and device_first and dt is None:
+            key = p if dt is None else dt  # (the state's)
+            loose, obj = undecided.get(id(key), (None, None))
+            if loose is None and new and device_first:
                 loose = fresh.get((p.device, p.dtype))
                 if loose is None:
                     loose = fresh[(p.device, p.dtype)] = _LooseFirst(p.device)
@@ -2585,11 +2596,12 @@ class _FusedMomentum(Optimizer):
                 buf = self._new_buffer(p)
                 if not self._ema:
                     buf.zero_()  # (shown in the state until the flag is read)
-                loose.params.append(p)
-                loose.buf_views.append(buf)
+                obj = buf if dt is None else _as_dtensor(buf, dt)
+                loose.params.append(key)
+                loose.buf_views.append(obj)
             elif new:
                 # hidden (_LooseFirst): made, zeroed, taken out of the state, shown again
-                buf = made if loose is not None else self._new_buffer(p)
+                buf = _local(obj) if loose is not None else self._new_buffer(p)
             first = bool(use_buf and not self._ema and (new or loose is not None))
             ps, gs, bs, owners = calls.setdefault((p.device, p.dtype, first, loose),
                                                   ([], [], [], []))
@@ -2598,7 +2610,7 @@ class _FusedMomentum(Optimizer):
             if use_buf:
                 bs.append(buf)
             if new or dt is not None:
-                owners.append((dt, p, buf if new else None))
+                owners.append((dt, p, buf if new else None, obj))
         if torch_ops or copied:
             kept = None
         for (device, dtype, first, loose), (ps, gs, bs, owners) in calls.items():
@@ -2610,19 +2622,19 @@ class _FusedMomentum(Optimizer):
             if loose is not None:
                 loose.unsure.update(args.get("found_inf"))
                 loose.unsure.hidden = False  # (its buffers are in the state again)
-            for dt, p, buf in owners:  # new buffers enter the state once the kernel ran
+            for dt, p, buf, obj in owners:  # new buffers enter the state once the kernel ran
                 if dt is not None:
                     # a DTensor's buffer is a DTensor sharded like it, as torch's clone gives
                     _bump([dt] + ([self._buffer(dt)] if buf is None and use_buf else []))
-                    if buf is not None:
-                        self._keep_buffer(dt, _as_dtensor(buf, dt))
-                elif buf is not None:
-                    if loose is not None:
-                        loose.unsure.show(self, p, buf)
-                    else:
-                        self._keep_buffer(p, buf)
+                if buf is None:
+                    continue
+                if loose is not None:  # (obj: the buffer as the state holds it)
+                    loose.unsure.show(self, p if dt is None else dt, obj)
+                else:
+                    self._keep_buffer(p if dt is None else dt,
+                                      buf if dt is None else _as_dtensor(buf, dt))
             self._report(backend, "per-tensor", ps[0], len(ps), sum(p.numel() for p in ps))
-            dts = [dt for dt, _, _ in owners if dt is not None]
+            dts = [dt for dt, _, _, _ in owners if dt is not None]
             if kept is None or first or loose is not None or (dts and len(dts) != len(ps)):
                 kept = None  # (a call mixing DTensor shards and plain tensors is not kept)
             elif dts:  # each DTensor's buffer as the state holds it now (over the local one)
@@ -2985,8 +2997,8 @@ class SGD(_FusedMomentum):
     or torch.int8 stores the momentum buffers narrow (torch.float32 or None: torch's).
     capturable=True: under GradScaler the step that creates the momentum buffers decides on the
     device whether it was skipped (no host read of found_inf): whole flat buckets (DDP's
-    bucket views included) and the per-tensor path's list calls over plain tensors (not
-    DTensor shards, Triton or the modes, which still read found_inf then). Until the host has
+    bucket views included) and the per-tensor path's list calls (FSDP2's shards included;
+    not Triton or the modes, which still read found_inf then). Until the host has
     read it (a later step, or state_dict(), which never shows them), opt.state holds those
     buffers even after steps GradScaler skipped (_Unsure).
     """

@@ -357,6 +357,62 @@ def fsdp2_train(ctx: Ctx, *, flat: bool, hk: str, mp: bool = False, offload: boo
                                f"{ctx.info['local_shapes'][n]}, expected {shapes[ctx.rank]}")
 
 
+def fsdp2_gradscaler(ctx: Ctx, *, flat: bool, hk: str, capturable: bool, steps: int = 8,
+                     opt_kw=None):
+    """FSDP2 under torch.amp.GradScaler (DTensor gradients: GradScaler hands ours grad_scale
+    and found_inf, torch's twin takes GradScaler's unscale_ and skip): overflows on steps 1
+    and 2 (the first step must leave torch's "never stepped" state), on step 5, and on step 7
+    on rank 0 only; opt.clip_grad_norm_ after scaler.unscale_ on steps 3 and 4. Bits and state
+    every step; with capturable=True no step() reads a tensor on the host (_LooseFirst over
+    the DTensors' shards), and the flags are read late (the CPU run as a GPU whose copies
+    have not come back: _Unsure.host_ready False) by the state_dict() of the checks, which
+    come after steps 4 and 8 (parameters and gradients every step)."""
+    from conftest import no_host_reads
+    from momentum_cuda.optim import _Unsure
+    if capturable:
+        _Unsure.host_ready = False
+        try:
+            return fsdp2_gradscaler(ctx, flat=flat, hk=hk, capturable=False, steps=steps,
+                                    opt_kw=dict(capturable=True))
+        finally:
+            _Unsure.host_ready = True
+    m, tm = fsdp2(mlp(1), ctx), fsdp2(mlp(1), ctx)
+    ours_cls, ref_cls, extra = optimizer_classes(hk)
+    opt = ours_cls(m.parameters(), flat=flat, **(opt_kw or {}), **hypers(hk), **extra)
+    topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
+    late = opt._capturable
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+               for _ in range(2)]
+    for k in range(steps):
+        x, y = mlp_data(ctx, 17, k)
+        inf = k in (0, 1, 4) or (k == 6 and ctx.rank == 0)
+        norms = []
+        for model, o, scaler in ((m, opt, scalers[0]), (tm, topt, scalers[1])):
+            o.zero_grad(set_to_none=k % 2 == 0)
+            loss = F.mse_loss(model(x), y) * (float("inf") if inf else 1.0)
+            scaler.scale(loss).backward()
+            if k in (2, 3):
+                scaler.unscale_(o)
+                norms.append(o.clip_grad_norm_(0.5) if o is opt
+                             else nn.utils.clip_grad_norm_(model.parameters(), 0.5))
+            # capturable: no step reads the host (the first ones are decided on the device)
+            with no_host_reads() if o is opt and late else contextlib.nullcontext():
+                scaler.step(o)
+            scaler.update()
+        label = f"step {k + 1}{' (overflow)' if inf else ''}:"
+        if norms:
+            ctx.check.tensor(norms[0], norms[1], f"{label} clip_grad_norm_ total norm")
+        if scalers[0].get_scale() != scalers[1].get_scale():
+            ctx.check.fail(f"{label} scale {scalers[0].get_scale()} vs torch's "
+                           f"{scalers[1].get_scale()}")
+        if late and k not in (3, steps - 1):
+            ctx.record("undecided", len(opt._unsure))
+            ctx.check.params(list(m.named_parameters()), list(tm.named_parameters()), label)
+        else:
+            ctx.check.twins(m, opt, tm, topt, label)
+        ctx.record("paths", paths(opt))
+
+
 # ---- 2. FSDP2 checkpoints (torch.distributed.checkpoint) -------------------------------------
 def dcp_state(model, opt, full: bool = False):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -1295,6 +1351,9 @@ def _build() -> None:
     _add(2, "ddp/find_unused=1,bucket_view=1,static=0/flat/dynamic/ema", ddp_train,
          find_unused=True, bucket_view=True, static=False, flat=True, hk="ema", schedule="dynamic")
     for flat in (True, False):
+        for capturable in (False, True):
+            _add(2, f"fsdp2-gradscaler{'-capturable' if capturable else ''}/{_flat_id(flat)}"
+                    f"/nest-wd", fsdp2_gradscaler, flat=flat, hk="nest-wd", capturable=capturable)
         for hk in ("nest-wd", "ema-wd-max"):
             _add(2, f"ddp-gradscaler-capturable/{_flat_id(flat)}/{hk}", ddp_gradscaler_capturable,
                  flat=flat, hk=hk)
