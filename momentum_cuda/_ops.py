@@ -43,8 +43,8 @@ GradScaler's grad_scale or a clip coefficient, writes them back unscaled and cli
 found_inf != 0 skips the update) and returns nothing; lr_tensor, momentum_tensor,
 dampening_tensor and weight_decay_tensor (1-element fp32/fp64 tensors on the parameters' device)
 are read in place of the floats, on the device (no host sync), and so is first_step_tensor (a
-1-element bool, C++ ops only, with first_step=True: whether the buffers were never stepped, so
-that a first step is decided where found_inf lives); its fake kernel
+1-element bool, with first_step=True: whether the buffers were never stepped, so that a first
+step is decided where found_inf lives); its fake kernel
 (for FakeTensor, torch.compile and opcheck) has nothing to compute and checks only that the
 tensors share a device. `step_ops(backend)` gives (flat op, list op) of a backend: for "triton"
 two small functions that call the amp op when grad_scale or clip_coef is given and the plain
@@ -162,14 +162,16 @@ def triton_sgd_step_flat_(param: torch.Tensor, grad: torch.Tensor,
                           found_inf: Optional[torch.Tensor] = None,
                           momentum_tensor: Optional[torch.Tensor] = None,
                           dampening_tensor: Optional[torch.Tensor] = None,
-                          weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
+                          weight_decay_tensor: Optional[torch.Tensor] = None,
+                          first_step_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk  # triton is imported only when a Triton step runs
     tk.triton_sgd_step_flat_(param, grad, momentum_buffer, segments, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
                              nesterov=nesterov, maximize=maximize, first_step=first_step,
                              lr_tensor=lr_tensor, found_inf=found_inf,
                              momentum_tensor=momentum_tensor, dampening_tensor=dampening_tensor,
-                             weight_decay_tensor=weight_decay_tensor)
+                             weight_decay_tensor=weight_decay_tensor,
+                             first_step_tensor=first_step_tensor)
 
 
 triton_sgd_step_flat_.register_fake(_flat_fake)
@@ -184,14 +186,16 @@ def triton_sgd_step_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
                           found_inf: Optional[torch.Tensor] = None,
                           momentum_tensor: Optional[torch.Tensor] = None,
                           dampening_tensor: Optional[torch.Tensor] = None,
-                          weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
+                          weight_decay_tensor: Optional[torch.Tensor] = None,
+                          first_step_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_list_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
                              nesterov=nesterov, maximize=maximize, first_step=first_step,
                              lr_tensor=lr_tensor, found_inf=found_inf,
                              momentum_tensor=momentum_tensor, dampening_tensor=dampening_tensor,
-                             weight_decay_tensor=weight_decay_tensor)
+                             weight_decay_tensor=weight_decay_tensor,
+                             first_step_tensor=first_step_tensor)
 
 
 triton_sgd_step_list_.register_fake(_list_fake)
@@ -208,7 +212,8 @@ def triton_sgd_step_amp_flat_(param: torch.Tensor, grad: torch.Tensor,
                               clip_coef: Optional[torch.Tensor] = None,
                               momentum_tensor: Optional[torch.Tensor] = None,
                               dampening_tensor: Optional[torch.Tensor] = None,
-                              weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
+                              weight_decay_tensor: Optional[torch.Tensor] = None,
+                              first_step_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_flat_(param, grad, momentum_buffer, segments, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
@@ -216,7 +221,8 @@ def triton_sgd_step_amp_flat_(param: torch.Tensor, grad: torch.Tensor,
                              lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                              clip_coef=clip_coef, momentum_tensor=momentum_tensor,
                              dampening_tensor=dampening_tensor,
-                             weight_decay_tensor=weight_decay_tensor)
+                             weight_decay_tensor=weight_decay_tensor,
+                             first_step_tensor=first_step_tensor)
 
 
 triton_sgd_step_amp_flat_.register_fake(_flat_fake)
@@ -233,7 +239,8 @@ def triton_sgd_step_amp_list_(params: list[torch.Tensor], grads: list[torch.Tens
                               clip_coef: Optional[torch.Tensor] = None,
                               momentum_tensor: Optional[torch.Tensor] = None,
                               dampening_tensor: Optional[torch.Tensor] = None,
-                              weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
+                              weight_decay_tensor: Optional[torch.Tensor] = None,
+                              first_step_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_list_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                              dampening=dampening, weight_decay=weight_decay,
@@ -241,7 +248,8 @@ def triton_sgd_step_amp_list_(params: list[torch.Tensor], grads: list[torch.Tens
                              lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                              clip_coef=clip_coef, momentum_tensor=momentum_tensor,
                              dampening_tensor=dampening_tensor,
-                             weight_decay_tensor=weight_decay_tensor)
+                             weight_decay_tensor=weight_decay_tensor,
+                             first_step_tensor=first_step_tensor)
 
 
 triton_sgd_step_amp_list_.register_fake(_list_fake)

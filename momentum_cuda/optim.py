@@ -1378,8 +1378,7 @@ class _FusedMomentum(Optimizer):
                 b.neg_zero = [False] * len(ps)
             else:
                 b.fill_neg_zero()
-            if b.backend != "triton":  # (_first_on_device)
-                b.first_flag = torch.ones((), dtype=torch.bool, device=device)
+            b.first_flag = torch.ones((), dtype=torch.bool, device=device)  # (_first_on_device)
             hook_ref = weakref.ref(b)
             for i, p in enumerate(ps):
                 view = b.view(flat_param, i)
@@ -1812,11 +1811,10 @@ class _FusedMomentum(Optimizer):
         """Whether the buffers this step creates have their first step decided on the device
         (_Unsure) instead of found_inf read on the host first: capturable=True, GradScaler gave
         found_inf, and every run that creates buffers is a whole bucket none of whose parameters
-        has a buffer yet (or whose buffers an _Unsure holds), stepped by a C++ op (a lent
-        bucket, DDP's, by a list call of its own while its flag is undecided; not Triton, whose
-        kernels do not take first_step_tensor), and every tensor of the per-tensor path (a
-        DTensor's shard too) whose buffer is made likewise (_LooseFirst); nothing else needs
-        the host (torch's ops, the modes). While a CUDA graph is captured, what the
+        has a buffer yet (or whose buffers an _Unsure holds; a lent bucket, DDP's, by a list
+        call of its own while its flag is undecided), and every tensor of the per-tensor path
+        (a DTensor's shard too) whose buffer is made likewise (_LooseFirst), on any backend;
+        nothing else needs the host (torch's ops, the modes). While a CUDA graph is captured, what the
         capture would get wrong raises here, before anything is written: a host read of
         found_inf, and buffers that would be made (allocated and zeroed by kernels the graph
         would hold)."""
@@ -1828,15 +1826,10 @@ class _FusedMomentum(Optimizer):
             for p, _, buf, reason, dt in loose:
                 if reason is not None:
                     ok = False
-                elif use_buf and buf is None:
-                    # a tensor (a DTensor's shard) on a C++ op takes a flag of its own call
-                    # (_LooseFirst)
-                    if self._backend_for(p.device) == "triton":
-                        ok = False
-                    elif id(p if dt is None else dt) not in held:
-                        made.append(p)
-            if any((r[3] or r[4]) and (r[1] != 0 or r[2] != len(r[0].params)
-                                       or r[0].backend == "triton") for r in runs):
+                elif use_buf and buf is None and id(p if dt is None else dt) not in held:
+                    # a tensor (a DTensor's shard) takes a flag of its own call (_LooseFirst)
+                    made.append(p)
+            if any((r[3] or r[4]) and (r[1] != 0 or r[2] != len(r[0].params)) for r in runs):
                 ok = False
             if ok and any(r[4] and r[0].unsure is None
                           and any(self._buffer(p) is not None for p in r[0].params)
@@ -2998,7 +2991,7 @@ class SGD(_FusedMomentum):
     capturable=True: under GradScaler the step that creates the momentum buffers decides on the
     device whether it was skipped (no host read of found_inf): whole flat buckets (DDP's
     bucket views included) and the per-tensor path's list calls (FSDP2's shards included;
-    not Triton or the modes, which still read found_inf then). Until the host has
+    not the modes, which still read found_inf then), on every backend. Until the host has
     read it (a later step, or state_dict(), which never shows them), opt.state holds those
     buffers even after steps GradScaler skipped (_Unsure).
     """

@@ -33,7 +33,7 @@ Entry points (the ops' signatures, csrc/momentum_ops.cpp):
                           weight_decay, nesterov, maximize, first_step, lr_tensor=None,
                           grad_scale=None, found_inf=None, clip_coef=None,
                           momentum_tensor=None, dampening_tensor=None,
-                          weight_decay_tensor=None)
+                          weight_decay_tensor=None, first_step_tensor=None)
     triton_sgd_step_list_(params, grads, momentum_buffers, *, ...)
     triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, *, lr,
                                  momentum, dampening, weight_decay, nesterov, maximize,
@@ -54,9 +54,11 @@ parameters' device, are read by the kernels too, with the CUDA kernel's semantic
 (sgd_kernel.cuh: amp_step, amp_grad, update_one): inv = fp32(1 / fp64(scale)); g = r(g * inv)
 in opmath unless inv == 1; then g = r(g * coef) if clip_coef is given; that g is written back to
 the gradient whenever grad_scale or clip_coef is given (also on a skipped step), and
-found_inf != 0 skips the update of p and buf. Each is a tl.constexpr flag (AMP_SCALE, AMP_SKIP,
-CLIP): off, the kernel compiles without it (no extra load); on or off, a step makes the same
-launches.
+found_inf != 0 skips the update of p and buf. first_step_tensor (1-element bool, with
+first_step=True; capturable=True's device decision, optim._Unsure) makes it a first step where
+it is true and a momentum step where it is false, as the CUDA kernels' device_flags. Each is a
+tl.constexpr flag (AMP_SCALE, AMP_SKIP, CLIP, FIRST_TENSOR): off, the kernel compiles without it
+(no extra load); on or off, a step makes the same launches.
 The master-weights step (bf16 parameters with exact fp32 masters, csrc/include/momentum_cuda/
 bf16_split.h; the op sgd_step_master_list_ of the C++ extension, whose checks it repeats) takes
 the floats only: no hyper-parameter tensors, no AMP; so does the stochastic-rounding step (bf16
@@ -260,12 +262,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
-                   inf_ptr, coef_ptr, neg_lr, wd, m_mul, m_add, one_minus_d,
+                   inf_ptr, coef_ptr, first_ptr, neg_lr, wd, m_mul, m_add, one_minus_d,
                    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
                    NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, KIND: tl.constexpr,
                    OPMATH: tl.constexpr, LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
                    D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr, AMP_SCALE: tl.constexpr,
-                   AMP_SKIP: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                   AMP_SKIP: tl.constexpr, CLIP: tl.constexpr, FIRST_TENSOR: tl.constexpr,
+                   BLOCK: tl.constexpr):
         """Load, update (_sgd_math) and store the elements offs[mask] of one span; shared by
         the flat and the list kernel. LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR: lr, momentum,
         dampening, weight_decay are read from lr_ptr, m_ptr, d_ptr, wd_ptr (1-element fp32 or
@@ -277,8 +280,12 @@ if TRITON_AVAILABLE:
         AMP_SCALE / CLIP: the gradient is unscaled by scale_ptr's GradScaler scale and
         multiplied by coef_ptr's clip coefficient, and written back (_amp_grad); AMP_SKIP:
         found_inf (inf_ptr, fp32) != 0 skips the update (p and buf neither read nor written),
-        after the gradient's write-back, as the CUDA kernel. Flags off: nothing of this is
-        compiled (the pointers are then never dereferenced)."""
+        after the gradient's write-back, as the CUDA kernel. FIRST_TENSOR (with FIRST_STEP):
+        first_ptr (a 1-element uint8 view of a bool) decides on the device whether this is a
+        first step (nonzero) or a momentum step, as device_flags in sgd_kernel.cuh: both
+        updates are computed and one is selected, each with the bits of its own constexpr
+        path. Flags off: nothing of this is compiled (the pointers are then never
+        dereferenced)."""
         # The fp64 arguments hold values already rounded to opmath: this narrowing is exact.
         if LR_TENSOR:
             s_neg_lr = (-(tl.load(lr_ptr).to(tl.float64))).to(OPMATH)
@@ -315,13 +322,24 @@ if TRITON_AVAILABLE:
         if AMP_SCALE or CLIP:
             g = _amp_grad(g, g_ptr, offs, mask, scale_ptr, coef_ptr, KIND, OPMATH, AMP_SCALE,
                           CLIP, BLOCK)
-        if MOMENTUM and not FIRST_STEP:
+        if MOMENTUM and (FIRST_TENSOR or not FIRST_STEP):
             buf = tl.load(b_ptr + offs, mask=upd).to(OPMATH)
         else:
             buf = tl.zeros([BLOCK], OPMATH)
-        p, buf = _sgd_math(p, buf, g, s_neg_lr, s_wd, s_m_mul, s_m_add, s_omd, wd_on, m_on,
-                           MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND,
-                           WD_TENSOR, M_TENSOR)
+        if FIRST_TENSOR:
+            first = tl.broadcast_to(tl.load(first_ptr), [BLOCK]) != 0
+            p1, buf1 = _sgd_math(p, buf, g, s_neg_lr, s_wd, s_m_mul, s_m_add, s_omd, wd_on,
+                                 m_on, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, True, KIND,
+                                 WD_TENSOR, M_TENSOR)
+            p, buf = _sgd_math(p, buf, g, s_neg_lr, s_wd, s_m_mul, s_m_add, s_omd, wd_on,
+                               m_on, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, False, KIND,
+                               WD_TENSOR, M_TENSOR)
+            p = tl.where(first, p1, p)
+            buf = tl.where(first, buf1, buf)
+        else:
+            p, buf = _sgd_math(p, buf, g, s_neg_lr, s_wd, s_m_mul, s_m_add, s_omd, wd_on, m_on,
+                               MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND,
+                               WD_TENSOR, M_TENSOR)
         # p and buf are exactly representable in storage: these casts do not round.
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=upd)
         if MOMENTUM:
@@ -332,7 +350,7 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, n, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
-                         inf_ptr, coef_ptr,
+                         inf_ptr, coef_ptr, first_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
@@ -341,14 +359,15 @@ if TRITON_AVAILABLE:
                          LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
                          D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr,
                          AMP_SCALE: tl.constexpr, AMP_SKIP: tl.constexpr, CLIP: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         FIRST_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
         """One contiguous span of n elements; program k updates [k*BLOCK, (k+1)*BLOCK)."""
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
-                   inf_ptr, coef_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
-                   WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR,
-                   M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP, BLOCK)
+                   inf_ptr, coef_ptr, first_ptr, neg_lr, wd, m_mul, m_add, one_minus_d,
+                   MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH,
+                   LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP,
+                   FIRST_TENSOR, BLOCK)
 
     @triton.jit
     def _table_program(rows_ptr, blocks_ptr, WIDTH: tl.constexpr):
@@ -362,7 +381,7 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
-                         inf_ptr, coef_ptr,
+                         inf_ptr, coef_ptr, first_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
@@ -371,7 +390,7 @@ if TRITON_AVAILABLE:
                          LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
                          D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr,
                          AMP_SCALE: tl.constexpr, AMP_SKIP: tl.constexpr, CLIP: tl.constexpr,
-                         DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                         FIRST_TENSOR: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         """Many tensors in one launch, through an int64 pointer table (built by _list_table):
             rows_ptr:   one row per tensor t: [address of p, address of g, address of buf
                         (0 when MOMENTUM is off: never dereferenced), numel]
@@ -386,9 +405,10 @@ if TRITON_AVAILABLE:
         b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
         offs = start + tl.arange(0, BLOCK)  # int64 (start is loaded as int64)
         _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
-                   inf_ptr, coef_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
-                   WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH, LR_TENSOR,
-                   M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP, BLOCK)
+                   inf_ptr, coef_ptr, first_ptr, neg_lr, wd, m_mul, m_add, one_minus_d,
+                   MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, KIND, OPMATH,
+                   LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR, AMP_SCALE, AMP_SKIP, CLIP,
+                   FIRST_TENSOR, BLOCK)
 
     @triton.jit
     def _bf16_widen(bits):
@@ -1010,23 +1030,25 @@ def _flags(dtype, vals, nesterov, maximize, first_step, hyper=None, amp=None) ->
                  LR_TENSOR=hyper.lr is not None, M_TENSOR=hyper.momentum is not None,
                  D_TENSOR=hyper.dampening is not None, WD_TENSOR=wd_tensor,
                  AMP_SCALE=amp.grad_scale is not None,
-                 AMP_SKIP=amp.found_inf is not None, CLIP=amp.clip_coef is not None)
+                 AMP_SKIP=amp.found_inf is not None, CLIP=amp.clip_coef is not None,
+                 FIRST_TENSOR=amp.first is not None)
     return flags
 
 
 class _Amp:
-    """GradScaler's grad_scale and found_inf and a clip coefficient of one step, checked
-    (_check_amp); each None when not given."""
-    __slots__ = ("grad_scale", "found_inf", "clip_coef")
+    """GradScaler's grad_scale and found_inf, a clip coefficient and the first-step flag
+    (first_step_tensor as uint8) of one step, checked (_check_amp); each None when not given."""
+    __slots__ = ("grad_scale", "found_inf", "clip_coef", "first")
 
-    def __init__(self, grad_scale=None, found_inf=None, clip_coef=None):
+    def __init__(self, grad_scale=None, found_inf=None, clip_coef=None, first=None):
         self.grad_scale, self.found_inf, self.clip_coef = grad_scale, found_inf, clip_coef
+        self.first = first
 
     def pointers(self, dummy):
-        """(scale_ptr, inf_ptr, coef_ptr) kernel arguments: `dummy` (a tensor of the launch,
-        never dereferenced: its flag is off) for each one not given."""
+        """(scale_ptr, inf_ptr, coef_ptr, first_ptr) kernel arguments: `dummy` (a tensor of
+        the launch, never dereferenced: its flag is off) for each one not given."""
         return tuple(dummy if t is None else t
-                     for t in (self.grad_scale, self.found_inf, self.clip_coef))
+                     for t in (self.grad_scale, self.found_inf, self.clip_coef, self.first))
 
 
 _NO_AMP = _Amp()
@@ -1067,23 +1089,31 @@ def _check_hyper_tensors(lr_tensor, momentum_tensor, dampening_tensor, weight_de
     return _HyperTensors(lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor)
 
 
-def _check_amp(grad_scale, found_inf, clip_coef, device, dtype) -> _Amp:
+def _check_amp(grad_scale, found_inf, clip_coef, device, dtype, first_step_tensor=None,
+               first_step=False) -> _Amp:
     """GradScaler's grad_scale and found_inf: 1-element float32 tensors on the parameters'
-    device; clip_coef: 1-element, of the parameters' dtype, on their device (the kernels read
-    all three there: no host sync). The messages are csrc/momentum_ops.cpp's check_tensors'."""
+    device; clip_coef: 1-element, of the parameters' dtype, on their device; first_step_tensor:
+    1-element bool on their device, with first_step=True (the kernels read all four there: no
+    host sync). The messages are csrc/momentum_ops.cpp's check_tensors'."""
+    want_dtype = {"grad_scale": (torch.float32, "float32"), "found_inf": (torch.float32, "float32"),
+                  "clip_coef": (dtype, f"{dtype} (the parameters' dtype)"),
+                  "first_step_tensor": (torch.bool, "bool")}
     for t, n in ((grad_scale, "grad_scale"), (found_inf, "found_inf"),
-                 (clip_coef, "clip_coef")):
+                 (clip_coef, "clip_coef"), (first_step_tensor, "first_step_tensor")):
         if t is None:
             continue
-        want = f"{dtype} (the parameters' dtype)" if n == "clip_coef" else "float32"
+        want_t, want = want_dtype[n]
         ok = (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() == 1
-              and t.dtype == (dtype if n == "clip_coef" else torch.float32)
-              and t.device == device)
+              and t.dtype == want_t and t.device == device)
         if not ok:
             raise ValueError(f"{n} must be a 1-element {want} tensor on {device} (the "
                              f"parameters' device), got "
                              + (_describe(t) if isinstance(t, torch.Tensor) else repr(t)))
-    return _Amp(grad_scale, found_inf, clip_coef)
+    if first_step_tensor is not None and not first_step:
+        raise ValueError("first_step_tensor is given with first_step=False: it decides a first "
+                         "step, which first_step=True allows")
+    return _Amp(grad_scale, found_inf, clip_coef,
+                None if first_step_tensor is None else first_step_tensor.view(torch.uint8))
 
 
 def _device_guard(device: torch.device):
@@ -1168,7 +1198,8 @@ def _table_launches(addrs, numels, device):
 def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentum, dampening,
                           weight_decay, nesterov, maximize, first_step, lr_tensor=None,
                           grad_scale=None, found_inf=None, clip_coef=None, momentum_tensor=None,
-                          dampening_tensor=None, weight_decay_tensor=None) -> None:
+                          dampening_tensor=None, weight_decay_tensor=None,
+                          first_step_tensor=None) -> None:
     """Flat step over the spans listed in segments ([k, 2] int64 CPU: offset, numel, increasing
     and disjoint) of three contiguous 1-D buffers; one launch per non-empty segment.
     grad_scale / clip_coef: the spans' gradients are unscaled / clipped and written back;
@@ -1194,7 +1225,8 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
     _check_triple("", param, grad, b, [])
     hyper = _check_hyper_tensors(lr_tensor, momentum_tensor, dampening_tensor,
                                  weight_decay_tensor, param.device)
-    amp = _check_amp(grad_scale, found_inf, clip_coef, param.device, param.dtype)
+    amp = _check_amp(grad_scale, found_inf, clip_coef, param.device, param.dtype,
+                     first_step_tensor, first_step)
     named = [(param, "param"), (grad, "grad")] + ([(b, "momentum_buffer")] if need_buf else [])
     _check_no_overlap(named)
     total = param.numel()
@@ -1217,7 +1249,8 @@ def triton_sgd_step_flat_(param, grad, momentum_buffer, segments, *, lr, momentu
 def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, dampening,
                           weight_decay, nesterov, maximize, first_step, lr_tensor=None,
                           grad_scale=None, found_inf=None, clip_coef=None, momentum_tensor=None,
-                          dampening_tensor=None, weight_decay_tensor=None) -> None:
+                          dampening_tensor=None, weight_decay_tensor=None,
+                          first_step_tensor=None) -> None:
     """Per-tensor step over lists of dense tensors (one dtype, one device; each triple with
     equal shapes and strides; momentum_buffers empty/None when momentum == 0). ONE launch of the
     list kernel for all non-empty tensors (split only past CUDA's grid limit, _MAX_PROGRAMS),
@@ -1234,7 +1267,8 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
         return
     hyper = _check_hyper_tensors(lr_tensor, momentum_tensor, dampening_tensor,
                                  weight_decay_tensor, params[0].device)
-    amp = _check_amp(grad_scale, found_inf, clip_coef, params[0].device, params[0].dtype)
+    amp = _check_amp(grad_scale, found_inf, clip_coef, params[0].device, params[0].dtype,
+                     first_step_tensor, first_step)
     _check_no_overlap(named)
     addrs, numels, _ = _triple_addrs(params, grads, bufs, need_buf)
     if not numels:

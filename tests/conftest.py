@@ -297,17 +297,23 @@ def _restore_global_state():
 
 
 @contextlib.contextmanager
-def no_host_reads():
+def no_host_reads(int64_tolist: bool = False):
     """Tensor.item, __bool__, __float__ and tolist raise inside: a Python-side host read (a sync
-    on a GPU) shows as an AssertionError."""
+    on a GPU) shows as an AssertionError. int64_tolist: tolist of an int64 tensor is let
+    through (the Triton flat op reads its segments, a CPU int64 tensor on a GPU too: host
+    memory, no sync; GradScaler's and the optimizer's tensors are float or bool)."""
     saved = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "tolist",
                                                             "__float__")}
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a tensor was read on the host during the step")
+    def refuse(name):
+        def read(t, *args, **kwargs):
+            if int64_tolist and name == "tolist" and t.dtype == torch.int64:
+                return saved[name](t, *args, **kwargs)
+            raise AssertionError("a tensor was read on the host during the step")
+        return read
     try:
         for name in saved:
-            setattr(torch.Tensor, name, refuse)
+            setattr(torch.Tensor, name, refuse(name))
         yield
     finally:
         for name, fn in saved.items():

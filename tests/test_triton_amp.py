@@ -25,6 +25,10 @@ Planted bugs (flags dropped on the host: clip, skip, unscale; kernel variants sw
 _amp_grad: no rounding between unscale and clip, the gradient rewritten when inv == 1;
 gradients not written back) must make the comparisons fail.
 
+first_step_tensor (capturable=True's first step decided by the kernels) against the constexpr
+paths, with a planted bug (the flag dropped), its argument checks and opcheck; and
+momentum_cuda.SGD(backend="triton", capturable=True) under GradScaler with no host read and the
+flags read late (check_optimizer_capturable_e2e, with the same planted bug).
 Also: scale 1 leaves the gradients' bits (NaN payloads) alone; each tensor on its own; argument
 validation; torch.library.opcheck on the amp ops and on the plain ops given found_inf;
 step_ops("triton")'s dispatch (which op, whose version counters go up) also under
@@ -674,6 +678,79 @@ def check_optimizer_gradscaler_and_clip_e2e(tk):
     return {"patched": patched}
 
 
+def check_optimizer_capturable_e2e(tk):
+    """capturable=True on the Triton backend: the steps that make the momentum buffers (steps
+    1 and 2 overflow) read nothing on the host (conftest.no_host_reads) and the kernels decide
+    the first step from the flag (first_step_tensor), also while the host has not read it
+    back (_Unsure.host_ready False: only state_dict() reads it, at the end); flat and
+    per-tensor, with and without opt.clip_grad_norm_; parameters and gradients bitwise against
+    GradScaler + torch.optim.SGD(foreach=False) every step, the state at the end."""
+    from conftest import no_host_reads
+    from momentum_cuda import _backends, optim
+    _backends._PREFERENCE["cpu"] = ("cpu", "triton")
+    optim._Unsure.host_ready = False
+    try:
+        for flat in (True, False):
+            for clip in (False, True):
+                torch.manual_seed(23)
+                ours = torch.nn.Sequential(torch.nn.Linear(7, 97), torch.nn.Tanh(),
+                                           torch.nn.Linear(97, 3))
+                ref = __import__("copy").deepcopy(ours)
+                h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
+                opt = optim.SGD(ours.parameters(), backend="triton", flat=flat, capturable=True,
+                                **h)
+                topt = torch.optim.SGD(ref.parameters(), foreach=False, **h)
+                scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
+                           for _ in range(2)]
+                gen = torch.Generator().manual_seed(24)
+                for k in range(6):
+                    x = torch.randn(5, 7, generator=gen)
+                    for model, o, s in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+                        o.zero_grad()
+                        loss = model(x).square().mean() * (float("inf") if k in (0, 1, 4)
+                                                           else 1.)
+                        s.scale(loss).backward()
+                        if clip:
+                            s.unscale_(o)
+                            if o is opt:
+                                o.clip_grad_norm_(0.05)
+                            else:
+                                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                        if o is opt:  # (the flat op reads its CPU segments: no sync)
+                            with no_host_reads(int64_tolist=True):
+                                s.step(o)
+                        else:
+                            s.step(o)
+                        s.update()
+                    what = f"flat={flat} clip={clip} step {k + 1}"
+                    for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
+                        assert _eq(p.detach(), q.detach()), f"{what}: parameter {i}"
+                        assert _eq(p.grad, q.grad), f"{what}: gradient {i}"
+                    assert {e["backend"] for e in opt.last_step} == {"triton"}, what
+                    if k == 2:
+                        assert opt._unsure, f"{what}: no flag left undecided"
+                sd, tsd = opt.state_dict()["state"], topt.state_dict()["state"]
+                assert sd.keys() == tsd.keys(), f"flat={flat} clip={clip}: state keys"
+                for i, st in tsd.items():
+                    assert _eq(sd[i]["momentum_buffer"], st["momentum_buffer"]), \
+                        f"flat={flat} clip={clip}: buffer {i}"
+    finally:
+        optim._Unsure.host_ready = True
+
+
+def check_planted_capturable_flag_fails(tk):
+    """The check above fails with the flag dropped on the host (FIRST_TENSOR off)."""
+    orig, bad = _planted_flags(tk, "FIRST_TENSOR")
+    tk._flags = bad
+    try:
+        check_optimizer_capturable_e2e(tk)
+    except AssertionError:
+        return
+    finally:
+        tk._flags = orig
+    raise AssertionError("planted bug (FIRST_TENSOR off) went unnoticed by the optimizer check")
+
+
 def check_planted_e2e_flag_bugs_fail(tk):
     """The optimizer comparison above fails with the clip, the unscale or the skip dropped from
     the kernels (its tensors passed, its flag forced off)."""
@@ -788,6 +865,78 @@ def check_planted_hyper_tensor_bugs_fail(tk):
         finally:
             tk._flags = orig
         assert caught, f"planted bug ({what}) went unnoticed"
+
+
+def _first_tensor_mismatches(tk, entries=None):
+    """first_step_tensor (with first_step=True) against the constexpr paths (first_step equal
+    to its value), every dtype, flat and list, with and without GradScaler's tensors and a
+    clip coefficient, momentum on and nesterov: parameters, buffers and gradients bitwise.
+    The buffers hold fresh values (a first step must not read them). entries: the flat and the
+    list entry point (default: tk's)."""
+    flat, lst = entries or (tk.triton_sgd_step_flat_, tk.triton_sgd_step_list_)
+    gen = torch.Generator().manual_seed(91)
+    out = []
+    for dtype in DTYPES:
+        for kind, fn in (("flat", flat), ("list", lst)):
+            for h in HYPERS[:2]:
+                for amp in ({}, dict(grad_scale=torch.tensor([1000.0]), found_inf=torch.zeros(1)),
+                            dict(found_inf=torch.ones(1)),
+                            dict(clip_coef=torch.tensor([0.3]).to(dtype))):
+                    for value in (True, False):
+                        args = _op_args(kind, dtype, gen)
+                        want = [[t.clone() for t in x] if isinstance(x, list) else x.clone()
+                                for x in args]
+                        (flat if kind == "flat" else lst)(*want, **h, **amp, first_step=value)
+                        fn(*args, **h, **amp, first_step=True,
+                           first_step_tensor=torch.tensor(value))
+                        if not _ti._same(_tensors(args[:3]), _tensors(want[:3])):
+                            out.append(f"{dtype} {kind} {h} {sorted(amp)} flag={value}")
+    return out
+
+
+def check_first_step_tensor(tk):
+    """first_step_tensor decides the first step in the kernels (capturable=True's device
+    decision, optim._Unsure), with the bits of the constexpr paths; a flag dropped on the host
+    (FIRST_TENSOR off: every call a first step) fails; bad arguments raise before anything is
+    written; opcheck passes on the four ops given it."""
+    bad = _first_tensor_mismatches(tk)
+    assert not bad, f"{len(bad)} cases differ; first: {bad[:3]}"
+    orig, planted = _planted_flags(tk, "FIRST_TENSOR")
+    tk._flags = planted
+    try:
+        caught = _first_tensor_mismatches(tk)
+    finally:
+        tk._flags = orig
+    assert caught and all("flag=False" in c for c in caught), caught[:3]
+    gen = torch.Generator().manual_seed(92)
+    h = dict(HYPERS[0], first_step=True)
+    for kwargs, frag in ((dict(first_step_tensor=torch.tensor(1.0)),
+                          "first_step_tensor must be a 1-element bool"),
+                         (dict(first_step_tensor=torch.tensor([True, False])),
+                          "first_step_tensor must be a 1-element bool"),
+                         (dict(first_step_tensor=torch.tensor(True), first_step=False),
+                          "first_step_tensor is given with first_step=False")):
+        for kind in ("flat", "list"):
+            args = _op_args(kind, torch.float32, gen)
+            before = [t.clone() for t in _tensors(args[:3])]
+            try:
+                getattr(tk, f"triton_sgd_step_{kind}_")(*args, **dict(h, **kwargs))
+            except ValueError as e:
+                assert frag in str(e), (frag, str(e))
+            else:
+                raise AssertionError(f"{kind}: {kwargs} did not raise")
+            assert _ti._same(_tensors(args[:3]), before), f"{kind}: written before raising"
+    ops = torch.ops.momentum_cuda
+    for kind in ("flat", "list"):
+        for name, amp in ((f"triton_sgd_step_{kind}_", dict(found_inf=torch.zeros(1))),
+                          (f"triton_sgd_step_amp_{kind}_",
+                           dict(grad_scale=torch.tensor([3.0]), found_inf=torch.ones(1)))):
+            for value in (True, False):
+                result = torch.library.opcheck(
+                    getattr(ops, name).default, _op_args(kind, torch.bfloat16, gen),
+                    dict(h, **amp, first_step_tensor=torch.tensor(value)))
+                assert set(result.values()) == {"SUCCESS"}, (name, value, result)
+    return f"plant caught in {len(caught)} cases"
 
 
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]

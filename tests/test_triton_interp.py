@@ -579,12 +579,12 @@ def _flat_with_kind(tk, kind):
                 continue
             sl = slice(off, off + cnt)
             tk._sgd_flat_kernel[(tk.triton.cdiv(cnt, tk.BLOCK_SIZE),)](
-                p[sl], g[sl], b[sl] if b is not None else p[sl], cnt, *[p[sl]] * 7, *sc,
+                p[sl], g[sl], b[sl] if b is not None else p[sl], cnt, *[p[sl]] * 8, *sc,
                 MAXIMIZE=kw["maximize"], WEIGHT_DECAY=kw["weight_decay"] != 0,
                 MOMENTUM=kw["momentum"] != 0, NESTEROV=kw["nesterov"],
                 FIRST_STEP=kw["first_step"], KIND=kind, OPMATH=tk.tl.float32,
                 LR_TENSOR=False, M_TENSOR=False, D_TENSOR=False, WD_TENSOR=False,
-                AMP_SCALE=False, AMP_SKIP=False, CLIP=False,
+                AMP_SCALE=False, AMP_SKIP=False, CLIP=False, FIRST_TENSOR=False,
                 BLOCK=tk.BLOCK_SIZE, num_warps=tk.NUM_WARPS, enable_fp_fusion=False)
     return fn
 

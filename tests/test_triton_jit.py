@@ -134,7 +134,8 @@ def _expected(entry):
                  WD_TENSOR=given["weight_decay"],
                  AMP_SCALE=kw.get("grad_scale") is not None,
                  AMP_SKIP=kw.get("found_inf") is not None,
-                 CLIP=kw.get("clip_coef") is not None, BLOCK=1024)
+                 CLIP=kw.get("clip_coef") is not None,
+                 FIRST_TENSOR=kw.get("first_step_tensor") is not None, BLOCK=1024)
     if entry["kind"] == "list":
         flags["DTYPE"] = ELEM[dtype][2]
     if entry["kind"] in ("master", "sr", "qmom", "fp16_master"):
@@ -292,7 +293,8 @@ def _entry_params(ptx: str, name: str) -> list:
             re.findall(r"\.param\s+\.(\w+)(\s+\.ptr)?", m.group(1))]
 
 
-AMP_PTRS = {"scale_ptr": "AMP_SCALE", "inf_ptr": "AMP_SKIP", "coef_ptr": "CLIP"}
+AMP_PTRS = {"scale_ptr": "AMP_SCALE", "inf_ptr": "AMP_SKIP", "coef_ptr": "CLIP",
+            "first_ptr": "FIRST_TENSOR"}
 
 
 def _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems):
@@ -313,7 +315,7 @@ def _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems):
         if not consts.get(flag) and loaded:
             problems.append(f"amp: {what}: {flag} off but {ptr} (param {i}) is loaded")
         if consts.get(flag):
-            want = f"*{ELEM[dtype][0]}" if ptr == "coef_ptr" else "*fp32"
+            want = {"coef_ptr": f"*{ELEM[dtype][0]}", "first_ptr": "*u8"}.get(ptr, "*fp32")
             if sig[ptr] != want:
                 problems.append(f"signature: {what}: {ptr} is {sig[ptr]}, not {want}")
             if params[i] != "u64.ptr":
@@ -640,7 +642,9 @@ def _vector_ops(ptx, op):
 def test_jit_amp_variants(jit_without_gpu, monkeypatch):
     """GradScaler's and the clip's variants of both kernels, every dtype, compiled by the JIT
     through the entry points (on a 16-byte aligned span whose length is a multiple of 16, so the
-    flat kernel is vectorised): grad_scale + found_inf + clip_coef, found_inf alone, and none.
+    flat kernel is vectorised): grad_scale + found_inf + clip_coef, found_inf alone, none, and
+    found_inf with first_step_tensor (capturable: the first step decided by the kernel, which
+    loads the buffer and stores what the plain kernel stores).
     Each compiled kernel passes _check_compiled (with _check_amp_compiled: the pointers a flag
     turns off are never loaded, the reciprocal is cvt.rn.f32.f64(div.rn.f64(1.0, scale))), and
     its flags are the call's. In the flat kernel the gradient's write-back keeps the 128-bit
@@ -656,7 +660,7 @@ def test_jit_amp_variants(jit_without_gpu, monkeypatch):
     h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
              maximize=False, first_step=False)
     kernels = (tk._sgd_flat_kernel, tk._sgd_list_kernel)
-    variants = ("plain", "all", "found_inf")
+    variants = ("plain", "all", "found_inf", "first")
     by = {}  # (kind, dtype, variant) -> CompiledKernel
     try:
         for k in kernels:
@@ -667,14 +671,17 @@ def test_jit_amp_variants(jit_without_gpu, monkeypatch):
             assert all(t.data_ptr() % 16 == 0 for t in (p, g, b))
             amps = {"plain": {}, "found_inf": dict(found_inf=torch.zeros(1)),
                     "all": dict(grad_scale=torch.ones(1), found_inf=torch.zeros(1),
-                                clip_coef=torch.ones(1, dtype=dtype))}
+                                clip_coef=torch.ones(1, dtype=dtype)),
+                    # capturable's first step decided by the kernel (first_step_tensor)
+                    "first": dict(found_inf=torch.zeros(1), first_step=True,
+                                  first_step_tensor=torch.ones((), dtype=torch.bool))}
             for variant in variants:
+                kw = dict(h, **amps[variant])
                 for kind in ("flat", "list"):
                     if kind == "flat":
-                        tk.triton_sgd_step_flat_(p, g, b, torch.tensor([[0, n]]), **h,
-                                                 **amps[variant])
+                        tk.triton_sgd_step_flat_(p, g, b, torch.tensor([[0, n]]), **kw)
                     else:
-                        tk.triton_sgd_step_list_([p], [g], [b], **h, **amps[variant])
+                        tk.triton_sgd_step_list_([p], [g], [b], **kw)
                     by[kind, dtype, variant] = rec.launches[-1]["ck"]
     finally:
         for k in kernels:
@@ -690,11 +697,12 @@ def test_jit_amp_variants(jit_without_gpu, monkeypatch):
     for (kind, dtype, variant), ck in by.items():
         _check_compiled(ck, f"_sgd_{kind}_kernel", dtype, problems)
     for dtype in ELEM:
-        plain, amp, skip = (by["flat", dtype, v].asm["ptx"] for v in variants)
+        plain, amp, skip, first = (by["flat", dtype, v].asm["ptx"] for v in variants)
         st, ld = _vector_ops(plain, "st"), _vector_ops(plain, "ld")
         if not (st and ld and _vector_ops(amp, "st") * 2 == st * 3
                 and _vector_ops(amp, "ld") == ld and _vector_ops(skip, "st") == st
-                and _vector_ops(skip, "ld") == ld):
+                and _vector_ops(skip, "ld") == ld and _vector_ops(first, "st") == st
+                and _vector_ops(first, "ld") == ld):
             problems.append(f"vector: flat {SHORT[dtype]}: plain st/ld {st}/{ld}, all "
                             f"{_vector_ops(amp, 'st')}/{_vector_ops(amp, 'ld')}, found_inf "
                             f"{_vector_ops(skip, 'st')}/{_vector_ops(skip, 'ld')}")

@@ -360,7 +360,8 @@ def _real_spec(tk, fn, sig: dict, dt: str, flags: dict, **extra_constexprs) -> d
     ce = dict(MAXIMIZE=False, WEIGHT_DECAY=False, MOMENTUM=True, NESTEROV=False,
               FIRST_STEP=False, KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dt], OPMATH=tl.float32,
               LR_TENSOR=False, M_TENSOR=False, D_TENSOR=False, WD_TENSOR=False,
-              AMP_SCALE=False, AMP_SKIP=False, CLIP=False, **extra_constexprs, BLOCK=getattr(tk, "BLOCK_SIZE", 1024))
+              AMP_SCALE=False, AMP_SKIP=False, CLIP=False, FIRST_TENSOR=False, **extra_constexprs,
+              BLOCK=getattr(tk, "BLOCK_SIZE", 1024))
     ce.update(flags)
     for k in ce:
         sig[k] = "constexpr"
