@@ -622,6 +622,18 @@ def _proposed_optim_patch():
     return patched
 
 
+def _triton_twins(seed, flat, **kw):
+    """(model, torch's twin, momentum_cuda.SGD(backend="triton", **kw) over the model,
+    torch.optim.SGD(foreach=False) over the twin)."""
+    from momentum_cuda import optim
+    torch.manual_seed(seed)
+    ours = torch.nn.Sequential(torch.nn.Linear(7, 97), torch.nn.Tanh(), torch.nn.Linear(97, 3))
+    ref = __import__("copy").deepcopy(ours)
+    h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
+    return (ours, ref, optim.SGD(ours.parameters(), backend="triton", flat=flat, **kw, **h),
+            torch.optim.SGD(ref.parameters(), foreach=False, **h))
+
+
 def check_optimizer_gradscaler_and_clip_e2e(tk):
     """momentum_cuda.SGD(backend="triton") on CPU tensors (the interpreter) with
     GradScaler("cpu"): GradScaler hands it grad_scale and found_inf, and
@@ -630,18 +642,12 @@ def check_optimizer_gradscaler_and_clip_e2e(tk):
     gradients, buffers and their presence, the scale, the norm; overflows on step 1 and two in
     a row; flat and per-tensor; every step after the first (an overflow, handled on the host)
     on the Triton kernels, none on torch's clip."""
-    from momentum_cuda import _backends, optim
+    from momentum_cuda import _backends
     _backends._PREFERENCE["cpu"] = ("cpu", "triton")
     patched = _proposed_optim_patch()
     for flat in (True, False):
         for clip in (False, True):
-            torch.manual_seed(21)
-            ours = torch.nn.Sequential(torch.nn.Linear(7, 97), torch.nn.Tanh(),
-                                       torch.nn.Linear(97, 3))
-            ref = __import__("copy").deepcopy(ours)
-            h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
-            opt = optim.SGD(ours.parameters(), backend="triton", flat=flat, **h)
-            topt = torch.optim.SGD(ref.parameters(), foreach=False, **h)
+            ours, ref, opt, topt = _triton_twins(21, flat)
             assert opt._step_supports_amp_scaling
             scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
                        for _ in range(2)]
@@ -692,14 +698,7 @@ def check_optimizer_capturable_e2e(tk):
     try:
         for flat in (True, False):
             for clip in (False, True):
-                torch.manual_seed(23)
-                ours = torch.nn.Sequential(torch.nn.Linear(7, 97), torch.nn.Tanh(),
-                                           torch.nn.Linear(97, 3))
-                ref = __import__("copy").deepcopy(ours)
-                h = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
-                opt = optim.SGD(ours.parameters(), backend="triton", flat=flat, capturable=True,
-                                **h)
-                topt = torch.optim.SGD(ref.parameters(), foreach=False, **h)
+                ours, ref, opt, topt = _triton_twins(23, flat, capturable=True)
                 scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
                            for _ in range(2)]
                 gen = torch.Generator().manual_seed(24)
