@@ -980,7 +980,7 @@ class _FusedMomentum(Optimizer):
         # id(master-weights param) -> (data_ptr, version) after its last step: a parameter
         # written since (load_state_dict of the model, copy_) restarts its master (_step_master)
         self._master_seen: dict[int, tuple] = {}
-        self._unsure: dict[int, _Bucket] = {}  # id -> a bucket whose .unsure is set
+        self._unsure: dict = {}  # id -> a _Bucket or _LooseFirst whose .unsure is set
 
     @property
     def last_step(self) -> list[dict]:
