@@ -9,9 +9,10 @@ of two (so unscaling by multiplication is exercised bit for bit), bf16 autocast.
 the buffers exist read no tensor on the host in Python (conftest.no_host_reads); on the CPU
 the C++ op reads GradScaler's tensors from host memory, on CUDA the kernels read them on the
 device (tests/cuda/host_kernel_test.cpp, amp_suite). With capturable=True no step reads one,
-the first ones included: the first step is decided by each bucket's flag (optim._Unsure),
-also while the host has not read it back (_Unsure.host_ready False) and under the edits
-training code makes between steps."""
+the first ones included: the first step is decided by each bucket's flag (optim._Unsure; DDP's
+bucket views too) or each per-tensor list call's (optim._LooseFirst), also while the host has
+not read it back (_Unsure.host_ready False) and under the edits training code makes between
+steps."""
 from __future__ import annotations
 
 import contextlib
@@ -155,7 +156,7 @@ def test_without_capturable_the_first_step_reads_found_inf():
 
 
 def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), where="own"):
-    """_train's loop (flat) with the flag never read back by a step (_Unsure.host_ready False:
+    """_train's loop with the flag never read back by a step (_Unsure.host_ready False:
     a GPU whose copy has not arrived), no host read in any step, and `edit(k, opt, topt, ours,
     ref)` before each step on both sides (steps in `host_reads` may read the host: a partial
     first step). Parameters and gradients are compared after every
@@ -265,9 +266,9 @@ def _edit_all_none(k, opt, topt, ours, ref):
         assert a == b and all(st == {"momentum_buffer": None} for st in b.values()), (a, b)
 
 
-_EDITS = {"state_dict": _edit_state_dict, "all-None": _edit_all_none, "load": _edit_load, "momentum-off": _edit_momentum_off,
-          "frozen-for-a-step": _edit_unused, "state-cleared": _edit_clear,
-          "buffer-None": _edit_none}
+_EDITS = {"state_dict": _edit_state_dict, "all-None": _edit_all_none, "load": _edit_load,
+          "momentum-off": _edit_momentum_off, "frozen-for-a-step": _edit_unused,
+          "state-cleared": _edit_clear, "buffer-None": _edit_none}
 
 
 @pytest.mark.parametrize("where", ["own", "lent", "pertensor"])
