@@ -886,9 +886,10 @@ class _LooseFirst:
     list call whose momentum buffers that call made (DTensors, whose local shards it steps,
     with their DTensor buffers), with the flag (first_flag) its op reads as
     first_step_tensor. Laid out as a bucket is for _settle_unsure (params, buf_views: the
-    buffers as the state holds them, unsure, first_flag). Stepped by one list call of its own while undecided;
-    a step that does not step exactly these parameters with these buffers (all of them in the
-    state, or none: hidden) has the host read the flag first (_loose_stale)."""
+    buffers as the state holds them, unsure, first_flag). Stepped by one list call of its own
+    while undecided; a step that does not step exactly these parameters with these buffers
+    (all of them in the state, or none: hidden) has the host read the flag first
+    (_loose_stale)."""
 
     __slots__ = ("params", "buf_views", "first_flag", "unsure")
 
@@ -1256,8 +1257,8 @@ class _FusedMomentum(Optimizer):
         self._check_momentum_dtype(group)
         old = self._layouts.get(id(group))
         if self._unsure:  # its buffers go into the state, or nowhere (the per-tensor ones too)
-            self._settle_unsure(True, (old.buckets if old is not None else []) + [
-                u for u in self._unsure.values() if type(u) is _LooseFirst], drop=True)
+            self._settle_unsure(True, (old.buckets if old is not None else [])
+                                + self._loose_firsts(), drop=True)
         if old is not None and old.master[2] is not None and group.get("momentum_dtype") is None:
             self._widen_buffers(group)
         for b in old.buckets if old is not None else ():
@@ -1305,8 +1306,8 @@ class _FusedMomentum(Optimizer):
             keep = {id(g) for g, _ in out}
             if self._unsure:
                 self._settle_unsure(True, [b for k, lay in self._layouts.items()
-                                           if k not in keep for b in lay.buckets] + [
-                    u for u in self._unsure.values() if type(u) is _LooseFirst], drop=True)
+                                           if k not in keep for b in lay.buckets]
+                                    + self._loose_firsts(), drop=True)
             self._layouts = {k: v for k, v in self._layouts.items() if k in keep}
         if relaid:
             self._adopt_buffers(out)
@@ -1814,9 +1815,9 @@ class _FusedMomentum(Optimizer):
         has a buffer yet (or whose buffers an _Unsure holds; a lent bucket, DDP's, by a list
         call of its own while its flag is undecided), and every tensor of the per-tensor path
         (a DTensor's shard too) whose buffer is made likewise (_LooseFirst), on any backend;
-        nothing else needs the host (torch's ops, the modes). While a CUDA graph is captured, what the
-        capture would get wrong raises here, before anything is written: a host read of
-        found_inf, and buffers that would be made (allocated and zeroed by kernels the graph
+        nothing else needs the host (torch's ops, the modes). While a CUDA graph is captured,
+        what the capture would get wrong raises here, before anything is written: a host read
+        of found_inf, and buffers that would be made (allocated and zeroed by kernels the graph
         would hold)."""
         ok = amp[1] is not None and self._capturable
         held = self._loose_held()
@@ -1880,18 +1881,21 @@ class _FusedMomentum(Optimizer):
             b.unsure = None
             b.first_flag.fill_(True)
 
+    def _loose_firsts(self) -> list:
+        """The undecided _LooseFirst (per-tensor list calls' flags)."""
+        return [u for u in self._unsure.values() if type(u) is _LooseFirst]
+
     def _loose_held(self) -> dict:
         """id(parameter: the state's key) -> (its undecided _LooseFirst, the buffer it made, as
         the state holds it)."""
-        return {id(q): (u, v) for u in self._unsure.values() if type(u) is _LooseFirst
-                for q, v in zip(u.params, u.buf_views)}
+        return {id(q): (u, v) for u in self._loose_firsts() for q, v in zip(u.params, u.buf_views)}
 
     def _loose_stale(self, group, checked) -> list:
         """The undecided _LooseFirst of this group's parameters that this step would not step
         as made: each parameter a plain tensor on the kernels' path holding the buffer the call
         made (shown), or all of them without one (hidden: the buffers were taken out of the
         state, never stepped)."""
-        mine = [u for u in self._unsure.values() if type(u) is _LooseFirst]
+        mine = self._loose_firsts()
         if mine:
             ids = {id(p) for p in group["params"]}
             mine = [u for u in mine if id(u.params[0]) in ids]

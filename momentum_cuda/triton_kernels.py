@@ -1095,7 +1095,8 @@ def _check_amp(grad_scale, found_inf, clip_coef, device, dtype, first_step_tenso
     device; clip_coef: 1-element, of the parameters' dtype, on their device; first_step_tensor:
     1-element bool on their device, with first_step=True (the kernels read all four there: no
     host sync). The messages are csrc/momentum_ops.cpp's check_tensors'."""
-    want_dtype = {"grad_scale": (torch.float32, "float32"), "found_inf": (torch.float32, "float32"),
+    want_dtype = {"grad_scale": (torch.float32, "float32"),
+                  "found_inf": (torch.float32, "float32"),
                   "clip_coef": (dtype, f"{dtype} (the parameters' dtype)"),
                   "first_step_tensor": (torch.bool, "bool")}
     for t, n in ((grad_scale, "grad_scale"), (found_inf, "found_inf"),
