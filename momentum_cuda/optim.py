@@ -256,6 +256,10 @@ _HYPER_TENSOR_ARGS = (("lr", "lr_tensor"), ("momentum", "momentum_tensor"),
 
 
 def _finite(h) -> None:
+    if torch.compiler.is_compiling():
+        # a float that dynamo traces unspecialised cannot be tested here (a graph break):
+        # the ops check their scalars when the graph runs, before writing anything
+        return
     for name in ("lr", "momentum", "dampening", "weight_decay"):
         v = h[name]
         if not isinstance(v, torch.Tensor) and not math.isfinite(v):  # a tensor: not read here
@@ -862,7 +866,9 @@ class _Unsure:
         else:
             self.flag.logical_and_(found_inf)
         self.event = None
-        if self.flag.device.type == "cuda" and not _capturing():
+        # (traced by torch.compile: read when waited for)
+        if (self.flag.device.type == "cuda" and not torch.compiler.is_compiling()
+                and not _capturing()):
             if self.host is None:
                 self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
             self.host.copy_(self.flag, non_blocking=True)
@@ -893,9 +899,10 @@ class _LooseFirst:
 
     __slots__ = ("params", "buf_views", "first_flag", "unsure")
 
-    def __init__(self, device):
+    def __init__(self, device, flag=None):
         self.params, self.buf_views = [], []
-        self.first_flag = torch.ones((), dtype=torch.bool, device=device)
+        self.first_flag = (torch.ones((), dtype=torch.bool, device=device) if flag is None
+                           else flag)
         self.unsure = _Unsure(self.first_flag)
 
 
@@ -1877,9 +1884,13 @@ class _FusedMomentum(Optimizer):
                 u.hidden = True
                 if not drop:
                     continue
-            del self._unsure[key]
-            b.unsure = None
-            b.first_flag.fill_(True)
+            self._drop_unsure(key, b)
+
+    def _drop_unsure(self, key, b) -> None:
+        """b (a bucket or _LooseFirst) no longer has its first step decided on the device."""
+        del self._unsure[key]
+        b.unsure = None
+        b.first_flag.fill_(True)
 
     def _loose_firsts(self) -> list:
         """The undecided _LooseFirst (per-tensor list calls' flags)."""
@@ -1978,8 +1989,9 @@ class _FusedMomentum(Optimizer):
         checks the rest (overlaps) when the graph runs. New momentum buffers are tensors of
         their own, not flat views: eager steps after compiled ones step those parameters one
         by one (path "per-tensor")."""
-        if self._unsure:  # buffers whose first step an eager step left to the device
-            self._settle_unsure(True)
+        # capturable (as _first_on_device): buffers made under GradScaler take a flag per call
+        device_first = bool(self._capturable and amp is not None and amp[1] is not None)
+        held = self._traced_held() if self._unsure else {}
         clip = self._pending.clip
         if clip is not None:  # torch's op; a compiled step does not check the gradients
             self._pending.clip = None
@@ -2003,7 +2015,7 @@ class _FusedMomentum(Optimizer):
                 items.append((p, g, buf, reason))
             plans.append((h, items))
         if amp is not None and any(
-                reason is not None or (_use_buf(h) and buf is None)
+                reason is not None or (_use_buf(h) and buf is None and not device_first)
                 for h, items in plans for _, _, buf, reason in items):
             if self._amp_on_host(amp):  # reads found_inf: a graph break
                 return
@@ -2012,6 +2024,7 @@ class _FusedMomentum(Optimizer):
         for h, items in plans:
             use_buf = _use_buf(h)
             calls: dict = {}
+            fresh: dict = {}  # (device, dtype) -> the _LooseFirst of the buffers made there
             torch_ops = []
             copied = []
             for p, g, buf, reason in items:
@@ -2021,19 +2034,37 @@ class _FusedMomentum(Optimizer):
                 if g.stride() != p.stride():
                     copied.append((g, torch.empty_like(p).copy_(g)))
                     g = copied[-1][1]
-                first = bool(use_buf and buf is None and not self._ema)
-                if use_buf and buf is None:
+                new = use_buf and buf is None
+                owner = held.get(id(p)) if use_buf else None
+                if new and amp is not None and device_first:
+                    owner = fresh.get((p.device, p.dtype))
+                    if owner is None:
+                        owner = fresh[(p.device, p.dtype)] = _LooseFirst(p.device)
+                        self._unsure[("traced", id(p))] = owner
+                    owner.params.append(p)
+                    owner.buf_views.append(torch.zeros_like(p))
+                    buf = owner.buf_views[-1]
+                elif new:
                     buf = torch.zeros_like(p) if self._ema else torch.empty_like(p)
                     self.state[p]["momentum_buffer"] = buf
-                ps, gs, bs = calls.setdefault((p.device, p.dtype, first), ([], [], []))
+                first = bool(use_buf and not self._ema and (new or owner is not None))
+                ps, gs, bs, _ = calls.setdefault((p.device, p.dtype, first, id(owner)),
+                                                 ([], [], [], owner))
                 ps.append(p)
                 gs.append(g)
                 if use_buf:
                     bs.append(buf)
-            for (device, _, first), (ps, gs, bs) in calls.items():
+            for (device, _, first, _), (ps, gs, bs, owner) in calls.items():
                 backend = self._backend_for(device)
-                step_ops(backend)[1](ps, gs, bs, first_step=first,
-                                     **self._kernel_args(h, amp, device))
+                args = self._kernel_args(h, amp, device)
+                if owner is not None and first:
+                    args = dict(args, first_step_tensor=owner.first_flag)
+                step_ops(backend)[1](ps, gs, bs, first_step=first, **args)
+                if owner is not None:
+                    owner.unsure.update(args.get("found_inf"))
+                    for p, buf in zip(ps, bs):  # new buffers enter the state once it ran
+                        if self._buffer(p) is None:
+                            owner.unsure.show(self, p, buf)
                 report.append(self._entry(backend, "per-tensor", ps[0], len(ps),
                                           sum(p.numel() for p in ps)))
             if amp is not None and amp[0] is not None:
@@ -2050,6 +2081,49 @@ class _FusedMomentum(Optimizer):
                 report.append(self._entry("torch", "torch-ops", ps[0], len(ps),
                                           sum(p.numel() for p in ps)))
         self.last_step = report
+
+    def _traced_held(self) -> dict:
+        """id(parameter) -> its undecided bucket or _LooseFirst, whose flag a traced step reads
+        (no host read): one stepped whole (its parameters plain tensors of one group on the
+        kernels' path, each with a gradient and holding the buffer made for it) is kept; any
+        other is split into _LooseFirst with copies of its flag, so that each flag still speaks
+        for the buffers it was stepped with: one per group of those stepped now, one of those
+        not stepped (no gradient, or out of the param groups); a parameter no longer holding
+        its buffer (taken out of the state, replaced by hand) leaves it. One holding a DTensor
+        or a parameter on torch's ops has the host read its flag first (a graph break)."""
+        held, read = {}, []
+        group_of = {id(q): k for k, group in enumerate(self.param_groups)
+                    for q in group["params"]}
+        for key, b in list(self._unsure.items()):
+            u = b.unsure
+            parts: dict = {}
+            for q, v in zip(b.params, b.buf_views):
+                if u.hidden or self._buffer(q) is not v:
+                    continue
+                g = q.grad
+                k = group_of.get(id(q))
+                if isinstance(q, _DTensor) or (g is not None and k is not None
+                                               and self._torch_reason(q, g, v) is not None):
+                    read.append(b)
+                    break
+                parts.setdefault(-1 if g is None or k is None else k, []).append((q, v))
+            else:
+                if len(parts) == 1 and len(next(iter(parts.values()))) == len(b.params) \
+                        and -1 not in parts:
+                    held.update((id(q), b) for q in b.params)  # stepped whole, as made
+                    continue
+                flags = [b.first_flag.clone() for _ in parts]  # (before the drop resets it)
+                self._drop_unsure(key, b)
+                for (k, kept), flag in zip(parts.items(), flags):
+                    part = _LooseFirst(kept[0][0].device, flag)
+                    part.params, part.buf_views = [q for q, _ in kept], [v for _, v in kept]
+                    part.unsure.nones = {id(q) for q, _ in kept if id(q) in u.nones}
+                    self._unsure[("traced", id(kept[0][0]))] = part
+                    if k >= 0:
+                        held.update((id(q), part) for q, _ in kept)
+        if read:
+            self._settle_unsure(True, read, drop=True)
+        return held
 
     def _step_differentiable(self) -> None:
         """torch.optim.SGD(differentiable=True)'s step: torch's for-loop under grad mode, with

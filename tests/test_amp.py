@@ -12,7 +12,7 @@ device (tests/cuda/host_kernel_test.cpp, amp_suite). With capturable=True no ste
 the first ones included: the first step is decided by each bucket's flag (optim._Unsure; DDP's
 bucket views too) or each per-tensor list call's (optim._LooseFirst), also while the host has
 not read it back (_Unsure.host_ready False) and under the edits training code makes between
-steps."""
+steps, in eager steps and in steps compiled with fullgraph=True."""
 from __future__ import annotations
 
 import contextlib
@@ -163,10 +163,17 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), wh
     step; while the host has not read a flag its buffers are in opt.state (torch has none
     after steps 1 and 2); state_dict(), which reads the flags, and then every buffer at the
     end. where: "own" (flat, the bucket's own gradients), "lent" (flat, DDP's bucket views
-    as gradients: _Lender) or "pertensor" (flat=False: _LooseFirst)."""
+    as gradients: _Lender), "pertensor" (flat=False: _LooseFirst), "compiled" (every step
+    through torch.compile(opt.step, fullgraph=True): the flags made and split in the traced
+    step, optim._traced_held) or "compiled-mixed" (eager flat steps and compiled ones in
+    turn, each taking over the other's flags)."""
     ours, ref = _model(seed=31)
     lend = _Lender(ours) if where == "lent" else (lambda: None)
     opt, topt = _pair(kind, ours, ref, where != "pertensor", capturable=True)
+    compiled = None
+    if where.startswith("compiled"):
+        torch._dynamo.reset()
+        compiled = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
     scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
                for _ in range(2)]
     gen = torch.Generator().manual_seed(32)
@@ -181,9 +188,16 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), wh
             scaler.scale(loss).backward()
             if o is opt:
                 lend()
-            with (no_host_reads() if o is opt and k not in host_reads
-                  else contextlib.nullcontext()):
-                scaler.step(o)
+            traced = o is opt and compiled is not None and (where == "compiled" or k % 2)
+            if traced:  # fullgraph=True: a host read would be a graph break, which raises
+                opt.step = compiled  # (an attribute of the instance: GradScaler.step calls it)
+            try:
+                # (not while dynamo compiles: it reads a float it makes dynamic with .item())
+                with (no_host_reads() if o is opt and k not in host_reads and not traced
+                      else contextlib.nullcontext()):
+                    scaler.step(o)
+            finally:
+                vars(o).pop("step", None)
             scaler.update()
         for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
             assert torch.equal(bits(p), bits(q)), f"step {k + 1}: parameter {i}"
@@ -208,7 +222,7 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), wh
     return opt
 
 
-@pytest.mark.parametrize("where", ["own", "lent", "pertensor"])
+@pytest.mark.parametrize("where", ["own", "lent", "pertensor", "compiled", "compiled-mixed"])
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
 def test_first_step_on_the_device_read_late(kind, where, monkeypatch):
     """Steps 3 to 9 (after two skipped ones) run with buffers the host has not seen stepped:
@@ -271,7 +285,7 @@ _EDITS = {"state_dict": _edit_state_dict, "all-None": _edit_all_none, "load": _e
           "state-cleared": _edit_clear, "buffer-None": _edit_none}
 
 
-@pytest.mark.parametrize("where", ["own", "lent", "pertensor"])
+@pytest.mark.parametrize("where", ["own", "lent", "pertensor", "compiled", "compiled-mixed"])
 @pytest.mark.parametrize("kind, edit", [(k, e) for k in ("sgd", "momentum") for e in _EDITS
                                         if not (k == "momentum" and e == "momentum-off")])
 def test_first_step_on_the_device_with_edits(edit, kind, where, monkeypatch):
@@ -307,7 +321,7 @@ def test_first_step_on_the_device_copy_and_relayout(what, where, monkeypatch):
     _first_on_device_late("sgd", edit, where=where)
 
 
-@pytest.mark.parametrize("where", ["own", "pertensor"])
+@pytest.mark.parametrize("where", ["own", "pertensor", "compiled"])
 @pytest.mark.parametrize("plant", ["flag-not-updated", "flag-false-from-the-start"])
 def test_planted_first_step_bugs_are_caught(plant, where, monkeypatch):
     """Controls: a flag that no step clears (every step a first step), and one that says

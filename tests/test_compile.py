@@ -7,6 +7,8 @@ zero_grad(), forward, backward and step() compiled (fullgraph=False) under induc
 same bits too."""
 from __future__ import annotations
 
+import contextlib
+import math
 import copy
 
 import pytest
@@ -15,6 +17,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
+from conftest import bits, no_host_reads
 
 BACKENDS = ("eager", "aot_eager", "inductor")
 STEPS = 4
@@ -37,18 +40,19 @@ def _model(seed: int, dtype=torch.float32):
     return m, copy.deepcopy(m)
 
 
-def _pair(kind, ours, ref, flat, **over):
+def _pair(kind, ours, ref, flat, capturable=False, **over):
+    mine = dict(flat=flat, capturable=capturable)
     if kind == "sgd":
         h = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True,
                  maximize=False, **over)
-        return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h),
+        return (momentum_cuda.SGD(ours.parameters(), **mine, **h),
                 torch.optim.SGD(ref.parameters(), foreach=False, **h))
     if kind == "sgd-plain":
         h = dict(lr=0.05, momentum=0.0, weight_decay=0.0, maximize=True, **over)
-        return (momentum_cuda.SGD(ours.parameters(), flat=flat, **h),
+        return (momentum_cuda.SGD(ours.parameters(), **mine, **h),
                 torch.optim.SGD(ref.parameters(), foreach=False, **h))
     h = dict(lr=0.05, momentum=0.8, weight_decay=1e-3, **over)
-    return (momentum_cuda.Momentum(ours.parameters(), flat=flat, **h),
+    return (momentum_cuda.Momentum(ours.parameters(), **mine, **h),
             MomentumReference(ref.parameters(), **h))
 
 
@@ -239,3 +243,161 @@ def test_compiled_steps_around_model_to_and_deepcopy(flat):
     step2 = torch.compile(opt2.step, fullgraph=True, backend="aot_eager")
     for k in range(4, 6):
         one(k, ours2, opt2, ref2, topt2, step2)
+
+
+OVERFLOW = (0, 3, 4)  # step 1 (no state may be left), and two in a row
+
+
+def _scaled_grads(model, x, scaler, overflow):
+    loss = model(x).square().mean() * (float("inf") if overflow else 1.0)
+    scaler.scale(loss).backward()
+
+
+def _same_params_and_grads(ours, ref, what):
+    for i, (p, q) in enumerate(zip(ours.parameters(), ref.parameters())):
+        assert torch.equal(bits(p), bits(q)), f"{what}: parameter {i}"
+        assert torch.equal(bits(p.grad), bits(q.grad)), f"{what}: gradient {i}"
+
+
+def _same_state_dict(opt, topt, what):
+    a, b = opt.state_dict()["state"], topt.state_dict()["state"]  # (reads capturable's flags)
+    assert a.keys() == b.keys(), f"{what}: state {sorted(a)} vs torch's {sorted(b)}"
+    for i, st in b.items():
+        assert torch.equal(bits(a[i]["momentum_buffer"]), bits(st["momentum_buffer"])), \
+            f"{what}: momentum buffer {i}"
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["host-first", "capturable"])
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_under_gradscaler(backend, flat, kind, capturable):
+    """GradScaler.step calling a step compiled with fullgraph=True, against GradScaler + torch's
+    for-loop at every step (scale 1000, not a power of two; overflows on steps 1, 4 and 5):
+    parameters and gradients (bit patterns: NaN and inf after an overflow), the scale, and the
+    state through state_dict(). The kernels unscale and skip on the device, and no step reads
+    a tensor on the host (no_host_reads; fullgraph=True fails on a graph break).
+    capturable=True: compiled from step 1, each first step decided on the device by a flag
+    made in the traced step (optim._LooseFirst); two graphs (the step that makes the buffers,
+    then every other). Without it the step that creates the buffers reads found_inf on the host
+    (a graph break, which fullgraph refuses), so steps 1 and 2 are eager; then one graph."""
+    ours, ref = _model(seed=25)
+    opt, topt = _pair(kind, ours, ref, flat, capturable=capturable)
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(opt.step, fullgraph=True, backend=counter)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
+               for _ in range(2)]
+    gen = torch.Generator().manual_seed(26)
+    for k in range(STEPS + 5):
+        x = torch.randn(5, 7, generator=gen)
+        for model, o, scaler in ((ours, opt, scalers[0]), (ref, topt, scalers[1])):
+            o.zero_grad()
+            _scaled_grads(model, x, scaler, k in OVERFLOW)
+            if o is opt and (capturable or k >= 2):
+                opt.step = compiled  # (on the instance: GradScaler.step calls it)
+            try:
+                # (inductor's compiler reads constants with .item() while it compiles: there
+                # fullgraph=True alone says that the step reads nothing on the host)
+                with no_host_reads() if (o is opt and (capturable or k >= 2)
+                                         and backend != "inductor") else \
+                        contextlib.nullcontext():
+                    scaler.step(o)
+            finally:
+                vars(o).pop("step", None)
+            scaler.update()
+        what = f"{backend} step {k + 1}{' (overflow)' if k in OVERFLOW else ''}"
+        assert scalers[0].get_scale() == scalers[1].get_scale(), f"{what}: scale"
+        _same_params_and_grads(ours, ref, what)
+        if k in (0, 4):  # a skipped first step leaves no state; state_dict() reads the flags
+            _same_state_dict(opt, topt, what)
+    _same_state_dict(opt, topt, "end")
+    assert [e["path"] for e in opt.last_step] == ["per-tensor"], opt.last_step
+    # capturable: the traced step 1, then state_dict() read the flags after steps 1 and 5
+    # (each time the graph's guards on the optimizer's flags fail once)
+    assert counter.frame_count == (4 if capturable else 1), counter.frame_count
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["host-first", "capturable"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_training_step_under_gradscaler(backend, flat, capturable):
+    """zero_grad(), autocast-free forward, scaled backward, scaler.step(opt) and
+    scaler.update() in one function compiled with fullgraph=False (dynamo traces GradScaler
+    and the step together): the bits of the same eager loop with torch's for-loop, overflows
+    on steps 1, 4 and 5. Without capturable the step that creates the buffers breaks the graph
+    to read found_inf; the steps after it are compiled once (no recompile), and so are all
+    steps with capturable=True after its first two graphs."""
+    ours, ref = _model(seed=27)
+    opt, topt = _pair("sgd", ours, ref, flat, capturable=capturable)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=2)
+               for _ in range(2)]
+
+    def train(model, o, scaler, x, scale):
+        o.zero_grad()
+        loss = model(x).square().mean() * scale
+        scaler.scale(loss).backward()
+        scaler.step(o)
+        scaler.update()
+
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(train, backend=counter)
+    gen = torch.Generator().manual_seed(28)
+    frames = []
+    for k in range(STEPS + 5):
+        x = torch.randn(5, 7, generator=gen)
+        scale = torch.tensor(float("inf") if k in OVERFLOW else 1.0)
+        compiled(ours, opt, scalers[0], x, scale)
+        train(ref, topt, scalers[1], x, scale)
+        what = f"{backend} step {k + 1}"
+        assert scalers[0].get_scale() == scalers[1].get_scale(), f"{what}: scale"
+        _same_params_and_grads(ours, ref, what)
+        frames.append(counter.frame_count)
+    _same_state_dict(opt, topt, "end")
+    assert frames[-1] == frames[2], frames  # nothing compiled after step 3
+
+
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_compiled_step_float_hyper_parameter_changed_every_step(flat, kind, key):
+    """A float hyper-parameter changed before every step (a scheduler on a float lr, say),
+    compiled with fullgraph=True: dynamo traces the float unspecialised from its second value,
+    which the step's finiteness check cannot test while tracing (it was a graph break, so
+    fullgraph raised at step 3); the ops check it when the graph runs. Each value still
+    recompiles (the ops take it as a constant, as torch's compiled optimizers do; a tensor
+    avoids it: tests/test_lr_tensor.py); the bits are torch's at every step."""
+    ours, ref = _model(seed=29)
+    opt, topt = _pair(kind, ours, ref, flat)
+    first = opt.param_groups[0][key]
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(30)
+    for k in range(STEPS + 2):
+        for o in (opt, topt):
+            o.param_groups[0][key] = first * 0.9 ** k
+        x = torch.randn(5, 7, generator=gen)
+        _grads(ours, x)
+        _grads(ref, x)
+        step()
+        topt.step()
+        _same(ours, ref, opt, topt, f"step {k + 1}")
+        opt.zero_grad()
+        topt.zero_grad()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_compiled_step_non_finite_float_lr_refused(flat, bad):
+    """While tracing, the step cannot test a float it may not read; the op refuses a
+    non-finite lr when the graph runs, before writing anything."""
+    ours, ref = _model(seed=31)
+    opt, _ = _pair("sgd", ours, ref, flat)
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    _grads(ours, torch.randn(5, 7, generator=torch.Generator().manual_seed(32)))
+    step()  # (the buffers made)
+    opt.param_groups[0]["lr"] = bad
+    before = [p.detach().clone() for p in ours.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in ours.parameters()]
+    with pytest.raises(Exception, match="lr must be a finite number"):
+        step()
+    for p, p0, b0 in zip(ours.parameters(), before, buffers):
+        assert torch.equal(p, p0) and torch.equal(opt.state[p]["momentum_buffer"], b0)
