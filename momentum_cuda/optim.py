@@ -75,7 +75,7 @@ the kernels unscale and skip on the device; a step that would create momentum bu
 found_inf on the host first, so that an overflow-skipped first step leaves no state, or, with
 capturable=True, leaves that to the device (_Unsure, over a bucket's or a list call's flag:
 the buffers enter the state as the step makes them, and leave it again once the host has read
-that every step using them was skipped).
+that every step using them was skipped), in a traced step too (_traced_held).
 clip_grad_norm_ returns torch's total norm and leaves the multiply to the next step's kernels
 (_Clip), which check first that the gradients are still the ones measured.
 """
@@ -1986,9 +1986,12 @@ class _FusedMomentum(Optimizer):
         wherever they live, so the bits hold whatever happened to the flat layout; what the
         kernels do not model runs torch's own for-loop ops. Checked while tracing: the
         hyper-parameters and each tensor's metadata (all of which dynamo guards on); the op
-        checks the rest (overlaps) when the graph runs. New momentum buffers are tensors of
-        their own, not flat views: eager steps after compiled ones step those parameters one
-        by one (path "per-tensor")."""
+        checks the rest (overlaps, non-finite scalars) when the graph runs. New momentum
+        buffers are tensors of their own, not flat views: eager steps after compiled ones step
+        those parameters one by one (path "per-tensor"). capturable=True under GradScaler:
+        the buffers made take a flag per call (_LooseFirst), and the flags found are stepped
+        with their parameters or split (_traced_held), read only over DTensors and
+        parameters on torch's ops."""
         # capturable (as _first_on_device): buffers made under GradScaler take a flag per call
         device_first = bool(self._capturable and amp is not None and amp[1] is not None)
         held = self._traced_held() if self._unsure else {}

@@ -419,6 +419,41 @@ def test_capturable_first_step_on_the_device(kind, flat):
     _same_state(opt, topt, "end")
 
 
+def test_compiled_capturable_step_on_gpu():
+    """capturable=True on CUDA, the step compiled with fullgraph=True (aot_eager: no code
+    generation, to keep the GPU check short) from step 1: the traced step makes each call's
+    flag on the device (optim._LooseFirst) and neither reads it back nor records an event
+    while traced; overflows on steps 1, 2 and 5. Bits of eager GradScaler + torch's for-loop
+    every step; state_dict() at the end (reading the flags) gives torch's buffers."""
+    torch._dynamo.reset()
+    model, twin, opt, topt = _capturable_twins("sgd", seed=49, flat=True)
+    compiled = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    scalers = [torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2)]
+    gen = torch.Generator(device="cpu").manual_seed(50)
+    try:
+        for k in range(8):
+            x = torch.randn(8, 32, generator=gen).cuda()
+            for m, o, s in ((model, opt, scalers[0]), (twin, topt, scalers[1])):
+                o.zero_grad()
+                s.scale(m(x).square().mean() * (float("inf") if k in (0, 1, 4) else 1.0)
+                        ).backward()
+                if o is opt:
+                    opt.step = compiled  # (on the instance: GradScaler.step calls it)
+                try:
+                    s.step(o)
+                finally:
+                    vars(o).pop("step", None)
+                s.update()
+            torch.cuda.synchronize()
+            for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+                assert torch.equal(p.view(torch.int32), q.view(torch.int32)), \
+                    f"step {k + 1} p{i}"
+            assert opt._unsure, "no flag left to the device"
+        _same_state(opt, topt, "end")
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
 def test_cuda_graph_captures_the_first_step(kind, flat):
