@@ -266,6 +266,23 @@ def _finite(h) -> None:
             raise ValueError(f"{name} must be a finite number, got {v}")
 
 
+def _same_strides(a, b) -> bool:
+    """a.stride() == b.stride() for tensors of one shape. While dynamo traces, the strides
+    of some views are symbols (dynamic shapes, after a recompile) that its .stride() cannot
+    return: contiguous tensors without a dimension of size 1 (whose stride contiguity does
+    not fix) have the same strides without asking."""
+    if not torch.compiler.is_compiling():
+        return a.stride() == b.stride()
+    if a.dim() != b.dim():
+        return False
+    if a.is_contiguous() and b.is_contiguous() and all(n != 1 for n in a.shape):
+        return True
+    for d in range(a.dim()):
+        if a.stride(d) != b.stride(d):
+            return False
+    return True
+
+
 def _bump(tensors) -> None:
     torch.autograd.graph.increment_version(tensors)
 
@@ -2000,23 +2017,30 @@ class _FusedMomentum(Optimizer):
             self._pending.clip = None
             clip.apply()
         plans = []
-        for group in self.param_groups:
-            h = self._group_hyper(group)
-            use_buf = _use_buf(h)
-            items = []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if self._mode(group, p):
-                    raise RuntimeError(f"{_MODE_FLAG[self._mode(group, p)]}: a step traced by "
-                                       f"torch.compile is not supported yet (a {_what(p)}); step "
-                                       "it eagerly")
-                buf = self._buffer(p) if use_buf else None
-                reason = "dtensor" if isinstance(p, _DTensor) else self._check_loose(p, g, buf,
-                                                                                      h)
-                items.append((p, g, buf, reason))
-            plans.append((h, items))
+        try:
+            for group in self.param_groups:
+                h = self._group_hyper(group)
+                use_buf = _use_buf(h)
+                items = []
+                for p in group["params"]:
+                    g = p.grad
+                    if g is None:
+                        continue
+                    if self._mode(group, p):
+                        raise RuntimeError(
+                            f"{_MODE_FLAG[self._mode(group, p)]}: a step traced by "
+                            f"torch.compile is not supported yet (a {_what(p)}); step it eagerly")
+                    buf = self._buffer(p) if use_buf else None
+                    reason = ("dtensor" if isinstance(p, _DTensor)
+                              else self._check_loose(p, g, buf, h))
+                    items.append((p, g, buf, reason))
+                plans.append((h, items))
+        except Exception:
+            # as _step_eager: GradScaler's unscale first, and a skipped step does not raise
+            if amp is not None and self._amp_on_host(amp):
+                self.last_step = []
+                return
+            raise
         if amp is not None and any(
                 reason is not None or (_use_buf(h) and buf is None and not device_first)
                 for h, items in plans for _, _, buf, reason in items):
@@ -2034,7 +2058,7 @@ class _FusedMomentum(Optimizer):
                 if reason is not None:
                     torch_ops.append((p, g, buf))
                     continue
-                if g.stride() != p.stride():
+                if not _same_strides(g, p):
                     copied.append((g, torch.empty_like(p).copy_(g)))
                     g = copied[-1][1]
                 new = use_buf and buf is None
@@ -2074,15 +2098,9 @@ class _FusedMomentum(Optimizer):
                 for g, copy in copied:
                     g.copy_(copy)
             if torch_ops:
-                ps, gs, bs = (list(x) for x in zip(*torch_ops))
-                kept = list(bs)
-                self._torch_step(ps, gs, bs, h)
-                if use_buf:
-                    for p, old, new in zip(ps, kept, bs):
-                        if old is None:
-                            self.state[p]["momentum_buffer"] = new
+                ps = self._torch_ops(torch_ops, h)
                 report.append(self._entry("torch", "torch-ops", ps[0], len(ps),
-                                          sum(p.numel() for p in ps)))
+                                          sum(_local(p).numel() for p in ps)))
         self.last_step = report
 
     def _traced_held(self) -> dict:
@@ -2506,8 +2524,8 @@ class _FusedMomentum(Optimizer):
             return "strided"
         if buf is not None and buf.dtype != p.dtype:
             return "dtype"  # torch's in-place ops cast between them; the kernels take one dtype
-        if (buf is not None and buf.stride() != p.stride()) or (
-                g.stride() != p.stride() and p.dtype in (torch.bfloat16, torch.float16)):
+        if (buf is not None and not _same_strides(buf, p)) or (
+                not _same_strides(g, p) and p.dtype in (torch.bfloat16, torch.float16)):
             # torch's own bits here depend on how TensorIterator loops over operands of
             # different layouts (bf16/fp16: no vectorized body), which the kernel does not model
             return "layout"
@@ -2982,6 +3000,14 @@ class _FusedMomentum(Optimizer):
         for reason in sorted(reasons - self._warned_torch_ops):
             self._warned_torch_ops.add(reason)
             warnings.warn(_TORCH_OPS_WARNINGS[reason], stacklevel=5)
+        params = self._torch_ops(items, h)
+        for idx in self._by_device_dtype(params).values():
+            self._report("torch", "torch-ops", params[idx[0]], len(idx),
+                         sum(_local(params[j]).numel() for j in idx))
+
+    def _torch_ops(self, items, h) -> list:
+        """_torch_step over items' (param, grad, buffer), the new buffers kept in the state
+        (Momentum's start at zero); returns the parameters."""
         ps, gs, bs = (list(x) for x in zip(*items))
         params = list(ps)
         use_buf = _use_buf(h)
@@ -3007,9 +3033,7 @@ class _FusedMomentum(Optimizer):
         if use_buf:
             for p, old, new in zip(params, kept, bs):
                 self.state[p]["momentum_buffer"] = new if old is None else old
-        for idx in self._by_device_dtype(params).values():
-            self._report("torch", "torch-ops", params[idx[0]], len(idx),
-                         sum(_local(params[j]).numel() for j in idx))
+        return params
 
     def _torch_step(self, ps, gs, bs, h) -> None:
         """torch's for-loop (momentum_cuda.reference's for Momentum) over the lists."""

@@ -23,6 +23,7 @@ Warnings other than momentum_cuda's own "torch's own ops" notice must be the sam
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -70,6 +71,10 @@ class Config:
     # capturable: momentum_cuda's optimizer decides first steps on the device (optim._Unsure)
     scaler: float | None = None
     capturable: bool = False
+    # compiled: momentum_cuda's steps (step, clip_step's, GradScaler's) run through
+    # torch.compile(opt.step) (the traced step: optim._step_traced), with the flags of
+    # capturable read back only when state_dict() or a waiting step reads them (as on a GPU)
+    compiled: bool = False
 
 
 BASE_NUMEL = 16
@@ -377,8 +382,37 @@ def _to_dtype(model, name, how):
         model.to(dtype)
 
 
+@contextlib.contextmanager
+def _stepping(opt, cfg):
+    """opt.step as cfg says: compiled (fullgraph=False: what the traced step cannot do breaks
+    the graph) for momentum_cuda's optimizer when cfg.compiled, on the instance for the
+    duration, so that GradScaler.step calls it too (a scheduler's wrapper, which it then
+    wraps, runs eagerly: dynamo skips its file)."""
+    if not (cfg.compiled and isinstance(opt, momentum_cuda.optim._FusedMomentum)):
+        yield
+        return
+    saved = vars(opt).get("step")
+    opt.step = torch.compile(opt.step, backend="eager")
+    try:
+        yield
+    finally:
+        if saved is None:
+            vars(opt).pop("step", None)
+        else:
+            opt.step = saved
+
+
 def apply_one(op, side, cfg):
     """Applies op to one side; returns a comparable result (or None)."""
+    name, *a = op
+    m, opt = side.model, side.opt
+    if name in ("step", "scaler_step", "clip_step"):
+        with _stepping(opt, cfg):
+            return _apply_one(op, side, cfg)
+    return _apply_one(op, side, cfg)
+
+
+def _apply_one(op, side, cfg):
     name, *a = op
     m, opt = side.model, side.opt
     if name == "backward":
@@ -618,8 +652,17 @@ def _state_dict(opt):
     return res, exc
 
 
+def undecided_flags(opt) -> bool:
+    """opt holds buffers whose first step the host has not read back yet (capturable: the
+    state may hold buffers torch's has not, until state_dict() reads the flags)."""
+    return any(not b.unsure.hidden for b in getattr(opt, "_unsure", {}).values())
+
+
 def compare(ours: Side, theirs: Side) -> None:
-    """Raises Mismatch at the first difference."""
+    """Raises Mismatch at the first difference. While ours has flags the host has not read
+    (undecided_flags), its state is not compared: run_sequence compares it at the end, after
+    state_dict() has read them."""
+    undecided = undecided_flags(ours.opt)
     no, nt = list(ours.model.named_parameters()), list(theirs.model.named_parameters())
     if [n for n, _ in no] != [n for n, _ in nt]:
         raise Mismatch(f"parameter names {[n for n, _ in no]} vs {[n for n, _ in nt]}")
@@ -638,6 +681,8 @@ def compare(ours: Side, theirs: Side) -> None:
         if p.requires_grad != q.requires_grad:
             raise Mismatch(f"param {name}: requires_grad {p.requires_grad} vs {q.requires_grad}")
         same(p.grad, q.grad, f"grad of {name}")
+        if undecided:
+            continue
         same(_buffer(ours.opt, p), _buffer(theirs.opt, q), f"momentum_buffer of {name}")
         so, st = ours.opt.state.get(p), theirs.opt.state.get(q)
         if (so is None) != (st is None) or (so is not None and so.keys() != st.keys()):
@@ -649,6 +694,8 @@ def compare(ours: Side, theirs: Side) -> None:
     gt = [[names_t.get(id(p), "?") for p in g["params"]] for g in theirs.opt.param_groups]
     if go != gt:
         raise Mismatch(f"param groups {go} vs {gt}")
+    if undecided:
+        return
     sd_o, e_o = _state_dict(ours.opt)
     sd_t, e_t = _state_dict(theirs.opt)
     if (e_o is None) != (e_t is None) or (e_o is not None and type(e_o) is not type(e_t)):
@@ -737,6 +784,22 @@ def replay(cfg, ops, i) -> str:
 def run_sequence(cfg: Config, ops) -> str:
     """Builds the twins, applies ops to both, compares after each; raises Mismatch (with the
     replayable sequence so far) at the first difference. Returns how the sequence ended."""
+    if not cfg.compiled:
+        return _run_sequence(cfg, ops)
+    ready = momentum_cuda.optim._Unsure.host_ready
+    momentum_cuda.optim._Unsure.host_ready = False  # read back only when waited for
+    torch._dynamo.reset()
+    try:
+        # (the default 8 graphs per function would leave the later steps of a sequence with
+        # many edits eager)
+        with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+            return _run_sequence(cfg, ops)
+    finally:
+        momentum_cuda.optim._Unsure.host_ready = ready
+        torch._dynamo.reset()
+
+
+def _run_sequence(cfg: Config, ops) -> str:
     ours, theirs = build(cfg)
     try:
         compare(ours, theirs)
@@ -765,8 +828,8 @@ def run_sequence(cfg: Config, ops) -> str:
                     unchanged(ours, snap, f"after both raised in step() (torch {_exc(e_t)})",
                               grads=not scaled)
                     if scaled:
-                        for i, (p, q) in enumerate(zip(ours.params(), theirs.params())):
-                            same(p.grad, q.grad, f"grad {i} after both raised")
+                        for j, (p, q) in enumerate(zip(ours.params(), theirs.params())):
+                            same(p.grad, q.grad, f"grad {j} after both raised")
                     return f"both raised at op {i}: {_exc(e_t)}"
                 same(r_o, r_t, "result")
                 compare(ours, theirs)
@@ -774,4 +837,13 @@ def run_sequence(cfg: Config, ops) -> str:
                 where = f"op {i} {op!r}" + (f" (its {part[0]})" if part is not op else "")
                 raise Mismatch(f"{e}\n  at {where}; replay with:\n{replay(cfg, ops, i)}") \
                     from None
+    if undecided_flags(ours.opt):
+        try:
+            _state_dict(ours.opt)  # reads the flags
+            if undecided_flags(ours.opt):
+                raise Mismatch("state_dict() left flags unread")
+            compare(ours, theirs)
+        except Mismatch as e:
+            raise Mismatch(f"{e}\n  at the end, after state_dict(); replay with:\n"
+                           f"{replay(cfg, ops, len(ops) - 1)}") from None
     return "completed"

@@ -51,6 +51,7 @@ torch's two threads spinning on a loaded 2-core machine, each tiny op was up to 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -62,6 +63,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from sequence_ops import DTYPES, MODULES, SCHEDULERS, Config, run_sequence
 
 N_SEQUENCES = int(os.environ.get("MOMENTUM_CUDA_SEQUENCES", "1000"))
+N_COMPILED = int(os.environ.get("MOMENTUM_CUDA_COMPILED_SEQUENCES", "40"))
 
 # database=None keeps no examples, but hypothesis also caches the constants it finds in the
 # source files, in ./.hypothesis, when pytest collects a hypothesis test (after importing this
@@ -204,8 +206,12 @@ def operation(d, kind: str):
 
 
 @st.composite
-def sequences(d):
+def sequences(d, compiled=False):
     cfg = d(configs())
+    if compiled:  # the op refuses overlapping parameters in a traced step (test_compile.py)
+        cfg = dataclasses.replace(cfg, compiled=True, lazy=False,
+                                  views=None if cfg.views == "overlap" else cfg.views,
+                                  base_buffer=cfg.base_buffer and cfg.views != "overlap")
     return cfg, d(st.lists(operation(cfg.kind), min_size=3, max_size=12))
 
 
@@ -218,6 +224,22 @@ def test_random_sequences(case):
     # One intra-op thread: these tensors are far below one parallel_for chunk (32768
     # elements), so torch's bits do not depend on it (both twins share it anyway), and on a
     # loaded 2-core machine two spinning threads make each tiny op ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_sequence(cfg, seq)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@settings(max_examples=N_COMPILED, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+          print_blob=False)
+@given(sequences(compiled=True))
+def test_random_compiled_sequences(case):
+    """The same sequences with momentum_cuda's steps compiled (Config.compiled): the traced
+    step against torch's eager one, with the flags of capturable read late."""
+    cfg, seq = case
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
