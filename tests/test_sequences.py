@@ -218,11 +218,13 @@ def sequences(d, compiled=False):
     return cfg, d(st.lists(operation(cfg.kind), min_size=3, max_size=12))
 
 
-@settings(max_examples=N_SEQUENCES, derandomize=True, database=None, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-          print_blob=False)
-@given(sequences())
-def test_random_sequences(case):
+def _settings(n):
+    return settings(max_examples=n, derandomize=True, database=None, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                    print_blob=False)
+
+
+def _run_one_thread(case):
     cfg, seq = case
     # One intra-op thread: these tensors are far below one parallel_for chunk (32768
     # elements), so torch's bits do not depend on it (both twins share it anyway), and on a
@@ -235,17 +237,15 @@ def test_random_sequences(case):
         torch.set_num_threads(threads)
 
 
-@settings(max_examples=N_COMPILED, derandomize=True, database=None, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-          print_blob=False)
+@_settings(N_SEQUENCES)
+@given(sequences())
+def test_random_sequences(case):
+    _run_one_thread(case)
+
+
+@_settings(N_COMPILED)
 @given(sequences(compiled=True))
 def test_random_compiled_sequences(case):
     """The same sequences with momentum_cuda's steps compiled (Config.compiled): the traced
     step against torch's eager one, with the flags of capturable read late."""
-    cfg, seq = case
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_sequence(cfg, seq)
-    finally:
-        torch.set_num_threads(threads)
+    _run_one_thread(case)
