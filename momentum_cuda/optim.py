@@ -907,7 +907,8 @@ class _Unsure:
 class _LooseFirst:
     """A bucket's _Unsure for the per-tensor path (capturable=True): the parameters of one
     list call whose momentum buffers that call made (DTensors, whose local shards it steps,
-    with their DTensor buffers), with the flag (first_flag) its op reads as
+    with their DTensor buffers), or a part of another's that a traced step split off with a
+    copy of its flag (_traced_held), with the flag (first_flag) its op reads as
     first_step_tensor. Laid out as a bucket is for _settle_unsure (params, buf_views: the
     buffers as the state holds them, unsure, first_flag). Stepped by one list call of its own
     while undecided; a step that does not step exactly these parameters with these buffers
