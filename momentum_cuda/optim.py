@@ -266,17 +266,24 @@ def _finite(h) -> None:
             raise ValueError(f"{name} must be a finite number, got {v}")
 
 
+_MEMORY_FORMATS = {4: (torch.contiguous_format, torch.channels_last),
+                   5: (torch.contiguous_format, torch.channels_last_3d)}
+
+
 def _same_strides(a, b) -> bool:
     """a.stride() == b.stride() for tensors of one shape. While dynamo traces, the strides
     of some views are symbols (dynamic shapes, after a recompile) that its .stride() cannot
-    return: contiguous tensors without a dimension of size 1 (whose stride contiguity does
-    not fix) have the same strides without asking."""
+    return: tensors both contiguous in one memory format (torch's, channels_last) and without
+    a dimension of size 1 (whose stride no format fixes) have the same strides without
+    asking."""
     if not torch.compiler.is_compiling():
         return a.stride() == b.stride()
     if a.dim() != b.dim():
         return False
-    if a.is_contiguous() and b.is_contiguous() and all(n != 1 for n in a.shape):
-        return True
+    if all(n != 1 for n in a.shape):
+        for fmt in _MEMORY_FORMATS.get(a.dim(), (torch.contiguous_format,)):
+            if a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
+                return True
     for d in range(a.dim()):
         if a.stride(d) != b.stride(d):
             return False

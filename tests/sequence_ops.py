@@ -541,6 +541,10 @@ def _apply_one(op, side, cfg):
     if name == "reset_state":  # momentum reset by hand: the whole state, or None buffers (one
         # parameter's, or every one's)
         how, k = a
+        if isinstance(opt, momentum_cuda.optim._FusedMomentum) and undecided_flags(opt):
+            # editing opt.state by hand while capturable's flags are unread: opt.state may
+            # hold buffers torch's has not (README, capturable=True); state_dict() reads them
+            opt.state_dict()
         if how == "clear":
             opt.state.clear()
         elif how == "all-none":
