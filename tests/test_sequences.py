@@ -40,7 +40,7 @@ off). Sequences: 1,000 by default; set MOMENTUM_CUDA_SEQUENCES=<n> for more (`ma
 10,000). test_random_compiled_sequences runs 40 of the same kind (without overlapping views,
 which a traced step's op refuses, and without the lazy layer) with momentum_cuda's steps
 compiled (Config.compiled; MOMENTUM_CUDA_COMPILED_SEQUENCES=<n> for more): 24 s alone, 400
-in 263 s (2026-12-03).
+in 263 s, 1,000 in 702 s (2026-12-03).
 
 Hyper-parameters include the edges torch accepts (lr 0, momentum 1, dampening 1), and gradients
 may overflow to inf or become NaN (grad_mul by 1e38 or nan): NaN positions are compared, not
