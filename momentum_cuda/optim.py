@@ -1911,6 +1911,16 @@ class _FusedMomentum(Optimizer):
                     continue
             self._drop_unsure(key, b)
 
+    def _fresh_flag(self, fresh: dict, p) -> _LooseFirst:
+        """The _LooseFirst of the buffers this step makes without a host read on p's device
+        and dtype (fresh: this step's, by (device, dtype)), made and registered at its first
+        parameter."""
+        loose = fresh.get((p.device, p.dtype))
+        if loose is None:
+            loose = fresh[(p.device, p.dtype)] = _LooseFirst(p.device)
+            self._unsure[("new", id(p))] = loose
+        return loose
+
     def _drop_unsure(self, key, b) -> None:
         """b (a bucket or _LooseFirst) no longer has its first step decided on the device."""
         del self._unsure[key]
@@ -2072,10 +2082,7 @@ class _FusedMomentum(Optimizer):
                 new = use_buf and buf is None
                 owner = held.get(id(p)) if use_buf else None
                 if new and amp is not None and device_first:
-                    owner = fresh.get((p.device, p.dtype))
-                    if owner is None:
-                        owner = fresh[(p.device, p.dtype)] = _LooseFirst(p.device)
-                        self._unsure[("traced", id(p))] = owner
+                    owner = self._fresh_flag(fresh, p)
                     owner.params.append(p)
                     owner.buf_views.append(torch.zeros_like(p))
                     buf = owner.buf_views[-1]
@@ -2689,10 +2696,7 @@ class _FusedMomentum(Optimizer):
             key = p if dt is None else dt  # (the state's)
             loose, obj = undecided.get(id(key), (None, None))
             if loose is None and new and device_first:
-                loose = fresh.get((p.device, p.dtype))
-                if loose is None:
-                    loose = fresh[(p.device, p.dtype)] = _LooseFirst(p.device)
-                    self._unsure[id(loose)] = loose
+                loose = self._fresh_flag(fresh, p)
                 buf = self._new_buffer(p)
                 if not self._ema:
                     buf.zero_()  # (shown in the state until the flag is read)
