@@ -104,6 +104,18 @@ std::string describe(const at::Tensor& t) {
   return s;
 }
 
+/// t places every element where p does: equal sizes, and equal strides on each dimension of
+/// size other than 1. A size-1 dimension's stride moves nothing and torch leaves it free (the
+/// gradient of a (n, 1) parameter may come transposed); the kernels walk memory from
+/// data_ptr(), so only the offsets matter.
+bool same_layout(const at::Tensor& t, const at::Tensor& p) {
+  if (t.sizes() != p.sizes()) return false;
+  for (int64_t d = 0; d < p.dim(); ++d) {
+    if (p.size(d) != 1 && t.stride(d) != p.stride(d)) return false;
+  }
+  return true;
+}
+
 void check_scalar(const char* name, double v) {
   TORCH_CHECK(std::isfinite(v), name, " must be a finite number, got ", v);
 }
@@ -147,8 +159,9 @@ void check_triple(const std::string& where, const at::Tensor& p, const at::Tenso
                 " has dtype ", st);
     TORCH_CHECK(t.sizes() == p.sizes(), n, " has shape ", c10::str(t.sizes()), " but ", pn,
                 " has shape ", c10::str(p.sizes()));
-    TORCH_CHECK(t.strides() == p.strides(), n, " has strides ", c10::str(t.strides()), " but ",
-                pn, " has strides ", c10::str(p.strides()), " (the memory layouts must match)");
+    TORCH_CHECK(same_layout(t, p), n, " has strides ", c10::str(t.strides()), " but ", pn,
+                " has strides ", c10::str(p.strides()),
+                " (the memory layouts must match: equal strides on every dimension of size > 1)");
     const auto ov = at::get_overlap_status(t, p);
     TORCH_CHECK(ov == at::MemOverlapStatus::No, n, " overlaps ", pn, " in memory");
   };
@@ -528,14 +541,14 @@ bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList
   return need_buf;
 }
 
-/// t must be a `want` tensor shaped and strided like params[i] (p), on its device.
+/// t must be a `want` tensor laid out like params[i] (p: same_layout), on its device.
 void check_like_param(const at::Tensor& t, const at::Tensor& p, const std::string& name,
                       const std::string& at_i, at::ScalarType want) {
   TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device() &&
-                  t.scalar_type() == want && t.sizes() == p.sizes() && t.strides() == p.strides(),
+                  t.scalar_type() == want && same_layout(t, p),
               name, at_i, " must be a ", c10::toString(want), " tensor on ", p.device(),
               " with the shape ", c10::str(p.sizes()), " and strides ", c10::str(p.strides()),
-              " of params", at_i, ", got ",
+              " of params", at_i, " (on every dimension of size > 1), got ",
               t.defined() ? describe(t) + " with strides " + c10::str(t.strides())
                           : std::string("None"));
 }
@@ -928,11 +941,16 @@ std::vector<bool> kernel_ready(const std::vector<at::Tensor>& params,
       return t.layout() == at::kStrided && t.sizes() == p.sizes() && t.device() == p.device() &&
              t.scalar_type() == st;
     };
+    // optim._walked_alike: laid out like p, and for bf16/fp16 walked by torch's ops as p is
+    const auto alike = [&](const at::Tensor& t) {
+      return same_layout(t, p) &&
+             (!narrow || t.strides() == p.strides() || p.is_contiguous() ||
+              p.is_contiguous(at::MemoryFormat::ChannelsLast));
+    };
     ready[i] = p.layout() == at::kStrided && !p.device().is_meta() &&
                (st == at::kFloat || st == at::kDouble || narrow) &&
                (p.is_contiguous() || p.is_non_overlapping_and_dense()) && like(g) &&
-               (!narrow || g.strides() == p.strides()) &&
-               (b == nullptr || (like(*b) && b->strides() == p.strides()));
+               (!narrow || alike(g)) && (b == nullptr || (like(*b) && alike(*b)));
   }
   return ready;
 }

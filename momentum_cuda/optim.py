@@ -270,24 +270,49 @@ _MEMORY_FORMATS = {4: (torch.contiguous_format, torch.channels_last),
                    5: (torch.contiguous_format, torch.channels_last_3d)}
 
 
-def _same_strides(a, b) -> bool:
-    """a.stride() == b.stride() for tensors of one shape. While dynamo traces, the strides
-    of some views are symbols (dynamic shapes, after a recompile) that its .stride() cannot
-    return: tensors both contiguous in one memory format (torch's, channels_last) and without
-    a dimension of size 1 (whose stride no format fixes) have the same strides without
-    asking."""
-    if not torch.compiler.is_compiling():
-        return a.stride() == b.stride()
+def _same_layout(a, b) -> bool:
+    """a places each element where b (of one shape) does: equal strides on every dimension of
+    size other than 1, whose stride moves nothing (the kernels walk memory; the ops check the
+    same). While dynamo traces, the strides of some gradients are symbols its .stride() cannot
+    return (a size-1 dimension's; after a recompile, others): tensors both contiguous in one
+    memory format (torch's, channels_last) are laid out alike without asking."""
     if a.dim() != b.dim():
         return False
-    if all(n != 1 for n in a.shape):
+    if not torch.compiler.is_compiling():
+        if a.stride() == b.stride():
+            return True
+    else:
         for fmt in _MEMORY_FORMATS.get(a.dim(), (torch.contiguous_format,)):
             if a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
                 return True
-    for d in range(a.dim()):
-        if a.stride(d) != b.stride(d):
-            return False
-    return True
+    return all(a.stride(d) == b.stride(d) for d in range(a.dim()) if b.shape[d] != 1)
+
+
+def _walked_alike(t, p) -> bool:
+    """For bf16/fp16, whose bits depend on how torch's TensorIterator walks its operands
+    (_torch_reason): t, laid out like p (_same_layout), is walked as if it had p's strides.
+    TensorIterator's fast set-up takes operands all contiguous, or all channels_last, as one
+    block whatever their size-1 strides; any other layout only with strides exactly equal
+    (which a traced step cannot ask of a size-1 dimension: torch's ops then). _C.kernel_ready
+    checks the same."""
+    if not _same_layout(t, p):
+        return False
+    if p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(
+            memory_format=torch.channels_last)):
+        return True
+    if torch.compiler.is_compiling() and any(n == 1 for n in p.shape):
+        return False
+    return t.stride() == p.stride()
+
+
+@torch.compiler.disable(reason="momentum_cuda: parameters stepped with torch's own ops (path "
+                                "'torch-ops' in opt.last_step) run eagerly, since a compiler "
+                                "(inductor) would change their bits")
+def _torch_ops_untraced(opt, items, h) -> list:
+    """opt._torch_ops(items, h) for a traced step, outside the graph: inductor would fuse torch's
+    ops (bf16: no rounding between them) and no longer give torch.optim.SGD's bits. A graph
+    break, which fullgraph=True refuses with the reason above."""
+    return opt._torch_ops(items, h)
 
 
 def _bump(tensors) -> None:
@@ -2076,7 +2101,7 @@ class _FusedMomentum(Optimizer):
                 if reason is not None:
                     torch_ops.append((p, g, buf))
                     continue
-                if not _same_strides(g, p):
+                if not _same_layout(g, p):
                     copied.append((g, torch.empty_like(p).copy_(g)))
                     g = copied[-1][1]
                 new = use_buf and buf is None
@@ -2113,7 +2138,7 @@ class _FusedMomentum(Optimizer):
                 for g, copy in copied:
                     g.copy_(copy)
             if torch_ops:
-                ps = self._torch_ops(torch_ops, h)
+                ps = _torch_ops_untraced(self, torch_ops, h)
                 report.append(self._entry("torch", "torch-ops", ps[0], len(ps),
                                           sum(_local(p).numel() for p in ps)))
         self.last_step = report
@@ -2539,8 +2564,9 @@ class _FusedMomentum(Optimizer):
             return "strided"
         if buf is not None and buf.dtype != p.dtype:
             return "dtype"  # torch's in-place ops cast between them; the kernels take one dtype
-        if (buf is not None and not _same_strides(buf, p)) or (
-                not _same_strides(g, p) and p.dtype in (torch.bfloat16, torch.float16)):
+        narrow = p.dtype in (torch.bfloat16, torch.float16)
+        if (buf is not None and not (_walked_alike(buf, p) if narrow else _same_layout(buf, p))
+                ) or (narrow and not _walked_alike(g, p)):
             # torch's own bits here depend on how TensorIterator loops over operands of
             # different layouts (bf16/fp16: no vectorized body), which the kernel does not model
             return "layout"
@@ -2689,7 +2715,7 @@ class _FusedMomentum(Optimizer):
                 torch_ops.append((p, g, buf))
                 reasons.add(reason)
                 continue
-            if g.stride() != p.stride():
+            if not _same_layout(g, p):
                 copied.append((g, torch.empty_like(p).copy_(g)))
                 g = copied[-1][1]  # fp32/fp64: the layout does not change bits
             new = use_buf and buf is None

@@ -896,9 +896,10 @@ def _check_triple(where: str, p, g, b, dev_dtype: list) -> None:
 
 
 def _check_like(t, n, p, pn: str, dtype=None) -> None:
-    """t (named n) is laid out like the dense tensor p (named pn): same device, shape and
-    strides, so that both hold their elements in the same memory order; its dtype is `dtype`
-    (p's when None)."""
+    """t (named n) is laid out like the dense tensor p (named pn): same device and shape, and
+    the same strides on every dimension of size other than 1 (whose stride moves nothing), so
+    that both hold their elements in the same memory order; its dtype is `dtype` (p's when
+    None)."""
     _check_tensor(t, n)
     if t.device != p.device:
         raise ValueError(f"{n} is on {t.device} but {pn} is on {p.device}")
@@ -908,9 +909,10 @@ def _check_like(t, n, p, pn: str, dtype=None) -> None:
         raise ValueError(f"{n} must be {dtype} (with {p.dtype} {pn}), got {_describe(t)}")
     if t.shape != p.shape:
         raise ValueError(f"{n} has shape {tuple(t.shape)} but {pn} has shape {tuple(p.shape)}")
-    if t.stride() != p.stride():
+    if any(s != q for s, q, m in zip(t.stride(), p.stride(), p.shape) if m != 1):
         raise ValueError(f"{n} has strides {t.stride()} but {pn} has strides {p.stride()} "
-                         "(the memory layouts must match)")
+                         "(the memory layouts must match: equal strides on every dimension "
+                         "of size > 1)")
 
 
 def _check_list_lengths(params, lists, bufs, need_buf: bool, momentum) -> None:

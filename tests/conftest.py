@@ -389,3 +389,29 @@ def interpreter_child(module: str, timeout: int) -> dict:
         f"interpreter child failed (rc={proc.returncode}, {timeout} s allowed):\n"
         f"{stdout[-4000:]}\n{stderr[-4000:]}")
     return json.loads(marker[-1][len("@@RESULT@@"):])
+
+
+# (shape, layout of the parameter): each has a dimension of size 1, whose stride torch leaves
+# free; "permuted" is dense but neither contiguous nor channels_last
+SIZE1_LAYOUTS = [((3, 1, 5), "c"), ((1, 7), "c"), ((1,), "c"), ((1, 1), "c"),
+                 ((2, 3, 1, 4), "channels_last"), ((3, 1, 5), "permuted")]
+
+
+def size1_param(shape, form, dtype, gen):
+    """A parameter value of SIZE1_LAYOUTS' shape and layout."""
+    v = torch.randn(shape, generator=gen).to(dtype)
+    if form == "channels_last":
+        v = v.contiguous(memory_format=torch.channels_last)
+    elif form == "permuted":
+        v = torch.randn(shape[::-1], generator=gen).to(dtype).permute(2, 1, 0)
+    return v
+
+
+def free_size1(q, gen):
+    """A tensor laid out like q except on its size-1 dimensions, whose strides are other
+    values (as a gradient of a (n, 1) parameter may come: a transposed (1, n) one)."""
+    strides = [s + 1 + int(torch.randint(0, 40, (), generator=gen)) if n == 1 else s
+               for n, s in zip(q.shape, q.stride())]
+    t = torch.empty_strided(q.shape, strides, dtype=q.dtype)
+    assert t.stride() != q.stride() and t.untyped_storage().nbytes() == t.nbytes  # dense
+    return t.copy_(torch.randn(q.shape, generator=gen))

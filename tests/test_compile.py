@@ -17,7 +17,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
-from conftest import bits, no_host_reads
+from conftest import SIZE1_LAYOUTS, bits, free_size1, no_host_reads, size1_param
 
 BACKENDS = ("eager", "aot_eager", "inductor")
 STEPS = 4
@@ -218,7 +218,9 @@ def test_eager_clip_then_compiled_step(flat):
 def test_compiled_steps_around_model_to_and_deepcopy(flat):
     """Compiled steps, then model.to(float64) (new parameter tensors' data, buffers of the old
     dtype kept as torch keeps them), more compiled steps, then a deepcopy of (model, optimizer)
-    stepped by a compiled step of its own: torch's bits throughout."""
+    stepped by a compiled step of its own: torch's bits throughout. The fp32 buffers of fp64
+    parameters take torch's own ops, which a traced step runs outside the graph: a
+    fullgraph=True step refuses them before writing anything, a fullgraph=False one runs."""
     ours, ref = _model(seed=23)
     opt, topt = _pair("sgd", ours, ref, flat)
     step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
@@ -237,12 +239,63 @@ def test_compiled_steps_around_model_to_and_deepcopy(flat):
         one(k, ours, opt, ref, topt, step)
     ours.to(torch.float64)
     ref.to(torch.float64)
+    _grads(ours, torch.randn(5, 7, dtype=torch.float64, generator=gen))
+    before = [p.detach().clone() for p in ours.parameters()]
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="torch's own ops"):
+        step()
+    assert all(torch.equal(p, b) for p, b in zip(ours.parameters(), before))
+    opt.zero_grad()
+    step = torch.compile(opt.step, backend="aot_eager")
     for k in range(2, 4):
         one(k, ours, opt, ref, topt, step)
+        assert "torch-ops" in {e["path"] for e in opt.last_step}, opt.last_step
     (ours2, opt2), (ref2, topt2) = copy.deepcopy((ours, opt)), copy.deepcopy((ref, topt))
-    step2 = torch.compile(opt2.step, fullgraph=True, backend="aot_eager")
+    step2 = torch.compile(opt2.step, backend="aot_eager")
     for k in range(4, 6):
         one(k, ours2, opt2, ref2, topt2, step2)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_runs_torch_ops_eagerly(backend, flat):
+    """Parameters the kernels do not model (here bf16 ones with transposed gradients, whose
+    bits depend on how torch's TensorIterator walks them, next to fp32 ones on the kernels) are
+    stepped with torch's own ops, which a traced step runs outside the graph
+    (optim._torch_ops_untraced): inductor would fuse them (bf16: no rounding between the ops)
+    and lose torch's bits. fullgraph=True refuses the step, naming why, before writing
+    anything; fullgraph=False runs it, bitwise against torch at every step, under every
+    backend."""
+    gen = torch.Generator().manual_seed(43)
+    vals = [torch.randn(6, 4, generator=gen).to(torch.bfloat16),
+            torch.randn(33, generator=gen).to(torch.bfloat16),
+            torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    ours = [torch.nn.Parameter(v.clone()) for v in vals]
+    ref = [torch.nn.Parameter(v.clone()) for v in vals]
+    h = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    opt = momentum_cuda.SGD(ours, flat=flat, **h)
+    topt = torch.optim.SGD(ref, foreach=False, **h)
+
+    def grads():
+        gs = [torch.randn(4, 6, generator=gen).to(torch.bfloat16).t()]  # transposed
+        gs += [torch.randn(v.shape, generator=gen).to(v.dtype) for v in vals[1:]]
+        for ps in (ours, ref):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+    grads()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="torch's own ops"):
+        torch.compile(opt.step, fullgraph=True, backend=backend)()
+    assert all(torch.equal(p, v) for p, v in zip(ours, vals)) and not opt.state
+    step = torch.compile(opt.step, backend=backend)
+    for k in range(STEPS):
+        if k:
+            grads()
+        step()
+        topt.step()
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            assert torch.equal(bits(p), bits(q)), f"{backend} step {k + 1}: parameter {i}"
+            assert torch.equal(bits(opt.state[p]["momentum_buffer"]),
+                               bits(topt.state[q]["momentum_buffer"])), f"step {k + 1}: buf {i}"
+        assert {e["path"] for e in opt.last_step} == {"per-tensor", "torch-ops"}, opt.last_step
 
 
 OVERFLOW = (0, 3, 4)  # step 1 (no state may be left), and two in a row
@@ -265,6 +318,60 @@ def _same_state_dict(opt, topt, what):
     for i, st in b.items():
         assert torch.equal(bits(a[i]["momentum_buffer"]), bits(st["momentum_buffer"])), \
             f"{what}: momentum buffer {i}"
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "gradscaler"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_gradients_with_other_size1_strides(backend, flat, dtype, amp):
+    """Parameters with a dimension of size 1 (conftest.SIZE1_LAYOUTS) whose gradients differ
+    from them in that dimension's stride only, new strides at every step: dynamo makes such a
+    stride a symbol that its .stride() cannot return, so the traced step must not ask it
+    (optim._same_layout, _walked_alike). fullgraph=True, bitwise against torch's for-loop at
+    every step (under GradScaler: capturable, overflows on steps 1 and 4, the unscaled
+    gradients written back in place); the kernels take every gradient. (The permuted layout
+    is left out: in bf16 a traced step cannot tell its strides and steps it with torch's ops,
+    a graph break, test_compiled_step_runs_torch_ops_eagerly.)"""
+    gen = torch.Generator().manual_seed(41)
+    layouts = [(s, f) for s, f in SIZE1_LAYOUTS if f != "permuted"]
+    pairs = [[torch.nn.Parameter(size1_param(s, f, dtype, gen)) for s, f in layouts]]
+    pairs.append([torch.nn.Parameter(p.detach().clone()) for p in pairs[0]])
+    for p, q in zip(*pairs):
+        assert p.stride() == q.stride()
+    h = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    opt = momentum_cuda.SGD(pairs[0], flat=flat, capturable=amp, **h)
+    topt = torch.optim.SGD(pairs[1], foreach=False, **h)
+    compiled = torch.compile(opt.step, fullgraph=True, backend=backend)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)] if amp else None
+    for k in range(STEPS):
+        grads = [free_size1(p, gen) for p in pairs[0]]
+        if amp and k in (0, 3):
+            grads[1].view(-1)[0] = float("inf")
+        for ps, o, i in ((pairs[0], opt, 0), (pairs[1], topt, 1)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()  # (clone keeps the strides)
+            if not amp:
+                compiled() if o is opt else o.step()
+                continue
+            scalers[i].scale(torch.ones(()))  # (the gradients above stand for scaled ones)
+            if o is opt:
+                opt.step = compiled  # (on the instance: GradScaler.step calls it)
+            try:
+                scalers[i].step(o)
+            finally:
+                vars(o).pop("step", None)
+            scalers[i].update()
+        for j, (p, q) in enumerate(zip(*pairs)):
+            assert p.grad.stride() == grads[j].stride()
+            assert torch.equal(bits(p), bits(q)), f"step {k + 1}: parameter {j}"
+            assert torch.equal(bits(p.grad), bits(q.grad)), f"step {k + 1}: gradient {j}"
+        a, b = opt.state_dict()["state"], topt.state_dict()["state"]
+        assert a.keys() == b.keys(), f"step {k + 1}: state {sorted(a)} vs {sorted(b)}"
+        for j, st in b.items():
+            assert torch.equal(bits(a[j]["momentum_buffer"]), bits(st["momentum_buffer"]))
+        if not (amp and k in (0, 3)):
+            assert {e["path"] for e in opt.last_step} == {"per-tensor"}, (k, opt.last_step)
 
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["host-first", "capturable"])

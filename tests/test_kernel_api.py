@@ -144,6 +144,34 @@ def test_single_tensor_empty_and_channels_last(dtype, isa):
         assert_equal(buf, ref.buf(0), f"buffer step {step + 1}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_single_tensor_other_strides_on_size1_dims(dtype, isa):
+    """A gradient and buffer whose strides differ from the parameter's on its dimensions of
+    size 1 only (the gradient of a (n, 1) parameter may come transposed) place every element
+    where the parameter does: the op takes them and gives the bits it gives with the
+    parameter's own strides. Other strides on a dimension of size > 1 are still refused."""
+    gen = torch.Generator().manual_seed(5)
+    h = dict(momentum=MOMENTUM, dampening=DAMPENING, nesterov=True, weight_decay=WD,
+             maximize=False)
+    for shape in ((3, 1, 5), (1, 7), (1,), (2, 3, 1, 4)):
+        p0 = randn(shape, gen, dtype)
+        odd = [s + 3 if n == 1 else s for n, s in zip(shape, p0.stride())]
+        p, q = p0.clone(), p0.clone()
+        b, c = torch.zeros_like(p), torch.empty_strided(shape, odd, dtype=dtype).zero_()
+        for step in range(STEPS):
+            g = randn(shape, gen, dtype)
+            odd_g = torch.empty_strided(shape, odd, dtype=dtype).copy_(g)
+            assert odd_g.stride() != p.stride()
+            step_one(p, g, b, **kernel_kwargs(h, step == 0))
+            step_one(q, odd_g, c, **kernel_kwargs(h, step == 0))
+            assert_equal(q, p, f"{shape} step {step + 1}")
+            assert_equal(c, b, f"{shape} buffer step {step + 1}")
+    p = randn((4, 6), gen, dtype)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has strides \[1, 4\] but params\[0\]"):
+        step_one(p, randn((6, 4), gen, dtype).t(), torch.zeros_like(p),
+                 **kernel_kwargs(h, True))
+
+
 def test_lr_zero_and_momentum_one_edge_values(isa):
     """lr=0 leaves params bit-identical; momentum=1, dampening=1 keeps the buffer."""
     gen = torch.Generator().manual_seed(4)

@@ -21,6 +21,12 @@ def _cl(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _size1(t):
+    """t's values laid out as t is but with other strides on its dimensions of size 1."""
+    strides = [s + 7 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype).copy_(t)
+
+
 CASES = {
     "fp32": lambda: (_t(7), _t(7), _t(7)),
     "no buffer": lambda: (_t(7), _t(7), None),
@@ -48,6 +54,23 @@ CASES = {
     "grad on meta": lambda: (_t(7), torch.empty(7, device="meta"), _t(7)),
     "strided slice": lambda: (_t(14)[::2], _t(14)[::2], _t(14)[::2]),
     "integer": lambda: (torch.arange(7), torch.arange(7), torch.arange(7)),
+    # other strides on dimensions of size 1 only: laid out alike (optim._same_layout), and for
+    # bf16/fp16 walked alike by torch's ops where the parameter is contiguous or channels_last
+    # (optim._walked_alike)
+    "bf16 grad size-1 stride": lambda: (_t(3, 1, 5, dtype=torch.bfloat16),
+                                        _size1(_t(3, 1, 5, dtype=torch.bfloat16)),
+                                        _t(3, 1, 5, dtype=torch.bfloat16)),
+    "fp16 channels_last buffer size-1 stride": lambda: (
+        _cl(_t(2, 3, 1, 4, dtype=torch.float16)), _cl(_t(2, 3, 1, 4, dtype=torch.float16)),
+        _size1(_cl(_t(2, 3, 1, 4, dtype=torch.float16)))),
+    "fp32 buffer size-1 stride": lambda: (_t(3, 1, 5), _t(3, 1, 5), _size1(_t(3, 1, 5))),
+    "bf16 permuted grad size-1 stride": lambda: (
+        _t(5, 1, 3, dtype=torch.bfloat16).permute(2, 1, 0),
+        _size1(_t(5, 1, 3, dtype=torch.bfloat16).permute(2, 1, 0)),
+        _t(5, 1, 3, dtype=torch.bfloat16).permute(2, 1, 0)),
+    "fp32 permuted buffer size-1 stride": lambda: (
+        _t(5, 1, 3).permute(2, 1, 0), _t(5, 1, 3).permute(2, 1, 0),
+        _size1(_t(5, 1, 3).permute(2, 1, 0))),
 }
 
 
@@ -71,7 +94,9 @@ def test_both_answers_occur():
     """The cases above are not all one answer: the kernels take exactly these."""
     ready = {case for case in CASES if _C.kernel_ready(*([x] for x in CASES[case]()))[0]}
     assert ready == {"fp32", "no buffer", "bf16", "fp16 channels_last", "empty",
-                     "fp32 grad transposed"}
+                     "fp32 grad transposed", "bf16 grad size-1 stride",
+                     "fp16 channels_last buffer size-1 stride", "fp32 buffer size-1 stride",
+                     "fp32 permuted buffer size-1 stride"}
 
 
 def _bucket(n=5):

@@ -44,7 +44,8 @@ from torch.optim.optimizer import (
 )
 
 import momentum_cuda
-from conftest import SIZES, bits, make_values, run_steps, twin_params
+from conftest import (SIZE1_LAYOUTS, SIZES, bits, free_size1, make_values, run_steps, size1_param,
+                      twin_params)
 
 pytestmark = [
     # expected: the torch-ops path announces itself (complex parameters, sparse gradients,
@@ -1427,6 +1428,42 @@ def test_mixed_dtypes_layouts_and_empty_params(how, flat):
                     torch.stack([(ps[i] * gs[i]).sum().double() for i in live]).sum().backward()
                 opt.step()
             same_opt(o, r, ps_o, ps_r, f"{desc} step {step}:")
+
+
+@FLAT
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+def test_gradients_and_buffers_with_other_size1_strides(dtype, flat):
+    """Gradients, and momentum buffers loaded from torch's state_dict (torch's clone of such a
+    gradient keeps its strides), that differ from their parameter's strides only on dimensions
+    of size 1: they place every element where the parameter does, so the kernels take them as
+    they are (the ops check strides on the other dimensions only). For bf16/fp16, whose bits
+    depend on how torch's TensorIterator walks the operands, only where it walks them as one
+    block (contiguous or channels_last parameters); the permuted one takes torch's ops. Every
+    configuration, 4 steps with a state_dict round trip from torch's twin after the second,
+    bitwise; which path ran is checked too."""
+    narrow = dtype in (torch.bfloat16, torch.float16)
+    for desc, kw in configs(flags=()):
+        gen = torch.Generator().manual_seed(131)
+        pairs = [leaf_pair(size1_param(s, f, dtype, gen)) for s, f in SIZE1_LAYOUTS]
+        ps_o, ps_r = [a for a, _ in pairs], [b for _, b in pairs]
+        o, r = build(ps_o, ps_r, kw, flat)
+        for step in range(4):
+            for p, q in zip(ps_o, ps_r):
+                q.grad = free_size1(q, gen)
+                p.grad = q.grad.clone()  # (clone keeps the strides)
+                assert p.grad.stride() == q.grad.stride()
+            o.step()
+            r.step()
+            same_opt(o, r, ps_o, ps_r, f"{desc} step {step}:")
+            torch_ops = sum(e["tensors"] for e in o.last_step if e["path"] == "torch-ops")
+            assert torch_ops == (1 if narrow else 0), (desc, step, o.last_step)
+            if step == 1:
+                sd = copy.deepcopy(r.state_dict())  # (torch's load keeps the tensors given)
+                bufs = [v.get("momentum_buffer") for v in sd["state"].values()]
+                assert any(b is not None and b.stride() != p.stride()
+                           for b, p in zip(bufs, ps_r)) or kw.get("momentum", 0) == 0, desc
+                o.load_state_dict(sd)
 
 
 @FLAT

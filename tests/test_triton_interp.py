@@ -666,6 +666,28 @@ def check_validation_errors(tk):
     assert bool((p == 1).all() and (g == 1).all() and (b == 1).all())
 
 
+def check_list_other_strides_on_size1_dims(tk):
+    """Gradients and buffers whose strides differ from their parameter's on dimensions of size
+    1 only hold each element where the parameter does: the list op takes them and gives the
+    bits it gives with the parameter's own strides (as the C++ ops, test_kernel_api.py)."""
+    gen = torch.Generator().manual_seed(9)
+    h = dict(lr=0.0123, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+             maximize=False, first_step=False)
+    shapes = [(3, 1, 5), (1, 7), (1,), (2, 3, 1, 4)]
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    gs, bs = ([torch.randn(s, generator=gen) for s in shapes] for _ in range(2))
+
+    def odd(t):
+        strides = [s + 3 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+        return torch.empty_strided(t.shape, strides, dtype=t.dtype).copy_(t)
+    q1, c1 = [t.clone() for t in ps], [t.clone() for t in bs]
+    q2, c2 = [t.clone() for t in ps], [odd(t) for t in bs]
+    tk.triton_sgd_step_list_(q1, gs, c1, **h)
+    tk.triton_sgd_step_list_(q2, [odd(t) for t in gs], c2, **h)
+    assert all(o.stride() != t.stride() for o, t in zip(c2, c1))
+    assert _same(q1 + c1, q2 + c2) and not torch.equal(q1[0], ps[0])
+
+
 def check_triton_ops_opcheck(tk):
     """torch.ops.momentum_cuda.triton_sgd_step_flat_ / _list_ (the custom ops over the entry
     points) pass torch.library.opcheck, and give the entry points' bits."""
