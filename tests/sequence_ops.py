@@ -382,13 +382,22 @@ def _to_dtype(model, name, how):
         model.to(dtype)
 
 
+def _mistyped_view(t) -> bool:
+    """t is a view of a base of another dtype: what model.to(dtype) leaves of a gradient that
+    was a bucket's view (grad_bucket). dynamo cannot make a fake tensor of it (torch 2.13:
+    AssertionError in meta_utils), for torch's own compiled SGD as for ours: that step runs
+    eagerly."""
+    return isinstance(t, torch.Tensor) and t._base is not None and t._base.dtype != t.dtype
+
+
 @contextlib.contextmanager
 def _stepping(opt, cfg):
     """opt.step as cfg says: compiled (fullgraph=False: what the traced step cannot do breaks
     the graph) for momentum_cuda's optimizer when cfg.compiled, on the instance for the
     duration, so that GradScaler.step calls it too (a scheduler's wrapper, which it then
     wraps, runs eagerly: dynamo skips its file)."""
-    if not (cfg.compiled and isinstance(opt, momentum_cuda.optim._FusedMomentum)):
+    if not (cfg.compiled and isinstance(opt, momentum_cuda.optim._FusedMomentum)) or any(
+            _mistyped_view(p.grad) for g in opt.param_groups for p in g["params"]):
         yield
         return
     saved = vars(opt).get("step")
@@ -463,11 +472,15 @@ def _apply_one(op, side, cfg):
         _pick(side, a[0]).grad = None
         return None
     if name == "grad_set":
-        k, seed, channels_last = a
+        k, seed, layout = a
         p = _pick(side, k)
         gr = _rand(torch.Generator().manual_seed(seed), p.shape, p.dtype)
-        if channels_last and gr.dim() == 4:
+        if layout == "channels_last" and gr.dim() == 4:
             gr = gr.contiguous(memory_format=torch.channels_last)
+        elif layout == "size1" and 1 in gr.shape:  # other strides on its size-1 dimensions
+            gr = torch.empty_strided(gr.shape, [s + 5 if n == 1 else s for n, s in
+                                                zip(gr.shape, gr.stride())],
+                                     dtype=gr.dtype).copy_(gr)
         p.grad = gr
         return None
     if name == "grad_bucket":  # DDP with gradient_as_bucket_view=True: .grad become views

@@ -171,7 +171,7 @@ def _op_args(kind: str) -> dict:
         # 1e38 overflows to inf (then inf - inf: NaN), as an unscaled fp16 loss may; nan too
         "grad_mul": t(st.sampled_from([0.5, -1.0, 3.0, 0.0, 1e38, float("nan")])),
         "grad_none": t(K),
-        "grad_set": t(K, SEED, st.booleans()),
+        "grad_set": t(K, SEED, st.sampled_from(["contiguous", "channels_last", "size1"])),
         "grad_bucket": t(st.sampled_from([0, 7]), st.booleans()),
         "data_clone": t(K),
         "data_new": t(K, SEED),
@@ -179,7 +179,7 @@ def _op_args(kind: str) -> dict:
         "to_dtype": t(st.sampled_from(sorted(DTYPES)), st.sampled_from(["to", "method"])),
         "memory_format": t(st.sampled_from(["channels_last", "contiguous"])),
         "add_group": t(st.sampled_from(["fresh", "orphans", "append"]), SEED,
-                       st.sampled_from([(5,), (2, 3), (1,)]), _HYPER[kind, True]),
+                       st.sampled_from([(5,), (2, 3), (1,), (3, 1)]), _HYPER[kind, True]),
         "edit_group": st.sampled_from(sorted(edit_value)).flatmap(
             lambda key: t(K, st.just(key), edit_value[key])),
         "del_group": t(K, st.booleans()),
