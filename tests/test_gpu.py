@@ -112,6 +112,45 @@ def test_momentum_bitwise_vs_reference(backend, dtype, flat):
          MomentumReference(ref, **h), dtype, seed=6, backend=backend, flat=flat)
 
 
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_with_other_size1_strides_on_gpu(backend, dtype, flat):
+    """tests/test_torch_parity.py's size-1 layouts on the GPU: gradients whose strides differ
+    from their parameter's on dimensions of size 1 only, new ones each step, taken by the
+    kernels as they are (the permuted layout, which bf16/fp16 step with torch's ops, is left
+    out), bitwise against torch's for-loop on the same GPU."""
+    from conftest import SIZE1_LAYOUTS, free_size1, size1_param
+    device = torch.empty(0).cuda().device  # (.cuda(): tests/test_triton_jit.py replays this)
+
+    def on_gpu(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
+    gen = torch.Generator().manual_seed(29)
+    vals = [on_gpu(size1_param(s, f, dtype, gen)) for s, f in SIZE1_LAYOUTS if f != "permuted"]
+    ours = [torch.nn.Parameter(v.clone()) for v in vals]
+    ref = [torch.nn.Parameter(v.clone()) for v in vals]
+    h = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    opt = momentum_cuda.SGD(ours, flat=flat, backend=backend, **h)
+    topt = torch.optim.SGD(ref, foreach=False, **h)
+    for step in range(4):
+        for p, q in zip(ours, ref):
+            g = on_gpu(free_size1(q.detach(), gen))
+            assert g.stride() != q.stride()
+            p.grad, q.grad = g.clone(), g
+        opt.step()
+        topt.step()
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            assert torch.equal(p, q), f"step {step + 1}: parameter {i}"
+            tb = topt.state[q].get("momentum_buffer")  # (none in test_triton_jit's replay)
+            assert tb is not None or not torch.cuda.is_available()
+            if tb is not None:
+                assert torch.equal(opt.state[p]["momentum_buffer"], tb), \
+                    f"step {step + 1}: buffer {i}"
+        # (gradients assigned at every step are not the flat buffer's views: per-tensor)
+        assert {(e["backend"], e["path"]) for e in opt.last_step} == {
+            (backend, "per-tensor")}, opt.last_step
+
+
 def test_default_backend_on_cuda():
     """The CUDA kernel when built, else Triton."""
     p = torch.nn.Parameter(torch.randn(5, device="cuda"))
