@@ -1722,11 +1722,11 @@ class _FusedMomentum(Optimizer):
         plans, planned = [], []
         try:
             for g, lay in self._group_layouts():
-                plan = self._plan(g, lay)
+                plan = self._plan(g, lay, amp=amp)
                 if plan is None:  # a parameter can go (back) into the flat layout
                     lay = self._layout_group(g)
                     self._adopt_buffers([(g, lay)])
-                    plan = self._plan(g, lay, relayout=False)
+                    plan = self._plan(g, lay, relayout=False, amp=amp)
                 plans.append(plan)
                 planned.append((g, lay))
         except Exception:
@@ -1871,7 +1871,8 @@ class _FusedMomentum(Optimizer):
         found_inf, and every run that creates buffers is a whole bucket none of whose parameters
         has a buffer yet (or whose buffers an _Unsure holds; a lent bucket, DDP's, by a list
         call of its own while its flag is undecided), and every tensor of the per-tensor path
-        (a DTensor's shard too) whose buffer is made likewise (_LooseFirst), on any backend;
+        (a DTensor's shard too, and a bucket's parameter whose first step is not the whole
+        bucket's: _plan) whose buffer is made likewise (_LooseFirst), on any backend;
         nothing else needs the host (torch's ops, the modes). While a CUDA graph is captured,
         what the capture would get wrong raises here, before anything is written: a host read
         of found_inf, and buffers that would be made (allocated and zeroed by kernels the graph
@@ -2373,16 +2374,22 @@ class _FusedMomentum(Optimizer):
         if c.mode in ("master", "master16"):  # a later write restarts the master
             c.check.commit(self._master_seen)  # (_master_written; after the bump)
 
-    def _plan(self, group, lay, relayout=None):
+    def _plan(self, group, lay, relayout=None, amp=None):
         """(hyper-parameters, flat runs, loose (param, grad) pairs) of one group; raises on bad
         input, changes nothing (but opt.state to what the device did, where a bucket's first
         step was left to it and is not stepped whole now: _settle_unsure). None (if
         `relayout`) when the group should be laid out again:
         a parameter with a gradient is off the flat path and could be on it (it moved, e.g.
-        model.to(); it was frozen, meta or lazy when the group was laid out)."""
+        model.to(); it was frozen, meta or lazy when the group was laid out).
+        amp: GradScaler's (grad_scale, found_inf) for this step, or None."""
         h = self._hyper(group)
         _finite(h)
-        plan = self._plan_with(h, group, lay, relayout)
+        # capturable under GradScaler: a bucket's parameters whose buffers this step makes
+        # while the rest of the bucket is not made whole with them go to the per-tensor path,
+        # whose list call decides their first step on the device (_LooseFirst), and stay
+        # there while that flag is undecided
+        device_first = self._capturable and amp is not None and amp[1] is not None
+        plan = self._plan_with(h, group, lay, relayout, device_first)
         if plan is not None and isinstance(h["momentum"], torch.Tensor) and (
                 any(run[3] or run[4] for run in plan[1])
                 or any(buf is None for _, _, buf, _, _ in plan[2])):
@@ -2390,10 +2397,10 @@ class _FusedMomentum(Optimizer):
             # momentum != 0, read here (as torch's for-loop reads it), and planned again
             h["momentum"] = float(h["momentum"].item())
             _finite(h)
-            plan = self._plan_with(h, group, lay, relayout)
+            plan = self._plan_with(h, group, lay, relayout, device_first)
         return plan
 
-    def _plan_with(self, h, group, lay, relayout):
+    def _plan_with(self, h, group, lay, relayout, device_first=False):
         """_plan for the hyper-parameters h."""
         use_buf = _use_buf(h)
         runs = []  # [bucket, first index, end index, first_step, some buffer is new]
@@ -2401,8 +2408,11 @@ class _FusedMomentum(Optimizer):
         relayout = self._lays_out if relayout is None else relayout
         if relayout and any(self._could_move(lay, p) for p, _ in loose):
             return None
+        device_first = device_first and use_buf
+        held = self._loose_held() if device_first and self._unsure else {}
         for b in lay.buckets:
-            run = self._whole_bucket_run(b, use_buf)
+            run = (None if held and any(id(p) in held for p in b.params)
+                   else self._whole_bucket_run(b, use_buf))
             if b.unsure is not None and use_buf:
                 if run is None or (run[4] and not b.unsure.hidden):
                     # not stepped whole, or its buffers were taken out of the state by hand:
@@ -2433,6 +2443,8 @@ class _FusedMomentum(Optimizer):
                         # rebuilt one, or a tensor of its own): lay out to read it there
                         return None
                     loose.append((p, g))
+                elif device_first and (buf is None or id(p) in held):
+                    loose.append((p, g))  # its first step decided by a list call's flag
                 elif runs and runs[-1][0] is b and runs[-1][2] == i and runs[-1][3] == first:
                     runs[-1][2] = i + 1
                     runs[-1][4] = runs[-1][4] or (use_buf and buf is None)
@@ -2505,7 +2517,7 @@ class _FusedMomentum(Optimizer):
             stale = self._loose_stale(group, checked)
             if stale:  # the host reads their flags (the state then says what the device did)
                 self._settle_unsure(True, stale, drop=True)
-                return self._plan_with(h, group, lay, relayout)
+                return self._plan_with(h, group, lay, relayout, device_first)
         return h, runs, checked
 
     @staticmethod
@@ -3133,8 +3145,9 @@ class SGD(_FusedMomentum):
     or torch.int8 stores the momentum buffers narrow (torch.float32 or None: torch's).
     capturable=True: under GradScaler the step that creates the momentum buffers decides on the
     device whether it was skipped (no host read of found_inf): whole flat buckets (DDP's
-    bucket views included) and the per-tensor path's list calls (FSDP2's shards included;
-    not the modes, which still read found_inf then), on every backend. Until the host has
+    bucket views included) and the per-tensor path's list calls (FSDP2's shards included, and
+    the parameters of a bucket whose first step is not the whole bucket's; not the modes,
+    which still read found_inf then), on every backend. Until the host has
     read it (a later step, or state_dict(), which never shows them), opt.state holds those
     buffers even after steps GradScaler skipped (_Unsure).
     """

@@ -155,11 +155,29 @@ def test_without_capturable_the_first_step_reads_found_inf():
         _train("sgd", True, overflow=(0,), check_no_reads="all")
 
 
+@contextlib.contextmanager
+def _no_flag_waits():
+    """no_host_reads, and no flag read that waits for the device (_Unsure.never(wait=True):
+    .item() on a GPU; on the CPU the flag is host memory, which no_host_reads cannot see)."""
+    real = momentum_cuda.optim._Unsure.never
+
+    def never(self, wait):
+        assert not wait, "a step waited for a first-step flag (a host read on a GPU)"
+        return real(self, wait)
+    momentum_cuda.optim._Unsure.never = never
+    try:
+        with no_host_reads():
+            yield
+    finally:
+        momentum_cuda.optim._Unsure.never = real
+
+
 def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), where="own"):
     """_train's loop with the flag never read back by a step (_Unsure.host_ready False:
     a GPU whose copy has not arrived), no host read in any step, and `edit(k, opt, topt, ours,
-    ref)` before each step on both sides (steps in `host_reads` may read the host: a partial
-    first step). Parameters and gradients are compared after every
+    ref)` before each step on both sides (steps in `host_reads` may read the host: a flag
+    read first after an edit, _EDIT_WAITS; no other step waits for one). Parameters and
+    gradients are compared after every
     step; while the host has not read a flag its buffers are in opt.state (torch has none
     after steps 1 and 2); state_dict(), which reads the flags, and then every buffer at the
     end. where: "own" (flat, the bucket's own gradients), "lent" (flat, DDP's bucket views
@@ -193,7 +211,7 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), wh
                 opt.step = compiled  # (an attribute of the instance: GradScaler.step calls it)
             try:
                 # (not while dynamo compiles: it reads a float it makes dynamic with .item())
-                with (no_host_reads() if o is opt and k not in host_reads and not traced
+                with (_no_flag_waits() if o is opt and k not in host_reads and not traced
                       else contextlib.nullcontext()):
                     scaler.step(o)
             finally:
@@ -258,6 +276,15 @@ def _edit_unused(k, opt, topt, ours, ref):
             m[0].weight.requires_grad_(True)
 
 
+def _edit_unfrozen_later(k, opt, topt, ours, ref):
+    if k == 0:  # the last layer frozen from step 1 (the bucket's first step is partial) ...
+        for m in (ours, ref):
+            m[2].requires_grad_(False)
+    if k == 4:  # ... and unfrozen at an overflowed step 5: its first step, skipped, then 6
+        for m in (ours, ref):
+            m[2].requires_grad_(True)
+
+
 def _edit_clear(k, opt, topt, ours, ref):
     if k in (1, 3):  # momentum reset by hand after a skipped step and after a stepped one
         opt.state.clear()
@@ -280,8 +307,19 @@ def _edit_all_none(k, opt, topt, ours, ref):
         assert a == b and all(st == {"momentum_buffer": None} for st in b.values()), (a, b)
 
 
+# The steps that read a first-step flag the device has not sent back yet (a wait), after the
+# edits that take the buffers of an undecided flag out of the state or change which of its
+# parameters are stepped with them: the host learns what the device did first (optim.
+# _settle_unsure). A GPU has long sent the flag back when the next step begins (an eager
+# step records the copy; _Unsure.host_ready): these are reads only when it has not.
+# A relayout reads them too: DDP's views of the gradients of the layer unfrozen at step 5 are
+# a bucket the group is laid out again for (lent).
+_EDIT_WAITS = {_edit_all_none: (4,), _edit_unused: (3, 4), _edit_clear: (1, 3),
+               _edit_none: (3,), (_edit_unfrozen_later, "lent"): (4,)}
+
 _EDITS = {"state_dict": _edit_state_dict, "all-None": _edit_all_none, "load": _edit_load,
           "momentum-off": _edit_momentum_off, "frozen-for-a-step": _edit_unused,
+          "unfrozen-later": _edit_unfrozen_later,
           "state-cleared": _edit_clear, "buffer-None": _edit_none}
 
 
@@ -294,8 +332,8 @@ def test_first_step_on_the_device_with_edits(edit, kind, where, monkeypatch):
     edit = _EDITS[edit]
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
     # a partial first step (buffer-None) reads found_inf on the host, as without capturable
-    _first_on_device_late(kind, edit, host_reads=(3,) if edit is _edit_none else (),
-                          where=where)
+    waits = _EDIT_WAITS.get(edit, _EDIT_WAITS.get((edit, where), ()))
+    _first_on_device_late(kind, edit, where=where, host_reads=waits)
 
 
 @pytest.mark.parametrize("where", ["own", "pertensor"])
@@ -318,7 +356,9 @@ def test_first_step_on_the_device_copy_and_relayout(what, where, monkeypatch):
         else:
             for m in (ours, ref):
                 m[0].weight.data = m[0].weight.data.clone()
-    _first_on_device_late("sgd", edit, where=where)
+    # the moved parameter's bucket, not stepped whole, has the host read its flag first
+    waits = (3,) if what == "moved" and where == "own" else ()
+    _first_on_device_late("sgd", edit, where=where, host_reads=waits)
 
 
 @pytest.mark.parametrize("where", ["own", "pertensor", "compiled"])
