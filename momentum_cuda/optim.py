@@ -1913,12 +1913,18 @@ class _FusedMomentum(Optimizer):
         state is right: done. Else no step did, and the buffers that are still there leave the
         state (torch's holds none: GradScaler skipped every step; an entry that held None holds
         None again), kept for the next step (made, zeroed: a CUDA graph captured later holds no
-        kernel of theirs) unless `drop` (the bucket is not stepped whole next, or goes). Per-
-        tensor list calls' flags (_LooseFirst) are settled alike."""
+        kernel of theirs) unless `drop` (the bucket is not stepped whole next, or goes; then
+        a flag none of whose buffers the state holds is dropped unread). Per-tensor list
+        calls' flags (_LooseFirst) are settled alike."""
         for key, b in list(self._unsure.items()):
             if buckets is not None and not any(b is x for x in buckets):
                 continue
             u = b.unsure
+            if drop and not any(self._buffer(q) is view for q, view in zip(b.params, b.buf_views)):
+                # none of its buffers is in the state (taken out by hand, or hidden): what the
+                # device did changes nothing here, so its flag is not read
+                self._drop_unsure(key, b)
+                continue
             never = u.never(wait)
             if never is None:
                 continue

@@ -314,7 +314,7 @@ def _edit_all_none(k, opt, topt, ours, ref):
 # step records the copy; _Unsure.host_ready): these are reads only when it has not.
 # A relayout reads them too: DDP's views of the gradients of the layer unfrozen at step 5 are
 # a bucket the group is laid out again for (lent).
-_EDIT_WAITS = {_edit_all_none: (4,), _edit_unused: (3, 4), _edit_clear: (1, 3),
+_EDIT_WAITS = {_edit_unused: (3, 4),
                _edit_none: (3,), (_edit_unfrozen_later, "lent"): (4,)}
 
 _EDITS = {"state_dict": _edit_state_dict, "all-None": _edit_all_none, "load": _edit_load,
