@@ -4,6 +4,7 @@ asserted (a silent fallback to torch's own ops fails). They skip where no GPU is
 backend is not built (this machine, CI), except under MOMENTUM_CUDA_REQUIRE_GPU=1, which the GPU
 check (tools/gpu_check.py) sets: there a skip would hide a broken build, so it fails instead.
 The kernels themselves run here too, through the host emulation of tests/test_cuda_host.py."""
+import contextlib
 import copy
 import itertools
 import os
@@ -455,6 +456,38 @@ def test_capturable_first_step_on_the_device(kind, flat):
                 f"step {k + 1} grad {i}"
         assert [(e["backend"], e["path"]) for e in opt.last_step] == [
             ("cuda", "flat" if flat else "per-tensor")], opt.last_step
+    _same_state(opt, topt, "end")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_capturable_partial_first_steps_on_the_device(kind):
+    """The same with the last layer frozen until step 5 (overflowed) and unfrozen then: the
+    first steps of only some parameters of the bucket (steps 1 and 5) go to a per-tensor list
+    call with a flag of its own, and read nothing on the host; once the flags are back, the
+    bucket is stepped whole again. Bits and state as above."""
+    from conftest import no_host_reads
+    model, twin, opt, topt = _capturable_twins(kind, seed=47)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=1024.0) for _ in range(2)]
+    gen = torch.Generator(device="cpu").manual_seed(48)
+    for k in range(9):
+        for m in (model, twin):
+            m[2].requires_grad_(k >= 4)
+        x = torch.randn(8, 32, generator=gen).cuda()
+        for m, o, s in ((model, opt, scalers[0]), (twin, topt, scalers[1])):
+            o.zero_grad()
+            s.scale(m(x).square().mean() * (float("inf") if k in (0, 4) else 1.0)).backward()
+            with no_host_reads() if o is opt else contextlib.nullcontext():
+                s.step(o)
+            s.update()
+        torch.cuda.synchronize()
+        for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+            assert torch.equal(p.view(torch.int32), q.view(torch.int32)), f"step {k + 1} p{i}"
+            assert (p.grad is None) == (q.grad is None), f"step {k + 1} grad {i}"
+            if p.grad is not None:
+                assert torch.equal(p.grad.view(torch.int32), q.grad.view(torch.int32)), \
+                    f"step {k + 1} grad {i}"
+    assert [(e["backend"], e["path"]) for e in opt.last_step] == [("cuda", "flat")], \
+        opt.last_step
     _same_state(opt, topt, "end")
 
 
