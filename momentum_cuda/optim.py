@@ -939,13 +939,13 @@ class _Unsure:
 class _LooseFirst:
     """A bucket's _Unsure for the per-tensor path (capturable=True): the parameters of one
     list call whose momentum buffers that call made (DTensors, whose local shards it steps,
-    with their DTensor buffers), or a part of another's that a traced step split off with a
-    copy of its flag (_traced_held), with the flag (first_flag) its op reads as
+    with their DTensor buffers; a bucket's parameters whose first step is not the whole
+    bucket's), or a part of another's (or of a bucket's _Unsure) that a step split off with a
+    copy of its flag (_split_flag), with the flag (first_flag) its op reads as
     first_step_tensor. Laid out as a bucket is for _settle_unsure (params, buf_views: the
     buffers as the state holds them, unsure, first_flag). Stepped by one list call of its own
-    while undecided; a step that does not step exactly these parameters with these buffers
-    (all of them in the state, or none: hidden) has the host read the flag first
-    (_loose_stale)."""
+    while undecided; a step that steps only some of these parameters with these buffers splits
+    it under GradScaler, or else has the host read the flag first (_loose_stale)."""
 
     __slots__ = ("params", "buf_views", "first_flag", "unsure")
 
@@ -1953,6 +1953,27 @@ class _FusedMomentum(Optimizer):
             self._unsure[("new", id(p))] = loose
         return loose
 
+    def _split_flag(self, key, b, parts: dict, idle=None) -> list:
+        """b's undecided flag (a bucket's _Unsure or a _LooseFirst, at self._unsure[key]) split
+        instead of read: `parts` maps a label to the (parameter, buffer as the state holds it)
+        pairs stepped together from now on, each becoming a _LooseFirst with a copy of the flag
+        (each copy then speaks for the buffers it is stepped with); b is dropped. The part
+        labelled `idle` (not stepped now) keeps the flag's copy on its way to the host (an
+        eager step's). Returns [(label, _LooseFirst)]."""
+        u = b.unsure
+        flags = [b.first_flag.clone() for _ in parts]  # (before the drop resets it)
+        self._drop_unsure(key, b)
+        out = []
+        for (k, kept), flag in zip(parts.items(), flags):
+            part = _LooseFirst(kept[0][0].device, flag)
+            part.params, part.buf_views = [q for q, _ in kept], [v for _, v in kept]
+            part.unsure.nones = {id(q) for q, _ in kept if id(q) in u.nones}
+            if k == idle:
+                part.unsure.host, part.unsure.event = u.host, u.event
+            self._unsure[("split", id(kept[0][0]))] = part
+            out.append((k, part))
+        return out
+
     def _drop_unsure(self, key, b) -> None:
         """b (a bucket or _LooseFirst) no longer has its first step decided on the device."""
         del self._unsure[key]
@@ -1968,32 +1989,52 @@ class _FusedMomentum(Optimizer):
         the state holds it)."""
         return {id(q): (u, v) for u in self._loose_firsts() for q, v in zip(u.params, u.buf_views)}
 
-    def _loose_stale(self, group, checked) -> list:
+    def _loose_stale(self, group, checked, split=False) -> tuple[list, bool]:
         """The undecided _LooseFirst of this group's parameters that this step would not step
-        as made: each parameter a plain tensor on the kernels' path holding the buffer the call
+        as made (each parameter a plain tensor on the kernels' path holding the buffer the call
         made (shown), or all of them without one (hidden: the buffers were taken out of the
-        state, never stepped)."""
+        state, never stepped), or none of them stepped: no gradient), and whether any was
+        split instead (`split`: a part per set stepped together, _split_flag; not one of
+        whose parameters holding its buffer is on torch's ops, which is returned). Stale ones
+        have the host read their flag first."""
         mine = self._loose_firsts()
         if mine:
             ids = {id(p) for p in group["params"]}
             mine = [u for u in mine if id(u.params[0]) in ids]
         if not mine:
-            return []
+            return [], False
         # by state key (a DTensor's buffer in the state is a DTensor over the local one)
         bufs = {}
         for p, _, buf, reason, dt in checked:
             if reason is None:
                 bufs[id(p if dt is None else dt)] = buf if dt is None else self._buffer(dt)
-        out = []
+        out, did = [], False
         for u in mine:
             now = [bufs.get(id(q), False) for q in u.params]  # False: not on the kernels' path
-            if not (all(b is v for b, v in zip(now, u.buf_views))
+            if (all(b is v for b, v in zip(now, u.buf_views))
                     or (u.unsure.hidden and all(b is None for b in now) and all(
                         (v.shape, v.stride(), v.dtype, v.device)
                         == (q.shape, q.stride(), q.dtype, q.device)
                         for q, v in zip(map(_local, u.params), map(_local, u.buf_views))))):
+                continue
+            # by parameter: stepped as made (True), not stepped and holding its buffer (False),
+            # left (its buffer replaced or taken out: None), or on torch's ops (a read)
+            how = [True if b is v else None if self._buffer(q) is not v
+                   else False if b is False and q.grad is None else "read"
+                   for q, v, b in zip(u.params, u.buf_views, now)]
+            if all(x is False for x in how):
+                continue  # not stepped now: the flag still speaks for all its buffers
+            if not split or "read" in how:
                 out.append(u)
-        return out
+                continue
+            parts: dict = {}
+            for q, v, x in zip(u.params, u.buf_views, how):
+                if x is not None:
+                    parts.setdefault(x, []).append((q, v))
+            key = next(k for k, x in self._unsure.items() if x is u)
+            self._split_flag(key, u, parts, idle=False)
+            did = True
+        return out, did
 
     def _amp_on_host(self, amp) -> bool:
         """GradScaler's work done here instead of in the kernels: every gradient unscaled with
@@ -2180,15 +2221,9 @@ class _FusedMomentum(Optimizer):
                         and -1 not in parts:
                     held.update((id(q), b) for q in b.params)  # stepped whole, as made
                     continue
-                flags = [b.first_flag.clone() for _ in parts]  # (before the drop resets it)
-                self._drop_unsure(key, b)
-                for (k, kept), flag in zip(parts.items(), flags):
-                    part = _LooseFirst(kept[0][0].device, flag)
-                    part.params, part.buf_views = [q for q, _ in kept], [v for _, v in kept]
-                    part.unsure.nones = {id(q) for q, _ in kept if id(q) in u.nones}
-                    self._unsure[("traced", id(kept[0][0]))] = part
+                for k, part in self._split_flag(key, b, parts):
                     if k >= 0:
-                        held.update((id(q), part) for q, _ in kept)
+                        held.update((id(q), part) for q in part.params)
         if read:
             self._settle_unsure(True, read, drop=True)
         return held
@@ -2416,16 +2451,30 @@ class _FusedMomentum(Optimizer):
             return None
         device_first = device_first and use_buf
         held = self._loose_held() if device_first and self._unsure else {}
+
+        def whole(b):  # (a bucket holding a per-tensor flag's parameters is not stepped whole)
+            if held and any(id(p) in held for p in b.params):
+                return None
+            return self._whole_bucket_run(b, use_buf)
         for b in lay.buckets:
-            run = (None if held and any(id(p) in held for p in b.params)
-                   else self._whole_bucket_run(b, use_buf))
+            run = whole(b)
             if b.unsure is not None and use_buf:
                 if run is None or (run[4] and not b.unsure.hidden):
-                    # not stepped whole, or its buffers were taken out of the state by hand:
-                    # the host reads the flag (the state then says what the device did)
-                    # before this step is planned
-                    self._settle_unsure(True, [b], drop=True)
-                    run = self._whole_bucket_run(b, use_buf)
+                    # not stepped whole, or its buffers were taken out of the state by hand
+                    if device_first:
+                        # its flag split by whether each parameter is stepped now (those with
+                        # a gradient then go to the per-tensor path, a list call per part)
+                        parts: dict = {}
+                        for q, v in zip(b.params, b.buf_views):
+                            if self._buffer(q) is v:
+                                parts.setdefault(q.grad is not None, []).append((q, v))
+                        self._split_flag(id(b), b, parts, idle=False)
+                        held = self._loose_held()
+                    else:
+                        # the host reads the flag (the state then says what the device did)
+                        # before this step is planned
+                        self._settle_unsure(True, [b], drop=True)
+                    run = whole(b)
                 elif not run[4]:  # its buffers, in the state: a first step while the flag says
                     run[3] = not self._ema
             if run is not None:
@@ -2520,9 +2569,10 @@ class _FusedMomentum(Optimizer):
                 reason = self._check_loose(p, g, buf, h)
             checked.append((p, g, buf, "alias" if alias else reason, None))
         if self._unsure and use_buf:
-            stale = self._loose_stale(group, checked)
+            stale, split = self._loose_stale(group, checked, device_first)
             if stale:  # the host reads their flags (the state then says what the device did)
                 self._settle_unsure(True, stale, drop=True)
+            if stale or split:
                 return self._plan_with(h, group, lay, relayout, device_first)
         return h, runs, checked
 

@@ -268,10 +268,19 @@ def _edit_momentum_off(k, opt, topt, ours, ref):
 
 
 def _edit_unused(k, opt, topt, ours, ref):
-    if k == 3:  # the first layer frozen for a step: a partial run reads the flag first
+    if k == 3:  # the first layer frozen for a step: its flag split, the layer's part idle
         for m in (ours, ref):
             m[0].weight.requires_grad_(False)
     if k == 4:
+        for m in (ours, ref):
+            m[0].weight.requires_grad_(True)
+
+
+def _edit_unused_after_a_skip(k, opt, topt, ours, ref):
+    if k == 1:  # frozen at step 2, after skipped step 1: its flag, still "never stepped", split
+        for m in (ours, ref):
+            m[0].weight.requires_grad_(False)
+    if k == 2:  # and its first real step at step 3
         for m in (ours, ref):
             m[0].weight.requires_grad_(True)
 
@@ -307,19 +316,16 @@ def _edit_all_none(k, opt, topt, ours, ref):
         assert a == b and all(st == {"momentum_buffer": None} for st in b.values()), (a, b)
 
 
-# The steps that read a first-step flag the device has not sent back yet (a wait), after the
-# edits that take the buffers of an undecided flag out of the state or change which of its
-# parameters are stepped with them: the host learns what the device did first (optim.
-# _settle_unsure). A GPU has long sent the flag back when the next step begins (an eager
-# step records the copy; _Unsure.host_ready): these are reads only when it has not.
-# A relayout reads them too: DDP's views of the gradients of the layer unfrozen at step 5 are
-# a bucket the group is laid out again for (lent).
-_EDIT_WAITS = {_edit_unused: (3, 4),
-               _edit_none: (3,), (_edit_unfrozen_later, "lent"): (4,)}
+# The steps that read a first-step flag the device has not sent back yet (a wait): a relayout
+# has the host learn what the device did first (optim._settle_unsure), and DDP's views of the
+# gradients of the layer unfrozen at step 5 are a bucket the group is laid out again for
+# (lent). Every other edit splits the flags it changes (optim._split_flag) or drops those it
+# empties, unread.
+_EDIT_WAITS = {(_edit_unfrozen_later, "lent"): (4,)}
 
 _EDITS = {"state_dict": _edit_state_dict, "all-None": _edit_all_none, "load": _edit_load,
           "momentum-off": _edit_momentum_off, "frozen-for-a-step": _edit_unused,
-          "unfrozen-later": _edit_unfrozen_later,
+          "unfrozen-later": _edit_unfrozen_later, "frozen-after-a-skip": _edit_unused_after_a_skip,
           "state-cleared": _edit_clear, "buffer-None": _edit_none}
 
 
@@ -331,8 +337,7 @@ def test_first_step_on_the_device_with_edits(edit, kind, where, monkeypatch):
     _first_on_device_late's."""
     edit = _EDITS[edit]
     monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
-    # a partial first step (buffer-None) reads found_inf on the host, as without capturable
-    waits = _EDIT_WAITS.get(edit, _EDIT_WAITS.get((edit, where), ()))
+    waits = _EDIT_WAITS.get((edit, where), ())
     _first_on_device_late(kind, edit, where=where, host_reads=waits)
 
 
@@ -356,7 +361,7 @@ def test_first_step_on_the_device_copy_and_relayout(what, where, monkeypatch):
         else:
             for m in (ours, ref):
                 m[0].weight.data = m[0].weight.data.clone()
-    # the moved parameter's bucket, not stepped whole, has the host read its flag first
+    # the moved parameter can go back into a flat buffer: a relayout, which reads the flag first
     waits = (3,) if what == "moved" and where == "own" else ()
     _first_on_device_late("sgd", edit, where=where, host_reads=waits)
 
@@ -380,6 +385,27 @@ def test_planted_first_step_bugs_are_caught(plant, where, monkeypatch):
         monkeypatch.setattr(momentum_cuda.optim._Unsure, "__init__", stepped)
         with pytest.raises(AssertionError):
             _first_on_device_late("sgd", where=where)
+
+
+@pytest.mark.parametrize("where", ["own", "pertensor", "compiled"])
+@pytest.mark.parametrize("plant", ["copies-say-stepped", "copies-say-never"])
+def test_planted_split_bugs_are_caught(plant, where, monkeypatch):
+    """Controls for the split flags (optim._split_flag): copies that say "stepped" when the
+    flag said "never" (a layer frozen right after a skipped first step, then stepped), and
+    copies that say "never" when the flag said "stepped" (a layer frozen for a step after its
+    first one), each fail."""
+    monkeypatch.setattr(momentum_cuda.optim._Unsure, "host_ready", False)
+    real = momentum_cuda.optim._FusedMomentum._split_flag
+
+    def split(self, *args, **kwargs):
+        parts = real(self, *args, **kwargs)
+        for _, part in parts:
+            part.first_flag.fill_(plant == "copies-say-never")
+        return parts
+    monkeypatch.setattr(momentum_cuda.optim._FusedMomentum, "_split_flag", split)
+    edit = _edit_unused_after_a_skip if plant == "copies-say-stepped" else _edit_unused
+    with pytest.raises(AssertionError, match="parameter"):
+        _first_on_device_late("sgd", edit, where=where)
 
 
 @pytest.mark.parametrize("init_scale", [2.0 ** 16, 3.0])
