@@ -1313,9 +1313,14 @@ class _FusedMomentum(Optimizer):
     def _layout_group(self, group) -> _GroupLayout:
         self._check_momentum_dtype(group)
         old = self._layouts.get(id(group))
-        if self._unsure:  # its buffers go into the state, or nowhere (the per-tensor ones too)
+        if self._unsure:  # its buffers go into the state, or nowhere (the per-tensor ones too;
+            # not other groups': a step may have planned them already)
+            ids = {id(p) for p in group["params"]}
+            if old is not None:
+                ids.update(id(p) for p in old.params)
             self._settle_unsure(True, (old.buckets if old is not None else [])
-                                + self._loose_firsts(), drop=True)
+                                + [u for u in self._loose_firsts()
+                                   if any(id(q) in ids for q in u.params)], drop=True)
         if old is not None and old.master[2] is not None and group.get("momentum_dtype") is None:
             self._widen_buffers(group)
         for b in old.buckets if old is not None else ():
@@ -1994,9 +1999,9 @@ class _FusedMomentum(Optimizer):
         as made (each parameter a plain tensor on the kernels' path holding the buffer the call
         made (shown), or all of them without one (hidden: the buffers were taken out of the
         state, never stepped), or none of them stepped: no gradient), and whether any was
-        split instead (`split`: a part per set stepped together, _split_flag; not one of
-        whose parameters holding its buffer is on torch's ops, which is returned). Stale ones
-        have the host read their flag first."""
+        split instead (`split`: a part per set stepped together, _split_flag), unless one of
+        its parameters still holding its buffer goes to torch's ops. The host reads the flags
+        of those returned first."""
         mine = self._loose_firsts()
         if mine:
             ids = {id(p) for p in group["params"]}
@@ -2506,6 +2511,11 @@ class _FusedMomentum(Optimizer):
                 else:
                     runs.append([b, i, i + 1, first, use_buf and buf is None])
         alias = bool(loose) and self._overlap(lay, group)
+        if alias and use_buf and any(b.unsure is not None for b in lay.buckets):
+            # torch's ops step the buffers of a flag they do not read: the host reads it first
+            self._settle_unsure(True, [b for b in lay.buckets if b.unsure is not None],
+                                drop=True)
+            return self._plan_with(h, group, lay, relayout, device_first)
         if alias:
             # torch's for-loop steps overlapping parameters one after the other, each reading
             # what the one before wrote: so does the whole group here (torch's own ops)

@@ -75,6 +75,8 @@ class Config:
     # torch.compile(opt.step) (the traced step: optim._step_traced), with the flags of
     # capturable read back only when state_dict() or a waiting step reads them (as on a GPU)
     compiled: bool = False
+    # late_flags: the same late reads for eager steps (a GPU whose copies have not come back)
+    late_flags: bool = False
 
 
 BASE_NUMEL = 16
@@ -783,13 +785,18 @@ def parts(op) -> list:
     """("train_step", mask, seed, set_to_none), one iteration of the usual loop, is
     opt.zero_grad(set_to_none) + backward + step, each checked as its own operation;
     ("scaler_train_step", seed, overflow) is zero_grad + a backward through every branch +
-    scaler_step (a whole flat bucket's first step: capturable's device decision)."""
+    scaler_step (a whole flat bucket's first step: capturable's device decision);
+    ("scaler_partial_step", mask, seed, overflow) the same through the branches of mask (a
+    first step of only some parameters of a bucket, a flag split)."""
     if op[0] == "train_step":
         _, mask, seed, set_to_none = op
         return [("zero_grad", set_to_none, "opt"), ("backward", mask, seed), ("step",)]
     if op[0] == "scaler_train_step":  # the same with every branch and GradScaler's step
         _, seed, overflow = op
         return [("zero_grad", True, "opt"), ("backward", 127, seed), ("scaler_step", overflow)]
+    if op[0] == "scaler_partial_step":
+        _, mask, seed, overflow = op
+        return [("zero_grad", True, "opt"), ("backward", mask, seed), ("scaler_step", overflow)]
     return [op]
 
 
@@ -801,19 +808,22 @@ def replay(cfg, ops, i) -> str:
 def run_sequence(cfg: Config, ops) -> str:
     """Builds the twins, applies ops to both, compares after each; raises Mismatch (with the
     replayable sequence so far) at the first difference. Returns how the sequence ended."""
-    if not cfg.compiled:
+    if not (cfg.compiled or cfg.late_flags):
         return _run_sequence(cfg, ops)
     ready = momentum_cuda.optim._Unsure.host_ready
     momentum_cuda.optim._Unsure.host_ready = False  # read back only when waited for
-    torch._dynamo.reset()
     try:
+        if not cfg.compiled:
+            return _run_sequence(cfg, ops)
+        torch._dynamo.reset()
         # (the default 8 graphs per function would leave the later steps of a sequence with
         # many edits eager)
         with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
             return _run_sequence(cfg, ops)
     finally:
         momentum_cuda.optim._Unsure.host_ready = ready
-        torch._dynamo.reset()
+        if cfg.compiled:
+            torch._dynamo.reset()
 
 
 def _run_sequence(cfg: Config, ops) -> str:
