@@ -1454,12 +1454,11 @@ class _FusedMomentum(Optimizer):
                     gview = g
                 else:
                     gview = b.new_grad_view(i)
-                    if g is not None and g.layout == torch.strided and (
-                            g.stride() == p.stride() or dtype in (torch.float32, torch.float64)):
+                    if g is not None and g.layout == torch.strided and g.stride() == p.stride():
                         # A gradient that exists goes on in the flat buffer (same values); a
                         # sparse one stays as it is (torch's step keeps it sparse), and so does
-                        # a bf16/fp16 one in another memory layout (torch's bits depend on it:
-                        # _torch_reason).
+                        # one in another memory layout: torch's stays so, and what reads it
+                        # later sees that layout (a norm's order of summation, .view()).
                         gview.copy_(g)
                         p.grad = gview
                         b.neg_zero[i] = False

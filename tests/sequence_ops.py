@@ -521,6 +521,10 @@ def _apply_one(op, side, cfg):
     if name == "memory_format":
         m.to(memory_format=torch.channels_last if a[0] == "channels_last"
              else torch.contiguous_format)
+        if cfg.compiled:
+            # dynamo does not see a Parameter's new strides through the optimizer's dicts: a
+            # compiled step must be compiled again (README, torch.compile)
+            torch._dynamo.reset()
         return None
     if name == "add_group":
         return op_add_group(side, cfg, *a)

@@ -508,3 +508,4 @@ def test_compiled_step_non_finite_float_lr_refused(flat, bad):
         step()
     for p, p0, b0 in zip(ours.parameters(), before, buffers):
         assert torch.equal(p, p0) and torch.equal(opt.state[p]["momentum_buffer"], b0)
+

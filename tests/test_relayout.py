@@ -232,6 +232,39 @@ def test_unfrozen_after_construction(flat):
         assert key(m[0].weight) == key(m[2].weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_relayout_keeps_a_gradient_of_another_layout(layout, dtype):
+    """A relayout (here: p.data replaced, so the parameter goes back into a flat buffer) does not
+    copy a gradient of another memory layout into its flat view: torch's .grad keeps that
+    layout, and what reads it later sees it (a norm sums in memory order; .view() may refuse).
+    The step reads it where it is."""
+    torch.manual_seed(12)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)).to(dtype)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(13)
+    for step in range(3):
+        x = torch.randn(2, 3, 4, 4, generator=gen).to(dtype)
+        for mm, o in ((m, opt), (t, topt)):
+            o.zero_grad()
+            mm(x).float().square().sum().backward()
+            if step == 1:
+                w = mm[0].weight
+                w.data = w.data.clone()
+                g = torch.randn(w.shape, generator=torch.Generator().manual_seed(14)).to(dtype)
+                w.grad = (g.contiguous(memory_format=torch.channels_last) if layout ==
+                          "channels_last" else g.transpose(0, 1).contiguous().transpose(0, 1))
+        strides = m[0].weight.grad.stride()
+        opt.step()
+        topt.step()
+        assert m[0].weight.grad.stride() == t[0].weight.grad.stride() == strides, step
+        _same_opt(opt, topt, f"step {step}")
+        norms = [torch.nn.utils.get_total_norm([mm[0].weight.grad], 1.0) for mm in (m, t)]
+        assert torch.equal(norms[0], norms[1]), step
+
+
 @FLAT
 def test_lazy_module_materialised_after_construction(flat):
     """nn.LazyLinear: the optimizer is built on uninitialised parameters (torch allows it);

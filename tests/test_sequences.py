@@ -303,6 +303,30 @@ REGRESSIONS = {
                late_flags=True),
         [("backward", 1, 0), ("scaler_step", True), ("scaler_train_step", 0, False),
          ("scaler_partial_step", 1, 0, False)]),
+    # a relayout (p.data replaced) copied an fp32 gradient of another memory layout into its
+    # flat view: .grad lost torch's layout, so a later norm summed in another order (one ulp
+    # off) and GradScaler's unscale_ did not raise where torch's .view() did
+    "relayout-kept-a-gradient-layout-norm": (
+        Config(dtype="float32", flat=True, kind="sgd", lr_tensor=True),
+        [("data_clone", 0), ("grad_set", 0, 0, "channels_last"), ("clip_step", 0.01, 2.0),
+         ("clip_norm", 0.01, 1.0)]),
+    "relayout-kept-a-gradient-layout-raise": (
+        Config(dtype="float32", flat=True, kind="sgd",
+               defaults=(("dampening", 0.0), ("lr", 0.1), ("maximize", False),
+                         ("momentum", 0.0), ("nesterov", False), ("weight_decay", 0.0)),
+               lr_tensor=True, scaler=1000.0, capturable=True),
+        [("data_clone", 0), ("grad_set", 0, 0, "channels_last"), ("clip_step", 0.01, 2.0),
+         ("scaler_step", True)]),
+    # compiled steps around model.to(memory_format=channels_last): dynamo kept the traced
+    # layout and the op refused the parameter (the sequences now reset dynamo after the change)
+    "memory-format-compiled": (
+        Config(dtype="bfloat16", flat=False, kind="sgd", embedding=True,
+               defaults=(("dampening", 0.0), ("lr", 0.1), ("maximize", True), ("momentum", 0.9),
+                         ("nesterov", True), ("weight_decay", 0.0)),
+               lr_tensor=True, seed=1546, scaler=65536.0, compiled=True),
+        [("scaler_step", False), ("add_group", "fresh", 0, (5,), ()),
+         ("scaler_train_step", 0, False), ("step",), ("zero_grad", False, "opt"),
+         ("memory_format", "channels_last"), ("step",)]),
 }
 
 
