@@ -39,7 +39,8 @@ still the flat view); any that is not goes through the per-tensor path, with the
 arithmetic. When a parameter that could be laid out is off the flat path (model.to() or
 p.data = ... moved it; it was frozen, on meta or lazy when its group was laid out) the step
 lays the group out again first: values, gradients and momentum buffers are copied over, and a
-buffer of another dtype or layout than its parameter stays as torch keeps it.
+buffer of another dtype or layout than its parameter, or a gradient of another layout, stays as
+torch keeps it.
 
 What the kernels do not model runs torch's own for-loop ops, reported in opt.last_step:
 complex parameters and sparse gradients (path "torch-ops": torch.optim.SGD steps complex

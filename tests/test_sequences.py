@@ -327,6 +327,15 @@ REGRESSIONS = {
         [("scaler_step", False), ("add_group", "fresh", 0, (5,), ()),
          ("scaler_train_step", 0, False), ("step",), ("zero_grad", False, "opt"),
          ("memory_format", "channels_last"), ("step",)]),
+    # a step that raises (torch's too: a sparse gradient with weight_decay) after a relayout
+    # read a flag: the buffer shown under it left the state, as the device said (no write)
+    "raising-step-reads-a-flag": (
+        Config(dtype="bfloat16", flat=True, kind="momentum", embedding=True,
+               defaults=(("lr", 0.1), ("maximize", False), ("momentum", 0.9),
+                         ("weight_decay", 0.01)),
+               scaler=1000.0, capturable=True, late_flags=True),
+        [("scaler_partial_step", 1, 0, True), ("grad_mul", 0.5), ("data_clone", 0),
+         ("scaler_train_step", 0, False)]),
 }
 
 
