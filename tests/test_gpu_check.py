@@ -269,3 +269,58 @@ def test_distributed_stage_runs_one_process_per_gpu(tmp_path, dry, facts, want):
         assert cmd[i + 2:i + 4] == ["-m", "momentum_cuda.examples.fsdp"]
         assert cmd[cmd.index("--device") + 1] == ("cuda" if label.startswith("nccl") else "cpu")
         assert ("--backend" in cmd) == label.endswith("triton")
+
+
+@pytest.mark.parametrize("built, carried, dry, verdict", [
+    (True, True, False, "built"),          # a build that works never uses the carried module
+    (False, True, False, "carried"),       # no Python.h on the GPU machine, say
+    (False, False, False, "FAIL"),
+    (False, True, True, "FAIL")])          # the dry run proves the build itself: no stand-in
+def test_build_falls_back_to_a_carried_module_and_says_so(monkeypatch, tmp_path, built, carried,
+                                                          dry, verdict):
+    name = f"_C{gc.sysconfig.get_config_var('EXT_SUFFIX')}"
+    (tmp_path / "momentum_cuda").mkdir()
+    monkeypatch.setattr(gc, "ROOT", tmp_path)
+    monkeypatch.setattr(gc, "CARRIED", tmp_path / "carried")
+    if carried:
+        gc.CARRIED.mkdir()
+        (gc.CARRIED / name).write_bytes(b"module bytes")
+    ctx = gc.Ctx(tmp_path, dry, gc.Log(tmp_path / "check.log"))
+    ran = []
+
+    def run(cmd, env=None, label=""):
+        ran.append(cmd[1])
+        if cmd[1] == "setup.py":
+            return gc.Proc(0 if built else 1, "momentum_cuda: building the CPU and CUDA kernels"
+                           if built else "fatal error: Python.h: No such file or directory")
+        return gc.Proc(0, "cuda_ext_check: passed")
+    monkeypatch.setattr(ctx, "run", run)
+    got, detail = gc.build(ctx)
+    copied = (tmp_path / "momentum_cuda" / name).is_file()
+    if verdict == "built":
+        assert got == gc.PASS and "built for sm_90" in detail and not copied
+    elif verdict == "carried":
+        assert got == gc.PASS and copied
+        assert detail.startswith("NOT BUILT HERE: build failed") and "Python.h" in detail
+        assert ran == ["setup.py", "tools/cuda_ext_check.py"]  # the carried module is checked
+    else:
+        assert got == gc.FAIL and not copied and ran == ["setup.py"]
+
+
+@pytest.mark.parametrize("carried", [False, True])
+def test_preflight_lets_a_carried_module_stand_in_for_a_missing_python_h(monkeypatch, tmp_path,
+                                                                        carried):
+    monkeypatch.setattr(gc, "CARRIED", tmp_path / "carried")
+    if carried:
+        gc.CARRIED.mkdir()
+        (gc.CARRIED / f"_C{gc.sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"module")
+    monkeypatch.setattr(gc.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "none")})
+    ctx = gc.Ctx(tmp_path, False, gc.Log(tmp_path / "check.log"))
+    facts = ('FACTS {"python": "3.12.3", "torch": "2.11.0+cu130", "torch_cuda": "13.0", '
+             '"triton": "3.6.0", "gpu": true, "cpus": 16, "gpu_name": "NVIDIA H200", '
+             '"capability": "9.0", "sms": 132, "memory_gib": 139.8, "gpus": 1}')
+    monkeypatch.setattr(ctx, "run", lambda cmd, env=None, label="": gc.Proc(0, facts))
+    verdict, detail = gc.preflight(ctx)
+    assert "no Python.h at" in detail
+    assert verdict == (gc.PASS if carried else gc.FAIL)
+    assert ("(a module is carried in)" in detail) == carried
