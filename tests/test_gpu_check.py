@@ -275,7 +275,8 @@ def test_distributed_stage_runs_one_process_per_gpu(tmp_path, dry, facts, want):
     (True, True, False, "built"),          # a build that works never uses the carried module
     (False, True, False, "carried"),       # no Python.h on the GPU machine, say
     (False, False, False, "FAIL"),
-    (False, True, True, "FAIL")])          # the dry run proves the build itself: no stand-in
+    (False, True, True, "FAIL"),           # the dry run proves the build itself: no stand-in
+    (True, False, True, "left")])          # the dry run leaves its module to be carried
 def test_build_falls_back_to_a_carried_module_and_says_so(monkeypatch, tmp_path, built, carried,
                                                           dry, verdict):
     name = f"_C{gc.sysconfig.get_config_var('EXT_SUFFIX')}"
@@ -285,6 +286,8 @@ def test_build_falls_back_to_a_carried_module_and_says_so(monkeypatch, tmp_path,
     if carried:
         gc.CARRIED.mkdir()
         (gc.CARRIED / name).write_bytes(b"module bytes")
+    if verdict == "left":  # what build_ext --inplace made
+        (tmp_path / "momentum_cuda" / name).write_bytes(b"built by the dry run")
     ctx = gc.Ctx(tmp_path, dry, gc.Log(tmp_path / "check.log"))
     ran = []
 
@@ -299,6 +302,8 @@ def test_build_falls_back_to_a_carried_module_and_says_so(monkeypatch, tmp_path,
     copied = (tmp_path / "momentum_cuda" / name).is_file()
     if verdict == "built":
         assert got == gc.PASS and "built for sm_90" in detail and not copied
+    elif verdict == "left":
+        assert got == gc.PASS and (gc.CARRIED / name).read_bytes() == b"built by the dry run"
     elif verdict == "carried":
         assert got == gc.PASS and copied
         assert detail.startswith("NOT BUILT HERE: build failed") and "Python.h" in detail

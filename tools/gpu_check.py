@@ -26,7 +26,8 @@ the last stage, the rest of the benchmark.
                          (or, if that fails, a module carried in
                          build/carried/ must pass its checks: the
                          verdict says so) and a GPU visible, else
-                         FAIL and stop
+                         FAIL and stop                            and a copy of the module
+                                                                  left in build/carried/
   probe            20 s  torch's CUDA add_ rounding (fma? alpha)   the same comparison on CPU
   tests-cuda       60 s  tests/test_gpu.py, cuda backend, bitwise  collection (count > 0)
   tests-triton    120 s  tests/test_gpu.py, triton backend, one    collection, and Triton's real
@@ -265,7 +266,7 @@ def preflight(ctx: Ctx) -> tuple[str, str]:
     ctx.log.write("facts: " + json.dumps(f))
     problems, notes = [], []
     # Either stops the build; the build stage can then run a carried module instead.
-    carried = not ctx.dry and (CARRIED / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").is_file()
+    carried = not ctx.dry and (CARRIED / _module_name()).is_file()
     for missing, what in ((not f["python_h"], f"no Python.h at {inc}"),
                           (not nvcc, "nvcc not found (PATH, CUDA_HOME, /usr/local/cuda*)")):
         if missing:
@@ -319,6 +320,10 @@ def build(ctx: Ctx) -> tuple[str, str]:
         return FAIL, f"the built module fails its checks: {_tail(r.out, 2)}" + (
             f" (the carried module, after: {why})" if carried else "")
     gpu = "" if ctx.dry else ", GPU visible"
+    if ctx.dry:  # ready to carry to the GPU machine: `run` with carry=["build/carried"]
+        name = _module_name()
+        CARRIED.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / "momentum_cuda" / name, CARRIED / name)
     if carried:
         return PASS, (f"NOT BUILT HERE: {why}; running the module built on the dev machine "
                       f"against the same torch, carried in ({carried}){gpu}")
@@ -328,12 +333,16 @@ def build(ctx: Ctx) -> tuple[str, str]:
 CARRIED = ROOT / "build" / "carried"  # a module built by the dry run, carried to the GPU machine
 
 
+def _module_name() -> str:
+    return f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+
+
 def _use_carried(ctx: Ctx) -> str | None:
     """When the build on the GPU machine fails (no Python.h, say), the module the dry run built
     against the same torch (2.11.0+cu130, sm_90) may be carried in build/carried/: copied into
     the package, and named in the build's verdict. It lives outside the package so that
     build_ext never finds it up to date and skips the build it is meant to stand in for."""
-    name = f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    name = _module_name()
     src = CARRIED / name
     if not src.is_file():
         ctx.log.write(f"no carried module at {src}")
