@@ -526,6 +526,73 @@ def test_compiled_capturable_step_on_gpu():
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("flat,eager_first", [(True, False), (False, True)],
+                         ids=["flat-compiled-from-step-1", "pertensor-eager-first"])
+def test_compiled_training_step_reduce_overhead(flat, eager_first):
+    """A training step (zero_grad, forward, backward, step) compiled by inductor with
+    mode="reduce-overhead" (CUDA graphs through cudagraph trees), capturable=True, the lr a
+    device tensor that a scheduler changes every step. Inductor's backward need not give
+    eager's gradient bits, so torch.optim.SGD(foreach=False) steps its twin eagerly with the
+    gradients the compiled step used: parameters and momentum buffers must be its bits at every
+    step. The buffers that a graph makes (compiled from step 1) live where cudagraph trees put
+    them: a later replay must not overwrite them. The scheduler's lr causes no recompilation
+    after step 3. Which graphs cudagraph trees skipped is reported as a warning (not failed:
+    whether torch graphs a step that mutates its inputs is torch's choice)."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(51)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
+                                torch.nn.Linear(97, 5)).cuda()
+    twin = copy.deepcopy(model)
+    h = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2)
+    lr, tlr = (torch.tensor(0.05, device="cuda") for _ in range(2))
+    opt = momentum_cuda.SGD(model.parameters(), lr=lr, backend="cuda", flat=flat,
+                            capturable=True, **h)
+    topt = torch.optim.SGD(twin.parameters(), lr=tlr, foreach=False, **h)
+    decay = lambda k: 0.97 ** k  # noqa: E731
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt, topt)]
+
+    def train(x):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+
+    compiled = torch.compile(train, mode="reduce-overhead")
+    gen = torch.Generator(device="cpu").manual_seed(52)
+    graphs = []
+    try:
+        for k in range(10):
+            x = torch.randn(8, 32, generator=gen).cuda()
+            torch.compiler.cudagraph_mark_step_begin()
+            (train if eager_first and k == 0 else compiled)(x)
+            for p, q in zip(model.parameters(), twin.parameters()):
+                q.grad = p.grad.clone()
+            topt.step()
+            for s in scheds:
+                s.step()
+            torch.cuda.synchronize()
+            for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+                assert torch.equal(p.view(torch.int32), q.view(torch.int32)), \
+                    f"step {k + 1}: parameter {i} differs"
+                b, tb = opt.state[p].get("momentum_buffer"), topt.state[q]["momentum_buffer"]
+                assert b is not None and torch.equal(b.view(torch.int32),
+                                                     tb.view(torch.int32)), \
+                    f"step {k + 1}: momentum buffer {i} differs"
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs[-1] == graphs[2], f"graphs compiled by step: {graphs}"
+        skips = dict(counters["inductor"])
+        import warnings
+        warnings.warn(f"reduce-overhead ({'flat' if flat else 'per-tensor'}, "
+                      f"{'eager first' if eager_first else 'compiled from step 1'}): "
+                      f"graphs by step {graphs}; inductor counters {skips}")
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
 def test_cuda_graph_captures_the_first_step(kind, flat):

@@ -329,3 +329,26 @@ def test_preflight_lets_a_carried_module_stand_in_for_a_missing_python_h(monkeyp
     assert "no Python.h at" in detail
     assert verdict == (gc.PASS if carried else gc.FAIL)
     assert ("(a module is carried in)" in detail) == carried
+
+
+@pytest.mark.parametrize("jobs, verdict, words", [
+    (["a", "not a"], gc.PASS, "dry: 3 tests collected in 2 jobs (1, 2)"),
+    (["a", "b"], gc.FAIL, "1 in none, 0 twice"),           # c is in no job
+    (["a or b", "not b"], gc.FAIL, "0 in none, 1 twice")])  # a is in both
+def test_dry_run_checks_that_the_jobs_split_the_tests(monkeypatch, tmp_path, jobs, verdict,
+                                                      words):
+    tests = ["tests/test_gpu.py::test_x[a]", "tests/test_gpu.py::test_x[b]",
+             "tests/test_gpu.py::test_x[c]"]
+
+    def collect(cmd_jobs, env=None):  # -k's last term picks the ids it names
+        out = []
+        for _, cmd in cmd_jobs:
+            k = cmd[cmd.index("-k") + 1]
+            term = k.split(" and ", 1)[1] if " and " in k else "True"
+            picked = [t for t in tests if eval(term, {}, {n: n in t for n in "abc"})]
+            out.append(gc.Proc(0, "\n".join(picked) + f"\n\n{len(picked)} tests collected"))
+        return out
+    ctx = gc.Ctx(tmp_path, True, gc.Log(tmp_path / "check.log"))
+    monkeypatch.setattr(ctx, "run_many", collect)
+    got, detail = gc._pytest(ctx, "not triton", jobs=jobs)
+    assert got == verdict and words in detail, detail

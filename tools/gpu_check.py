@@ -29,7 +29,10 @@ the last stage, the rest of the benchmark.
                          FAIL and stop                            and a copy of the module
                                                                   left in build/carried/
   probe            20 s  torch's CUDA add_ rounding (fma? alpha)   the same comparison on CPU
-  tests-cuda       60 s  tests/test_gpu.py, cuda backend, bitwise  collection (count > 0)
+  tests-cuda       75 s  tests/test_gpu.py, cuda backend, bitwise, collection, and each test
+                         4 processes at once (CUDA_JOBS: the       in exactly one job
+                         compiled steps and inductor's
+                         reduce-overhead apart)
   tests-triton    120 s  tests/test_gpu.py, triton backend, one    collection, and Triton's real
                          process per dtype and one for the modes   JIT on a stand-in driver
                          (JIT compilations)
@@ -39,7 +42,7 @@ the last stage, the rest of the benchmark.
                          process per GPU, default and triton
                          backends; with 1 GPU also 2 processes on
                          gloo (CPU); the runs at once
-  bench-headline  100 s  few-large and gpt2 at 100M and 1B, fp32   the same command at 100K on
+  bench-headline   85 s  few-large and gpt2 at 100M and 1B, fp32   the same command at 100K on
                          and bf16: flat CUDA and Triton, torch      the CPU
                          for-loop, foreach, fused; copy bandwidth
   memcheck         80 s  compute-sanitizer memcheck on exact-size  tools/gpu_smoke.py on the CPU
@@ -59,14 +62,17 @@ calls make 322 JIT compilations (tests/test_triton_jit.py counts them: 60 per dt
 for opcheck, 16 for the tensor hyper-parameters and 12 for GradScaler and clip in fp32 and
 bf16; 46 for the modes' kernels (master weights, stochastic rounding, momentum_dtype, fp16
 masters), whose cases no dtype names, in a fifth process; 53 s for all of them on these 2
-cores), so five processes of 46-72 each fit 120 s; the CUDA tests move a few MB per test;
+cores), so five processes of 46-72 each fit 120 s; the CUDA tests move a few MB per test,
+and the two inductor reduce-overhead cases (22 s on these 2 cores, where inductor makes C++)
+have a process of their own, as do the other compiled and graph-captured tests;
 the headline benchmark's 8 cases each draw their data on the GPU once and run a bitwise check
 plus 30 rounds of steps of at most 20 GB (about 5 ms at H200 bandwidth); memcheck slows
 kernels 10-100x on tensors of at most 2^20 elements. The FSDP2/DDP example (a 26 k-parameter
 MLP, 15 steps per setup) took 13-25 s per torchrun here, mostly imports and process start-up; the
 GPU form runs its two or three torchruns at once on 16 cores. Its 40 s came from the build (its
 three translation units in parallel: about 60 s) and the headline benchmark (whose --budget-s
-only stops starting cases: the most important run first). The dry budgets are for these 2 cores.
+only stops starting cases: the most important run first), which also gave 15 s to tests-cuda
+when the inductor cases came. The dry budgets are for these 2 cores.
 """
 from __future__ import annotations
 
@@ -364,18 +370,29 @@ def probe(ctx: Ctx) -> tuple[str, str]:
 
 
 def _pytest(ctx: Ctx, kexpr: str, jobs: list[str] | None = None) -> tuple[str, str]:
-    """tests/test_gpu.py selected by -k; on the GPU several processes (one per extra -k term)."""
+    """tests/test_gpu.py selected by -k; on the GPU one process per job (an extra -k term),
+    all at once. Dry: collection, and the jobs must split the selection exactly (every test in
+    one job), so that none is left out on the GPU."""
     base = [ctx.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
-    if ctx.dry:
-        r = ctx.run(base + ["--collect-only", "-k", kexpr])
-        n = re.search(r"(\d+)(?:/\d+)? tests? collected", r.out)
-        n = int(n.group(1)) if n else 0
-        if r.rc != 0 or n == 0:
-            return FAIL, f"collection failed or empty (exit {r.rc}): {_tail(r.out, 2)}"
-        return PASS, f"dry: {n} tests collected"
-    env = ctx.env(MOMENTUM_CUDA_REQUIRE_GPU=1)
-    parts = [(j, base + ["-k", f"{kexpr} and {j}"]) for j in jobs] if jobs else [
+    parts = [(j, base + ["-k", f"({kexpr}) and ({j})"]) for j in jobs] if jobs else [
         ("", base + ["-k", kexpr])]
+    if ctx.dry:
+        procs = ctx.run_many([(label, cmd + ["--collect-only"])
+                              for label, cmd in [("all", base + ["-k", kexpr])] + parts])
+        ids = [set(re.findall(r"^(tests/\S+::\S+)$", p.out, re.M)) for p in procs]
+        bad = next((p for p in procs if p.rc != 0), None)
+        if bad is not None or not ids[0]:
+            return FAIL, f"collection failed or empty (exit {bad.rc if bad else 0}): " + _tail(
+                (bad or procs[0]).out, 2)
+        if jobs:
+            chosen = [t for got in ids[1:] for t in got]
+            if len(chosen) != len(set(chosen)) or set(chosen) != ids[0]:
+                return FAIL, (f"the jobs {jobs} do not split the {len(ids[0])} tests: "
+                              f"{len(ids[0] - set(chosen))} in none, "
+                              f"{len(chosen) - len(set(chosen))} twice")
+        return PASS, f"dry: {len(ids[0])} tests collected" + (
+            f" in {len(jobs)} jobs ({', '.join(str(len(i)) for i in ids[1:])})" if jobs else "")
+    env = ctx.env(MOMENTUM_CUDA_REQUIRE_GPU=1)
     procs = ctx.run_many(parts, env)
     counts: dict = {}
     for p in procs:
@@ -389,8 +406,15 @@ def _pytest(ctx: Ctx, kexpr: str, jobs: list[str] | None = None) -> tuple[str, s
     return (PASS if ok else FAIL), what
 
 
+# tests-cuda's processes: the compiled steps (inductor and its code generation for the GPU)
+# and the CUDA graphs apart from the rest, so that each runs beside the others
+CUDA_JOBS = ("reduce_overhead", "not reduce_overhead and (compile or graph)",
+             "bitwise_vs_torch_forloop",
+             "not (reduce_overhead or compile or graph or bitwise_vs_torch_forloop)")
+
+
 def tests_cuda(ctx: Ctx) -> tuple[str, str]:
-    return _pytest(ctx, "not triton")
+    return _pytest(ctx, "not triton", jobs=list(CUDA_JOBS))
 
 
 def tests_triton(ctx: Ctx) -> tuple[str, str]:
@@ -562,10 +586,10 @@ class Stage:
 STAGES = (Stage("preflight", 20, 30, preflight, required=True),
           Stage("build", 100, 420, build, required=True),
           Stage("probe", 20, 30, probe),
-          Stage("tests-cuda", 60, 60, tests_cuda),
+          Stage("tests-cuda", 75, 60, tests_cuda),
           Stage("tests-triton", 120, 240, tests_triton),
           Stage("distributed", 40, 120, distributed),
-          Stage("bench-headline", 100, 120, bench_headline),
+          Stage("bench-headline", 85, 120, bench_headline),
           Stage("memcheck", 80, 60, memcheck),
           Stage("bench-rest", None, None, bench_rest))
 DEADLINE_S, DRY_DEADLINE_S = 540, 1200
