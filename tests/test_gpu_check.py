@@ -352,3 +352,16 @@ def test_dry_run_checks_that_the_jobs_split_the_tests(monkeypatch, tmp_path, job
     monkeypatch.setattr(ctx, "run_many", collect)
     got, detail = gc._pytest(ctx, "not triton", jobs=jobs)
     assert got == verdict and words in detail, detail
+
+
+def test_gpu_pytest_verdict_names_the_first_failures(monkeypatch, tmp_path):
+    outs = ["....F\nFAILED tests/test_gpu.py::test_a[cuda-x] - AssertionError: step 1\n"
+            "1 failed, 4 passed in 3.0s", "..\n2 passed in 1.0s",
+            "E\nERROR tests/test_gpu.py::test_b - RuntimeError\n1 error in 1.0s"]
+    ctx = gc.Ctx(tmp_path, False, gc.Log(tmp_path / "check.log"))
+    monkeypatch.setattr(ctx, "run_many",
+                        lambda jobs, env=None: [gc.Proc(1 if "F" in o or "E" in o else 0, o)
+                                                for o in outs[:len(jobs)]])
+    verdict, what = gc._pytest(ctx, "not triton", jobs=["a", "b", "c"])
+    assert verdict == gc.FAIL
+    assert what == "1 failed, 6 passed, 1 error; first: test_a[cuda-x], test_b", what

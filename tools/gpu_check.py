@@ -399,6 +399,9 @@ def _pytest(ctx: Ctx, kexpr: str, jobs: list[str] | None = None) -> tuple[str, s
         for k, v in _pytest_counts(p.out).items():
             counts[k] = counts.get(k, 0) + v
     what = ", ".join(f"{v} {k}" for k, v in counts.items()) or "no pytest summary"
+    failed = [t for p in procs for t in re.findall(r"^(?:FAILED|ERROR) \S+::(\S+)", p.out, re.M)]
+    if failed:  # the first few by name; check.log has them all, with their tracebacks
+        what += "; first: " + ", ".join(failed[:3])
     if ctx.timed_out:
         return TIMEOUT, what
     ok = all(p.rc == 0 for p in procs) and counts.get("passed", 0) > 0 and not counts.get(
