@@ -365,3 +365,18 @@ def test_gpu_pytest_verdict_names_the_first_failures(monkeypatch, tmp_path):
     verdict, what = gc._pytest(ctx, "not triton", jobs=["a", "b", "c"])
     assert verdict == gc.FAIL
     assert what == "1 failed, 6 passed, 1 error; first: test_a[cuda-x], test_b", what
+
+
+def test_summary_shows_the_overhead_targets_before_the_headline(tmp_path):
+    import json
+    target = dict(tensors=148, implementation="mc-flat-cuda", base="torch-fused", ratio=0.25,
+                  met=True)
+    (tmp_path / "bench-overhead.json").write_text(json.dumps(
+        {"cases": [{"targets": [target, dict(target, tensors=2000, ratio=0.5, met=False)]}]}))
+    (tmp_path / "bench-headline.json").write_text(json.dumps({"cases": [
+        {"layout": "gpt2", "numel": 10, "dtype": "float32", "results": {}}]}))
+    ctx = gc.Ctx(tmp_path, False, gc.Log(tmp_path / "check.log"))
+    text = gc.write_summary(tmp_path, ["header"], [], ctx)
+    assert ("148: mc-flat-cuda / torch-fused 0.250 met; 2000: mc-flat-cuda / torch-fused 0.500 "
+            "NOT met") in text
+    assert text.index("overhead") < text.index("headline")

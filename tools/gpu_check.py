@@ -9,9 +9,10 @@ written as it goes.
 Evidence: under $OUT when it is set (a rented GPU machine returns only that folder), else
 benchmarks/results/gpu-<UTC date and time>/. At most 8 files (FILES below): check.log (every
 stage's output, appended line by line as it runs) and summary.txt (a verdict line per stage,
-rewritten after each stage, at most ~4,000 characters, printed last), plus the benchmark's JSON,
-CSV and plot (the AMP+clip run's JSON only), each rewritten after every benchmark case. A run cut at any point leaves everything
-that finished before the cut, and the cut stage's output up to it.
+rewritten after each stage, at most ~4,000 characters, printed last), plus the benchmarks' files
+(the headline's JSON, CSV and plot; the AMP+clip, overhead and other runs' JSON), each rewritten
+after every benchmark case. A run cut at any point leaves everything that finished before the
+cut, and the cut stage's output up to it.
 
 Stages, in the order of what they prove. Each runs under its own timeout, min(budget, time left
 before the deadline); the first two stop the run if they fail (nothing after them would mean
@@ -48,10 +49,12 @@ the last stage, the rest of the benchmark.
   memcheck         80 s  compute-sanitizer memcheck on exact-size  tools/gpu_smoke.py on the CPU
                          tensors, caching allocator off
   bench-rest     (rest)  first --ampclip (GradScaler unscale_,    --ampclip: 148 tiny tensors
-                         clip_grad_norm_, step, update vs torch's; and 100K; then tiny, on the
-                         cases started within 40 s), then every    CPU, many-small, ddp-gpt2
-                         layout (ddp-gpt2: DDP bucket views;       and fsdp2-gpt2
-                         fsdp2-gpt2, DTensors, last) and
+                         clip_grad_norm_, step, update vs torch's; and 100K; --overhead: 148
+                         cases started within 40 s), --overhead    tensors, 20 rounds; then
+                         (host time of a step of 148 and 2000      tiny, on the CPU, many-small,
+                         tiny tensors, CUDA events; 30 s), then    ddp-gpt2 and fsdp2-gpt2
+                         every layout (ddp-gpt2: DDP bucket
+                         views; fsdp2-gpt2, DTensors, last) and
                          implementation, 10M, 1M, 100M, while
                          time is left
 
@@ -95,11 +98,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("summary.txt", "check.log", "bench-headline.json", "bench-headline.csv",
-         "bench-headline.png", "bench-ampclip.json", "bench-rest.json", "bench-rest.csv")
+         "bench-headline.png", "bench-ampclip.json", "bench-overhead.json", "bench-rest.json")
 MAX_FILES = 8  # what a rented machine returns from $OUT
 SUMMARY_MAX = 4000  # characters; the command's output keeps its last 12,000
 RESERVE_S = 10  # kept back from the deadline for the summary
 AMPCLIP_CAP_S = 40  # bench-rest's first part, the AMP+clip cases (3 small ones by default)
+OVERHEAD_CAP_S = 30  # its second, --overhead (148 and 2000 tiny tensors: host time per step)
 MIN_STAGE_S = 5  # a stage given less than this is skipped, not started
 DTYPE_IDS = ("torch.float32", "torch.float64", "torch.bfloat16", "torch.float16")
 HEADLINE_IMPLS = ("mc-flat-cuda", "mc-flat-triton", "torch-forloop", "torch-foreach",
@@ -561,20 +565,25 @@ def sanitizer_verdict(out: str, rc: int | None) -> tuple[str, str]:
 
 def bench_rest(ctx: Ctx) -> tuple[str, str]:
     """First the AMP+clip step (bench --ampclip: GradScaler.unscale_, clip_grad_norm_, step,
-    update, against torch's; at most AMPCLIP_CAP_S of starting cases), then the other layouts
-    while time is left."""
+    update, against torch's; at most AMPCLIP_CAP_S of starting cases), then the host time of a
+    step of tiny tensors (bench --overhead, issue 13's targets, CUDA events spanning the
+    launches; OVERHEAD_CAP_S), then the other layouts while time is left."""
     amp_gpu = ["--ampclip", "--device", "cuda", "--formats", "json"]
     amp_dry = ["--ampclip", "--device", "cpu", "--tensors", "148", "--params", "100K", "--quick",
                "--formats", "json"]
     v_amp, what_amp = _bench(ctx, "bench-ampclip", amp_gpu, amp_dry, cap=AMPCLIP_CAP_S)
+    ov_gpu = ["--overhead", "--device", "cuda", "--formats", "json"]
+    ov_dry = ["--overhead", "--device", "cpu", "--tensors", "148", "--rounds", "20", "--warmup",
+              "3", "--formats", "json"]
+    v_ov, what_ov = _bench(ctx, "bench-overhead", ov_gpu, ov_dry, cap=OVERHEAD_CAP_S)
     gpu = ["--device", "cuda", "--params", "10M", "1M", "100M", "--layouts", "many-small",
-           "resnet50", "few-large", "gpt2", "ddp-gpt2", "fsdp2-gpt2", "--formats", "json", "csv"]
+           "resnet50", "few-large", "gpt2", "ddp-gpt2", "fsdp2-gpt2", "--formats", "json"]
     dry = ["--device", "cpu", "--params", "100K", "--layouts", "many-small", "ddp-gpt2",
            "fsdp2-gpt2",
-           "--dtypes", "float32", "--quick", "--formats", "json", "csv"]
+           "--dtypes", "float32", "--quick", "--formats", "json"]
     v_rest, what_rest = _bench(ctx, "bench-rest", gpu, dry)
-    verdict = v_rest if v_amp == PASS else v_amp
-    return verdict, f"ampclip: {what_amp}; rest: {what_rest}"
+    verdict = next((v for v in (v_amp, v_ov) if v != PASS), v_rest)
+    return verdict, f"ampclip: {what_amp}; overhead: {what_ov}; rest: {what_rest}"
 
 
 @dataclasses.dataclass
@@ -633,13 +642,25 @@ def headline_table(out: Path, copy: dict | None) -> list[str]:
     return lines
 
 
+def overhead_lines(out: Path) -> list[str]:
+    """bench --overhead's targets (issue 13), one line: before the headline table, which the
+    summary's length limit may cut."""
+    doc = _load(out / "bench-overhead.json")
+    targets = [t for c in (doc or {}).get("cases", []) for t in c.get("targets", [])]
+    if not targets:
+        return []
+    return ["", "overhead, host time of a step of tiny tensors (ratio of medians): " + "; ".join(
+        f"{t['tensors']}: {t['implementation']} / {t['base']} {t['ratio']:.3f} "
+        f"{'met' if t['met'] else 'NOT met'}" for t in targets)]
+
+
 def write_summary(out: Path, header: list[str], results: list, ctx: Ctx) -> str:
     lines = list(header)
     for r in results:
         budget = "rest" if r["budget"] is None else f"{r['budget']:.0f}"
         lines.append(f"[{r['verdict']:7}] {r['stage']:14} {r['seconds']:5.0f} s / {budget:>4} s"
                      f"  {r['detail']}")
-    lines += headline_table(out, ctx.facts.get("copy"))
+    lines += overhead_lines(out) + headline_table(out, ctx.facts.get("copy"))
     text = "\n".join(lines)
     if len(text) > SUMMARY_MAX:
         text = text[:SUMMARY_MAX - 40] + "\n... (cut; the rest is in check.log)"
