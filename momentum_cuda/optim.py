@@ -1637,7 +1637,10 @@ class _FusedMomentum(Optimizer):
     def _adopt_buffers(self, layouts) -> None:
         """Momentum buffers of flat parameters are copied into the flat buffer and replaced by
         their views. A sparse buffer (torch's, after sparse-gradient steps) stays as it is:
-        torch goes on with sparse ops on it; so does one of another dtype or layout."""
+        torch goes on with sparse ops on it; so does one of another dtype or layout, and one
+        that an undecided first-step flag speaks for (another group's relayout does not read
+        it: the flag must find its buffer in the state when it is read)."""
+        held = {id(v) for u in self._unsure.values() for v in u.buf_views}
         for _, lay in layouts:
             for b in lay.buckets:
                 for i, p in enumerate(b.params):
@@ -1646,7 +1649,8 @@ class _FusedMomentum(Optimizer):
                     # torch keeps it: copying would convert it and change the bits; so does
                     # the buffer of a parameter that left this bucket (the step lays it out)
                     if (buf is None or not _strided(buf) or buf.dtype != p.dtype
-                            or buf.stride() != p.stride() or not b.intact(i)):
+                            or buf.stride() != p.stride() or not b.intact(i)
+                            or id(buf) in held):
                         continue
                     b.ensure_buf()
                     if buf is not b.buf_views[i]:

@@ -316,6 +316,15 @@ def _edit_all_none(k, opt, topt, ours, ref):
         assert a == b and all(st == {"momentum_buffer": None} for st in b.values()), (a, b)
 
 
+def _edit_group_added(k, opt, topt, ours, ref):
+    if k in (1, 3):  # a group added after a skipped step 1 (buffers under an unread flag) and
+        # after a stepped one: laid out at once, it must leave the other groups' buffers where
+        # the flags find them
+        w = torch.randn(5, generator=torch.Generator().manual_seed(k))
+        for o in (opt, topt):
+            o.add_param_group({"params": [torch.nn.Parameter(w.clone())]})
+
+
 # The steps that read a first-step flag the device has not sent back yet (a wait): a relayout
 # has the host learn what the device did first (optim._settle_unsure), and DDP's views of the
 # gradients of the layer unfrozen at step 5 are a bucket the group is laid out again for
@@ -326,7 +335,8 @@ _EDIT_WAITS = {(_edit_unfrozen_later, "lent"): (4,)}
 _EDITS = {"state_dict": _edit_state_dict, "all-None": _edit_all_none, "load": _edit_load,
           "momentum-off": _edit_momentum_off, "frozen-for-a-step": _edit_unused,
           "unfrozen-later": _edit_unfrozen_later, "frozen-after-a-skip": _edit_unused_after_a_skip,
-          "state-cleared": _edit_clear, "buffer-None": _edit_none}
+          "state-cleared": _edit_clear, "buffer-None": _edit_none,
+          "group-added": _edit_group_added}
 
 
 @pytest.mark.parametrize("where", ["own", "lent", "pertensor", "compiled", "compiled-mixed"])

@@ -336,6 +336,17 @@ REGRESSIONS = {
                scaler=1000.0, capturable=True, late_flags=True),
         [("scaler_partial_step", 1, 0, True), ("grad_mul", 0.5), ("data_clone", 0),
          ("scaler_train_step", 0, False)]),
+    # a traced step's buffers under an undecided flag (an overflowed first step), then another
+    # group laid out: its relayout copied them into their own group's flat views, where the
+    # flag, read later, no longer found them, so they stayed in the state (torch's: none)
+    "adopted-under-an-undecided-flag": (
+        Config(dtype="bfloat16", flat=True, kind="momentum",
+               defaults=(("lr", 0.1), ("maximize", False), ("momentum", 0.9),
+                         ("weight_decay", 0.0)),
+               seed=1928, frozen=("conv",), scaler=65536.0, capturable=True, compiled=True,
+               late_flags=True),
+        [("scaler_partial_step", 75, 403, True), ("freeze", 0, False),
+         ("add_group", "fresh", 4744, (5,), ())]),
 }
 
 
