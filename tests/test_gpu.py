@@ -8,6 +8,7 @@ import contextlib
 import copy
 import itertools
 import os
+import warnings
 
 import pytest
 import torch
@@ -585,7 +586,6 @@ def test_compiled_training_step_reduce_overhead(flat, eager_first):
             graphs.append(counters["stats"]["unique_graphs"])
         assert graphs[-1] == graphs[2], f"graphs compiled by step: {graphs}"
         skips = dict(counters["inductor"])
-        import warnings
         warnings.warn(f"reduce-overhead ({'flat' if flat else 'per-tensor'}, "
                       f"{'eager first' if eager_first else 'compiled from step 1'}): "
                       f"graphs by step {graphs}; inductor counters {skips}")

@@ -279,7 +279,7 @@ def test_distributed_stage_runs_one_process_per_gpu(tmp_path, dry, facts, want):
     (True, False, True, "left")])          # the dry run leaves its module to be carried
 def test_build_falls_back_to_a_carried_module_and_says_so(monkeypatch, tmp_path, built, carried,
                                                           dry, verdict):
-    name = f"_C{gc.sysconfig.get_config_var('EXT_SUFFIX')}"
+    name = gc._module_name()
     (tmp_path / "momentum_cuda").mkdir()
     monkeypatch.setattr(gc, "ROOT", tmp_path)
     monkeypatch.setattr(gc, "CARRIED", tmp_path / "carried")
@@ -318,7 +318,7 @@ def test_preflight_lets_a_carried_module_stand_in_for_a_missing_python_h(monkeyp
     monkeypatch.setattr(gc, "CARRIED", tmp_path / "carried")
     if carried:
         gc.CARRIED.mkdir()
-        (gc.CARRIED / f"_C{gc.sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"module")
+        (gc.CARRIED / gc._module_name()).write_bytes(b"module")
     monkeypatch.setattr(gc.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "none")})
     ctx = gc.Ctx(tmp_path, False, gc.Log(tmp_path / "check.log"))
     facts = ('FACTS {"python": "3.12.3", "torch": "2.11.0+cu130", "torch_cuda": "13.0", '
