@@ -554,12 +554,22 @@ void check_like_param(const at::Tensor& t, const at::Tensor& p, const std::strin
 }
 
 /// Runs a per-tensor mode op's kernel: `cuda(stream)` on the parameters' device and current
-/// stream (a launch error raises, naming `kernel`), else `cpu()`.
+/// stream (a launch error raises, naming `kernel`), else `cpu()`. found_inf (GradScaler's, the
+/// master, fp16 master and momentum_dtype ops; checked here, after every other argument) != 0,
+/// NaN included, skips the step: on CUDA the kernel reads it (hyper.amp.found_inf, no host
+/// sync), on the CPU it is read here (host memory) and nothing runs.
 template <class Cuda, class Cpu>
 void run_mode_step(const at::Tensor& p0, c10::DeviceType device_type, const char* kernel,
-                   Cuda&& cuda, Cpu&& cpu) {
+                   const std::optional<at::Tensor>& found_inf, StepHyper& hyper, Cuda&& cuda,
+                   Cpu&& cpu) {
+  const bool amp = StepTensors::given(found_inf);
+  if (amp) {
+    check_tensors(StepTensors{kNone, found_inf, kNone, kNone, kNone, kNone, kNone, kNone},
+                  p0.device(), p0.scalar_type());
+  }
 #ifdef MOMENTUM_CUDA_WITH_CUDA
   if (device_type == c10::DeviceType::CUDA) {
+    hyper.amp.found_inf = amp ? found_inf->data_ptr<float>() : nullptr;
     const c10::cuda::CUDAGuard guard(p0.device());
     const cudaError_t err = cuda(c10::cuda::getCurrentCUDAStream(p0.device().index()).stream());
     TORCH_CHECK(err == cudaSuccess, "momentum_cuda: CUDA launch failed (", kernel, "): ",
@@ -567,8 +577,9 @@ void run_mode_step(const at::Tensor& p0, c10::DeviceType device_type, const char
     return;
   }
 #else
-  (void)p0, (void)device_type, (void)kernel, (void)cuda;
+  (void)device_type, (void)kernel, (void)cuda;
 #endif
+  if (amp && found_inf->item<float>() != 0.f) return;
   cpu();
 }
 
@@ -578,7 +589,8 @@ void run_mode_step(const at::Tensor& p0, c10::DeviceType device_type, const char
 void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                           at::TensorList rems, at::TensorList ties, double lr, double momentum,
                           double dampening, double weight_decay, bool nesterov, bool maximize,
-                          bool first_step, c10::DeviceType device_type) {
+                          bool first_step, const std::optional<at::Tensor>& found_inf,
+                          c10::DeviceType device_type) {
   const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}, {rems, "remainders"}, {ties, "ties"}}, lr,
       momentum, dampening, weight_decay, nesterov, first_step, /*like_bufs=*/false,
@@ -615,7 +627,7 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
   hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   const auto n = static_cast<int64_t>(spans.size());
   run_mode_step(
-      params[0], device_type, "master kernel",
+      params[0], device_type, "master kernel", found_inf, hyper,
       [&](auto stream) { return sgd_step_master_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_master_cpu(spans.data(), n, hyper); });
 }
@@ -663,7 +675,7 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
   hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   const auto n = static_cast<int64_t>(spans.size());
   run_mode_step(
-      params[0], device_type, "stochastic-rounding kernel",
+      params[0], device_type, "stochastic-rounding kernel", kNone, hyper,
       [&](auto stream) { return sgd_step_sr_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_sr_cpu(spans.data(), n, hyper); });
 }
@@ -674,7 +686,9 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
 void sgd_step_fp16_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                                at::TensorList masters, double lr, double momentum,
                                double dampening, double weight_decay, bool nesterov,
-                               bool maximize, bool first_step, c10::DeviceType device_type) {
+                               bool maximize, bool first_step,
+                               const std::optional<at::Tensor>& found_inf,
+                               c10::DeviceType device_type) {
   const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}, {masters, "masters"}}, lr, momentum, dampening,
       weight_decay, nesterov, first_step, /*like_bufs=*/false,
@@ -702,7 +716,7 @@ void sgd_step_fp16_master_list(at::TensorList params, at::TensorList grads, at::
   hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   const auto n = static_cast<int64_t>(spans.size());
   run_mode_step(
-      params[0], device_type, "fp16 master kernel",
+      params[0], device_type, "fp16 master kernel", found_inf, hyper,
       [&](auto stream) { return sgd_step_fp16_master_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_fp16_master_cpu(spans.data(), n, hyper); });
 }
@@ -714,7 +728,7 @@ void sgd_step_fp16_master_list(at::TensorList params, at::TensorList grads, at::
 void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         at::TensorList scales, double lr, double momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first_step,
-                        c10::DeviceType device_type) {
+                        const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
   const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}}, lr, momentum, dampening, weight_decay, nesterov,
       first_step, /*like_bufs=*/false, "momentum_dtype keeps float32 parameters", device_type,
@@ -757,7 +771,7 @@ void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorL
     }
     const auto n = static_cast<int64_t>(spans.size());
     run_mode_step(
-        params[0], device_type, "int8-momentum kernel",
+        params[0], device_type, "int8-momentum kernel", found_inf, hyper,
         [&](auto stream) { return sgd_step_q8_cuda(spans.data(), n, hyper, stream); },
         [&] { sgd_step_q8_cpu(spans.data(), n, hyper); });
     return;
@@ -772,7 +786,7 @@ void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorL
   }
   const auto n = static_cast<int64_t>(spans.size());
   run_mode_step(
-      params[0], device_type, "bf16-momentum kernel",
+      params[0], device_type, "bf16-momentum kernel", found_inf, hyper,
       [&](auto stream) { return sgd_step_bf16mom_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_bf16mom_cpu(spans.data(), n, hyper); });
 }
@@ -886,27 +900,29 @@ void step_list_other_(at::TensorList params, at::TensorList grads,
 void step_master_list_(at::TensorList params, at::TensorList grads,
                        at::TensorList momentum_buffers, at::TensorList remainders,
                        at::TensorList ties, double lr, double momentum, double dampening,
-                       double weight_decay, bool nesterov, bool maximize, bool first_step) {
+                       double weight_decay, bool nesterov, bool maximize, bool first_step,
+                       const std::optional<at::Tensor>& found_inf) {
   sgd_step_master_list(params, grads, momentum_buffers, remainders, ties, lr, momentum,
-                       dampening, weight_decay, nesterov, maximize, first_step,
+                       dampening, weight_decay, nesterov, maximize, first_step, found_inf,
                        device_of({params, grads, momentum_buffers, remainders, ties}));
 }
 
 void step_fp16_master_list_(at::TensorList params, at::TensorList grads,
                             at::TensorList momentum_buffers, at::TensorList masters, double lr,
                             double momentum, double dampening, double weight_decay,
-                            bool nesterov, bool maximize, bool first_step) {
+                            bool nesterov, bool maximize, bool first_step,
+                            const std::optional<at::Tensor>& found_inf) {
   sgd_step_fp16_master_list(params, grads, momentum_buffers, masters, lr, momentum, dampening,
-                            weight_decay, nesterov, maximize, first_step,
+                            weight_decay, nesterov, maximize, first_step, found_inf,
                             device_of({params, grads, momentum_buffers, masters}));
 }
 
 void step_qmom_list_(at::TensorList params, at::TensorList grads,
                      at::TensorList momentum_buffers, at::TensorList scales, double lr,
                      double momentum, double dampening, double weight_decay, bool nesterov,
-                     bool maximize, bool first_step) {
+                     bool maximize, bool first_step, const std::optional<at::Tensor>& found_inf) {
   sgd_step_qmom_list(params, grads, momentum_buffers, scales, lr, momentum, dampening,
-                     weight_decay, nesterov, maximize, first_step,
+                     weight_decay, nesterov, maximize, first_step, found_inf,
                      device_of({params, grads, momentum_buffers, scales}));
 }
 
@@ -1389,7 +1405,8 @@ TORCH_LIBRARY(momentum_cuda, m) {
   m.def(
       "sgd_step_master_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] remainders, Tensor(e!)[] ties, float lr, float momentum, float dampening, "
-      "float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+      "float weight_decay, bool nesterov, bool maximize, bool first_step, "
+      "Tensor? found_inf=None) -> ()");
   m.def(
       "sgd_step_sr_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "int[] keys, float lr, float momentum, float dampening, float weight_decay, "
@@ -1397,11 +1414,12 @@ TORCH_LIBRARY(momentum_cuda, m) {
   m.def(
       "sgd_step_qmom_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] scales, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool first_step) -> ()");
+      "bool nesterov, bool maximize, bool first_step, Tensor? found_inf=None) -> ()");
   m.def(
       "sgd_step_fp16_master_list_(Tensor(a!)[] params, Tensor[] grads, "
       "Tensor(c!)[] momentum_buffers, Tensor(d!)[] masters, float lr, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, "
+      "Tensor? found_inf=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {

@@ -231,6 +231,13 @@ MASTER_PLANTS = {
         "            a.offset[t] + start, a.key[t]};",
         "            start, a.key[t]};",
         r"MISMATCH"),
+    # GradScaler's found_inf is not read (the walker all element-wise modes share): the
+    # overflowed fourth step updates the parameters
+    "master_found_inf_ignored": (
+        _EW,
+        "  if (amp_skips(a.found_inf)) return;\n",
+        "",
+        r"MISMATCH .*step=3"),
     # every table entry gets the first span's tie bytes
     "master_table_ties": (
         "cuda/master_kernel.cuh",
@@ -284,6 +291,13 @@ QMOM_PLANTS = {
         "  if (!(flags & kMomentum)) return;  // the same in every lane",
         "",
         r"AddressSanitizer|runtime error|MISMATCH|canary"),
+    # GradScaler's found_inf is not read by the int8 kernel: the overflowed fourth step
+    # updates the parameters, codes and scales
+    "q8_found_inf_ignored": (
+        "cuda/qmom_kernel.cuh",
+        "  if (amp_skips(a.found_inf)) return;\n",
+        "",
+        r"MISMATCH int8 .*step=3"),
     # every table entry gets the first span's scales
     "q8_table_scales": (
         "cuda/qmom_kernel.cuh",

@@ -2,8 +2,8 @@
 // stochastic rounding, bf16 momentum, fp16 master weights), parameterized by a mode policy.
 //
 // Inputs    : a mode's argument struct (ElementwiseArgs: plain pointers and scalars, param, buf,
-//             grad, numel per span, block_tensor / block_chunk, s, flags; plus the mode's own
-//             per-span arrays and scalars), filled by
+//             grad, numel per span, block_tensor / block_chunk, s, flags, found_inf; plus the
+//             mode's own per-span arrays and scalars), filled by
 //             plan_elementwise from the mode's spans (cpu/momentum_cpu.h) checked by
 //             csrc/momentum_ops.cpp.
 // Mode      : a policy struct, the only code a mode has of its own:
@@ -18,6 +18,8 @@
 //                                              (dropped without kMomentum), grad and numel.
 // Invariant : every element goes through the mode's step exactly once, in a group of 8 or in
 //             the span's last partial group; what an array reads and writes follows its Use.
+//             found_inf (GradScaler's, device memory; null: none) != 0, NaN included, skips the
+//             step: no array is read or written (the gradients were unscaled before the call).
 // Work      : a thread takes groups of 8 elements: one 16-byte access per 16 bytes of each array
 //             where all of the chunk's arrays are 16-byte aligned (the group in registers),
 //             element by element in memory otherwise and for a span's last partial group.
@@ -48,7 +50,13 @@ struct ElementwiseArgs {
   int32_t block_chunk[kBlocks];
   StepScalars<float> s;
   uint32_t flags;
+  const float* found_inf;  ///< GradScaler's; != 0 skips the step (null: never)
 };
+
+/// Whether GradScaler's found_inf (null: not given) skips the step: != 0, NaN included.
+MC_HD bool amp_skips(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.f;
+}
 
 /// How a step uses one of a mode's arrays, and so which accesses a group of 8 takes.
 enum class Use {
@@ -122,6 +130,7 @@ MC_HD void elementwise_span(const Mode& mode, int64_t n, const StepScalars<float
 /// block_tensor[k].
 template <class Mode, int kTensors, int kBlocks>
 __global__ void sgd_elementwise_kernel(typename Mode::template Args<kTensors, kBlocks> a) {
+  if (amp_skips(a.found_inf)) return;
   const int t = a.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(a.block_chunk[blockIdx.x]) * kChunk;
   const int64_t left = a.numel[t] - start;
@@ -134,11 +143,13 @@ __global__ void sgd_elementwise_kernel(typename Mode::template Args<kTensors, kB
 /// batch (plan_chunks). bufs are dropped without kMomentum.
 template <class Mode, class Limits, class Launch>
 void plan_elementwise(const typename Mode::Span* spans, int64_t n_spans,
-                      const StepScalars<float>& s, uint32_t flags, Launch&& launch) {
+                      const StepScalars<float>& s, uint32_t flags, const float* found_inf,
+                      Launch&& launch) {
   using Args = typename Mode::template Args<Limits::kTensors, Limits::kBlocks>;
   Args a{};
   a.s = s;
   a.flags = flags;
+  a.found_inf = found_inf;
   plan_chunks<Limits>(
       a, n_spans, [&](int64_t k) { return spans[k].numel; },
       [&](Args& x, int slot, int64_t k) {

@@ -13,6 +13,8 @@
 //             (exact, so the reduction order does not matter), then q8_scale and q8_code. The
 //             first step reads no codes and no scales; without kMomentum nothing of the buffer
 //             is touched.
+//             found_inf (GradScaler's, null: none) != 0 skips the step (amp_skips): nothing is
+//             read or written.
 // Work      : bf16: elementwise_kernel.cuh's groups of 8 with Bf16MomMode below (param: two
 //             16-byte accesses each way, grad two loads, the buffer one each way). int8: a warp
 //             takes a whole block, lane l its elements 8l .. 8l + 7 (param, grad: two 16-byte
@@ -51,6 +53,7 @@ struct Q8ListArgs {
   int32_t block_chunk[kBlocks];
   StepScalars<float> s;
   uint32_t flags;
+  const float* found_inf;  ///< GradScaler's; != 0 skips the step (null: never)
 };
 static_assert(args_fit<Q8ListArgs>(), "kernel arguments over 4 KB or 32 KB");
 
@@ -160,6 +163,7 @@ __device__ __forceinline__ void q8_block_warp(float* p, int8_t* q, float* scale,
 /// block_tensor[k], its warps taking the chunk's int8 blocks in turn.
 template <int kTensors, int kBlocks>
 __global__ void sgd_q8_kernel(Q8ListArgs<kTensors, kBlocks> a) {
+  if (amp_skips(a.found_inf)) return;
   const int t = a.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(a.block_chunk[blockIdx.x]) * kQChunk;
   const int64_t left = a.numel[t] - start;
@@ -184,12 +188,13 @@ __global__ void sgd_q8_kernel(Q8ListArgs<kTensors, kBlocks> a) {
 /// launch(args, blocks) for each full batch. codes and scales are dropped without kMomentum.
 template <class Limits, class Launch>
 void plan_q8_list(const Q8Span* spans, int64_t n_spans, const StepScalars<float>& s,
-                  uint32_t flags, Launch&& launch) {
+                  uint32_t flags, const float* found_inf, Launch&& launch) {
   using Args = Q8ListArgs<Limits::kTensors, Limits::kBlocks>;
   const bool mom = (flags & kMomentum) != 0;
   Args a{};
   a.s = s;
   a.flags = flags;
+  a.found_inf = found_inf;
   plan_chunks<Limits, kQChunk>(
       a, n_spans, [&](int64_t k) { return spans[k].numel; },
       [&](Args& x, int slot, int64_t k) {

@@ -23,30 +23,32 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
                                cudaStream_t stream);
 
 /// Master-weights step over many spans (bf16 parameters with fp32 masters, bf16_split.h):
-/// as many launches of the master kernel as the argument space needs. hyper.amp and hyper.dev
-/// are not read (the op has neither).
+/// as many launches of the master kernel as the argument space needs. hyper.dev is not read;
+/// hyper.amp.found_inf != 0 skips the step on the device (no other AmpPtrs are read).
 cudaError_t sgd_step_master_cuda(const MasterSpan* spans, int64_t n_spans, const StepHyper& hyper,
                                  cudaStream_t stream);
 
 /// Stochastic-rounding step over many spans (stochastic.h): as many launches of the SR
-/// kernel as the argument space needs. hyper.amp and hyper.dev are not read.
+/// kernel as the argument space needs. hyper.dev is not read; hyper.amp.found_inf != 0 skips
+/// the step.
 cudaError_t sgd_step_sr_cuda(const SrSpan* spans, int64_t n_spans, const StepHyper& hyper,
                              cudaStream_t stream);
 
 /// momentum_dtype=torch.bfloat16 step over many spans (momentum_dtype.h: fp32 parameters, bf16
-/// buffers): as many launches as the argument space needs. hyper.amp and hyper.dev are not read.
+/// buffers): as many launches as the argument space needs. hyper.dev is not read;
+/// hyper.amp.found_inf != 0 skips the step.
 cudaError_t sgd_step_bf16mom_cuda(const Bf16MomSpan* spans, int64_t n_spans,
                                   const StepHyper& hyper, cudaStream_t stream);
 
 /// momentum_dtype=torch.int8 step over many spans (momentum_dtype.h: fp32 parameters, int8
 /// codes with a scale per kQBlock elements): as many launches as the argument space needs.
-/// hyper.amp and hyper.dev are not read.
+/// hyper.dev is not read; hyper.amp.found_inf != 0 skips the step.
 cudaError_t sgd_step_q8_cuda(const Q8Span* spans, int64_t n_spans, const StepHyper& hyper,
                              cudaStream_t stream);
 
 /// fp16 master-weights step over many spans (fp16_master.h: fp16 parameters, fp32 masters and
-/// buffers): as many launches as the argument space needs. hyper.amp and hyper.dev are not
-/// read.
+/// buffers): as many launches as the argument space needs. hyper.dev is not read;
+/// hyper.amp.found_inf != 0 skips the step.
 cudaError_t sgd_step_fp16_master_cuda(const Fp16MasterSpan* spans, int64_t n_spans,
                                       const StepHyper& hyper, cudaStream_t stream);
 

@@ -11,14 +11,15 @@
 // Cases: plan_elementwise<MasterMode> with ListLimits4K, ListLimits32K and tiny limits (many
 // launches, spans split over launches and chunks); sizes 0..17, 97, 1025, 65536 + 13 and
 // 2 * 65536 + 8; element offsets that make the 16-byte group path run, not run, or run for some
-// arrays only; all 20 flag sets; three steps; forward, reverse and shuffled thread orders.
+// arrays only; all 20 flag sets; three steps and a fourth that GradScaler's found_inf (1 or NaN) skips
+// (found_inf_of: nothing may change); forward, reverse and shuffled thread orders.
 // Masters are random, plus halfway points (low half 0x8000: tie bits of both kinds), infinities,
 // NaNs, zeros and subnormals; a gradient and buffer of zero on some elements keeps their halfway
 // masters through the step, so that tie bits written by the kernel are read back. Memory around every array is
 // filled with canaries and checked after each step.
 //
 // Stochastic rounding: the same sizes, offsets, flag sets and batch limits, keys near 0 and
-// 2^32 - 1, three steps.
+// 2^32 - 1, the same four steps.
 //
 // Build: g++ <csrc/build_flags.json's "cxx"> -O1 -I tests/cuda -I csrc/cuda -I csrc
 //        -I csrc/include -I <cuda>/include tests/cuda/host_bf16_test.cpp
@@ -230,8 +231,8 @@ std::vector<uint32_t> flag_sets() {
   return out;
 }
 
-/// Several spans through plan_elementwise<MasterMode, Limits> and the kernel, three steps,
-/// checked.
+/// Several spans through plan_elementwise<MasterMode, Limits> and the kernel, kSteps steps (the
+/// last skipped by found_inf), checked.
 template <class Limits>
 void run_case(const std::vector<int64_t>& sizes, const std::vector<std::array<int, 4>>& offs,
               uint32_t flags, Order order, uint64_t seed, const char* limits) {
@@ -243,16 +244,18 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<std::array<in
   }
   const auto scalars = make_scalars<float>(h.lr, h.momentum, h.dampening, h.wd,
                                            [](double v) { return static_cast<float>(v); });
-  for (int step = 0; step < 3; ++step) {
+  for (int step = 0; step < kSteps; ++step) {
     // the first step with kFirstStep where the set has it, later ones without
     const uint32_t f = step == 0 ? flags : (flags & ~kFirstStep);
+    const float* found_inf = found_inf_of(step, seed);
     std::vector<MasterSpan> ms;
     for (auto& s : spans) {
       s->new_grad(rng);
-      s->ref(h, f);
+      if (!cuda::amp_skips(found_inf)) s->ref(h, f);
       ms.push_back(s->span((f & kMomentum) != 0));
     }
-    host_elementwise_step<cuda::MasterMode, Limits>(ms, scalars, f, order, seed + step);
+    host_elementwise_step<cuda::MasterMode, Limits>(ms, scalars, f, order, seed + step,
+                                                    found_inf);
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[160];
       std::snprintf(what, sizeof what, "%s flags=%u order=%s step=%d span %zu (n=%lld)", limits, f,
@@ -334,17 +337,18 @@ void run_sr_case(const std::vector<int64_t>& sizes, const std::vector<std::array
   }
   const auto scalars = make_scalars<float>(h.lr, h.momentum, h.dampening, h.wd,
                                            [](double v) { return static_cast<float>(v); });
-  for (int step = 0; step < 3; ++step) {
+  for (int step = 0; step < kSteps; ++step) {
     const uint32_t f = step == 0 ? flags : (flags & ~kFirstStep);
+    const float* found_inf = found_inf_of(step, seed);
     std::vector<SrSpan> ss;
     for (auto& s : spans) {
       s->key = ref_lowbias32(s->key + 1);  // a new key each step
       s->new_grad(rng);
-      s->ref(h, f);
+      if (!cuda::amp_skips(found_inf)) s->ref(h, f);
       ss.push_back(SrSpan{s->p.data(), (f & kMomentum) ? s->b.data() : nullptr, s->g.data(),
                           s->key, s->n, s->offset});
     }
-    host_elementwise_step<cuda::SrMode, Limits>(ss, scalars, f, order, seed + step);
+    host_elementwise_step<cuda::SrMode, Limits>(ss, scalars, f, order, seed + step, found_inf);
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[160];
       std::snprintf(what, sizeof what, "sr %s flags=%u order=%s step=%d span %zu (n=%lld)",
