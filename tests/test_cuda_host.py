@@ -235,7 +235,7 @@ MASTER_PLANTS = {
     # overflowed fourth step updates the parameters
     "master_found_inf_ignored": (
         _EW,
-        "  if (amp_skips(a.found_inf)) return;\n",
+        "  if (amp_skips(a.found_inf)) return;",
         "",
         r"MISMATCH .*step=3"),
     # every table entry gets the first span's tie bytes
@@ -295,7 +295,7 @@ QMOM_PLANTS = {
     # updates the parameters, codes and scales
     "q8_found_inf_ignored": (
         "cuda/qmom_kernel.cuh",
-        "  if (amp_skips(a.found_inf)) return;\n",
+        "  if (amp_skips(a.found_inf)) return;",
         "",
         r"MISMATCH int8 .*step=3"),
     # every table entry gets the first span's scales
