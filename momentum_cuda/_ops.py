@@ -23,6 +23,10 @@
         fp16 parameters with separate fp32 masters (csrc/include/momentum_cuda/fp16_master.h):
         torch's fp32 step on each master with the fp16 gradient widened, the parameter its
         rounding to nearest even; fp32 momentum buffers.
+        The master, fp16 master and momentum_dtype ops take GradScaler's found_inf (keyword,
+        a 1-element fp32 tensor on the parameters' device): != 0 skips the step (nothing is
+        written; on CUDA read by the kernel, no host sync). They never unscale: their
+        gradients are read only.
     triton_sgd_step_flat_, triton_sgd_step_list_
         The Triton kernels (torch.library.custom_op, below) without gradient writes: the
         schemas above less grad_scale and clip_coef (found_inf, which only skips the update, is
@@ -116,17 +120,24 @@ def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_
                              (first_step_tensor, "first_step_tensor")])
 
 
-def _lists_fake(**lists) -> None:
-    """The fake kernel of an op over lists of tensors: one device for all of them."""
+def _lists_fake(found_inf=(), **lists) -> None:
+    """The fake kernel of an op over lists of tensors: one device for all of them (found_inf
+    too, where the lists are not empty)."""
     named = [(t, f"{name}[{i}]") for name, ts in lists.items() for i, t in enumerate(ts)]
     if named:
-        _one_device(named)
+        _one_device(named + [(t, "found_inf") for t in found_inf])
+
+
+def _opt(t) -> tuple:
+    """An optional tensor argument as the tuple _lists_fake takes: (t,) or ()."""
+    return () if t is None else (t,)
 
 
 def _master_list_fake(params, grads, momentum_buffers, remainders, ties, lr, momentum,
-                      dampening, weight_decay, nesterov, maximize, first_step) -> None:
+                      dampening, weight_decay, nesterov, maximize, first_step,
+                      found_inf=None) -> None:
     _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers,
-                remainders=remainders, ties=ties)
+                remainders=remainders, ties=ties, found_inf=_opt(found_inf))
 
 
 def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening, weight_decay,
@@ -135,13 +146,16 @@ def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening
 
 
 def _qmom_list_fake(params, grads, momentum_buffers, scales, lr, momentum, dampening,
-                    weight_decay, nesterov, maximize, first_step) -> None:
-    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, scales=scales)
+                    weight_decay, nesterov, maximize, first_step, found_inf=None) -> None:
+    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, scales=scales,
+                found_inf=_opt(found_inf))
 
 
 def _fp16_master_list_fake(params, grads, momentum_buffers, masters, lr, momentum, dampening,
-                           weight_decay, nesterov, maximize, first_step) -> None:
-    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, masters=masters)
+                           weight_decay, nesterov, maximize, first_step,
+                           found_inf=None) -> None:
+    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, masters=masters,
+                found_inf=_opt(found_inf))
 
 
 if _C is not None:
@@ -262,12 +276,14 @@ def triton_sgd_step_master_list_(params: list[torch.Tensor], grads: list[torch.T
                                  remainders: list[torch.Tensor], ties: list[torch.Tensor],
                                  lr: float, momentum: float, dampening: float,
                                  weight_decay: float, nesterov: bool, maximize: bool,
-                                 first_step: bool) -> None:
+                                 first_step: bool,
+                                 found_inf: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, lr=lr,
                                     momentum=momentum, dampening=dampening,
                                     weight_decay=weight_decay, nesterov=nesterov,
-                                    maximize=maximize, first_step=first_step)
+                                    maximize=maximize, first_step=first_step,
+                                    found_inf=found_inf)
 
 
 triton_sgd_step_master_list_.register_fake(_master_list_fake)
@@ -293,12 +309,13 @@ triton_sgd_step_sr_list_.register_fake(_sr_list_fake)
 def triton_sgd_step_qmom_list_(params: list[torch.Tensor], grads: list[torch.Tensor],
                                momentum_buffers: list[torch.Tensor], scales: list[torch.Tensor],
                                lr: float, momentum: float, dampening: float, weight_decay: float,
-                               nesterov: bool, maximize: bool, first_step: bool) -> None:
+                               nesterov: bool, maximize: bool, first_step: bool,
+                               found_inf: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, lr=lr,
                                   momentum=momentum, dampening=dampening,
                                   weight_decay=weight_decay, nesterov=nesterov,
-                                  maximize=maximize, first_step=first_step)
+                                  maximize=maximize, first_step=first_step, found_inf=found_inf)
 
 
 triton_sgd_step_qmom_list_.register_fake(_qmom_list_fake)
@@ -310,12 +327,14 @@ def triton_sgd_step_fp16_master_list_(params: list[torch.Tensor], grads: list[to
                                       momentum_buffers: list[torch.Tensor],
                                       masters: list[torch.Tensor], lr: float, momentum: float,
                                       dampening: float, weight_decay: float, nesterov: bool,
-                                      maximize: bool, first_step: bool) -> None:
+                                      maximize: bool, first_step: bool,
+                                      found_inf: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, lr=lr,
                                          momentum=momentum, dampening=dampening,
                                          weight_decay=weight_decay, nesterov=nesterov,
-                                         maximize=maximize, first_step=first_step)
+                                         maximize=maximize, first_step=first_step,
+                                         found_inf=found_inf)
 
 
 triton_sgd_step_fp16_master_list_.register_fake(_fp16_master_list_fake)

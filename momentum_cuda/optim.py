@@ -2356,8 +2356,9 @@ class _FusedMomentum(Optimizer):
         grads = []
         for c in calls:
             if type(c) is _ListCall:
-                # the modes take GradScaler's work on the host (_amp_needs_host): planned
-                gs = None if amp is not None and c.mode != "plain" else c.check.check(state)
+                # stochastic rounding counts its steps on the host: under GradScaler planned
+                # (found_inf read there, _amp_needs_host)
+                gs = None if amp is not None and c.mode == "sr" else c.check.check(state)
                 if gs is None:
                     return False
                 grads.append(gs)
@@ -2394,16 +2395,28 @@ class _FusedMomentum(Optimizer):
                                    **(c.h if amp is None else
                                       self._kernel_args(c.h, amp, c.device)))
         else:
-            self._replay_mode(c, gs)
+            self._replay_mode(c, gs, amp)
             return
         if c.bump:  # the DTensors over the local shards it wrote
             _bump(c.bump)
 
-    def _replay_mode(self, c, gs) -> None:
-        """_replay_list for the modes' ops."""
+    def _replay_mode(self, c, gs, amp=None) -> None:
+        """_replay_list for the modes' ops. Under GradScaler (not stochastic rounding, which
+        _step_steady plans) without a host read: the gradients unscaled by torch's own op, as
+        GradScaler.unscale_ and _unscale_all do it (the mode kernels read them only), then the
+        op skips on the device when found_inf != 0, as torch skips the whole step."""
         h = c.h
         args = (h["lr"], h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
                 h["maximize"], False)
+        kw = {}
+        if amp is not None:
+            grad_scale, found_inf = amp
+            if grad_scale is not None:
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    gs, torch.zeros((), device=c.device),
+                    grad_scale.double().reciprocal().float().to(c.device))
+            if found_inf is not None:
+                kw["found_inf"] = found_inf.to(c.device, non_blocking=True)
         if c.mode == "sr":
             state = self.state
             owners = c.ps if c.dts is None else c.dts
@@ -2414,11 +2427,11 @@ class _FusedMomentum(Optimizer):
             for p, s in zip(owners, steps):
                 state[p]["sr_step"] = s
         elif c.mode == "master":
-            master_op(c.backend)(c.ps, gs, c.bs, c.xs, c.ys, *args)
+            master_op(c.backend)(c.ps, gs, c.bs, c.xs, c.ys, *args, **kw)
         elif c.mode == "master16":
-            fp16_master_op(c.backend)(c.ps, gs, c.bs, c.xs, *args)
+            fp16_master_op(c.backend)(c.ps, gs, c.bs, c.xs, *args, **kw)
         else:
-            qmom_op(c.backend)(c.ps, gs, c.bs, c.xs, *args)
+            qmom_op(c.backend)(c.ps, gs, c.bs, c.xs, *args, **kw)
         if c.bump:  # the DTensors over the local shards it wrote
             _bump(c.bump)
         if c.mode in ("master", "master16"):  # a later write restarts the master

@@ -380,6 +380,15 @@ if TRITON_AVAILABLE:
         return t, row, tl.load(blk + 1), tl.load(row + WIDTH - 1)
 
     @triton.jit
+    def _unless_skipped(n, inf_ptr, AMP_SKIP: tl.constexpr):
+        """A mode kernel's numel n, or 0 where GradScaler's found_inf (inf_ptr, fp32) != 0, NaN
+        included, skips the step: every lane is then masked off, nothing is read or written
+        (the mode kernels write no gradient). AMP_SKIP off: n (inf_ptr never dereferenced)."""
+        if AMP_SKIP:
+            n = tl.where(tl.load(inf_ptr) == 0.0, n, 0)
+        return n
+
+    @triton.jit
     def _sgd_list_kernel(rows_ptr, blocks_ptr, lr_ptr, m_ptr, d_ptr, wd_ptr, scale_ptr,
                          inf_ptr, coef_ptr, first_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
@@ -465,12 +474,13 @@ if TRITON_AVAILABLE:
         return tl.sum(rows, axis=1).to(tl.uint8)
 
     @triton.jit
-    def _sgd_master_kernel(rows_ptr, blocks_ptr,
+    def _sgd_master_kernel(rows_ptr, blocks_ptr, inf_ptr,
                            neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                            one_minus_d: "fp64",
                            MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                            MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                           FIRST_STEP: tl.constexpr, BLOCK: tl.constexpr):
+                           FIRST_STEP: tl.constexpr, AMP_SKIP: tl.constexpr,
+                           BLOCK: tl.constexpr):
         """Master weights (bf16_split.h), many tensors in one launch through a pointer table
         of rows [address of the bf16 parameter, of the bf16 gradient, of the fp32 buffer (0
         when MOMENTUM is off), of the int16 remainder, of the uint8 tie bytes, numel]. Each
@@ -481,6 +491,7 @@ if TRITON_AVAILABLE:
         8, so each program writes whole tie bytes, and no two programs the same one."""
         tl.static_assert(BLOCK % 8 == 0)
         _, row, start, n = _table_program(rows_ptr, blocks_ptr, 6)
+        n = _unless_skipped(n, inf_ptr, AMP_SKIP)
         p_ptr = tl.load(row).to(tl.pointer_type(tl.uint16))
         g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint16))
         b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
@@ -660,13 +671,13 @@ if TRITON_AVAILABLE:
                 _st(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask, MASKED)
 
     @triton.jit
-    def _sgd_qmom_kernel(rows_ptr, blocks_ptr,
+    def _sgd_qmom_kernel(rows_ptr, blocks_ptr, inf_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          FIRST_STEP: tl.constexpr, QUANT: tl.constexpr, ALIGNED: tl.constexpr,
-                         BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+                         AMP_SKIP: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
         """momentum_dtype (momentum_dtype.h): fp32 parameters and gradients, buffers stored
         narrow; many tensors in one launch through a pointer table of rows [address of p, of g,
         of the buffer (0 when MOMENTUM is off), then with QUANT 1 of the scales, numel].
@@ -678,6 +689,7 @@ if TRITON_AVAILABLE:
         masked."""
         tl.static_assert(BLOCK % QBLOCK == 0)
         _, row, start, n = _table_program(rows_ptr, blocks_ptr, 4 + QUANT)
+        n = _unless_skipped(n, inf_ptr, AMP_SKIP)  # (a skipped block takes the masked path)
         # The block map's starts are multiples of BLOCK; the multiply says so to the compiler's
         # alignment analysis, which drops hints (tl.multiple_of) placed on loaded values.
         start = start // BLOCK * BLOCK
@@ -750,13 +762,13 @@ if TRITON_AVAILABLE:
             _st(b_ptr + offs, buf, mask, MASKED)
 
     @triton.jit
-    def _sgd_fp16_master_kernel(rows_ptr, blocks_ptr,
+    def _sgd_fp16_master_kernel(rows_ptr, blocks_ptr, inf_ptr,
                                 neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                                 one_minus_d: "fp64",
                                 MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                                 FIRST_STEP: tl.constexpr, ALIGNED: tl.constexpr,
-                                BLOCK: tl.constexpr):
+                                AMP_SKIP: tl.constexpr, BLOCK: tl.constexpr):
         """fp16 master weights (fp16_master.h): fp16 parameters and gradients, fp32 masters and
         buffers; many tensors in one launch through a pointer table of rows [address of p, of
         g, of the buffer (0 when MOMENTUM is off), of the master, numel]. The parameter is
@@ -764,6 +776,7 @@ if TRITON_AVAILABLE:
         the table is a multiple of 16 bytes (the host checked), so a block inside its tensor
         runs unmasked: 128-bit accesses; the tensor's last block stays masked."""
         _, row, start, n = _table_program(rows_ptr, blocks_ptr, 5)
+        n = _unless_skipped(n, inf_ptr, AMP_SKIP)  # (a skipped block takes the masked path)
         # multiples of BLOCK, said so for the alignment analysis (as in _sgd_qmom_kernel)
         start = start // BLOCK * BLOCK
         p_ptr = tl.load(row).to(tl.pointer_type(tl.uint16))
@@ -1288,7 +1301,7 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
 
 def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, *, lr,
                                  momentum, dampening, weight_decay, nesterov, maximize,
-                                 first_step) -> None:
+                                 first_step, found_inf=None) -> None:
     """Master weights (csrc/include/momentum_cuda/bf16_split.h): bf16 params whose fp32
     masters are joined from the params, the int16 remainders (shaped and strided like the
     params) and the tie bits (a contiguous uint8 tensor of ceil(numel / 8) bytes each, bit j of
@@ -1296,7 +1309,8 @@ def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ti
     gradients widened exactly, and are split again; momentum_buffers are fp32, like the params
     (empty/None when momentum == 0). The checks of csrc/momentum_ops.cpp's
     sgd_step_master_list, all before the launch; then ONE launch for all non-empty tensors (as
-    the list path, through a pointer table)."""
+    the list path, through a pointer table). found_inf (GradScaler's) != 0 skips the step on
+    the device (_unless_skipped)."""
     vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
     params, grads = list(params), list(grads)
     rems, ties = list(remainders), list(ties)
@@ -1320,6 +1334,7 @@ def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ti
             addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0,
                           r.data_ptr(), t.data_ptr()))
             numels.append(p.numel())
+    inf = _mode_found_inf(found_inf, params)
     if not numels:
         return
     device = params[0].device
@@ -1327,7 +1342,8 @@ def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ti
     flags = _step_flags(vals, nesterov, maximize, first_step)
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
-            _sgd_master_kernel[(count,)](rows, blocks, *sc, **flags)
+            _sgd_master_kernel[(count,)](rows, blocks, rows if inf is None else inf, *sc,
+                                         AMP_SKIP=inf is not None, **flags)
 
 
 def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momentum, dampening,
@@ -1372,6 +1388,14 @@ def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momen
             _sgd_sr_kernel[(count,)](rows, blocks, keys_dev, *sc, **flags)
 
 
+def _mode_found_inf(found_inf, params):
+    """A mode op's found_inf, checked after its other arguments (csrc/momentum_ops.cpp's
+    run_mode_step): None, or GradScaler's 1-element fp32 tensor on the parameters' device."""
+    if found_inf is None or not params:
+        return None
+    return _check_amp(None, found_inf, None, params[0].device, params[0].dtype).found_inf
+
+
 def _check_offsets(offsets, params) -> list:
     """The stochastic-rounding offsets: None (all 0) or one int in [0, 2^63 - numel] per
     parameter (csrc/momentum_ops.cpp's checks, its messages)."""
@@ -1399,7 +1423,8 @@ def _check_scales(s, n: str, p, pn: str) -> None:
 
 
 def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, momentum,
-                               dampening, weight_decay, nesterov, maximize, first_step) -> None:
+                               dampening, weight_decay, nesterov, maximize, first_step,
+                               found_inf=None) -> None:
     """momentum_dtype (csrc/include/momentum_cuda/momentum_dtype.h, reference.
     sgd_momentum_dtype_reference_step): fp32 params and grads, dense; momentum_buffers
     (empty/None when momentum == 0) shaped and strided like their params, bf16 when scales is
@@ -1408,7 +1433,8 @@ def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, m
     fp32 step with its widened buffer; the new buffer is stored rounded to nearest even (bf16)
     or quantized per block (int8). The checks of csrc/momentum_ops.cpp's sgd_step_qmom_list,
     all before the launch; then ONE launch for all non-empty tensors (as the list path,
-    through a pointer table)."""
+    through a pointer table). found_inf (GradScaler's) != 0 skips the step on the device
+    (_unless_skipped)."""
     vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
@@ -1438,6 +1464,7 @@ def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, m
             addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0)
                          + ((scales[i].data_ptr(),) if int8 else ()))
             numels.append(p.numel())
+    inf = _mode_found_inf(found_inf, params)
     if not numels:
         return
     device = params[0].device
@@ -1449,19 +1476,21 @@ def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, m
                  ALIGNED=all(a % 16 == 0 for row in addrs for a in row[:3]))
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
-            _sgd_qmom_kernel[(count,)](rows, blocks, *sc, **flags)
+            _sgd_qmom_kernel[(count,)](rows, blocks, rows if inf is None else inf, *sc,
+                                       AMP_SKIP=inf is not None, **flags)
 
 
 def triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, *, lr, momentum,
                                       dampening, weight_decay, nesterov, maximize,
-                                      first_step) -> None:
+                                      first_step, found_inf=None) -> None:
     """fp16 master weights (csrc/include/momentum_cuda/fp16_master.h, reference.
     sgd_fp16_master_reference_step): fp16 params and grads, dense; fp32 masters and
     momentum_buffers (empty/None when momentum == 0) shaped and strided like their params. Each
     master takes torch's fp32 step with its gradient widened exactly; its parameter becomes the
     new master rounded to nearest even (c10's conversion: subnormals, inf, NaN as 0x7E00). The
     checks of csrc/momentum_ops.cpp's sgd_step_fp16_master_list, all before the launch; then
-    ONE launch for all non-empty tensors (as the list path, through a pointer table)."""
+    ONE launch for all non-empty tensors (as the list path, through a pointer table).
+    found_inf (GradScaler's) != 0 skips the step on the device (_unless_skipped)."""
     vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
     params, grads, masters = list(params), list(grads), list(masters)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
@@ -1484,6 +1513,7 @@ def triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, 
             addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0,
                           m.data_ptr()))
             numels.append(p.numel())
+    inf = _mode_found_inf(found_inf, params)
     if not numels:
         return
     device = params[0].device
@@ -1494,4 +1524,5 @@ def triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, 
     flags.update(ALIGNED=all(a % 16 == 0 for row in addrs for a in row))
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
-            _sgd_fp16_master_kernel[(count,)](rows, blocks, *sc, **flags)
+            _sgd_fp16_master_kernel[(count,)](rows, blocks, rows if inf is None else inf, *sc,
+                                              AMP_SKIP=inf is not None, **flags)

@@ -6,6 +6,7 @@ plans every step. The planned step is held to each mode's reference elsewhere
 (test_master_weights, test_stochastic_rounding, test_momentum_dtype, test_fp16_master,
 test_master_sequences); this file holds the replay to the planned step. Each case first checks
 that the replay is live when the edit is made."""
+import contextlib
 import copy
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 
 import momentum_cuda
 
-from conftest import bits, forbid_planning, fresh_grads, make_values, twin_params, write_grads
+from conftest import (bits, forbid_planning, fresh_grads, make_values, no_host_reads,
+                      twin_params, write_grads)
 
 STEPS, EDIT_AT = 6, 3
 
@@ -60,9 +62,9 @@ def _state_bits(opt, p):
     return {k: (bits(v) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
 
 
-def assert_same_steps(ours, opt, ref, topt, what):
+def assert_same_steps(ours, opt, ref, topt, what, last_step=True):
     """Parameters, gradient presence and bits, every state entry (tensors bitwise), masters and
-    last_step: the replaying optimizer and the planning twin alike."""
+    (unless last_step=False) last_step: the replaying optimizer and the planning twin alike."""
     for i, (p, q) in enumerate(zip(ours, ref)):
         assert torch.equal(bits(p), bits(q)), f"{what}: parameter {i}"
         assert (p.grad is None) == (q.grad is None), f"{what}: gradient presence {i}"
@@ -77,7 +79,7 @@ def assert_same_steps(ours, opt, ref, topt, what):
         if group is not None and opt._master(group, p):
             assert torch.equal(bits(opt.master_weight(p)), bits(topt.master_weight(q))), \
                 f"{what}: master {i}"
-    assert opt.last_step == topt.last_step, f"{what}: last_step"
+    assert not last_step or opt.last_step == topt.last_step, f"{what}: last_step"
 
 
 def _st(o, ps, i, key):
@@ -266,23 +268,41 @@ def test_a_gradient_appears_after_replayed_steps(config, flat):
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_gradscaler_with_replayed_list_calls(config, flat):
-    """GradScaler hands the step its scale and found_inf: the plain per-tensor calls replay
-    with them (the kernels unscale and skip), the modes' calls are planned (GradScaler's work
-    on the host); overflows on two steps in a row, bits the planning twin's."""
+def test_gradscaler_with_replayed_list_calls(config, flat, monkeypatch):
+    """GradScaler hands the step its scale and found_inf: the kept calls replay with them, with
+    no host read from the third step on (the first creates the state and the second is
+    planned: found_inf is read on the host there): the plain per-tensor calls unscale and skip
+    in their kernels; the master, fp16 master and momentum_dtype calls unscale their gradients
+    with torch's op, as GradScaler.unscale_, and skip in their kernels. Stochastic rounding
+    counts its steps on the host, so its steps under GradScaler are planned. Overflows on two
+    steps in a row; bits the planning twin's (which reads found_inf on the host, so reports no
+    call on a skipped step, where the replay reports the calls that skipped)."""
     ours, opt, ref, topt = _twins(config, flat)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
                for _ in range(2)]
     gen = torch.Generator().manual_seed(9)
+    plan = opt._plan
     for step in range(7):
         grads = fresh_grads(ours, gen)
-        if step in (3, 4):
+        overflow = step in (3, 4)
+        if overflow:
             grads[1].view(-1)[0] = float("inf")
+        replays = step >= 2 and config != "sr"
+        if replays:
+            forbid_planning(monkeypatch, opt)
         for o, ps, sc in ((opt, ours, scalers[0]), (topt, ref, scalers[1])):
             o.zero_grad()
             loss = torch.stack([(p * g).sum().float() for p, g in zip(ps, grads)]).sum()
             sc.scale(loss).backward()
-            sc.step(o)
+            with no_host_reads() if replays and o is opt else contextlib.nullcontext():
+                sc.step(o)
             sc.update()
-        assert_same_steps(ours, opt, ref, topt, f"{config} step {step + 1}")
+        monkeypatch.setattr(opt, "_plan", plan)
+        assert_same_steps(ours, opt, ref, topt, f"{config} step {step + 1}",
+                          last_step=not overflow or config == "plain")
+        paths = [e["path"] for e in opt.last_step]
+        if not overflow:
+            ran = paths
+        elif replays:  # every call ran, and skipped on the device
+            assert paths == ran, f"{config} step {step + 1}: paths"
         assert scalers[0].get_scale() == scalers[1].get_scale()

@@ -1,0 +1,121 @@
+"""GradScaler's found_inf in the ops of the modes (csrc/momentum_ops.cpp: sgd_step_master_list_,
+sgd_step_fp16_master_list_, sgd_step_qmom_list_), on the CPU: found_inf == 0 steps exactly as the
+call without it; != 0 (NaN included) leaves every tensor's bits as they were (the gradients are
+read only: the optimizer unscales them with torch's op first); a bad found_inf
+raises, naming it, before anything is written; opcheck with found_inf given. The CUDA kernels'
+skip is checked on the host (tests/test_cuda_host.py, a fourth step skipped, with planted bugs)
+and on a GPU (tests/test_gpu.py); the Triton kernels' under the interpreter
+(tests/test_triton_amp.py); the optimizer's replay under GradScaler in tests/test_steady_modes.py.
+"""
+import pytest
+import torch
+
+import momentum_cuda  # noqa: F401  (registers the ops)
+
+OPS = {
+    "master": torch.ops.momentum_cuda.sgd_step_master_list_.default,
+    "fp16-master": torch.ops.momentum_cuda.sgd_step_fp16_master_list_.default,
+    "bf16-momentum": torch.ops.momentum_cuda.sgd_step_qmom_list_.default,
+    "int8-momentum": torch.ops.momentum_cuda.sgd_step_qmom_list_.default,
+}
+SHAPES = [(0,), (1,), (3,), (97,), (5, 61), (300,)]  # 300: two int8 blocks, the second partial
+HYPER = (0.05, 0.9, 0.1, 1e-2, False, True)  # lr, momentum, dampening, weight_decay, nesterov,
+# maximize
+
+
+def _tensors(mode, seed):
+    """(params, grads, buffers, extra lists...): fresh random values, never zeros."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(shape, dtype, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+    if mode == "master":
+        ps = [rand(s, torch.bfloat16) for s in SHAPES]
+        gs = [rand(s, torch.bfloat16, 1e-2) for s in SHAPES]
+        bs = [rand(s, torch.float32, 1e-2) for s in SHAPES]
+        rems = [torch.randint(-2**15, 2**15, s, generator=gen, dtype=torch.int16) for s in SHAPES]
+        ties = [torch.randint(0, 256, ((p.numel() + 7) // 8,), generator=gen,
+                              dtype=torch.uint8) for p in ps]
+        for t, p in zip(ties, ps):  # the bits past numel are 0
+            if p.numel() % 8:
+                t[-1] &= (1 << (p.numel() % 8)) - 1
+        return [ps, gs, bs, rems, ties]
+    if mode == "fp16-master":
+        ms = [rand(s, torch.float32) for s in SHAPES]
+        return [[m.half() for m in ms], [rand(s, torch.float16, 1e-2) for s in SHAPES],
+                [rand(s, torch.float32, 1e-2) for s in SHAPES], ms]
+    ps = [rand(s, torch.float32) for s in SHAPES]
+    gs = [rand(s, torch.float32, 1e-2) for s in SHAPES]
+    if mode == "bf16-momentum":
+        return [ps, gs, [rand(s, torch.bfloat16, 1e-2) for s in SHAPES], []]
+    codes = [torch.randint(-127, 128, s, generator=gen, dtype=torch.int8) for s in SHAPES]
+    scales = [torch.rand(((p.numel() + 255) // 256,), generator=gen) * 1e-4 for p in ps]
+    return [ps, gs, codes, scales]
+
+
+def _clone(lists):
+    return [[t.clone() for t in ts] for ts in lists]
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(
+        {1: torch.uint8, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _same(a_lists, b_lists, what):
+    for k, (a_ts, b_ts) in enumerate(zip(a_lists, b_lists)):
+        for i, (a, b) in enumerate(zip(a_ts, b_ts)):
+            assert torch.equal(_bits(a), _bits(b)), f"{what}: argument {k}[{i}]"
+
+
+@pytest.mark.parametrize("first_step", [False, True], ids=["step", "first"])
+@pytest.mark.parametrize("mode", list(OPS))
+def test_found_inf_zero_steps_and_nonzero_skips(mode, first_step):
+    """found_inf = 0: the bits of the call without it; 1, inf or NaN: nothing written; three
+    steps each. (Version counters go up as for a step: on a GPU the host cannot know, as for the
+    plain ops.)"""
+    op = OPS[mode]
+    plain = _tensors(mode, 3)
+    given = _clone(plain)
+    for step in range(3):
+        first = first_step and step == 0
+        for lists in (plain, given):  # the same fresh gradients for both
+            for g, n in zip(lists[1], _tensors(mode, 10 + step)[1]):
+                g.copy_(n)
+        op(*plain, *HYPER, first)
+        op(*given, *HYPER, first, found_inf=torch.zeros(()))
+        _same(given, plain, f"{mode} step {step}: found_inf=0")
+        for value in (1.0, float("inf"), float("nan")):
+            before = _clone(given)
+            op(*given, *HYPER, first, found_inf=torch.tensor(value))
+            _same(given, before, f"{mode} step {step}: found_inf={value}")
+
+
+@pytest.mark.parametrize("bad, frag", [
+    (torch.zeros((), dtype=torch.float64), "found_inf must be a 1-element float32 tensor"),
+    (torch.zeros(2), "found_inf must be a 1-element float32 tensor"),
+    (torch.zeros((), device="meta"), "found_inf"),
+], ids=["float64", "two-elements", "meta"])
+@pytest.mark.parametrize("mode", list(OPS))
+def test_bad_found_inf_raises_before_writing(mode, bad, frag):
+    op = OPS[mode]
+    lists = _tensors(mode, 4)
+    before = _clone(lists)
+    with pytest.raises(RuntimeError, match=frag):
+        op(*lists, *HYPER, False, found_inf=bad)
+    _same(lists, before, f"{mode}: a refused call")
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0], ids=["finite", "overflow"])
+@pytest.mark.parametrize("mode", list(OPS))
+def test_opcheck_with_found_inf(mode, found):
+    result = torch.library.opcheck(OPS[mode], (*_tensors(mode, 5), *HYPER, False),
+                                   {"found_inf": torch.tensor(found)})
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_empty_lists_with_found_inf_are_a_no_op():
+    for mode, op in OPS.items():
+        n = len(_tensors(mode, 6))
+        op(*([[]] * n), *HYPER, False, found_inf=torch.ones(()))
