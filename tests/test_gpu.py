@@ -1032,3 +1032,98 @@ def test_fp16_master_opcheck_on_gpu(backend):
     result = torch.library.opcheck(fp16_master_op(backend), (ps, gs, bs, ms, 0.0123, 0.9, 0.1,
                                                              0.01, False, True, False))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+# GradScaler's found_inf in the modes' ops (master, fp16 master, momentum_dtype bf16 and int8):
+# the kernels skip on the device (tests/test_mode_amp.py has the CPU ops, test_cuda_host.py the
+# CUDA kernels on the host, test_triton_amp.py the Triton ones under the interpreter)
+MODE_AMP = ("master", "fp16-master", "bf16-momentum", "int8-momentum")
+
+
+def _mode_gpu_op(backend, mode):
+    from momentum_cuda._ops import fp16_master_op, master_op, qmom_op
+    return {"master": master_op, "fp16-master": fp16_master_op}.get(mode, qmom_op)(backend)
+
+
+@pytest.mark.parametrize("mode", MODE_AMP)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mode_ops_found_inf_on_gpu(backend, mode):
+    """Each GPU backend's mode op on CUDA tensors given found_inf: 0 steps with the bits of the
+    call without it, 1 or NaN leaves every tensor's bits (three steps, the first a first step);
+    opcheck with found_inf."""
+    from test_mode_amp import HYPER, _bits, _clone, _tensors
+    op = _mode_gpu_op(backend, mode)
+    plain = [[t.cuda() for t in ts] for ts in _tensors(mode, 3)]
+    given = _clone(plain)
+    for step in range(3):
+        fresh = [g.cuda() for g in _tensors(mode, 10 + step)[1]]
+        for lists in (plain, given):
+            for g, n in zip(lists[1], fresh):
+                g.copy_(n)
+        op(*plain, *HYPER, step == 0)
+        op(*given, *HYPER, step == 0, found_inf=torch.zeros((), device="cuda"))
+        for value in (1.0, float("nan")):
+            before = _clone(given)
+            op(*given, *HYPER, False, found_inf=torch.tensor(value, device="cuda"))
+            for k, (a_ts, b_ts) in enumerate(zip(given, before)):
+                for i, (a, b) in enumerate(zip(a_ts, b_ts)):
+                    assert torch.equal(_bits(a), _bits(b)), \
+                        f"{mode} step {step}: found_inf={value} wrote argument {k}[{i}]"
+        for k, (a_ts, b_ts) in enumerate(zip(given, plain)):
+            for i, (a, b) in enumerate(zip(a_ts, b_ts)):
+                assert torch.equal(_bits(a), _bits(b)), \
+                    f"{mode} step {step}: found_inf=0 differs in argument {k}[{i}]"
+    result = torch.library.opcheck(op, (*[[t.cuda() for t in ts] for ts in _tensors(mode, 5)],
+                                        *HYPER, False),
+                                   {"found_inf": torch.ones((), device="cuda")})
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("mode", MODE_AMP)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mode_replays_under_gradscaler_on_gpu(backend, mode):
+    """momentum_cuda.SGD in a mode under GradScaler("cuda") on CUDA tensors: from the third step
+    on no host read (the kept calls replay: torch's unscale, found_inf to the kernels), overflows
+    on steps 4 and 5; bits of the same optimizer planning every step (found_inf read on the
+    host): parameters, gradients, every state tensor."""
+    from test_mode_amp import _bits
+    from conftest import no_host_reads
+    dtype, kw = {"master": (torch.bfloat16, dict(master_weights=True)),
+                 "fp16-master": (torch.float16, dict(master_weights=True)),
+                 "bf16-momentum": (torch.float32, dict(momentum_dtype=torch.bfloat16)),
+                 "int8-momentum": (torch.float32, dict(momentum_dtype=torch.int8))}[mode]
+    gen = torch.Generator().manual_seed(61)
+    values = [torch.randn(s, generator=gen).to(dtype).cuda() for s in ((97,), (5, 61), (300,))]
+    sides = []
+    for planned in (False, True):
+        ps = [v.clone().requires_grad_() for v in values]
+        opt = momentum_cuda.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2,
+                                backend=backend, **kw)
+        if planned:
+            opt._step_steady = lambda amp: False
+        sides.append((ps, opt, torch.amp.GradScaler("cuda", init_scale=2.0**10,
+                                                    growth_interval=2)))
+    for k in range(7):
+        gs = [torch.randn(v.shape, generator=gen).to(dtype).cuda() for v in values]
+        if k in (3, 4):
+            gs[1].view(-1)[0] = float("inf")
+        for ps, opt, sc in sides:
+            opt.zero_grad()
+            sc.scale(torch.stack([(p * g).sum().float() for p, g in zip(ps, gs)]).sum()
+                     ).backward()
+            with no_host_reads() if opt is sides[0][1] and k >= 2 else contextlib.nullcontext():
+                sc.step(opt)
+            sc.update()
+        (ps, opt, sc), (qs, topt, tsc) = sides
+        what = f"{mode} step {k + 1}"
+        assert sc.get_scale() == tsc.get_scale(), what
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: param {i}"
+            assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
+            a, b = opt.state.get(p, {}), topt.state.get(q, {})
+            assert a.keys() == b.keys(), f"{what}: state keys {i}"
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert torch.equal(_bits(a[key]), _bits(b[key])), f"{what}: {key} {i}"
+        if k >= 2:
+            assert {e["backend"] for e in opt.last_step} == {backend}, (what, opt.last_step)

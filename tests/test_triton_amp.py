@@ -25,6 +25,12 @@ Planted bugs (flags dropped on the host: clip, skip, unscale; kernel variants sw
 _amp_grad: no rounding between unscale and clip, the gradient rewritten when inv == 1;
 gradients not written back) must make the comparisons fail.
 
+The modes' Triton ops (master, fp16 master, momentum_dtype bf16 and int8) given found_inf: the
+bits of their C++ CPU ops, nothing written on a skipped step, opcheck, the argument check; and
+momentum_cuda.SGD(backend="triton") in those modes under GradScaler replaying its kept calls with
+no host read, against the CPU backend planning every step; each with a planted bug (found_inf
+dropped on the host).
+
 first_step_tensor (capturable=True's first step decided by the kernels) against the constexpr
 paths, with a planted bug (the flag dropped), its argument checks and opcheck; and
 momentum_cuda.SGD(backend="triton", capturable=True) under GradScaler with no host read and the
@@ -936,6 +942,163 @@ def check_first_step_tensor(tk):
                     dict(h, **amp, first_step_tensor=torch.tensor(value)))
                 assert set(result.values()) == {"SUCCESS"}, (name, value, result)
     return f"plant caught in {len(caught)} cases"
+
+
+# ---- the modes' ops (master, fp16 master, momentum_dtype) given found_inf ----------------------
+_MODE_OPS = ("master", "fp16-master", "bf16-momentum", "int8-momentum")
+
+
+def _mode_calls(tk):
+    """{mode: (Triton op, C++ CPU op)} of the modes that take found_inf."""
+    ops = torch.ops.momentum_cuda
+    return {"master": (ops.triton_sgd_step_master_list_.default,
+                       ops.sgd_step_master_list_.default),
+            "fp16-master": (ops.triton_sgd_step_fp16_master_list_.default,
+                            ops.sgd_step_fp16_master_list_.default),
+            "bf16-momentum": (ops.triton_sgd_step_qmom_list_.default,
+                              ops.sgd_step_qmom_list_.default),
+            "int8-momentum": (ops.triton_sgd_step_qmom_list_.default,
+                              ops.sgd_step_qmom_list_.default)}
+
+
+def _mode_mismatches(tk):
+    """Each mode's Triton op against its C++ CPU op (test_mode_amp holds that one to the call
+    without found_inf), three steps, the second with found_inf = 1 or NaN (skipped: nothing may
+    change), the others with found_inf = 0: the mismatches found."""
+    from test_mode_amp import HYPER, _bits, _clone, _tensors
+    bad = []
+    for mode, (triton, cpu) in _mode_calls(tk).items():
+        for first in (False, True):
+            ours = _tensors(mode, 31)
+            ref = _clone(ours)
+            for step, value in enumerate((0.0, float("nan") if first else 1.0, 0.0)):
+                fresh = _tensors(mode, 40 + step)[1]
+                for lists in (ours, ref):
+                    for g, n in zip(lists[1], fresh):
+                        g.copy_(n)
+                before = _clone(ours)
+                f = first and step == 0
+                triton(*ours, *HYPER, f, found_inf=torch.tensor(value))
+                cpu(*ref, *HYPER, f, found_inf=torch.tensor(value))
+                for k, (a_ts, b_ts, c_ts) in enumerate(zip(ours, ref, before)):
+                    for i, (a, b, c) in enumerate(zip(a_ts, b_ts, c_ts)):
+                        if not torch.equal(_bits(a), _bits(b)):
+                            bad.append(f"{mode} first={first} step {step}: argument {k}[{i}]")
+                        if value != 0 and not torch.equal(_bits(a), _bits(c)):
+                            bad.append(f"{mode} first={first} step {step}: argument {k}[{i}] "
+                                       "written by a skipped step")
+    return bad
+
+
+def check_mode_ops_found_inf(tk):
+    """The master, fp16 master and momentum_dtype (bf16, int8) Triton ops given found_inf: bits
+    of the C++ CPU op, and nothing written where it skips; opcheck with found_inf; a bad
+    found_inf refused, naming it, before anything is written."""
+    from test_mode_amp import HYPER, _clone, _tensors
+    bad = _mode_mismatches(tk)
+    assert not bad, bad[:10]
+    for mode, (triton, _) in _mode_calls(tk).items():
+        for value in (0.0, 1.0):
+            result = torch.library.opcheck(triton, (*_tensors(mode, 50), *HYPER, False),
+                                           {"found_inf": torch.tensor(value)})
+            assert all(v == "SUCCESS" for v in result.values()), (mode, result)
+        lists = _tensors(mode, 51)
+        before = _clone(lists)
+        try:
+            triton(*lists, *HYPER, False, found_inf=torch.zeros((), dtype=torch.float64))
+        except (RuntimeError, ValueError) as e:
+            assert "found_inf must be a 1-element float32 tensor" in str(e), (mode, str(e))
+        else:
+            raise AssertionError(f"{mode}: a float64 found_inf was taken")
+        assert not _mode_mismatches_of(lists, before), f"{mode}: a refused call wrote"
+
+
+def _mode_mismatches_of(lists, before):
+    from test_mode_amp import _bits
+    return [(k, i) for k, (a_ts, b_ts) in enumerate(zip(lists, before))
+            for i, (a, b) in enumerate(zip(a_ts, b_ts)) if not torch.equal(_bits(a), _bits(b))]
+
+
+def check_planted_mode_skip_dropped_fails(tk):
+    """The comparison above fails with found_inf dropped on the host (the kernels' AMP_SKIP
+    off)."""
+    orig = tk._mode_found_inf
+    tk._mode_found_inf = lambda found_inf, params: None
+    try:
+        bad = _mode_mismatches(tk)
+    finally:
+        tk._mode_found_inf = orig
+    modes = {b.split()[0] for b in bad}
+    assert modes == set(_MODE_OPS), f"planted bug caught only for {sorted(modes)}"
+    return f"plant caught: {len(bad)} mismatches"
+
+
+def check_optimizer_modes_gradscaler_e2e(tk):
+    """momentum_cuda.SGD(backend="triton") with master_weights (bf16, fp16) and momentum_dtype
+    (bf16, int8) under GradScaler("cpu"): from the third step on no host read (the kept calls
+    replay: torch's unscale, found_inf to the Triton kernels); overflows on steps 4 and 5; the
+    bits of the same optimizer on the C++ CPU backend planning every step (found_inf read on
+    the host): parameters, gradients, the whole state."""
+    from conftest import no_host_reads
+    from momentum_cuda import _backends, optim
+    from test_mode_amp import _bits
+    _backends._PREFERENCE["cpu"] = ("cpu", "triton")
+    configs = {"master": (torch.bfloat16, dict(master_weights=True)),
+               "fp16-master": (torch.float16, dict(master_weights=True)),
+               "bf16-momentum": (torch.float32, dict(momentum_dtype=torch.bfloat16)),
+               "int8-momentum": (torch.float32, dict(momentum_dtype=torch.int8))}
+    for mode, (dtype, kw) in configs.items():
+        gen = torch.Generator().manual_seed(61)
+        values = [torch.randn(s, generator=gen).to(dtype) for s in ((97,), (5, 61), (300,))]
+        sides = []
+        for backend in ("triton", "cpu"):
+            ps = [v.clone().requires_grad_() for v in values]
+            opt = optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2,
+                            backend=backend, **kw)
+            if backend == "cpu":
+                opt._step_steady = lambda amp: False
+            sides.append((ps, opt, torch.amp.GradScaler("cpu", init_scale=2.0**10,
+                                                        growth_interval=2)))
+        for k in range(7):
+            gs = [torch.randn(v.shape, generator=gen).to(dtype) for v in values]
+            if k in (3, 4):
+                gs[1].view(-1)[0] = float("inf")
+            for ps, opt, sc in sides:
+                opt.zero_grad()
+                sc.scale(torch.stack([(p * g).sum().float() for p, g in zip(ps, gs)]).sum()
+                         ).backward()
+                if opt is sides[0][1] and k >= 2:
+                    with no_host_reads():
+                        sc.step(opt)
+                else:
+                    sc.step(opt)
+                sc.update()
+            (ps, opt, sc), (qs, topt, tsc) = sides
+            what = f"{mode} step {k + 1}"
+            assert sc.get_scale() == tsc.get_scale(), what
+            for i, (p, q) in enumerate(zip(ps, qs)):
+                assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: param {i}"
+                assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
+                a, b = opt.state.get(p, {}), topt.state.get(q, {})
+                assert a.keys() == b.keys(), f"{what}: state keys {i}"
+                for key in a:
+                    if isinstance(a[key], torch.Tensor):
+                        assert torch.equal(_bits(a[key]), _bits(b[key])), f"{what}: {key} {i}"
+            if k >= 2:
+                assert {e["backend"] for e in opt.last_step} == {"triton"}, (what, opt.last_step)
+
+
+def check_planted_optimizer_mode_skip_fails(tk):
+    """The optimizer check above fails with found_inf dropped on the host."""
+    orig = tk._mode_found_inf
+    tk._mode_found_inf = lambda found_inf, params: None
+    try:
+        check_optimizer_modes_gradscaler_e2e(tk)
+    except AssertionError:
+        return
+    finally:
+        tk._mode_found_inf = orig
+    raise AssertionError("planted bug (found_inf dropped) went unnoticed by the optimizer check")
 
 
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
