@@ -1061,10 +1061,10 @@ def test_mode_ops_found_inf_on_gpu(backend, mode):
             for g, n in zip(lists[1], fresh):
                 g.copy_(n)
         op(*plain, *HYPER, step == 0)
-        op(*given, *HYPER, step == 0, found_inf=torch.zeros((), device="cuda"))
+        op(*given, *HYPER, step == 0, found_inf=torch.zeros(()).cuda())
         for value in (1.0, float("nan")):
             before = _clone(given)
-            op(*given, *HYPER, False, found_inf=torch.tensor(value, device="cuda"))
+            op(*given, *HYPER, False, found_inf=torch.tensor(value).cuda())
             for k, (a_ts, b_ts) in enumerate(zip(given, before)):
                 for i, (a, b) in enumerate(zip(a_ts, b_ts)):
                     assert torch.equal(_bits(a), _bits(b)), \
@@ -1075,7 +1075,7 @@ def test_mode_ops_found_inf_on_gpu(backend, mode):
                     f"{mode} step {step}: found_inf=0 differs in argument {k}[{i}]"
     result = torch.library.opcheck(op, (*[[t.cuda() for t in ts] for ts in _tensors(mode, 5)],
                                         *HYPER, False),
-                                   {"found_inf": torch.ones((), device="cuda")})
+                                   {"found_inf": torch.ones(()).cuda()})
     assert set(result.values()) == {"SUCCESS"}, result
 
 

@@ -113,8 +113,8 @@ def _opmath(x: float, dtype) -> float:
     return torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item()
 
 
-# the master and stochastic-rounding kernels' constexprs (no storage kinds, tensor
-# hyper-parameters or AMP)
+# the modes' kernels' constexprs (no storage kinds or tensor hyper-parameters; of AMP only
+# AMP_SKIP, found_inf, and not in the stochastic-rounding kernel)
 MASTER_FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "MOMENTUM", "NESTEROV", "FIRST_STEP", "BLOCK")
 
 
@@ -139,7 +139,8 @@ def _expected(entry):
     if entry["kind"] == "list":
         flags["DTYPE"] = ELEM[dtype][2]
     if entry["kind"] in ("master", "sr", "qmom", "fp16_master"):
-        flags = {k: flags[k] for k in MASTER_FLAGS}
+        flags = {k: flags[k] for k in MASTER_FLAGS + (("AMP_SKIP",) if entry["kind"] != "sr"
+                                                       else ())}
     if entry["kind"] == "qmom":
         flags.update(_qmom_expected(entry))
     if entry["kind"] == "fp16_master":
@@ -297,6 +298,20 @@ AMP_PTRS = {"scale_ptr": "AMP_SCALE", "inf_ptr": "AMP_SKIP", "coef_ptr": "CLIP",
             "first_ptr": "FIRST_TENSOR"}
 
 
+def _check_skip_compiled(ck, name, what, sig, runtime, params, problems):
+    """A mode kernel's found_inf (inf_ptr): AMP_SKIP off, never loaded; on, an fp32 pointer
+    parameter that is loaded."""
+    consts = {list(sig)[path[0]]: v for path, v in ck.src.constants.items()}
+    i = runtime.index("inf_ptr")
+    loaded = re.search(rf"ld\.param\.\w+\s+%\w+,\s*\[{name}_param_{i}\]",
+                       ck.asm["ptx"]) is not None
+    if bool(consts.get("AMP_SKIP")) != loaded:
+        problems.append(f"amp: {what}: AMP_SKIP {consts.get('AMP_SKIP')} but inf_ptr (param "
+                        f"{i}) {'loaded' if loaded else 'never loaded'}")
+    if consts.get("AMP_SKIP") and (sig["inf_ptr"] != "*fp32" or params[i] != "u64.ptr"):
+        problems.append(f"signature: {what}: inf_ptr is {sig['inf_ptr']} / .param .{params[i]}")
+
+
 def _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems):
     """GradScaler's and the clip's pointers: a flag off, its pointer is never loaded (the plain
     kernel reads nothing more than before); on, it is typed as the tensor it reads (scale and
@@ -384,6 +399,8 @@ def _check_compiled(ck, name, dtype, problems):
         got = params[i] if i < len(params) else None
         if got != want:
             problems.append(f"ptx: {what}: {arg} is .param .{got}, not .param .{want}")
+    if name in ("_sgd_master_kernel", "_sgd_qmom_kernel", "_sgd_fp16_master_kernel"):
+        _check_skip_compiled(ck, name, what, sig, runtime, params, problems)
     if name in ("_sgd_master_kernel", "_sgd_sr_kernel"):
         conv = set(re.findall(r"\b(?:cvt\.\w+\.bf16\.f32|div\.[\w.]+|rcp\.[\w.]+)", ck.asm["ptx"]))
         if conv:
