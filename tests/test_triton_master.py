@@ -704,7 +704,7 @@ def test_cpu_tensors_refused_without_interpreter():
 
 MASTER_FLAGS = {"plain": {}, "momentum-wd-nesterov-max": dict(WEIGHT_DECAY=True, NESTEROV=True,
                                                               MAXIMIZE=True),
-                "first-step": dict(FIRST_STEP=True)}
+                "first-step": dict(FIRST_STEP=True), "found-inf": dict(AMP_SKIP=True)}
 
 
 @pytest.mark.parametrize("flags", list(MASTER_FLAGS), ids=list(MASTER_FLAGS))
@@ -718,10 +718,11 @@ def test_master_kernel_compiles_for_sm90(flags):
     from momentum_cuda import triton_kernels as tk
     fn = tk._sgd_master_kernel
     vals = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, use_buf=True)
-    ce = tk._step_flags(vals, False, False, False)
+    ce = dict(tk._step_flags(vals, False, False, False), AMP_SKIP=False)
     opts = {k: ce.pop(k) for k in ("num_warps", "enable_fp_fusion")}
     ce.update(MASTER_FLAGS[flags])
-    sig = {n: ("*i64" if n.endswith("_ptr") else "fp64") for n in fn.arg_names if n not in ce}
+    sig = {n: ("*fp32" if n == "inf_ptr" else "*i64" if n.endswith("_ptr") else "fp64")
+           for n in fn.arg_names if n not in ce}
     res = aot.compile_aot(fn, sig, ce, 90, num_warps=opts["num_warps"],
                           enable_fp_fusion=opts["enable_fp_fusion"])
     assert res.cubin and res.enable_fp_fusion is False
