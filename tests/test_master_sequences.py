@@ -10,8 +10,9 @@ hyper-parameters:
   against fp32 twins stepped by QmomReference below (reference.sgd_momentum_dtype_reference_step
   per parameter; an added group has no momentum_dtype: torch's step). Between steps a random
   interleaving of what
-training code does: fresh gradients (the twins get them widened), gradients scaled in place or
-dropped, zero_grad either way, a group's hyper-parameter edited, a parameter written (copy_ of
+training code does: fresh gradients (the twins get them widened), GradScaler's step and update
+(overflows too; the twin takes GradScaler's unscale of our gradients, from torch's own op, and
+skips where it finds an inf), gradients scaled in place or dropped, zero_grad either way, a group's hyper-parameter edited, a parameter written (copy_ of
 fresh values or of itself scaled: its master restarts from the written value, so the twin is
 given the same value), a new param group, state_dict + load_state_dict, copy.deepcopy of
 parameters and optimizer together. After every operation: every master, parameter and momentum
@@ -71,8 +72,10 @@ OPS = {
     "save_load": st.just(()),
     "deepcopy": st.just(()),
     "reset_state": st.just(()),
+    "scaler_step": st.tuples(st.booleans()),
+    "scaler_train": st.tuples(SEED, st.booleans()),
 }
-WEIGHTS = {"step": 4, "train": 4, "grads": 3}
+WEIGHTS = {"step": 4, "train": 4, "grads": 3, "scaler_step": 2, "scaler_train": 4}
 NAMES = st.sampled_from([n for n in sorted(OPS) for _ in range(WEIGHTS.get(n, 1))])
 
 
@@ -243,6 +246,42 @@ class QmomTwins:
                         f"{what} {key} {i}"
 
 
+def _scaler_step(tw, overflow):
+    """GradScaler("cpu").step and update on ours, over the gradients as they are (an inf in the
+    first one where `overflow`). Expected, from torch's own op on our gradients: GradScaler's
+    unscale (torch._amp_foreach_non_finite_check_and_unscale_ per dtype with
+    scale.double().reciprocal().float(), as GradScaler.unscale_) and its found_inf. Our
+    gradients must end as those unscaled ones; the twin takes them widened and steps unless
+    found_inf (as GradScaler skips torch's step). Without gradients GradScaler raises (no inf
+    check recorded): not drawn then."""
+    had = [p for p in tw.ours if p.grad is not None]
+    gs = [p.grad for p in had]
+    if not gs:
+        return
+    if getattr(tw, "scaler", None) is None:
+        tw.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        tw.scaler.scale(torch.ones(()))  # (GradScaler makes its scale tensor here)
+    if overflow:
+        gs[0].view(-1)[0] = float("inf")
+    want = [g.clone() for g in gs]
+    found = torch.zeros(())
+    inv = tw.scaler._scale.double().reciprocal().float()
+    for dtype in {g.dtype for g in want}:
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            [g for g in want if g.dtype == dtype], found, inv)
+    tw.scaler.step(tw.opt)
+    tw.scaler.update()
+    # (.grad, not the tensors read above: a step that lays a group out again puts a gradient
+    # into its flat buffer, and .grad is then the flat view)
+    for i, (p, w) in enumerate(zip(had, want)):
+        assert torch.equal(bits(p.grad), bits(w)), f"gradient {i} not unscaled as GradScaler does"
+    if overflow:  # not stepped on later (a master's NaN keeps no sign or payload: README)
+        had[0].grad.view(-1)[0] = 0.0
+    _sync_grads(tw)
+    if found.item() == 0:
+        tw.topt.step()
+
+
 def _edit_value(kind, key, seed):
     gen = torch.Generator().manual_seed(seed)
     r = float(torch.rand((), generator=gen))
@@ -309,6 +348,12 @@ def apply(tw, kind, op):
     elif name == "deepcopy":
         tw.ours, tw.opt = copy.deepcopy((tw.ours, tw.opt))
         tw.twin, tw.topt = copy.deepcopy((tw.twin, tw.topt))
+    elif name == "scaler_step":
+        _scaler_step(tw, a[0])
+    elif name == "scaler_train":
+        tw.gen = torch.Generator().manual_seed(a[0])
+        tw.grads()
+        _scaler_step(tw, a[1])
     elif name == "reset_state" and isinstance(tw, (SrTwins, QmomTwins)):
         tw.opt.state.clear()
         tw.topt.state.clear()
