@@ -1085,45 +1085,6 @@ def test_mode_replays_under_gradscaler_on_gpu(backend, mode):
     """momentum_cuda.SGD in a mode under GradScaler("cuda") on CUDA tensors: from the third step
     on no host read (the kept calls replay: torch's unscale, found_inf to the kernels), overflows
     on steps 4 and 5; bits of the same optimizer planning every step (found_inf read on the
-    host): parameters, gradients, every state tensor."""
-    from test_mode_amp import _bits
-    from conftest import no_host_reads
-    dtype, kw = {"master": (torch.bfloat16, dict(master_weights=True)),
-                 "fp16-master": (torch.float16, dict(master_weights=True)),
-                 "bf16-momentum": (torch.float32, dict(momentum_dtype=torch.bfloat16)),
-                 "int8-momentum": (torch.float32, dict(momentum_dtype=torch.int8))}[mode]
-    gen = torch.Generator().manual_seed(61)
-    values = [torch.randn(s, generator=gen).to(dtype).cuda() for s in ((97,), (5, 61), (300,))]
-    sides = []
-    for planned in (False, True):
-        ps = [v.clone().requires_grad_() for v in values]
-        opt = momentum_cuda.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2,
-                                backend=backend, **kw)
-        if planned:
-            opt._step_steady = lambda amp: False
-        sides.append((ps, opt, torch.amp.GradScaler("cuda", init_scale=2.0**10,
-                                                    growth_interval=2)))
-    for k in range(7):
-        gs = [torch.randn(v.shape, generator=gen).to(dtype).cuda() for v in values]
-        if k in (3, 4):
-            gs[1].view(-1)[0] = float("inf")
-        for ps, opt, sc in sides:
-            opt.zero_grad()
-            sc.scale(torch.stack([(p * g).sum().float() for p, g in zip(ps, gs)]).sum()
-                     ).backward()
-            with no_host_reads() if opt is sides[0][1] and k >= 2 else contextlib.nullcontext():
-                sc.step(opt)
-            sc.update()
-        (ps, opt, sc), (qs, topt, tsc) = sides
-        what = f"{mode} step {k + 1}"
-        assert sc.get_scale() == tsc.get_scale(), what
-        for i, (p, q) in enumerate(zip(ps, qs)):
-            assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: param {i}"
-            assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
-            a, b = opt.state.get(p, {}), topt.state.get(q, {})
-            assert a.keys() == b.keys(), f"{what}: state keys {i}"
-            for key in a:
-                if isinstance(a[key], torch.Tensor):
-                    assert torch.equal(_bits(a[key]), _bits(b[key])), f"{what}: {key} {i}"
-        if k >= 2:
-            assert {e["backend"] for e in opt.last_step} == {backend}, (what, opt.last_step)
+    host): parameters, gradients, every state tensor (test_mode_amp.replay_under_gradscaler)."""
+    from test_mode_amp import replay_under_gradscaler
+    replay_under_gradscaler(mode, backend, move=lambda t: t.cuda(), scaler_device="cuda")

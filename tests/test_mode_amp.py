@@ -7,10 +7,14 @@ skip is checked on the host (tests/test_cuda_host.py, a fourth step skipped, wit
 and on a GPU (tests/test_gpu.py); the Triton kernels' under the interpreter
 (tests/test_triton_amp.py); the optimizer's replay under GradScaler in tests/test_steady_modes.py.
 """
+import contextlib
+
 import pytest
 import torch
 
-import momentum_cuda  # noqa: F401  (registers the ops)
+import momentum_cuda
+
+from conftest import no_host_reads
 
 OPS = {
     "master": torch.ops.momentum_cuda.sgd_step_master_list_.default,
@@ -119,3 +123,61 @@ def test_empty_lists_with_found_inf_are_a_no_op():
     for mode, op in OPS.items():
         n = len(_tensors(mode, 6))
         op(*([[]] * n), *HYPER, False, found_inf=torch.ones(()))
+
+
+# optimizer configurations of the modes that take found_inf: (parameter dtype, SGD options)
+MODE_CONFIGS = {"master": (torch.bfloat16, dict(master_weights=True)),
+                "fp16-master": (torch.float16, dict(master_weights=True)),
+                "bf16-momentum": (torch.float32, dict(momentum_dtype=torch.bfloat16)),
+                "int8-momentum": (torch.float32, dict(momentum_dtype=torch.int8))}
+
+
+def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu",
+                            twin_backend=None):
+    """momentum_cuda.SGD(backend=backend) in a mode under torch.amp.GradScaler(scaler_device),
+    its tensors moved by `move`: from the third step on no host read (the kept calls replay:
+    torch's unscale, found_inf to the kernels), overflows on steps 4 and 5; the bits of the
+    same optimizer on twin_backend (default: backend) planning every step (found_inf read on
+    the host): parameters, gradients, every state tensor, the scale. Shared by this file,
+    tests/test_triton_amp.py and tests/test_gpu.py."""
+    dtype, kw = MODE_CONFIGS[mode]
+    gen = torch.Generator().manual_seed(61)
+    values = [move(torch.randn(s, generator=gen).to(dtype)) for s in ((97,), (5, 61), (300,))]
+    sides = []
+    for planned in (False, True):
+        ps = [v.clone().requires_grad_() for v in values]
+        opt = momentum_cuda.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2,
+                                backend=twin_backend or backend if planned else backend, **kw)
+        if planned:
+            opt._step_steady = lambda amp: False
+        sides.append((ps, opt, torch.amp.GradScaler(scaler_device, init_scale=2.0**10,
+                                                    growth_interval=2)))
+    for k in range(7):
+        gs = [move(torch.randn(v.shape, generator=gen).to(dtype)) for v in values]
+        if k in (3, 4):
+            gs[1].view(-1)[0] = float("inf")
+        for ps, opt, sc in sides:
+            opt.zero_grad()
+            sc.scale(torch.stack([(p * g).sum().float() for p, g in zip(ps, gs)]).sum()
+                     ).backward()
+            with no_host_reads() if opt is sides[0][1] and k >= 2 else contextlib.nullcontext():
+                sc.step(opt)
+            sc.update()
+        (ps, opt, sc), (qs, topt, tsc) = sides
+        what = f"{mode} step {k + 1}"
+        assert sc.get_scale() == tsc.get_scale(), what
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: param {i}"
+            assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
+            a, b = opt.state.get(p, {}), topt.state.get(q, {})
+            assert a.keys() == b.keys(), f"{what}: state keys {i}"
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert torch.equal(_bits(a[key]), _bits(b[key])), f"{what}: {key} {i}"
+        if k >= 2:
+            assert {e["backend"] for e in opt.last_step} == {backend}, (what, opt.last_step)
+
+
+@pytest.mark.parametrize("mode", list(MODE_CONFIGS))
+def test_optimizer_replays_under_gradscaler(mode):
+    replay_under_gradscaler(mode, "cpu")
