@@ -1000,6 +1000,47 @@ def fsdp2_narrow_momentum(ctx: Ctx, *, flat: bool, hk: str, dtype=torch.bfloat16
                            steps=3, what="resumed ")
 
 
+def fsdp2_narrow_momentum_gradscaler(ctx: Ctx, *, flat: bool, hk: str, dtype):
+    """momentum_dtype on FSDP2 shards under torch.amp.GradScaler: from step 3 on ours replays
+    its kept calls with no host read (the local shards' gradients unscaled by torch's op,
+    GradScaler's found_inf handed to the op, which skips on the device); overflows on step 4
+    and, on rank 0 only, on step 6. Bits those of torch.optim.SGD (foreach=False) under its own
+    GradScaler (unscale_, skip) whose buffers are stored narrow after each step it takes
+    (_narrow_buffers): parameters, gradients, buffers (widened), the scale."""
+    from conftest import no_host_reads
+    make = mlp if dtype is torch.bfloat16 else wide
+    m, tm = fsdp2(make(1), ctx), fsdp2(make(1), ctx)
+    opt = _narrow_momentum_opt(m, hk, flat, dtype)
+    _, ref_cls, extra = optimizer_classes(hk)
+    topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
+    topt.register_step_post_hook(_narrow_buffers(dtype))
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+               for _ in range(2)]
+    for k in range(7):
+        x, y = mlp_data(ctx, 4, k)
+        inf = k == 3 or (k == 5 and ctx.rank == 0)
+        label = f"step {k + 1}{' (overflow)' if inf else ''}:"
+        for model, o, scaler in ((tm, topt, scalers[1]), (m, opt, scalers[0])):
+            o.zero_grad(set_to_none=k % 2 == 0)
+            loss = F.mse_loss(model(x), y) * (float("inf") if inf else 1.0)
+            scaler.scale(loss).backward()
+            if o is opt and k >= 2:
+                with no_host_reads():
+                    _replayed(ctx, o, lambda: scaler.step(o), label)
+            else:
+                scaler.step(o)
+            scaler.update()
+        if scalers[0].get_scale() != scalers[1].get_scale():
+            ctx.check.fail(f"{label} scale {scalers[0].get_scale()} vs torch's "
+                           f"{scalers[1].get_scale()}")
+        ours, ref = list(m.named_parameters()), list(tm.named_parameters())
+        ctx.check.params(ours, ref, label)
+        for (n, p), (_, q) in zip(ours, ref):
+            ctx.check.tensor(opt.momentum_buffer(p), buffer_of(topt, q),
+                             f"{label} momentum_buffer of {n} (widened)")
+        ctx.record("paths", paths(opt))
+
+
 def fsdp2_int8_xworld(ctx: Ctx, *, flat: bool, hk: str):
     """momentum_dtype=torch.int8 across world sizes: on 2 ranks ours and torch's twin (its
     buffers stored narrow per local shard by _narrow_buffers) train 3 steps and are saved; on
@@ -1357,6 +1398,10 @@ def _build() -> None:
         for hk in ("nest-wd", "ema-wd-max"):
             _add(2, f"ddp-gradscaler-capturable/{_flat_id(flat)}/{hk}", ddp_gradscaler_capturable,
                  flat=flat, hk=hk)
+    _add(2, "fsdp2-bfloat16-momentum-gradscaler/flat/nest-wd", fsdp2_narrow_momentum_gradscaler,
+         flat=True, hk="nest-wd", dtype=torch.bfloat16)
+    _add(2, "fsdp2-int8-momentum-gradscaler/pertensor/damp-max-wd",
+         fsdp2_narrow_momentum_gradscaler, flat=False, hk="damp-max-wd", dtype=torch.int8)
     for grad_views in (False, True):
         for param_views in (False, True):
             for flat in (True, False):
