@@ -136,7 +136,9 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
                             twin_backend=None):
     """momentum_cuda.SGD(backend=backend) in a mode under torch.amp.GradScaler(scaler_device),
     its tensors moved by `move`: from the third step on no host read (the kept calls replay:
-    torch's unscale, found_inf to the kernels), overflows on steps 4 and 5; the bits of the
+    torch's unscale, found_inf to the kernels), overflows on steps 4 and 5, GradScaler.unscale_
+    before the sixth (the step then gets found_inf without grad_scale; not for fp16 gradients,
+    which it refuses); the bits of the
     same optimizer on twin_backend (default: backend) planning every step (found_inf read on
     the host): parameters, gradients, every state tensor, the scale. Shared by this file,
     tests/test_triton_amp.py and tests/test_gpu.py."""
@@ -160,6 +162,8 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
             opt.zero_grad()
             sc.scale(torch.stack([(p * g).sum().float() for p, g in zip(ps, gs)]).sum()
                      ).backward()
+            if k == 5 and dtype is not torch.float16:  # (GradScaler.unscale_ refuses fp16)
+                sc.unscale_(opt)  # GradScaler's own unscale first: the step gets found_inf
             with no_host_reads() if opt is sides[0][1] and k >= 2 else contextlib.nullcontext():
                 sc.step(opt)
             sc.update()
