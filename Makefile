@@ -70,8 +70,10 @@ gpu-check:
 	bash tools/gpu_check.sh
 
 # The same script without a GPU (part of `make test`): every stage in its dry form, run with the
-# GPU machine's Python, torch and triton; its files land in build/gpu-check-dry.
+# GPU machine's Python, torch and triton; its files land in build/gpu-check-dry, emptied first
+# (as $OUT is on the GPU machine: the file-count check must not count an older run's files).
 gpu-check-dry: $(GPU_STAMP)
+	rm -rf build/gpu-check-dry
 	PY=$(GPU_VPY) bash tools/gpu_check.sh --dry --out build/gpu-check-dry
 
 # The demo (training side by side, convergence, loss PNG) and then `bench --quick`; files go
