@@ -120,24 +120,19 @@ def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_
                              (first_step_tensor, "first_step_tensor")])
 
 
-def _lists_fake(found_inf=(), **lists) -> None:
-    """The fake kernel of an op over lists of tensors: one device for all of them (found_inf
-    too, where the lists are not empty)."""
+def _lists_fake(found_inf=None, **lists) -> None:
+    """The fake kernel of an op over lists of tensors: one device for all of them (and
+    found_inf, if given, where the lists are not empty)."""
     named = [(t, f"{name}[{i}]") for name, ts in lists.items() for i, t in enumerate(ts)]
     if named:
-        _one_device(named + [(t, "found_inf") for t in found_inf])
-
-
-def _opt(t) -> tuple:
-    """An optional tensor argument as the tuple _lists_fake takes: (t,) or ()."""
-    return () if t is None else (t,)
+        _one_device(named + [(found_inf, "found_inf")])
 
 
 def _master_list_fake(params, grads, momentum_buffers, remainders, ties, lr, momentum,
                       dampening, weight_decay, nesterov, maximize, first_step,
                       found_inf=None) -> None:
     _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers,
-                remainders=remainders, ties=ties, found_inf=_opt(found_inf))
+                remainders=remainders, ties=ties, found_inf=found_inf)
 
 
 def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening, weight_decay,
@@ -148,14 +143,14 @@ def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening
 def _qmom_list_fake(params, grads, momentum_buffers, scales, lr, momentum, dampening,
                     weight_decay, nesterov, maximize, first_step, found_inf=None) -> None:
     _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, scales=scales,
-                found_inf=_opt(found_inf))
+                found_inf=found_inf)
 
 
 def _fp16_master_list_fake(params, grads, momentum_buffers, masters, lr, momentum, dampening,
                            weight_decay, nesterov, maximize, first_step,
                            found_inf=None) -> None:
     _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, masters=masters,
-                found_inf=_opt(found_inf))
+                found_inf=found_inf)
 
 
 if _C is not None:
