@@ -73,7 +73,8 @@ of the address bookkeeping above runs (_step_traced): one list op per (device, d
 tensors wherever they live. A 1-element fp32/fp64 tensor lr is read by the kernels on its
 device. GradScaler hands the step its grad_scale and found_inf (_step_supports_amp_scaling):
 the kernels unscale and skip on the device (the modes' replayed calls, _replay_mode: torch's
-unscale, then their kernels skip; stochastic rounding reads found_inf on the host); a step that would create momentum buffers reads
+unscale, then their kernels skip; stochastic rounding reads found_inf on the host); a step
+that would create momentum buffers reads
 found_inf on the host first, so that an overflow-skipped first step leaves no state, or, with
 capturable=True, leaves that to the device (_Unsure, over a bucket's or a list call's flag:
 the buffers enter the state as the step makes them, and leave it again once the host has read

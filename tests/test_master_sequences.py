@@ -12,9 +12,9 @@ hyper-parameters:
   interleaving of what
 training code does: fresh gradients (the twins get them widened), GradScaler's step and update
 (overflows too; the twin takes GradScaler's unscale of our gradients, from torch's own op, and
-skips where it finds an inf), gradients scaled in place or dropped, zero_grad either way, a group's hyper-parameter edited, a parameter written (copy_ of
-fresh values or of itself scaled: its master restarts from the written value, so the twin is
-given the same value), a new param group, state_dict + load_state_dict, copy.deepcopy of
+skips where it finds an inf), gradients scaled in place or dropped, zero_grad either way, a
+group's hyper-parameter edited, a parameter written (copy_ of fresh values or of itself
+scaled: its master restarts from the written value, so the twin is given the same value), a new param group, state_dict + load_state_dict, copy.deepcopy of
 parameters and optimizer together. After every operation: every master, parameter and momentum
 buffer bit for bit (and the step counts), and gradient presence. Stochastic rounding also
 draws opt.state.clear() on both sides (the step counts restart, so do the keys).

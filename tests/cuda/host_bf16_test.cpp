@@ -11,8 +11,8 @@
 // Cases: plan_elementwise<MasterMode> with ListLimits4K, ListLimits32K and tiny limits (many
 // launches, spans split over launches and chunks); sizes 0..17, 97, 1025, 65536 + 13 and
 // 2 * 65536 + 8; element offsets that make the 16-byte group path run, not run, or run for some
-// arrays only; all 20 flag sets; three steps and a fourth that GradScaler's found_inf (1 or NaN) skips
-// (found_inf_of: nothing may change); forward, reverse and shuffled thread orders.
+// arrays only; all 20 flag sets; three steps and a fourth that GradScaler's found_inf (1 or
+// NaN) skips (found_inf_of: nothing may change); forward, reverse and shuffled thread orders.
 // Masters are random, plus halfway points (low half 0x8000: tie bits of both kinds), infinities,
 // NaNs, zeros and subnormals; a gradient and buffer of zero on some elements keeps their halfway
 // masters through the step, so that tie bits written by the kernel are read back. Memory around every array is
