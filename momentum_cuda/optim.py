@@ -151,6 +151,19 @@ def _hyper_tensor(x, name: str):
     return float(x)
 
 
+def _unscale(grads, grad_scale) -> None:
+    """grads (dense tensors) unscaled in place with torch's own op, as GradScaler._unscale_grads_
+    does it: per (device, dtype), by float(1 / double(scale)). (Its found_inf is GradScaler's
+    to compute; the one written here is not read.)"""
+    inv = grad_scale.double().reciprocal().float()
+    by: dict = {}
+    for g in grads:
+        by.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), gs in by.items():
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, torch.zeros((), device=device),
+                                                         inv.to(device))
+
+
 def _on_host(name: str, t: torch.Tensor) -> float:
     """A hyper-parameter tensor read with .item(), as torch's for-loop reads it (dampening as
     _dampening reads it)."""
@@ -1866,12 +1879,15 @@ class _FusedMomentum(Optimizer):
     @staticmethod
     def _amp_needs_host(plans) -> bool:
         """The step creates a momentum buffer (an overflow-skipped step must create none, as
-        torch's for-loop creates none: so found_inf is read first) or runs torch's own ops."""
+        torch's for-loop creates none: so found_inf is read first) or runs torch's own ops.
+        The modes' parameters decide in _step_modes, call by call (while a CUDA graph is
+        captured, here: _first_on_device refuses them)."""
         for h, runs, loose in plans:
             use_buf = _use_buf(h)
             if any(run[3] or run[4] for run in runs):
                 return True
-            if any(reason is not None or (use_buf and buf is None)
+            if any((reason is not None and (reason not in _MODE_FLAG or _capturing()))
+                   or (reason is None and use_buf and buf is None)
                    for _, _, buf, reason, _ in loose):
                 return True
         return False
@@ -2059,8 +2075,7 @@ class _FusedMomentum(Optimizer):
 
     def _unscale_all(self, grad_scale) -> None:
         """Every gradient unscaled in place as GradScaler._unscale_grads_ does it."""
-        inv = grad_scale.double().reciprocal().float()
-        by: dict = {}
+        grads = []
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
@@ -2070,10 +2085,8 @@ class _FusedMomentum(Optimizer):
                     if g.dtype is torch.float16:
                         p.grad = g = g.coalesce()
                     g = g._values()
-                by.setdefault((g.device, g.dtype), []).append(g)
-        for (device, _), gs in by.items():
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                gs, torch.zeros((), device=device), inv.to(device))
+                grads.append(g)
+        _unscale(grads, grad_scale)
 
     @staticmethod
     def _kernel_args(h, amp, device, clip=None) -> dict:
@@ -2414,9 +2427,7 @@ class _FusedMomentum(Optimizer):
         if amp is not None:
             grad_scale, found_inf = amp
             if grad_scale is not None:
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    gs, torch.zeros((), device=c.device),
-                    grad_scale.double().reciprocal().float().to(c.device))
+                _unscale(gs, grad_scale)
             if found_inf is not None:
                 kw["found_inf"] = found_inf.to(c.device, non_blocking=True)
         if c.mode == "sr":
@@ -2799,7 +2810,7 @@ class _FusedMomentum(Optimizer):
         reasons = set()
         copied = []  # (gradient, its copy in the parameter's layout): written ones go back
         modal = [item for item in items if item[3] in _MODE_FLAG]
-        kept = self._step_modes(modal, h) if modal else []
+        kept = self._step_modes(modal, h, amp) if modal else []
         # capturable (_first_on_device): buffers made under GradScaler without a host read
         # take a flag per call (_LooseFirst), and so do those an undecided one holds
         undecided = self._loose_held() if self._unsure and use_buf else {}
@@ -2914,7 +2925,7 @@ class _FusedMomentum(Optimizer):
             raise RuntimeError(f"{flag} needs dense parameters that share no memory with "
                                f"others; got a {_what(p)}")
 
-    def _step_modes(self, items, h) -> list | None:
+    def _step_modes(self, items, h, amp=None) -> list | None:
         """The bf16 parameters of a group with master_weights=True ("master") or
         stochastic_rounding=True ("sr"): one op call per (mode, device, first step or not), by
         the device's backend. A hyper-parameter tensor is read on the host (.item(): a sync on
@@ -2932,19 +2943,31 @@ class _FusedMomentum(Optimizer):
         shard, counted from the shard's start); a buffer stored otherwise (torch's
         fp32 one from a checkpoint, the other momentum_dtype's, another memory layout) is read
         back in fp32 and stored narrow first.
+        amp: GradScaler's (grad_scale, found_inf) where the host has not read found_inf for
+        the whole step (_amp_needs_host): the gradients are unscaled with torch's op first, as
+        GradScaler.unscale_ does it (the mode kernels read them only); a call that makes
+        state (a buffer, remainder, master or scales new or converted) or counts steps
+        (stochastic rounding) has found_inf read on the host (once per step) and is not run
+        when it is set, since a skipped step makes no state; the others take it and skip on
+        the device.
         Returns the calls the next step may replay (_ListCall), or None (a first step, a
-        gradient copied to its parameter's layout)."""
+        gradient copied to its parameter's layout, a call GradScaler skipped)."""
         use_buf = _use_buf(h)
         hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
         buf_dtype = {"master": torch.float32, "master16": torch.float32, "sr": torch.bfloat16}
         calls: dict = {}
         offsets: dict = {}  # sr: a DTensor's local shard -> its index in the whole tensor
         replayable = True
+        found_inf = None if amp is None else amp[1]
+        if amp is not None and amp[0] is not None:
+            _unscale([_local(g) for _, g, _, _, _ in items], amp[0])
+        makes = set()  # the calls (keys of `calls`) that make state
         for p, g, buf, mode, key in items:
             st = self.state.get(p, {})
             owner = None  # a DTensor parameter (momentum_dtype bf16): its local shards step
             if isinstance(p, _DTensor):
                 owner, p, g, buf = p, _local(p), _local(g), _local(buf)
+            new = False
             if mode == "master":
                 rem, ties = st.get("master_remainder"), st.get("master_ties")
                 if owner is not None and rem is not None:  # (its local shard; the tie bits
@@ -2953,6 +2976,7 @@ class _FusedMomentum(Optimizer):
                         or self._master_written(p if owner is None else owner)):
                     rem = torch.zeros_like(p, dtype=torch.int16)
                     ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
+                    new = True
                 extra = (rem, ties)
             elif mode == "master16":
                 m = st.get("master_weight")
@@ -2962,6 +2986,7 @@ class _FusedMomentum(Optimizer):
                         or m.shape != p.shape or m.stride() != p.stride()
                         or m.dtype != torch.float32 or m.device != p.device):
                     m = torch.empty_like(p, dtype=torch.float32).copy_(p)
+                    new = True
                 extra = (m, None)
             elif mode == "sr":
                 step = int(st.get("sr_step", 0)) + 1
@@ -2970,32 +2995,48 @@ class _FusedMomentum(Optimizer):
                     offsets[id(p)] = key[2]
             first = bool(use_buf and buf is None and not self._ema)
             if mode == "qmom":
-                buf, scales = self._qmom_buffer(p, buf, st.get("momentum_scales"), key, use_buf)
+                old = (buf, _local(st.get("momentum_scales")))
+                buf, scales = self._qmom_buffer(p, buf, old[1], key, use_buf)
+                new = buf is not old[0] or (scales is not None and scales is not old[1])
                 extra = (scales, None)
             elif use_buf and (buf is None or buf.dtype != buf_dtype[mode]):
                 # a buffer of the other mode: fp32 -> bf16 rounds to nearest, bf16 -> fp32 exact
                 buf = (torch.zeros_like(p, dtype=buf_dtype[mode]) if buf is None
                        else buf.to(buf_dtype[mode]))
+                new = True
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)
                 replayable = False
-            c = calls.setdefault((mode, key if mode == "qmom" else None, p.device, first),
-                                 ([], [], [], [], [], []))
+            call = (mode, key if mode == "qmom" else None, p.device, first)
+            if new or mode == "sr":
+                makes.add(call)
+            c = calls.setdefault(call, ([], [], [], [], [], []))
             for lst, t in zip(c, (p, g, buf) + extra):
                 if t is not None:
                     lst.append(t)
             c[5].append(owner)
         kept = []
-        for (mode, _, device, first), (ps, gs, bs, xs, ys, owners) in calls.items():
+        skipped = None  # found_inf as read on the host, once
+        for call, (ps, gs, bs, xs, ys, owners) in calls.items():
+            mode, _, device, first = call
             backend = self._backend_for(device)
             args = (hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
                     hyper["nesterov"], hyper["maximize"], first)
+            kw = {}
+            if found_inf is not None and call in makes:
+                if skipped is None:
+                    skipped = bool(found_inf.item())
+                if skipped:  # GradScaler skips the step: no state made, nothing written
+                    kept = None
+                    continue
+            elif found_inf is not None:
+                kw["found_inf"] = found_inf.to(device, non_blocking=True)
             if mode == "master":
-                master_op(backend)(ps, gs, bs, xs, ys, *args)
+                master_op(backend)(ps, gs, bs, xs, ys, *args, **kw)
             elif mode == "master16":
-                fp16_master_op(backend)(ps, gs, bs, xs, *args)
+                fp16_master_op(backend)(ps, gs, bs, xs, *args, **kw)
             elif mode == "qmom":
-                qmom_op(backend)(ps, gs, bs, xs, *args)
+                qmom_op(backend)(ps, gs, bs, xs, *args, **kw)
             else:
                 offs = [offsets.get(id(p), 0) for p in ps] if offsets else None
                 sr_op(backend)(ps, gs, bs, xs, *args, offsets=offs)

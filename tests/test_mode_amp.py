@@ -133,43 +133,56 @@ MODE_CONFIGS = {"master": (torch.bfloat16, dict(master_weights=True)),
 
 
 def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu",
-                            twin_backend=None):
+                            twin_backend=None, overflows=(3, 4), schedule=False):
     """momentum_cuda.SGD(backend=backend) in a mode under torch.amp.GradScaler(scaler_device),
-    its tensors moved by `move`: from the third step on no host read (the kept calls replay:
-    torch's unscale, found_inf to the kernels), overflows on steps 4 and 5, GradScaler.unscale_
-    before the sixth (the step then gets found_inf without grad_scale; not for fp16 gradients,
-    which it refuses); the bits of the
-    same optimizer on twin_backend (default: backend) planning every step (found_inf read on
-    the host): parameters, gradients, every state tensor, the scale. Shared by this file,
-    tests/test_triton_amp.py and tests/test_gpu.py."""
+    its tensors moved by `move`: after the first step that GradScaler does not skip (which
+    makes the state, found_inf read on the host) no host read (planned, then from the next
+    step replayed: torch's unscale, found_inf to the kernels); overflows on the steps
+    `overflows` counts from 0 (0: the first step is skipped and makes no state),
+    GradScaler.unscale_ before step 5 (the step then gets found_inf without grad_scale; not
+    for fp16 gradients, which it refuses); `schedule`: a new float lr every step (a
+    scheduler's), so every step is planned, none replayed. The twin, the same optimizer on twin_backend
+    (default: backend), never sees GradScaler: its gradients (the same loss times the same
+    scale) are unscaled with torch's own op and it steps where that finds no inf, as
+    GradScaler + torch.optim.SGD do it. Compared bitwise: parameters, gradients, every state
+    tensor. Shared by this file, tests/test_triton_amp.py and tests/test_gpu.py."""
     dtype, kw = MODE_CONFIGS[mode]
     gen = torch.Generator().manual_seed(61)
     values = [move(torch.randn(s, generator=gen).to(dtype)) for s in ((97,), (5, 61), (300,))]
     sides = []
-    for planned in (False, True):
+    for b in (backend, twin_backend or backend):
         ps = [v.clone().requires_grad_() for v in values]
-        opt = momentum_cuda.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2,
-                                backend=twin_backend or backend if planned else backend, **kw)
-        if planned:
-            opt._step_steady = lambda amp: False
-        sides.append((ps, opt, torch.amp.GradScaler(scaler_device, init_scale=2.0**10,
-                                                    growth_interval=2)))
+        sides.append((ps, momentum_cuda.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1,
+                                            weight_decay=1e-2, backend=b, **kw)))
+    (ps, opt), (qs, topt) = sides
+    sc = torch.amp.GradScaler(scaler_device, init_scale=2.0**10, growth_interval=2)
+    made = None  # the step that made the state
     for k in range(7):
         gs = [move(torch.randn(v.shape, generator=gen).to(dtype)) for v in values]
-        if k in (3, 4):
+        if k in overflows:
             gs[1].view(-1)[0] = float("inf")
-        for ps, opt, sc in sides:
-            opt.zero_grad()
-            sc.scale(torch.stack([(p * g).sum().float() for p, g in zip(ps, gs)]).sum()
-                     ).backward()
-            if k == 5 and dtype is not torch.float16:  # (GradScaler.unscale_ refuses fp16)
-                sc.unscale_(opt)  # GradScaler's own unscale first: the step gets found_inf
-            with no_host_reads() if opt is sides[0][1] and k >= 2 else contextlib.nullcontext():
-                sc.step(opt)
-            sc.update()
-        (ps, opt, sc), (qs, topt, tsc) = sides
+        elif made is None:
+            made = k
+        if schedule:
+            for o in (opt, topt):
+                o.param_groups[0]["lr"] = 0.05 * 0.9 ** k
+        scale = sc.get_scale()
+        for xs, o in sides:
+            o.zero_grad()
+            loss = torch.stack([(x * g).sum().float() for x, g in zip(xs, gs)]).sum()
+            (sc.scale(loss) if o is opt else loss * scale).backward()
+        if k == 5 and dtype is not torch.float16:  # (GradScaler.unscale_ refuses fp16)
+            sc.unscale_(opt)  # GradScaler's own unscale first: the step gets found_inf
+        with no_host_reads() if made is not None and k > made else contextlib.nullcontext():
+            sc.step(opt)
+        sc.update()
+        found = torch.zeros((), device=qs[0].device)  # (GradScaler.unscale_'s op and inv)
+        inv = torch.tensor(scale, dtype=torch.float64).reciprocal().float().to(found.device)
+        for q in qs:
+            torch._amp_foreach_non_finite_check_and_unscale_([q.grad], found, inv)
+        if found.item() == 0:
+            topt.step()
         what = f"{mode} step {k + 1}"
-        assert sc.get_scale() == tsc.get_scale(), what
         for i, (p, q) in enumerate(zip(ps, qs)):
             assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: param {i}"
             assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
@@ -178,10 +191,28 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
             for key in a:
                 if isinstance(a[key], torch.Tensor):
                     assert torch.equal(_bits(a[key]), _bits(b[key])), f"{what}: {key} {i}"
-        if k >= 2:
+        if made is not None and k > made:
             assert {e["backend"] for e in opt.last_step} == {backend}, (what, opt.last_step)
+        elif k not in overflows:
+            assert opt.state, f"{what}: no state made"
+        else:
+            assert not opt.state and not opt.last_step, f"{what}: a skipped first step ran"
 
 
 @pytest.mark.parametrize("mode", list(MODE_CONFIGS))
 def test_optimizer_replays_under_gradscaler(mode):
     replay_under_gradscaler(mode, "cpu")
+
+
+@pytest.mark.parametrize("mode", list(MODE_CONFIGS))
+def test_skipped_first_steps_make_no_state(mode):
+    """Steps 1 and 2 overflow: GradScaler skips them, and the mode makes no state (found_inf
+    read on the host for those calls); then the run as above."""
+    replay_under_gradscaler(mode, "cpu", overflows=(0, 1, 4))
+
+
+@pytest.mark.parametrize("mode", list(MODE_CONFIGS))
+def test_scheduled_lr_planned_steps_read_nothing(mode):
+    """A scheduler's new float lr every step: every step is planned, and none after the first
+    reads found_inf on the host (the calls make no state: they skip on the device)."""
+    replay_under_gradscaler(mode, "cpu", schedule=True)
