@@ -270,8 +270,9 @@ QMOM_PLANTS = {
     # the first step reads the old codes and scales (kFirstStep lost on the way to the kernel)
     "q8_first_step_reads_codes": (
         "cuda/qmom_kernel.cuh",
-        "  a.flags = flags;\n  plan_chunks<Limits, kQChunk>(",
-        "  a.flags = flags & ~kFirstStep;\n  plan_chunks<Limits, kQChunk>(",
+        "  a.flags = flags;\n  a.found_inf = found_inf;\n  plan_chunks<Limits, kQChunk>(",
+        "  a.flags = flags & ~kFirstStep;\n  a.found_inf = found_inf;\n"
+        "  plan_chunks<Limits, kQChunk>(",
         r"MISMATCH int8 .*step=0"),
     # a span's last partial block is not stepped
     "q8_partial_block": (
