@@ -963,6 +963,18 @@ def wide(seed: int) -> Wide:
     return Wide()
 
 
+def _narrow_momentum_twins(ctx: Ctx, hk: str, flat: bool, dtype):
+    """(model, ours, torch's twin model, its torch.optim.SGD whose buffers are stored narrow
+    after each step, _narrow_buffers): FSDP2 on the small MLP (bf16) or Wide (int8)."""
+    make = mlp if dtype is torch.bfloat16 else wide
+    m, tm = fsdp2(make(1), ctx), fsdp2(make(1), ctx)
+    opt = _narrow_momentum_opt(m, hk, flat, dtype)
+    _, ref_cls, extra = optimizer_classes(hk)
+    topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
+    topt.register_step_post_hook(_narrow_buffers(dtype))
+    return m, opt, tm, topt
+
+
 def fsdp2_narrow_momentum(ctx: Ctx, *, flat: bool, hk: str, dtype=torch.bfloat16):
     """momentum_dtype (bf16, or int8 on the Wide model) on FSDP2 shards: the local shards
     stepped by the op, the buffers `dtype` DTensors sharded like their parameters (int8: the
@@ -971,12 +983,7 @@ def fsdp2_narrow_momentum(ctx: Ctx, *, flat: bool, hk: str, dtype=torch.bfloat16
     (_narrow_buffers); on 2 ranks also a dcp.save / dcp.load into a fresh model and optimizer
     (torch's _init_optim_state step included; int8 scales through state_dict's per-element
     form) that trains on with the bits of the uninterrupted one."""
-    make = mlp if dtype is torch.bfloat16 else wide
-    m, tm = fsdp2(make(1), ctx), fsdp2(make(1), ctx)
-    opt = _narrow_momentum_opt(m, hk, flat, dtype)
-    _, ref_cls, extra = optimizer_classes(hk)
-    topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
-    topt.register_step_post_hook(_narrow_buffers(dtype))
+    m, opt, tm, topt = _narrow_momentum_twins(ctx, hk, flat, dtype)
     _narrow_momentum_steps(ctx, [(tm, topt), (m, opt)], dtype, first_step=0, steps=4)
     # torch's format, for a checkpoint that leaves momentum_cuda: fp32 DTensor buffers
     for (n, p), (_, q) in zip(m.named_parameters(), tm.named_parameters()):
@@ -987,7 +994,7 @@ def fsdp2_narrow_momentum(ctx: Ctx, *, flat: bool, hk: str, dtype=torch.bfloat16
         return
     base = ctx.shared / f"ckpt-{str(dtype)[6:]}-momentum-{_flat_id(flat)}-{hk}"
     dcp_save(ctx, m, opt, base)
-    m2 = fsdp2(make(99), ctx)
+    m2 = fsdp2((mlp if dtype is torch.bfloat16 else wide)(99), ctx)
     opt2 = _narrow_momentum_opt(m2, hk, flat, dtype)
     dcp_load(ctx, m2, opt2, base)
     ours, ref = list(m2.named_parameters()), list(m.named_parameters())
@@ -1008,12 +1015,7 @@ def fsdp2_narrow_momentum_gradscaler(ctx: Ctx, *, flat: bool, hk: str, dtype):
     GradScaler (unscale_, skip) whose buffers are stored narrow after each step it takes
     (_narrow_buffers): parameters, gradients, buffers (widened), the scale."""
     from conftest import no_host_reads
-    make = mlp if dtype is torch.bfloat16 else wide
-    m, tm = fsdp2(make(1), ctx), fsdp2(make(1), ctx)
-    opt = _narrow_momentum_opt(m, hk, flat, dtype)
-    _, ref_cls, extra = optimizer_classes(hk)
-    topt = ref_cls(tm.parameters(), **hypers(hk), **extra)
-    topt.register_step_post_hook(_narrow_buffers(dtype))
+    m, opt, tm, topt = _narrow_momentum_twins(ctx, hk, flat, dtype)
     scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
                for _ in range(2)]
     for k in range(7):
