@@ -133,7 +133,7 @@ MODE_CONFIGS = {"master": (torch.bfloat16, dict(master_weights=True)),
 
 
 def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu",
-                            twin_backend=None, overflows=(3, 4), schedule=False):
+                            twin_backend=None, overflows=(3, 4), schedule=False, clip=False):
     """momentum_cuda.SGD(backend=backend) in a mode under torch.amp.GradScaler(scaler_device),
     its tensors moved by `move`: after the first step that GradScaler does not skip (which
     makes the state, found_inf read on the host) no host read (planned, then from the next
@@ -141,14 +141,18 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
     `overflows` counts from 0 (0: the first step is skipped and makes no state),
     GradScaler.unscale_ before step 5 (the step then gets found_inf without grad_scale; not
     for fp16 gradients, which it refuses); `schedule`: a new float lr every step (a
-    scheduler's), so every step is planned, none replayed. The twin, the same optimizer on twin_backend
-    (default: backend), never sees GradScaler: its gradients (the same loss times the same
-    scale) are unscaled with torch's own op and it steps where that finds no inf, as
-    GradScaler + torch.optim.SGD do it. Compared bitwise: parameters, gradients, every state
-    tensor. Shared by this file, tests/test_triton_amp.py and tests/test_gpu.py."""
+    scheduler's), so every step is planned, none replayed; `clip`: on steps 5 and 6 (the first
+    one overflowed) GradScaler.unscale_ then opt.clip_grad_norm_ (not for fp16). A fourth
+    parameter never gets a gradient. The twin, the same optimizer on twin_backend (default:
+    backend), never sees GradScaler: its gradients (the same loss times the same scale) are
+    unscaled with torch's own op, clipped by torch.nn.utils.clip_grad_norm_ over all four, and
+    it steps where the unscale finds no inf, as GradScaler + torch.optim.SGD do it. Compared
+    bitwise: parameters, gradients and their presence, every state tensor, the norms. Shared by
+    this file, tests/test_triton_amp.py and tests/test_gpu.py."""
     dtype, kw = MODE_CONFIGS[mode]
     gen = torch.Generator().manual_seed(61)
-    values = [move(torch.randn(s, generator=gen).to(dtype)) for s in ((97,), (5, 61), (300,))]
+    values = [move(torch.randn(s, generator=gen).to(dtype))
+              for s in ((97,), (5, 61), (300,), (7,))]  # the last one unused
     sides = []
     for b in (backend, twin_backend or backend):
         ps = [v.clone().requires_grad_() for v in values]
@@ -158,7 +162,7 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
     sc = torch.amp.GradScaler(scaler_device, init_scale=2.0**10, growth_interval=2)
     made = None  # the step that made the state
     for k in range(7):
-        gs = [move(torch.randn(v.shape, generator=gen).to(dtype)) for v in values]
+        gs = [move(torch.randn(v.shape, generator=gen).to(dtype)) for v in values[:3]]
         if k in overflows:
             gs[1].view(-1)[0] = float("inf")
         elif made is None:
@@ -171,28 +175,38 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
             o.zero_grad()
             loss = torch.stack([(x * g).sum().float() for x, g in zip(xs, gs)]).sum()
             (sc.scale(loss) if o is opt else loss * scale).backward()
-        if k == 5 and dtype is not torch.float16:  # (GradScaler.unscale_ refuses fp16)
+        clips = clip and k in (4, 5) and dtype is not torch.float16
+        if (k == 5 or clips) and dtype is not torch.float16:  # (unscale_ refuses fp16)
             sc.unscale_(opt)  # GradScaler's own unscale first: the step gets found_inf
+        if clips:
+            norm = opt.clip_grad_norm_(0.05)
         with no_host_reads() if made is not None and k > made else contextlib.nullcontext():
             sc.step(opt)
         sc.update()
         found = torch.zeros((), device=qs[0].device)  # (GradScaler.unscale_'s op and inv)
         inv = torch.tensor(scale, dtype=torch.float64).reciprocal().float().to(found.device)
-        for q in qs:
+        for q in qs[:3]:
             torch._amp_foreach_non_finite_check_and_unscale_([q.grad], found, inv)
+        what = f"{mode} step {k + 1}"
+        if clips:
+            tnorm = torch.nn.utils.clip_grad_norm_(qs, 0.05)
+            assert torch.equal(_bits(norm), _bits(tnorm)), f"{what}: total norm"
         if found.item() == 0:
             topt.step()
-        what = f"{mode} step {k + 1}"
         for i, (p, q) in enumerate(zip(ps, qs)):
             assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: param {i}"
-            assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
+            assert (p.grad is None) == (q.grad is None) == (i == 3), f"{what}: gradient {i}"
+            if q.grad is not None:
+                assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: gradient {i}"
             a, b = opt.state.get(p, {}), topt.state.get(q, {})
             assert a.keys() == b.keys(), f"{what}: state keys {i}"
             for key in a:
                 if isinstance(a[key], torch.Tensor):
                     assert torch.equal(_bits(a[key]), _bits(b[key])), f"{what}: {key} {i}"
-        if made is not None and k > made:
-            assert {e["backend"] for e in opt.last_step} == {backend}, (what, opt.last_step)
+        if made is not None and k > made:  # (a pending clip: torch's op first, its own entry)
+            assert ([e["path"] for e in opt.last_step][:1] == ["torch-clip"]) == clips, what
+            assert {e["backend"] for e in opt.last_step[clips:]} == {backend}, (what,
+                                                                                opt.last_step)
         elif k not in overflows:
             assert opt.state, f"{what}: no state made"
         else:
@@ -209,6 +223,14 @@ def test_skipped_first_steps_make_no_state(mode):
     """Steps 1 and 2 overflow: GradScaler skips them, and the mode makes no state (found_inf
     read on the host for those calls); then the run as above."""
     replay_under_gradscaler(mode, "cpu", overflows=(0, 1, 4))
+
+
+@pytest.mark.parametrize("mode", list(MODE_CONFIGS))
+def test_clip_under_gradscaler(mode):
+    """GradScaler.unscale_, opt.clip_grad_norm_ (with a parameter that has no gradient) and
+    scaler.step on an overflowed step and on the next, with a new lr every step: torch's clip
+    and unscale bits, found_inf read on the host by nothing but the first step."""
+    replay_under_gradscaler(mode, "cpu", schedule=True, clip=True)
 
 
 @pytest.mark.parametrize("mode", list(MODE_CONFIGS))
