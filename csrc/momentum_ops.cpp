@@ -294,6 +294,36 @@ uint32_t step_flags(bool maximize, bool weight_decay, bool momentum, bool nester
   return f;
 }
 
+/// The hyper-parameters held in tensors (st.lr_tensor .. st.weight_decay_tensor, checked by
+/// check_tensors): read here for the CPU (host memory: no sync), handed to the CUDA kernels as
+/// pointers (read there by device_step: no sync). Then hyper.flags, the ops torch's for-loop
+/// runs by the values read so far: a value in device memory sets its op's flags here, and the
+/// kernel clears them if it reads a zero (cuda/sgd_kernel.cuh, device_step).
+void resolve_hyper(StepHyper& hyper, const StepTensors& st, c10::DeviceType device_type,
+                   bool need_buf, bool maximize, bool nesterov, bool first_step) {
+  if (device_type == c10::DeviceType::CPU) {
+    if (StepTensors::given(st.lr_tensor)) hyper.lr = host_value(*st.lr_tensor, "lr_tensor");
+    if (StepTensors::given(st.momentum_tensor)) {
+      hyper.momentum = host_value(*st.momentum_tensor, "momentum_tensor");
+    }
+    if (StepTensors::given(st.dampening_tensor)) {
+      hyper.dampening = host_dampening(*st.dampening_tensor);
+    }
+    if (StepTensors::given(st.weight_decay_tensor)) {
+      hyper.weight_decay = host_value(*st.weight_decay_tensor, "weight_decay_tensor");
+    }
+  } else {
+    hyper.dev = HyperPtrs{device_scalar(st.lr_tensor), device_scalar(st.momentum_tensor),
+                          device_scalar(st.dampening_tensor),
+                          device_scalar(st.weight_decay_tensor)};
+  }
+  const bool wd_on = hyper.dev.weight_decay.f32 != nullptr ||
+                     hyper.dev.weight_decay.f64 != nullptr || hyper.weight_decay != 0;
+  const bool m_on = need_buf && (hyper.dev.momentum.f32 != nullptr ||
+                                 hyper.dev.momentum.f64 != nullptr || hyper.momentum != 0);
+  hyper.flags = step_flags(maximize, wd_on, m_on, nesterov, first_step);
+}
+
 /// The CPU step's GradScaler and clip work, done on the host before the kernel (its tensors are
 /// host memory): unscales the spans' gradients and multiplies them by the clip coefficient with
 /// torch's own ops (so their bits by construction), and says whether found_inf skips the update.
@@ -376,12 +406,6 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
   }
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
   if (device_type == c10::DeviceType::CPU) {  // host memory: read here, no sync
-    if (StepTensors::given(st.lr_tensor)) hyper.lr = host_value(*st.lr_tensor, "lr_tensor");
-    if (m_tensor) hyper.momentum = host_value(*st.momentum_tensor, "momentum_tensor");
-    if (StepTensors::given(st.dampening_tensor)) hyper.dampening = host_dampening(*st.dampening_tensor);
-    if (StepTensors::given(st.weight_decay_tensor)) {
-      hyper.weight_decay = host_value(*st.weight_decay_tensor, "weight_decay_tensor");
-    }
     if (StepTensors::given(st.first_step_tensor)) {
       first_step = *st.first_step_tensor->data_ptr<bool>();
     }
@@ -391,17 +415,8 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
                         StepTensors::given(st.first_step_tensor)
                             ? st.first_step_tensor->data_ptr<bool>()
                             : nullptr};
-    hyper.dev = HyperPtrs{device_scalar(st.lr_tensor), device_scalar(st.momentum_tensor),
-                          device_scalar(st.dampening_tensor),
-                          device_scalar(st.weight_decay_tensor)};
   }
-  // The ops torch's for-loop runs, by the values read so far; a value in device memory sets its
-  // flags here and clears them in the kernel if zero (cuda/sgd_kernel.cuh, device_step).
-  const bool wd_on = hyper.dev.weight_decay.f32 != nullptr ||
-                     hyper.dev.weight_decay.f64 != nullptr || hyper.weight_decay != 0;
-  const bool m_on = need_buf && (hyper.dev.momentum.f32 != nullptr ||
-                                 hyper.dev.momentum.f64 != nullptr || hyper.momentum != 0);
-  hyper.flags = step_flags(maximize, wd_on, m_on, nesterov, first_step);
+  resolve_hyper(hyper, st, device_type, need_buf, maximize, nesterov, first_step);
   if (device_type == c10::DeviceType::CPU && st.any() && amp_on_host(st, spans, params[0])) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, *dtype, "momentum_cuda_sgd_step", [&] {
     if (device_type == c10::DeviceType::CPU) {
@@ -507,13 +522,14 @@ void step_list_(at::TensorList params, at::TensorList grads, at::TensorList mome
 bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                      NamedLists lists, double lr, double momentum, double dampening,
                      double weight_decay, bool nesterov, bool first_step, bool like_bufs,
-                     const char* why, c10::DeviceType device_type,
+                     const char* why, c10::DeviceType device_type, const StepTensors& st,
                      at::ScalarType param_dtype = at::kBFloat16) {  // or kFloat, kHalf
   check_scalar("lr", lr);
   check_scalar("momentum", momentum);
   check_scalar("dampening", dampening);
   check_scalar("weight_decay", weight_decay);
-  const bool need_buf = momentum != 0;
+  // a momentum tensor is read where it lives: the buffers are given, its value decides
+  const bool need_buf = momentum != 0 || StepTensors::given(st.momentum_tensor);
   TORCH_CHECK(!nesterov || need_buf, "nesterov=True needs momentum != 0, got momentum=",
               momentum);
   TORCH_CHECK(!first_step || need_buf,
@@ -553,20 +569,31 @@ void check_like_param(const at::Tensor& t, const at::Tensor& p, const std::strin
                           : std::string("None"));
 }
 
+/// The tensors a mode op takes: GradScaler's found_inf (not the stochastic-rounding op's) and
+/// the hyper-parameters held in tensors.
+StepTensors mode_tensors(const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& momentum_tensor,
+                         const std::optional<at::Tensor>& dampening_tensor,
+                         const std::optional<at::Tensor>& weight_decay_tensor) {
+  return StepTensors{kNone, found_inf, lr_tensor, kNone, momentum_tensor, dampening_tensor,
+                     weight_decay_tensor, kNone};
+}
+
 /// Runs a per-tensor mode op's kernel: `cuda(stream)` on the parameters' device and current
-/// stream (a launch error raises, naming `kernel`), else `cpu()`. found_inf (GradScaler's, the
-/// master, fp16 master and momentum_dtype ops; checked here, after every other argument) != 0,
-/// NaN included, skips the step: on CUDA the kernel reads it (hyper.amp.found_inf, no host
-/// sync), on the CPU it is read here (host memory) and nothing runs.
+/// stream (a launch error raises, naming `kernel`), else `cpu()`. st's tensors (mode_tensors)
+/// are checked here, after every other argument, and read as resolve_hyper reads them (on the
+/// CPU here, on CUDA by the kernel). found_inf != 0, NaN included, skips the step: on CUDA the
+/// kernel reads it (hyper.amp.found_inf, no host sync), on the CPU it is read here (host
+/// memory) and nothing runs.
 template <class Cuda, class Cpu>
 void run_mode_step(const at::Tensor& p0, c10::DeviceType device_type, const char* kernel,
-                   const std::optional<at::Tensor>& found_inf, StepHyper& hyper, Cuda&& cuda,
-                   Cpu&& cpu) {
+                   const StepTensors& st, StepHyper& hyper, bool need_buf, bool maximize,
+                   bool nesterov, bool first_step, Cuda&& cuda, Cpu&& cpu) {
+  const auto& found_inf = st.found_inf;
   const bool amp = StepTensors::given(found_inf);
-  if (amp) {
-    check_tensors(StepTensors{kNone, found_inf, kNone, kNone, kNone, kNone, kNone, kNone},
-                  p0.device(), p0.scalar_type());
-  }
+  check_tensors(st, p0.device(), p0.scalar_type());
+  resolve_hyper(hyper, st, device_type, need_buf, maximize, nesterov, first_step);
 #ifdef MOMENTUM_CUDA_WITH_CUDA
   if (device_type == c10::DeviceType::CUDA) {
     hyper.amp.found_inf = amp ? found_inf->data_ptr<float>() : nullptr;
@@ -589,12 +616,11 @@ void run_mode_step(const at::Tensor& p0, c10::DeviceType device_type, const char
 void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                           at::TensorList rems, at::TensorList ties, double lr, double momentum,
                           double dampening, double weight_decay, bool nesterov, bool maximize,
-                          bool first_step, const std::optional<at::Tensor>& found_inf,
-                          c10::DeviceType device_type) {
+                          bool first_step, const StepTensors& st, c10::DeviceType device_type) {
   const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}, {rems, "remainders"}, {ties, "ties"}}, lr,
       momentum, dampening, weight_decay, nesterov, first_step, /*like_bufs=*/false,
-      "master weights split a bf16 parameter", device_type);
+      "master weights split a bf16 parameter", device_type, st);
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string at_i = "[" + std::to_string(i) + "]";
     const at::Tensor& p = params[i];
@@ -624,10 +650,10 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
                                ties[i].data_ptr<uint8_t>(), params[i].numel()});
   }
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
-  hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   const auto n = static_cast<int64_t>(spans.size());
   run_mode_step(
-      params[0], device_type, "master kernel", found_inf, hyper,
+      params[0], device_type, "master kernel", st, hyper, need_buf, maximize, nesterov,
+      first_step,
       [&](auto stream) { return sgd_step_master_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_master_cpu(spans.data(), n, hyper); });
 }
@@ -639,7 +665,8 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
 void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                       c10::ArrayRef<int64_t> keys, double lr, double momentum, double dampening,
                       double weight_decay, bool nesterov, bool maximize, bool first_step,
-                      at::OptionalIntArrayRef offsets, c10::DeviceType device_type) {
+                      at::OptionalIntArrayRef offsets, const StepTensors& st,
+                      c10::DeviceType device_type) {
   TORCH_CHECK(keys.size() == params.size(), "keys has ", keys.size(),
               " entries but params has ", params.size());
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -648,7 +675,7 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
   }
   const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}}, lr, momentum, dampening, weight_decay, nesterov,
-      first_step, /*like_bufs=*/true, "stochastic rounding rounds to bf16", device_type);
+      first_step, /*like_bufs=*/true, "stochastic rounding rounds to bf16", device_type, st);
   if (offsets.has_value()) {
     TORCH_CHECK(offsets->size() == params.size(), "offsets has ", offsets->size(),
                 " entries but params has ", params.size());
@@ -672,10 +699,10 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
                            offsets.has_value() ? (*offsets)[i] : 0});
   }
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
-  hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   const auto n = static_cast<int64_t>(spans.size());
   run_mode_step(
-      params[0], device_type, "stochastic-rounding kernel", kNone, hyper,
+      params[0], device_type, "stochastic-rounding kernel", st, hyper, need_buf, maximize,
+      nesterov, first_step,
       [&](auto stream) { return sgd_step_sr_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_sr_cpu(spans.data(), n, hyper); });
 }
@@ -686,13 +713,13 @@ void sgd_step_sr_list(at::TensorList params, at::TensorList grads, at::TensorLis
 void sgd_step_fp16_master_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                                at::TensorList masters, double lr, double momentum,
                                double dampening, double weight_decay, bool nesterov,
-                               bool maximize, bool first_step,
-                               const std::optional<at::Tensor>& found_inf,
+                               bool maximize, bool first_step, const StepTensors& st,
                                c10::DeviceType device_type) {
   const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}, {masters, "masters"}}, lr, momentum, dampening,
       weight_decay, nesterov, first_step, /*like_bufs=*/false,
-      "fp16 master weights keep an fp32 copy of a float16 parameter", device_type, at::kHalf);
+      "fp16 master weights keep an fp32 copy of a float16 parameter", device_type, st,
+      at::kHalf);
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string at_i = "[" + std::to_string(i) + "]";
     if (need_buf) check_like_param(bufs[i], params[i], "momentum_buffers", at_i, at::kFloat);
@@ -713,10 +740,10 @@ void sgd_step_fp16_master_list(at::TensorList params, at::TensorList grads, at::
                                    params[i].numel()});
   }
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
-  hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   const auto n = static_cast<int64_t>(spans.size());
   run_mode_step(
-      params[0], device_type, "fp16 master kernel", found_inf, hyper,
+      params[0], device_type, "fp16 master kernel", st, hyper, need_buf, maximize, nesterov,
+      first_step,
       [&](auto stream) { return sgd_step_fp16_master_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_fp16_master_cpu(spans.data(), n, hyper); });
 }
@@ -728,11 +755,11 @@ void sgd_step_fp16_master_list(at::TensorList params, at::TensorList grads, at::
 void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         at::TensorList scales, double lr, double momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first_step,
-                        const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
+                        const StepTensors& st, c10::DeviceType device_type) {
   const bool need_buf = check_mode_step(
       params, grads, bufs, {{grads, "grads"}}, lr, momentum, dampening, weight_decay, nesterov,
       first_step, /*like_bufs=*/false, "momentum_dtype keeps float32 parameters", device_type,
-      at::kFloat);
+      st, at::kFloat);
   const bool int8 = !scales.empty();
   TORCH_CHECK(!int8 || need_buf, "scales has ", scales.size(),
               " tensors but momentum=0 has no momentum buffers to scale");
@@ -759,7 +786,6 @@ void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorL
                           {need_buf ? bufs : at::TensorList(), "momentum_buffers"},
                           {scales, "scales"}});
   StepHyper hyper{lr, momentum, dampening, weight_decay, 0u, AmpPtrs{}, HyperPtrs{}};
-  hyper.flags = step_flags(maximize, weight_decay != 0, need_buf, nesterov, first_step);
   if (int8) {
     std::vector<Q8Span> spans;
     spans.reserve(params.size());
@@ -771,7 +797,8 @@ void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorL
     }
     const auto n = static_cast<int64_t>(spans.size());
     run_mode_step(
-        params[0], device_type, "int8-momentum kernel", found_inf, hyper,
+        params[0], device_type, "int8-momentum kernel", st, hyper, need_buf, maximize,
+        nesterov, first_step,
         [&](auto stream) { return sgd_step_q8_cuda(spans.data(), n, hyper, stream); },
         [&] { sgd_step_q8_cpu(spans.data(), n, hyper); });
     return;
@@ -786,7 +813,8 @@ void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorL
   }
   const auto n = static_cast<int64_t>(spans.size());
   run_mode_step(
-      params[0], device_type, "bf16-momentum kernel", found_inf, hyper,
+      params[0], device_type, "bf16-momentum kernel", st, hyper, need_buf, maximize, nesterov,
+      first_step,
       [&](auto stream) { return sgd_step_bf16mom_cuda(spans.data(), n, hyper, stream); },
       [&] { sgd_step_bf16mom_cpu(spans.data(), n, hyper); });
 }
@@ -901,9 +929,15 @@ void step_master_list_(at::TensorList params, at::TensorList grads,
                        at::TensorList momentum_buffers, at::TensorList remainders,
                        at::TensorList ties, double lr, double momentum, double dampening,
                        double weight_decay, bool nesterov, bool maximize, bool first_step,
-                       const std::optional<at::Tensor>& found_inf) {
+                       const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& momentum_tensor,
+                       const std::optional<at::Tensor>& dampening_tensor,
+                       const std::optional<at::Tensor>& weight_decay_tensor) {
   sgd_step_master_list(params, grads, momentum_buffers, remainders, ties, lr, momentum,
-                       dampening, weight_decay, nesterov, maximize, first_step, found_inf,
+                       dampening, weight_decay, nesterov, maximize, first_step,
+                       mode_tensors(found_inf, lr_tensor, momentum_tensor, dampening_tensor,
+                                    weight_decay_tensor),
                        device_of({params, grads, momentum_buffers, remainders, ties}));
 }
 
@@ -911,27 +945,45 @@ void step_fp16_master_list_(at::TensorList params, at::TensorList grads,
                             at::TensorList momentum_buffers, at::TensorList masters, double lr,
                             double momentum, double dampening, double weight_decay,
                             bool nesterov, bool maximize, bool first_step,
-                            const std::optional<at::Tensor>& found_inf) {
+                            const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& momentum_tensor,
+                       const std::optional<at::Tensor>& dampening_tensor,
+                       const std::optional<at::Tensor>& weight_decay_tensor) {
   sgd_step_fp16_master_list(params, grads, momentum_buffers, masters, lr, momentum, dampening,
-                            weight_decay, nesterov, maximize, first_step, found_inf,
+                            weight_decay, nesterov, maximize, first_step,
+                            mode_tensors(found_inf, lr_tensor, momentum_tensor,
+                                         dampening_tensor, weight_decay_tensor),
                             device_of({params, grads, momentum_buffers, masters}));
 }
 
 void step_qmom_list_(at::TensorList params, at::TensorList grads,
                      at::TensorList momentum_buffers, at::TensorList scales, double lr,
                      double momentum, double dampening, double weight_decay, bool nesterov,
-                     bool maximize, bool first_step, const std::optional<at::Tensor>& found_inf) {
+                     bool maximize, bool first_step, const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& momentum_tensor,
+                       const std::optional<at::Tensor>& dampening_tensor,
+                       const std::optional<at::Tensor>& weight_decay_tensor) {
   sgd_step_qmom_list(params, grads, momentum_buffers, scales, lr, momentum, dampening,
-                     weight_decay, nesterov, maximize, first_step, found_inf,
+                     weight_decay, nesterov, maximize, first_step,
+                     mode_tensors(found_inf, lr_tensor, momentum_tensor, dampening_tensor,
+                                  weight_decay_tensor),
                      device_of({params, grads, momentum_buffers, scales}));
 }
 
 void step_sr_list_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    c10::ArrayRef<int64_t> keys, double lr, double momentum, double dampening,
                    double weight_decay, bool nesterov, bool maximize, bool first_step,
-                   at::OptionalIntArrayRef offsets) {
+                   at::OptionalIntArrayRef offsets,
+                       const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& momentum_tensor,
+                       const std::optional<at::Tensor>& dampening_tensor,
+                       const std::optional<at::Tensor>& weight_decay_tensor) {
   sgd_step_sr_list(params, grads, momentum_buffers, keys, lr, momentum, dampening, weight_decay,
                    nesterov, maximize, first_step, offsets,
+                   mode_tensors(kNone, lr_tensor, momentum_tensor, dampening_tensor,
+                                weight_decay_tensor),
                    device_of({params, grads, momentum_buffers}));
 }
 
@@ -1406,20 +1458,26 @@ TORCH_LIBRARY(momentum_cuda, m) {
       "sgd_step_master_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] remainders, Tensor(e!)[] ties, float lr, float momentum, float dampening, "
       "float weight_decay, bool nesterov, bool maximize, bool first_step, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? lr_tensor=None, Tensor? momentum_tensor=None, "
+      "Tensor? dampening_tensor=None, Tensor? weight_decay_tensor=None) -> ()");
   m.def(
       "sgd_step_sr_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "int[] keys, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool first_step, int[]? offsets=None) -> ()");
+      "bool nesterov, bool maximize, bool first_step, int[]? offsets=None, "
+      "Tensor? lr_tensor=None, Tensor? momentum_tensor=None, "
+      "Tensor? dampening_tensor=None, Tensor? weight_decay_tensor=None) -> ()");
   m.def(
       "sgd_step_qmom_list_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] scales, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool first_step, Tensor? found_inf=None) -> ()");
+      "bool nesterov, bool maximize, bool first_step, Tensor? found_inf=None, "
+      "Tensor? lr_tensor=None, Tensor? momentum_tensor=None, "
+      "Tensor? dampening_tensor=None, Tensor? weight_decay_tensor=None) -> ()");
   m.def(
       "sgd_step_fp16_master_list_(Tensor(a!)[] params, Tensor[] grads, "
       "Tensor(c!)[] momentum_buffers, Tensor(d!)[] masters, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? lr_tensor=None, Tensor? momentum_tensor=None, "
+      "Tensor? dampening_tensor=None, Tensor? weight_decay_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_cuda, CPU, m) {

@@ -26,7 +26,8 @@
         The master, fp16 master and momentum_dtype ops take GradScaler's found_inf (keyword,
         a 1-element fp32 tensor on the parameters' device): != 0 skips the step (nothing is
         written; on CUDA read by the kernel, no host sync). They never unscale: their
-        gradients are read only.
+        gradients are read only. All four take lr_tensor, momentum_tensor, dampening_tensor
+        and weight_decay_tensor as the ops above do (below).
     triton_sgd_step_flat_, triton_sgd_step_list_
         The Triton kernels (torch.library.custom_op, below) without gradient writes: the
         schemas above less grad_scale and clip_coef (found_inf, which only skips the update, is
@@ -120,37 +121,49 @@ def _list_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_
                              (first_step_tensor, "first_step_tensor")])
 
 
-def _lists_fake(found_inf=None, **lists) -> None:
-    """The fake kernel of an op over lists of tensors: one device for all of them (and
-    found_inf, if given, where the lists are not empty)."""
+def _lists_fake(tensors, **lists) -> None:
+    """The fake kernel of an op over lists of tensors: one device for all of them and for
+    `tensors` (the given ones of its other tensor arguments, by name), where the lists are not
+    empty."""
     named = [(t, f"{name}[{i}]") for name, ts in lists.items() for i, t in enumerate(ts)]
     if named:
-        _one_device(named + [(found_inf, "found_inf")])
+        _one_device(named + [(t, name) for name, t in tensors.items()])
 
 
 def _master_list_fake(params, grads, momentum_buffers, remainders, ties, lr, momentum,
-                      dampening, weight_decay, nesterov, maximize, first_step,
-                      found_inf=None) -> None:
-    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers,
-                remainders=remainders, ties=ties, found_inf=found_inf)
+                      dampening, weight_decay, nesterov, maximize, first_step, found_inf=None,
+                      lr_tensor=None, momentum_tensor=None, dampening_tensor=None,
+                      weight_decay_tensor=None) -> None:
+    _lists_fake(dict(found_inf=found_inf, lr_tensor=lr_tensor, momentum_tensor=momentum_tensor,
+                     dampening_tensor=dampening_tensor, weight_decay_tensor=weight_decay_tensor),
+                params=params, grads=grads, momentum_buffers=momentum_buffers,
+                remainders=remainders, ties=ties)
 
 
 def _sr_list_fake(params, grads, momentum_buffers, keys, lr, momentum, dampening, weight_decay,
-                  nesterov, maximize, first_step, offsets=None) -> None:
-    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers)
+                  nesterov, maximize, first_step, offsets=None, lr_tensor=None,
+                  momentum_tensor=None, dampening_tensor=None, weight_decay_tensor=None) -> None:
+    _lists_fake(dict(lr_tensor=lr_tensor, momentum_tensor=momentum_tensor,
+                     dampening_tensor=dampening_tensor, weight_decay_tensor=weight_decay_tensor),
+                params=params, grads=grads, momentum_buffers=momentum_buffers)
 
 
 def _qmom_list_fake(params, grads, momentum_buffers, scales, lr, momentum, dampening,
-                    weight_decay, nesterov, maximize, first_step, found_inf=None) -> None:
-    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, scales=scales,
-                found_inf=found_inf)
+                    weight_decay, nesterov, maximize, first_step, found_inf=None, lr_tensor=None,
+                    momentum_tensor=None, dampening_tensor=None,
+                    weight_decay_tensor=None) -> None:
+    _lists_fake(dict(found_inf=found_inf, lr_tensor=lr_tensor, momentum_tensor=momentum_tensor,
+                     dampening_tensor=dampening_tensor, weight_decay_tensor=weight_decay_tensor),
+                params=params, grads=grads, momentum_buffers=momentum_buffers, scales=scales)
 
 
 def _fp16_master_list_fake(params, grads, momentum_buffers, masters, lr, momentum, dampening,
-                           weight_decay, nesterov, maximize, first_step,
-                           found_inf=None) -> None:
-    _lists_fake(params=params, grads=grads, momentum_buffers=momentum_buffers, masters=masters,
-                found_inf=found_inf)
+                           weight_decay, nesterov, maximize, first_step, found_inf=None,
+                           lr_tensor=None, momentum_tensor=None, dampening_tensor=None,
+                           weight_decay_tensor=None) -> None:
+    _lists_fake(dict(found_inf=found_inf, lr_tensor=lr_tensor, momentum_tensor=momentum_tensor,
+                     dampening_tensor=dampening_tensor, weight_decay_tensor=weight_decay_tensor),
+                params=params, grads=grads, momentum_buffers=momentum_buffers, masters=masters)
 
 
 if _C is not None:
@@ -272,13 +285,19 @@ def triton_sgd_step_master_list_(params: list[torch.Tensor], grads: list[torch.T
                                  lr: float, momentum: float, dampening: float,
                                  weight_decay: float, nesterov: bool, maximize: bool,
                                  first_step: bool,
-                                 found_inf: Optional[torch.Tensor] = None) -> None:
+                                 found_inf: Optional[torch.Tensor] = None,
+                                 lr_tensor: Optional[torch.Tensor] = None,
+                                 momentum_tensor: Optional[torch.Tensor] = None,
+                                 dampening_tensor: Optional[torch.Tensor] = None,
+                                 weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, lr=lr,
                                     momentum=momentum, dampening=dampening,
                                     weight_decay=weight_decay, nesterov=nesterov,
                                     maximize=maximize, first_step=first_step,
-                                    found_inf=found_inf)
+                                    found_inf=found_inf, lr_tensor=lr_tensor, momentum_tensor=momentum_tensor,
+                                    dampening_tensor=dampening_tensor,
+                                    weight_decay_tensor=weight_decay_tensor)
 
 
 triton_sgd_step_master_list_.register_fake(_master_list_fake)
@@ -289,12 +308,19 @@ def triton_sgd_step_sr_list_(params: list[torch.Tensor], grads: list[torch.Tenso
                              momentum_buffers: list[torch.Tensor], keys: list[int], lr: float,
                              momentum: float, dampening: float, weight_decay: float,
                              nesterov: bool, maximize: bool, first_step: bool,
-                             offsets: list[int] | None = None) -> None:
+                             offsets: list[int] | None = None,
+                             lr_tensor: Optional[torch.Tensor] = None,
+                             momentum_tensor: Optional[torch.Tensor] = None,
+                             dampening_tensor: Optional[torch.Tensor] = None,
+                             weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, lr=lr,
                                 momentum=momentum, dampening=dampening,
                                 weight_decay=weight_decay, nesterov=nesterov,
-                                maximize=maximize, first_step=first_step, offsets=offsets)
+                                maximize=maximize, first_step=first_step, offsets=offsets,
+                                lr_tensor=lr_tensor, momentum_tensor=momentum_tensor,
+                                dampening_tensor=dampening_tensor,
+                                weight_decay_tensor=weight_decay_tensor)
 
 
 triton_sgd_step_sr_list_.register_fake(_sr_list_fake)
@@ -305,12 +331,19 @@ def triton_sgd_step_qmom_list_(params: list[torch.Tensor], grads: list[torch.Ten
                                momentum_buffers: list[torch.Tensor], scales: list[torch.Tensor],
                                lr: float, momentum: float, dampening: float, weight_decay: float,
                                nesterov: bool, maximize: bool, first_step: bool,
-                               found_inf: Optional[torch.Tensor] = None) -> None:
+                               found_inf: Optional[torch.Tensor] = None,
+                               lr_tensor: Optional[torch.Tensor] = None,
+                               momentum_tensor: Optional[torch.Tensor] = None,
+                               dampening_tensor: Optional[torch.Tensor] = None,
+                               weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, lr=lr,
                                   momentum=momentum, dampening=dampening,
                                   weight_decay=weight_decay, nesterov=nesterov,
-                                  maximize=maximize, first_step=first_step, found_inf=found_inf)
+                                  maximize=maximize, first_step=first_step, found_inf=found_inf,
+                                  lr_tensor=lr_tensor, momentum_tensor=momentum_tensor,
+                                  dampening_tensor=dampening_tensor,
+                                  weight_decay_tensor=weight_decay_tensor)
 
 
 triton_sgd_step_qmom_list_.register_fake(_qmom_list_fake)
@@ -323,13 +356,20 @@ def triton_sgd_step_fp16_master_list_(params: list[torch.Tensor], grads: list[to
                                       masters: list[torch.Tensor], lr: float, momentum: float,
                                       dampening: float, weight_decay: float, nesterov: bool,
                                       maximize: bool, first_step: bool,
-                                      found_inf: Optional[torch.Tensor] = None) -> None:
+                                      found_inf: Optional[torch.Tensor] = None,
+                                      lr_tensor: Optional[torch.Tensor] = None,
+                                      momentum_tensor: Optional[torch.Tensor] = None,
+                                      dampening_tensor: Optional[torch.Tensor] = None,
+                                      weight_decay_tensor: Optional[torch.Tensor] = None) -> None:
     from . import triton_kernels as tk
     tk.triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, lr=lr,
                                          momentum=momentum, dampening=dampening,
                                          weight_decay=weight_decay, nesterov=nesterov,
                                          maximize=maximize, first_step=first_step,
-                                         found_inf=found_inf)
+                                         found_inf=found_inf, lr_tensor=lr_tensor,
+                                         momentum_tensor=momentum_tensor,
+                                         dampening_tensor=dampening_tensor,
+                                         weight_decay_tensor=weight_decay_tensor)
 
 
 triton_sgd_step_fp16_master_list_.register_fake(_fp16_master_list_fake)

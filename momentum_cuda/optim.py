@@ -271,6 +271,13 @@ _HYPER_TENSOR_ARGS = (("lr", "lr_tensor"), ("momentum", "momentum_tensor"),
                       ("dampening", "dampening_tensor"), ("weight_decay", "weight_decay_tensor"))
 
 
+def _mode_args(h, first) -> tuple:
+    """A mode op's positional arguments from the hyper-parameters h (as _hyper_args gives them),
+    and its keywords: the hyper-parameter tensors."""
+    return ((h["lr"], h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
+             h["maximize"], first), {arg: h[arg] for _, arg in _HYPER_TENSOR_ARGS if arg in h})
+
+
 def _finite(h) -> None:
     if torch.compiler.is_compiling():
         # a float that dynamo traces unspecialised cannot be tested here (a graph break):
@@ -2089,23 +2096,34 @@ class _FusedMomentum(Optimizer):
         _unscale(grads, grad_scale)
 
     @staticmethod
-    def _kernel_args(h, amp, device, clip=None) -> dict:
-        """The ops' keyword arguments on `device`: the hyper-parameters, those held in tensors
-        there as lr_tensor, momentum_tensor, ... (read by the kernels), GradScaler's
-        grad_scale and found_inf, a clip's coefficient."""
+    def _hyper_args(h, device) -> dict:
+        """The hyper-parameters h as the ops take them on `device`: those held in tensors there
+        as lr_tensor, momentum_tensor, ... (read by the kernels; their floats 0.0, not read),
+        those on another device read here, as torch does. h itself when none is a tensor."""
         tensors = [(name, arg) for name, arg in _HYPER_TENSOR_ARGS
                    if isinstance(h[name], torch.Tensor)]
-        if clip is None and amp is None and not tensors:
-            return h  # the common case: the hyper-parameters as they are (unpacked, not kept)
+        if not tensors:
+            return h
         args = dict(h)
-        if clip is not None:
-            args["clip_coef"] = clip.coef_on(device)
         for name, arg in tensors:
             t = h[name]
             if t.device == device:
-                args[name], args[arg] = 0.0, t  # the float is not read
-            else:  # on another device: read here, as torch does
+                args[name], args[arg] = 0.0, t
+            else:
                 args[name] = _on_host(name, t)
+        return args
+
+    @classmethod
+    def _kernel_args(cls, h, amp, device, clip=None) -> dict:
+        """The ops' keyword arguments on `device`: the hyper-parameters (_hyper_args),
+        GradScaler's grad_scale and found_inf, a clip's coefficient."""
+        args = cls._hyper_args(h, device)
+        if clip is None and amp is None:
+            return args  # the common case: the hyper-parameters as they are (unpacked, not kept)
+        if args is h:
+            args = dict(h)
+        if clip is not None:
+            args["clip_coef"] = clip.coef_on(device)
         if amp is not None:
             for name, t in zip(("grad_scale", "found_inf"), amp):
                 args[name] = None if t is None else t.to(device, non_blocking=True)
@@ -2420,10 +2438,7 @@ class _FusedMomentum(Optimizer):
         _step_steady plans) without a host read: the gradients unscaled by torch's own op, as
         GradScaler.unscale_ and _unscale_all do it (the mode kernels read them only), then the
         op skips on the device when found_inf != 0, as torch skips the whole step."""
-        h = c.h
-        args = (h["lr"], h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
-                h["maximize"], False)
-        kw = {}
+        args, kw = _mode_args(self._hyper_args(c.h, c.device), False)
         if amp is not None:
             grad_scale, found_inf = amp
             if grad_scale is not None:
@@ -2436,7 +2451,7 @@ class _FusedMomentum(Optimizer):
             steps = [int(state.get(p, {}).get("sr_step", 0)) + 1 for p in owners]
             seed, streams, offsets = c.sr
             keys = _C.sr_keys(seed, steps, streams)
-            sr_op(c.backend)(c.ps, gs, c.bs, keys, *args, offsets=offsets)
+            sr_op(c.backend)(c.ps, gs, c.bs, keys, *args, offsets=offsets, **kw)
             for p, s in zip(owners, steps):
                 state[p]["sr_step"] = s
         elif c.mode == "master":
@@ -2928,8 +2943,8 @@ class _FusedMomentum(Optimizer):
     def _step_modes(self, items, h, amp=None) -> list | None:
         """The bf16 parameters of a group with master_weights=True ("master") or
         stochastic_rounding=True ("sr"): one op call per (mode, device, first step or not), by
-        the device's backend. A hyper-parameter tensor is read on the host (.item(): a sync on
-        a GPU).
+        the device's backend. A hyper-parameter tensor on the parameters' device is read by the
+        kernels (_hyper_args: no host sync), as in the plain ops.
         master: each parameter's remainder and tie bits (state "master_remainder",
         "master_ties") start at zero (its master is its value) and restart so when the
         parameter was written or moved since its last step; its momentum buffer is fp32 (as
@@ -2953,7 +2968,6 @@ class _FusedMomentum(Optimizer):
         Returns the calls the next step may replay (_ListCall), or None (a first step, a
         gradient copied to its parameter's layout, a call GradScaler skipped)."""
         use_buf = _use_buf(h)
-        hyper = {k: _on_host(k, v) if isinstance(v, torch.Tensor) else v for k, v in h.items()}
         buf_dtype = {"master": torch.float32, "master16": torch.float32, "sr": torch.bfloat16}
         calls: dict = {}
         offsets: dict = {}  # sr: a DTensor's local shard -> its index in the whole tensor
@@ -3020,9 +3034,7 @@ class _FusedMomentum(Optimizer):
         for call, (ps, gs, bs, xs, ys, owners) in calls.items():
             mode, _, device, first = call
             backend = self._backend_for(device)
-            args = (hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"],
-                    hyper["nesterov"], hyper["maximize"], first)
-            kw = {}
+            args, kw = _mode_args(self._hyper_args(h, device), first)
             if found_inf is not None and call in makes:
                 if skipped is None:
                     skipped = bool(found_inf.item())
@@ -3039,7 +3051,7 @@ class _FusedMomentum(Optimizer):
                 qmom_op(backend)(ps, gs, bs, xs, *args, **kw)
             else:
                 offs = [offsets.get(id(p), 0) for p in ps] if offsets else None
-                sr_op(backend)(ps, gs, bs, xs, *args, offsets=offs)
+                sr_op(backend)(ps, gs, bs, xs, *args, offsets=offs, **kw)
             for k, p in enumerate(ps):
                 owner = owners[k]
                 st = self.state[p if owner is None else owner]
@@ -3100,7 +3112,7 @@ class _FusedMomentum(Optimizer):
                     "master": ["master_remainder", "master_ties"],
                     "qmom": ["momentum_scales"] if use_buf and xs else []}.get(mode, [])
                 held = [[self.state[dt][k] for k in keys] for dt in dts]
-                kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper, keys, held,
+                kept.append(self._list_call(mode, backend, ps, bs, xs, ys, h, keys, held,
                                             watch=mode in ("master", "master16"), sr=sr,
                                             dts=dts))
                 continue
@@ -3116,7 +3128,7 @@ class _FusedMomentum(Optimizer):
             elif mode == "qmom" and use_buf:
                 keys.append("momentum_scales")
                 held = [hk + [xs[k] if xs else None] for k, hk in enumerate(held)]
-            kept.append(self._list_call(mode, backend, ps, bs, xs, ys, hyper, keys, held,
+            kept.append(self._list_call(mode, backend, ps, bs, xs, ys, h, keys, held,
                                         watch=mode in ("master", "master16"), sr=sr))
         return kept
 

@@ -37,18 +37,20 @@ Entry points (the ops' signatures, csrc/momentum_ops.cpp):
     triton_sgd_step_list_(params, grads, momentum_buffers, *, ...)
     triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, *, lr,
                                  momentum, dampening, weight_decay, nesterov, maximize,
-                                 first_step)
+                                 first_step, found_inf=None, lr_tensor=None, ...)
     triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momentum, dampening,
-                             weight_decay, nesterov, maximize, first_step)
+                             weight_decay, nesterov, maximize, first_step, offsets=None,
+                             lr_tensor=None, ...)
     triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, momentum,
-                               dampening, weight_decay, nesterov, maximize, first_step)
+                               dampening, weight_decay, nesterov, maximize, first_step,
+                               found_inf=None, lr_tensor=None, ...)
     triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, *, lr,
                                       momentum, dampening, weight_decay, nesterov, maximize,
-                                      first_step)
-lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor: 1-element fp32/fp64 tensors on
-the parameters' device read by the kernels in place of the floats (no host sync), as the CUDA
-kernels read them (_sgd_block); with momentum_tensor the buffers are given and a zero momentum
-leaves them unwritten. grad_scale, found_inf (torch.amp.GradScaler's, 1-element fp32) and
+                                      first_step, found_inf=None, lr_tensor=None, ...)
+lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor (every entry point): 1-element
+fp32/fp64 tensors on the parameters' device read by the kernels in place of the floats (no host
+sync), as the CUDA kernels read them (_sgd_block; the modes' kernels: _mode_scalars); with
+momentum_tensor the buffers are given and a zero momentum leaves them unwritten. grad_scale, found_inf (torch.amp.GradScaler's, 1-element fp32) and
 clip_coef (opt.clip_grad_norm_'s coefficient, 1-element, the parameters' dtype), all on the
 parameters' device, are read by the kernels too, with the CUDA kernel's semantics
 (sgd_kernel.cuh: amp_step, amp_grad, update_one): inv = fp32(1 / fp64(scale)); g = r(g * inv)
@@ -98,7 +100,7 @@ formula exists once; the master kernel calls _sgd_math too.
 - _sgd_sr_kernel: stochastic rounding, one launch through the list kernel's table (rows of 4:
   p, g, buf, numel; the same cached table) plus a small int64 tensor of the tensors' keys,
   copied at every step (the keys change at every step, the table does not). The fp32 step is
-  _sgd_math with KIND 0, as the master kernel's (_fp32_step); then the parameter's bits are
+  _sgd_math with KIND 0, as the master kernel's (_mode_step); then the parameter's bits are
   (bits(m) + (r & 0xFFFF)) >> 16 (_bf16_round_stochastic; NaN -> 0x7FC0) with r = lowbias32(
   lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) for its memory-order index i in its whole tensor
   (the tensor's offset, a shard's place, travels next to its key; _lowbias32 in wrapping
@@ -107,7 +109,7 @@ formula exists once; the master kernel calls _sgd_math too.
 - _sgd_qmom_kernel: momentum_dtype, one launch through the list kernel's table (bf16 buffers:
   rows of 4, the same cached table) or rows of 5 (int8: p, g, codes, scales, numel). A program's
   BLOCK is BLOCK // QBLOCK rows of QBLOCK = 256 elements, so it owns whole int8 blocks (block
-  starts are multiples of BLOCK): row r is block start // QBLOCK + r of its tensor. _fp32_step
+  starts are multiples of BLOCK): row r is block start // QBLOCK + r of its tensor. _mode_step
   runs on the widened buffer (bf16 bits << 16, or code * scale) and the parameter takes that
   unquantized fp32 buffer; the buffer is stored by _bf16_rne, or quantized: a row's absmax is
   an integer max over _q8_abs_bits, the scale div_rn(absmax, 127) (div.rn.f32: Triton's fp32
@@ -116,7 +118,7 @@ formula exists once; the master kernel calls _sgd_math too.
   aligned (ALIGNED), the pointers carry that hint and a block inside its tensor runs unmasked,
   so fp32 and bf16 accesses are 128-bit; the tensor's last block stays masked.
 - _sgd_fp16_master_kernel: fp16 master weights, one launch through a table of rows of 5 (p, g,
-  buf, master, numel). _fp32_step on the master with the fp16 gradient widened (an exact
+  buf, master, numel). _mode_step on the master with the fp16 gradient widened (an exact
   cast); the parameter is stored as the bits of the new master's rounding (_fp16_bits: r() of
   KIND 2, then the exponent moved: integer arithmetic and one exact add, as c10 bit for bit,
   subnormals, inf and NaN 0x7E00 included). ALIGNED as in the momentum_dtype kernel (fp32
@@ -430,17 +432,66 @@ if TRITON_AVAILABLE:
         return _round_storage(x, 1).to(tl.uint32, bitcast=True) >> 16
 
     @triton.jit
-    def _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask,
-                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
-                   NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
-        """torch's fp32 step of the master and the stochastic-rounding kernel: _sgd_math with
-        KIND 0 (nothing rounds to storage in between) and fp32 alphas (the fp64 arguments hold
-        fp32 values: this narrowing is exact). Returns (m, buf)."""
-        return _sgd_math(m, buf, g, tl.full((), neg_lr, tl.float32),
-                         tl.full((), wd, tl.float32), tl.full((), m_mul, tl.float32),
-                         tl.full((), m_add, tl.float32), tl.full((), one_minus_d, tl.float32),
-                         mask, mask, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
-                         0, False, False)
+    def _mode_scalars(lr_ptr, mom_ptr, d_ptr, wd_ptr, neg_lr, wd, m_mul, m_add, one_minus_d,
+                      LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr, D_TENSOR: tl.constexpr,
+                      WD_TENSOR: tl.constexpr):
+        """The fp32 scalars of a mode kernel's step (the modes' math is fp32), as _sgd_block
+        makes them for fp32: the fp64 arguments (fp32 values: this narrowing is exact), or
+        with LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR read from lr_ptr, mom_ptr, d_ptr, wd_ptr
+        (1-element fp32 or fp64 tensors) as sgd_kernel.cuh's device_step reads them: each a
+        double rounded once to fp32, 1 - dampening computed in the tensor's dtype first.
+        Returns (neg_lr, wd, m_mul, m_add, one_minus_d, weight_decay, momentum), the last two
+        as read (fp64), for _on's zero tests."""
+        if LR_TENSOR:
+            s_neg_lr = (-(tl.load(lr_ptr).to(tl.float64))).to(tl.float32)
+        else:
+            s_neg_lr = tl.full((), neg_lr, tl.float32)
+        if WD_TENSOR:
+            wd64 = tl.load(wd_ptr).to(tl.float64)
+        else:
+            wd64 = tl.full((), wd, tl.float64)
+        if M_TENSOR:
+            m64 = tl.load(mom_ptr).to(tl.float64)
+            s_m_mul = m64.to(tl.float32)
+            s_m_add = s_m_mul
+        else:
+            m64 = tl.full((), m_add, tl.float64)
+            s_m_mul = tl.full((), m_mul, tl.float32)
+            s_m_add = tl.full((), m_add, tl.float32)
+        if D_TENSOR:
+            s_omd = (1.0 - tl.load(d_ptr)).to(tl.float64).to(tl.float32)
+        else:
+            s_omd = tl.full((), one_minus_d, tl.float32)
+        return s_neg_lr, wd64.to(tl.float32), s_m_mul, s_m_add, s_omd, wd64, m64
+
+    @triton.jit
+    def _on(mask, v, TENSOR: tl.constexpr):
+        """The lanes of mask where the op of a hyper-parameter v read from device memory
+        (TENSOR) runs: v != 0, as torch's `!= 0` tests (mask itself otherwise: the flags
+        alone decide). v is broadcast to the block before the comparison (_amp_grad says
+        why)."""
+        if TENSOR:
+            return mask & (tl.where(mask, v, 0.0) != 0.0)
+        else:
+            return mask
+
+    @triton.jit
+    def _mode_step(m, buf, g, mask, lr_ptr, mom_ptr, d_ptr, wd_ptr, neg_lr, wd, m_mul, m_add,
+                   one_minus_d, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                   MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
+                   LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr, D_TENSOR: tl.constexpr,
+                   WD_TENSOR: tl.constexpr):
+        """torch's fp32 step of the mode kernels on the lanes of mask: _sgd_math with KIND 0
+        (nothing rounds to storage in between) and _mode_scalars' fp32 alphas; the ops of a
+        weight_decay or momentum read from device memory run where it is nonzero (_on).
+        Returns (m, buf, the momentum as read: a zero one leaves the buffer unwritten)."""
+        s_lr, s_wd, s_mm, s_ma, s_omd, wd64, m64 = _mode_scalars(
+            lr_ptr, mom_ptr, d_ptr, wd_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, LR_TENSOR,
+            M_TENSOR, D_TENSOR, WD_TENSOR)
+        m, buf = _sgd_math(m, buf, g, s_lr, s_wd, s_mm, s_ma, s_omd, _on(mask, wd64, WD_TENSOR),
+                           _on(mask, m64, M_TENSOR), MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV,
+                           FIRST_STEP, 0, WD_TENSOR, M_TENSOR)
+        return m, buf, m64
 
     @triton.jit
     def _bf16_join(param, rem, tie):
@@ -474,12 +525,14 @@ if TRITON_AVAILABLE:
         return tl.sum(rows, axis=1).to(tl.uint8)
 
     @triton.jit
-    def _sgd_master_kernel(rows_ptr, blocks_ptr, inf_ptr,
+    def _sgd_master_kernel(rows_ptr, blocks_ptr, inf_ptr, lr_ptr, mom_ptr, d_ptr, wd_ptr,
                            neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                            one_minus_d: "fp64",
                            MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                            MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                            FIRST_STEP: tl.constexpr, AMP_SKIP: tl.constexpr,
+                           LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
+                           D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr,
                            BLOCK: tl.constexpr):
         """Master weights (bf16_split.h), many tensors in one launch through a pointer table
         of rows [address of the bf16 parameter, of the bf16 gradient, of the fp32 buffer (0
@@ -488,7 +541,9 @@ if TRITON_AVAILABLE:
         (KIND 0: the master is fp32, nothing rounds to storage in between) and is split
         again. Bits throughout (uint16 pointers for bf16 and int16): no float cast can round
         differently in the interpreter. A block starts at a multiple of BLOCK, a multiple of
-        8, so each program writes whole tie bytes, and no two programs the same one."""
+        8, so each program writes whole tie bytes, and no two programs the same one. The
+        hyper-parameters: _mode_scalars; a zero momentum read there leaves the buffer
+        unwritten."""
         tl.static_assert(BLOCK % 8 == 0)
         _, row, start, n = _table_program(rows_ptr, blocks_ptr, 6)
         n = _unless_skipped(n, inf_ptr, AMP_SKIP)
@@ -507,13 +562,15 @@ if TRITON_AVAILABLE:
             buf = tl.load(b_ptr + offs, mask=mask)
         else:
             buf = tl.zeros([BLOCK], tl.float32)
-        m, buf = _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
-                            WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
+        m, buf, m64 = _mode_step(m, buf, g, mask, lr_ptr, mom_ptr, d_ptr, wd_ptr, neg_lr, wd,
+                                 m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                                 NESTEROV, FIRST_STEP, LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR)
         param, rem, tie = _bf16_split(m)
         tl.store(p_ptr + offs, param.to(tl.uint16), mask=mask)
         tl.store(r_ptr + offs, rem.to(tl.uint16), mask=mask)
         if MOMENTUM:
-            tl.store(b_ptr + offs, buf, mask=mask)
+            if m64 != 0.0:  # (a zero momentum read from mom_ptr leaves the buffer as it is)
+                tl.store(b_ptr + offs, buf, mask=mask)
         # the bits past numel are 0 in the last byte
         kb = start // 8 + tl.arange(0, BLOCK // 8)
         tl.store(t_ptr + kb, _pack_tie_bits(tl.where(mask, tie, 0), BLOCK),
@@ -553,19 +610,21 @@ if TRITON_AVAILABLE:
         return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, up)
 
     @triton.jit
-    def _sgd_sr_kernel(rows_ptr, blocks_ptr, keys_ptr,
+    def _sgd_sr_kernel(rows_ptr, blocks_ptr, keys_ptr, lr_ptr, mom_ptr, d_ptr, wd_ptr,
                        neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                        one_minus_d: "fp64",
                        MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                        MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                       FIRST_STEP: tl.constexpr, BLOCK: tl.constexpr):
+                       FIRST_STEP: tl.constexpr, LR_TENSOR: tl.constexpr,
+                       M_TENSOR: tl.constexpr, D_TENSOR: tl.constexpr,
+                       WD_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
         """Stochastic rounding (stochastic.h), many tensors in one launch through the list
         kernel's pointer table (rows [address of the bf16 parameter, of the bf16 gradient, of
         the bf16 buffer (0 when MOMENTUM is off), numel]) and keys_ptr: int64, the uint32 key
-        of tensor t at keys_ptr[t]. Each element is widened to fp32, takes _fp32_step and is
+        of tensor t at keys_ptr[t]. Each element is widened to fp32, takes _mode_step and is
         rounded stochastically with the random bits of its index in the walk (memory order);
         the buffer is rounded to nearest even. Bits throughout (uint16 pointers): no float
-        cast can round differently in the interpreter."""
+        cast can round differently in the interpreter. The hyper-parameters: _mode_scalars."""
         t, row, start, n = _table_program(rows_ptr, blocks_ptr, 4)
         p_ptr = tl.load(row).to(tl.pointer_type(tl.uint16))
         g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint16))
@@ -578,14 +637,16 @@ if TRITON_AVAILABLE:
             buf = _bf16_widen(tl.load(b_ptr + offs, mask=mask))
         else:
             buf = tl.zeros([BLOCK], tl.float32)
-        m, buf = _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
-                            WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
+        m, buf, m64 = _mode_step(m, buf, g, mask, lr_ptr, mom_ptr, d_ptr, wd_ptr, neg_lr, wd,
+                                 m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                                 NESTEROV, FIRST_STEP, LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR)
         # keys_ptr[2t], keys_ptr[2t + 1]: the key and the tensor's offset in its whole tensor
         first = tl.load(keys_ptr + 2 * t + 1) + start
         r = _sr_random(tl.load(keys_ptr + 2 * t).to(tl.uint32), first, BLOCK)
         tl.store(p_ptr + offs, _bf16_round_stochastic(m, r).to(tl.uint16), mask=mask)
         if MOMENTUM:
-            tl.store(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask=mask)
+            if m64 != 0.0:  # (a zero momentum read from mom_ptr leaves the buffer as it is)
+                tl.store(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask=mask)
 
     @triton.jit
     def _q8_abs_bits(v):
@@ -634,14 +695,16 @@ if TRITON_AVAILABLE:
             tl.store(ptr, value)
 
     @triton.jit
-    def _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
-                    one_minus_d, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
-                    QUANT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
-                    QBLOCK: tl.constexpr):
+    def _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, lr_ptr, mom_ptr, d_ptr, wd_ptr,
+                    neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE: tl.constexpr,
+                    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                    FIRST_STEP: tl.constexpr, LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
+                    D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr, QUANT: tl.constexpr,
+                    MASKED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
         """Elements [start, start + BLOCK) of one tensor (start a multiple of BLOCK, itself a
         multiple of QBLOCK: the program owns whole int8 blocks), as BLOCK // QBLOCK rows of
-        QBLOCK: row r is int8 block start // QBLOCK + r. MASKED: bounded by n (else all in)."""
+        QBLOCK: row r is int8 block start // QBLOCK + r. MASKED: bounded by n (else all in).
+        The step: _mode_step."""
         rows = tl.arange(0, BLOCK // QBLOCK)
         offs = start + (rows * QBLOCK)[:, None] + tl.arange(0, QBLOCK)[None, :]
         mask = offs < n
@@ -656,33 +719,37 @@ if TRITON_AVAILABLE:
                 buf = _bf16_widen(_ld(b_ptr + offs, mask, MASKED))
         else:
             buf = tl.zeros([BLOCK // QBLOCK, QBLOCK], tl.float32)
-        p, buf = _fp32_step(p, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
-                            WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
+        p, buf, m64 = _mode_step(p, buf, g, mask, lr_ptr, mom_ptr, d_ptr, wd_ptr, neg_lr, wd,
+                                 m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                                 NESTEROV, FIRST_STEP, LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR)
         _st(p_ptr + offs, p, mask, MASKED)  # the parameter takes the unquantized buffer
         if MOMENTUM:
-            if QUANT == 1:
-                bits = _q8_abs_bits(buf)
-                if MASKED:  # lanes past n hold no element (their loads are undefined)
-                    bits = tl.where(mask, bits, 0)
-                scale = _q8_scale(tl.max(bits, axis=1))
-                _st(b_ptr + offs, _q8_code(buf, scale[:, None]).to(tl.int8), mask, MASKED)
-                _st(s_ptr + start // QBLOCK + rows, scale, row_ok, MASKED)
-            else:
-                _st(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask, MASKED)
+            if m64 != 0.0:  # (a zero momentum read from mom_ptr leaves codes and scales)
+                if QUANT == 1:
+                    bits = _q8_abs_bits(buf)
+                    if MASKED:  # lanes past n hold no element (their loads are undefined)
+                        bits = tl.where(mask, bits, 0)
+                    scale = _q8_scale(tl.max(bits, axis=1))
+                    _st(b_ptr + offs, _q8_code(buf, scale[:, None]).to(tl.int8), mask, MASKED)
+                    _st(s_ptr + start // QBLOCK + rows, scale, row_ok, MASKED)
+                else:
+                    _st(b_ptr + offs, _bf16_rne(buf).to(tl.uint16), mask, MASKED)
 
     @triton.jit
-    def _sgd_qmom_kernel(rows_ptr, blocks_ptr, inf_ptr,
+    def _sgd_qmom_kernel(rows_ptr, blocks_ptr, inf_ptr, lr_ptr, mom_ptr, d_ptr, wd_ptr,
                          neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                          one_minus_d: "fp64",
                          MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                          MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          FIRST_STEP: tl.constexpr, QUANT: tl.constexpr, ALIGNED: tl.constexpr,
-                         AMP_SKIP: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+                         AMP_SKIP: tl.constexpr, LR_TENSOR: tl.constexpr,
+                         M_TENSOR: tl.constexpr, D_TENSOR: tl.constexpr,
+                         WD_TENSOR: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
         """momentum_dtype (momentum_dtype.h): fp32 parameters and gradients, buffers stored
         narrow; many tensors in one launch through a pointer table of rows [address of p, of g,
         of the buffer (0 when MOMENTUM is off), then with QUANT 1 of the scales, numel].
         QUANT 0: bf16 buffers (uint16 bits, rounded to nearest even by _bf16_rne); QUANT 1:
-        int8 codes and one fp32 scale per QBLOCK elements. Each element takes _fp32_step with
+        int8 codes and one fp32 scale per QBLOCK elements. Each element takes _mode_step with
         its widened buffer. ALIGNED: every address in the table is a multiple of 16 bytes
         (the host checked), so a program whose block lies inside its tensor runs unmasked
         with 16-byte-aligned pointers: 128-bit accesses; the last block of a tensor stays
@@ -707,17 +774,20 @@ if TRITON_AVAILABLE:
             b_ptr = tl.multiple_of(b_ptr, 16)
         if ALIGNED:
             if start + BLOCK <= n:
-                _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
-                            one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
-                            QUANT, False, BLOCK, QBLOCK)
+                _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, lr_ptr, mom_ptr, d_ptr, wd_ptr,
+                            neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY,
+                            MOMENTUM, NESTEROV, FIRST_STEP, LR_TENSOR, M_TENSOR, D_TENSOR,
+                            WD_TENSOR, QUANT, False, BLOCK, QBLOCK)
             else:
-                _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
-                            one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
-                            QUANT, True, BLOCK, QBLOCK)
+                _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, lr_ptr, mom_ptr, d_ptr, wd_ptr,
+                            neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY,
+                            MOMENTUM, NESTEROV, FIRST_STEP, LR_TENSOR, M_TENSOR, D_TENSOR,
+                            WD_TENSOR, QUANT, True, BLOCK, QBLOCK)
         else:
-            _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, neg_lr, wd, m_mul, m_add,
-                        one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP,
-                        QUANT, True, BLOCK, QBLOCK)
+            _qmom_block(p_ptr, g_ptr, b_ptr, s_ptr, start, n, lr_ptr, mom_ptr, d_ptr, wd_ptr,
+                        neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                        NESTEROV, FIRST_STEP, LR_TENSOR, M_TENSOR, D_TENSOR, WD_TENSOR, QUANT,
+                        True, BLOCK, QBLOCK)
 
     @triton.jit
     def _fp16_bits(x):
@@ -739,13 +809,17 @@ if TRITON_AVAILABLE:
         return h | sign
 
     @triton.jit
-    def _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, neg_lr, wd, m_mul, m_add,
-                           one_minus_d, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                           MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                           FIRST_STEP: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    def _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, lr_ptr, mom_ptr, d_ptr, wd_ptr,
+                           neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE: tl.constexpr,
+                           WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+                           NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
+                           LR_TENSOR: tl.constexpr, M_TENSOR: tl.constexpr,
+                           D_TENSOR: tl.constexpr, WD_TENSOR: tl.constexpr,
+                           MASKED: tl.constexpr, BLOCK: tl.constexpr):
         """Elements [start, start + BLOCK) of one tensor (fp16_master.h's fp16_master_elem):
         the master steps, the parameter is written as the new master's rounding (never read),
-        the buffer read unless first step. MASKED: bounded by n (else all in)."""
+        the buffer read unless first step. MASKED: bounded by n (else all in). The step:
+        _mode_step."""
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
         m = _ld(m_ptr + offs, mask, MASKED)
@@ -754,21 +828,26 @@ if TRITON_AVAILABLE:
             buf = _ld(b_ptr + offs, mask, MASKED)
         else:
             buf = tl.zeros([BLOCK], tl.float32)
-        new, buf = _fp32_step(m, buf, g, neg_lr, wd, m_mul, m_add, one_minus_d, mask, MAXIMIZE,
-                              WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP)
+        new, buf, m64 = _mode_step(m, buf, g, mask, lr_ptr, mom_ptr, d_ptr, wd_ptr, neg_lr, wd,
+                                   m_mul, m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
+                                   NESTEROV, FIRST_STEP, LR_TENSOR, M_TENSOR, D_TENSOR,
+                                   WD_TENSOR)
         _st(m_ptr + offs, new, mask, MASKED)
         _st(p_ptr + offs, _fp16_bits(new).to(tl.uint16), mask, MASKED)
         if MOMENTUM:
-            _st(b_ptr + offs, buf, mask, MASKED)
+            if m64 != 0.0:  # (a zero momentum read from mom_ptr leaves the buffer as it is)
+                _st(b_ptr + offs, buf, mask, MASKED)
 
     @triton.jit
-    def _sgd_fp16_master_kernel(rows_ptr, blocks_ptr, inf_ptr,
+    def _sgd_fp16_master_kernel(rows_ptr, blocks_ptr, inf_ptr, lr_ptr, mom_ptr, d_ptr, wd_ptr,
                                 neg_lr: "fp64", wd: "fp64", m_mul: "fp64", m_add: "fp64",
                                 one_minus_d: "fp64",
                                 MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                                 FIRST_STEP: tl.constexpr, ALIGNED: tl.constexpr,
-                                AMP_SKIP: tl.constexpr, BLOCK: tl.constexpr):
+                                AMP_SKIP: tl.constexpr, LR_TENSOR: tl.constexpr,
+                                M_TENSOR: tl.constexpr, D_TENSOR: tl.constexpr,
+                                WD_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
         """fp16 master weights (fp16_master.h): fp16 parameters and gradients, fp32 masters and
         buffers; many tensors in one launch through a pointer table of rows [address of p, of
         g, of the buffer (0 when MOMENTUM is off), of the master, numel]. The parameter is
@@ -790,17 +869,20 @@ if TRITON_AVAILABLE:
             m_ptr = tl.multiple_of(m_ptr, 16)
         if ALIGNED:
             if start + BLOCK <= n:
-                _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, neg_lr, wd, m_mul,
-                                   m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
-                                   NESTEROV, FIRST_STEP, False, BLOCK)
+                _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, lr_ptr, mom_ptr, d_ptr,
+                                   wd_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
+                                   WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, LR_TENSOR,
+                                   M_TENSOR, D_TENSOR, WD_TENSOR, False, BLOCK)
             else:
-                _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, neg_lr, wd, m_mul,
-                                   m_add, one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM,
-                                   NESTEROV, FIRST_STEP, True, BLOCK)
+                _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, lr_ptr, mom_ptr, d_ptr,
+                                   wd_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
+                                   WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, LR_TENSOR,
+                                   M_TENSOR, D_TENSOR, WD_TENSOR, True, BLOCK)
         else:
-            _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, neg_lr, wd, m_mul, m_add,
-                               one_minus_d, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV,
-                               FIRST_STEP, True, BLOCK)
+            _fp16_master_block(p_ptr, g_ptr, b_ptr, m_ptr, start, n, lr_ptr, mom_ptr, d_ptr,
+                               wd_ptr, neg_lr, wd, m_mul, m_add, one_minus_d, MAXIMIZE,
+                               WEIGHT_DECAY, MOMENTUM, NESTEROV, FIRST_STEP, LR_TENSOR, M_TENSOR,
+                               D_TENSOR, WD_TENSOR, True, BLOCK)
 
     @triton.jit
     def _sr_random_kernel(key, base, out_ptr, n, BLOCK: tl.constexpr):
@@ -1032,18 +1114,24 @@ def _step_flags(vals, nesterov, maximize, first_step) -> dict:
                 BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
-def _flags(dtype, vals, nesterov, maximize, first_step, hyper=None, amp=None) -> dict:
-    """The constexpr arguments shared by the flat and the list kernel (hyper: a _HyperTensors,
-    amp: an _Amp, or None). A hyper-parameter in a tensor sets its op's flag; the kernel then
-    decides by its value."""
-    amp = amp or _NO_AMP
-    hyper = hyper or _NO_HYPER
+def _hyper_flags(vals, nesterov, maximize, first_step, hyper) -> dict:
+    """_step_flags with the hyper-parameters held in tensors (hyper: a _HyperTensors): each
+    sets its *_TENSOR constexpr, and a weight_decay there its op's flag (the kernel then decides
+    by its value)."""
     wd_tensor = hyper.weight_decay is not None
     flags = _step_flags(vals, nesterov, maximize, first_step)
     flags.update(WEIGHT_DECAY=wd_tensor or flags["WEIGHT_DECAY"],
-                 KIND=_KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
                  LR_TENSOR=hyper.lr is not None, M_TENSOR=hyper.momentum is not None,
-                 D_TENSOR=hyper.dampening is not None, WD_TENSOR=wd_tensor,
+                 D_TENSOR=hyper.dampening is not None, WD_TENSOR=wd_tensor)
+    return flags
+
+
+def _flags(dtype, vals, nesterov, maximize, first_step, hyper=None, amp=None) -> dict:
+    """The constexpr arguments shared by the flat and the list kernel (hyper: a _HyperTensors,
+    amp: an _Amp, or None): _hyper_flags', the dtype's and GradScaler's."""
+    amp = amp or _NO_AMP
+    flags = _hyper_flags(vals, nesterov, maximize, first_step, hyper or _NO_HYPER)
+    flags.update(KIND=_KIND[dtype], OPMATH=tl.float64 if dtype == torch.float64 else tl.float32,
                  AMP_SCALE=amp.grad_scale is not None,
                  AMP_SKIP=amp.found_inf is not None, CLIP=amp.clip_coef is not None,
                  FIRST_TENSOR=amp.first is not None)
@@ -1301,7 +1389,9 @@ def triton_sgd_step_list_(params, grads, momentum_buffers, *, lr, momentum, damp
 
 def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ties, *, lr,
                                  momentum, dampening, weight_decay, nesterov, maximize,
-                                 first_step, found_inf=None) -> None:
+                                 first_step, found_inf=None, lr_tensor=None,
+                                 momentum_tensor=None, dampening_tensor=None,
+                                 weight_decay_tensor=None) -> None:
     """Master weights (csrc/include/momentum_cuda/bf16_split.h): bf16 params whose fp32
     masters are joined from the params, the int16 remainders (shaped and strided like the
     params) and the tie bits (a contiguous uint8 tensor of ceil(numel / 8) bytes each, bit j of
@@ -1310,8 +1400,10 @@ def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ti
     (empty/None when momentum == 0). The checks of csrc/momentum_ops.cpp's
     sgd_step_master_list, all before the launch; then ONE launch for all non-empty tensors (as
     the list path, through a pointer table). found_inf (GradScaler's) != 0 skips the step on
-    the device (_unless_skipped)."""
-    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    the device (_unless_skipped); lr_tensor ... weight_decay_tensor are read there in place
+    of the floats (_mode_scalars)."""
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                          momentum_tensor)
     params, grads = list(params), list(grads)
     rems, ties = list(remainders), list(ties)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
@@ -1334,20 +1426,24 @@ def triton_sgd_step_master_list_(params, grads, momentum_buffers, remainders, ti
             addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0,
                           r.data_ptr(), t.data_ptr()))
             numels.append(p.numel())
-    inf = _mode_found_inf(found_inf, params)
+    inf, hyper = _mode_tensors(found_inf, lr_tensor, momentum_tensor, dampening_tensor,
+                               weight_decay_tensor, params)
     if not numels:
         return
     device = params[0].device
     sc = _scalars(vals, torch.float32)
-    flags = _step_flags(vals, nesterov, maximize, first_step)
+    flags = _hyper_flags(vals, nesterov, maximize, first_step, hyper)
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
-            _sgd_master_kernel[(count,)](rows, blocks, rows if inf is None else inf, *sc,
-                                         AMP_SKIP=inf is not None, **flags)
+            _sgd_master_kernel[(count,)](rows, blocks, rows if inf is None else inf,
+                                         *hyper.pointers(rows), *sc, AMP_SKIP=inf is not None,
+                                         **flags)
 
 
 def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momentum, dampening,
-                             weight_decay, nesterov, maximize, first_step, offsets=None) -> None:
+                             weight_decay, nesterov, maximize, first_step, offsets=None,
+                             lr_tensor=None, momentum_tensor=None, dampening_tensor=None,
+                             weight_decay_tensor=None) -> None:
     """Stochastic rounding (csrc/include/momentum_cuda/stochastic.h, reference.
     sgd_sr_reference_step): bf16 params, grads and momentum_buffers (empty/None when
     momentum == 0), dense, each triple with equal shapes and strides; keys: one int in
@@ -1358,10 +1454,12 @@ def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momen
     buffer is rounded to nearest even. The checks of csrc/momentum_ops.cpp's sgd_step_sr_list,
     all before the
     launch; then ONE launch for all non-empty tensors (as the list path, through a pointer
-    table)."""
+    table). lr_tensor ... weight_decay_tensor are read on the device in place of the floats
+    (_mode_scalars)."""
     params, grads = list(params), list(grads)
     keys = _check_keys(keys, len(params))
-    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                          momentum_tensor)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
     need_buf = vals["use_buf"]
     _check_list_lengths(params, [(grads, "grads")], bufs, need_buf, momentum)
@@ -1370,6 +1468,8 @@ def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momen
     _check_no_overlap(named)
     offsets = _check_offsets(offsets, params)
     addrs, numels, kept = _triple_addrs(params, grads, bufs, need_buf)
+    _, hyper = _mode_tensors(None, lr_tensor, momentum_tensor, dampening_tensor,
+                             weight_decay_tensor, params)
     if not numels:
         return
     device = params[0].device
@@ -1382,18 +1482,24 @@ def triton_sgd_step_sr_list_(params, grads, momentum_buffers, keys, *, lr, momen
     keys_dev = _to_device(torch.tensor([x for i in kept for x in (keys[i], offsets[i])],
                                        dtype=torch.int64), device)
     sc = _scalars(vals, torch.float32)
-    flags = _step_flags(vals, nesterov, maximize, first_step)
+    flags = _hyper_flags(vals, nesterov, maximize, first_step, hyper)
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
-            _sgd_sr_kernel[(count,)](rows, blocks, keys_dev, *sc, **flags)
+            _sgd_sr_kernel[(count,)](rows, blocks, keys_dev, *hyper.pointers(rows), *sc, **flags)
 
 
-def _mode_found_inf(found_inf, params):
-    """A mode op's found_inf, checked after its other arguments (csrc/momentum_ops.cpp's
-    run_mode_step): None, or GradScaler's 1-element fp32 tensor on the parameters' device."""
-    if found_inf is None or not params:
-        return None
-    return _check_amp(None, found_inf, None, params[0].device, params[0].dtype).found_inf
+def _mode_tensors(found_inf, lr_tensor, momentum_tensor, dampening_tensor, weight_decay_tensor,
+                  params):
+    """A mode op's tensors, checked after its other arguments and in this order
+    (csrc/momentum_ops.cpp's run_mode_step), where params is not empty: (found_inf: None or
+    GradScaler's 1-element fp32 tensor on the parameters' device, a _HyperTensors)."""
+    if not params:
+        return None, _NO_HYPER
+    device = params[0].device
+    inf = None if found_inf is None else _check_amp(None, found_inf, None, device,
+                                                    params[0].dtype).found_inf
+    return inf, _check_hyper_tensors(lr_tensor, momentum_tensor, dampening_tensor,
+                                     weight_decay_tensor, device)
 
 
 def _check_offsets(offsets, params) -> list:
@@ -1424,7 +1530,8 @@ def _check_scales(s, n: str, p, pn: str) -> None:
 
 def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, momentum,
                                dampening, weight_decay, nesterov, maximize, first_step,
-                               found_inf=None) -> None:
+                               found_inf=None, lr_tensor=None, momentum_tensor=None,
+                               dampening_tensor=None, weight_decay_tensor=None) -> None:
     """momentum_dtype (csrc/include/momentum_cuda/momentum_dtype.h, reference.
     sgd_momentum_dtype_reference_step): fp32 params and grads, dense; momentum_buffers
     (empty/None when momentum == 0) shaped and strided like their params, bf16 when scales is
@@ -1434,8 +1541,10 @@ def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, m
     or quantized per block (int8). The checks of csrc/momentum_ops.cpp's sgd_step_qmom_list,
     all before the launch; then ONE launch for all non-empty tensors (as the list path,
     through a pointer table). found_inf (GradScaler's) != 0 skips the step on the device
-    (_unless_skipped)."""
-    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    (_unless_skipped); lr_tensor ... weight_decay_tensor are read there in place of the
+    floats (_mode_scalars)."""
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                          momentum_tensor)
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
     scales = list(scales) if scales is not None else []
@@ -1464,25 +1573,29 @@ def triton_sgd_step_qmom_list_(params, grads, momentum_buffers, scales, *, lr, m
             addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0)
                          + ((scales[i].data_ptr(),) if int8 else ()))
             numels.append(p.numel())
-    inf = _mode_found_inf(found_inf, params)
+    inf, hyper = _mode_tensors(found_inf, lr_tensor, momentum_tensor, dampening_tensor,
+                               weight_decay_tensor, params)
     if not numels:
         return
     device = params[0].device
     sc = _scalars(vals, torch.float32)
-    flags = _step_flags(vals, nesterov, maximize, first_step)
+    flags = _hyper_flags(vals, nesterov, maximize, first_step, hyper)
     # 16-byte aligned p, g and buffers (torch's allocations are; views at odd offsets not):
     # full blocks then run unmasked with 128-bit accesses
     flags.update(QUANT=int(int8), QBLOCK=QBLOCK,
                  ALIGNED=all(a % 16 == 0 for row in addrs for a in row[:3]))
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
-            _sgd_qmom_kernel[(count,)](rows, blocks, rows if inf is None else inf, *sc,
-                                       AMP_SKIP=inf is not None, **flags)
+            _sgd_qmom_kernel[(count,)](rows, blocks, rows if inf is None else inf,
+                                       *hyper.pointers(rows), *sc, AMP_SKIP=inf is not None,
+                                       **flags)
 
 
 def triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, *, lr, momentum,
                                       dampening, weight_decay, nesterov, maximize,
-                                      first_step, found_inf=None) -> None:
+                                      first_step, found_inf=None, lr_tensor=None,
+                                      momentum_tensor=None, dampening_tensor=None,
+                                      weight_decay_tensor=None) -> None:
     """fp16 master weights (csrc/include/momentum_cuda/fp16_master.h, reference.
     sgd_fp16_master_reference_step): fp16 params and grads, dense; fp32 masters and
     momentum_buffers (empty/None when momentum == 0) shaped and strided like their params. Each
@@ -1490,8 +1603,10 @@ def triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, 
     new master rounded to nearest even (c10's conversion: subnormals, inf, NaN as 0x7E00). The
     checks of csrc/momentum_ops.cpp's sgd_step_fp16_master_list, all before the launch; then
     ONE launch for all non-empty tensors (as the list path, through a pointer table).
-    found_inf (GradScaler's) != 0 skips the step on the device (_unless_skipped)."""
-    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    found_inf (GradScaler's) != 0 skips the step on the device (_unless_skipped); lr_tensor ...
+    weight_decay_tensor are read there in place of the floats (_mode_scalars)."""
+    vals = _check_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                          momentum_tensor)
     params, grads, masters = list(params), list(grads), list(masters)
     bufs = list(momentum_buffers) if momentum_buffers is not None else []
     need_buf = vals["use_buf"]
@@ -1513,16 +1628,18 @@ def triton_sgd_step_fp16_master_list_(params, grads, momentum_buffers, masters, 
             addrs.append((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if need_buf else 0,
                           m.data_ptr()))
             numels.append(p.numel())
-    inf = _mode_found_inf(found_inf, params)
+    inf, hyper = _mode_tensors(found_inf, lr_tensor, momentum_tensor, dampening_tensor,
+                               weight_decay_tensor, params)
     if not numels:
         return
     device = params[0].device
     sc = _scalars(vals, torch.float32)
-    flags = _step_flags(vals, nesterov, maximize, first_step)
+    flags = _hyper_flags(vals, nesterov, maximize, first_step, hyper)
     # 16-byte aligned tensors (torch's allocations are; views at odd offsets not): full
     # blocks then run unmasked with 128-bit accesses
     flags.update(ALIGNED=all(a % 16 == 0 for row in addrs for a in row))
     with _device_guard(device):
         for rows, blocks, count in _table_launches(addrs, numels, device):
-            _sgd_fp16_master_kernel[(count,)](rows, blocks, rows if inf is None else inf, *sc,
+            _sgd_fp16_master_kernel[(count,)](rows, blocks, rows if inf is None else inf,
+                                              *hyper.pointers(rows), *sc,
                                               AMP_SKIP=inf is not None, **flags)

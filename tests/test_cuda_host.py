@@ -238,6 +238,21 @@ MASTER_PLANTS = {
         "  if (amp_skips(a.found_inf)) return;",
         "",
         r"MISMATCH .*step=3"),
+    # the hyper-parameters in device memory are not read (the walker all element-wise modes
+    # share): the NaN scalars of step 1 are stepped with
+    "ew_device_hyper_ignored": (
+        _EW,
+        "  const DeviceStep<float> d = device_step<float>(a.s, a.flags, a.dev);",
+        "  const DeviceStep<float> d{a.s, a.flags};",
+        r"MISMATCH .*step=1"),
+    # the host's flags walk the chunk: a zero momentum in device memory still writes the buffer
+    "ew_device_flags_ignored": (
+        _EW,
+        "  elementwise_span(Mode::chunk(a, t, start), n, d.s, d.flags, "
+        "static_cast<int64_t>(threadIdx.x),",
+        "  elementwise_span(Mode::chunk(a, t, start), n, d.s, a.flags, "
+        "static_cast<int64_t>(threadIdx.x),",
+        r"MISMATCH .*step=1"),
     # every table entry gets the first span's tie bytes
     "master_table_ties": (
         "cuda/master_kernel.cuh",
@@ -270,10 +285,18 @@ QMOM_PLANTS = {
     # the first step reads the old codes and scales (kFirstStep lost on the way to the kernel)
     "q8_first_step_reads_codes": (
         "cuda/qmom_kernel.cuh",
-        "  a.flags = flags;\n  a.found_inf = found_inf;\n  plan_chunks<Limits, kQChunk>(",
-        "  a.flags = flags & ~kFirstStep;\n  a.found_inf = found_inf;\n"
+        "  a.flags = flags;\n  a.found_inf = found_inf;\n  a.dev = dev;\n"
+        "  plan_chunks<Limits, kQChunk>(",
+        "  a.flags = flags & ~kFirstStep;\n  a.found_inf = found_inf;\n  a.dev = dev;\n"
         "  plan_chunks<Limits, kQChunk>(",
         r"MISMATCH int8 .*step=0"),
+    # the int8 kernel steps with the host's scalars and flags, not those read from device
+    # memory (step 1: NaN scalars; a zero momentum there)
+    "q8_device_hyper_ignored": (
+        "cuda/qmom_kernel.cuh",
+        "                  m, vec, d.s, d.flags, lane);",
+        "                  m, vec, a.s, a.flags, lane);",
+        r"MISMATCH int8 .*step=1"),
     # a span's last partial block is not stepped
     "q8_partial_block": (
         "cuda/qmom_kernel.cuh",

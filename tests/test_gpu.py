@@ -1041,8 +1041,9 @@ MODE_AMP = ("master", "fp16-master", "bf16-momentum", "int8-momentum")
 
 
 def _mode_gpu_op(backend, mode):
-    from momentum_cuda._ops import fp16_master_op, master_op, qmom_op
-    return {"master": master_op, "fp16-master": fp16_master_op}.get(mode, qmom_op)(backend)
+    from momentum_cuda._ops import fp16_master_op, master_op, qmom_op, sr_op
+    return {"master": master_op, "fp16-master": fp16_master_op,
+            "sr": sr_op}.get(mode, qmom_op)(backend)
 
 
 @pytest.mark.parametrize("mode", MODE_AMP)
@@ -1088,3 +1089,93 @@ def test_mode_replays_under_gradscaler_on_gpu(backend, mode):
     host): parameters, gradients, every state tensor (test_mode_amp.replay_under_gradscaler)."""
     from test_mode_amp import replay_under_gradscaler
     replay_under_gradscaler(mode, backend, move=lambda t: t.cuda(), scaler_device="cuda")
+
+
+# Hyper-parameters held in tensors in the modes' ops (tests/test_mode_hyper.py has the CPU ops,
+# test_cuda_host.py the CUDA kernels on the host, test_triton_amp.py the Triton ones under the
+# interpreter)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mode_ops_hyper_tensors_on_gpu(backend):
+    """Each GPU backend's mode ops (master, fp16 master, bf16 and int8 momentum, stochastic
+    rounding) given lr, momentum, dampening and weight_decay as CUDA tensors (fp32 and fp64,
+    a zero momentum and weight_decay among them): the bits of the same op given their values
+    as floats, three steps each (test_mode_hyper.op_mismatches)."""
+    from test_mode_hyper import op_mismatches
+    bad = op_mismatches(lambda mode: _mode_gpu_op(backend, mode), move=lambda t: t.cuda(),
+                        ref_of=lambda mode: _mode_gpu_op(backend, mode))
+    assert not bad, bad[:10]
+
+
+@pytest.mark.parametrize("mode", MODE_AMP)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mode_tensor_hyper_under_gradscaler_on_gpu(backend, mode):
+    """momentum_cuda.SGD in a mode under GradScaler("cuda") with lr, momentum, dampening and
+    weight_decay in CUDA tensors changed in place every step: the bits of the same optimizer
+    given their values as floats, no host read after the step that made the state
+    (test_mode_amp.replay_under_gradscaler, tensors=True)."""
+    from test_mode_amp import replay_under_gradscaler
+    replay_under_gradscaler(mode, backend, move=lambda t: t.cuda(), scaler_device="cuda",
+                            tensors=True)
+
+
+@pytest.mark.parametrize("mode", MODE_AMP)
+def test_cuda_graph_mode_step_with_tensor_hyper_parameters(mode):
+    """A mode's step (the CUDA backend) with lr, momentum, dampening and weight_decay in CUDA
+    tensors, captured in a CUDA graph after two eager steps and replayed 6 times with new
+    values filled in place (a zero momentum among them) and new gradients in the static .grad
+    tensors: the bits of the same optimizer stepped eagerly with the values as floats
+    (parameters, every state tensor). The kernels read the tensors on the device, so nothing in
+    the step syncs."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    from test_mode_amp import HYPER_DTYPES, MODE_CONFIGS, _bits, scheduled_hyper
+    dtype, kw = MODE_CONFIGS[mode]
+    gen = torch.Generator().manual_seed(71)
+    values = [torch.randn(s, generator=gen).to(dtype).cuda() for s in ((97,), (5, 61), (300,))]
+    grads = [[torch.randn(v.shape, generator=gen).to(dtype).cuda() for v in values]
+             for _ in range(8)]
+    ps, qs = [v.clone() for v in values], [v.clone() for v in values]
+    h0 = scheduled_hyper(0)
+    opt = momentum_cuda.SGD(ps, backend="cuda", **kw,
+                            **{n: torch.tensor(v, dtype=HYPER_DTYPES[n], device="cuda")
+                               for n, v in h0.items()})
+    topt = momentum_cuda.SGD(qs, backend="cuda", **kw, **h0)
+    for p in ps:
+        p.grad = torch.empty_like(p)  # the static gradients the graph reads
+
+    def ours(k):
+        for p, g in zip(ps, grads[k]):
+            p.grad.copy_(g)
+        for n, v in scheduled_hyper(k).items():
+            opt.param_groups[0][n].fill_(v)
+
+    def twin(k):
+        for q, g in zip(qs, grads[k]):
+            q.grad = g.clone()
+        topt.param_groups[0].update({n: float(torch.tensor(v, dtype=HYPER_DTYPES[n]))
+                                     for n, v in scheduled_hyper(k).items()})
+        topt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the state exists before the capture
+        for k in range(2):
+            ours(k)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    twin(0)
+    for k in range(1, 8):
+        if k >= 2:
+            ours(k)
+            graph.replay()
+        twin(k)
+        torch.cuda.synchronize()
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            assert torch.equal(_bits(p), _bits(q)), f"{mode} step {k + 1}: parameter {i}"
+            for key, a in opt.state[p].items():
+                if isinstance(a, torch.Tensor):
+                    assert torch.equal(_bits(a), _bits(topt.state[q][key])), \
+                        f"{mode} step {k + 1}: {key} {i}"

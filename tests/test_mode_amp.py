@@ -132,8 +132,20 @@ MODE_CONFIGS = {"master": (torch.bfloat16, dict(master_weights=True)),
                 "int8-momentum": (torch.float32, dict(momentum_dtype=torch.int8))}
 
 
+# the hyper-parameters held in tensors (tensors=True below): their dtypes, and their values at
+# step k: weight_decay 0 on step 3 and momentum 0 on step 6 (their ops skipped, the buffers kept)
+HYPER_DTYPES = {"lr": torch.float32, "momentum": torch.float32, "dampening": torch.float64,
+                "weight_decay": torch.float64}
+
+
+def scheduled_hyper(k) -> dict:
+    return {"lr": 0.05 * 0.9 ** k, "momentum": 0.0 if k == 5 else 0.9 - 0.01 * k,
+            "dampening": 0.1 + 0.01 * k, "weight_decay": 0.0 if k == 2 else 1e-2}
+
+
 def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu",
-                            twin_backend=None, overflows=(3, 4), schedule=False, clip=False):
+                            twin_backend=None, overflows=(3, 4), schedule=False, clip=False,
+                            tensors=False):
     """momentum_cuda.SGD(backend=backend) in a mode under torch.amp.GradScaler(scaler_device),
     its tensors moved by `move`: after the first step that GradScaler does not skip (which
     makes the state, found_inf read on the host) no host read (planned, then from the next
@@ -142,7 +154,11 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
     GradScaler.unscale_ before step 5 (the step then gets found_inf without grad_scale; not
     for fp16 gradients, which it refuses); `schedule`: a new float lr every step (a
     scheduler's), so every step is planned, none replayed; `clip`: on steps 5 and 6 (the first
-    one overflowed) GradScaler.unscale_ then opt.clip_grad_norm_ (not for fp16). A fourth
+    one overflowed) GradScaler.unscale_ then opt.clip_grad_norm_ (not for fp16); `tensors`:
+    lr, momentum, dampening and weight_decay are tensors on the parameters' device
+    (HYPER_DTYPES), changed in place every step (scheduled_hyper), read by the kernels (the
+    twin's floats are their values; its step that makes the buffers reads momentum on the
+    host, as torch's for-loop does). A fourth
     parameter never gets a gradient. The twin, the same optimizer on twin_backend (default:
     backend), never sees GradScaler: its gradients (the same loss times the same scale) are
     unscaled with torch's own op, clipped by torch.nn.utils.clip_grad_norm_ over all four, and
@@ -156,8 +172,10 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
     sides = []
     for b in (backend, twin_backend or backend):
         ps = [v.clone().requires_grad_() for v in values]
-        sides.append((ps, momentum_cuda.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1,
-                                            weight_decay=1e-2, backend=b, **kw)))
+        h = scheduled_hyper(0)
+        if tensors and not sides:
+            h = {k: move(torch.tensor(v, dtype=HYPER_DTYPES[k])) for k, v in h.items()}
+        sides.append((ps, momentum_cuda.SGD(ps, **h, backend=b, **kw)))
     (ps, opt), (qs, topt) = sides
     sc = torch.amp.GradScaler(scaler_device, init_scale=2.0**10, growth_interval=2)
     made = None  # the step that made the state
@@ -170,6 +188,10 @@ def replay_under_gradscaler(mode, backend, move=lambda t: t, scaler_device="cpu"
         if schedule:
             for o in (opt, topt):
                 o.param_groups[0]["lr"] = 0.05 * 0.9 ** k
+        if tensors:
+            for name, v in scheduled_hyper(k).items():
+                opt.param_groups[0][name].fill_(v)
+                topt.param_groups[0][name] = float(torch.tensor(v, dtype=HYPER_DTYPES[name]))
         scale = sc.get_scale()
         for xs, o in sides:
             o.zero_grad()
@@ -231,6 +253,15 @@ def test_clip_under_gradscaler(mode):
     scaler.step on an overflowed step and on the next, with a new lr every step: torch's clip
     and unscale bits, found_inf read on the host by nothing but the first step."""
     replay_under_gradscaler(mode, "cpu", schedule=True, clip=True)
+
+
+@pytest.mark.parametrize("mode", list(MODE_CONFIGS))
+def test_tensor_hyper_parameters_under_gradscaler(mode):
+    """lr, momentum, dampening and weight_decay in tensors changed in place every step (a zero
+    weight_decay, then a zero momentum among them), read by the kernels: the bits of the same
+    optimizer given their values as floats, and no host read after the step that made the
+    state."""
+    replay_under_gradscaler(mode, "cpu", tensors=True)
 
 
 @pytest.mark.parametrize("mode", list(MODE_CONFIGS))

@@ -1022,12 +1022,12 @@ def _mode_mismatches_of(lists, before):
 def check_planted_mode_skip_dropped_fails(tk):
     """The comparison above fails with found_inf dropped on the host (the kernels' AMP_SKIP
     off)."""
-    orig = tk._mode_found_inf
-    tk._mode_found_inf = lambda found_inf, params: None
+    orig = tk._mode_tensors
+    tk._mode_tensors = lambda found_inf, *rest: orig(None, *rest)
     try:
         bad = _mode_mismatches(tk)
     finally:
-        tk._mode_found_inf = orig
+        tk._mode_tensors = orig
     modes = {b.split()[0] for b in bad}
     assert modes == set(_MODE_OPS), f"planted bug caught only for {sorted(modes)}"
     return f"plant caught: {len(bad)} mismatches"
@@ -1048,15 +1048,64 @@ def check_optimizer_modes_gradscaler_e2e(tk):
 
 def check_planted_optimizer_mode_skip_fails(tk):
     """The optimizer check above fails with found_inf dropped on the host."""
-    orig = tk._mode_found_inf
-    tk._mode_found_inf = lambda found_inf, params: None
+    orig = tk._mode_tensors
+    tk._mode_tensors = lambda found_inf, *rest: orig(None, *rest)
     try:
         check_optimizer_modes_gradscaler_e2e(tk)
     except AssertionError:
         return
     finally:
-        tk._mode_found_inf = orig
+        tk._mode_tensors = orig
     raise AssertionError("planted bug (found_inf dropped) went unnoticed by the optimizer check")
+
+
+def check_mode_ops_hyper_tensors(tk):
+    """The Triton ops of the modes (master, fp16 master, bf16 and int8 momentum, stochastic
+    rounding) given lr, momentum, dampening and weight_decay as tensors (zeros among them):
+    the bits of the C++ CPU op given their values as floats, three steps each
+    (test_mode_hyper.op_mismatches); opcheck with the tensors."""
+    from test_mode_hyper import NAMES, lists_of, op_mismatches
+    ops = torch.ops.momentum_cuda
+    triton = {"master": ops.triton_sgd_step_master_list_.default,
+              "fp16-master": ops.triton_sgd_step_fp16_master_list_.default,
+              "bf16-momentum": ops.triton_sgd_step_qmom_list_.default,
+              "int8-momentum": ops.triton_sgd_step_qmom_list_.default,
+              "sr": ops.triton_sgd_step_sr_list_.default}
+    bad = op_mismatches(lambda mode: triton[mode])
+    assert not bad, bad[:10]
+    for mode, op in triton.items():
+        kw = {f"{n}_tensor": torch.tensor(v, dtype=torch.float64 if n == "momentum" else None)
+              for n, v in zip(NAMES, (0.05, 0.9, 0.1, 0.0))}
+        result = torch.library.opcheck(op, (*lists_of(mode, 52), 0.0, 0.0, 0.0, 0.0, False,
+                                            False, False), kw)
+        assert all(v == "SUCCESS" for v in result.values()), (mode, result)
+
+
+def check_planted_mode_hyper_tensors_dropped_fails(tk):
+    """The comparison above fails in every mode with the tensors dropped on the host (the
+    kernels then step with the floats, 0.0)."""
+    from test_mode_hyper import OPS, op_mismatches
+    orig = tk._mode_tensors
+    tk._mode_tensors = lambda *args: (orig(*args)[0], tk._NO_HYPER)
+    try:
+        bad = op_mismatches(lambda mode: getattr(
+            torch.ops.momentum_cuda, "triton_" + OPS[mode].__name__.split(".")[0]).default)
+    finally:
+        tk._mode_tensors = orig
+    modes = {b.split()[0] for b in bad}
+    assert modes == set(OPS), f"planted bug caught only for {sorted(modes)}"
+
+
+def check_optimizer_modes_hyper_tensors_e2e(tk):
+    """SGD(backend="triton") in each mode under GradScaler("cpu") with lr, momentum, dampening
+    and weight_decay in tensors changed every step: the bits of the C++ CPU backend given their
+    values as floats, no host read after the step that made the state
+    (test_mode_amp.replay_under_gradscaler, tensors=True)."""
+    from momentum_cuda import _backends
+    from test_mode_amp import MODE_CONFIGS, replay_under_gradscaler
+    _backends._PREFERENCE["cpu"] = ("cpu", "triton")
+    for mode in MODE_CONFIGS:
+        replay_under_gradscaler(mode, "triton", twin_backend="cpu", tensors=True)
 
 
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]

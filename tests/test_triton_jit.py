@@ -113,9 +113,10 @@ def _opmath(x: float, dtype) -> float:
     return torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item()
 
 
-# the modes' kernels' constexprs (no storage kinds or tensor hyper-parameters; of AMP only
-# AMP_SKIP, found_inf, and not in the stochastic-rounding kernel)
-MASTER_FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "MOMENTUM", "NESTEROV", "FIRST_STEP", "BLOCK")
+# the modes' kernels' constexprs (no storage kinds; of AMP only AMP_SKIP, found_inf, and not in
+# the stochastic-rounding kernel)
+MASTER_FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "MOMENTUM", "NESTEROV", "FIRST_STEP", "BLOCK",
+                "LR_TENSOR", "M_TENSOR", "D_TENSOR", "WD_TENSOR")
 
 
 def _expected(entry):
@@ -298,18 +299,32 @@ AMP_PTRS = {"scale_ptr": "AMP_SCALE", "inf_ptr": "AMP_SKIP", "coef_ptr": "CLIP",
             "first_ptr": "FIRST_TENSOR"}
 
 
-def _check_skip_compiled(ck, name, what, sig, runtime, params, problems):
-    """A mode kernel's found_inf (inf_ptr): AMP_SKIP off, never loaded; on, an fp32 pointer
-    parameter that is loaded."""
+# a mode kernel's pointers and the constexprs that turn them on
+MODE_PTRS = {"inf_ptr": "AMP_SKIP", "lr_ptr": "LR_TENSOR", "mom_ptr": "M_TENSOR",
+             "d_ptr": "D_TENSOR", "wd_ptr": "WD_TENSOR"}
+
+
+def _check_mode_pointers(ck, name, what, sig, runtime, params, problems):
+    """A mode kernel's found_inf (inf_ptr; not the stochastic-rounding kernel's) and
+    hyper-parameters held in tensors (lr_ptr, mom_ptr, d_ptr, wd_ptr): a flag off, its pointer
+    is never loaded; on, a pointer parameter (fp32 for found_inf, fp32 or fp64 for the
+    hyper-parameters) that is loaded (the dampening only where the buffer is damped: MOMENTUM
+    on, FIRST_STEP off)."""
     consts = {list(sig)[path[0]]: v for path, v in ck.src.constants.items()}
-    i = runtime.index("inf_ptr")
-    loaded = re.search(rf"ld\.param\.\w+\s+%\w+,\s*\[{name}_param_{i}\]",
-                       ck.asm["ptx"]) is not None
-    if bool(consts.get("AMP_SKIP")) != loaded:
-        problems.append(f"amp: {what}: AMP_SKIP {consts.get('AMP_SKIP')} but inf_ptr (param "
-                        f"{i}) {'loaded' if loaded else 'never loaded'}")
-    if consts.get("AMP_SKIP") and (sig["inf_ptr"] != "*fp32" or params[i] != "u64.ptr"):
-        problems.append(f"signature: {what}: inf_ptr is {sig['inf_ptr']} / .param .{params[i]}")
+    for ptr, flag in MODE_PTRS.items():
+        if ptr not in runtime:
+            continue
+        i = runtime.index(ptr)
+        loaded = re.search(rf"ld\.param\.\w+\s+%\w+,\s*\[{name}_param_{i}\]",
+                           ck.asm["ptx"]) is not None
+        used = bool(consts.get(flag)) and (ptr != "d_ptr" or (
+            bool(consts.get("MOMENTUM")) and not consts.get("FIRST_STEP")))
+        if used != loaded:
+            problems.append(f"mode: {what}: {flag} {consts.get(flag)} but {ptr} (param {i}) "
+                            f"{'loaded' if loaded else 'never loaded'}")
+        want = {"*fp32"} if ptr == "inf_ptr" else {"*fp32", "*fp64"}
+        if consts.get(flag) and (sig[ptr] not in want or params[i] != "u64.ptr"):
+            problems.append(f"signature: {what}: {ptr} is {sig[ptr]} / .param .{params[i]}")
 
 
 def _check_amp_compiled(ck, name, dtype, sig, runtime, params, problems):
@@ -399,8 +414,9 @@ def _check_compiled(ck, name, dtype, problems):
         got = params[i] if i < len(params) else None
         if got != want:
             problems.append(f"ptx: {what}: {arg} is .param .{got}, not .param .{want}")
-    if name in ("_sgd_master_kernel", "_sgd_qmom_kernel", "_sgd_fp16_master_kernel"):
-        _check_skip_compiled(ck, name, what, sig, runtime, params, problems)
+    if name in ("_sgd_master_kernel", "_sgd_sr_kernel", "_sgd_qmom_kernel",
+                "_sgd_fp16_master_kernel"):
+        _check_mode_pointers(ck, name, what, sig, runtime, params, problems)
     if name in ("_sgd_master_kernel", "_sgd_sr_kernel"):
         conv = set(re.findall(r"\b(?:cvt\.\w+\.bf16\.f32|div\.[\w.]+|rcp\.[\w.]+)", ck.asm["ptx"]))
         if conv:

@@ -61,11 +61,13 @@ the last stage, the rest of the benchmark.
 Why the budgets fit. Measured here (2 cores shared with other work, the dry run): the build
 took 188 s for three translation units, about 40-60 s of one core each, which ninja compiles in
 parallel on the GPU machine's 16 cores; tests/test_gpu.py's Triton
-calls make 322 JIT compilations (tests/test_triton_jit.py counts them: 60 per dtype, plus 8
+calls make 407 JIT compilations (tests/test_triton_jit.py counts them: 60 per dtype, plus 8
 for opcheck, 16 for the tensor hyper-parameters and 12 for GradScaler and clip in fp32 and
-bf16; 46 for the modes' kernels (master weights, stochastic rounding, momentum_dtype, fp16
-masters), whose cases no dtype names, in a fifth process; 53 s for all of them on these 2
-cores), so five processes of 46-72 each fit 120 s; the CUDA tests move a few MB per test,
+bf16; 131 for the modes' kernels (master weights, stochastic rounding, momentum_dtype, fp16
+masters; 85 of them for GradScaler's found_inf and hyper-parameters in tensors), whose cases
+no dtype names, in a fifth process; 56 s for all of them on these 2 cores, so about 18 s for
+the largest process), so five processes of 60-131 each fit 120 s; the CUDA tests move a few
+MB per test,
 and the two inductor reduce-overhead cases (22 s on these 2 cores, where inductor makes C++)
 have a process of their own, as do the other compiled and graph-captured tests;
 the headline benchmark's 8 cases each draw their data on the GPU once and run a bitwise check

@@ -2,7 +2,7 @@
 // stochastic rounding, bf16 momentum, fp16 master weights), parameterized by a mode policy.
 //
 // Inputs    : a mode's argument struct (ElementwiseArgs: plain pointers and scalars, param, buf,
-//             grad, numel per span, block_tensor / block_chunk, s, flags, found_inf; plus the
+//             grad, numel per span, block_tensor / block_chunk, s, flags, found_inf, dev; plus the
 //             mode's own per-span arrays and scalars), filled by
 //             plan_elementwise from the mode's spans (cpu/momentum_cpu.h) checked by
 //             csrc/momentum_ops.cpp.
@@ -20,6 +20,9 @@
 //             the span's last partial group; what an array reads and writes follows its Use.
 //             found_inf (GradScaler's, device memory; null: none) != 0, NaN included, skips the
 //             step: no array is read or written (the gradients were unscaled before the call).
+//             The hyper-parameters held in device memory (dev) are read by device_step, as the
+//             plain kernels read them (the modes' math is fp32: T = float there); a zero
+//             momentum read there clears kMomentum, so the buffers are neither read nor written.
 // Work      : a thread takes groups of 8 elements: one 16-byte access per 16 bytes of each array
 //             where all of the chunk's arrays are 16-byte aligned (the group in registers),
 //             element by element in memory otherwise and for a span's last partial group.
@@ -51,6 +54,7 @@ struct ElementwiseArgs {
   StepScalars<float> s;
   uint32_t flags;
   const float* found_inf;  ///< GradScaler's; != 0 skips the step (null: never)
+  HyperPtrs dev;           ///< hyper-parameters in device memory (null members: s holds them)
 };
 
 /// Whether GradScaler's found_inf (null: not given) skips the step: != 0, NaN included.
@@ -135,21 +139,24 @@ __global__ void sgd_elementwise_kernel(typename Mode::template Args<kTensors, kB
   const int64_t start = static_cast<int64_t>(a.block_chunk[blockIdx.x]) * kChunk;
   const int64_t left = a.numel[t] - start;
   const int64_t n = left < kChunk ? left : kChunk;
-  elementwise_span(Mode::chunk(a, t, start), n, a.s, a.flags, static_cast<int64_t>(threadIdx.x),
+  const DeviceStep<float> d = device_step<float>(a.s, a.flags, a.dev);
+  elementwise_span(Mode::chunk(a, t, start), n, d.s, d.flags, static_cast<int64_t>(threadIdx.x),
                    static_cast<int64_t>(blockDim.x));
 }
 
 /// Packs a mode's spans into its argument struct and calls launch(args, blocks) for each full
-/// batch (plan_chunks). bufs are dropped without kMomentum.
+/// batch (plan_chunks). bufs are dropped without kMomentum (the host's flags: with a momentum in
+/// device memory they are kept, and the kernel's flags decide).
 template <class Mode, class Limits, class Launch>
 void plan_elementwise(const typename Mode::Span* spans, int64_t n_spans,
                       const StepScalars<float>& s, uint32_t flags, const float* found_inf,
-                      Launch&& launch) {
+                      const HyperPtrs& dev, Launch&& launch) {
   using Args = typename Mode::template Args<Limits::kTensors, Limits::kBlocks>;
   Args a{};
   a.s = s;
   a.flags = flags;
   a.found_inf = found_inf;
+  a.dev = dev;
   plan_chunks<Limits>(
       a, n_spans, [&](int64_t k) { return spans[k].numel; },
       [&](Args& x, int slot, int64_t k) {

@@ -54,6 +54,7 @@ struct Q8ListArgs {
   StepScalars<float> s;
   uint32_t flags;
   const float* found_inf;  ///< GradScaler's; != 0 skips the step (null: never)
+  HyperPtrs dev;           ///< hyper-parameters in device memory (read by device_step)
 };
 static_assert(args_fit<Q8ListArgs>(), "kernel arguments over 4 KB or 32 KB");
 
@@ -174,13 +175,15 @@ __global__ void sgd_q8_kernel(Q8ListArgs<kTensors, kBlocks> a) {
   float* sc = a.scales[t] == nullptr ? nullptr : a.scales[t] + start / kQBlock;
   const bool vec = aligned16(p) && aligned16(g) && (q == nullptr || aligned8(q));
   const int lane = static_cast<int>(threadIdx.x % kWarp);
+  // the same in every lane: a zero momentum read here leaves codes and scales alone
+  const DeviceStep<float> d = device_step<float>(a.s, a.flags, a.dev);
   const int64_t warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   const int64_t blocks = (n + kQBlock - 1) / kQBlock;
   for (int64_t k = warp; k < blocks; k += warps) {  // the same trip count in every lane
     const int64_t i = k * kQBlock;
     const int m = static_cast<int>(n - i < kQBlock ? n - i : kQBlock);
     q8_block_warp(p + i, q == nullptr ? nullptr : q + i, sc == nullptr ? nullptr : sc + k, g + i,
-                  m, vec, a.s, a.flags, lane);
+                  m, vec, d.s, d.flags, lane);
   }
 }
 
@@ -188,13 +191,15 @@ __global__ void sgd_q8_kernel(Q8ListArgs<kTensors, kBlocks> a) {
 /// launch(args, blocks) for each full batch. codes and scales are dropped without kMomentum.
 template <class Limits, class Launch>
 void plan_q8_list(const Q8Span* spans, int64_t n_spans, const StepScalars<float>& s,
-                  uint32_t flags, const float* found_inf, Launch&& launch) {
+                  uint32_t flags, const float* found_inf, const HyperPtrs& dev,
+                  Launch&& launch) {
   using Args = Q8ListArgs<Limits::kTensors, Limits::kBlocks>;
   const bool mom = (flags & kMomentum) != 0;
   Args a{};
   a.s = s;
   a.flags = flags;
   a.found_inf = found_inf;
+  a.dev = dev;
   plan_chunks<Limits, kQChunk>(
       a, n_spans, [&](int64_t k) { return spans[k].numel; },
       [&](Args& x, int slot, int64_t k) {

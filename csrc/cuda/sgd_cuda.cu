@@ -122,14 +122,14 @@ cudaError_t sgd_step_cuda_list(const Span* spans, int64_t n_spans, const StepHyp
   return err;
 }
 
-/// Runs plan(spans, n_spans, scalars, flags, found_inf, launch) with a launch of `kernel` per
+/// Runs plan(spans, n_spans, scalars, flags, found_inf, dev, launch) with a launch of `kernel` per
 /// batch; the first launch error is returned (and no later batch launched).
 template <template <int, int> class Args, class Span_, class Plan, class Kernel>
 cudaError_t launch_bf16(const Span_* spans, int64_t n_spans, const StepHyper& h,
                         cudaStream_t stream, Plan&& plan, Kernel kernel) {
   using L = ListLimits;
   cudaError_t err = cudaSuccess;
-  plan(spans, n_spans, scalars<float>(h), h.flags, h.amp.found_inf,
+  plan(spans, n_spans, scalars<float>(h), h.flags, h.amp.found_inf, h.dev,
        [&](const Args<L::kTensors, L::kBlocks>& a, int blocks) {
          if (err != cudaSuccess) return;
          kernel<<<blocks, kThreads, 0, stream>>>(a);

@@ -248,14 +248,16 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<std::array<in
     // the first step with kFirstStep where the set has it, later ones without
     const uint32_t f = step == 0 ? flags : (flags & ~kFirstStep);
     const float* found_inf = found_inf_of(step, seed);
+    const DeviceHyper dh = device_hyper_of(step, seed, h);
+    const Hyper hr = dh.zeroed ? Hyper{h.lr, 0.0, h.dampening, 0.0} : h;
     std::vector<MasterSpan> ms;
     for (auto& s : spans) {
       s->new_grad(rng);
-      if (!cuda::amp_skips(found_inf)) s->ref(h, f);
+      if (!cuda::amp_skips(found_inf)) s->ref(hr, dh.ref_flags(f));
       ms.push_back(s->span((f & kMomentum) != 0));
     }
     host_elementwise_step<cuda::MasterMode, Limits>(ms, scalars, f, order, seed + step,
-                                                    found_inf);
+                                                    found_inf, dh);
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[160];
       std::snprintf(what, sizeof what, "%s flags=%u order=%s step=%d span %zu (n=%lld)", limits, f,
@@ -340,15 +342,18 @@ void run_sr_case(const std::vector<int64_t>& sizes, const std::vector<std::array
   for (int step = 0; step < kSteps; ++step) {
     const uint32_t f = step == 0 ? flags : (flags & ~kFirstStep);
     const float* found_inf = found_inf_of(step, seed);
+    const DeviceHyper dh = device_hyper_of(step, seed, h);
+    const Hyper hr = dh.zeroed ? Hyper{h.lr, 0.0, h.dampening, 0.0} : h;
     std::vector<SrSpan> ss;
     for (auto& s : spans) {
       s->key = ref_lowbias32(s->key + 1);  // a new key each step
       s->new_grad(rng);
-      if (!cuda::amp_skips(found_inf)) s->ref(h, f);
+      if (!cuda::amp_skips(found_inf)) s->ref(hr, dh.ref_flags(f));
       ss.push_back(SrSpan{s->p.data(), (f & kMomentum) ? s->b.data() : nullptr, s->g.data(),
                           s->key, s->n, s->offset});
     }
-    host_elementwise_step<cuda::SrMode, Limits>(ss, scalars, f, order, seed + step, found_inf);
+    host_elementwise_step<cuda::SrMode, Limits>(ss, scalars, f, order, seed + step, found_inf,
+                                                dh);
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[160];
       std::snprintf(what, sizeof what, "sr %s flags=%u order=%s step=%d span %zu (n=%lld)",

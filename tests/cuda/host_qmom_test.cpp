@@ -307,16 +307,20 @@ void run_case(bool int8, const std::vector<int64_t>& sizes,
     // the first step with kFirstStep where the set has it, later ones without
     const uint32_t f = step == 0 ? flags : (flags & ~kFirstStep);
     const float* found_inf = found_inf_of(step, seed);
+    const DeviceHyper dh = device_hyper_of(step, seed, h);
+    const auto rs = dh.zeroed ? make_scalars<float>(h.lr, 0.0, h.dampening, 0.0,
+                                                    [](double v) { return static_cast<float>(v); })
+                              : scalars;
     for (auto& s : spans) {
       s->new_grad(rng);
-      if (!cuda::amp_skips(found_inf)) s->ref(scalars, f);
+      if (!cuda::amp_skips(found_inf)) s->ref(rs, dh.ref_flags(f));
     }
     if (int8) {
       // the kernel gets every array; the planner must drop codes and scales without kMomentum
       std::vector<Q8Span> qs;
       for (auto& s : spans) qs.push_back(s->q8_span());
       cuda::plan_q8_list<Limits>(
-          qs.data(), int64_t(qs.size()), scalars, f, found_inf,
+          qs.data(), int64_t(qs.size()), dh.scalars(scalars), f, found_inf, dh.ptrs(),
           [&](const cuda::Q8ListArgs<Limits::kTensors, Limits::kBlocks>& a, int blocks) {
             host_shim::host_launch_warps(cuda::sgd_q8_kernel<Limits::kTensors, Limits::kBlocks>,
                                          dim3(unsigned(blocks)), dim3(cuda::kThreads), order,
@@ -326,7 +330,7 @@ void run_case(bool int8, const std::vector<int64_t>& sizes,
       std::vector<Bf16MomSpan> bs;
       for (auto& s : spans) bs.push_back(s->bf16_span());
       host_elementwise_step<cuda::Bf16MomMode, Limits>(bs, scalars, f, order, seed + step,
-                                                       found_inf);
+                                                       found_inf, dh);
     }
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[200];
@@ -535,15 +539,19 @@ void run_f16m_case(const std::vector<int64_t>& sizes, const std::vector<std::arr
   for (int step = 0; step < kSteps; ++step) {
     const uint32_t f = step == 0 ? flags : (flags & ~kFirstStep);
     const float* found_inf = found_inf_of(step, seed);
+    const DeviceHyper dh = device_hyper_of(step, seed, h);
+    const auto rs = dh.zeroed ? make_scalars<float>(h.lr, 0.0, h.dampening, 0.0,
+                                                    [](double v) { return static_cast<float>(v); })
+                              : scalars;
     for (auto& s : spans) {
       s->new_grad(rng);
-      if (!cuda::amp_skips(found_inf)) s->ref(scalars, f);
+      if (!cuda::amp_skips(found_inf)) s->ref(rs, dh.ref_flags(f));
     }
     // the kernel gets every buffer; the planner must drop them without kMomentum
     std::vector<Fp16MasterSpan> fs;
     for (auto& s : spans) fs.push_back(s->span());
     host_elementwise_step<cuda::Fp16MasterMode, Limits>(fs, scalars, f, order, seed + step,
-                                                        found_inf);
+                                                        found_inf, dh);
     for (size_t k = 0; k < spans.size(); ++k) {
       char what[200];
       std::snprintf(what, sizeof what, "fp16m %s flags=%u order=%s step=%d span %zu (n=%lld)",
