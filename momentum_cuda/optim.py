@@ -1775,6 +1775,12 @@ class _FusedMomentum(Optimizer):
             self._pending.clip = clip
             raise
         try:  # GradScaler's found_inf read on the host first (or the device decides: _Unsure)
+            if _capturing() and any(r == "sr" for _, _, loose in plans for *_, r, _ in loose):
+                raise RuntimeError(
+                    "momentum_cuda: stochastic_rounding=True cannot be captured in a CUDA graph: "
+                    "each step's random bits are keyed on the host by the parameter's step count "
+                    "(state 'sr_step'), which a replay would neither advance nor send again; "
+                    "nothing was written")
             host = (amp is not None and self._amp_needs_host(plans)
                     and not self._first_on_device(plans, amp))
         except BaseException:
@@ -2390,8 +2396,10 @@ class _FusedMomentum(Optimizer):
         for c in calls:
             if type(c) is _ListCall:
                 # stochastic rounding counts its steps on the host: under GradScaler planned
-                # (found_inf read there, _amp_needs_host)
-                gs = None if amp is not None and c.mode == "sr" else c.check.check(state)
+                # (found_inf read there, _amp_needs_host); while a CUDA graph is captured
+                # planned too, which refuses it
+                gs = (None if (amp is not None or _capturing()) and c.mode == "sr"
+                      else c.check.check(state))
                 if gs is None:
                     return False
                 grads.append(gs)

@@ -1179,3 +1179,25 @@ def test_cuda_graph_mode_step_with_tensor_hyper_parameters(mode):
                 if isinstance(a, torch.Tensor):
                     assert torch.equal(_bits(a), _bits(topt.state[q][key])), \
                         f"{mode} step {k + 1}: {key} {i}"
+
+
+def test_cuda_graph_refuses_stochastic_rounding():
+    """A step with stochastic_rounding=True captured in a CUDA graph raises before anything is
+    written: a replay would reuse one step's random keys (tests/test_mode_hyper.py has the same
+    on the CPU, the capture simulated)."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    gen = torch.Generator().manual_seed(73)
+    ps = [torch.randn(97, generator=gen).bfloat16().cuda()]
+    opt = momentum_cuda.SGD(ps, lr=torch.tensor(0.05, device="cuda"), momentum=0.9,
+                            backend="cuda", stochastic_rounding=True)
+    ps[0].grad = torch.randn(97, generator=gen).bfloat16().cuda()
+    opt.step()
+    torch.cuda.synchronize()
+    before = ps[0].clone()
+    with pytest.raises(RuntimeError, match="stochastic_rounding=True cannot be captured"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    torch.cuda.synchronize()
+    assert torch.equal(ps[0].view(torch.int16), before.view(torch.int16))
+

@@ -212,3 +212,34 @@ def test_optimizer_reads_the_tensors_on_the_device(mode, flat):
                     assert torch.equal(_bits(a[key]), _bits(b[key])), f"{what}: {key} {i}"
                 else:
                     assert a[key] == b[key], f"{what}: {key} {i}"
+
+
+@pytest.mark.parametrize("steps", [0, 2], ids=["planned", "replayed"])
+def test_stochastic_rounding_refuses_a_cuda_graph_capture(monkeypatch, steps):
+    """A step with stochastic_rounding=True while a CUDA graph is captured (optim._capturing
+    made true: no GPU here) raises, naming the reason, before anything is written: a captured
+    step would replay one step's random keys and never advance state["sr_step"]. Planned (the
+    first step) and where the steady state would replay it (after two steps); the group's fp32
+    parameter (the plain ops) is not written either."""
+    from momentum_cuda import optim
+    gen = torch.Generator().manual_seed(23)
+    ps = [torch.randn(s, generator=gen).to(d).requires_grad_()
+          for s, d in (((97,), BF), ((33,), F32), ((5, 7), BF))]
+    opt = momentum_cuda.SGD(ps, lr=0.05, momentum=0.9, stochastic_rounding=True)
+    for k in range(steps + 1):
+        write_grads(opt, ps, [torch.randn(p.shape, generator=gen).to(p.dtype) for p in ps])
+        if k < steps:
+            opt.step()
+    assert (opt._steady is not None) == (steps > 0)
+    before = [p.detach().clone() for p in ps]
+    state = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v
+                 for k, v in opt.state.get(p, {}).items()} for i, p in enumerate(ps)}
+    monkeypatch.setattr(optim, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="stochastic_rounding=True cannot be captured"):
+        opt.step()
+    for i, p in enumerate(ps):
+        assert torch.equal(_bits(p.detach()), _bits(before[i])), f"param {i} written"
+        for k, v in state[i].items():
+            got = opt.state[p][k]
+            assert (torch.equal(_bits(got), _bits(v)) if isinstance(v, torch.Tensor)
+                    else got == v), f"state {k} of param {i} changed"
