@@ -14,7 +14,10 @@ training code does: fresh gradients (the twins get them widened), GradScaler's s
 (overflows too; the twin takes GradScaler's unscale of our gradients, from torch's own op, and
 skips where it finds an inf), gradients scaled in place or dropped, zero_grad either way, a
 group's hyper-parameter edited, a parameter written (copy_ of fresh values or of itself
-scaled: its master restarts from the written value, so the twin is given the same value), a new param group, state_dict + load_state_dict, copy.deepcopy of
+scaled: its master restarts from the written value, so the twin is given the same value), a
+group's lr, momentum or weight_decay made a 1-element fp32 or fp64 tensor, or filled in place
+(the kernels read it; the twin gets its value as a float), a new param group, state_dict +
+load_state_dict, copy.deepcopy of
 parameters and optimizer together. After every operation: every master, parameter and momentum
 buffer bit for bit (and the step counts), and gradient presence. Stochastic rounding also
 draws opt.state.clear() on both sides (the step counts restart, so do the keys).
@@ -66,6 +69,8 @@ OPS = {
     "grad_mul": st.tuples(st.sampled_from([0.5, -1.0, 3.0])),
     "grad_none": st.tuples(K),
     "edit": st.tuples(K, st.sampled_from(["lr", "momentum", "weight_decay", "maximize"]), SEED),
+    "edit_tensor": st.tuples(K, st.sampled_from(["lr", "momentum", "weight_decay"]), SEED,
+                             st.sampled_from([torch.float32, torch.float64]), st.booleans()),
     "write": st.tuples(K, SEED),
     "write_scaled": st.tuples(K, st.sampled_from([0.5, -3.0])),
     "add_group": st.tuples(SEED, st.sampled_from([(1,), (9,), (4, 3)])),
@@ -325,6 +330,17 @@ def apply(tw, kind, op):
         if a[1] == "momentum" and value == 0 and tw.opt.param_groups[k].get("nesterov"):
             return
         tw.opt.param_groups[k][a[1]] = tw.topt.param_groups[k][a[1]] = value
+    elif name == "edit_tensor":  # ours a tensor, filled in place where a[4] and it is one
+        k = a[0] % len(tw.opt.param_groups)
+        value = _edit_value(kind, a[1], a[2])
+        if a[1] == "momentum" and value == 0 and tw.opt.param_groups[k].get("nesterov"):
+            return
+        held = tw.opt.param_groups[k][a[1]]
+        if a[4] and isinstance(held, torch.Tensor) and held.dtype == a[3]:
+            held.fill_(value)
+        else:
+            tw.opt.param_groups[k][a[1]] = torch.tensor(value, dtype=a[3])
+        tw.topt.param_groups[k][a[1]] = float(torch.tensor(value, dtype=a[3]))
     elif name in ("write", "write_scaled"):
         k = a[0] % len(ours)
         with torch.no_grad():
