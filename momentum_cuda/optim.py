@@ -271,6 +271,20 @@ _HYPER_TENSOR_ARGS = (("lr", "lr_tensor"), ("momentum", "momentum_tensor"),
                       ("dampening", "dampening_tensor"), ("weight_decay", "weight_decay_tensor"))
 
 
+def _replayable_hyper(h, vals, devices) -> bool:
+    """Whether a step planned with the hyper-parameters h from a group's values vals
+    (_hyper_values), its calls on `devices`, may be replayed while the same objects stay
+    there: each value immutable, or a tensor that h holds itself on the calls' device (the
+    kernels read it at every step: filled in place, it changes no plan). A tensor read on the
+    host instead (Momentum's momentum; one of another dtype or on another device; a momentum
+    while buffers are made) is planned at every step."""
+    held = [h[n] for n, _ in _HYPER_TENSOR_ARGS if isinstance(h[n], torch.Tensor)]
+    if any(t.device != d for t in held for d in devices):
+        return False
+    ids = {id(t) for t in held}
+    return all(type(v) in _IMMUTABLE or id(v) in ids for v in vals)
+
+
 def _mode_args(h, first) -> tuple:
     """A mode op's positional arguments from the hyper-parameters h (as _hyper_args gives them),
     and its keywords: the hyper-parameter tensors."""
@@ -2328,7 +2342,9 @@ class _FusedMomentum(Optimizer):
     def _keep_steady(self, planned, plans, kept) -> None:
         """After a step: keeps what _step_steady replays when the step was the steady state:
         the hyper-parameters Python numbers, dtypes or None (immutable, so the same objects
-        give the same plan); each bucket (not lent) one whole run, not a first step, whose
+        give the same plan), or tensors the kernels read themselves (_replayable_hyper: filled
+        in place, the same object gives the same plan; kept as the ops' *_tensor keywords,
+        _hyper_args); each bucket (not lent) one whole run, not a first step, whose
         buffers all exist (or none is used) and whose first step is not left to the device
         (_Unsure); the parameters outside the buckets stepped by
         per-tensor list calls that _step_tensors kept (`kept`, per group: none on torch's ops,
@@ -2339,22 +2355,27 @@ class _FusedMomentum(Optimizer):
         for (g, lay), (h, runs, loose), lists in zip(planned, plans, kept):
             vals = self._hyper_values(g)
             if ((loose and lists is None) or len(runs) != len(lay.buckets)
-                    or any(type(v) not in _IMMUTABLE for v in vals)
+                    or not _replayable_hyper(h, vals, [r[0].flat_param.device for r in runs]
+                                             + [c.device for c in lists or []])
                     or any(r[0].lent or r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
                            or r[0].unsure is not None for r in runs)):
                 return
             use_buf = _use_buf(h)
             groups.append((g, lay, vals))
             calls += [(b, use_buf, (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
-                                    b.run_segments(0, len(b.params))), h) for b, *_ in runs]
-            calls += [c.arm() for c in lists or []]  # (after the ops: versions as they left them)
+                                    b.run_segments(0, len(b.params))),
+                       self._hyper_args(h, b.device)) for b, *_ in runs]
+            for c in lists or []:  # (armed after the ops: versions as they left them)
+                c.h = self._hyper_args(c.h, c.device)
+                calls.append(c.arm())
             bare = [p for p in lay.outside if p.grad is None]  # must stay without a gradient
             if bare:
                 idle.append(_C.ListCheck(bare, False, [], [[] for _ in bare], [False] * len(bare)))
         fast = None  # one bucket is the step's only work: its check runs the step too
         if len(calls) == 1 and type(calls[0]) is not _ListCall:
             b, _, args, h = calls[0]
-            if b.check is not None and self._backend_for(b.device) != "triton":
+            if (b.check is not None and self._backend_for(b.device) != "triton"
+                    and not any(arg in h for _, arg in _HYPER_TENSOR_ARGS)):  # (floats only)
                 fast = b.check
                 fast.arm(*args, **h)
         self._steady = (list(self.param_groups), groups, calls, idle, fast)

@@ -4,6 +4,8 @@ changed. Every edit training code can make between two such steps must send the 
 the full planning (or be one the replay reads anyway), bitwise against a torch twin. Each case
 first checks that the replay is live when the edit is made, so a check missing from the replay
 shows up here as a difference."""
+import contextlib
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ import momentum_cuda
 from momentum_cuda.reference import MomentumReference
 
 from conftest import (assert_twins, backward_grads, forbid_planning, fresh_grads, make_values,
-                      twin_params, write_grads)
+                      no_host_reads, twin_params, write_grads)
 
 SIZES = [1, 3, 97, 16, 5, 33]  # two groups of three
 STEPS, EDIT_AT = 6, 3
@@ -169,17 +171,59 @@ def test_a_gradient_appears_outside_the_bucket(n_groups):
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
 
 
-@pytest.mark.parametrize("value", [torch.tensor(0.05), 0.05], ids=["tensor", "float"])
-def test_tensor_lr_is_not_replayed(value):
-    """A tensor hyper-parameter may change in place, so a step with one is planned every time
-    (its kernels read it); a float is replayed."""
-    ours, _, opt, _ = _twins("sgd", True)
-    opt.param_groups[0]["lr"] = value
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(3):
+# hyper-parameters in tensors: (kind, {name: (dtype, device-read)}): the tensors the kernels
+# read are filled in place at every step and replayed; a tensor read on the host (bf16: of
+# another dtype; Momentum's momentum) keeps every step planned
+TENSOR_CASES = {
+    "sgd-all": ("sgd", {"lr": torch.float32, "momentum": torch.float32,
+                        "dampening": torch.float64, "weight_decay": torch.float64}),
+    "sgd-lr-bf16": ("sgd", {"lr": torch.bfloat16}),
+    "ema-lr-wd": ("ema", {"lr": torch.float32, "weight_decay": torch.float64}),
+    "ema-momentum": ("ema", {"lr": torch.float32, "momentum": torch.float32}),
+}
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+def test_tensor_hyper_parameters_filled_in_place_replay(monkeypatch, case, flat):
+    """Hyper-parameters in tensors that the kernels read (fp32/fp64 on the parameters'
+    device), filled in place at every step (a zero weight_decay and momentum among the
+    values): from the third step on the step replays, no planning and no host read, with the
+    bits of torch's optimizer given the values (parameters, gradients, buffers). A tensor read
+    on the host (a bf16 lr; Momentum's momentum, which it checks) is planned at every step,
+    with the same bits; so is a step after the group is given a new tensor object."""
+    kind, dtypes = TENSOR_CASES[case]
+    ours, ref, opt, topt = _twins(kind, flat)
+    replays = not any(dt is torch.bfloat16 for dt in dtypes.values()) and not (
+        kind == "ema" and "momentum" in dtypes)
+    gen = torch.Generator().manual_seed(31)
+
+    def values(k):
+        v = {"lr": 0.05 * 0.9 ** k, "weight_decay": 0.0 if k == 3 else 1e-2,
+             "dampening": 0.1 + 0.01 * k}
+        v["momentum"] = (0.8 - 0.01 * k if kind == "ema" else 0.0 if k == 4 else 0.9 - 0.01 * k)
+        return {n: v[n] for n in dtypes}
+
+    for g in opt.param_groups:
+        g.update({n: torch.tensor(x, dtype=dtypes[n]) for n, x in values(0).items()})
+    for step in range(7):
+        if step == 5:  # a new object: planned once, then replayed again
+            opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"].clone()
+        for g, tg in zip(opt.param_groups, topt.param_groups):
+            for n, x in values(step).items():
+                g[n].fill_(x)
+                tg[n] = float(g[n])
+        if replays and step in (2, 3, 4, 6):
+            forbid_planning(monkeypatch, opt)
+        else:
+            monkeypatch.undo()
         write_grads(opt, ours, fresh_grads(ours, gen))
-        opt.step()
-    assert (opt._steady is None) == isinstance(value, torch.Tensor)
+        write_grads(topt, ref, [p.grad.clone() for p in ours])
+        with no_host_reads() if replays and step >= 2 else contextlib.nullcontext():
+            opt.step()
+        topt.step()
+        assert_twins(ours, ref, opt, topt, f"{case} step {step + 1}")
+    assert (opt._steady is not None) == replays
 
 
 def test_gradscaler_steps_replay(monkeypatch):
