@@ -2467,7 +2467,7 @@ class _FusedMomentum(Optimizer):
         _step_steady plans) without a host read: the gradients unscaled by torch's own op, as
         GradScaler.unscale_ and _unscale_all do it (the mode kernels read them only), then the
         op skips on the device when found_inf != 0, as torch skips the whole step."""
-        args, kw = _mode_args(self._hyper_args(c.h, c.device), False)
+        args, kw = _mode_args(c.h, False)  # (c.h as _keep_steady kept it: _hyper_args)
         if amp is not None:
             grad_scale, found_inf = amp
             if grad_scale is not None:

@@ -265,6 +265,13 @@ def test_tensor_hyper_parameters_under_gradscaler(mode):
 
 
 @pytest.mark.parametrize("mode", list(MODE_CONFIGS))
+def test_tensor_hyper_parameters_and_clip_under_gradscaler(mode):
+    """The same with GradScaler.unscale_ and opt.clip_grad_norm_ (a parameter without a
+    gradient among them) on an overflowed step and the next: torch's clip and unscale bits."""
+    replay_under_gradscaler(mode, "cpu", tensors=True, clip=True)
+
+
+@pytest.mark.parametrize("mode", list(MODE_CONFIGS))
 def test_scheduled_lr_planned_steps_read_nothing(mode):
     """A scheduler's new float lr every step: every step is planned, and none after the first
     reads found_inf on the host (the calls make no state: they skip on the device)."""

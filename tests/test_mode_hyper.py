@@ -55,10 +55,15 @@ def lists_of(mode, seed, move=lambda t: t):
     return lists + [[int(k) for k in torch.randint(0, 2**32, (len(shapes),), generator=gen)]]
 
 
+def _tensor_lists(lists):
+    """The tensor lists among an op's lists (stochastic rounding's keys are ints)."""
+    return [ts for ts in lists if not isinstance(ts[0] if ts else None, int)]
+
+
 def _call(op, mode, lists, first, hyper, nesterov, maximize, tensors=None):
     """One op call: the floats `hyper`; `tensors` (name -> tensor) given as *_tensor keywords.
     A float momentum of 0 takes no buffers (nor int8 scales)."""
-    tensor_lists = [ts for ts in lists if not isinstance(ts[0] if ts else None, int)]
+    tensor_lists = _tensor_lists(lists)
     args = list(lists)
     if hyper[1] == 0 and tensors is None:  # the float reference: no buffers to take
         args[2] = []
@@ -106,7 +111,7 @@ def test_a_zero_momentum_tensor_leaves_the_buffers():
     while the parameters step (without momentum)."""
     for mode in OPS:
         lists = lists_of(mode, 7)
-        before = _clone([ts for ts in lists if not isinstance(ts[0] if ts else None, int)])
+        before = _clone(_tensor_lists(lists))
         _call(OPS[mode], mode, lists, False, (0.0,) * 4, False, False,
               {"lr": torch.tensor(0.05), "momentum": torch.tensor(0.0),
                "dampening": torch.tensor(0.1), "weight_decay": torch.tensor(1e-2)})
@@ -127,7 +132,7 @@ def test_a_zero_momentum_tensor_leaves_the_buffers():
 @pytest.mark.parametrize("mode", list(OPS))
 def test_bad_hyper_tensor_raises_before_writing(mode, name, bad, frag):
     lists = lists_of(mode, 8)
-    before = _clone([ts for ts in lists if not isinstance(ts[0] if ts else None, int)])
+    before = _clone(_tensor_lists(lists))
     with pytest.raises(RuntimeError) as e:
         _call(OPS[mode], mode, lists, False, (0.05, 0.9, 0.1, 1e-2), False, False, {name: bad})
     assert f"{name}_tensor" in str(e.value) and frag in str(e.value), str(e.value)
