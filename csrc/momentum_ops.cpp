@@ -1102,6 +1102,16 @@ class BucketCheck {
     return !bufs || all_views ? 0 : all_none ? 1 : 2;
   }
 
+  /// Whether some parameter is intact with its flat gradient view as .grad (a flat run could
+  /// step it): a kept step that ran none of the bucket flat replays only while none is.
+  bool any_intact() const {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      prefetch(i);
+      if (intact(i)) return true;
+    }
+    return false;
+  }
+
   /// The bucket's step as the optimizer's last step ran it (sgd_step_flat_ on its flat
   /// buffers and run segments, not a first step, hyper-parameters Python numbers), kept for
   /// replay().
@@ -1550,6 +1560,8 @@ PYBIND11_MODULE(_C, m) {
            "-1: a parameter moved or its .grad is not its flat view (at its address); else "
            "(state None) 0, or 0: every state[p]['momentum_buffer'] is its flat view; 1: none "
            "has a buffer; 2: otherwise.")
+      .def("any_intact", &mc::BucketCheck::any_intact,
+           "Some parameter is at its address with its flat gradient view as .grad.")
       .def("bump", &mc::BucketCheck::bump, py::arg("i0"), py::arg("i1"),
            "The version counters of params[i0:i1] up by one.")
       .def("arm", &mc::BucketCheck::arm, py::arg("param"), py::arg("grad"), py::arg("buf"),

@@ -860,6 +860,22 @@ class _ListCall:
         return self
 
 
+@dataclass
+class _LentCall:
+    """The one list call over whole lent buckets' span views (DDP's gradient buckets read in
+    place) that _step_flat ran for a (backend, device, dtype), kept for the next step
+    (_step_steady replays it while each bucket's check passes): its op and lists (parameter,
+    gradient and buffer spans), its hyper-parameters (_hyper_args) and last_step entry."""
+
+    buckets: list
+    use_buf: bool
+    device: torch.device
+    op: object
+    lists: tuple
+    h: dict
+    entry: dict
+
+
 class _ShardCheck:
     """_C.ListCheck's check for a list call over the local shards of DTensor (FSDP2)
     parameters, in Python (the shards sit behind DTensor attributes): each DTensor's local
@@ -904,6 +920,27 @@ class _ShardCheck:
         self.marks = [_master_mark(dt) for dt, *_ in self.items]
         for (dt, *_), mark in zip(self.items, self.marks):
             seen[id(dt)] = mark
+
+
+def _bucket_holds(b, state, use_buf) -> bool:
+    """The kept whole-bucket run of b still holds (_C.BucketCheck, one C++ pass): each parameter
+    where the layout put it, its gradient the view the run read, its buffer the flat view (or,
+    without momentum, none read)."""
+    check = b.check
+    return check is not None and not check.check(state if use_buf else None,
+                                                 b.buf_views if b.flat_buf is not None else None)
+
+
+class _Apart:
+    """A bucket a kept step ran none of flat (its parameters' gradients were elsewhere, e.g.
+    p.grad = g): check() passes (True) while none of them holds its flat gradient view, which
+    _plan would step flat again, else None."""
+
+    def __init__(self, b):
+        self.b = b
+
+    def check(self, state):
+        return None if self.b.checker().any_intact() else True
 
 
 def _capturing() -> bool:
@@ -1810,11 +1847,11 @@ class _FusedMomentum(Optimizer):
                     self._apply_clip(clip)
                 return
             amp = None  # unscaled, and no overflow
-        kept = []  # each group's _ListCalls, or None where its per-tensor step cannot replay
-        for h, runs, loose in plans:
-            self._step_flat(runs, h, amp, clip)
+        lent, kept = [], []  # each group's _LentCalls; its _ListCalls, or None where its
+        for h, runs, loose in plans:  # per-tensor step cannot replay
+            lent.append(self._step_flat(runs, h, amp, clip))
             kept.append(self._step_tensors(loose, h, amp, clip))
-        self._keep_steady(planned, plans, kept)
+        self._keep_steady(planned, plans, lent, kept)
         if self._unsure:  # (host memory: read at once)
             self._settle_unsure(False)
 
@@ -2339,40 +2376,50 @@ class _FusedMomentum(Optimizer):
             out.setdefault((p.device, p.dtype), []).append(j)
         return out
 
-    def _keep_steady(self, planned, plans, kept) -> None:
+    def _keep_steady(self, planned, plans, lent, kept) -> None:
         """After a step: keeps what _step_steady replays when the step was the steady state:
         the hyper-parameters Python numbers, dtypes or None (immutable, so the same objects
         give the same plan), or tensors the kernels read themselves (_replayable_hyper: filled
         in place, the same object gives the same plan; kept as the ops' *_tensor keywords,
-        _hyper_args); each bucket (not lent) one whole run, not a first step, whose
-        buffers all exist (or none is used) and whose first step is not left to the device
-        (_Unsure); the parameters outside the buckets stepped by
-        per-tensor list calls that _step_tensors kept (`kept`, per group: none on torch's ops,
-        mixing DTensor shards with plain tensors, with a gradient copied to the parameter's
-        layout or a first step). Else nothing is kept."""
+        _hyper_args); each bucket stepped is one whole run, not a first step, whose buffers
+        all exist (or none is used) and whose first step is not left to the device (_Unsure):
+        its flat call, or the list call over the lent ones (`lent`, per group: _step_flat's
+        _LentCalls); a bucket with no run (its gradients elsewhere, e.g. p.grad = g) has its
+        parameters with a gradient stepped by the list calls, those without kept without;
+        the parameters outside the buckets are stepped by per-tensor list calls that
+        _step_tensors kept (`kept`, per group: none on torch's ops, mixing DTensor shards with
+        plain tensors, with a gradient copied to the parameter's layout or a first step). Else
+        nothing is kept."""
         self._steady = None
         groups, calls, idle = [], [], []
-        for (g, lay), (h, runs, loose), lists in zip(planned, plans, kept):
+        for (g, lay), (h, runs, loose), lends, lists in zip(planned, plans, lent, kept):
             vals = self._hyper_values(g)
-            if ((loose and lists is None) or len(runs) != len(lay.buckets)
+            stepped = {id(r[0]) for r in runs}
+            rest = [b for b in lay.buckets if id(b) not in stepped]
+            if ((loose and lists is None) or len(stepped) != len(runs)
                     or not _replayable_hyper(h, vals, [r[0].flat_param.device for r in runs]
                                              + [c.device for c in lists or []])
-                    or any(r[0].lent or r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
-                           or r[0].unsure is not None for r in runs)):
+                    or any(r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
+                           or r[0].unsure is not None for r in runs)
+                    or any(b.unsure is not None for b in rest)):
                 return
             use_buf = _use_buf(h)
             groups.append((g, lay, vals))
             calls += [(b, use_buf, (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                                     b.run_segments(0, len(b.params))),
-                       self._hyper_args(h, b.device)) for b, *_ in runs]
+                       self._hyper_args(h, b.device)) for b, *_ in runs if not b.lent]
+            calls += lends
             for c in lists or []:  # (armed after the ops: versions as they left them)
                 c.h = self._hyper_args(c.h, c.device)
                 calls.append(c.arm())
-            bare = [p for p in lay.outside if p.grad is None]  # must stay without a gradient
+            # must stay without a gradient
+            bare = [p for p in lay.outside + [p for b in rest for p in b.params]
+                    if p.grad is None]
             if bare:
                 idle.append(_C.ListCheck(bare, False, [], [[] for _ in bare], [False] * len(bare)))
+            idle += [_Apart(b) for b in rest]
         fast = None  # one bucket is the step's only work: its check runs the step too
-        if len(calls) == 1 and type(calls[0]) is not _ListCall:
+        if len(calls) == 1 and type(calls[0]) is tuple:
             b, _, args, h = calls[0]
             if (b.check is not None and self._backend_for(b.device) != "triton"
                     and not any(arg in h for _, arg in _HYPER_TENSOR_ARGS)):  # (floats only)
@@ -2384,7 +2431,8 @@ class _FusedMomentum(Optimizer):
         """The step _keep_steady kept, run again if it still holds (returns whether it ran):
         the same group objects holding the same parameters and hyper-parameter objects, every
         bucket passing _plan's check (_whole_bucket_run: each parameter, gradient view and
-        momentum buffer where the kept step left it), every list call's _C.ListCheck (each
+        momentum buffer where the kept step left it; a lent one's for its _LentCall; none
+        of a bucket run apart back in its flat views: _Apart), every list call's _C.ListCheck (each
         parameter where it was, with a gradient laid out like it, its state the objects the
         call used; the parameters without a gradient still without), all before anything is
         written. Then the ops in the kept order, version bumps and last_step entries. What this
@@ -2425,10 +2473,10 @@ class _FusedMomentum(Optimizer):
                     return False
                 grads.append(gs)
                 continue
-            b, use_buf, _, _ = c
-            check = b.check
-            if check is None or check.check(state if use_buf else None,
-                                            b.buf_views if b.flat_buf is not None else None):
+            if type(c) is _LentCall:
+                if not all(_bucket_holds(b, state, c.use_buf) for b in c.buckets):
+                    return False
+            elif not _bucket_holds(c[0], state, c[1]):
                 return False
         if any(c.check(state) is None for c in idle):
             return False
@@ -2439,9 +2487,16 @@ class _FusedMomentum(Optimizer):
                 self._replay_list(c, next(grads), amp)
                 entries.append(dict(c.entry))
                 continue
-            b, _, args, h = c
             # GradScaler's scale and found_inf go to the kernels (no buffer is created here:
             # nothing for the host to read, as _amp_needs_host finds for such a plan)
+            if type(c) is _LentCall:
+                c.op(*c.lists, first_step=False, **(c.h if amp is None else
+                                                    self._kernel_args(c.h, amp, c.device)))
+                for b in c.buckets:
+                    b.check.bump(0, len(b.params))
+                entries.append(dict(c.entry))
+                continue
+            b, _, args, h = c
             b.op(*args, first_step=False, **(h if amp is None else
                                              self._kernel_args(h, amp, b.device)))
             b.check.bump(0, len(b.params))
@@ -2767,9 +2822,10 @@ class _FusedMomentum(Optimizer):
                 f"sparse gradients) and its gradient is dense: torch.optim.SGD fails there "
                 f"too (add(sparse, dense) is not supported)")
 
-    def _step_flat(self, runs, h, amp=None, clip=None) -> None:
+    def _step_flat(self, runs, h, amp=None, clip=None) -> list:
         """One kernel call per run of consecutive flat parameters; whole lent buckets (DDP's,
-        one per bucket) together in one list call per (backend, device, dtype, first step)."""
+        one per bucket) together in one list call per (backend, device, dtype, first step).
+        Returns those list calls (_LentCall: _keep_steady keeps them where the step replays)."""
         use_buf = _use_buf(h)
         lent: dict = {}
         found_inf = None if amp is None else amp[1]
@@ -2817,19 +2873,25 @@ class _FusedMomentum(Optimizer):
             else:
                 self._report(b.backend, "flat", b.flat_param, i1 - i0,
                              b.numel_before[i1] - b.numel_before[i0])
-        for (backend, _, _, first, unsure), bs in lent.items():
+        calls = []
+        for (backend, device, _, first, unsure), bs in lent.items():
             spans = [x for b in bs for x in b.span_views(use_buf)]
             ps, gs, vs = (list(x) for x in zip(*spans))
-            args = self._kernel_args(h, amp, ps[0].device, clip)
+            vs = vs if use_buf else []
+            op = step_ops(backend)[1]
+            args = self._kernel_args(h, amp, device, clip)
             if unsure is not None and first:
                 args = dict(args, first_step_tensor=unsure.flag)
-            step_ops(backend)[1](ps, gs, vs if use_buf else [], first_step=first, **args)
+            op(ps, gs, vs, first_step=first, **args)
             if unsure is not None:
                 unsure.update(args.get("found_inf"))
             for b in bs:
                 b.bump(0, len(b.params))
             self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
                          sum(b.numel_before[-1] for b in bs))
+            calls.append(_LentCall(bs, use_buf, device, op, (ps, gs, vs),
+                                   self._hyper_args(h, device), self.last_step[-1]))
+        return calls
 
     def _new_buffer(self, p):
         """A momentum buffer for p's first step: its flat view while p is still in place."""

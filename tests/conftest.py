@@ -138,6 +138,27 @@ def write_grads(opt, params, grads) -> None:
     backward_grads(params, grads)
 
 
+class Lender:
+    """DDP with gradient_as_bucket_view=True: after each backward, called, it makes every .grad
+    of `params` the same view of one bucket (reversed parameter order, an unaligned start,
+    someone else's values before it) that it was at the last step, as DDP's reducer keeps them;
+    the optimizer reads them in place (flat=True: a lent bucket, one list call)."""
+
+    def __init__(self, params):
+        ps = list(params)[::-1]
+        self.bucket = torch.full((7 + sum(p.numel() for p in ps),), 1.5, dtype=ps[0].dtype)
+        self.views, off = {}, 7
+        for p in ps:
+            self.views[p] = self.bucket[off:off + p.numel()].view(p.shape)
+            off += p.numel()
+
+    def __call__(self):
+        for p, v in self.views.items():
+            if p.grad is not None and p.grad is not v:
+                v.copy_(p.grad)
+                p.grad = v
+
+
 def forbid_planning(monkeypatch, opt) -> None:
     """From here on opt.step() must replay its kept step (optim._step_steady): planning
     raises."""

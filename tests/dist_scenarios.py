@@ -750,6 +750,37 @@ def ddp_train(ctx: Ctx, *, find_unused: bool, bucket_view: bool, static: bool, f
         schedule_lr(opt, topt)
 
 
+def ddp_steady(ctx: Ctx, *, bucket_view: bool, flat: bool, hk: str, steps: int = 7):
+    """DDP's usual loop (zero_grad, forward, backward, step; every parameter used): from the
+    third step on (DDP rebuilds its buckets after the first iteration, and the layout follows)
+    each step is replayed (optim._step_steady: no planning; with tensor hyper-parameters,
+    filled in place at every step, no host read either), with the bits of torch's twin. With
+    gradient_as_bucket_view=True and flat=True the kernels read DDP's buckets in place (lent
+    buckets), and their list call is what replays (_LentCall)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    kw = dict(process_group=ctx.group, gradient_as_bucket_view=bucket_view)
+    d, td = DDP(branchy(17), **kw), DDP(branchy(17), **kw)
+    opt, topt = make_opts(d.parameters(), td.parameters(), hk, flat)
+    _count_planning(opt)
+    for k in range(steps):
+        x, y = mlp_data(ctx, 19, k)
+        for model, o in ((d, opt), (td, topt)):
+            o.zero_grad()
+            F.mse_loss(model(x, True), y).backward()
+        label = f"step {k + 1}:"
+        if k >= 2:
+            _replayed(ctx, opt, opt.step, label)
+        else:
+            opt.step()
+        topt.step()
+        ctx.check.twins(d, opt, td, topt, label)
+        ctx.record("paths", paths(opt))
+        schedule_lr(opt, topt)
+    lent = [b.lent for lay in opt._layouts.values() for b in lay.buckets]
+    if lent != ([bucket_view] * len(lent) if flat else []) or (flat and not lent):
+        ctx.check.fail(f"buckets lent {lent}, expected {bucket_view} each (flat={flat})")
+
+
 def ddp_gradscaler_capturable(ctx: Ctx, *, flat: bool, hk: str, steps: int = 8):
     """DDP with gradient_as_bucket_view=True under torch.amp.GradScaler, ours with
     capturable=True: the steps that create the momentum buffers (the first two overflow, and
@@ -1405,6 +1436,11 @@ def _build() -> None:
                                 f",static={int(static)}/{_flat_id(flat)}/{schedule}/{hk}")
                         _add(2, name, ddp_train, find_unused=find_unused, bucket_view=bucket_view,
                              static=static, flat=flat, hk=hk, schedule=schedule)
+    for bucket_view in (True, False):
+        for flat in (True, False):
+            for hk in ("nest-wd", "tensors", "ema"):
+                _add(2, f"ddp-steady/bucket_view={int(bucket_view)}/{_flat_id(flat)}/{hk}",
+                     ddp_steady, bucket_view=bucket_view, flat=flat, hk=hk)
     _add(2, "ddp/find_unused=1,bucket_view=1,static=0/flat/dynamic/ema", ddp_train,
          find_unused=True, bucket_view=True, static=False, flat=True, hk="ema", schedule="dynamic")
     for flat in (True, False):

@@ -24,7 +24,7 @@ import torch
 
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
-from conftest import assert_twins, bits, no_host_reads
+from conftest import Lender, assert_twins, bits, no_host_reads
 
 STEPS = 9
 OVERFLOW_DEFAULT = (0, 3, 4)  # step 1, and two in a row
@@ -57,31 +57,10 @@ def _pair(kind, ours, ref, flat, capturable=False):
             MomentumReference(ref.parameters(), **h))
 
 
-class _Lender:
-    """DDP with gradient_as_bucket_view=True: after each backward every .grad of `model` becomes
-    the same view of one bucket (reversed parameter order, an unaligned start, someone else's
-    values before it) that it was at the last step, as DDP's reducer keeps them; the optimizer
-    reads them in place (a lent bucket, one list call)."""
-
-    def __init__(self, model):
-        ps = list(model.parameters())[::-1]
-        self.bucket = torch.full((7 + sum(p.numel() for p in ps),), 1.5)
-        self.views, off = {}, 7
-        for p in ps:
-            self.views[p] = self.bucket[off:off + p.numel()].view(p.shape)
-            off += p.numel()
-
-    def __call__(self):
-        for p, v in self.views.items():
-            if p.grad is not None and p.grad is not v:
-                v.copy_(p.grad)
-                p.grad = v
-
-
 def _train(kind, flat, *, init_scale=1000.0, overflow=OVERFLOW_DEFAULT, autocast=None,
            check_no_reads=True, capturable=False, lent=False):
     ours, ref = _model(seed=21)
-    lend = _Lender(ours) if lent else (lambda: None)
+    lend = Lender(ours.parameters()) if lent else (lambda: None)
     opt, topt = _pair(kind, ours, ref, flat, capturable)
     assert opt._step_supports_amp_scaling and not getattr(topt, "_step_supports_amp_scaling",
                                                           False)
@@ -181,12 +160,12 @@ def _first_on_device_late(kind, edit=None, overflow=(0, 1, 4), host_reads=(), wh
     step; while the host has not read a flag its buffers are in opt.state (torch has none
     after steps 1 and 2); state_dict(), which reads the flags, and then every buffer at the
     end. where: "own" (flat, the bucket's own gradients), "lent" (flat, DDP's bucket views
-    as gradients: _Lender), "pertensor" (flat=False: _LooseFirst), "compiled" (every step
+    as gradients: Lender), "pertensor" (flat=False: _LooseFirst), "compiled" (every step
     through torch.compile(opt.step, fullgraph=True): the flags made and split in the traced
     step, optim._traced_held) or "compiled-mixed" (eager flat steps and compiled ones in
     turn, each taking over the other's flags)."""
     ours, ref = _model(seed=31)
-    lend = _Lender(ours) if where == "lent" else (lambda: None)
+    lend = Lender(ours.parameters()) if where == "lent" else (lambda: None)
     opt, topt = _pair(kind, ours, ref, where != "pertensor", capturable=True)
     compiled = None
     if where.startswith("compiled"):

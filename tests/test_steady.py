@@ -12,8 +12,8 @@ import torch
 import momentum_cuda
 from momentum_cuda.reference import MomentumReference
 
-from conftest import (assert_twins, backward_grads, forbid_planning, fresh_grads, make_values,
-                      no_host_reads, twin_params, write_grads)
+from conftest import (Lender, assert_twins, backward_grads, forbid_planning, fresh_grads,
+                      make_values, no_host_reads, twin_params, write_grads)
 
 SIZES = [1, 3, 97, 16, 5, 33]  # two groups of three
 STEPS, EDIT_AT = 6, 3
@@ -96,21 +96,48 @@ def _twins(kind, flat, n_groups=2, frozen=()):
 
 CASES = [(kind, name) for name, (kinds, _) in EDITS.items() for kind in kinds.split()]
 
+# how the gradients reach our parameters, flat=True: "backward" into the flat views the hooks
+# attach (a bucket's flat call); "assigned", p.grad = g (the buckets stepped by list calls);
+# "lent", DDP's bucket views (gradient_as_bucket_view=True: the lent bucket's list call)
+LAYOUTS = [(True, "backward"), (False, "backward"), (True, "assigned"), (True, "lent")]
+LAYOUT_IDS = ["flat", "pertensor", "flat-assigned", "flat-lent"]
+
+
+class _Deliver:
+    """Gives our parameters and torch's twins `grads` after zero_grad() as `how` says
+    (LAYOUTS): assigned to both, or through backward (which accumulates into a parameter the
+    optimizers no longer hold) and then, on ours, DDP's bucket views."""
+
+    def __init__(self, how, ours, ref):
+        self.how, self.ours, self.ref = how, ours, ref
+        self.lend = Lender(ours) if how == "lent" else None
+
+    def __call__(self, opt, topt, grads):
+        if self.how == "assigned":
+            for o, ps in ((opt, self.ours), (topt, self.ref)):
+                o.zero_grad()
+                for p, g in zip(ps, grads):
+                    p.grad = g.clone()
+            return
+        write_grads(opt, self.ours, grads)  # zero_grad(), backward(): the flat views come back
+        write_grads(topt, self.ref, grads)
+        if self.lend is not None:
+            self.lend()
+
 
 @pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
-@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("flat,how", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("kind,edit", CASES, ids=[f"{k}-{e}" for k, e in CASES])
-def test_edit_between_steady_steps(kind, edit, flat, n_groups):
+def test_edit_between_steady_steps(kind, edit, flat, how, n_groups):
     ours, ref, opt, topt = _twins(kind, flat, n_groups)
+    deliver = _Deliver(how, ours, ref)
     gen = torch.Generator().manual_seed(1)
     for step in range(STEPS):
-        grads = fresh_grads(ours, gen)
-        write_grads(opt, ours, grads)  # zero_grad(), backward(): the flat views come back
-        write_grads(topt, ref, grads)
+        deliver(opt, topt, fresh_grads(ours, gen))
         if step == EDIT_AT:
             assert opt._steady is not None, "the replay is live before the edit"
             # one flat bucket: the one-call replay (BucketCheck.replay) is the one live
-            assert (opt._steady[4] is not None) == (flat and n_groups == 1)
+            assert (opt._steady[4] is not None) == (flat and n_groups == 1 and how == "backward")
             for side, (o, ps) in enumerate(((opt, ours), (topt, ref))):
                 EDITS[edit][1](o, ps, side)
         opt.step()
@@ -123,29 +150,55 @@ def _no_op(*args, **kw):
 
 
 @pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
-@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
-def test_the_training_loop_replays(flat, n_groups, monkeypatch):
+@pytest.mark.parametrize("flat,how", LAYOUTS, ids=LAYOUT_IDS)
+def test_the_training_loop_replays(flat, how, n_groups, monkeypatch):
     """zero_grad(), backward, step(): from the third step on no planning runs (the replay),
     the bits stay torch's and each parameter's version moves by one a step, as the op's in-place
     write moves it. With one group, flat (one bucket), the replay is BucketCheck.replay (check,
-    kernel and version bumps in one C++ call): the bucket's op does not run either."""
+    kernel and version bumps in one C++ call): the bucket's op does not run either. So with
+    the gradients assigned (the flat buckets' parameters stepped by list calls) or DDP's bucket
+    views (the lent bucket's list call)."""
     ours, ref, opt, topt = _twins("sgd", flat, n_groups)
+    deliver = _Deliver(how, ours, ref)
     gen = torch.Generator().manual_seed(2)
+    path = "flat" if flat and how != "assigned" else "per-tensor"
     for step in range(5):
         if step == 2:
             forbid_planning(monkeypatch, opt)
-            if flat and n_groups == 1:
+            if flat and n_groups == 1 and how == "backward":
                 monkeypatch.setattr(opt._steady[2][0][0], "op", _no_op)
         versions = [p._version for p in ours]
-        grads = fresh_grads(ours, gen)
-        for o, ps in ((opt, ours), (topt, ref)):
-            o.zero_grad()
-            torch.stack([(p * g).sum() for p, g in zip(ps, grads)]).sum().backward()
+        deliver(opt, topt, fresh_grads(ours, gen))
         opt.step()
         topt.step()
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
-        assert [e["path"] for e in opt.last_step] == ["flat" if flat else "per-tensor"] * n_groups
+        assert [e["path"] for e in opt.last_step] == [path] * n_groups
         assert [p._version for p in ours] == [v + 1 for v in versions]
+
+
+@pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
+@pytest.mark.parametrize("first", ["assigned", "lent"])
+def test_gradients_back_in_the_flat_views_step_flat_again(first, n_groups, monkeypatch):
+    """Gradients assigned (or DDP's bucket views) for four steps, replayed from the third;
+    then backward into the flat views again (zero_grad, backward): the replay of the list
+    calls stops (a flat view is back: _Apart; the lent bucket's views are gone: laid out
+    again), the steps are flat calls over our own buckets from the first such step, replayed
+    again later. Torch's bits throughout."""
+    ours, ref, opt, topt = _twins("sgd", True, n_groups)
+    gen = torch.Generator().manual_seed(9)
+    deliver, back = _Deliver(first, ours, ref), _Deliver("backward", ours, ref)
+    for step in range(9):
+        if step in (2, 3, 7, 8):
+            forbid_planning(monkeypatch, opt)
+        else:
+            monkeypatch.undo()
+        (deliver if step < 4 else back)(opt, topt, fresh_grads(ours, gen))
+        opt.step()
+        topt.step()
+        assert_twins(ours, ref, opt, topt, f"step {step + 1}")
+        flat = step >= 4 or first == "lent"
+        assert [e["path"] for e in opt.last_step] == ["flat" if flat else "per-tensor"] * n_groups
+    assert not any(b.lent for lay in opt._layouts.values() for b in lay.buckets)
 
 
 @pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
@@ -166,6 +219,28 @@ def test_a_gradient_appears_outside_the_bucket(n_groups):
         for o, ps in ((opt, ours), (topt, ref)):
             o.zero_grad()
             backward_grads([ps[i] for i in with_grad], [grads[i] for i in with_grad])
+        opt.step()
+        topt.step()
+        assert_twins(ours, ref, opt, topt, f"step {step + 1}")
+
+
+@pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
+def test_a_gradient_appears_in_a_bucket_stepped_apart(n_groups):
+    """flat=True with gradients assigned to all parameters but one (its bucket stepped by list
+    calls, replayed from the second step); from the fifth step that one has a gradient too:
+    the replay checks it still had none (its idle check), so the step is planned and steps
+    it, with torch's bits."""
+    ours, ref, opt, topt = _twins("sgd", True, n_groups)
+    gen = torch.Generator().manual_seed(12)
+    for step in range(7):
+        grads = fresh_grads(ours, gen)
+        if step == 4:
+            assert opt._steady is not None, "the replay is live before the gradient appears"
+        for o, ps in ((opt, ours), (topt, ref)):
+            o.zero_grad()
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                if i != 1 or step >= 4:
+                    p.grad = g.clone()
         opt.step()
         topt.step()
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
@@ -226,11 +301,14 @@ def test_tensor_hyper_parameters_filled_in_place_replay(monkeypatch, case, flat)
     assert (opt._steady is not None) == replays
 
 
-def test_gradscaler_steps_replay(monkeypatch):
+@pytest.mark.parametrize("how", ["backward", "assigned", "lent"])
+def test_gradscaler_steps_replay(monkeypatch, how):
     """Under GradScaler (the kernels unscale and skip an overflowed step): from the third step
     on no planning runs, overflowed steps included, and the bits stay those of GradScaler with
-    torch.optim.SGD(foreach=False)."""
+    torch.optim.SGD(foreach=False); so with our gradients assigned after backward (p.grad = a
+    copy) or DDP's bucket views (LAYOUTS)."""
     ours, ref, opt, topt = _twins("sgd", True)
+    lend = Lender(ours) if how == "lent" else None
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
                for _ in range(2)]
     gen = torch.Generator().manual_seed(4)
@@ -243,6 +321,11 @@ def test_gradscaler_steps_replay(monkeypatch):
         for o, ps, sc in ((opt, ours, scalers[0]), (topt, ref, scalers[1])):
             o.zero_grad()
             sc.scale(torch.stack([(p * g).sum() for p, g in zip(ps, grads)]).sum()).backward()
+            if o is opt and how == "assigned":
+                for p in ps:
+                    p.grad = p.grad.clone()
+            elif o is opt and lend is not None:
+                lend()
             sc.step(o)
             sc.update()
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
