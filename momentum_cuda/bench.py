@@ -53,7 +53,11 @@ ratio of medians of the same rounds). --evict MB writes MB MiB before each timed
 so that every step starts with cold caches, as after a training step's forward and backward
 (default 0: the rounds only interleave). A target not met is a measurement, not a failure: the exit
 status is 1 only for a bitwise mismatch or an implementation that could not run, as elsewhere.
-Files: json and csv (no png); <name> defaults to bench-overhead-<device>-<date>.
+--ddp-grads gives every .grad as a view of a DDP-style bucket, as ddp-gpt2 does (tiny
+tensors: one bucket): the step momentum_cuda flat replays is then the list call over the bucket's
+spans, read in place.
+Files: json and csv (no png); <name> defaults to bench-overhead-<device>-<date>
+(bench-overhead-ddp-... with --ddp-grads).
 
 --ampclip: one AMP+clip training step after backward, per contender. momentum_cuda (each
 implementation that runs here): scaler.unscale_(opt); opt.clip_grad_norm_(max_norm);
@@ -1052,7 +1056,7 @@ def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=N
     case["bytes_per_param"] = 5 * esize
     if layout in DTENSOR_LAYOUTS:
         impls = dtensor_case(case, data, impls, dtype, device)
-    if layout in DDP_LAYOUTS:
+    if layout in DDP_LAYOUTS or (args.overhead and args.ddp_grads):
         data.buckets = ddp_buckets(sizes, esize)
         case.update(params="grads: views of DDP buckets",
                     buckets=[sum(sizes[i] for i in b) for b in data.buckets])
@@ -2176,6 +2180,10 @@ def print_summary(doc: dict, out=None) -> None:
               "faster; kernels: "
               + ("CUDA kernels" if m["device"].startswith("cuda")
                  else "aten and momentum_cuda ops") + " per step)", file=out)
+        if doc["config"].get("ddp_grads"):
+            print("(--ddp-grads: each .grad a view of a DDP-style gradient bucket, reverse "
+                  "parameter order, as DDP's gradient_as_bucket_view=True hands them over; "
+                  "mc-flat reads the bucket in place, one call)", file=out)
         print("targets (issue 13; a ratio of medians, this / base):", file=out)
         for t in doc["targets"]["list"]:
             print("  " + target_line(t), file=out)
@@ -2664,6 +2672,9 @@ def parse_args(argv=None):
                     help="--overhead: before each timed step, untimed, write MB MiB of host "
                          "memory (more than the last-level cache: every step starts cold, as "
                          "after a forward and backward); default 0")
+    ap.add_argument("--ddp-grads", action="store_true",
+                    help="--overhead: every .grad a view of a DDP-style gradient bucket, as "
+                         "DDP's gradient_as_bucket_view=True hands them over (as ddp-gpt2)")
     ap.add_argument("--ampclip", action="store_true",
                     help="time one AMP+clip step: GradScaler.unscale_, clip_grad_norm_, "
                          "GradScaler.step, update; tiny tensors (--tensors) and a bandwidth "
@@ -2782,6 +2793,8 @@ def parse_args(argv=None):
         ap.error("--overhead and --ampclip are two modes: one at a time")
     if args.evict and not args.overhead:
         ap.error("--evict is for --overhead")
+    if args.ddp_grads and not args.overhead:
+        ap.error("--ddp-grads is for --overhead (the step mode's DDP case: --layouts ddp-gpt2)")
     if args.max_norm is not None and not args.ampclip:
         ap.error("--max-norm is for --ampclip")
     args.rounds = ((100 if args.overhead else 30)
@@ -2914,6 +2927,7 @@ def main(argv=None) -> int:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = args.out / (args.name or
                            f"bench-{'overhead-' if args.overhead else ''}"
+                           f"{'ddp-' if args.ddp_grads else ''}"
                            f"{'ampclip-' if args.ampclip else ''}"
                            f"{'master-' if args.master else ''}"
                            f"{'modes-' if args.modes else ''}{host_kind(device)}-"

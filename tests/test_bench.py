@@ -101,6 +101,7 @@ def test_parse_count_rejects(text):
     (["--master", "--tensors", "148"], "--tensors is for --overhead and --ampclip"),
     (["--master", "--rounds", "5"], "--rounds must be >= 20"),
     (["--quick", "--evict", "8"], "--evict is for --overhead"),
+    (["--quick", "--ddp-grads"], "--ddp-grads is for --overhead"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -873,6 +874,25 @@ def test_overhead_targets_in_json_and_output(overhead_run):
     assert len(lines) == 4
     assert all(ln.endswith(("target met", "NOT met")) for ln in lines)
     assert any(ln.startswith("2000 tensors: mc-flat-cpu <= torch-fused / 5: ") for ln in lines)
+
+
+def test_overhead_with_ddp_bucket_views(tmp_path, capsys, keep_threads):
+    """--overhead --ddp-grads: every .grad a view of one DDP-style bucket (tiny tensors fit
+    the first bucket); momentum_cuda flat reads it in place, one op per step, with the
+    for-loop's bits; the printed table says how the gradients were given."""
+    code = bench.main(OVERHEAD + ["--ddp-grads", "--tensors", "148", "--out", str(tmp_path),
+                                  "--name", "ddp"])
+    text = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads((tmp_path / "ddp.json").read_text())
+    assert doc["config"]["ddp_grads"] is True and doc["failures"] == []
+    (case,) = doc["cases"]
+    assert case["params"] == "grads: views of DDP buckets"
+    assert case["buckets"] == [bench.overhead_total(148, 0)]
+    assert case["results"]["mc-flat-cpu"]["kernels"] == 1
+    assert case["bitwise_vs_forloop"]["mc-flat-cpu"] is True
+    assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True
+    assert "--ddp-grads: each .grad a view of a DDP-style gradient bucket" in text
 
 
 def test_overhead_targets_unit():
