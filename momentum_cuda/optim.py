@@ -3078,6 +3078,7 @@ class _FusedMomentum(Optimizer):
                 if owner is not None and rem is not None:  # (its local shard; the tie bits
                     rem = _local_state(owner, rem, "master_remainder")  # packed per shard)
                 if (rem is None or ties is None or rem.shape != p.shape
+                        or not _same_layout(rem, p)
                         or self._master_written(p if owner is None else owner)):
                     rem = torch.zeros_like(p, dtype=torch.int16)
                     ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
@@ -3104,10 +3105,13 @@ class _FusedMomentum(Optimizer):
                 buf, scales = self._qmom_buffer(p, buf, old[1], key, use_buf)
                 new = buf is not old[0] or (scales is not None and scales is not old[1])
                 extra = (scales, None)
-            elif use_buf and (buf is None or buf.dtype != buf_dtype[mode]):
-                # a buffer of the other mode: fp32 -> bf16 rounds to nearest, bf16 -> fp32 exact
+            elif use_buf and (buf is None or buf.dtype != buf_dtype[mode]
+                              or not _same_layout(buf, p)):
+                # a buffer of the other mode (fp32 -> bf16 rounds to nearest, bf16 -> fp32
+                # exact), or in another memory layout (model.to(memory_format=...) after
+                # steps): its values, on the parameter's layout
                 buf = (torch.zeros_like(p, dtype=buf_dtype[mode]) if buf is None
-                       else buf.to(buf_dtype[mode]))
+                       else torch.empty_like(p, dtype=buf_dtype[mode]).copy_(buf))
                 new = True
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)

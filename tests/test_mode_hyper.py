@@ -248,3 +248,58 @@ def test_stochastic_rounding_refuses_a_cuda_graph_capture(monkeypatch, steps):
             got = opt.state[p][k]
             assert (torch.equal(_bits(got), _bits(v)) if isinstance(v, torch.Tensor)
                     else got == v), f"state {k} of param {i} changed"
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("mode", list(CONFIGS))
+def test_tensor_hyper_parameters_across_model_to_channels_last(mode, flat):
+    """model.to(memory_format=channels_last) between steps of a mode whose hyper-parameters
+    are tensors changed in place every step: the conv weight's memory order changes (its
+    mode state re-formed on the new layout, the group laid out again), and the bits stay
+    those of the same optimizer given floats (parameters, gradients, every state tensor);
+    the steps after the change read nothing on the host."""
+    cls, dtypes, kw = CONFIGS[mode]
+    ema = cls is momentum_cuda.Momentum
+    dt = {"lr": F32, "momentum": F32, "dampening": F64, "weight_decay": F64}
+
+    def model():
+        torch.manual_seed(23)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 5 * 5, 3)).to(dtypes[0])
+    ours, twin = model(), model()
+    h0 = _schedule(0, ema)
+    opt = cls(ours.parameters(), **{n: torch.tensor(v, dtype=dt[n]) for n, v in h0.items()},
+              flat=flat, **kw)
+    topt = cls(twin.parameters(), **h0, flat=flat, **kw)
+    if ema:
+        opt.param_groups[0]["momentum"] = topt.param_groups[0]["momentum"] = 0.9
+    gen = torch.Generator().manual_seed(29)
+    for k in range(7):
+        if k == 3:
+            for m in (ours, twin):
+                m.to(memory_format=torch.channels_last)
+            assert not ours[0].weight.is_contiguous()
+        for n, v in _schedule(k, ema).items():
+            opt.param_groups[0][n].fill_(v)
+            topt.param_groups[0][n] = float(torch.tensor(v, dtype=dt[n]))
+        x = torch.randn(2, 3, 7, 7, generator=gen).to(dtypes[0])
+        for m, o in ((ours, opt), (twin, topt)):
+            o.zero_grad()
+            m(x.contiguous(memory_format=torch.channels_last) if k >= 3 else x
+              ).float().square().sum().backward()
+        with no_host_reads() if k not in (0, 3) else torch.no_grad():
+            opt.step()
+        topt.step()
+        what = f"{mode} step {k + 1}"
+        for (name, p), q in zip(ours.named_parameters(), twin.parameters()):
+            assert p.stride() == q.stride(), f"{what}: {name} strides"
+            assert torch.equal(_bits(p.detach()), _bits(q.detach())), f"{what}: {name}"
+            assert torch.equal(_bits(p.grad), _bits(q.grad)), f"{what}: {name} gradient"
+            a, b = opt.state.get(p, {}), topt.state.get(q, {})
+            assert a.keys() == b.keys(), f"{what}: {name} state keys"
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert a[key].stride() == b[key].stride(), f"{what}: {name} {key} strides"
+                    assert torch.equal(_bits(a[key]), _bits(b[key])), f"{what}: {name} {key}"
+                else:
+                    assert a[key] == b[key], f"{what}: {name} {key}"

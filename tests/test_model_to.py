@@ -9,6 +9,10 @@ import pytest
 import torch
 
 import momentum_cuda
+from momentum_cuda.reference import (sgd_fp16_master_reference_step, sgd_master_reference_step,
+                                     sgd_sr_reference_step, sr_key)
+
+from conftest import bits
 
 H = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
 
@@ -100,3 +104,79 @@ def test_group_laid_out_again_after_model_double(flat):
         o.param_groups[0]["params"].append(m.extra)
     with pytest.warns(UserWarning, match="torch's own ops"):
         _train(model, twin, opt, topt, 2, gen)
+
+
+# the modes whose state lies in the parameter's memory order: (parameter dtype, keywords)
+MODES = {"master": (torch.bfloat16, dict(master_weights=True)),
+         "fp16-master": (torch.float16, dict(master_weights=True)),
+         "sr": (torch.bfloat16, dict(stochastic_rounding=True, sr_seed=5))}
+
+
+class _ModeTwin:
+    """A conv weight's steps in a mode, by momentum_cuda.reference: its state starts as the
+    mode's first step makes it; relaid() is what model.to(memory_format=...) does to the
+    contract: the parameter and the momentum buffer keep their values on the new layout, and
+    a master restarts from the parameter (it moved: remainder and tie bits zero)."""
+
+    def __init__(self, mode, p):
+        self.mode, self.p, self.buf, self.steps = mode, p.detach().clone(), None, 0
+        self.restart()
+
+    def restart(self):
+        p = self.p
+        self.rem = torch.zeros_like(p, dtype=torch.int16)
+        self.ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8)
+        self.master = p.float()
+
+    def relaid(self, fmt):
+        self.p = self.p.contiguous(memory_format=fmt)
+        if self.buf is not None:
+            self.buf = torch.empty_like(self.p, dtype=self.buf.dtype).copy_(self.buf)
+        self.restart()
+
+    def step(self, g, h):
+        self.steps += 1
+        if self.mode == "master":
+            (self.buf,) = sgd_master_reference_step([self.p], [g], [self.buf], [self.rem],
+                                                    [self.ties], **h)
+        elif self.mode == "fp16-master":
+            (self.buf,) = sgd_fp16_master_reference_step([self.p], [g], [self.buf],
+                                                         [self.master], **h)
+        else:
+            (self.buf,) = sgd_sr_reference_step([self.p], [g], [self.buf],
+                                                [sr_key(5, self.steps, 0)], **h)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_modes_after_model_to_channels_last(mode, flat):
+    """model.to(memory_format=channels_last) after steps of master weights (bf16, fp16) or
+    stochastic rounding: the momentum buffer is laid out again with its values (it was
+    refused by the ops before: a step that raised), the master restarts (the parameter
+    moved), and stochastic rounding draws its bits in the new memory order: the bits of the
+    mode's reference (momentum_cuda.reference) on the new layout, buffer laid out like the
+    parameter."""
+    dtype, kw = MODES[mode]
+    h = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(41)
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False).to(dtype)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+    p = conv.weight
+    opt = momentum_cuda.SGD(conv.parameters(), flat=flat, **h, **kw)
+    twin = _ModeTwin(mode, p)
+    for k in range(5):
+        if k == 2:
+            conv.to(memory_format=torch.channels_last)
+            twin.relaid(torch.channels_last)
+            assert p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        g = torch.randn(p.shape, generator=gen).to(dtype).contiguous(
+            memory_format=torch.channels_last if k >= 2 else torch.contiguous_format)
+        opt.zero_grad()
+        p.grad = g.clone()
+        opt.step()
+        twin.step(g, h)
+        buf = opt.state[p]["momentum_buffer"]
+        assert torch.equal(bits(p.detach()), bits(twin.p)), f"step {k + 1}: parameter"
+        assert buf.stride() == p.stride(), f"step {k + 1}: buffer layout"
+        assert torch.equal(bits(buf), bits(twin.buf)), f"step {k + 1}: momentum buffer"
