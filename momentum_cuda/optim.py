@@ -1216,19 +1216,25 @@ class _FusedMomentum(Optimizer):
             return "master"
         return "sr" if group.get("stochastic_rounding") else None
 
-    def _check_momentum_dtype(self, group) -> None:
+    def _check_mode_dtypes(self, group) -> None:
         """A group with momentum_dtype holds fp32 parameters (and bf16 ones of a master or
         stochastic-rounding mode): any other parameter with a gradient would silently keep a
-        buffer of its own dtype, so it is refused before anything is written."""
+        buffer of its own dtype; a stochastic-rounding group holds no fp16 parameter (it rounds
+        to bf16). Checked when the group is laid out and at every planned step (model.half()
+        may come after steps), refused before anything is written."""
         dtype = group.get("momentum_dtype")
-        if dtype is None:
-            return
-        for p in group["params"]:
-            if (p.dtype is not torch.float32 and not self._mode(group, p)
-                    and (p.is_floating_point() or p.is_complex())):
-                raise ValueError(f"momentum_dtype={dtype} stores the momentum of float32 "
-                                 f"parameters; the group also holds a {_what(p)} (put it in a "
-                                 "group without momentum_dtype)")
+        if dtype is not None:
+            for p in group["params"]:
+                if (p.dtype is not torch.float32 and not self._mode(group, p)
+                        and (p.is_floating_point() or p.is_complex())):
+                    raise ValueError(f"momentum_dtype={dtype} stores the momentum of float32 "
+                                     f"parameters; the group also holds a {_what(p)} (put it "
+                                     "in a group without momentum_dtype)")
+        if group.get("stochastic_rounding"):
+            for p in group["params"]:
+                if p.dtype is torch.float16:
+                    raise ValueError(f"stochastic_rounding=True rounds to bfloat16; a float16 "
+                                     f"parameter ({_what(p)}) is not supported")
 
     @torch.no_grad()
     def _widen_buffers(self, group) -> None:
@@ -1385,7 +1391,7 @@ class _FusedMomentum(Optimizer):
             self._group_layouts()
 
     def _layout_group(self, group) -> _GroupLayout:
-        self._check_momentum_dtype(group)
+        self._check_mode_dtypes(group)
         old = self._layouts.get(id(group))
         if self._unsure:  # its buffers go into the state, or nowhere (the per-tensor ones too;
             # not other groups': a step may have planned them already)
@@ -1407,11 +1413,6 @@ class _FusedMomentum(Optimizer):
             _remove_hooks(b.hooks)
             b.accs.clear()
             b.spans = None  # (views of the old flat buffer, which _private would count too)
-        if group.get("stochastic_rounding"):
-            for p in group["params"]:
-                if p.dtype is torch.float16:
-                    raise ValueError(f"stochastic_rounding=True rounds to bfloat16; a float16 "
-                                     f"parameter ({_what(p)}) is not supported")
         masters = {id(p): p.data_ptr() for p in group["params"] if self._mode(group, p)}
         # master-weights and stochastic-rounding parameters take their per-tensor ops: not laid
         # out (stuck where they are until they move)
@@ -2653,7 +2654,7 @@ class _FusedMomentum(Optimizer):
         # local shards param, grad and buffer are, or None)
         checked = []
         if any(_modes(group)):
-            self._check_momentum_dtype(group)
+            self._check_mode_dtypes(group)
             stream = {}  # stochastic rounding: each parameter's position in the optimizer
             if group.get("stochastic_rounding"):
                 k = next(i for i, g in enumerate(self.param_groups) if g is group)

@@ -180,3 +180,34 @@ def test_modes_after_model_to_channels_last(mode, flat):
         assert torch.equal(bits(p.detach()), bits(twin.p)), f"step {k + 1}: parameter"
         assert buf.stride() == p.stride(), f"step {k + 1}: buffer layout"
         assert torch.equal(bits(buf), bits(twin.buf)), f"step {k + 1}: momentum buffer"
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_stochastic_rounding_after_model_half_raises_before_writing(flat):
+    """model.half() after steps of a stochastic-rounding group: its parameters are fp16, which
+    it does not round to, and the step refuses it as the constructor does, with nothing
+    written (flat=False too, whose group is not laid out again: checked at every planned
+    step; the step before was replayed)."""
+    torch.manual_seed(43)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)).bfloat16()
+    opt = momentum_cuda.SGD(model.parameters(), lr=0.1, momentum=0.9, flat=flat,
+                            stochastic_rounding=True)
+    x = torch.randn(3, 5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x.bfloat16()).float().square().sum().backward()
+        opt.step()
+    assert opt._steady is not None
+    model.half()
+    opt.zero_grad()
+    model(x.half()).float().square().sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {(i, k): v.clone() for i, p in enumerate(model.parameters())
+             for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"stochastic_rounding=True rounds to bfloat16; a "
+                                         r"float16 parameter \(parameter of shape"):
+        opt.step()
+    assert all(torch.equal(bits(p.detach()), bits(b)) for p, b in zip(model.parameters(), before))
+    ps = list(model.parameters())
+    assert state and all(torch.equal(bits(opt.state[ps[i]][k]), bits(v))
+                         for (i, k), v in state.items())
