@@ -1304,7 +1304,9 @@ class _FusedMomentum(Optimizer):
         if rem is None or ties is None or self._master_written(p):
             return p.detach().float()
         lp = _local(p).detach()
-        m = bf16_join(lp, _local(rem), unpack_ties(ties, lp))
+        # (the tie bits are packed in the remainders' memory order: a loaded checkpoint's may
+        # not be the parameter's until its next step lays them out again)
+        m = bf16_join(lp, _local(rem), unpack_ties(ties, _local(rem)))
         return _as_dtensor(m, p) if isinstance(p, _DTensor) else m
 
     def _settle_masters(self) -> None:
@@ -1342,8 +1344,9 @@ class _FusedMomentum(Optimizer):
             p, ties, scales = ps[i], st.get("master_ties"), st.get("momentum_scales")
             if isinstance(ties, torch.Tensor) and not isinstance(ties, _DTensor):
                 st = sd["state"][i] = dict(st)  # (torch's entries are the state's own dicts)
-                st["master_ties"] = _as_dtensor(
-                    unpack_ties(ties, p._local_tensor).to(torch.uint8), p)
+                rem = st.get("master_remainder")  # (packed in its memory order)
+                st["master_ties"] = _as_dtensor(unpack_ties(
+                    ties, _local(rem) if rem is not None else p._local_tensor).to(torch.uint8), p)
             if isinstance(scales, torch.Tensor) and not isinstance(scales, _DTensor):
                 st = sd["state"][i] = dict(st)
                 codes = st["momentum_buffer"]._local_tensor
@@ -3079,10 +3082,16 @@ class _FusedMomentum(Optimizer):
                 if owner is not None and rem is not None:  # (its local shard; the tie bits
                     rem = _local_state(owner, rem, "master_remainder")  # packed per shard)
                 if (rem is None or ties is None or rem.shape != p.shape
-                        or not _same_layout(rem, p)
                         or self._master_written(p if owner is None else owner)):
                     rem = torch.zeros_like(p, dtype=torch.int16)
                     ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
+                    new = True
+                elif not _same_layout(rem, p):
+                    # loaded from a model in another memory layout: the remainders and the tie
+                    # bits (packed in the remainders' memory order) on the parameter's layout
+                    tie = unpack_ties(ties, rem)
+                    rem = torch.empty_like(p, dtype=torch.int16).copy_(rem)
+                    ties = pack_ties(torch.empty_like(p, dtype=torch.bool).copy_(tie))
                     new = True
                 extra = (rem, ties)
             elif mode == "master16":
@@ -3090,9 +3099,12 @@ class _FusedMomentum(Optimizer):
                 if owner is not None and m is not None:  # (its local shard)
                     m = _local_state(owner, m, "master_weight")
                 if (m is None or self._master_written(p if owner is None else owner)
-                        or m.shape != p.shape or m.stride() != p.stride()
-                        or m.dtype != torch.float32 or m.device != p.device):
+                        or m.shape != p.shape or m.dtype != torch.float32
+                        or m.device != p.device):
                     m = torch.empty_like(p, dtype=torch.float32).copy_(p)
+                    new = True
+                elif not _same_layout(m, p):  # (loaded from a model in another memory layout)
+                    m = torch.empty_like(p, dtype=torch.float32).copy_(m)
                     new = True
                 extra = (m, None)
             elif mode == "sr":

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import momentum_cuda
-from momentum_cuda.reference import (sgd_fp16_master_reference_step, sgd_master_reference_step,
-                                     sgd_sr_reference_step, sr_key)
+from momentum_cuda.reference import (bf16_split, pack_ties, sgd_fp16_master_reference_step,
+                                     sgd_master_reference_step, sgd_sr_reference_step, sr_key)
 
 from conftest import bits
 
@@ -211,3 +211,54 @@ def test_stochastic_rounding_after_model_half_raises_before_writing(flat):
     ps = list(model.parameters())
     assert state and all(torch.equal(bits(opt.state[ps[i]][k]), bits(v))
                          for (i, k), v in state.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_masters_loaded_from_another_memory_layout(dtype):
+    """A checkpoint of a channels_last model loaded into a contiguous one (model first, then
+    optimizer): the masters' state (bf16: remainders, and tie bits packed in their memory
+    order; fp16: the fp32 masters) and the momentum buffers come in channels_last. The masters
+    are the loaded ones (opt.master_weight), and the steps are torch.optim.SGD's on them in
+    fp32: the state is laid out again with its values (it restarted from the bf16 values, or
+    raised in the op, before). Half of the bf16 masters sit on halfway points, so the tie
+    bits count."""
+    gen = torch.Generator().manual_seed(47)
+    cl = torch.channels_last
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False).to(dtype)
+    p = conv.weight
+    h = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt = momentum_cuda.SGD(conv.parameters(), **h, master_weights=True)
+    p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    opt.step()  # (its state exists: the checkpoint's keys)
+    master = torch.randn(p.shape, generator=gen).contiguous(memory_format=cl)
+    if dtype is torch.bfloat16:  # low 16 bits 0x8000 on every other element: halfway points
+        u = master.view(torch.int32)
+        u[..., ::2] = (u[..., ::2] & ~0xFFFF) | 0x8000
+    buf = torch.randn(p.shape, generator=gen).contiguous(memory_format=cl)
+    sd = opt.state_dict()
+    st = sd["state"][0]
+    st["momentum_buffer"] = buf.clone()
+    with torch.no_grad():
+        if dtype is torch.bfloat16:
+            value, rem, tie = bf16_split(master)
+            assert tie.any() and rem.stride() == master.stride()
+            st["master_remainder"], st["master_ties"] = rem, pack_ties(tie)
+        else:
+            value = master.to(dtype)
+            st["master_weight"] = master.clone()
+        p.copy_(value)  # the model's checkpoint, loaded first
+    opt.load_state_dict(sd)
+    assert not p.is_contiguous(memory_format=cl) or p.is_contiguous()
+    assert torch.equal(bits(opt.master_weight(p)), bits(master)), "the loaded master"
+    twin = master.clone().contiguous().requires_grad_()
+    topt = torch.optim.SGD([twin], foreach=False, **h)
+    topt.state[twin]["momentum_buffer"] = buf.clone()
+    for k in range(3):
+        g = torch.randn(p.shape, generator=gen).to(dtype)
+        p.grad, twin.grad = g.clone(), g.float()
+        opt.step()
+        topt.step()
+        assert torch.equal(bits(opt.master_weight(p)), bits(twin.detach())), f"step {k + 1}"
+        assert torch.equal(bits(p.detach()), bits(twin.detach().to(dtype))), f"step {k + 1}"
+        assert torch.equal(opt.state[p]["momentum_buffer"], topt.state[twin]["momentum_buffer"])
+        assert opt.state[p]["momentum_buffer"].stride() == p.stride()
