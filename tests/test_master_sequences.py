@@ -16,7 +16,9 @@ skips where it finds an inf), gradients scaled in place or dropped, zero_grad ei
 group's hyper-parameter edited, a parameter written (copy_ of fresh values or of itself
 scaled: its master restarts from the written value, so the twin is given the same value), a
 group's lr, momentum or weight_decay made a 1-element fp32 or fp64 tensor, or filled in place
-(the kernels read it; the twin gets its value as a float), a new param group, state_dict +
+(the kernels read it; the twin gets its value as a float), a parameter's memory order changed
+(model.to(memory_format=...): a master restarts, the twin is given its value; int8 momentum
+blocks are formed again on the new layout), a new param group, state_dict +
 load_state_dict, copy.deepcopy of
 parameters and optimizer together. After every operation: every master, parameter and momentum
 buffer bit for bit (and the step counts), and gradient presence. Stochastic rounding also
@@ -40,14 +42,16 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import momentum_cuda
-from momentum_cuda.reference import (QBLOCK, sgd_momentum_dtype_reference_step,
-                                     sgd_sr_reference_step, sr_key)
+from momentum_cuda.reference import (QBLOCK, dequantize_momentum, quantize_momentum,
+                                     sgd_momentum_dtype_reference_step, sgd_sr_reference_step,
+                                     sr_key)
 from torch.optim.sgd import sgd as _torch_sgd
 
 from conftest import bits, fresh_grads
-from test_master_weights import MasterTwins
+from test_master_weights import BF16_SIZES, MasterTwins
 
 N_SEQUENCES = max(20, int(os.environ.get("MOMENTUM_CUDA_SEQUENCES", "1000")) // 10)
+SIZES = [(5, 4)] + BF16_SIZES  # (one with two memory orders, in the first group: "relayout")
 
 LR = st.sampled_from([0.1, 0.01, 1e-3, 0.0])
 HYPER = {
@@ -73,7 +77,8 @@ OPS = {
                              st.sampled_from([torch.float32, torch.float64]), st.booleans()),
     "write": st.tuples(K, SEED),
     "write_scaled": st.tuples(K, st.sampled_from([0.5, -3.0])),
-    "add_group": st.tuples(SEED, st.sampled_from([(1,), (9,), (4, 3)])),
+    "add_group": st.tuples(SEED, st.sampled_from([(1,), (9,), (4, 3), (2, 3, 2, 3)])),
+    "relayout": st.tuples(K),
     "save_load": st.just(()),
     "deepcopy": st.just(()),
     "reset_state": st.just(()),
@@ -139,7 +144,7 @@ class SrTwins:
     bf16 (fp32 where ours are) and SrReference steps them."""
 
     def __init__(self, flat, kind, h, seed):
-        mt = MasterTwins(flat, kind, h, seed)  # its parameters and groups, not its optimizers
+        mt = MasterTwins(flat, kind, h, seed, sizes=SIZES)  # (its parameters and groups)
         self.ours = mt.ours
         self.twin = [torch.nn.Parameter(p.detach().clone()) for p in self.ours]
         groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02}]  # noqa: E731
@@ -213,6 +218,11 @@ class QmomReference(torch.optim.Optimizer):
                 if ema and buf is None and m != 0:
                     buf = torch.zeros_like(p, dtype=dtype)
                     sc = torch.zeros((p.numel() + QBLOCK - 1) // QBLOCK)
+                elif dtype is torch.int8 and buf is not None and buf.stride() != p.stride():
+                    # the parameter's memory order changed: the blocks are formed again from
+                    # the values, on its layout (the contract; bf16 keeps its values anyway)
+                    buf, sc = quantize_momentum(
+                        torch.empty_like(p).copy_(dequantize_momentum(buf, sc)))
                 (buf,), scs = sgd_momentum_dtype_reference_step(
                     [p], [p.grad], [buf], [sc] if dtype is torch.int8 else None, **h)
                 if m != 0:
@@ -226,7 +236,7 @@ class QmomTwins:
     with torch.bfloat16; fp32 twins stepped by QmomReference."""
 
     def __init__(self, flat, kind, h, seed):
-        mt = MasterTwins(flat, kind, h, seed)  # its shapes and values, not its optimizers
+        mt = MasterTwins(flat, kind, h, seed, sizes=SIZES)  # (its shapes and values)
         self.ours = [torch.nn.Parameter(p.detach().float()) for p in mt.ours]
         self.twin = [torch.nn.Parameter(p.detach().clone()) for p in self.ours]
         groups = lambda ps: [{"params": ps[:3], "momentum_dtype": torch.int8},  # noqa: E731
@@ -267,7 +277,7 @@ def _scaler_step(tw, overflow):
         tw.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
         tw.scaler.scale(torch.ones(()))  # (GradScaler makes its scale tensor here)
     if overflow:
-        gs[0].view(-1)[0] = float("inf")
+        gs[0][(0,) * gs[0].dim()] = float("inf")
     want = [g.clone() for g in gs]
     found = torch.zeros(())
     inv = tw.scaler._scale.double().reciprocal().float()
@@ -281,7 +291,7 @@ def _scaler_step(tw, overflow):
     for i, (p, w) in enumerate(zip(had, want)):
         assert torch.equal(bits(p.grad), bits(w)), f"gradient {i} not unscaled as GradScaler does"
     if overflow:  # not stepped on later (a master's NaN keeps no sign or payload: README)
-        had[0].grad.view(-1)[0] = 0.0
+        had[0].grad[(0,) * had[0].grad.dim()] = 0.0
     _sync_grads(tw)
     if found.item() == 0:
         tw.topt.step()
@@ -350,6 +360,19 @@ def apply(tw, kind, op):
             else:
                 ours[k].copy_(ours[k] * a[1])
             twin[k].copy_(ours[k].to(twin[k].dtype))
+    elif name == "relayout":  # model.to(memory_format=...): the dims' memory order reversed,
+        # or back to contiguous (new memory either way)
+        many = [i for i, p in enumerate(ours) if sum(n > 1 for n in p.shape) > 1]
+        if not many:
+            return
+        k = many[a[0] % len(many)]
+        dims = list(reversed(range(ours[k].dim())))
+        with torch.no_grad():
+            x = ours[k].data
+            ours[k].data = (x.permute(dims).contiguous().permute(dims) if x.is_contiguous()
+                            else x.contiguous())
+            # a master restarts from the parameter (it moved): the fp32 twin is given its value
+            twin[k].data = torch.empty_like(ours[k], dtype=twin[k].dtype).copy_(ours[k])
     elif name == "add_group":
         gen = torch.Generator().manual_seed(a[0])
         p = torch.nn.Parameter(torch.randn(a[1], generator=gen).to(ours[0].dtype))
@@ -394,7 +417,7 @@ SETTINGS = settings(max_examples=N_SEQUENCES, derandomize=True, database=None, d
 @SETTINGS
 @given(cases())
 def test_master_weight_sequences(case):
-    _run(MasterTwins, case)
+    _run(lambda *a: MasterTwins(*a, sizes=SIZES), case)
 
 
 @SETTINGS
@@ -406,7 +429,7 @@ def test_stochastic_rounding_sequences(case):
 @SETTINGS
 @given(cases())
 def test_fp16_master_weight_sequences(case):
-    _run(lambda *a: MasterTwins(*a, dtype=torch.float16), case)
+    _run(lambda *a: MasterTwins(*a, dtype=torch.float16, sizes=SIZES), case)
 
 
 @SETTINGS

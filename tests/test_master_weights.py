@@ -4,6 +4,8 @@ step on the master bf16_join gives, split again), bit for bit: parameters, remai
 tie bits and fp32 momentum buffers, every flag set, odd sizes, several steps, both CPU
 instruction sets and thread counts; bad input raises naming the argument and writes nothing;
 opcheck."""
+import math
+
 import pytest
 import torch
 
@@ -196,9 +198,12 @@ class MasterTwins:
     Momentum) with the bf16 gradients widened. check(): every master, parameter and momentum
     buffer bit for bit."""
 
-    def __init__(self, flat, kind="sgd", h=None, seed=0, dtype=torch.bfloat16):
+    def __init__(self, flat, kind="sgd", h=None, seed=0, dtype=torch.bfloat16,
+                 sizes=BF16_SIZES):
         gen = torch.Generator().manual_seed(seed)
-        self.ours = [torch.nn.Parameter(_masters(n, gen).to(dtype)) for n in BF16_SIZES]
+        self.ours = [torch.nn.Parameter(_masters(n, gen).to(dtype)) if isinstance(n, int) else
+                     torch.nn.Parameter(_masters(math.prod(n), gen).view(n).to(dtype))
+                     for n in sizes]
         self.ours += [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5, 8)]
         self.twin = [torch.nn.Parameter(p.detach().float().clone()) for p in self.ours]
         h = h or dict(lr=0.01, momentum=0.9, weight_decay=1e-2)
