@@ -146,7 +146,8 @@ class Lender:
 
     def __init__(self, params):
         ps = list(params)[::-1]
-        self.bucket = torch.full((7 + sum(p.numel() for p in ps),), 1.5, dtype=ps[0].dtype)
+        self.bucket = torch.full((7 + sum(p.numel() for p in ps),), 1.5, dtype=ps[0].dtype,
+                                 device=ps[0].device)
         self.views, off = {}, 7
         for p in ps:
             self.views[p] = self.bucket[off:off + p.numel()].view(p.shape)

@@ -397,6 +397,90 @@ def test_cuda_graph_training_iteration(flat, clip, hyper):
         assert scaler.get_scale() == tscaler.get_scale()
 
 
+def _apart_twins(backend, how, seed):
+    """(ours, torch's twin, give(in_place), same(what)) for the replays of flat=True steps whose
+    gradients are not the flat views: assigned (p.grad = g: the bucket stepped apart, by a list
+    call) or DDP-style bucket views (a lent bucket's list call). give() draws new gradients,
+    assigned anew or written in place; same() compares parameters and buffers bitwise."""
+    from conftest import Lender
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
+                                torch.nn.Linear(97, 5)).cuda()
+    twin = copy.deepcopy(model)
+    h = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    opt = momentum_cuda.SGD(model.parameters(), backend=backend, flat=True, **h)
+    topt = torch.optim.SGD(twin.parameters(), foreach=False, **h)
+    ps, qs = list(model.parameters()), list(twin.parameters())
+    lend = Lender(ps) if how == "lent" else None
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def give(in_place):
+        for p, q in zip(ps, qs):
+            g = torch.randn(p.shape, generator=gen).cuda()
+            q.grad = g.clone()
+            if in_place:
+                p.grad.copy_(g)
+            else:
+                p.grad = g.clone()
+        if lend is not None:
+            lend()
+
+    def same(what):  # (the buffers torch has: none in the Triton JIT replay, which stubs
+        for i, (p, q) in enumerate(zip(ps, qs)):  # torch's step)
+            assert torch.equal(p, q), f"{what}: parameter {i}"
+            b = topt.state[q].get("momentum_buffer")
+            assert b is None or torch.equal(opt.state[p]["momentum_buffer"], b), \
+                f"{what}: buffer {i}"
+    return opt, topt, give, same
+
+
+def _apart_steps(opt, topt, give, same, mp, how):
+    """Five eager steps; from the third on planning is forbidden (the replay, through the
+    MonkeyPatch mp) and nothing is read on the host."""
+    from conftest import forbid_planning, no_host_reads
+    for k in range(5):
+        if k == 2:
+            forbid_planning(mp, opt)
+        give(in_place=False)
+        with no_host_reads() if k >= 2 else contextlib.nullcontext():
+            opt.step()
+        topt.step()
+        same(f"step {k + 1}")
+    assert [e["path"] for e in opt.last_step] == [
+        "flat" if how == "lent" else "per-tensor"], opt.last_step
+
+
+@pytest.mark.parametrize("how", ["assigned", "lent"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replay_without_flat_gradient_views_on_gpu(backend, how):
+    """flat=True on CUDA with the gradients assigned or DDP-style bucket views (_apart_twins):
+    from the third step on the step replays with no host read and torch.optim.SGD
+    (foreach=False)'s bits (tests/test_steady.py has it on the CPU). (No fixture: the Triton
+    JIT replay, tests/test_triton_jit.py, calls it with its parameters only.)"""
+    with pytest.MonkeyPatch.context() as mp:
+        _apart_steps(*_apart_twins(backend, how, 47), mp, how)
+
+
+@pytest.mark.parametrize("how", ["assigned", "lent"])
+def test_cuda_graph_replay_without_flat_gradient_views(how):
+    """The same steps (CUDA backend), then the replayed step captured in a CUDA graph and
+    replayed 5 times, the gradients written in place, against eager twins."""
+    if not momentum_cuda.available_backends()["cuda"][0]:
+        pytest.skip(momentum_cuda.available_backends()["cuda"][1])
+    opt, topt, give, same = _apart_twins("cuda", how, 49)
+    with pytest.MonkeyPatch.context() as mp:
+        _apart_steps(opt, topt, give, same, mp, how)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+    for k in range(5):
+        give(in_place=True)
+        graph.replay()
+        topt.step()
+        torch.cuda.synchronize()
+        same(f"graph replay {k + 1}")
+
+
 def _capturable_twins(kind, seed, flat=True):
     """(model, twin, momentum_cuda's optimizer with capturable=True, torch's) on CUDA."""
     if not momentum_cuda.available_backends()["cuda"][0]:
