@@ -135,6 +135,7 @@ class Side:
 
     def __init__(self, model, opt, sched, scaler=None):
         self.model, self.opt, self.sched, self.scaler = model, opt, sched, scaler
+        self.ddp = []  # (param, its view of the bucket) of a sticky grad_bucket: _rebucket
 
     def params(self):
         return list(self.model.parameters())
@@ -246,6 +247,19 @@ def build(cfg: Config) -> tuple[Side, Side]:
 # ---- the operations ------------------------------------------------------------------------
 def _rand(gen, shape, dtype):
     return torch.randn(shape, generator=gen).to(dtype)
+
+
+def _rebucket(side):
+    """DDP's reducer at the end of a backward, after a sticky grad_bucket: each dense gradient
+    of the bucket's dtype and shape goes into the parameter's view of the same bucket, which
+    becomes its .grad again (a gradient already there was accumulated in place)."""
+    for p, v in side.ddp:
+        g = p.grad
+        if (g is None or g is v or g.layout != torch.strided or g.dtype != v.dtype
+                or g.shape != v.shape):
+            continue
+        v.copy_(g)
+        p.grad = v
 
 
 def op_backward(side, mask, seed):
@@ -427,7 +441,9 @@ def _apply_one(op, side, cfg):
     name, *a = op
     m, opt = side.model, side.opt
     if name == "backward":
-        return op_backward(side, *a)
+        out = op_backward(side, *a)
+        _rebucket(side)
+        return out
     if name == "zero_grad":
         set_to_none, via = a
         (opt if via == "opt" else m).zero_grad(set_to_none=set_to_none)
@@ -486,7 +502,9 @@ def _apply_one(op, side, cfg):
         p.grad = gr
         return None
     if name == "grad_bucket":  # DDP with gradient_as_bucket_view=True: .grad become views
-        pad, reverse = a  # of one new bucket per dtype, in (reversed) parameter order
+        pad, reverse, *sticky = a  # of one new bucket per dtype, in (reversed) parameter
+        # order; sticky: every later backward ends with them there again (_rebucket)
+        side.ddp = []
         for ps in _by_dtype([p for p in side.params() if p.grad is not None
                              and p.grad.layout == torch.strided]).values():
             ps = ps[::-1] if reverse else ps
@@ -499,6 +517,8 @@ def _apply_one(op, side, cfg):
                 v.copy_(p.grad)
                 p.grad = v
                 off += p.numel()
+                if sticky and sticky[0]:
+                    side.ddp.append((p, v))
         return None
     if name == "data_clone":
         p = _pick(side, a[0])
@@ -537,6 +557,7 @@ def _apply_one(op, side, cfg):
         return None
     if name == "deepcopy":
         side.model, side.opt, side.sched = copy.deepcopy((m, opt, side.sched))
+        side.ddp = []  # (a new model: DDP would wrap it anew)
         return None
     if name == "sched_step":
         if side.sched is None:

@@ -176,7 +176,7 @@ def _op_args(kind: str) -> dict:
         "grad_mul": t(st.sampled_from([0.5, -1.0, 3.0, 0.0, 1e38, float("nan")])),
         "grad_none": t(K),
         "grad_set": t(K, SEED, st.sampled_from(["contiguous", "channels_last", "size1"])),
-        "grad_bucket": t(st.sampled_from([0, 7]), st.booleans()),
+        "grad_bucket": t(st.sampled_from([0, 7]), st.booleans(), st.booleans()),
         "data_clone": t(K),
         "data_new": t(K, SEED),
         "param_mul": t(st.sampled_from([0.5, -1.0])),
