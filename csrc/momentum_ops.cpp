@@ -1296,11 +1296,16 @@ class ListCheck {
   }
 
  private:
-  /// What a tensor must keep: address (not for a gradient, a new tensor at every step), dtype,
-  /// device, sizes, strides, strided layout.
+  /// What a tensor must keep: address and storage (not for a gradient, a new tensor at every
+  /// step), dtype, device, sizes, strides, strided layout. The storage tells memory freed and
+  /// given again at the same address (p.data moved twice between steps, as model.half()
+  /// .bfloat16() on a caching allocator does) from memory kept: `pin`, a weak reference,
+  /// keeps the StorageImpl object allocated, so no other storage can take its address.
   struct Meta {
     bool tensor = false;
     int64_t ptr = 0;
+    const c10::StorageImpl* storage = nullptr;
+    std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> pin;
     at::ScalarType dtype = at::kFloat;
     at::Device device = at::kCPU;
     std::vector<int64_t> sizes, strides;
@@ -1309,6 +1314,10 @@ class ListCheck {
       m.tensor = t.layout() == at::kStrided;
       if (!m.tensor) return m;  // a sparse one never passes same()
       m.ptr = reinterpret_cast<int64_t>(t.data_ptr());
+      if (t.has_storage()) {
+        m.storage = storage_of(t);
+        m.pin.emplace(t.storage().getWeakStorageImpl());
+      }
       m.dtype = t.scalar_type();
       m.device = t.device();
       m.sizes = t.sizes().vec();
@@ -1319,7 +1328,13 @@ class ListCheck {
       return tensor && t.layout() == at::kStrided && t.scalar_type() == dtype &&
              t.device() == device && t.sizes() == c10::IntArrayRef(sizes) &&
              t.strides() == c10::IntArrayRef(strides) &&
-             (!address || reinterpret_cast<int64_t>(t.data_ptr()) == ptr);
+             (!address ||
+              (reinterpret_cast<int64_t>(t.data_ptr()) == ptr && storage_of(t) == storage));
+    }
+    /// (no reference count touched: this runs per parameter at every replayed step)
+    static const c10::StorageImpl* storage_of(const at::Tensor& t) {
+      const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+      return impl->has_storage() ? impl->unsafe_storage().unsafeGetStorageImpl() : nullptr;
     }
   };
 

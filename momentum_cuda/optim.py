@@ -1112,6 +1112,11 @@ class _FusedMomentum(Optimizer):
         # id(master-weights param) -> (data_ptr, version) after its last step: a parameter
         # written since (load_state_dict of the model, copy_) restarts its master (_step_master)
         self._master_seen: dict[int, tuple] = {}
+        # id(master-weights param) -> a weak reference to its (local) storage at its last
+        # planned step: memory freed and given again at the same address (p.data moved twice,
+        # model.half().bfloat16() on a caching allocator) keeps data_ptr and version, not the
+        # storage (a replay's _C.ListCheck checks the storage too)
+        self._master_storage: dict[int, weakref.ref] = {}
         self._unsure: dict = {}  # id -> a _Bucket or _LooseFirst whose .unsure is set
 
     @property
@@ -1357,11 +1362,17 @@ class _FusedMomentum(Optimizer):
     def _master_written(self, p) -> bool:
         """p was written (or moved) since its last master step: its remainder is stale."""
         seen = self._master_seen.get(id(p))
-        return seen is not None and seen != _master_mark(p)
+        if seen is None:
+            return False
+        if seen != _master_mark(p):
+            return True
+        ref = self._master_storage.get(id(p))
+        return ref is not None and ref() is not _local(p).untyped_storage()
 
     def _mark_master(self, p) -> None:
         """p's master is its state as p is now (_master_written)."""
         self._master_seen[id(p)] = _master_mark(p)
+        self._master_storage[id(p)] = weakref.ref(_local(p).untyped_storage())
 
     # ---- backend ---------------------------------------------------------------------------
     def _backend_for(self, device: torch.device) -> str:

@@ -304,6 +304,36 @@ def test_writes_to_a_parameter_restart_its_master(flat, dtype):
     tw.step(3)
 
 
+def _same_address_new_storage(p, values):
+    """p.data becomes `values` in memory at p's own address but in a new storage, its version
+    unchanged: what p.data moved twice between steps gives when the allocator hands the first
+    memory back (model.half().bfloat16() on CUDA's caching allocator). Made here without
+    relying on the allocator: a tensor over p's memory through numpy (a storage of its own),
+    written, then given to p.data."""
+    alias = torch.from_numpy(p.data.view(torch.int16).numpy()).view(p.dtype).view(p.shape)
+    alias.copy_(values)
+    version, ptr = p._version, p.data_ptr()
+    p.data = alias
+    assert (p._version, p.data_ptr()) == (version, ptr)
+
+
+@FLAT
+@DTYPE
+@pytest.mark.parametrize("steps", [1, 3], ids=["planned", "replayed"])
+def test_new_memory_at_the_same_address_restarts_the_master(flat, dtype, steps):
+    """New values in new memory at the address the parameter had (the same data_ptr and
+    version): the master restarts from them, as for any new memory, whether the step after
+    it is planned or would be replayed (the replay's check compares the storage too); the
+    twin gets the same values. Before, the stale remainder (or fp16 master) stayed."""
+    tw = MasterTwins(flat, dtype=dtype)
+    tw.step(steps)
+    new = torch.randn(97, generator=tw.gen).to(dtype)
+    with torch.no_grad():
+        _same_address_new_storage(tw.ours[2], new)
+        tw.twin[2].copy_(new.float())
+    tw.step(2)
+
+
 @FLAT
 @DTYPE
 def test_state_dict_round_trip_and_deepcopy(flat, dtype):
