@@ -2411,7 +2411,7 @@ class _FusedMomentum(Optimizer):
             vals = self._hyper_values(g)
             stepped = {id(r[0]) for r in runs}
             rest = [b for b in lay.buckets if id(b) not in stepped]
-            if ((loose and lists is None) or len(stepped) != len(runs)
+            if ((loose and lists is None)
                     or not _replayable_hyper(h, vals, [r[0].flat_param.device for r in runs]
                                              + [c.device for c in lists or []])
                     or any(r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
@@ -2894,7 +2894,8 @@ class _FusedMomentum(Optimizer):
             ps, gs, vs = (list(x) for x in zip(*spans))
             vs = vs if use_buf else []
             op = step_ops(backend)[1]
-            args = self._kernel_args(h, amp, device, clip)
+            hx = self._hyper_args(h, device)  # (kept for the replay; _kernel_args keeps it too)
+            args = self._kernel_args(hx, amp, device, clip)
             if unsure is not None and first:
                 args = dict(args, first_step_tensor=unsure.flag)
             op(ps, gs, vs, first_step=first, **args)
@@ -2904,8 +2905,8 @@ class _FusedMomentum(Optimizer):
                 b.bump(0, len(b.params))
             self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
                          sum(b.numel_before[-1] for b in bs))
-            calls.append(_LentCall(bs, use_buf, device, op, (ps, gs, vs),
-                                   self._hyper_args(h, device), self.last_step[-1]))
+            calls.append(_LentCall(bs, use_buf, device, op, (ps, gs, vs), hx,
+                                   self.last_step[-1]))
         return calls
 
     def _new_buffer(self, p):
