@@ -880,7 +880,8 @@ class _ShardCheck:
     """_C.ListCheck's check for a list call over the local shards of DTensor (FSDP2)
     parameters, in Python (the shards sit behind DTensor attributes): each DTensor's local
     shard the one the call stepped, at its address with its sizes and strides, and with
-    `watch` (masters) at the version the call left it; its gradient a DTensor sharded like it
+    `watch` (masters) over the same storage (new memory at the old address: a stale master)
+    at the version the call left it; its gradient a DTensor sharded like it
     (_same_shards) whose shard is laid out like the parameter's; each of its state entries
     `keys` the DTensor the call used, over the same local tensor (bf16 masters' tie bits and
     int8 scales: the plain tensors held per shard), unchanged in layout. Returns the
@@ -893,14 +894,17 @@ class _ShardCheck:
                       for k, (dt, lp) in enumerate(zip(dts, shards))]
         self.watch = watch
         self.marks = [_master_mark(dt) for dt, *_ in self.items]
+        self.storages = [weakref.ref(lp.untyped_storage()) for _, lp, *_ in self.items]
 
     def check(self, state):
         out = []
-        for (dt, lp, ptr, shape, stride, dtype, entries), mark in zip(self.items, self.marks):
+        for (dt, lp, ptr, shape, stride, dtype, entries), mark, storage in zip(
+                self.items, self.marks, self.storages):
             g = dt.grad
             if (dt._local_tensor is not lp or lp.data_ptr() != ptr or lp.shape != shape
                     or lp.stride() != stride or lp.dtype != dtype
-                    or (self.watch and _master_mark(dt) != mark)
+                    or (self.watch and (_master_mark(dt) != mark
+                                        or storage() is not lp.untyped_storage()))
                     or not isinstance(g, _DTensor) or not _same_shards(dt, g)):
                 return None
             lg = g._local_tensor

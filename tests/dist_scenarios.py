@@ -1221,7 +1221,9 @@ def _master_steps(ctx: Ctx, tm, topt, runs, dtype, *, first_step: int, steps: in
     twin takes the first run's gradients upcast to fp32 after its step (clipped by torch's
     clip_grad_norm_ or by opt.clip_grad_norm_ inside the step, every other step). Step 5
     writes l1.weight between steps (its master restarts from the written value; the twin's
-    parameter takes that value). Compared after every step: opt.master_weight(p) with the
+    parameter takes that value); step 6 gives l2.weight's local shard new values in new
+    memory at its own address, its version unchanged (_same_address_new_storage), which a
+    replay's check must see as a write too. Compared after every step: opt.master_weight(p) with the
     twin's fp32 parameter, p with it rounded to dtype, the fp32 buffers (DTensors sharded like
     their parameters)."""
     for k in range(first_step, first_step + steps):
@@ -1232,14 +1234,19 @@ def _master_steps(ctx: Ctx, tm, topt, runs, dtype, *, first_step: int, steps: in
                 for m, _ in runs:
                     m.l1.weight.mul_(-0.5)
                 tm.l1.weight.copy_(runs[0][0].l1.weight.float())
+        if k == 5:
+            with torch.no_grad():
+                for m, _ in runs:
+                    _same_address_new_storage(m.l2.weight._local_tensor, -0.75)
+                tm.l2.weight.copy_(runs[0][0].l2.weight.float())
         for i, (m, o) in enumerate(runs):
             F.mse_loss(m(x.to(dtype)), y.to(dtype)).backward()
             if k % 4 == 1:
                 nn.utils.clip_grad_norm_(m.parameters(), 0.5)
             elif k % 4 == 3:
                 o.clip_grad_norm_(0.5)
-            # replayed from step 3, but for a pending clip and the step after the write
-            if k >= first_step + 2 and k % 4 != 3 and k != 4:
+            # replayed from step 3, but for a pending clip and the steps after the writes
+            if k >= first_step + 2 and k % 4 != 3 and k not in (4, 5):
                 _replayed(ctx, o, o.step, label)
             else:
                 o.step()
@@ -1253,6 +1260,20 @@ def _master_steps(ctx: Ctx, tm, topt, runs, dtype, *, first_step: int, steps: in
         for m, o in runs:
             o.zero_grad(set_to_none=k % 2 == 0)
         topt.zero_grad()
+
+
+def _same_address_new_storage(lp, scale: float) -> None:
+    """lp (a local shard) times `scale` in a new storage over its own memory (through numpy),
+    its address and version unchanged: what p.data moved twice between steps gives when the
+    allocator hands the first memory back."""
+    if lp.numel() == 0:  # an uneven split's empty shard: no memory
+        return
+    alias = torch.from_numpy(lp.view(torch.int16).numpy()).view(lp.dtype).view(lp.shape)
+    version, ptr = lp._version, lp.data_ptr()
+    alias.mul_(scale)
+    lp.data = alias
+    if (lp._version, lp.data_ptr()) != (version, ptr):
+        raise AssertionError("the local shard's version or address changed")
 
 
 def _compare_masters(ctx: Ctx, m, o, tm, topt, dtype, label: str) -> None:
