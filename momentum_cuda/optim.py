@@ -200,6 +200,8 @@ _MODE_FLAG = {"master": "master_weights=True", "master16": "master_weights=True"
               "sr": "stochastic_rounding=True", "qmom": "momentum_dtype"}
 _MODE_PATH = {"master": "master", "master16": "master", "sr": "stochastic-rounding",
               "qmom": "momentum-dtype"}
+# the state of the other master mode, which a parameter whose dtype changed leaves behind
+_OTHER_MASTER = {"master": ("master_weight",), "master16": ("master_remainder", "master_ties")}
 
 
 def _modes(group) -> tuple:
@@ -3179,6 +3181,8 @@ class _FusedMomentum(Optimizer):
             for k, p in enumerate(ps):
                 owner = owners[k]
                 st = self.state[p if owner is None else owner]
+                for key in _OTHER_MASTER.get(mode, ()):  # (a dtype change moved p: unused)
+                    st.pop(key, None)
                 if owner is not None:  # the DTensor and its state DTensors were written
                     written = [owner]
                     for name, local, on in (("momentum_buffer", bs[k] if use_buf else None,

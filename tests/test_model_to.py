@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import momentum_cuda
-from momentum_cuda.reference import (bf16_split, pack_ties, sgd_fp16_master_reference_step,
-                                     sgd_master_reference_step, sgd_sr_reference_step, sr_key)
+from momentum_cuda.reference import (bf16_join, bf16_split, pack_ties,
+                                     sgd_fp16_master_reference_step, sgd_master_reference_step,
+                                     sgd_sr_reference_step, sr_key, unpack_ties)
 
 from conftest import bits
 
@@ -262,3 +263,44 @@ def test_masters_loaded_from_another_memory_layout(dtype):
         assert torch.equal(bits(p.detach()), bits(twin.detach().to(dtype))), f"step {k + 1}"
         assert torch.equal(opt.state[p]["momentum_buffer"], topt.state[twin]["momentum_buffer"])
         assert opt.state[p]["momentum_buffer"].stride() == p.stride()
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+def test_master_weights_across_model_half_and_bfloat16(flat):
+    """model.half() and model.bfloat16() between steps of master weights: each dtype change
+    moves the parameter, so its master restarts from it in the new mode (bf16: remainder and
+    tie bits; fp16: an fp32 master) while the fp32 momentum buffer keeps its values; the state
+    holds only the current mode's entries (the other mode's would be stale), and the steps
+    are the modes' references' (momentum_cuda.reference) on the converted parameter."""
+    h = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(43)
+    lin = torch.nn.Linear(7, 5, bias=False).bfloat16()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+    p = lin.weight
+    opt = momentum_cuda.SGD(lin.parameters(), flat=flat, master_weights=True, **h)
+    twin = _ModeTwin("master", p)
+    keys = {"master": {"momentum_buffer", "master_remainder", "master_ties"},
+            "fp16-master": {"momentum_buffer", "master_weight"}}
+    for k, mode in enumerate(["master"] * 2 + ["fp16-master"] * 2 + ["master"] * 2
+                             + ["fp16-master"] * 2):
+        dtype = MODES[mode][0]
+        if p.dtype != dtype:
+            lin.to(dtype)
+            twin.mode, twin.p = mode, twin.p.to(dtype)
+            twin.restart()
+        g = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.zero_grad()
+        p.grad = g.clone()
+        opt.step()
+        twin.step(g, h)
+        assert torch.equal(bits(p.detach()), bits(twin.p)), f"step {k + 1}: parameter"
+        assert torch.equal(bits(opt.state[p]["momentum_buffer"]), bits(twin.buf)), \
+            f"step {k + 1}: momentum buffer"
+        if mode == "master":
+            master = bf16_join(twin.p, twin.rem, unpack_ties(twin.ties, twin.p))
+            assert torch.equal(opt.master_weight(p), master), f"step {k + 1}: master"
+        else:
+            assert torch.equal(opt.master_weight(p), twin.master), f"step {k + 1}: master"
+        assert set(opt.state[p]) == keys[mode], f"step {k + 1}: state keys"
+        assert set(opt.state_dict()["state"][0]) == keys[mode], f"step {k + 1}: state_dict"
