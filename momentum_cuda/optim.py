@@ -1248,6 +1248,18 @@ class _FusedMomentum(Optimizer):
                                      f"parameter ({_what(p)}) is not supported")
 
     @torch.no_grad()
+    def _drop_masters(self, group) -> None:
+        """The group's parameters that had a master and are no longer stepped through one
+        (master_weights turned off, model.float()) lose its state entries, as stale as after a
+        dtype change (_OTHER_MASTER): turned on again, it restarts from the parameter."""
+        for p in group["params"]:
+            if id(p) in self._master_seen and not self._master(group, p):
+                st = self.state.get(p, {})
+                for key in ("master_weight", "master_remainder", "master_ties"):
+                    st.pop(key, None)
+                del self._master_seen[id(p)]
+                self._master_storage.pop(id(p), None)
+
     def _widen_buffers(self, group) -> None:
         """momentum_dtype was turned off: the group's fp32 parameters get fp32 buffers again
         (read back exactly as the kernels read them), as torch.optim.SGD keeps them."""
@@ -2673,6 +2685,8 @@ class _FusedMomentum(Optimizer):
         # (param, grad, buffer, why torch's ops step it or None, the DTensor param whose
         # local shards param, grad and buffer are, or None)
         checked = []
+        if self._master_seen:
+            self._drop_masters(group)
         if any(_modes(group)):
             self._check_mode_dtypes(group)
             stream = {}  # stochastic rounding: each parameter's position in the optimizer

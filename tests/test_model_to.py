@@ -4,6 +4,7 @@ going (its momentum buffers keep their old dtype or layout; its in-place ops cas
 momentum_cuda, with the same bits: parameters, buffers, gradient presence, state_dict, after
 every step, flat=True and flat=False."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -304,3 +305,55 @@ def test_master_weights_across_model_half_and_bfloat16(flat):
             assert torch.equal(opt.master_weight(p), twin.master), f"step {k + 1}: master"
         assert set(opt.state[p]) == keys[mode], f"step {k + 1}: state keys"
         assert set(opt.state_dict()["state"][0]) == keys[mode], f"step {k + 1}: state_dict"
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("change", ["model-float", "flag-off"])
+def test_master_state_goes_with_master_weights(change, flat):
+    """Steps of bf16 master weights, then the parameter leaves the mode (model.float(), or the
+    group's master_weights turned off): the steps after it are torch.optim.SGD(foreach=False)'s
+    on the parameter as it is with the fp32 momentum buffer kept (flag-off: a bf16 parameter
+    and an fp32 buffer, mixed as torch mixes them), and the master's state entries go; turned
+    on again, the master restarts from the parameter."""
+    h = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(47)
+    lin = torch.nn.Linear(7, 5, bias=False).bfloat16()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+    p = lin.weight
+    opt = momentum_cuda.SGD(lin.parameters(), flat=flat, master_weights=True, **h)
+    twin = _ModeTwin("master", p)
+    for _ in range(2):
+        g = torch.randn(p.shape, generator=gen).to(p.dtype)
+        p.grad = g.clone()
+        opt.step()
+        twin.step(g, h)
+    if change == "model-float":
+        lin.float()
+    else:
+        opt.param_groups[0]["master_weights"] = False
+    q = torch.nn.Parameter(twin.p.to(p.dtype))
+    topt = torch.optim.SGD([q], foreach=False, **h)
+    topt.state[q]["momentum_buffer"] = twin.buf.clone()
+    for k in range(2):
+        g = torch.randn(p.shape, generator=gen).to(p.dtype)
+        p.grad, q.grad = g.clone(), g.clone()
+        with warnings.catch_warnings():  # flag-off: the dtypes mix on torch's ops, as said
+            warnings.simplefilter("ignore")
+            opt.step()
+        topt.step()
+        assert torch.equal(bits(p.detach()), bits(q.detach())), f"step {k + 3}: parameter"
+        assert torch.equal(bits(opt.state[p]["momentum_buffer"]),
+                           bits(topt.state[q]["momentum_buffer"])), f"step {k + 3}: buffer"
+        assert set(opt.state[p]) == {"momentum_buffer"}, f"step {k + 3}: state keys"
+    if change == "flag-off":
+        opt.param_groups[0]["master_weights"] = True
+        twin.p, twin.buf = q.detach().clone(), topt.state[q]["momentum_buffer"].clone()
+        twin.restart()
+        g = torch.randn(p.shape, generator=gen).to(p.dtype)
+        p.grad = g.clone()
+        opt.step()
+        twin.step(g, h)
+        assert torch.equal(bits(p.detach()), bits(twin.p)), "master again: parameter"
+        assert torch.equal(opt.master_weight(p),
+                           bf16_join(twin.p, twin.rem, unpack_ties(twin.ties, twin.p)))
