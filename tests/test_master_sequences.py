@@ -18,17 +18,17 @@ scaled: its master restarts from the written value, so the twin is given the sam
 group's lr, momentum or weight_decay made a 1-element fp32 or fp64 tensor, or filled in place
 (the kernels read it; the twin gets its value as a float), a parameter's memory order changed
 (model.to(memory_format=...): a master restarts, the twin is given its value; int8 momentum
-blocks are formed again on the new layout), a new param group, state_dict +
-load_state_dict, copy.deepcopy of
-parameters and optimizer together. After every operation: every master, parameter and momentum
+blocks are formed again on the new layout), for master weights a parameter's dtype changed
+(bf16 <-> fp16, model.to(dtype): the master restarts in the other form), a new param group,
+state_dict + load_state_dict, copy.deepcopy of parameters and optimizer together. After every operation: every master, parameter and momentum
 buffer bit for bit (and the step counts), and gradient presence. Stochastic rounding also
 draws opt.state.clear() on both sides (the step counts restart, so do the keys).
 
 Not drawn, with the reason: for master weights, opt.state.clear() / momentum_buffer = None
 (they drop the remainder too: the master restarts from the bf16 value while the fp32 twin
-keeps its low bits; README, "Master weights"); for both, clipping (it computes on the bf16 gradients on our side and the fp32 ones on
-the twin's, a different input), model.to(dtype) (a documented non-goal for now). momentum_dtype
-draws opt.state.clear() as stochastic rounding does.
+keeps its low bits; README, "Master weights"); for both, clipping (it computes on the bf16
+gradients on our side and the fp32 ones on the twin's, a different input). momentum_dtype draws
+opt.state.clear() as stochastic rounding does.
 
 Hypothesis is derandomized (a fixed seed, the same sequences every run) and keeps no database;
 MOMENTUM_CUDA_SEQUENCES scales the count with tests/test_sequences.py's (a tenth of it here).
@@ -79,6 +79,7 @@ OPS = {
     "write_scaled": st.tuples(K, st.sampled_from([0.5, -3.0])),
     "add_group": st.tuples(SEED, st.sampled_from([(1,), (9,), (4, 3), (2, 3, 2, 3)])),
     "relayout": st.tuples(K),
+    "retype": st.tuples(K),
     "save_load": st.just(()),
     "deepcopy": st.just(()),
     "reset_state": st.just(()),
@@ -373,6 +374,22 @@ def apply(tw, kind, op):
                             else x.contiguous())
             # a master restarts from the parameter (it moved): the fp32 twin is given its value
             twin[k].data = torch.empty_like(ours[k], dtype=twin[k].dtype).copy_(ours[k])
+    elif name == "retype" and isinstance(tw, MasterTwins):
+        # model.to(dtype) on one master-weights parameter, bf16 <-> fp16: the parameter and its
+        # gradient converted as nn.Module._apply does; the master restarts (the parameter
+        # moved, in the other mode), the fp32 twin is given its value, the fp32 buffer stays
+        k = a[0] % len(ours)
+        p = ours[k]
+        new = {torch.bfloat16: torch.float16, torch.float16: torch.bfloat16}.get(p.dtype)
+        if new is None:
+            return
+        with torch.no_grad():
+            g, p.grad = p.grad, None
+            p.data = p.data.to(new)
+            if g is not None:
+                p.grad = g.to(new)
+            twin[k].copy_(p.float())
+        _sync_grads(tw)
     elif name == "add_group":
         gen = torch.Generator().manual_seed(a[0])
         p = torch.nn.Parameter(torch.randn(a[1], generator=gen).to(ours[0].dtype))
