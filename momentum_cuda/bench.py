@@ -55,9 +55,12 @@ so that every step starts with cold caches, as after a training step's forward a
 status is 1 only for a bitwise mismatch or an implementation that could not run, as elsewhere.
 --ddp-grads gives every .grad as a view of a DDP-style bucket, as ddp-gpt2 does (tiny
 tensors: one bucket): the step momentum_cuda flat replays is then the list call over the bucket's
-spans, read in place.
+spans, read in place. --assigned-grads gives every parameter a gradient tensor of its own before
+each timed step (p.grad = g, untimed; 2 sets of the same values used in turn), as a loop that
+computes gradients outside autograd does: never momentum_cuda's flat views, so flat steps them
+per tensor.
 Files: json and csv (no png); <name> defaults to bench-overhead-<device>-<date>
-(bench-overhead-ddp-... with --ddp-grads).
+(bench-overhead-ddp-... with --ddp-grads, bench-overhead-assigned-... with --assigned-grads).
 
 --ampclip: one AMP+clip training step after backward, per contender. momentum_cuda (each
 implementation that runs here): scaler.unscale_(opt); opt.clip_grad_norm_(max_norm);
@@ -170,6 +173,7 @@ import dataclasses
 import datetime as dt
 import functools
 import gc
+import itertools
 import json
 import os
 import re
@@ -924,6 +928,24 @@ def evicting(steps: dict, mb: int) -> dict | None:
     return {name: functools.partial(junk.add_, 1) for name in steps}
 
 
+def assigning(made: dict, data, prepare: dict | None) -> dict:
+    """--assigned-grads: {name: fn} for timed_rounds' prepare, giving each parameter of that
+    contender (made: name -> (optimizer, params)) a gradient tensor of its own, untimed, before
+    each call: 2 sets per contender, both the case's gradients, used in turn (every contender
+    steps the same values as without it). Composed after prepare's function (--evict)."""
+    out = dict(prepare or {})
+    for name, (_, params) in made.items():
+        turn = itertools.cycle([[g.clone() for g in data.split(data.grads)] for _ in range(2)])
+
+        def give(params=params, turn=turn, before=out.get(name)):
+            if before is not None:
+                before()
+            for p, g in zip(params, next(turn)):
+                p.grad = g
+        out[name] = give
+    return out
+
+
 def timed_rounds(steps: dict, warmup: int, rounds: int, clock: Clock, prepare=None):
     """Warm-up, then `rounds` rounds timing one call of each step function in a rotated order.
     prepare (--ampclip): {name: fn} called, untimed, right before each call of that step (the
@@ -1172,7 +1194,10 @@ def _timed_and_checked(case, runnable, data, hyper, args, device, clock, graphs,
                 case["errors"][impl.name + "+graph"] = f"not capturable: {type(e).__name__}: {e}"
                 del graph_made[impl.name]
                 clock.sync()  # a capture that broke the device fails here, not in a later case
-        return (made, graph_made), steps, evicting(steps, args.evict)
+        prepare = evicting(steps, args.evict)
+        if args.overhead and args.assigned_grads:
+            prepare = assigning(made, data, prepare)
+        return (made, graph_made), steps, prepare
 
     (made, graph_made), times, busy, discarded = timed_attempts(case, setup, args, device,
                                                                 clock, deadline)
@@ -2184,6 +2209,9 @@ def print_summary(doc: dict, out=None) -> None:
             print("(--ddp-grads: each .grad a view of a DDP-style gradient bucket, reverse "
                   "parameter order, as DDP's gradient_as_bucket_view=True hands them over; "
                   "mc-flat reads the bucket in place, one call)", file=out)
+        if doc["config"].get("assigned_grads"):
+            print("(--assigned-grads: before each timed step, untimed, p.grad = a gradient "
+                  "tensor of its own, 2 sets in turn; mc-flat steps them per tensor)", file=out)
         print("targets (issue 13; a ratio of medians, this / base):", file=out)
         for t in doc["targets"]["list"]:
             print("  " + target_line(t), file=out)
@@ -2675,6 +2703,10 @@ def parse_args(argv=None):
     ap.add_argument("--ddp-grads", action="store_true",
                     help="--overhead: every .grad a view of a DDP-style gradient bucket, as "
                          "DDP's gradient_as_bucket_view=True hands them over (as ddp-gpt2)")
+    ap.add_argument("--assigned-grads", action="store_true",
+                    help="--overhead: before each timed step, untimed, every parameter gets a "
+                         "gradient tensor of its own (p.grad = g), as a loop computing "
+                         "gradients outside autograd hands them over")
     ap.add_argument("--ampclip", action="store_true",
                     help="time one AMP+clip step: GradScaler.unscale_, clip_grad_norm_, "
                          "GradScaler.step, update; tiny tensors (--tensors) and a bandwidth "
@@ -2795,6 +2827,11 @@ def parse_args(argv=None):
         ap.error("--evict is for --overhead")
     if args.ddp_grads and not args.overhead:
         ap.error("--ddp-grads is for --overhead (the step mode's DDP case: --layouts ddp-gpt2)")
+    if args.assigned_grads and not args.overhead:
+        ap.error("--assigned-grads is for --overhead")
+    if args.assigned_grads and args.ddp_grads:
+        ap.error("--assigned-grads and --ddp-grads are two ways to hand gradients over: one "
+                 "at a time")
     if args.max_norm is not None and not args.ampclip:
         ap.error("--max-norm is for --ampclip")
     args.rounds = ((100 if args.overhead else 30)
@@ -2928,6 +2965,7 @@ def main(argv=None) -> int:
         base = args.out / (args.name or
                            f"bench-{'overhead-' if args.overhead else ''}"
                            f"{'ddp-' if args.ddp_grads else ''}"
+                           f"{'assigned-' if args.assigned_grads else ''}"
                            f"{'ampclip-' if args.ampclip else ''}"
                            f"{'master-' if args.master else ''}"
                            f"{'modes-' if args.modes else ''}{host_kind(device)}-"

@@ -102,6 +102,9 @@ def test_parse_count_rejects(text):
     (["--master", "--rounds", "5"], "--rounds must be >= 20"),
     (["--quick", "--evict", "8"], "--evict is for --overhead"),
     (["--quick", "--ddp-grads"], "--ddp-grads is for --overhead"),
+    (["--quick", "--assigned-grads"], "--assigned-grads is for --overhead"),
+    (["--overhead", "--assigned-grads", "--ddp-grads"], "--assigned-grads and --ddp-grads are "
+                                                         "two ways to hand gradients over"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -893,6 +896,46 @@ def test_overhead_with_ddp_bucket_views(tmp_path, capsys, keep_threads):
     assert case["bitwise_vs_forloop"]["mc-flat-cpu"] is True
     assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True
     assert "--ddp-grads: each .grad a view of a DDP-style gradient bucket" in text
+
+
+def test_overhead_with_assigned_gradients(tmp_path, capsys, keep_threads):
+    """--overhead --assigned-grads: before each timed step every parameter gets a gradient
+    tensor of its own (never momentum_cuda's flat view), with the for-loop's bits after
+    timing; the printed table says how the gradients were given."""
+    code = bench.main(OVERHEAD + ["--assigned-grads", "--tensors", "148", "--out",
+                                  str(tmp_path), "--name", "assigned"])
+    text = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads((tmp_path / "assigned.json").read_text())
+    assert doc["config"]["assigned_grads"] is True and doc["failures"] == []
+    (case,) = doc["cases"]
+    assert case["bitwise_vs_forloop"]["mc-flat-cpu"] is True
+    assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True
+    assert "--assigned-grads: before each timed step" in text
+
+
+def test_assigning_gives_each_step_gradients_of_its_own():
+    """bench.assigning: each call gives every parameter one of 2 gradient sets in turn, each
+    tensor its own (not the case's, not another contender's), with the case's values, after
+    the function it composes with (--evict's)."""
+    data = bench.case_data([3, 1, 5], torch.float32, torch.device("cpu"), seed=2)
+    calls = []
+    made = {name: (None, [p.clone().requires_grad_(True) for p in data.split(data.init)])
+            for name in ("a", "b")}
+    prepare = bench.assigning(made, data, {"a": lambda: calls.append("evict")})
+    given = {name: [] for name in made}
+    for _ in range(3):
+        for name, fn in prepare.items():
+            fn()
+            given[name].append([p.grad for p in made[name][1]])
+    assert calls == ["evict"] * 3
+    want = data.split(data.grads)
+    for name, sets in given.items():
+        assert [g is h for g, h in zip(sets[0], sets[2])] == [True] * 3  # 2 sets in turn
+        assert not any(g is h for g, h in zip(sets[0], sets[1]))
+        for grads in sets:
+            assert all(torch.equal(g, w) and g is not w for g, w in zip(grads, want))
+    assert not any(g is h for g in given["a"][0] for h in given["b"][0] + given["b"][1])
 
 
 def test_overhead_targets_unit():
