@@ -878,6 +878,24 @@ class _LentCall:
     entry: dict
 
 
+@dataclass
+class _RunCall:
+    """One flat call over a run of a bucket stepped in part (_step_flat made it; its other
+    parameters have no gradient), kept for the next step: `check` a _C.BucketCheck of the
+    run's own parameters, gradient views and (`buf_views`, or None without a flat buffer)
+    momentum buffer views, the op's arguments (the run's segments), its hyper-parameters
+    (_hyper_args) and last_step entry; `n` its parameters."""
+
+    b: object
+    n: int
+    use_buf: bool
+    check: object
+    buf_views: list | None
+    args: tuple
+    h: dict
+    entry: dict
+
+
 class _ShardCheck:
     """_C.ListCheck's check for a list call over the local shards of DTensor (FSDP2)
     parameters, in Python (the shards sit behind DTensor attributes): each DTensor's local
@@ -2414,10 +2432,12 @@ class _FusedMomentum(Optimizer):
         the hyper-parameters Python numbers, dtypes or None (immutable, so the same objects
         give the same plan), or tensors the kernels read themselves (_replayable_hyper: filled
         in place, the same object gives the same plan; kept as the ops' *_tensor keywords,
-        _hyper_args); each bucket stepped is one whole run, not a first step, whose buffers
-        all exist (or none is used) and whose first step is not left to the device (_Unsure):
-        its flat call, or the list call over the lent ones (`lent`, per group: _step_flat's
-        _LentCalls); a bucket with no run (its gradients elsewhere, e.g. p.grad = g) has its
+        _hyper_args); each run of a bucket stepped is not a first step, its buffers all exist
+        (or none is used) and the bucket's first step is not left to the device (_Unsure): a
+        whole bucket's flat call, or the list call over the lent ones (`lent`, per group:
+        _step_flat's _LentCalls); a bucket stepped in part (its other parameters without a
+        gradient: an unused branch, DDP's find_unused_parameters) has each run's flat call
+        (_RunCall), as _step_flat made them, and those others kept without; a bucket with no run (its gradients elsewhere, e.g. p.grad = g) has its
         parameters with a gradient stepped by the list calls, those without kept without;
         the parameters outside the buckets are stepped by per-tensor list calls that
         _step_tensors kept (`kept`, per group: none on torch's ops, mixing DTensor shards with
@@ -2432,31 +2452,51 @@ class _FusedMomentum(Optimizer):
             if ((loose and lists is None)
                     or not _replayable_hyper(h, vals, [r[0].flat_param.device for r in runs]
                                              + [c.device for c in lists or []])
-                    or any(r[1] != 0 or r[2] != len(r[0].params) or r[3] or r[4]
-                           or r[0].unsure is not None for r in runs)
+                    or any(r[3] or r[4] or r[0].unsure is not None for r in runs)
                     or any(b.unsure is not None for b in rest)):
+                return
+            # a bucket stepped in part: its parameters outside the runs have no gradient
+            ran = {}
+            for b, i0, i1, *_ in runs:
+                ran.setdefault(id(b), set()).update(range(i0, i1))
+            unstepped = [p for b, *_ in runs for i, p in enumerate(b.params)
+                         if i not in ran[id(b)]]
+            if any(p.grad is not None for p in unstepped):
                 return
             use_buf = _use_buf(h)
             groups.append((g, lay, vals))
-            calls += [(b, use_buf, (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
-                                    b.run_segments(0, len(b.params))),
-                       self._hyper_args(h, b.device)) for b, *_ in runs if not b.lent]
+            for b, i0, i1, *_ in runs:
+                args = (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
+                        b.run_segments(i0, i1))
+                if i0 == 0 and i1 == len(b.params):
+                    if not b.lent:  # (a lent one's: its _LentCall, in lends)
+                        calls.append((b, use_buf, args, self._hyper_args(h, b.device)))
+                    continue
+                calls.append(_RunCall(
+                    b, i1 - i0, use_buf, _C.BucketCheck(b.params[i0:i1], b.grad_views[i0:i1],
+                                               b.ptrs[i0:i1], b.gptrs[i0:i1]),
+                    b.buf_views[i0:i1] if b.flat_buf is not None else None, args,
+                    self._hyper_args(h, b.device),
+                    self._entry(b.backend, "flat", b.flat_param, i1 - i0,
+                                b.numel_before[i1] - b.numel_before[i0])))
             calls += lends
             for c in lists or []:  # (armed after the ops: versions as they left them)
                 c.h = self._hyper_args(c.h, c.device)
                 calls.append(c.arm())
             # must stay without a gradient
             bare = [p for p in lay.outside + [p for b in rest for p in b.params]
-                    if p.grad is None]
+                    if p.grad is None] + unstepped
             if bare:
                 idle.append(_C.ListCheck(bare, False, [], [[] for _ in bare], [False] * len(bare)))
             idle += [_Apart(b) for b in rest]
-        fast = None  # one bucket is the step's only work: its check runs the step too
-        if len(calls) == 1 and type(calls[0]) is tuple:
-            b, _, args, h = calls[0]
-            if (b.check is not None and self._backend_for(b.device) != "triton"
+        fast = None  # one flat call is the step's only work: its check runs the step too
+        if len(calls) == 1 and type(calls[0]) in (tuple, _RunCall):
+            c = calls[0]
+            b, check, args, h = ((c[0], c[0].check, c[2], c[3]) if type(c) is tuple
+                                 else (c.b, c.check, c.args, c.h))
+            if (check is not None and self._backend_for(b.device) != "triton"
                     and not any(arg in h for _, arg in _HYPER_TENSOR_ARGS)):  # (floats only)
-                fast = b.check
+                fast = check
                 fast.arm(*args, **h)
         self._steady = (list(self.param_groups), groups, calls, idle, fast)
 
@@ -2487,12 +2527,18 @@ class _FusedMomentum(Optimizer):
                 return False
         state = self.state
         if fast is not None and amp is None:  # check, op and bumps in one C++ call
-            b, use_buf, _, _ = calls[0]
-            if (b.check is not fast or any(c.check(state) is None for c in idle)
-                    or fast.replay(state if use_buf else None,
-                                   b.buf_views if b.flat_buf is not None else None)):
+            c = calls[0]
+            if type(c) is tuple:
+                b, use_buf = c[0], c[1]
+                views, entry = b.buf_views if b.flat_buf is not None else None, b.entry
+                if b.check is not fast:
+                    return False
+            else:
+                use_buf, views, entry = c.use_buf, c.buf_views, c.entry
+            if (any(c.check(state) is None for c in idle)
+                    or fast.replay(state if use_buf else None, views)):
                 return False
-            self.last_step = [dict(b.entry)]
+            self.last_step = [dict(entry)]
             return True
         grads = []
         for c in calls:
@@ -2508,6 +2554,9 @@ class _FusedMomentum(Optimizer):
                 continue
             if type(c) is _LentCall:
                 if not all(_bucket_holds(b, state, c.use_buf) for b in c.buckets):
+                    return False
+            elif type(c) is _RunCall:
+                if c.check.check(state if c.use_buf else None, c.buf_views):
                     return False
             elif not _bucket_holds(c[0], state, c[1]):
                 return False
@@ -2527,6 +2576,12 @@ class _FusedMomentum(Optimizer):
                                                     self._kernel_args(c.h, amp, c.device)))
                 for b in c.buckets:
                     b.check.bump(0, len(b.params))
+                entries.append(dict(c.entry))
+                continue
+            if type(c) is _RunCall:
+                c.b.op(*c.args, first_step=False, **(c.h if amp is None else
+                                                     self._kernel_args(c.h, amp, c.b.device)))
+                c.check.bump(0, c.n)
                 entries.append(dict(c.entry))
                 continue
             b, _, args, h = c

@@ -16,6 +16,7 @@ from conftest import (Lender, assert_twins, backward_grads, forbid_planning, fre
                       make_values, no_host_reads, twin_params, write_grads)
 
 SIZES = [1, 3, 97, 16, 5, 33]  # two groups of three
+UNUSED = [4, 9]  # (the "-unused" layouts) parameters 6 and 7, in the middle of each group
 STEPS, EDIT_AT = 6, 3
 
 
@@ -73,18 +74,22 @@ EDITS = {
 }
 
 
-def _twins(kind, flat, n_groups=2, frozen=()):
+def _twins(kind, flat, n_groups=2, frozen=(), unused=False):
     """(ours, torch's, our optimizer, torch's) over SIZES, in two groups or one (flat: one
     bucket, whose replay runs check, op and bumps in one C++ call: BucketCheck.replay); the
-    parameters at the indices `frozen` frozen before the optimizers are made."""
-    ours, ref = twin_params(make_values(SIZES, torch.float32, 0))
+    parameters at the indices `frozen` frozen before the optimizers are made. unused: two
+    parameters of UNUSED sizes more, at the end of the lists (6 and 7) but in the middle of
+    the groups ([0, 6, 1, 2], [3, 4, 7, 5]): an unused branch, which no gradient reaches."""
+    ours, ref = twin_params(make_values(SIZES + (UNUSED if unused else []), torch.float32, 0))
     for i in frozen:
         ours[i].requires_grad_(False)
         ref[i].requires_grad_(False)
+    order = [0, 6, 1, 2, 3, 4, 7, 5] if unused else list(range(len(SIZES)))
     if n_groups == 1:
-        groups = lambda ps: [{"params": ps}]  # noqa: E731
+        groups = lambda ps: [{"params": [ps[i] for i in order]}]  # noqa: E731
     else:
-        groups = lambda ps: [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02}]  # noqa: E731
+        groups = lambda ps: [{"params": [ps[i] for i in order[:len(order) // 2]]},  # noqa: E731
+                             {"params": [ps[i] for i in order[len(order) // 2:]], "lr": 0.02}]
     if kind == "sgd":
         h = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
         return (ours, ref, momentum_cuda.SGD(groups(ours), flat=flat, **h),
@@ -98,9 +103,13 @@ CASES = [(kind, name) for name, (kinds, _) in EDITS.items() for kind in kinds.sp
 
 # how the gradients reach our parameters, flat=True: "backward" into the flat views the hooks
 # attach (a bucket's flat call); "assigned", p.grad = g (the buckets stepped by list calls);
-# "lent", DDP's bucket views (gradient_as_bucket_view=True: the lent bucket's list call)
-LAYOUTS = [(True, "backward"), (False, "backward"), (True, "assigned"), (True, "lent")]
-LAYOUT_IDS = ["flat", "pertensor", "flat-assigned", "flat-lent"]
+# "lent", DDP's bucket views (gradient_as_bucket_view=True: the lent bucket's list call);
+# "-unused": the parameters of an unused branch in the middle of each group get none (each
+# bucket stepped in part: a flat call per run; DDP's find_unused_parameters)
+LAYOUTS = [(True, "backward"), (False, "backward"), (True, "assigned"), (True, "lent"),
+           (True, "backward-unused"), (False, "backward-unused"), (True, "lent-unused")]
+LAYOUT_IDS = ["flat", "pertensor", "flat-assigned", "flat-lent", "flat-unused",
+              "pertensor-unused", "flat-lent-unused"]
 
 
 class _Deliver:
@@ -109,18 +118,20 @@ class _Deliver:
     optimizers no longer hold) and then, on ours, DDP's bucket views."""
 
     def __init__(self, how, ours, ref):
-        self.how, self.ours, self.ref = how, ours, ref
-        self.lend = Lender(ours) if how == "lent" else None
+        self.how, self.used = how.removesuffix("-unused"), len(SIZES)
+        self.ours, self.ref = ours, ref
+        self.lend = Lender(ours) if self.how == "lent" else None
 
     def __call__(self, opt, topt, grads):
+        grads = grads[:self.used]  # (an unused branch's parameters get none)
         if self.how == "assigned":
             for o, ps in ((opt, self.ours), (topt, self.ref)):
                 o.zero_grad()
                 for p, g in zip(ps, grads):
                     p.grad = g.clone()
             return
-        write_grads(opt, self.ours, grads)  # zero_grad(), backward(): the flat views come back
-        write_grads(topt, self.ref, grads)
+        write_grads(opt, self.ours[:self.used], grads)  # zero_grad(), backward(): the flat
+        write_grads(topt, self.ref[:self.used], grads)  # views come back
         if self.lend is not None:
             self.lend()
 
@@ -129,7 +140,7 @@ class _Deliver:
 @pytest.mark.parametrize("flat,how", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("kind,edit", CASES, ids=[f"{k}-{e}" for k, e in CASES])
 def test_edit_between_steady_steps(kind, edit, flat, how, n_groups):
-    ours, ref, opt, topt = _twins(kind, flat, n_groups)
+    ours, ref, opt, topt = _twins(kind, flat, n_groups, unused=how.endswith("-unused"))
     deliver = _Deliver(how, ours, ref)
     gen = torch.Generator().manual_seed(1)
     for step in range(STEPS):
@@ -157,11 +168,18 @@ def test_the_training_loop_replays(flat, how, n_groups, monkeypatch):
     write moves it. With one group, flat (one bucket), the replay is BucketCheck.replay (check,
     kernel and version bumps in one C++ call): the bucket's op does not run either. So with
     the gradients assigned (the flat buckets' parameters stepped by list calls) or DDP's bucket
-    views (the lent bucket's list call)."""
-    ours, ref, opt, topt = _twins("sgd", flat, n_groups)
+    views (the lent bucket's list call), or with an unused branch in each group (each bucket
+    stepped in part: a flat call per run of parameters with a gradient; the unused ones keep
+    their version)."""
+    unused = how.endswith("-unused")
+    ours, ref, opt, topt = _twins("sgd", flat, n_groups, unused=unused)
     deliver = _Deliver(how, ours, ref)
     gen = torch.Generator().manual_seed(2)
     path = "flat" if flat and how != "assigned" else "per-tensor"
+    # last_step's entries: a flat call per run of our buckets (1 group: [0], [1..4], [5]; 2:
+    # [0], [1, 2] and [3, 4], [5]); else one call per group (DDP's views: the lent bucket
+    # holds the parameters with a gradient)
+    calls = (3 if n_groups == 1 else 4) if how == "backward-unused" and flat else n_groups
     for step in range(5):
         if step == 2:
             forbid_planning(monkeypatch, opt)
@@ -172,8 +190,9 @@ def test_the_training_loop_replays(flat, how, n_groups, monkeypatch):
         opt.step()
         topt.step()
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
-        assert [e["path"] for e in opt.last_step] == [path] * n_groups
-        assert [p._version for p in ours] == [v + 1 for v in versions]
+        assert [e["path"] for e in opt.last_step] == [path] * calls
+        assert [p._version for p in ours] == [v + (i < len(SIZES))
+                                              for i, v in enumerate(versions)]
 
 
 @pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
@@ -241,6 +260,36 @@ def test_a_gradient_appears_in_a_bucket_stepped_apart(n_groups):
             for i, (p, g) in enumerate(zip(ps, grads)):
                 if i != 1 or step >= 4:
                     p.grad = g.clone()
+        opt.step()
+        topt.step()
+        assert_twins(ours, ref, opt, topt, f"step {step + 1}")
+
+
+@pytest.mark.parametrize("n_groups", [2, 1], ids=["2groups", "1group"])
+@pytest.mark.parametrize("how", ["backward", "lent"])
+def test_a_gradient_reaches_the_unused_branch(how, n_groups, monkeypatch):
+    """flat=True with an unused branch in the middle of each group (each bucket stepped in
+    part, replayed from the third step); at the fifth step the branch is used, its parameters
+    get gradients: the replay checks they still had none (the idle check), so the step is
+    planned and steps them, with torch's bits; unused again from the seventh, replayed again
+    from the ninth."""
+    ours, ref, opt, topt = _twins("sgd", True, n_groups, unused=True)
+    deliver = _Deliver(how + "-unused", ours, ref)
+    lend = Lender(ours) if how == "lent" else None
+    gen = torch.Generator().manual_seed(14)
+    for step in range(10):
+        if step in (2, 3, 8, 9):
+            forbid_planning(monkeypatch, opt)
+        else:
+            monkeypatch.undo()
+        grads = fresh_grads(ours, gen)
+        if step in (4, 5):
+            write_grads(opt, ours, grads)
+            write_grads(topt, ref, grads)
+            if lend is not None:
+                lend()
+        else:
+            deliver(opt, topt, grads)
         opt.step()
         topt.step()
         assert_twins(ours, ref, opt, topt, f"step {step + 1}")
