@@ -350,13 +350,13 @@ def test_tensor_hyper_parameters_filled_in_place_replay(monkeypatch, case, flat)
     assert (opt._steady is not None) == replays
 
 
-@pytest.mark.parametrize("how", ["backward", "assigned", "lent"])
+@pytest.mark.parametrize("how", ["backward", "assigned", "lent", "backward-unused"])
 def test_gradscaler_steps_replay(monkeypatch, how):
     """Under GradScaler (the kernels unscale and skip an overflowed step): from the third step
     on no planning runs, overflowed steps included, and the bits stay those of GradScaler with
     torch.optim.SGD(foreach=False); so with our gradients assigned after backward (p.grad = a
-    copy) or DDP's bucket views (LAYOUTS)."""
-    ours, ref, opt, topt = _twins("sgd", True)
+    copy), DDP's bucket views or an unused branch (LAYOUTS)."""
+    ours, ref, opt, topt = _twins("sgd", True, unused=how.endswith("-unused"))
     lend = Lender(ours) if how == "lent" else None
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
                for _ in range(2)]
@@ -369,7 +369,8 @@ def test_gradscaler_steps_replay(monkeypatch, how):
             grads[step].view(-1)[0] = float("inf")
         for o, ps, sc in ((opt, ours, scalers[0]), (topt, ref, scalers[1])):
             o.zero_grad()
-            sc.scale(torch.stack([(p * g).sum() for p, g in zip(ps, grads)]).sum()).backward()
+            sc.scale(torch.stack([(p * g).sum() for p, g in zip(ps[:len(SIZES)], grads)])
+                     .sum()).backward()
             if o is opt and how == "assigned":
                 for p in ps:
                     p.grad = p.grad.clone()
