@@ -750,15 +750,20 @@ def ddp_train(ctx: Ctx, *, find_unused: bool, bucket_view: bool, static: bool, f
         schedule_lr(opt, topt)
 
 
-def ddp_steady(ctx: Ctx, *, bucket_view: bool, flat: bool, hk: str, steps: int = 7):
-    """DDP's usual loop (zero_grad, forward, backward, step; every parameter used): from the
+def ddp_steady(ctx: Ctx, *, bucket_view: bool, flat: bool, hk: str, steps: int = 7,
+               unused: bool = False):
+    """DDP's usual loop (zero_grad, forward, backward, step; every parameter used, or with
+    `unused` the branch in the middle of the model unused on every rank, under
+    find_unused_parameters=True: its parameters get no gradient, a bucket stepped in part):
+    from the
     third step on (DDP rebuilds its buckets after the first iteration, and the layout follows)
     each step is replayed (optim._step_steady: no planning; with tensor hyper-parameters,
     filled in place at every step, no host read either), with the bits of torch's twin. With
     gradient_as_bucket_view=True and flat=True the kernels read DDP's buckets in place (lent
     buckets), and their list call is what replays (_LentCall)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    kw = dict(process_group=ctx.group, gradient_as_bucket_view=bucket_view)
+    kw = dict(process_group=ctx.group, gradient_as_bucket_view=bucket_view,
+              find_unused_parameters=unused)
     d, td = DDP(branchy(17), **kw), DDP(branchy(17), **kw)
     opt, topt = make_opts(d.parameters(), td.parameters(), hk, flat)
     _count_planning(opt)
@@ -766,7 +771,7 @@ def ddp_steady(ctx: Ctx, *, bucket_view: bool, flat: bool, hk: str, steps: int =
         x, y = mlp_data(ctx, 19, k)
         for model, o in ((d, opt), (td, topt)):
             o.zero_grad()
-            F.mse_loss(model(x, True), y).backward()
+            F.mse_loss(model(x, not unused), y).backward()
         label = f"step {k + 1}:"
         if k >= 2:
             _replayed(ctx, opt, opt.step, label)
@@ -777,8 +782,13 @@ def ddp_steady(ctx: Ctx, *, bucket_view: bool, flat: bool, hk: str, steps: int =
         ctx.record("paths", paths(opt))
         schedule_lr(opt, topt)
     lent = [b.lent for lay in opt._layouts.values() for b in lay.buckets]
-    if lent != ([bucket_view] * len(lent) if flat else []) or (flat and not lent):
-        ctx.check.fail(f"buckets lent {lent}, expected {bucket_view} each (flat={flat})")
+    if unused:  # (flat=True; the branch's parameters, given no bucket view, in one of ours)
+        wrong = not lent or any(lent) != bucket_view
+    else:
+        wrong = lent != ([bucket_view] * len(lent) if flat else []) or (flat and not lent)
+    if wrong:
+        ctx.check.fail(f"buckets lent {lent}, bucket_view={bucket_view} (flat={flat}, "
+                       f"unused={unused})")
 
 
 def ddp_gradscaler_capturable(ctx: Ctx, *, flat: bool, hk: str, steps: int = 8):
@@ -1462,6 +1472,8 @@ def _build() -> None:
             for hk in ("nest-wd", "tensors", "ema"):
                 _add(2, f"ddp-steady/bucket_view={int(bucket_view)}/{_flat_id(flat)}/{hk}",
                      ddp_steady, bucket_view=bucket_view, flat=flat, hk=hk)
+        _add(2, f"ddp-steady-unused/bucket_view={int(bucket_view)}/flat/tensors", ddp_steady,
+             bucket_view=bucket_view, flat=True, hk="tensors", unused=True)
     _add(2, "ddp/find_unused=1,bucket_view=1,static=0/flat/dynamic/ema", ddp_train,
          find_unused=True, bucket_view=True, static=False, flat=True, hk="ema", schedule="dynamic")
     for flat in (True, False):
