@@ -58,9 +58,12 @@ tensors: one bucket): the step momentum_cuda flat replays is then the list call 
 spans, read in place. --assigned-grads gives every parameter a gradient tensor of its own before
 each timed step (p.grad = g, untimed; 2 sets of the same values used in turn), as a loop that
 computes gradients outside autograd does: never momentum_cuda's flat views, so flat steps them
-per tensor.
+per tensor. --unused-grads leaves every UNUSED_EVERY-th parameter (from the fourth) without a
+gradient, as an unused branch does: every bucket of momentum_cuda flat is stepped in part, one
+flat call per run of parameters with a gradient.
 Files: json and csv (no png); <name> defaults to bench-overhead-<device>-<date>
-(bench-overhead-ddp-... with --ddp-grads, bench-overhead-assigned-... with --assigned-grads).
+(bench-overhead-ddp-... with --ddp-grads, bench-overhead-assigned-... with --assigned-grads,
+bench-overhead-unused-... with --unused-grads).
 
 --ampclip: one AMP+clip training step after backward, per contender. momentum_cuda (each
 implementation that runs here): scaler.unscale_(opt); opt.clip_grad_norm_(max_norm);
@@ -416,6 +419,7 @@ class CaseData:
     mesh: object = None  # a DTensor case's one-process DeviceMesh; None: plain tensors
     local: tuple = ()  # in a DTensor case, the implementations that step the local tensors
     buckets: list | None = None  # a DDP case's buckets: parameter indices, in bucket order
+    bare: frozenset = frozenset()  # --unused-grads: the parameters given no gradient
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(flat.split(self.sizes))
@@ -475,7 +479,8 @@ def build(impl: Impl, data: CaseData, hyper):
     case each parameter is an nn.Parameter holding a DTensor, Shard(0) on the case's mesh, and
     its gradient a DTensor sharded alike, as FSDP2 makes them (unless the implementation steps
     the local tensors). In a DDP case every gradient is a view of a bucket (data.buckets) of
-    this implementation's own, as DDP's gradient_as_bucket_view=True makes them."""
+    this implementation's own, as DDP's gradient_as_bucket_view=True makes them. The
+    parameters data.bare name get none (--unused-grads)."""
     params = []
     dtensors = data.as_dtensors(impl)
     grads = data.split(data.grads)
@@ -496,7 +501,7 @@ def build(impl: Impl, data: CaseData, hyper):
             p.grad = DTensor.from_local(g.clone(), data.mesh, [Shard(0)], run_check=False)
         else:
             p = x.clone().requires_grad_(True)
-            p.grad = g.clone()
+            p.grad = None if k in data.bare else g.clone()
         params.append(p)
     return impl.make(params, hyper), params
 
@@ -568,11 +573,18 @@ def _one_call(impl: Impl, calls: list, numel: int, path: str) -> None:
 MODE_PATHS = {"master": "master", "sr": "stochastic-rounding", "qmom": "momentum-dtype"}
 
 
-def _check_flat(impl: Impl, opt, numel: int) -> None:
+def _check_flat(impl: Impl, opt, numel: int, runs: bool = False) -> None:
     """A flat optimizer's step: one flat kernel call over `numel` elements (a DDP case too:
-    one call over the spans of all buckets); a mode's (--master, --modes: master weights,
+    one call over the spans of all buckets; `runs`, --unused-grads: flat calls over runs of
+    parameters, `numel` elements in all); a mode's (--master, --modes: master weights,
     stochastic rounding, momentum_dtype): one call of its path over all, on its backend."""
-    if impl.kind in MODE_PATHS or impl.flat:
+    if runs and impl.flat:
+        calls = opt.last_step
+        if (not calls or any(c["path"] != "flat" for c in calls)
+                or sum(c["numel"] for c in calls) != numel):
+            raise BenchFailure(f"{impl.label} did not make flat kernel calls over {numel} "
+                               f"elements in all; last_step = {calls}")
+    elif impl.kind in MODE_PATHS or impl.flat:
         _one_call(impl, opt.last_step, numel, MODE_PATHS.get(impl.kind, "flat"))
 
 
@@ -620,13 +632,16 @@ def differences(opt, params, ref_opt, ref_params, momentum: float) -> dict | Non
 
 def compare_lists(triples, same_kind: bool = False) -> dict | None:
     """differences() of (what, ours, reference) tensor lists: None when all are bitwise equal
-    (same_kind: also placed alike, DTensors), else per `what` as differences() says."""
+    or absent on both sides (a parameter never given a gradient has no buffer; same_kind:
+    also placed alike, DTensors), else per `what` as differences() says."""
     out = {}
     for what, ours, ref in triples:
         unmatched, differ = [], []
         kinds = [_placements(a) for a in ours], [_placements(b) for b in ref]
         ours, ref = [_local(a) for a in ours], [_local(b) for b in ref]
         for i, (a, b) in enumerate(zip(ours, ref)):
+            if a is None and b is None:
+                continue
             if (a is None or b is None or a.shape != b.shape
                     or (same_kind and kinds[0][i] != kinds[1][i])):
                 unmatched.append(i)
@@ -703,17 +718,18 @@ def describe(diff: dict) -> str:
 
 
 def _two_steps(impl: Impl, data: CaseData, hyper):
-    numel = sum(data.sizes)
+    numel = sum(n for i, n in enumerate(data.sizes) if i not in data.bare)
     opt, params = build(impl, data, hyper)
     opt.step()
     if impl.ours:
-        _check_flat(impl, opt, numel)
+        _check_flat(impl, opt, numel, bool(data.bare))
     with torch.no_grad():
         for p, g in zip(params, data.split(data.grads2)):
-            _local(p.grad).copy_(g)
+            if p.grad is not None:
+                _local(p.grad).copy_(g)
     opt.step()
     if impl.ours:
-        _check_flat(impl, opt, numel)
+        _check_flat(impl, opt, numel, bool(data.bare))
     return opt, params
 
 
@@ -928,6 +944,9 @@ def evicting(steps: dict, mb: int) -> dict | None:
     return {name: functools.partial(junk.add_, 1) for name in steps}
 
 
+UNUSED_EVERY, UNUSED_FROM = 8, 3  # --unused-grads: the parameters 3, 11, 19, ... get none
+
+
 def assigning(made: dict, data, prepare: dict | None) -> dict:
     """--assigned-grads: {name: fn} for timed_rounds' prepare, giving each parameter of that
     contender (made: name -> (optimizer, params)) a gradient tensor of its own, untimed, before
@@ -935,7 +954,9 @@ def assigning(made: dict, data, prepare: dict | None) -> dict:
     steps the same values as without it). Composed after prepare's function (--evict)."""
     out = dict(prepare or {})
     for name, (_, params) in made.items():
-        turn = itertools.cycle([[g.clone() for g in data.split(data.grads)] for _ in range(2)])
+        turn = itertools.cycle([[None if k in data.bare else g.clone()
+                                 for k, g in enumerate(data.split(data.grads))]
+                                for _ in range(2)])
 
         def give(params=params, turn=turn, before=out.get(name)):
             if before is not None:
@@ -1078,6 +1099,10 @@ def run_case(layout, total, dtype, impls, hyper, args, device, clock, deadline=N
     case["bytes_per_param"] = 5 * esize
     if layout in DTENSOR_LAYOUTS:
         impls = dtensor_case(case, data, impls, dtype, device)
+    if args.overhead and args.unused_grads:
+        data.bare = frozenset(range(UNUSED_FROM, len(sizes), UNUSED_EVERY))
+        case.update(params=f"grads: none for every {UNUSED_EVERY}th parameter from index "
+                           f"{UNUSED_FROM} ({len(data.bare)} of {len(sizes)})")
     if layout in DDP_LAYOUTS or (args.overhead and args.ddp_grads):
         data.buckets = ddp_buckets(sizes, esize)
         case.update(params="grads: views of DDP buckets",
@@ -2209,6 +2234,9 @@ def print_summary(doc: dict, out=None) -> None:
             print("(--ddp-grads: each .grad a view of a DDP-style gradient bucket, reverse "
                   "parameter order, as DDP's gradient_as_bucket_view=True hands them over; "
                   "mc-flat reads the bucket in place, one call)", file=out)
+        if doc["config"].get("unused_grads"):
+            print(f"(--unused-grads: every {UNUSED_EVERY}th parameter from index {UNUSED_FROM} "
+                  "has no gradient; mc-flat makes a flat call per run of the others)", file=out)
         if doc["config"].get("assigned_grads"):
             print("(--assigned-grads: before each timed step, untimed, p.grad = a gradient "
                   "tensor of its own, 2 sets in turn; mc-flat steps them per tensor)", file=out)
@@ -2707,6 +2735,9 @@ def parse_args(argv=None):
                     help="--overhead: before each timed step, untimed, every parameter gets a "
                          "gradient tensor of its own (p.grad = g), as a loop computing "
                          "gradients outside autograd hands them over")
+    ap.add_argument("--unused-grads", action="store_true",
+                    help=f"--overhead: every {UNUSED_EVERY}th parameter (from index "
+                         f"{UNUSED_FROM}) has no gradient, as an unused branch leaves it")
     ap.add_argument("--ampclip", action="store_true",
                     help="time one AMP+clip step: GradScaler.unscale_, clip_grad_norm_, "
                          "GradScaler.step, update; tiny tensors (--tensors) and a bandwidth "
@@ -2832,6 +2863,10 @@ def parse_args(argv=None):
     if args.assigned_grads and args.ddp_grads:
         ap.error("--assigned-grads and --ddp-grads are two ways to hand gradients over: one "
                  "at a time")
+    if args.unused_grads and not args.overhead:
+        ap.error("--unused-grads is for --overhead")
+    if args.unused_grads and args.ddp_grads:
+        ap.error("--unused-grads and --ddp-grads: one at a time")
     if args.max_norm is not None and not args.ampclip:
         ap.error("--max-norm is for --ampclip")
     args.rounds = ((100 if args.overhead else 30)
@@ -2966,6 +3001,7 @@ def main(argv=None) -> int:
                            f"bench-{'overhead-' if args.overhead else ''}"
                            f"{'ddp-' if args.ddp_grads else ''}"
                            f"{'assigned-' if args.assigned_grads else ''}"
+                           f"{'unused-' if args.unused_grads else ''}"
                            f"{'ampclip-' if args.ampclip else ''}"
                            f"{'master-' if args.master else ''}"
                            f"{'modes-' if args.modes else ''}{host_kind(device)}-"

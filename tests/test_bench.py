@@ -103,6 +103,9 @@ def test_parse_count_rejects(text):
     (["--quick", "--evict", "8"], "--evict is for --overhead"),
     (["--quick", "--ddp-grads"], "--ddp-grads is for --overhead"),
     (["--quick", "--assigned-grads"], "--assigned-grads is for --overhead"),
+    (["--quick", "--unused-grads"], "--unused-grads is for --overhead"),
+    (["--overhead", "--unused-grads", "--ddp-grads"], "--unused-grads and --ddp-grads: one at "
+                                                       "a time"),
     (["--overhead", "--assigned-grads", "--ddp-grads"], "--assigned-grads and --ddp-grads are "
                                                          "two ways to hand gradients over"),
 ])
@@ -912,6 +915,44 @@ def test_overhead_with_assigned_gradients(tmp_path, capsys, keep_threads):
     assert case["bitwise_vs_forloop"]["mc-flat-cpu"] is True
     assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True
     assert "--assigned-grads: before each timed step" in text
+
+
+@pytest.mark.parametrize("assigned", [False, True], ids=["backward", "assigned"])
+def test_overhead_with_unused_gradients(tmp_path, capsys, keep_threads, assigned):
+    """--overhead --unused-grads: every 8th parameter from the fourth has no gradient (so with
+    --assigned-grads too); momentum_cuda flat steps the others by flat calls over runs (of 7),
+    each contender with the for-loop's bits, the parameters without a gradient untouched."""
+    code = bench.main(OVERHEAD + ["--unused-grads", "--tensors", "148", "--out", str(tmp_path),
+                                  "--name", "unused"] + (["--assigned-grads"] if assigned else []))
+    text = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads((tmp_path / "unused.json").read_text())
+    assert doc["config"]["unused_grads"] is True and doc["failures"] == []
+    (case,) = doc["cases"]
+    assert case["params"] == "grads: none for every 8th parameter from index 3 (19 of 148)"
+    assert case["bitwise_vs_forloop"]["mc-flat-cpu"] is True
+    assert case["bitwise_vs_forloop"]["mc-list-cpu"] is True
+    # one flat call per run: [0, 3), then 18 runs of 7 (the last parameter, 147, has none)
+    assert case["results"]["mc-flat-cpu"]["mc_calls"] == 19
+    assert "--unused-grads: every 8th parameter from index 3 has no gradient" in text
+
+
+def test_differences_with_parameters_never_stepped():
+    """A parameter without a gradient has no momentum buffer on either side: equal; a buffer
+    on one side only is missing on the other."""
+    data = bench.case_data([3, 5, 2], torch.float32, torch.device("cpu"), 0)
+    data.bare = frozenset([1])
+    forloop = bench.Impl("torch-forloop", "", lambda ps, h: torch.optim.SGD(
+        ps, foreach=False, **h), ours=False)
+    (a, pa), (b, pb) = (bench.build(forloop, data, dict(lr=0.1, momentum=0.9))
+                        for _ in range(2))
+    assert pa[1].grad is None and pa[0].grad is not None
+    a.step()
+    b.step()
+    assert bench.differences(a, pa, b, pb, momentum=0.9) is None
+    b.state[pb[1]]["momentum_buffer"] = torch.zeros(5)
+    d = bench.differences(a, pa, b, pb, momentum=0.9)
+    assert d == {"momentum_buffer": {"differing": 1, "of": 3, "missing_or_misshapen": [1]}}
 
 
 def test_assigning_gives_each_step_gradients_of_its_own():
