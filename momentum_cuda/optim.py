@@ -1265,7 +1265,6 @@ class _FusedMomentum(Optimizer):
                     raise ValueError(f"stochastic_rounding=True rounds to bfloat16; a float16 "
                                      f"parameter ({_what(p)}) is not supported")
 
-    @torch.no_grad()
     def _drop_masters(self, group) -> None:
         """The group's parameters that had a master and are no longer stepped through one
         (master_weights turned off, model.float()) lose its state entries, as stale as after a
@@ -1278,6 +1277,7 @@ class _FusedMomentum(Optimizer):
                 del self._master_seen[id(p)]
                 self._master_storage.pop(id(p), None)
 
+    @torch.no_grad()
     def _widen_buffers(self, group) -> None:
         """momentum_dtype was turned off: the group's fp32 parameters get fp32 buffers again
         (read back exactly as the kernels read them), as torch.optim.SGD keeps them."""
@@ -2437,8 +2437,9 @@ class _FusedMomentum(Optimizer):
         whole bucket's flat call, or the list call over the lent ones (`lent`, per group:
         _step_flat's _LentCalls); a bucket stepped in part (its other parameters without a
         gradient: an unused branch, DDP's find_unused_parameters) has each run's flat call
-        (_RunCall), as _step_flat made them, and those others kept without; a bucket with no run (its gradients elsewhere, e.g. p.grad = g) has its
-        parameters with a gradient stepped by the list calls, those without kept without;
+        (_RunCall), as _step_flat made them, and those others kept without; a bucket with no
+        run (its gradients elsewhere, e.g. p.grad = g) has its parameters with a gradient
+        stepped by the list calls, those without kept without;
         the parameters outside the buckets are stepped by per-tensor list calls that
         _step_tensors kept (`kept`, per group: none on torch's ops, mixing DTensor shards with
         plain tensors, with a gradient copied to the parameter's layout or a first step). Else
@@ -2472,9 +2473,10 @@ class _FusedMomentum(Optimizer):
                     if not b.lent:  # (a lent one's: its _LentCall, in lends)
                         calls.append((b, use_buf, args, self._hyper_args(h, b.device)))
                     continue
+                check = _C.BucketCheck(b.params[i0:i1], b.grad_views[i0:i1], b.ptrs[i0:i1],
+                                       b.gptrs[i0:i1])
                 calls.append(_RunCall(
-                    b, i1 - i0, use_buf, _C.BucketCheck(b.params[i0:i1], b.grad_views[i0:i1],
-                                               b.ptrs[i0:i1], b.gptrs[i0:i1]),
+                    b, i1 - i0, use_buf, check,
                     b.buf_views[i0:i1] if b.flat_buf is not None else None, args,
                     self._hyper_args(h, b.device),
                     self._entry(b.backend, "flat", b.flat_param, i1 - i0,

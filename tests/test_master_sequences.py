@@ -20,8 +20,9 @@ group's lr, momentum or weight_decay made a 1-element fp32 or fp64 tensor, or fi
 (model.to(memory_format=...): a master restarts, the twin is given its value; int8 momentum
 blocks are formed again on the new layout), for master weights a parameter's dtype changed
 (bf16 <-> fp16, model.to(dtype): the master restarts in the other form), a new param group,
-state_dict + load_state_dict, copy.deepcopy of parameters and optimizer together. After every operation: every master, parameter and momentum
-buffer bit for bit (and the step counts), and gradient presence. Stochastic rounding also
+state_dict + load_state_dict, copy.deepcopy of parameters and optimizer together. After every
+operation: every master, parameter and momentum buffer bit for bit (and the step counts), and
+gradient presence. Stochastic rounding also
 draws opt.state.clear() on both sides (the step counts restart, so do the keys).
 
 Not drawn, with the reason: for master weights, opt.state.clear() / momentum_buffer = None
