@@ -59,8 +59,8 @@ spans, read in place. --assigned-grads gives every parameter a gradient tensor o
 each timed step (p.grad = g, untimed; 2 sets of the same values used in turn), as a loop that
 computes gradients outside autograd does: never momentum_cuda's flat views, so flat steps them
 per tensor. --unused-grads leaves every UNUSED_EVERY-th parameter (from the fourth) without a
-gradient, as an unused branch does: every bucket of momentum_cuda flat is stepped in part, one
-flat call per run of parameters with a gradient.
+gradient, as an unused branch does: every bucket of momentum_cuda flat is stepped in part, by
+one flat call over its runs of parameters with a gradient.
 Files: json and csv (no png); <name> defaults to bench-overhead-<device>-<date>
 (bench-overhead-ddp-... with --ddp-grads, bench-overhead-assigned-... with --assigned-grads,
 bench-overhead-unused-... with --unused-grads).
@@ -576,7 +576,7 @@ MODE_PATHS = {"master": "master", "sr": "stochastic-rounding", "qmom": "momentum
 def _check_flat(impl: Impl, opt, numel: int, runs: bool = False) -> None:
     """A flat optimizer's step: one flat kernel call over `numel` elements (a DDP case too:
     one call over the spans of all buckets; `runs`, --unused-grads: flat calls over runs of
-    parameters, `numel` elements in all); a mode's (--master, --modes: master weights,
+    parameters, `numel` elements in all, one per bucket); a mode's (--master, --modes: master weights,
     stochastic rounding, momentum_dtype): one call of its path over all, on its backend."""
     if runs and impl.flat:
         calls = opt.last_step
@@ -2236,7 +2236,7 @@ def print_summary(doc: dict, out=None) -> None:
                   "mc-flat reads the bucket in place, one call)", file=out)
         if doc["config"].get("unused_grads"):
             print(f"(--unused-grads: every {UNUSED_EVERY}th parameter from index {UNUSED_FROM} "
-                  "has no gradient; mc-flat makes a flat call per run of the others)", file=out)
+                  "has no gradient; mc-flat makes one flat call over the runs of the others)", file=out)
         if doc["config"].get("assigned_grads"):
             print("(--assigned-grads: before each timed step, untimed, p.grad = a gradient "
                   "tensor of its own, 2 sets in turn; mc-flat steps them per tensor)", file=out)

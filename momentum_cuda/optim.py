@@ -744,6 +744,18 @@ class _Bucket:
             return self.whole
         return self.segments[i0:i1]
 
+    def runs_segments(self, ranges) -> torch.Tensor:
+        """run_segments of several runs [(i0, i1, ...), ...] (in order, apart), for one flat
+        call over all of them."""
+        if len(ranges) == 1:
+            return self.run_segments(*ranges[0][:2])
+        return torch.cat([self.run_segments(r[0], r[1]) for r in ranges])
+
+    def count(self, ranges) -> tuple[int, int]:
+        """(parameters, elements) of runs [(i0, i1, ...), ...]."""
+        return (sum(r[1] - r[0] for r in ranges),
+                sum(self.numel_before[r[1]] - self.numel_before[r[0]] for r in ranges))
+
     def span_views(self, use_buf: bool) -> list:
         """(param, grad, buffer) 1-D views a list call steps for the whole bucket (a lent one):
         one per run of adjacent parameters where positions do not change the bits (a GPU;
@@ -880,10 +892,10 @@ class _LentCall:
 
 @dataclass
 class _RunCall:
-    """One flat call over a run of a bucket stepped in part (_step_flat made it; its other
+    """The flat call over the runs of a bucket stepped in part (_step_flat made it; its other
     parameters have no gradient), kept for the next step: `check` a _C.BucketCheck of the
-    run's own parameters, gradient views and (`buf_views`, or None without a flat buffer)
-    momentum buffer views, the op's arguments (the run's segments), its hyper-parameters
+    runs' own parameters, gradient views and (`buf_views`, or None without a flat buffer)
+    momentum buffer views, the op's arguments (the runs' segments), its hyper-parameters
     (_hyper_args) and last_step entry; `n` its parameters."""
 
     b: object
@@ -944,6 +956,20 @@ class _ShardCheck:
         self.marks = [_master_mark(dt) for dt, *_ in self.items]
         for (dt, *_), mark in zip(self.items, self.marks):
             seen[id(dt)] = mark
+
+
+def _by_bucket(runs) -> list:
+    """_plan's runs ([bucket, i0, i1, first step, new buffers]) as flat calls: [bucket, first
+    step, [(i0, i1, new buffers), ...]], consecutive runs of a bucket with the same first step
+    together (a bucket stepped in part: one call over its runs), but where the bucket's first
+    step is left to the device (_Unsure: a whole bucket, one run, _plan)."""
+    calls = []
+    for b, i0, i1, first, new in runs:
+        if calls and calls[-1][0] is b and calls[-1][1] == first and b.unsure is None:
+            calls[-1][2].append((i0, i1, new))
+        else:
+            calls.append([b, first, [(i0, i1, new)]])
+    return calls
 
 
 def _bucket_holds(b, state, use_buf) -> bool:
@@ -2457,30 +2483,30 @@ class _FusedMomentum(Optimizer):
                     or any(b.unsure is not None for b in rest)):
                 return
             # a bucket stepped in part: its parameters outside the runs have no gradient
-            ran = {}
+            ran = {}  # bucket id -> (bucket, the indices its runs step)
             for b, i0, i1, *_ in runs:
-                ran.setdefault(id(b), set()).update(range(i0, i1))
-            unstepped = [p for b, *_ in runs for i, p in enumerate(b.params)
-                         if i not in ran[id(b)]]
+                ran.setdefault(id(b), (b, set()))[1].update(range(i0, i1))
+            unstepped = [p for b, idx in ran.values() for i, p in enumerate(b.params)
+                         if i not in idx]
             if any(p.grad is not None for p in unstepped):
                 return
             use_buf = _use_buf(h)
             groups.append((g, lay, vals))
-            for b, i0, i1, *_ in runs:
+            for b, _, ranges in _by_bucket(runs):
                 args = (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
-                        b.run_segments(i0, i1))
-                if i0 == 0 and i1 == len(b.params):
+                        b.runs_segments(ranges))
+                if len(ranges) == 1 and ranges[0][:2] == (0, len(b.params)):
                     if not b.lent:  # (a lent one's: its _LentCall, in lends)
                         calls.append((b, use_buf, args, self._hyper_args(h, b.device)))
                     continue
-                check = _C.BucketCheck(b.params[i0:i1], b.grad_views[i0:i1], b.ptrs[i0:i1],
-                                       b.gptrs[i0:i1])
+                idx = [i for i0, i1, _ in ranges for i in range(i0, i1)]
+                check = _C.BucketCheck([b.params[i] for i in idx], [b.grad_views[i] for i in idx],
+                                       [b.ptrs[i] for i in idx], [b.gptrs[i] for i in idx])
                 calls.append(_RunCall(
-                    b, i1 - i0, use_buf, check,
-                    b.buf_views[i0:i1] if b.flat_buf is not None else None, args,
+                    b, len(idx), use_buf, check,
+                    [b.buf_views[i] for i in idx] if b.flat_buf is not None else None, args,
                     self._hyper_args(h, b.device),
-                    self._entry(b.backend, "flat", b.flat_param, i1 - i0,
-                                b.numel_before[i1] - b.numel_before[i0])))
+                    self._entry(b.backend, "flat", b.flat_param, *b.count(ranges))))
             calls += lends
             for c in lists or []:  # (armed after the ops: versions as they left them)
                 c.h = self._hyper_args(c.h, c.device)
@@ -2915,36 +2941,41 @@ class _FusedMomentum(Optimizer):
                 f"too (add(sparse, dense) is not supported)")
 
     def _step_flat(self, runs, h, amp=None, clip=None) -> list:
-        """One kernel call per run of consecutive flat parameters; whole lent buckets (DDP's,
-        one per bucket) together in one list call per (backend, device, dtype, first step).
-        Returns those list calls (_LentCall: _keep_steady keeps them where the step replays)."""
+        """One kernel call per bucket and first step or not, over its runs of consecutive flat
+        parameters (a bucket stepped in part: its others have no gradient); whole lent buckets
+        (DDP's, one per bucket) together in one list call per (backend, device, dtype, first
+        step). Returns those list calls (_LentCall: _keep_steady keeps them where the step
+        replays)."""
         use_buf = _use_buf(h)
         lent: dict = {}
         found_inf = None if amp is None else amp[1]
-        for b, i0, i1, first, new in runs:
+        for b, first, ranges in _by_bucket(runs):
             if use_buf:
                 b.ensure_buf()
             unsure = b.unsure if use_buf else None  # (set: a whole bucket, _plan)
-            if unsure is None and new and found_inf is not None:
-                # a whole bucket (_first_on_device): its first step decided on the device
-                unsure = b.unsure = _Unsure(b.first_flag)
-                self._unsure[id(b)] = b
-                if self._ema:
-                    b.flat_buf.zero_()  # v starts at zero (the views may hold old values)
-            if new:  # else every buffer of the run is its flat view already (_plan)
-                for i in range(i0, i1):
-                    if unsure is not None:
-                        unsure.show(self, b.params[i], b.buf_views[i])
-                    elif self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema:
-                        b.buf_views[i].zero_()  # v starts at zero (the view may hold old values)
-            if new and unsure is not None:
-                unsure.hidden = False  # (in the state again)
-            if b.lent and i0 == 0 and i1 == len(b.params):
+            for i0, i1, new in ranges:
+                if unsure is None and new and found_inf is not None:
+                    # a whole bucket (_first_on_device): its first step decided on the device
+                    unsure = b.unsure = _Unsure(b.first_flag)
+                    self._unsure[id(b)] = b
+                    if self._ema:
+                        b.flat_buf.zero_()  # v starts at zero (the views may hold old values)
+                if new:  # else every buffer of the run is its flat view already (_plan)
+                    for i in range(i0, i1):
+                        if unsure is not None:
+                            unsure.show(self, b.params[i], b.buf_views[i])
+                        elif self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema:
+                            b.buf_views[i].zero_()  # v starts at zero (the view: old values)
+                if new and unsure is not None:
+                    unsure.hidden = False  # (in the state again)
+            i0, i1 = ranges[0][0], ranges[-1][1]
+            whole = len(ranges) == 1 and i0 == 0 and i1 == len(b.params)
+            if b.lent and whole:
                 # (a bucket whose flag is undecided: a call of its own, which reads its flag)
                 key = (b.backend, b.flat_param.device, b.flat_param.dtype, first, unsure)
                 lent.setdefault(key, []).append(b)
                 continue
-            segs = b.run_segments(i0, i1)
+            segs = b.runs_segments(ranges)
             if b.op is None:
                 b.op, b.device = step_ops(b.backend)[0], b.flat_param.device
             args = self._kernel_args(h, amp, b.device, clip)
@@ -2956,15 +2987,15 @@ class _FusedMomentum(Optimizer):
                 unsure.update(args.get("found_inf"))
             if first and b.covers_padding:
                 b.reset_buf_padding()
-            b.bump(i0, i1)
-            if i0 == 0 and i1 == len(b.params):  # the common case: its entry made once
+            for r0, r1, _ in ranges:
+                b.bump(r0, r1)
+            if whole:  # the common case: its entry made once
                 if b.entry is None:
                     b.entry = self._entry(b.backend, "flat", b.flat_param, i1,
                                           b.numel_before[i1])
                 self.last_step.append(dict(b.entry))
             else:
-                self._report(b.backend, "flat", b.flat_param, i1 - i0,
-                             b.numel_before[i1] - b.numel_before[i0])
+                self._report(b.backend, "flat", b.flat_param, *b.count(ranges))
         calls = []
         for (backend, device, _, first, unsure), bs in lent.items():
             spans = [x for b in bs for x in b.span_views(use_buf)]

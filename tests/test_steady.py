@@ -148,7 +148,8 @@ def test_edit_between_steady_steps(kind, edit, flat, how, n_groups):
         if step == EDIT_AT:
             assert opt._steady is not None, "the replay is live before the edit"
             # one flat bucket: the one-call replay (BucketCheck.replay) is the one live
-            assert (opt._steady[4] is not None) == (flat and n_groups == 1 and how == "backward")
+            assert (opt._steady[4] is not None) == (flat and n_groups == 1 and how in (
+                "backward", "backward-unused"))
             for side, (o, ps) in enumerate(((opt, ours), (topt, ref))):
                 EDITS[edit][1](o, ps, side)
         opt.step()
@@ -169,22 +170,22 @@ def test_the_training_loop_replays(flat, how, n_groups, monkeypatch):
     kernel and version bumps in one C++ call): the bucket's op does not run either. So with
     the gradients assigned (the flat buckets' parameters stepped by list calls) or DDP's bucket
     views (the lent bucket's list call), or with an unused branch in each group (each bucket
-    stepped in part: a flat call per run of parameters with a gradient; the unused ones keep
-    their version)."""
+    stepped in part: one flat call over its runs of parameters with a gradient; the unused
+    ones keep their version)."""
     unused = how.endswith("-unused")
     ours, ref, opt, topt = _twins("sgd", flat, n_groups, unused=unused)
     deliver = _Deliver(how, ours, ref)
     gen = torch.Generator().manual_seed(2)
     path = "flat" if flat and how != "assigned" else "per-tensor"
-    # last_step's entries: a flat call per run of our buckets (1 group: [0], [1..4], [5]; 2:
-    # [0], [1, 2] and [3, 4], [5]); else one call per group (DDP's views: the lent bucket
-    # holds the parameters with a gradient)
-    calls = (3 if n_groups == 1 else 4) if how == "backward-unused" and flat else n_groups
+    # last_step's entries: one call per group (a bucket stepped in part: one flat call over
+    # its runs; DDP's views: the lent bucket holds the parameters with a gradient)
+    calls = n_groups
     for step in range(5):
         if step == 2:
             forbid_planning(monkeypatch, opt)
-            if flat and n_groups == 1 and how == "backward":
-                monkeypatch.setattr(opt._steady[2][0][0], "op", _no_op)
+            if flat and n_groups == 1 and how in ("backward", "backward-unused"):
+                call = opt._steady[2][0]
+                monkeypatch.setattr(call[0] if type(call) is tuple else call.b, "op", _no_op)
         versions = [p._version for p in ours]
         deliver(opt, topt, fresh_grads(ours, gen))
         opt.step()
