@@ -749,6 +749,9 @@ class _Bucket:
         call over all of them."""
         if len(ranges) == 1:
             return self.run_segments(*ranges[0][:2])
+        if self.covers_padding:  # (one tensor, not one per run: cover's rows)
+            return torch.tensor([self.cover_row(r[0], r[1]) for r in ranges],
+                                dtype=torch.int64)
         return torch.cat([self.run_segments(r[0], r[1]) for r in ranges])
 
     def count(self, ranges) -> tuple[int, int]:
@@ -818,8 +821,12 @@ class _Bucket:
     def cover(self, i0: int, i1: int) -> torch.Tensor:
         """One segment from params[i0] to the end of params[i1 - 1], padding included: what a
         GPU runs in one flat launch (the padding holds zeros: see covers_padding)."""
+        return torch.tensor([self.cover_row(i0, i1)], dtype=torch.int64)
+
+    def cover_row(self, i0: int, i1: int) -> list:
+        """cover's segment, [offset, numel]."""
         end = self.offsets[i1 - 1] + self.params[i1 - 1].numel()
-        return torch.tensor([[self.offsets[i0], end - self.offsets[i0]]], dtype=torch.int64)
+        return [self.offsets[i0], end - self.offsets[i0]]
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
