@@ -400,9 +400,11 @@ def test_cuda_graph_training_iteration(flat, clip, hyper):
 def _apart_twins(backend, how, seed):
     """(ours, torch's twin, give(in_place), same(what)) for the replays of flat=True steps whose
     gradients are not the flat views: assigned (p.grad = g: the bucket stepped apart, by a list
-    call) or DDP-style bucket views (a lent bucket's list call). give() draws new gradients,
-    assigned anew or written in place; same() compares parameters and buffers bitwise."""
-    from conftest import Lender
+    call) or DDP-style bucket views (a lent bucket's list call); or ("unused") the flat views
+    but for the first layer's bias, which gets no gradient (the bucket stepped in part: one
+    flat call over its two runs). give() draws new gradients, assigned anew (unused: through
+    backward) or written in place; same() compares parameters and buffers bitwise."""
+    from conftest import Lender, backward_grads
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(32, 97), torch.nn.Tanh(),
                                 torch.nn.Linear(97, 5)).cuda()
@@ -415,13 +417,17 @@ def _apart_twins(backend, how, seed):
     gen = torch.Generator().manual_seed(seed + 1)
 
     def give(in_place):
-        for p, q in zip(ps, qs):
-            g = torch.randn(p.shape, generator=gen).cuda()
-            q.grad = g.clone()
+        used = [k for k in range(len(ps)) if how != "unused" or k != 1]
+        grads = {k: torch.randn(ps[k].shape, generator=gen).cuda() for k in used}
+        if how == "unused" and not in_place:
+            opt.zero_grad()
+            backward_grads([ps[k] for k in used], [grads[k] for k in used])
+        for k, g in grads.items():
+            qs[k].grad = g.clone()
             if in_place:
-                p.grad.copy_(g)
-            else:
-                p.grad = g.clone()
+                ps[k].grad.copy_(g)
+            elif how != "unused":
+                ps[k].grad = g.clone()
         if lend is not None:
             lend()
 
@@ -442,18 +448,20 @@ def _apart_steps(opt, topt, give, same, mp, how):
         if k == 2:
             forbid_planning(mp, opt)
         give(in_place=False)
-        with no_host_reads() if k >= 2 else contextlib.nullcontext():
+        # (the Triton flat op reads its segments, a CPU int64 tensor: host memory, no sync)
+        with no_host_reads(int64_tolist=True) if k >= 2 else contextlib.nullcontext():
             opt.step()
         topt.step()
         same(f"step {k + 1}")
     assert [e["path"] for e in opt.last_step] == [
-        "flat" if how == "lent" else "per-tensor"], opt.last_step
+        "per-tensor" if how == "assigned" else "flat"], opt.last_step
 
 
-@pytest.mark.parametrize("how", ["assigned", "lent"])
+@pytest.mark.parametrize("how", ["assigned", "lent", "unused"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_replay_without_flat_gradient_views_on_gpu(backend, how):
-    """flat=True on CUDA with the gradients assigned or DDP-style bucket views (_apart_twins):
+    """flat=True on CUDA with the gradients assigned, DDP-style bucket views or an unused
+    parameter in the middle of the bucket (_apart_twins):
     from the third step on the step replays with no host read and torch.optim.SGD
     (foreach=False)'s bits (tests/test_steady.py has it on the CPU). (No fixture: the Triton
     JIT replay, tests/test_triton_jit.py, calls it with its parameters only.)"""
@@ -461,7 +469,7 @@ def test_replay_without_flat_gradient_views_on_gpu(backend, how):
         _apart_steps(*_apart_twins(backend, how, 47), mp, how)
 
 
-@pytest.mark.parametrize("how", ["assigned", "lent"])
+@pytest.mark.parametrize("how", ["assigned", "lent", "unused"])
 def test_cuda_graph_replay_without_flat_gradient_views(how):
     """The same steps (CUDA backend), then the replayed step captured in a CUDA graph and
     replayed 5 times, the gradients written in place, against eager twins."""
