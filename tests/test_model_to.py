@@ -130,6 +130,10 @@ class _ModeTwin:
         self.ties = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8)
         self.master = p.float()
 
+    def bf16_master(self):
+        """The bf16 mode's master: the parameter joined with its remainder and tie bits."""
+        return bf16_join(self.p, self.rem, unpack_ties(self.ties, self.p))
+
     def relaid(self, fmt):
         self.p = self.p.contiguous(memory_format=fmt)
         if self.buf is not None:
@@ -266,6 +270,20 @@ def test_masters_loaded_from_another_memory_layout(dtype):
         assert opt.state[p]["momentum_buffer"].stride() == p.stride()
 
 
+H = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+
+
+def _bf16_master_linear(flat, seed):
+    """(a bf16 Linear of fresh random weights, master_weights=True over it with H, its weight's
+    _ModeTwin, the generator for what follows)."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(7, 5, bias=False).bfloat16()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+    opt = momentum_cuda.SGD(lin.parameters(), flat=flat, master_weights=True, **H)
+    return lin, opt, _ModeTwin("master", lin.weight), gen
+
+
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
 def test_master_weights_across_model_half_and_bfloat16(flat):
     """model.half() and model.bfloat16() between steps of master weights: each dtype change
@@ -273,14 +291,8 @@ def test_master_weights_across_model_half_and_bfloat16(flat):
     tie bits; fp16: an fp32 master) while the fp32 momentum buffer keeps its values; the state
     holds only the current mode's entries (the other mode's would be stale), and the steps
     are the modes' references' (momentum_cuda.reference) on the converted parameter."""
-    h = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(43)
-    lin = torch.nn.Linear(7, 5, bias=False).bfloat16()
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+    lin, opt, twin, gen = _bf16_master_linear(flat, 43)
     p = lin.weight
-    opt = momentum_cuda.SGD(lin.parameters(), flat=flat, master_weights=True, **h)
-    twin = _ModeTwin("master", p)
     keys = {"master": {"momentum_buffer", "master_remainder", "master_ties"},
             "fp16-master": {"momentum_buffer", "master_weight"}}
     for k, mode in enumerate(["master"] * 2 + ["fp16-master"] * 2 + ["master"] * 2
@@ -294,13 +306,12 @@ def test_master_weights_across_model_half_and_bfloat16(flat):
         opt.zero_grad()
         p.grad = g.clone()
         opt.step()
-        twin.step(g, h)
+        twin.step(g, H)
         assert torch.equal(bits(p.detach()), bits(twin.p)), f"step {k + 1}: parameter"
         assert torch.equal(bits(opt.state[p]["momentum_buffer"]), bits(twin.buf)), \
             f"step {k + 1}: momentum buffer"
         if mode == "master":
-            master = bf16_join(twin.p, twin.rem, unpack_ties(twin.ties, twin.p))
-            assert torch.equal(opt.master_weight(p), master), f"step {k + 1}: master"
+            assert torch.equal(opt.master_weight(p), twin.bf16_master()), f"step {k + 1}: master"
         else:
             assert torch.equal(opt.master_weight(p), twin.master), f"step {k + 1}: master"
         assert set(opt.state[p]) == keys[mode], f"step {k + 1}: state keys"
@@ -315,25 +326,19 @@ def test_master_state_goes_with_master_weights(change, flat):
     on the parameter as it is with the fp32 momentum buffer kept (flag-off: a bf16 parameter
     and an fp32 buffer, mixed as torch mixes them), and the master's state entries go; turned
     on again, the master restarts from the parameter."""
-    h = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(47)
-    lin = torch.nn.Linear(7, 5, bias=False).bfloat16()
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+    lin, opt, twin, gen = _bf16_master_linear(flat, 47)
     p = lin.weight
-    opt = momentum_cuda.SGD(lin.parameters(), flat=flat, master_weights=True, **h)
-    twin = _ModeTwin("master", p)
     for _ in range(2):
         g = torch.randn(p.shape, generator=gen).to(p.dtype)
         p.grad = g.clone()
         opt.step()
-        twin.step(g, h)
+        twin.step(g, H)
     if change == "model-float":
         lin.float()
     else:
         opt.param_groups[0]["master_weights"] = False
     q = torch.nn.Parameter(twin.p.to(p.dtype))
-    topt = torch.optim.SGD([q], foreach=False, **h)
+    topt = torch.optim.SGD([q], foreach=False, **H)
     topt.state[q]["momentum_buffer"] = twin.buf.clone()
     for k in range(2):
         g = torch.randn(p.shape, generator=gen).to(p.dtype)
@@ -353,7 +358,6 @@ def test_master_state_goes_with_master_weights(change, flat):
         g = torch.randn(p.shape, generator=gen).to(p.dtype)
         p.grad = g.clone()
         opt.step()
-        twin.step(g, h)
+        twin.step(g, H)
         assert torch.equal(bits(p.detach()), bits(twin.p)), "master again: parameter"
-        assert torch.equal(opt.master_weight(p),
-                           bf16_join(twin.p, twin.rem, unpack_ties(twin.ties, twin.p)))
+        assert torch.equal(opt.master_weight(p), twin.bf16_master())
