@@ -132,6 +132,21 @@ def set_grad(p: torch.Tensor, g: torch.Tensor, mode: str) -> None:
         p.grad = g.clone()
 
 
+def same_address_new_storage(t: torch.Tensor, values: torch.Tensor) -> None:
+    """t.data becomes `values` in memory at t's own address but in a new storage, its version
+    unchanged: what p.data moved twice between steps gives when the allocator hands the first
+    memory back (model.half().bfloat16() on CUDA's caching allocator). Made without relying
+    on the allocator: a tensor over t's memory through numpy (a storage of its own), written,
+    then given to t.data. (An empty t has no memory: left as it is.)"""
+    if t.numel() == 0:
+        return
+    alias = torch.from_numpy(t.data.view(torch.int16).numpy()).view(t.dtype).view(t.shape)
+    alias.copy_(values)
+    version, ptr = t._version, t.data_ptr()
+    t.data = alias
+    assert (t._version, t.data_ptr()) == (version, ptr), "the version or address changed"
+
+
 def write_grads(opt, params, grads) -> None:
     """The usual loop's first half: opt.zero_grad(), then backward() delivering `grads`."""
     opt.zero_grad()

@@ -1232,10 +1232,11 @@ def _master_steps(ctx: Ctx, tm, topt, runs, dtype, *, first_step: int, steps: in
     clip_grad_norm_ or by opt.clip_grad_norm_ inside the step, every other step). Step 5
     writes l1.weight between steps (its master restarts from the written value; the twin's
     parameter takes that value); step 6 gives l2.weight's local shard new values in new
-    memory at its own address, its version unchanged (_same_address_new_storage), which a
-    replay's check must see as a write too. Compared after every step: opt.master_weight(p) with the
-    twin's fp32 parameter, p with it rounded to dtype, the fp32 buffers (DTensors sharded like
-    their parameters)."""
+    memory at its own address, its version unchanged (conftest.same_address_new_storage),
+    which a replay's check must see as a write too. Compared after every step:
+    opt.master_weight(p) with the twin's fp32 parameter, p with it rounded to dtype, the fp32
+    buffers (DTensors sharded like their parameters)."""
+    from conftest import same_address_new_storage
     for k in range(first_step, first_step + steps):
         x, y = mlp_data(ctx, 8, k)
         label = f"{what}step {k + 1}:"
@@ -1247,7 +1248,8 @@ def _master_steps(ctx: Ctx, tm, topt, runs, dtype, *, first_step: int, steps: in
         if k == 5:
             with torch.no_grad():
                 for m, _ in runs:
-                    _same_address_new_storage(m.l2.weight._local_tensor, -0.75)
+                    lp = m.l2.weight._local_tensor
+                    same_address_new_storage(lp, lp * -0.75)
                 tm.l2.weight.copy_(runs[0][0].l2.weight.float())
         for i, (m, o) in enumerate(runs):
             F.mse_loss(m(x.to(dtype)), y.to(dtype)).backward()
@@ -1270,20 +1272,6 @@ def _master_steps(ctx: Ctx, tm, topt, runs, dtype, *, first_step: int, steps: in
         for m, o in runs:
             o.zero_grad(set_to_none=k % 2 == 0)
         topt.zero_grad()
-
-
-def _same_address_new_storage(lp, scale: float) -> None:
-    """lp (a local shard) times `scale` in a new storage over its own memory (through numpy),
-    its address and version unchanged: what p.data moved twice between steps gives when the
-    allocator hands the first memory back."""
-    if lp.numel() == 0:  # an uneven split's empty shard: no memory
-        return
-    alias = torch.from_numpy(lp.view(torch.int16).numpy()).view(lp.dtype).view(lp.shape)
-    version, ptr = lp._version, lp.data_ptr()
-    alias.mul_(scale)
-    lp.data = alias
-    if (lp._version, lp.data_ptr()) != (version, ptr):
-        raise AssertionError("the local shard's version or address changed")
 
 
 def _compare_masters(ctx: Ctx, m, o, tm, topt, dtype, label: str) -> None:

@@ -13,7 +13,7 @@ from momentum_cuda import _C
 from momentum_cuda.reference import (bf16_join, bf16_split, pack_ties,
                                      sgd_master_reference_step, unpack_ties)
 
-from conftest import bits, hyper_id, sgd_hyper_grid
+from conftest import bits, hyper_id, same_address_new_storage, sgd_hyper_grid
 
 OP = torch.ops.momentum_cuda.sgd_step_master_list_.default
 SIZES = [0, 1, 3, 7, 8, 9, 16, 97, 1000]
@@ -304,19 +304,6 @@ def test_writes_to_a_parameter_restart_its_master(flat, dtype):
     tw.step(3)
 
 
-def _same_address_new_storage(p, values):
-    """p.data becomes `values` in memory at p's own address but in a new storage, its version
-    unchanged: what p.data moved twice between steps gives when the allocator hands the first
-    memory back (model.half().bfloat16() on CUDA's caching allocator). Made here without
-    relying on the allocator: a tensor over p's memory through numpy (a storage of its own),
-    written, then given to p.data."""
-    alias = torch.from_numpy(p.data.view(torch.int16).numpy()).view(p.dtype).view(p.shape)
-    alias.copy_(values)
-    version, ptr = p._version, p.data_ptr()
-    p.data = alias
-    assert (p._version, p.data_ptr()) == (version, ptr)
-
-
 @FLAT
 @DTYPE
 @pytest.mark.parametrize("steps", [1, 3], ids=["planned", "replayed"])
@@ -329,7 +316,7 @@ def test_new_memory_at_the_same_address_restarts_the_master(flat, dtype, steps):
     tw.step(steps)
     new = torch.randn(97, generator=tw.gen).to(dtype)
     with torch.no_grad():
-        _same_address_new_storage(tw.ours[2], new)
+        same_address_new_storage(tw.ours[2], new)
         tw.twin[2].copy_(new.float())
     tw.step(2)
 
