@@ -898,12 +898,13 @@ class _LentCall:
 
 
 @dataclass
-class _RunCall:
-    """The flat call over the runs of a bucket stepped in part (_step_flat made it; its other
-    parameters have no gradient), kept for the next step: `check` a _C.BucketCheck of the
-    runs' own parameters, gradient views and (`buf_views`, or None without a flat buffer)
-    momentum buffer views, the op's arguments (the runs' segments), its hyper-parameters
-    (_hyper_args) and last_step entry; `n` its parameters."""
+class _FlatCall:
+    """The flat call over a bucket's runs that _step_flat made (the whole bucket, or the runs
+    of one stepped in part: its other parameters have no gradient), kept for the next step:
+    `check` a _C.BucketCheck of the runs' parameters, gradient views and (`buf_views`, or None
+    without a flat buffer) momentum buffer views (the whole bucket's: the bucket's own), the
+    op's arguments (the runs' segments), its hyper-parameters (_hyper_args) and last_step
+    entry; `n` its parameters."""
 
     b: object
     n: int
@@ -2470,7 +2471,7 @@ class _FusedMomentum(Optimizer):
         whole bucket's flat call, or the list call over the lent ones (`lent`, per group:
         _step_flat's _LentCalls); a bucket stepped in part (its other parameters without a
         gradient: an unused branch, DDP's find_unused_parameters) has each run's flat call
-        (_RunCall), as _step_flat made them, and those others kept without; a bucket with no
+        (_FlatCall), as _step_flat made them, and those others kept without; a bucket with no
         run (its gradients elsewhere, e.g. p.grad = g) has its parameters with a gradient
         stepped by the list calls, those without kept without;
         the parameters outside the buckets are stepped by per-tensor list calls that
@@ -2502,16 +2503,18 @@ class _FusedMomentum(Optimizer):
             for b, _, ranges in _by_bucket(runs):
                 args = (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                         b.runs_segments(ranges))
+                views = b.buf_views if b.flat_buf is not None else None
                 if len(ranges) == 1 and ranges[0][:2] == (0, len(b.params)):
                     if not b.lent:  # (a lent one's: its _LentCall, in lends)
-                        calls.append((b, use_buf, args, self._hyper_args(h, b.device)))
+                        calls.append(_FlatCall(b, len(b.params), use_buf, b.checker(), views,
+                                               args, self._hyper_args(h, b.device), b.entry))
                     continue
                 idx = [i for i0, i1, _ in ranges for i in range(i0, i1)]
                 check = _C.BucketCheck([b.params[i] for i in idx], [b.grad_views[i] for i in idx],
                                        [b.ptrs[i] for i in idx], [b.gptrs[i] for i in idx])
-                calls.append(_RunCall(
+                calls.append(_FlatCall(
                     b, len(idx), use_buf, check,
-                    [b.buf_views[i] for i in idx] if b.flat_buf is not None else None, args,
+                    None if views is None else [views[i] for i in idx], args,
                     self._hyper_args(h, b.device),
                     self._entry(b.backend, "flat", b.flat_param, *b.count(ranges))))
             calls += lends
@@ -2525,14 +2528,12 @@ class _FusedMomentum(Optimizer):
                 idle.append(_C.ListCheck(bare, False, [], [[] for _ in bare], [False] * len(bare)))
             idle += [_Apart(b) for b in rest]
         fast = None  # one flat call is the step's only work: its check runs the step too
-        if len(calls) == 1 and type(calls[0]) in (tuple, _RunCall):
+        if len(calls) == 1 and type(calls[0]) is _FlatCall:
             c = calls[0]
-            b, check, args, h = ((c[0], c[0].check, c[2], c[3]) if type(c) is tuple
-                                 else (c.b, c.check, c.args, c.h))
-            if (check is not None and self._backend_for(b.device) != "triton"
-                    and not any(arg in h for _, arg in _HYPER_TENSOR_ARGS)):  # (floats only)
-                fast = check
-                fast.arm(*args, **h)
+            if (self._backend_for(c.b.device) != "triton"
+                    and not any(arg in c.h for _, arg in _HYPER_TENSOR_ARGS)):  # (floats only)
+                fast = c.check
+                fast.arm(*c.args, **c.h)
         self._steady = (list(self.param_groups), groups, calls, idle, fast)
 
     def _step_steady(self, amp) -> bool:
@@ -2563,17 +2564,10 @@ class _FusedMomentum(Optimizer):
         state = self.state
         if fast is not None and amp is None:  # check, op and bumps in one C++ call
             c = calls[0]
-            if type(c) is tuple:
-                b, use_buf = c[0], c[1]
-                views, entry = b.buf_views if b.flat_buf is not None else None, b.entry
-                if b.check is not fast:
-                    return False
-            else:
-                use_buf, views, entry = c.use_buf, c.buf_views, c.entry
-            if (any(c.check(state) is None for c in idle)
-                    or fast.replay(state if use_buf else None, views)):
+            if (any(i.check(state) is None for i in idle)
+                    or fast.replay(state if c.use_buf else None, c.buf_views)):
                 return False
-            self.last_step = [dict(entry)]
+            self.last_step = [dict(c.entry)]
             return True
         grads = []
         for c in calls:
@@ -2590,10 +2584,7 @@ class _FusedMomentum(Optimizer):
             if type(c) is _LentCall:
                 if not all(_bucket_holds(b, state, c.use_buf) for b in c.buckets):
                     return False
-            elif type(c) is _RunCall:
-                if c.check.check(state if c.use_buf else None, c.buf_views):
-                    return False
-            elif not _bucket_holds(c[0], state, c[1]):
+            elif c.check.check(state if c.use_buf else None, c.buf_views):  # (_FlatCall)
                 return False
         if any(c.check(state) is None for c in idle):
             return False
@@ -2613,17 +2604,10 @@ class _FusedMomentum(Optimizer):
                     b.check.bump(0, len(b.params))
                 entries.append(dict(c.entry))
                 continue
-            if type(c) is _RunCall:
-                c.b.op(*c.args, first_step=False, **(c.h if amp is None else
-                                                     self._kernel_args(c.h, amp, c.b.device)))
-                c.check.bump(0, c.n)
-                entries.append(dict(c.entry))
-                continue
-            b, _, args, h = c
-            b.op(*args, first_step=False, **(h if amp is None else
-                                             self._kernel_args(h, amp, b.device)))
-            b.check.bump(0, len(b.params))
-            entries.append(dict(b.entry))
+            c.b.op(*c.args, first_step=False, **(c.h if amp is None else
+                                                 self._kernel_args(c.h, amp, c.b.device)))
+            c.check.bump(0, c.n)
+            entries.append(dict(c.entry))
         self.last_step = entries
         return True
 
