@@ -120,15 +120,34 @@ void check_scalar(const char* name, double v) {
   TORCH_CHECK(std::isfinite(v), name, " must be a finite number, got ", v);
 }
 
-/// Checks one (param, grad, buf) triple of a step on `device_type`; `i` names it in messages.
-void check_triple(const std::string& where, const at::Tensor& p, const at::Tensor& g,
-                  const at::Tensor* b, c10::DeviceType device_type,
-                  std::optional<at::ScalarType>& dtype, std::optional<at::Device>& device) {
-  // List entries name items "params[i]"; single-tensor and flat entries their own arguments.
-  const bool single = where.empty();
-  const std::string pn = (single ? "param" : "params") + where,
-                    gn = (single ? "grad" : "grads") + where,
-                    bn = (single ? "momentum_buffer" : "momentum_buffers") + where;
+/// "[i]" after a list argument's name in a message; nothing for a single tensor (i < 0).
+/// Messages are formatted only when a check fails (TORCH_CHECK evaluates them then), so the
+/// checks that run per tensor at every step allocate no strings.
+struct At {
+  int64_t i;
+};
+std::ostream& operator<<(std::ostream& os, At at) {
+  if (at.i >= 0) os << '[' << at.i << ']';
+  return os;
+}
+/// An argument's name in a message: the list's with its index ("params[3]"), or the single
+/// tensor's ("param").
+struct Name {
+  const char* list;
+  const char* single;
+  At at;
+};
+std::ostream& operator<<(std::ostream& os, const Name& n) {
+  return os << (n.at.i < 0 ? n.single : n.list) << n.at;
+}
+
+/// Checks one (param, grad, buf) triple of a step on `device_type`; `at` names it in messages
+/// (list entries "params[i]"; single-tensor and flat entries their own arguments).
+void check_triple(At at, const at::Tensor& p, const at::Tensor& g, const at::Tensor* b,
+                  c10::DeviceType device_type, std::optional<at::ScalarType>& dtype,
+                  std::optional<at::Device>& device) {
+  const Name pn{"params", "param", at}, gn{"grads", "grad", at},
+      bn{"momentum_buffers", "momentum_buffer", at};
   TORCH_CHECK(p.defined(), pn, " is undefined (None)");
   TORCH_CHECK(g.defined(), gn, " is undefined (None)");
   TORCH_CHECK(p.layout() == at::kStrided, pn, " must be a dense (strided) tensor, got layout ",
@@ -151,7 +170,7 @@ void check_triple(const std::string& where, const at::Tensor& p, const at::Tenso
               " must be dense and non-overlapping, got strides ", c10::str(p.strides()),
               " for shape ", c10::str(p.sizes()));
 
-  auto check_like = [&](const at::Tensor& t, const std::string& n) {
+  auto check_like = [&](const at::Tensor& t, const Name& n) {
     TORCH_CHECK(t.layout() == at::kStrided, n, " must be a dense (strided) tensor");
     TORCH_CHECK(t.device() == p.device(), n, " is on ", t.device(), " but ", pn, " is on ",
                 p.device());
@@ -378,7 +397,7 @@ void sgd_step_list(at::TensorList params, at::TensorList grads, at::TensorList b
   std::optional<at::ScalarType> dtype;
   std::optional<at::Device> device;
   for (size_t i = 0; i < params.size(); ++i) {
-    check_triple(single ? std::string() : "[" + std::to_string(i) + "]", params[i], grads[i],
+    check_triple(At{single ? -1 : static_cast<int64_t>(i)}, params[i], grads[i],
                  need_buf ? &bufs[i] : nullptr, device_type, dtype, device);
   }
   if (params.empty()) return;
@@ -544,7 +563,7 @@ bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList
   std::optional<at::ScalarType> dtype;
   std::optional<at::Device> device;
   for (size_t i = 0; i < params.size(); ++i) {
-    const std::string at_i = "[" + std::to_string(i) + "]";
+    const At at_i{static_cast<int64_t>(i)};
     check_triple(at_i, params[i], grads[i], need_buf && like_bufs ? &bufs[i] : nullptr,
                  device_type, dtype, device);
     TORCH_CHECK(params[i].scalar_type() == param_dtype, "params", at_i, " must be ",
@@ -558,8 +577,8 @@ bool check_mode_step(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 /// t must be a `want` tensor laid out like params[i] (p: same_layout), on its device.
-void check_like_param(const at::Tensor& t, const at::Tensor& p, const std::string& name,
-                      const std::string& at_i, at::ScalarType want) {
+void check_like_param(const at::Tensor& t, const at::Tensor& p, const char* name, At at_i,
+                      at::ScalarType want) {
   TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device() == p.device() &&
                   t.scalar_type() == want && same_layout(t, p),
               name, at_i, " must be a ", c10::toString(want), " tensor on ", p.device(),
@@ -622,7 +641,7 @@ void sgd_step_master_list(at::TensorList params, at::TensorList grads, at::Tenso
       momentum, dampening, weight_decay, nesterov, first_step, /*like_bufs=*/false,
       "master weights split a bf16 parameter", device_type, st);
   for (size_t i = 0; i < params.size(); ++i) {
-    const std::string at_i = "[" + std::to_string(i) + "]";
+    const At at_i{static_cast<int64_t>(i)};
     const at::Tensor& p = params[i];
     if (need_buf) check_like_param(bufs[i], p, "momentum_buffers", at_i, at::kFloat);
     check_like_param(rems[i], p, "remainders", at_i, at::kShort);
@@ -721,7 +740,7 @@ void sgd_step_fp16_master_list(at::TensorList params, at::TensorList grads, at::
       "fp16 master weights keep an fp32 copy of a float16 parameter", device_type, st,
       at::kHalf);
   for (size_t i = 0; i < params.size(); ++i) {
-    const std::string at_i = "[" + std::to_string(i) + "]";
+    const At at_i{static_cast<int64_t>(i)};
     if (need_buf) check_like_param(bufs[i], params[i], "momentum_buffers", at_i, at::kFloat);
     check_like_param(masters[i], params[i], "masters", at_i, at::kFloat);
   }
@@ -768,7 +787,7 @@ void sgd_step_qmom_list(at::TensorList params, at::TensorList grads, at::TensorL
               " (int8 momentum buffers need one each; bf16 ones none)");
   const auto buf_dtype = int8 ? at::kChar : at::kBFloat16;
   for (size_t i = 0; need_buf && i < params.size(); ++i) {
-    const std::string at_i = "[" + std::to_string(i) + "]";
+    const At at_i{static_cast<int64_t>(i)};
     const at::Tensor& p = params[i];
     check_like_param(bufs[i], p, "momentum_buffers", at_i, buf_dtype);
     if (!int8) continue;
