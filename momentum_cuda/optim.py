@@ -566,6 +566,37 @@ def _private(params, mine) -> set:
     return out
 
 
+def _alone(ts, known) -> set:
+    """The ids of the tensors ts (gradients or momentum buffers a relayout would move into a
+    flat buffer) whose memory no one else sees: every tensor holding their storage is one of
+    `known` (the optimizer's own: the parameters' gradients or the state's buffers, and the
+    old flat buffer and views they may sit in), and it is not shared memory. Such a tensor
+    moves with its identity kept (t.data = its flat view), so a reference the training code
+    keeps follows it, as torch's tensor goes on being .grad or the buffer; any other stays
+    where it is (its parameter takes the per-tensor path), as torch keeps it, aliases and
+    all. Without a storage reference count, none moves."""
+    if not _HAS_USE_COUNT:
+        return set()
+    def plain(t):  # a tensor with storage of its own (not a DTensor, not on meta)
+        return (t is not None and not isinstance(t, _DTensor) and t.layout == torch.strided
+                and t.device.type != "meta")
+    def key(t):
+        return (t.device, _storage_key(t))
+    holders = _by({id(t): t for t in known if plain(t)}.values(), key)
+    out = set()
+    for t in ts:
+        if not plain(t) or (t.device.type == "cpu" and t.is_shared()):
+            continue
+        if not t.untyped_storage().nbytes():
+            out.add(id(t))  # (no memory to share)
+            continue
+        mine = holders.get(key(t), ())
+        if (any(h is t for h in mine)
+                and _use_count(t) - _USE_COUNT_ONE + 1 == len(mine)):
+            out.add(id(t))
+    return out
+
+
 def _by(items, key) -> dict:
     out: dict = {}
     for x in items:
@@ -672,6 +703,9 @@ class _GroupLayout:
     overlap: bool = False
     # the group's _modes when laid out (the parameters of a mode stay out)
     master: tuple = (False, False, None)
+    # the buckets of the layout this one replaced, until _adopt_buffers has moved their
+    # momentum buffers (_alone counts their flat buffers and views as the optimizer's own)
+    retired: list = field(default_factory=list)
 
 
 @dataclass
@@ -711,6 +745,9 @@ class _Bucket:
     # offsets in flat_param: the kernel reads the gradients in place. Nothing here writes it
     # (no hooks, no -0.0 fill); grad_views are the gradient tensors seen when laid out.
     lent: bool = False
+    # pinned: flat_param is the storage the parameters already are views of (_pinned): they
+    # cannot move to where a lender's gradients are
+    pinned: bool = False
     # the segments of a whole-bucket run: the covering span, or adjacent ones merged (a GPU)
     whole: torch.Tensor | None = None
     check: object | None = None  # _C.BucketCheck over params, grad_views, ptrs, gptrs
@@ -1500,13 +1537,15 @@ class _FusedMomentum(Optimizer):
         masters = {id(p): p.data_ptr() for p in group["params"] if self._mode(group, p)}
         # master-weights and stochastic-rounding parameters take their per-tensor ops: not laid
         # out (stuck where they are until they move)
+        retired = list(old.buckets) if old is not None else []
         buckets, stuck = self._make_buckets(
-            [p for p in group["params"] if id(p) not in masters]) if self._lays_out else ([], {})
+            [p for p in group["params"] if id(p) not in masters], retired) \
+            if self._lays_out else ([], {})
         stuck.update(masters)
         bucketed = {id(p) for b in buckets for p in b.params}
         lay = _GroupLayout(group, tuple(group["params"]), buckets,
                            [p for p in group["params"] if id(p) not in bucketed], stuck,
-                           master=_modes(group))
+                           master=_modes(group), retired=retired)
         self._layouts[id(group)] = lay
         return lay
 
@@ -1535,9 +1574,10 @@ class _FusedMomentum(Optimizer):
         return out
 
     @torch.no_grad()
-    def _make_buckets(self, params) -> tuple[list[_Bucket], dict]:
+    def _make_buckets(self, params, retired=()) -> tuple[list[_Bucket], dict]:
         """The buckets of one group's parameters, and `stuck`: id -> data_ptr() of those that
-        could sit in a flat buffer but must stay where they are (see _private)."""
+        could sit in a flat buffer but must stay where they are (see _private). retired: the
+        buckets of the layout these replace (their gradient views are the optimizer's own)."""
         # Frozen, sparse, non-dense, complex, non-float, meta or lazy parameters stay where
         # they are and, if they ever get a gradient, take the per-tensor (or torch-ops) path;
         # once one could be laid out (unfrozen, materialised), step() lays the group out again.
@@ -1553,6 +1593,10 @@ class _FusedMomentum(Optimizer):
         in_place = {id(p) for ps in pinned.values() for p in ps}
         stuck = {id(p): p.data_ptr() for p in cands
                  if id(p) not in private and id(p) not in in_place}
+        everyone = [q for g in self.param_groups for q in g["params"]]
+        alone = _alone([p.grad for p in mine if p.grad is not None],
+                       [q.grad for q in everyone]
+                       + [t for b in retired for t in [b.flat_grad, *b.grad_views]])
         buckets = []
         for (device, dtype, lent, pin), ps in by_key.items():
             if pin is not None:
@@ -1595,7 +1639,8 @@ class _FusedMomentum(Optimizer):
                         grad_views=[], gptrs=[], meta=[], backend=self._backend_for(device),
                         segments=torch.tensor([[o, p.numel()] for o, p in zip(offsets, ps)],
                                               dtype=torch.int64).reshape(-1, 2), ptrs=[],
-                        numel_before=[0], covers_padding=covers, lent=lent is not None)
+                        numel_before=[0], covers_padding=covers, lent=lent is not None,
+                        pinned=pin is not None)
             if b.lent:
                 b.neg_zero = [False] * len(ps)
             else:
@@ -1613,13 +1658,18 @@ class _FusedMomentum(Optimizer):
                     gview = g
                 else:
                     gview = b.new_grad_view(i)
-                    if g is not None and g.layout == torch.strided and g.stride() == p.stride():
-                        # A gradient that exists goes on in the flat buffer (same values); a
-                        # sparse one stays as it is (torch's step keeps it sparse), and so does
-                        # one in another memory layout: torch's stays so, and what reads it
-                        # later sees that layout (a norm's order of summation, .view()).
+                    if (g is not None and g.layout == torch.strided and g.stride() == p.stride()
+                            and id(g) in alone):
+                        # A gradient that exists goes on in the flat buffer (same values), the
+                        # same object (g.data: a reference kept to it follows, as torch's .grad
+                        # stays one tensor). One that someone else sees (_alone), a sparse one
+                        # (torch's step keeps it sparse) or one in another memory layout
+                        # (torch's stays so, and what reads it later sees that layout: a norm's
+                        # order of summation, .view()) stays as it is: the per-tensor path
+                        # steps it until it is None.
                         gview.copy_(g)
-                        p.grad = gview
+                        g.data = gview
+                        gview = g
                         b.neg_zero[i] = False
                 b.grad_views.append(gview)
                 b.gptrs.append(gview.data_ptr())
@@ -1789,16 +1839,22 @@ class _FusedMomentum(Optimizer):
                     self.state[p][k] = v.to(p.device, _MASTER_STATE[k], copy=True)
             if self._master(g, p):
                 self._mark_master(p)
-        self._adopt_buffers(self._group_layouts())
+        self._adopt_buffers(self._group_layouts(), loaded=True)
 
     @torch.no_grad()
-    def _adopt_buffers(self, layouts) -> None:
-        """Momentum buffers of flat parameters are copied into the flat buffer and replaced by
-        their views. A sparse buffer (torch's, after sparse-gradient steps) stays as it is:
-        torch goes on with sparse ops on it; so does one of another dtype or layout, and one
-        that an undecided first-step flag speaks for (another group's relayout does not read
-        it: the flag must find its buffer in the state when it is read)."""
+    def _adopt_buffers(self, layouts, loaded=False) -> None:
+        """Momentum buffers of flat parameters go into the flat buffer: at a relayout each
+        moves with its identity kept (buf.data = its flat view), so that a reference the
+        training code keeps, or a tensor it put into the state, goes on being the buffer, as
+        with torch; one that someone else sees (_alone: a view of it is held) stays as it is
+        (per-tensor path), as torch keeps it. After load_state_dict (`loaded`) the loaded
+        tensors are copied and the state holds the flat views: the dict is left as it was
+        (README, Limits). A sparse buffer (torch's, after sparse-gradient steps) stays as it
+        is: torch goes on with sparse ops on it; so does one of another dtype or layout, and
+        one that an undecided first-step flag speaks for (another group's relayout does not
+        read it: the flag must find its buffer in the state when it is read)."""
         held = {id(v) for u in self._unsure.values() for v in u.buf_views}
+        moves = []
         for _, lay in layouts:
             for b in lay.buckets:
                 for i, p in enumerate(b.params):
@@ -1812,8 +1868,22 @@ class _FusedMomentum(Optimizer):
                         continue
                     b.ensure_buf()
                     if buf is not b.buf_views[i]:
-                        b.buf_views[i].copy_(buf)
-                        self.state[p]["momentum_buffer"] = b.buf_views[i]
+                        moves.append((b, i, p, buf))
+        alone = set() if loaded or not moves else _alone(
+            [buf for *_, buf in moves],
+            [st.get("momentum_buffer") for st in self.state.values()]
+            + [t for _, lay in layouts for r in lay.retired if r.flat_buf is not None
+               for t in [r.flat_buf, *r.buf_views]])
+        for _, lay in layouts:
+            lay.retired = []
+        for b, i, p, buf in moves:
+            if loaded:
+                b.buf_views[i].copy_(buf)
+                self.state[p]["momentum_buffer"] = b.buf_views[i]
+            elif id(buf) in alone:
+                b.buf_views[i].copy_(buf)
+                buf.data = b.buf_views[i]
+                b.buf_views[i] = buf
 
     # ---- step ------------------------------------------------------------------------------
     def _hyper(self, group) -> dict:
@@ -2733,7 +2803,8 @@ class _FusedMomentum(Optimizer):
                 if not ok:
                     if relayout and moved and self._could_move(lay, p):
                         return None
-                    if relayout and not moved and (b.lent or _lendable(p, g)) and (
+                    if relayout and not moved and not b.pinned and (
+                            b.lent or _lendable(p, g)) and (
                             buf is None or (b.flat_buf is not None and buf is b.buf_views[i])):
                         # its gradient is in another storage now (DDP's bucket, or DDP's
                         # rebuilt one, or a tensor of its own): lay out to read it there

@@ -847,10 +847,12 @@ def zero_train(ctx: Ctx, *, flat: bool, grad_views: bool, param_views: bool, hk:
     gradient_as_bucket_view (every .grad a view of DDP's bucket); param_views: ZeRO's
     parameters_as_bucket_view.
 
-    With flat=True the local optimizer (zero.optim) must take the flat path for all its
-    parameters in every step: with DDP's gradients in DDP's buckets (grad_views) it reads them
+    With flat=True the local optimizer (zero.optim) must step all its parameters in one call
+    at every step: the flat path, with DDP's gradients in DDP's buckets (grad_views) read
     there, and with param_views the parameters (views of ZeRO's own bucket, which ZeRO
-    broadcasts after each step, so they cannot move) are stepped where they are."""
+    broadcasts after each step, so they cannot move) stepped where they are; with param_views,
+    gradients in a storage DDP holds are read where they are by the per-tensor path (the two
+    buckets' offsets differ; moving them would end the aliasing torch keeps)."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
     ours_cls, ref_cls, extra = optimizer_classes(hk)
@@ -890,10 +892,17 @@ def zero_train(ctx: Ctx, *, flat: bool, grad_views: bool, param_views: bool, hk:
         ctx.record("paths", steps_paths)
         if flat and local:
             taken = {p for p, _ in steps_paths}
-            if taken != {"flat"} or sum(t for _, t in steps_paths) != len(local):
+            # with param_views, gradients in a storage others hold (DDP's) are read where
+            # they are (per tensor); after a zero_grad(set_to_none=True) without grad_views
+            # they are the flat layout's own again
+            want = ({"flat"} if not param_views or (not grad_views and k >= 2)
+                    else {"flat", "per-tensor"})
+            if (not taken <= want or sum(t for _, t in steps_paths) != len(local)
+                    or len(steps_paths) != 1):
                 ctx.check.fail(f"{label} zero.optim.last_step took paths {steps_paths} "
                                f"([path, tensors] per call) for its {len(local)} parameters; "
-                               f"expected the 'flat' path for all of them")
+                               f"expected one call ({' or '.join(sorted(want))}) for all "
+                               f"of them")
     for z in (zero, tzero):
         z.consolidate_state_dict(to=0)
     if ctx.rank == 0:

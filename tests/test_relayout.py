@@ -193,7 +193,9 @@ def test_parameter_made_from_a_tensor_the_user_keeps():
 def test_second_optimizer_over_a_laid_out_model():
     """A new optimizer over parameters another (still alive) momentum_cuda optimizer laid out,
     with another split into param groups: it lays them out in its own buffers; both go on
-    with torch's bits (each checks its layout before stepping)."""
+    with torch's bits (each checks its layout before stepping). The first optimizer, stepping
+    again, lays them out once more; the gradients backward just gave are the second one's flat
+    views (memory it does not own, _alone), so that step is per tensor and the next flat."""
     m, t, opt, topt, gen = _twins(8)
     _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
     split = lambda mm: [{"params": [mm[0].weight, mm[2].weight]},
@@ -204,9 +206,10 @@ def test_second_optimizer_over_a_laid_out_model():
         _step_both((m, t), (opt2, topt2), torch.randn(3, 4, generator=gen))
         _same_opt(opt2, topt2, f"second optimizer, step {step}")
         assert _paths(opt2) == {"flat"}, opt2.last_step
-    _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
-    _same_opt(opt, topt, "first optimizer again")
-    assert _paths(opt) == {"flat"}, opt.last_step  # laid out again in its own buffers
+    for step, paths in enumerate(({"per-tensor"}, {"flat"})):
+        _step_both((m, t), (opt, topt), torch.randn(3, 4, generator=gen))
+        _same_opt(opt, topt, f"first optimizer again, step {step}")
+        assert _paths(opt) == paths, opt.last_step  # laid out again in its own buffers
 
 
 @FLAT
@@ -478,3 +481,95 @@ def test_loaded_state_dict_is_copied_or_kept_as_readme_says(flat):
     kept = [torch.equal(sd["state"][k]["momentum_buffer"], v) for k, v in before.items()]
     assert all(kept) if flat else not any(kept)
     assert not any(torch.equal(tsd["state"][k]["momentum_buffer"], v) for k, v in before.items())
+
+
+def _relayout(how, mm):
+    """What lays a flat group out again: a layer frozen at construction unfrozen, or another
+    parameter's data replaced."""
+    if how == "unfreeze":
+        mm[0].requires_grad_(True)
+    else:
+        mm[0].bias.data = mm[0].bias.data * 0.5
+
+
+@FLAT
+@pytest.mark.parametrize("how", ["unfreeze", "data"])
+def test_references_the_code_keeps_follow_a_relayout(flat, how):
+    """torch's .grad (under zero_grad(set_to_none=False)) and momentum buffer stay one tensor
+    each for as long as they exist, so training code may keep them: a list of gradients
+    cached once and scaled through at every step, a buffer kept for logging, a tensor put into
+    the state as the buffer. A relayout moves them into the new flat buffers with their
+    identity kept: each stays .grad or the buffer, and writes through it reach the step, bit
+    for bit as with torch, and the steps stay flat."""
+    m, t = _mlp(21), None
+    t = copy.deepcopy(m)
+    for mm in (m, t):
+        mm[0].requires_grad_(how != "unfreeze")
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(22)
+    kept = {}
+    for step in range(5):
+        x = torch.randn(3, 4, generator=gen)
+        for mm, o, who in ((m, opt, "ours"), (t, topt, "torch")):
+            if step == 0:  # a tensor of the code's own as the buffer (torch steps it in place)
+                kept[who, "given"] = torch.full_like(mm[2].bias, 0.25)
+                o.state[mm[2].bias]["momentum_buffer"] = kept[who, "given"]
+            if step == 2:
+                _relayout(how, mm)
+            o.zero_grad(set_to_none=False)
+            mm(x).square().sum().backward()
+            if step == 1:
+                kept[who, "grads"] = [p.grad for p in mm[2].parameters()]
+            if step >= 1:
+                for g in kept[who, "grads"]:
+                    g.mul_(0.5)
+            o.step()
+            if step == 1:
+                kept[who, "buf"] = o.state[mm[2].weight]["momentum_buffer"]
+        _same_opt(opt, topt, f"{how}, step {step}")
+        if step >= 1:
+            assert all(a is p.grad for a, p in zip(kept["ours", "grads"], m[2].parameters()))
+            assert opt.state[m[2].weight]["momentum_buffer"] is kept["ours", "buf"]
+            assert torch.equal(kept["ours", "buf"], kept["torch", "buf"])
+        assert opt.state[m[2].bias]["momentum_buffer"] is kept["ours", "given"]
+        assert torch.equal(kept["ours", "given"], kept["torch", "given"])
+        if step >= 3:  # moved into the new layout: one flat call
+            assert _paths(opt) == ({"flat"} if flat else {"per-tensor"}), opt.last_step
+
+
+@pytest.mark.parametrize("what", ["grad", "buffer"])
+def test_a_relayout_leaves_what_someone_else_sees(what):
+    """A gradient or momentum buffer of which the code holds a view (its memory seen from
+    elsewhere) is not moved by a relayout: moving it would end the aliasing torch keeps. Its
+    parameter takes the per-tensor path with it where it is; the view goes on seeing .grad (and
+    writes through it reach the step) or the buffer, as with torch."""
+    m = _mlp(23)
+    t = copy.deepcopy(m)
+    for mm in (m, t):
+        mm[0].requires_grad_(False)
+    opt = momentum_cuda.SGD(m.parameters(), **H)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
+    gen = torch.Generator().manual_seed(24)
+    views = {}
+    for step in range(5):
+        x = torch.randn(3, 4, generator=gen)
+        for mm, o, who in ((m, opt, "ours"), (t, topt, "torch")):
+            if step == 2:
+                mm[0].requires_grad_(True)
+            o.zero_grad(set_to_none=False)
+            mm(x).square().sum().backward()
+            if what == "grad" and step >= 1:
+                if step == 1:
+                    views[who] = mm[2].weight.grad.view(-1)
+                views[who][::2] = 0.0  # through the view: the step must see it
+            o.step()
+            if what == "buffer" and step == 1:
+                views[who] = o.state[mm[2].weight]["momentum_buffer"].view(-1)[:7]
+        _same_opt(opt, topt, f"{what}, step {step}")
+        if step >= 1:
+            assert torch.equal(views["ours"], views["torch"]), f"{what}, step {step}"
+        if step == 2:  # (later, a gradient held apart is read in place: a lent bucket)
+            assert _paths(opt) == {"flat", "per-tensor"}, opt.last_step
+        if what == "grad" and step >= 1:
+            assert views["ours"].data_ptr() == m[2].weight.grad.data_ptr()
