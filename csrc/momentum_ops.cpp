@@ -1090,9 +1090,12 @@ class BucketCheck {
   /// One pass over the bucket's parameters (each one's objects touched once, while in cache):
   /// -1 if a parameter is not intact (it moved, or its .grad is not its flat view, or the view
   /// moved); else, with `state` None 0, otherwise the momentum buffers as the optimizer's state
-  /// holds them (state[p]["momentum_buffer"]): 0 if each is its flat view in `buf_views`, 1 if
-  /// none has one (no entry, no key or None), 2 otherwise (then Python looks at each).
-  int check(const pybind11::object& state, const pybind11::object& buf_views) const {
+  /// holds them (state[p]["momentum_buffer"]): 0 if each is its flat view in `buf_views`, over
+  /// the flat buffer's storage (`buf_storage`, its StorageImpl's address) at its parameter's
+  /// offset (buf.data = ... or buf.set_ would have moved it), 1 if none
+  /// has one (no entry, no key or None), 2 otherwise (then Python looks at each).
+  int check(const pybind11::object& state, const pybind11::object& buf_views,
+            int64_t buf_storage) const {
     const bool bufs = !state.is_none();
     if (bufs && !PyDict_Check(state.ptr())) return intact_all() ? 2 : -1;
     const bool views = PyList_Check(buf_views.ptr()) &&
@@ -1101,6 +1104,7 @@ class BucketCheck {
     bool all_views = views, all_none = true;
     for (size_t i = 0; i < params_.size(); ++i) {
       prefetch(i);
+      if (bufs && views) prefetch_buf(buf_views.ptr(), i);
       if (!intact(i)) return -1;
       if (!bufs || (!all_none && !all_views)) continue;  // the kind is known: 2
       PyObject* entry = dict_lookup(state.ptr(), params_[i].ptr(), hashes_[i]);
@@ -1116,9 +1120,21 @@ class BucketCheck {
       if (buf == Py_None) buf = nullptr;
       all_none = all_none && buf == nullptr;
       all_views = all_views && buf != nullptr &&
-                  buf == PyList_GET_ITEM(buf_views.ptr(), static_cast<Py_ssize_t>(i));
+                  buf == PyList_GET_ITEM(buf_views.ptr(), static_cast<Py_ssize_t>(i)) &&
+                  at_place(THPVariable_Unpack(buf), i, buf_storage);
     }
     return !bufs || all_views ? 0 : all_none ? 1 : 2;
+  }
+
+  /// Buffer view b is over flat_buf (`storage`, its StorageImpl) where parameter i is in its
+  /// flat parameter: the same offset. Both read from the tensors' own fields, no further
+  /// pointer (a cold buffer view costs one miss, prefetched).
+  bool at_place(const at::Tensor& b, size_t i, int64_t storage) const {
+    const c10::TensorImpl* t = b.unsafeGetTensorImpl();
+    return t->has_storage() &&
+           reinterpret_cast<int64_t>(t->unsafe_storage().unsafeGetStorageImpl()) == storage &&
+           t->storage_offset() ==
+               THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl()->storage_offset();
   }
 
   /// Whether some parameter is intact with its flat gradient view as .grad (a flat run could
@@ -1146,9 +1162,10 @@ class BucketCheck {
   /// the replay of a bucket that is a step's only work (optim._step_steady) skips the op's
   /// Python call, argument parsing and dispatch, which a cold cache makes cost as much as the
   /// kernel. Eager only: a traced or profiled step goes through the op. Returns check's result.
-  int replay(const pybind11::object& state, const pybind11::object& buf_views) {
+  int replay(const pybind11::object& state, const pybind11::object& buf_views,
+             int64_t buf_storage) {
     TORCH_CHECK(step_.has_value(), "BucketCheck.replay: no step was armed");
-    const int r = check(state, buf_views);
+    const int r = check(state, buf_views, buf_storage);
     if (r != 0) return r;
     const Step& s = *step_;
     sgd_step_flat(s.param, s.grad, s.buf, s.segments, s.lr, s.momentum, s.dampening,
@@ -1219,6 +1236,27 @@ class BucketCheck {
     (void)grads;
 #endif
   }
+  /// The buffer views' objects and tensors (at_place reads each one's fields), ahead of i
+  /// as prefetch() loads the parameters'.
+  void prefetch_buf(PyObject* buf_views, size_t i) const {
+#if defined(__GNUC__)
+    const size_t n = params_.size();
+    if (i + 24 < n) __builtin_prefetch(PyList_GET_ITEM(buf_views, static_cast<Py_ssize_t>(i + 24)));
+    const auto impl = [&](size_t k) {
+      return THPVariable_Unpack(PyList_GET_ITEM(buf_views, static_cast<Py_ssize_t>(k)))
+          .unsafeGetTensorImpl();
+    };
+    if (i + 12 < n) {
+      const c10::TensorImpl* t = impl(i + 12);
+      for (int line = 0; line < 3; ++line) {
+        __builtin_prefetch(reinterpret_cast<const char*>(t) + 64 * line);
+      }
+    }
+#else
+    (void)buf_views;
+    (void)i;
+#endif
+  }
   bool intact_all() const {
     for (size_t i = 0; i < params_.size(); ++i) {
       prefetch(i);
@@ -1276,26 +1314,76 @@ class ListCheck {
   /// If everything holds, the gradients (a new list, in order; without `stepped`: True); else
   /// None.
   pybind11::object check(const pybind11::object& state) const {
-    if (stepped_ && !keys_.empty() && !PyDict_Check(state.ptr())) return pybind11::none();
     pybind11::list grads(stepped_ ? params_.size() : 0);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
-      if (!params_meta_[i].same(p)) return pybind11::none();
-      if (watch_[i] && static_cast<int64_t>(p._version()) != versions_[i]) {
-        return pybind11::none();
-      }
-      const at::Tensor& g = p.grad();
-      if (!stepped_) {
-        if (g.defined()) return pybind11::none();
-        continue;
-      }
-      if (!g.defined() || !params_meta_[i].same(g, /*address=*/false)) return pybind11::none();
-      if (!keys_.empty() && !same_state(state.ptr(), i)) return pybind11::none();
+    const bool ok = holds(state, [&](size_t i, const at::Tensor& g) {
       PyObject* wrapped = THPVariable_Wrap(g);  // its Python object (a new reference)
       if (wrapped == nullptr) throw pybind11::error_already_set();
       PyList_SET_ITEM(grads.ptr(), static_cast<Py_ssize_t>(i), wrapped);
-    }
+    });
+    if (!ok) return pybind11::none();
     return stepped_ ? pybind11::object(std::move(grads)) : pybind11::object(pybind11::bool_(true));
+  }
+
+  /// The plain list call as the optimizer's last step ran it (sgd_step_list_ on these
+  /// parameters, not a first step, hyper-parameters Python numbers), kept for replay(). Its
+  /// momentum buffers are the objects held for the one key (state["momentum_buffer"]); with no
+  /// key, momentum is 0 and there are none.
+  void arm(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+           bool maximize) {
+    TORCH_CHECK(stepped_ && keys_.size() <= 1,
+                "ListCheck.arm: a plain list call steps its parameters with at most one state "
+                "key, the momentum buffer");
+    for (const auto& held : held_) {
+      for (const auto& o : held) {
+        TORCH_CHECK(THPVariable_Check(o.ptr()), "ListCheck.arm: a momentum buffer is not a tensor");
+      }
+    }
+    step_ = Step{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  }
+
+  /// check(state), and where it passes the armed step on the gradients it found
+  /// (sgd_step_list, which checks its arguments as the op does) and the version bumps of the
+  /// parameters and buffers, as the op's, in this one call: the replay of a list call that is
+  /// a step's only work (optim._step_steady) skips the op's Python call, its boxed dispatch
+  /// and the Python list of gradients. The tensors are taken from the Python objects now (as
+  /// check() reads them: torch.utils.swap_tensors changes what an object holds). Returns
+  /// whether it ran.
+  bool replay(const pybind11::object& state) {
+    TORCH_CHECK(step_.has_value(), "ListCheck.replay: no step was armed");
+    const size_t n = params_.size();
+    const bool bufs = !keys_.empty();
+    ps_.resize(n);  // (kept between steps: no allocation per step)
+    gs_.resize(n);
+    bs_.resize(bufs ? n : 0);
+    const bool ok = holds(state, [&](size_t i, const at::Tensor& g) {
+      ps_[i] = THPVariable_Unpack(params_[i].ptr());
+      gs_[i] = g;
+      if (bufs) bs_[i] = THPVariable_Unpack(held_[i][0].ptr());
+    });
+    if (ok && n > 0) {
+      const Step& s = *step_;
+      sgd_step_list(ps_, gs_, bs_, s.lr, s.momentum, s.dampening, s.weight_decay, s.nesterov,
+                    s.maximize, /*first_step=*/false, ps_[0].device().type(), /*single=*/false);
+      for (const auto& t : ps_) torch::autograd::impl::bump_version(t);
+      for (const auto& t : bs_) torch::autograd::impl::bump_version(t);
+    }
+    ps_.clear();  // (nothing kept alive past the step)
+    gs_.clear();
+    bs_.clear();
+    return ok;
+  }
+
+  /// The memory of every tensor of the kept step that a gradient must not share (its
+  /// parameters, buffers and the flat calls' spans; on this call's device), as (address,
+  /// bytes) pairs.
+  void forbid(const std::vector<std::pair<int64_t, int64_t>>& spans) {
+    forbidden_.clear();
+    for (const auto& [ptr, bytes] : spans) {
+      if (bytes <= 0) continue;
+      const auto lo = static_cast<uintptr_t>(ptr);
+      forbidden_.push_back({lo, lo + static_cast<uintptr_t>(bytes)});
+    }
+    std::sort(forbidden_.begin(), forbidden_.end());
   }
 
   /// After the replayed op: the watched version counters as it left them; and, given a dict
@@ -1357,6 +1445,56 @@ class ListCheck {
     }
   };
 
+  /// Whether everything holds; `grad(i, g)` is called with each stepped parameter's gradient.
+  template <class F>
+  bool holds(const pybind11::object& state, F&& grad) const {
+    spans_.clear();
+    if (stepped_ && !keys_.empty() && !PyDict_Check(state.ptr())) return false;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
+      if (!params_meta_[i].same(p)) return false;
+      if (watch_[i] && static_cast<int64_t>(p._version()) != versions_[i]) return false;
+      const at::Tensor& g = p.grad();
+      if (!stepped_) {
+        if (g.defined()) return false;
+        continue;
+      }
+      if (!g.defined() || !params_meta_[i].same(g, /*address=*/false)) return false;
+      if (!keys_.empty() && !same_state(state.ptr(), i)) return false;
+      if (g.numel() > 0) {
+        const auto lo = reinterpret_cast<uintptr_t>(g.data_ptr());
+        spans_.push_back({lo, lo + static_cast<uintptr_t>(g.nbytes())});
+      }
+      grad(i, g);
+    }
+    return !stepped_ || grads_apart();
+  }
+
+  /// The gradients just read (spans_, cleared here) share no memory with one another nor with
+  /// any tensor of the kept step (forbid()'s): the kernel reads them all at once, while torch's
+  /// for-loop would read a gradient that is another parameter, a buffer or another's gradient
+  /// after the steps before it. Each is dense (laid out like its parameter), so its memory
+  /// is [data_ptr, + nbytes). Sorted, an overlap shows between neighbours, and against the
+  /// sorted forbidden spans in one merge.
+  bool grads_apart() const {
+    std::sort(spans_.begin(), spans_.end());
+    bool apart = true;
+    for (size_t k = 1; k < spans_.size() && apart; ++k) {
+      apart = spans_[k].first >= spans_[k - 1].second;
+    }
+    for (size_t a = 0, b = 0; apart && a < spans_.size() && b < forbidden_.size();) {
+      if (spans_[a].second <= forbidden_[b].first) {
+        ++a;
+      } else if (forbidden_[b].second <= spans_[a].first) {
+        ++b;
+      } else {
+        apart = false;
+      }
+    }
+    spans_.clear();
+    return apart;
+  }
+
   bool same_state(PyObject* state, size_t i) const {
     PyObject* entry = dict_lookup(state, params_[i].ptr(), hashes_[i]);
     if (entry == nullptr) {
@@ -1390,6 +1528,15 @@ class ListCheck {
   std::vector<Meta> params_meta_, held_meta_;
   std::vector<Py_hash_t> hashes_;
   std::vector<int64_t> versions_;
+  struct Step {
+    double lr, momentum, dampening, weight_decay;
+    bool nesterov, maximize;
+  };
+  std::optional<Step> step_;          ///< arm()'s
+  std::vector<at::Tensor> ps_, gs_, bs_;  ///< replay()'s lists, empty between steps
+  using Span = std::pair<uintptr_t, uintptr_t>;
+  std::vector<Span> forbidden_;        ///< forbid()'s, sorted
+  mutable std::vector<Span> spans_;    ///< holds()'s gradient spans, empty between checks
 };
 
 /// optim.clip_grad_norm_'s record of the gradients it measured, checked by the step that applies
@@ -1591,6 +1738,7 @@ PYBIND11_MODULE(_C, m) {
                     std::vector<int64_t>>(),
            py::arg("params"), py::arg("grad_views"), py::arg("ptrs"), py::arg("gptrs"))
       .def("check", &mc::BucketCheck::check, py::arg("state"), py::arg("buf_views"),
+           py::arg("buf_storage"),
            "-1: a parameter moved or its .grad is not its flat view (at its address); else "
            "(state None) 0, or 0: every state[p]['momentum_buffer'] is its flat view; 1: none "
            "has a buffer; 2: otherwise.")
@@ -1603,6 +1751,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
            "Keeps the bucket's step (sgd_step_flat_'s arguments, not a first step) for replay.")
       .def("replay", &mc::BucketCheck::replay, py::arg("state"), py::arg("buf_views"),
+           py::arg("buf_storage"),
            "check(); where it passes (0), the armed step and the version bumps. Returns "
            "check's result.");
   py::class_<mc::ListCheck>(m, "ListCheck",
@@ -1614,6 +1763,16 @@ PYBIND11_MODULE(_C, m) {
       .def("check", &mc::ListCheck::check, py::arg("state"),
            "None if something the kept call depends on changed; else its gradients (stepped) "
            "or True.")
+      .def("arm", &mc::ListCheck::arm, py::arg("lr"), py::arg("momentum"),
+           py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+           py::arg("maximize"),
+           "Keeps the plain list call (sgd_step_list_'s hyper-parameters, not a first step; "
+           "the buffers are the held objects) for replay.")
+      .def("replay", &mc::ListCheck::replay, py::arg("state"),
+           "check(); where it passes, the armed step on the gradients found and the version "
+           "bumps. Returns whether it ran.")
+      .def("forbid", &mc::ListCheck::forbid, py::arg("spans"),
+           "The (address, bytes) spans of the kept step's tensors no gradient may share.")
       .def("commit", &mc::ListCheck::commit, py::arg("seen"),
            "Records the watched version counters (and seen[id(p)] = (data_ptr, version)).");
   py::class_<mc::GradWatch>(m, "GradWatch",

@@ -604,21 +604,41 @@ def _by(items, key) -> dict:
     return out
 
 
+def _span(t) -> tuple:
+    """(device type, index, first byte, end) of the memory a strided tensor spans."""
+    n = t.numel() if t.is_contiguous() else 1 + sum(
+        (k - 1) * st for k, st in zip(t.shape, t.stride()))
+    d = t.device
+    return (d.type, -1 if d.index is None else d.index, t.data_ptr(),
+            t.data_ptr() + n * t.element_size())
+
+
+def _spans_overlap(spans) -> bool:
+    """Some two of the spans (_span's tuples, none empty) share memory: sorted, an overlap
+    shows between neighbours."""
+    spans = sorted(spans)
+    return any(a[:2] == b[:2] and a[3] > b[2] for a, b in zip(spans, spans[1:]))
+
+
+def _sharing(ts) -> set:
+    """The ids of the tensors among ts that share memory with another of them (the same object
+    twice included)."""
+    spans = sorted((_span(t) + (k,) for k, t in enumerate(ts)
+                    if t.layout == torch.strided and t.numel()), key=lambda s: s[:4])
+    out, end = set(), None  # end: the furthest end so far, and whose
+    for s in spans:
+        if end is not None and end[0][:2] == s[:2] and end[0][3] > s[2]:
+            out.update((id(ts[end[1]]), id(ts[s[4]])))
+        if end is None or end[0][:2] != s[:2] or s[3] > end[0][3]:
+            end = (s, s[4])
+    return out
+
+
 def _overlapping(ts) -> bool:
     """Some two of the tensors share memory (compared by address ranges, per device)."""
     if len(ts) < 2:
         return False
-    spans = []
-    for t in ts:
-        if t.layout != torch.strided or not t.numel():
-            continue
-        n = t.numel() if t.is_contiguous() else 1 + sum(
-            (k - 1) * st for k, st in zip(t.shape, t.stride()))
-        d = t.device
-        spans.append((d.type, -1 if d.index is None else d.index, t.data_ptr(),
-                       t.data_ptr() + n * t.element_size()))
-    spans.sort()
-    return any(a[:2] == b[:2] and a[3] > b[2] for a, b in zip(spans, spans[1:]))
+    return _spans_overlap([_span(t) for t in ts if t.layout == torch.strided and t.numel()])
 
 
 def _padding(offsets, params, total, device) -> torch.Tensor:
@@ -745,6 +765,9 @@ class _Bucket:
     # offsets in flat_param: the kernel reads the gradients in place. Nothing here writes it
     # (no hooks, no -0.0 fill); grad_views are the gradient tensors seen when laid out.
     lent: bool = False
+    # flat_buf's StorageImpl (its untyped_storage()._cdata): each buffer view must be over it,
+    # at its parameter's offset (_C.BucketCheck compares both)
+    buf_storage: int = 0
     # pinned: flat_param is the storage the parameters already are views of (_pinned): they
     # cannot move to where a lender's gradients are
     pinned: bool = False
@@ -873,6 +896,27 @@ class _Bucket:
         if self.flat_buf is None:
             self.flat_buf = torch.zeros_like(self.flat_param)
             self.buf_views = [self.view(self.flat_buf, i) for i in range(len(self.params))]
+            self.buf_storage = self.flat_buf.untyped_storage()._cdata
+
+    def run_spans(self, ranges, use_buf) -> list:
+        """(device, address, bytes) of each run's memory (i0, i1, ...) in flat_param,
+        flat_grad and (use_buf) flat_buf, from the first parameter's offset to the last's end."""
+        out = []
+        for i0, i1, *_ in ranges:
+            off0 = self.offsets[i0]
+            off1 = self.offsets[i1 - 1] + self.params[i1 - 1].numel()
+            for t in (self.flat_param, self.flat_grad, self.flat_buf if use_buf else None):
+                if t is not None and off1 > off0:
+                    es = t.element_size()
+                    out.append((t.device, t.data_ptr() + off0 * es, (off1 - off0) * es))
+        return out
+
+    def holds_buf(self, i: int, buf) -> bool:
+        """buf is params[i]'s flat buffer view, still over its place in flat_buf (buf.data =
+        or buf.set_ would have given it other memory)."""
+        return (self.flat_buf is not None and buf is self.buf_views[i]
+                and buf.untyped_storage()._cdata == self.buf_storage
+                and buf.storage_offset() == self.params[i].storage_offset())
 
 
 @dataclass
@@ -941,7 +985,8 @@ class _FlatCall:
     `check` a _C.BucketCheck of the runs' parameters, gradient views and (`buf_views`, or None
     without a flat buffer) momentum buffer views (the whole bucket's: the bucket's own), the
     op's arguments (the runs' segments), its hyper-parameters (_hyper_args) and last_step
-    entry; `n` its parameters."""
+    entry; `n` its parameters; `mem` the (device, address, bytes) spans of its runs in the
+    flat parameter, gradient and buffer (_forbid)."""
 
     b: object
     n: int
@@ -951,6 +996,7 @@ class _FlatCall:
     args: tuple
     h: dict
     entry: dict
+    mem: list
 
 
 class _ShardCheck:
@@ -1023,7 +1069,33 @@ def _bucket_holds(b, state, use_buf) -> bool:
     without momentum, none read)."""
     check = b.check
     return check is not None and not check.check(state if use_buf else None,
-                                                 b.buf_views if b.flat_buf is not None else None)
+                                                 b.buf_views if b.flat_buf is not None else None,
+                                                 b.buf_storage)
+
+
+def _forbid(calls) -> None:
+    """Tells each kept list call's check the memory its gradients must not share at a replay:
+    every parameter, buffer (and the modes' state) of the kept step, and the flat calls'
+    segments of parameters, gradients and buffers (_C.ListCheck.forbid)."""
+    lists = [c for c in calls if type(c) is _ListCall]
+    if not lists:
+        return
+    spans = []
+    for c in calls:
+        if type(c) is _ListCall:
+            ts = c.ps + c.bs + c.xs + c.ys
+        elif type(c) is _LentCall:
+            ts = [t for ls in c.lists for t in ls]
+        else:  # (_FlatCall: its runs' spans of parameters, gradients and buffers)
+            spans += c.mem
+            continue
+        for t in ts:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel():
+                d, _, lo, hi = _span(_local(t))
+                spans.append((t.device, lo, hi - lo))
+    for c in lists:
+        if c.dts is None:  # (a _C.ListCheck; FSDP2's shards take _ShardCheck)
+            c.check.forbid([(lo, n) for d, lo, n in spans if d == c.device])
 
 
 class _Apart:
@@ -1036,6 +1108,9 @@ class _Apart:
 
     def check(self, state):
         return None if self.b.checker().any_intact() else True
+
+
+_profiling = torch._C._autograd._profiler_enabled
 
 
 def _capturing() -> bool:
@@ -1869,6 +1944,10 @@ class _FusedMomentum(Optimizer):
                     b.ensure_buf()
                     if buf is not b.buf_views[i]:
                         moves.append((b, i, p, buf))
+        # a buffer two parameters share (a checkpoint saved so, or the code's doing) stays
+        # one tensor, as torch keeps it; the group then steps with torch's ops
+        shared = _sharing([buf for *_, buf in moves])
+        moves = [m for m in moves if id(m[3]) not in shared]
         alone = set() if loaded or not moves else _alone(
             [buf for *_, buf in moves],
             [st.get("momentum_buffer") for st in self.state.values()]
@@ -2574,10 +2653,12 @@ class _FusedMomentum(Optimizer):
                 args = (b.flat_param, b.flat_grad, b.flat_buf if use_buf else None,
                         b.runs_segments(ranges))
                 views = b.buf_views if b.flat_buf is not None else None
+                mem = b.run_spans(ranges, use_buf)
                 if len(ranges) == 1 and ranges[0][:2] == (0, len(b.params)):
                     if not b.lent:  # (a lent one's: its _LentCall, in lends)
                         calls.append(_FlatCall(b, len(b.params), use_buf, b.checker(), views,
-                                               args, self._hyper_args(h, b.device), b.entry))
+                                               args, self._hyper_args(h, b.device), b.entry,
+                                               mem))
                     continue
                 idx = [i for i0, i1, _ in ranges for i in range(i0, i1)]
                 check = _C.BucketCheck([b.params[i] for i in idx], [b.grad_views[i] for i in idx],
@@ -2586,7 +2667,7 @@ class _FusedMomentum(Optimizer):
                     b, len(idx), use_buf, check,
                     None if views is None else [views[i] for i in idx], args,
                     self._hyper_args(h, b.device),
-                    self._entry(b.backend, "flat", b.flat_param, *b.count(ranges))))
+                    self._entry(b.backend, "flat", b.flat_param, *b.count(ranges)), mem))
             calls += lends
             for c in lists or []:  # (armed after the ops: versions as they left them)
                 c.h = self._hyper_args(c.h, c.device)
@@ -2597,13 +2678,18 @@ class _FusedMomentum(Optimizer):
             if bare:
                 idle.append(_C.ListCheck(bare, False, [], [[] for _ in bare], [False] * len(bare)))
             idle += [_Apart(b) for b in rest]
-        fast = None  # one flat call is the step's only work: its check runs the step too
-        if len(calls) == 1 and type(calls[0]) is _FlatCall:
-            c = calls[0]
-            if (self._backend_for(c.b.device) != "triton"
-                    and not any(arg in c.h for _, arg in _HYPER_TENSOR_ARGS)):  # (floats only)
+        _forbid(calls)
+        fast = None  # one flat or plain list call is the step's only work: its check runs it
+        c = calls[0] if len(calls) == 1 else None
+        if (type(c) in (_FlatCall, _ListCall)
+                and self._backend_for(c.b.device if type(c) is _FlatCall else c.device) != "triton"
+                and not any(arg in c.h for _, arg in _HYPER_TENSOR_ARGS)):  # (floats only)
+            if type(c) is _FlatCall:
                 fast = c.check
                 fast.arm(*c.args, **c.h)
+            elif c.mode == "plain" and c.dts is None:
+                fast = c.check
+                fast.arm(**c.h)
         self._steady = (list(self.param_groups), groups, calls, idle, fast)
 
     def _step_steady(self, amp) -> bool:
@@ -2617,9 +2703,12 @@ class _FusedMomentum(Optimizer):
         written. Then the ops in the kept order, version bumps and last_step entries. What this
         skips is planning's Python work: per group, and per parameter on the per-tensor path;
         a cold cache (a training step runs the forward and backward in between) makes it cost
-        as much as the checks. A step whose only work is one flat bucket (`fast`, without
-        GradScaler) runs check, kernel and bumps in one C++ call (BucketCheck.replay), without
-        the op's Python call and dispatch. tests/test_steady.py holds it to the full step
+        as much as the checks. A step whose only work is one flat bucket or one plain list
+        call (`fast`, without GradScaler, no profiler recording) runs check, kernel and bumps
+        in one C++ call (BucketCheck.replay, ListCheck.replay), without the op's Python call
+        and dispatch. A list call's check also finds its gradients sharing memory with one
+        another or with the step's other tensors (_forbid), which torch's for-loop would step
+        one after the other: planned then. tests/test_steady.py holds it to the full step
         under every edit."""
         steady = self._steady
         if steady is None:
@@ -2632,10 +2721,15 @@ class _FusedMomentum(Optimizer):
             if not _same_params(lay, g) or not all(map(operator.is_, self._hyper_values(g), vals)):
                 return False
         state = self.state
-        if fast is not None and amp is None:  # check, op and bumps in one C++ call
+        if fast is not None and amp is None and not _profiling():
+            # check, op and bumps in one C++ call (a profiler sees the op: not this way)
             c = calls[0]
-            if (any(i.check(state) is None for i in idle)
-                    or fast.replay(state if c.use_buf else None, c.buf_views)):
+            if any(i.check(state) is None for i in idle):
+                return False
+            if type(c) is _FlatCall:
+                if fast.replay(state if c.use_buf else None, c.buf_views, c.b.buf_storage):
+                    return False
+            elif not fast.replay(state):
                 return False
             self.last_step = [dict(c.entry)]
             return True
@@ -2654,7 +2748,8 @@ class _FusedMomentum(Optimizer):
             if type(c) is _LentCall:
                 if not all(_bucket_holds(b, state, c.use_buf) for b in c.buckets):
                     return False
-            elif c.check.check(state if c.use_buf else None, c.buf_views):  # (_FlatCall)
+            elif c.check.check(state if c.use_buf else None, c.buf_views,
+                               c.b.buf_storage):  # (_FlatCall)
                 return False
         if any(c.check(state) is None for c in idle):
             return False
@@ -2799,13 +2894,13 @@ class _FusedMomentum(Optimizer):
                 first = bool(use_buf and buf is None and not self._ema)
                 moved = p.data_ptr() != b.ptrs[i]
                 ok = not moved and b.holds_grad(i, g) and (
-                    buf is None or (b.flat_buf is not None and buf is b.buf_views[i]))
+                    buf is None or b.holds_buf(i, buf))
                 if not ok:
                     if relayout and moved and self._could_move(lay, p):
                         return None
                     if relayout and not moved and not b.pinned and (
                             b.lent or _lendable(p, g)) and (
-                            buf is None or (b.flat_buf is not None and buf is b.buf_views[i])):
+                            buf is None or b.holds_buf(i, buf)):
                         # its gradient is in another storage now (DDP's bucket, or DDP's
                         # rebuilt one, or a tensor of its own): lay out to read it there
                         return None
@@ -2817,7 +2912,8 @@ class _FusedMomentum(Optimizer):
                     runs[-1][4] = runs[-1][4] or (use_buf and buf is None)
                 else:
                     runs.append([b, i, i + 1, first, use_buf and buf is None])
-        alias = bool(loose) and self._overlap(lay, group)
+        alias = bool(loose) and (self._overlap(lay, group)
+                                 or self._loose_shares(runs, loose, use_buf))
         if alias and use_buf and any(b.unsure is not None for b in lay.buckets):
             # torch's ops step the buffers of a flag they do not read: the host reads it first
             self._settle_unsure(True, [b for b in lay.buckets if b.unsure is not None],
@@ -2905,6 +3001,23 @@ class _FusedMomentum(Optimizer):
             lay.spans, lay.overlap = key, _overlapping(ps)
         return lay.overlap
 
+    def _loose_shares(self, runs, loose, use_buf) -> bool:
+        """Some tensor the per-tensor step of a loose (param, grad) pair reads or writes (the
+        parameter, its gradient, its buffer) shares memory with another tensor of the group's
+        step: another loose pair's, or the parameters, gradients and buffers of the flat runs.
+        torch's for-loop steps the parameters one after the other, each reading what the one
+        before wrote (a buffer that is a gradient or a parameter, two parameters' one buffer, a
+        gradient that is another parameter); a kernel would read the others at once."""
+        spans = [(d.type, -1 if d.index is None else d.index, lo, lo + n)
+                 for b, i0, i1, *_ in runs for d, lo, n in b.run_spans([(i0, i1)], use_buf)]
+        for p, g in loose:
+            for t in (p, g, self._buffer(p) if use_buf else None):
+                if isinstance(t, torch.Tensor):
+                    t = _local(t)
+                    if t.layout == torch.strided and t.numel() and t.device.type != "meta":
+                        spans.append(_span(t))
+        return _spans_overlap(spans)
+
     @staticmethod
     def _could_move(lay, p) -> bool:
         """p is outside the flat layout (or moved out of it) but could be laid out, and it
@@ -2917,7 +3030,7 @@ class _FusedMomentum(Optimizer):
         run, or None to let the per-parameter classification decide."""
         # one C++ pass: addresses, flat gradient views, state[p]["momentum_buffer"]
         kind = b.checker().check(self.state if use_buf else None,
-                             b.buf_views if b.flat_buf is not None else None)
+                                 b.buf_views if b.flat_buf is not None else None, b.buf_storage)
         if kind == 1:  # no buffers yet
             return [b, 0, len(b.params), not self._ema, True]
         if kind != 0:  # a parameter moved, has no gradient or another one, or mixed buffers

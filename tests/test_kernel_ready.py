@@ -100,7 +100,8 @@ def test_both_answers_occur():
 
 
 def _bucket(n=5):
-    """A BucketCheck over n parameters with flat gradient and buffer views, and those views."""
+    """A BucketCheck over n parameters with flat gradient and buffer views, those views, and
+    the buffers' storage (check's buf_storage: each view over it at its parameter's offset)."""
     flat_p, flat_g, flat_b = (torch.randn(3 * n) for _ in range(3))
     params = [torch.nn.Parameter(flat_p[3 * i:3 * i + 3]) for i in range(n)]
     gviews = [flat_g[3 * i:3 * i + 3] for i in range(n)]
@@ -109,7 +110,7 @@ def _bucket(n=5):
         p.grad = g
     check = _C.BucketCheck(params, gviews, [p.data_ptr() for p in params],
                            [g.data_ptr() for g in gviews])
-    return check, params, bviews
+    return check, params, bviews, flat_b.untyped_storage()._cdata
 
 
 def _state(params, bufs):
@@ -123,14 +124,15 @@ def _state(params, bufs):
 
 @pytest.mark.parametrize("case,want", [
     ("all views", 0), ("no entries", 1), ("all None", 1), ("entries without key", 1),
-    ("one None", 2), ("one other tensor", 2), ("one missing", 2), ("views list short", 2),
+    ("one None", 2), ("one other tensor", 2), ("one moved", 2), ("one missing", 2),
+    ("views list short", 2),
     ("no views list", 1), ("entry not a dict", 2), ("state not a dict", 2),
 ])
 def test_bucket_buffers(case, want):
     """BucketCheck.check (optim._whole_bucket_run's read of state[p]['momentum_buffer'] for a
     whole bucket): 0 only if every buffer is its flat view, 1 only if none has one, else 2;
     -1 whenever a parameter is not intact, whatever the buffers."""
-    check, params, views = _bucket()
+    check, params, views, shift = _bucket()
     views_arg = list(views)
     if case == "all views":
         state = _state(params, views)
@@ -146,6 +148,9 @@ def test_bucket_buffers(case, want):
         state = _state(params, views[:2] + [None] + views[3:])
     elif case == "one other tensor":
         state = _state(params, views[:4] + [views[4].clone()])
+    elif case == "one moved":  # the view itself, given other memory (buf.data = ...)
+        state = _state(params, views)
+        views[1].data = views[1].data.clone()
     elif case == "one missing":
         state = _state(params, views[:1] + [...] + views[2:])
     elif case == "views list short":
@@ -159,11 +164,11 @@ def test_bucket_buffers(case, want):
         state[params[2]] = [views[2]]
     else:
         state = list(_state(params, views).items())
-    assert check.check(state, views_arg) == want
-    assert check.check(None, None) == 0
+    assert check.check(state, views_arg, shift) == want
+    assert check.check(None, None, shift) == 0
     params[3].grad = params[3].grad.clone()  # no longer its flat view
-    assert check.check(state, views_arg) == -1
-    assert check.check(None, None) == -1
+    assert check.check(state, views_arg, shift) == -1
+    assert check.check(None, None, shift) == -1
 
 
 @pytest.mark.parametrize("n", [1, 5, 40])
@@ -172,16 +177,16 @@ def test_bucket_intact_at_every_position(n, broken):
     """BucketCheck.check over buckets longer than its prefetch distance (it reads ahead of the
     parameter it checks): one parameter not intact, at the start, the middle or the end, gives
     -1; a moved parameter (set_ to other memory) or gradient likewise."""
-    check, params, views = _bucket(n)
+    check, params, views, shift = _bucket(n)
     state = _state(params, views)
     if broken is None:
-        assert check.check(state, views) == 0
+        assert check.check(state, views, shift) == 0
         return
     i = {0: 0, "middle": n // 2, "last": n - 1}[broken]
     for how in ("grad replaced", "param moved", "grad moved", "grad None"):
-        check, params, views = _bucket(n)
+        check, params, views, shift = _bucket(n)
         state = _state(params, views)
-        assert check.check(state, views) == 0
+        assert check.check(state, views, shift) == 0
         with torch.no_grad():
             if how == "grad replaced":
                 params[i].grad = params[i].grad.clone()
@@ -191,8 +196,8 @@ def test_bucket_intact_at_every_position(n, broken):
                 params[i].grad.set_(params[i].grad.clone())
             else:
                 params[i].grad = None
-        assert check.check(state, views) == -1, (n, i, how)
-        assert check.check(None, None) == -1, (n, i, how)
+        assert check.check(state, views, shift) == -1, (n, i, how)
+        assert check.check(None, None, shift) == -1, (n, i, how)
 
 
 @pytest.mark.parametrize("n", [1, 40])

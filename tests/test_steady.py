@@ -75,8 +75,8 @@ EDITS = {
 
 
 def _twins(kind, flat, n_groups=2, frozen=(), unused=False):
-    """(ours, torch's, our optimizer, torch's) over SIZES, in two groups or one (flat: one
-    bucket, whose replay runs check, op and bumps in one C++ call: BucketCheck.replay); the
+    """(ours, torch's, our optimizer, torch's) over SIZES, in two groups or one (one bucket,
+    or one list call, whose replay runs check, op and bumps in one C++ call); the
     parameters at the indices `frozen` frozen before the optimizers are made. unused: two
     parameters of UNUSED sizes more, at the end of the lists (6 and 7) but in the middle of
     the groups ([0, 6, 1, 2], [3, 4, 7, 5]): an unused branch, which no gradient reaches."""
@@ -147,9 +147,11 @@ def test_edit_between_steady_steps(kind, edit, flat, how, n_groups):
         deliver(opt, topt, fresh_grads(ours, gen))
         if step == EDIT_AT:
             assert opt._steady is not None, "the replay is live before the edit"
-            # one flat bucket: the one-call replay (BucketCheck.replay) is the one live
-            assert (opt._steady[4] is not None) == (flat and n_groups == 1 and how in (
-                "backward", "backward-unused"))
+            # one flat bucket's call or one list call (the per-tensor path, the assigned
+            # gradients): the one-call replay (BucketCheck.replay, ListCheck.replay) is the
+            # one live; not for DDP's lent buckets (a list call over their spans)
+            assert (opt._steady[4] is not None) == (n_groups == 1 and how in (
+                "backward", "backward-unused", "assigned"))
             for side, (o, ps) in enumerate(((opt, ours), (topt, ref))):
                 EDITS[edit][1](o, ps, side)
         opt.step()
