@@ -1558,6 +1558,7 @@ class GradWatch {
         grads_.emplace_back(std::nullopt);
       }
       versions_.push_back(g.defined() ? static_cast<int64_t>(g._version()) : -1);
+      places_.push_back(place(g));
     }
   }
   /// -1 if every parameter of `groups` (lists of parameters, in order) is the one measured there
@@ -1572,7 +1573,8 @@ class GradWatch {
         const auto& w = grads_[i];
         const bool same = w.has_value()
                               ? g.defined() && w->_unsafe_get_target() == g.unsafeGetTensorImpl() &&
-                                    static_cast<int64_t>(g._version()) == versions_[i]
+                                    static_cast<int64_t>(g._version()) == versions_[i] &&
+                                    place(g) == places_[i]
                               : !g.defined();
         if (!same) return static_cast<int64_t>(i);
         ++i;
@@ -1584,9 +1586,19 @@ class GradWatch {
 
  private:
   using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  /// Where a gradient's values are: its storage, offset and dtype. `g.data = ...` (what
+  /// Module._apply does to .grad in model.to()) keeps the tensor and its version counter but
+  /// changes these.
+  using Place = std::tuple<const void*, int64_t, at::ScalarType>;
+  static Place place(const at::Tensor& g) {
+    if (!g.defined() || !g.unsafeGetTensorImpl()->has_storage()) return {nullptr, 0, at::kFloat};
+    return {g.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), g.storage_offset(),
+            g.scalar_type()};
+  }
   std::vector<pybind11::object> params_;
   std::vector<std::optional<Weak>> grads_;
   std::vector<int64_t> versions_;
+  std::vector<Place> places_;
 };
 
 /// mc_sr_key(seed, steps[k], streams[k]) for every k: the keys of a stochastic-rounding list
@@ -1782,6 +1794,16 @@ PYBIND11_MODULE(_C, m) {
            "-1 if the groups hold the measured parameters, each with its measured gradient "
            "unwritten (or none); else the first position that differs.")
       .def_property_readonly("params", &mc::GradWatch::params);
+  m.def(
+      "host_finite",
+      [](const at::Tensor& t) {
+        TORCH_CHECK(t.device().is_cpu() && t.numel() == 1,
+                    "host_finite takes a 1-element CPU tensor, got ", mc::describe(t));
+        return std::isfinite(t.item<double>());
+      },
+      py::arg("t"),
+      "Whether a 1-element CPU tensor holds a finite value (read in C++: optim's check of a "
+      "hyper-parameter tensor, which Python's item() would count as a host read).");
   m.def("same_objects", &mc::same_objects, py::arg("a"), py::arg("b"),
         "Whether two lists/tuples hold the same objects in order (identity, not ==).");
   m.def("sr_keys", &mc::sr_keys, py::arg("seed"), py::arg("steps"), py::arg("streams"),

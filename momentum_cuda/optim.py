@@ -87,6 +87,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import operator
 import warnings
 import weakref
@@ -124,7 +125,16 @@ def _dampening(x) -> float:
     two differ). The double returned is 1 - t for that t, so that 1 - (1 - t) == t exactly; it
     is, for every t of at most 24 significant bits in [2^-29, 2^30), and checked."""
     if not isinstance(x, torch.Tensor):
-        return float(x)
+        if type(x) is float or isinstance(x, int):
+            return float(x)
+        # a number with arithmetic of its own (numpy.float32: torch's 1 - dampening is then a
+        # float32 result): that 1 - x, as a double, is what the kernels must compute
+        t = float(1 - x)
+        d = 1.0 - t
+        if math.isfinite(t) and 1.0 - d != t:
+            raise ValueError(f"dampening={x!r}: 1 - dampening = {t!r} in {type(x).__name__} "
+                             "cannot be passed to the kernels exactly; give it as a float")
+        return d if math.isfinite(t) else float(x)
     if x.numel() != 1:
         raise ValueError(f"Tensor dampening must be 1-element, got shape {tuple(x.shape)}")
     if x.dtype is torch.float64 or not x.is_floating_point():
@@ -148,7 +158,10 @@ def _hyper_tensor(x, name: str):
         if x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
             return x if x.dim() == 0 else x.reshape(())
         return _on_host(name, x)
-    return float(x)
+    if not isinstance(x, numbers.Real):  # (torch's ops refuse it: TypeError there too)
+        raise TypeError(f"{name} must be a number or a 1-element tensor, got {x!r} "
+                        f"({type(x).__name__})")
+    return _dampening(x) if name == "dampening" else float(x)
 
 
 def _unscale(grads, grad_scale) -> None:
@@ -295,14 +308,63 @@ def _mode_args(h, first) -> tuple:
 
 
 def _finite(h) -> None:
+    """The step's hyper-parameters h checked before any group is stepped: finite (a tensor in
+    host memory read in C++, no Python host read; one in device memory is the kernel's to
+    read, as torch's ops read it); nesterov off where momentum is 0, as torch's for-loop then
+    takes the plain step."""
+    if h.get("nesterov") and not isinstance(h["momentum"], torch.Tensor) and h["momentum"] == 0:
+        h["nesterov"] = False
     if torch.compiler.is_compiling():
         # a float that dynamo traces unspecialised cannot be tested here (a graph break):
         # the ops check their scalars when the graph runs, before writing anything
         return
     for name in ("lr", "momentum", "dampening", "weight_decay"):
         v = h[name]
-        if not isinstance(v, torch.Tensor) and not math.isfinite(v):  # a tensor: not read here
+        if isinstance(v, torch.Tensor):
+            if v.device.type == "cpu" and not _C.host_finite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r} (nothing was "
+                                 "written)")
+        elif not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v}")
+
+
+# The largest finite value of each parameter dtype torch converts a Python-number alpha to
+# (c10::checked_convert: above it, "value cannot be converted ... without overflow")
+_ALPHA_MAX = {torch.float32: float(torch.finfo(torch.float32).max),
+              torch.bfloat16: float(torch.finfo(torch.bfloat16).max),
+              torch.float16: float(torch.finfo(torch.float16).max)}
+
+
+def _alpha_range(h, plan) -> None:
+    """torch's for-loop passes -lr, weight_decay, 1 - dampening (to a buffer that exists) and,
+    with nesterov, momentum as the alpha of add/add_, converted to the parameter's dtype:
+    where one does not fit, its step raises part-way (RuntimeError "value cannot be
+    converted to type float without overflow"). The same is raised here, for the dtypes and
+    buffers of the planned step, before anything is written."""
+    num = lambda v: not isinstance(v, torch.Tensor)  # noqa: E731 (a tensor: its item() then)
+    alphas = [("lr", h["lr"]) if num(h["lr"]) else None,
+              ("weight_decay", h["weight_decay"])
+              if num(h["weight_decay"]) and h["weight_decay"] != 0 else None,
+              ("momentum", h["momentum"]) if h.get("nesterov") and num(h["momentum"]) else None]
+    damp = (num(h["momentum"]) and h["momentum"] != 0 and num(h["dampening"])
+            and abs(1.0 - h["dampening"]) > _ALPHA_MAX[torch.float16])
+    alphas = [a for a in alphas if a is not None and abs(a[1]) > _ALPHA_MAX[torch.float16]]
+    if not alphas and not damp:
+        return
+    _, runs, checked = plan
+    kinds = {(r[0].flat_param.dtype, not r[3]) for r in runs}  # (dtype, a buffer exists)
+    kinds |= {(p.dtype, buf is not None) for p, _, buf, *_ in checked}
+    for dtype, has_buf in sorted(kinds, key=str):
+        top = _ALPHA_MAX.get(dtype)
+        if top is None:
+            continue
+        for name, v in alphas + ([("1 - dampening", 1.0 - h["dampening"])]
+                                 if damp and has_buf else []):
+            if abs(v) > top:
+                raise RuntimeError(
+                    f"{name} = {v!r}: value cannot be converted to type {dtype} without "
+                    f"overflow (torch.optim.SGD's step raises this part-way; here nothing was "
+                    f"written)")
 
 
 _MEMORY_FORMATS = {4: (torch.contiguous_format, torch.channels_last),
@@ -680,9 +742,9 @@ _TORCH_OPS_WARNINGS = {
                "opt.last_step.",
     "sparse": "momentum_cuda: sparse gradients (or momentum buffers) are stepped with torch's "
               "own sparse ops, as torch.optim.SGD does. See opt.last_step.",
-    "alias": "momentum_cuda: parameters of a param group overlap in memory; stepping the group "
-             "with torch's own ops, one parameter after the other as torch.optim.SGD does "
-             "(slower). See opt.last_step.",
+    "alias": "momentum_cuda: tensors of a param group's step share memory (parameters, "
+             "gradients or momentum buffers); stepping the group with torch's own ops, one "
+             "parameter after the other as torch.optim.SGD does (slower). See opt.last_step.",
     "strided": "momentum_cuda: parameters that are not dense in memory (e.g. a strided slice) "
                "are stepped with torch's own ops (slower). See opt.last_step.",
     "dtensor": "momentum_cuda: a DTensor parameter's gradient or momentum buffer is sharded "
@@ -2132,7 +2194,8 @@ class _FusedMomentum(Optimizer):
             raise RuntimeError(
                 f"clip_grad_norm_ measured the gradients, and then the {what} changed before "
                 f"step() (or the next clip_grad_norm_): its .grad was replaced, written to (another backward, "
-                f"GradScaler.unscale_, torch's own clip) or appeared, or the parameters of the "
+                f"GradScaler.unscale_, torch's own clip), given other memory or dtype "
+                f"(.grad.data = ..., model.to()) or appeared, or the parameters of the "
                 f"param groups changed. momentum_cuda applies the clip inside step(), so it "
                 f"cannot clip a gradient that changed since. Call clip_grad_norm_ right before "
                 f"step() (scaler.unscale_(opt) before it under GradScaler), zero_grad() to drop "
@@ -2845,6 +2908,8 @@ class _FusedMomentum(Optimizer):
             h["momentum"] = float(h["momentum"].item())
             _finite(h)
             plan = self._plan_with(h, group, lay, relayout, device_first)
+        if plan is not None:
+            _alpha_range(h, plan)
         return plan
 
     def _plan_with(self, h, group, lay, relayout, device_first=False):
@@ -3127,6 +3192,7 @@ class _FusedMomentum(Optimizer):
         for b, first, ranges in _by_bucket(runs):
             if use_buf:
                 b.ensure_buf()
+            made = []  # new buffers: they enter the state once the kernel ran
             unsure = b.unsure if use_buf else None  # (set: a whole bucket, _plan)
             for i0, i1, new in ranges:
                 if unsure is None and new and found_inf is not None:
@@ -3139,8 +3205,10 @@ class _FusedMomentum(Optimizer):
                     for i in range(i0, i1):
                         if unsure is not None:
                             unsure.show(self, b.params[i], b.buf_views[i])
-                        elif self._keep_buffer(b.params[i], b.buf_views[i]) and self._ema:
-                            b.buf_views[i].zero_()  # v starts at zero (the view: old values)
+                        elif self._buffer(b.params[i]) is None:
+                            made.append((b.params[i], b.buf_views[i]))
+                            if self._ema:
+                                b.buf_views[i].zero_()  # v starts at zero (the view: old values)
                 if new and unsure is not None:
                     unsure.hidden = False  # (in the state again)
             i0, i1 = ranges[0][0], ranges[-1][1]
@@ -3148,7 +3216,7 @@ class _FusedMomentum(Optimizer):
             if b.lent and whole:
                 # (a bucket whose flag is undecided: a call of its own, which reads its flag)
                 key = (b.backend, b.flat_param.device, b.flat_param.dtype, first, unsure)
-                lent.setdefault(key, []).append(b)
+                lent.setdefault(key, []).append((b, made))
                 continue
             segs = b.runs_segments(ranges)
             if b.op is None:
@@ -3160,6 +3228,8 @@ class _FusedMomentum(Optimizer):
                  first_step=first, **args)
             if unsure is not None:
                 unsure.update(args.get("found_inf"))
+            for p, v in made:
+                self._keep_buffer(p, v)
             if first and b.covers_padding:
                 b.reset_buf_padding()
             for r0, r1, _ in ranges:
@@ -3172,7 +3242,8 @@ class _FusedMomentum(Optimizer):
             else:
                 self._report(b.backend, "flat", b.flat_param, *b.count(ranges))
         calls = []
-        for (backend, device, _, first, unsure), bs in lent.items():
+        for (backend, device, _, first, unsure), bms in lent.items():
+            bs = [b for b, _ in bms]
             spans = [x for b in bs for x in b.span_views(use_buf)]
             ps, gs, vs = (list(x) for x in zip(*spans))
             vs = vs if use_buf else []
@@ -3184,6 +3255,8 @@ class _FusedMomentum(Optimizer):
             op(ps, gs, vs, first_step=first, **args)
             if unsure is not None:
                 unsure.update(args.get("found_inf"))
+            for p, v in (pv for _, made in bms for pv in made):
+                self._keep_buffer(p, v)
             for b in bs:
                 b.bump(0, len(b.params))
             self._report(backend, "flat", bs[0].flat_param, sum(len(b.params) for b in bs),
@@ -3783,7 +3856,10 @@ class Momentum(_FusedMomentum):
                 g.get("stochastic_rounding"), g.get("sr_seed"), g.get("momentum_dtype"))
 
     def _hyper(self, group) -> dict:
-        m = float(group["momentum"])
+        m = group["momentum"]
+        if not isinstance(m, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"momentum must be a number or a 1-element tensor, got {m!r}")
+        m = float(m)
         self._check_momentum(m)  # a scheduler may have changed it
         return dict(lr=_hyper_tensor(group["lr"], "lr"), momentum=m, dampening=_dampening(group["momentum"]),
                     weight_decay=_hyper_tensor(group["weight_decay"], "weight_decay"),

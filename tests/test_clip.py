@@ -247,8 +247,12 @@ def _changes():
 
     def torch_clip(model, x):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+
+    def data_replaced(model, x):  # the same tensor, its version counter unchanged
+        model[2].weight.grad.data = model[2].weight.grad.data * 0.5
     return dict(accumulate=accumulate, replace=replace, written=written, appears=appears,
-                module_zero_grad=module_zero_grad, torch_clip=torch_clip)
+                module_zero_grad=module_zero_grad, torch_clip=torch_clip,
+                data_replaced=data_replaced)
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
@@ -282,6 +286,33 @@ def test_gradient_changed_after_clip_raises(change, flat):
     opt.clip_grad_norm_(0.05)
     opt.step()
     assert _paths(opt) == ["flat" if flat else "per-tensor"]
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_model_to_after_clip_raises(dtype, flat):
+    """model.to(dtype) between clip_grad_norm_ and step(): torch clipped the float32 gradients
+    before .to() converted them; the deferred clip cannot (Module._apply gives each .grad new
+    data, keeping the tensor and its version counter): step() raises before anything is
+    written, at a first step too (no buffer left behind)."""
+    for first in (True, False):
+        ours, _ = _model(49)
+        opt = momentum_cuda.SGD(ours.parameters(), lr=0.1, momentum=0.9, flat=flat)
+        x = torch.randn(5, 7, generator=torch.Generator().manual_seed(50))
+        if not first:
+            ours(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        ours(x).square().mean().backward()
+        opt.clip_grad_norm_(0.05)
+        ours.to(dtype)
+        before = [t.detach().clone() for t in ours.parameters()]
+        state = {p: dict(st) for p, st in opt.state.items()}
+        with pytest.raises(RuntimeError, match="given other memory or dtype"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), before))
+        assert {p: dict(st) for p, st in opt.state.items() if st} == {
+            p: st for p, st in state.items() if st}
 
 
 def test_param_group_added_after_clip_raises():

@@ -1,0 +1,238 @@
+"""Hyper-parameter values a param group may hold at a step, read as torch.optim.SGD's for-loop
+reads them: momentum set to 0 in a nesterov group (torch takes the plain step), a numpy float32
+dampening (torch's 1 - dampening is a float32 then), a value whose alpha overflows the
+parameters' dtype (torch's step raises part-way: here before anything is written), a tensor
+holding NaN, a string. Each against a twin stepped by torch.optim.SGD(foreach=False) (or
+MomentumReference), flat and per-tensor; where momentum_cuda raises, nothing was written: the
+parameters, the state and the buffers are as before, and the steps after a fix go on with
+torch's bits."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import momentum_cuda
+from momentum_cuda.reference import MomentumReference
+
+FLAT = pytest.mark.parametrize("flat", [True, False], ids=["flat", "pertensor"])
+
+
+def _models(seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+    return m, copy.deepcopy(m)
+
+
+def _groups(m, **second):
+    return [{"params": m[0].parameters()}, {"params": m[2].parameters(), **second}]
+
+
+def _backward(m, x):
+    m.zero_grad()
+    m(x).square().sum().backward()
+
+
+def _same(m, t, opt, topt, what):
+    for (n, p), q in zip(m.named_parameters(), t.parameters()):
+        assert torch.equal(p, q), f"{what}: {n}"
+        b = opt.state[p].get("momentum_buffer") if p in opt.state else None
+        c = topt.state[q].get("momentum_buffer") if q in topt.state else None
+        assert (b is None) == (c is None) and (b is None or torch.equal(b, c)), f"{what}: {n}"
+
+
+def _snapshot(m, opt):
+    return ([p.detach().clone() for p in m.parameters()],
+            {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for p, st in opt.state.items()})
+
+
+def _unchanged(m, opt, snap, what):
+    params, state = snap
+    assert all(torch.equal(a, p) for a, p in zip(params, m.parameters())), f"{what}: a parameter"
+    now = {id(p): st for p, st in opt.state.items() if st}
+    assert now.keys() == {k for k, v in state.items() if v}, f"{what}: state entries"
+    for k, st in now.items():
+        for key, v in st.items():
+            w = state[k][key]
+            assert (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w), what
+
+
+@FLAT
+@pytest.mark.parametrize("zero", [0.0, -0.0, 0], ids=["0.0", "-0.0", "int0"])
+def test_nesterov_group_whose_momentum_drops_to_zero(flat, zero):
+    """A nesterov group whose momentum a schedule sets to 0 after some steps: torch's for-loop
+    skips the momentum branch (nesterov with it) and takes the plain step; so here, in the
+    second group, with the first group stepped before it."""
+    m, t = _models(1)
+    h = dict(lr=0.1, momentum=0.9)
+    opt = momentum_cuda.SGD(_groups(m, nesterov=True), flat=flat, **h)
+    topt = torch.optim.SGD(_groups(t, nesterov=True), foreach=False, **h)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(5):
+        x = torch.randn(4, 6, generator=gen)
+        if step == 2:
+            opt.param_groups[1]["momentum"] = topt.param_groups[1]["momentum"] = zero
+        for mm, o in ((m, opt), (t, topt)):
+            _backward(mm, x)
+            o.step()
+        _same(m, t, opt, topt, f"step {step}")
+
+
+@FLAT
+def test_numpy_float32_hyper_parameters(flat):
+    """np.float32 dampening with float64 parameters: torch's alpha, 1 - dampening, is a numpy
+    float32 (0.9 rounded to float32, not to double); the kernels get the dampening whose double
+    1 - d is that value. Momentum's EMA weight likewise (1 - momentum)."""
+    m, t = _models(3, torch.float64)
+    h = dict(lr=np.float32(0.1), momentum=np.float32(0.9), dampening=np.float32(0.1),
+             weight_decay=np.float32(0.01))
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **h)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **h)
+    m2, t2 = _models(3, torch.float64)
+    eh = dict(lr=np.float32(0.1), momentum=np.float32(0.1))
+    eopt = momentum_cuda.Momentum(m2.parameters(), flat=flat, **eh)
+    etopt = MomentumReference(t2.parameters(), **eh)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):
+        x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+        for mm, o in ((m, opt), (t, topt), (m2, eopt), (t2, etopt)):
+            _backward(mm, x)
+            o.step()
+        _same(m, t, opt, topt, f"SGD, step {step}")
+        _same(m2, t2, eopt, etopt, f"Momentum, step {step}")
+
+
+# (dtype, key, value, raises on the step after a first one): torch's alpha conversion
+OVERFLOWS = [
+    (torch.float32, "lr", 1e39, True), (torch.float32, "lr", 1e5, False),
+    (torch.float32, "weight_decay", 1e39, True), (torch.float32, "dampening", 1e39, True),
+    (torch.float32, "dampening", -1e39, True), (torch.float32, "momentum", 1e39, False),
+    (torch.float16, "lr", 1e5, True), (torch.float16, "weight_decay", 65504.0, False),
+    (torch.bfloat16, "lr", 3.4e38, True), (torch.float64, "lr", 1e300, False),
+]
+
+
+@FLAT
+@pytest.mark.parametrize("dtype,key,value,raises", OVERFLOWS,
+                         ids=[f"{str(d)[6:]}-{k}-{v:g}" for d, k, v, _ in OVERFLOWS])
+def test_an_alpha_that_overflows_the_dtype(flat, dtype, key, value, raises):
+    """torch's step converts -lr, weight_decay and 1 - dampening to the parameters' dtype and
+    raises (part-way) where one overflows it: here the same error, before anything is written
+    (the first group included); where torch steps, the same bits."""
+    m, t = _models(5, dtype)
+    h = dict(lr=0.1, momentum=0.9)
+    opt = momentum_cuda.SGD(_groups(m), flat=flat, **h)
+    topt = torch.optim.SGD(_groups(t), foreach=False, **h)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 6, generator=gen, dtype=dtype)
+    for mm, o in ((m, opt), (t, topt)):
+        _backward(mm, x)
+        o.step()
+        o.param_groups[1][key] = value
+        _backward(mm, 2 * x)
+    if not raises:
+        opt.step()
+        topt.step()
+        _same(m, t, opt, topt, "stepped")
+        return
+    with pytest.raises(RuntimeError, match="without overflow"):
+        topt.step()
+    snap = _snapshot(m, opt)
+    with pytest.raises(RuntimeError, match=f"{key if key != 'dampening' else '1 - dampening'}"
+                       r" = .*cannot be converted to type .* without overflow"):
+        opt.step()
+    _unchanged(m, opt, snap, "after the refusal")
+
+
+@FLAT
+def test_dampening_that_overflows_is_unused_on_a_first_step(flat):
+    """torch's first step clones the gradient into the buffer (no 1 - dampening alpha): a
+    dampening whose alpha overflows float32 does not fail it."""
+    m, t = _models(7)
+    h = dict(lr=0.1, momentum=0.9, dampening=-1e39)
+    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **h)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **h)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(8))
+    for mm, o in ((m, opt), (t, topt)):
+        _backward(mm, x)
+        o.step()
+    _same(m, t, opt, topt, "first step")
+
+
+@FLAT
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay", "dampening"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_a_non_finite_tensor_is_refused_before_anything_is_written(flat, key, first):
+    """A hyper-parameter tensor holding NaN in the second group (a scheduler fed a NaN): refused
+    (ValueError naming it) before the first group is stepped and before any buffer is made;
+    with the value fixed the steps go on with torch's bits (dampening 0.5: a buffer made by
+    the refused step would have changed them)."""
+    m, t = _models(9)
+    h = dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.01)
+    opt = momentum_cuda.SGD(_groups(m), flat=flat, **h)
+    topt = torch.optim.SGD(_groups(t), foreach=False, **h)
+    gen = torch.Generator().manual_seed(10)
+    if not first:
+        x = torch.randn(4, 6, generator=gen)
+        for mm, o in ((m, opt), (t, topt)):
+            _backward(mm, x)
+            o.step()
+    good = opt.param_groups[1][key]
+    opt.param_groups[1][key] = torch.tensor(float("nan"))
+    _backward(m, torch.randn(4, 6, generator=gen))
+    snap = _snapshot(m, opt)
+    with pytest.raises(ValueError, match=f"{key} must be a finite number"):
+        opt.step()
+    _unchanged(m, opt, snap, "after the refusal")
+    opt.param_groups[1][key] = good
+    for step in range(3):
+        x = torch.randn(4, 6, generator=gen)
+        for mm, o in ((m, opt), (t, topt)):
+            _backward(mm, x)
+            o.step()
+        _same(m, t, opt, topt, f"step {step} after the fix")
+
+
+@FLAT
+def test_a_string_is_refused(flat):
+    m, _ = _models(11)
+    for cls, key in ((momentum_cuda.SGD, "momentum"), (momentum_cuda.SGD, "lr"),
+                     (momentum_cuda.Momentum, "momentum")):
+        opt = cls(m.parameters(), lr=0.1, momentum=0.9, flat=flat)
+        opt.param_groups[0][key] = "0.9"
+        _backward(m, torch.randn(4, 6))
+        with pytest.raises(TypeError, match=f"{key} must be a number"):
+            opt.step()
+
+
+def test_a_failing_flat_kernel_leaves_no_buffer():
+    """The buffers a first flat step makes enter the state only after its kernel ran: a kernel
+    that fails (a CUDA launch error, say) leaves the state without them, as the step it did
+    not take; the next step is then a first step, with torch's bits."""
+    m, t = _models(12)
+    h = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    opt = momentum_cuda.SGD(m.parameters(), **h)
+    topt = torch.optim.SGD(t.parameters(), foreach=False, **h)
+    opt.zero_grad()  # (laid out)
+    buckets = [b for lay in opt._layouts.values() for b in lay.buckets]
+    assert buckets
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+    for b in buckets:
+        b.op, b.device = fails, b.flat_param.device
+    gen = torch.Generator().manual_seed(13)
+    _backward(m, torch.randn(4, 6, generator=gen))
+    with pytest.raises(RuntimeError, match="kernel launch failed"):
+        opt.step()
+    assert not any(st.get("momentum_buffer") is not None for st in opt.state.values())
+    for b in buckets:
+        b.op = None
+    for step in range(3):
+        x = torch.randn(4, 6, generator=gen)
+        for mm, o in ((m, opt), (t, topt)):
+            _backward(mm, x)
+            o.step()
+        _same(m, t, opt, topt, f"step {step}")
