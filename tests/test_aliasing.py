@@ -41,6 +41,16 @@ def _model(seed):
     return nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
 
 
+def _twins(seed, flat):
+    """A model and its copy, stepped by momentum_cuda.SGD and torch.optim.SGD, and a generator
+    for their inputs."""
+    m = _model(seed)
+    t = copy.deepcopy(m)
+    return (m, t, momentum_cuda.SGD(m.parameters(), flat=flat, **H),
+            torch.optim.SGD(t.parameters(), foreach=False, **H),
+            torch.Generator().manual_seed(seed + 1))
+
+
 def _buf(opt, p):
     return opt.state[p]["momentum_buffer"]
 
@@ -73,11 +83,7 @@ def test_shared_memory_steps_as_torch(flat, set_to_none, edit):
         pytest.skip("README, Limits: a .grad kept across zero_grad() (here by the state) reads "
                     "the flat gradient buffer's -0.0 refill")
     fn, each_step = EDITS[edit]
-    m = _model(3)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(4)
+    m, t, opt, topt, gen = _twins(3, flat)
     for step in range(6):
         x = torch.randn(3, 5, generator=gen)
         for mm, o in ((m, opt), (t, topt)):
@@ -95,11 +101,7 @@ def test_shared_memory_steps_as_torch(flat, set_to_none, edit):
 def test_a_checkpoint_sharing_one_buffer(flat):
     """A state_dict whose entries for two parameters are one tensor (saved that way, or edited):
     torch keeps them one tensor after load_state_dict, and so the steps here."""
-    m = _model(5)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(6)
+    m, t, opt, topt, gen = _twins(5, flat)
     shared = torch.randn(5, 5, generator=gen)
     for step in range(5):
         x = torch.randn(3, 5, generator=gen)
@@ -121,11 +123,7 @@ def test_replayed_steps_meet_shared_memory(flat, edit):
     """The steady replay (steps after the first two keep their plan) checks the gradients it
     reads: memory shared from one step to the next is planned again, as torch steps it."""
     fn, each_step = EDITS[edit]
-    m = _model(7)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(8)
+    m, t, opt, topt, gen = _twins(7, flat)
     for step in range(8):
         x = torch.randn(3, 5, generator=gen)
         for mm, o in ((m, opt), (t, topt)):

@@ -42,6 +42,13 @@ def _same(m, t, opt, topt, what):
         assert (b is None) == (c is None) and (b is None or torch.equal(b, c)), f"{what}: {n}"
 
 
+def _step_both(m, t, opt, topt, x, what):
+    for mm, o in ((m, opt), (t, topt)):
+        _backward(mm, x)
+        o.step()
+    _same(m, t, opt, topt, what)
+
+
 def _snapshot(m, opt):
     return ([p.detach().clone() for p in m.parameters()],
             {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
@@ -74,10 +81,7 @@ def test_nesterov_group_whose_momentum_drops_to_zero(flat, zero):
         x = torch.randn(4, 6, generator=gen)
         if step == 2:
             opt.param_groups[1]["momentum"] = topt.param_groups[1]["momentum"] = zero
-        for mm, o in ((m, opt), (t, topt)):
-            _backward(mm, x)
-            o.step()
-        _same(m, t, opt, topt, f"step {step}")
+        _step_both(m, t, opt, topt, x, f"step {step}")
 
 
 @FLAT
@@ -154,11 +158,8 @@ def test_dampening_that_overflows_is_unused_on_a_first_step(flat):
     h = dict(lr=0.1, momentum=0.9, dampening=-1e39)
     opt = momentum_cuda.SGD(m.parameters(), flat=flat, **h)
     topt = torch.optim.SGD(t.parameters(), foreach=False, **h)
-    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(8))
-    for mm, o in ((m, opt), (t, topt)):
-        _backward(mm, x)
-        o.step()
-    _same(m, t, opt, topt, "first step")
+    _step_both(m, t, opt, topt, torch.randn(4, 6, generator=torch.Generator().manual_seed(8)),
+               "first step")
 
 
 @FLAT
@@ -188,11 +189,7 @@ def test_a_non_finite_tensor_is_refused_before_anything_is_written(flat, key, fi
     _unchanged(m, opt, snap, "after the refusal")
     opt.param_groups[1][key] = good
     for step in range(3):
-        x = torch.randn(4, 6, generator=gen)
-        for mm, o in ((m, opt), (t, topt)):
-            _backward(mm, x)
-            o.step()
-        _same(m, t, opt, topt, f"step {step} after the fix")
+        _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"step {step} after the fix")
 
 
 @FLAT
@@ -231,8 +228,4 @@ def test_a_failing_flat_kernel_leaves_no_buffer():
     for b in buckets:
         b.op = None
     for step in range(3):
-        x = torch.randn(4, 6, generator=gen)
-        for mm, o in ((m, opt), (t, topt)):
-            _backward(mm, x)
-            o.step()
-        _same(m, t, opt, topt, f"step {step}")
+        _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"step {step}")

@@ -47,11 +47,13 @@ def _mlp(seed, dtype=torch.float32):
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
 
 
-def _twins(seed, flat=True, dtype=torch.float32):
+def _twins(seed, flat=True, dtype=torch.float32, frozen=False):
     """A small model and its copy, stepped by momentum_cuda.SGD and torch.optim.SGD, and a
-    generator for their inputs."""
+    generator for their inputs; frozen: the first layer frozen before the optimizers exist."""
     m = _mlp(seed, dtype)
     t = copy.deepcopy(m)
+    for mm in (m, t) if frozen else ():
+        mm[0].requires_grad_(False)
     opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
     topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
     return m, t, opt, topt, torch.Generator().manual_seed(seed + 1)
@@ -501,13 +503,7 @@ def test_references_the_code_keeps_follow_a_relayout(flat, how):
     the state as the buffer. A relayout moves them into the new flat buffers with their
     identity kept: each stays .grad or the buffer, and writes through it reach the step, bit
     for bit as with torch, and the steps stay flat."""
-    m, t = _mlp(21), None
-    t = copy.deepcopy(m)
-    for mm in (m, t):
-        mm[0].requires_grad_(how != "unfreeze")
-    opt = momentum_cuda.SGD(m.parameters(), flat=flat, **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(22)
+    m, t, opt, topt, gen = _twins(21, flat, frozen=how == "unfreeze")
     kept = {}
     for step in range(5):
         x = torch.randn(3, 4, generator=gen)
@@ -544,13 +540,7 @@ def test_a_relayout_leaves_what_someone_else_sees(what):
     elsewhere) is not moved by a relayout: moving it would end the aliasing torch keeps. Its
     parameter takes the per-tensor path with it where it is; the view goes on seeing .grad (and
     writes through it reach the step) or the buffer, as with torch."""
-    m = _mlp(23)
-    t = copy.deepcopy(m)
-    for mm in (m, t):
-        mm[0].requires_grad_(False)
-    opt = momentum_cuda.SGD(m.parameters(), **H)
-    topt = torch.optim.SGD(t.parameters(), foreach=False, **H)
-    gen = torch.Generator().manual_seed(24)
+    m, t, opt, topt, gen = _twins(23, frozen=True)
     views = {}
     for step in range(5):
         x = torch.randn(3, 4, generator=gen)
