@@ -223,3 +223,66 @@ def test_bucket_bump(n):
             check.bump(*bad)
     assert [p._version - v for p, v in zip(params, before)] == [
         1 + int(i0 <= k < i1) for k in range(n)]
+
+
+def _list_check(n=6, gen_seed=31):
+    """A ListCheck over n parameters with gradients and momentum buffers (state key
+    "momentum_buffer"), armed with SGD hyper-parameters, and the state dict it reads."""
+    from collections import defaultdict
+    gen = torch.Generator().manual_seed(gen_seed)
+    params = [torch.nn.Parameter(torch.randn(3 + i, generator=gen)) for i in range(n)]
+    bufs = [torch.randn(3 + i, generator=gen) for i in range(n)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    state = defaultdict(dict)
+    for p, b in zip(params, bufs):
+        state[p]["momentum_buffer"] = b
+    check = _C.ListCheck(params, True, ["momentum_buffer"], [[b] for b in bufs], [False] * n)
+    check.forbid([(t.data_ptr(), t.nbytes) for t in params + bufs])
+    check.arm(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False,
+              maximize=False)
+    return check, params, bufs, state
+
+
+def test_list_replay_is_the_op():
+    """ListCheck.replay (the one-call replay of a lone list call): the op's bits on the
+    gradients it finds, and the op's version bumps (parameters and buffers, not gradients)."""
+    check, params, bufs, state = _list_check()
+    twins = [p.detach().clone() for p in params]
+    tbufs = [b.clone() for b in bufs]
+    versions = [(p._version, b._version, p.grad._version) for p, b in zip(params, bufs)]
+    assert check.replay(state)
+    torch.ops.momentum_cuda.sgd_step_list_(twins, [p.grad for p in params], tbufs, lr=0.1,
+                                           momentum=0.9, dampening=0.0, weight_decay=0.01,
+                                           nesterov=False, maximize=False, first_step=False)
+    assert all(torch.equal(p, t) for p, t in zip(params, twins))
+    assert all(torch.equal(b, t) for b, t in zip(bufs, tbufs))
+    assert [(p._version, b._version, p.grad._version) for p, b in zip(params, bufs)] == [
+        (v + 1, w + 1, g) for v, w, g in versions]
+
+
+@pytest.mark.parametrize("how", ["grad is a param", "grad in a buffer", "grads shared",
+                                 "grads overlap", "buffer replaced", "grad gone"])
+def test_list_replay_refuses_what_the_kept_step_cannot_take(how):
+    """ListCheck.replay returns False, writing nothing, where a gradient now shares memory with
+    the step's parameters, buffers or another gradient (torch's for-loop would read what the
+    parameters before it wrote: planned again, then torch's ops), a buffer is not the one
+    kept, or a gradient is gone."""
+    check, params, bufs, state = _list_check()
+    with torch.no_grad():
+        if how == "grad is a param":
+            params[1].grad = params[1].detach()
+        elif how == "grad in a buffer":
+            params[3].grad = bufs[4][:6]
+        elif how == "grads shared":
+            params[0].grad = params[5].grad[:3]
+        elif how == "grads overlap":
+            big = torch.randn(20)
+            params[0].grad, params[1].grad = big[:3], big[2:6]
+        elif how == "buffer replaced":
+            state[params[4]]["momentum_buffer"] = bufs[4].clone()
+        else:
+            params[2].grad = None
+    before = [p.detach().clone() for p in params] + [b.clone() for b in bufs]
+    assert not check.replay(state)
+    assert all(torch.equal(a, b) for a, b in zip(before, [p.detach() for p in params] + bufs))
