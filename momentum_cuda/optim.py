@@ -341,7 +341,8 @@ def _alpha_range(h, plan) -> None:
     where one does not fit, its step raises part-way (RuntimeError "value cannot be
     converted to type float without overflow"). The same is raised here, for the dtypes and
     buffers of the planned step, before anything is written."""
-    num = lambda v: not isinstance(v, torch.Tensor)  # noqa: E731 (a tensor: its item() then)
+    def num(v):  # (a tensor is converted with its item(): not checked here)
+        return not isinstance(v, torch.Tensor)
     alphas = [("lr", h["lr"]) if num(h["lr"]) else None,
               ("weight_decay", h["weight_decay"])
               if num(h["weight_decay"]) and h["weight_decay"] != 0 else None,
@@ -675,25 +676,29 @@ def _span(t) -> tuple:
             t.data_ptr() + n * t.element_size())
 
 
+def _overlaps(spans) -> set:
+    """The indices of the spans (_span's tuples, none empty) that share memory with another:
+    sorted by start, each is compared with the one reaching furthest before it."""
+    out, far = set(), None  # far: the index of the span ending furthest so far
+    for k in sorted(range(len(spans)), key=lambda k: spans[k]):
+        s = spans[k]
+        if far is not None and spans[far][:2] == s[:2] and spans[far][3] > s[2]:
+            out.update((far, k))
+        if far is None or spans[far][:2] != s[:2] or s[3] > spans[far][3]:
+            far = k
+    return out
+
+
 def _spans_overlap(spans) -> bool:
-    """Some two of the spans (_span's tuples, none empty) share memory: sorted, an overlap
-    shows between neighbours."""
-    spans = sorted(spans)
-    return any(a[:2] == b[:2] and a[3] > b[2] for a, b in zip(spans, spans[1:]))
+    """Some two of the spans share memory."""
+    return bool(_overlaps(spans))
 
 
 def _sharing(ts) -> set:
     """The ids of the tensors among ts that share memory with another of them (the same object
     twice included)."""
-    spans = sorted((_span(t) + (k,) for k, t in enumerate(ts)
-                    if t.layout == torch.strided and t.numel()), key=lambda s: s[:4])
-    out, end = set(), None  # end: the furthest end so far, and whose
-    for s in spans:
-        if end is not None and end[0][:2] == s[:2] and end[0][3] > s[2]:
-            out.update((id(ts[end[1]]), id(ts[s[4]])))
-        if end is None or end[0][:2] != s[:2] or s[3] > end[0][3]:
-            end = (s, s[4])
-    return out
+    ts = [t for t in ts if t.layout == torch.strided and t.numel()]
+    return {id(ts[k]) for k in _overlaps([_span(t) for t in ts])}
 
 
 def _overlapping(ts) -> bool:
