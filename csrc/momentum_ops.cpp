@@ -1072,13 +1072,23 @@ std::vector<Py_hash_t> hashes_of(const std::vector<pybind11::object>& objects) {
 /// torch.utils.swap_tensors refuses, and would miss a swap. The bucket makes a new one when a
 /// view is replaced.
 class BucketCheck {
+  using Weak = c10::weak_intrusive_ptr<c10::StorageImpl>;
+
  public:
+  /// ptrs, gptrs: the addresses the parameters and gradient views had when laid out, in
+  /// flat_param's and flat_grad's storages. Those are held weakly: their StorageImpl addresses
+  /// cannot be reused while this compares them, and their use counts, which optim._alone
+  /// reads, stay as they are.
   BucketCheck(std::vector<pybind11::object> params, std::vector<pybind11::object> views,
-              std::vector<int64_t> ptrs, std::vector<int64_t> gptrs)
-      : params_(std::move(params)), views_(std::move(views)), ptrs_(std::move(ptrs)),
-        gptrs_(std::move(gptrs)) {
-    TORCH_CHECK(views_.size() == params_.size() && ptrs_.size() == params_.size() &&
-                    gptrs_.size() == params_.size(),
+              const std::vector<int64_t>& ptrs, const std::vector<int64_t>& gptrs,
+              const at::Tensor& flat_param, const at::Tensor& flat_grad)
+      : params_(std::move(params)), views_(std::move(views)),
+        pstore_(flat_param.storage().getWeakStorageImpl()),
+        gstore_(flat_grad.storage().getWeakStorageImpl()),
+        pdata_(flat_param.storage().data()), gdata_(flat_grad.storage().data()),
+        pbytes_(flat_param.storage().nbytes()), gbytes_(flat_grad.storage().nbytes()) {
+    TORCH_CHECK(views_.size() == params_.size() && ptrs.size() == params_.size() &&
+                    gptrs.size() == params_.size(),
                 "BucketCheck: one view, address and gradient address per parameter");
     for (const auto* list : {&params_, &views_}) {
       for (const auto& o : *list) {
@@ -1086,6 +1096,8 @@ class BucketCheck {
       }
     }
     hashes_ = hashes_of(params_);  // once here, not at every step
+    offsets_ = offsets_in(ptrs, pdata_, pbytes_, flat_param.element_size());
+    goffsets_ = offsets_in(gptrs, gdata_, gbytes_, flat_grad.element_size());
   }
   /// One pass over the bucket's parameters (each one's objects touched once, while in cache):
   /// -1 if a parameter is not intact (it moved, or its .grad is not its flat view, or the view
@@ -1102,6 +1114,7 @@ class BucketCheck {
                        PyList_GET_SIZE(buf_views.ptr()) == static_cast<Py_ssize_t>(params_.size());
     static PyObject* const key = PyUnicode_InternFromString("momentum_buffer");
     bool all_views = views, all_none = true;
+    if (!storages_stay()) return -1;
     for (size_t i = 0; i < params_.size(); ++i) {
       prefetch(i);
       if (bufs && views) prefetch_buf(buf_views.ptr(), i);
@@ -1140,6 +1153,7 @@ class BucketCheck {
   /// Whether some parameter is intact with its flat gradient view as .grad (a flat run could
   /// step it): a kept step that ran none of the bucket flat replays only while none is.
   bool any_intact() const {
+    if (!storages_stay()) return false;
     for (size_t i = 0; i < params_.size(); ++i) {
       prefetch(i);
       if (intact(i)) return true;
@@ -1188,14 +1202,45 @@ class BucketCheck {
 
  private:
   /// Parameter i at its address, its .grad the flat view (one TensorImpl has one Python
-  /// object: the same impl is `p.grad is view`), the view at its address.
+  /// object: the same impl is `p.grad is view`), the view at its address. An address is the
+  /// held storage and an offset in it (storages_stay() has checked that the storages' memory
+  /// has not moved): read from the TensorImpls alone, not from their cold StorageImpls.
   bool intact(size_t i) const {
     const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
+    const c10::TensorImpl* v = THPVariable_Unpack(views_[i].ptr()).unsafeGetTensorImpl();
     const at::Tensor& g = p.grad();
-    return g.defined() &&
-           g.unsafeGetTensorImpl() == THPVariable_Unpack(views_[i].ptr()).unsafeGetTensorImpl() &&
-           reinterpret_cast<int64_t>(p.data_ptr()) == ptrs_[i] &&
-           reinterpret_cast<int64_t>(g.data_ptr()) == gptrs_[i];
+    return g.defined() && g.unsafeGetTensorImpl() == v &&
+           in(p.unsafeGetTensorImpl(), pstore_, offsets_[i]) && in(v, gstore_, goffsets_[i]);
+  }
+  /// t is over `store` at element offset `offset` (-1: never).
+  static bool in(const c10::TensorImpl* t, const Weak& store, int64_t offset) {
+    return t->has_storage() &&
+           t->unsafe_storage().unsafeGetStorageImpl() == store._unsafe_get_target() &&
+           t->storage_offset() == offset;
+  }
+  /// The storages alive, their memory where it was when this check was made (a storage
+  /// resized or given other memory moves every tensor over it).
+  bool storages_stay() const {
+    const auto stays = [](const Weak& w, const void* data, size_t bytes) {
+      return !w.expired() && w._unsafe_get_target()->data() == data &&
+             w._unsafe_get_target()->nbytes() == bytes;
+    };
+    return stays(pstore_, pdata_, pbytes_) && stays(gstore_, gdata_, gbytes_);
+  }
+  /// Each address's element offset in a storage at `data` of `bytes` bytes (-1 where it is
+  /// not an element there).
+  static std::vector<int64_t> offsets_in(const std::vector<int64_t>& ptrs, const void* data,
+                                         size_t bytes, int64_t itemsize) {
+    std::vector<int64_t> out;
+    out.reserve(ptrs.size());
+    const auto base = reinterpret_cast<int64_t>(data);
+    for (const int64_t ptr : ptrs) {
+      const int64_t d = ptr - base;
+      out.push_back(d >= 0 && d <= static_cast<int64_t>(bytes) && d % itemsize == 0
+                        ? d / itemsize
+                        : -1);
+    }
+    return out;
   }
   /// Starts loading, a few parameters ahead of i, the memory intact() and bump() read. Each
   /// parameter is a chain of pointers (Python object, TensorImpl, then its storage and
@@ -1214,9 +1259,6 @@ class BucketCheck {
         __builtin_prefetch(static_cast<const char*>(p) + 64 * line);
       }
     };
-    const auto storage = [](const c10::TensorImpl* t) {
-      if (t->has_storage()) __builtin_prefetch(t->unsafe_storage().unsafeGetStorageImpl());
-    };
     if (i + 16 < n) {
       __builtin_prefetch(params_[i + 16].ptr());
       if (grads) __builtin_prefetch(views_[i + 16].ptr());
@@ -1225,12 +1267,7 @@ class BucketCheck {
       lines(impl(params_[i + 10]));
       if (grads) lines(impl(views_[i + 10]));  // the gradient's, when intact
     }
-    if (grads && i + 4 < n) {
-      const c10::TensorImpl* p = impl(params_[i + 4]);
-      __builtin_prefetch(p->autograd_meta());
-      storage(p);
-      storage(impl(views_[i + 4]));
-    }
+    if (grads && i + 4 < n) __builtin_prefetch(impl(params_[i + 4])->autograd_meta());
 #else
     (void)i;
     (void)grads;
@@ -1265,7 +1302,10 @@ class BucketCheck {
     return true;
   }
   std::vector<pybind11::object> params_, views_;
-  std::vector<int64_t> ptrs_, gptrs_;
+  Weak pstore_, gstore_;
+  const void *pdata_, *gdata_;
+  size_t pbytes_, gbytes_;
+  std::vector<int64_t> offsets_, goffsets_;  ///< the parameters' and views' storage offsets
   std::vector<Py_hash_t> hashes_;
   struct Step {
     at::Tensor param, grad;
@@ -1746,9 +1786,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("isa"));
   py::class_<mc::BucketCheck>(m, "BucketCheck",
                               "The flat path's per-step check of one bucket (optim._Bucket).")
-      .def(py::init<std::vector<py::object>, std::vector<py::object>, std::vector<int64_t>,
-                    std::vector<int64_t>>(),
-           py::arg("params"), py::arg("grad_views"), py::arg("ptrs"), py::arg("gptrs"))
+      .def(py::init<std::vector<py::object>, std::vector<py::object>,
+                    const std::vector<int64_t>&, const std::vector<int64_t>&,
+                    const at::Tensor&, const at::Tensor&>(),
+           py::arg("params"), py::arg("grad_views"), py::arg("ptrs"), py::arg("gptrs"),
+           py::arg("flat_param"), py::arg("flat_grad"))
       .def("check", &mc::BucketCheck::check, py::arg("state"), py::arg("buf_views"),
            py::arg("buf_storage"),
            "-1: a parameter moved or its .grad is not its flat view (at its address); else "

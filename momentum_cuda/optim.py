@@ -840,7 +840,7 @@ class _Bucket:
     pinned: bool = False
     # the segments of a whole-bucket run: the covering span, or adjacent ones merged (a GPU)
     whole: torch.Tensor | None = None
-    check: object | None = None  # _C.BucketCheck over params, grad_views, ptrs, gptrs
+    check: object | None = None  # _C.BucketCheck over params, grad_views, ptrs, gptrs, flats
     spans: list | None = None  # span_views()
     entry: dict | None = None  # last_step's entry for a whole-bucket run
     op: object | None = None  # the backend's flat op, and flat_param's device, looked up once
@@ -912,7 +912,8 @@ class _Bucket:
     def checker(self):
         """The bucket's _C.BucketCheck (made again when a gradient view is replaced)."""
         if self.check is None:
-            self.check = _C.BucketCheck(self.params, self.grad_views, self.ptrs, self.gptrs)
+            self.check = _C.BucketCheck(self.params, self.grad_views, self.ptrs, self.gptrs,
+                                        self.flat_param, self.flat_grad)
         return self.check
 
     def intact(self, i: int) -> bool:
@@ -2730,7 +2731,8 @@ class _FusedMomentum(Optimizer):
                     continue
                 idx = [i for i0, i1, _ in ranges for i in range(i0, i1)]
                 check = _C.BucketCheck([b.params[i] for i in idx], [b.grad_views[i] for i in idx],
-                                       [b.ptrs[i] for i in idx], [b.gptrs[i] for i in idx])
+                                       [b.ptrs[i] for i in idx], [b.gptrs[i] for i in idx],
+                                       b.flat_param, b.flat_grad)
                 calls.append(_FlatCall(
                     b, len(idx), use_buf, check,
                     None if views is None else [views[i] for i in idx], args,

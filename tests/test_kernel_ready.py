@@ -102,14 +102,14 @@ def test_both_answers_occur():
 def _bucket(n=5):
     """A BucketCheck over n parameters with flat gradient and buffer views, those views, and
     the buffers' storage (check's buf_storage: each view over it at its parameter's offset)."""
-    flat_p, flat_g, flat_b = (torch.randn(3 * n) for _ in range(3))
+    flat_p, flat_g, flat_b = (torch.randn(3 * n + 1) for _ in range(3))  # (+1: room to shift)
     params = [torch.nn.Parameter(flat_p[3 * i:3 * i + 3]) for i in range(n)]
     gviews = [flat_g[3 * i:3 * i + 3] for i in range(n)]
     bviews = [flat_b[3 * i:3 * i + 3] for i in range(n)]
     for p, g in zip(params, gviews):
         p.grad = g
     check = _C.BucketCheck(params, gviews, [p.data_ptr() for p in params],
-                           [g.data_ptr() for g in gviews])
+                           [g.data_ptr() for g in gviews], flat_p, flat_g)
     return check, params, bviews, flat_b.untyped_storage()._cdata
 
 
@@ -176,14 +176,17 @@ def test_bucket_buffers(case, want):
 def test_bucket_intact_at_every_position(n, broken):
     """BucketCheck.check over buckets longer than its prefetch distance (it reads ahead of the
     parameter it checks): one parameter not intact, at the start, the middle or the end, gives
-    -1; a moved parameter (set_ to other memory) or gradient likewise."""
+    -1; a moved parameter (set_ to other memory) or gradient likewise, and a parameter or
+    gradient over the right storage at another offset. A flat storage given other memory
+    (resize_) moves every tensor over it: -1 too."""
     check, params, views, shift = _bucket(n)
     state = _state(params, views)
     if broken is None:
         assert check.check(state, views, shift) == 0
         return
     i = {0: 0, "middle": n // 2, "last": n - 1}[broken]
-    for how in ("grad replaced", "param moved", "grad moved", "grad None"):
+    for how in ("grad replaced", "param moved", "grad moved", "grad None", "param shifted",
+                "grad shifted", "param storage resized", "grad storage resized"):
         check, params, views, shift = _bucket(n)
         state = _state(params, views)
         assert check.check(state, views, shift) == 0
@@ -194,6 +197,13 @@ def test_bucket_intact_at_every_position(n, broken):
                 params[i].set_(params[i].clone())
             elif how == "grad moved":
                 params[i].grad.set_(params[i].grad.clone())
+            elif how in ("param shifted", "grad shifted"):  # same storage, one element on
+                t = params[i] if how == "param shifted" else params[i].grad
+                t.set_(t.untyped_storage(), t.storage_offset() + 1, t.shape, t.stride())
+            elif how in ("param storage resized", "grad storage resized"):
+                s = (params[i] if how == "param storage resized" else params[i].grad
+                     ).untyped_storage()
+                s.resize_(s.nbytes() + 64)  # new memory, same StorageImpl
             else:
                 params[i].grad = None
         assert check.check(state, views, shift) == -1, (n, i, how)
@@ -211,7 +221,7 @@ def test_bucket_bump(n):
     for p in params:
         p.grad = torch.randn(3)
     check = _C.BucketCheck(params, [p.grad for p in params], [p.data_ptr() for p in params],
-                           [p.grad.data_ptr() for p in params])
+                           [p.grad.data_ptr() for p in params], params[0], params[0].grad)
     before = [p._version for p in params]
     i0, i1 = (0, 1) if n == 1 else (3, 37)
     check.bump(i0, i1)
