@@ -210,6 +210,25 @@ def test_bucket_intact_at_every_position(n, broken):
         assert check.check(None, None, shift) == -1, (n, i, how)
 
 
+def test_bucket_holds_its_storages_weakly():
+    """A BucketCheck holds the flat storages it compares against without raising their use
+    counts (optim._alone reads them to decide whether anyone else sees a bucket's memory), and
+    a storage whose last tensor is gone fails the check instead of matching a new one."""
+    from momentum_cuda.optim import _use_count
+    flat_p, flat_g = torch.randn(7), torch.randn(7)
+    p = torch.nn.Parameter(torch.empty(0).set_(flat_p.untyped_storage(), 2, (3,), (1,)))
+    g = torch.empty(0).set_(flat_g.untyped_storage(), 2, (3,), (1,))
+    p.grad = g
+    counts = (_use_count(flat_p), _use_count(flat_g))
+    check = _C.BucketCheck([p], [g], [p.data_ptr()], [g.data_ptr()], flat_p, flat_g)
+    assert (_use_count(flat_p), _use_count(flat_g)) == counts
+    assert check.check(None, None, 0) == 0
+    del flat_g
+    g.set_(torch.randn(3))  # the flat gradient storage's last holder lets go of it
+    p.grad = g
+    assert check.check(None, None, 0) == -1
+
+
 @pytest.mark.parametrize("n", [1, 40])
 def test_bucket_bump(n):
     """BucketCheck.bump(i0, i1): each of params[i0:i1]'s version counters up by one (as the
