@@ -1034,10 +1034,17 @@ std::vector<bool> kernel_ready(const std::vector<at::Tensor>& params,
              (!narrow || t.strides() == p.strides() || p.is_contiguous() ||
               p.is_contiguous(at::MemoryFormat::ChannelsLast));
     };
+    // A gradient in another layout is copied into p's (fp32/fp64: the bits do not depend
+    // on it), but not without a buffer (a first step: torch's buffer is the gradient's clone,
+    // in its layout; or no momentum) nor when it overlaps itself (torch's ops treat a
+    // broadcast operand apart, with bits that depend on position): _check_loose decides.
     ready[i] = p.layout() == at::kStrided && !p.device().is_meta() &&
                (st == at::kFloat || st == at::kDouble || narrow) &&
                (p.is_contiguous() || p.is_non_overlapping_and_dense()) && like(g) &&
-               (!narrow || alike(g)) && (b == nullptr || (like(*b) && alike(*b)));
+               (narrow ? alike(g) : b != nullptr || same_layout(g, p)) &&
+               (g.is_non_overlapping_and_dense() ||
+                at::has_internal_overlap(g) == at::MemOverlap::No) &&
+               (b == nullptr || (like(*b) && alike(*b)));
   }
   return ready;
 }

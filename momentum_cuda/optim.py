@@ -89,6 +89,7 @@ import logging
 import math
 import numbers
 import operator
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -158,10 +159,46 @@ def _hyper_tensor(x, name: str):
         if x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
             return x if x.dim() == 0 else x.reshape(())
         return _on_host(name, x)
-    if not isinstance(x, numbers.Real):  # (torch's ops refuse it: TypeError there too)
+    if not _scalar(x):
+        if name in ("momentum", "weight_decay") and isinstance(x, numbers.Number) and x == 0:
+            return 0.0  # (torch's for-loop tests `!= 0` first and never uses it)
+        # torch's ops refuse it as an alpha or factor: TypeError there too
         raise TypeError(f"{name} must be a number or a 1-element tensor, got {x!r} "
                         f"({type(x).__name__})")
     return _dampening(x) if name == "dampening" else float(x)
+
+
+def _scalar(x) -> bool:
+    """x is a number torch's ops take as a Scalar argument (an add's alpha, a mul's factor): a
+    bool, int or float, or a numpy bool, integer or float scalar or 0-d array (not a Fraction
+    or a Decimal: torch raises TypeError for those)."""
+    if isinstance(x, (bool, int, float)):
+        return True
+    np = sys.modules.get("numpy")
+    return (np is not None and isinstance(x, (np.generic, np.ndarray)) and x.ndim == 0
+            and x.dtype.kind in "biuf")
+
+
+def _raw_hyper(group, ema: bool) -> dict | None:
+    """The group's own lr, momentum, dampening and weight_decay where one is a tensor that
+    torch's for-loop uses with other ops than the kernels model (None otherwise): one that
+    requires grad (torch then steps with addcmul_, or refuses it as an alpha), and for SGD a
+    momentum, dampening or weight_decay with dimensions (torch squeezes only lr: a momentum of
+    shape (1,) takes part in type promotion; the others are refused as an alpha). For
+    Momentum (MomentumReference) any such tensor with dimensions. Such a group is stepped with
+    torch's own ops, rehearsed first (_rehearse)."""
+    names = ("lr", "momentum", "weight_decay") if ema else ("lr", "momentum", "dampening",
+                                                            "weight_decay")
+    vals = {n: group[n] for n in names}
+    if not any(isinstance(v, torch.Tensor) and (v.requires_grad or (v.dim() and (
+            ema or n != "lr"))) for n, v in vals.items()):
+        return None
+    m = vals["momentum"]
+    if isinstance(m, torch.Tensor) and m.numel() == 1 and not bool(m != 0):
+        vals["momentum"] = 0.0  # (torch's `momentum != 0`, read here: no buffers)
+    if ema:
+        vals["dampening"] = None  # (MomentumReference's 1 - momentum, from the tensor)
+    return vals
 
 
 def _unscale(grads, grad_scale) -> None:
@@ -388,6 +425,15 @@ def _same_layout(a, b) -> bool:
             if a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
                 return True
     return all(a.stride(d) == b.stride(d) for d in range(a.dim()) if b.shape[d] != 1)
+
+
+def _self_overlapping(t) -> bool:
+    """Some elements of t share memory (a broadcast: a stride 0 on a dimension of size > 1), or
+    torch cannot tell (a layout its check finds too hard). While dynamo traces (which cannot
+    call torch's check), the stride-0 case."""
+    if torch.compiler.is_compiling():
+        return any(s == 0 and n != 1 for n, s in zip(t.shape, t.stride()))
+    return torch._debug_has_internal_overlap(t) != 0
 
 
 def _walked_alike(t, p) -> bool:
@@ -739,14 +785,20 @@ def _remove_hooks(handles) -> None:
 
 
 _TORCH_OPS_WARNINGS = {
-    "layout": "momentum_cuda: a bf16/fp16 gradient or a momentum buffer has another memory "
-              "layout than its parameter; stepping it with torch's own ops to keep torch's "
-              "bits (slower). See opt.last_step.",
+    "layout": "momentum_cuda: a gradient or momentum buffer in a memory layout whose bits "
+              "torch's ops make depend on it (a bf16/fp16 gradient or a buffer in another "
+              "layout than its parameter, a broadcast gradient, a first step's gradient in "
+              "another layout: torch's buffer is its clone); stepping it with torch's own ops "
+              "to keep torch's bits (slower). See opt.last_step.",
     "complex": "momentum_cuda: complex parameters are stepped with torch's own ops (torch.optim."
                "SGD updates them in complex arithmetic, which the kernels do not model). See "
                "opt.last_step.",
     "sparse": "momentum_cuda: sparse gradients (or momentum buffers) are stepped with torch's "
               "own sparse ops, as torch.optim.SGD does. See opt.last_step.",
+    "hyper": "momentum_cuda: a hyper-parameter tensor of a param group requires grad, or has "
+             "dimensions where torch's for-loop uses it as a tensor (not lr); stepping the "
+             "group with torch's own ops, which use it as torch.optim.SGD does (slower). See "
+             "opt.last_step.",
     "alias": "momentum_cuda: tensors of a param group's step share memory (parameters, "
              "gradients or momentum buffers); stepping the group with torch's own ops, one "
              "parameter after the other as torch.optim.SGD does (slower). See opt.last_step.",
@@ -758,9 +810,10 @@ _TORCH_OPS_WARNINGS = {
                "See opt.last_step.",
     "meta": "momentum_cuda: parameters on the meta device are stepped with torch's own ops. "
             "See opt.last_step.",
-    "dtype": "momentum_cuda: a momentum buffer has another dtype than its parameter (e.g. after "
-             "model.to(dtype) or model.half()); stepping it with torch's own ops, which mix the "
-             "dtypes as torch.optim.SGD does (slower). See opt.last_step.",
+    "dtype": "momentum_cuda: a momentum buffer or gradient has another dtype than its "
+             "parameter (e.g. after model.to(dtype) or model.half()); stepping it with torch's "
+             "own ops, which mix the dtypes as torch.optim.SGD does (slower). See "
+             "opt.last_step.",
 }
 
 
@@ -2004,10 +2057,13 @@ class _FusedMomentum(Optimizer):
                     buf = self._buffer(p)
                     # a buffer of another dtype or layout (model.to after steps) stays as
                     # torch keeps it: copying would convert it and change the bits; so does
-                    # the buffer of a parameter that left this bucket (the step lays it out)
-                    if (buf is None or not _strided(buf) or buf.dtype != p.dtype
-                            or buf.stride() != p.stride() or not b.intact(i)
-                            or id(buf) in held):
+                    # the buffer of a parameter that left this bucket (the step lays it out),
+                    # and one of another shape or device (a checkpoint's: torch loads it, and
+                    # fails only at a step with a gradient, where _check_loose raises first)
+                    if (buf is None or not isinstance(buf, torch.Tensor) or not _strided(buf)
+                            or buf.dtype != p.dtype or buf.shape != p.shape
+                            or buf.device != p.device or buf.stride() != p.stride()
+                            or not b.intact(i) or id(buf) in held):
                         continue
                     b.ensure_buf()
                     if buf is not b.buf_views[i]:
@@ -2917,6 +2973,12 @@ class _FusedMomentum(Optimizer):
             plan = self._plan_with(h, group, lay, relayout, device_first)
         if plan is not None:
             _alpha_range(h, plan)
+            raw = _raw_hyper(group, self._ema) if any(
+                c[3] == "hyper" for c in plan[2]) else None
+            if raw is not None:  # (_plan_with put the whole group on torch's ops)
+                h = dict(h, **raw)
+                self._rehearse([c[:3] for c in plan[2]], h)
+                plan = (h,) + plan[1:]
         return plan
 
     def _plan_with(self, h, group, lay, relayout, device_first=False):
@@ -2986,12 +3048,17 @@ class _FusedMomentum(Optimizer):
                     runs.append([b, i, i + 1, first, use_buf and buf is None])
         alias = bool(loose) and (self._overlap(lay, group)
                                  or self._loose_shares(runs, loose, use_buf))
-        if alias and use_buf and any(b.unsure is not None for b in lay.buckets):
+        # the whole group on torch's ops: "alias", or "hyper" (_raw_hyper: a hyper-parameter
+        # tensor that torch's for-loop uses with ops of its own)
+        whole = "alias" if alias else "hyper" if (
+            (runs or loose) and not any(_modes(group))
+            and _raw_hyper(group, self._ema) is not None) else None
+        if whole and use_buf and any(b.unsure is not None for b in lay.buckets):
             # torch's ops step the buffers of a flag they do not read: the host reads it first
             self._settle_unsure(True, [b for b in lay.buckets if b.unsure is not None],
                                 drop=True)
             return self._plan_with(h, group, lay, relayout, device_first)
-        if alias:
+        if whole:
             # torch's for-loop steps overlapping parameters one after the other, each reading
             # what the one before wrote: so does the whole group here (torch's own ops)
             runs, loose = [], [(p, p.grad) for p in group["params"] if p.grad is not None]
@@ -3030,7 +3097,8 @@ class _FusedMomentum(Optimizer):
                 checked.append((p, g, buf, mode, key))
             loose = [pg for pg, m in zip(loose, modes) if not m]
         bufs = [self._buffer(p) if use_buf else None for p, _ in loose]
-        plain = [k for k, (p, _) in enumerate(loose) if not isinstance(p, _DTensor)]
+        plain = [k for k, (p, _) in enumerate(loose) if not isinstance(p, _DTensor)
+                 and isinstance(bufs[k], (torch.Tensor, type(None)))]
         ready = [False] * len(loose)
         if plain:  # the common case checked in C++, in one call (else _check_loose decides)
             for k, r in zip(plain, _C.kernel_ready([loose[k][0] for k in plain],
@@ -3039,7 +3107,7 @@ class _FusedMomentum(Optimizer):
                 ready[k] = r
         for (p, g), buf, fast in zip(loose, bufs, ready):
             if fast:
-                checked.append((p, g, buf, "alias" if alias else None, None))
+                checked.append((p, g, buf, whole, None))
                 continue
             if p.device.type == "meta" and self._requested_backend is not None:
                 self._backend_for(p.device)  # raises: see _check_backends
@@ -3049,12 +3117,12 @@ class _FusedMomentum(Optimizer):
                     checked.append((p, g, buf, "dtensor", None))
                     continue
                 reason = self._check_loose(_local(p), _local(g), _local(buf), h)
-                if reason is None and not alias:
+                if reason is None and not whole:
                     checked.append((_local(p), _local(g), _local(buf), None, p))
                     continue
             else:
                 reason = self._check_loose(p, g, buf, h)
-            checked.append((p, g, buf, "alias" if alias else reason, None))
+            checked.append((p, g, buf, whole or reason, None))
         if self._unsure and use_buf:
             stale, split = self._loose_stale(group, checked, device_first)
             if stale:  # the host reads their flags (the state then says what the device did)
@@ -3124,8 +3192,9 @@ class _FusedMomentum(Optimizer):
         return None if state is None else state.get("momentum_buffer")
 
     @staticmethod
-    def _torch_reason(p, g, buf) -> str | None:
-        """Why (p, g, buf) must be stepped with torch's own ops, or None for the kernels."""
+    def _torch_reason(p, g, buf, first=False) -> str | None:
+        """Why (p, g, buf) must be stepped with torch's own ops, or None for the kernels.
+        first: the step makes p's momentum buffer (torch's: a clone of the gradient)."""
         if p.is_complex():
             return "complex"
         if p.device.type == "meta":
@@ -3134,13 +3203,17 @@ class _FusedMomentum(Optimizer):
             return "sparse"
         if not p.is_contiguous() and not _dense(p):
             return "strided"
-        if buf is not None and buf.dtype != p.dtype:
+        if g.dtype != p.dtype or (buf is not None and buf.dtype != p.dtype):
             return "dtype"  # torch's in-place ops cast between them; the kernels take one dtype
         narrow = p.dtype in (torch.bfloat16, torch.float16)
         if (buf is not None and not (_walked_alike(buf, p) if narrow else _same_layout(buf, p))
                 ) or (narrow and not _walked_alike(g, p)):
             # torch's own bits here depend on how TensorIterator loops over operands of
             # different layouts (bf16/fp16: no vectorized body), which the kernel does not model
+            return "layout"
+        if _self_overlapping(g) or (first and not _same_layout(g, p)):
+            # a broadcast gradient (stride 0): torch's ops give its elements bits that depend
+            # on their position; a first step's buffer is the gradient's clone, in its layout
             return "layout"
         return None
 
@@ -3151,17 +3224,24 @@ class _FusedMomentum(Optimizer):
             raise RuntimeError(f"momentum_cuda needs strided parameters; got a {p.layout} "
                                f"{_what(p)}")
         for name, t in (("gradient", g), ("momentum_buffer", buf)):
-            # A buffer of another dtype is torch's case too (model.to(dtype) after steps):
-            # torch's in-place ops cast, and so does the torch-ops path.
-            if t is not None and (t.shape != p.shape or t.device != p.device or (
-                    t.dtype != p.dtype and name == "gradient")):
+            # A buffer or gradient of another dtype is torch's case too (model.to(dtype) after
+            # steps, p.grad.data = g.double()): torch's ops promote and cast, and so does the
+            # torch-ops path ("dtype").
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"the {name} of a {_what(p)} is a {type(t).__name__} ({t!r}), "
+                                "not a tensor (torch.optim.SGD's step fails on it too)")
+            if t is not None and (t.shape != p.shape or t.device != p.device):
                 raise RuntimeError(f"the {name} of a {_what(p)} is a tensor of shape "
                                    f"{tuple(t.shape)} ({t.dtype}, {t.device})")
-        reason = self._torch_reason(p, g, buf)
+        reason = self._torch_reason(p, g, buf, buf is None and not self._ema and _use_buf(h))
         if reason in ("complex", "sparse", "meta", "strided"):
             self._check_torch_path(p, g, buf, h)
             if reason == "sparse":
-                self._rehearse_sparse(p, g, buf, h)
+                self._rehearse([(p, g, buf)], h)
+        elif reason == "dtype" and not all(t is None or t.dtype.is_floating_point
+                                           for t in (g, buf)):
+            self._rehearse([(p, g, buf)], h)  # (an integer, bool or complex one: torch's
+            # in-place ops may not cast to it, and fail part-way)
         elif p.dtype not in _DTYPES:
             raise RuntimeError(f"momentum_cuda supports {_DTYPES} and complex, got a {_what(p)}")
         return reason
@@ -3719,29 +3799,44 @@ class _FusedMomentum(Optimizer):
             _torch_sgd(ps, gs, bs, foreach=False,
                        has_sparse_grad=any(not _strided(g) for g in gs), **h)
 
-    def _rehearse_sparse(self, p, g, buf, h) -> None:
-        """torch's sparse ops lack some dtypes (fp16 sparse + sparse: "cadd_sparse" not
-        implemented for 'Half'), so torch's own step can fail part-way through. The same step
-        runs first on one-row stand-ins of p, g and buf (same dtypes, layouts, dimensions,
-        empty where they are empty): what would fail raises here, before anything is
-        written."""
-        k = g.sparse_dim() if g.is_sparse else buf.sparse_dim()
-        shape = (1,) * k + tuple(p.shape[k:])
-
-        def stand_in(t, dtype=None):
+    def _rehearse(self, items, h) -> None:
+        """torch's own step can fail part-way, after updating the parameters before the one it
+        fails on: sparse ops torch lacks for a dtype (fp16 sparse + sparse), a buffer of a dtype
+        the result cannot be cast to, hyper-parameter tensors it refuses (_raw_hyper). The same
+        step runs first on one-element stand-ins of each (param, grad, buffer) of `items` (same
+        dtypes, devices, layouts and dimensions; a sparse one's nnz at most 1): what would fail
+        raises here, naming the parameter, before anything is written."""
+        def stand_in(t, like, dtype=None):
             if t is None or not t.is_sparse:
-                return torch.zeros(shape, dtype=dtype or t.dtype, device=p.device)
+                return torch.zeros(shape, dtype=dtype or t.dtype, device=like.device)
             n = min(t._nnz(), 1)  # (torch's sparse kernels skip work on an empty tensor)
-            idx = torch.zeros(t.sparse_dim(), n, dtype=torch.int64, device=p.device)
-            vals = torch.ones((n,) + shape[t.sparse_dim():], dtype=t.dtype, device=p.device)
+            idx = torch.zeros(t.sparse_dim(), n, dtype=torch.int64, device=like.device)
+            vals = torch.ones((n,) + shape[t.sparse_dim():], dtype=t.dtype, device=like.device)
             out = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=False)
             return out.coalesce() if t.is_coalesced() else out
-        tb = stand_in(buf, p.dtype) if buf is not None or self._ema else None
+        runs = []
+        for p, g, buf in items:
+            p, g, buf = _local(p), _local(g), _local(buf)
+            sparse = g if g.is_sparse else buf if buf is not None and buf.is_sparse else None
+            k = sparse.sparse_dim() if sparse is not None else 0
+            shape = (1,) * k + tuple(min(n, 1) if sparse is None else n
+                                     for n in p.shape[k:])
+            tb = stand_in(buf, p, p.dtype if buf is None else None) if (
+                buf is not None or self._ema) else None
+            runs.append((p, stand_in(p, p), stand_in(g, p), tb))
         try:
-            self._torch_step([stand_in(p)], [stand_in(g)], [tb], h)
-        except Exception as e:
-            raise type(e)(f"torch.optim.SGD's own step fails on the sparse gradient of a "
-                          f"{_what(p)}; raised before anything was written: {e}") from e
+            self._torch_step([r[1] for r in runs], [r[2] for r in runs], [r[3] for r in runs],
+                             h)
+            return
+        except Exception:
+            pass
+        for p, sp, sg, sb in runs:  # (again one by one, to name the parameter)
+            try:
+                self._torch_step([sp], [sg], [sb], h)
+            except Exception as e:
+                raise type(e)(f"torch.optim.SGD's own step fails on the {_what(p)}; raised "
+                              f"before anything was written: {e}") from e
+        self._torch_step([r[1] for r in runs], [r[2] for r in runs], [r[3] for r in runs], h)
 
     def _report(self, backend, path, t, tensors, numel) -> None:
         self.last_step.append(self._entry(backend, path, t, tensors, numel))
@@ -3864,7 +3959,7 @@ class Momentum(_FusedMomentum):
 
     def _hyper(self, group) -> dict:
         m = group["momentum"]
-        if not isinstance(m, (numbers.Real, torch.Tensor)):
+        if not (isinstance(m, torch.Tensor) or _scalar(m)):
             raise TypeError(f"momentum must be a number or a 1-element tensor, got {m!r}")
         m = float(m)
         self._check_momentum(m)  # a scheduler may have changed it

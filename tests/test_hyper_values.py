@@ -229,3 +229,136 @@ def test_a_failing_flat_kernel_leaves_no_buffer():
         b.op = None
     for step in range(3):
         _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"step {step}")
+
+
+def _same_with_grads(m, t, opt, topt, what):
+    _same(m, t, opt, topt, what)
+    for (n, p), q in zip(m.named_parameters(), t.parameters()):
+        assert (p.grad is None) == (q.grad is None), f"{what}: {n}.grad presence"
+        assert p.grad is None or torch.equal(p.grad, q.grad), f"{what}: {n}.grad"
+
+
+# (optimizer, parameter dtype, group values): hyper-parameter tensors torch's for-loop uses as
+# tensors, with ops of their own: an lr that requires grad (param.addcmul_(grad, lr, value=-1)),
+# a weight_decay that requires grad (grad.addcmul_(param.clone(), wd), in place: .grad changes),
+# a momentum with dimensions (buf.mul_(momentum) then promotes: float64 arithmetic for float32
+# buffers), a momentum that requires grad
+TENSOR_CASES = {
+    "lr requires grad, bf16": ("SGD", torch.bfloat16,
+                               dict(lr=torch.tensor(0.1, requires_grad=True))),
+    "lr requires grad, fp16": ("SGD", torch.float16,
+                               dict(lr=torch.tensor([0.1], requires_grad=True))),
+    "weight_decay requires grad": ("SGD", torch.float32,
+                                   dict(weight_decay=torch.tensor(0.01, requires_grad=True))),
+    "momentum (1,) fp64": ("SGD", torch.float32,
+                           dict(momentum=torch.tensor([0.9], dtype=torch.float64))),
+    "momentum (1,) fp64, bf16": ("SGD", torch.bfloat16,
+                                 dict(momentum=torch.tensor([0.9], dtype=torch.float64))),
+    "momentum requires grad": ("SGD", torch.float32,
+                               dict(momentum=torch.tensor(0.9, requires_grad=True))),
+    "momentum (1,) zero": ("SGD", torch.float32, dict(momentum=torch.tensor([0.0]))),
+    "Momentum lr requires grad": ("Momentum", torch.bfloat16,
+                                  dict(lr=torch.tensor(0.1, requires_grad=True))),
+}
+
+
+@FLAT
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+def test_hyper_tensors_torch_uses_as_tensors(flat, case):
+    """A group whose hyper-parameter tensor torch's for-loop uses with other ops than the
+    kernels model (TENSOR_CASES) is stepped with torch's own ops (path "torch-ops"), the
+    other group with the kernels: parameters, gradients (weight_decay's in-place addcmul_),
+    buffers and their presence are torch's at every step."""
+    name, dtype, values = TENSOR_CASES[case]
+    m, t = _models(21, dtype)
+    h = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+    if name == "SGD":
+        h["dampening"] = 0.1
+        opt = momentum_cuda.SGD(_groups(m, **values), flat=flat, **h)
+        topt = torch.optim.SGD(_groups(t, **{k: v.detach().clone().requires_grad_(
+            v.requires_grad) for k, v in values.items()}), foreach=False, **h)
+    else:
+        opt = momentum_cuda.Momentum(_groups(m, **values), flat=flat, **h)
+        topt = MomentumReference(_groups(t, **{k: v.detach().clone().requires_grad_(
+            v.requires_grad) for k, v in values.items()}), **h)
+    gen = torch.Generator().manual_seed(22)
+    for step in range(4):
+        x = torch.randn(4, 6, generator=gen).to(dtype)
+        for mm, o in ((m, opt), (t, topt)):
+            _backward(mm, x)
+            o.step()
+        _same_with_grads(m, t, opt, topt, f"{case}, step {step}")
+        assert "torch-ops" in {e["path"] for e in opt.last_step}, opt.last_step
+
+
+# group values torch's step refuses (an alpha must be a Number: not a tensor with dimensions
+# nor one that requires grad; a momentum broadcast to another shape than the buffer's), and
+# at which step: dampening is used only once a buffer exists
+REFUSED = {
+    "weight_decay (1,)": ("SGD", dict(weight_decay=torch.tensor([0.01])), 0, TypeError),
+    "dampening (1,)": ("SGD", dict(dampening=torch.tensor([0.1])), 1, TypeError),
+    "nesterov, momentum (1,)": ("SGD", dict(momentum=torch.tensor([0.9]), nesterov=True), 0,
+                                TypeError),
+    "nesterov, momentum requires grad": (
+        "SGD", dict(momentum=torch.tensor(0.9, requires_grad=True), nesterov=True), 0, TypeError),
+    "momentum (1, 1)": ("SGD", dict(momentum=torch.tensor([[0.9]])), 1, RuntimeError),
+    "Momentum momentum (1,)": ("Momentum", dict(momentum=torch.tensor([0.9])), 0, TypeError),
+    "Momentum lr (1,)": ("Momentum", dict(lr=torch.tensor([0.1])), 0, TypeError),
+}
+
+
+@FLAT
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_hyper_tensors_torch_refuses(flat, case):
+    """Group values torch's step refuses part-way (the first group stepped, then the error in
+    the second): refused here with the same exception type and nothing written, at the same
+    step (steps before it are torch's)."""
+    name, values, at, exc = REFUSED[case]
+    m, t = _models(23)
+    h = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+    if name == "SGD":
+        opt = momentum_cuda.SGD(_groups(m, **values), flat=flat, **h)
+        topt = torch.optim.SGD(_groups(t, **values), foreach=False, **h)
+    else:
+        opt = momentum_cuda.Momentum(_groups(m, **values), flat=flat, **h)
+        topt = MomentumReference(_groups(t, **values), **h)
+    gen = torch.Generator().manual_seed(24)
+    for step in range(at):
+        _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"{case}, step {step}")
+    x = torch.randn(4, 6, generator=gen)
+    _backward(t, x)
+    with pytest.raises(exc):
+        topt.step()
+    _backward(m, x)
+    snap = _snapshot(m, opt)
+    with pytest.raises(exc):
+        opt.step()
+    _unchanged(m, opt, snap, f"{case}: after the refusal")
+
+
+@FLAT
+def test_numbers_torch_takes_and_refuses(flat):
+    """torch's ops take a bool, int or float, and numpy's bool, integer and float scalars and
+    0-d arrays, as a Scalar; they refuse a Fraction (TypeError), except where torch's for-loop
+    never uses the value (a weight_decay or momentum equal to 0)."""
+    from fractions import Fraction
+    m, t = _models(25)
+    good = [dict(lr=np.array(0.05)), dict(dampening=np.float32(0.1)), dict(momentum=np.True_,
+            dampening=np.False_), dict(weight_decay=np.True_), dict(lr=np.array(0.05, np.float32)),
+            dict(weight_decay=Fraction(0)), dict(momentum=Fraction(0))]
+    h = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+    opt = momentum_cuda.SGD(_groups(m), flat=flat, **h)
+    topt = torch.optim.SGD(_groups(t), foreach=False, **h)
+    gen = torch.Generator().manual_seed(26)
+    for values in good:
+        for o in (opt, topt):
+            o.param_groups[1].update({**h, "dampening": 0, **values})
+        for step in range(2):
+            _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"{values}, {step}")
+    for key in ("lr", "momentum", "weight_decay"):
+        opt.param_groups[1].update({**h, key: Fraction(1, 10)})
+        _backward(m, torch.randn(4, 6, generator=gen))
+        snap = _snapshot(m, opt)
+        with pytest.raises(TypeError, match=f"{key} must be a number"):
+            opt.step()
+        _unchanged(m, opt, snap, f"{key}=Fraction")
