@@ -1006,6 +1006,12 @@ void step_sr_list_(at::TensorList params, at::TensorList grads, at::TensorList m
                    device_of({params, grads, momentum_buffers}));
 }
 
+/// t is read as its memory holds it: no negative or conjugate view bit (torch's ops resolve
+/// those; the kernels read raw memory), not a ZeroTensor (no memory at all).
+bool plain(const at::Tensor& t) {
+  return !t.is_neg() && !t.is_conj() && !t._is_zerotensor();
+}
+
 /// For the optimizer's per-tensor planning (optim._plan), one call for all of a group's loose
 /// (param, grad, buffer or None) triples: whether the kernels take each as it is. True only
 /// where optim._check_loose returns None without raising (the same conditions, written again
@@ -1039,7 +1045,8 @@ std::vector<bool> kernel_ready(const std::vector<at::Tensor>& params,
     // in its layout; or no momentum) nor when it overlaps itself (torch's ops treat a
     // broadcast operand apart, with bits that depend on position): _check_loose decides.
     ready[i] = p.layout() == at::kStrided && !p.device().is_meta() &&
-               (st == at::kFloat || st == at::kDouble || narrow) &&
+               (st == at::kFloat || st == at::kDouble || narrow) && plain(p) && plain(g) &&
+               (b == nullptr || plain(*b)) &&
                (p.is_contiguous() || p.is_non_overlapping_and_dense()) && like(g) &&
                (narrow ? alike(g) : b != nullptr || same_layout(g, p)) &&
                (g.is_non_overlapping_and_dense() ||
@@ -1086,17 +1093,28 @@ class BucketCheck {
   /// flat_param's and flat_grad's storages. Those are held weakly: their StorageImpl addresses
   /// cannot be reused while this compares them, and their use counts, which optim._alone
   /// reads, stay as they are.
+  /// meta: each parameter's (sizes, strides) when laid out, which its gradient and buffer
+  /// views share; all have flat_param's dtype.
   BucketCheck(std::vector<pybind11::object> params, std::vector<pybind11::object> views,
               const std::vector<int64_t>& ptrs, const std::vector<int64_t>& gptrs,
-              const at::Tensor& flat_param, const at::Tensor& flat_grad)
-      : params_(std::move(params)), views_(std::move(views)),
+              const at::Tensor& flat_param, const at::Tensor& flat_grad,
+              const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>>& meta)
+      : params_(std::move(params)), views_(std::move(views)), dtype_(flat_param.dtype()),
         pstore_(flat_param.storage().getWeakStorageImpl()),
         gstore_(flat_grad.storage().getWeakStorageImpl()),
         pdata_(flat_param.storage().data()), gdata_(flat_grad.storage().data()),
         pbytes_(flat_param.storage().nbytes()), gbytes_(flat_grad.storage().nbytes()) {
     TORCH_CHECK(views_.size() == params_.size() && ptrs.size() == params_.size() &&
-                    gptrs.size() == params_.size(),
-                "BucketCheck: one view, address and gradient address per parameter");
+                    gptrs.size() == params_.size() && meta.size() == params_.size(),
+                "BucketCheck: one view, address, gradient address and (sizes, strides) per "
+                "parameter");
+    for (const auto& [sizes, strides] : meta) {
+      TORCH_CHECK(sizes.size() == strides.size(), "BucketCheck: sizes and strides of one rank");
+      meta_at_.push_back(static_cast<int64_t>(meta_.size()));
+      meta_.push_back(static_cast<int64_t>(sizes.size()));
+      meta_.insert(meta_.end(), sizes.begin(), sizes.end());
+      meta_.insert(meta_.end(), strides.begin(), strides.end());
+    }
     for (const auto* list : {&params_, &views_}) {
       for (const auto& o : *list) {
         TORCH_CHECK(THPVariable_Check(o.ptr()), "BucketCheck takes tensors");
@@ -1154,7 +1172,8 @@ class BucketCheck {
     return t->has_storage() &&
            reinterpret_cast<int64_t>(t->unsafe_storage().unsafeGetStorageImpl()) == storage &&
            t->storage_offset() ==
-               THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl()->storage_offset();
+               THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl()->storage_offset() &&
+           shaped(t, i);
   }
 
   /// Whether some parameter is intact with its flat gradient view as .grad (a flat run could
@@ -1192,6 +1211,10 @@ class BucketCheck {
     sgd_step_flat(s.param, s.grad, s.buf, s.segments, s.lr, s.momentum, s.dampening,
                   s.weight_decay, s.nesterov, s.maximize, /*first_step=*/false,
                   s.param.device().type(), kNoTensors);
+    // as the op's dispatch would (its schema marks all three written): the buffer views
+    // share flat_buf's counter (autograd views of it)
+    for (const at::Tensor* t : {&s.param, &s.grad}) torch::autograd::impl::bump_version(*t);
+    if (s.buf.has_value() && s.buf->defined()) torch::autograd::impl::bump_version(*s.buf);
     bump(0, params_.size());
     return 0;
   }
@@ -1217,7 +1240,26 @@ class BucketCheck {
     const c10::TensorImpl* v = THPVariable_Unpack(views_[i].ptr()).unsafeGetTensorImpl();
     const at::Tensor& g = p.grad();
     return g.defined() && g.unsafeGetTensorImpl() == v &&
-           in(p.unsafeGetTensorImpl(), pstore_, offsets_[i]) && in(v, gstore_, goffsets_[i]);
+           in(p.unsafeGetTensorImpl(), pstore_, offsets_[i]) && in(v, gstore_, goffsets_[i]) &&
+           shaped(p.unsafeGetTensorImpl(), i) && shaped(v, i);
+  }
+  /// t has parameter i's sizes and strides as laid out and the bucket's dtype, and is a plain
+  /// tensor: no negative or conjugate view bit, not a ZeroTensor (t_(), .data = a view of
+  /// another shape or dtype, or _neg_view() keep its storage and offset; the kernels read the
+  /// memory as the layout placed it).
+  bool shaped(const c10::TensorImpl* t, size_t i) const {
+    const int64_t* m = meta_.data() + meta_at_[i];
+    const int64_t dim = m[0];
+    if (t->dim() != dim || t->dtype() != dtype_ || t->is_neg() || t->is_conj() ||
+        t->_is_zerotensor()) {
+      return false;
+    }
+    const auto sizes = t->sizes();
+    const auto strides = t->strides();
+    for (int64_t d = 0; d < dim; ++d) {
+      if (sizes[d] != m[1 + d] || strides[d] != m[1 + dim + d]) return false;
+    }
+    return true;
   }
   /// t is over `store` at element offset `offset` (-1: never).
   static bool in(const c10::TensorImpl* t, const Weak& store, int64_t offset) {
@@ -1309,6 +1351,9 @@ class BucketCheck {
     return true;
   }
   std::vector<pybind11::object> params_, views_;
+  caffe2::TypeMeta dtype_;
+  /// meta_[meta_at_[i]]: parameter i's rank r, then its r sizes and r strides
+  std::vector<int64_t> meta_, meta_at_;
   Weak pstore_, gstore_;
   const void *pdata_, *gdata_;
   size_t pbytes_, gbytes_;
@@ -1479,7 +1524,7 @@ class ListCheck {
       return m;
     }
     bool same(const at::Tensor& t, bool address = true) const {
-      return tensor && t.layout() == at::kStrided && t.scalar_type() == dtype &&
+      return tensor && t.layout() == at::kStrided && plain(t) && t.scalar_type() == dtype &&
              t.device() == device && t.sizes() == c10::IntArrayRef(sizes) &&
              t.strides() == c10::IntArrayRef(strides) &&
              (!address ||
@@ -1795,9 +1840,10 @@ PYBIND11_MODULE(_C, m) {
                               "The flat path's per-step check of one bucket (optim._Bucket).")
       .def(py::init<std::vector<py::object>, std::vector<py::object>,
                     const std::vector<int64_t>&, const std::vector<int64_t>&,
-                    const at::Tensor&, const at::Tensor&>(),
+                    const at::Tensor&, const at::Tensor&,
+                    const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>>&>(),
            py::arg("params"), py::arg("grad_views"), py::arg("ptrs"), py::arg("gptrs"),
-           py::arg("flat_param"), py::arg("flat_grad"))
+           py::arg("flat_param"), py::arg("flat_grad"), py::arg("meta"))
       .def("check", &mc::BucketCheck::check, py::arg("state"), py::arg("buf_views"),
            py::arg("buf_storage"),
            "-1: a parameter moved or its .grad is not its flat view (at its address); else "
@@ -1844,14 +1890,14 @@ PYBIND11_MODULE(_C, m) {
            "unwritten (or none); else the first position that differs.")
       .def_property_readonly("params", &mc::GradWatch::params);
   m.def(
-      "host_finite",
+      "host_value",
       [](const at::Tensor& t) {
         TORCH_CHECK(t.device().is_cpu() && t.numel() == 1,
-                    "host_finite takes a 1-element CPU tensor, got ", mc::describe(t));
-        return std::isfinite(t.item<double>());
+                    "host_value takes a 1-element CPU tensor, got ", mc::describe(t));
+        return t.item<double>();
       },
       py::arg("t"),
-      "Whether a 1-element CPU tensor holds a finite value (read in C++: optim's check of a "
+      "The value of a 1-element CPU tensor, as a double (read in C++: optim's checks of a "
       "hyper-parameter tensor, which Python's item() would count as a host read).");
   m.def("same_objects", &mc::same_objects, py::arg("a"), py::arg("b"),
         "Whether two lists/tuples hold the same objects in order (identity, not ==).");

@@ -168,6 +168,23 @@ def _hyper_tensor(x, name: str):
     return _dampening(x) if name == "dampening" else float(x)
 
 
+_HYPER_NAMES = ("lr", "momentum", "dampening", "weight_decay")
+
+
+def _hyper_tensors_hold(tensors) -> bool:
+    """The kept step's hyper-parameter tensors [(tensor, is lr)], changed in place since, are
+    still what it was planned for: none requires grad nor (but lr) has dimensions (torch's
+    for-loop would use it otherwise: _raw_hyper), and one in host memory holds a finite value
+    that every parameter dtype takes as an alpha (read in C++). Else the step is planned again,
+    whose checks (_finite, _alpha_range) raise before anything is written."""
+    top = _ALPHA_MAX[torch.float16]
+    for t, lr in tensors:
+        if t.requires_grad or (t.dim() and not lr) or (
+                t.device.type == "cpu" and not abs(_C.host_value(t)) <= top):
+            return False
+    return True
+
+
 def _scalar(x) -> bool:
     """x is a number torch's ops take as a Scalar argument (an add's alpha, a mul's factor): a
     bool, int or float, or a numpy bool, integer or float scalar or 0-d array (not a Fraction
@@ -358,7 +375,7 @@ def _finite(h) -> None:
     for name in ("lr", "momentum", "dampening", "weight_decay"):
         v = h[name]
         if isinstance(v, torch.Tensor):
-            if v.device.type == "cpu" and not _C.host_finite(v):
+            if v.device.type == "cpu" and not math.isfinite(_C.host_value(v)):
                 raise ValueError(f"{name} must be a finite number, got {v!r} (nothing was "
                                  "written)")
         elif not math.isfinite(v):
@@ -378,14 +395,17 @@ def _alpha_range(h, plan) -> None:
     where one does not fit, its step raises part-way (RuntimeError "value cannot be
     converted to type float without overflow"). The same is raised here, for the dtypes and
     buffers of the planned step, before anything is written."""
-    def num(v):  # (a tensor is converted with its item(): not checked here)
-        return not isinstance(v, torch.Tensor)
-    alphas = [("lr", h["lr"]) if num(h["lr"]) else None,
-              ("weight_decay", h["weight_decay"])
-              if num(h["weight_decay"]) and h["weight_decay"] != 0 else None,
-              ("momentum", h["momentum"]) if h.get("nesterov") and num(h["momentum"]) else None]
-    damp = (num(h["momentum"]) and h["momentum"] != 0 and num(h["dampening"])
-            and abs(1.0 - h["dampening"]) > _ALPHA_MAX[torch.float16])
+    def num(v):  # a tensor in host memory read in C++ (no Python host read); one in device
+        return not isinstance(v, torch.Tensor) or v.device.type == "cpu"  # memory: unchecked
+    def val(v):
+        return _C.host_value(v) if isinstance(v, torch.Tensor) else v
+    alphas = [("lr", val(h["lr"])) if num(h["lr"]) else None,
+              ("weight_decay", val(h["weight_decay"]))
+              if num(h["weight_decay"]) and val(h["weight_decay"]) != 0 else None,
+              ("momentum", val(h["momentum"]))
+              if h.get("nesterov") and num(h["momentum"]) else None]
+    damp = (num(h["momentum"]) and val(h["momentum"]) != 0 and num(h["dampening"])
+            and abs(1.0 - val(h["dampening"])) > _ALPHA_MAX[torch.float16])
     alphas = [a for a in alphas if a is not None and abs(a[1]) > _ALPHA_MAX[torch.float16]]
     if not alphas and not damp:
         return
@@ -396,7 +416,7 @@ def _alpha_range(h, plan) -> None:
         top = _ALPHA_MAX.get(dtype)
         if top is None:
             continue
-        for name, v in alphas + ([("1 - dampening", 1.0 - h["dampening"])]
+        for name, v in alphas + ([("1 - dampening", 1.0 - val(h["dampening"]))]
                                  if damp and has_buf else []):
             if abs(v) > top:
                 raise RuntimeError(
@@ -425,6 +445,22 @@ def _same_layout(a, b) -> bool:
             if a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
                 return True
     return all(a.stride(d) == b.stride(d) for d in range(a.dim()) if b.shape[d] != 1)
+
+
+def _plain(t) -> bool:
+    """t (a tensor, or None) is read as its memory holds it: no negative or conjugate view bit
+    (torch's ops resolve those), not a ZeroTensor (no memory). _C.kernel_ready checks the same.
+    While dynamo traces (which cannot ask), true."""
+    return (t is None or torch.compiler.is_compiling()
+            or not (t.is_neg() or t.is_conj() or t._is_zerotensor()))
+
+
+def _clone_layout(t):
+    """A tensor laid out as t.clone() would be (torch's first momentum buffer is the gradient's
+    clone): t's own strides where t is dense, else the memory format torch suggests for it."""
+    if torch.compiler.is_compiling() or _dense(t):
+        return t
+    return torch.empty_like(t, device="meta")
 
 
 def _self_overlapping(t) -> bool:
@@ -512,8 +548,9 @@ def _grad_hook(bucket_ref, i):
         if p.grad is not None or g is None or g.layout != torch.strided or not b.intact(i):
             return None
         view = b.grad_views[i]
-        if view.data_ptr() != b.gptrs[i]:
-            # someone set .grad.data (e.g. Module._apply): that tensor is theirs now
+        if not b.holds_grad(i, view):
+            # someone set .grad.data (e.g. Module._apply) or changed the view in place (t_()):
+            # that tensor is theirs now
             view = b.grad_views[i] = b.new_grad_view(i)
             b.neg_zero[i] = False
             b.check = None
@@ -810,6 +847,9 @@ _TORCH_OPS_WARNINGS = {
                "See opt.last_step.",
     "meta": "momentum_cuda: parameters on the meta device are stepped with torch's own ops. "
             "See opt.last_step.",
+    "view": "momentum_cuda: a parameter, gradient or momentum buffer is a negative or "
+            "conjugate view or a ZeroTensor, which torch's ops resolve; stepping it with "
+            "torch's own ops (slower). See opt.last_step.",
     "dtype": "momentum_cuda: a momentum buffer or gradient has another dtype than its "
              "parameter (e.g. after model.to(dtype) or model.half()); stepping it with torch's "
              "own ops, which mix the dtypes as torch.optim.SGD does (slower). See "
@@ -966,18 +1006,21 @@ class _Bucket:
         """The bucket's _C.BucketCheck (made again when a gradient view is replaced)."""
         if self.check is None:
             self.check = _C.BucketCheck(self.params, self.grad_views, self.ptrs, self.gptrs,
-                                        self.flat_param, self.flat_grad)
+                                        self.flat_param, self.flat_grad, self.meta)
         return self.check
 
     def intact(self, i: int) -> bool:
         """params[i] is still the view of flat_param the layout made (its gradient view fits)."""
         p, v = self.params[i], self.flat_grad
         return (p.data_ptr() == self.ptrs[i] and p.dtype == v.dtype and p.device == v.device
-                and (p.shape, p.stride()) == self.meta[i])
+                and (p.shape, p.stride()) == self.meta[i] and _plain(p))
 
     def holds_grad(self, i: int, g) -> bool:
-        """g is params[i]'s flat gradient view, still over its place in flat_grad."""
-        return g is self.grad_views[i] and g.data_ptr() == self.gptrs[i]
+        """g is params[i]'s flat gradient view, still over its place in flat_grad, with its
+        shape, strides and dtype (t_() or .data = another view keep the address)."""
+        return (g is self.grad_views[i] and g.data_ptr() == self.gptrs[i]
+                and g.dtype == self.flat_grad.dtype and (g.shape, g.stride()) == self.meta[i]
+                and _plain(g))
 
     def new_grad_view(self, i: int) -> torch.Tensor:
         """A tensor over params[i]'s place in flat_grad (set_, so that autograd sees a plain
@@ -1037,7 +1080,9 @@ class _Bucket:
         or buf.set_ would have given it other memory)."""
         return (self.flat_buf is not None and buf is self.buf_views[i]
                 and buf.untyped_storage()._cdata == self.buf_storage
-                and buf.storage_offset() == self.params[i].storage_offset())
+                and buf.storage_offset() == self.params[i].storage_offset()
+                and buf.dtype == self.flat_buf.dtype and (buf.shape, buf.stride()) == self.meta[i]
+                and _plain(buf))
 
 
 @dataclass
@@ -1399,7 +1444,7 @@ class _FusedMomentum(Optimizer):
         self._backend_by_device: dict[torch.device, str] = {}
         self._last = _LastStep()
         self._pending = _Pending()
-        self._steady = None  # (param_groups, groups, calls): _keep_steady
+        self._steady = None  # (param_groups, groups, calls, idle, fast, tensors): _keep_steady
         # id(master-weights param) -> (data_ptr, version) after its last step: a parameter
         # written since (load_state_dict of the model, copy_) restarts its master (_step_master)
         self._master_seen: dict[int, tuple] = {}
@@ -2788,7 +2833,7 @@ class _FusedMomentum(Optimizer):
                 idx = [i for i0, i1, _ in ranges for i in range(i0, i1)]
                 check = _C.BucketCheck([b.params[i] for i in idx], [b.grad_views[i] for i in idx],
                                        [b.ptrs[i] for i in idx], [b.gptrs[i] for i in idx],
-                                       b.flat_param, b.flat_grad)
+                                       b.flat_param, b.flat_grad, [b.meta[i] for i in idx])
                 calls.append(_FlatCall(
                     b, len(idx), use_buf, check,
                     None if views is None else [views[i] for i in idx], args,
@@ -2816,7 +2861,9 @@ class _FusedMomentum(Optimizer):
             elif c.mode == "plain" and c.dts is None:
                 fast = c.check
                 fast.arm(**c.h)
-        self._steady = (list(self.param_groups), groups, calls, idle, fast)
+        tensors = [(g[n], n == "lr") for g, _, _ in groups for n in _HYPER_NAMES
+                   if isinstance(g.get(n), torch.Tensor)]
+        self._steady = (list(self.param_groups), groups, calls, idle, fast, tensors)
 
     def _step_steady(self, amp) -> bool:
         """The step _keep_steady kept, run again if it still holds (returns whether it ran):
@@ -2839,13 +2886,15 @@ class _FusedMomentum(Optimizer):
         steady = self._steady
         if steady is None:
             return False
-        groups, laid, calls, idle, fast = steady
+        groups, laid, calls, idle, fast, tensors = steady
         if len(groups) != len(self.param_groups) or not all(
                 map(operator.is_, groups, self.param_groups)):
             return False
         for g, lay, vals in laid:
             if not _same_params(lay, g) or not all(map(operator.is_, self._hyper_values(g), vals)):
                 return False
+        if tensors and not _hyper_tensors_hold(tensors):
+            return False
         state = self.state
         if fast is not None and amp is None and not _profiling():
             # check, op and bumps in one C++ call (a profiler sees the op: not this way)
@@ -3027,7 +3076,7 @@ class _FusedMomentum(Optimizer):
                 buf = self._buffer(p) if use_buf else None
                 first = bool(use_buf and buf is None and not self._ema)
                 moved = p.data_ptr() != b.ptrs[i]
-                ok = not moved and b.holds_grad(i, g) and (
+                ok = not moved and b.intact(i) and b.holds_grad(i, g) and (
                     buf is None or b.holds_buf(i, buf))
                 if not ok:
                     if relayout and moved and self._could_move(lay, p):
@@ -3203,6 +3252,8 @@ class _FusedMomentum(Optimizer):
             return "sparse"
         if not p.is_contiguous() and not _dense(p):
             return "strided"
+        if not (_plain(p) and _plain(g) and _plain(buf)):
+            return "view"
         if g.dtype != p.dtype or (buf is not None and buf.dtype != p.dtype):
             return "dtype"  # torch's in-place ops cast between them; the kernels take one dtype
         narrow = p.dtype in (torch.bfloat16, torch.float16)
@@ -3211,7 +3262,7 @@ class _FusedMomentum(Optimizer):
             # torch's own bits here depend on how TensorIterator loops over operands of
             # different layouts (bf16/fp16: no vectorized body), which the kernel does not model
             return "layout"
-        if _self_overlapping(g) or (first and not _same_layout(g, p)):
+        if _self_overlapping(g) or (first and not _same_layout(_clone_layout(g), p)):
             # a broadcast gradient (stride 0): torch's ops give its elements bits that depend
             # on their position; a first step's buffer is the gradient's clone, in its layout
             return "layout"
@@ -3238,8 +3289,8 @@ class _FusedMomentum(Optimizer):
             self._check_torch_path(p, g, buf, h)
             if reason == "sparse":
                 self._rehearse([(p, g, buf)], h)
-        elif reason == "dtype" and not all(t is None or t.dtype.is_floating_point
-                                           for t in (g, buf)):
+        elif reason == "view" or reason == "dtype" and not all(
+                t is None or t.dtype.is_floating_point for t in (g, buf)):
             self._rehearse([(p, g, buf)], h)  # (an integer, bool or complex one: torch's
             # in-place ops may not cast to it, and fail part-way)
         elif p.dtype not in _DTYPES:
@@ -3807,8 +3858,13 @@ class _FusedMomentum(Optimizer):
         dtypes, devices, layouts and dimensions; a sparse one's nnz at most 1): what would fail
         raises here, naming the parameter, before anything is written."""
         def stand_in(t, like, dtype=None):
+            if t is not None and t._is_zerotensor():
+                return torch._efficientzerotensor(shape, dtype=t.dtype, device=like.device)
             if t is None or not t.is_sparse:
-                return torch.zeros(shape, dtype=dtype or t.dtype, device=like.device)
+                z = torch.zeros(shape, dtype=dtype or t.dtype, device=like.device)
+                if t is not None and t.is_neg():
+                    z = torch._neg_view(z)
+                return z.conj() if t is not None and t.is_conj() else z
             n = min(t._nnz(), 1)  # (torch's sparse kernels skip work on an empty tensor)
             idx = torch.zeros(t.sparse_dim(), n, dtype=torch.int64, device=like.device)
             vals = torch.ones((n,) + shape[t.sparse_dim():], dtype=t.dtype, device=like.device)

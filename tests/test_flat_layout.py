@@ -3,7 +3,6 @@ buffer per (param group, device, dtype), one kernel call per step, and bitwise c
 (vs torch.optim.SGD(foreach=False)) whenever the user breaks the layout."""
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -347,14 +346,16 @@ def test_momentum_buffer_replaced_by_user(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_non_contiguous_grad(dtype):
-    """A transposed gradient for a 2-D parameter (p.grad strides differ from p's)."""
+    """A transposed gradient for a 2-D parameter (p.grad strides differ from p's) at every
+    step: torch's first buffer is its clone, transposed like it, and later steps mix the
+    layouts; torch's own ops step it (every dtype), and the buffer keeps torch's strides."""
     ours, ref = twin_params(make_values([(97, 33), 5], dtype, seed=391))
     opt, topt = _pair(ours, ref)
     gen = torch.Generator().manual_seed(392)
-    warns = pytest.warns(UserWarning, match="torch's own ops") if dtype in (
-        torch.bfloat16, torch.float16) else contextlib.nullcontext()
-    with warns:
+    with pytest.warns(UserWarning, match="torch's own ops"):
         _run_non_contiguous(ours, ref, opt, topt, gen, dtype)
+    assert opt.state[ours[0]]["momentum_buffer"].stride() == \
+        topt.state[ref[0]]["momentum_buffer"].stride() == (1, 97)
 
 
 def _run_non_contiguous(ours, ref, opt, topt, gen, dtype):
@@ -367,9 +368,8 @@ def _run_non_contiguous(ours, ref, opt, topt, gen, dtype):
         _step_both(opt, topt, ours, ref, what=f"step {step + 1}:")
         assert torch.equal(ours[0].grad, gt) and torch.equal(ours[1].grad, grads[1])
         # bf16/fp16: torch's bits depend on its loop over mixed layouts, which the kernel does
-        # not model, so that tensor is stepped with torch's own ops and reported as such.
-        narrow = dtype in (torch.bfloat16, torch.float16)
-        assert sorted(flat_paths(opt)) == ["flat", "torch-ops" if narrow else "per-tensor"]
+        # not model; and the buffer is transposed like the first gradient: torch's own ops
+        assert sorted(flat_paths(opt)) == ["flat", "torch-ops"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

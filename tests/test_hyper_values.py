@@ -362,3 +362,66 @@ def test_numbers_torch_takes_and_refuses(flat):
         with pytest.raises(TypeError, match=f"{key} must be a number"):
             opt.step()
         _unchanged(m, opt, snap, f"{key}=Fraction")
+
+
+# (parameter dtype, key, tensor dtype, value filled in place, exception): refused at a
+# replayed step, before the first group is stepped
+FILLED = {
+    "lr nan": (torch.float32, "lr", torch.float32, float("nan"), ValueError),
+    "weight_decay inf": (torch.float32, "weight_decay", torch.float64, float("inf"), ValueError),
+    "lr 1e39 fp64 tensor, fp32": (torch.float32, "lr", torch.float64, 1e39, RuntimeError),
+    "weight_decay 1e5, fp16": (torch.float16, "weight_decay", torch.float32, 1e5, RuntimeError),
+}
+
+
+@FLAT
+@pytest.mark.parametrize("case", list(FILLED))
+def test_tensor_filled_in_place_after_steady_steps(flat, case):
+    """A host-memory hyper-parameter tensor of the second group filled in place (a scheduler's
+    fill_) with NaN, inf or a value beyond the parameters' dtype once the step replays: torch's
+    step writes the first group, then fails (or steps NaN: Limits); here it raises first with
+    nothing written, as a planned step does, and the steps after the fix are torch's."""
+    dtype, key, tdtype, value, exc = FILLED[case]
+    m, t = _models(27, dtype)
+    good = 0.05 if key == "lr" else 0.01
+    h = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+    opt = momentum_cuda.SGD(_groups(m, **{key: torch.tensor(good, dtype=tdtype)}), flat=flat,
+                            **h)
+    topt = torch.optim.SGD(_groups(t, **{key: torch.tensor(good, dtype=tdtype)}),
+                           foreach=False, **h)
+    gen = torch.Generator().manual_seed(28)
+    for step in range(5):
+        _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen).to(dtype), f"step {step}")
+    assert opt._steady is not None
+    opt.param_groups[1][key].fill_(value)
+    _backward(m, torch.randn(4, 6, generator=gen).to(dtype))
+    snap = _snapshot(m, opt)
+    with pytest.raises(exc):
+        opt.step()
+    _unchanged(m, opt, snap, case)
+    opt.param_groups[1][key].fill_(good)
+    for step in range(2):
+        _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen).to(dtype), f"{step} after")
+
+
+@FLAT
+@pytest.mark.parametrize("change", ["lr requires_grad_", "momentum unsqueeze_"])
+def test_hyper_tensor_changed_in_place_after_steady_steps(flat, change):
+    """A kept hyper-parameter tensor changed in place once the step replays into one torch's
+    for-loop uses with other ops (an lr that now requires grad: addcmul_ for bf16; a float64
+    momentum given a dimension: float64 arithmetic): the steps after are torch's."""
+    dtype = torch.bfloat16 if change.startswith("lr") else torch.float32
+    key = change.split()[0]
+    m, t = _models(29, dtype)
+    h = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+    mk = lambda: torch.tensor(h[key], dtype=torch.float64)  # noqa: E731
+    ours, theirs = mk(), mk()
+    opt = momentum_cuda.SGD(_groups(m, **{key: ours}), flat=flat, **h)
+    topt = torch.optim.SGD(_groups(t, **{key: theirs}), foreach=False, **h)
+    gen = torch.Generator().manual_seed(30)
+    for step in range(8):
+        if step == 4:
+            for x in (ours, theirs):
+                x.requires_grad_(True) if key == "lr" else x.unsqueeze_(0)
+        _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen).to(dtype), f"step {step}")
+    assert "torch-ops" in {e["path"] for e in opt.last_step}

@@ -109,7 +109,8 @@ def _bucket(n=5):
     for p, g in zip(params, gviews):
         p.grad = g
     check = _C.BucketCheck(params, gviews, [p.data_ptr() for p in params],
-                           [g.data_ptr() for g in gviews], flat_p, flat_g)
+                           [g.data_ptr() for g in gviews], flat_p, flat_g,
+                           [(p.shape, p.stride()) for p in params])
     return check, params, bviews, flat_b.untyped_storage()._cdata
 
 
@@ -220,7 +221,8 @@ def test_bucket_holds_its_storages_weakly():
     g = torch.empty(0).set_(flat_g.untyped_storage(), 2, (3,), (1,))
     p.grad = g
     counts = (_use_count(flat_p), _use_count(flat_g))
-    check = _C.BucketCheck([p], [g], [p.data_ptr()], [g.data_ptr()], flat_p, flat_g)
+    check = _C.BucketCheck([p], [g], [p.data_ptr()], [g.data_ptr()], flat_p, flat_g,
+                           [(p.shape, p.stride())])
     assert (_use_count(flat_p), _use_count(flat_g)) == counts
     assert check.check(None, None, 0) == 0
     del flat_g
@@ -240,7 +242,8 @@ def test_bucket_bump(n):
     for p in params:
         p.grad = torch.randn(3)
     check = _C.BucketCheck(params, [p.grad for p in params], [p.data_ptr() for p in params],
-                           [p.grad.data_ptr() for p in params], params[0], params[0].grad)
+                           [p.grad.data_ptr() for p in params], params[0], params[0].grad,
+                           [(p.shape, p.stride()) for p in params])
     before = [p._version for p in params]
     i0, i1 = (0, 1) if n == 1 else (3, 37)
     check.bump(i0, i1)
