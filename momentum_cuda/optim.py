@@ -712,7 +712,7 @@ def _private(params, mine) -> set:
     return out
 
 
-def _alone(ts, known) -> set:
+def _alone(ts, known, containers=()) -> set:
     """The ids of the tensors ts (gradients or momentum buffers a relayout would move into a
     flat buffer) whose memory no one else sees: every tensor holding their storage is one of
     `known` (the optimizer's own: the parameters' gradients or the state's buffers, and the
@@ -720,7 +720,9 @@ def _alone(ts, known) -> set:
     moves with its identity kept (t.data = its flat view), so a reference the training code
     keeps follows it, as torch's tensor goes on being .grad or the buffer; any other stays
     where it is (its parameter takes the per-tensor path), as torch keeps it, aliases and
-    all. Without a storage reference count, none moves."""
+    all: so does one whose memory overlaps another known tensor's (a gradient made a view of
+    another's), but for `containers` (old flat buffers, which span their views). Without a
+    storage reference count, none moves."""
     if not _HAS_USE_COUNT:
         return set()
     def plain(t):  # a tensor with storage of its own (not a DTensor, not on meta)
@@ -728,7 +730,8 @@ def _alone(ts, known) -> set:
                 and t.device.type != "meta")
     def key(t):
         return (t.device, _storage_key(t))
-    holders = _by({id(t): t for t in known if plain(t)}.values(), key)
+    holders = _by({id(t): t for t in list(known) + list(containers) if plain(t)}.values(), key)
+    outer = {id(t) for t in containers}
     out = set()
     for t in ts:
         if not plain(t) or (t.device.type == "cpu" and t.is_shared()):
@@ -739,7 +742,11 @@ def _alone(ts, known) -> set:
         mine = holders.get(key(t), ())
         if (any(h is t for h in mine)
                 and _use_count(t) - _USE_COUNT_ONE + 1 == len(mine)):
-            out.add(id(t))
+            own = _span(t) if t.numel() else None
+            if own is None or not any(
+                    h is not t and id(h) not in outer and h.numel()
+                    and _spans_overlap([own, _span(h)]) for h in mine):
+                out.add(id(t))
     return out
 
 
@@ -1836,8 +1843,8 @@ class _FusedMomentum(Optimizer):
                  if id(p) not in private and id(p) not in in_place}
         everyone = [q for g in self.param_groups for q in g["params"]]
         alone = _alone([p.grad for p in mine if p.grad is not None],
-                       [q.grad for q in everyone]
-                       + [t for b in retired for t in [b.flat_grad, *b.grad_views]])
+                       [q.grad for q in everyone] + [t for b in retired for t in b.grad_views],
+                       [b.flat_grad for b in retired])
         buckets = []
         for (device, dtype, lent, pin), ps in by_key.items():
             if pin is not None:
@@ -2121,7 +2128,8 @@ class _FusedMomentum(Optimizer):
             [buf for *_, buf in moves],
             [st.get("momentum_buffer") for st in self.state.values()]
             + [t for _, lay in layouts for r in lay.retired if r.flat_buf is not None
-               for t in [r.flat_buf, *r.buf_views]])
+               for t in r.buf_views],
+            [r.flat_buf for _, lay in layouts for r in lay.retired if r.flat_buf is not None])
         for _, lay in layouts:
             lay.retired = []
         for b, i, p, buf in moves:

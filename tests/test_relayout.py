@@ -563,3 +563,29 @@ def test_a_relayout_leaves_what_someone_else_sees(what):
             assert _paths(opt) == {"flat", "per-tensor"}, opt.last_step
         if what == "grad" and step >= 1:
             assert views["ours"].data_ptr() == m[2].weight.grad.data_ptr()
+
+
+@pytest.mark.parametrize("how", ["view of a grad", "view of a buffer"])
+def test_a_relayout_keeps_a_gradient_that_is_a_view_of_another(how):
+    """A parameter's .grad made a view of another parameter's flat gradient (or momentum
+    buffer) view: its memory is in the optimizer's own storage, but it overlaps another step
+    tensor, so a relayout (the step finds the gradient elsewhere and lays the group out again)
+    leaves both where they are. With zero_grad(set_to_none=False) torch's later backward
+    passes accumulate into the shared memory, and so do these."""
+    m, t, opt, topt, gen = _twins(31)
+    for step in range(7):
+        x = torch.randn(3, 4, generator=gen)
+        for mm, o in ((m, opt), (t, topt)):
+            o.zero_grad(set_to_none=False)
+            mm(x).square().sum().backward()
+            if step == 3:
+                src = (mm[2].weight.grad if how == "view of a grad"
+                       else o.state[mm[2].weight]["momentum_buffer"])
+                mm[0].bias.grad = src[1]
+            o.step()
+        _same_opt(opt, topt, f"{how}, step {step}")
+        if step >= 3:
+            ours = m[0].bias.grad.data_ptr()
+            src = (m[2].weight.grad if how == "view of a grad"
+                   else opt.state[m[2].weight]["momentum_buffer"])
+            assert ours == src[1].data_ptr(), f"step {step}: the view no longer shares"
