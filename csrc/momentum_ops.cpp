@@ -1056,6 +1056,27 @@ std::vector<bool> kernel_ready(const std::vector<at::Tensor>& params,
   return ready;
 }
 
+/// Whether no two strided tensors among the lists share memory (one sort of their byte
+/// ranges): the gradients of a replayed step's list calls under GradScaler, whose kernels
+/// write them back unscaled, call after call (optim._step_steady).
+bool apart(const std::vector<std::vector<at::Tensor>>& lists) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (const auto& list : lists) {
+    for (const auto& t : list) {
+      if (!t.defined() || t.layout() != at::kStrided || t.numel() == 0) continue;
+      int64_t last = 0;  // the farthest element's offset, in elements
+      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+      const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+      spans.push_back({lo, lo + static_cast<uintptr_t>((last + 1) * t.element_size())});
+    }
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) return false;
+  }
+  return true;
+}
+
 /// dict[key] (borrowed; nullptr if absent or on an error) for a key whose hash is known:
 /// Tensor.__hash__ is a Python method (id(self)), hashed once when a check is made.
 PyObject* dict_lookup(PyObject* dict, PyObject* key, Py_hash_t hash) {
@@ -1899,6 +1920,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("t"),
       "The value of a 1-element CPU tensor, as a double (read in C++: optim's checks of a "
       "hyper-parameter tensor, which Python's item() would count as a host read).");
+  m.def("apart", &mc::apart, py::arg("lists"),
+        "Whether no two strided tensors among the lists share memory.");
   m.def("same_objects", &mc::same_objects, py::arg("a"), py::arg("b"),
         "Whether two lists/tuples hold the same objects in order (identity, not ==).");
   m.def("sr_keys", &mc::sr_keys, py::arg("seed"), py::arg("steps"), py::arg("streams"),

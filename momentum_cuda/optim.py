@@ -2243,13 +2243,14 @@ class _FusedMomentum(Optimizer):
                     "each step's random bits are keyed on the host by the parameter's step count "
                     "(state 'sr_step'), which a replay would neither advance nor send again; "
                     "nothing was written")
-            host = (amp is not None and self._amp_needs_host(plans)
+            across = (amp is not None or clip is not None) and self._shares_across(plans)
+            host = (amp is not None and (across or self._amp_needs_host(plans))
                     and not self._first_on_device(plans, amp))
         except BaseException:
             self._pending.clip = clip  # (a capture that would go wrong: nothing was stepped)
             raise
         self.last_step = []
-        if clip is not None and not self._clip_in_kernels(clip, plans, amp):
+        if clip is not None and (across or not self._clip_in_kernels(clip, plans, amp)):
             self._apply_clip(clip)
             clip = None
         if host:
@@ -2367,6 +2368,33 @@ class _FusedMomentum(Optimizer):
                    for _, _, buf, reason, _ in loose):
                 return True
         return False
+
+    @staticmethod
+    def _shares_across(plans) -> bool:
+        """A tensor of one param group's step shares memory with one of another group's (a
+        gradient made a view of another group's gradient or buffer, read in place by the
+        per-tensor path or a lent bucket). GradScaler's unscale and a clip then go first, over
+        every group, on the host with torch's ops, as torch orders them: folded into each
+        group's kernels they would miss what another group's step reads."""
+        if len(plans) < 2:
+            return False
+        spans, owner = [], []
+        for k, (h, runs, loose) in enumerate(plans):
+            use_buf = _use_buf(h)
+            for b, _, ranges in _by_bucket(runs):
+                for device, start, n in b.run_spans(ranges, use_buf):
+                    spans.append((device.type, -1 if device.index is None else device.index,
+                                  start, start + n))
+                    owner.append(k)
+            for p, g, buf, *_ in loose:
+                for t in (p, g, buf):
+                    t = _local(t)
+                    if t is not None and t.layout == torch.strided and t.numel():
+                        spans.append(_span(t))
+                        owner.append(k)
+        hit = sorted(_overlaps(spans))
+        return any(owner[i] != owner[j] and _spans_overlap([spans[i], spans[j]])
+                   for a, i in enumerate(hit) for j in hit[a + 1:])
 
     def _first_on_device(self, plans, amp) -> bool:
         """Whether the buffers this step creates have their first step decided on the device
@@ -2935,6 +2963,10 @@ class _FusedMomentum(Optimizer):
                                c.b.buf_storage):  # (_FlatCall)
                 return False
         if any(c.check(state) is None for c in idle):
+            return False
+        if amp is not None and len(grads) > 1 and not _C.apart(grads):
+            # gradients of two list calls share memory (a view of another group's): GradScaler's
+            # unscale goes first, over every group (_shares_across): planned
             return False
         entries = []
         grads = iter(grads)

@@ -135,3 +135,45 @@ def test_replayed_steps_meet_shared_memory(flat, edit):
                 fn(mm, o)
             o.step()
         _same(m, t, opt, topt, f"{edit}, step {step}")
+
+
+@FLAT
+@pytest.mark.parametrize("mode", ["scaler", "clip", "unscale+clip"])
+@pytest.mark.parametrize("source", ["grad", "buffer"])
+def test_gradient_shared_across_groups_under_amp_and_clip(flat, mode, source):
+    """A parameter of the second group given as .grad a view of the first group's gradient or
+    momentum buffer, after steps that went steady: torch's GradScaler unscales (and the clip
+    multiplies) every group's gradients before any group is stepped, so the shared elements are
+    multiplied twice, and the first group steps with them so. Here too: the unscale and clip go
+    first, on the host, over every group (planned again, a replay included)."""
+    torch.manual_seed(41)
+    a, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4))
+    ta, tb = copy.deepcopy(a), copy.deepcopy(b)
+    opt = momentum_cuda.SGD([{"params": [a]}, {"params": [b]}], flat=flat, **H)
+    topt = torch.optim.SGD([{"params": [ta]}, {"params": [tb]}], foreach=False, **H)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    for k in range(7):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(k))
+        for A, B, o, sc, ours in ((a, b, opt, scalers[0], True),
+                                  (ta, tb, topt, scalers[1], False)):
+            o.zero_grad()
+            loss = (torch.tanh(x @ A.t()).sum(1) ** 2).mean() + (x @ B).pow(2).mean()
+            (sc.scale(loss) if mode != "clip" else loss).backward()
+            if k >= 4:
+                B.grad = (A.grad if source == "grad" else o.state[A]["momentum_buffer"])[1]
+            if mode == "unscale+clip":
+                sc.unscale_(o)
+            if mode != "scaler":
+                if ours:
+                    o.clip_grad_norm_(0.05)
+                else:
+                    torch.nn.utils.clip_grad_norm_([A, B], 0.05, foreach=False)
+            if mode == "clip":
+                o.step()
+            else:
+                sc.step(o)
+                sc.update()
+        for p, q in ((a, ta), (b, tb)):
+            assert torch.equal(p, q), f"{mode}, step {k}"
+            assert torch.equal(opt.state[p]["momentum_buffer"],
+                               topt.state[q]["momentum_buffer"]), f"{mode}, step {k}: buffer"
