@@ -159,27 +159,29 @@ def _hyper_tensor(x, name: str):
         if x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
             return x if x.dim() == 0 else x.reshape(())
         return _on_host(name, x)
-    if not _scalar(x):
-        if name in ("momentum", "weight_decay") and isinstance(x, numbers.Number) and x == 0:
-            return 0.0  # (torch's for-loop tests `!= 0` first and never uses it)
-        # torch's ops refuse it as an alpha or factor: TypeError there too
+    if not _scalar(x) and not _numberlike(x):
         raise TypeError(f"{name} must be a number or a 1-element tensor, got {x!r} "
                         f"({type(x).__name__})")
-    return _dampening(x) if name == "dampening" else float(x)
+    if name == "dampening":
+        return _dampening(x)
+    if name == "lr" and not isinstance(x, (bool, int, float)):
+        return -float(-x)  # torch's alpha is -lr in x's own arithmetic (a numpy uint wraps)
+    return float(x)
 
 
 _HYPER_NAMES = ("lr", "momentum", "dampening", "weight_decay")
 
 
 def _hyper_tensors_hold(tensors) -> bool:
-    """The kept step's hyper-parameter tensors [(tensor, is lr)], changed in place since, are
-    still what it was planned for: none requires grad nor (but lr) has dimensions (torch's
-    for-loop would use it otherwise: _raw_hyper), and one in host memory holds a finite value
-    that every parameter dtype takes as an alpha (read in C++). Else the step is planned again,
-    whose checks (_finite, _alpha_range) raise before anything is written."""
+    """The kept step's hyper-parameter tensors [(tensor, is lr, dtype, device)], changed in
+    place since, are still what it was planned for: the same dtype and device (t.data = ...),
+    none requires grad nor (but lr) has dimensions (torch's for-loop would use it otherwise:
+    _raw_hyper), and one in host memory holds a finite value that every parameter dtype takes
+    as an alpha (read in C++). Else the step is planned again, whose checks (_finite,
+    _alpha_range) raise before anything is written."""
     top = _ALPHA_MAX[torch.float16]
-    for t, lr in tensors:
-        if t.requires_grad or (t.dim() and not lr) or (
+    for t, lr, dtype, device in tensors:
+        if t.dtype != dtype or t.device != device or t.requires_grad or (t.dim() and not lr) or (
                 t.device.type == "cpu" and not abs(_C.host_value(t)) <= top):
             return False
     return True
@@ -187,12 +189,22 @@ def _hyper_tensors_hold(tensors) -> bool:
 
 def _scalar(x) -> bool:
     """x is a number torch's ops take as a Scalar argument (an add's alpha, a mul's factor): a
-    bool, int or float, or a numpy bool, integer or float scalar or 0-d array (not a Fraction
-    or a Decimal: torch raises TypeError for those)."""
+    bool, int or float, or a numpy bool, integer or float scalar."""
     if isinstance(x, (bool, int, float)):
         return True
     np = sys.modules.get("numpy")
-    return (np is not None and isinstance(x, (np.generic, np.ndarray)) and x.ndim == 0
+    return np is not None and isinstance(x, np.generic) and x.dtype.kind in "biuf"
+
+
+def _numberlike(x) -> bool:
+    """x is a real number that torch's ops do not take as a Scalar (a Fraction, a Decimal, a
+    numpy 0-d array): torch's for-loop uses it in its own arithmetic (-lr, 1 - dampening, `!=
+    0`) and refuses it where it reaches an op, so such a group steps with torch's own ops
+    (_raw_hyper), rehearsed."""
+    if isinstance(x, numbers.Number):
+        return not isinstance(x, complex)
+    np = sys.modules.get("numpy")
+    return (np is not None and isinstance(x, np.ndarray) and x.ndim == 0
             and x.dtype.kind in "biuf")
 
 
@@ -202,13 +214,14 @@ def _raw_hyper(group, ema: bool) -> dict | None:
     requires grad (torch then steps with addcmul_, or refuses it as an alpha), and for SGD a
     momentum, dampening or weight_decay with dimensions (torch squeezes only lr: a momentum of
     shape (1,) takes part in type promotion; the others are refused as an alpha). For
-    Momentum (MomentumReference) any such tensor with dimensions. Such a group is stepped with
-    torch's own ops, rehearsed first (_rehearse)."""
+    Momentum (MomentumReference) any such tensor with dimensions. Or a number torch's ops do
+    not take (_numberlike). Such a group is stepped with torch's own ops, rehearsed first
+    (_rehearse)."""
     names = ("lr", "momentum", "weight_decay") if ema else ("lr", "momentum", "dampening",
                                                             "weight_decay")
     vals = {n: group[n] for n in names}
-    if not any(isinstance(v, torch.Tensor) and (v.requires_grad or (v.dim() and (
-            ema or n != "lr"))) for n, v in vals.items()):
+    if not any(not _scalar(v) if not isinstance(v, torch.Tensor) else v.requires_grad or (
+            v.dim() and (ema or n != "lr")) for n, v in vals.items()):
         return None
     m = vals["momentum"]
     if isinstance(m, torch.Tensor) and m.numel() == 1 and not bool(m != 0):
@@ -725,9 +738,9 @@ def _alone(ts, known, containers=()) -> set:
     storage reference count, none moves."""
     if not _HAS_USE_COUNT:
         return set()
-    def plain(t):  # a tensor with storage of its own (not a DTensor, not on meta)
+    def plain(t):  # a tensor with storage of its own (not a DTensor, not on meta, not a
         return (t is not None and not isinstance(t, _DTensor) and t.layout == torch.strided
-                and t.device.type != "meta")
+                and t.device.type != "meta" and not t._is_zerotensor())  # ZeroTensor)
     def key(t):
         return (t.device, _storage_key(t))
     holders = _by({id(t): t for t in list(known) + list(containers) if plain(t)}.values(), key)
@@ -1907,6 +1920,7 @@ class _FusedMomentum(Optimizer):
                 else:
                     gview = b.new_grad_view(i)
                     if (g is not None and g.layout == torch.strided and g.stride() == p.stride()
+                            and g.dtype == p.dtype and g.shape == p.shape and _plain(g)
                             and id(g) in alone):
                         # A gradient that exists goes on in the flat buffer (same values), the
                         # same object (g.data: a reference kept to it follows, as torch's .grad
@@ -2113,7 +2127,7 @@ class _FusedMomentum(Optimizer):
                     # and one of another shape or device (a checkpoint's: torch loads it, and
                     # fails only at a step with a gradient, where _check_loose raises first)
                     if (buf is None or not isinstance(buf, torch.Tensor) or not _strided(buf)
-                            or buf.dtype != p.dtype or buf.shape != p.shape
+                            or buf.dtype != p.dtype or buf.shape != p.shape or not _plain(buf)
                             or buf.device != p.device or buf.stride() != p.stride()
                             or not b.intact(i) or id(buf) in held):
                         continue
@@ -2650,6 +2664,9 @@ class _FusedMomentum(Optimizer):
         try:
             for group in self.param_groups:
                 h = self._group_hyper(group)
+                raw = None if any(_modes(group)) else _raw_hyper(group, self._ema)
+                if raw is not None:  # (as _plan: the whole group on torch's own ops)
+                    h = dict(h, **raw)
                 use_buf = _use_buf(h)
                 items = []
                 for p in group["params"]:
@@ -2663,7 +2680,7 @@ class _FusedMomentum(Optimizer):
                     buf = self._buffer(p) if use_buf else None
                     reason = ("dtensor" if isinstance(p, _DTensor)
                               else self._check_loose(p, g, buf, h))
-                    items.append((p, g, buf, reason))
+                    items.append((p, g, buf, "hyper" if raw is not None else reason))
                 plans.append((h, items))
         except Exception:
             # as _step_eager: GradScaler's unscale first, and a skipped step does not raise
@@ -2897,8 +2914,8 @@ class _FusedMomentum(Optimizer):
             elif c.mode == "plain" and c.dts is None:
                 fast = c.check
                 fast.arm(**c.h)
-        tensors = [(g[n], n == "lr") for g, _, _ in groups for n in _HYPER_NAMES
-                   if isinstance(g.get(n), torch.Tensor)]
+        tensors = [(g[n], n == "lr", g[n].dtype, g[n].device) for g, _, _ in groups
+                   for n in _HYPER_NAMES if isinstance(g.get(n), torch.Tensor)]
         self._steady = (list(self.param_groups), groups, calls, idle, fast, tensors)
 
     def _step_steady(self, amp) -> bool:
@@ -4055,7 +4072,7 @@ class Momentum(_FusedMomentum):
 
     def _hyper(self, group) -> dict:
         m = group["momentum"]
-        if not (isinstance(m, torch.Tensor) or _scalar(m)):
+        if not (isinstance(m, torch.Tensor) or _scalar(m) or _numberlike(m)):
             raise TypeError(f"momentum must be a number or a 1-element tensor, got {m!r}")
         m = float(m)
         self._check_momentum(m)  # a scheduler may have changed it

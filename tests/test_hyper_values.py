@@ -338,30 +338,44 @@ def test_hyper_tensors_torch_refuses(flat, case):
 
 @FLAT
 def test_numbers_torch_takes_and_refuses(flat):
-    """torch's ops take a bool, int or float, and numpy's bool, integer and float scalars and
-    0-d arrays, as a Scalar; they refuse a Fraction (TypeError), except where torch's for-loop
-    never uses the value (a weight_decay or momentum equal to 0)."""
+    """torch's ops take a bool, int or float, and numpy's bool, integer and float scalars, as a
+    Scalar; torch's for-loop does its own arithmetic on other numbers (a Fraction, a numpy 0-d
+    array: -lr, 1 - dampening, `!= 0`) and fails where one reaches an op (an alpha, mul_'s
+    factor), or never does (a weight_decay equal to 0, a momentum only used from the second
+    step, a dampening only with a buffer). Each as torch: the same bits, or a TypeError at the
+    same step with nothing written. (A numpy uint lr: torch's -lr wraps around.)"""
     from fractions import Fraction
-    m, t = _models(25)
-    good = [dict(lr=np.array(0.05)), dict(dampening=np.float32(0.1)), dict(momentum=np.True_,
-            dampening=np.False_), dict(weight_decay=np.True_), dict(lr=np.array(0.05, np.float32)),
-            dict(weight_decay=Fraction(0)), dict(momentum=Fraction(0))]
-    h = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
-    opt = momentum_cuda.SGD(_groups(m), flat=flat, **h)
-    topt = torch.optim.SGD(_groups(t), foreach=False, **h)
-    gen = torch.Generator().manual_seed(26)
-    for values in good:
+    h = dict(lr=0.05, momentum=0.9, weight_decay=0.01, dampening=0)
+    steps = [  # (group values, whether torch's step raises on a step where buffers exist)
+        (dict(lr=np.array(0.05)), False), (dict(dampening=np.float32(0.1)), False),
+        (dict(momentum=np.True_, dampening=np.False_), False),
+        (dict(weight_decay=np.True_), False), (dict(lr=np.array(0.05, np.float32)), False),
+        (dict(lr=np.uint8(1)), False), (dict(weight_decay=Fraction(0)), False),
+        (dict(momentum=Fraction(0)), False), (dict(dampening=np.array(0.1)), False),
+        (dict(lr=Fraction(1, 10)), True), (dict(weight_decay=np.array(0.01)), True),
+        (dict(momentum=np.array(0.9)), True), (dict(dampening=Fraction(1, 10)), True),
+    ]
+    for values, raises in steps:
+        m, t = _models(25)
+        opt = momentum_cuda.SGD(_groups(m), flat=flat, **h)
+        topt = torch.optim.SGD(_groups(t), foreach=False, **h)
+        gen = torch.Generator().manual_seed(26)
+        _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"{values}, before")
         for o in (opt, topt):
-            o.param_groups[1].update({**h, "dampening": 0, **values})
-        for step in range(2):
-            _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"{values}, {step}")
-    for key in ("lr", "momentum", "weight_decay"):
-        opt.param_groups[1].update({**h, key: Fraction(1, 10)})
-        _backward(m, torch.randn(4, 6, generator=gen))
+            o.param_groups[1].update(values)
+        if not raises:
+            for step in range(2):
+                _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"{values}")
+            continue
+        x = torch.randn(4, 6, generator=gen)
+        _backward(t, x)
+        with pytest.raises(TypeError):
+            topt.step()
+        _backward(m, x)
         snap = _snapshot(m, opt)
-        with pytest.raises(TypeError, match=f"{key} must be a number"):
+        with pytest.raises(TypeError):
             opt.step()
-        _unchanged(m, opt, snap, f"{key}=Fraction")
+        _unchanged(m, opt, snap, f"{values}")
 
 
 # (parameter dtype, key, tensor dtype, value filled in place, exception): refused at a
@@ -425,3 +439,43 @@ def test_hyper_tensor_changed_in_place_after_steady_steps(flat, change):
                 x.requires_grad_(True) if key == "lr" else x.unsqueeze_(0)
         _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen).to(dtype), f"step {step}")
     assert "torch-ops" in {e["path"] for e in opt.last_step}
+
+
+@FLAT
+def test_compiled_step_with_a_weight_decay_that_requires_grad(flat):
+    """torch.compile(opt.step) (dynamo, eager backend) with a weight_decay tensor that requires
+    grad: the traced step, too, puts the group on torch's own ops (addcmul_, writing into
+    .grad), with eager torch's bits."""
+    m, t = _models(31)
+    h = dict(lr=0.05, momentum=0.9)
+    wd = dict(weight_decay=torch.tensor(0.01, requires_grad=True))
+    opt = momentum_cuda.SGD(_groups(m, **wd), flat=flat, **h)
+    topt = torch.optim.SGD(_groups(t, weight_decay=torch.tensor(0.01, requires_grad=True)),
+                           foreach=False, **h)
+    step = torch.compile(opt.step, backend="eager")
+    gen = torch.Generator().manual_seed(32)
+    for k in range(3):
+        x = torch.randn(4, 6, generator=gen)
+        _backward(m, x)
+        step()
+        _backward(t, x)
+        topt.step()
+        _same_with_grads(m, t, opt, topt, f"step {k}")
+
+
+@FLAT
+def test_hyper_tensor_given_another_dtype_after_steady_steps(flat):
+    """momentum.data = momentum.data.bfloat16() on the kept tensor (same object) once the step
+    replays: planned again, with torch's bits (the kernels take float32/float64 tensors; a
+    bf16 one is read on the host, as torch's for-loop reads it)."""
+    m, t = _models(33)
+    h = dict(lr=0.05, weight_decay=0.01)
+    ours, theirs = torch.tensor(0.9), torch.tensor(0.9)
+    opt = momentum_cuda.SGD(_groups(m, momentum=ours), momentum=0.9, flat=flat, **h)
+    topt = torch.optim.SGD(_groups(t, momentum=theirs), momentum=0.9, foreach=False, **h)
+    gen = torch.Generator().manual_seed(34)
+    for k in range(7):
+        if k == 4:
+            for x in (ours, theirs):
+                x.data = x.data.bfloat16()
+        _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"step {k}")

@@ -185,3 +185,33 @@ def test_checkpoint_buffer_of_another_shape_unused(flat):
             o.step()
         _same(list(m.parameters()), list(t.parameters()), opt, topt, f"step {step}")
     assert opt.state[m["unused"].bias]["momentum_buffer"].shape == (7,)
+
+
+@pytest.mark.parametrize("grad", ["float64", "ZeroTensor"])
+def test_relayout_leaves_a_gradient_torch_keeps_apart(grad):
+    """model.double(); model.float() after steps (the group is laid out again) while a .grad
+    holds float64 data (p.grad.data = g.double()) or is a ZeroTensor: the relayout moves only
+    gradients of the parameter's dtype, shape and layout that are plain tensors; these stay as
+    torch keeps them, stepped by torch's ops."""
+    torch.manual_seed(8)
+    m = nn.Linear(5, 5)
+    t = copy.deepcopy(m)
+    opt = momentum_cuda.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    topt = torch.optim.SGD(t.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01,
+                           foreach=False)
+    gen = torch.Generator().manual_seed(9)
+    for k in range(5):
+        x = torch.randn(3, 5, generator=gen)
+        for mm, o in ((m, opt), (t, topt)):
+            if k == 3:
+                mm.double()
+                mm.float()
+            o.zero_grad()
+            mm(x).square().sum().backward()
+            if grad == "float64":
+                mm.weight.grad.data = mm.weight.grad.double()
+            elif k >= 3:
+                mm.weight.grad = torch._efficientzerotensor(mm.weight.shape)
+            o.step()
+        _same(list(m.parameters()), list(t.parameters()), opt, topt, f"step {k}")
+        assert m.weight.grad.dtype == t.weight.grad.dtype
