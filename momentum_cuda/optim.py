@@ -181,7 +181,8 @@ def _hyper_tensors_hold(tensors) -> bool:
     _alpha_range) raise before anything is written."""
     top = _ALPHA_MAX[torch.float16]
     for t, lr, dtype, device in tensors:
-        if t.dtype != dtype or t.device != device or t.requires_grad or (t.dim() and not lr) or (
+        if t.dtype != dtype or t.device != device or t.numel() != 1 or t.requires_grad or (
+                t.dim() and not lr) or (
                 t.device.type == "cpu" and not abs(_C.host_value(t)) <= top):
             return False
     return True
@@ -510,6 +511,14 @@ def _torch_ops_untraced(opt, items, h) -> list:
     ops (bf16: no rounding between them) and no longer give torch.optim.SGD's bits. A graph
     break, which fullgraph=True refuses with the reason above."""
     return opt._torch_ops(items, h)
+
+
+@torch.compiler.disable(reason="momentum_cuda: torch's own step rehearsed on stand-ins before a "
+                                "traced step puts a param group on torch's ops (_raw_hyper)")
+def _rehearse_untraced(opt, items, h) -> None:
+    """opt._rehearse(items, h), run eagerly while a step is traced: what torch's ops would refuse
+    part-way raises before the graph's other groups are stepped."""
+    opt._rehearse(items, h)
 
 
 def _bump(tensors) -> None:
@@ -2681,6 +2690,8 @@ class _FusedMomentum(Optimizer):
                     reason = ("dtensor" if isinstance(p, _DTensor)
                               else self._check_loose(p, g, buf, h))
                     items.append((p, g, buf, "hyper" if raw is not None else reason))
+                if raw is not None and items:  # eagerly, before any group is stepped
+                    _rehearse_untraced(self, [item[:3] for item in items], h)
                 plans.append((h, items))
         except Exception:
             # as _step_eager: GradScaler's unscale first, and a skipped step does not raise
@@ -3918,7 +3929,8 @@ class _FusedMomentum(Optimizer):
             if t is not None and t._is_zerotensor():
                 return torch._efficientzerotensor(shape, dtype=t.dtype, device=like.device)
             if t is None or not t.is_sparse:
-                z = torch.zeros(shape, dtype=dtype or t.dtype, device=like.device)
+                with torch.inference_mode(t is not None and t.is_inference()):
+                    z = torch.zeros(shape, dtype=dtype or t.dtype, device=like.device)
                 if t is not None and t.is_neg():
                     z = torch._neg_view(z)
                 return z.conj() if t is not None and t.is_conj() else z

@@ -479,3 +479,52 @@ def test_hyper_tensor_given_another_dtype_after_steady_steps(flat):
             for x in (ours, theirs):
                 x.data = x.data.bfloat16()
         _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"step {k}")
+
+
+@FLAT
+def test_hyper_tensor_given_two_elements_after_steady_steps(flat):
+    """lr.data = a 2-element tensor on the kept lr (same object) once the step replays: planned
+    again, which refuses it (ValueError naming lr) with nothing written."""
+    m, t = _models(35)
+    lr = torch.tensor(0.05)
+    opt = momentum_cuda.SGD(_groups(m, lr=lr), lr=0.05, momentum=0.9, flat=flat)
+    gen = torch.Generator().manual_seed(36)
+    for _ in range(4):
+        _backward(m, torch.randn(4, 6, generator=gen))
+        opt.step()
+    lr.data = torch.tensor([0.1, 0.2])
+    _backward(m, torch.randn(4, 6, generator=gen))
+    snap = _snapshot(m, opt)
+    with pytest.raises(ValueError, match="lr must be 1-element"):
+        opt.step()
+    _unchanged(m, opt, snap, "2-element lr")
+
+
+@FLAT
+def test_compiled_step_refuses_before_any_group_is_stepped(flat):
+    """torch.compile(opt.step) with the second group's momentum a Fraction: torch's for-loop
+    clones the gradient at the first step and fails at the second (mul_ takes no Fraction),
+    after the first group; the compiled step rehearses the group eagerly first, so it raises
+    with nothing written."""
+    from fractions import Fraction
+    m, t = _models(37)
+    h = dict(lr=0.05, momentum=0.9)
+    opt = momentum_cuda.SGD(_groups(m, momentum=Fraction(9, 10)), flat=flat, **h)
+    topt = torch.optim.SGD(_groups(t, momentum=Fraction(9, 10)), foreach=False, **h)
+    step = torch.compile(opt.step, backend="eager")
+    gen = torch.Generator().manual_seed(38)
+    x = torch.randn(4, 6, generator=gen)
+    _backward(m, x)
+    step()
+    _backward(t, x)
+    topt.step()
+    _same(m, t, opt, topt, "first step")
+    x = torch.randn(4, 6, generator=gen)
+    _backward(t, x)
+    with pytest.raises(TypeError):
+        topt.step()
+    _backward(m, x)
+    snap = _snapshot(m, opt)
+    with pytest.raises(TypeError):
+        step()
+    _unchanged(m, opt, snap, "compiled, Fraction momentum")
