@@ -325,15 +325,21 @@ def test_hyper_tensors_torch_refuses(flat, case):
     gen = torch.Generator().manual_seed(24)
     for step in range(at):
         _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"{case}, step {step}")
-    x = torch.randn(4, 6, generator=gen)
+    _both_refuse(m, t, opt, topt, torch.randn(4, 6, generator=gen), exc,
+                 f"{case}: after the refusal")
+
+
+def _both_refuse(m, t, opt, topt, x, exc, what, step=None):
+    """On input x, torch's step raises exc (after the groups it steps first); ours (opt.step,
+    or `step`) raises it too, with nothing written."""
     _backward(t, x)
     with pytest.raises(exc):
         topt.step()
     _backward(m, x)
     snap = _snapshot(m, opt)
     with pytest.raises(exc):
-        opt.step()
-    _unchanged(m, opt, snap, f"{case}: after the refusal")
+        (step or opt.step)()
+    _unchanged(m, opt, snap, what)
 
 
 @FLAT
@@ -367,15 +373,8 @@ def test_numbers_torch_takes_and_refuses(flat):
             for step in range(2):
                 _step_both(m, t, opt, topt, torch.randn(4, 6, generator=gen), f"{values}")
             continue
-        x = torch.randn(4, 6, generator=gen)
-        _backward(t, x)
-        with pytest.raises(TypeError):
-            topt.step()
-        _backward(m, x)
-        snap = _snapshot(m, opt)
-        with pytest.raises(TypeError):
-            opt.step()
-        _unchanged(m, opt, snap, f"{values}")
+        _both_refuse(m, t, opt, topt, torch.randn(4, 6, generator=gen), TypeError,
+                     f"{values}")
 
 
 # (parameter dtype, key, tensor dtype, value filled in place, exception): refused at a
@@ -519,12 +518,5 @@ def test_compiled_step_refuses_before_any_group_is_stepped(flat):
     _backward(t, x)
     topt.step()
     _same(m, t, opt, topt, "first step")
-    x = torch.randn(4, 6, generator=gen)
-    _backward(t, x)
-    with pytest.raises(TypeError):
-        topt.step()
-    _backward(m, x)
-    snap = _snapshot(m, opt)
-    with pytest.raises(TypeError):
-        step()
-    _unchanged(m, opt, snap, "compiled, Fraction momentum")
+    _both_refuse(m, t, opt, topt, torch.randn(4, 6, generator=gen), TypeError,
+                 "compiled, Fraction momentum", step)
