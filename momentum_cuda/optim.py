@@ -165,7 +165,10 @@ def _hyper_tensor(x, name: str):
     if name == "dampening":
         return _dampening(x)
     if name == "lr" and not isinstance(x, (bool, int, float)):
-        return -float(-x)  # torch's alpha is -lr in x's own arithmetic (a numpy uint wraps)
+        try:  # torch's alpha is -lr in x's own arithmetic (a numpy uint wraps)
+            return -float(-x)
+        except TypeError as e:  # (numpy has no negative of a bool: torch fails there too)
+            raise TypeError(f"lr={x!r}: torch.optim.SGD's alpha -lr fails: {e}") from e
     return float(x)
 
 
@@ -747,9 +750,9 @@ def _alone(ts, known, containers=()) -> set:
     storage reference count, none moves."""
     if not _HAS_USE_COUNT:
         return set()
-    def plain(t):  # a tensor with storage of its own (not a DTensor, not on meta, not a
+    def plain(t):  # a tensor with storage of its own (not a DTensor, meta, or a ZeroTensor)
         return (t is not None and not isinstance(t, _DTensor) and t.layout == torch.strided
-                and t.device.type != "meta" and not t._is_zerotensor())  # ZeroTensor)
+                and t.device.type != "meta" and not t._is_zerotensor())
     def key(t):
         return (t.device, _storage_key(t))
     holders = _by({id(t): t for t in list(known) + list(containers) if plain(t)}.values(), key)
@@ -3359,8 +3362,9 @@ class _FusedMomentum(Optimizer):
                 self._rehearse([(p, g, buf)], h)
         elif reason == "view" or reason == "dtype" and not all(
                 t is None or t.dtype.is_floating_point for t in (g, buf)):
-            self._rehearse([(p, g, buf)], h)  # (an integer, bool or complex one: torch's
-            # in-place ops may not cast to it, and fail part-way)
+            # torch's ops may fail part-way on these (an integer, bool or complex one: its
+            # in-place ops may not cast to it; a ZeroTensor buffer cannot be written)
+            self._rehearse([(p, g, buf)], h)
         elif p.dtype not in _DTYPES:
             raise RuntimeError(f"momentum_cuda supports {_DTYPES} and complex, got a {_what(p)}")
         return reason

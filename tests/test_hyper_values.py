@@ -360,6 +360,7 @@ def test_numbers_torch_takes_and_refuses(flat):
         (dict(momentum=Fraction(0)), False), (dict(dampening=np.array(0.1)), False),
         (dict(lr=Fraction(1, 10)), True), (dict(weight_decay=np.array(0.01)), True),
         (dict(momentum=np.array(0.9)), True), (dict(dampening=Fraction(1, 10)), True),
+        (dict(lr=np.True_), True),  # (numpy has no -True: torch's -lr fails)
     ]
     for values, raises in steps:
         m, t = _models(25)

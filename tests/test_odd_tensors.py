@@ -51,6 +51,14 @@ def _pair(kind, params, **h):
             MomentumReference(twins, **{k: v for k, v in h.items() if k != "flat"}), twins)
 
 
+def _model_twins(m, flat):
+    """m, its copy, and SGD(lr=0.1, momentum=0.9, weight_decay=0.01) over each: ours, torch's."""
+    t = copy.deepcopy(m)
+    h = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    return (m, t, momentum_cuda.SGD(m.parameters(), flat=flat, **h),
+            torch.optim.SGD(t.parameters(), foreach=False, **h))
+
+
 @FLAT
 @pytest.mark.parametrize("kind", ["SGD", "Momentum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -102,11 +110,8 @@ def test_gradient_of_another_dtype(flat, dtype):
     torch's ops promote (a float64 gradient makes a float64 buffer) and cast into the
     parameter; so do torch's ops here (path "torch-ops")."""
     torch.manual_seed(4)
-    m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, flat=flat)
-    topt = torch.optim.SGD(t.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01,
-                           foreach=False)
+    m, t, opt, topt = _model_twins(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)),
+                                   flat)
     gen = torch.Generator().manual_seed(5)
     for step in range(3):
         x = torch.randn(3, 5, generator=gen)
@@ -194,11 +199,7 @@ def test_relayout_leaves_a_gradient_torch_keeps_apart(grad):
     gradients of the parameter's dtype, shape and layout that are plain tensors; these stay as
     torch keeps them, stepped by torch's ops."""
     torch.manual_seed(8)
-    m = nn.Linear(5, 5)
-    t = copy.deepcopy(m)
-    opt = momentum_cuda.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-    topt = torch.optim.SGD(t.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01,
-                           foreach=False)
+    m, t, opt, topt = _model_twins(nn.Linear(5, 5), flat=True)
     gen = torch.Generator().manual_seed(9)
     for k in range(5):
         x = torch.randn(3, 5, generator=gen)
